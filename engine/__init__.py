@@ -1,0 +1,49 @@
+"""The engine: one frozen backbone, many tenants' adapters, mixed batches.
+
+Public API: ``Engine``, ``EngineConfig``, ``Prediction``, ``Job``, ``AdapterInfo``, the errors,
+and the adapter helpers training and the CLI build on (``load_backbone``, ``import_peft``,
+``write_peft_adapter``).
+"""
+
+from engine.adapters import POOLING_CLS_POOLER, POOLING_MEAN, AdapterWeights, parse_adapter
+from engine.backbone import Backbone, load_backbone, packaged_backbone_dir, weights_sha256
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.errors import (
+    AdapterFormatError,
+    AdapterIncompatible,
+    EngineClosed,
+    EngineError,
+    EngineOverloaded,
+    InputError,
+    InputTooLong,
+    ModelNotFound,
+)
+from engine.job import Job, Prediction
+from engine.listing import AdapterInfo
+from engine.lora import LoraStepPlan
+
+__all__ = [
+    "POOLING_CLS_POOLER",
+    "POOLING_MEAN",
+    "AdapterFormatError",
+    "AdapterIncompatible",
+    "AdapterInfo",
+    "AdapterWeights",
+    "Backbone",
+    "Engine",
+    "EngineClosed",
+    "EngineConfig",
+    "EngineError",
+    "EngineOverloaded",
+    "InputError",
+    "InputTooLong",
+    "Job",
+    "LoraStepPlan",
+    "ModelNotFound",
+    "Prediction",
+    "load_backbone",
+    "packaged_backbone_dir",
+    "parse_adapter",
+    "weights_sha256",
+]

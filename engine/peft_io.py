@@ -1,0 +1,127 @@
+"""PEFT-format adapter directories: written by graft's training, imported from elsewhere."""
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from engine.adapters import POOLING_CLS_POOLER, parse_adapter
+from engine.backbone import Backbone
+from engine.errors import AdapterFormatError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PICKLED = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt")
+
+
+def write_peft_adapter(
+    out_dir: Path,
+    backbone: Backbone,
+    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    rank: int,
+    alpha: float,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+) -> None:
+    """Write ``modules`` (backbone linear name -> (A [r, in], B [out, r])) and the head in
+    the layout PEFT saves for ``task_type=SEQ_CLS``, so PEFT can load the LoRA part."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = "base_model.model." + (backbone.base_prefix + "." if backbone.base_prefix else "")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (a, b) in modules.items():
+        tensors[f"{prefix}{name}.lora_A.weight"] = a.detach().float().contiguous().cpu()
+        tensors[f"{prefix}{name}.lora_B.weight"] = b.detach().float().contiguous().cpu()
+    tensors["base_model.model.classifier.weight"] = head_weight.detach().float().contiguous().cpu()
+    tensors["base_model.model.classifier.bias"] = head_bias.detach().float().contiguous().cpu()
+    save_file(tensors, str(out_dir / WEIGHTS_FILE))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": str(backbone.path),
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in modules}),
+        "modules_to_save": ["classifier"],
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def read_labels(src: Path, labels: Sequence[str] | None) -> tuple[str, ...]:
+    """Labels from the caller, else the directory's ``config.json`` id2label, else labels.txt."""
+    if labels:
+        return tuple(labels)
+    hf_config = src / "config.json"
+    if hf_config.is_file():
+        id2label = json.loads(hf_config.read_text()).get("id2label") or {}
+        ordered = [id2label[k] for k in sorted(id2label, key=int)]
+        if ordered and not all(v == f"LABEL_{i}" for i, v in enumerate(ordered)):
+            return tuple(ordered)
+    labels_txt = src / "labels.txt"
+    if labels_txt.is_file():
+        return tuple(line.strip() for line in labels_txt.read_text().splitlines() if line.strip())
+    raise AdapterFormatError(
+        f"{src}: no labels found (config.json id2label or labels.txt); pass --labels"
+    )
+
+
+def stage_peft_import(
+    src: Path, backbone: Backbone, labels: Sequence[str] | None, staging: Path
+) -> dict[str, Any]:
+    """Validate a PEFT directory against the backbone and copy its two files into ``staging``.
+
+    Returns the manifest for the registry. Nothing is written when validation fails.
+    """
+    if not src.is_dir():
+        raise AdapterFormatError(f"{src}: not a directory")
+    for name in _PICKLED:
+        if (src / name).exists() and not (src / WEIGHTS_FILE).exists():
+            raise AdapterFormatError(f"{src}/{name}: pickled weights are never loaded; save with safetensors")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (src / name).is_file():
+            raise AdapterFormatError(f"{src}: missing {name}")
+    config_bytes = (src / CONFIG_FILE).read_bytes()
+    weights_bytes = (src / WEIGHTS_FILE).read_bytes()
+    found = read_labels(src, labels)
+    if len(set(found)) != len(found):
+        raise AdapterFormatError(f"{src}: labels must be distinct, got {list(found)}")
+    config = json.loads(config_bytes)
+    task = config.get("task_type")
+    if task not in (None, "SEQ_CLS"):
+        raise AdapterFormatError(f"{src}: task_type is {task!r}; only SEQ_CLS adapters classify")
+    weights = parse_adapter(config_bytes, weights_bytes, found, POOLING_CLS_POOLER, backbone)
+    (staging / CONFIG_FILE).write_bytes(config_bytes)
+    (staging / WEIGHTS_FILE).write_bytes(weights_bytes)
+    return {
+        "labels": list(found),
+        "base_sha256": backbone.sha256,
+        "rank": weights.rank,
+        "pooling": POOLING_CLS_POOLER,
+        "source": "peft-import",
+        "imported_from": src.name,
+        "peft_version": config.get("peft_version"),
+        "target_modules": sorted(weights.modules),
+        "metrics": {},
+    }
+
+
+def import_peft(registry: Any, backbone: Backbone, tenant: str, name: str, src: Path,
+                labels: Sequence[str] | None = None) -> Any:
+    """Register a PEFT adapter directory as the next version of ``tenant/name``."""
+    staging = Path(tempfile.mkdtemp(prefix="graft-import-"))
+    try:
+        manifest = stage_peft_import(Path(src), backbone, labels, staging)
+        return registry.publish(tenant, name, staging, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,51 @@
+"""The CPU path of the segmented LoRA update, in plain torch."""
+
+import torch
+
+
+def sgmv_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_pages: torch.Tensor,
+    seg_rank: torch.Tensor,
+    seg_scale: torch.Tensor,
+) -> None:
+    """Add each segment's low-rank update into ``y`` in place (shrink then expand).
+
+    Shapes (N tokens, S segments, P pool rows, R max rank in this batch):
+
+    - ``y``: [N, out], the base projection's output; updated in place.
+    - ``x``: [N, in], the projection's input, rows sorted so that each segment is contiguous.
+    - ``a_pool``: [P, in]; row ``p`` is one rank-row of some adapter's A (A is [r, in]).
+    - ``b_pool``: [P, out]; row ``p`` is the matching row of B transposed (B is [out, r]).
+    - ``seg_starts``: int32 [S + 1], token offsets; segment ``s`` is ``x[starts[s]:starts[s+1]]``.
+    - ``seg_pages``: int32 [S, R], pool rows of the segment's adapter, first ``rank`` used.
+    - ``seg_rank``: int32 [S]; 0 means the segment has no adapter on this module and is skipped.
+    - ``seg_scale``: float32 [S], ``alpha / r`` (or rsLoRA's ``alpha / sqrt(r)``).
+
+    Pages are fixed width (one row of ``in`` or ``out`` values), so adapters of rank 4..64 share
+    one pool without padding. Accumulates in the dtype of ``y`` (float32 on the CPU).
+    """
+    starts = seg_starts.tolist()
+    ranks = seg_rank.tolist()
+    scales = seg_scale.tolist()
+    pages = seg_pages.tolist()
+    for s, rank in enumerate(ranks):
+        lo, hi = starts[s], starts[s + 1]
+        if rank == 0 or lo == hi:
+            continue
+        a, b = _rows(a_pool, pages[s], rank), _rows(b_pool, pages[s], rank)
+        y[lo:hi].addmm_(x[lo:hi] @ a.t(), b, alpha=scales[s])
+
+
+def _rows(pool: torch.Tensor, pages: list[int], rank: int) -> torch.Tensor:
+    """The adapter's rows: a view when its pages are contiguous (the allocator's usual case)."""
+    first = pages[0]
+    if pages[rank - 1] - first == rank - 1 and all(
+        pages[i] == first + i for i in range(rank)
+    ):
+        return pool[first : first + rank]
+    return pool.index_select(0, torch.tensor(pages[:rank], dtype=torch.long, device=pool.device))

@@ -1,0 +1,34 @@
+"""The plain data the planner consumes and produces."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One input text of a request: the unit the planner schedules."""
+
+    request_id: int  # engine-assigned, unique while the request lives
+    index: int  # position of this input inside its request
+    tenant: str  # owner of the request, the unit of fairness
+    adapter_key: str  # resolved adapter identity, "tenant/name@version"
+    num_tokens: int  # tokenized length including special tokens
+    arrival_s: float  # monotonic seconds when the request was admitted
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The rows of one engine step, sorted so that each adapter's rows are contiguous.
+
+    Invariant: ``seg_starts[0] == 0``, ``seg_starts[-1] == len(rows)``, and every row in
+    ``rows[seg_starts[s]:seg_starts[s + 1]]`` has ``adapter_key == seg_adapter[s]``.
+    """
+
+    rows: tuple[Row, ...]
+    seg_starts: tuple[int, ...]  # S + 1 row offsets
+    seg_adapter: tuple[str, ...]  # S adapter keys, one per segment
+    max_tokens: int  # length every row is padded to
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens the step computes, padding included: what the budget limits."""
+        return len(self.rows) * self.max_tokens

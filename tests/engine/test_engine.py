@@ -1,0 +1,141 @@
+"""The embedded engine: the Python API application developers call without HTTP."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import (
+    AdapterFormatError,
+    AdapterIncompatible,
+    Engine,
+    EngineConfig,
+    InputError,
+    InputTooLong,
+    ModelNotFound,
+)
+from registry import Registry
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    reg = Registry(tmp_path / "reg")
+    reg.create_tenant("acme")
+    reg.create_tenant("globex")
+    yield reg
+    reg.close()
+
+
+async def test_classify_returns_one_prediction_per_text(registry, publish_random) -> None:
+    publish_random(registry, "acme", "spam", labels=("ham", "spam"))
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        out = await engine.classify(tenant="acme", model="spam", texts=["WIN a prize now", "hi"])
+    assert [p.index for p in out] == [0, 1]
+    for p in out:
+        assert set(p.scores) == {"ham", "spam"}
+        assert p.label == max(p.scores, key=p.scores.get)
+        assert abs(sum(p.scores.values()) - 1.0) < 1e-5
+        assert not p.truncated and p.num_tokens > 2
+
+
+async def test_unknown_and_foreign_models_are_the_same_not_found(registry, publish_random) -> None:
+    publish_random(registry, "globex", "secret")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        errors = []
+        for model in ("secret", "globex/secret", "nope", "spam@7", "../etc"):
+            with pytest.raises(ModelNotFound) as info:
+                await engine.classify("acme", model, ["x"])
+            errors.append(info.value)
+        assert "secret" in str(errors[0]) and "globex" not in str(errors[0])
+        assert engine.stats()["requests_in_flight"] == 0
+
+
+async def test_pinned_versions_and_latest(registry, publish_random) -> None:
+    publish_random(registry, "acme", "m", seed=1, labels=("a", "b"))
+    publish_random(registry, "acme", "m", seed=2, labels=("a", "b", "c"))
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        (v1,) = await engine.classify("acme", "m@1", ["text"])
+        (latest,) = await engine.classify("acme", "m", ["text"])
+        job = await engine.submit("acme", "acme/m@1", ["text"])
+        assert (job.model, job.version) == ("acme/m", 1)
+        await job.results()
+    assert set(v1.scores) == {"a", "b"} and set(latest.scores) == {"a", "b", "c"}
+
+
+async def test_input_errors_name_the_field(registry, publish_random) -> None:
+    publish_random(registry, "acme", "m")
+    async with Engine(EngineConfig(registry_dir=registry.root, max_input_tokens=16)) as engine:
+        with pytest.raises(InputError, match="empty") as info:
+            await engine.classify("acme", "m", [])
+        assert info.value.field == "input"
+        with pytest.raises(InputError) as info:
+            await engine.classify("acme", "m", ["ok", "  "])
+        assert info.value.field == "input[1]"
+        with pytest.raises(InputError) as info:
+            await engine.classify("acme", "m", ["ok", 3])  # type: ignore[list-item]
+        assert info.value.field == "input[1]"
+        long_text = "word " * 100
+        with pytest.raises(InputTooLong) as info:
+            await engine.classify("acme", "m", ["short", long_text], truncate=False)
+        assert info.value.field == "input[1]"
+        short, cut = await engine.classify("acme", "m", ["short", long_text])
+        assert not short.truncated and cut.truncated and cut.num_tokens == 16
+        assert engine.stats()["requests_in_flight"] == 0
+
+
+async def test_stream_and_cancel(registry, publish_random) -> None:
+    publish_random(registry, "acme", "m")
+    async with Engine(EngineConfig(registry_dir=registry.root, max_batch_rows=2)) as engine:
+        job = await engine.submit("acme", "m", [f"text number {i}" for i in range(6)])
+        seen = [p.index async for p in job.stream()]
+        assert sorted(seen) == list(range(6))
+        job = await engine.submit("acme", "m", [f"text number {i}" for i in range(50)])
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job.results()
+        await asyncio.sleep(0.3)
+        stats = engine.stats()
+        assert stats["waiting_rows"] == 0 and stats["requests_in_flight"] == 0
+        assert stats["rows"] < 6 + 50  # the cancelled request's rows never all ran
+
+
+async def test_adapter_for_another_base_is_refused(registry, publish_random, backbone) -> None:
+    record = publish_random(registry, "acme", "m")
+    src = record.path
+    manifest = json.loads((src / "graft_manifest.json").read_text())
+    staged = src.parent.parent / "staged"
+    staged.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (staged / f).write_bytes((src / f).read_bytes())
+    registry.publish("acme", "other-base", staged,
+                     {"labels": manifest["labels"], "base_sha256": "0" * 64, "rank": 8,
+                      "pooling": "mean"})
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        with pytest.raises(AdapterIncompatible, match="trained on base model"):
+            await engine.classify("acme", "other-base", ["x"])
+        assert engine.stats()["requests_in_flight"] == 0
+
+
+async def test_tampered_adapter_is_refused(registry, publish_random) -> None:
+    record = publish_random(registry, "acme", "m")
+    weights = record.path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(data))
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        with pytest.raises(AdapterFormatError, match="SHA-256"):
+            await engine.classify("acme", "m", ["x"])
+
+
+async def test_small_pool_evicts_idle_adapters_and_stays_correct(registry, publish_random) -> None:
+    for i in range(6):
+        publish_random(registry, "acme", f"m{i}", seed=i, rank=8)
+    async with Engine(EngineConfig(registry_dir=registry.root, adapter_pages=16)) as engine:
+        first = [await engine.classify("acme", f"m{i}", ["same text"]) for i in range(6)]
+        again = [await engine.classify("acme", f"m{i}", ["same text"]) for i in range(6)]
+        stats = engine.stats()
+    assert stats["adapter_evictions"] >= 4
+    for a, b in zip(first, again, strict=True):
+        assert a[0].scores == pytest.approx(b[0].scores, abs=1e-6)

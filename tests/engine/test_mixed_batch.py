@@ -1,0 +1,109 @@
+"""A row in a mixed batch equals the same text run alone on its adapter."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import Engine, EngineConfig
+from engine.memory import AdapterMemory
+from engine.runner import ModelRunner
+from scheduler import Batch, Row
+
+TEXTS = [
+    "WIN a brand new car, text CLAIM to 80086 now!",
+    "are we still on for lunch tomorrow?",
+    "The committee approved the budget after a long debate.",
+    "ok",
+    "Shares in the company fell sharply after the profit warning was issued this morning.",
+    "lol see u there",
+]
+
+# (rank, targets, pooling, labels): mixed ranks, targets, poolings and label counts,
+# plus a head-only model whose rows carry no LoRA at all
+ADAPTERS = [
+    (8, ("query", "value"), "mean", ("a", "b")),
+    (4, ("query", "key", "value", "dense"), "cls_pooler", ("x", "y", "z")),
+    (16, ("intermediate.dense", "output.dense"), "mean", ("p", "q", "r", "s", "t")),
+    (0, (), "mean", ("no", "yes")),
+    (64, ("value",), "cls_pooler", ("u", "v")),
+]
+
+
+@pytest.fixture
+def registry_with_adapters(tmp_path: Path, publish_random):
+    from registry import Registry
+
+    registry = Registry(tmp_path / "reg")
+    registry.create_tenant("t1")
+    registry.create_tenant("t2")
+    records = []
+    for i, (rank, targets, pooling, labels) in enumerate(ADAPTERS):
+        tenant = "t1" if i % 2 == 0 else "t2"
+        records.append(publish_random(registry, tenant, f"m{i}", seed=i, rank=rank,
+                                      labels=labels, pooling=pooling, targets=targets))
+    yield registry, records
+    registry.close()
+
+
+def _solo(runner: ModelRunner, key: str, ids: list[int]) -> list[float]:
+    row = Row(request_id=1, index=0, tenant="t", adapter_key=key, num_tokens=len(ids),
+              arrival_s=0.0)
+    batch = Batch(rows=(row,), seg_starts=(0, 1), seg_adapter=(key,), max_tokens=len(ids))
+    return runner.step(batch, [ids])[0]
+
+
+def test_runner_mixed_batch_equals_solo_runs(backbone, registry_with_adapters) -> None:
+    from engine.engine import Engine as _Engine  # reuse the engine's disk-to-host reader
+
+    registry, records = registry_with_adapters
+    reader = _Engine(EngineConfig(registry_dir=registry.root))
+    reader._backbone, reader._registry = backbone, registry
+    memory = AdapterMemory(backbone, num_pages=256, device="cpu", dtype=torch.float32)
+    keys = []
+    for record in records:
+        key = f"{record.full_name}@{record.version}"
+        memory.acquire(key, lambda r=record: reader._read_adapter(r))
+        keys.append(key)
+    runner = ModelRunner(backbone, memory, "cpu")
+    ids = backbone.tokenizer(TEXTS)["input_ids"]
+    # every adapter gets several texts; rows sorted by adapter form the segments
+    pairs = sorted(((keys[i % len(keys)], t) for i, t in enumerate(range(len(TEXTS) * 3))))
+    rows, token_ids, starts, seg = [], [], [0], []
+    for n, (key, t) in enumerate(pairs):
+        if seg and seg[-1] != key:
+            starts.append(n)
+        if not seg or seg[-1] != key:
+            seg.append(key)
+        row_ids = ids[t % len(TEXTS)]
+        rows.append(Row(request_id=1, index=n, tenant="t", adapter_key=key,
+                        num_tokens=len(row_ids), arrival_s=0.0))
+        token_ids.append(row_ids)
+    starts.append(len(rows))
+    batch = Batch(rows=tuple(rows), seg_starts=tuple(starts), seg_adapter=tuple(seg),
+                  max_tokens=max(len(r) for r in token_ids))
+    mixed = runner.step(batch, token_ids)
+    assert len(seg) == len(ADAPTERS)
+    for row, row_ids, probs in zip(rows, token_ids, mixed, strict=True):
+        alone = _solo(runner, row.adapter_key, row_ids)
+        torch.testing.assert_close(torch.tensor(probs), torch.tensor(alone), rtol=0, atol=1e-5)
+    # the adapters really differ: the same text gets different scores under two adapters
+    first = _solo(runner, keys[0], ids[0])
+    fifth = _solo(runner, keys[4], ids[0])
+    assert first != fifth
+
+
+async def test_engine_concurrent_tenants_match_solo(registry_with_adapters) -> None:
+    registry, records = registry_with_adapters
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        requests = [(r.tenant, r.name, TEXTS[i % len(TEXTS) :] + TEXTS[: i % len(TEXTS)])
+                    for i, r in enumerate(records)]
+        together = await asyncio.gather(*(engine.classify(t, m, x) for t, m, x in requests))
+        assert engine.stats()["steps"] < len(requests) * len(TEXTS)  # rows really shared steps
+        for (tenant, model, texts), preds in zip(requests, together, strict=True):
+            for text, pred in zip(texts, preds, strict=True):
+                (alone,) = await engine.classify(tenant, model, [text])
+                assert pred.label == alone.label
+                for label, score in pred.scores.items():
+                    assert abs(score - alone.scores[label]) < 1e-5

@@ -1,0 +1,92 @@
+"""Adapters trained with Hugging Face PEFT serve exactly as PEFT itself predicts them."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft", reason="peft is a dev dependency: pip install -e '.[dev]'")
+
+from engine import AdapterFormatError, Engine, EngineConfig  # noqa: E402
+from engine.peft_io import import_peft  # noqa: E402
+from registry import Registry  # noqa: E402
+
+TEXTS = [
+    "Congratulations! You've been selected for a free cruise. Reply YES.",
+    "Can you send me the minutes from Tuesday's meeting?",
+    "The striker scored twice as the home side came back to win 3-2.",
+    "new phone who dis",
+]
+
+CONFIGS = {
+    "qv-r8": dict(r=8, lora_alpha=16, target_modules=["query", "value"]),
+    "dense-r4-pooler": dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"]),
+    "all-r16-rslora": dict(r=16, lora_alpha=32, use_rslora=True,
+                           target_modules=["query", "key", "value", "dense"]),
+    "patterns": dict(r=8, lora_alpha=16, target_modules=["query", "value"],
+                     rank_pattern={"value": 4}, alpha_pattern={"value": 32}),
+}
+
+
+def _make_peft_adapter(backbone, out: Path, name: str, num_labels: int, seed: int):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(backbone.path), num_labels=num_labels, local_files_only=True)
+    config = peft.LoraConfig(task_type="SEQ_CLS", init_lora_weights=False, **CONFIGS[name])
+    model = peft.get_peft_model(base, config)
+    model.save_pretrained(str(out))
+    labels = [f"label{i}" for i in range(num_labels)]
+    (out / "labels.txt").write_text("\n".join(labels))
+    model.eval()
+    enc = backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = torch.softmax(model(**enc).logits, dim=-1)
+    return labels, probs
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(backbone, tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft")
+    made = {}
+    for i, name in enumerate(CONFIGS):
+        out = root / name
+        made[name] = (out, *_make_peft_adapter(backbone, out, name, num_labels=2 + i, seed=i))
+    return made
+
+
+async def test_served_predictions_equal_peft(backbone, peft_adapters, tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "reg")
+    registry.create_tenant("acme")
+    for name, (path, _, _) in peft_adapters.items():
+        record = import_peft(registry, backbone, "acme", name, path)
+        assert record.manifest["pooling"] == "cls_pooler"
+    registry.close()
+    async with Engine(EngineConfig(registry_dir=tmp_path / "reg")) as engine:
+        for name, (_, labels, expected) in peft_adapters.items():
+            preds = await engine.classify("acme", name, TEXTS)
+            got = torch.tensor([[p.scores[label] for label in labels] for p in preds])
+            torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-4)
+
+
+def test_import_refuses_bad_directories(backbone, peft_adapters, tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "reg")
+    registry.create_tenant("acme")
+    src, labels, _ = peft_adapters["qv-r8"]
+    with pytest.raises(AdapterFormatError, match="missing adapter_config.json"):
+        import_peft(registry, backbone, "acme", "empty", tmp_path)
+    bad = tmp_path / "wrong-labels"
+    bad.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (bad / f).write_bytes((src / f).read_bytes())
+    with pytest.raises(AdapterFormatError, match="classifier.weight"):
+        import_peft(registry, backbone, "acme", "bad", bad, labels=["only", "three", "labels"])
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["use_dora"] = True
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match="DoRA"):
+        import_peft(registry, backbone, "acme", "bad", bad, labels=labels)
+    assert registry.list_adapters("acme") == []
+    registry.close()
