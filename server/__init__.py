@@ -1,0 +1,1 @@
+"""The HTTP front (aiohttp) and the ``graft`` command line."""

@@ -1,0 +1,128 @@
+"""Every error the HTTP API answers with: one JSON shape, and the one table of engine errors.
+
+The body is always ``{"error": {"type": ..., "message": ..., "field": ...}}``; ``field`` is
+present only when the error is about one request field (``"model"``, ``"input[2]"``).
+"""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from engine import (
+    AdapterFormatError,
+    AdapterIncompatible,
+    EngineClosed,
+    EngineError,
+    EngineOverloaded,
+    InputError,
+    InputTooLong,
+    ModelNotFound,
+)
+from server.schemas import json_response
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # what an overloaded or stopping server asks clients to wait
+
+# error types, one per status class a client may want to branch on
+INVALID_JSON = "invalid_json"
+INVALID_REQUEST = "invalid_request"
+AUTHENTICATION = "authentication"
+NOT_FOUND = "not_found"
+METHOD_NOT_ALLOWED = "method_not_allowed"
+TOO_LARGE = "too_large"
+ADAPTER_INCOMPATIBLE = "adapter_incompatible"
+ADAPTER_INVALID = "adapter_invalid"
+OVERLOADED = "overloaded"
+UNAVAILABLE = "unavailable"
+INTERNAL = "internal"
+
+# (engine error, HTTP status, error type); the first matching row wins, so subclasses go first
+_ENGINE_ERRORS: tuple[tuple[type[EngineError], int, str], ...] = (
+    (ModelNotFound, 404, NOT_FOUND),
+    (InputTooLong, 413, TOO_LARGE),
+    (InputError, 422, INVALID_REQUEST),
+    (AdapterIncompatible, 409, ADAPTER_INCOMPATIBLE),
+    (AdapterFormatError, 409, ADAPTER_INVALID),
+    (EngineOverloaded, 503, OVERLOADED),
+    (EngineClosed, 503, UNAVAILABLE),
+    (EngineError, 500, INTERNAL),
+)
+
+# aiohttp's own HTTP exceptions (router, body limit) by status
+_HTTP_TYPES = {400: INVALID_REQUEST, 404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: TOO_LARGE}
+
+
+class ApiError(Exception):
+    """An error answer, raised anywhere below a handler and rendered by ``error_middleware``."""
+
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.field = field
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, dict[str, str]]:
+        error = {"type": self.error_type, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+    def response(self) -> web.Response:
+        return json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def from_engine_error(exc: EngineError, field: str | None = None) -> ApiError:
+    """The HTTP answer for an engine error; ``field`` overrides the engine's field name."""
+    status, error_type = next((s, t) for cls, s, t in _ENGINE_ERRORS if isinstance(exc, cls))
+    if field is None and isinstance(exc, InputError):
+        field = exc.field
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    if status == 500:
+        log.error("engine error: %s", exc)
+    return ApiError(status, error_type, str(exc), field=field, headers=headers)
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, INTERNAL, "internal server error")
+
+
+def _from_http_exception(exc: web.HTTPException) -> ApiError:
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    error_type = _HTTP_TYPES.get(exc.status, INVALID_REQUEST if exc.status < 500 else INTERNAL)
+    return ApiError(exc.status, error_type, exc.reason, headers=headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure as the JSON error body; log what nobody anticipated."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _from_http_exception(exc).response()
+    except EngineError as exc:
+        return from_engine_error(exc).response()
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return internal_error().response()

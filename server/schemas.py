@@ -1,0 +1,166 @@
+"""The wire format: request validation with exact field paths, and the JSON we answer with.
+
+Validation is written out by hand rather than left to a schema library so that each error
+names the one field at fault in the API's own notation (``model``, ``input[3]``, ``stream``).
+"""
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from engine import Job, Prediction
+
+NDJSON = "application/x-ndjson"
+
+_CLASSIFY_FIELDS = ("model", "input", "stream", "truncate")
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+               float: "number", type(None): "null"}
+
+
+class RequestInvalid(ValueError):
+    """The body parsed but does not fit the schema; ``field`` is where (None: the whole body)."""
+
+    def __init__(self, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyRequest:
+    """A validated ``POST /v1/classify`` body."""
+
+    model: str  # "name", "name@3" or "tenant/name[@3]", resolved by the engine
+    texts: tuple[str, ...]  # at least one, none blank
+    is_batch: bool  # "input" was a list (fields are "input[i]") rather than one string
+    stream: bool  # answer NDJSON, one line per input as it completes
+    truncate: bool  # cut over-long texts instead of refusing them
+
+    def input_field(self, engine_field: str) -> str:
+        """The request's own name for a field the engine names (always ``input[i]`` there)."""
+        return "input" if not self.is_batch and engine_field == "input[0]" else engine_field
+
+
+def decode_json(body: bytes) -> Any:
+    """Parse a request body; raises ``msgspec.DecodeError`` on malformed JSON or bad UTF-8."""
+    return msgspec.json.decode(body)
+
+
+def parse_classify(payload: Any) -> ClassifyRequest:
+    """Check a decoded body field by field; raises RequestInvalid naming the first bad field."""
+    if not isinstance(payload, dict):
+        raise RequestInvalid(f"request body must be a JSON object, got {_json_type(payload)}", None)
+    unknown = sorted(key for key in payload if key not in _CLASSIFY_FIELDS)
+    if unknown:
+        raise RequestInvalid(
+            f"unknown field {unknown[0]!r}; accepted fields: {', '.join(_CLASSIFY_FIELDS)}",
+            unknown[0],
+        )
+    model = _required(payload, "model")
+    if not isinstance(model, str) or not model.strip():
+        raise RequestInvalid(_expected("model", "a non-empty string", model), "model")
+    texts, is_batch = _parse_input(_required(payload, "input"))
+    return ClassifyRequest(
+        model=model,
+        texts=texts,
+        is_batch=is_batch,
+        stream=_optional_bool(payload, "stream", default=False),
+        truncate=_optional_bool(payload, "truncate", default=True),
+    )
+
+
+def _parse_input(value: Any) -> tuple[tuple[str, ...], bool]:
+    if isinstance(value, str):
+        _check_text(value, "input")
+        return (value,), False
+    if not isinstance(value, list):
+        raise RequestInvalid(_expected("input", "a string or a list of strings", value), "input")
+    if not value:
+        raise RequestInvalid("input is an empty list: give at least one text", "input")
+    for index, text in enumerate(value):
+        field = f"input[{index}]"
+        if not isinstance(text, str):
+            raise RequestInvalid(_expected(field, "a string", text), field)
+        _check_text(text, field)
+    return tuple(value), True
+
+
+def _check_text(text: str, field: str) -> None:
+    if not text.strip():
+        raise RequestInvalid(f"{field} is empty: texts must contain non-whitespace", field)
+
+
+def _required(payload: dict[str, Any], field: str) -> Any:
+    if field not in payload:
+        raise RequestInvalid(f"missing required field {field!r}", field)
+    return payload[field]
+
+
+def _optional_bool(payload: dict[str, Any], field: str, *, default: bool) -> bool:
+    value = payload.get(field, default)
+    if not isinstance(value, bool):
+        raise RequestInvalid(_expected(field, "true or false", value), field)
+    return value
+
+
+def _expected(field: str, expected: str, got: Any) -> str:
+    return f"{field} must be {expected}, got {_json_type(got)}"
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+# answers ---------------------------------------------------------------------------------
+
+
+def encode(obj: Any) -> bytes:
+    return msgspec.json.encode(obj)
+
+
+def ndjson_line(obj: Any) -> bytes:
+    return msgspec.json.encode(obj) + b"\n"
+
+
+def json_response(
+    obj: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=encode(obj), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def prediction_json(prediction: Prediction) -> dict[str, Any]:
+    return {
+        "index": prediction.index,
+        "label": prediction.label,
+        "scores": dict(prediction.scores),
+        "truncated": prediction.truncated,
+        "tokens": prediction.num_tokens,
+    }
+
+
+def usage_json(num_inputs: int, num_tokens: int) -> dict[str, int]:
+    return {"inputs": num_inputs, "tokens": num_tokens}
+
+
+def classify_json(job: Job, predictions: Iterable[Prediction]) -> dict[str, Any]:
+    data = [prediction_json(p) for p in predictions]
+    return {
+        "model": job.model,
+        "version": job.version,
+        "data": data,
+        "usage": usage_json(len(data), sum(item["tokens"] for item in data)),
+    }
+
+
+def stream_summary_json(job: Job, num_tokens: int) -> dict[str, Any]:
+    """The last line of a complete stream: its presence tells the client nothing was lost."""
+    return {
+        "done": True,
+        "model": job.model,
+        "version": job.version,
+        "usage": usage_json(job.num_inputs, num_tokens),
+    }

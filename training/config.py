@@ -1,0 +1,39 @@
+"""Training knobs, with defaults that work for about a thousand examples."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    rank: int = 8  # LoRA rank on every targeted module
+    alpha: float = 16.0  # LoRA scale is alpha / rank
+    epochs: int = 5  # upper bound; early stopping may end sooner
+    batch_size: int = 16
+    lora_lr: float = 1e-3  # AdamW learning rate of the LoRA factors
+    head_lr: float = 3e-3  # AdamW learning rate of the classification head
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.06  # of all steps, linear warm-up then linear decay
+    max_length: int = 128  # tokens per training text (longer texts are cut)
+    eval_fraction: float = 0.2  # held-out split kept for the reported metrics
+    val_fraction: float = 0.1  # of the rest, used for early stopping
+    patience: int = 2  # epochs without validation improvement before stopping
+    seed: int = 0
+    targets: tuple[str, ...] = ()  # linear-name suffixes; () = every linear outside the pooler
+    class_weighting: bool = True  # weigh the loss by inverse class frequency
+    max_examples: int | None = None  # train on a stratified sample of this size
+
+    def __post_init__(self) -> None:
+        positive = ("rank", "epochs", "batch_size", "max_length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rank > 64:
+            raise ValueError(f"rank must be at most 64, got {self.rank}")
+        for name in ("lora_lr", "head_lr", "alpha"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("eval_fraction", "val_fraction"):
+            if not 0.0 < getattr(self, name) < 0.5:
+                raise ValueError(f"{name} must be in (0, 0.5), got {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 10:
+            raise ValueError(f"max_examples must be >= 10, got {self.max_examples}")

@@ -1,0 +1,95 @@
+"""Trainable LoRA factors and head on the frozen backbone, through the serving math.
+
+Training runs the same LoraLinear wrappers and segmented kernel the engine serves with
+(one segment spanning the whole batch), so a trained adapter scores identically when served.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from engine import Backbone, LoraStepPlan
+
+
+class TrainableLora(nn.Module):
+    """LoRA A and B^T for each targeted module, laid out as a one-adapter page pool."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        targets: list[str],
+        rank: int,
+        alpha: float,
+        num_labels: int,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.targets = targets
+        self.rank = rank
+        self.scale = alpha / rank
+        self.a = nn.ParameterList()
+        self.b_t = nn.ParameterList()
+        for name in targets:
+            wrapper = backbone.linears[name]
+            a = torch.empty(rank, wrapper.in_features)
+            bound = 1.0 / math.sqrt(wrapper.in_features)
+            a.uniform_(-bound, bound, generator=generator)
+            self.a.append(nn.Parameter(a))
+            self.b_t.append(nn.Parameter(torch.zeros(rank, wrapper.out_features)))
+        self.head = nn.Linear(backbone.hidden_size, num_labels)
+        nn.init.normal_(self.head.weight, std=0.02, generator=generator)
+        nn.init.zeros_(self.head.bias)
+
+    def plan(self, num_rows: int) -> LoraStepPlan:
+        names = self.backbone.linear_names
+        num_modules = len(names)
+        ranks = torch.zeros((num_modules, 1), dtype=torch.int32)
+        scales = torch.zeros((num_modules, 1), dtype=torch.float32)
+        pools: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_modules
+        for i, name in enumerate(self.targets):
+            index = self.backbone.linears[name].index
+            ranks[index, 0] = self.rank
+            scales[index, 0] = self.scale
+            pools[index] = (self.a[i], self.b_t[i])
+        return LoraStepPlan(
+            num_rows=num_rows,
+            seg_row_starts=torch.tensor([0, num_rows], dtype=torch.int32),
+            seg_pages=torch.arange(self.rank, dtype=torch.int32).unsqueeze(0),
+            seg_rank=ranks,
+            seg_scale=scales,
+            module_active=tuple(bool(r) for r in ranks[:, 0].tolist()),
+            pools=tuple(pools),
+        )
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] from mean-pooled last hidden states."""
+        state = self.backbone.lora_state
+        state.plan = self.plan(input_ids.shape[0])
+        try:
+            hidden = self.backbone.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        finally:
+            state.plan = None
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return self.head(pooled)
+
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (A [r, in], B [out, r]) in PEFT's orientation."""
+        return {
+            n: (a.detach(), b_t.detach().t())
+            for n, a, b_t in zip(self.targets, self.a, self.b_t, strict=True)
+        }
+
+
+def select_targets(backbone: Backbone, suffixes: tuple[str, ...]) -> list[str]:
+    """Linear names matching any suffix; by default every linear outside the pooler."""
+    names = backbone.linear_names
+    if not suffixes:
+        chosen = [n for n in names if not n.startswith("pooler")]
+    else:
+        chosen = [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
+    if not chosen:
+        raise ValueError(f"no linear layer of the backbone matches targets {list(suffixes)}")
+    return chosen
