@@ -65,3 +65,9 @@ def publish_random(
         return registry.publish(tenant, name, out, manifest)
 
     return publish
+
+
+@pytest.fixture(scope="session")
+def write_random_adapter() -> Callable[..., None]:
+    """``random_adapter`` as a fixture: tests cannot import conftest under importlib mode."""
+    return random_adapter

@@ -1,0 +1,1 @@
+"""Benchmarks: code that measures graft; outputs go to benchmarks/out/ (git-ignored)."""

@@ -1,0 +1,32 @@
+"""graft's adapter registry: tenants, API keys, base models and immutable adapter versions.
+
+Metadata lives in SQLite, blobs on the local file system; writes are atomic and every load
+verifies content hashes. Weights are safetensors only; nothing is ever unpickled.
+"""
+
+from registry.errors import (
+    AlreadyExists,
+    IntegrityError,
+    InvalidAdapter,
+    InvalidName,
+    NotFound,
+    RegistryError,
+)
+from registry.names import ModelRef, parse_model_ref, validate_name
+from registry.records import AdapterRecord, VerifiedFiles
+from registry.registry import Registry
+
+__all__ = [
+    "AdapterRecord",
+    "AlreadyExists",
+    "IntegrityError",
+    "InvalidAdapter",
+    "InvalidName",
+    "ModelRef",
+    "NotFound",
+    "Registry",
+    "RegistryError",
+    "VerifiedFiles",
+    "parse_model_ref",
+    "validate_name",
+]

@@ -1,0 +1,240 @@
+"""The SQLite catalog: tenants, API key hashes, base models and adapter versions.
+
+Each call opens its own connection (cheap next to the work it guards), which makes the catalog
+safe to use from several threads without a shared lock, and lets several processes share one
+catalog through SQLite's own locking: WAL mode, so readers never wait for the writer, writes inside
+``BEGIN IMMEDIATE`` so a transaction takes the write lock before it reads what it will change,
+and a busy timeout so contenders queue rather than fail.
+
+The functions below take an open connection, so one transaction can span several of them.
+"""
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from registry.records import AdapterRecord
+
+SCHEMA_VERSION = 1
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS tenants (
+        name TEXT PRIMARY KEY,
+        created_at REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS api_keys (
+        key_sha256 TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL REFERENCES tenants(name),
+        created_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys(tenant)",
+    """CREATE TABLE IF NOT EXISTS base_models (
+        sha256 TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        registered_at REAL NOT NULL
+    )""",
+    # base_sha256 is deliberately not a foreign key: an adapter may be published before
+    # anyone registers its base, and dependents() must still find it.
+    """CREATE TABLE IF NOT EXISTS adapters (
+        tenant TEXT NOT NULL REFERENCES tenants(name),
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL CHECK (version >= 1),
+        content_sha256 TEXT NOT NULL,
+        base_sha256 TEXT NOT NULL,
+        rank INTEGER NOT NULL,
+        labels_json TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        metrics_json TEXT NOT NULL,
+        manifest_json TEXT NOT NULL,
+        rel_path TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (tenant, name, version)
+    )""",
+    "CREATE INDEX IF NOT EXISTS adapters_by_base ON adapters(base_sha256)",
+)
+_ADAPTER_COLUMNS = (
+    "tenant, name, version, content_sha256, base_sha256, rank, labels_json, size_bytes, "
+    "metrics_json, manifest_json, rel_path, created_at"
+)
+
+
+class Catalog:
+    """Opens connections to the catalog file; creates the schema on first use."""
+
+    def __init__(self, path: Path, busy_timeout_s: float) -> None:
+        self._path = path
+        self._busy_timeout_s = busy_timeout_s
+        with self.connect() as conn:
+            # Asking first avoids taking the lock a mode change needs when WAL is already on.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+        with self.write() as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A fresh autocommit connection, closed on exit; for reads."""
+        conn = sqlite3.connect(self._path, timeout=self._busy_timeout_s, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = FULL")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A connection inside ``BEGIN IMMEDIATE``: committed on normal exit, rolled back on error.
+
+        The body may commit early itself (``conn.commit()``) to act on a failed commit.
+        """
+        with self.connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+
+def insert_tenant(conn: sqlite3.Connection, tenant: str, created_at: float) -> bool:
+    """Add `tenant`; False if it exists already."""
+    cursor = conn.execute(
+        "INSERT INTO tenants (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        (tenant, created_at),
+    )
+    return cursor.rowcount == 1
+
+
+def has_tenant(conn: sqlite3.Connection, tenant: str) -> bool:
+    return conn.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant,)).fetchone() is not None
+
+
+def list_tenants(conn: sqlite3.Connection) -> list[str]:
+    return [row["name"] for row in conn.execute("SELECT name FROM tenants ORDER BY name")]
+
+
+def insert_key(conn: sqlite3.Connection, key_sha256: str, tenant: str, created_at: float) -> None:
+    conn.execute(
+        "INSERT INTO api_keys (key_sha256, tenant, created_at) VALUES (?, ?, ?)",
+        (key_sha256, tenant, created_at),
+    )
+
+
+def delete_keys(conn: sqlite3.Connection, tenant: str) -> int:
+    """Delete every key of `tenant`; return how many there were."""
+    return conn.execute("DELETE FROM api_keys WHERE tenant = ?", (tenant,)).rowcount
+
+
+def tenant_for_key(conn: sqlite3.Connection, key_sha256: str) -> str | None:
+    row = conn.execute("SELECT tenant FROM api_keys WHERE key_sha256 = ?", (key_sha256,)).fetchone()
+    return None if row is None else row["tenant"]
+
+
+def upsert_base(conn: sqlite3.Connection, sha256: str, name: str, registered_at: float) -> None:
+    """Record base model `sha256` under `name`; registering again updates the name only."""
+    conn.execute(
+        "INSERT INTO base_models (sha256, name, registered_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (sha256) DO UPDATE SET name = excluded.name",
+        (sha256, name, registered_at),
+    )
+
+
+def next_version(conn: sqlite3.Connection, tenant: str, name: str) -> int:
+    """The version a new publish of `tenant/name` gets; call under the write lock."""
+    row = conn.execute(
+        "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE tenant = ? AND name = ?",
+        (tenant, name),
+    ).fetchone()
+    return int(row[0])
+
+
+def insert_adapter(conn: sqlite3.Connection, record: AdapterRecord, rel_path: str) -> None:
+    """Add the catalog row for `record`, whose directory is `rel_path` under the root."""
+    conn.execute(
+        f"INSERT INTO adapters ({_ADAPTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.tenant,
+            record.name,
+            record.version,
+            record.content_sha256,
+            record.base_sha256,
+            record.rank,
+            json.dumps(list(record.labels)),
+            record.size_bytes,
+            json.dumps(record.metrics, sort_keys=True),
+            json.dumps(record.manifest, sort_keys=True),
+            rel_path,
+            record.created_at,
+        ),
+    )
+
+
+def select_adapter(
+    conn: sqlite3.Connection, root: Path, tenant: str, name: str, version: int | None
+) -> AdapterRecord | None:
+    """The given version of `tenant/name` (the latest if `version` is None), or None."""
+    query = f"SELECT {_ADAPTER_COLUMNS} FROM adapters WHERE tenant = ? AND name = ?"
+    if version is None:
+        row = conn.execute(f"{query} ORDER BY version DESC LIMIT 1", (tenant, name)).fetchone()
+    else:
+        row = conn.execute(f"{query} AND version = ?", (tenant, name, version)).fetchone()
+    return None if row is None else _record(root, row)
+
+
+def latest_version(conn: sqlite3.Connection, tenant: str, name: str) -> int | None:
+    row = conn.execute(
+        "SELECT MAX(version) FROM adapters WHERE tenant = ? AND name = ?", (tenant, name)
+    ).fetchone()
+    return row[0]
+
+
+def select_tenant_adapters(
+    conn: sqlite3.Connection, root: Path, tenant: str
+) -> list[AdapterRecord]:
+    rows = conn.execute(
+        f"SELECT {_ADAPTER_COLUMNS} FROM adapters WHERE tenant = ? ORDER BY name, version",
+        (tenant,),
+    )
+    return [_record(root, row) for row in rows]
+
+
+def select_dependents(
+    conn: sqlite3.Connection, root: Path, base_sha256: str
+) -> list[AdapterRecord]:
+    rows = conn.execute(
+        f"SELECT {_ADAPTER_COLUMNS} FROM adapters WHERE base_sha256 = ? "
+        "ORDER BY tenant, name, version",
+        (base_sha256,),
+    )
+    return [_record(root, row) for row in rows]
+
+
+def adapter_versions(conn: sqlite3.Connection) -> set[tuple[str, str, int]]:
+    """Every (tenant, name, version) in the catalog."""
+    rows = conn.execute("SELECT tenant, name, version FROM adapters")
+    return {(row["tenant"], row["name"], row["version"]) for row in rows}
+
+
+def _record(root: Path, row: sqlite3.Row) -> AdapterRecord:
+    return AdapterRecord(
+        tenant=row["tenant"],
+        name=row["name"],
+        version=row["version"],
+        content_sha256=row["content_sha256"],
+        base_sha256=row["base_sha256"],
+        rank=row["rank"],
+        labels=tuple(json.loads(row["labels_json"])),
+        size_bytes=row["size_bytes"],
+        metrics=json.loads(row["metrics_json"]),
+        manifest=json.loads(row["manifest_json"]),
+        path=root / row["rel_path"],
+        created_at=row["created_at"],
+    )

@@ -1,0 +1,58 @@
+"""The registry's answers: what a stored adapter version is, and its verified bytes.
+
+These cross package lines (the engine loads from them, the server lists them), so they are frozen.
+The mappings inside are plain dicts parsed fresh from the catalog for each record, so they stay
+JSON-serialisable; treat them as read-only.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRecord:
+    """One immutable adapter version as recorded in the catalog.
+
+    Two records are equal when every field is; the hash uses only the identity and the content
+    hash, so records can key dicts and sets.
+    """
+
+    tenant: str  # owning tenant
+    name: str  # adapter name, unique within the tenant
+    version: int  # 1, 2, 3... per (tenant, name)
+    content_sha256: str  # hex; SHA-256 over the sorted "file\tsha256\n" lines, manifest excluded
+    base_sha256: str  # hex SHA-256 of the backbone weights this adapter was trained on
+    rank: int  # max LoRA rank over target modules; 0 for a head-only model
+    labels: tuple[str, ...]  # class labels, in head output order
+    size_bytes: int  # total bytes of the version's content files (the manifest excluded)
+    metrics: Mapping[str, Any]  # manifest["metrics"], {} if absent
+    manifest: Mapping[str, Any]  # the full stored manifest, exactly as written to disk
+    path: Path  # absolute path of the version directory
+    created_at: float  # unix seconds when the version was published
+
+    def __hash__(self) -> int:
+        return hash((self.tenant, self.name, self.version, self.content_sha256))
+
+    @property
+    def full_name(self) -> str:
+        """ "tenant/name", the model's address without a version."""
+        return f"{self.tenant}/{self.name}"
+
+    @property
+    def ref(self) -> str:
+        """ "tenant/name@version", the pinned address of exactly this version."""
+        return f"{self.tenant}/{self.name}@{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedFiles:
+    """The bytes of one version, each file checked against its recorded SHA-256.
+
+    Callers parse these bytes rather than re-reading the files, so what they use is exactly what
+    was verified.
+    """
+
+    record: AdapterRecord  # the version the files belong to
+    files: Mapping[str, bytes]  # file name -> bytes, every content file (the manifest excluded)

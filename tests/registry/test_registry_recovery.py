@@ -1,0 +1,143 @@
+"""Recovery: what crashed publishers leave behind is removed when a registry opens."""
+
+import fcntl
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry import NotFound, Registry
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Publishes once, but dies (no cleanup, no exception handlers) at the chosen point.
+_CRASHING_PUBLISHER = textwrap.dedent(
+    """
+    import os
+    import sys
+
+    from registry import Registry
+    from registry import catalog
+
+    root, source, base_sha256, crash_point = sys.argv[1:]
+    registry = Registry(root)
+
+    def crash(*args, **kwargs):
+        os._exit(3)
+
+    if crash_point == "rename":
+        os.rename = crash
+    else:
+        catalog.insert_adapter = crash
+    manifest = {"labels": ["ham", "spam"], "base_sha256": base_sha256, "rank": 4}
+    registry.publish("acme", "spam", source, manifest)
+    """
+)
+
+
+@pytest.mark.parametrize("crash_point", ["rename", "insert"])
+def test_crashed_publish_is_cleaned_up_on_open(
+    tmp_path: Path,
+    make_adapter: Callable[..., Path],
+    manifest: dict[str, Any],
+    crash_point: str,
+) -> None:
+    root = tmp_path / "registry"
+    with Registry(root) as opened:
+        opened.create_tenant("acme")
+    command = [
+        sys.executable,
+        "-c",
+        _CRASHING_PUBLISHER,
+        str(root),
+        str(make_adapter()),
+        manifest["base_sha256"],
+        crash_point,
+    ]
+    assert subprocess.run(command, cwd=REPO_ROOT, check=False).returncode == 3
+    adapters = root / "adapters"
+    if crash_point == "rename":
+        assert len(list(adapters.glob(".tmp-*/adapter_model.safetensors"))) == 1
+    else:
+        assert (adapters / "acme/spam/1/graft_manifest.json").is_file()
+
+    with Registry(root) as reopened:
+        assert list(adapters.iterdir()) == []
+        with pytest.raises(NotFound):
+            reopened.resolve("acme", "spam")
+        assert reopened.publish("acme", "spam", make_adapter(), manifest).version == 1
+
+
+def test_stale_temp_dirs_are_removed_on_open(tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    Registry(root).close()
+    adapters = root / "adapters"
+    crashed = [adapters / f".tmp-{os.getpid()}-{'0' * 32}", adapters / ".tmp-anything"]
+    live = adapters / f".tmp-{os.getpid()}-{'1' * 32}"
+    for directory in [*crashed, live]:
+        directory.mkdir()
+        (directory / "adapter_model.safetensors").write_bytes(b"partial")
+    # A live writer holds a flock on its temp dir until it is done; the kernel drops it on a crash.
+    live_fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(live_fd, fcntl.LOCK_EX)
+        Registry(root).close()
+        assert [path.name for path in adapters.iterdir()] == [live.name]
+    finally:
+        os.close(live_fd)
+    Registry(root).close()
+    assert list(adapters.iterdir()) == []
+
+
+def test_orphan_version_dirs_are_removed_on_open(
+    tmp_path: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any]
+) -> None:
+    root = tmp_path / "registry"
+    with Registry(root) as opened:
+        opened.create_tenant("acme")
+        kept = opened.publish("acme", "spam", make_adapter(), manifest)
+    # What a publisher killed between its rename and its commit leaves behind.
+    for orphan in (root / "adapters/acme/spam/2", root / "adapters/acme/ham/1"):
+        orphan.mkdir(parents=True)
+        (orphan / "graft_manifest.json").write_text("{}")
+    with Registry(root) as reopened:
+        assert sorted(path.name for path in (root / "adapters/acme").iterdir()) == ["spam"]
+        assert [path.name for path in (root / "adapters/acme/spam").iterdir()] == ["1"]
+        assert reopened.read_verified(kept).record == kept
+        assert reopened.publish("acme", "spam", make_adapter(), manifest).version == 2
+
+
+def test_opening_while_others_publish_removes_nothing_live(
+    registry: Registry, make_adapter: Callable[..., Path], manifest: dict[str, Any]
+) -> None:
+    sources = [make_adapter(seed=seed) for seed in range(10)]
+    is_done = threading.Event()
+
+    def keep_opening() -> int:
+        num_opened = 0
+        while not is_done.is_set():
+            Registry(registry.root).close()
+            num_opened += 1
+        return num_opened
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        opener = pool.submit(keep_opening)
+        try:
+            publishes = [
+                pool.submit(registry.publish, "acme", "spam", source, manifest)
+                for source in sources
+            ]
+            records = [publish.result() for publish in publishes]
+        finally:
+            is_done.set()
+        assert opener.result() > 0
+    assert sorted(record.version for record in records) == list(range(1, 11))
+    for record in records:
+        assert registry.read_verified(record).record == record

@@ -1,0 +1,95 @@
+"""The ``graft`` command line, run in-process."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from registry import Registry
+from server.cli import main
+from training import load_sms_spam, stratified_sample, write_csv
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tenants_create_prints_the_key_last(tmp_path: Path, capsys) -> None:
+    reg = str(tmp_path / "reg")
+    code, out, _ = _run(capsys, "tenants", "create", "acme", "--registry", reg)
+    assert code == 0
+    key = out.strip().splitlines()[-1]
+    assert key.startswith("gk_") and " " not in key
+    with Registry(reg) as registry:
+        assert registry.authenticate(key) == "acme"
+    code, _, err = _run(capsys, "tenants", "create", "acme", "--registry", reg)
+    assert code == 2 and "acme" in err
+
+
+def test_registry_defaults_to_env(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("GRAFT_REGISTRY", str(tmp_path / "from-env"))
+    # the parser reads the environment when it is built, i.e. on each main() call
+    code, _, _ = _run(capsys, "tenants", "create", "zed")
+    assert code == 0 and (tmp_path / "from-env" / "catalog.sqlite3").exists()
+
+
+def test_train_and_list(tmp_path: Path, capsys) -> None:
+    reg = str(tmp_path / "reg")
+    data = tmp_path / "sms.csv"
+    write_csv(stratified_sample(load_sms_spam(), 120, seed=0), data)
+    _run(capsys, "tenants", "create", "acme", "--registry", reg)
+    code, out, _ = _run(capsys, "train", "--registry", reg, "--tenant", "acme", "--name", "spam",
+                        "--data", str(data), "--epochs", "1", "--max-length", "48",
+                        "--no-progress")
+    assert code == 0, out
+    assert "rows: 120" in out and "unknown tokens" in out
+    assert "registered acme/spam@1" in out
+    assert "adapter size:" in out and "macro-F1" in out
+    code, out, _ = _run(capsys, "adapters", "list", "--tenant", "acme", "--registry", reg, "--json")
+    (entry,) = json.loads(out)
+    assert entry["name"] == "spam" and entry["versions"] == [1] and entry["rank"] == 8
+    assert entry["labels"] == ["ham", "spam"] and entry["size_bytes"] > 0
+    assert len(entry["base_sha256"]) == 64 and "accuracy" in entry["metrics"]
+    code, out, _ = _run(capsys, "adapters", "list", "--tenant", "acme", "--registry", reg)
+    assert "spam" in out.splitlines()[1]
+
+
+def test_train_reports_bad_rows(tmp_path: Path, capsys) -> None:
+    reg = str(tmp_path / "reg")
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "a", "label": "x"}\nnot json\n{"text": "b"}\n')
+    _run(capsys, "tenants", "create", "acme", "--registry", reg)
+    code, _, err = _run(capsys, "train", "--registry", reg, "--tenant", "acme", "--name", "m",
+                        "--data", str(data), "--no-progress")
+    assert code == 2 and "2" in err and "3" in err
+
+
+def test_bulk_import_names_models_after_directories(
+    tmp_path: Path, capsys, backbone, write_random_adapter
+) -> None:
+    reg = str(tmp_path / "reg")
+    _run(capsys, "tenants", "create", "acme", "--registry", reg)
+    dirs = []
+    for i, name in enumerate(["legal", "hr", "Bad Name"]):
+        d = tmp_path / name
+        write_random_adapter(backbone, d, seed=i, rank=4, num_labels=3)
+        dirs.append(str(d))
+    code, out, err = _run(capsys, "adapters", "import", *dirs, "--tenant", "acme",
+                          "--labels", "a,b,c", "--registry", reg)
+    assert code == 1  # one directory had an invalid name; the others still landed
+    assert "2 imported, 1 failed" in out and "Bad Name" in err
+    with Registry(reg) as registry:
+        assert sorted(r.name for r in registry.list_adapters("acme")) == ["hr", "legal"]
+    code, _, err = _run(capsys, "adapters", "import", *dirs[:2], "--tenant", "acme",
+                        "--name", "x", "--registry", reg)
+    assert code == 2 and "--name" in err
+
+
+@pytest.mark.parametrize("argv", [["train", "--help"], ["serve", "--help"]])
+def test_every_subcommand_takes_registry_and_backbone(argv, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(argv)
+    out = capsys.readouterr().out
+    assert "--registry" in out and "--backbone" in out

