@@ -22,6 +22,7 @@ from engine.errors import (
 from engine.job import Job, Prediction
 from engine.listing import AdapterInfo
 from engine.lora import LoraStepPlan
+from engine.peft_io import import_peft, write_peft_adapter
 
 __all__ = [
     "POOLING_CLS_POOLER",
@@ -42,8 +43,10 @@ __all__ = [
     "LoraStepPlan",
     "ModelNotFound",
     "Prediction",
+    "import_peft",
     "load_backbone",
     "packaged_backbone_dir",
     "parse_adapter",
     "weights_sha256",
+    "write_peft_adapter",
 ]

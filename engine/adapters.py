@@ -127,7 +127,9 @@ def _lora_modules(
     for name, pair in lora.items():
         wrapper = backbone.linears.get(name)
         if wrapper is None:
-            raise AdapterFormatError(f"LoRA targets {name!r}, which is not a Linear of the backbone")
+            raise AdapterFormatError(
+                f"LoRA targets {name!r}, which is not a Linear of the backbone"
+            )
         if set(pair) != {"A", "B"}:
             raise AdapterFormatError(f"{name}: needs both lora_A and lora_B")
         a, b = pair["A"].float(), pair["B"].float()
@@ -142,7 +144,9 @@ def _lora_modules(
             )
         if not 1 <= rank <= 256:
             raise AdapterFormatError(f"{name}: rank {rank} outside 1..256")
-        modules[name] = LoraModule(a=a.contiguous(), b=b.contiguous(), scale=_scale(name, rank, config))
+        modules[name] = LoraModule(
+            a=a.contiguous(), b=b.contiguous(), scale=_scale(name, rank, config)
+        )
     return modules
 
 
@@ -171,7 +175,9 @@ def _head(
     bias = tensors.get("bias")
     bias = torch.zeros(num_labels) if bias is None else bias.float().contiguous()
     if bias.shape != (num_labels,):
-        raise AdapterFormatError(f"classifier.bias is {tuple(bias.shape)}, expected ({num_labels},)")
+        raise AdapterFormatError(
+            f"classifier.bias is {tuple(bias.shape)}, expected ({num_labels},)"
+        )
     if pooling == POOLING_CLS_POOLER and not backbone.has_pooler:
         raise AdapterFormatError("the head pools through a [CLS] pooler the backbone lacks")
     return Head(pooling=pooling, weight=weight, bias=bias)

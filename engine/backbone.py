@@ -85,7 +85,9 @@ def load_backbone(
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
     sha = weights_sha256(path)
     if expected_sha256 is not None and sha != expected_sha256:
-        raise ValueError(f"{path}: weights SHA-256 {sha} does not match the pinned {expected_sha256}")
+        raise ValueError(
+            f"{path}: weights SHA-256 {sha} does not match the pinned {expected_sha256}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     model.to(device).eval().requires_grad_(False)

@@ -25,7 +25,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        for name in ("max_batch_tokens", "max_batch_rows", "max_inputs_per_request", "adapter_pages"):
+        for name in (
+            "max_batch_tokens",
+            "max_batch_rows",
+            "max_inputs_per_request",
+            "adapter_pages",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_input_tokens is not None and self.max_input_tokens < 3:

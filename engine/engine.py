@@ -1,6 +1,8 @@
 """The Engine: async front (admission, step loop) over a synchronous model thread."""
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -37,6 +39,9 @@ from scheduler import Row, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
+# below this many characters, tokenizing costs less than the hop to a thread
+_INLINE_TOKENIZE_CHARS = 4096
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -59,10 +64,14 @@ class Engine:
         self._memory: AdapterMemory | None = None
         self._runner: ModelRunner | None = None
         self._scheduler = Scheduler(
-            SchedulerConfig(max_batch_tokens=config.max_batch_tokens,
-                            max_batch_rows=config.max_batch_rows)
+            SchedulerConfig(
+                max_batch_tokens=config.max_batch_tokens, max_batch_rows=config.max_batch_rows
+            )
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-model")
+        self._tokenize_executor = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="graft-tokenize"
+        )
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._work = asyncio.Event()
@@ -90,8 +99,12 @@ class Engine:
         config = self.config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        backbone = load_backbone(config.backbone_dir, device=config.device,
-                                 dtype=config.torch_dtype, expected_sha256=config.backbone_sha256)
+        backbone = load_backbone(
+            config.backbone_dir,
+            device=config.device,
+            dtype=config.torch_dtype,
+            expected_sha256=config.backbone_sha256,
+        )
         registry = Registry(config.registry_dir)
         registry.register_base(backbone.sha256, backbone.name)
         memory = AdapterMemory(backbone, config.adapter_pages, config.device, config.torch_dtype)
@@ -106,12 +119,11 @@ class Engine:
             pending.job.fail(EngineClosed("engine shut down"))
         if self._loop_task is not None:
             self._loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-            except asyncio.CancelledError:
-                pass
             self._loop_task = None
         self._executor.shutdown(wait=True)
+        self._tokenize_executor.shutdown(wait=True)
         if self._registry is not None:
             self._registry.close()
 
@@ -144,7 +156,11 @@ class Engine:
 
     def list_adapters(self, tenant: str) -> list[AdapterInfo]:
         """One entry per model name of the tenant, newest version first in ``versions``."""
-        return summarize(self.registry.list_adapters(tenant), self._residency)
+        try:
+            records = self.registry.list_adapters(tenant)
+        except NotFound:  # a tenant removed while its key was in use has no models
+            return []
+        return summarize(records, self._residency)
 
     def stats(self) -> dict[str, int]:
         memory, runner = self._memory, self._runner
@@ -184,21 +200,50 @@ class Engine:
         if not self.ready:
             raise EngineClosed("engine is not running")
         record = self._resolve(tenant, model)
-        tokens = tokenize_inputs(
-            self.backbone.tokenizer, texts, max_tokens=self.max_input_tokens,
-            truncate=truncate, max_inputs=self.config.max_inputs_per_request,
-        )
+        tokens = await self._tokenize(texts, truncate)
         key = _adapter_key(record)
         await self._pin(key, record)
-        job = Job(next(self._ids), record.full_name, record.version, len(tokens.ids),
-                  on_finish=self._finish)
+        job = Job(
+            next(self._ids),
+            record.full_name,
+            record.version,
+            len(tokens.ids),
+            on_finish=self._finish,
+        )
         self._pending[job.request_id] = _Pending(job=job, record=record, tokens=tokens)
         now = time.monotonic()
         for index, ids in enumerate(tokens.ids):
-            self._scheduler.add(Row(request_id=job.request_id, index=index, tenant=tenant,
-                                    adapter_key=key, num_tokens=len(ids), arrival_s=now))
+            self._scheduler.add(
+                Row(
+                    request_id=job.request_id,
+                    index=index,
+                    tenant=tenant,
+                    adapter_key=key,
+                    num_tokens=len(ids),
+                    arrival_s=now,
+                )
+            )
         self._work.set()
         return job
+
+    async def _tokenize(self, texts: Sequence[str], truncate: bool) -> Tokenized:
+        """Small requests tokenize inline; large ones on a helper thread, off the event loop."""
+        work = functools.partial(
+            tokenize_inputs,
+            self.backbone.tokenizer,
+            texts,
+            max_tokens=self.max_input_tokens,
+            truncate=truncate,
+            max_inputs=self.config.max_inputs_per_request,
+        )
+        is_small = (
+            isinstance(texts, str)
+            or not isinstance(texts, Sequence)
+            or (sum(len(t) for t in texts if isinstance(t, str)) < _INLINE_TOKENIZE_CHARS)
+        )
+        if is_small:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_executor, work)
 
     def _resolve(self, tenant: str, model: str) -> AdapterRecord:
         try:
@@ -274,7 +319,10 @@ class Engine:
             token_ids = [p.tokens.ids[r.index] if p else [0] for p, r in rows]
             try:
                 probs = await loop.run_in_executor(
-                    self._executor, self._runner.step, batch, token_ids  # type: ignore[union-attr]
+                    self._executor,
+                    self._runner.step,
+                    batch,
+                    token_ids,  # type: ignore[union-attr]
                 )
             except Exception as exc:  # a failed step fails its rows, never the loop
                 log.exception("model step failed")

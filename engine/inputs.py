@@ -31,7 +31,9 @@ def tokenize_inputs(
         raise InputError(f"input has {len(texts)} texts; at most {max_inputs} per request", "input")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise InputError(f"input[{i}] must be a string, got {type(text).__name__}", f"input[{i}]")
+            raise InputError(
+                f"input[{i}] must be a string, got {type(text).__name__}", f"input[{i}]"
+            )
         if not text.strip():
             raise InputError(f"input[{i}] is empty", f"input[{i}]")
     encoded = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
@@ -45,7 +47,7 @@ def tokenize_inputs(
         if not truncate:
             raise InputTooLong(
                 f"input[{i}] has {len(row)} tokens; the model takes at most {max_tokens} "
-                "(send \"truncate\": true to cut it)",
+                '(send "truncate": true to cut it)',
                 f"input[{i}]",
             )
         # keep the leading tokens and the closing special token ([SEP] / </s>)

@@ -64,6 +64,7 @@ class Job:
         if self._finished.done():
             return
         self._finished.set_exception(asyncio.CancelledError("job cancelled"))
+        self._stream.put_nowait(asyncio.CancelledError("job cancelled"))
         self._on_finish(self)
 
     def deliver(self, prediction: Prediction) -> None:

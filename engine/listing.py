@@ -50,13 +50,21 @@ def summarize(records: list[AdapterRecord], residency: Callable[[str], str]) -> 
     for name in sorted(by_name):
         versions = sorted(by_name[name], key=lambda r: r.version)
         latest = versions[-1]
-        infos.append(AdapterInfo(
-            tenant=latest.tenant, name=name, version=latest.version,
-            versions=tuple(r.version for r in versions), rank=latest.rank,
-            labels=tuple(latest.labels), size_bytes=latest.size_bytes,
-            base_sha256=latest.base_sha256, content_sha256=latest.content_sha256,
-            metrics=latest.metrics, pooling=str(latest.manifest.get("pooling", "cls_pooler")),
-            created_at=latest.created_at,
-            residency=residency(f"{latest.full_name}@{latest.version}"),
-        ))
+        infos.append(
+            AdapterInfo(
+                tenant=latest.tenant,
+                name=name,
+                version=latest.version,
+                versions=tuple(r.version for r in versions),
+                rank=latest.rank,
+                labels=tuple(latest.labels),
+                size_bytes=latest.size_bytes,
+                base_sha256=latest.base_sha256,
+                content_sha256=latest.content_sha256,
+                metrics=latest.metrics,
+                pooling=str(latest.manifest.get("pooling", "cls_pooler")),
+                created_at=latest.created_at,
+                residency=residency(f"{latest.full_name}@{latest.version}"),
+            )
+        )
     return infos

@@ -102,8 +102,13 @@ class AdapterMemory:
             bias=weights.head.bias.to(self._device, self._dtype),
         )
         resident = Resident(
-            key=key, pages=pages, rank_by_module=ranks, scale_by_module=scales, head=head,
-            labels=weights.labels, num_bytes=weights.num_bytes,
+            key=key,
+            pages=pages,
+            rank_by_module=ranks,
+            scale_by_module=scales,
+            head=head,
+            labels=weights.labels,
+            num_bytes=weights.num_bytes,
         )
         self._resident[key] = resident
         self.num_loads += 1
@@ -131,7 +136,8 @@ class AdapterMemory:
         while len(self._free) < count:
             if not self._evict_one():
                 raise EngineOverloaded(
-                    f"adapter pool full: every resident adapter is in use ({key} needs {count} pages)"
+                    f"adapter pool full: every resident adapter is in use "
+                    f"({key} needs {count} pages)"
                 )
         return _take_pages(self._free, count)
 

@@ -87,7 +87,9 @@ def stage_peft_import(
         raise AdapterFormatError(f"{src}: not a directory")
     for name in _PICKLED:
         if (src / name).exists() and not (src / WEIGHTS_FILE).exists():
-            raise AdapterFormatError(f"{src}/{name}: pickled weights are never loaded; save with safetensors")
+            raise AdapterFormatError(
+                f"{src}/{name}: pickled weights are never loaded; save with safetensors"
+            )
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (src / name).is_file():
             raise AdapterFormatError(f"{src}: missing {name}")
@@ -116,8 +118,14 @@ def stage_peft_import(
     }
 
 
-def import_peft(registry: Any, backbone: Backbone, tenant: str, name: str, src: Path,
-                labels: Sequence[str] | None = None) -> Any:
+def import_peft(
+    registry: Any,
+    backbone: Backbone,
+    tenant: str,
+    name: str,
+    src: Path,
+    labels: Sequence[str] | None = None,
+) -> Any:
     """Register a PEFT adapter directory as the next version of ``tenant/name``."""
     staging = Path(tempfile.mkdtemp(prefix="graft-import-"))
     try:

@@ -48,7 +48,9 @@ class ModelRunner:
         self.num_rows += len(batch.rows)
         return probs
 
-    def _pad(self, token_ids: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad(
+        self, token_ids: Sequence[Sequence[int]], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.full((len(token_ids), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(token_ids), width), dtype=torch.long)
         for i, row in enumerate(token_ids):
@@ -76,7 +78,9 @@ class ModelRunner:
         )
 
     @staticmethod
-    def _pooled(out: object, mask: torch.Tensor, resident: Resident, lo: int, hi: int) -> torch.Tensor:
+    def _pooled(
+        out: object, mask: torch.Tensor, resident: Resident, lo: int, hi: int
+    ) -> torch.Tensor:
         if resident.head.pooling == POOLING_CLS_POOLER:
             return out.pooler_output[lo:hi]
         hidden = out.last_hidden_state[lo:hi]

@@ -44,8 +44,6 @@ def sgmv_lora(
 def _rows(pool: torch.Tensor, pages: list[int], rank: int) -> torch.Tensor:
     """The adapter's rows: a view when its pages are contiguous (the allocator's usual case)."""
     first = pages[0]
-    if pages[rank - 1] - first == rank - 1 and all(
-        pages[i] == first + i for i in range(rank)
-    ):
+    if pages[rank - 1] - first == rank - 1 and all(pages[i] == first + i for i in range(rank)):
         return pool[first : first + rank]
     return pool.index_select(0, torch.tensor(pages[:rank], dtype=torch.long, device=pool.device))

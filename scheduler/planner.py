@@ -89,5 +89,6 @@ def _group(rows: list[Row], longest: int) -> Batch:
                 starts.append(i)
             adapters.append(row.adapter_key)
     starts.append(len(ordered))
-    return Batch(rows=ordered, seg_starts=tuple(starts), seg_adapter=tuple(adapters),
-                 max_tokens=longest)
+    return Batch(
+        rows=ordered, seg_starts=tuple(starts), seg_adapter=tuple(adapters), max_tokens=longest
+    )

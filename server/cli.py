@@ -1,7 +1,6 @@
 """The ``graft`` command line: tenants, training, adapters, serving, the demo."""
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -15,8 +14,10 @@ DEFAULT_REGISTRY = "graft-registry"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the backbone is always a local directory
     try:
         return int(args.handler(args) or 0)
@@ -37,18 +38,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--registry", default=os.environ.get("GRAFT_REGISTRY", DEFAULT_REGISTRY),
-                        help="registry directory (default: $GRAFT_REGISTRY or ./graft-registry)")
-    common.add_argument("--backbone", default=os.environ.get("GRAFT_BACKBONE"),
-                        help="Hugging Face encoder directory (default: the packaged MiniLM)")
+    common.add_argument(
+        "--registry",
+        default=os.environ.get("GRAFT_REGISTRY", DEFAULT_REGISTRY),
+        help="registry directory (default: $GRAFT_REGISTRY or ./graft-registry)",
+    )
+    common.add_argument(
+        "--backbone",
+        default=os.environ.get("GRAFT_BACKBONE"),
+        help="Hugging Face encoder directory (default: the packaged MiniLM)",
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    parser = argparse.ArgumentParser(prog="graft", parents=[common],
-                                     description="One frozen backbone, a thousand custom classifiers.")
+    parser = argparse.ArgumentParser(
+        prog="graft",
+        parents=[common],
+        description="One frozen backbone, a thousand custom classifiers.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     tenants = sub.add_parser("tenants", help="manage tenants and API keys").add_subparsers(
-        dest="action", required=True)
-    p = tenants.add_parser("create", parents=[common], help="create a tenant; prints its API key last")
+        dest="action", required=True
+    )
+    p = tenants.add_parser(
+        "create", parents=[common], help="create a tenant; prints its API key last"
+    )
     p.add_argument("tenant")
     p.set_defaults(handler=_tenants_create)
     p = tenants.add_parser("add-key", parents=[common], help="issue another API key for a tenant")
@@ -60,9 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     _train_parser(sub, common)
 
     adapters = sub.add_parser("adapters", help="import and list adapters").add_subparsers(
-        dest="action", required=True)
-    p = adapters.add_parser("import", parents=[common],
-                            help="register PEFT adapter directories (task_type=SEQ_CLS)")
+        dest="action", required=True
+    )
+    p = adapters.add_parser(
+        "import", parents=[common], help="register PEFT adapter directories (task_type=SEQ_CLS)"
+    )
     p.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
     p.add_argument("--tenant", required=True)
     p.add_argument("--name", help="model name (one DIR only; default: the directory's name)")
@@ -76,8 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     _serve_args(p)
     p.set_defaults(handler=_serve)
-    p = sub.add_parser("demo", parents=[common],
-                       help="train the demo classifiers if missing, serve, answer examples")
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="train the demo classifiers if missing, serve, answer examples",
+    )
     _serve_args(p)
     p.set_defaults(handler=_demo)
     return parser
@@ -87,8 +105,11 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     from training import TrainConfig
 
     d = TrainConfig()
-    p = sub.add_parser("train", parents=[common],
-                       help="validate data, train LoRA + head, register the next version")
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="validate data, train LoRA + head, register the next version",
+    )
     p.add_argument("--tenant", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--data", required=True, type=Path, help="CSV, TSV or JSONL with text and label")
@@ -102,10 +123,17 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-examples", type=int, default=None,
-                   help="train on a stratified sample of this many rows")
-    p.add_argument("--targets", default="",
-                   help="comma-separated linear-name suffixes (default: all but the pooler)")
+    p.add_argument(
+        "--max-examples",
+        type=int,
+        default=None,
+        help="train on a stratified sample of this many rows",
+    )
+    p.add_argument(
+        "--targets",
+        default="",
+        help="comma-separated linear-name suffixes (default: all but the pooler)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_train)
@@ -122,6 +150,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 # tenants ---------------------------------------------------------------------------------
+
 
 def _open_registry(args: argparse.Namespace):
     from registry import Registry
@@ -154,6 +183,7 @@ def _tenants_list(args: argparse.Namespace) -> int:
 
 # training --------------------------------------------------------------------------------
 
+
 def _train(args: argparse.Namespace) -> int:
     import torch
 
@@ -161,9 +191,16 @@ def _train(args: argparse.Namespace) -> int:
     from training import TrainConfig, load_examples, train_adapter
 
     config = TrainConfig(
-        rank=args.rank, alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size,
-        lora_lr=args.lr, head_lr=args.head_lr, max_length=args.max_length,
-        eval_fraction=args.eval_fraction, patience=args.patience, seed=args.seed,
+        rank=args.rank,
+        alpha=args.alpha,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lora_lr=args.lr,
+        head_lr=args.head_lr,
+        max_length=args.max_length,
+        eval_fraction=args.eval_fraction,
+        patience=args.patience,
+        seed=args.seed,
         max_examples=args.max_examples,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
     )
@@ -172,33 +209,50 @@ def _train(args: argparse.Namespace) -> int:
     examples = load_examples(args.data)
     with _open_registry(args) as registry:
         if not registry.has_tenant(args.tenant):
-            raise ValueError(f"tenant {args.tenant!r} does not exist (graft tenants create {args.tenant})")
+            raise ValueError(
+                f"tenant {args.tenant!r} does not exist (graft tenants create {args.tenant})"
+            )
         backbone = load_backbone(args.backbone)
-        result = train_adapter(backbone, registry, args.tenant, args.name, examples, config,
-                               source=str(args.data), progress=not args.no_progress,
-                               on_report=lambda report: print(report.format(), flush=True))
+        result = train_adapter(
+            backbone,
+            registry,
+            args.tenant,
+            args.name,
+            examples,
+            config,
+            source=str(args.data),
+            progress=not args.no_progress,
+            on_report=lambda report: print(report.format(), flush=True),
+        )
     record, metrics = result.record, result.metrics
     print(f"registered {record.full_name}@{record.version}")
     print(f"  adapter size:   {result.adapter_bytes} bytes")
     print(f"  training time:  {result.train_seconds:.1f} s ({result.epochs_run} epochs)")
-    print(f"  held-out ({metrics['num_examples']} rows): accuracy {metrics['accuracy']:.4f}, "
-          f"macro-F1 {metrics['macro_f1']:.4f}")
+    print(
+        f"  held-out ({metrics['num_examples']} rows): accuracy {metrics['accuracy']:.4f}, "
+        f"macro-F1 {metrics['macro_f1']:.4f}"
+    )
     return 0
 
 
 # adapters --------------------------------------------------------------------------------
+
 
 def _adapters_import(args: argparse.Namespace) -> int:
     from engine import load_backbone
     from engine.peft_io import import_peft
 
     if args.name and len(args.dirs) > 1:
-        raise ValueError("--name applies to a single DIR; with several, each takes its directory's name")
+        raise ValueError(
+            "--name applies to a single DIR; with several, each takes its directory's name"
+        )
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     failures = 0
     with _open_registry(args) as registry:
         if not registry.has_tenant(args.tenant):
-            raise ValueError(f"tenant {args.tenant!r} does not exist (graft tenants create {args.tenant})")
+            raise ValueError(
+                f"tenant {args.tenant!r} does not exist (graft tenants create {args.tenant})"
+            )
         backbone = load_backbone(args.backbone)
         for src in args.dirs:
             name = args.name or src.resolve().name
@@ -208,8 +262,10 @@ def _adapters_import(args: argparse.Namespace) -> int:
                 failures += 1
                 print(f"failed {src}: {exc}", file=sys.stderr)
                 continue
-            print(f"imported {src} as {record.full_name}@{record.version} "
-                  f"(rank {record.rank}, labels {','.join(record.labels)})")
+            print(
+                f"imported {src} as {record.full_name}@{record.version} "
+                f"(rank {record.rank}, labels {','.join(record.labels)})"
+            )
     print(f"{len(args.dirs) - failures} imported, {failures} failed")
     return 1 if failures else 0
 
@@ -222,12 +278,17 @@ def _adapters_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([i.to_dict() for i in infos], indent=2))
         return 0
-    header = f"{'NAME':<20} {'VERSIONS':<10} {'RANK':>4} {'SIZE':>10}  {'ACC':>6} {'F1':>6}  {'BASE':<12}  LABELS"
+    header = (
+        f"{'NAME':<20} {'VERSIONS':<10} {'RANK':>4} {'SIZE':>10}  "
+        f"{'ACC':>6} {'F1':>6}  {'BASE':<12}  LABELS"
+    )
     print(header)
     for i in infos:
         acc, f1 = i.metrics.get("accuracy"), i.metrics.get("macro_f1")
-        print(f"{i.name:<20} {','.join(map(str, i.versions)):<10} {i.rank:>4} {i.size_bytes:>10}  "
-              f"{_num(acc):>6} {_num(f1):>6}  {i.base_sha256[:12]:<12}  {','.join(i.labels)}")
+        print(
+            f"{i.name:<20} {','.join(map(str, i.versions)):<10} {i.rank:>4} {i.size_bytes:>10}  "
+            f"{_num(acc):>6} {_num(f1):>6}  {i.base_sha256[:12]:<12}  {','.join(i.labels)}"
+        )
     return 0
 
 
@@ -237,13 +298,18 @@ def _num(value: object) -> str:
 
 # serving ---------------------------------------------------------------------------------
 
+
 def engine_config(args: argparse.Namespace):
     from engine import EngineConfig
 
     return EngineConfig(
-        registry_dir=args.registry, backbone_dir=args.backbone, device=args.device,
-        max_batch_tokens=args.max_batch_tokens, max_batch_rows=args.max_batch_rows,
-        adapter_pages=args.adapter_pages, num_threads=args.threads,
+        registry_dir=args.registry,
+        backbone_dir=args.backbone,
+        device=args.device,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_rows=args.max_batch_rows,
+        adapter_pages=args.adapter_pages,
+        num_threads=args.threads,
     )
 
 
@@ -253,8 +319,11 @@ def _serve(args: argparse.Namespace) -> int:
     config = engine_config(args)
 
     async def announce(engine) -> None:
-        print(f"graft serving on http://{args.host}:{args.port} "
-              f"(backbone {engine.backbone.name}, registry {args.registry})", flush=True)
+        print(
+            f"graft serving on http://{args.host}:{args.port} "
+            f"(backbone {engine.backbone.name}, registry {args.registry})",
+            flush=True,
+        )
 
     from server.demo import _run
 

@@ -12,8 +12,13 @@ DEMO_TENANT = "demo"
 # (model name, dataset loader name, example text, training max_length)
 DEMO_MODELS = (
     ("spam", "sms", "WINNER!! You have won a 1000 pound prize. Call 09061701461 to claim now", 64),
-    ("news", "news", "The central bank raised interest rates again as inflation hit a "
-                     "ten-year high, sending shares in lenders higher.", 128),
+    (
+        "news",
+        "news",
+        "The central bank raised interest rates again as inflation hit a "
+        "ten-year high, sending shares in lenders higher.",
+        128,
+    ),
 )
 DEMO_SAMPLE_ROWS = 1000
 DEMO_EPOCHS = 3
@@ -53,14 +58,19 @@ def _train_missing(registry, config: EngineConfig, missing) -> None:
     for name, dataset, _, max_length in missing:
         print(f"training demo model {DEMO_TENANT}/{name} on packaged data ({dataset})", flush=True)
         examples = DATASETS[dataset]()
-        train_config = TrainConfig(epochs=DEMO_EPOCHS, max_length=max_length,
-                                   max_examples=DEMO_SAMPLE_ROWS)
-        result = train_adapter(backbone, registry, DEMO_TENANT, name, examples, train_config,
-                               source=dataset)
+        train_config = TrainConfig(
+            epochs=DEMO_EPOCHS, max_length=max_length, max_examples=DEMO_SAMPLE_ROWS
+        )
+        result = train_adapter(
+            backbone, registry, DEMO_TENANT, name, examples, train_config, source=dataset
+        )
         m = result.metrics
-        print(f"  {result.record.full_name}@{result.record.version}: accuracy {m['accuracy']:.3f}, "
-              f"macro-F1 {m['macro_f1']:.3f}, {result.train_seconds:.0f} s, "
-              f"{result.adapter_bytes} bytes", flush=True)
+        print(
+            f"  {result.record.full_name}@{result.record.version}: accuracy {m['accuracy']:.3f}, "
+            f"macro-F1 {m['macro_f1']:.3f}, {result.train_seconds:.0f} s, "
+            f"{result.adapter_bytes} bytes",
+            flush=True,
+        )
 
 
 async def _ask_examples(host: str, port: int, api_key: str) -> None:
@@ -80,11 +90,17 @@ async def _ask_examples(host: str, port: int, api_key: str) -> None:
 
 
 def _curl_line(host: str, port: int, api_key: str) -> str:
-    body = json.dumps({"model": "spam", "input": ["Free entry to win a car! Text WIN now",
-                                                  "See you at lunch tomorrow?"]})
-    return (f"\ntry it:\n  curl -s http://{host}:{port}/v1/classify "
-            f"-H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
-            f"-d '{body}'\n")
+    body = json.dumps(
+        {
+            "model": "spam",
+            "input": ["Free entry to win a car! Text WIN now", "See you at lunch tomorrow?"],
+        }
+    )
+    return (
+        f"\ntry it:\n  curl -s http://{host}:{port}/v1/classify "
+        f"-H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
+        f"-d '{body}'\n"
+    )
 
 
 def _run(coro) -> None:

@@ -99,10 +99,18 @@ def internal_error() -> ApiError:
     return ApiError(500, INTERNAL, "internal server error")
 
 
-def _from_http_exception(exc: web.HTTPException) -> ApiError:
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ApiError:
+    """aiohttp's own refusals (no route, wrong method...) in the API's error shape."""
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
     error_type = _HTTP_TYPES.get(exc.status, INVALID_REQUEST if exc.status < 500 else INTERNAL)
-    return ApiError(exc.status, error_type, exc.reason, headers=headers)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+    elif isinstance(exc, web.HTTPNotFound):
+        message = f"no route for {request.method} {request.path}"
+    else:
+        message = exc.reason
+    return ApiError(exc.status, error_type, message, headers=headers)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -118,7 +126,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _from_http_exception(exc).response()
+        return _from_http_exception(request, exc).response()
     except EngineError as exc:
         return from_engine_error(exc).response()
     except (asyncio.CancelledError, ConnectionResetError):

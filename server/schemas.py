@@ -16,8 +16,15 @@ from engine import Job, Prediction
 NDJSON = "application/x-ndjson"
 
 _CLASSIFY_FIELDS = ("model", "input", "stream", "truncate")
-_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
-               float: "number", type(None): "null"}
+_JSON_TYPES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    type(None): "null",
+}
 
 
 class RequestInvalid(ValueError):

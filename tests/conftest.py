@@ -43,25 +43,51 @@ def random_adapter(
             modules[name] = (a, b)
     head_w = torch.randn(num_labels, backbone.hidden_size, generator=gen)
     head_b = torch.randn(num_labels, generator=gen)
-    write_peft_adapter(out_dir, backbone, modules, rank=max(rank, 1), alpha=alpha,
-                       head_weight=head_w, head_bias=head_b)
+    write_peft_adapter(
+        out_dir,
+        backbone,
+        modules,
+        rank=max(rank, 1),
+        alpha=alpha,
+        head_weight=head_w,
+        head_bias=head_b,
+    )
 
 
 @pytest.fixture
-def publish_random(
-    backbone: Backbone, tmp_path: Path
-) -> Callable[..., AdapterRecord]:
+def publish_random(backbone: Backbone, tmp_path: Path) -> Callable[..., AdapterRecord]:
     """Publish a random adapter into a registry: publish_random(registry, tenant, name, ...)."""
     counter = iter(range(10_000))
 
-    def publish(registry: Registry, tenant: str, name: str, *, seed: int = 0, rank: int = 8,
-                labels: Sequence[str] = ("neg", "pos"), pooling: str = "mean",
-                targets: Sequence[str] = ("query", "value"), alpha: float = 16.0) -> AdapterRecord:
+    def publish(
+        registry: Registry,
+        tenant: str,
+        name: str,
+        *,
+        seed: int = 0,
+        rank: int = 8,
+        labels: Sequence[str] = ("neg", "pos"),
+        pooling: str = "mean",
+        targets: Sequence[str] = ("query", "value"),
+        alpha: float = 16.0,
+    ) -> AdapterRecord:
         out = tmp_path / f"adapter-{next(counter)}"
-        random_adapter(backbone, out, seed=seed, rank=rank, num_labels=len(labels),
-                       targets=targets, alpha=alpha)
-        manifest = {"labels": list(labels), "base_sha256": backbone.sha256, "rank": rank,
-                    "pooling": pooling, "metrics": {}}
+        random_adapter(
+            backbone,
+            out,
+            seed=seed,
+            rank=rank,
+            num_labels=len(labels),
+            targets=targets,
+            alpha=alpha,
+        )
+        manifest = {
+            "labels": list(labels),
+            "base_sha256": backbone.sha256,
+            "rank": rank,
+            "pooling": pooling,
+            "metrics": {},
+        }
         return registry.publish(tenant, name, out, manifest)
 
     return publish

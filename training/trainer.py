@@ -74,30 +74,62 @@ def train_adapter(
         [e.label for e in held_out], _predict(model, backbone, held_out, labels, config), labels
     )
     train_seconds = time.perf_counter() - started
-    record = _publish(registry, backbone, tenant, name, model, labels, held_out, report,
-                      metrics, config, train_seconds, epochs_run, len(train_rows))
-    return TrainResult(record=record, metrics=metrics, train_seconds=train_seconds,
-                       adapter_bytes=int(record.manifest["adapter_bytes"]), report=report,
-                       epochs_run=epochs_run)
+    record = _publish(
+        registry,
+        backbone,
+        tenant,
+        name,
+        model,
+        labels,
+        held_out,
+        report,
+        metrics,
+        config,
+        train_seconds,
+        epochs_run,
+        len(train_rows),
+    )
+    return TrainResult(
+        record=record,
+        metrics=metrics,
+        train_seconds=train_seconds,
+        adapter_bytes=int(record.manifest["adapter_bytes"]),
+        report=report,
+        epochs_run=epochs_run,
+    )
 
 
-def _fit(backbone: Backbone, train_rows: list[Example], val_rows: list[Example],
-         labels: tuple[str, ...], config: TrainConfig, progress: bool) -> tuple[TrainableLora, int]:
+def _fit(
+    backbone: Backbone,
+    train_rows: list[Example],
+    val_rows: list[Example],
+    labels: tuple[str, ...],
+    config: TrainConfig,
+    progress: bool,
+) -> tuple[TrainableLora, int]:
     generator = torch.Generator().manual_seed(config.seed)
     targets = select_targets(backbone, config.targets)
     model = TrainableLora(backbone, targets, config.rank, config.alpha, len(labels), generator)
-    optimizer = torch.optim.AdamW([
-        {"params": list(model.a) + list(model.b_t), "lr": config.lora_lr},
-        {"params": model.head.parameters(), "lr": config.head_lr},
-    ], weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(model.a) + list(model.b_t), "lr": config.lora_lr},
+            {"params": model.head.parameters(), "lr": config.head_lr},
+        ],
+        weight_decay=config.weight_decay,
+    )
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     schedule = _warmup_linear(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
     loss_fn = torch.nn.CrossEntropyLoss(weight=_class_weights(train_rows, labels, config))
     index = {label: i for i, label in enumerate(labels)}
     shuffler = random.Random(config.seed)
     best_f1, best_state, stale, epochs_run = -1.0, None, 0, 0
-    bar = tqdm(total=steps_per_epoch * config.epochs, disable=not progress, unit="step",
-               desc="training", leave=True)
+    bar = tqdm(
+        total=steps_per_epoch * config.epochs,
+        disable=not progress,
+        unit="step",
+        desc="training",
+        leave=True,
+    )
     for epoch in range(config.epochs):
         order = list(train_rows)
         shuffler.shuffle(order)
@@ -119,8 +151,11 @@ def _fit(backbone: Backbone, train_rows: list[Example], val_rows: list[Example],
         bar.set_postfix(epoch=epoch + 1, val_f1=f"{val_f1:.3f}")
         if val_f1 > best_f1:
             best_f1, stale = val_f1, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()
-                          if not k.startswith("backbone")}
+            best_state = {
+                k: v.detach().clone()
+                for k, v in model.state_dict().items()
+                if not k.startswith("backbone")
+            }
         else:
             stale += 1
             if stale >= config.patience:
@@ -151,31 +186,56 @@ def _class_weights(rows: list[Example], labels: tuple[str, ...], config: TrainCo
 
 
 def _encode(backbone: Backbone, texts: list[str], max_length: int):
-    enc = backbone.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                             return_tensors="pt")
+    enc = backbone.tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
     return enc["input_ids"], enc["attention_mask"]
 
 
 @torch.no_grad()
-def _predict(model: TrainableLora, backbone: Backbone, rows: list[Example],
-             labels: tuple[str, ...], config: TrainConfig, batch_size: int = 64) -> list[str]:
+def _predict(
+    model: TrainableLora,
+    backbone: Backbone,
+    rows: list[Example],
+    labels: tuple[str, ...],
+    config: TrainConfig,
+    batch_size: int = 64,
+) -> list[str]:
     predicted: list[str] = []
     for start in range(0, len(rows), batch_size):
-        ids, mask = _encode(backbone, [e.text for e in rows[start : start + batch_size]],
-                            config.max_length)
+        ids, mask = _encode(
+            backbone, [e.text for e in rows[start : start + batch_size]], config.max_length
+        )
         predicted += [labels[i] for i in model(ids, mask).argmax(dim=-1).tolist()]
     return predicted
 
 
-def _publish(registry: Registry, backbone: Backbone, tenant: str, name: str,
-             model: TrainableLora, labels: tuple[str, ...], held_out: list[Example],
-             report: DataReport, metrics: dict[str, Any], config: TrainConfig,
-             train_seconds: float, epochs_run: int, num_train: int) -> AdapterRecord:
+def _publish(
+    registry: Registry,
+    backbone: Backbone,
+    tenant: str,
+    name: str,
+    model: TrainableLora,
+    labels: tuple[str, ...],
+    held_out: list[Example],
+    report: DataReport,
+    metrics: dict[str, Any],
+    config: TrainConfig,
+    train_seconds: float,
+    epochs_run: int,
+    num_train: int,
+) -> AdapterRecord:
     staging = Path(tempfile.mkdtemp(prefix="graft-train-"))
     try:
-        write_peft_adapter(staging, backbone, model.lora_factors(), rank=config.rank,
-                           alpha=config.alpha, head_weight=model.head.weight,
-                           head_bias=model.head.bias)
+        write_peft_adapter(
+            staging,
+            backbone,
+            model.lora_factors(),
+            rank=config.rank,
+            alpha=config.alpha,
+            head_weight=model.head.weight,
+            head_bias=model.head.bias,
+        )
         with (staging / "eval.jsonl").open("w", encoding="utf-8") as f:
             for e in held_out:
                 f.write(json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n")

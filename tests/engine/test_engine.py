@@ -108,9 +108,12 @@ async def test_adapter_for_another_base_is_refused(registry, publish_random, bac
     staged.mkdir()
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         (staged / f).write_bytes((src / f).read_bytes())
-    registry.publish("acme", "other-base", staged,
-                     {"labels": manifest["labels"], "base_sha256": "0" * 64, "rank": 8,
-                      "pooling": "mean"})
+    registry.publish(
+        "acme",
+        "other-base",
+        staged,
+        {"labels": manifest["labels"], "base_sha256": "0" * 64, "rank": 8, "pooling": "mean"},
+    )
     async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
         with pytest.raises(AdapterIncompatible, match="trained on base model"):
             await engine.classify("acme", "other-base", ["x"])

@@ -41,15 +41,26 @@ def registry_with_adapters(tmp_path: Path, publish_random):
     records = []
     for i, (rank, targets, pooling, labels) in enumerate(ADAPTERS):
         tenant = "t1" if i % 2 == 0 else "t2"
-        records.append(publish_random(registry, tenant, f"m{i}", seed=i, rank=rank,
-                                      labels=labels, pooling=pooling, targets=targets))
+        records.append(
+            publish_random(
+                registry,
+                tenant,
+                f"m{i}",
+                seed=i,
+                rank=rank,
+                labels=labels,
+                pooling=pooling,
+                targets=targets,
+            )
+        )
     yield registry, records
     registry.close()
 
 
 def _solo(runner: ModelRunner, key: str, ids: list[int]) -> list[float]:
-    row = Row(request_id=1, index=0, tenant="t", adapter_key=key, num_tokens=len(ids),
-              arrival_s=0.0)
+    row = Row(
+        request_id=1, index=0, tenant="t", adapter_key=key, num_tokens=len(ids), arrival_s=0.0
+    )
     batch = Batch(rows=(row,), seg_starts=(0, 1), seg_adapter=(key,), max_tokens=len(ids))
     return runner.step(batch, [ids])[0]
 
@@ -77,12 +88,24 @@ def test_runner_mixed_batch_equals_solo_runs(backbone, registry_with_adapters) -
         if not seg or seg[-1] != key:
             seg.append(key)
         row_ids = ids[t % len(TEXTS)]
-        rows.append(Row(request_id=1, index=n, tenant="t", adapter_key=key,
-                        num_tokens=len(row_ids), arrival_s=0.0))
+        rows.append(
+            Row(
+                request_id=1,
+                index=n,
+                tenant="t",
+                adapter_key=key,
+                num_tokens=len(row_ids),
+                arrival_s=0.0,
+            )
+        )
         token_ids.append(row_ids)
     starts.append(len(rows))
-    batch = Batch(rows=tuple(rows), seg_starts=tuple(starts), seg_adapter=tuple(seg),
-                  max_tokens=max(len(r) for r in token_ids))
+    batch = Batch(
+        rows=tuple(rows),
+        seg_starts=tuple(starts),
+        seg_adapter=tuple(seg),
+        max_tokens=max(len(r) for r in token_ids),
+    )
     mixed = runner.step(batch, token_ids)
     assert len(seg) == len(ADAPTERS)
     for row, row_ids, probs in zip(rows, token_ids, mixed, strict=True):
@@ -97,8 +120,10 @@ def test_runner_mixed_batch_equals_solo_runs(backbone, registry_with_adapters) -
 async def test_engine_concurrent_tenants_match_solo(registry_with_adapters) -> None:
     registry, records = registry_with_adapters
     async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
-        requests = [(r.tenant, r.name, TEXTS[i % len(TEXTS) :] + TEXTS[: i % len(TEXTS)])
-                    for i, r in enumerate(records)]
+        requests = [
+            (r.tenant, r.name, TEXTS[i % len(TEXTS) :] + TEXTS[: i % len(TEXTS)])
+            for i, r in enumerate(records)
+        ]
         together = await asyncio.gather(*(engine.classify(t, m, x) for t, m, x in requests))
         assert engine.stats()["steps"] < len(requests) * len(TEXTS)  # rows really shared steps
         for (tenant, model, texts), preds in zip(requests, together, strict=True):

@@ -22,10 +22,16 @@ TEXTS = [
 CONFIGS = {
     "qv-r8": dict(r=8, lora_alpha=16, target_modules=["query", "value"]),
     "dense-r4-pooler": dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"]),
-    "all-r16-rslora": dict(r=16, lora_alpha=32, use_rslora=True,
-                           target_modules=["query", "key", "value", "dense"]),
-    "patterns": dict(r=8, lora_alpha=16, target_modules=["query", "value"],
-                     rank_pattern={"value": 4}, alpha_pattern={"value": 32}),
+    "all-r16-rslora": dict(
+        r=16, lora_alpha=32, use_rslora=True, target_modules=["query", "key", "value", "dense"]
+    ),
+    "patterns": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["query", "value"],
+        rank_pattern={"value": 4},
+        alpha_pattern={"value": 32},
+    ),
 }
 
 
@@ -34,7 +40,8 @@ def _make_peft_adapter(backbone, out: Path, name: str, num_labels: int, seed: in
 
     torch.manual_seed(seed)
     base = AutoModelForSequenceClassification.from_pretrained(
-        str(backbone.path), num_labels=num_labels, local_files_only=True)
+        str(backbone.path), num_labels=num_labels, local_files_only=True
+    )
     config = peft.LoraConfig(task_type="SEQ_CLS", init_lora_weights=False, **CONFIGS[name])
     model = peft.get_peft_model(base, config)
     model.save_pretrained(str(out))

@@ -38,8 +38,12 @@ def _case(pattern: str, hidden: int, seed: int = 0):
     x = torch.randn(starts[-1], hidden, generator=gen)
     y = torch.randn(starts[-1], hidden, generator=gen)
     scales = torch.tensor([2.0, 0.5, 1.0, 4.0, 1.5, 0.25][: len(ranks)] + [1.0] * 12)[: len(ranks)]
-    meta = (torch.tensor(starts, dtype=torch.int32), pages,
-            torch.tensor(ranks, dtype=torch.int32), scales.float())
+    meta = (
+        torch.tensor(starts, dtype=torch.int32),
+        pages,
+        torch.tensor(ranks, dtype=torch.int32),
+        scales.float(),
+    )
     return y, x, a_pool, b_pool, meta
 
 

@@ -6,8 +6,14 @@ from scheduler import Row, Scheduler, SchedulerConfig
 
 
 def _row(rid: int, index: int, tenant: str, adapter: str, tokens: int = 10) -> Row:
-    return Row(request_id=rid, index=index, tenant=tenant, adapter_key=adapter,
-               num_tokens=tokens, arrival_s=0.0)
+    return Row(
+        request_id=rid,
+        index=index,
+        tenant=tenant,
+        adapter_key=adapter,
+        num_tokens=tokens,
+        arrival_s=0.0,
+    )
 
 
 def test_batch_groups_rows_into_contiguous_segments() -> None:

@@ -40,9 +40,23 @@ def test_train_and_list(tmp_path: Path, capsys) -> None:
     data = tmp_path / "sms.csv"
     write_csv(stratified_sample(load_sms_spam(), 120, seed=0), data)
     _run(capsys, "tenants", "create", "acme", "--registry", reg)
-    code, out, _ = _run(capsys, "train", "--registry", reg, "--tenant", "acme", "--name", "spam",
-                        "--data", str(data), "--epochs", "1", "--max-length", "48",
-                        "--no-progress")
+    code, out, _ = _run(
+        capsys,
+        "train",
+        "--registry",
+        reg,
+        "--tenant",
+        "acme",
+        "--name",
+        "spam",
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--max-length",
+        "48",
+        "--no-progress",
+    )
     assert code == 0, out
     assert "rows: 120" in out and "unknown tokens" in out
     assert "registered acme/spam@1" in out
@@ -61,8 +75,19 @@ def test_train_reports_bad_rows(tmp_path: Path, capsys) -> None:
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "a", "label": "x"}\nnot json\n{"text": "b"}\n')
     _run(capsys, "tenants", "create", "acme", "--registry", reg)
-    code, _, err = _run(capsys, "train", "--registry", reg, "--tenant", "acme", "--name", "m",
-                        "--data", str(data), "--no-progress")
+    code, _, err = _run(
+        capsys,
+        "train",
+        "--registry",
+        reg,
+        "--tenant",
+        "acme",
+        "--name",
+        "m",
+        "--data",
+        str(data),
+        "--no-progress",
+    )
     assert code == 2 and "2" in err and "3" in err
 
 
@@ -76,14 +101,34 @@ def test_bulk_import_names_models_after_directories(
         d = tmp_path / name
         write_random_adapter(backbone, d, seed=i, rank=4, num_labels=3)
         dirs.append(str(d))
-    code, out, err = _run(capsys, "adapters", "import", *dirs, "--tenant", "acme",
-                          "--labels", "a,b,c", "--registry", reg)
+    code, out, err = _run(
+        capsys,
+        "adapters",
+        "import",
+        *dirs,
+        "--tenant",
+        "acme",
+        "--labels",
+        "a,b,c",
+        "--registry",
+        reg,
+    )
     assert code == 1  # one directory had an invalid name; the others still landed
     assert "2 imported, 1 failed" in out and "Bad Name" in err
     with Registry(reg) as registry:
         assert sorted(r.name for r in registry.list_adapters("acme")) == ["hr", "legal"]
-    code, _, err = _run(capsys, "adapters", "import", *dirs[:2], "--tenant", "acme",
-                        "--name", "x", "--registry", reg)
+    code, _, err = _run(
+        capsys,
+        "adapters",
+        "import",
+        *dirs[:2],
+        "--tenant",
+        "acme",
+        "--name",
+        "x",
+        "--registry",
+        reg,
+    )
     assert code == 2 and "--name" in err
 
 

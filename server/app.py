@@ -1,0 +1,116 @@
+"""The aiohttp application over an Engine, and the serve loop the ``graft serve`` CLI runs."""
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+
+from aiohttp import web
+
+from engine import Engine, EngineConfig
+from server.errors import error_middleware
+from server.routes import ENGINE, MAX_BODY_BYTES, STREAMS, add_routes, cancel_streams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+SHUTDOWN_GRACE_S = 10.0  # how long unfinished (non-stream) requests may take at shutdown
+
+OnReady = Callable[[Engine], Awaitable[None]]
+
+
+def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+    """The HTTP API over ``engine``; the caller starts and closes the engine."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
+    app[ENGINE] = engine
+    app[MAX_BODY_BYTES] = max_body_bytes
+    app[STREAMS] = set()
+    add_routes(app)
+    app.on_shutdown.append(cancel_streams)
+    return app
+
+
+async def run_server(
+    config: EngineConfig,
+    host: str,
+    port: int,
+    *,
+    on_ready: OnReady | None = None,
+    on_listening: Callable[[str], Awaitable[None]] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> None:
+    """Start the engine, serve HTTP on ``host:port`` until SIGINT/SIGTERM or cancellation.
+
+    ``on_listening(url)`` is awaited once the socket is bound (``url`` carries the real port
+    when ``port`` is 0); then ``on_ready(engine)`` runs as a task beside the server, so it
+    may send requests to it. Returns after SIGINT/SIGTERM; re-raises CancelledError when
+    cancelled, and an exception of ``on_ready`` after stopping. Either way it first stops
+    accepting connections, cancels open streams (their jobs with them), gives other requests
+    ``SHUTDOWN_GRACE_S`` to finish, and closes the engine.
+    """
+    stop = asyncio.Event()
+    async with Engine(config) as engine:
+        runner = web.AppRunner(
+            create_app(engine, max_body_bytes=max_body_bytes),
+            handler_cancellation=True,  # a client that goes away cancels its handler and job
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            url = _base_url(runner.addresses[0])
+            log.info("graft serving on %s", url)
+            if on_listening is not None:
+                await on_listening(url)
+            with _stop_on_signals(stop):
+                await _serve_until(stop, on_ready, engine)
+        finally:
+            await runner.cleanup()
+    log.info("graft server stopped")
+
+
+async def _serve_until(stop: asyncio.Event, on_ready: OnReady | None, engine: Engine) -> None:
+    """Wait for ``stop``; run ``on_ready`` meanwhile, stopping early if it fails."""
+    hook = None
+    if on_ready is not None:
+        hook = asyncio.create_task(on_ready(engine), name="graft-on-ready")
+        hook.add_done_callback(lambda task: _stop_if_failed(task, stop))
+    try:
+        await stop.wait()
+    finally:
+        if hook is not None:
+            hook.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hook  # re-raises the hook's own failure
+
+
+def _stop_if_failed(task: "asyncio.Task[None]", stop: asyncio.Event) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("on_ready hook failed; stopping the server")
+        stop.set()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into ``stop`` while serving (where the platform and thread allow)."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not main thread
+            continue
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _base_url(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = address[0], address[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

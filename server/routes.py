@@ -1,0 +1,220 @@
+"""The routes: authenticate, validate, call the engine, format. No model math here."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from engine import Engine, EngineError, InputError, Job
+from server.errors import (
+    AUTHENTICATION,
+    INVALID_JSON,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    RETRY_AFTER_S,
+    TOO_LARGE,
+    UNAVAILABLE,
+    ApiError,
+    from_engine_error,
+    internal_error,
+)
+from server.schemas import (
+    NDJSON,
+    ClassifyRequest,
+    RequestInvalid,
+    classify_json,
+    decode_json,
+    json_response,
+    ndjson_line,
+    parse_classify,
+    prediction_json,
+    stream_summary_json,
+)
+
+log = logging.getLogger(__name__)
+
+ENGINE = web.AppKey("engine", Engine)
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+# handler tasks of open NDJSON streams; shutdown cancels them (a stream may run for long)
+STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
+
+_CHALLENGE = 'Bearer realm="graft"'
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/ready", ready),
+            web.get("/v1/adapters", list_adapters),
+            web.get("/v1/adapters/{name}", get_adapter),
+            web.post("/v1/classify", classify),
+        ]
+    )
+
+
+async def cancel_streams(app: web.Application) -> None:
+    """``on_shutdown`` hook: end every open stream (each cancels its job on the way out)."""
+    for task in list(app[STREAMS]):
+        task.cancel()
+
+
+# probes ----------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: answers while the process runs, whatever the engine's state."""
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 once the engine serves, 503 before start and after close."""
+    engine = request.app[ENGINE]
+    if not engine.ready:
+        raise ApiError(
+            503, UNAVAILABLE, "engine is not ready", headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+    backbone = engine.backbone
+    return json_response(
+        {"status": "ready", "backbone": backbone.name, "backbone_sha256": backbone.sha256}
+    )
+
+
+# adapters --------------------------------------------------------------------------------
+
+
+async def list_adapters(request: web.Request) -> web.Response:
+    """The caller's own models, one entry per name."""
+    engine = request.app[ENGINE]
+    tenant = _authenticate(request, engine)
+    return json_response({"data": [info.to_dict() for info in engine.list_adapters(tenant)]})
+
+
+async def get_adapter(request: web.Request) -> web.Response:
+    """One of the caller's models; another tenant's model is as absent as a missing one."""
+    engine = request.app[ENGINE]
+    tenant = _authenticate(request, engine)
+    name = request.match_info["name"]
+    for info in engine.list_adapters(tenant):
+        if info.name == name:
+            return json_response(info.to_dict())
+    raise ApiError(404, NOT_FOUND, f"model {name!r} not found")
+
+
+# classification --------------------------------------------------------------------------
+
+
+async def classify(request: web.Request) -> web.StreamResponse:
+    """Classify one text or a list; JSON when done, or NDJSON lines as rows complete."""
+    engine = request.app[ENGINE]
+    tenant = _authenticate(request, engine)
+    body = _parse_body(await _read_body(request))
+    job = await _submit(engine, tenant, body)
+    if body.stream:
+        return await _stream(request, job)
+    try:
+        predictions = await job.results()
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+    finally:
+        job.cancel()  # a no-op when done; drops the rows still queued if the client left
+    return json_response(classify_json(job, predictions))
+
+
+async def _submit(engine: Engine, tenant: str, body: ClassifyRequest) -> Job:
+    try:
+        return await engine.submit(tenant, body.model, list(body.texts), truncate=body.truncate)
+    except InputError as exc:
+        raise from_engine_error(exc, field=body.input_field(exc.field)) from exc
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+
+
+async def _stream(request: web.Request, job: Job) -> web.StreamResponse:
+    """Write one line per prediction as it completes, then a summary (or an error) line.
+
+    The status is sent before the first row runs, so a failure midway can only be told in
+    the last line; a stream without a ``done`` or ``error`` line was cut off.
+    """
+    streams = request.app[STREAMS]
+    task = asyncio.current_task()
+    assert task is not None  # aiohttp runs every handler in a task
+    streams.add(task)
+    try:
+        response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        async with contextlib.aclosing(_ndjson_lines(job)) as lines:
+            async for line in lines:
+                await response.write(line)
+        await response.write_eof()
+        return response
+    finally:
+        job.cancel()  # after a disconnect or shutdown: the rows not yet run never run
+        streams.discard(task)
+
+
+async def _ndjson_lines(job: Job) -> AsyncIterator[bytes]:
+    num_tokens = 0
+    try:
+        async for prediction in job.stream():
+            num_tokens += prediction.num_tokens
+            yield ndjson_line(prediction_json(prediction))
+    except EngineError as exc:
+        yield ndjson_line(from_engine_error(exc).body())
+        return
+    except Exception:
+        log.exception("stream of request %d failed", job.request_id)
+        yield ndjson_line(internal_error().body())
+        return
+    yield ndjson_line(stream_summary_json(job, num_tokens))
+
+
+# request parts ---------------------------------------------------------------------------
+
+
+def _authenticate(request: web.Request, engine: Engine) -> str:
+    """The tenant of the request's ``Authorization: Bearer <key>``; 401 otherwise."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise ApiError(
+            401,
+            AUTHENTICATION,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": _CHALLENGE},
+        )
+    tenant = engine.authenticate(key)
+    if tenant is None:
+        raise ApiError(
+            401,
+            AUTHENTICATION,
+            "invalid API key",
+            headers={"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'},
+        )
+    return tenant
+
+
+async def _read_body(request: web.Request) -> bytes:
+    max_bytes = request.app[MAX_BODY_BYTES]
+    too_large = ApiError(413, TOO_LARGE, f"request body is larger than {max_bytes} bytes")
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large  # refuse before reading a byte of it
+    try:
+        return await request.read()  # the app's client_max_size stops chunked bodies too
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+
+
+def _parse_body(raw: bytes) -> ClassifyRequest:
+    try:
+        payload = decode_json(raw)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, INVALID_JSON, f"request body is not valid JSON: {exc}") from None
+    try:
+        return parse_classify(payload)
+    except RequestInvalid as exc:
+        raise ApiError(422, INVALID_REQUEST, str(exc), field=exc.field) from None

@@ -1,0 +1,171 @@
+"""Every error answer is JSON with the right status, type and field."""
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from engine import Engine, EngineConfig
+from server.app import create_app
+from server.routes import MAX_BODY_BYTES
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def error_of(response) -> dict:
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert set(body) == {"error"}
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer not-a-real-key"},
+    ],
+)
+async def test_missing_or_bad_key_is_401(client, headers) -> None:
+    response = await client.post(
+        "/v1/classify", json={"model": "spam", "input": "x"}, headers=headers
+    )
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await error_of(response))["type"] == "authentication"
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b'{"model": "spam",}', b"\xff\xfe", b"nul"])
+async def test_malformed_json_is_400(client, tenants, raw) -> None:
+    response = await client.post("/v1/classify", data=raw, headers=bearer(tenants.acme))
+    assert response.status == 400
+    error = await error_of(response)
+    assert error["type"] == "invalid_json" and "field" not in error
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"input": "x"}, "model"),
+        ({"model": 3, "input": "x"}, "model"),
+        ({"model": "", "input": "x"}, "model"),
+        ({"model": "spam"}, "input"),
+        ({"model": "spam", "input": ""}, "input"),
+        ({"model": "spam", "input": "   "}, "input"),
+        ({"model": "spam", "input": []}, "input"),
+        ({"model": "spam", "input": {"text": "x"}}, "input"),
+        ({"model": "spam", "input": None}, "input"),
+        ({"model": "spam", "input": ["ok", 7]}, "input[1]"),
+        ({"model": "spam", "input": ["ok", "fine", ""]}, "input[2]"),
+        ({"model": "spam", "input": ["ok", "\n\t"]}, "input[1]"),
+        ({"model": "spam", "input": "x", "stream": "yes"}, "stream"),
+        ({"model": "spam", "input": "x", "stream": 1}, "stream"),
+        ({"model": "spam", "input": "x", "truncate": None}, "truncate"),
+        ({"model": "spam", "input": "x", "temperature": 0.5}, "temperature"),
+    ],
+)
+async def test_invalid_body_is_422_naming_the_field(client, tenants, body, field) -> None:
+    response = await client.post("/v1/classify", json=body, headers=bearer(tenants.acme))
+    assert response.status == 422
+    error = await error_of(response)
+    assert error["type"] == "invalid_request" and error["field"] == field
+    assert error["message"]
+
+
+@pytest.mark.parametrize("raw", [b'[{"model": "spam", "input": "x"}]', b'"spam"', b"3", b"null"])
+async def test_body_that_is_not_an_object_is_422(client, tenants, raw) -> None:
+    response = await client.post("/v1/classify", data=raw, headers=bearer(tenants.acme))
+    assert response.status == 422
+    assert (await error_of(response))["type"] == "invalid_request"
+
+
+async def test_too_many_inputs_is_422_from_the_engine(client, engine, tenants) -> None:
+    texts = ["x"] * (engine.config.max_inputs_per_request + 1)
+    response = await client.post(
+        "/v1/classify", json={"model": "spam", "input": texts}, headers=bearer(tenants.acme)
+    )
+    assert response.status == 422
+    assert (await error_of(response))["field"] == "input"
+
+
+async def test_unknown_model_is_404(client, tenants) -> None:
+    for model in ("nosuch", "spam@9", "Not A Name!", "a/b/c"):
+        response = await client.post(
+            "/v1/classify", json={"model": model, "input": "x"}, headers=bearer(tenants.acme)
+        )
+        assert response.status == 404, model
+        assert (await error_of(response))["type"] == "not_found"
+
+
+async def test_body_over_the_limit_is_413(client, tenants) -> None:
+    max_bytes = client.app[MAX_BODY_BYTES]
+    payload = b'{"model": "spam", "input": "' + b"a" * max_bytes + b'"}'
+    response = await client.post("/v1/classify", data=payload, headers=bearer(tenants.acme))
+    assert response.status == 413
+    assert (await error_of(response))["type"] == "too_large"
+
+    async def chunks():  # no Content-Length: the limit must hold while reading
+        for _ in range(4):
+            yield b"a" * (max_bytes // 2)
+
+    response = await client.post("/v1/classify", data=chunks(), headers=bearer(tenants.acme))
+    assert response.status == 413
+    assert (await error_of(response))["type"] == "too_large"
+
+
+async def test_unknown_route_and_wrong_method_are_json(client, tenants) -> None:
+    response = await client.get("/v1/nothing-here")
+    assert response.status == 404
+    assert (await error_of(response))["type"] == "not_found"
+
+    response = await client.get("/v1/classify", headers=bearer(tenants.acme))
+    assert response.status == 405
+    assert "POST" in response.headers["Allow"]
+    assert (await error_of(response))["type"] == "method_not_allowed"
+
+    response = await client.post("/health")
+    assert response.status == 405
+    assert (await error_of(response))["type"] == "method_not_allowed"
+
+
+async def test_unexpected_failure_is_500_without_details(
+    client, engine, tenants, monkeypatch, caplog
+) -> None:
+    def broken(tenant: str) -> list:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(engine, "list_adapters", broken)
+    response = await client.get("/v1/adapters", headers=bearer(tenants.acme))
+    assert response.status == 500
+    error = await error_of(response)
+    assert error["type"] == "internal"
+    assert "secret" not in error["message"] and "Traceback" not in error["message"]
+    assert "secret internal detail" in caplog.text  # logged, not sent
+
+
+async def test_stopped_engine_answers_503_and_not_ready(tmp_path) -> None:
+    engine = Engine(EngineConfig(registry_dir=tmp_path / "registry"))  # never started
+    try:
+        async with TestClient(TestServer(create_app(engine))) as client:
+            health = await client.get("/health")
+            assert health.status == 200
+            ready = await client.get("/ready")
+            assert ready.status == 503
+            assert (await error_of(ready))["type"] == "unavailable"
+            response = await client.post(
+                "/v1/classify", json={"model": "m", "input": "x"}, headers=bearer("any")
+            )
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "1"
+            assert (await error_of(response))["type"] == "unavailable"
+    finally:
+        await engine.close()
+
+
+async def test_create_app_rejects_a_bad_body_limit(engine) -> None:
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        create_app(engine, max_body_bytes=0)

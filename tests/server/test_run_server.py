@@ -1,0 +1,123 @@
+"""run_server: a real socket on an ephemeral port, hooks, and clean shutdown."""
+
+import asyncio
+import json
+import os
+import signal
+import threading
+
+import aiohttp
+import pytest
+import torch
+
+from engine import Engine, EngineConfig
+from engine.peft_io import write_peft_adapter
+from server.app import run_server
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+class Started:
+    """What the hooks report: the bound URL, then the running engine."""
+
+    def __init__(self) -> None:
+        self.url: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.engine: asyncio.Future[Engine] = asyncio.get_running_loop().create_future()
+
+    async def on_listening(self, url: str) -> None:
+        self.url.set_result(url)
+
+    async def on_ready(self, engine: Engine) -> None:
+        self.engine.set_result(engine)
+
+
+def start(tmp_path, started: Started) -> asyncio.Task[None]:
+    config = EngineConfig(registry_dir=tmp_path / "registry", max_batch_rows=1)
+    return asyncio.create_task(
+        run_server(
+            config, "127.0.0.1", 0, on_ready=started.on_ready, on_listening=started.on_listening
+        )
+    )
+
+
+async def test_serves_until_cancelled_then_closes_everything(tmp_path) -> None:
+    started = Started()
+    server = start(tmp_path, started)
+    url = await asyncio.wait_for(started.url, 30)
+    engine = await asyncio.wait_for(started.engine, 30)
+    assert not url.endswith(":0")
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        async with session.get(f"{url}/health") as response:
+            assert response.status == 200 and await response.json() == {"status": "ok"}
+        async with session.get(f"{url}/ready") as response:
+            assert (await response.json())["backbone_sha256"] == engine.backbone.sha256
+
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
+        assert not engine.ready
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(f"{url}/health")
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers can only be installed from the main thread",
+)
+async def test_sigterm_stops_the_server_and_cuts_open_streams(tmp_path) -> None:
+    started = Started()
+    server = start(tmp_path, started)
+    url = await asyncio.wait_for(started.url, 30)
+    engine = await asyncio.wait_for(started.engine, 30)
+    key = engine.registry.create_tenant("acme")
+    _publish(engine, tmp_path)
+    body = {"model": "tiny", "input": [f"row {i}" for i in range(200)], "stream": True}
+    headers = {"Authorization": f"Bearer {key}"}
+    async with (
+        aiohttp.ClientSession(timeout=TIMEOUT) as session,
+        session.post(f"{url}/v1/classify", json=body, headers=headers) as response,
+    ):
+        assert response.status == 200
+        json.loads(await response.content.readline())
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(server, 30)  # returns: a signal is a normal stop
+        lines = []
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for line in response.content:
+                lines.append(json.loads(line))
+    assert len(lines) < 199 and not any("done" in line for line in lines)
+    assert not engine.ready and engine.stats()["requests_in_flight"] == 0
+
+
+async def test_a_failing_on_ready_stops_the_server_and_is_raised(tmp_path) -> None:
+    async def on_ready(engine: Engine) -> None:
+        raise RuntimeError("demo failed")
+
+    config = EngineConfig(registry_dir=tmp_path / "registry")
+    with pytest.raises(RuntimeError, match="demo failed"):
+        await asyncio.wait_for(run_server(config, "127.0.0.1", 0, on_ready=on_ready), 30)
+
+
+def _publish(engine: Engine, tmp_path) -> None:
+    backbone = engine.backbone
+    out = tmp_path / "tiny"
+    name = backbone.linear_names[0]
+    linear = backbone.linears[name]
+    modules = {name: (torch.zeros(1, linear.in_features), torch.zeros(linear.out_features, 1))}
+    write_peft_adapter(
+        out,
+        backbone,
+        modules,
+        rank=1,
+        alpha=1.0,
+        head_weight=torch.zeros(2, backbone.hidden_size),
+        head_bias=torch.zeros(2),
+    )
+    engine.registry.publish(
+        "acme",
+        "tiny",
+        out,
+        {"labels": ["a", "b"], "rank": 1, "base_sha256": backbone.sha256, "metrics": {}},
+    )
