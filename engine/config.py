@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+LORA_KERNELS = ("auto", "loop", "gather", "triton")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -21,6 +22,7 @@ class EngineConfig:
     max_input_tokens: int | None = None  # cap below the backbone's own limit
     adapter_pages: int = 1024  # rank-rows the adapter pool holds (a rank-8 adapter takes 8)
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    lora_kernel: str = "auto"  # auto (Triton on CUDA, loop/gather on CPU), loop, gather, triton
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -35,6 +37,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_input_tokens is not None and self.max_input_tokens < 3:
             raise ValueError(f"max_input_tokens must be >= 3, got {self.max_input_tokens}")
+        if self.lora_kernel not in LORA_KERNELS:
+            raise ValueError(f"lora_kernel must be one of {LORA_KERNELS}, got {self.lora_kernel!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
 

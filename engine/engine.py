@@ -25,6 +25,7 @@ from engine.errors import (
 from engine.inputs import Tokenized, tokenize_inputs
 from engine.job import Job, Prediction
 from engine.listing import AdapterInfo, summarize
+from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
 from registry import (
@@ -109,7 +110,8 @@ class Engine:
         registry.register_base(backbone.sha256, backbone.name)
         memory = AdapterMemory(backbone, config.adapter_pages, config.device, config.torch_dtype)
         self._backbone, self._registry, self._memory = backbone, registry, memory
-        self._runner = ModelRunner(backbone, memory, config.device)
+        kernel = kernel_for(config.lora_kernel, config.device)
+        self._runner = ModelRunner(backbone, memory, config.device, kernel)
         log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
 
     async def close(self) -> None:

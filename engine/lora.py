@@ -1,11 +1,20 @@
 """LoRA on a frozen Linear, for every adapter of a mixed batch at once."""
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from kernels import sgmv_lora
+
+class LoraKernel(Protocol):
+    """How one wrapped Linear adds its segments' low-rank updates (CPU loop, gather, Triton).
+
+    ``y`` and ``x`` are the layer's 2-D output and input ([N, out], [N, in]); N is
+    ``plan.num_rows`` times the tokens per row. Updates ``y`` in place.
+    """
+
+    def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: "LoraStepPlan") -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +32,9 @@ class LoraStepPlan:
     seg_scale: torch.Tensor  # float32 [M, S], alpha / r per wrapped module and segment
     module_active: tuple[bool, ...]  # [M], whether any segment has LoRA on that module
     pools: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]  # [M] (a_pool, b_pool)
+    kernel: LoraKernel  # the implementation every layer of this step uses
+    row_pages: torch.Tensor | None = None  # int64 [B, R], per-row pages (gather kernels)
+    row_scale: torch.Tensor | None = None  # [M, B] in the pool dtype, 0 where no LoRA
 
 
 class StepLora:
@@ -64,19 +76,7 @@ class LoraLinear(nn.Module):
         plan = self.state.plan
         if plan is None or not plan.module_active[self.index]:
             return y
-        pools = plan.pools[self.index]
-        assert pools is not None  # module_active implies a pool
-        x2 = x.reshape(-1, self.in_features)
-        y2 = y.reshape(-1, self.out_features)
-        tokens_per_row = x2.shape[0] // plan.num_rows
-        sgmv_lora(
-            y2,
-            x2,
-            pools[0],
-            pools[1],
-            plan.seg_row_starts * tokens_per_row,
-            plan.seg_pages,
-            plan.seg_rank[self.index],
-            plan.seg_scale[self.index],
-        )
-        return y2.view_as(y)
+        kernel_input = x.reshape(-1, self.in_features)
+        kernel_output = y.reshape(-1, self.out_features)  # a view: y itself is updated
+        plan.kernel.apply(self.index, kernel_output, kernel_input, plan)
+        return y

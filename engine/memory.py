@@ -2,7 +2,8 @@
 
 A page is one rank-row of one module's A (width ``in``) and the matching row of B transposed
 (width ``out``). A rank-r adapter takes r pages, the same page numbers in every module it
-targets, so ranks 4..64 share the pools without padding to the largest.
+targets, so ranks 4..64 share the pools without padding to the largest. Page 0 is reserved
+and stays zero in every pool: kernels pad page lists with it, and it adds nothing.
 """
 
 import logging
@@ -46,9 +47,10 @@ class AdapterMemory:
         self._device = device
         self._dtype = dtype
         self.num_pages = num_pages
+        self.dtype = dtype
         self._names = backbone.linear_names
         self._pools: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self._names)
-        self._free: set[int] = set(range(num_pages))
+        self._free: set[int] = set(range(1, num_pages + 1))
         self._resident: OrderedDict[str, Resident] = OrderedDict()
         self.num_loads = 0
         self.num_evictions = 0
@@ -84,6 +86,7 @@ class AdapterMemory:
 
     def _admit(self, key: str, weights: AdapterWeights) -> Resident:
         pages = self._allocate(weights.rank, key)
+        self._clear(pages)
         num_modules = len(self._names)
         ranks = torch.zeros(num_modules, dtype=torch.int32)
         scales = torch.zeros(num_modules, dtype=torch.float32)
@@ -114,13 +117,23 @@ class AdapterMemory:
         self.num_loads += 1
         return resident
 
+    def _clear(self, pages: tuple[int, ...]) -> None:
+        """Zero a new adapter's pages in every pool: rows it does not write must add nothing."""
+        if not pages:
+            return
+        rows = torch.tensor(pages, dtype=torch.long, device=self._device)
+        for pools in self._pools:
+            if pools is not None:
+                pools[0].index_fill_(0, rows, 0.0)
+                pools[1].index_fill_(0, rows, 0.0)
+
     def _pool(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A module's pools, allocated the first time any adapter targets that module."""
         pools = self._pools[index]
         if pools is None:
             wrapper = self._backbone.linears[self._names[index]]
-            shape_a = (self.num_pages, wrapper.in_features)
-            shape_b = (self.num_pages, wrapper.out_features)
+            shape_a = (self.num_pages + 1, wrapper.in_features)  # + the zero page
+            shape_b = (self.num_pages + 1, wrapper.out_features)
             pools = (
                 torch.zeros(shape_a, device=self._device, dtype=self._dtype),
                 torch.zeros(shape_b, device=self._device, dtype=self._dtype),

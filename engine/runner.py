@@ -9,7 +9,7 @@ import torch
 
 from engine.adapters import POOLING_CLS_POOLER
 from engine.backbone import Backbone
-from engine.lora import LoraStepPlan
+from engine.lora import LoraKernel, LoraStepPlan
 from engine.memory import AdapterMemory, Resident
 from scheduler import Batch
 
@@ -17,8 +17,11 @@ from scheduler import Batch
 class ModelRunner:
     """Builds the step's LoRA plan, runs the backbone once, applies each segment's head."""
 
-    def __init__(self, backbone: Backbone, memory: AdapterMemory, device: str) -> None:
+    def __init__(
+        self, backbone: Backbone, memory: AdapterMemory, device: str, kernel: LoraKernel
+    ) -> None:
         self._backbone = backbone
+        self._kernel = kernel
         self._memory = memory
         self._device = device
         pad = backbone.tokenizer.pad_token_id
@@ -60,13 +63,17 @@ class ModelRunner:
 
     def _plan(self, batch: Batch, residents: list[Resident]) -> LoraStepPlan:
         max_rank = max((len(r.pages) for r in residents), default=0)
+        # padding points at page 0, which holds zeros in every pool
         pages = torch.zeros((len(residents), max(max_rank, 1)), dtype=torch.int32)
         for s, resident in enumerate(residents):
             if resident.pages:
                 pages[s, : len(resident.pages)] = torch.tensor(resident.pages, dtype=torch.int32)
         ranks = torch.stack([r.rank_by_module for r in residents], dim=1)
         scales = torch.stack([r.scale_by_module for r in residents], dim=1)
-        device = self._device
+        lengths = torch.tensor(
+            [batch.seg_starts[s + 1] - batch.seg_starts[s] for s in range(len(residents))]
+        )
+        device, dtype = self._device, self._memory.dtype
         return LoraStepPlan(
             num_rows=len(batch.rows),
             seg_row_starts=torch.tensor(batch.seg_starts, dtype=torch.int32, device=device),
@@ -75,6 +82,9 @@ class ModelRunner:
             seg_scale=scales.to(device),
             module_active=tuple(bool(v) for v in (ranks.sum(dim=1) > 0).tolist()),
             pools=self._memory.pools,
+            kernel=self._kernel,
+            row_pages=pages.long().repeat_interleave(lengths, dim=0).to(device),
+            row_scale=scales.repeat_interleave(lengths, dim=1).to(device, dtype),
         )
 
     @staticmethod

@@ -47,3 +47,29 @@ def _rows(pool: torch.Tensor, pages: list[int], rank: int) -> torch.Tensor:
     if pages[rank - 1] - first == rank - 1 and all(pages[i] == first + i for i in range(rank)):
         return pool[first : first + rank]
     return pool.index_select(0, torch.tensor(pages[:rank], dtype=torch.long, device=pool.device))
+
+
+def bgmv_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    row_pages: torch.Tensor,
+    row_scale: torch.Tensor,
+) -> None:
+    """Per-row gathered LoRA: two batched matmuls per layer, however many adapters.
+
+    - ``y``: [B, T, out], updated in place; ``x``: [B, T, in] (T tokens per row, padded).
+    - ``row_pages``: int64 [B, R], pool rows of each row's adapter; ranks below R are padded
+      with a page that holds zeros in every pool, so padding adds nothing.
+    - ``row_scale``: [B] in y's dtype, ``alpha / r`` of the row's adapter on this module, 0 for
+      rows whose adapter does not target it.
+
+    The gather copies only B x R pool rows (A and B are tiny), never the activations, so its
+    cost is flat in the number of distinct adapters: the CPU path for mixed batches.
+    """
+    a = a_pool[row_pages]  # [B, R, in]
+    b = b_pool[row_pages]  # [B, R, out]
+    shrunk = torch.bmm(x, a.transpose(1, 2))  # [B, T, R]
+    shrunk.mul_(row_scale.view(-1, 1, 1))
+    y.baddbmm_(shrunk, b)

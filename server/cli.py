@@ -19,6 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the backbone is always a local directory
+    _quiet_transformers()
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
@@ -34,6 +35,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"graft: error: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+def _quiet_transformers() -> None:
+    """Weight-loading bars and load reports are noise in a CLI that prints its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _parser() -> argparse.ArgumentParser:

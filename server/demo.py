@@ -34,6 +34,7 @@ def run_demo(args: argparse.Namespace, config: EngineConfig) -> int:
         missing = [m for m in DEMO_MODELS if not _has_model(registry, m[0])]
         if missing:
             _train_missing(registry, config, missing)
+        registry.revoke_keys(DEMO_TENANT)  # one live demo key at a time: the one printed below
         api_key = registry.issue_key(DEMO_TENANT)
     from server.app import run_server
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from engine import Backbone, LoraStepPlan
+from engine.lora_kernels import SegmentLoop
 
 
 class TrainableLora(nn.Module):
@@ -61,6 +62,7 @@ class TrainableLora(nn.Module):
             seg_scale=scales,
             module_active=tuple(bool(r) for r in ranks[:, 0].tolist()),
             pools=tuple(pools),
+            kernel=SegmentLoop(),
         )
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig
+from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
 from scheduler import Batch, Row
@@ -65,7 +66,8 @@ def _solo(runner: ModelRunner, key: str, ids: list[int]) -> list[float]:
     return runner.step(batch, [ids])[0]
 
 
-def test_runner_mixed_batch_equals_solo_runs(backbone, registry_with_adapters) -> None:
+@pytest.mark.parametrize("kernel", ["loop", "gather", "auto"])
+def test_runner_mixed_batch_equals_solo_runs(backbone, registry_with_adapters, kernel) -> None:
     from engine.engine import Engine as _Engine  # reuse the engine's disk-to-host reader
 
     registry, records = registry_with_adapters
@@ -77,7 +79,7 @@ def test_runner_mixed_batch_equals_solo_runs(backbone, registry_with_adapters) -
         key = f"{record.full_name}@{record.version}"
         memory.acquire(key, lambda r=record: reader._read_adapter(r))
         keys.append(key)
-    runner = ModelRunner(backbone, memory, "cpu")
+    runner = ModelRunner(backbone, memory, "cpu", kernel_for(kernel, "cpu"))
     ids = backbone.tokenizer(TEXTS)["input_ids"]
     # every adapter gets several texts; rows sorted by adapter form the segments
     pairs = sorted(((keys[i % len(keys)], t) for i, t in enumerate(range(len(TEXTS) * 3))))

@@ -1,0 +1,78 @@
+"""The LoraKernel implementations, chosen once per engine from the device and config."""
+
+import torch
+
+from engine.lora import LoraKernel, LoraStepPlan
+from kernels import bgmv_lora, sgmv_lora
+
+
+class SegmentLoop:
+    """One pair of matmuls per segment: best when a batch holds one or two adapters.
+
+    Differentiable, so training uses it too.
+    """
+
+    def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
+        pools = plan.pools[index]
+        assert pools is not None  # the layer only calls when the module is active
+        tokens_per_row = x.shape[0] // plan.num_rows
+        sgmv_lora(
+            y,
+            x,
+            pools[0],
+            pools[1],
+            plan.seg_row_starts * tokens_per_row,
+            plan.seg_pages,
+            plan.seg_rank[index],
+            plan.seg_scale[index],
+        )
+
+
+class GatherBmm:
+    """Per-row gathered factors and two batched matmuls: flat cost in distinct adapters."""
+
+    def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
+        pools = plan.pools[index]
+        assert pools is not None and plan.row_pages is not None and plan.row_scale is not None
+        rows = plan.num_rows
+        bgmv_lora(
+            y.view(rows, -1, y.shape[-1]),
+            x.view(rows, -1, x.shape[-1]),
+            pools[0],
+            pools[1],
+            plan.row_pages,
+            plan.row_scale[index],
+        )
+
+
+class AutoCpu:
+    """The segment loop for batches of few adapters, the gather path for mixed ones."""
+
+    def __init__(self, max_loop_segments: int = 2) -> None:
+        self._loop = SegmentLoop()
+        self._gather = GatherBmm()
+        self._max_loop_segments = max_loop_segments
+
+    def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
+        num_segments = plan.seg_pages.shape[0]
+        if num_segments <= self._max_loop_segments or plan.row_pages is None:
+            self._loop.apply(index, y, x, plan)
+        else:
+            self._gather.apply(index, y, x, plan)
+
+
+def kernel_for(name: str, device: str) -> LoraKernel:
+    """Map the configured kernel name to its implementation (done once, at engine start)."""
+    if name == "auto":
+        name = "triton" if device.startswith("cuda") else "auto-cpu"
+    if name == "auto-cpu":
+        return AutoCpu()
+    if name == "loop":
+        return SegmentLoop()
+    if name == "gather":
+        return GatherBmm()
+    if name == "triton":
+        from engine.lora_triton import TritonSgmv
+
+        return TritonSgmv()
+    raise ValueError(f"unknown LoRA kernel {name!r}; expected auto, loop, gather or triton")
