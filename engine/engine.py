@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.adapters import POOLING_CLS_POOLER, AdapterWeights, parse_adapter
@@ -341,13 +342,12 @@ def _adapter_key(record: AdapterRecord) -> str:
     return f"{record.full_name}@{record.version}"
 
 
-def _prediction(pending: _Pending, index: int, probs: list[float]) -> Prediction:
+def _prediction(pending: _Pending, index: int, probs: np.ndarray) -> Prediction:
     labels = pending.record.labels
-    best = max(range(len(probs)), key=probs.__getitem__)
     return Prediction(
         index=index,
-        label=labels[best],
-        scores=dict(zip(labels, probs, strict=True)),
+        label=labels[int(probs.argmax())],
+        scores={label: float(p) for label, p in zip(labels, probs, strict=True)},
         truncated=pending.tokens.truncated[index],
         num_tokens=len(pending.tokens.ids[index]),
     )

@@ -5,6 +5,7 @@ Runs on the engine's single model thread; never touches asyncio.
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from engine.adapters import POOLING_CLS_POOLER
@@ -30,8 +31,11 @@ class ModelRunner:
         self.num_rows = 0
 
     @torch.inference_mode()
-    def step(self, batch: Batch, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Probabilities for each row of ``batch`` in row order (labels as the adapter's)."""
+    def step(self, batch: Batch, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Probabilities for each row of ``batch`` in row order (labels as the adapter's).
+
+        Rows leave torch as numpy float32 vectors: one array per segment, sliced per row.
+        """
         residents = [self._memory.get(key) for key in batch.seg_adapter]
         input_ids, mask = self._pad(token_ids, batch.max_tokens)
         state = self._backbone.lora_state
@@ -40,13 +44,13 @@ class ModelRunner:
             out = self._backbone.model(input_ids=input_ids, attention_mask=mask)
         finally:
             state.plan = None
-        probs: list[list[float]] = []
+        probs: list[np.ndarray] = []
         for s, resident in enumerate(residents):
             lo, hi = batch.seg_starts[s], batch.seg_starts[s + 1]
             pooled = self._pooled(out, mask, resident, lo, hi)
             head = resident.head
             logits = torch.nn.functional.linear(pooled, head.weight, head.bias)
-            probs.extend(torch.softmax(logits.float(), dim=-1).tolist())
+            probs.extend(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         self.num_steps += 1
         self.num_rows += len(batch.rows)
         return probs

@@ -58,7 +58,7 @@ def registry_with_adapters(tmp_path: Path, publish_random):
     registry.close()
 
 
-def _solo(runner: ModelRunner, key: str, ids: list[int]) -> list[float]:
+def _solo(runner: ModelRunner, key: str, ids: list[int]):
     row = Row(
         request_id=1, index=0, tenant="t", adapter_key=key, num_tokens=len(ids), arrival_s=0.0
     )
@@ -112,11 +112,13 @@ def test_runner_mixed_batch_equals_solo_runs(backbone, registry_with_adapters, k
     assert len(seg) == len(ADAPTERS)
     for row, row_ids, probs in zip(rows, token_ids, mixed, strict=True):
         alone = _solo(runner, row.adapter_key, row_ids)
-        torch.testing.assert_close(torch.tensor(probs), torch.tensor(alone), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            torch.from_numpy(probs), torch.from_numpy(alone), rtol=0, atol=1e-5
+        )
     # the adapters really differ: the same text gets different scores under two adapters
     first = _solo(runner, keys[0], ids[0])
     fifth = _solo(runner, keys[4], ids[0])
-    assert first != fifth
+    assert first.shape != fifth.shape or not (first == fifth).all()
 
 
 async def test_engine_concurrent_tenants_match_solo(registry_with_adapters) -> None:
