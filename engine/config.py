@@ -20,7 +20,9 @@ class EngineConfig:
     max_batch_rows: int = 128  # rows per step
     max_inputs_per_request: int = 256  # texts in one classify call
     max_input_tokens: int | None = None  # cap below the backbone's own limit
-    adapter_pages: int = 1024  # rank-rows the adapter pool holds (a rank-8 adapter takes 8)
+    adapter_pages: int = 1024  # rank-rows the device pool holds (a rank-8 adapter takes 8)
+    host_cache_bytes: int = 2 << 30  # parsed adapters kept in host memory (LRU)
+    max_loads_in_flight: int = 4  # concurrent adapter loads from disk
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     lora_kernel: str = "auto"  # auto (Triton on CUDA, loop/gather on CPU), loop, gather, triton
 
@@ -32,9 +34,12 @@ class EngineConfig:
             "max_batch_rows",
             "max_inputs_per_request",
             "adapter_pages",
+            "max_loads_in_flight",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.host_cache_bytes < 0:
+            raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
         if self.max_input_tokens is not None and self.max_input_tokens < 3:
             raise ValueError(f"max_input_tokens must be >= 3, got {self.max_input_tokens}")
         if self.lora_kernel not in LORA_KERNELS:

@@ -13,31 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.adapters import POOLING_CLS_POOLER, AdapterWeights, parse_adapter
+from engine.adapter_store import AdapterStore
 from engine.backbone import Backbone, load_backbone
 from engine.config import EngineConfig
-from engine.errors import (
-    AdapterFormatError,
-    AdapterIncompatible,
-    EngineClosed,
-    EngineError,
-    ModelNotFound,
-)
+from engine.errors import AdapterIncompatible, EngineClosed, EngineError, ModelNotFound
+from engine.host_cache import HostCache
 from engine.inputs import Tokenized, tokenize_inputs
 from engine.job import Job, Prediction
 from engine.listing import AdapterInfo, summarize
 from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
-from registry import (
-    AdapterRecord,
-    InvalidName,
-    NotFound,
-    Registry,
-    RegistryError,
-    parse_model_ref,
-)
-from scheduler import Row, Scheduler, SchedulerConfig
+from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model_ref
+from scheduler import Batch, Row, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +37,41 @@ _INLINE_TOKENIZE_CHARS = 4096
 class _Pending:
     job: Job
     record: AdapterRecord
+    key: str  # the adapter's resolved identity, pinned in the host tier while pending
     tokens: Tokenized
+
+
+@dataclass(slots=True)
+class _Model:
+    """What start() loads; None before, so nothing half-built is ever reachable."""
+
+    backbone: Backbone
+    registry: Registry
+    memory: AdapterMemory
+    store: AdapterStore
+    runner: ModelRunner
 
 
 class Engine:
     """Serve every tenant's classifiers from one frozen backbone.
 
-    Use as ``async with Engine(config) as engine``. All public coroutines run on the event
-    loop; model work (loading adapters, forward passes) runs on one worker thread.
+    Use as ``async with Engine(config) as engine``. Public coroutines run on the event loop;
+    forward passes and device page-ins run on one model thread, adapter loads from disk on
+    loader threads, so a cold adapter never stalls other tenants' steps.
     """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self._backbone: Backbone | None = None
-        self._registry: Registry | None = None
-        self._memory: AdapterMemory | None = None
-        self._runner: ModelRunner | None = None
+        self._model: _Model | None = None
         self._scheduler = Scheduler(
             SchedulerConfig(
-                max_batch_tokens=config.max_batch_tokens, max_batch_rows=config.max_batch_rows
+                max_batch_tokens=config.max_batch_tokens,
+                max_batch_rows=config.max_batch_rows,
+                max_batch_pages=config.adapter_pages,
             )
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-model")
-        self._tokenize_executor = ThreadPoolExecutor(
-            max_workers=2, thread_name_prefix="graft-tokenize"
-        )
+        self._tokenize_executor = ThreadPoolExecutor(2, thread_name_prefix="graft-tokenize")
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._work = asyncio.Event()
@@ -94,10 +92,10 @@ class Engine:
         if self._loop_task is not None:
             return
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
+        self._model = await loop.run_in_executor(self._executor, self._load)
         self._loop_task = asyncio.create_task(self._run(), name="graft-step-loop")
 
-    def _load(self) -> None:
+    def _load(self) -> _Model:
         config = self.config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -109,14 +107,23 @@ class Engine:
         )
         registry = Registry(config.registry_dir)
         registry.register_base(backbone.sha256, backbone.name)
+        _check_pool_fits(registry, backbone.sha256, config.adapter_pages)
         memory = AdapterMemory(backbone, config.adapter_pages, config.device, config.torch_dtype)
-        self._backbone, self._registry, self._memory = backbone, registry, memory
+        store = AdapterStore(
+            registry,
+            backbone,
+            memory,
+            HostCache(config.host_cache_bytes),
+            max_loads_in_flight=config.max_loads_in_flight,
+            pin_host_memory=config.device.startswith("cuda"),
+        )
         kernel = kernel_for(config.lora_kernel, config.device)
-        self._runner = ModelRunner(backbone, memory, config.device, kernel)
+        runner = ModelRunner(backbone, memory, config.device, kernel)
         log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
+        return _Model(backbone, registry, memory, store, runner)
 
     async def close(self) -> None:
-        """Fail what is still waiting, stop the loop, release the model thread."""
+        """Fail what is still waiting, stop the loop, release the threads."""
         self._closed = True
         for pending in list(self._pending.values()):
             pending.job.fail(EngineClosed("engine shut down"))
@@ -127,26 +134,29 @@ class Engine:
             self._loop_task = None
         self._executor.shutdown(wait=True)
         self._tokenize_executor.shutdown(wait=True)
-        if self._registry is not None:
-            self._registry.close()
+        if self._model is not None:
+            self._model.store.close()
+            self._model.registry.close()
 
     # introspection ---------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self._runner is not None and self._loop_task is not None and not self._closed
+        return self._model is not None and self._loop_task is not None and not self._closed
+
+    @property
+    def _loaded(self) -> _Model:
+        if self._model is None:
+            raise EngineClosed("engine not started")
+        return self._model
 
     @property
     def backbone(self) -> Backbone:
-        if self._backbone is None:
-            raise EngineClosed("engine not started")
-        return self._backbone
+        return self._loaded.backbone
 
     @property
     def registry(self) -> Registry:
-        if self._registry is None:
-            raise EngineClosed("engine not started")
-        return self._registry
+        return self._loaded.registry
 
     @property
     def max_input_tokens(self) -> int:
@@ -158,27 +168,24 @@ class Engine:
         return self.registry.authenticate(api_key)
 
     def list_adapters(self, tenant: str) -> list[AdapterInfo]:
-        """One entry per model name of the tenant, newest version first in ``versions``."""
+        """One entry per model name of the tenant, with residency of its latest version."""
         try:
             records = self.registry.list_adapters(tenant)
         except NotFound:  # a tenant removed while its key was in use has no models
             return []
-        return summarize(records, self._residency)
+        return summarize(records, self._loaded.store.residency)
 
     def stats(self) -> dict[str, int]:
-        memory, runner = self._memory, self._runner
-        return {
-            "steps": runner.num_steps if runner else 0,
-            "rows": runner.num_rows if runner else 0,
+        """Counters for introspection and metrics: steps, rows, queues, adapter tiers."""
+        counts = {
             "waiting_rows": self._scheduler.num_waiting,
             "requests_in_flight": len(self._pending),
-            "adapter_loads": memory.num_loads if memory else 0,
-            "adapter_evictions": memory.num_evictions if memory else 0,
-            "adapter_pages_free": memory.num_free_pages if memory else 0,
         }
-
-    def _residency(self, key: str) -> str:
-        return "device" if self._memory is not None and self._memory.is_resident(key) else "disk"
+        if self._model is not None:
+            counts["steps"] = self._model.runner.num_steps
+            counts["rows"] = self._model.runner.num_rows
+            counts.update(self._model.store.stats())
+        return counts
 
     # requests --------------------------------------------------------------------------
 
@@ -198,14 +205,20 @@ class Engine:
     ) -> Job:
         """Admit a request: resolve the model, tokenize, pin the adapter, queue its rows.
 
-        Raises ModelNotFound, InputError/InputTooLong, AdapterIncompatible, EngineOverloaded.
+        The resolved version is fixed here: a newer version published meanwhile never mixes
+        into this request. Raises ModelNotFound, InputError/InputTooLong,
+        AdapterIncompatible, AdapterFormatError, EngineClosed.
         """
         if not self.ready:
             raise EngineClosed("engine is not running")
         record = self._resolve(tenant, model)
+        if record.rank > self.config.adapter_pages:
+            raise AdapterIncompatible(
+                f"{record.full_name}@{record.version} has rank {record.rank}; this engine's "
+                f"adapter pool holds {self.config.adapter_pages} pages"
+            )
         tokens = await self._tokenize(texts, truncate)
-        key = _adapter_key(record)
-        await self._pin(key, record)
+        key = await self._pin(record)
         job = Job(
             next(self._ids),
             record.full_name,
@@ -213,7 +226,7 @@ class Engine:
             len(tokens.ids),
             on_finish=self._finish,
         )
-        self._pending[job.request_id] = _Pending(job=job, record=record, tokens=tokens)
+        self._pending[job.request_id] = _Pending(job=job, record=record, key=key, tokens=tokens)
         now = time.monotonic()
         for index, ids in enumerate(tokens.ids):
             self._scheduler.add(
@@ -224,6 +237,7 @@ class Engine:
                     adapter_key=key,
                     num_tokens=len(ids),
                     arrival_s=now,
+                    num_pages=record.rank,
                 )
             )
         self._work.set()
@@ -242,7 +256,7 @@ class Engine:
         is_small = (
             isinstance(texts, str)
             or not isinstance(texts, Sequence)
-            or (sum(len(t) for t in texts if isinstance(t, str)) < _INLINE_TOKENIZE_CHARS)
+            or sum(len(t) for t in texts if isinstance(t, str)) < _INLINE_TOKENIZE_CHARS
         )
         if is_small:
             return work()
@@ -260,43 +274,15 @@ class Engine:
         except NotFound as exc:
             raise ModelNotFound(f"model {model!r} not found") from exc
 
-    async def _pin(self, key: str, record: AdapterRecord) -> None:
-        """Load (if needed) and pin the adapter; a caller that goes away mid-load unpins it."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._acquire, key, record)
+    async def _pin(self, record: AdapterRecord) -> str:
+        """Host-pin the adapter; a caller that goes away mid-load leaves no pin behind."""
+        store = self._loaded.store
+        pinning = asyncio.ensure_future(store.pin(record))
         try:
-            await asyncio.shield(future)
+            return await asyncio.shield(pinning)
         except asyncio.CancelledError:
-            future.add_done_callback(lambda f: self._unpin_after(f, key))
+            pinning.add_done_callback(_unpin_if_pinned(store))
             raise
-
-    def _unpin_after(self, future: "asyncio.Future[None]", key: str) -> None:
-        if not future.cancelled() and future.exception() is None and self._memory is not None:
-            self._executor.submit(self._memory.release, key)
-
-    def _acquire(self, key: str, record: AdapterRecord) -> None:
-        assert self._memory is not None
-        self._memory.acquire(key, lambda: self._read_adapter(record))
-
-    def _read_adapter(self, record: AdapterRecord) -> AdapterWeights:
-        """Disk to host: verify the content hash, check the base model, parse and validate."""
-        backbone = self.backbone
-        if record.base_sha256 != backbone.sha256:
-            raise AdapterIncompatible(
-                f"{record.full_name}@{record.version} was trained on base model "
-                f"{record.base_sha256[:12]}, but this engine serves {backbone.sha256[:12]}"
-            )
-        try:
-            verified = self.registry.read_verified(record)
-        except RegistryError as exc:  # tampered or missing files: refuse, never serve them
-            raise AdapterFormatError(str(exc)) from exc
-        return parse_adapter(
-            verified.files["adapter_config.json"],
-            verified.files["adapter_model.safetensors"],
-            tuple(record.labels),
-            str(record.manifest.get("pooling", POOLING_CLS_POOLER)),
-            backbone,
-        )
 
     def _finish(self, job: Job) -> None:
         """A job ended (done, failed or cancelled): drop its waiting rows, unpin its adapter."""
@@ -304,9 +290,8 @@ class Engine:
         if pending is None:
             return
         self._scheduler.abort(job.request_id)
-        if self._memory is not None and not self._closed:
-            key = _adapter_key(pending.record)
-            asyncio.get_running_loop().run_in_executor(self._executor, self._memory.release, key)
+        if self._model is not None:
+            self._model.store.unpin(pending.key)
 
     # the step loop ---------------------------------------------------------------------
 
@@ -319,14 +304,9 @@ class Engine:
                 await self._work.wait()
                 continue
             rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
-            token_ids = [p.tokens.ids[r.index] if p else [0] for p, r in rows]
+            token_ids = [p.tokens.ids[r.index] if p else (0,) for p, r in rows]
             try:
-                probs = await loop.run_in_executor(
-                    self._executor,
-                    self._runner.step,
-                    batch,
-                    token_ids,  # type: ignore[union-attr]
-                )
+                probs = await loop.run_in_executor(self._executor, self._step, batch, token_ids)
             except Exception as exc:  # a failed step fails its rows, never the loop
                 log.exception("model step failed")
                 for pending, _ in rows:
@@ -337,9 +317,32 @@ class Engine:
                 if pending is not None:
                     pending.job.deliver(_prediction(pending, row.index, row_probs))
 
+    def _step(self, batch: Batch, token_ids: list[Sequence[int]]) -> list[np.ndarray]:
+        """Model thread: page the batch's adapters in, run the step, let them go."""
+        model = self._loaded
+        model.store.acquire_device(batch.seg_adapter)
+        try:
+            return model.runner.step(batch, token_ids)
+        finally:
+            model.store.release_device(batch.seg_adapter)
 
-def _adapter_key(record: AdapterRecord) -> str:
-    return f"{record.full_name}@{record.version}"
+
+def _check_pool_fits(registry: Registry, base_sha256: str, num_pages: int) -> None:
+    """Refuse to start when a registered adapter for this backbone could never be paged in."""
+    largest = max(registry.dependents(base_sha256), key=lambda r: r.rank, default=None)
+    if largest is not None and largest.rank > num_pages:
+        raise ValueError(
+            f"adapter_pages={num_pages} cannot hold {largest.full_name}@{largest.version} "
+            f"(rank {largest.rank} needs {largest.rank} pages); raise adapter_pages"
+        )
+
+
+def _unpin_if_pinned(store: AdapterStore):
+    def callback(future: "asyncio.Future[str]") -> None:
+        if not future.cancelled() and future.exception() is None:
+            store.unpin(future.result())
+
+    return callback
 
 
 def _prediction(pending: _Pending, index: int, probs: np.ndarray) -> Prediction:

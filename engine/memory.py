@@ -52,6 +52,7 @@ class AdapterMemory:
         self._pools: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self._names)
         self._free: set[int] = set(range(1, num_pages + 1))
         self._resident: OrderedDict[str, Resident] = OrderedDict()
+        self.num_hits = 0
         self.num_loads = 0
         self.num_evictions = 0
 
@@ -62,6 +63,14 @@ class AdapterMemory:
     @property
     def num_free_pages(self) -> int:
         return len(self._free)
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(r.num_bytes for r in self._resident.values())
 
     def is_resident(self, key: str) -> bool:
         return key in self._resident
@@ -74,13 +83,15 @@ class AdapterMemory:
         resident = self._resident.get(key)
         if resident is None:
             resident = self._admit(key, load())
+        else:
+            self.num_hits += 1
         self._resident.move_to_end(key)
         resident.refcount += 1
         return resident
 
     def release(self, key: str) -> None:
-        resident = self._resident[key]
-        if resident.refcount <= 0:
+        resident = self._resident.get(key)
+        if resident is None or resident.refcount <= 0:
             raise RuntimeError(f"release of {key} without a matching acquire")
         resident.refcount -= 1
 

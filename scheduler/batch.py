@@ -13,6 +13,7 @@ class Row:
     adapter_key: str  # resolved adapter identity, "tenant/name@version"
     num_tokens: int  # tokenized length including special tokens
     arrival_s: float  # monotonic seconds when the request was admitted
+    num_pages: int = 0  # adapter pool pages its adapter takes (its rank); 0 = no LoRA
 
 
 @dataclass(frozen=True, slots=True)

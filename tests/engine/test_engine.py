@@ -139,6 +139,6 @@ async def test_small_pool_evicts_idle_adapters_and_stays_correct(registry, publi
         first = [await engine.classify("acme", f"m{i}", ["same text"]) for i in range(6)]
         again = [await engine.classify("acme", f"m{i}", ["same text"]) for i in range(6)]
         stats = engine.stats()
-    assert stats["adapter_evictions"] >= 4
+    assert stats["adapter_device_evictions"] >= 4
     for a, b in zip(first, again, strict=True):
         assert a[0].scores == pytest.approx(b[0].scores, abs=1e-6)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig
+from engine.adapter_store import AdapterStore
+from engine.host_cache import HostCache
 from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
@@ -68,16 +70,15 @@ def _solo(runner: ModelRunner, key: str, ids: list[int]):
 
 @pytest.mark.parametrize("kernel", ["loop", "gather", "auto"])
 def test_runner_mixed_batch_equals_solo_runs(backbone, registry_with_adapters, kernel) -> None:
-    from engine.engine import Engine as _Engine  # reuse the engine's disk-to-host reader
-
     registry, records = registry_with_adapters
-    reader = _Engine(EngineConfig(registry_dir=registry.root))
-    reader._backbone, reader._registry = backbone, registry
     memory = AdapterMemory(backbone, num_pages=256, device="cpu", dtype=torch.float32)
+    store = AdapterStore(
+        registry, backbone, memory, HostCache(0), max_loads_in_flight=1, pin_host_memory=False
+    )
     keys = []
     for record in records:
         key = f"{record.full_name}@{record.version}"
-        memory.acquire(key, lambda r=record: reader._read_adapter(r))
+        memory.acquire(key, lambda r=record: store.read(r))
         keys.append(key)
     runner = ModelRunner(backbone, memory, "cpu", kernel_for(kernel, "cpu"))
     ids = backbone.tokenizer(TEXTS)["input_ids"]

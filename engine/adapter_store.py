@@ -1,0 +1,163 @@
+"""Adapters across the three tiers: registry on disk → host cache → device page pool.
+
+Loads from disk run on their own threads (bounded), shared by every request that needs the
+same adapter while it loads; the step loop keeps batching other tenants meanwhile. Page-in
+to the device pool happens on the model thread at the start of the step that needs it.
+"""
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from engine.adapters import POOLING_CLS_POOLER, AdapterWeights, Head, LoraModule, parse_adapter
+from engine.backbone import Backbone
+from engine.errors import AdapterFormatError, AdapterIncompatible
+from engine.host_cache import HostCache
+from engine.memory import AdapterMemory
+from registry import AdapterRecord, Registry, RegistryError
+
+
+def adapter_key(record: AdapterRecord) -> str:
+    """The identity the scheduler and memory use: a resolved, immutable version."""
+    return f"{record.full_name}@{record.version}"
+
+
+class AdapterStore:
+    """Owns the host tier and the loader threads; drives the device pool's page-ins."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        backbone: Backbone,
+        memory: AdapterMemory,
+        host: HostCache,
+        *,
+        max_loads_in_flight: int,
+        pin_host_memory: bool,
+    ) -> None:
+        if max_loads_in_flight < 1:
+            raise ValueError(f"max_loads_in_flight must be >= 1, got {max_loads_in_flight}")
+        self._registry = registry
+        self._backbone = backbone
+        self._memory = memory
+        self._host = host
+        self._pin_host_memory = pin_host_memory
+        self._executor = ThreadPoolExecutor(max_loads_in_flight, thread_name_prefix="graft-load")
+        self._loading: dict[str, asyncio.Future[None]] = {}
+        self.num_disk_loads = 0
+        self.disk_bytes_read = 0
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # event-loop side --------------------------------------------------------------------
+
+    async def pin(self, record: AdapterRecord) -> str:
+        """Make the adapter host-resident (loading it if needed) and pin it there.
+
+        Concurrent callers for one cold adapter share a single load. Raises
+        AdapterIncompatible or AdapterFormatError when the stored adapter cannot be served.
+        """
+        key = adapter_key(record)
+        if self._host.lookup(key):
+            self._host.pin(key)
+            return key
+        load = self._loading.get(key)
+        if load is None:
+            loop = asyncio.get_running_loop()
+            load = loop.run_in_executor(self._executor, self.read, record)
+            self._loading[key] = load
+            load.add_done_callback(lambda _f, k=key: self._loading.pop(k, None))
+        weights = await asyncio.shield(load)
+        self._host.put_pinned(key, weights)
+        return key
+
+    def unpin(self, key: str) -> None:
+        self._host.unpin(key)
+
+    # loader threads ----------------------------------------------------------------------
+
+    def read(self, record: AdapterRecord) -> AdapterWeights:
+        """Disk to host: check the base model, verify every file's hash, parse and validate."""
+        backbone = self._backbone
+        if record.base_sha256 != backbone.sha256:
+            raise AdapterIncompatible(
+                f"{record.full_name}@{record.version} was trained on base model "
+                f"{record.base_sha256[:12]}, but this engine serves {backbone.sha256[:12]}"
+            )
+        try:
+            verified = self._registry.read_verified(record)
+        except RegistryError as exc:  # tampered or missing files: refuse, never serve them
+            raise AdapterFormatError(str(exc)) from exc
+        weights = parse_adapter(
+            verified.files["adapter_config.json"],
+            verified.files["adapter_model.safetensors"],
+            tuple(record.labels),
+            str(record.manifest.get("pooling", POOLING_CLS_POOLER)),
+            backbone,
+        )
+        self.num_disk_loads += 1
+        self.disk_bytes_read += sum(len(b) for b in verified.files.values())
+        return _pinned(weights) if self._pin_host_memory else weights
+
+    # model thread ------------------------------------------------------------------------
+
+    def acquire_device(self, keys: Sequence[str]) -> None:
+        """Page the step's adapters into the device pool and hold them for the step."""
+        acquired: list[str] = []
+        try:
+            for key in keys:
+                self._memory.acquire(key, lambda k=key: self._host.get(k))
+                acquired.append(key)
+        except BaseException:
+            self.release_device(acquired)
+            raise
+
+    def release_device(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._memory.release(key)
+
+    # introspection -----------------------------------------------------------------------
+
+    def residency(self, key: str) -> str:
+        if self._memory.is_resident(key):
+            return "device"
+        if key in self._host:
+            return "host"
+        return "disk"
+
+    def stats(self) -> dict[str, int]:
+        memory, host = self._memory, self._host
+        return {
+            "adapter_disk_loads": self.num_disk_loads,
+            "adapter_disk_bytes_read": self.disk_bytes_read,
+            "adapter_loads_in_flight": len(self._loading),
+            "adapter_host_hits": host.num_hits,
+            "adapter_host_misses": host.num_misses,
+            "adapter_host_evictions": host.num_evictions,
+            "adapter_host_entries": len(host),
+            "adapter_host_bytes": host.num_bytes,
+            "adapter_device_hits": memory.num_hits,
+            "adapter_device_loads": memory.num_loads,
+            "adapter_device_evictions": memory.num_evictions,
+            "adapter_device_resident": memory.num_resident,
+            "adapter_device_bytes": memory.resident_bytes,
+            "adapter_pages_free": memory.num_free_pages,
+        }
+
+
+def _pinned(weights: AdapterWeights) -> AdapterWeights:
+    """Page-locked host copies, so host-to-device copies can run asynchronously on CUDA."""
+    modules = {
+        name: LoraModule(a=m.a.pin_memory(), b=m.b.pin_memory(), scale=m.scale)
+        for name, m in weights.modules.items()
+    }
+    head = Head(
+        pooling=weights.head.pooling,
+        weight=weights.head.weight.pin_memory(),
+        bias=weights.head.bias.pin_memory(),
+    )
+    return AdapterWeights(modules=modules, head=head, labels=weights.labels, rank=weights.rank)
+
+
+__all__ = ["AdapterStore", "adapter_key"]

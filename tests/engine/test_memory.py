@@ -1,0 +1,108 @@
+"""Device pool and host cache invariants: LRU, refcounts, pages, zero page."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import EngineOverloaded
+from engine.adapters import AdapterWeights, Head, LoraModule
+from engine.host_cache import HostCache
+from engine.memory import AdapterMemory
+
+MODULE = "encoder.layer.0.attention.self.query"
+NUM_PAGES = 16
+
+
+def _weights(backbone, seed: int, rank: int) -> AdapterWeights:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(rank, 384, generator=gen)
+    b = torch.randn(384, rank, generator=gen)
+    head = Head(pooling="mean", weight=torch.randn(2, 384, generator=gen), bias=torch.zeros(2))
+    return AdapterWeights(
+        modules={MODULE: LoraModule(a=a, b=b, scale=1.0)}, head=head, labels=("x", "y"), rank=rank
+    )
+
+
+def _check(memory: AdapterMemory, backbone, held: dict[str, int], weights: dict) -> None:
+    index = backbone.linears[MODULE].index
+    resident = [memory.get(k) for k in weights if memory.is_resident(k)]
+    used = [p for r in resident for p in r.pages]
+    assert len(used) == len(set(used)), "two adapters share a page"
+    assert 0 not in used, "page 0 is reserved"
+    assert len(used) + memory.num_free_pages == NUM_PAGES
+    for key, count in held.items():
+        if count:
+            assert memory.is_resident(key), f"{key} evicted while in use"
+            assert memory.get(key).refcount == count
+    pools = memory.pools[index]
+    if pools is not None:
+        assert not pools[0][0].any() and not pools[1][0].any(), "zero page was written"
+        for r in resident:
+            rows = torch.tensor(r.pages, dtype=torch.long)
+            torch.testing.assert_close(pools[0][rows], weights[r.key].modules[MODULE].a)
+            torch.testing.assert_close(pools[1][rows], weights[r.key].modules[MODULE].b.t())
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=st.lists(st.tuples(st.sampled_from(["acquire", "release"]), st.integers(0, 9)), max_size=60)
+)
+def test_pool_invariants_under_random_acquire_release(backbone, ops) -> None:
+    memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
+    weights = {f"a{i}": _weights(backbone, i, rank=1 + i % 6) for i in range(10)}
+    held = {k: 0 for k in weights}
+    for op, i in ops:
+        key = f"a{i}"
+        if op == "acquire":
+            try:
+                memory.acquire(key, lambda k=key: weights[k])
+                held[key] += 1
+            except EngineOverloaded:
+                in_use = sum(len(memory.get(k).pages) for k, c in held.items() if c)
+                assert in_use + weights[key].rank > NUM_PAGES  # refused only when truly full
+        elif held[key]:
+            memory.release(key)
+            held[key] -= 1
+        _check(memory, backbone, held, weights)
+
+
+def test_lru_evicts_the_least_recently_used_idle_adapter(backbone) -> None:
+    memory = AdapterMemory(backbone, 8, "cpu", torch.float32)
+    weights = {k: _weights(backbone, i, rank=4) for i, k in enumerate("abc")}
+    for key in "ab":
+        memory.acquire(key, lambda k=key: weights[k])
+        memory.release(key)
+    memory.acquire("a", lambda: weights["a"])  # a is now the most recent, and held
+    memory.acquire("c", lambda: weights["c"])  # needs 4 pages: b (idle, oldest) goes
+    assert memory.is_resident("a") and memory.is_resident("c") and not memory.is_resident("b")
+    with pytest.raises(EngineOverloaded, match="in use"):
+        memory.acquire("b", lambda: weights["b"])
+    with pytest.raises(RuntimeError, match="without a matching acquire"):
+        memory.release("b")
+
+
+def test_an_adapter_larger_than_the_pool_is_refused(backbone) -> None:
+    memory = AdapterMemory(backbone, 4, "cpu", torch.float32)
+    with pytest.raises(EngineOverloaded, match="holds 4"):
+        memory.acquire("big", lambda: _weights(backbone, 0, rank=8))
+
+
+def test_host_cache_lru_budget_and_pins(backbone) -> None:
+    one = _weights(backbone, 0, rank=4)
+    size = one.num_bytes
+    cache = HostCache(max_bytes=2 * size)
+    for key in "abc":
+        cache.put_pinned(key, _weights(backbone, 0, rank=4))
+    assert len(cache) == 3  # pinned entries may overshoot the budget
+    cache.unpin("a")
+    assert "a" not in cache and cache.num_evictions == 1
+    cache.unpin("b")
+    cache.unpin("c")
+    assert cache.num_bytes <= 2 * size
+    assert cache.lookup("c") and not cache.lookup("a")
+    assert (cache.num_hits, cache.num_misses) == (1, 1)
+    with pytest.raises(RuntimeError):
+        cache.unpin("c")

@@ -1,0 +1,141 @@
+"""Disk → host → device: shared cold loads, no stalls for others, residency, versions."""
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from engine import Engine, EngineConfig
+from registry import Registry
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    reg = Registry(tmp_path / "reg")
+    for tenant in ("acme", "globex"):
+        reg.create_tenant(tenant)
+    yield reg
+    reg.close()
+
+
+def _gate_loads(engine: Engine, name: str) -> threading.Event:
+    """Hold loads of adapter ``name`` on the loader thread until the returned event is set."""
+    store = engine._loaded.store
+    original = store.read
+    gate = threading.Event()
+
+    def read(record):
+        if record.name == name:
+            assert gate.wait(timeout=30), "gate never opened"
+        return original(record)
+
+    store.read = read  # type: ignore[method-assign]
+    return gate
+
+
+async def test_concurrent_requests_for_one_cold_adapter_load_it_once(registry, publish_random):
+    publish_random(registry, "acme", "cold")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        gate = _gate_loads(engine, "cold")
+        tasks = [
+            asyncio.create_task(engine.classify("acme", "cold", [f"text {i}"])) for i in range(20)
+        ]
+        await asyncio.sleep(0.2)
+        assert engine.stats()["adapter_loads_in_flight"] == 1
+        gate.set()
+        results = await asyncio.gather(*tasks)
+        stats = engine.stats()
+    assert all(len(r) == 1 for r in results)
+    assert stats["adapter_disk_loads"] == 1 and stats["adapter_device_loads"] == 1
+
+
+async def test_a_cold_load_does_not_stall_other_tenants(registry, publish_random):
+    publish_random(registry, "acme", "cold", seed=1)
+    publish_random(registry, "globex", "warm", seed=2)
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        await engine.classify("globex", "warm", ["warm it up"])
+        gate = _gate_loads(engine, "cold")
+        cold = asyncio.create_task(engine.classify("acme", "cold", ["cold start"]))
+        await asyncio.sleep(0.05)
+        steps_before = engine.stats()["steps"]
+        for i in range(5):  # each warm request runs in its own step while the load waits
+            (pred,) = await engine.classify("globex", "warm", [f"request {i}"])
+            assert pred.label in ("neg", "pos")
+        assert not cold.done()
+        assert engine.stats()["steps"] - steps_before == 5
+        gate.set()
+        (cold_pred,) = await cold
+    assert cold_pred.label in ("neg", "pos")
+
+
+async def test_residency_moves_between_tiers(registry, publish_random):
+    for i in range(3):
+        publish_random(registry, "acme", f"m{i}", seed=i, rank=8)
+    config = EngineConfig(registry_dir=registry.root, adapter_pages=8)  # one adapter at a time
+    async with Engine(config) as engine:
+        residency = {a.name: a.residency for a in engine.list_adapters("acme")}
+        assert residency == {"m0": "disk", "m1": "disk", "m2": "disk"}
+        await engine.classify("acme", "m0", ["x"])
+        await engine.classify("acme", "m1", ["x"])
+        residency = {a.name: a.residency for a in engine.list_adapters("acme")}
+        assert residency == {"m0": "host", "m1": "device", "m2": "disk"}
+        stats = engine.stats()
+    assert stats["adapter_device_evictions"] == 1 and stats["adapter_host_entries"] == 2
+
+
+async def test_many_adapters_in_one_step_respect_the_pool(registry, publish_random):
+    for i in range(6):
+        publish_random(registry, "acme", f"m{i}", seed=i, rank=8)
+    config = EngineConfig(registry_dir=registry.root, adapter_pages=16)  # two at a time
+    async with Engine(config) as engine:
+        alone = [await engine.classify("acme", f"m{i}", ["same"]) for i in range(6)]
+        together = await asyncio.gather(
+            *(engine.classify("acme", f"m{i}", ["same"]) for i in range(6))
+        )
+    for a, b in zip(alone, together, strict=True):
+        assert a[0].scores == pytest.approx(b[0].scores, abs=1e-5)
+
+
+async def test_in_flight_requests_keep_the_version_they_resolved(registry, publish_random):
+    publish_random(registry, "acme", "m", seed=1, labels=("a", "b"))
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        gate = _gate_loads(engine, "m")
+        first = asyncio.create_task(engine.classify("acme", "m", ["x"]))
+        await asyncio.sleep(0.05)
+        publish_random(registry, "acme", "m", seed=2, labels=("a", "b", "c"))
+        second = asyncio.create_task(engine.classify("acme", "m", ["x"]))
+        gate.set()
+        (old,), (new,) = await asyncio.gather(first, second)
+    assert set(old.scores) == {"a", "b"} and set(new.scores) == {"a", "b", "c"}
+
+
+async def test_a_tiny_host_budget_still_serves(registry, publish_random):
+    for i in range(3):
+        publish_random(registry, "acme", f"m{i}", seed=i)
+    config = EngineConfig(registry_dir=registry.root, host_cache_bytes=0)
+    async with Engine(config) as engine:
+        for _ in range(2):
+            for i in range(3):
+                await engine.classify("acme", f"m{i}", ["x"])
+        stats = engine.stats()
+    assert stats["adapter_host_entries"] == 0 and stats["adapter_host_evictions"] >= 3
+    assert stats["adapter_disk_loads"] >= 6  # nothing stays on the host, so every call reloads
+
+
+async def test_a_pool_too_small_for_a_registered_adapter_is_refused(registry, publish_random):
+    publish_random(registry, "acme", "big", rank=16)
+    with pytest.raises(ValueError, match="adapter_pages=8 cannot hold acme/big@1"):
+        async with Engine(EngineConfig(registry_dir=registry.root, adapter_pages=8)):
+            pass
+
+
+async def test_an_adapter_published_too_large_for_the_pool_fails_alone(registry, publish_random):
+    publish_random(registry, "acme", "small", rank=4)
+    async with Engine(EngineConfig(registry_dir=registry.root, adapter_pages=8)) as engine:
+        publish_random(registry, "acme", "big", rank=16)
+        from engine import AdapterIncompatible
+
+        with pytest.raises(AdapterIncompatible, match="pool holds 8 pages"):
+            await engine.classify("acme", "big", ["x"])
+        assert len(await engine.classify("acme", "small", ["x"])) == 1
