@@ -49,7 +49,7 @@ class AdapterMemory:
         self.num_pages = num_pages
         self.dtype = dtype
         self._names = backbone.linear_names
-        self._pools: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self._names)
+        self._pools = [self._new_pool(name) for name in self._names]
         self._free: set[int] = set(range(1, num_pages + 1))
         self._resident: OrderedDict[str, Resident] = OrderedDict()
         self.num_hits = 0
@@ -57,7 +57,7 @@ class AdapterMemory:
         self.num_evictions = 0
 
     @property
-    def pools(self) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
+    def pools(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         return tuple(self._pools)
 
     @property
@@ -97,14 +97,14 @@ class AdapterMemory:
 
     def _admit(self, key: str, weights: AdapterWeights) -> Resident:
         pages = self._allocate(weights.rank, key)
-        self._clear(pages)
+        self._clear(pages, weights)
         num_modules = len(self._names)
         ranks = torch.zeros(num_modules, dtype=torch.int32)
         scales = torch.zeros(num_modules, dtype=torch.float32)
         for name, module in weights.modules.items():
             index = self._backbone.linears[name].index
             rank = module.a.shape[0]
-            a_pool, b_pool = self._pool(index)
+            a_pool, b_pool = self._pools[index]
             rows = torch.tensor(pages[:rank], dtype=torch.long, device=self._device)
             a_pool.index_copy_(0, rows, module.a.to(self._device, self._dtype))
             b_pool.index_copy_(0, rows, module.b.t().to(self._device, self._dtype))
@@ -128,29 +128,34 @@ class AdapterMemory:
         self.num_loads += 1
         return resident
 
-    def _clear(self, pages: tuple[int, ...]) -> None:
-        """Zero a new adapter's pages in every pool: rows it does not write must add nothing."""
+    def _clear(self, pages: tuple[int, ...], weights: AdapterWeights) -> None:
+        """Zero the new adapter's pages wherever it will not overwrite all of them: rows it
+        leaves untouched (modules it skips, or targets at a lower rank) must add nothing."""
         if not pages:
             return
         rows = torch.tensor(pages, dtype=torch.long, device=self._device)
-        for pools in self._pools:
-            if pools is not None:
-                pools[0].index_fill_(0, rows, 0.0)
-                pools[1].index_fill_(0, rows, 0.0)
+        for name, (a_pool, b_pool) in zip(self._names, self._pools, strict=True):
+            module = weights.modules.get(name)
+            if module is not None and module.a.shape[0] == len(pages):
+                continue
+            a_pool.index_fill_(0, rows, 0.0)
+            b_pool.index_fill_(0, rows, 0.0)
 
-    def _pool(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A module's pools, allocated the first time any adapter targets that module."""
-        pools = self._pools[index]
-        if pools is None:
-            wrapper = self._backbone.linears[self._names[index]]
-            shape_a = (self.num_pages + 1, wrapper.in_features)  # + the zero page
-            shape_b = (self.num_pages + 1, wrapper.out_features)
-            pools = (
-                torch.zeros(shape_a, device=self._device, dtype=self._dtype),
-                torch.zeros(shape_b, device=self._device, dtype=self._dtype),
-            )
-            self._pools[index] = pools
-        return pools
+    def _new_pool(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One module's A and B^T pools, preallocated so that page-in never allocates."""
+        wrapper = self._backbone.linears[name]
+        rows = self.num_pages + 1  # + the zero page
+        return (
+            torch.zeros((rows, wrapper.in_features), device=self._device, dtype=self._dtype),
+            torch.zeros((rows, wrapper.out_features), device=self._device, dtype=self._dtype),
+        )
+
+    @property
+    def pool_bytes(self) -> int:
+        """Device bytes the pools take, fixed at construction."""
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self._pools
+        )
 
     def _allocate(self, count: int, key: str) -> tuple[int, ...]:
         if count > self.num_pages:

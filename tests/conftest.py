@@ -5,6 +5,18 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Triton kernels run under the interpreter on CPU-only machines; it must be set before triton
+# is imported anywhere.
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
