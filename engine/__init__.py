@@ -12,17 +12,20 @@ from engine.engine import Engine
 from engine.errors import (
     AdapterFormatError,
     AdapterIncompatible,
+    DeadlineExceeded,
     EngineClosed,
     EngineError,
     EngineOverloaded,
     InputError,
     InputTooLong,
     ModelNotFound,
+    TenantBusy,
 )
 from engine.job import Job, Prediction
 from engine.listing import AdapterInfo
 from engine.lora import LoraStepPlan
 from engine.peft_io import import_peft, write_peft_adapter
+from scheduler import TenantPolicy
 
 __all__ = [
     "POOLING_CLS_POOLER",
@@ -30,6 +33,7 @@ __all__ = [
     "AdapterFormatError",
     "AdapterIncompatible",
     "AdapterInfo",
+    "DeadlineExceeded",
     "AdapterWeights",
     "Backbone",
     "Engine",
@@ -43,6 +47,8 @@ __all__ = [
     "LoraStepPlan",
     "ModelNotFound",
     "Prediction",
+    "TenantBusy",
+    "TenantPolicy",
     "import_peft",
     "load_backbone",
     "packaged_backbone_dir",

@@ -24,6 +24,12 @@ class EngineConfig:
     host_cache_bytes: int = 2 << 30  # parsed adapters kept in host memory (LRU)
     max_loads_in_flight: int = 4  # concurrent adapter loads from disk
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    contended_batch_tokens: int | None = 2048  # step budget while several tenants wait
+    max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
+    tenant_max_queued_rows: int = 1024  # default per-tenant queue bound before 429
+    tenant_max_tokens_per_step: int | None = None  # default per-tenant step budget
+    max_timeout_s: float = 60.0  # cap on a request's own timeout
+    is_fair: bool = True  # deficit round robin over tenants; False = one FIFO (baseline)
     lora_kernel: str = "auto"  # auto (Triton on CUDA, loop/gather on CPU), loop, gather, triton
 
     def __post_init__(self) -> None:
@@ -35,9 +41,13 @@ class EngineConfig:
             "max_inputs_per_request",
             "adapter_pages",
             "max_loads_in_flight",
+            "max_queued_rows",
+            "tenant_max_queued_rows",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_timeout_s > 0:
+            raise ValueError(f"max_timeout_s must be > 0, got {self.max_timeout_s}")
         if self.host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
         if self.max_input_tokens is not None and self.max_input_tokens < 3:

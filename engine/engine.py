@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -16,7 +17,16 @@ import torch
 from engine.adapter_store import AdapterStore
 from engine.backbone import Backbone, load_backbone
 from engine.config import EngineConfig
-from engine.errors import AdapterIncompatible, EngineClosed, EngineError, ModelNotFound
+from engine.errors import (
+    AdapterIncompatible,
+    DeadlineExceeded,
+    EngineClosed,
+    EngineError,
+    EngineOverloaded,
+    InputError,
+    ModelNotFound,
+    TenantBusy,
+)
 from engine.host_cache import HostCache
 from engine.inputs import Tokenized, tokenize_inputs
 from engine.job import Job, Prediction
@@ -25,7 +35,7 @@ from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
 from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model_ref
-from scheduler import Batch, Row, Scheduler, SchedulerConfig
+from scheduler import Batch, Row, Scheduler, SchedulerConfig, TenantPolicy
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +73,7 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._model: _Model | None = None
-        self._scheduler = Scheduler(
-            SchedulerConfig(
-                max_batch_tokens=config.max_batch_tokens,
-                max_batch_rows=config.max_batch_rows,
-                max_batch_pages=config.adapter_pages,
-            )
-        )
+        self._scheduler = Scheduler(_scheduler_config(config))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-model")
         self._tokenize_executor = ThreadPoolExecutor(2, thread_name_prefix="graft-tokenize")
         self._pending: dict[int, _Pending] = {}
@@ -189,11 +193,25 @@ class Engine:
 
     # requests --------------------------------------------------------------------------
 
+    def set_tenant_policy(self, tenant: str, policy: TenantPolicy | None) -> None:
+        """Change one tenant's weight, step budget or queue bound now (None: the defaults)."""
+        self._scheduler.set_policy(tenant, policy)
+
+    def tenant_stats(self) -> dict[str, dict[str, int]]:
+        """Per-tenant counters: admitted, rejected (429), overloaded (503), expired, run."""
+        return {t: dataclasses.asdict(c) for t, c in self._scheduler.counters().items()}
+
     async def classify(
-        self, tenant: str, model: str, texts: Sequence[str], *, truncate: bool = True
+        self,
+        tenant: str,
+        model: str,
+        texts: Sequence[str],
+        *,
+        truncate: bool = True,
+        timeout_s: float | None = None,
     ) -> list[Prediction]:
         """Classify ``texts`` with the tenant's model; one Prediction per text, in order."""
-        job = await self.submit(tenant, model, texts, truncate=truncate)
+        job = await self.submit(tenant, model, texts, truncate=truncate, timeout_s=timeout_s)
         try:
             return await job.results()
         except asyncio.CancelledError:
@@ -201,17 +219,27 @@ class Engine:
             raise
 
     async def submit(
-        self, tenant: str, model: str, texts: Sequence[str], *, truncate: bool = True
+        self,
+        tenant: str,
+        model: str,
+        texts: Sequence[str],
+        *,
+        truncate: bool = True,
+        timeout_s: float | None = None,
     ) -> Job:
-        """Admit a request: resolve the model, tokenize, pin the adapter, queue its rows.
+        """Admit a request: resolve the model, check the queues, tokenize, pin, queue its rows.
 
-        The resolved version is fixed here: a newer version published meanwhile never mixes
-        into this request. Raises ModelNotFound, InputError/InputTooLong,
-        AdapterIncompatible, AdapterFormatError, EngineClosed.
+        Admission runs before tokenizing, so refusing a flood costs next to nothing. The
+        resolved version is fixed here: a newer version published meanwhile never mixes into
+        this request. ``timeout_s`` (capped by ``max_timeout_s``) bounds how long its rows may
+        wait to start. Raises ModelNotFound, TenantBusy, EngineOverloaded, InputError /
+        InputTooLong, AdapterIncompatible, AdapterFormatError, EngineClosed.
         """
         if not self.ready:
             raise EngineClosed("engine is not running")
+        deadline_s = self._deadline(timeout_s)
         record = self._resolve(tenant, model)
+        self._admit(tenant, texts)
         if record.rank > self.config.adapter_pages:
             raise AdapterIncompatible(
                 f"{record.full_name}@{record.version} has rank {record.rank}; this engine's "
@@ -238,10 +266,39 @@ class Engine:
                     num_tokens=len(ids),
                     arrival_s=now,
                     num_pages=record.rank,
+                    deadline_s=deadline_s,
                 )
             )
         self._work.set()
         return job
+
+    def _deadline(self, timeout_s: float | None) -> float | None:
+        if timeout_s is None:
+            return None
+        is_number = isinstance(timeout_s, int | float) and not isinstance(timeout_s, bool)
+        if not is_number or not timeout_s > 0:
+            raise InputError(
+                f"timeout must be a positive number of seconds, got {timeout_s!r}", "timeout"
+            )
+        return time.monotonic() + min(float(timeout_s), self.config.max_timeout_s)
+
+    def _admit(self, tenant: str, texts: Sequence[str]) -> None:
+        """Refuse early when queues are full: 429 for this tenant's queue, 503 for all."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            return  # tokenize_inputs names the type error
+        admission = self._scheduler.admit(tenant, len(texts))
+        if admission.is_admitted:
+            return
+        if admission.reason == "tenant":
+            raise TenantBusy(
+                f"too many queued inputs for tenant {tenant!r}; retry in "
+                f"{admission.retry_after_s:.0f} s",
+                retry_after_s=admission.retry_after_s,
+            )
+        raise EngineOverloaded(
+            f"server queues are full; retry in {admission.retry_after_s:.0f} s",
+            retry_after_s=admission.retry_after_s,
+        )
 
     async def _tokenize(self, texts: Sequence[str], truncate: bool) -> Tokenized:
         """Small requests tokenize inline; large ones on a helper thread, off the event loop."""
@@ -298,13 +355,16 @@ class Engine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = self._scheduler.plan(time.monotonic())
+            plan = self._scheduler.plan(time.monotonic())
+            self._expire(plan.expired)
+            batch = plan.batch
             if batch is None:
                 self._work.clear()
-                await self._work.wait()
+                await self._wait_for_work()
                 continue
             rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
             token_ids = [p.tokens.ids[r.index] if p else (0,) for p, r in rows]
+            started = time.perf_counter()
             try:
                 probs = await loop.run_in_executor(self._executor, self._step, batch, token_ids)
             except Exception as exc:  # a failed step fails its rows, never the loop
@@ -313,9 +373,26 @@ class Engine:
                     if pending is not None:
                         pending.job.fail(EngineError(f"model step failed: {exc}"))
                 continue
+            self._scheduler.record_step(len(batch.rows), time.perf_counter() - started)
             for (pending, row), row_probs in zip(rows, probs, strict=True):
                 if pending is not None:
                     pending.job.deliver(_prediction(pending, row.index, row_probs))
+
+    async def _wait_for_work(self) -> None:
+        """Sleep until a request arrives, or until the earliest waiting deadline passes."""
+        timeout = self._scheduler.next_deadline_in(time.monotonic())
+        if timeout is None:
+            await self._work.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), timeout)
+
+    def _expire(self, rows: Sequence[Row]) -> None:
+        for row in rows:
+            pending = self._pending.get(row.request_id)
+            if pending is not None:
+                message = f"request timed out before input[{row.index}] could start"
+                pending.job.fail(DeadlineExceeded(message))
 
     def _step(self, batch: Batch, token_ids: list[Sequence[int]]) -> list[np.ndarray]:
         """Model thread: page the batch's adapters in, run the step, let them go."""
@@ -325,6 +402,21 @@ class Engine:
             return model.runner.step(batch, token_ids)
         finally:
             model.store.release_device(batch.seg_adapter)
+
+
+def _scheduler_config(config: EngineConfig) -> SchedulerConfig:
+    return SchedulerConfig(
+        max_batch_tokens=config.max_batch_tokens,
+        max_batch_rows=config.max_batch_rows,
+        max_batch_pages=config.adapter_pages,
+        contended_batch_tokens=config.contended_batch_tokens,
+        max_queued_rows=config.max_queued_rows,
+        default_policy=TenantPolicy(
+            max_queued_rows=config.tenant_max_queued_rows,
+            max_tokens_per_step=config.tenant_max_tokens_per_step,
+        ),
+        is_fair=config.is_fair,
+    )
 
 
 def _check_pool_fits(registry: Registry, base_sha256: str, num_pages: int) -> None:

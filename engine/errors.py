@@ -30,7 +30,23 @@ class InputTooLong(InputError):
 
 
 class EngineOverloaded(EngineError):
-    """No room to admit the request now (adapter memory pinned by in-flight work)."""
+    """No room to admit the request now: every queue is full (HTTP 503)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TenantBusy(EngineError):
+    """This tenant's own queue is full; others are still served (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(EngineError):
+    """The request could not start before its deadline and was never run (HTTP 504)."""
 
 
 class EngineClosed(EngineError):

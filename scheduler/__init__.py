@@ -3,7 +3,17 @@
 No torch, no asyncio: time is a parameter, so every decision is reproducible in a test.
 """
 
-from scheduler.batch import Batch, Row
-from scheduler.planner import Scheduler, SchedulerConfig
+from scheduler.batch import Batch, Plan, Row
+from scheduler.planner import Scheduler, SchedulerConfig, TenantCounters
+from scheduler.policy import Admission, TenantPolicy
 
-__all__ = ["Batch", "Row", "Scheduler", "SchedulerConfig"]
+__all__ = [
+    "Admission",
+    "Batch",
+    "Plan",
+    "Row",
+    "Scheduler",
+    "SchedulerConfig",
+    "TenantCounters",
+    "TenantPolicy",
+]

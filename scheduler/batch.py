@@ -14,6 +14,7 @@ class Row:
     num_tokens: int  # tokenized length including special tokens
     arrival_s: float  # monotonic seconds when the request was admitted
     num_pages: int = 0  # adapter pool pages its adapter takes (its rank); 0 = no LoRA
+    deadline_s: float | None = None  # monotonic seconds by which it must start, or never
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,3 +34,11 @@ class Batch:
     def padded_tokens(self) -> int:
         """Tokens the step computes, padding included: what the budget limits."""
         return len(self.rows) * self.max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One planning decision: the batch to run now, and rows whose deadline has passed."""
+
+    batch: Batch | None  # None when nothing can run
+    expired: tuple[Row, ...]  # removed from the queues; their requests fail with a timeout

@@ -1,9 +1,11 @@
-"""Round-robin batch former under a padded-token budget."""
+"""Virtual token counters over tenants under step budgets: the fair batch former."""
 
+import math
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from scheduler.batch import Batch, Row
+from scheduler.batch import Batch, Plan, Row
+from scheduler.policy import ADMITTED, Admission, TenantPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,77 +13,231 @@ class SchedulerConfig:
     max_batch_tokens: int = 8192  # padded tokens (rows x longest row) per step
     max_batch_rows: int = 128  # rows per step, whatever their length
     max_batch_pages: int | None = None  # adapter pool pages the step's adapters may take
+    contended_batch_tokens: int | None = 2048  # step budget while several tenants wait
+    max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
+    default_policy: TenantPolicy = field(default_factory=TenantPolicy)
+    is_fair: bool = True  # False: one FIFO across tenants (the baseline fairness is measured by)
 
     def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
-        if self.max_batch_rows < 1:
-            raise ValueError(f"max_batch_rows must be >= 1, got {self.max_batch_rows}")
-        if self.max_batch_pages is not None and self.max_batch_pages < 1:
-            raise ValueError(f"max_batch_pages must be >= 1, got {self.max_batch_pages}")
+        for name in ("max_batch_tokens", "max_batch_rows", "max_queued_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_batch_pages", "contended_batch_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(slots=True)
+class TenantCounters:
+    """What happened to one tenant's rows: the numbers fairness is judged by."""
+
+    admitted_rows: int = 0
+    rejected_requests: int = 0  # 429: its own queue was full
+    overloaded_requests: int = 0  # 503: the server's queues were full
+    expired_rows: int = 0  # deadline passed before the row could start
+    aborted_rows: int = 0  # cancelled or client went away before running
+    run_rows: int = 0
+    run_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Tenant:
+    queue: deque[Row] = field(default_factory=deque)
+    virtual_tokens: float = 0.0  # tokens served divided by weight: lowest goes next
+    counters: TenantCounters = field(default_factory=TenantCounters)
 
 
 class Scheduler:
-    """Per-tenant FIFO queues, visited round robin, one row per tenant per turn.
+    """Per-tenant FIFO queues served by virtual token counters (S-LoRA's VTC), weighted.
 
-    A row longer than the whole budget still runs, alone, so nothing waits forever.
-    Fair budgets and deadlines build on this shape later.
+    Each step: rows past their deadline are expired; then the next row always comes from the
+    waiting tenant that has been served the fewest tokens per unit of weight, within its
+    per-step token budget and the batch's padded-token, row and page budgets. A tenant that
+    comes back after idling starts level with the least-served waiting tenant, so idle time
+    banks no credit. While several tenants wait, the step budget shrinks to
+    ``contended_batch_tokens`` so that no step, and no neighbour's wait, grows long.
+    A row longer than every budget still runs, alone, so nothing waits forever.
     """
 
     def __init__(self, config: SchedulerConfig) -> None:
         self._config = config
-        self._queues: OrderedDict[str, deque[Row]] = OrderedDict()
+        self._tenants: dict[str, _Tenant] = {}
+        self._active: OrderedDict[str, None] = OrderedDict()  # tenants with waiting rows
+        self._policies: dict[str, TenantPolicy] = {}
+        self._num_waiting = 0
+        self._rows_per_s = 0.0  # recent step throughput, for Retry-After hints
+
+    # policies and admission ---------------------------------------------------------------
+
+    def set_policy(self, tenant: str, policy: TenantPolicy | None) -> None:
+        """Override (or with None, reset to the default) one tenant's policy, effective now."""
+        if policy is None:
+            self._policies.pop(tenant, None)
+        else:
+            self._policies[tenant] = policy
+
+    def policy(self, tenant: str) -> TenantPolicy:
+        return self._policies.get(tenant, self._config.default_policy)
+
+    def admit(self, tenant: str, num_rows: int) -> Admission:
+        """Decide, before any work is spent on it, whether a request may queue."""
+        state = self._tenant(tenant)
+        if len(state.queue) + num_rows > self.policy(tenant).max_queued_rows:
+            state.counters.rejected_requests += 1
+            return Admission(False, "tenant", self._retry_after(len(state.queue)))
+        if self._num_waiting + num_rows > self._config.max_queued_rows:
+            state.counters.overloaded_requests += 1
+            return Admission(False, "server", self._retry_after(self._num_waiting))
+        state.counters.admitted_rows += num_rows
+        return ADMITTED
+
+    def record_step(self, num_rows: int, duration_s: float) -> None:
+        """Feed the throughput estimate behind Retry-After (exponential moving average)."""
+        if duration_s > 0:
+            rate = num_rows / duration_s
+            self._rows_per_s = (
+                rate if self._rows_per_s == 0 else 0.8 * self._rows_per_s + 0.2 * rate
+            )
+
+    def _retry_after(self, rows_ahead: int) -> float:
+        if self._rows_per_s <= 0:
+            return 1.0
+        return float(min(60, max(1, math.ceil(rows_ahead / self._rows_per_s))))
+
+    # queues -------------------------------------------------------------------------------
 
     @property
     def num_waiting(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return self._num_waiting
+
+    def num_waiting_for(self, tenant: str) -> int:
+        state = self._tenants.get(tenant)
+        return len(state.queue) if state else 0
+
+    def next_deadline_in(self, now_s: float) -> float | None:
+        """Seconds until the earliest waiting deadline (0 if one has passed), or None."""
+        deadlines = [
+            r.deadline_s
+            for t in self._active
+            for r in self._tenants[t].queue
+            if r.deadline_s is not None
+        ]
+        return max(0.0, min(deadlines) - now_s) if deadlines else None
+
+    def counters(self) -> dict[str, TenantCounters]:
+        return {tenant: state.counters for tenant, state in self._tenants.items()}
 
     def add(self, row: Row) -> None:
-        self._queues.setdefault(row.tenant, deque()).append(row)
+        state = self._tenant(row.tenant)
+        if row.tenant not in self._active:
+            floor = min((self._tenants[t].virtual_tokens for t in self._active), default=None)
+            if floor is not None:
+                state.virtual_tokens = max(state.virtual_tokens, floor)
+            self._active[row.tenant] = None
+        state.queue.append(row)
+        self._num_waiting += 1
 
     def abort(self, request_id: int) -> int:
         """Drop every waiting row of a request; returns how many were dropped."""
         removed = 0
-        for tenant in list(self._queues):
-            queue = self._queues[tenant]
-            kept = deque(r for r in queue if r.request_id != request_id)
-            removed += len(queue) - len(kept)
-            self._set_queue(tenant, kept)
+        for tenant in list(self._active):
+            state = self._tenants[tenant]
+            kept = deque(r for r in state.queue if r.request_id != request_id)
+            dropped = len(state.queue) - len(kept)
+            if dropped:
+                state.queue = kept
+                state.counters.aborted_rows += dropped
+                removed += dropped
+                self._settle(tenant)
+        self._num_waiting -= removed
         return removed
 
-    def plan(self, now_s: float) -> Batch | None:
-        """Take the next batch of waiting rows, or None when nothing waits."""
-        del now_s  # deadlines arrive with the fair scheduler; the signature is fixed now
-        batch = _Forming(self._config)
-        blocked: set[str] = set()
-        while len(blocked) < len(self._queues) and not batch.is_full:
-            for tenant in list(self._queues):
-                if tenant in blocked or batch.is_full:
-                    continue
-                if not batch.fits(self._queues[tenant][0]):
-                    blocked.add(tenant)
-                    continue
-                batch.add(self._queues[tenant].popleft())
-                self._rotate(tenant)
-        return batch.build()
+    # planning -----------------------------------------------------------------------------
 
-    def _rotate(self, tenant: str) -> None:
-        """Send the tenant to the back of the round, or drop its empty queue."""
-        queue = self._queues.pop(tenant)
-        self._set_queue(tenant, queue)
-
-    def _set_queue(self, tenant: str, queue: deque[Row]) -> None:
-        if queue:
-            self._queues[tenant] = queue
+    def plan(self, now_s: float) -> Plan:
+        """Expire late rows, then form the next batch (None when nothing can run)."""
+        expired = self._expire(now_s)
+        budget = self._config.max_batch_tokens
+        contended = self._config.contended_batch_tokens
+        if self._config.is_fair and contended is not None and len(self._active) > 1:
+            budget = min(budget, contended)
+        forming = _Forming(self._config, budget)
+        if self._config.is_fair:
+            self._fill_fair(forming)
         else:
-            self._queues.pop(tenant, None)
+            self._fill_fifo(forming)
+        for row in forming.rows:
+            counters = self._tenants[row.tenant].counters
+            counters.run_rows += 1
+            counters.run_tokens += row.num_tokens
+        self._num_waiting -= len(forming.rows)
+        return Plan(batch=forming.build(), expired=expired)
+
+    def _fill_fair(self, forming: "_Forming") -> None:
+        blocked: set[str] = set()
+        step_tokens: dict[str, int] = {}
+        order = {tenant: i for i, tenant in enumerate(self._active)}
+        while not forming.is_full:
+            waiting = [t for t in self._active if t not in blocked]
+            if not waiting:
+                return
+            tenant = min(waiting, key=lambda t: (self._tenants[t].virtual_tokens, order[t]))
+            state, policy = self._tenants[tenant], self.policy(tenant)
+            head = state.queue[0]
+            cap = policy.max_tokens_per_step
+            used = step_tokens.get(tenant, 0)
+            over_cap = cap is not None and used > 0 and used + head.num_tokens > cap
+            if over_cap or not forming.fits(head):
+                blocked.add(tenant)
+                continue
+            forming.add(state.queue.popleft())
+            state.virtual_tokens += head.num_tokens / policy.weight
+            step_tokens[tenant] = used + head.num_tokens
+            if not state.queue:
+                self._settle(tenant)
+
+    def _fill_fifo(self, forming: "_Forming") -> None:
+        """Oldest row first across all tenants, no per-tenant limits: the unfair baseline."""
+        while self._active and not forming.is_full:
+            tenant = min(self._active, key=lambda t: self._tenants[t].queue[0].arrival_s)
+            head = self._tenants[tenant].queue[0]
+            if not forming.fits(head):
+                return
+            forming.add(self._tenants[tenant].queue.popleft())
+            self._settle(tenant)
+
+    def _expire(self, now_s: float) -> tuple[Row, ...]:
+        expired: list[Row] = []
+        for tenant in list(self._active):
+            state = self._tenants[tenant]
+            late = [r for r in state.queue if r.deadline_s is not None and r.deadline_s < now_s]
+            if late:
+                state.queue = deque(r for r in state.queue if r not in late)
+                state.counters.expired_rows += len(late)
+                expired.extend(late)
+                self._settle(tenant)
+        self._num_waiting -= len(expired)
+        return tuple(expired)
+
+    def _tenant(self, tenant: str) -> _Tenant:
+        state = self._tenants.get(tenant)
+        if state is None:
+            state = self._tenants[tenant] = _Tenant()
+        return state
+
+    def _settle(self, tenant: str) -> None:
+        """A tenant with nothing left waiting leaves the set the planner chooses from."""
+        if not self._tenants[tenant].queue:
+            self._active.pop(tenant, None)
 
 
 class _Forming:
     """The batch being filled: checks each candidate row against every step budget."""
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, max_tokens: int) -> None:
         self._config = config
+        self._max_tokens = max_tokens
         self.rows: list[Row] = []
         self._longest = 0
         self._pages: dict[str, int] = {}
@@ -95,7 +251,7 @@ class _Forming:
         if not self.rows:
             return True
         width = max(self._longest, row.num_tokens)
-        if width * (len(self.rows) + 1) > self._config.max_batch_tokens:
+        if width * (len(self.rows) + 1) > self._max_tokens:
             return False
         limit = self._config.max_batch_pages
         if limit is not None and row.adapter_key not in self._pages:
@@ -120,5 +276,9 @@ class _Forming:
             if not adapters or row.adapter_key != adapters[-1]:
                 adapters.append(row.adapter_key)
         starts.append(len(ordered))
-        return Batch(rows=ordered, seg_starts=tuple(starts), seg_adapter=tuple(adapters),
-                     max_tokens=self._longest)
+        return Batch(
+            rows=ordered,
+            seg_starts=tuple(starts),
+            seg_adapter=tuple(adapters),
+            max_tokens=self._longest,
+        )

@@ -6,6 +6,7 @@ present only when the error is about one request field (``"model"``, ``"input[2]
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
@@ -13,12 +14,14 @@ from aiohttp import web
 from engine import (
     AdapterFormatError,
     AdapterIncompatible,
+    DeadlineExceeded,
     EngineClosed,
     EngineError,
     EngineOverloaded,
     InputError,
     InputTooLong,
     ModelNotFound,
+    TenantBusy,
 )
 from server.schemas import json_response
 
@@ -36,6 +39,8 @@ TOO_LARGE = "too_large"
 ADAPTER_INCOMPATIBLE = "adapter_incompatible"
 ADAPTER_INVALID = "adapter_invalid"
 OVERLOADED = "overloaded"
+RATE_LIMITED = "rate_limited"
+TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
 INTERNAL = "internal"
 
@@ -46,6 +51,8 @@ _ENGINE_ERRORS: tuple[tuple[type[EngineError], int, str], ...] = (
     (InputError, 422, INVALID_REQUEST),
     (AdapterIncompatible, 409, ADAPTER_INCOMPATIBLE),
     (AdapterFormatError, 409, ADAPTER_INVALID),
+    (TenantBusy, 429, RATE_LIMITED),
+    (DeadlineExceeded, 504, TIMEOUT),
     (EngineOverloaded, 503, OVERLOADED),
     (EngineClosed, 503, UNAVAILABLE),
     (EngineError, 500, INTERNAL),
@@ -89,7 +96,10 @@ def from_engine_error(exc: EngineError, field: str | None = None) -> ApiError:
     status, error_type = next((s, t) for cls, s, t in _ENGINE_ERRORS if isinstance(exc, cls))
     if field is None and isinstance(exc, InputError):
         field = exc.field
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    headers = None
+    if status in (429, 503):
+        retry_after = getattr(exc, "retry_after_s", RETRY_AFTER_S)
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
     if status == 500:
         log.error("engine error: %s", exc)
     return ApiError(status, error_type, str(exc), field=field, headers=headers)

@@ -127,7 +127,9 @@ async def classify(request: web.Request) -> web.StreamResponse:
 
 async def _submit(engine: Engine, tenant: str, body: ClassifyRequest) -> Job:
     try:
-        return await engine.submit(tenant, body.model, list(body.texts), truncate=body.truncate)
+        return await engine.submit(
+            tenant, body.model, list(body.texts), truncate=body.truncate, timeout_s=body.timeout_s
+        )
     except InputError as exc:
         raise from_engine_error(exc, field=body.input_field(exc.field)) from exc
     except EngineError as exc:

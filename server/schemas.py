@@ -15,7 +15,7 @@ from engine import Job, Prediction
 
 NDJSON = "application/x-ndjson"
 
-_CLASSIFY_FIELDS = ("model", "input", "stream", "truncate")
+_CLASSIFY_FIELDS = ("model", "input", "stream", "truncate", "timeout")
 _JSON_TYPES = {
     dict: "object",
     list: "array",
@@ -44,6 +44,7 @@ class ClassifyRequest:
     is_batch: bool  # "input" was a list (fields are "input[i]") rather than one string
     stream: bool  # answer NDJSON, one line per input as it completes
     truncate: bool  # cut over-long texts instead of refusing them
+    timeout_s: float | None  # seconds the inputs may wait to start (capped by the server)
 
     def input_field(self, engine_field: str) -> str:
         """The request's own name for a field the engine names (always ``input[i]`` there)."""
@@ -75,7 +76,17 @@ def parse_classify(payload: Any) -> ClassifyRequest:
         is_batch=is_batch,
         stream=_optional_bool(payload, "stream", default=False),
         truncate=_optional_bool(payload, "truncate", default=True),
+        timeout_s=_optional_timeout(payload),
     )
+
+
+def _optional_timeout(payload: dict[str, Any]) -> float | None:
+    value = payload.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise RequestInvalid(_expected("timeout", "a positive number of seconds", value), "timeout")
+    return float(value)
 
 
 def _parse_input(value: Any) -> tuple[tuple[str, ...], bool]:

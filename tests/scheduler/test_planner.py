@@ -1,67 +1,208 @@
-"""The planner alone: segments, budgets, round robin, abort."""
+"""The planner alone, on a fake clock: segments, budgets, fairness, deadlines, admission."""
+
+import itertools
+import random
 
 import pytest
 
-from scheduler import Row, Scheduler, SchedulerConfig
+from scheduler import Row, Scheduler, SchedulerConfig, TenantPolicy
+
+_ids = itertools.count(1)
 
 
-def _row(rid: int, index: int, tenant: str, adapter: str, tokens: int = 10) -> Row:
+def _row(
+    tenant: str,
+    adapter: str = "a",
+    tokens: int = 10,
+    *,
+    rid: int | None = None,
+    index: int = 0,
+    arrival: float = 0.0,
+    deadline: float | None = None,
+    pages: int = 8,
+) -> Row:
     return Row(
-        request_id=rid,
+        request_id=next(_ids) if rid is None else rid,
         index=index,
         tenant=tenant,
         adapter_key=adapter,
         num_tokens=tokens,
-        arrival_s=0.0,
+        arrival_s=arrival,
+        num_pages=pages,
+        deadline_s=deadline,
     )
+
+
+def _drain(s: Scheduler, now: float = 0.0):
+    while (batch := s.plan(now).batch) is not None:
+        yield batch
 
 
 def test_batch_groups_rows_into_contiguous_segments() -> None:
     s = Scheduler(SchedulerConfig())
     for i, adapter in enumerate(["b", "a", "b", "c", "a"]):
-        s.add(_row(i, 0, f"t{i % 2}", adapter))
-    batch = s.plan(0.0)
+        s.add(_row(f"t{i % 2}", adapter))
+    batch = s.plan(0.0).batch
     assert batch is not None
     assert batch.seg_adapter == ("a", "b", "c")
     assert batch.seg_starts == (0, 2, 4, 5)
     for k, adapter in enumerate(batch.seg_adapter):
         rows = batch.rows[batch.seg_starts[k] : batch.seg_starts[k + 1]]
         assert {r.adapter_key for r in rows} == {adapter}
-    assert s.plan(0.0) is None
+    assert s.plan(0.0).batch is None and s.num_waiting == 0
 
 
-def test_padded_token_budget_is_respected_and_long_row_runs_alone() -> None:
-    s = Scheduler(SchedulerConfig(max_batch_tokens=100))
-    s.add(_row(1, 0, "t", "a", tokens=500))
-    for i in range(20):
-        s.add(_row(2, i, "u", "a", tokens=10))
-    seen = 0
-    while (batch := s.plan(0.0)) is not None:
-        assert batch.padded_tokens <= 100 or len(batch.rows) == 1
-        seen += len(batch.rows)
-    assert seen == 21
+def test_every_step_respects_every_budget() -> None:
+    config = SchedulerConfig(
+        max_batch_tokens=1000,
+        max_batch_rows=16,
+        max_batch_pages=24,
+        contended_batch_tokens=400,
+        default_policy=TenantPolicy(max_tokens_per_step=150),
+    )
+    s = Scheduler(config)
+    rng = random.Random(0)
+    for i in range(600):
+        s.add(_row(f"t{i % 5}", adapter=f"a{rng.randrange(12)}", tokens=rng.randint(3, 120)))
+    s.add(_row("giant", tokens=5000))
+    ran = 0
+    for batch in _drain(s):
+        ran += len(batch.rows)
+        if len(batch.rows) == 1:
+            continue  # a row larger than every budget runs alone
+        assert batch.padded_tokens <= 1000
+        assert len(batch.rows) <= 16
+        pages = {r.adapter_key: r.num_pages for r in batch.rows}
+        assert sum(pages.values()) <= 24
+        per_tenant: dict[str, list[int]] = {}
+        for r in batch.rows:
+            per_tenant.setdefault(r.tenant, []).append(r.num_tokens)
+        for tokens in per_tenant.values():
+            assert len(tokens) == 1 or sum(tokens) <= 150
+    assert ran == 601
 
 
-def test_tenants_alternate_within_a_batch() -> None:
-    s = Scheduler(SchedulerConfig(max_batch_rows=4))
-    for i in range(10):
-        s.add(_row(1, i, "flood", "a"))
-    s.add(_row(2, 0, "small", "b"))
-    batch = s.plan(0.0)
-    assert batch is not None
-    assert "small" in {r.tenant for r in batch.rows}
+def test_contended_steps_use_the_smaller_budget() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_tokens=4096, contended_batch_tokens=512))
+    for _ in range(100):
+        s.add(_row("flood", tokens=64))
+    assert s.plan(0.0).batch.padded_tokens == 4096  # alone: the full budget
+    s.add(_row("small", tokens=64))
+    batch = s.plan(0.0).batch
+    assert batch.padded_tokens <= 512 and "small" in {r.tenant for r in batch.rows}
+
+
+@pytest.mark.parametrize("weights", [(1, 1, 1), (1, 2, 4), (3, 1, 1)])
+def test_shares_follow_weights_over_ten_thousand_steps(weights) -> None:
+    s = Scheduler(
+        SchedulerConfig(max_batch_tokens=512, contended_batch_tokens=512)
+    )
+    rng = random.Random(1)
+    tenants = [f"t{i}" for i in range(len(weights))]
+    for tenant, weight in zip(tenants, weights, strict=True):
+        s.set_policy(tenant, TenantPolicy(weight=weight, max_queued_rows=10**6))
+    served = dict.fromkeys(tenants, 0)
+    for step in range(10_000):
+        for tenant in tenants:  # keep every tenant backlogged
+            while s.num_waiting_for(tenant) < 20:
+                s.add(_row(tenant, tokens=rng.randint(8, 64), arrival=step))
+        batch = s.plan(float(step)).batch
+        for r in batch.rows:
+            served[r.tenant] += r.num_tokens
+    total = sum(served.values())
+    for tenant, weight in zip(tenants, weights, strict=True):
+        expected = weight / sum(weights)
+        assert abs(served[tenant] / total - expected) < 0.03 * expected + 0.005, served
+
+
+def test_a_small_request_behind_a_flood_runs_in_the_next_step() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_tokens=8192, contended_batch_tokens=1024))
+    for i in range(5000):
+        s.add(_row("flood", tokens=512, rid=1, index=i))
+    assert s.plan(0.0).batch is not None  # the flood is already running
+    s.add(_row("small", tokens=12, rid=2))
+    assert "small" in {r.tenant for r in s.plan(1.0).batch.rows}
+
+
+def test_fifo_baseline_lets_a_flood_starve_a_neighbour() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_tokens=1024, is_fair=False))
+    for i in range(200):
+        s.add(_row("flood", tokens=256, rid=1, index=i, arrival=0.0))
+    s.add(_row("small", tokens=12, rid=2, arrival=1.0))
+    steps_before_small = 0
+    for batch in _drain(s):
+        if "small" in {r.tenant for r in batch.rows}:
+            break
+        steps_before_small += 1
+    assert steps_before_small >= 40  # it waits for the whole flood: what fairness fixes
+
+
+def test_expired_rows_are_returned_and_never_run() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_rows=1))
+    s.add(_row("a", rid=1, deadline=5.0))
+    s.add(_row("a", rid=2, deadline=0.5))
+    s.add(_row("b", rid=3))
+    assert s.next_deadline_in(0.0) == 0.5
+    plan = s.plan(1.0)
+    assert [r.request_id for r in plan.expired] == [2]
+    ran = [plan.batch.rows[0].request_id] + [b.rows[0].request_id for b in _drain(s, 1.0)]
+    assert sorted(ran) == [1, 3]
+    assert s.counters()["a"].expired_rows == 1
 
 
 def test_abort_removes_waiting_rows() -> None:
     s = Scheduler(SchedulerConfig())
     for i in range(3):
-        s.add(_row(7, i, "t", "a"))
-    s.add(_row(8, 0, "t", "a"))
+        s.add(_row("t", rid=7, index=i))
+    s.add(_row("t", rid=8))
     assert s.abort(7) == 3
-    batch = s.plan(0.0)
-    assert batch is not None and [r.request_id for r in batch.rows] == [8]
+    assert s.num_waiting == 1
+    batch = s.plan(0.0).batch
+    assert [r.request_id for r in batch.rows] == [8]
+    assert s.counters()["t"].aborted_rows == 3
+
+
+def test_padded_tokens_count_the_longest_row() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_tokens=300, contended_batch_tokens=None))
+    s.add(_row("t", tokens=100))
+    for _ in range(5):
+        s.add(_row("t", tokens=10))
+    batch = s.plan(0.0).batch
+    assert len(batch.rows) == 3 and batch.padded_tokens == 300  # 3 x 100, not 100 + 10 + 10
+
+
+def test_admission_bounds_tenant_and_server_queues() -> None:
+    s = Scheduler(
+        SchedulerConfig(max_queued_rows=100, default_policy=TenantPolicy(max_queued_rows=30))
+    )
+    assert s.admit("a", 30).is_admitted
+    for i in range(30):
+        s.add(_row("a", index=i))
+    refused = s.admit("a", 1)
+    assert not refused.is_admitted and refused.reason == "tenant" and refused.retry_after_s >= 1
+    s.set_policy("b", TenantPolicy(max_queued_rows=1000))
+    assert s.admit("b", 70).is_admitted
+    for i in range(70):
+        s.add(_row("b", index=i))
+    overloaded = s.admit("c", 1)
+    assert not overloaded.is_admitted and overloaded.reason == "server"
+    counters = s.counters()
+    assert counters["a"].rejected_requests == 1 and counters["c"].overloaded_requests == 1
+    s.record_step(num_rows=10, duration_s=1.0)  # 10 rows/s: 100 rows ahead is about 10 s
+    assert s.admit("c", 1).retry_after_s == 10
+
+
+def test_policy_changes_apply_at_once() -> None:
+    s = Scheduler(SchedulerConfig(default_policy=TenantPolicy(max_queued_rows=2)))
+    assert not s.admit("a", 3).is_admitted
+    s.set_policy("a", TenantPolicy(max_queued_rows=5))
+    assert s.admit("a", 3).is_admitted
+    s.set_policy("a", None)
+    assert not s.admit("a", 3).is_admitted
 
 
 def test_bad_config_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="max_batch_tokens"):
         SchedulerConfig(max_batch_tokens=0)
+    with pytest.raises(ValueError, match="weight"):
+        TenantPolicy(weight=0)

@@ -1,0 +1,32 @@
+"""Per-tenant scheduling policy and the admission decision."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    """How much of the backbone one tenant may use; defaults apply to every tenant."""
+
+    weight: float = 1.0  # share of capacity relative to other waiting tenants
+    max_tokens_per_step: int | None = None  # tenant's tokens in one step; None = batch budget
+    max_queued_rows: int = 1024  # rows waiting before the tenant is told to back off (429)
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ValueError(f"tenant weight must be > 0, got {self.weight}")
+        if self.max_tokens_per_step is not None and self.max_tokens_per_step < 1:
+            raise ValueError(f"max_tokens_per_step must be >= 1, got {self.max_tokens_per_step}")
+        if self.max_queued_rows < 1:
+            raise ValueError(f"max_queued_rows must be >= 1, got {self.max_queued_rows}")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Whether a request of ``num_rows`` rows may queue now, and if not, why and when."""
+
+    is_admitted: bool
+    reason: str | None  # None, "tenant" (its own queue is full) or "server" (all queues are)
+    retry_after_s: float  # a hint for Retry-After; 0 when admitted
+
+
+ADMITTED = Admission(is_admitted=True, reason=None, retry_after_s=0.0)
