@@ -50,6 +50,7 @@ class AdapterMemory:
         self.dtype = dtype
         self._names = backbone.linear_names
         self._pools = [self._new_pool(name) for name in self._names]
+        self._dirty: list[set[int]] = [set() for _ in self._names]  # pages holding values
         self._free: set[int] = set(range(1, num_pages + 1))
         self._resident: OrderedDict[str, Resident] = OrderedDict()
         self.num_hits = 0
@@ -129,17 +130,21 @@ class AdapterMemory:
         return resident
 
     def _clear(self, pages: tuple[int, ...], weights: AdapterWeights) -> None:
-        """Zero the new adapter's pages wherever it will not overwrite all of them: rows it
-        leaves untouched (modules it skips, or targets at a lower rank) must add nothing."""
-        if not pages:
-            return
-        rows = torch.tensor(pages, dtype=torch.long, device=self._device)
-        for name, (a_pool, b_pool) in zip(self._names, self._pools, strict=True):
+        """Zero the new adapter's pages wherever it leaves them untouched (modules it skips,
+        or targets at a lower rank) and an earlier adapter left values there: such rows must
+        add nothing. Tracking which pages hold values keeps page-in cheap for adapters that
+        target few modules."""
+        for index, name in enumerate(self._names):
             module = weights.modules.get(name)
-            if module is not None and module.a.shape[0] == len(pages):
-                continue
-            a_pool.index_fill_(0, rows, 0.0)
-            b_pool.index_fill_(0, rows, 0.0)
+            written = set(pages[: module.a.shape[0]]) if module is not None else set()
+            stale = (set(pages) - written) & self._dirty[index]
+            if stale:
+                rows = torch.tensor(sorted(stale), dtype=torch.long, device=self._device)
+                a_pool, b_pool = self._pools[index]
+                a_pool.index_fill_(0, rows, 0.0)
+                b_pool.index_fill_(0, rows, 0.0)
+                self._dirty[index] -= stale
+            self._dirty[index] |= written
 
     def _new_pool(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One module's A and B^T pools, preallocated so that page-in never allocates."""

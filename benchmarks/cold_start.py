@@ -1,0 +1,350 @@
+"""Adapter cold start and rotation: registry on disk -> first answer, and many-adapter traffic.
+
+    python -m benchmarks.cold_start [--loads 200] [--rotation 1,100,1000,5000] [--quick]
+
+1. Cold loads: for each of ``--loads`` rank-8 adapters (LoRA on every encoder linear, as
+   ``graft train`` makes them), time the three stages separately on the engine's own code:
+   read + verify + parse (registry files -> host tensors), host -> device (page-in to the
+   pool), first step (one short text through the backbone with that adapter). Also the whole
+   disk-to-answer path through ``Engine.classify``.
+2. Neighbour delay: an unrelated warm tenant sends one request at a time while cold loads
+   run; its latency is compared with the same requests without cold loads.
+3. Rotation: closed-loop traffic (32 requests in flight) over 1, 100, 1000, 5000 adapters
+   with Zipf(1.1) popularity, after a warm-up pass; throughput as a ratio to 1 adapter.
+
+Outputs: a table on stdout and ``benchmarks/out/cold_start.json``.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHORT_TEXT = "Your parcel is waiting, confirm delivery at the link"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def _summary_ms(values_s: list[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values_s]
+    return {
+        "p50_ms": round(_percentile(ms, 50), 3),
+        "p99_ms": round(_percentile(ms, 99), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+        "n": len(ms),
+    }
+
+
+def _publish_adapters(
+    registry, backbone, tenant: str, count: int, targets: tuple[str, ...], work: Path, prefix: str
+) -> None:
+    """``count`` distinct random rank-8 adapters, published in bulk where the registry can."""
+    import torch
+
+    from engine.peft_io import write_peft_adapter
+
+    names = [
+        n
+        for n in backbone.linear_names
+        if not n.startswith("pooler") and any(n.endswith(t) for t in targets)
+    ]
+    gen = torch.Generator().manual_seed(0)
+    manifest = {
+        "labels": ["ham", "spam"],
+        "base_sha256": backbone.sha256,
+        "rank": 8,
+        "pooling": "mean",
+        "metrics": {},
+    }
+    batch = []
+    for i in range(count):
+        src = work / f"{prefix}{i}"
+        modules = {
+            n: (
+                torch.randn(8, backbone.linears[n].in_features, generator=gen) * 0.02,
+                torch.randn(backbone.linears[n].out_features, 8, generator=gen) * 0.02,
+            )
+            for n in names
+        }
+        write_peft_adapter(
+            src,
+            backbone,
+            modules,
+            rank=8,
+            alpha=16,
+            head_weight=torch.randn(2, backbone.hidden_size, generator=gen),
+            head_bias=torch.zeros(2),
+        )
+        batch.append((tenant, f"{prefix}{i}", src, manifest))
+        if len(batch) == 500 or i == count - 1:
+            _publish_batch(registry, batch)
+            batch = []
+
+
+def _publish_batch(registry, batch) -> None:
+    import shutil
+
+    try:
+        from registry import PublishItem
+    except ImportError:  # older registry without bulk publish
+        for tenant, name, src, manifest in batch:
+            registry.publish(tenant, name, src, manifest)
+    else:
+        registry.publish_many([PublishItem(t, n, s, m) for t, n, s, m in batch])
+    for _, _, src, _ in batch:
+        shutil.rmtree(src, ignore_errors=True)
+
+
+def _drop_page_cache() -> bool:
+    """Ask the kernel to forget cached file pages, so reads really hit the disk (root only)."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure_stages(engine, tenant: str, count: int) -> dict:
+    """Time read+verify, host->device and first step of ``count`` cold adapters, one by one."""
+    from scheduler import Batch, Row
+
+    model = engine._loaded
+    store, memory, runner = model.store, model.memory, model.runner
+    ids = model.backbone.tokenizer(SHORT_TEXT)["input_ids"]
+    read_s, page_in_s, step_s = [], [], []
+    records = [r for r in engine.registry.list_adapters(tenant) if r.name.startswith("cold")]
+    dropped = _drop_page_cache()
+    for record in records[:count]:
+        key = f"{record.full_name}@{record.version}"
+        t0 = time.perf_counter()
+        weights = store.read(record)
+        t1 = time.perf_counter()
+        memory.acquire(key, lambda w=weights: w)
+        t2 = time.perf_counter()
+        row = Row(
+            request_id=0,
+            index=0,
+            tenant=tenant,
+            adapter_key=key,
+            num_tokens=len(ids),
+            arrival_s=0.0,
+            num_pages=8,
+        )
+        runner.step(
+            Batch(rows=(row,), seg_starts=(0, 1), seg_adapter=(key,), max_tokens=len(ids)), [ids]
+        )
+        t3 = time.perf_counter()
+        memory.release(key)
+        read_s.append(t1 - t0)
+        page_in_s.append(t2 - t1)
+        step_s.append(t3 - t2)
+    load_s = [a + b for a, b in zip(read_s, page_in_s, strict=True)]
+    return {
+        "page_cache_dropped_once": dropped,
+        "read_verify_parse": _summary_ms(read_s),
+        "host_to_device": _summary_ms(page_in_s),
+        "first_step": _summary_ms(step_s),
+        "load_total": _summary_ms(load_s),
+        "disk_to_answer": _summary_ms([a + b for a, b in zip(load_s, step_s, strict=True)]),
+    }
+
+
+async def measure_end_to_end(engine, tenant: str, names: list[str]) -> dict:
+    """Cold ``Engine.classify`` latency: registry on disk to first answer, through the loop."""
+    latencies = []
+    for name in names:
+        t0 = time.perf_counter()
+        await engine.classify(tenant, name, [SHORT_TEXT])
+        latencies.append(time.perf_counter() - t0)
+    return _summary_ms(latencies)
+
+
+async def measure_neighbour_delay(engine, cold_names: list[str], requests: int) -> dict:
+    """Warm tenant latency alone, then with cold loads of another tenant running meanwhile."""
+
+    async def warm_latencies() -> list[float]:
+        out = []
+        for i in range(requests):
+            t0 = time.perf_counter()
+            await engine.classify("warm", "hot0", [f"{SHORT_TEXT} {i}"])
+            out.append(time.perf_counter() - t0)
+        return out
+
+    await engine.classify("warm", "hot0", [SHORT_TEXT])
+    alone = await warm_latencies()
+
+    async def cold_traffic() -> None:
+        for name in cold_names:
+            await engine.classify("cold", name, [SHORT_TEXT])
+
+    loads_before = engine.stats()["adapter_disk_loads"]
+    cold_task = asyncio.create_task(cold_traffic())
+    contended = await warm_latencies()
+    await cold_task
+    alone_s, contended_s = _summary_ms(alone), _summary_ms(contended)
+    return {
+        "warm_alone": alone_s,
+        "warm_during_cold_loads": contended_s,
+        "cold_loads_meanwhile": engine.stats()["adapter_disk_loads"] - loads_before,
+        "added_p50_ms": round(contended_s["p50_ms"] - alone_s["p50_ms"], 3),
+        "added_p99_ms": round(contended_s["p99_ms"] - alone_s["p99_ms"], 3),
+    }
+
+
+async def measure_rotation(
+    engine, tenant: str, num_adapters: int, duration_s: float, in_flight: int = 32
+) -> dict:
+    """Closed-loop throughput with Zipf(1.1) popularity over ``num_adapters`` adapters."""
+    rng = random.Random(num_adapters)
+    weights = [1.0 / (rank**1.1) for rank in range(1, num_adapters + 1)]
+    names = [f"r{i}" for i in range(num_adapters)]
+
+    async def worker(deadline: float, done: list[int]) -> None:
+        while time.perf_counter() < deadline:
+            name = rng.choices(names, weights)[0]
+            await engine.classify(tenant, name, [SHORT_TEXT])
+            done[0] += 1
+
+    warm_done = [0]
+    await asyncio.gather(
+        *(worker(time.perf_counter() + duration_s / 2, warm_done) for _ in range(in_flight))
+    )
+    stats_before, done = engine.stats(), [0]
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(t0 + duration_s, done) for _ in range(in_flight)))
+    elapsed = time.perf_counter() - t0
+    stats = engine.stats()
+    return {
+        "adapters": num_adapters,
+        "requests_per_s": round(done[0] / elapsed, 1),
+        "disk_loads": stats["adapter_disk_loads"] - stats_before["adapter_disk_loads"],
+        "device_loads": stats["adapter_device_loads"] - stats_before["adapter_device_loads"],
+    }
+
+
+async def run(args: argparse.Namespace, work: Path) -> dict:
+    from engine import Engine, EngineConfig, load_backbone
+    from registry import Registry
+
+    backbone = load_backbone()
+    registry_dir = work / "registry"
+    try:
+        registry = Registry(registry_dir, durable=False)
+    except TypeError:
+        registry = Registry(registry_dir)
+    encoder = (
+        "query",
+        "key",
+        "value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    )
+    for tenant in ("cold", "warm", "rot"):
+        registry.create_tenant(tenant)
+    _publish_adapters(
+        registry, backbone, "cold", args.loads + args.e2e + args.neighbour, encoder, work, "cold"
+    )
+    _publish_adapters(registry, backbone, "warm", 1, encoder, work, "hot")
+    _publish_adapters(registry, backbone, "rot", max(args.rotation), ("query", "value"), work, "r")
+    registry.close()
+    results: dict = {}
+    config = EngineConfig(registry_dir=registry_dir, adapter_pages=1024, num_threads=args.threads)
+    async with Engine(config) as engine:
+        results["stages"] = measure_stages(engine, "cold", args.loads)
+        e2e = [f"cold{i}" for i in range(args.loads, args.loads + args.e2e)]
+        results["engine_cold_classify"] = await measure_end_to_end(engine, "cold", e2e)
+        neighbour = [
+            f"cold{i}" for i in range(args.loads + args.e2e, args.loads + args.e2e + args.neighbour)
+        ]
+        results["neighbour"] = await measure_neighbour_delay(engine, neighbour, args.neighbour)
+        rotation = []
+        for n in args.rotation:
+            rotation.append(await measure_rotation(engine, "rot", n, args.duration))
+        base = rotation[0]["requests_per_s"]
+        for row in rotation:
+            row["ratio_vs_first"] = round(row["requests_per_s"] / base, 3)
+        results["rotation"] = rotation
+    return results
+
+
+def _print(results: dict, machine: dict) -> None:
+    print(f"machine: {machine}")
+    stages = results["stages"]
+    print(f"cold loads (page cache dropped first: {stages['page_cache_dropped_once']})")
+    for name in (
+        "read_verify_parse",
+        "host_to_device",
+        "load_total",
+        "first_step",
+        "disk_to_answer",
+    ):
+        s = stages[name]
+        print(f"  {name:<18} p50 {s['p50_ms']:8.3f} ms   p99 {s['p99_ms']:8.3f} ms   n={s['n']}")
+    e = results["engine_cold_classify"]
+    print(
+        f"  Engine.classify cold  p50 {e['p50_ms']:8.3f} ms   p99 {e['p99_ms']:8.3f} ms   "
+        f"n={e['n']}"
+    )
+    n = results["neighbour"]
+    print(
+        f"warm neighbour: alone p50 {n['warm_alone']['p50_ms']} / p99 "
+        f"{n['warm_alone']['p99_ms']} ms; during {n['cold_loads_meanwhile']} cold loads p50 "
+        f"{n['warm_during_cold_loads']['p50_ms']} / p99 {n['warm_during_cold_loads']['p99_ms']}"
+        f" ms; added p50 {n['added_p50_ms']} ms, p99 {n['added_p99_ms']} ms"
+    )
+    print("rotation (Zipf 1.1, 32 in flight):")
+    for r in results["rotation"]:
+        print(
+            f"  {r['adapters']:>5} adapters  {r['requests_per_s']:8.1f} req/s  "
+            f"x{r['ratio_vs_first']:.3f}  disk loads {r['disk_loads']}, "
+            f"device loads {r['device_loads']}"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loads", type=int, default=200, help="cold loads timed by stage")
+    parser.add_argument("--e2e", type=int, default=50, help="cold Engine.classify calls")
+    parser.add_argument("--neighbour", type=int, default=50, help="warm requests per phase")
+    parser.add_argument("--rotation", default="1,100,1000,5000")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per rotation run")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument("--quick", action="store_true", help="tiny configuration for tests")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.loads, args.e2e, args.neighbour, args.duration = 5, 3, 3, 0.5
+        args.rotation = "1,4"
+    args.rotation = [int(x) for x in str(args.rotation).split(",")]
+    with tempfile.TemporaryDirectory(prefix="graft-cold-") as tmp:
+        results = asyncio.run(run(args, Path(tmp)))
+    machine = {
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    results["machine"] = machine
+    _print(results, machine)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cold_start.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
