@@ -13,7 +13,7 @@ from registry.errors import (
     RegistryError,
 )
 from registry.names import ModelRef, parse_model_ref, validate_name
-from registry.records import AdapterRecord, VerifiedFiles
+from registry.records import AdapterRecord, PublishItem, VerifiedFiles
 from registry.registry import Registry
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "InvalidName",
     "ModelRef",
     "NotFound",
+    "PublishItem",
     "Registry",
     "RegistryError",
     "VerifiedFiles",

@@ -3,6 +3,8 @@
 Every open here refuses symlinks (``O_NOFOLLOW``) and anything that is not a regular file, checked
 on the open descriptor, so a file swapped for a link between listing and reading is still refused.
 Durability follows the usual recipe: fsync the file, then fsync the directory holding its name.
+The writers take `is_durable`; False skips the fsync (a scratch registry, see `Registry`), which
+changes what survives a power loss but not what other processes see.
 """
 
 import errno
@@ -47,10 +49,11 @@ def open_regular(path: Path) -> BinaryIO:
     return file
 
 
-def copy_synced(source: Path, target: Path) -> tuple[str, int]:
+def copy_synced(source: Path, target: Path, *, is_durable: bool = True) -> tuple[str, int]:
     """Copy `source` to the new file `target`, fsync it; return (hex SHA-256, size in bytes).
 
     The hash is computed over the bytes written, in the same pass, so it describes the copy.
+    With `is_durable` False the fsync is skipped.
     """
     digest = hashlib.sha256()
     num_bytes = 0
@@ -59,16 +62,20 @@ def copy_synced(source: Path, target: Path) -> tuple[str, int]:
             digest.update(chunk)
             writer.write(chunk)
             num_bytes += len(chunk)
-        writer.flush()
-        os.fsync(writer.fileno())
+        _finish(writer, is_durable)
     return digest.hexdigest(), num_bytes
 
 
-def write_synced(target: Path, data: bytes) -> None:
-    """Write `data` to the new file `target` and fsync it."""
+def write_synced(target: Path, data: bytes, *, is_durable: bool = True) -> None:
+    """Write `data` to the new file `target` and fsync it (unless `is_durable` is False)."""
     with _create(target) as writer:
         writer.write(data)
-        writer.flush()
+        _finish(writer, is_durable)
+
+
+def _finish(writer: BinaryIO, is_durable: bool) -> None:
+    writer.flush()
+    if is_durable:
         os.fsync(writer.fileno())
 
 

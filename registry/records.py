@@ -1,14 +1,28 @@
-"""The registry's answers: what a stored adapter version is, and its verified bytes.
+"""What crosses the registry's package line: one adapter to publish, and the registry's answers.
 
-These cross package lines (the engine loads from them, the server lists them), so they are frozen.
-The mappings inside are plain dicts parsed fresh from the catalog for each record, so they stay
-JSON-serialisable; treat them as read-only.
+The answers are what a stored adapter version is and its verified bytes (the engine loads from
+them, the server lists them). All are frozen. The mappings inside the answers are plain dicts
+parsed fresh from the catalog for each record, so they stay JSON-serialisable; treat them as
+read-only.
 """
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class PublishItem:
+    """One adapter for `Registry.publish_many`: the arguments `Registry.publish` takes.
+
+    Nothing is checked on construction; `publish_many` checks every item before copying anything.
+    """
+
+    tenant: str  # an existing tenant
+    name: str  # adapter name; repeated names in one batch get consecutive versions
+    source_dir: Path | str  # flat directory with adapter_config.json, adapter_model.safetensors...
+    manifest: Mapping[str, Any]  # labels, base_sha256, rank, plus anything to keep (metrics...)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,14 +8,14 @@ Layout of a registry root::
 
 One `Registry` may be shared by threads, and several processes may open the same root (the CLI
 while a server runs); see catalog.py for how. Versions are immutable and numbered 1, 2, 3... per
-(tenant, name); every load re-checks the SHA-256 of every file.
+(tenant, name); every load re-checks the SHA-256 of every file. `publish` and `publish_many` share
+one path, `Publisher` (publisher.py).
 """
 
-import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -24,17 +24,18 @@ from typing import Any
 from registry import catalog, keys
 from registry.catalog import Catalog
 from registry.errors import AlreadyExists, NotFound, RegistryError
-from registry.manifest import ManifestFields, check_manifest, is_sha256_hex, stored_manifest_text
+from registry.manifest import is_sha256_hex
 from registry.names import is_valid_name, validate_name
-from registry.records import AdapterRecord, VerifiedFiles
-from registry.store import BlobStore, StagedVersion
+from registry.publisher import Publisher
+from registry.records import AdapterRecord, PublishItem, VerifiedFiles
+from registry.store import BlobStore
 from registry.verify import read_version_files
 
 logger = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.sqlite3"
-# Long enough for a burst of publishers queueing on the write lock, each holding it only for a
-# rename and one insert.
+# Long enough for a burst of publishers queueing on the write lock, each holding it only for its
+# renames and inserts (publish_many's docstring asks for batches that keep this short).
 _BUSY_TIMEOUT_S = 30.0
 
 
@@ -43,15 +44,34 @@ class Registry:
 
     Opening also removes what crashed publishers left: temp dirs no live writer holds, version
     directories without a catalog row, and the tenant/adapter directories that leaves empty.
+
+    `durable` (the default) means a change is on disk when its call returns: every stored file and
+    directory is fsynced, and SQLite syncs its log at each commit (``synchronous = FULL``), so a
+    power loss or kernel crash loses nothing that was returned. ``durable=False`` skips all of
+    that (no fsync; ``synchronous = OFF``) and publishes several times faster: for tests,
+    benchmarks and scratch registries that can be rebuilt. It keeps everything else: other
+    processes see exactly what they would see of a durable registry, a crash of this process
+    loses nothing committed, and a version is still either complete or absent (renames stay
+    atomic). It gives up the power-loss guarantees: after an OS crash the latest changes may be
+    gone, a catalog row may survive its files (`read_verified` then raises IntegrityError), and
+    SQLite may even find the catalog corrupt. The setting is per `Registry` object, not stored:
+    a durable registry may open a root written by a scratch one, and sees all of it.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, durable: bool = True) -> None:
+        if not isinstance(durable, bool):
+            raise ValueError(f"durable must be a bool, got {durable!r}")
         self._root = Path(root).absolute()
         self._root.mkdir(parents=True, exist_ok=True)
-        self._catalog = Catalog(self._root / CATALOG_FILE, _BUSY_TIMEOUT_S)
-        self._store = BlobStore(self._root)
+        self._catalog = Catalog(self._root / CATALOG_FILE, _BUSY_TIMEOUT_S, is_durable=durable)
+        self._store = BlobStore(self._root, is_durable=durable)
+        self._publisher = Publisher(self._root, self._catalog, self._store)
         self._is_closed = False
-        self._remove_leftovers()
+        try:
+            self._remove_leftovers()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def root(self) -> Path:
@@ -59,8 +79,12 @@ class Registry:
         return self._root
 
     def close(self) -> None:
-        """Refuse further calls. Connections are per call, so nothing else stays open."""
+        """Refuse further calls and close the catalog's idle connection; idempotent.
+
+        Other connections are per call, so nothing else stays open.
+        """
         self._is_closed = True
+        self._catalog.close()
 
     def __enter__(self) -> "Registry":
         return self
@@ -92,7 +116,7 @@ class Registry:
         validate_name("tenant", tenant)
         api_key = keys.new_api_key()
         with self._write() as conn:
-            self._require_tenant(conn, tenant)
+            catalog.require_tenant(conn, tenant)
             catalog.insert_key(conn, keys.hash_api_key(api_key), tenant, time.time())
         return api_key
 
@@ -100,7 +124,7 @@ class Registry:
         """Revoke every API key of `tenant`; return how many were revoked."""
         validate_name("tenant", tenant)
         with self._write() as conn:
-            self._require_tenant(conn, tenant)
+            catalog.require_tenant(conn, tenant)
             num_revoked = catalog.delete_keys(conn, tenant)
         logger.info("revoked %d keys of tenant %s", num_revoked, tenant)
         return num_revoked
@@ -157,80 +181,36 @@ class Registry:
         given under those names. Either the version appears complete (directory and catalog
         row) or nothing of it remains. Raises NotFound, InvalidName, InvalidAdapter.
         """
-        validate_name("tenant", tenant)
-        validate_name("adapter", name)
-        fields = check_manifest(manifest)
-        with self._read() as conn:
-            self._require_tenant(conn, tenant)  # fail before copying the files
-        staged = self._store.stage(Path(source_dir))
-        try:
-            record = self._install(tenant, name, staged, manifest, fields)
-        finally:
-            self._store.discard(staged)
+        self._check_open()
+        item = PublishItem(tenant, name, source_dir, manifest)
+        (record,) = self._publisher.publish([item], is_batch=False)
         logger.info("published %s (%d bytes)", record.ref, record.size_bytes)
         return record
 
-    def _install(
-        self,
-        tenant: str,
-        name: str,
-        staged: StagedVersion,
-        manifest: Mapping[str, Any],
-        fields: ManifestFields,
-    ) -> AdapterRecord:
-        with self._write() as conn:
-            self._require_tenant(conn, tenant)
-            version = catalog.next_version(conn, tenant, name)
-            record, manifest_text = self._new_record(
-                tenant, name, version, staged, manifest, fields
-            )
-            self._store.install(staged, manifest_text, record.path)
-            try:
-                rel_path = record.path.relative_to(self._root).as_posix()
-                catalog.insert_adapter(conn, record, rel_path)
-                conn.commit()
-            except BaseException:
-                # Still under the write lock, so no other publisher can be using this path.
-                self._store.remove_version(record.path)
-                raise
-        return record
+    def publish_many(self, items: Sequence[PublishItem]) -> list[AdapterRecord]:
+        """Publish every item as `publish` would, all or nothing; return the records in item order.
 
-    def _new_record(
-        self,
-        tenant: str,
-        name: str,
-        version: int,
-        staged: StagedVersion,
-        manifest: Mapping[str, Any],
-        fields: ManifestFields,
-    ) -> tuple[AdapterRecord, str]:
-        """The record of a new version, and the manifest text to store with it."""
-        created_at = time.time()
-        text = stored_manifest_text(
-            manifest,
-            tenant=tenant,
-            name=name,
-            version=version,
-            content_sha256=staged.content_sha256,
-            created_at=created_at,
-            files=staged.file_sha256,
-        )
-        stored = json.loads(text)  # what resolve() will return, e.g. tuples become lists
-        record = AdapterRecord(
-            tenant=tenant,
-            name=name,
-            version=version,
-            content_sha256=staged.content_sha256,
-            base_sha256=fields.base_sha256,
-            rank=fields.rank,
-            labels=fields.labels,
-            size_bytes=staged.size_bytes,
-            metrics=stored.get("metrics", {}),
-            manifest=stored,
-            path=self._store.version_dir(tenant, name, version),
-            created_at=created_at,
-        )
-        return record, text
+        Every item is checked first (names, manifest, tenant exists), so a bad item fails the
+        call before anything is copied; then every adapter is staged (copied, hashed and
+        format-checked, several at once); then one catalog write transaction numbers the versions
+        in item order (a name given twice gets consecutive versions), renames the directories into
+        place and commits once. If anything fails, no directory and no catalog row of the batch
+        remains. Errors raised while checking or staging an item are the type `publish` would
+        raise, with the message prefixed by "item <index> (<tenant>/<name>): ".
+
+        Batch size: the call holds the catalog's write lock, which every other writer (other
+        publishers, the CLI's tenant commands) waits for, while it writes the manifests, renames
+        the directories and commits. Staging, the bulk of the work, happens before the lock.
+        On the development VM the lock was held ~0.4 ms per item (0.4 s for 1,000 durable items,
+        1.2 s for the whole call; half that with durable=False). Writers give up after 30 s, and
+        the staged copies wait on disk until the commit, so callers with many thousands of
+        adapters should split them into batches of about 1,000, each all or nothing by itself.
+        """
+        self._check_open()
+        records = self._publisher.publish(list(items), is_batch=True)
+        size_bytes = sum(record.size_bytes for record in records)
+        logger.info("published %d adapter versions (%d bytes)", len(records), size_bytes)
+        return records
 
     def resolve(self, tenant: str, name: str, version: int | None = None) -> AdapterRecord:
         """The given version of `tenant/name`, the latest if `version` is None; else NotFound."""
@@ -242,7 +222,7 @@ class Registry:
             record = catalog.select_adapter(conn, self._root, tenant, name, version)
             if record is not None:
                 return record
-            self._require_tenant(conn, tenant)
+            catalog.require_tenant(conn, tenant)
             latest = catalog.latest_version(conn, tenant, name)
         if latest is None:
             raise NotFound(f"adapter {tenant}/{name} not found")
@@ -252,7 +232,7 @@ class Registry:
         """Every version of every adapter of `tenant`, sorted by (name, version)."""
         validate_name("tenant", tenant)
         with self._read() as conn:
-            self._require_tenant(conn, tenant)
+            catalog.require_tenant(conn, tenant)
             return catalog.select_tenant_adapters(conn, self._root, tenant)
 
     def read_verified(self, record: AdapterRecord) -> VerifiedFiles:
@@ -291,11 +271,6 @@ class Registry:
         self._check_open()
         with self._catalog.write() as conn:
             yield conn
-
-    @staticmethod
-    def _require_tenant(conn: sqlite3.Connection, tenant: str) -> None:
-        if not catalog.has_tenant(conn, tenant):
-            raise NotFound(f"tenant {tenant!r} not found")
 
 
 def _check_base_sha256(value: str) -> None:

@@ -1,19 +1,23 @@
 """The registry's blobs: adapter files under ``<root>/adapters/<tenant>/<name>/<version>/``.
 
-A version directory appears in one step: its files are copied, hashed and fsynced into a temporary
-directory ``adapters/.tmp-<pid>-<uuid>`` (the slow part, done outside any lock), then the manifest
-is written and the directory renamed into place while the caller holds the catalog's write lock.
-A directory therefore either is complete or is not there. What a crashed writer leaves is removed
-on open: temp dirs nobody holds a lock on (a writer flocks its temp dir for as long as it works
-on it, and the kernel drops the lock when the writer dies) and version dirs without a catalog row.
+A version directory appears in one step. A publish call first opens a `Staging`: one temp dir
+``adapters/.tmp-<pid>-<uuid>``, flocked for as long as the call works in it. Each adapter's files
+are copied, hashed and fsynced into the temp dir itself when the call publishes one adapter, or into
+``<temp dir>/<index>`` when it publishes several (one lock and one descriptor per call, whatever
+its size). That is the slow part, done outside any lock. Then, while the caller holds the
+catalog's write lock, `BlobStore.install` writes each manifest and renames each staged directory
+into place. A directory therefore either is complete or is not there. What a crashed writer leaves
+is removed on open: temp dirs nobody holds a lock on (the kernel drops the lock when the writer
+dies) and version dirs without a catalog row.
 """
 
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 from registry import formats
 from registry.errors import InvalidAdapter, RegistryError
@@ -29,53 +33,110 @@ from registry.fsio import (
 )
 from registry.manifest import MANIFEST_FILE, content_sha256
 from registry.names import is_valid_name
+from registry.parallel import map_in_threads
 
 logger = logging.getLogger(__name__)
 
 _TEMP_PREFIX = ".tmp-"
 _MAX_TEMP_DIR_ATTEMPTS = 3
+# Threads for a batch's blocking file work: fsyncs, and creates and renames that wait for the
+# journal. On the development VM's ext4, publish_many of 200 durable adapters took 16 ms each
+# with 1 thread and 1.6 ms with 8; scratch ones 1.9 and 1.6 ms.
+MAX_IO_THREADS = 8
 
 
 @dataclass(frozen=True, slots=True)
 class StagedVersion:
-    """Checked, hashed and fsynced copies of an adapter's files, not yet a version."""
+    """An adapter's files copied, hashed, checked and (if durable) fsynced; not yet a version."""
 
-    temp_dir: Path  # adapters/.tmp-<pid>-<uuid>; removed by BlobStore.discard
-    lock_fd: int  # descriptor holding the flock on temp_dir; closed by BlobStore.discard
+    temp_dir: Path  # inside (or equal to) its Staging's temp dir; removed with it
     file_sha256: dict[str, str]  # file name -> hex SHA-256, the manifest excluded
     size_bytes: int  # total bytes of those files
     content_sha256: str  # hex, see manifest.content_sha256
 
 
-class BlobStore:
-    """Owns ``<root>/adapters``: staging, installing, removing and listing version directories."""
+@dataclass(frozen=True, slots=True)
+class PendingVersion:
+    """A staged version, the manifest to store with it, and where it goes."""
 
-    def __init__(self, root: Path) -> None:
+    staged: StagedVersion
+    manifest_text: str  # graft_manifest.json, written by install
+    final: Path  # the version directory, adapters/<tenant>/<name>/<version>
+
+
+class Staging:
+    """One publish call's locked temp dir; a context manager that removes it and unlocks on exit.
+
+    Made by `BlobStore.staging`. `stage` may be called from several threads at once, each call
+    with its own index.
+    """
+
+    def __init__(self, temp_dir: Path, lock_fd: int, num_versions: int, is_durable: bool) -> None:
+        self._dir = temp_dir
+        self._lock_fd = lock_fd
+        self._num_versions = num_versions
+        self._is_durable = is_durable
+
+    def stage(self, index: int, source_dir: Path) -> StagedVersion:
+        """Copy the adapter files in `source_dir` into slot `index`, checking names and formats.
+
+        Raises InvalidAdapter for a missing or unsafe file; what was copied stays until the
+        Staging closes. The slot's directory is fsynced later, by `BlobStore.install`, once the
+        manifest is in it.
+        """
+        if not 0 <= index < self._num_versions:
+            raise ValueError(f"index {index} is outside 0..{self._num_versions - 1}")
+        names = _list_source_files(source_dir)
+        formats.check_file_names(names)
+        # One version stages in the temp dir itself: the layout single publishes always had.
+        slot = self._dir if self._num_versions == 1 else self._dir / str(index)
+        if slot != self._dir:
+            slot.mkdir()
+        file_sha256, size_bytes = _copy_all(source_dir, slot, names, self._is_durable)
+        _check_formats(slot, names)
+        return StagedVersion(slot, file_sha256, size_bytes, content_sha256(file_sha256))
+
+    def close(self) -> None:
+        """Remove the temp dir (whatever was not installed) and release its lock."""
+        if self._lock_fd < 0:
+            return
+        remove_tree(self._dir)
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class BlobStore:
+    """Owns ``<root>/adapters``: staging, installing, removing and listing version directories.
+
+    With `is_durable` False nothing is fsynced (see `Registry`); renames stay atomic.
+    """
+
+    def __init__(self, root: Path, *, is_durable: bool = True) -> None:
         self._dir = root / "adapters"
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._is_durable = is_durable
 
     def version_dir(self, tenant: str, name: str, version: int) -> Path:
         """Where version `version` of `tenant/name` lives (whether or not it exists)."""
         return self._dir / tenant / name / str(version)
 
-    def stage(self, source_dir: Path) -> StagedVersion:
-        """Copy the adapter files in `source_dir` into a new temp dir, checking names and formats.
-
-        Raises InvalidAdapter (and leaves nothing behind) for a missing or unsafe file.
-        """
-        names = _list_source_files(source_dir)
-        formats.check_file_names(names)
+    def staging(self, num_versions: int) -> Staging:
+        """A fresh locked temp dir with room for `num_versions` staged versions."""
+        if num_versions < 1:
+            raise ValueError(f"num_versions must be >= 1, got {num_versions}")
         temp_dir, lock_fd = self._new_temp_dir()
-        try:
-            file_sha256, size_bytes = _copy_all(source_dir, temp_dir, names)
-            _check_formats(temp_dir, names)
-            fsync_dir(temp_dir)
-        except BaseException:
-            remove_tree(temp_dir)
-            os.close(lock_fd)
-            raise
-        digest = content_sha256(file_sha256)
-        return StagedVersion(temp_dir, lock_fd, file_sha256, size_bytes, digest)
+        return Staging(temp_dir, lock_fd, num_versions, self._is_durable)
 
     def _new_temp_dir(self) -> tuple[Path, int]:
         """Create and lock a fresh temp dir; return it and the descriptor holding its lock."""
@@ -92,35 +153,45 @@ class BlobStore:
             os.close(lock_fd)
         raise RegistryError(f"could not create a temp dir in {self._dir}")
 
-    def install(self, staged: StagedVersion, manifest_text: str, final: Path) -> None:
-        """Write the manifest into `staged`, then rename it to `final`, durably.
+    def install(self, pending: Sequence[PendingVersion]) -> None:
+        """Write each manifest into its staged dir, then rename each to its final place, durably.
 
-        The caller holds the catalog's write lock and has checked that no catalog row names
+        The caller holds the catalog's write lock and has checked that no catalog row names any
         `final`, so a directory found there is a crashed writer's leftover and is replaced.
-        On failure `final` does not exist afterwards; the temp dir is the caller's to discard.
+        Every file and staged directory is fsynced once, and every parent directory (adapter,
+        tenant, ``adapters``) once per call, after all renames. On failure no `final` exists
+        afterwards; the staged dirs are the caller's to discard (by closing its Staging).
         """
-        write_synced(staged.temp_dir / MANIFEST_FILE, manifest_text.encode("utf-8"))
-        fsync_dir(staged.temp_dir)
+        map_in_threads(self._write_manifest, pending, MAX_IO_THREADS)
+        installed: list[Path] = []
+        try:
+            for version in pending:
+                self._rename_into_place(version.staged.temp_dir, version.final)
+                installed.append(version.final)
+            map_in_threads(self._sync_dir, _parent_dirs(installed, self._dir), MAX_IO_THREADS)
+        except BaseException:
+            self.remove_versions(installed)
+            raise
+
+    def _write_manifest(self, version: PendingVersion) -> None:
+        manifest_path = version.staged.temp_dir / MANIFEST_FILE
+        write_synced(manifest_path, version.manifest_text.encode(), is_durable=self._is_durable)
+        self._sync_dir(version.staged.temp_dir)
+
+    def _rename_into_place(self, temp_dir: Path, final: Path) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             logger.warning("replacing leftover directory %s that has no catalog row", final)
             remove_tree(final)
         try:
-            os.rename(staged.temp_dir, final)
+            os.rename(temp_dir, final)
         except BaseException:
             prune_empty_dirs(final.parent, self._dir)
             raise
-        try:
-            for directory in (final.parent, final.parent.parent, self._dir):
-                fsync_dir(directory)
-        except BaseException:
-            self.remove_version(final)
-            raise
 
-    def discard(self, staged: StagedVersion) -> None:
-        """Remove a staged temp dir (nothing to remove once installed) and release its lock."""
-        remove_tree(staged.temp_dir)
-        os.close(staged.lock_fd)
+    def _sync_dir(self, directory: Path) -> None:
+        if self._is_durable:
+            fsync_dir(directory)
 
     def remove_version(self, version_dir: Path) -> None:
         """Remove a version directory and the tenant/name directories it leaves empty.
@@ -131,6 +202,11 @@ class BlobStore:
             raise ValueError(f"{version_dir} is not inside {self._dir}")
         remove_tree(version_dir)
         prune_empty_dirs(version_dir.parent, self._dir)
+
+    def remove_versions(self, version_dirs: Sequence[Path]) -> None:
+        """`remove_version` for each of `version_dirs`, most recently installed first."""
+        for version_dir in reversed(version_dirs):
+            self.remove_version(version_dir)
 
     def remove_stale_temp_dirs(self) -> int:
         """Remove temp dirs no writer holds a lock on; return how many were removed."""
@@ -195,12 +271,23 @@ def _list_source_files(source_dir: Path) -> list[str]:
     return sorted(entry.name for entry in entries)
 
 
-def _copy_all(source_dir: Path, temp_dir: Path, names: list[str]) -> tuple[dict[str, str], int]:
+def _parent_dirs(version_dirs: Sequence[Path], adapters_dir: Path) -> list[Path]:
+    """The adapter, tenant and ``adapters`` directories above `version_dirs`, each once."""
+    adapter_dirs = dict.fromkeys(version_dir.parent for version_dir in version_dirs)
+    tenant_dirs = dict.fromkeys(adapter_dir.parent for adapter_dir in adapter_dirs)
+    return [*adapter_dirs, *tenant_dirs, *([adapters_dir] if version_dirs else [])]
+
+
+def _copy_all(
+    source_dir: Path, temp_dir: Path, names: list[str], is_durable: bool
+) -> tuple[dict[str, str], int]:
     file_sha256: dict[str, str] = {}
     size_bytes = 0
     for name in names:
         try:
-            file_sha256[name], num_bytes = copy_synced(source_dir / name, temp_dir / name)
+            file_sha256[name], num_bytes = copy_synced(
+                source_dir / name, temp_dir / name, is_durable=is_durable
+            )
         except (NotRegularFile, FileNotFoundError) as error:
             raise InvalidAdapter(f"cannot publish {name}: {error}") from None
         size_bytes += num_bytes
