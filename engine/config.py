@@ -29,6 +29,7 @@ class EngineConfig:
     tenant_max_queued_rows: int = 1024  # default per-tenant queue bound before 429
     tenant_max_tokens_per_step: int | None = None  # default per-tenant step budget
     max_timeout_s: float = 60.0  # cap on a request's own timeout
+    settings_poll_s: float = 2.0  # how often tenant settings in the registry are re-read
     is_fair: bool = True  # deficit round robin over tenants; False = one FIFO (baseline)
     lora_kernel: str = "auto"  # auto (Triton on CUDA, loop/gather on CPU), loop, gather, triton
 
@@ -46,6 +47,8 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.settings_poll_s > 0:
+            raise ValueError(f"settings_poll_s must be > 0, got {self.settings_poll_s}")
         if not self.max_timeout_s > 0:
             raise ValueError(f"max_timeout_s must be > 0, got {self.max_timeout_s}")
         if self.host_cache_bytes < 0:

@@ -34,8 +34,9 @@ from engine.listing import AdapterInfo, summarize
 from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
+from engine.tenant_settings import TenantSettings, scheduler_config
 from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model_ref
-from scheduler import Batch, Row, Scheduler, SchedulerConfig, TenantPolicy
+from scheduler import Batch, Row, Scheduler, TenantPolicy
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class _Model:
     memory: AdapterMemory
     store: AdapterStore
     runner: ModelRunner
+    settings: TenantSettings
 
 
 class Engine:
@@ -73,13 +75,14 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._model: _Model | None = None
-        self._scheduler = Scheduler(_scheduler_config(config))
+        self._scheduler = Scheduler(scheduler_config(config))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-model")
         self._tokenize_executor = ThreadPoolExecutor(2, thread_name_prefix="graft-tokenize")
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._work = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._settings_task: asyncio.Task[None] | None = None
         self._closed = False
 
     # lifecycle -------------------------------------------------------------------------
@@ -97,7 +100,11 @@ class Engine:
             return
         loop = asyncio.get_running_loop()
         self._model = await loop.run_in_executor(self._executor, self._load)
+        self._model.settings.apply()
         self._loop_task = asyncio.create_task(self._run(), name="graft-step-loop")
+        self._settings_task = asyncio.create_task(
+            self._model.settings.watch(self.config.settings_poll_s), name="graft-settings"
+        )
 
     def _load(self) -> _Model:
         config = self.config
@@ -124,18 +131,20 @@ class Engine:
         kernel = kernel_for(config.lora_kernel, config.device)
         runner = ModelRunner(backbone, memory, config.device, kernel)
         log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
-        return _Model(backbone, registry, memory, store, runner)
+        settings = TenantSettings(registry, self._scheduler, self._scheduler.default_policy)
+        return _Model(backbone, registry, memory, store, runner, settings)
 
     async def close(self) -> None:
         """Fail what is still waiting, stop the loop, release the threads."""
         self._closed = True
         for pending in list(self._pending.values()):
             pending.job.fail(EngineClosed("engine shut down"))
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        for task in (self._loop_task, self._settings_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._loop_task = self._settings_task = None
         self._executor.shutdown(wait=True)
         self._tokenize_executor.shutdown(wait=True)
         if self._model is not None:
@@ -194,8 +203,10 @@ class Engine:
     # requests --------------------------------------------------------------------------
 
     def set_tenant_policy(self, tenant: str, policy: TenantPolicy | None) -> None:
-        """Change one tenant's weight, step budget or queue bound now (None: the defaults)."""
-        self._scheduler.set_policy(tenant, policy)
+        """Change one tenant's weight, step budget or queue bound now and in the registry
+        (None: back to the defaults). Other engines on the same registry follow within
+        ``settings_poll_s``."""
+        self._loaded.settings.set(tenant, policy)
 
     def tenant_stats(self) -> dict[str, dict[str, int]]:
         """Per-tenant counters: admitted, rejected (429), overloaded (503), expired, run."""
@@ -402,21 +413,6 @@ class Engine:
             return model.runner.step(batch, token_ids)
         finally:
             model.store.release_device(batch.seg_adapter)
-
-
-def _scheduler_config(config: EngineConfig) -> SchedulerConfig:
-    return SchedulerConfig(
-        max_batch_tokens=config.max_batch_tokens,
-        max_batch_rows=config.max_batch_rows,
-        max_batch_pages=config.adapter_pages,
-        contended_batch_tokens=config.contended_batch_tokens,
-        max_queued_rows=config.max_queued_rows,
-        default_policy=TenantPolicy(
-            max_queued_rows=config.tenant_max_queued_rows,
-            max_tokens_per_step=config.tenant_max_tokens_per_step,
-        ),
-        is_fair=config.is_fair,
-    )
 
 
 def _check_pool_fits(registry: Registry, base_sha256: str, num_pages: int) -> None:

@@ -62,6 +62,13 @@ _SCHEMA = (
         PRIMARY KEY (tenant, name, version)
     )""",
     "CREATE INDEX IF NOT EXISTS adapters_by_base ON adapters(base_sha256)",
+    # per-tenant scheduling overrides (weight, budgets) as JSON: the registry stores them,
+    # the engine interprets them and polls updated_at to apply changes without a restart
+    """CREATE TABLE IF NOT EXISTS tenant_settings (
+        tenant TEXT PRIMARY KEY REFERENCES tenants(name),
+        settings_json TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
 )
 _ADAPTER_COLUMNS = (
     "tenant, name, version, content_sha256, base_sha256, rank, labels_json, size_bytes, "
@@ -281,3 +288,27 @@ def _record(root: Path, row: sqlite3.Row) -> AdapterRecord:
         path=root / row["rel_path"],
         created_at=row["created_at"],
     )
+
+
+def upsert_settings(conn: sqlite3.Connection, tenant: str, settings_json: str, now: float) -> None:
+    conn.execute(
+        "INSERT INTO tenant_settings (tenant, settings_json, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT(tenant) DO UPDATE SET settings_json = excluded.settings_json, "
+        "updated_at = excluded.updated_at",
+        (tenant, settings_json, now),
+    )
+
+
+def delete_settings(conn: sqlite3.Connection, tenant: str) -> None:
+    conn.execute("DELETE FROM tenant_settings WHERE tenant = ?", (tenant,))
+
+
+def select_settings(conn: sqlite3.Connection) -> dict[str, str]:
+    rows = conn.execute("SELECT tenant, settings_json FROM tenant_settings").fetchall()
+    return {row[0]: row[1] for row in rows}
+
+
+def settings_stamp(conn: sqlite3.Connection) -> tuple[int, float]:
+    """(count, newest update): changes whenever any tenant's settings change or vanish."""
+    row = conn.execute("SELECT COUNT(*), MAX(updated_at) FROM tenant_settings").fetchone()
+    return int(row[0]), float(row[1] or 0.0)

@@ -12,6 +12,7 @@ while a server runs); see catalog.py for how. Versions are immutable and numbere
 one path, `Publisher` (publisher.py).
 """
 
+import json
 import logging
 import sqlite3
 import time
@@ -140,6 +141,33 @@ class Registry:
             return False
         with self._read() as conn:
             return catalog.has_tenant(conn, tenant)
+
+    def set_tenant_settings(self, tenant: str, settings: Mapping[str, Any] | None) -> None:
+        """Store `tenant`'s scheduling overrides (a JSON object), or with None remove them.
+
+        The registry does not interpret them; a running engine picks changes up by polling
+        `settings_stamp()`.
+        """
+        validate_name("tenant", tenant)
+        if settings is not None and not isinstance(settings, Mapping):
+            raise ValueError(f"tenant settings must be a JSON object, got {settings!r}")
+        with self._write() as conn:
+            catalog.require_tenant(conn, tenant)
+            if settings is None:
+                catalog.delete_settings(conn, tenant)
+            else:
+                text = json.dumps(dict(settings), sort_keys=True, allow_nan=False)
+                catalog.upsert_settings(conn, tenant, text, time.time())
+
+    def tenant_settings(self) -> dict[str, dict[str, Any]]:
+        """Every tenant's stored overrides, by tenant."""
+        with self._read() as conn:
+            return {t: json.loads(text) for t, text in catalog.select_settings(conn).items()}
+
+    def settings_stamp(self) -> tuple[int, float]:
+        """A cheap value that changes whenever any tenant's settings change."""
+        with self._read() as conn:
+            return catalog.settings_stamp(conn)
 
     def authenticate(self, api_key: str) -> str | None:
         """The tenant owning `api_key`, or None; never raises for any key value."""

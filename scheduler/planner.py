@@ -77,6 +77,14 @@ class Scheduler:
         else:
             self._policies[tenant] = policy
 
+    @property
+    def default_policy(self) -> TenantPolicy:
+        return self._config.default_policy
+
+    def policy_overrides(self) -> list[str]:
+        """Tenants with a policy of their own."""
+        return list(self._policies)
+
     def policy(self, tenant: str) -> TenantPolicy:
         return self._policies.get(tenant, self._config.default_policy)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine, EngineConfig
+from engine import Engine, EngineConfig, TenantBusy, TenantPolicy
 from registry import Registry
 
 
@@ -139,3 +139,22 @@ async def test_an_adapter_published_too_large_for_the_pool_fails_alone(registry,
         with pytest.raises(AdapterIncompatible, match="pool holds 8 pages"):
             await engine.classify("acme", "big", ["x"])
         assert len(await engine.classify("acme", "small", ["x"])) == 1
+
+
+async def test_tenant_settings_apply_at_run_time_without_restart(registry, publish_random):
+    publish_random(registry, "acme", "m")
+    config = EngineConfig(
+        registry_dir=registry.root, tenant_max_queued_rows=100, settings_poll_s=0.05
+    )
+    async with Engine(config) as engine:
+        assert len(await engine.classify("acme", "m", ["x"] * 5)) == 5
+        registry.set_tenant_settings("acme", {"max_queued_rows": 2})  # e.g. graft tenants set
+        await asyncio.sleep(0.3)
+        with pytest.raises(TenantBusy):
+            await engine.classify("acme", "m", ["x"] * 5)
+        registry.set_tenant_settings("acme", None)
+        await asyncio.sleep(0.3)
+        assert len(await engine.classify("acme", "m", ["x"] * 5)) == 5
+        engine.set_tenant_policy("acme", TenantPolicy(weight=3.0))
+        # the policy is stored where it differs from this engine's defaults (queue bound 100)
+        assert registry.tenant_settings() == {"acme": {"weight": 3.0, "max_queued_rows": 1024}}

@@ -259,3 +259,21 @@ def test_concurrent_process_publishes_get_consecutive_versions(
         versions += [int(line) for line in stdout.split()]
     assert sorted(versions) == list(range(1, 9))
     assert [record.version for record in registry.list_adapters("acme")] == list(range(1, 9))
+
+
+def test_tenant_settings_round_trip_and_stamp(tmp_path) -> None:
+    from registry import NotFound, Registry
+
+    with Registry(tmp_path / "reg") as registry:
+        registry.create_tenant("acme")
+        stamp = registry.settings_stamp()
+        registry.set_tenant_settings("acme", {"weight": 2.0})
+        assert registry.tenant_settings() == {"acme": {"weight": 2.0}}
+        assert registry.settings_stamp() != stamp
+        stamp = registry.settings_stamp()
+        registry.set_tenant_settings("acme", None)
+        assert registry.tenant_settings() == {} and registry.settings_stamp() != stamp
+        with pytest.raises(NotFound):
+            registry.set_tenant_settings("nobody", {"weight": 1.0})
+        with pytest.raises(ValueError):
+            registry.set_tenant_settings("acme", ["not", "an", "object"])  # type: ignore[arg-type]

@@ -138,3 +138,20 @@ def test_every_subcommand_takes_registry_and_backbone(argv, capsys) -> None:
         main(argv)
     out = capsys.readouterr().out
     assert "--registry" in out and "--backbone" in out
+
+
+def test_tenants_set_stores_settings_and_refuses_bad_ones(tmp_path: Path, capsys) -> None:
+    reg = str(tmp_path / "reg")
+    _run(capsys, "tenants", "create", "acme", "--registry", reg)
+    code, out, _ = _run(capsys, "tenants", "set", "acme", "--weight", "2", "--registry", reg)
+    assert code == 0 and '"weight": 2.0' in out
+    _run(capsys, "tenants", "set", "acme", "--max-queued-rows", "50", "--registry", reg)
+    with Registry(reg) as registry:
+        assert registry.tenant_settings() == {"acme": {"weight": 2.0, "max_queued_rows": 50}}
+    code, _, err = _run(capsys, "tenants", "set", "acme", "--weight", "0", "--registry", reg)
+    assert code == 2 and "weight" in err
+    code, out, _ = _run(capsys, "tenants", "list", "--registry", reg)
+    assert "acme" in out and "max_queued_rows" in out
+    code, _, _ = _run(capsys, "tenants", "set", "acme", "--reset", "--registry", reg)
+    with Registry(reg) as registry:
+        assert registry.tenant_settings() == {}

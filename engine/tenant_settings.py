@@ -1,0 +1,89 @@
+"""Per-tenant scheduling overrides: stored in the registry, applied to the live scheduler."""
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+from engine.config import EngineConfig
+from registry import Registry
+from scheduler import Scheduler, SchedulerConfig, TenantPolicy
+
+log = logging.getLogger(__name__)
+
+
+def scheduler_config(config: EngineConfig) -> SchedulerConfig:
+    """The scheduler's configuration, derived once from the engine's."""
+    return SchedulerConfig(
+        max_batch_tokens=config.max_batch_tokens,
+        max_batch_rows=config.max_batch_rows,
+        max_batch_pages=config.adapter_pages,
+        contended_batch_tokens=config.contended_batch_tokens,
+        max_queued_rows=config.max_queued_rows,
+        default_policy=TenantPolicy(
+            max_queued_rows=config.tenant_max_queued_rows,
+            max_tokens_per_step=config.tenant_max_tokens_per_step,
+        ),
+        is_fair=config.is_fair,
+    )
+
+
+def policy_from_settings(defaults: TenantPolicy, settings: dict[str, Any]) -> TenantPolicy:
+    """A tenant's policy: the defaults with its stored fields replaced (ValueError if bad)."""
+    known = {f.name for f in dataclasses.fields(TenantPolicy)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; known: {sorted(known)}")
+    return dataclasses.replace(defaults, **settings)
+
+
+class TenantSettings:
+    """Keeps the scheduler's per-tenant policies equal to what the registry stores.
+
+    The CLI (``graft tenants set``) or another engine may change them at any time; ``watch``
+    polls a cheap stamp and reloads on change, so no restart is needed.
+    """
+
+    def __init__(self, registry: Registry, scheduler: Scheduler, defaults: TenantPolicy) -> None:
+        self._registry = registry
+        self._scheduler = scheduler
+        self._defaults = defaults
+        self._stamp: tuple[int, float] | None = None
+
+    def set(self, tenant: str, policy: TenantPolicy | None) -> None:
+        """Store and apply at once; None removes the override."""
+        if policy is None:
+            self._registry.set_tenant_settings(tenant, None)
+        else:
+            changed = {
+                f.name: getattr(policy, f.name)
+                for f in dataclasses.fields(TenantPolicy)
+                if getattr(policy, f.name) != getattr(self._defaults, f.name)
+            }
+            self._registry.set_tenant_settings(tenant, changed)
+        self._scheduler.set_policy(tenant, policy)
+
+    def apply(self) -> None:
+        """Load every stored override into the scheduler; bad ones are logged and skipped."""
+        self._stamp = self._registry.settings_stamp()
+        stored = self._registry.tenant_settings()
+        for tenant in self._scheduler.policy_overrides():
+            if tenant not in stored:
+                self._scheduler.set_policy(tenant, None)
+        for tenant, settings in stored.items():
+            try:
+                policy = policy_from_settings(self._defaults, settings)
+            except (TypeError, ValueError) as exc:
+                log.error("ignoring bad scheduling settings of tenant %s: %s", tenant, exc)
+                continue
+            self._scheduler.set_policy(tenant, policy)
+
+    async def watch(self, poll_s: float) -> None:
+        """Re-apply whenever the stored settings change; runs until cancelled."""
+        while True:
+            await asyncio.sleep(poll_s)
+            try:
+                if self._registry.settings_stamp() != self._stamp:
+                    self.apply()
+            except Exception:  # a briefly locked catalog must not stop serving
+                log.exception("reading tenant settings failed; keeping the current ones")
