@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from engine.adapters import POOLING_CLS_POOLER, parse_adapter
 from engine.backbone import Backbone
 from engine.errors import AdapterFormatError
+from registry import AdapterRecord, PublishItem, Registry, validate_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -119,13 +120,13 @@ def stage_peft_import(
 
 
 def import_peft(
-    registry: Any,
+    registry: Registry,
     backbone: Backbone,
     tenant: str,
     name: str,
     src: Path,
     labels: Sequence[str] | None = None,
-) -> Any:
+) -> AdapterRecord:
     """Register a PEFT adapter directory as the next version of ``tenant/name``."""
     staging = Path(tempfile.mkdtemp(prefix="graft-import-"))
     try:
@@ -133,3 +134,42 @@ def import_peft(
         return registry.publish(tenant, name, staging, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+_IMPORT_CHUNK = 500  # adapters per registry transaction in a bulk import
+
+
+def import_peft_many(
+    registry: Registry,
+    backbone: Backbone,
+    tenant: str,
+    sources: Sequence[tuple[str, Path]],
+    labels: Sequence[str] | None = None,
+) -> tuple[list[AdapterRecord], list[tuple[Path, str]]]:
+    """Register many PEFT directories: (name, dir) pairs, validated one by one, published in
+    transactions of a few hundred. Returns the records and (dir, reason) for each failure; a
+    bad directory never stops the others."""
+    records: list[AdapterRecord] = []
+    failures: list[tuple[Path, str]] = []
+    staging_root = Path(tempfile.mkdtemp(prefix="graft-import-"))
+    try:
+        items: list[tuple[Path, PublishItem]] = []
+        for i, (name, src) in enumerate(sources):
+            staging = staging_root / str(i)
+            staging.mkdir()
+            try:
+                validate_name("adapter", name)
+                manifest = stage_peft_import(Path(src), backbone, labels, staging)
+            except Exception as exc:  # reported per directory; the rest still import
+                failures.append((Path(src), str(exc)))
+                continue
+            items.append((Path(src), PublishItem(tenant, name, staging, manifest)))
+        for start in range(0, len(items), _IMPORT_CHUNK):
+            chunk = items[start : start + _IMPORT_CHUNK]
+            try:
+                records += registry.publish_many([item for _, item in chunk])
+            except Exception as exc:  # the whole transaction failed: nothing of it landed
+                failures += [(src, str(exc)) for src, _ in chunk]
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+    return records, failures
