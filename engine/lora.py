@@ -35,6 +35,7 @@ class LoraStepPlan:
     kernel: LoraKernel  # the implementation every layer of this step uses
     row_pages: torch.Tensor | None = None  # int64 [B, R], per-row pages (gather kernels)
     row_scale: torch.Tensor | None = None  # [M, B] in the pool dtype, 0 where no LoRA
+    rank_padding: float = 1.0  # rows x max rank over sum of rows x own rank (gather waste)
 
 
 class StepLora:

@@ -46,19 +46,26 @@ class GatherBmm:
 
 
 class AutoCpu:
-    """The segment loop for batches of few adapters, the gather path for mixed ones."""
+    """Per step: the gather path for batches of many adapters of similar rank, else the loop.
 
-    def __init__(self, max_loop_segments: int = 2) -> None:
+    Measured on a 2-core CPU (benchmarks/kernels.py): the two cost the same up to about 8
+    segments at rank 8, the gather wins beyond, and it loses badly when mixed ranks make it
+    pad every row to the largest rank.
+    """
+
+    def __init__(self, min_gather_segments: int = 8, max_rank_padding: float = 1.5) -> None:
         self._loop = SegmentLoop()
         self._gather = GatherBmm()
-        self._max_loop_segments = max_loop_segments
+        self._min_gather_segments = min_gather_segments
+        self._max_rank_padding = max_rank_padding
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
-        num_segments = plan.seg_pages.shape[0]
-        if num_segments <= self._max_loop_segments or plan.row_pages is None:
-            self._loop.apply(index, y, x, plan)
-        else:
-            self._gather.apply(index, y, x, plan)
+        use_gather = (
+            plan.row_pages is not None
+            and plan.seg_pages.shape[0] >= self._min_gather_segments
+            and plan.rank_padding <= self._max_rank_padding
+        )
+        (self._gather if use_gather else self._loop).apply(index, y, x, plan)
 
 
 def kernel_for(name: str, device: str) -> LoraKernel:

@@ -89,6 +89,7 @@ class ModelRunner:
             kernel=self._kernel,
             row_pages=pages.long().repeat_interleave(lengths, dim=0).to(device),
             row_scale=scales.repeat_interleave(lengths, dim=1).to(device, dtype),
+            rank_padding=_rank_padding(lengths.tolist(), [len(r.pages) for r in residents]),
         )
 
     @staticmethod
@@ -100,3 +101,10 @@ class ModelRunner:
         hidden = out.last_hidden_state[lo:hi]
         weights = mask[lo:hi].unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def _rank_padding(rows_per_segment: list[int], ranks: list[int]) -> float:
+    """How much the gather kernel would compute beyond each row's own rank (1.0 = none)."""
+    useful = sum(n * r for n, r in zip(rows_per_segment, ranks, strict=True))
+    padded = sum(rows_per_segment) * max(ranks, default=0)
+    return padded / useful if useful else 1.0
