@@ -76,8 +76,19 @@ def _parser() -> argparse.ArgumentParser:
     p = tenants.add_parser("add-key", parents=[common], help="issue another API key for a tenant")
     p.add_argument("tenant")
     p.set_defaults(handler=_tenants_add_key)
-    p = tenants.add_parser("list", parents=[common], help="list tenants")
+    p = tenants.add_parser("list", parents=[common], help="list tenants and their settings")
     p.set_defaults(handler=_tenants_list)
+    p = tenants.add_parser(
+        "set",
+        parents=[common],
+        help="change a tenant's scheduling share; running servers apply it within seconds",
+    )
+    p.add_argument("tenant")
+    p.add_argument("--weight", type=float, help="share relative to other waiting tenants")
+    p.add_argument("--max-tokens-per-step", type=int, help="tokens it may put in one step")
+    p.add_argument("--max-queued-rows", type=int, help="inputs it may have waiting (then 429)")
+    p.add_argument("--reset", action="store_true", help="back to the server's defaults")
+    p.set_defaults(handler=_tenants_set)
 
     _train_parser(sub, common)
 
@@ -107,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _serve_args(p)
     p.set_defaults(handler=_demo)
+    from server.bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -185,8 +199,35 @@ def _tenants_add_key(args: argparse.Namespace) -> int:
 
 def _tenants_list(args: argparse.Namespace) -> int:
     with _open_registry(args) as registry:
+        settings = registry.tenant_settings()
         for tenant in registry.tenants():
-            print(tenant)
+            extra = json.dumps(settings[tenant], sort_keys=True) if tenant in settings else ""
+            print(f"{tenant}  {extra}".rstrip())
+    return 0
+
+
+def _tenants_set(args: argparse.Namespace) -> int:
+    from engine import TenantPolicy
+
+    changes = {
+        "weight": args.weight,
+        "max_tokens_per_step": args.max_tokens_per_step,
+        "max_queued_rows": args.max_queued_rows,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.reset == bool(changes):
+        raise ValueError(
+            "give --reset, or at least one of --weight, --max-tokens-per-step, --max-queued-rows"
+        )
+    with _open_registry(args) as registry:
+        if args.reset:
+            registry.set_tenant_settings(args.tenant, None)
+            print(f"tenant {args.tenant!r} back to the server defaults")
+            return 0
+        merged = {**registry.tenant_settings().get(args.tenant, {}), **changes}
+        TenantPolicy(**merged)  # refuse values the scheduler would refuse
+        registry.set_tenant_settings(args.tenant, merged)
+    print(f"tenant {args.tenant!r}: {json.dumps(merged, sort_keys=True)}")
     return 0
 
 
@@ -249,33 +290,29 @@ def _train(args: argparse.Namespace) -> int:
 
 def _adapters_import(args: argparse.Namespace) -> int:
     from engine import load_backbone
-    from engine.peft_io import import_peft
+    from engine.peft_io import import_peft_many
 
     if args.name and len(args.dirs) > 1:
         raise ValueError(
             "--name applies to a single DIR; with several, each takes its directory's name"
         )
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    failures = 0
     with _open_registry(args) as registry:
         if not registry.has_tenant(args.tenant):
             raise ValueError(
                 f"tenant {args.tenant!r} does not exist (graft tenants create {args.tenant})"
             )
         backbone = load_backbone(args.backbone)
-        for src in args.dirs:
-            name = args.name or src.resolve().name
-            try:
-                record = import_peft(registry, backbone, args.tenant, name, src, labels)
-            except Exception as exc:  # report each directory, keep importing the rest
-                failures += 1
-                print(f"failed {src}: {exc}", file=sys.stderr)
-                continue
-            print(
-                f"imported {src} as {record.full_name}@{record.version} "
-                f"(rank {record.rank}, labels {','.join(record.labels)})"
-            )
-    print(f"{len(args.dirs) - failures} imported, {failures} failed")
+        sources = [(args.name or src.resolve().name, src) for src in args.dirs]
+        records, failures = import_peft_many(registry, backbone, args.tenant, sources, labels)
+    for src, reason in failures:
+        print(f"failed {src}: {reason}", file=sys.stderr)
+    for record in records:
+        print(
+            f"imported {record.full_name}@{record.version} "
+            f"(rank {record.rank}, labels {','.join(record.labels)})"
+        )
+    print(f"{len(records)} imported, {len(failures)} failed")
     return 1 if failures else 0
 
 

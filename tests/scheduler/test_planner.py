@@ -94,9 +94,7 @@ def test_contended_steps_use_the_smaller_budget() -> None:
 
 @pytest.mark.parametrize("weights", [(1, 1, 1), (1, 2, 4), (3, 1, 1)])
 def test_shares_follow_weights_over_ten_thousand_steps(weights) -> None:
-    s = Scheduler(
-        SchedulerConfig(max_batch_tokens=512, contended_batch_tokens=512)
-    )
+    s = Scheduler(SchedulerConfig(max_batch_tokens=512, contended_batch_tokens=512))
     rng = random.Random(1)
     tenants = [f"t{i}" for i in range(len(weights))]
     for tenant, weight in zip(tenants, weights, strict=True):

@@ -1,0 +1,280 @@
+"""Load test: open-loop, many tenants, real texts, against graft embedded or over HTTP.
+
+    python -m benchmarks.load [--embedded | --serve | --url URL --key KEY... | --baseline KIND]
+        [--corpus sms|tweets|news] [--adapters N] [--tenants M] [--popularity zipf|uniform]
+        [--arrival poisson|gamma --cv CV] [--rate R | --sweep 5,10,20 | --sweep auto]
+        [--duration S] [--requests N] [--slo-ms 50] [--quick]
+    python -m benchmarks.load --scenarios [--quick]      # the standard set (about 10 minutes)
+
+Targets: ``--embedded`` (default) builds a scratch registry of ``--adapters`` random rank-8
+adapters for ``--tenants`` tenants and drives an in-process ``Engine``; ``--serve`` serves that
+registry over HTTP from this process (its own thread and event loop, 127.0.0.1, port 0);
+``--url`` drives a running server whose models the ``--key`` tenants already have;
+``--baseline backbone`` is the bare backbone (the ceiling), ``--baseline peft`` a PEFT server
+over the same adapters (``benchmarks/peft_server.py``).
+
+Each offered rate writes one JSONL file (a header with machine, git commit and configuration;
+one line per request; a footer with server counters) under ``benchmarks/out/load/<run>/``;
+``python -m benchmarks.report`` reads them. ``--sweep auto`` first measures closed-loop
+capacity C, then offers 0.3, 0.6, 0.9 and 1.2 x C and keeps raising by 1.3x until the
+server saturates (it answers < 85% of what was offered, p99 passes 20x the SLO, or > 5% fail).
+Every sweep stops at the first saturated rate. The load generator shares the machine (and,
+except with ``--url``, the process) with the server: on a small CPU it costs the server.
+"""
+
+import argparse
+import asyncio
+import itertools
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from benchmarks import report  # noqa: E402
+from benchmarks.arrivals import ARRIVALS, CORPORA, POPULARITIES  # noqa: E402
+from benchmarks.load_fleet import Fleet, build_fleet  # noqa: E402
+from benchmarks.load_stats import RunSummary, sweeps  # noqa: E402
+from benchmarks.load_sweep import MAX_POINTS, Scenario, ScenarioRunner, SweepPlan  # noqa: E402
+from benchmarks.load_targets import TargetOptions, open_target  # noqa: E402
+
+OUT_DIR = Path(__file__).resolve().parent / "out" / "load"
+
+
+def _s(name, target, corpus, adapters, popularity="zipf", **kw) -> Scenario:
+    return Scenario(name, target, corpus, adapters, popularity, **kw)
+
+
+STANDARD_SCENARIOS = (
+    _s("embedded-sms-1a", "embedded", "sms", 1, "uniform"),
+    _s("embedded-sms-100a-zipf", "embedded", "sms", 100),
+    _s("embedded-sms-1000a-zipf", "embedded", "sms", 1000),
+    _s("embedded-sms-1000a-uniform", "embedded", "sms", 1000, "uniform"),
+    _s("embedded-sms-1000a-zipf-bursty", "embedded", "sms", 1000, arrival="gamma", cv=3.0),
+    _s("embedded-tweets-1000a-zipf", "embedded", "tweets", 1000),
+    _s("embedded-news-1000a-zipf", "embedded", "news", 1000),
+    _s("backbone-sms", "backbone", "sms", 1, "uniform"),
+    _s("backbone-news", "backbone", "news", 1, "uniform"),
+    _s("serve-sms-1a", "serve", "sms", 1, "uniform"),
+    _s("serve-sms-100a-zipf", "serve", "sms", 100),
+    _s("serve-sms-1000a-zipf", "serve", "sms", 1000),
+    _s("peft-sms-1a", "peft", "sms", 1, "uniform"),
+    _s("peft-sms-100a-zipf", "peft", "sms", 100),
+)
+QUICK_SCENARIOS = (
+    _s("embedded-sms-1a", "embedded", "sms", 1, "uniform"),
+    _s("embedded-sms-2a-zipf", "embedded", "sms", 2),
+    _s("backbone-sms", "backbone", "sms", 1, "uniform"),
+    _s("serve-sms-2a-zipf", "serve", "sms", 2),
+    _s("peft-sms-2a-zipf", "peft", "sms", 2),
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.load", description=__doc__.splitlines()[0]
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--embedded", action="store_true", help="in-process Engine (default)")
+    where.add_argument("--serve", action="store_true", help="in-process HTTP server")
+    where.add_argument("--url", help="a running graft (or peft_server) HTTP server")
+    where.add_argument("--baseline", choices=("backbone", "peft"))
+    p.add_argument("--key", action="append", default=[], help="API key with --url (repeatable)")
+    p.add_argument("--scenarios", action="store_true", help="run the standard scenario set")
+    p.add_argument("--only", help="with --scenarios: comma-separated scenario names to run")
+    p.add_argument("--name", help="scenario name in file names and tables")
+    p.add_argument("--corpus", choices=CORPORA, default="sms")
+    p.add_argument(
+        "--adapters", type=int, default=None, help="distinct adapters (default 100; --url: all)"
+    )
+    p.add_argument("--tenants", type=int, default=None, help="tenants owning them (default 100)")
+    p.add_argument("--popularity", choices=POPULARITIES, default="zipf")
+    p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent")
+    p.add_argument("--arrival", choices=ARRIVALS, default="poisson")
+    p.add_argument("--cv", type=float, default=1.0, help="gap coefficient of variation (gamma)")
+    p.add_argument("--inputs", type=int, default=1, help="texts per request")
+    p.add_argument("--rate", type=float, default=20.0, help="offered requests/s (single run)")
+    p.add_argument("--sweep", help="comma-separated rates, or 'auto'")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="sending seconds per rate (default 10, with --scenarios 4; by default a low rate "
+        "sends up to twice as long to collect 100 requests)",
+    )
+    p.add_argument("--requests", type=int, default=1_000_000, help="max requests per rate")
+    p.add_argument("--timeout", type=float, default=5.0, help="queue deadline per request, s")
+    p.add_argument("--slo-ms", type=float, default=report.DEFAULT_SLO_MS)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--adapter-pages", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=OUT_DIR)
+    p.add_argument("--quick", action="store_true", help="tiny configuration (tests)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.url and not args.key:
+        p.error("--url needs --key (one per tenant to drive)")
+    return args
+
+
+def scenarios_from(args: argparse.Namespace) -> tuple[Scenario, ...]:
+    if args.scenarios:
+        chosen = QUICK_SCENARIOS if args.quick else STANDARD_SCENARIOS
+        if not args.only:
+            return chosen
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = sorted(set(names) - {s.name for s in chosen})
+        if unknown:
+            raise ValueError(f"unknown scenarios {unknown}; known: {[s.name for s in chosen]}")
+        return tuple(s for s in chosen if s.name in names)
+    target = _target_kind(args)
+    # a url target serves what its keys list: all of it unless --adapters says fewer
+    adapters = args.adapters or (0 if target == "url" else 2 if args.quick else 100)
+    name = args.name or f"{target}-{args.corpus}-{adapters or 'all'}a-{args.popularity}"
+    if args.arrival == "gamma":
+        name += f"-cv{args.cv:g}"
+    scenario = Scenario(
+        name,
+        target,
+        args.corpus,
+        adapters,
+        popularity=args.popularity,
+        arrival=args.arrival,
+        cv=args.cv,
+        inputs_per_request=args.inputs,
+        zipf_s=args.zipf_s,
+    )
+    return (scenario,)
+
+
+def _target_kind(args: argparse.Namespace) -> str:
+    if args.serve:
+        return "serve"
+    if args.url:
+        return "url"
+    return args.baseline or "embedded"
+
+
+def sweep_plan(args: argparse.Namespace) -> SweepPlan:
+    if args.sweep in (None, "") and not args.scenarios:
+        rates: tuple[float, ...] | None = (args.rate,)
+    elif args.sweep in (None, "", "auto"):
+        rates = None
+    else:
+        rates = tuple(sorted(float(r) for r in args.sweep.split(",") if r.strip()))
+        if not rates or min(rates) <= 0:
+            raise ValueError(f"--sweep needs positive rates, got {args.sweep!r}")
+    duration = args.duration or (1.5 if args.quick else 4.0 if args.scenarios else 10.0)
+    return SweepPlan(
+        rates_rps=rates,
+        duration_s=duration,
+        max_requests=args.requests,
+        drain_s=args.timeout + 10.0,
+        probe_s=1.0 if args.quick else 2.0,
+        slo_s=args.slo_ms / 1000,
+        max_points=2 if args.quick else MAX_POINTS,
+        # an explicit --duration is taken as is; the defaults stretch for a usable p99
+        min_requests=0 if args.duration else 10 if args.quick else 100,
+    )
+
+
+async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[RunSummary]:
+    """Build the scratch registry once, then run each group of same-target scenarios
+    against one target opened for the group."""
+    chosen, plan = scenarios_from(args), sweep_plan(args)
+    fleet = await _fleet(args, chosen, work)
+    options = TargetOptions(
+        timeout_s=args.timeout,
+        threads=args.threads,
+        adapter_pages=args.adapter_pages,
+        url=args.url,
+        keys=tuple(args.key),
+    )
+    texts: dict[str, list[str]] = {}
+    summaries: list[RunSummary] = []
+    index = 0
+    for kind, members in itertools.groupby(chosen, key=lambda s: s.target):
+        group = list(members)
+        needed = max(s.num_adapters for s in group)
+        async with open_target(
+            kind, fleet.subset(needed) if fleet else NO_FLEET, options
+        ) as target:
+            runner = ScenarioRunner(
+                target,
+                options,
+                plan,
+                run_dir,
+                texts,
+                seed=args.seed,
+                progress=not args.no_progress,
+                command=" ".join(["python -m benchmarks.load", *args.argv]),
+            )
+            for scenario in group:
+                summaries.extend(await runner.run(scenario, index))
+                index += 1
+    return summaries
+
+
+async def _fleet(args: argparse.Namespace, chosen: Sequence[Scenario], work: Path) -> Fleet | None:
+    """The scratch registry every target but ``url`` serves from; None when none needs it."""
+    needed = [s.num_adapters for s in chosen if s.target != "url"]
+    if not needed:
+        return None
+    tenants = args.tenants or (2 if args.quick else 100)
+    started = time.perf_counter()
+    fleet = await asyncio.to_thread(build_fleet, work, max(needed), tenants, seed=args.seed)
+    print(
+        f"scratch registry: {max(needed)} adapters, {len(fleet.keys)} tenants, "
+        f"built in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    return fleet
+
+
+NO_FLEET = Fleet(Path("."), (), {}, ())  # what a url target gets: it discovers its models
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
+    run_dir = args.out / time.strftime("%Y%m%d-%H%M%S")
+    with tempfile.TemporaryDirectory(prefix="graft-load-") as tmp:
+        summaries = _run(run_all(args, run_dir, Path(tmp)))
+    print(f"\nrecords: {run_dir}")
+    payload = report.print_report(summaries, args.slo_ms, tenants=False)
+    if len(summaries) > 1:
+        from benchmarks.load_plots import plot_all
+
+        payload["plots"] = plot_all(sweeps(summaries), run_dir, args.slo_ms)
+        for plot in payload["plots"]:
+            print(f"plot: {plot}")
+    payload["run_dir"] = str(run_dir)
+    return payload
+
+
+def _run(coro):
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.basicConfig(level=logging.WARNING)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The load report's arithmetic on synthetic records, and its files end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import report
+from benchmarks.load_stats import (
+    Run,
+    comparisons,
+    error_counts,
+    goodput_rps,
+    percentile,
+    slo_attainment,
+    summarize,
+    sweeps,
+    tenant_shares,
+    throughput,
+)
+
+SLO_S = 0.05
+
+
+def rec(t_send: float, latency_s: float | None, status=200, tenant="t0", n_inputs=1, **extra):
+    return {
+        "t_send": t_send,
+        "send_lag_s": 0.0,
+        "latency_s": latency_s,
+        "first_s": None,
+        "queue_s": None,
+        "compute_s": None,
+        "status": status,
+        "tenant": tenant,
+        "model": "a0",
+        "n_inputs": n_inputs,
+        "tokens": 10 if status == 200 else None,
+        "error": None if status == 200 else "x",
+        **extra,
+    }
+
+
+def header(name: str, target: str, rate: float, adapters: int = 1, corpus: str = "sms"):
+    scenario = {
+        "name": name,
+        "target": target,
+        "corpus": corpus,
+        "num_adapters": adapters,
+        "popularity": "zipf",
+    }
+    return {"scenario": scenario, "rate_rps": rate}
+
+
+def test_percentiles_interpolate_like_numpy() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([], 50) is None
+    rng = np.random.default_rng(0).exponential(size=1001)
+    assert percentile(list(rng), 90) == pytest.approx(np.percentile(rng, 90))
+
+
+def test_slo_attainment_counts_errors_and_late_answers_as_misses() -> None:
+    records = [rec(0, 0.01), rec(0, 0.049), rec(0, 0.05), rec(0, 0.2), rec(0, None, "error")]
+    records.append(rec(0, 0.001, 429))
+    assert slo_attainment(records, SLO_S) == pytest.approx(3 / 6)
+    assert slo_attainment([], SLO_S) == 0.0
+
+
+def test_throughput_counts_answered_requests_and_inputs_over_the_span() -> None:
+    records = [rec(t * 0.1, 0.05, n_inputs=2) for t in range(10)]  # last answer at 0.95 s
+    records.append(rec(0.5, 0.01, 503))
+    rps, seq_s = throughput(records)
+    assert rps == pytest.approx(10 / 0.95)
+    assert seq_s == pytest.approx(20 / 0.95)
+    assert throughput([rec(0, None, "error")]) == (0.0, 0.0)
+
+
+def test_error_counts_by_status() -> None:
+    records = [rec(0, 0.01), rec(0, 0.01, 429), rec(0, 0.01, 429), rec(0, 0.01, 503)]
+    records += [rec(0, None, "error"), rec(0, 2.0, 504)]
+    assert error_counts(records) == {"429": 2, "503": 1, "504": 1, "error": 1}
+
+
+def test_tenant_shares_offered_and_served() -> None:
+    records = [rec(0, 0.01, tenant="a")] * 6 + [rec(0, 0.01, tenant="b")] * 2
+    records += [rec(0, 0.01, 429, tenant="b")] * 2
+    shares = tenant_shares(records)
+    assert list(shares) == ["a", "b"]
+    assert shares["a"] == {"offered": 0.6, "served": 0.75}
+    assert shares["b"] == {"offered": 0.4, "served": 0.25}
+
+
+def test_goodput_is_the_highest_rate_below_which_every_rate_met_the_slo() -> None:
+    sweep = [(40.0, 0.999), (5.0, 1.0), (10.0, 0.995), (20.0, 0.97)]
+    assert goodput_rps(sweep) == 10.0  # 40 passed again, but after 20 failed: not counted
+    assert goodput_rps([(5.0, 0.98)]) is None
+    assert goodput_rps([(5.0, 0.99), (10.0, 0.991)]) == 10.0
+
+
+def _run(name: str, target: str, rate: float, latency_s: float, n: int = 100, **kw) -> Run:
+    records = [rec(i / rate, latency_s) for i in range(n)]
+    return Run(Path(f"{name}-{rate}.jsonl"), header(name, target, rate, **kw), records, {})
+
+
+def test_sweep_summary_saturation_goodput_and_low_load_point() -> None:
+    runs = [
+        _run("e", "embedded", 10, 0.01),
+        _run("e", "embedded", 30, 0.02),
+        _run("e", "embedded", 60, 0.08),
+        _run("e", "embedded", 100, 0.5),
+    ]
+    (sweep,) = sweeps([summarize(r, SLO_S) for r in runs])
+    assert [p.offered_rps for p in sweep.points] == [10, 30, 60, 100]
+    assert sweep.goodput_rps == 30
+    assert sweep.saturation_rps == pytest.approx(max(p.throughput_rps for p in sweep.points))
+    assert sweep.low_load_rps == 30  # closest to 0.3 x ~92 req/s
+    assert sweep.low_load_p99_ms == pytest.approx(20.0)
+
+
+def test_comparisons_pair_http_with_embedded_and_embedded_with_the_backbone() -> None:
+    summaries = [
+        summarize(_run("emb", "embedded", 50, 0.01, adapters=100), SLO_S),
+        summarize(_run("http", "serve", 50, 0.01, n=90, adapters=100), SLO_S),
+        summarize(_run("bare", "backbone", 50, 0.01), SLO_S),
+        summarize(_run("other", "serve", 50, 0.01, adapters=7), SLO_S),
+    ]
+    rows = {(r["comparison"], r["scenario"]): r for r in comparisons(sweeps(summaries))}
+    http = rows[("http / embedded", "http")]
+    assert http["against"] == "emb" and http["aim"] == 0.85
+    assert http["ratio"] == pytest.approx(
+        summaries[1].throughput_seq_s / summaries[0].throughput_seq_s, abs=1e-3
+    )
+    assert rows[("embedded / bare backbone", "emb")]["against"] == "bare"
+    assert ("http / embedded", "other") not in rows  # no embedded run with 7 adapters
+
+
+def test_queue_and_compute_split_where_recorded() -> None:
+    records = [rec(i * 0.1, 0.03, queue_s=0.01, compute_s=0.02) for i in range(20)]
+    records.append(rec(3.0, 0.03))  # an HTTP-style record without the split
+    s = summarize(Run(Path("x"), header("s", "embedded", 10), records, {}), SLO_S)
+    assert s.queue_ms == {"p50": 10.0, "p90": 10.0, "p99": 10.0}
+    assert s.compute_ms["p99"] == pytest.approx(20.0)
+    http = summarize(Run(Path("y"), header("h", "serve", 10), [rec(0, 0.03)], {}), SLO_S)
+    assert http.queue_ms is None and http.compute_ms is None
+
+
+def test_report_reads_files_and_directories(tmp_path: Path, capsys) -> None:
+    for rate in (10, 20):
+        lines = [{"kind": "header", **header("e", "embedded", rate)}]
+        lines += [{"kind": "request", **rec(i / rate, 0.01 * rate / 10)} for i in range(50)]
+        lines.append({"kind": "footer", "send_window_s": 50 / rate})
+        path = tmp_path / "runs" / f"e-r{rate}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    payload = report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--no-plots"])
+    assert [r["offered_rps"] for r in payload["runs"]] == [10, 20]
+    assert payload["sweeps"][0]["goodput_rps"] == 20
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["slo_ms"] == 50.0
+    assert "headline" in capsys.readouterr().out
+
+
+def test_report_refuses_a_file_without_header(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"kind": "request", **rec(0, 0.01)}) + "\n")
+    with pytest.raises(ValueError, match="no header"):
+        report.read_run(path)
+
+
+def test_step_stats_from_the_footer_counters() -> None:
+    footer = {
+        "wall_s": 2.0,
+        "counters_before": {"steps": 5, "step_clock": {"steps": 10, "rows": 40, "busy_s": 1.0}},
+        "counters_after": {"steps": 9, "step_clock": {"steps": 30, "rows": 200, "busy_s": 2.5}},
+    }
+    s = summarize(Run(Path("x"), header("s", "embedded", 10), [rec(0, 0.01)], footer), SLO_S)
+    assert s.rows_per_step == pytest.approx(8.0) and s.busy_share == pytest.approx(0.75)
+    baseline = {"wall_s": 1.0, "counters_before": {"steps": 0, "rows": 0, "busy_s": 0.0}}
+    baseline["counters_after"] = {"steps": 4, "rows": 10, "busy_s": 0.5}
+    s = summarize(Run(Path("y"), header("b", "backbone", 10), [rec(0, 0.01)], baseline), SLO_S)
+    assert s.rows_per_step == pytest.approx(2.5) and s.busy_share == pytest.approx(0.5)
+    s = summarize(Run(Path("z"), header("p", "peft", 10), [rec(0, 0.01)], {}), SLO_S)
+    assert s.rows_per_step is None and s.busy_share is None

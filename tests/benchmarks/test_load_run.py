@@ -1,0 +1,49 @@
+"""A tiny real load test (embedded engine, 2 adapters) whose JSONL the report reads.
+
+No timing is asserted: only that requests were sent on schedule, answered, recorded with the
+promised fields, and that the report understands the file.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import load, report
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_embedded_run_writes_records_the_report_reads(tmp_path: Path) -> None:
+    argv = ["--embedded", "--quick", "--rate", "8", "--duration", "1", "--no-progress"]
+    payload = load.main([*argv, "--out", str(tmp_path)])
+    (path,) = Path(payload["run_dir"]).glob("*.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    head, records, foot = lines[0], lines[1:-1], lines[-1]
+    assert head["kind"] == "header" and foot["kind"] == "footer"
+    assert head["scenario"]["target"] == "embedded" and head["scenario"]["num_adapters"] == 2
+    assert head["rate_rps"] == 8 and head["git"].keys() == {"commit", "dirty"}
+    assert {"cpu", "cores", "torch"} <= head["machine"].keys()
+    assert records and all(r["kind"] == "request" for r in records)
+    fields = {"t_send", "latency_s", "queue_s", "compute_s", "status", "tenant", "model"}
+    assert fields | {"n_inputs", "tokens"} <= records[0].keys()
+    answered = [r for r in records if r["status"] == 200]
+    assert answered, records
+    for r in answered:
+        assert r["latency_s"] > 0 and r["tokens"] > 2 and r["n_inputs"] == 1
+        assert r["model"] in ("a0", "a1") and r["tenant"] in ("t0", "t1")
+        if r["queue_s"] is not None:  # the step clock saw the request's step
+            assert r["queue_s"] + r["compute_s"] <= r["latency_s"] + 1e-6
+    assert foot["counters_after"]["steps"] > foot["counters_before"]["steps"]
+
+    summary = report.main([str(path), "--out", str(tmp_path / "report"), "--no-plots"])
+    (run,) = summary["runs"]
+    assert run["num_sent"] == len(records) and run["num_ok"] == len(answered)
+    assert run["throughput_rps"] > 0
+    assert summary["sweeps"][0]["scenario"] == "embedded-sms-2a-zipf"
