@@ -21,7 +21,7 @@ from engine.errors import (
     ModelNotFound,
     TenantBusy,
 )
-from engine.job import Job, Prediction
+from engine.job import Job, JobTimings, Prediction
 from engine.listing import AdapterInfo
 from engine.lora import LoraStepPlan
 from engine.peft_io import import_peft, write_peft_adapter
@@ -44,6 +44,7 @@ __all__ = [
     "InputError",
     "InputTooLong",
     "Job",
+    "JobTimings",
     "LoraStepPlan",
     "ModelNotFound",
     "Prediction",

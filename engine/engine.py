@@ -375,7 +375,7 @@ class Engine:
                 continue
             rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
             token_ids = [p.tokens.ids[r.index] if p else (0,) for p, r in rows]
-            started = time.perf_counter()
+            started = time.monotonic()
             try:
                 probs = await loop.run_in_executor(self._executor, self._step, batch, token_ids)
             except Exception as exc:  # a failed step fails its rows, never the loop
@@ -384,7 +384,10 @@ class Engine:
                     if pending is not None:
                         pending.job.fail(EngineError(f"model step failed: {exc}"))
                 continue
-            self._scheduler.record_step(len(batch.rows), time.perf_counter() - started)
+            ended = time.monotonic()
+            self._scheduler.record_step(len(batch.rows), ended - started)
+            for pending in {id(p): p for p, _ in rows if p is not None}.values():
+                pending.job.record_step(started, ended)
             for (pending, row), row_probs in zip(rows, probs, strict=True):
                 if pending is not None:
                     pending.job.deliver(_prediction(pending, row.index, row_probs))

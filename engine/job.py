@@ -1,6 +1,7 @@
 """A submitted request: its rows' results arrive one by one, in completion order."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
@@ -14,6 +15,15 @@ class Prediction:
     scores: Mapping[str, float]  # label -> probability, summing to 1
     truncated: bool  # the text was cut to the backbone's maximum length
     num_tokens: int  # tokens the model saw, special tokens included
+
+
+@dataclass(frozen=True, slots=True)
+class JobTimings:
+    """Where a request's time went, in seconds (from the engine's monotonic clock)."""
+
+    queue_s: float  # admission to the start of its first step (0 if no row ran)
+    compute_s: float  # first step start to last step end, other rows of those steps included
+    total_s: float  # admission to now, or to the last step's end once all rows are done
 
 
 class Job:
@@ -41,10 +51,30 @@ class Job:
         self._stream: asyncio.Queue[Prediction | BaseException] = asyncio.Queue()
         self._finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._finished.add_done_callback(_consume_exception)
+        self._admitted_s = time.monotonic()
+        self._first_step_s: float | None = None
+        self._last_step_s: float | None = None
 
     @property
     def done(self) -> bool:
         return self._finished.done()
+
+    def record_step(self, started_s: float, ended_s: float) -> None:
+        """Note a step that ran some of this job's rows (monotonic seconds)."""
+        if self._first_step_s is None:
+            self._first_step_s = started_s
+        self._last_step_s = ended_s
+
+    def timings(self) -> JobTimings:
+        end = self._last_step_s if self._finished.done() and self._last_step_s else time.monotonic()
+        first = self._first_step_s
+        return JobTimings(
+            queue_s=(first - self._admitted_s) if first is not None else 0.0,
+            compute_s=(self._last_step_s - first)
+            if first is not None and self._last_step_s
+            else 0.0,
+            total_s=end - self._admitted_s,
+        )
 
     async def results(self) -> list[Prediction]:
         """Every prediction in input order, once all are done (raises the job's error)."""

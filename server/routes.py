@@ -122,7 +122,11 @@ async def classify(request: web.Request) -> web.StreamResponse:
         raise from_engine_error(exc) from exc
     finally:
         job.cancel()  # a no-op when done; drops the rows still queued if the client left
-    return json_response(classify_json(job, predictions))
+    timings = job.timings()
+    server_timing = (
+        f"queue;dur={timings.queue_s * 1000:.2f}, compute;dur={timings.compute_s * 1000:.2f}"
+    )
+    return json_response(classify_json(job, predictions), headers={"Server-Timing": server_timing})
 
 
 async def _submit(engine: Engine, tenant: str, body: ClassifyRequest) -> Job:

@@ -142,3 +142,13 @@ async def test_small_pool_evicts_idle_adapters_and_stays_correct(registry, publi
     assert stats["adapter_device_evictions"] >= 4
     for a, b in zip(first, again, strict=True):
         assert a[0].scores == pytest.approx(b[0].scores, abs=1e-6)
+
+
+async def test_job_timings_split_queue_and_compute(registry, publish_random) -> None:
+    publish_random(registry, "acme", "m")
+    async with Engine(EngineConfig(registry_dir=registry.root, max_batch_rows=1)) as engine:
+        job = await engine.submit("acme", "m", ["one", "two", "three"])
+        await job.results()
+        timings = job.timings()
+    assert timings.queue_s >= 0 and timings.compute_s > 0
+    assert timings.total_s >= timings.queue_s + timings.compute_s - 1e-6

@@ -173,3 +173,14 @@ async def test_health_and_ready(client, engine: Engine) -> None:
         "backbone": engine.backbone.name,
         "backbone_sha256": engine.backbone.sha256,
     }
+
+
+async def test_plain_answers_carry_server_timing(client, tenants) -> None:
+    response = await client.post(
+        "/v1/classify",
+        json={"model": "spam", "input": ["a", "b"]},
+        headers={"Authorization": f"Bearer {tenants.acme}"},
+    )
+    assert response.status == 200
+    timing = response.headers["Server-Timing"]
+    assert "queue;dur=" in timing and "compute;dur=" in timing
