@@ -24,7 +24,7 @@ class EngineConfig:
     host_cache_bytes: int = 2 << 30  # parsed adapters kept in host memory (LRU)
     max_loads_in_flight: int = 4  # concurrent adapter loads from disk
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    contended_batch_tokens: int | None = 2048  # step budget while several tenants wait
+    contended_batch_tokens: int | None = 512  # step budget while several tenants are active
     max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
     tenant_max_queued_rows: int = 1024  # default per-tenant queue bound before 429
     tenant_max_tokens_per_step: int | None = None  # default per-tenant step budget

@@ -250,14 +250,18 @@ class Engine:
             raise EngineClosed("engine is not running")
         deadline_s = self._deadline(timeout_s)
         record = self._resolve(tenant, model)
-        self._admit(tenant, texts)
         if record.rank > self.config.adapter_pages:
             raise AdapterIncompatible(
                 f"{record.full_name}@{record.version} has rank {record.rank}; this engine's "
                 f"adapter pool holds {self.config.adapter_pages} pages"
             )
-        tokens = await self._tokenize(texts, truncate)
-        key = await self._pin(record)
+        reserved = self._admit(tenant, texts)
+        try:
+            tokens = await self._tokenize(texts, truncate)
+            key = await self._pin(record)
+        except BaseException:
+            self._scheduler.release(tenant, reserved)  # its rows will never be queued
+            raise
         job = Job(
             next(self._ids),
             record.full_name,
@@ -293,13 +297,15 @@ class Engine:
             )
         return time.monotonic() + min(float(timeout_s), self.config.max_timeout_s)
 
-    def _admit(self, tenant: str, texts: Sequence[str]) -> None:
-        """Refuse early when queues are full: 429 for this tenant's queue, 503 for all."""
+    def _admit(self, tenant: str, texts: Sequence[str]) -> int:
+        """Refuse early when queues are full: 429 for this tenant's queue, 503 for all.
+
+        Returns how many rows were reserved for the request."""
         if isinstance(texts, str) or not isinstance(texts, Sequence):
-            return  # tokenize_inputs names the type error
+            return 0  # tokenize_inputs names the type error
         admission = self._scheduler.admit(tenant, len(texts))
         if admission.is_admitted:
-            return
+            return len(texts)
         if admission.reason == "tenant":
             raise TenantBusy(
                 f"too many queued inputs for tenant {tenant!r}; retry in "

@@ -13,7 +13,8 @@ class SchedulerConfig:
     max_batch_tokens: int = 8192  # padded tokens (rows x longest row) per step
     max_batch_rows: int = 128  # rows per step, whatever their length
     max_batch_pages: int | None = None  # adapter pool pages the step's adapters may take
-    contended_batch_tokens: int | None = 2048  # step budget while several tenants wait
+    contended_batch_tokens: int | None = 512  # step budget while several tenants are active
+    contention_window_s: float = 1.0  # a tenant that sent rows this recently counts as active
     max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
     default_policy: TenantPolicy = field(default_factory=TenantPolicy)
     is_fair: bool = True  # False: one FIFO across tenants (the baseline fairness is measured by)
@@ -45,6 +46,8 @@ class TenantCounters:
 class _Tenant:
     queue: deque[Row] = field(default_factory=deque)
     virtual_tokens: float = 0.0  # tokens served divided by weight: lowest goes next
+    reserved_rows: int = 0  # admitted but not yet added (the request is tokenizing/loading)
+    last_added_s: float = -math.inf  # when rows last arrived: recent arrivals mean contention
     counters: TenantCounters = field(default_factory=TenantCounters)
 
 
@@ -66,6 +69,8 @@ class Scheduler:
         self._active: OrderedDict[str, None] = OrderedDict()  # tenants with waiting rows
         self._policies: dict[str, TenantPolicy] = {}
         self._num_waiting = 0
+        self._num_reserved = 0
+        self._virtual_now = 0.0  # the counter of the last row served: where newcomers start
         self._rows_per_s = 0.0  # recent step throughput, for Retry-After hints
 
     # policies and admission ---------------------------------------------------------------
@@ -89,16 +94,32 @@ class Scheduler:
         return self._policies.get(tenant, self._config.default_policy)
 
     def admit(self, tenant: str, num_rows: int) -> Admission:
-        """Decide, before any work is spent on it, whether a request may queue."""
+        """Decide, before any work is spent on it, whether a request may queue.
+
+        An admitted request reserves its rows at once, so concurrent requests that are still
+        tokenizing or loading count against the bounds; ``add`` turns the reservation into
+        queued rows, ``release`` returns what a failed request never added.
+        """
         state = self._tenant(tenant)
-        if len(state.queue) + num_rows > self.policy(tenant).max_queued_rows:
+        tenant_rows = len(state.queue) + state.reserved_rows
+        if tenant_rows + num_rows > self.policy(tenant).max_queued_rows:
             state.counters.rejected_requests += 1
-            return Admission(False, "tenant", self._retry_after(len(state.queue)))
-        if self._num_waiting + num_rows > self._config.max_queued_rows:
+            return Admission(False, "tenant", self._retry_after(tenant_rows))
+        server_rows = self._num_waiting + self._num_reserved
+        if server_rows + num_rows > self._config.max_queued_rows:
             state.counters.overloaded_requests += 1
-            return Admission(False, "server", self._retry_after(self._num_waiting))
+            return Admission(False, "server", self._retry_after(server_rows))
         state.counters.admitted_rows += num_rows
+        state.reserved_rows += num_rows
+        self._num_reserved += num_rows
         return ADMITTED
+
+    def release(self, tenant: str, num_rows: int) -> None:
+        """Give back reserved rows of an admitted request that failed before queueing them."""
+        state = self._tenant(tenant)
+        released = min(num_rows, state.reserved_rows)
+        state.reserved_rows -= released
+        self._num_reserved -= released
 
     def record_step(self, num_rows: int, duration_s: float) -> None:
         """Feed the throughput estimate behind Retry-After (exponential moving average)."""
@@ -137,13 +158,21 @@ class Scheduler:
         return {tenant: state.counters for tenant, state in self._tenants.items()}
 
     def add(self, row: Row) -> None:
+        """Queue a row (consuming one reserved row of its tenant, if any)."""
         state = self._tenant(row.tenant)
         if row.tenant not in self._active:
+            # a newcomer starts level with the least-served waiting tenant, or where service
+            # stands now if none waits: idle time banks no credit, and old service no debt
             floor = min((self._tenants[t].virtual_tokens for t in self._active), default=None)
-            if floor is not None:
-                state.virtual_tokens = max(state.virtual_tokens, floor)
+            state.virtual_tokens = max(
+                state.virtual_tokens, self._virtual_now if floor is None else floor
+            )
             self._active[row.tenant] = None
+        if state.reserved_rows:
+            state.reserved_rows -= 1
+            self._num_reserved -= 1
         state.queue.append(row)
+        state.last_added_s = row.arrival_s
         self._num_waiting += 1
 
     def abort(self, request_id: int) -> int:
@@ -168,7 +197,7 @@ class Scheduler:
         expired = self._expire(now_s)
         budget = self._config.max_batch_tokens
         contended = self._config.contended_batch_tokens
-        if self._config.is_fair and contended is not None and len(self._active) > 1:
+        if self._config.is_fair and contended is not None and self._is_contended(now_s):
             budget = min(budget, contended)
         forming = _Forming(self._config, budget)
         if self._config.is_fair:
@@ -182,6 +211,18 @@ class Scheduler:
         self._num_waiting -= len(forming.rows)
         return Plan(batch=forming.build(), expired=expired)
 
+    def _is_contended(self, now_s: float) -> bool:
+        """Several tenants wait, or one waits and another sent rows within the window: a
+        short request is likely to arrive during this step, so keep the step short."""
+        if len(self._active) > 1:
+            return True
+        window = self._config.contention_window_s
+        return any(
+            now_s - state.last_added_s <= window
+            for tenant, state in self._tenants.items()
+            if tenant not in self._active
+        )
+
     def _fill_fair(self, forming: "_Forming") -> None:
         blocked: set[str] = set()
         step_tokens: dict[str, int] = {}
@@ -190,7 +231,14 @@ class Scheduler:
             waiting = [t for t in self._active if t not in blocked]
             if not waiting:
                 return
-            tenant = min(waiting, key=lambda t: (self._tenants[t].virtual_tokens, order[t]))
+            tenant = min(
+                waiting,
+                key=lambda t: (
+                    self._tenants[t].virtual_tokens,
+                    len(self._tenants[t].queue),
+                    order[t],
+                ),
+            )
             state, policy = self._tenants[tenant], self.policy(tenant)
             head = state.queue[0]
             cap = policy.max_tokens_per_step
@@ -200,6 +248,7 @@ class Scheduler:
                 blocked.add(tenant)
                 continue
             forming.add(state.queue.popleft())
+            self._virtual_now = max(self._virtual_now, state.virtual_tokens)
             state.virtual_tokens += head.num_tokens / policy.weight
             step_tokens[tenant] = used + head.num_tokens
             if not state.queue:
@@ -240,6 +289,10 @@ class Scheduler:
             self._active.pop(tenant, None)
 
 
+# rows whose lengths differ by more than this factor do not share a step
+_MAX_PAD_RATIO = 4
+
+
 class _Forming:
     """The batch being filled: checks each candidate row against every step budget."""
 
@@ -248,6 +301,7 @@ class _Forming:
         self._max_tokens = max_tokens
         self.rows: list[Row] = []
         self._longest = 0
+        self._shortest = math.inf
         self._pages: dict[str, int] = {}
 
     @property
@@ -261,6 +315,8 @@ class _Forming:
         width = max(self._longest, row.num_tokens)
         if width * (len(self.rows) + 1) > self._max_tokens:
             return False
+        if width > _MAX_PAD_RATIO * min(self._shortest, row.num_tokens):
+            return False  # keep short rows out of long rows' steps: padding would swamp them
         limit = self._config.max_batch_pages
         if limit is not None and row.adapter_key not in self._pages:
             return sum(self._pages.values()) + row.num_pages <= limit
@@ -269,6 +325,7 @@ class _Forming:
     def add(self, row: Row) -> None:
         self.rows.append(row)
         self._longest = max(self._longest, row.num_tokens)
+        self._shortest = min(self._shortest, row.num_tokens)
         self._pages[row.adapter_key] = row.num_pages
 
     def build(self) -> Batch | None:

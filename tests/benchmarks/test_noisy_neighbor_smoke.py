@@ -13,7 +13,7 @@ import torch
 from benchmarks import noisy_neighbor
 
 PHASE_KEYS = {"b", "elapsed_s", "engine", "tenants"}
-LATENCY_KEYS = {"num_sent", "num_ok", "success_pct", "p50_ms", "p99_ms", "statuses"}
+LATENCY_KEYS = {"num_sent", "num_ok", "success_pct", "p50_ms", "p99_ms", "statuses", "timeline"}
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,8 @@ def test_quick_run_writes_the_table(tmp_path: Path, mode: str) -> None:
         solo, contended = result[scheduler]["solo"], result[scheduler]["contended"]
         assert set(solo) >= PHASE_KEYS and set(contended) >= PHASE_KEYS | {"a"}
         assert set(solo["b"]) >= LATENCY_KEYS and set(contended["b"]) >= LATENCY_KEYS
-        assert solo["b"]["num_ok"] > 0  # B alone is answered
+        assert solo["b"]["num_ok"] > 0  # B alone is answered, with the engine's timings
+        assert solo["b"]["queue_p50_ms"] is not None and solo["b"]["compute_p50_ms"] > 0
         assert set(contended["a"]) >= {"inputs_served_per_s", "inputs_answered", "statuses"}
         assert contended["b"]["num_sent"] > 0  # under the flood, answers depend on the machine
     assert len(written["table"]["rows"]) == 2

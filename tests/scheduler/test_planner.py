@@ -164,9 +164,9 @@ def test_padded_tokens_count_the_longest_row() -> None:
     s = Scheduler(SchedulerConfig(max_batch_tokens=300, contended_batch_tokens=None))
     s.add(_row("t", tokens=100))
     for _ in range(5):
-        s.add(_row("t", tokens=10))
+        s.add(_row("t", tokens=30))
     batch = s.plan(0.0).batch
-    assert len(batch.rows) == 3 and batch.padded_tokens == 300  # 3 x 100, not 100 + 10 + 10
+    assert len(batch.rows) == 3 and batch.padded_tokens == 300  # 3 x 100, not 100 + 30 + 30
 
 
 def test_admission_bounds_tenant_and_server_queues() -> None:
@@ -204,3 +204,53 @@ def test_bad_config_is_a_value_error() -> None:
         SchedulerConfig(max_batch_tokens=0)
     with pytest.raises(ValueError, match="weight"):
         TenantPolicy(weight=0)
+
+
+def test_rows_of_very_different_lengths_do_not_share_a_step() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_tokens=8192, contended_batch_tokens=None))
+    s.add(_row("long", tokens=512))
+    s.add(_row("short", tokens=20))
+    s.add(_row("short", tokens=24))
+    widths = sorted(b.max_tokens for b in _drain(s))
+    assert widths == [24, 512]  # the short rows are not padded to 512
+
+
+def test_admission_reserves_rows_of_requests_still_being_prepared() -> None:
+    s = Scheduler(SchedulerConfig(default_policy=TenantPolicy(max_queued_rows=10)))
+    assert s.admit("a", 6).is_admitted
+    assert not s.admit("a", 6).is_admitted  # the first request's rows are not queued yet
+    s.release("a", 6)  # ...and it failed (e.g. its adapter could not load)
+    assert s.admit("a", 6).is_admitted
+    for i in range(6):
+        s.add(_row("a", index=i))  # queueing consumes the reservation
+    assert not s.admit("a", 5).is_admitted and s.admit("a", 4).is_admitted
+
+
+def test_a_returning_tenant_neither_jumps_nor_waits_behind_history() -> None:
+    s = Scheduler(
+        SchedulerConfig(
+            max_batch_tokens=64,
+            contended_batch_tokens=None,
+            default_policy=TenantPolicy(max_queued_rows=10**6),
+        )
+    )
+    for i in range(1000):  # b is served alone for a long time
+        s.add(_row("b", tokens=32, index=i))
+    list(_drain(s))
+    for i in range(1000):  # then a floods, alone
+        s.add(_row("a", tokens=32, index=i))
+    s.plan(0.0)
+    s.add(_row("b", tokens=32, rid=999))  # b comes back: served at once, not after a's backlog
+    assert "b" in {r.tenant for r in s.plan(0.0).batch.rows}
+
+
+def test_recent_arrivals_keep_steps_short_even_between_requests() -> None:
+    s = Scheduler(
+        SchedulerConfig(max_batch_tokens=4096, contended_batch_tokens=256, contention_window_s=1.0)
+    )
+    s.add(_row("small", tokens=16, arrival=0.0))
+    list(_drain(s, 0.0))
+    for i in range(100):
+        s.add(_row("flood", tokens=64, index=i, arrival=0.5))
+    assert s.plan(0.6).batch.padded_tokens <= 256  # small was active 0.6 s ago
+    assert s.plan(5.0).batch.padded_tokens > 256  # long idle: the flood gets full steps
