@@ -628,7 +628,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--a-inputs", type=int, default=128, help="inputs per A request")
     parser.add_argument("--queue-rows", type=int, default=256, help="tenant_max_queued_rows")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
-    parser.add_argument("--contended-batch-tokens", type=int, default=2048)
+    parser.add_argument("--contended-batch-tokens", type=int, default=512)
     parser.add_argument("--a-step-tokens", type=int, default=None, help="A's tokens per step")
     parser.add_argument(
         "--contended-first",
