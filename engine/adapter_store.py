@@ -146,6 +146,24 @@ class AdapterStore:
         }
 
 
+def check_pool_fits(registry: Registry, base_sha256: str, num_pages: int) -> None:
+    """Refuse to start when a registered adapter for this backbone could never be paged in."""
+    largest = max(registry.dependents(base_sha256), key=lambda r: r.rank, default=None)
+    if largest is not None and largest.rank > num_pages:
+        raise ValueError(
+            f"adapter_pages={num_pages} cannot hold {largest.full_name}@{largest.version} "
+            f"(rank {largest.rank} needs {largest.rank} pages); raise adapter_pages"
+        )
+
+
+def unpin_if_pinned(store: AdapterStore):
+    def callback(future: "asyncio.Future[str]") -> None:
+        if not future.cancelled() and future.exception() is None:
+            store.unpin(future.result())
+
+    return callback
+
+
 def _pinned(weights: AdapterWeights) -> AdapterWeights:
     """Page-locked host copies, so host-to-device copies can run asynchronously on CUDA."""
     modules = {

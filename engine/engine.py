@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.adapter_store import AdapterStore
+from engine.adapter_store import AdapterStore, check_pool_fits, unpin_if_pinned
+from engine.admission import admit, deadline_for
 from engine.backbone import Backbone, load_backbone
 from engine.config import EngineConfig
 from engine.errors import (
@@ -22,10 +23,7 @@ from engine.errors import (
     DeadlineExceeded,
     EngineClosed,
     EngineError,
-    EngineOverloaded,
-    InputError,
     ModelNotFound,
-    TenantBusy,
 )
 from engine.host_cache import HostCache
 from engine.inputs import Tokenized, tokenize_inputs
@@ -118,7 +116,7 @@ class Engine:
         )
         registry = Registry(config.registry_dir)
         registry.register_base(backbone.sha256, backbone.name)
-        _check_pool_fits(registry, backbone.sha256, config.adapter_pages)
+        check_pool_fits(registry, backbone.sha256, config.adapter_pages)
         memory = AdapterMemory(backbone, config.adapter_pages, config.device, config.torch_dtype)
         store = AdapterStore(
             registry,
@@ -248,14 +246,14 @@ class Engine:
         """
         if not self.ready:
             raise EngineClosed("engine is not running")
-        deadline_s = self._deadline(timeout_s)
+        deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
         record = self._resolve(tenant, model)
         if record.rank > self.config.adapter_pages:
             raise AdapterIncompatible(
                 f"{record.full_name}@{record.version} has rank {record.rank}; this engine's "
                 f"adapter pool holds {self.config.adapter_pages} pages"
             )
-        reserved = self._admit(tenant, texts)
+        reserved = admit(self._scheduler, tenant, texts)
         try:
             tokens = await self._tokenize(texts, truncate)
             key = await self._pin(record)
@@ -286,36 +284,6 @@ class Engine:
             )
         self._work.set()
         return job
-
-    def _deadline(self, timeout_s: float | None) -> float | None:
-        if timeout_s is None:
-            return None
-        is_number = isinstance(timeout_s, int | float) and not isinstance(timeout_s, bool)
-        if not is_number or not timeout_s > 0:
-            raise InputError(
-                f"timeout must be a positive number of seconds, got {timeout_s!r}", "timeout"
-            )
-        return time.monotonic() + min(float(timeout_s), self.config.max_timeout_s)
-
-    def _admit(self, tenant: str, texts: Sequence[str]) -> int:
-        """Refuse early when queues are full: 429 for this tenant's queue, 503 for all.
-
-        Returns how many rows were reserved for the request."""
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            return 0  # tokenize_inputs names the type error
-        admission = self._scheduler.admit(tenant, len(texts))
-        if admission.is_admitted:
-            return len(texts)
-        if admission.reason == "tenant":
-            raise TenantBusy(
-                f"too many queued inputs for tenant {tenant!r}; retry in "
-                f"{admission.retry_after_s:.0f} s",
-                retry_after_s=admission.retry_after_s,
-            )
-        raise EngineOverloaded(
-            f"server queues are full; retry in {admission.retry_after_s:.0f} s",
-            retry_after_s=admission.retry_after_s,
-        )
 
     async def _tokenize(self, texts: Sequence[str], truncate: bool) -> Tokenized:
         """Small requests tokenize inline; large ones on a helper thread, off the event loop."""
@@ -355,7 +323,7 @@ class Engine:
         try:
             return await asyncio.shield(pinning)
         except asyncio.CancelledError:
-            pinning.add_done_callback(_unpin_if_pinned(store))
+            pinning.add_done_callback(unpin_if_pinned(store))
             raise
 
     def _finish(self, job: Job) -> None:
@@ -422,24 +390,6 @@ class Engine:
             return model.runner.step(batch, token_ids)
         finally:
             model.store.release_device(batch.seg_adapter)
-
-
-def _check_pool_fits(registry: Registry, base_sha256: str, num_pages: int) -> None:
-    """Refuse to start when a registered adapter for this backbone could never be paged in."""
-    largest = max(registry.dependents(base_sha256), key=lambda r: r.rank, default=None)
-    if largest is not None and largest.rank > num_pages:
-        raise ValueError(
-            f"adapter_pages={num_pages} cannot hold {largest.full_name}@{largest.version} "
-            f"(rank {largest.rank} needs {largest.rank} pages); raise adapter_pages"
-        )
-
-
-def _unpin_if_pinned(store: AdapterStore):
-    def callback(future: "asyncio.Future[str]") -> None:
-        if not future.cancelled() and future.exception() is None:
-            store.unpin(future.result())
-
-    return callback
 
 
 def _prediction(pending: _Pending, index: int, probs: np.ndarray) -> Prediction:
