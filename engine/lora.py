@@ -37,6 +37,21 @@ class LoraStepPlan:
     row_scale: torch.Tensor | None = None  # [M, B] in the pool dtype, 0 where no LoRA
     rank_padding: float = 1.0  # rows x max rank over sum of rows x own rank (gather waste)
 
+    def segment_args(self, index: int, num_tokens: int) -> tuple[torch.Tensor, ...]:
+        """(a_pool, b_pool, token offsets, pages, ranks, scales) of one module, in the order
+        the segmented kernels take them after ``y`` and ``x``."""
+        pools = self.pools[index]
+        assert pools is not None  # layers call kernels only for active modules
+        tokens_per_row = num_tokens // self.num_rows
+        return (
+            pools[0],
+            pools[1],
+            self.seg_row_starts * tokens_per_row,
+            self.seg_pages,
+            self.seg_rank[index],
+            self.seg_scale[index],
+        )
+
 
 class StepLora:
     """Holds the plan of the step in progress; owned by the backbone, set by the runner.

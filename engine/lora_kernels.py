@@ -7,25 +7,13 @@ from kernels import bgmv_lora, sgmv_lora
 
 
 class SegmentLoop:
-    """One pair of matmuls per segment: best when a batch holds one or two adapters.
+    """One pair of matmuls per segment: best when a batch holds a few adapters.
 
     Differentiable, so training uses it too.
     """
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
-        pools = plan.pools[index]
-        assert pools is not None  # the layer only calls when the module is active
-        tokens_per_row = x.shape[0] // plan.num_rows
-        sgmv_lora(
-            y,
-            x,
-            pools[0],
-            pools[1],
-            plan.seg_row_starts * tokens_per_row,
-            plan.seg_pages,
-            plan.seg_rank[index],
-            plan.seg_scale[index],
-        )
+        sgmv_lora(y, x, *plan.segment_args(index, x.shape[0]))
 
 
 class GatherBmm:

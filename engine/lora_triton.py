@@ -14,16 +14,4 @@ class TritonSgmv:
     """
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
-        pools = plan.pools[index]
-        assert pools is not None  # the layer only calls when the module is active
-        tokens_per_row = x.shape[0] // plan.num_rows
-        sgmv_lora_triton(
-            y,
-            x,
-            pools[0],
-            pools[1],
-            plan.seg_row_starts * tokens_per_row,
-            plan.seg_pages,
-            plan.seg_rank[index],
-            plan.seg_scale[index],
-        )
+        sgmv_lora_triton(y, x, *plan.segment_args(index, x.shape[0]))
