@@ -29,7 +29,6 @@ class Resident:
     rank_by_module: torch.Tensor  # int32 [M], 0 where the adapter has no LoRA
     scale_by_module: torch.Tensor  # float32 [M]
     head: Head  # on the engine's device
-    labels: tuple[str, ...]
     num_bytes: int
     refcount: int = 0  # requests holding it; never evicted while > 0
 
@@ -122,7 +121,6 @@ class AdapterMemory:
             rank_by_module=ranks,
             scale_by_module=scales,
             head=head,
-            labels=weights.labels,
             num_bytes=weights.num_bytes,
         )
         self._resident[key] = resident
