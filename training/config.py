@@ -2,9 +2,15 @@
 
 from dataclasses import dataclass
 
+# head: frozen backbone, only the head on cached embeddings (cheapest, no LoRA weights)
+# lora: LoRA factors + head on the frozen backbone (the default)
+# full: every backbone weight + head, written out as a standalone model directory
+MODES = ("head", "lora", "full")
+
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
+    mode: str = "lora"  # one of MODES
     rank: int = 8  # LoRA rank on every targeted module
     alpha: float = 16.0  # LoRA scale is alpha / rank
     epochs: int = 5  # upper bound; early stopping may end sooner
@@ -23,6 +29,8 @@ class TrainConfig:
     max_examples: int | None = None  # train on a stratified sample of this size
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         positive = ("rank", "epochs", "batch_size", "max_length")
         for name in positive:
             if getattr(self, name) < 1:
