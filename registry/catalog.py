@@ -1,4 +1,4 @@
-"""The SQLite catalog: tenants, API key hashes, base models and adapter versions.
+"""The SQLite catalog: tenants, API key hashes, base models, adapter versions, latest pointers.
 
 Each call opens its own connection (cheap next to the work it guards), which makes the catalog
 safe to use from several threads without a shared lock, and lets several processes share one
@@ -24,10 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from registry import pointers
 from registry.errors import NotFound
 from registry.records import AdapterRecord
 
-SCHEMA_VERSION = 1
+# 2: the latest pointer and promotion history (pointers.py); opening a version-1 catalog backfills
+SCHEMA_VERSION = 2
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tenants (
         name TEXT PRIMARY KEY,
@@ -69,10 +71,18 @@ _SCHEMA = (
         settings_json TEXT NOT NULL,
         updated_at REAL NOT NULL
     )""",
+    *pointers.SCHEMA,
 )
 _ADAPTER_COLUMNS = (
     "tenant, name, version, content_sha256, base_sha256, rank, labels_json, size_bytes, "
     "metrics_json, manifest_json, rel_path, created_at"
+)
+# adapters rows (alias a) with is_latest: whether the name's latest pointer names the row
+_SELECT_ADAPTERS = (
+    "SELECT "
+    + ", ".join(f"a.{column}" for column in _ADAPTER_COLUMNS.split(", "))
+    + f", {pointers.IS_LATEST_SQL} AS is_latest FROM adapters a "
+    "LEFT JOIN latest_pointers p ON p.tenant = a.tenant AND p.name = a.name"
 )
 
 
@@ -90,9 +100,7 @@ class Catalog:
             if self._idle_conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self._idle_conn.execute("PRAGMA journal_mode = WAL")
             with self.write() as conn:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                _migrate(conn)
             # A read opens the log for this connection, which keeps it open (a pragma does not).
             self._idle_conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         except BaseException:
@@ -146,6 +154,16 @@ class Catalog:
                 raise
             if conn.in_transaction:
                 conn.execute("COMMIT")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Create what is missing and upgrade an older catalog; call in a write transaction."""
+    found_version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    if found_version < SCHEMA_VERSION:
+        pointers.backfill(conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def insert_tenant(conn: sqlite3.Connection, tenant: str, created_at: float) -> bool:
@@ -231,15 +249,18 @@ def select_adapter(
     conn: sqlite3.Connection, root: Path, tenant: str, name: str, version: int | None
 ) -> AdapterRecord | None:
     """The given version of `tenant/name` (the latest if `version` is None), or None."""
-    query = f"SELECT {_ADAPTER_COLUMNS} FROM adapters WHERE tenant = ? AND name = ?"
     if version is None:
-        row = conn.execute(f"{query} ORDER BY version DESC LIMIT 1", (tenant, name)).fetchone()
-    else:
-        row = conn.execute(f"{query} AND version = ?", (tenant, name, version)).fetchone()
+        version = pointers.latest(conn, tenant, name)
+        if version is None:
+            return None
+    row = conn.execute(
+        f"{_SELECT_ADAPTERS} WHERE a.tenant = ? AND a.name = ? AND a.version = ?",
+        (tenant, name, version),
+    ).fetchone()
     return None if row is None else _record(root, row)
 
 
-def latest_version(conn: sqlite3.Connection, tenant: str, name: str) -> int | None:
+def highest_version(conn: sqlite3.Connection, tenant: str, name: str) -> int | None:
     row = conn.execute(
         "SELECT MAX(version) FROM adapters WHERE tenant = ? AND name = ?", (tenant, name)
     ).fetchone()
@@ -250,7 +271,7 @@ def select_tenant_adapters(
     conn: sqlite3.Connection, root: Path, tenant: str
 ) -> list[AdapterRecord]:
     rows = conn.execute(
-        f"SELECT {_ADAPTER_COLUMNS} FROM adapters WHERE tenant = ? ORDER BY name, version",
+        f"{_SELECT_ADAPTERS} WHERE a.tenant = ? ORDER BY a.name, a.version",
         (tenant,),
     )
     return [_record(root, row) for row in rows]
@@ -260,8 +281,7 @@ def select_dependents(
     conn: sqlite3.Connection, root: Path, base_sha256: str
 ) -> list[AdapterRecord]:
     rows = conn.execute(
-        f"SELECT {_ADAPTER_COLUMNS} FROM adapters WHERE base_sha256 = ? "
-        "ORDER BY tenant, name, version",
+        f"{_SELECT_ADAPTERS} WHERE a.base_sha256 = ? ORDER BY a.tenant, a.name, a.version",
         (base_sha256,),
     )
     return [_record(root, row) for row in rows]
@@ -287,6 +307,7 @@ def _record(root: Path, row: sqlite3.Row) -> AdapterRecord:
         manifest=json.loads(row["manifest_json"]),
         path=root / row["rel_path"],
         created_at=row["created_at"],
+        is_latest=bool(row["is_latest"]),
     )
 
 

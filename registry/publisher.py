@@ -7,13 +7,15 @@ A call goes through three steps, and a failure at any of them leaves nothing of 
    several at once so that their fsyncs overlap (see parallel.py);
 3. in one catalog write transaction: number the versions in item order, write the manifests and
    rename the directories into place (`BlobStore.install`, which fsyncs each parent directory
-   once per call), insert the rows and commit once.
+   once per call), insert the rows, move the latest pointers of promoted items (pointers.py) and
+   commit once.
 
 What a call pays once, however many items it has: two catalog connections, one temp dir and its
 lock, one fsync per parent directory, one commit. What each item pays: its files' fsyncs, its
 manifest's and its directory's.
 """
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -21,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from registry import catalog
+from registry import catalog, pointers
 from registry.catalog import Catalog
 from registry.errors import RegistryError
 from registry.manifest import ManifestFields, check_manifest, stored_manifest_text
@@ -57,6 +59,8 @@ class Publisher:
         for index, item in enumerate(items):
             if not isinstance(item, PublishItem):
                 raise TypeError(f"item {index} is a {type(item).__name__}, not a PublishItem")
+            if not isinstance(item.promote, bool):
+                raise ValueError(f"item {index}: promote must be a bool, got {item.promote!r}")
             with _naming_item(index, item, is_batch):
                 validate_name("tenant", item.tenant)
                 validate_name("adapter", item.name)
@@ -99,9 +103,11 @@ class Publisher:
                 pending.append(PendingVersion(item_staged, manifest_text, record.path))
             self._store.install(pending)
             try:
+                _pin_unpromoted(conn, items)
                 for record in records:
                     rel_path = record.path.relative_to(self._root).as_posix()
                     catalog.insert_adapter(conn, record, rel_path)
+                records = _promote(conn, items, records)
                 conn.commit()
             except BaseException:
                 # Still under the write lock, so no other publisher can be using these paths.
@@ -171,3 +177,29 @@ def _assign_versions(conn: sqlite3.Connection, items: Sequence[PublishItem]) -> 
         versions.append(next_versions[key])
         next_versions[key] += 1
     return versions
+
+
+def _pin_unpromoted(conn: sqlite3.Connection, items: Sequence[PublishItem]) -> None:
+    """Keep the latest version of names published with ``promote=False`` where it is; call
+    before their rows are inserted (a name without a pointer row means its highest version)."""
+    now = time.time()
+    for item in items:
+        if not item.promote:
+            pointers.pin_current(conn, item.tenant, item.name, now)
+
+
+def _promote(
+    conn: sqlite3.Connection, items: Sequence[PublishItem], records: list[AdapterRecord]
+) -> list[AdapterRecord]:
+    """Move the pointers of promoted items, in item order; return the records with `is_latest`
+    set on the last promoted version of each name."""
+    now = time.time()
+    latest: dict[tuple[str, str], int] = {}
+    for item, record in zip(items, records, strict=True):
+        if item.promote:
+            pointers.promote(conn, item.tenant, item.name, record.version, now)
+            latest[(item.tenant, item.name)] = record.version
+    return [
+        dataclasses.replace(r, is_latest=latest.get((r.tenant, r.name)) == r.version)
+        for r in records
+    ]

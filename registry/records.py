@@ -7,7 +7,7 @@ read-only.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,16 @@ class PublishItem:
     name: str  # adapter name; repeated names in one batch get consecutive versions
     source_dir: Path | str  # flat directory with adapter_config.json, adapter_model.safetensors...
     manifest: Mapping[str, Any]  # labels, base_sha256, rank, plus anything to keep (metrics...)
+    promote: bool = True  # move the name's latest pointer to the new version
 
 
 @dataclass(frozen=True, slots=True)
 class AdapterRecord:
     """One immutable adapter version as recorded in the catalog.
 
-    Two records are equal when every field is; the hash uses only the identity and the content
-    hash, so records can key dicts and sets.
+    Two records are equal when every field but `is_latest` is (a version stays the same version
+    when the pointer moves); the hash uses only the identity and the content hash, so records can
+    key dicts and sets.
     """
 
     tenant: str  # owning tenant
@@ -45,6 +47,8 @@ class AdapterRecord:
     manifest: Mapping[str, Any]  # the full stored manifest, exactly as written to disk
     path: Path  # absolute path of the version directory
     created_at: float  # unix seconds when the version was published
+    # the name's latest pointer named this version when the record was read
+    is_latest: bool = field(default=False, compare=False)
 
     def __hash__(self) -> int:
         return hash((self.tenant, self.name, self.version, self.content_sha256))

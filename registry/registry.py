@@ -9,7 +9,8 @@ Layout of a registry root::
 One `Registry` may be shared by threads, and several processes may open the same root (the CLI
 while a server runs); see catalog.py for how. Versions are immutable and numbered 1, 2, 3... per
 (tenant, name); every load re-checks the SHA-256 of every file. `publish` and `publish_many` share
-one path, `Publisher` (publisher.py).
+one path, `Publisher` (publisher.py). Each name has a `latest` pointer (pointers.py), which
+`publish` moves by default and `promote` / `rollback` move explicitly.
 """
 
 import json
@@ -22,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from registry import catalog, keys
+from registry import catalog, keys, pointers
 from registry.catalog import Catalog
 from registry.errors import AlreadyExists, NotFound, RegistryError
 from registry.manifest import is_sha256_hex
@@ -199,7 +200,13 @@ class Registry:
     # adapters
 
     def publish(
-        self, tenant: str, name: str, source_dir: str | Path, manifest: Mapping[str, Any]
+        self,
+        tenant: str,
+        name: str,
+        source_dir: str | Path,
+        manifest: Mapping[str, Any],
+        *,
+        promote: bool = True,
     ) -> AdapterRecord:
         """Store the adapter in `source_dir` as the next version of `tenant/name`.
 
@@ -207,10 +214,12 @@ class Registry:
         adapter_model.safetensors. `manifest` needs labels, base_sha256 and rank; everything
         else is kept as given, and the registry's own keys (manifest.ADDED_KEYS) overwrite any
         given under those names. Either the version appears complete (directory and catalog
-        row) or nothing of it remains. Raises NotFound, InvalidName, InvalidAdapter.
+        row) or nothing of it remains. With `promote` (the default) the new version becomes
+        the name's latest in the same transaction; with False it is only reachable pinned
+        (``name@version``) until `promote`d. Raises NotFound, InvalidName, InvalidAdapter.
         """
         self._check_open()
-        item = PublishItem(tenant, name, source_dir, manifest)
+        item = PublishItem(tenant, name, source_dir, manifest, promote)
         (record,) = self._publisher.publish([item], is_batch=False)
         logger.info("published %s (%d bytes)", record.ref, record.size_bytes)
         return record
@@ -241,23 +250,68 @@ class Registry:
         return records
 
     def resolve(self, tenant: str, name: str, version: int | None = None) -> AdapterRecord:
-        """The given version of `tenant/name`, the latest if `version` is None; else NotFound."""
+        """The given version of `tenant/name`, or with None the one its latest pointer names
+        (the highest version where the name has no pointer); else NotFound."""
         validate_name("tenant", tenant)
         validate_name("adapter", name)
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise ValueError(f"version must be an int or None, got {version!r}")
+        _check_version(version, allow_none=True)
         with self._read() as conn:
             record = catalog.select_adapter(conn, self._root, tenant, name, version)
             if record is not None:
                 return record
             catalog.require_tenant(conn, tenant)
-            latest = catalog.latest_version(conn, tenant, name)
-        if latest is None:
+            highest = catalog.highest_version(conn, tenant, name)
+            latest = pointers.latest(conn, tenant, name)
+        if highest is None:
             raise NotFound(f"adapter {tenant}/{name} not found")
+        if latest is None:
+            hint = f"pin one ({name}@{highest}) or promote it"
+            if version is None:
+                raise NotFound(f"adapter {tenant}/{name} has no promoted version: {hint}")
+            raise NotFound(
+                f"adapter {tenant}/{name} has no version {version} (highest is {highest})"
+            )
         raise NotFound(f"adapter {tenant}/{name} has no version {version} (latest is {latest})")
 
+    def promote(self, tenant: str, name: str, version: int) -> AdapterRecord:
+        """Make `version` the one `resolve(tenant, name)` serves; return its record.
+
+        The pointer moves in one write transaction (readers see the old or the new version) and
+        the move is recorded, so `rollback` can undo it. Promoting the current latest changes
+        nothing. Raises NotFound for an unknown tenant, name or version.
+        """
+        validate_name("tenant", tenant)
+        validate_name("adapter", name)
+        _check_version(version, allow_none=False)
+        with self._write() as conn:
+            catalog.require_tenant(conn, tenant)
+            exists = catalog.select_adapter(conn, self._root, tenant, name, version) is not None
+            if exists:
+                pointers.promote(conn, tenant, name, version, time.time())
+        if not exists:
+            return self.resolve(tenant, name, version)  # raises the NotFound naming what exists
+        logger.info("promoted %s/%s@%d to latest", tenant, name, version)
+        return self.resolve(tenant, name, version)
+
+    def rollback(self, tenant: str, name: str) -> tuple[int | None, AdapterRecord]:
+        """Undo the last promotion of `tenant/name`: the pointer goes back to the version promoted
+        before it. Returns (the version it left, the record now latest).
+
+        Raises NotFound when there is no earlier promotion (or no such tenant or name).
+        """
+        validate_name("tenant", tenant)
+        validate_name("adapter", name)
+        with self._write() as conn:
+            catalog.require_tenant(conn, tenant)
+            if catalog.highest_version(conn, tenant, name) is None:
+                raise NotFound(f"adapter {tenant}/{name} not found")
+            left, now_latest = pointers.rollback(conn, tenant, name, time.time())
+        logger.info("rolled %s/%s back from version %s to %d", tenant, name, left, now_latest)
+        return left, self.resolve(tenant, name, now_latest)
+
     def list_adapters(self, tenant: str) -> list[AdapterRecord]:
-        """Every version of every adapter of `tenant`, sorted by (name, version)."""
+        """Every version of every adapter of `tenant`, sorted by (name, version); `is_latest`
+        marks the version each name resolves to."""
         validate_name("tenant", tenant)
         with self._read() as conn:
             catalog.require_tenant(conn, tenant)
@@ -299,6 +353,13 @@ class Registry:
         self._check_open()
         with self._catalog.write() as conn:
             yield conn
+
+
+def _check_version(version: int | None, *, allow_none: bool) -> None:
+    if version is None and allow_none:
+        return
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"version must be an int, got {version!r}")
 
 
 def _check_base_sha256(value: str) -> None:

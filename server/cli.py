@@ -92,9 +92,9 @@ def _parser() -> argparse.ArgumentParser:
 
     _train_parser(sub, common)
 
-    adapters = sub.add_parser("adapters", help="import and list adapters").add_subparsers(
-        dest="action", required=True
-    )
+    adapters = sub.add_parser(
+        "adapters", help="import, list, promote and roll back adapters"
+    ).add_subparsers(dest="action", required=True)
     p = adapters.add_parser(
         "import", parents=[common], help="register PEFT adapter directories (task_type=SEQ_CLS)"
     )
@@ -107,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_adapters_list)
+    p = adapters.add_parser(
+        "promote", parents=[common], help="make a version the one a name serves (acme/spam@2)"
+    )
+    p.add_argument("ref", metavar="TENANT/NAME@VERSION")
+    p.set_defaults(handler=_adapters_promote)
+    p = adapters.add_parser(
+        "rollback", parents=[common], help="serve the version promoted before the current one"
+    )
+    p.add_argument("ref", metavar="TENANT/NAME")
+    p.set_defaults(handler=_adapters_rollback)
 
     p = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     _serve_args(p)
@@ -337,6 +347,30 @@ def _adapters_list(args: argparse.Namespace) -> int:
             f"{i.name:<20} {','.join(map(str, i.versions)):<10} {i.rank:>4} {i.size_bytes:>10}  "
             f"{_num(acc):>6} {_num(f1):>6}  {i.base_sha256[:12]:<12}  {','.join(i.labels)}"
         )
+    return 0
+
+
+def _adapters_promote(args: argparse.Namespace) -> int:
+    from registry import parse_model_ref
+
+    ref = parse_model_ref(args.ref)
+    if ref.tenant is None or ref.version is None:
+        raise ValueError(f"expected TENANT/NAME@VERSION (e.g. acme/spam@2), got {args.ref!r}")
+    with _open_registry(args) as registry:
+        record = registry.promote(ref.tenant, ref.name, ref.version)
+    print(f"{record.full_name}: latest is now version {record.version}")
+    return 0
+
+
+def _adapters_rollback(args: argparse.Namespace) -> int:
+    from registry import parse_model_ref
+
+    ref = parse_model_ref(args.ref)
+    if ref.tenant is None or ref.version is not None:
+        raise ValueError(f"expected TENANT/NAME (e.g. acme/spam), got {args.ref!r}")
+    with _open_registry(args) as registry:
+        left, record = registry.rollback(ref.tenant, ref.name)
+    print(f"{record.full_name}: rolled back from version {left} to {record.version}")
     return 0
 
 
