@@ -1,6 +1,7 @@
 """The engine: one frozen backbone, many tenants' adapters, mixed batches.
 
-Public API: ``Engine``, ``EngineConfig``, ``Prediction``, ``Job``, ``AdapterInfo``, the errors,
+Public API: ``Engine``, ``EngineConfig``, ``Prediction``, ``Job``, the multi-model
+``MultiJob`` / ``MultiPrediction`` / ``ModelPrediction``, ``AdapterInfo``, the errors,
 and the adapter helpers training and the CLI build on (``load_backbone``, ``import_peft``,
 ``write_peft_adapter``).
 """
@@ -21,7 +22,15 @@ from engine.errors import (
     ModelNotFound,
     TenantBusy,
 )
-from engine.job import Job, JobTimings, Prediction
+from engine.job import (
+    Job,
+    JobTimings,
+    ModelPrediction,
+    ModelVersion,
+    MultiJob,
+    MultiPrediction,
+    Prediction,
+)
 from engine.listing import AdapterInfo
 from engine.lora import LoraStepPlan
 from engine.peft_io import import_peft, write_peft_adapter
@@ -47,6 +56,10 @@ __all__ = [
     "JobTimings",
     "LoraStepPlan",
     "ModelNotFound",
+    "ModelPrediction",
+    "ModelVersion",
+    "MultiJob",
+    "MultiPrediction",
     "Prediction",
     "TenantBusy",
     "TenantPolicy",

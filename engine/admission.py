@@ -19,15 +19,17 @@ def deadline_for(timeout_s: float | None, max_timeout_s: float) -> float | None:
     return time.monotonic() + min(float(timeout_s), max_timeout_s)
 
 
-def admit(scheduler: Scheduler, tenant: str, texts: Sequence[str]) -> int:
-    """Reserve queue room for the request's rows, or refuse: TenantBusy (429) when the
-    tenant's own queue is full, EngineOverloaded (503) when all are. Returns the rows
-    reserved; the caller releases them if it fails before queueing."""
+def admit(scheduler: Scheduler, tenant: str, texts: Sequence[str], rows_per_text: int = 1) -> int:
+    """Reserve queue room for the request's rows (``rows_per_text`` each: several for a
+    multi-model request), or refuse: TenantBusy (429) when the tenant's own queue is full,
+    EngineOverloaded (503) when all are. Returns the rows reserved; the caller releases them
+    if it fails before queueing."""
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         return 0  # tokenize_inputs names the type error
-    admission = scheduler.admit(tenant, len(texts))
+    num_rows = len(texts) * rows_per_text
+    admission = scheduler.admit(tenant, num_rows)
     if admission.is_admitted:
-        return len(texts)
+        return num_rows
     if admission.reason == "tenant":
         raise TenantBusy(
             f"too many queued inputs for tenant {tenant!r}; retry in "

@@ -19,9 +19,11 @@ class EngineConfig:
     max_batch_tokens: int = 8192  # padded tokens per step
     max_batch_rows: int = 128  # rows per step
     max_inputs_per_request: int = 256  # texts in one classify call
+    max_models_per_request: int = 16  # models in one classify_many call
     max_input_tokens: int | None = None  # cap below the backbone's own limit
     adapter_pages: int = 1024  # rank-rows the device pool holds (a rank-8 adapter takes 8)
     host_cache_bytes: int = 2 << 30  # parsed adapters kept in host memory (LRU)
+    embedding_cache_bytes: int = 64 << 20  # pooled backbone outputs for head-only models; 0 = off
     max_loads_in_flight: int = 4  # concurrent adapter loads from disk
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     contended_batch_tokens: int | None = 512  # step budget while several tenants are active
@@ -40,6 +42,7 @@ class EngineConfig:
             "max_batch_tokens",
             "max_batch_rows",
             "max_inputs_per_request",
+            "max_models_per_request",
             "adapter_pages",
             "max_loads_in_flight",
             "max_queued_rows",
@@ -51,8 +54,9 @@ class EngineConfig:
             raise ValueError(f"settings_poll_s must be > 0, got {self.settings_poll_s}")
         if not self.max_timeout_s > 0:
             raise ValueError(f"max_timeout_s must be > 0, got {self.max_timeout_s}")
-        if self.host_cache_bytes < 0:
-            raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
+        for name in ("host_cache_bytes", "embedding_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_input_tokens is not None and self.max_input_tokens < 3:
             raise ValueError(f"max_input_tokens must be >= 3, got {self.max_input_tokens}")
         if self.lora_kernel not in LORA_KERNELS:

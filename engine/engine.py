@@ -9,30 +9,27 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from engine.adapter_store import AdapterStore, check_pool_fits, unpin_if_pinned
 from engine.admission import admit, deadline_for
-from engine.backbone import Backbone, load_backbone
+from engine.backbone import Backbone
 from engine.config import EngineConfig
-from engine.errors import (
-    AdapterIncompatible,
-    DeadlineExceeded,
-    EngineClosed,
-    EngineError,
-    ModelNotFound,
-)
-from engine.host_cache import HostCache
+from engine.errors import DeadlineExceeded, EngineClosed, EngineError, ModelNotFound
 from engine.inputs import Tokenized, tokenize_inputs
-from engine.job import Job, Prediction
+from engine.job import Job, MultiJob, MultiPrediction, Prediction
 from engine.listing import AdapterInfo, summarize
-from engine.lora_kernels import kernel_for
-from engine.memory import AdapterMemory
-from engine.runner import ModelRunner
-from engine.tenant_settings import TenantSettings, scheduler_config
+from engine.multi import (
+    MultiPending,
+    check_queue_bound,
+    check_rank_fits,
+    model_slots,
+    resolve_models,
+    rows_per_text,
+)
+from engine.pending import Pending, SinglePending, by_request
+from engine.pinning import pin, pin_all
+from engine.runner import BACKBONE_KEY, RowOutput
+from engine.stack import ServingStack, load_stack
+from engine.tenant_settings import scheduler_config
 from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model_ref
 from scheduler import Batch, Row, Scheduler, TenantPolicy
 
@@ -40,26 +37,6 @@ log = logging.getLogger(__name__)
 
 # below this many characters, tokenizing costs less than the hop to a thread
 _INLINE_TOKENIZE_CHARS = 4096
-
-
-@dataclass(slots=True)
-class _Pending:
-    job: Job
-    record: AdapterRecord
-    key: str  # the adapter's resolved identity, pinned in the host tier while pending
-    tokens: Tokenized
-
-
-@dataclass(slots=True)
-class _Model:
-    """What start() loads; None before, so nothing half-built is ever reachable."""
-
-    backbone: Backbone
-    registry: Registry
-    memory: AdapterMemory
-    store: AdapterStore
-    runner: ModelRunner
-    settings: TenantSettings
 
 
 class Engine:
@@ -72,11 +49,11 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self._model: _Model | None = None
+        self._model: ServingStack | None = None
         self._scheduler = Scheduler(scheduler_config(config))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-model")
         self._tokenize_executor = ThreadPoolExecutor(2, thread_name_prefix="graft-tokenize")
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
         self._ids = itertools.count(1)
         self._work = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -97,40 +74,14 @@ class Engine:
         if self._loop_task is not None:
             return
         loop = asyncio.get_running_loop()
-        self._model = await loop.run_in_executor(self._executor, self._load)
+        self._model = await loop.run_in_executor(
+            self._executor, load_stack, self.config, self._scheduler
+        )
         self._model.settings.apply()
         self._loop_task = asyncio.create_task(self._run(), name="graft-step-loop")
         self._settings_task = asyncio.create_task(
             self._model.settings.watch(self.config.settings_poll_s), name="graft-settings"
         )
-
-    def _load(self) -> _Model:
-        config = self.config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        backbone = load_backbone(
-            config.backbone_dir,
-            device=config.device,
-            dtype=config.torch_dtype,
-            expected_sha256=config.backbone_sha256,
-        )
-        registry = Registry(config.registry_dir)
-        registry.register_base(backbone.sha256, backbone.name)
-        check_pool_fits(registry, backbone.sha256, config.adapter_pages)
-        memory = AdapterMemory(backbone, config.adapter_pages, config.device, config.torch_dtype)
-        store = AdapterStore(
-            registry,
-            backbone,
-            memory,
-            HostCache(config.host_cache_bytes),
-            max_loads_in_flight=config.max_loads_in_flight,
-            pin_host_memory=config.device.startswith("cuda"),
-        )
-        kernel = kernel_for(config.lora_kernel, config.device)
-        runner = ModelRunner(backbone, memory, config.device, kernel)
-        log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
-        settings = TenantSettings(registry, self._scheduler, self._scheduler.default_policy)
-        return _Model(backbone, registry, memory, store, runner, settings)
 
     async def close(self) -> None:
         """Fail what is still waiting, stop the loop, release the threads."""
@@ -156,7 +107,7 @@ class Engine:
         return self._model is not None and self._loop_task is not None and not self._closed
 
     @property
-    def _loaded(self) -> _Model:
+    def _loaded(self) -> ServingStack:
         if self._model is None:
             raise EngineClosed("engine not started")
         return self._model
@@ -187,7 +138,8 @@ class Engine:
         return summarize(records, self._loaded.store.residency)
 
     def stats(self) -> dict[str, int]:
-        """Counters for introspection and metrics: steps, rows, queues, adapter tiers."""
+        """Counters for introspection and metrics: steps, rows, queues, adapter tiers, and
+        the embedding cache (hits and misses count inputs of multi-model requests)."""
         counts = {
             "waiting_rows": self._scheduler.num_waiting,
             "requests_in_flight": len(self._pending),
@@ -196,6 +148,7 @@ class Engine:
             counts["steps"] = self._model.runner.num_steps
             counts["rows"] = self._model.runner.num_rows
             counts.update(self._model.store.stats())
+            counts.update(self._model.embeddings.stats())
         return counts
 
     # requests --------------------------------------------------------------------------
@@ -248,15 +201,11 @@ class Engine:
             raise EngineClosed("engine is not running")
         deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
         record = self._resolve(tenant, model)
-        if record.rank > self.config.adapter_pages:
-            raise AdapterIncompatible(
-                f"{record.full_name}@{record.version} has rank {record.rank}; this engine's "
-                f"adapter pool holds {self.config.adapter_pages} pages"
-            )
+        check_rank_fits(record, self.config.adapter_pages)
         reserved = admit(self._scheduler, tenant, texts)
         try:
             tokens = await self._tokenize(texts, truncate)
-            key = await self._pin(record)
+            key = await pin(self._loaded.store, record)
         except BaseException:
             self._scheduler.release(tenant, reserved)  # its rows will never be queued
             raise
@@ -267,7 +216,9 @@ class Engine:
             len(tokens.ids),
             on_finish=self._finish,
         )
-        self._pending[job.request_id] = _Pending(job=job, record=record, key=key, tokens=tokens)
+        self._pending[job.request_id] = SinglePending(
+            job=job, record=record, keys=(key,), tokens=tokens
+        )
         now = time.monotonic()
         for index, ids in enumerate(tokens.ids):
             self._scheduler.add(
@@ -282,6 +233,85 @@ class Engine:
                     deadline_s=deadline_s,
                 )
             )
+        self._work.set()
+        return job
+
+    async def classify_many(
+        self,
+        tenant: str,
+        models: Sequence[str],
+        texts: Sequence[str],
+        *,
+        truncate: bool = True,
+        timeout_s: float | None = None,
+    ) -> list[MultiPrediction]:
+        """Classify ``texts`` with every model of ``models``; one MultiPrediction per text, in
+        order, each holding one answer per model in ``models`` order. Each answer equals what
+        ``classify`` gives for that model alone."""
+        job = await self.submit_many(tenant, models, texts, truncate=truncate, timeout_s=timeout_s)
+        try:
+            return await job.results()
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+
+    async def submit_many(
+        self,
+        tenant: str,
+        models: Sequence[str],
+        texts: Sequence[str],
+        *,
+        truncate: bool = True,
+        timeout_s: float | None = None,
+    ) -> MultiJob:
+        """Admit a multi-model request (``submit``'s contract, every model at once).
+
+        Every model is resolved first, so an unknown one (ModelNotFound) or a model listed
+        twice (InputError on ``models[i]``) fails the request before anything is computed.
+        Head-only models share one bare-backbone row per text, or none when the tenant's
+        embedding cache holds the text's pooled outputs; each LoRA model adds a row per text.
+        """
+        if not self.ready:
+            raise EngineClosed("engine is not running")
+        deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
+        records = resolve_models(
+            models,
+            functools.partial(self._resolve, tenant),
+            max_models=self.config.max_models_per_request,
+            adapter_pages=self.config.adapter_pages,
+        )
+        per_text = rows_per_text(records)
+        check_queue_bound(texts, per_text, self._scheduler.policy(tenant).max_queued_rows)
+        reserved = admit(self._scheduler, tenant, texts, rows_per_text=per_text)
+        try:
+            tokens = await self._tokenize(texts, truncate)
+            keys = await pin_all(self._loaded.store, records)
+        except BaseException:
+            self._scheduler.release(tenant, reserved)
+            raise
+        model = self._loaded
+        slots = model_slots(records, keys, model.host.get)
+        job = MultiJob(
+            next(self._ids),
+            [slot.version for slot in slots],
+            tokens.truncated,
+            [len(ids) for ids in tokens.ids],
+            on_finish=self._finish,
+        )
+        pending = MultiPending(
+            job,
+            tokens,
+            slots,
+            model.embeddings,
+            tenant=tenant,
+            backbone_sha256=self.backbone.sha256,
+        )
+        self._pending[job.request_id] = pending
+        pending.serve_cached()  # may finish the job: then no row is left to queue
+        rows = [] if job.done else pending.rows(tenant, time.monotonic(), deadline_s)
+        for row in rows:
+            self._scheduler.add(row)
+        self._scheduler.release(tenant, max(0, reserved - len(rows)))
         self._work.set()
         return job
 
@@ -316,24 +346,15 @@ class Engine:
         except NotFound as exc:
             raise ModelNotFound(f"model {model!r} not found") from exc
 
-    async def _pin(self, record: AdapterRecord) -> str:
-        """Host-pin the adapter; a caller that goes away mid-load leaves no pin behind."""
-        store = self._loaded.store
-        pinning = asyncio.ensure_future(store.pin(record))
-        try:
-            return await asyncio.shield(pinning)
-        except asyncio.CancelledError:
-            pinning.add_done_callback(unpin_if_pinned(store))
-            raise
-
-    def _finish(self, job: Job) -> None:
+    def _finish(self, job: Job | MultiJob) -> None:
         """A job ended (done, failed or cancelled): drop its waiting rows, unpin its adapter."""
         pending = self._pending.pop(job.request_id, None)
         if pending is None:
             return
         self._scheduler.abort(job.request_id)
         if self._model is not None:
-            self._model.store.unpin(pending.key)
+            for key in pending.keys:
+                self._model.store.unpin(key)
 
     # the step loop ---------------------------------------------------------------------
 
@@ -362,9 +383,8 @@ class Engine:
             self._scheduler.record_step(len(batch.rows), ended - started)
             for pending in {id(p): p for p, _ in rows if p is not None}.values():
                 pending.job.record_step(started, ended)
-            for (pending, row), row_probs in zip(rows, probs, strict=True):
-                if pending is not None:
-                    pending.job.deliver(_prediction(pending, row.index, row_probs))
+            for part in by_request(rows, probs):
+                part.pending.deliver(part.rows, part.outputs)
 
     async def _wait_for_work(self) -> None:
         """Sleep until a request arrives, or until the earliest waiting deadline passes."""
@@ -382,22 +402,12 @@ class Engine:
                 message = f"request timed out before input[{row.index}] could start"
                 pending.job.fail(DeadlineExceeded(message))
 
-    def _step(self, batch: Batch, token_ids: list[Sequence[int]]) -> list[np.ndarray]:
+    def _step(self, batch: Batch, token_ids: list[Sequence[int]]) -> list[RowOutput]:
         """Model thread: page the batch's adapters in, run the step, let them go."""
         model = self._loaded
-        model.store.acquire_device(batch.seg_adapter)
+        keys = [key for key in batch.seg_adapter if key != BACKBONE_KEY]  # bare rows need none
+        model.store.acquire_device(keys)
         try:
             return model.runner.step(batch, token_ids)
         finally:
-            model.store.release_device(batch.seg_adapter)
-
-
-def _prediction(pending: _Pending, index: int, probs: np.ndarray) -> Prediction:
-    labels = pending.record.labels
-    return Prediction(
-        index=index,
-        label=labels[int(probs.argmax())],
-        scores={label: float(p) for label, p in zip(labels, probs, strict=True)},
-        truncated=pending.tokens.truncated[index],
-        num_tokens=len(pending.tokens.ids[index]),
-    )
+            model.store.release_device(keys)

@@ -2,8 +2,9 @@
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,29 +27,58 @@ class JobTimings:
     total_s: float  # admission to now, or to the last step's end once all rows are done
 
 
-class Job:
-    """Handle of one request inside the engine: await it, stream it, or cancel it.
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """A model of a multi-model request, resolved once at admission."""
+
+    model: str  # "tenant/name"
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrediction:
+    """One model's answer for one input of a multi-model request."""
+
+    model: str  # "tenant/name"
+    version: int
+    label: str  # the most probable label
+    scores: Mapping[str, float]  # label -> probability, summing to 1
+
+
+@dataclass(frozen=True, slots=True)
+class MultiPrediction:
+    """Every requested model's answer for one input text."""
+
+    index: int  # position of the text in the request
+    results: tuple[ModelPrediction, ...]  # one per requested model, in request order
+    truncated: bool  # the text was cut to the backbone's maximum length
+    num_tokens: int  # tokens the model saw, special tokens included
+
+
+class _Indexed(Protocol):
+    @property
+    def index(self) -> int: ...
+
+
+ItemT = TypeVar("ItemT", bound=_Indexed)
+
+
+class BaseJob(Generic[ItemT]):
+    """Delivery, streaming, cancellation and timings shared by every kind of job.
 
     Invariant: each index is delivered at most once; after ``cancel`` or a failure nothing
     more is delivered.
     """
 
     def __init__(
-        self,
-        request_id: int,
-        model: str,
-        version: int,
-        num_inputs: int,
-        on_finish: Callable[["Job"], None],
+        self, request_id: int, num_inputs: int, on_finish: Callable[["BaseJob[ItemT]"], None]
     ) -> None:
         self.request_id = request_id
-        self.model = model  # "tenant/name"
-        self.version = version
         self.num_inputs = num_inputs
         self._on_finish = on_finish
-        self._results: list[Prediction | None] = [None] * num_inputs
+        self._results: list[ItemT | None] = [None] * num_inputs
         self._num_done = 0
-        self._stream: asyncio.Queue[Prediction | BaseException] = asyncio.Queue()
+        self._stream: asyncio.Queue[ItemT | BaseException] = asyncio.Queue()
         self._finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._finished.add_done_callback(_consume_exception)
         self._admitted_s = time.monotonic()
@@ -76,12 +106,12 @@ class Job:
             total_s=end - self._admitted_s,
         )
 
-    async def results(self) -> list[Prediction]:
+    async def results(self) -> list[ItemT]:
         """Every prediction in input order, once all are done (raises the job's error)."""
         await asyncio.shield(self._finished)
         return [r for r in self._results if r is not None]
 
-    async def stream(self) -> AsyncIterator[Prediction]:
+    async def stream(self) -> AsyncIterator[ItemT]:
         """Predictions as they complete; raises the job's error if it fails midway."""
         for _ in range(self.num_inputs):
             item = await self._stream.get()
@@ -97,12 +127,12 @@ class Job:
         self._stream.put_nowait(asyncio.CancelledError("job cancelled"))
         self._on_finish(self)
 
-    def deliver(self, prediction: Prediction) -> None:
-        if self._finished.done() or self._results[prediction.index] is not None:
+    def deliver(self, item: ItemT) -> None:
+        if self._finished.done() or self._results[item.index] is not None:
             return
-        self._results[prediction.index] = prediction
+        self._results[item.index] = item
         self._num_done += 1
-        self._stream.put_nowait(prediction)
+        self._stream.put_nowait(item)
         if self._num_done == self.num_inputs:
             self._finished.set_result(None)
             self._on_finish(self)
@@ -113,6 +143,61 @@ class Job:
         self._finished.set_exception(error)
         self._stream.put_nowait(error)
         self._on_finish(self)
+
+
+class Job(BaseJob[Prediction]):
+    """Handle of one single-model request inside the engine: await it, stream it, or cancel it."""
+
+    def __init__(
+        self,
+        request_id: int,
+        model: str,
+        version: int,
+        num_inputs: int,
+        on_finish: Callable[["Job"], None],
+    ) -> None:
+        super().__init__(request_id, num_inputs, on_finish)  # type: ignore[arg-type]
+        self.model = model  # "tenant/name"
+        self.version = version
+
+
+class MultiJob(BaseJob[MultiPrediction]):
+    """Handle of a multi-model request: one MultiPrediction per input, once every model
+    answered it (their answers arrive separately: LoRA rows and shared backbone rows)."""
+
+    def __init__(
+        self,
+        request_id: int,
+        models: Sequence[ModelVersion],
+        truncated: Sequence[bool],
+        num_tokens: Sequence[int],
+        on_finish: Callable[["MultiJob"], None],
+    ) -> None:
+        super().__init__(request_id, len(num_tokens), on_finish)  # type: ignore[arg-type]
+        self.models = tuple(models)  # in request order
+        self._truncated = tuple(truncated)
+        self._num_tokens = tuple(num_tokens)
+        self._partial: list[list[ModelPrediction | None] | None] = [
+            [None] * len(self.models) for _ in self._num_tokens
+        ]
+
+    def deliver_result(self, index: int, slot: int, result: ModelPrediction) -> None:
+        """Model ``slot``'s answer for input ``index``; the input is delivered once all are in."""
+        partial = self._partial[index]
+        if self.done or partial is None:
+            return
+        partial[slot] = result
+        if any(r is None for r in partial):
+            return
+        self._partial[index] = None
+        self.deliver(
+            MultiPrediction(
+                index=index,
+                results=tuple(r for r in partial if r is not None),
+                truncated=self._truncated[index],
+                num_tokens=self._num_tokens[index],
+            )
+        )
 
 
 def _consume_exception(future: asyncio.Future[None]) -> None:

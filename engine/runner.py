@@ -3,20 +3,39 @@
 Runs on the engine's single model thread; never touches asyncio.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from engine.adapters import POOLING_CLS_POOLER
+from engine.adapters import POOLING_CLS_POOLER, POOLING_MEAN
 from engine.backbone import Backbone
 from engine.lora import LoraKernel, LoraStepPlan
 from engine.memory import AdapterMemory, Resident
 from scheduler import Batch
 
+# the adapter key of rows that run the bare backbone (no LoRA, no head): their pooled outputs
+# feed any number of head-only models after the step. Never a "tenant/name@version" key.
+BACKBONE_KEY = "(backbone)"
+
+
+@dataclass(frozen=True, slots=True)
+class Pooled:
+    """The pooled outputs of one bare-backbone row, on the host."""
+
+    vectors: Mapping[str, np.ndarray]  # pooling (engine.adapters.POOLINGS) -> float32 [H]
+
+
+# per row: label probabilities (float32 [C]) of an adapter row, or a backbone row's Pooled
+RowOutput = np.ndarray | Pooled
+
 
 class ModelRunner:
-    """Builds the step's LoRA plan, runs the backbone once, applies each segment's head."""
+    """Builds the step's LoRA plan, runs the backbone once, applies each segment's head.
+
+    Rows of the ``BACKBONE_KEY`` segment run without LoRA and come back pooled, headless.
+    """
 
     def __init__(
         self, backbone: Backbone, memory: AdapterMemory, device: str, kernel: LoraKernel
@@ -27,33 +46,52 @@ class ModelRunner:
         self._device = device
         pad = backbone.tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else 0
+        num_modules = len(backbone.linear_names)
+        self._no_ranks = torch.zeros(num_modules, dtype=torch.int32)
+        self._no_scales = torch.zeros(num_modules, dtype=torch.float32)
         self.num_steps = 0
         self.num_rows = 0
 
     @torch.inference_mode()
-    def step(self, batch: Batch, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Probabilities for each row of ``batch`` in row order (labels as the adapter's).
+    def step(self, batch: Batch, token_ids: Sequence[Sequence[int]]) -> list[RowOutput]:
+        """One output per row of ``batch``, in row order: probabilities (labels as the
+        adapter's) for adapter rows, ``Pooled`` for ``BACKBONE_KEY`` rows.
 
         Rows leave torch as numpy float32 vectors: one array per segment, sliced per row.
         """
-        residents = [self._memory.get(key) for key in batch.seg_adapter]
+        residents = [
+            None if key == BACKBONE_KEY else self._memory.get(key) for key in batch.seg_adapter
+        ]
         input_ids, mask = self._pad(token_ids, batch.max_tokens)
         state = self._backbone.lora_state
-        state.plan = self._plan(batch, residents)
+        has_lora = any(r is not None for r in residents)
+        state.plan = self._plan(batch, residents) if has_lora else None
         try:
             out = self._backbone.model(input_ids=input_ids, attention_mask=mask)
         finally:
             state.plan = None
-        probs: list[np.ndarray] = []
+        outputs: list[RowOutput] = []
         for s, resident in enumerate(residents):
             lo, hi = batch.seg_starts[s], batch.seg_starts[s + 1]
-            pooled = self._pooled(out, mask, resident, lo, hi)
+            if resident is None:
+                outputs.extend(self._pooled_rows(out, mask, lo, hi))
+                continue
+            pooled = _pool(out, mask, resident.head.pooling, lo, hi)
             head = resident.head
             logits = torch.nn.functional.linear(pooled, head.weight, head.bias)
-            probs.extend(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            outputs.extend(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         self.num_steps += 1
         self.num_rows += len(batch.rows)
-        return probs
+        return outputs
+
+    def _pooled_rows(self, out: object, mask: torch.Tensor, lo: int, hi: int) -> list[Pooled]:
+        """Every pooling the backbone offers, so any mix of head-only models shares the row."""
+        poolings = [POOLING_MEAN] + ([POOLING_CLS_POOLER] if self._backbone.has_pooler else [])
+        by_pooling = {p: _pool(out, mask, p, lo, hi).float().cpu().numpy() for p in poolings}
+        return [
+            Pooled(vectors={p: vectors[i] for p, vectors in by_pooling.items()})
+            for i in range(hi - lo)
+        ]
 
     def _pad(
         self, token_ids: Sequence[Sequence[int]], width: int
@@ -65,15 +103,21 @@ class ModelRunner:
             mask[i, : len(row)] = 1
         return ids.to(self._device), mask.to(self._device)
 
-    def _plan(self, batch: Batch, residents: list[Resident]) -> LoraStepPlan:
-        max_rank = max((len(r.pages) for r in residents), default=0)
+    def _plan(self, batch: Batch, residents: list[Resident | None]) -> LoraStepPlan:
+        """The step's segment metadata; a None resident (backbone rows) has rank 0 everywhere."""
+        page_lists = [r.pages if r is not None else () for r in residents]
+        max_rank = max((len(p) for p in page_lists), default=0)
         # padding points at page 0, which holds zeros in every pool
         pages = torch.zeros((len(residents), max(max_rank, 1)), dtype=torch.int32)
-        for s, resident in enumerate(residents):
-            if resident.pages:
-                pages[s, : len(resident.pages)] = torch.tensor(resident.pages, dtype=torch.int32)
-        ranks = torch.stack([r.rank_by_module for r in residents], dim=1)
-        scales = torch.stack([r.scale_by_module for r in residents], dim=1)
+        for s, seg_pages in enumerate(page_lists):
+            if seg_pages:
+                pages[s, : len(seg_pages)] = torch.tensor(seg_pages, dtype=torch.int32)
+        ranks = torch.stack(
+            [r.rank_by_module if r is not None else self._no_ranks for r in residents], dim=1
+        )
+        scales = torch.stack(
+            [r.scale_by_module if r is not None else self._no_scales for r in residents], dim=1
+        )
         lengths = torch.tensor(
             [batch.seg_starts[s + 1] - batch.seg_starts[s] for s in range(len(residents))]
         )
@@ -89,18 +133,17 @@ class ModelRunner:
             kernel=self._kernel,
             row_pages=pages.long().repeat_interleave(lengths, dim=0).to(device),
             row_scale=scales.repeat_interleave(lengths, dim=1).to(device, dtype),
-            rank_padding=_rank_padding(lengths.tolist(), [len(r.pages) for r in residents]),
+            rank_padding=_rank_padding(lengths.tolist(), [len(p) for p in page_lists]),
         )
 
-    @staticmethod
-    def _pooled(
-        out: object, mask: torch.Tensor, resident: Resident, lo: int, hi: int
-    ) -> torch.Tensor:
-        if resident.head.pooling == POOLING_CLS_POOLER:
-            return out.pooler_output[lo:hi]
-        hidden = out.last_hidden_state[lo:hi]
-        weights = mask[lo:hi].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+def _pool(out: object, mask: torch.Tensor, pooling: str, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``lo:hi`` pooled as a head expects: the [CLS] pooler, or the mean over real tokens."""
+    if pooling == POOLING_CLS_POOLER:
+        return out.pooler_output[lo:hi]
+    hidden = out.last_hidden_state[lo:hi]
+    weights = mask[lo:hi].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 def _rank_padding(rows_per_segment: list[int], ranks: list[int]) -> float:

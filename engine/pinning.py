@@ -1,0 +1,29 @@
+"""Host-tier pins taken at admission: a request's adapters stay parsed in host memory until it
+ends, and a caller that goes away while they load leaves no pin behind."""
+
+import asyncio
+from collections.abc import Sequence
+
+from engine.adapter_store import AdapterStore, unpin_if_pinned
+from registry import AdapterRecord
+
+
+async def pin(store: AdapterStore, record: AdapterRecord) -> str:
+    """Host-pin one adapter (loading it if cold); returns its key."""
+    pinning = asyncio.ensure_future(store.pin(record))
+    try:
+        return await asyncio.shield(pinning)
+    except asyncio.CancelledError:
+        pinning.add_done_callback(unpin_if_pinned(store))
+        raise
+
+
+async def pin_all(store: AdapterStore, records: Sequence[AdapterRecord]) -> list[str]:
+    """Host-pin every adapter (cold ones load in parallel); on failure none stays pinned."""
+    pins = [asyncio.ensure_future(pin(store, record)) for record in records]
+    try:
+        return list(await asyncio.gather(*pins))
+    except BaseException:
+        for task in pins:  # those that pinned, now or once their load ends, are let go
+            task.add_done_callback(unpin_if_pinned(store))
+        raise

@@ -1,0 +1,78 @@
+"""What ``Engine.start`` loads: the backbone and everything built on it, as one unit.
+
+Everything derived from the backbone's weights lives here and nowhere else, so loading
+another backbone builds all of it afresh (the embedding cache included): nothing computed on
+old weights can outlive them.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.adapter_store import AdapterStore, check_pool_fits
+from engine.backbone import Backbone, load_backbone
+from engine.config import EngineConfig
+from engine.embedding_cache import EmbeddingCache
+from engine.host_cache import HostCache
+from engine.lora_kernels import kernel_for
+from engine.memory import AdapterMemory
+from engine.runner import ModelRunner
+from engine.tenant_settings import TenantSettings
+from registry import Registry
+from scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ServingStack:
+    """What start() loads; the engine holds None before, so nothing half-built is reachable."""
+
+    backbone: Backbone
+    registry: Registry
+    memory: AdapterMemory
+    host: HostCache  # parsed adapters; read by the event loop for head-only models' heads
+    store: AdapterStore
+    runner: ModelRunner
+    settings: TenantSettings
+    embeddings: EmbeddingCache  # pooled outputs of this backbone, per tenant (event loop only)
+
+
+def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
+    """Load and hash the backbone, open the registry, build the adapter tiers and the runner."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    backbone = load_backbone(
+        config.backbone_dir,
+        device=config.device,
+        dtype=config.torch_dtype,
+        expected_sha256=config.backbone_sha256,
+    )
+    registry = Registry(config.registry_dir)
+    registry.register_base(backbone.sha256, backbone.name)
+    check_pool_fits(registry, backbone.sha256, config.adapter_pages)
+    memory = AdapterMemory(backbone, config.adapter_pages, config.device, config.torch_dtype)
+    host = HostCache(config.host_cache_bytes)
+    store = AdapterStore(
+        registry,
+        backbone,
+        memory,
+        host,
+        max_loads_in_flight=config.max_loads_in_flight,
+        pin_host_memory=config.device.startswith("cuda"),
+    )
+    kernel = kernel_for(config.lora_kernel, config.device)
+    runner = ModelRunner(backbone, memory, config.device, kernel)
+    log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
+    settings = TenantSettings(registry, scheduler, scheduler.default_policy)
+    return ServingStack(
+        backbone=backbone,
+        registry=registry,
+        memory=memory,
+        host=host,
+        store=store,
+        runner=runner,
+        settings=settings,
+        embeddings=EmbeddingCache(config.embedding_cache_bytes),
+    )

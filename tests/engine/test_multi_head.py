@@ -1,0 +1,139 @@
+"""Multi-model requests: every model answers every input, as it would alone, and head-only
+models share one backbone row per input."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine import Engine, EngineConfig, InputError, ModelNotFound, MultiPrediction
+from registry import Registry
+
+TEXTS = [
+    "WIN a brand new car, text CLAIM to 80086 now!",
+    "are we still on for lunch tomorrow?",
+    "Shares in the company fell sharply after the profit warning was issued this morning.",
+    "ok",
+]
+
+# name -> (rank, pooling, labels): head-only models of both poolings, LoRA models of both
+MODELS = {
+    "urgent": (0, "mean", ("no", "yes")),
+    "sales": (0, "cls_pooler", ("lead", "not_lead", "spam")),
+    "hr": (0, "mean", ("hr", "other")),
+    "legal": (0, "cls_pooler", ("contract", "dispute", "other", "privacy")),
+    "topic": (0, "mean", ("a", "b", "c")),
+    "spam": (4, "mean", ("ham", "spam")),
+    "tone": (8, "cls_pooler", ("calm", "angry", "sad")),
+}
+HEAD_ONLY = ["urgent", "sales", "hr", "legal", "topic"]
+
+
+@pytest.fixture
+def registry(tmp_path: Path, publish_random):
+    reg = Registry(tmp_path / "reg")
+    reg.create_tenant("acme")
+    reg.create_tenant("globex")
+    for seed, (name, (rank, pooling, labels)) in enumerate(MODELS.items()):
+        publish_random(reg, "acme", name, seed=seed, rank=rank, pooling=pooling, labels=labels)
+    publish_random(reg, "globex", "secret", rank=0)
+    yield reg
+    reg.close()
+
+
+def config(registry: Registry, **overrides) -> EngineConfig:
+    return EngineConfig(registry_dir=registry.root, **overrides)
+
+
+async def test_multi_model_answers_equal_single_model_answers(registry) -> None:
+    names = ["spam", *HEAD_ONLY, "tone"]  # LoRA and head-only mixed, both poolings
+    async with Engine(config(registry, embedding_cache_bytes=0)) as engine:
+        multi = await engine.classify_many("acme", names, TEXTS)
+        alone = {name: await engine.classify("acme", name, TEXTS) for name in names}
+    assert [p.index for p in multi] == list(range(len(TEXTS)))
+    for prediction in multi:
+        assert [r.model for r in prediction.results] == [f"acme/{n}" for n in names]
+        assert all(r.version == 1 for r in prediction.results)
+        for name, result in zip(names, prediction.results, strict=True):
+            single = alone[name][prediction.index]
+            assert result.label == single.label
+            assert result.scores.keys() == single.scores.keys()
+            for label, score in single.scores.items():
+                assert result.scores[label] == pytest.approx(score, abs=1e-5)
+            assert prediction.truncated == single.truncated
+            assert prediction.num_tokens == single.num_tokens
+
+
+async def test_five_head_only_models_cost_one_backbone_row_per_input(registry) -> None:
+    async with Engine(config(registry, embedding_cache_bytes=0)) as engine:
+        before = engine.stats()["rows"]
+        await engine.classify_many("acme", HEAD_ONLY, TEXTS)
+        assert engine.stats()["rows"] - before == len(TEXTS)
+
+        before = engine.stats()["rows"]
+        await engine.classify_many("acme", [*HEAD_ONLY, "spam", "tone"], TEXTS)
+        # one shared backbone row, plus one row per LoRA model, per input
+        assert engine.stats()["rows"] - before == 3 * len(TEXTS)
+
+        before = engine.stats()["rows"]
+        for name in HEAD_ONLY:
+            await engine.classify("acme", name, TEXTS)
+        assert engine.stats()["rows"] - before == len(HEAD_ONLY) * len(TEXTS)  # the contrast
+
+
+async def test_stream_yields_each_input_once_every_model_answered(registry) -> None:
+    async with Engine(config(registry, max_batch_rows=2)) as engine:
+        job = await engine.submit_many("acme", ["urgent", "spam"], TEXTS)
+        assert [(m.model, m.version) for m in job.models] == [("acme/urgent", 1), ("acme/spam", 1)]
+        seen = [p async for p in job.stream()]
+        assert sorted(p.index for p in seen) == list(range(len(TEXTS)))
+        assert all(isinstance(p, MultiPrediction) and len(p.results) == 2 for p in seen)
+        assert engine.stats()["requests_in_flight"] == 0
+
+
+async def test_a_model_named_twice_or_too_many_models_are_refused(registry) -> None:
+    async with Engine(config(registry, max_models_per_request=3)) as engine:
+        for models, field in (
+            (["spam", "urgent", "spam"], "models[2]"),
+            (["spam", "acme/spam@1"], "models[1]"),  # two spellings, one model version
+            (["spam", "urgent", "hr", "legal"], "models"),
+            ([], "models"),
+            ("spam", "models"),
+            (["spam", ""], "models[1]"),
+        ):
+            with pytest.raises(InputError) as info:
+                await engine.classify_many("acme", models, TEXTS)
+            assert info.value.field == field, models
+        with pytest.raises(InputError) as info:
+            await engine.classify_many("acme", ["spam", "urgent"], ["ok", " "])
+        assert info.value.field == "input[1]"
+        assert engine.stats()["requests_in_flight"] == 0
+
+
+async def test_unknown_model_fails_before_anything_is_computed(registry) -> None:
+    async with Engine(config(registry)) as engine:
+        for unknown in ("nope", "secret", "globex/secret"):
+            with pytest.raises(ModelNotFound) as info:
+                await engine.classify_many("acme", ["spam", "urgent", unknown, "hr"], TEXTS)
+            assert str(info.value) == f"model {unknown!r} not found (models[2])"
+        stats = engine.stats()
+        assert stats["rows"] == 0 and stats["adapter_disk_loads"] == 0
+        assert stats["waiting_rows"] == 0 and stats["requests_in_flight"] == 0
+        assert engine.tenant_stats().get("acme", {}).get("admitted_rows", 0) == 0
+
+
+async def test_cancel_drops_waiting_rows_and_releases_every_pin(registry) -> None:
+    texts = [f"message number {i} about the quarterly numbers" for i in range(40)]
+    async with Engine(config(registry, max_batch_rows=2)) as engine:
+        job = await engine.submit_many("acme", ["spam", "urgent", "tone"], texts)
+        await asyncio.sleep(0)
+        job.cancel()
+        await asyncio.sleep(0.05)
+        stats = engine.stats()
+        assert stats["waiting_rows"] == 0 and stats["requests_in_flight"] == 0
+        store = engine._loaded.host
+        for name in ("spam", "urgent", "tone"):
+            assert store.pins(f"acme/{name}@1") == 0
+        # the engine still serves afterwards
+        (after,) = await engine.classify_many("acme", ["spam", "urgent"], ["hello"])
+        assert len(after.results) == 2
