@@ -1,7 +1,7 @@
 """LoRA on a frozen Linear, for every adapter of a mixed batch at once."""
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -15,6 +15,36 @@ class LoraKernel(Protocol):
     """
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: "LoraStepPlan") -> None: ...
+
+
+class RankRun(NamedTuple):
+    """Neighbouring segments whose adapters have one rank: one gather-matmul pair at that rank."""
+
+    first_segment: int
+    end_segment: int
+    first_row: int
+    end_row: int
+    rank: int
+
+
+def rank_runs(rows_per_segment: list[int], ranks: list[int]) -> tuple[RankRun, ...]:
+    """Cut a step's segments into runs of equal adapter rank (rank-0 segments left out;
+    empty segments inside a run are harmless and do not split it).
+
+    The planner orders segments by rank, so a batch holds one run per distinct rank: mixed
+    ranks then cost their own rank instead of every row padded to the largest one.
+    """
+    runs: list[RankRun] = []
+    row = 0
+    for s, (count, rank) in enumerate(zip(rows_per_segment, ranks, strict=True)):
+        if count and rank:
+            last = runs[-1] if runs else None
+            if last is not None and last.end_row == row and last.rank == rank:
+                runs[-1] = last._replace(end_segment=s + 1, end_row=row + count)
+            else:
+                runs.append(RankRun(s, s + 1, row, row + count, rank))
+        row += count
+    return tuple(runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,21 +65,25 @@ class LoraStepPlan:
     kernel: LoraKernel  # the implementation every layer of this step uses
     row_pages: torch.Tensor | None = None  # int64 [B, R], per-row pages (gather kernels)
     row_scale: torch.Tensor | None = None  # [M, B] in the pool dtype, 0 where no LoRA
-    rank_padding: float = 1.0  # rows x max rank over sum of rows x own rank (gather waste)
+    runs: tuple[RankRun, ...] = ()  # equal-rank segment runs (gather kernels), see rank_runs
 
-    def segment_args(self, index: int, num_tokens: int) -> tuple[torch.Tensor, ...]:
-        """(a_pool, b_pool, token offsets, pages, ranks, scales) of one module, in the order
-        the segmented kernels take them after ``y`` and ``x``."""
+    def segment_args(
+        self, index: int, num_tokens: int, first: int = 0, end: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """(a_pool, b_pool, token offsets, pages, ranks, scales) of one module over segments
+        ``first:end`` (all by default), in the order the segmented kernels take them after
+        ``y`` and ``x``. Offsets stay absolute, so kernels index the whole ``y`` and ``x``."""
         pools = self.pools[index]
         assert pools is not None  # layers call kernels only for active modules
         tokens_per_row = num_tokens // self.num_rows
+        end = self.seg_pages.shape[0] if end is None else end
         return (
             pools[0],
             pools[1],
-            self.seg_row_starts * tokens_per_row,
-            self.seg_pages,
-            self.seg_rank[index],
-            self.seg_scale[index],
+            self.seg_row_starts[first : end + 1] * tokens_per_row,
+            self.seg_pages[first:end],
+            self.seg_rank[index, first:end],
+            self.seg_scale[index, first:end],
         )
 
 

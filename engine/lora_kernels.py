@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.lora import LoraKernel, LoraStepPlan
+from engine.lora import LoraKernel, LoraStepPlan, RankRun
 from kernels import bgmv_lora, sgmv_lora
 
 
@@ -17,43 +17,54 @@ class SegmentLoop:
 
 
 class GatherBmm:
-    """Per-row gathered factors and two batched matmuls: flat cost in distinct adapters."""
+    """Per-row gathered factors and two batched matmuls per equal-rank run of segments: flat
+    cost in distinct adapters, and mixed ranks each at their own rank."""
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
+        if not plan.runs:  # an active module always has a run: the plan was built without them
+            raise ValueError("the gather kernel needs the plan's rank runs (lora.rank_runs)")
+        for run in plan.runs:
+            self.apply_run(index, y, x, plan, run)
+
+    @staticmethod
+    def apply_run(
+        index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan, run: RankRun
+    ) -> None:
         pools = plan.pools[index]
         assert pools is not None and plan.row_pages is not None and plan.row_scale is not None
         rows = plan.num_rows
+        lo, hi = run.first_row, run.end_row
         bgmv_lora(
-            y.view(rows, -1, y.shape[-1]),
-            x.view(rows, -1, x.shape[-1]),
+            y.view(rows, -1, y.shape[-1])[lo:hi],
+            x.view(rows, -1, x.shape[-1])[lo:hi],
             pools[0],
             pools[1],
-            plan.row_pages,
-            plan.row_scale[index],
+            plan.row_pages[lo:hi, : run.rank],
+            plan.row_scale[index, lo:hi],
         )
 
 
 class AutoCpu:
-    """Per step: the gather path for batches of many adapters of similar rank, else the loop.
+    """Per run of equal-rank segments: the gather path when the run holds many adapters,
+    else the loop over its segments.
 
     Measured on a 2-core CPU (benchmarks/kernels.py): the two cost the same up to about 8
-    segments at rank 8, the gather wins beyond, and it loses badly when mixed ranks make it
-    pad every row to the largest rank.
+    segments at rank 8, and the gather wins beyond; runs keep mixed ranks from padding.
     """
 
-    def __init__(self, min_gather_segments: int = 8, max_rank_padding: float = 1.5) -> None:
-        self._loop = SegmentLoop()
-        self._gather = GatherBmm()
+    def __init__(self, min_gather_segments: int = 8) -> None:
         self._min_gather_segments = min_gather_segments
-        self._max_rank_padding = max_rank_padding
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
-        use_gather = (
-            plan.row_pages is not None
-            and plan.seg_pages.shape[0] >= self._min_gather_segments
-            and plan.rank_padding <= self._max_rank_padding
-        )
-        (self._gather if use_gather else self._loop).apply(index, y, x, plan)
+        if plan.row_pages is None or not plan.runs:
+            sgmv_lora(y, x, *plan.segment_args(index, x.shape[0]))
+            return
+        for run in plan.runs:
+            if run.end_segment - run.first_segment >= self._min_gather_segments:
+                GatherBmm.apply_run(index, y, x, plan, run)
+            else:
+                args = plan.segment_args(index, x.shape[0], run.first_segment, run.end_segment)
+                sgmv_lora(y, x, *args)
 
 
 def kernel_for(name: str, device: str) -> LoraKernel:

@@ -19,7 +19,8 @@ class Row:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """The rows of one engine step, sorted so that each adapter's rows are contiguous.
+    """The rows of one engine step, sorted so that each adapter's rows are contiguous and
+    segments come in order of adapter rank (``Row.num_pages``).
 
     Invariant: ``seg_starts[0] == 0``, ``seg_starts[-1] == len(rows)``, and every row in
     ``rows[seg_starts[s]:seg_starts[s + 1]]`` has ``adapter_key == seg_adapter[s]``.

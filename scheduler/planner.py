@@ -329,10 +329,11 @@ class _Forming:
         self._pages[row.adapter_key] = row.num_pages
 
     def build(self) -> Batch | None:
-        """Sort rows by adapter (stable) and cut them into segments."""
+        """Sort rows by adapter (stable) and cut them into segments, ordered by rank so that
+        adapters of one rank are neighbours (the CPU gather runs one matmul pair per rank)."""
         if not self.rows:
             return None
-        ordered = tuple(sorted(self.rows, key=lambda r: r.adapter_key))
+        ordered = tuple(sorted(self.rows, key=lambda r: (r.num_pages, r.adapter_key)))
         starts = [0]
         adapters: list[str] = []
         for i, row in enumerate(ordered):

@@ -1,0 +1,82 @@
+"""The engine's CPU LoRA kernels against the float32 reference, over rank runs."""
+
+import pytest
+import torch
+
+from engine.lora import LoraStepPlan, rank_runs
+from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
+from kernels import sgmv_reference
+
+IN, OUT, TOKENS = 24, 40, 3
+
+
+def test_rank_runs_merge_neighbours_of_one_rank_and_skip_rank_zero() -> None:
+    runs = rank_runs([2, 1, 0, 3, 1, 2], [0, 8, 8, 8, 16, 8])
+    assert [(r.first_segment, r.end_segment, r.first_row, r.end_row, r.rank) for r in runs] == [
+        (1, 4, 2, 6, 8),
+        (4, 5, 6, 7, 16),
+        (5, 6, 7, 9, 8),
+    ]
+    assert rank_runs([4], [0]) == ()
+
+
+def _plan(ranks: list[int], rows: list[int], seed: int = 0):
+    """A plan over a random pool: segment s has ``rows[s]`` rows of ``TOKENS`` tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    num_pages = sum(ranks) + 1
+    a_pool = torch.randn(num_pages, IN, generator=gen)
+    b_pool = torch.randn(num_pages, OUT, generator=gen)
+    a_pool[0], b_pool[0] = 0.0, 0.0  # the zero page that pads short ranks
+    width = max(max(ranks), 1)
+    pages = torch.zeros(len(ranks), width, dtype=torch.int32)
+    first = 1
+    for s, r in enumerate(ranks):
+        pages[s, :r] = torch.arange(first, first + r, dtype=torch.int32)
+        first += r
+    seg_rank = torch.tensor([ranks], dtype=torch.int32)
+    scale = torch.tensor([[2.0 / max(r, 1) for r in ranks]], dtype=torch.float32)
+    lengths = torch.tensor(rows)
+    starts = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    starts[1:] = torch.cumsum(lengths, 0)
+    plan = LoraStepPlan(
+        num_rows=sum(rows),
+        seg_row_starts=starts,
+        seg_pages=pages,
+        seg_rank=seg_rank,
+        seg_scale=scale,
+        module_active=(True,),
+        pools=((a_pool, b_pool),),
+        kernel=SegmentLoop(),
+        row_pages=pages.long().repeat_interleave(lengths, dim=0),
+        row_scale=(scale * (seg_rank > 0)).repeat_interleave(lengths, dim=1),
+        runs=rank_runs(rows, ranks),
+    )
+    x = torch.randn(sum(rows) * TOKENS, IN, generator=gen)
+    y = torch.randn(sum(rows) * TOKENS, OUT, generator=gen)
+    return plan, x, y
+
+
+PATTERNS = {
+    "one adapter": ([8], [5]),
+    "every row its own, rank sorted": ([4] * 9 + [16] * 9 + [64] * 3, [1] * 21),
+    "mixed ranks interleaved": ([64, 4, 16, 8, 32] * 4, [2, 1, 3, 1, 2] * 4),
+    "rows without adapter": ([0, 8, 8, 0, 8] * 4, [2, 1, 1, 3, 1] * 4),
+    "zipf groups": ([8] * 12, [12, 6, 4, 3, 2, 2, 2, 1, 1, 1, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("kernel", [SegmentLoop(), GatherBmm(), AutoCpu(), AutoCpu(2)])
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_cpu_kernels_match_reference(kernel, pattern: str) -> None:
+    ranks, rows = PATTERNS[pattern]
+    plan, x, y = _plan(ranks, rows)
+    expected = sgmv_reference(y, x, *plan.segment_args(0, x.shape[0]))
+    kernel.apply(0, y, x, plan)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gather_refuses_a_plan_without_runs() -> None:
+    plan, x, y = _plan([8, 8], [1, 1])
+    bare = LoraStepPlan(**{f: getattr(plan, f) for f in plan.__slots__ if f != "runs"})
+    with pytest.raises(ValueError, match="rank runs"):
+        GatherBmm().apply(0, y, x, bare)
