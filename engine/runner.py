@@ -11,7 +11,7 @@ import torch
 
 from engine.adapters import POOLING_CLS_POOLER, POOLING_MEAN
 from engine.backbone import Backbone
-from engine.lora import LoraKernel, LoraStepPlan
+from engine.lora import LoraKernel, LoraStepPlan, rank_runs
 from engine.memory import AdapterMemory, Resident
 from scheduler import Batch
 
@@ -133,7 +133,7 @@ class ModelRunner:
             kernel=self._kernel,
             row_pages=pages.long().repeat_interleave(lengths, dim=0).to(device),
             row_scale=scales.repeat_interleave(lengths, dim=1).to(device, dtype),
-            rank_padding=_rank_padding(lengths.tolist(), [len(p) for p in page_lists]),
+            runs=rank_runs(lengths.tolist(), [len(p) for p in page_lists]),
         )
 
 
@@ -145,9 +145,3 @@ def _pool(out: object, mask: torch.Tensor, pooling: str, lo: int, hi: int) -> to
     weights = mask[lo:hi].unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
-
-def _rank_padding(rows_per_segment: list[int], ranks: list[int]) -> float:
-    """How much the gather kernel would compute beyond each row's own rank (1.0 = none)."""
-    useful = sum(n * r for n, r in zip(rows_per_segment, ranks, strict=True))
-    padded = sum(rows_per_segment) * max(ranks, default=0)
-    return padded / useful if useful else 1.0
