@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from engine import Engine, EngineError, InputError, Job
+from engine import Engine, EngineError, InputError, Job, MultiJob
 from server.errors import (
     AUTHENTICATION,
     INVALID_JSON,
@@ -23,16 +23,16 @@ from server.errors import (
     internal_error,
 )
 from server.schemas import (
+    MULTI_MODEL,
     NDJSON,
+    SINGLE_MODEL,
+    AnswerFormat,
     ClassifyRequest,
     RequestInvalid,
-    classify_json,
     decode_json,
     json_response,
     ndjson_line,
     parse_classify,
-    prediction_json,
-    stream_summary_json,
 )
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,15 @@ async def get_adapter(request: web.Request) -> web.Response:
 
 
 async def classify(request: web.Request) -> web.StreamResponse:
-    """Classify one text or a list; JSON when done, or NDJSON lines as rows complete."""
+    """Classify one text or a list with one model or several; JSON when done, or NDJSON
+    lines as inputs complete."""
     engine = request.app[ENGINE]
     tenant = _authenticate(request, engine)
     body = _parse_body(await _read_body(request))
     job = await _submit(engine, tenant, body)
+    answer = SINGLE_MODEL if body.models is None else MULTI_MODEL
     if body.stream:
-        return await _stream(request, job)
+        return await _stream(request, job, answer)
     try:
         predictions = await job.results()
     except EngineError as exc:
@@ -126,13 +128,19 @@ async def classify(request: web.Request) -> web.StreamResponse:
     server_timing = (
         f"queue;dur={timings.queue_s * 1000:.2f}, compute;dur={timings.compute_s * 1000:.2f}"
     )
-    return json_response(classify_json(job, predictions), headers={"Server-Timing": server_timing})
+    return json_response(answer.body(job, predictions), headers={"Server-Timing": server_timing})
 
 
-async def _submit(engine: Engine, tenant: str, body: ClassifyRequest) -> Job:
+async def _submit(engine: Engine, tenant: str, body: ClassifyRequest) -> Job | MultiJob:
+    texts = list(body.texts)
     try:
+        if body.models is not None:
+            return await engine.submit_many(
+                tenant, list(body.models), texts, truncate=body.truncate, timeout_s=body.timeout_s
+            )
+        assert body.model is not None  # parse_classify sets exactly one of the two
         return await engine.submit(
-            tenant, body.model, list(body.texts), truncate=body.truncate, timeout_s=body.timeout_s
+            tenant, body.model, texts, truncate=body.truncate, timeout_s=body.timeout_s
         )
     except InputError as exc:
         raise from_engine_error(exc, field=body.input_field(exc.field)) from exc
@@ -140,7 +148,9 @@ async def _submit(engine: Engine, tenant: str, body: ClassifyRequest) -> Job:
         raise from_engine_error(exc) from exc
 
 
-async def _stream(request: web.Request, job: Job) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, job: Job | MultiJob, answer: AnswerFormat
+) -> web.StreamResponse:
     """Write one line per prediction as it completes, then a summary (or an error) line.
 
     The status is sent before the first row runs, so a failure midway can only be told in
@@ -153,7 +163,7 @@ async def _stream(request: web.Request, job: Job) -> web.StreamResponse:
     try:
         response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
         await response.prepare(request)
-        async with contextlib.aclosing(_ndjson_lines(job)) as lines:
+        async with contextlib.aclosing(_ndjson_lines(job, answer)) as lines:
             async for line in lines:
                 await response.write(line)
         await response.write_eof()
@@ -163,12 +173,12 @@ async def _stream(request: web.Request, job: Job) -> web.StreamResponse:
         streams.discard(task)
 
 
-async def _ndjson_lines(job: Job) -> AsyncIterator[bytes]:
+async def _ndjson_lines(job: Job | MultiJob, answer: AnswerFormat) -> AsyncIterator[bytes]:
     num_tokens = 0
     try:
         async for prediction in job.stream():
             num_tokens += prediction.num_tokens
-            yield ndjson_line(prediction_json(prediction))
+            yield ndjson_line(answer.item(prediction))
     except EngineError as exc:
         yield ndjson_line(from_engine_error(exc).body())
         return
@@ -176,7 +186,7 @@ async def _ndjson_lines(job: Job) -> AsyncIterator[bytes]:
         log.exception("stream of request %d failed", job.request_id)
         yield ndjson_line(internal_error().body())
         return
-    yield ndjson_line(stream_summary_json(job, num_tokens))
+    yield ndjson_line(answer.summary(job, num_tokens))
 
 
 # request parts ---------------------------------------------------------------------------

@@ -4,18 +4,18 @@ Validation is written out by hand rather than left to a schema library so that e
 names the one field at fault in the API's own notation (``model``, ``input[3]``, ``stream``).
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
-from engine import Job, Prediction
+from engine import Job, ModelPrediction, MultiJob, MultiPrediction, Prediction
 
 NDJSON = "application/x-ndjson"
 
-_CLASSIFY_FIELDS = ("model", "input", "stream", "truncate", "timeout")
+_CLASSIFY_FIELDS = ("model", "models", "input", "stream", "truncate", "timeout")
 _JSON_TYPES = {
     dict: "object",
     list: "array",
@@ -37,9 +37,10 @@ class RequestInvalid(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ClassifyRequest:
-    """A validated ``POST /v1/classify`` body."""
+    """A validated ``POST /v1/classify`` body: exactly one of ``model`` and ``models`` is set."""
 
-    model: str  # "name", "name@3" or "tenant/name[@3]", resolved by the engine
+    model: str | None  # "name", "name@3" or "tenant/name[@3]", resolved by the engine
+    models: tuple[str, ...] | None  # several such names: every one answers every input
     texts: tuple[str, ...]  # at least one, none blank
     is_batch: bool  # "input" was a list (fields are "input[i]") rather than one string
     stream: bool  # answer NDJSON, one line per input as it completes
@@ -66,18 +67,39 @@ def parse_classify(payload: Any) -> ClassifyRequest:
             f"unknown field {unknown[0]!r}; accepted fields: {', '.join(_CLASSIFY_FIELDS)}",
             unknown[0],
         )
-    model = _required(payload, "model")
-    if not isinstance(model, str) or not model.strip():
-        raise RequestInvalid(_expected("model", "a non-empty string", model), "model")
+    model, models = _parse_models(payload)
     texts, is_batch = _parse_input(_required(payload, "input"))
     return ClassifyRequest(
         model=model,
+        models=models,
         texts=texts,
         is_batch=is_batch,
         stream=_optional_bool(payload, "stream", default=False),
         truncate=_optional_bool(payload, "truncate", default=True),
         timeout_s=_optional_timeout(payload),
     )
+
+
+def _parse_models(payload: dict[str, Any]) -> tuple[str | None, tuple[str, ...] | None]:
+    """``model`` (one name) or ``models`` (a list of names), never both. How many and which
+    repeat is the engine's to check: it knows its limit and how names resolve."""
+    if "model" in payload and "models" in payload:
+        raise RequestInvalid("give either 'model' or 'models', not both", "models")
+    if "models" not in payload:
+        model = _required(payload, "model")
+        if not isinstance(model, str) or not model.strip():
+            raise RequestInvalid(_expected("model", "a non-empty string", model), "model")
+        return model, None
+    models = payload["models"]
+    if not isinstance(models, list):
+        raise RequestInvalid(_expected("models", "a list of model names", models), "models")
+    if not models:
+        raise RequestInvalid("models is an empty list: give at least one model", "models")
+    for index, name in enumerate(models):
+        field = f"models[{index}]"
+        if not isinstance(name, str) or not name.strip():
+            raise RequestInvalid(_expected(field, "a non-empty string", name), field)
+    return None, tuple(models)
 
 
 def _optional_timeout(payload: dict[str, Any]) -> float | None:
@@ -182,3 +204,59 @@ def stream_summary_json(job: Job, num_tokens: int) -> dict[str, Any]:
         "version": job.version,
         "usage": usage_json(job.num_inputs, num_tokens),
     }
+
+
+# answers to a "models" request: the single-model shape, with a "results" list per input
+# (one entry per requested model, in request order) where one label stood
+
+
+def model_prediction_json(result: ModelPrediction) -> dict[str, Any]:
+    return {
+        "model": result.model,
+        "version": result.version,
+        "label": result.label,
+        "scores": dict(result.scores),
+    }
+
+
+def multi_prediction_json(prediction: MultiPrediction) -> dict[str, Any]:
+    return {
+        "index": prediction.index,
+        "results": [model_prediction_json(r) for r in prediction.results],
+        "truncated": prediction.truncated,
+        "tokens": prediction.num_tokens,
+    }
+
+
+def models_json(job: MultiJob) -> list[dict[str, Any]]:
+    return [{"model": m.model, "version": m.version} for m in job.models]
+
+
+def classify_many_json(job: MultiJob, predictions: Iterable[MultiPrediction]) -> dict[str, Any]:
+    data = [multi_prediction_json(p) for p in predictions]
+    return {
+        "models": models_json(job),
+        "data": data,
+        "usage": usage_json(len(data), sum(item["tokens"] for item in data)),
+    }
+
+
+def stream_many_summary_json(job: MultiJob, num_tokens: int) -> dict[str, Any]:
+    return {
+        "done": True,
+        "models": models_json(job),
+        "usage": usage_json(job.num_inputs, num_tokens),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerFormat:
+    """How one kind of request is answered: the whole body, a stream line, the stream's end."""
+
+    body: Callable[[Any, list[Any]], dict[str, Any]]  # (job, predictions) -> JSON object
+    item: Callable[[Any], dict[str, Any]]  # one prediction -> one NDJSON line
+    summary: Callable[[Any, int], dict[str, Any]]  # (job, tokens seen) -> the last line
+
+
+SINGLE_MODEL = AnswerFormat(classify_json, prediction_json, stream_summary_json)
+MULTI_MODEL = AnswerFormat(classify_many_json, multi_prediction_json, stream_many_summary_json)
