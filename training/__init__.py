@@ -1,6 +1,6 @@
-"""Training: validate a tenant's labeled data, train LoRA + head on the frozen backbone."""
+"""Training: validate a tenant's labeled data, train a head, LoRA + head, or a full model."""
 
-from training.config import TrainConfig
+from training.config import MODES, TrainConfig
 from training.data import (
     DataError,
     DataReport,
@@ -22,15 +22,18 @@ from training.datasets import (
     stratified_split,
     write_csv,
 )
+from training.full_model import FullModel, load_full_model
 from training.metrics import classification_metrics
 from training.trainer import TrainResult, train_adapter
 
 __all__ = [
     "DATASETS",
+    "MODES",
     "DataError",
     "DataReport",
     "DatasetUnavailable",
     "Example",
+    "FullModel",
     "TrainConfig",
     "TrainResult",
     "classification_metrics",
@@ -39,6 +42,7 @@ __all__ = [
     "examples_from_records",
     "load_bbc_news",
     "load_examples",
+    "load_full_model",
     "load_sms_spam",
     "load_tweets",
     "raise_for_errors",

@@ -17,6 +17,9 @@ class TrainConfig:
     batch_size: int = 16
     lora_lr: float = 1e-3  # AdamW learning rate of the LoRA factors
     head_lr: float = 3e-3  # AdamW learning rate of the classification head
+    backbone_lr: float = 4e-5  # full mode: AdamW learning rate of every backbone weight
+    head_epochs: int = 200  # head mode: upper bound on epochs over the cached embeddings
+    head_patience: int = 20  # head mode: epochs without validation improvement before stopping
     weight_decay: float = 0.01
     warmup_fraction: float = 0.06  # of all steps, linear warm-up then linear decay
     max_length: int = 128  # tokens per training text (longer texts are cut)
@@ -31,13 +34,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        positive = ("rank", "epochs", "batch_size", "max_length")
+        positive = (
+            "rank",
+            "epochs",
+            "batch_size",
+            "max_length",
+            "patience",
+            "head_epochs",
+            "head_patience",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rank > 64:
             raise ValueError(f"rank must be at most 64, got {self.rank}")
-        for name in ("lora_lr", "head_lr", "alpha"):
+        for name in ("lora_lr", "head_lr", "backbone_lr", "alpha"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("eval_fraction", "val_fraction"):

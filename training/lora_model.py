@@ -11,6 +11,9 @@ from torch import nn
 
 from engine import Backbone, LoraStepPlan
 from engine.lora_kernels import SegmentLoop
+from training.config import TrainConfig
+from training.loop import predict_labels, run_epochs
+from training.recipe import Fitted, Split, detached_copy, mean_pool
 
 
 class TrainableLora(nn.Module):
@@ -73,9 +76,7 @@ class TrainableLora(nn.Module):
             hidden = self.backbone.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         finally:
             state.plan = None
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return self.head(pooled)
+        return self.head(mean_pool(hidden, mask))
 
     def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (A [r, in], B [out, r]) in PEFT's orientation."""
@@ -95,3 +96,27 @@ def select_targets(backbone: Backbone, suffixes: tuple[str, ...]) -> list[str]:
     if not chosen:
         raise ValueError(f"no linear layer of the backbone matches targets {list(suffixes)}")
     return chosen
+
+
+def fit_lora(backbone: Backbone, split: Split, config: TrainConfig, progress: bool) -> Fitted:
+    """LoRA factors on the targeted linears plus the head; the backbone's weights stay frozen."""
+    generator = torch.Generator().manual_seed(config.seed)
+    targets = select_targets(backbone, config.targets)
+    model = TrainableLora(
+        backbone, targets, config.rank, config.alpha, len(split.labels), generator
+    )
+    epochs_run = run_epochs(
+        model,
+        [
+            {"params": list(model.a) + list(model.b_t), "lr": config.lora_lr},
+            {"params": list(model.head.parameters()), "lr": config.head_lr},
+        ],
+        backbone,
+        split,
+        config,
+        snapshot=lambda: detached_copy(model.state_dict()),
+        progress=progress,
+        desc="lora",
+    )
+    predictions = predict_labels(model, backbone, split.held_out, split.labels, config.max_length)
+    return Fitted(model.head, predictions, epochs_run, factors=model.lora_factors())

@@ -1,46 +1,52 @@
-"""Train a LoRA adapter plus head on a tenant's examples and register it."""
+"""One entry point for the three transfer-learning modes: validate, split, fit, evaluate, publish.
+
+``head`` and ``lora`` publish the next registry version (a head model has rank 0 and no LoRA
+weights); ``full`` writes a standalone model directory and never touches the registry.
+"""
 
 import json
 import logging
-import math
-import random
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm import tqdm
-
 from engine import POOLING_MEAN, Backbone
 from engine.peft_io import WEIGHTS_FILE, write_peft_adapter
 from registry import AdapterRecord, NotFound, Registry, validate_name
 from training.config import TrainConfig
-from training.data import DataReport, Example, clean_examples, raise_for_errors, validate_examples
-from training.datasets import stratified_sample, stratified_split
-from training.lora_model import TrainableLora, select_targets
+from training.data import DataReport, Example, raise_for_errors, validate_examples
+from training.full_model import check_output_dir, fit_full, write_full_model
+from training.head_only import fit_head
+from training.lora_model import fit_lora
 from training.metrics import classification_metrics
+from training.recipe import Fitted, Split, split_examples
 
 log = logging.getLogger(__name__)
+
+Fitter = Callable[[Backbone, Split, TrainConfig, bool], Fitted]
+_FITTERS: dict[str, Fitter] = {"head": fit_head, "lora": fit_lora, "full": fit_full}
 
 
 @dataclass(frozen=True, slots=True)
 class TrainResult:
-    record: AdapterRecord  # the registered version
+    mode: str  # head, lora or full
+    record: AdapterRecord | None  # the registered version (head, lora); None for full
+    model_dir: Path | None  # full: the standalone model directory; None otherwise
     metrics: dict[str, Any]  # held-out accuracy, macro_f1, per-class f1
-    train_seconds: float  # wall time of the optimisation loop and evaluation
-    adapter_bytes: int  # size of adapter_model.safetensors
+    train_seconds: float  # wall time of embedding/optimisation and the held-out evaluation
+    adapter_bytes: int  # adapter_model.safetensors (head only: just the head); full: the dir
     report: DataReport  # the validation report of the input data
     epochs_run: int
+    num_train: int  # rows optimised on (validation and held-out rows excluded)
 
 
 def train_adapter(
     backbone: Backbone,
-    registry: Registry,
+    registry: Registry | None,
     tenant: str,
     name: str,
     examples: Sequence[Example],
@@ -49,165 +55,81 @@ def train_adapter(
     source: str = "data",
     progress: bool = True,
     on_report: Callable[[DataReport], None] | None = None,
+    test_examples: Sequence[Example] | None = None,
+    output_dir: Path | None = None,
 ) -> TrainResult:
-    """Validate, split, train, evaluate on the held-out split, publish the next version.
+    """Validate, split, train in ``config.mode``, evaluate on the held-out rows, publish.
 
-    Validation runs before any training; fatal problems raise DataError naming rows.
-    A failure at any point publishes nothing.
+    ``test_examples``, when given, is the held-out set (training rows with the same text are
+    dropped) instead of an ``eval_fraction`` split. ``output_dir`` is where full mode writes its
+    model directory (required there, ignored otherwise); ``registry`` may be None in full mode.
+    Validation runs before any training; fatal problems raise DataError naming rows. A failure
+    at any point publishes nothing.
     """
     validate_name("adapter", name)
-    if not registry.has_tenant(tenant):
-        raise NotFound(f"tenant {tenant!r} does not exist (graft tenants create {tenant})")
+    destination = _destination(config, registry, tenant, output_dir)
     report = validate_examples(examples, backbone.tokenizer)
     if on_report is not None:
         on_report(report)
     raise_for_errors(report, source)
-    rows = clean_examples(examples)
-    if config.max_examples is not None and len(rows) > config.max_examples:
-        rows = stratified_sample(rows, config.max_examples, seed=config.seed)
-    rest, held_out = stratified_split(rows, config.eval_fraction, seed=config.seed)
-    train_rows, val_rows = stratified_split(rest, config.val_fraction, seed=config.seed + 1)
-    labels = tuple(sorted({e.label for e in rows}))
+    split = split_examples(examples, config, test_examples)
     started = time.perf_counter()
-    model, epochs_run = _fit(backbone, train_rows, val_rows, labels, config, progress)
-    metrics = classification_metrics(
-        [e.label for e in held_out], _predict(model, backbone, held_out, labels, config), labels
-    )
+    fitted = _FITTERS[config.mode](backbone, split, config, progress)
+    gold = [e.label for e in split.held_out]
+    metrics = classification_metrics(gold, fitted.predictions, split.labels)
     train_seconds = time.perf_counter() - started
-    record = _publish(
-        registry,
-        backbone,
-        tenant,
-        name,
-        model,
-        labels,
-        held_out,
-        report,
-        metrics,
-        config,
-        train_seconds,
-        epochs_run,
-        len(train_rows),
-    )
+    training = _training_summary(config, split, fitted.epochs_run, train_seconds)
+    record, model_dir = None, None
+    if isinstance(destination, Path):
+        extra = {"metrics": metrics, "data": report.to_dict(), "training": training}
+        num_bytes = write_full_model(
+            destination, backbone, fitted, split.labels, config.max_length, extra
+        )
+        model_dir = destination
+    else:
+        record = _publish(
+            destination, backbone, tenant, name, fitted, split, report, metrics, config, training
+        )
+        num_bytes = int(record.manifest["adapter_bytes"])
     return TrainResult(
+        mode=config.mode,
         record=record,
+        model_dir=model_dir,
         metrics=metrics,
         train_seconds=train_seconds,
-        adapter_bytes=int(record.manifest["adapter_bytes"]),
+        adapter_bytes=num_bytes,
         report=report,
-        epochs_run=epochs_run,
+        epochs_run=fitted.epochs_run,
+        num_train=len(split.train),
     )
 
 
-def _fit(
-    backbone: Backbone,
-    train_rows: list[Example],
-    val_rows: list[Example],
-    labels: tuple[str, ...],
-    config: TrainConfig,
-    progress: bool,
-) -> tuple[TrainableLora, int]:
-    generator = torch.Generator().manual_seed(config.seed)
-    targets = select_targets(backbone, config.targets)
-    model = TrainableLora(backbone, targets, config.rank, config.alpha, len(labels), generator)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": list(model.a) + list(model.b_t), "lr": config.lora_lr},
-            {"params": model.head.parameters(), "lr": config.head_lr},
-        ],
-        weight_decay=config.weight_decay,
-    )
-    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
-    schedule = _warmup_linear(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=_class_weights(train_rows, labels, config))
-    index = {label: i for i, label in enumerate(labels)}
-    shuffler = random.Random(config.seed)
-    best_f1, best_state, stale, epochs_run = -1.0, None, 0, 0
-    bar = tqdm(
-        total=steps_per_epoch * config.epochs,
-        disable=not progress,
-        unit="step",
-        desc="training",
-        leave=True,
-    )
-    for epoch in range(config.epochs):
-        order = list(train_rows)
-        shuffler.shuffle(order)
-        for start in range(0, len(order), config.batch_size):
-            chunk = order[start : start + config.batch_size]
-            ids, mask = _encode(backbone, [e.text for e in chunk], config.max_length)
-            target = torch.tensor([index[e.label] for e in chunk])
-            loss = loss_fn(model(ids, mask), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        epochs_run = epoch + 1
-        val_f1 = classification_metrics(
-            [e.label for e in val_rows], _predict(model, backbone, val_rows, labels, config), labels
-        )["macro_f1"]
-        bar.set_postfix(epoch=epoch + 1, val_f1=f"{val_f1:.3f}")
-        if val_f1 > best_f1:
-            best_f1, stale = val_f1, 0
-            best_state = {
-                k: v.detach().clone()
-                for k, v in model.state_dict().items()
-                if not k.startswith("backbone")
-            }
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    return model, epochs_run
+def _destination(
+    config: TrainConfig, registry: Registry | None, tenant: str, output_dir: Path | None
+) -> Registry | Path:
+    """Where the result goes, checked before any work: the registry, or full mode's directory."""
+    if config.mode == "full":
+        return check_output_dir(output_dir)
+    if registry is None:
+        raise ValueError(f"mode {config.mode!r} publishes to a registry: pass one")
+    if not registry.has_tenant(tenant):
+        raise NotFound(f"tenant {tenant!r} does not exist (graft tenants create {tenant})")
+    return registry
 
 
-def _warmup_linear(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float):
-    warmup = max(1, int(total * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _class_weights(rows: list[Example], labels: tuple[str, ...], config: TrainConfig):
-    if not config.class_weighting:
-        return None
-    counts = Counter(e.label for e in rows)
-    raw = [len(rows) / (len(labels) * max(1, counts[label])) for label in labels]
-    return torch.tensor(raw, dtype=torch.float32)
-
-
-def _encode(backbone: Backbone, texts: list[str], max_length: int):
-    enc = backbone.tokenizer(
-        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    return enc["input_ids"], enc["attention_mask"]
-
-
-@torch.no_grad()
-def _predict(
-    model: TrainableLora,
-    backbone: Backbone,
-    rows: list[Example],
-    labels: tuple[str, ...],
-    config: TrainConfig,
-    batch_size: int = 64,
-) -> list[str]:
-    predicted: list[str] = []
-    for start in range(0, len(rows), batch_size):
-        ids, mask = _encode(
-            backbone, [e.text for e in rows[start : start + batch_size]], config.max_length
-        )
-        predicted += [labels[i] for i in model(ids, mask).argmax(dim=-1).tolist()]
-    return predicted
+def _training_summary(
+    config: TrainConfig, split: Split, epochs_run: int, train_seconds: float
+) -> dict[str, Any]:
+    return {
+        "mode": config.mode,
+        "config": {field: getattr(config, field) for field in config.__slots__},
+        "train_examples": len(split.train),
+        "val_examples": len(split.val),
+        "eval_examples": len(split.held_out),
+        "fixed_test_set": split.is_fixed_test,
+        "epochs_run": epochs_run,
+        "train_seconds": round(train_seconds, 3),
+    }
 
 
 def _publish(
@@ -215,54 +137,48 @@ def _publish(
     backbone: Backbone,
     tenant: str,
     name: str,
-    model: TrainableLora,
-    labels: tuple[str, ...],
-    held_out: list[Example],
+    fitted: Fitted,
+    split: Split,
     report: DataReport,
     metrics: dict[str, Any],
     config: TrainConfig,
-    train_seconds: float,
-    epochs_run: int,
-    num_train: int,
+    training: dict[str, Any],
 ) -> AdapterRecord:
+    """Stage the PEFT files, the held-out rows and the manifest; the registry publishes atomically.
+
+    A head-mode model is a PEFT directory with no LoRA factors (rank 0): the engine serves it on
+    the bare backbone and it takes no page of the adapter pool.
+    """
+    rank = config.rank if fitted.factors else 0
     staging = Path(tempfile.mkdtemp(prefix="graft-train-"))
     try:
         write_peft_adapter(
             staging,
             backbone,
-            model.lora_factors(),
-            rank=config.rank,
+            fitted.factors,
+            rank=rank,
             alpha=config.alpha,
-            head_weight=model.head.weight,
-            head_bias=model.head.bias,
+            head_weight=fitted.head.weight,
+            head_bias=fitted.head.bias,
         )
         with (staging / "eval.jsonl").open("w", encoding="utf-8") as f:
-            for e in held_out:
+            for e in split.held_out:
                 f.write(json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n")
         manifest = {
-            "labels": list(labels),
+            "mode": config.mode,
+            "labels": list(split.labels),
             "base_sha256": backbone.sha256,
             "base_model": backbone.name,
-            "rank": config.rank,
+            "rank": rank,
             "pooling": POOLING_MEAN,
             "source": "graft-train",
-            "target_modules": model.targets,
+            "target_modules": list(fitted.factors),
             "metrics": metrics,
             "data": report.to_dict(),
             "warnings": list(report.warnings),
-            "training": {
-                "config": _config_dict(config),
-                "train_examples": num_train,
-                "eval_examples": len(held_out),
-                "epochs_run": epochs_run,
-                "train_seconds": round(train_seconds, 3),
-            },
+            "training": training,
             "adapter_bytes": (staging / WEIGHTS_FILE).stat().st_size,
         }
         return registry.publish(tenant, name, staging, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _config_dict(config: TrainConfig) -> dict[str, Any]:
-    return {field: getattr(config, field) for field in config.__slots__}

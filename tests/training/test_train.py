@@ -37,6 +37,8 @@ async def test_train_register_and_serve_the_same_scores(backbone, registry, sms_
     assert (record.full_name, record.version) == ("acme/spam", 1)
     assert record.labels == ("ham", "spam")
     assert record.manifest["pooling"] == "mean"
+    assert record.manifest["mode"] == "lora" and record.rank == 8
+    assert result.mode == "lora" and result.model_dir is None
     assert record.manifest["data"]["num_rows"] == len(sms_sample)
     assert result.adapter_bytes == (record.path / "adapter_model.safetensors").stat().st_size
     assert result.metrics["macro_f1"] > 0.75  # a majority-class guess scores about 0.46

@@ -1,0 +1,151 @@
+"""The three training modes: head is served as measured, full leaves the backbone alone."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import Engine, EngineConfig
+from registry import Registry
+from training import (
+    Example,
+    TrainConfig,
+    classification_metrics,
+    clean_examples,
+    load_full_model,
+    load_sms_spam,
+    stratified_sample,
+    train_adapter,
+)
+
+MAX_LENGTH = 32
+HEAD = dict(mode="head", max_length=MAX_LENGTH, head_epochs=30, head_patience=5)
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    reg = Registry(tmp_path / "reg")
+    reg.create_tenant("acme")
+    yield reg
+    reg.close()
+
+
+@pytest.fixture(scope="module")
+def sms() -> list[Example]:
+    return stratified_sample(clean_examples(load_sms_spam()), 200, seed=2)
+
+
+async def _serve(registry: Registry, name: str, texts: list[str]) -> tuple[list[str], int]:
+    """Labels the engine gives ``texts``, and the adapter pool pages the model took."""
+    config = EngineConfig(registry_dir=registry.root, max_input_tokens=MAX_LENGTH)
+    async with Engine(config) as engine:
+        free_before = engine.stats()["adapter_pages_free"]
+        preds = await engine.classify("acme", name, texts)
+        pages_taken = free_before - engine.stats()["adapter_pages_free"]
+    return [p.label for p in preds], pages_taken
+
+
+async def test_head_mode_publishes_rank_0_served_as_measured(backbone, registry, sms) -> None:
+    result = train_adapter(
+        backbone, registry, "acme", "spam", sms, TrainConfig(**HEAD), progress=False
+    )
+    record = result.record
+    assert result.mode == "head" and result.model_dir is None
+    assert record.rank == 0 and record.manifest["rank"] == 0
+    assert record.manifest["mode"] == "head" and record.manifest["target_modules"] == []
+    tensors = load_file(str(record.path / "adapter_model.safetensors"))
+    assert sorted(tensors) == [
+        "base_model.model.classifier.bias",
+        "base_model.model.classifier.weight",
+    ]
+    assert result.metrics["macro_f1"] > 0.75  # a majority-class guess scores about 0.46
+    held_out = [json.loads(line) for line in (record.path / "eval.jsonl").open()]
+    served, pages_taken = await _serve(registry, "spam", [r["text"] for r in held_out])
+    gold = [r["label"] for r in held_out]
+    assert classification_metrics(gold, served, record.labels) == result.metrics
+    assert pages_taken == 0
+
+
+def test_head_mode_is_reproducible_for_a_seed(backbone, registry, sms) -> None:
+    config = TrainConfig(**HEAD, seed=5)
+    first = train_adapter(backbone, registry, "acme", "a", sms, config, progress=False)
+    second = train_adapter(backbone, registry, "acme", "b", sms, config, progress=False)
+    assert first.metrics == second.metrics and first.epochs_run == second.epochs_run
+    heads = [load_file(str(r.record.path / "adapter_model.safetensors")) for r in (first, second)]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
+def test_fixed_test_set_is_the_held_out_set(backbone, registry, sms) -> None:
+    test = sms[:60]
+    train = sms[40:] + [Example(text=test[0].text.upper(), label=test[0].label, row=999)]
+    result = train_adapter(
+        backbone,
+        registry,
+        "acme",
+        "fixed",
+        train,
+        TrainConfig(**HEAD),
+        progress=False,
+        test_examples=test,
+    )
+    held_out = [json.loads(line) for line in (result.record.path / "eval.jsonl").open()]
+    assert [r["text"] for r in held_out] == [e.text for e in test]
+    assert result.metrics["num_examples"] == len(test)
+    training = result.record.manifest["training"]
+    assert training["fixed_test_set"] is True
+    # the 20 overlapping rows and the upper-cased copy of a test text never reach training
+    assert training["train_examples"] + training["val_examples"] == len(sms) - 60
+
+
+def test_full_mode_writes_a_directory_and_leaves_the_backbone_alone(
+    backbone, sms, tmp_path: Path
+) -> None:
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    out = tmp_path / "full"
+    test, train = sms[:30], sms[30:90]
+    config = TrainConfig(mode="full", epochs=1, max_length=MAX_LENGTH)
+    result = train_adapter(
+        backbone,
+        None,
+        "acme",
+        "spam",
+        train,
+        config,
+        progress=False,
+        test_examples=test,
+        output_dir=out,
+    )
+    assert result.mode == "full" and result.record is None and result.model_dir == out
+    after = backbone.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+    assert backbone.lora_state.plan is None
+    meta = json.loads((out / "graft_model.json").read_text())
+    assert meta["mode"] == "full" and meta["labels"] == ["ham", "spam"]
+    assert result.adapter_bytes == sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    model = load_full_model(out)
+    assert not any(".base." in k for k in model.model.encoder.state_dict())
+    predicted = model.predict([e.text for e in test])
+    assert (
+        classification_metrics([e.label for e in test], predicted, model.labels) == result.metrics
+    )
+
+
+def test_modes_are_validated_before_any_work(backbone, registry, sms, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mode must be one of head, lora, full"):
+        TrainConfig(mode="merged")
+    with pytest.raises(ValueError, match="output_dir"):
+        train_adapter(backbone, registry, "acme", "m", sms, TrainConfig(mode="full"))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    with pytest.raises(ValueError, match="not an empty directory"):
+        train_adapter(backbone, None, "acme", "m", sms, TrainConfig(mode="full"), output_dir=busy)
+    with pytest.raises(ValueError, match="registry"):
+        train_adapter(backbone, None, "acme", "m", sms, TrainConfig(mode="head"))
+    with pytest.raises(ValueError, match="head_epochs"):
+        TrainConfig(head_epochs=0)
+    assert registry.list_adapters("acme") == []

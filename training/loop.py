@@ -1,0 +1,98 @@
+"""The epoch loop of the modes that run the backbone every step (lora and full)."""
+
+import random
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from engine import Backbone
+from training.config import TrainConfig
+from training.data import Example
+from training.metrics import classification_metrics
+from training.recipe import (
+    BestOnValidation,
+    Split,
+    class_weights,
+    encode,
+    epoch_batches,
+    label_targets,
+    warmup_linear,
+)
+
+PREDICT_BATCH_ROWS = 64
+
+
+def run_epochs(
+    model: nn.Module,
+    param_groups: Iterable[dict],
+    backbone: Backbone,
+    split: Split,
+    config: TrainConfig,
+    *,
+    snapshot: Callable[[], dict[str, torch.Tensor]],
+    progress: bool,
+    desc: str,
+) -> int:
+    """Train ``model`` (input_ids, attention_mask [B, T] -> logits [B, C]) for up to
+    ``config.epochs``, keeping the best state on the validation split.
+
+    ``snapshot`` returns the trainable state worth restoring; the best one is loaded back
+    (non-strict, so a snapshot may leave frozen weights out). Returns the epochs run.
+    """
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(split.train) // config.batch_size)
+    schedule = warmup_linear(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(split.train, split.labels, config))
+    targets = label_targets(split.train, split.labels)
+    shuffler = random.Random(config.seed)
+    stopper = BestOnValidation(config.patience)
+    epochs_run = 0
+    total = steps_per_epoch * config.epochs
+    bar = tqdm(total=total, disable=not progress, unit="step", desc=desc, leave=True)
+    for epoch in range(config.epochs):
+        model.train()
+        for batch in epoch_batches(len(split.train), config.batch_size, shuffler):
+            texts = [split.train[i].text for i in batch]
+            ids, mask = encode(backbone, texts, config.max_length)
+            loss = loss_fn(model(ids, mask), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        epochs_run = epoch + 1
+        predicted = predict_labels(model, backbone, split.val, split.labels, config.max_length)
+        val_f1 = classification_metrics([e.label for e in split.val], predicted, split.labels)[
+            "macro_f1"
+        ]
+        bar.set_postfix(epoch=epoch + 1, val_f1=f"{val_f1:.3f}")
+        if stopper.should_stop((val_f1,), snapshot):
+            break
+    bar.close()
+    if stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state, strict=False)
+    model.eval()
+    return epochs_run
+
+
+@torch.no_grad()
+def predict_labels(
+    model: nn.Module,
+    backbone: Backbone,
+    rows: list[Example],
+    labels: tuple[str, ...],
+    max_length: int,
+) -> list[str]:
+    """The label of each row, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    predicted: list[str] = []
+    for start in range(0, len(rows), PREDICT_BATCH_ROWS):
+        texts = [e.text for e in rows[start : start + PREDICT_BATCH_ROWS]]
+        ids, mask = encode(backbone, texts, max_length)
+        predicted += [labels[i] for i in model(ids, mask).argmax(dim=-1).tolist()]
+    model.train(was_training)
+    return predicted
