@@ -50,7 +50,7 @@ class AdapterMemory:
         self._names = backbone.linear_names
         self._pools = [self._new_pool(name) for name in self._names]
         self._dirty: list[set[int]] = [set() for _ in self._names]  # pages holding values
-        self._free: set[int] = set(range(1, num_pages + 1))
+        self._free = FreePages(1, num_pages)
         self._resident: OrderedDict[str, Resident] = OrderedDict()
         self.num_hits = 0
         self.num_loads = 0
@@ -62,7 +62,7 @@ class AdapterMemory:
 
     @property
     def num_free_pages(self) -> int:
-        return len(self._free)
+        return self._free.count
 
     @property
     def num_resident(self) -> int:
@@ -101,13 +101,19 @@ class AdapterMemory:
         num_modules = len(self._names)
         ranks = torch.zeros(num_modules, dtype=torch.int32)
         scales = torch.zeros(num_modules, dtype=torch.float32)
+        first = pages[0] if pages else 0
+        contiguous = pages == tuple(range(first, first + len(pages)))
+        rows = None if contiguous else torch.tensor(pages, dtype=torch.long, device=self._device)
         for name, module in weights.modules.items():
             index = self._backbone.linears[name].index
             rank = module.a.shape[0]
             a_pool, b_pool = self._pools[index]
-            rows = torch.tensor(pages[:rank], dtype=torch.long, device=self._device)
-            a_pool.index_copy_(0, rows, module.a.to(self._device, self._dtype))
-            b_pool.index_copy_(0, rows, module.b.t().to(self._device, self._dtype))
+            if rows is None:  # the usual case: plain slice copies, no index tensors
+                a_pool[first : first + rank].copy_(module.a, non_blocking=True)
+                b_pool[first : first + rank].copy_(module.b.t(), non_blocking=True)
+            else:
+                a_pool.index_copy_(0, rows[:rank], module.a.to(self._device, self._dtype))
+                b_pool.index_copy_(0, rows[:rank], module.b.t().to(self._device, self._dtype))
             ranks[index] = rank
             scales[index] = module.scale
         head = Head(
@@ -165,36 +171,72 @@ class AdapterMemory:
             raise EngineOverloaded(
                 f"{key} needs {count} pages but the adapter pool holds {self.num_pages}"
             )
-        while len(self._free) < count:
+        while self._free.count < count:
             if not self._evict_one():
                 raise EngineOverloaded(
                     f"adapter pool full: every resident adapter is in use "
                     f"({key} needs {count} pages)"
                 )
-        return _take_pages(self._free, count)
+        return self._free.take(count)
 
     def _evict_one(self) -> bool:
         for key, resident in self._resident.items():  # oldest first
             if resident.refcount == 0:
                 del self._resident[key]
-                self._free.update(resident.pages)
+                self._free.give(resident.pages)
                 self.num_evictions += 1
                 log.debug("evicted adapter %s", key)
                 return True
         return False
 
 
-def _take_pages(free: set[int], count: int) -> tuple[int, ...]:
-    """Prefer a contiguous run (the kernel then reads a view); fall back to any free pages."""
-    ordered = sorted(free)
-    run_start = 0
-    for i in range(1, len(ordered) + 1):
-        if i - run_start == count:
-            chosen = ordered[run_start:i]
-            break
-        if i < len(ordered) and ordered[i] != ordered[i - 1] + 1:
-            run_start = i
-    else:
-        chosen = ordered[:count]
-    free.difference_update(chosen)
-    return tuple(chosen)
+class FreePages:
+    """Free pool rows as maximal runs, so that allocation finds a contiguous run (which the
+    kernels read as a view) in time proportional to the number of runs, not of pages."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self._runs: dict[int, int] = {first: count}  # run start -> length
+        self._ends: dict[int, int] = {first + count: first}  # run end (exclusive) -> start
+        self.count = count
+
+    def take(self, count: int) -> tuple[int, ...]:
+        """``count`` pages: the lowest run that holds them all, else pieces of several runs."""
+        if count > self.count:
+            raise ValueError(f"{count} pages asked, {self.count} free")
+        fits = [start for start, length in self._runs.items() if length >= count]
+        if fits:
+            start = min(fits)
+            self._cut(start, count)
+            return tuple(range(start, start + count))
+        pages: list[int] = []
+        for start in sorted(self._runs):
+            piece = min(self._runs[start], count - len(pages))
+            self._cut(start, piece)
+            pages.extend(range(start, start + piece))
+            if len(pages) == count:
+                break
+        return tuple(pages)
+
+    def give(self, pages: tuple[int, ...]) -> None:
+        """Return pages, merging them with neighbouring free runs."""
+        for page in sorted(pages):
+            start, length = page, 1
+            if page in self._ends:  # a run ends right before: extend it
+                start = self._ends.pop(page)
+                length = self._runs.pop(start) + 1
+            after = self._runs.pop(page + 1, None)
+            if after is not None:
+                del self._ends[page + 1 + after]
+                length += after
+            self._runs[start] = length
+            self._ends[start + length] = start
+            self.count += 1
+
+    def _cut(self, start: int, count: int) -> None:
+        """Take the first ``count`` pages of the run at ``start``."""
+        length = self._runs.pop(start)
+        del self._ends[start + length]
+        self.count -= count
+        if length > count:
+            self._runs[start + count] = length - count
+            self._ends[start + length] = start + count

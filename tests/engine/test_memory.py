@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from engine import EngineOverloaded
 from engine.adapters import AdapterWeights, Head, LoraModule
 from engine.host_cache import HostCache
-from engine.memory import AdapterMemory
+from engine.memory import AdapterMemory, FreePages
 
 MODULE = "encoder.layer.0.attention.self.query"
 NUM_PAGES = 16
@@ -106,3 +106,34 @@ def test_host_cache_lru_budget_and_pins(backbone) -> None:
     assert (cache.num_hits, cache.num_misses) == (1, 1)
     with pytest.raises(RuntimeError):
         cache.unpin("c")
+
+
+@settings(max_examples=80, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 12)), max_size=80))
+def test_free_pages_hand_out_each_page_once_and_prefer_runs(ops) -> None:
+    free = FreePages(1, 40)
+    taken: list[tuple[int, ...]] = []
+    for is_take, n in ops:
+        if is_take and n <= free.count:
+            longest = max((len(r) for r in _runs_of(free)), default=0)
+            pages = free.take(n)
+            assert len(pages) == n
+            if n <= longest:  # a run that fits existed: the pages must be one run
+                assert pages == tuple(range(pages[0], pages[0] + n)) if n else pages == ()
+            taken.append(pages)
+        elif taken:
+            free.give(taken.pop(n % len(taken)))
+        held = [p for pages in taken for p in pages]
+        assert len(held) == len(set(held)), "a page was handed out twice"
+        assert free.count + len(held) == 40
+        free_pages = {p for r in _runs_of(free) for p in r}
+        assert free_pages.isdisjoint(held) and len(free_pages) == free.count
+        assert free_pages | set(held) == set(range(1, 41))
+
+
+def _runs_of(free: FreePages) -> list[range]:
+    """The free runs, checked to be maximal (no two touch)."""
+    runs = [range(s, s + free._runs[s]) for s in sorted(free._runs)]
+    for left, right in zip(runs, runs[1:], strict=False):
+        assert left.stop < right.start, "two free runs touch: they should have merged"
+    return runs
