@@ -137,3 +137,15 @@ async def test_cancel_drops_waiting_rows_and_releases_every_pin(registry) -> Non
         # the engine still serves afterwards
         (after,) = await engine.classify_many("acme", ["spam", "urgent"], ["hello"])
         assert len(after.results) == 2
+
+
+async def test_request_that_could_never_fit_the_tenant_queue_is_an_input_error(registry) -> None:
+    async with Engine(config(registry, tenant_max_queued_rows=10)) as engine:
+        # 4 texts x (2 LoRA rows + 1 shared head-only row) = 12 rows > 10, however long it waits
+        with pytest.raises(InputError, match="12 rows") as info:
+            await engine.classify_many("acme", ["spam", "tone", "urgent", "hr"], TEXTS)
+        assert info.value.field == "input"
+        out = await engine.classify_many("acme", ["spam", "urgent", "hr"], TEXTS[:3])  # 9 rows
+        assert len(out) == 3
+        assert engine.stats()["waiting_rows"] == 0
+        assert engine.tenant_stats()["acme"]["admitted_rows"] == 6  # the reservation, no more
