@@ -135,22 +135,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from training import TrainConfig
+    from training import MODES, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
         "train",
         parents=[common],
-        help="validate data, train LoRA + head, register the next version",
+        help="validate data, train a head, LoRA + head or a full model; register head/lora",
     )
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--name", required=True)
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=d.mode,
+        help="head: only the head on frozen embeddings; lora: LoRA + head (default); "
+        "full: every weight, written to --output and never registered",
+    )
+    p.add_argument("--tenant", help="the tenant to register for (head, lora)")
+    p.add_argument("--name", help="model name (default for full: the --output directory's name)")
+    p.add_argument("--output", type=Path, help="full mode: the model directory to create")
     p.add_argument("--data", required=True, type=Path, help="CSV, TSV or JSONL with text and label")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="lora and full")
+    p.add_argument("--head-epochs", type=int, default=d.head_epochs, help="head mode")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--lr", type=float, default=d.lora_lr, help="LoRA learning rate")
     p.add_argument("--head-lr", type=float, default=d.head_lr)
+    p.add_argument(
+        "--backbone-lr", type=float, default=d.backbone_lr, help="full mode: encoder learning rate"
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per text")
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
@@ -247,18 +259,23 @@ def _tenants_set(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import contextlib
+
     import torch
 
     from engine import load_backbone
     from training import TrainConfig, load_examples, train_adapter
 
     config = TrainConfig(
+        mode=args.mode,
         rank=args.rank,
         alpha=args.alpha,
         epochs=args.epochs,
+        head_epochs=args.head_epochs,
         batch_size=args.batch_size,
         lora_lr=args.lr,
         head_lr=args.head_lr,
+        backbone_lr=args.backbone_lr,
         max_length=args.max_length,
         eval_fraction=args.eval_fraction,
         patience=args.patience,
@@ -266,11 +283,17 @@ def _train(args: argparse.Namespace) -> int:
         max_examples=args.max_examples,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
     )
+    is_full = config.mode == "full"
+    if is_full and args.output is None:
+        raise ValueError("--mode full writes a standalone model directory: give --output DIR")
+    if not is_full and (args.tenant is None or args.name is None):
+        raise ValueError(f"--mode {config.mode} registers a model: give --tenant and --name")
     if args.threads:
         torch.set_num_threads(args.threads)
     examples = load_examples(args.data)
-    with _open_registry(args) as registry:
-        if not registry.has_tenant(args.tenant):
+    opened = contextlib.nullcontext() if is_full else _open_registry(args)
+    with opened as registry:
+        if registry is not None and not registry.has_tenant(args.tenant):
             raise ValueError(
                 f"tenant {args.tenant!r} does not exist (graft tenants create {args.tenant})"
             )
@@ -278,17 +301,22 @@ def _train(args: argparse.Namespace) -> int:
         result = train_adapter(
             backbone,
             registry,
-            args.tenant,
-            args.name,
+            args.tenant or "",
+            args.name or args.output.name,
             examples,
             config,
             source=str(args.data),
             progress=not args.no_progress,
             on_report=lambda report: print(report.format(), flush=True),
+            output_dir=args.output,
         )
-    record, metrics = result.record, result.metrics
-    print(f"registered {record.full_name}@{record.version}")
-    print(f"  adapter size:   {result.adapter_bytes} bytes")
+    if result.record is not None:
+        print(f"registered {result.record.full_name}@{result.record.version} ({config.mode})")
+        print(f"  adapter size:   {result.adapter_bytes} bytes")
+    else:
+        print(f"wrote the full model to {result.model_dir} (not registered, not served)")
+        print(f"  directory size: {result.adapter_bytes} bytes")
+    metrics = result.metrics
     print(f"  training time:  {result.train_seconds:.1f} s ({result.epochs_run} epochs)")
     print(
         f"  held-out ({metrics['num_examples']} rows): accuracy {metrics['accuracy']:.4f}, "
