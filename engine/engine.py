@@ -308,7 +308,7 @@ class Engine:
         )
         self._pending[job.request_id] = pending
         pending.serve_cached()  # may finish the job: then no row is left to queue
-        rows = [] if job.done else pending.rows(tenant, time.monotonic(), deadline_s)
+        rows = [] if job.done else pending.rows(time.monotonic(), deadline_s)
         for row in rows:
             self._scheduler.add(row)
         self._scheduler.release(tenant, max(0, reserved - len(rows)))

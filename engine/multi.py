@@ -156,7 +156,7 @@ class MultiPending:
             stacked = {p: np.stack([v[k] for v in found]) for k, p in enumerate(self._poolings)}
             self._answer_heads(hits, stacked)
 
-    def rows(self, tenant: str, arrival_s: float, deadline_s: float | None) -> list[Row]:
+    def rows(self, arrival_s: float, deadline_s: float | None) -> list[Row]:
         """The rows to queue: each LoRA model's, plus one bare-backbone row per uncached input."""
         rows = []
         lora_parts = [(s.key, s.num_pages) for s in self._slots if s.num_pages > 0]
@@ -166,7 +166,7 @@ class MultiPending:
                 Row(
                     request_id=self.job.request_id,
                     index=index,
-                    tenant=tenant,
+                    tenant=self._tenant,
                     adapter_key=key,
                     num_tokens=len(ids),
                     arrival_s=arrival_s,

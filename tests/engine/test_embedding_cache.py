@@ -107,20 +107,20 @@ async def test_another_backbone_or_tenant_never_hits() -> None:
         return job, pending
 
     job, first = request("acme", "a" * 64)
-    rows = first.rows("acme", 0.0, None)
+    rows = first.rows(0.0, None)
     assert [r.adapter_key for r in rows] == [BACKBONE_KEY] and not job.done
     first.deliver(rows, [Pooled({"mean": vector(0), "cls_pooler": vector(1)})])
     (computed,) = await job.results()
     assert len(cache) == 1  # only the pooling its heads read
 
     job, again = request("acme", "a" * 64)
-    assert again.rows("acme", 0.0, None) == [] and job.done
+    assert again.rows(0.0, None) == [] and job.done
     (cached,) = await job.results()
     assert cached == computed
 
     for tenant, sha in (("acme", "b" * 64), ("globex", "a" * 64)):
         job, other = request(tenant, sha)
-        assert len(other.rows(tenant, 0.0, None)) == 1 and not job.done
+        assert len(other.rows(0.0, None)) == 1 and not job.done
     assert (cache.num_hits, cache.num_misses) == (1, 3)
 
 
