@@ -210,13 +210,20 @@ class BackboneTarget:
 
     kind = "backbone"
 
-    def __init__(self, batcher: Any, tokenizer: Any, fleet: Fleet, max_tokens: int) -> None:
+    def __init__(
+        self, batcher: Any, tokenizer: Any, fleet: Fleet, max_tokens: int, tokenize_pool: Any
+    ) -> None:
         self._batcher, self._tokenizer, self._max_tokens = batcher, tokenizer, max_tokens
+        self._tokenize_pool = tokenize_pool  # off the event loop, as the engine tokenizes
         self.models = fleet.models
 
     async def send(self, tenant: str, model: str, texts: Sequence[str]) -> Outcome:
-        ids = self._tokenizer(list(texts), truncation=True, max_length=self._max_tokens)
-        ids = ids["input_ids"]
+        def tokenize() -> list[list[int]]:
+            out = self._tokenizer(list(texts), truncation=True, max_length=self._max_tokens)
+            return out["input_ids"]
+
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._tokenize_pool, tokenize)
         await self._batcher.run(ids, None)
         return Outcome(200, time.perf_counter(), tokens=sum(len(row) for row in ids))
 
@@ -284,10 +291,16 @@ async def _backbone(fleet: Fleet, options: TargetOptions) -> AsyncIterator[Targe
     model, tokenizer, forward = await asyncio.get_running_loop().run_in_executor(
         None, _bare_backbone
     )
-    async with MicroBatcher(
-        forward, max_batch_rows=options.max_batch_rows, max_batch_tokens=options.max_batch_tokens
-    ) as batcher:
-        yield BackboneTarget(batcher, tokenizer, fleet, model.config.max_position_embeddings)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2, thread_name_prefix="bench-tokenize") as pool:
+        async with MicroBatcher(
+            forward,
+            max_batch_rows=options.max_batch_rows,
+            max_batch_tokens=options.max_batch_tokens,
+        ) as batcher:
+            max_tokens = model.config.max_position_embeddings
+            yield BackboneTarget(batcher, tokenizer, fleet, max_tokens, pool)
 
 
 def _bare_backbone():

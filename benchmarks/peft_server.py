@@ -121,7 +121,12 @@ async def classify(request: web.Request) -> web.Response:
         return _json(_error("not_found", f"model {model!r} not found"), 404)
     if not texts or not all(isinstance(t, str) and t for t in texts):
         return _json(_error("invalid_request", "input must be non-empty text"), 422)
-    ids = app[TOKENIZER](texts, truncation=True, max_length=MAX_TOKENS)["input_ids"]
+    tokenizer = app[TOKENIZER]  # off the event loop, as graft tokenizes
+
+    def tokenize() -> list[list[int]]:
+        return tokenizer(texts, truncation=True, max_length=MAX_TOKENS)["input_ids"]
+
+    ids = await asyncio.get_running_loop().run_in_executor(None, tokenize)
     probs = await app[BATCHER].run(ids, adapter)
     labels = app[LABELS]
     data = [
