@@ -30,6 +30,7 @@ from engine import POOLING_MEAN, Backbone
 from engine.lora import LoraLinear
 from training.config import TrainConfig
 from training.loop import predict_labels, run_epochs
+from training.progress import OnEvent
 from training.recipe import Fitted, Split, detached_copy, mean_pool
 
 HEAD_FILE = "graft_head.safetensors"
@@ -64,7 +65,13 @@ def trainable_copy(backbone: Backbone) -> nn.Module:
     return encoder.float().requires_grad_(True)
 
 
-def fit_full(backbone: Backbone, split: Split, config: TrainConfig, progress: bool) -> Fitted:
+def fit_full(
+    backbone: Backbone,
+    split: Split,
+    config: TrainConfig,
+    progress: bool,
+    on_event: OnEvent | None = None,
+) -> Fitted:
     """Fine-tune a copy of the encoder plus a head; dropout draws come from ``config.seed``."""
     with torch.random.fork_rng(devices=[]):  # seed dropout without moving the caller's RNG
         torch.manual_seed(config.seed)
@@ -85,6 +92,7 @@ def fit_full(backbone: Backbone, split: Split, config: TrainConfig, progress: bo
             snapshot=lambda: detached_copy(model.state_dict()),
             progress=progress,
             desc="full",
+            on_event=on_event,
         )
     predictions = predict_labels(model, backbone, split.held_out, split.labels, config.max_length)
     model.requires_grad_(False)

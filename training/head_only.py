@@ -5,6 +5,7 @@ the published head-only adapter scores exactly what was measured here.
 """
 
 import random
+import time
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from engine import Backbone
 from training.config import TrainConfig
 from training.data import Example
 from training.metrics import classification_metrics
+from training.progress import OnEvent, epoch_event
 from training.recipe import (
     BestOnValidation,
     Fitted,
@@ -53,7 +55,13 @@ def embed(backbone: Backbone, rows: list[Example], max_length: int) -> torch.Ten
     return out
 
 
-def fit_head(backbone: Backbone, split: Split, config: TrainConfig, progress: bool) -> Fitted:
+def fit_head(
+    backbone: Backbone,
+    split: Split,
+    config: TrainConfig,
+    progress: bool,
+    on_event: OnEvent | None = None,
+) -> Fitted:
     """Embed train, val and held-out rows once, then train the head for up to ``head_epochs``."""
     x_train = embed(backbone, split.train, config.max_length)
     x_val = embed(backbone, split.val, config.max_length)
@@ -64,7 +72,7 @@ def fit_head(backbone: Backbone, split: Split, config: TrainConfig, progress: bo
     head = nn.Linear(backbone.hidden_size, len(split.labels))
     nn.init.normal_(head.weight, std=0.02, generator=generator)
     nn.init.zeros_(head.bias)
-    epochs_run = _optimise(head, x_train, x_val, split, config, progress)
+    epochs_run = _optimise(head, x_train, x_val, split, config, progress, on_event)
     head.requires_grad_(False)
     predicted = head(x_held).argmax(dim=-1).tolist()
     return Fitted(head, [split.labels[i] for i in predicted], epochs_run)
@@ -77,6 +85,7 @@ def _optimise(
     split: Split,
     config: TrainConfig,
     progress: bool,
+    on_event: OnEvent | None,
 ) -> int:
     y_train = label_targets(split.train, split.labels)
     gold_val = [e.label for e in split.val]
@@ -92,14 +101,17 @@ def _optimise(
     shuffler = random.Random(config.seed)
     stopper = BestOnValidation(config.head_patience)
     epochs_run = 0
+    started = time.perf_counter()
     bar = tqdm(total=config.head_epochs, disable=not progress, unit="epoch", desc="head")
     for epoch in range(config.head_epochs):
+        loss_sum, num_batches = 0.0, 0
         for batch in epoch_batches(len(split.train), config.batch_size, shuffler):
             loss = loss_fn(head(x_train[batch]), y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            loss_sum, num_batches = loss_sum + loss.item(), num_batches + 1
         epochs_run = epoch + 1
         with torch.no_grad():
             logits = head(x_val)
@@ -108,6 +120,10 @@ def _optimise(
         val_f1 = classification_metrics(gold_val, predicted, split.labels)["macro_f1"]
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", val_f1=f"{val_f1:.3f}")
+        if on_event is not None:
+            elapsed_s = time.perf_counter() - started
+            mean_loss = loss_sum / max(1, num_batches)
+            on_event(epoch_event(epochs_run, config.head_epochs, mean_loss, val_f1, elapsed_s))
         if stopper.should_stop((val_f1, -val_loss), lambda: detached_copy(head.state_dict())):
             break
     bar.close()

@@ -1,6 +1,7 @@
 """The epoch loop of the modes that run the backbone every step (lora and full)."""
 
 import random
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -11,6 +12,7 @@ from engine import Backbone
 from training.config import TrainConfig
 from training.data import Example
 from training.metrics import classification_metrics
+from training.progress import OnEvent, epoch_event
 from training.recipe import (
     BestOnValidation,
     Split,
@@ -34,12 +36,14 @@ def run_epochs(
     snapshot: Callable[[], dict[str, torch.Tensor]],
     progress: bool,
     desc: str,
+    on_event: OnEvent | None = None,
 ) -> int:
     """Train ``model`` (input_ids, attention_mask [B, T] -> logits [B, C]) for up to
     ``config.epochs``, keeping the best state on the validation split.
 
     ``snapshot`` returns the trainable state worth restoring; the best one is loaded back
-    (non-strict, so a snapshot may leave frozen weights out). Returns the epochs run.
+    (non-strict, so a snapshot may leave frozen weights out). ``on_event`` gets
+    `progress.epoch_event` after each epoch. Returns the epochs run.
     """
     optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(split.train) // config.batch_size)
@@ -51,8 +55,10 @@ def run_epochs(
     epochs_run = 0
     total = steps_per_epoch * config.epochs
     bar = tqdm(total=total, disable=not progress, unit="step", desc=desc, leave=True)
+    started = time.perf_counter()
     for epoch in range(config.epochs):
         model.train()
+        loss_sum, num_batches = 0.0, 0
         for batch in epoch_batches(len(split.train), config.batch_size, shuffler):
             texts = [split.train[i].text for i in batch]
             ids, mask = encode(backbone, texts, config.max_length)
@@ -63,12 +69,17 @@ def run_epochs(
             schedule.step()
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            loss_sum, num_batches = loss_sum + loss.item(), num_batches + 1
         epochs_run = epoch + 1
         predicted = predict_labels(model, backbone, split.val, split.labels, config.max_length)
         val_f1 = classification_metrics([e.label for e in split.val], predicted, split.labels)[
             "macro_f1"
         ]
         bar.set_postfix(epoch=epoch + 1, val_f1=f"{val_f1:.3f}")
+        if on_event is not None:
+            elapsed_s = time.perf_counter() - started
+            mean_loss = loss_sum / max(1, num_batches)
+            on_event(epoch_event(epochs_run, config.epochs, mean_loss, val_f1, elapsed_s))
         if stopper.should_stop((val_f1,), snapshot):
             break
     bar.close()

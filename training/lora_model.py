@@ -13,6 +13,7 @@ from engine import Backbone, LoraStepPlan
 from engine.lora_kernels import SegmentLoop
 from training.config import TrainConfig
 from training.loop import predict_labels, run_epochs
+from training.progress import OnEvent
 from training.recipe import Fitted, Split, detached_copy, mean_pool
 
 
@@ -98,7 +99,13 @@ def select_targets(backbone: Backbone, suffixes: tuple[str, ...]) -> list[str]:
     return chosen
 
 
-def fit_lora(backbone: Backbone, split: Split, config: TrainConfig, progress: bool) -> Fitted:
+def fit_lora(
+    backbone: Backbone,
+    split: Split,
+    config: TrainConfig,
+    progress: bool,
+    on_event: OnEvent | None = None,
+) -> Fitted:
     """LoRA factors on the targeted linears plus the head; the backbone's weights stay frozen."""
     generator = torch.Generator().manual_seed(config.seed)
     targets = select_targets(backbone, config.targets)
@@ -117,6 +124,7 @@ def fit_lora(backbone: Backbone, split: Split, config: TrainConfig, progress: bo
         snapshot=lambda: detached_copy(model.state_dict()),
         progress=progress,
         desc="lora",
+        on_event=on_event,
     )
     predictions = predict_labels(model, backbone, split.held_out, split.labels, config.max_length)
     return Fitted(model.head, predictions, epochs_run, factors=model.lora_factors())

@@ -23,11 +23,12 @@ from training.full_model import check_output_dir, fit_full, write_full_model
 from training.head_only import fit_head
 from training.lora_model import fit_lora
 from training.metrics import classification_metrics
+from training.progress import OnEvent
 from training.recipe import Fitted, Split, split_examples
 
 log = logging.getLogger(__name__)
 
-Fitter = Callable[[Backbone, Split, TrainConfig, bool], Fitted]
+Fitter = Callable[[Backbone, Split, TrainConfig, bool, OnEvent | None], Fitted]
 _FITTERS: dict[str, Fitter] = {"head": fit_head, "lora": fit_lora, "full": fit_full}
 
 
@@ -57,6 +58,7 @@ def train_adapter(
     on_report: Callable[[DataReport], None] | None = None,
     test_examples: Sequence[Example] | None = None,
     output_dir: Path | None = None,
+    on_event: OnEvent | None = None,
 ) -> TrainResult:
     """Validate, split, train in ``config.mode``, evaluate on the held-out rows, publish.
 
@@ -64,7 +66,7 @@ def train_adapter(
     dropped) instead of an ``eval_fraction`` split. ``output_dir`` is where full mode writes its
     model directory (required there, ignored otherwise); ``registry`` may be None in full mode.
     Validation runs before any training; fatal problems raise DataError naming rows. A failure
-    at any point publishes nothing.
+    at any point publishes nothing. ``on_event`` gets one dict per epoch (progress.epoch_event).
     """
     validate_name("adapter", name)
     destination = _destination(config, registry, tenant, output_dir)
@@ -74,7 +76,7 @@ def train_adapter(
     raise_for_errors(report, source)
     split = split_examples(examples, config, test_examples)
     started = time.perf_counter()
-    fitted = _FITTERS[config.mode](backbone, split, config, progress)
+    fitted = _FITTERS[config.mode](backbone, split, config, progress, on_event)
     gold = [e.label for e in split.held_out]
     metrics = classification_metrics(gold, fitted.predictions, split.labels)
     train_seconds = time.perf_counter() - started
