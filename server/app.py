@@ -11,6 +11,7 @@ from aiohttp import web
 from engine import Engine, EngineConfig
 from server.errors import error_middleware
 from server.routes import ENGINE, MAX_BODY_BYTES, STREAMS, add_routes, cancel_streams
+from server.train_routes import TrainServiceConfig, add_train_routes
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,14 @@ SHUTDOWN_GRACE_S = 10.0  # how long unfinished (non-stream) requests may take at
 OnReady = Callable[[Engine], Awaitable[None]]
 
 
-def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
-    """The HTTP API over ``engine``; the caller starts and closes the engine."""
+def create_app(
+    engine: Engine,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    training: TrainServiceConfig | None = None,
+) -> web.Application:
+    """The HTTP API over ``engine``; the caller starts and closes the engine. Training jobs
+    (``training``, default settings when None) start and stop with the app."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
@@ -29,6 +36,7 @@ def create_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
     app[MAX_BODY_BYTES] = max_body_bytes
     app[STREAMS] = set()
     add_routes(app)
+    add_train_routes(app, training or TrainServiceConfig())
     app.on_shutdown.append(cancel_streams)
     return app
 

@@ -1,0 +1,343 @@
+"""Training over HTTP and moving a model's latest pointer.
+
+``POST /v1/train`` validates the upload and queues a job for the caller's tenant (see
+train_upload.py for the body); ``GET /v1/train[/{id}]`` shows jobs, ``GET /v1/train/{id}/events``
+streams their events (NDJSON, or SSE with ``Accept: text/event-stream``), ``DELETE
+/v1/train/{id}`` cancels one. ``POST /v1/adapters/{name}/promote`` and ``.../rollback`` move the
+name's latest pointer. Jobs run in worker processes owned by a `JobManager` (training/jobs.py)
+that lives as long as the app.
+"""
+
+import asyncio
+import copy
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from engine import EngineError
+from registry import InvalidName, NotFound, validate_name
+from server.errors import (
+    INVALID_JSON,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    RATE_LIMITED,
+    RETRY_AFTER_S,
+    UNAVAILABLE,
+    ApiError,
+)
+from server.routes import ENGINE, STREAMS, _authenticate
+from server.schemas import NDJSON, json_response, ndjson_line
+from server.train_upload import parse_options, read_upload
+from training.job_store import FINAL_EVENTS, JobRecord, is_job_id
+from training.job_uploads import InvalidData
+from training.jobs import (
+    JobConflict,
+    JobManager,
+    JobNotFound,
+    JobsConfig,
+    JobsUnavailable,
+    TooManyJobs,
+)
+
+log = logging.getLogger(__name__)
+
+CONFLICT = "conflict"
+INVALID_DATA = "invalid_data"
+SSE = "text/event-stream"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class TrainServiceConfig:
+    """Training-over-HTTP settings, given to ``create_app``."""
+
+    max_upload_bytes: int = 20 * 1024 * 1024  # a POST /v1/train body; larger is 413
+    max_running: int = 1  # jobs training at once (each takes worker_threads cores)
+    max_jobs_per_tenant: int = 3  # unfinished jobs per tenant before 429
+    worker_threads: int = 1  # torch threads of each worker process
+    jobs_dir: Path | None = None  # job state and uploads; None: <registry>/jobs
+    events_poll_s: float = 0.25  # how often an event stream looks for new events
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes < 1:
+            raise ValueError(f"max_upload_bytes must be >= 1, got {self.max_upload_bytes}")
+        if not self.events_poll_s > 0:
+            raise ValueError(f"events_poll_s must be > 0, got {self.events_poll_s}")
+
+
+@dataclass(slots=True)
+class _Training:
+    """The app's job manager, set while the app runs (None before start, or when unavailable)."""
+
+    config: TrainServiceConfig
+    manager: JobManager | None = None
+    unavailable: str = "training jobs are not running on this server"
+
+
+TRAINING = web.AppKey("training", _Training)
+
+
+def add_train_routes(app: web.Application, config: TrainServiceConfig) -> None:
+    """Register the routes, and the job manager's start and stop with the app's lifecycle."""
+    app[TRAINING] = _Training(config)
+    app.router.add_routes(
+        [
+            web.post("/v1/train", start_job),
+            web.get("/v1/train", list_jobs),
+            web.get("/v1/train/{id}", get_job),
+            web.delete("/v1/train/{id}", cancel_job),
+            web.get("/v1/train/{id}/events", job_events),
+            web.post("/v1/adapters/{name}/promote", promote),
+            web.post("/v1/adapters/{name}/rollback", rollback),
+        ]
+    )
+    app.cleanup_ctx.append(_run_job_manager)
+
+
+async def _run_job_manager(app: web.Application) -> AsyncIterator[None]:
+    training = app[TRAINING]
+    try:
+        manager = _new_manager(app)
+        await _in_thread(manager.start)
+    except (JobsUnavailable, EngineError) as exc:
+        log.warning("training over HTTP is off: %s", exc)
+        training.unavailable = f"training jobs are unavailable: {exc}"
+        yield
+        return
+    training.manager = manager
+    try:
+        yield
+    finally:
+        training.manager = None
+        await _in_thread(manager.close)
+
+
+def _new_manager(app: web.Application) -> JobManager:
+    engine, config = app[ENGINE], app[TRAINING].config
+    registry_dir = Path(engine.config.registry_dir)
+    jobs = JobsConfig(
+        jobs_dir=config.jobs_dir or registry_dir / "jobs",
+        registry_dir=registry_dir,
+        backbone_dir=engine.config.backbone_dir,
+        backbone_sha256=engine.backbone.sha256,
+        max_running=config.max_running,
+        max_jobs_per_tenant=config.max_jobs_per_tenant,
+        worker_threads=config.worker_threads,
+    )
+    # validation gets its own tokenizer: a fast tokenizer is not safe to share across threads
+    return JobManager(jobs, engine.registry, copy.deepcopy(engine.backbone.tokenizer))
+
+
+# jobs ------------------------------------------------------------------------------------
+
+
+async def start_job(request: web.Request) -> web.Response:
+    """Validate the upload; 202 with the job's id and the validation report."""
+    manager, tenant = _manager_and_tenant(request)
+    upload = await read_upload(request, request.app[TRAINING].config.max_upload_bytes)
+    job = parse_options(upload.options)
+    try:
+        validate_name("adapter", job.name)
+    except InvalidName as exc:
+        raise ApiError(422, INVALID_REQUEST, str(exc), field="name") from None
+    submit = functools.partial(
+        manager.submit,
+        tenant,
+        job.name,
+        job.config,
+        promote=job.promote,
+        data=upload.data,
+        filename=upload.filename,
+    )
+    record = await _call(submit)
+    body = {"id": record.id, "state": record.state, "report": record.report}
+    return json_response(body, status=202, headers={"Location": f"/v1/train/{record.id}"})
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    manager, tenant = _manager_and_tenant(request)
+    return json_response({"data": [record.to_dict() for record in manager.list_jobs(tenant)]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    manager, tenant = _manager_and_tenant(request)
+    return json_response(_job(manager, tenant, request).to_dict())
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a queued or running job (its worker is killed; nothing is published)."""
+    manager, tenant = _manager_and_tenant(request)
+    job_id = _job(manager, tenant, request).id
+    record = await _call(functools.partial(manager.cancel, tenant, job_id))
+    return json_response(record.to_dict())
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """Every event of the job so far, then new ones as they happen, until the final one."""
+    manager, tenant = _manager_and_tenant(request)
+    job_id = _job(manager, tenant, request).id
+    is_sse = SSE in request.headers.get("Accept", "")
+    start = _last_event_id(request) + 1 if is_sse else 0
+    response = web.StreamResponse(
+        headers={"Content-Type": SSE if is_sse else NDJSON, "Cache-Control": "no-cache"}
+    )
+    streams = request.app[STREAMS]
+    task = asyncio.current_task()
+    assert task is not None  # aiohttp runs every handler in a task
+    streams.add(task)
+    try:
+        await response.prepare(request)
+        poll_s = request.app[TRAINING].config.events_poll_s
+        async for number, item in _follow(manager, tenant, job_id, start, poll_s):
+            await response.write(_sse(number, item) if is_sse else ndjson_line(item))
+        await response.write_eof()
+        return response
+    finally:
+        streams.discard(task)
+
+
+async def _follow(
+    manager: JobManager, tenant: str, job_id: str, start: int, poll_s: float
+) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """(number, event) pairs from `start` on, ending after the job's final event."""
+    number = start
+    while True:
+        is_final = manager.get(tenant, job_id).is_final  # read before the events: none is missed
+        for item in manager.events(tenant, job_id, number):
+            yield number, item
+            number += 1
+            if item["type"] in FINAL_EVENTS:
+                return
+        if is_final:
+            return
+        await asyncio.sleep(poll_s)
+
+
+# the latest pointer ----------------------------------------------------------------------
+
+
+async def promote(request: web.Request) -> web.Response:
+    """``{"version": N}``: make version N the one the caller's model name serves."""
+    engine = request.app[ENGINE]
+    tenant = _authenticate(request, engine)
+    name = request.match_info["name"]
+    version = _version_field(await request.read())
+    call = functools.partial(engine.registry.promote, tenant, name, version)
+    record = await _registry_call(call, name)
+    return json_response({"model": record.full_name, "version": record.version, "latest": True})
+
+
+async def rollback(request: web.Request) -> web.Response:
+    """Serve the version promoted before the current one again."""
+    engine = request.app[ENGINE]
+    tenant = _authenticate(request, engine)
+    name = request.match_info["name"]
+    left, record = await _registry_call(
+        functools.partial(engine.registry.rollback, tenant, name), name
+    )
+    body = {"model": record.full_name, "version": record.version, "previous": left}
+    return json_response(body)
+
+
+def _version_field(raw: bytes) -> int:
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, INVALID_JSON, f"request body is not valid JSON: {exc}") from None
+    version = body.get("version") if isinstance(body, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ApiError(
+            422, INVALID_REQUEST, "'version' must be a positive integer", field="version"
+        )
+    if set(body) != {"version"}:
+        field = sorted(set(body) - {"version"})[0]
+        raise ApiError(422, INVALID_REQUEST, f"unknown field {field!r}", field=field)
+    return version
+
+
+async def _registry_call(call: Callable[[], T], name: str) -> T:
+    try:
+        return await _in_thread(call)
+    except InvalidName as exc:
+        raise ApiError(404, NOT_FOUND, f"model {name!r} not found ({exc})") from None
+    except NotFound as exc:  # the message names only the caller's own tenant and versions
+        raise ApiError(404, NOT_FOUND, str(exc)) from None
+
+
+# request parts ---------------------------------------------------------------------------
+
+
+def _manager_and_tenant(request: web.Request) -> tuple[JobManager, str]:
+    tenant = _authenticate(request, request.app[ENGINE])
+    training = request.app[TRAINING]
+    if training.manager is None or not training.manager.is_running:
+        raise ApiError(
+            503, UNAVAILABLE, training.unavailable, headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+    return training.manager, tenant
+
+
+def _job(manager: JobManager, tenant: str, request: web.Request) -> JobRecord:
+    job_id = request.match_info["id"]
+    if not is_job_id(job_id):
+        raise ApiError(404, NOT_FOUND, f"training job {job_id!r} not found")
+    try:
+        return manager.get(tenant, job_id)
+    except JobNotFound as exc:
+        raise ApiError(404, NOT_FOUND, str(exc)) from None
+
+
+async def _call(call: Callable[[], T]) -> T:
+    """Run a blocking manager call in a thread; its errors as API errors."""
+    try:
+        return await _in_thread(call)
+    except InvalidData as exc:
+        raise _DataRejected(exc) from None
+    except JobNotFound as exc:
+        raise ApiError(404, NOT_FOUND, str(exc)) from None
+    except JobConflict as exc:
+        raise ApiError(409, CONFLICT, str(exc)) from None
+    except TooManyJobs as exc:
+        headers = {"Retry-After": "60"}  # jobs take minutes; asking sooner is pointless
+        raise ApiError(429, RATE_LIMITED, str(exc), headers=headers) from None
+    except JobsUnavailable as exc:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        raise ApiError(503, UNAVAILABLE, str(exc), headers=headers) from None
+
+
+async def _in_thread(call: Callable[[], T]) -> T:
+    return await asyncio.get_running_loop().run_in_executor(None, call)
+
+
+class _DataRejected(ApiError):
+    """422 for data that cannot be trained on: the rows at fault, and the report when the rows
+    could be read."""
+
+    def __init__(self, exc: InvalidData) -> None:
+        super().__init__(422, INVALID_DATA, str(exc), field="file")
+        self.rows = list(exc.rows)
+        self.report = exc.report
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = super().body()
+        body["error"]["rows"] = self.rows
+        if self.report is not None:
+            body["error"]["report"] = self.report
+        return body
+
+
+def _last_event_id(request: web.Request) -> int:
+    """SSE reconnects send the last id they saw; the stream resumes after it."""
+    value = request.headers.get("Last-Event-ID", "").strip()
+    return int(value) if value.isdigit() else -1
+
+
+def _sse(number: int, item: dict[str, Any]) -> bytes:
+    data = ndjson_line(item).rstrip(b"\n")  # JSON never holds a raw newline
+    return f"id: {number}\nevent: {item['type']}\ndata: ".encode() + data + b"\n\n"

@@ -1,0 +1,189 @@
+"""Reading a ``POST /v1/train`` body: the examples file and the job's options, size-capped.
+
+Two shapes:
+
+- ``multipart/form-data``: a ``file`` part (CSV, TSV or JSONL, told apart by its file name) and
+  one part per option (``name``, ``mode``, ``epochs``, ``rank``, ``max_length``, ``promote``);
+- ``application/x-ndjson``: the body is the JSONL file itself; options come as query
+  parameters, or as a first line ``{"options": {...}}`` (blanked before the rows are read, so
+  row numbers stay line numbers of the body).
+
+Nothing here trains or validates rows; that is the job manager's.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+import msgspec
+from aiohttp import BodyPartReader, web
+
+from server.errors import INVALID_REQUEST, TOO_LARGE, ApiError
+from training import TrainConfig
+
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
+NDJSON_FILENAME = "upload.jsonl"  # how messages name the rows of a raw JSON lines body
+OPTION_FIELDS = ("name", "mode", "epochs", "rank", "max_length", "promote")
+_INT_OPTIONS = ("epochs", "rank", "max_length")
+_MAX_OPTION_BYTES = 1024
+_CHUNK_BYTES = 64 * 1024
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    data: bytes  # the examples file, as sent
+    filename: str  # its base name; the suffix says the format
+    options: Mapping[str, Any]  # option name -> raw value (strings from forms and queries)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainRequest:
+    """A validated job request."""
+
+    name: str  # adapter name (checked by the registry's rules at submit)
+    config: TrainConfig
+    promote: bool  # the new version becomes the name's latest when the job succeeds
+
+
+async def read_upload(request: web.Request, max_bytes: int) -> Upload:
+    """The body's file and options; ApiError 413 past `max_bytes`, 415/422 for bad shapes."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes)  # refuse before reading a byte of it
+    if request.content_type == "multipart/form-data":
+        return await _read_multipart(request, max_bytes)
+    if request.content_type in NDJSON_TYPES:
+        return await _read_ndjson(request, max_bytes)
+    raise ApiError(
+        415,
+        INVALID_REQUEST,
+        f"unsupported Content-Type {request.content_type!r}: send multipart/form-data with a "
+        "'file' part, or application/x-ndjson",
+    )
+
+
+def parse_options(options: Mapping[str, Any]) -> TrainRequest:
+    """Check each option; ApiError 422 names the field at fault."""
+    unknown = sorted(set(options) - set(OPTION_FIELDS))
+    if unknown:
+        raise _invalid(
+            f"unknown option {unknown[0]!r} (known: {', '.join(OPTION_FIELDS)})", unknown[0]
+        )
+    name = options.get("name")
+    if not isinstance(name, str) or not name:
+        raise _invalid("'name' is required: the model name the job trains", "name")
+    overrides: dict[str, Any] = {}
+    if "mode" in options:
+        if not isinstance(options["mode"], str):
+            raise _invalid("'mode' must be a string", "mode")
+        overrides["mode"] = options["mode"]
+    for field in _INT_OPTIONS:
+        if field in options:
+            overrides[field] = _as_int(options[field], field)
+    try:
+        config = TrainConfig(**overrides)
+    except ValueError as exc:
+        field = next((f for f in overrides if str(exc).startswith(f)), None)
+        raise _invalid(str(exc), field) from None
+    return TrainRequest(name, config, _as_bool(options.get("promote", True), "promote"))
+
+
+async def _read_multipart(request: web.Request, max_bytes: int) -> Upload:
+    reader = await request.multipart()
+    data: bytes | None = None
+    filename = ""
+    options: dict[str, str] = {}
+    num_bytes = 0
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise _invalid("nested multipart bodies are not supported", None)
+        if part.name == "file":
+            filename = _file_name(part)
+            data = await _read_part(part, max_bytes - num_bytes, _too_large(max_bytes))
+            num_bytes += len(data)
+        elif part.name:
+            limit_error = _invalid(f"option {part.name!r} is too long", part.name)
+            raw = await _read_part(part, _MAX_OPTION_BYTES, limit_error)
+            options[part.name] = raw.decode("utf-8", errors="replace").strip()
+    if data is None:
+        raise _invalid("missing the 'file' part (CSV, TSV or JSONL with text and label)", "file")
+    return Upload(data, filename, options)
+
+
+async def _read_ndjson(request: web.Request, max_bytes: int) -> Upload:
+    chunks: list[bytes] = []
+    num_bytes = 0
+    async for chunk in request.content.iter_chunked(_CHUNK_BYTES):
+        num_bytes += len(chunk)
+        if num_bytes > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    options: dict[str, Any] = dict(request.query)
+    first, newline, rest = data.partition(b"\n")
+    header = _options_line(first)
+    if header is not None:
+        options.update(header)
+        data = newline + rest  # an empty first line: row numbers stay line numbers
+    return Upload(data, NDJSON_FILENAME, options)
+
+
+def _options_line(line: bytes) -> dict[str, Any] | None:
+    """The options of a first line ``{"options": {...}}``; None when it is a data row."""
+    try:
+        parsed = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(parsed, dict) or set(parsed) != {"options"}:
+        return None
+    if not isinstance(parsed["options"], dict):
+        raise _invalid("the first line's 'options' must be an object", "options")
+    return parsed["options"]
+
+
+async def _read_part(part: BodyPartReader, max_bytes: int, too_large: ApiError) -> bytes:
+    chunks: list[bytes] = []
+    num_bytes = 0
+    while chunk := await part.read_chunk(_CHUNK_BYTES):
+        num_bytes += len(chunk)
+        if num_bytes > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _file_name(part: BodyPartReader) -> str:
+    """The part's base name (never a path); from its content type when it has none."""
+    if part.filename:
+        return PurePath(part.filename.replace("\\", "/")).name or "upload"
+    content_type = part.headers.get("Content-Type", "")
+    if content_type.startswith("text/csv"):
+        return "upload.csv"
+    if content_type.startswith(NDJSON_TYPES):
+        return NDJSON_FILENAME
+    raise _invalid("the 'file' part needs a file name ending in .csv, .tsv or .jsonl", "file")
+
+
+def _as_int(value: Any, field: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise _invalid(f"{field!r} must be a positive integer, got {value!r}", field)
+
+
+def _as_bool(value: Any, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _invalid(f"{field!r} must be true or false, got {value!r}", field)
+
+
+def _invalid(message: str, field: str | None) -> ApiError:
+    return ApiError(422, INVALID_REQUEST, message, field=field)
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, TOO_LARGE, f"upload is larger than {max_bytes} bytes", field="file")

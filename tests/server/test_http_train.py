@@ -1,0 +1,241 @@
+"""POST /v1/train and friends against a real engine and real worker processes, and the HTTP
+promote / rollback of a model's latest pointer."""
+
+import asyncio
+import csv
+import io
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+
+from engine import Engine
+from server.app import create_app
+from server.train_routes import TrainServiceConfig
+from training import deduplicate, load_sms_spam
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+UPLOAD_CAP = 16 * 1024
+WAIT_S = 240.0  # spawning a worker on a busy 2-core machine takes a while
+TINY = {"epochs": "1", "max_length": "32", "rank": "4"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def sms_csv(num_per_class: int = 15) -> bytes:
+    """A balanced, duplicate-free CSV of real SMS texts."""
+    rows = deduplicate(load_sms_spam())
+    picked = [e for e in rows if e.label == "ham"][:num_per_class]
+    picked += [e for e in rows if e.label == "spam"][:num_per_class]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "label"])
+    writer.writerows([e.text, e.label] for e in picked)
+    return out.getvalue().encode()
+
+
+def form(data: bytes, filename: str = "sms.csv", **options: str) -> aiohttp.FormData:
+    body = aiohttp.FormData()
+    body.add_field("file", data, filename=filename, content_type="text/csv")
+    for name, value in options.items():
+        body.add_field(name, value)
+    return body
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(engine: Engine, tenants) -> AsyncIterator[TestClient]:
+    settings = TrainServiceConfig(max_upload_bytes=UPLOAD_CAP, events_poll_s=0.05)
+    app = create_app(engine, training=settings)
+    async with TestClient(TestServer(app)) as test_client:
+        yield test_client
+
+
+async def start(client: TestClient, key: str, **options: str) -> dict:
+    response = await client.post(
+        "/v1/train", data=form(sms_csv(), **{**TINY, **options}), headers=bearer(key)
+    )
+    body = await response.json()
+    assert response.status == 202, body
+    assert response.headers["Location"] == f"/v1/train/{body['id']}"
+    return body
+
+
+async def test_a_job_streams_progress_then_serves_once_promoted(client, tenants) -> None:
+    started = await start(client, tenants.acme, name="triage", promote="false")
+    assert started["state"] == "queued" and started["report"]["num_rows"] == 30
+    assert started["report"]["class_counts"] == {"ham": 15, "spam": 15}
+    response = await client.get(f"/v1/train/{started['id']}/events", headers=bearer(tenants.acme))
+    assert response.headers["Content-Type"].startswith("application/x-ndjson")
+    events = [
+        json.loads(line) for line in (await asyncio.wait_for(response.text(), WAIT_S)).splitlines()
+    ]
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "report" and "epoch" in kinds and kinds[-1] == "done", events[-1]
+    epoch = events[kinds.index("epoch")]
+    assert {"epoch", "epochs", "loss", "val_macro_f1", "eta_s"} <= set(epoch)
+    job = await (
+        await client.get(f"/v1/train/{started['id']}", headers=bearer(tenants.acme))
+    ).json()
+    assert job["state"] == "succeeded" and job["version"] == 1
+    assert job["model"] == "acme/triage@1" and "macro_f1" in job["metrics"]
+    # registered but not promoted: only the pinned version answers
+    classify = {"model": "triage", "input": "WIN a prize"}
+    response = await client.post("/v1/classify", json=classify, headers=bearer(tenants.acme))
+    assert response.status == 404
+    response = await client.post(
+        "/v1/adapters/triage/promote", json={"version": 1}, headers=bearer(tenants.acme)
+    )
+    assert await response.json() == {"model": "acme/triage", "version": 1, "latest": True}
+    response = await client.post("/v1/classify", json=classify, headers=bearer(tenants.acme))
+    assert response.status == 200 and (await response.json())["version"] == 1
+
+
+async def test_events_replay_as_server_sent_events(client, tenants) -> None:
+    [job] = (await (await client.get("/v1/train", headers=bearer(tenants.acme))).json())["data"]
+    headers = {**bearer(tenants.acme), "Accept": "text/event-stream"}
+    response = await client.get(f"/v1/train/{job['id']}/events", headers=headers)
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    blocks = (await response.text()).strip().split("\n\n")
+    first = dict(line.split(": ", 1) for line in blocks[0].splitlines())
+    assert first["id"] == "0" and first["event"] == "report"
+    assert json.loads(first["data"])["report"]["num_rows"] == 30
+    assert blocks[-1].splitlines()[1] == "event: done"
+    resumed = await client.get(
+        f"/v1/train/{job['id']}/events", headers={**headers, "Last-Event-ID": "1"}
+    )
+    assert (await resumed.text()).startswith("id: 2\n")
+
+
+async def test_cancel_kills_the_job_and_publishes_nothing(client, tenants) -> None:
+    started = await start(client, tenants.acme, name="cancelme")
+    url = f"/v1/train/{started['id']}"
+    response = await client.delete(url, headers=bearer(tenants.acme))
+    assert response.status == 200 and (await response.json())["state"] == "cancelled"
+    response = await client.delete(url, headers=bearer(tenants.acme))
+    body = await response.json()
+    assert response.status == 409 and body["error"]["type"] == "conflict"
+    events = await (await client.get(f"{url}/events", headers=bearer(tenants.acme))).text()
+    assert json.loads(events.splitlines()[-1])["type"] == "cancelled"
+    adapters = await (await client.get("/v1/adapters", headers=bearer(tenants.acme))).json()
+    assert "cancelme" not in {a["name"] for a in adapters["data"]}
+
+
+async def test_jobs_are_private_to_their_tenant(client, tenants) -> None:
+    [job, _] = (await (await client.get("/v1/train", headers=bearer(tenants.acme))).json())["data"]
+    for method, path in [
+        ("GET", f"/v1/train/{job['id']}"),
+        ("GET", f"/v1/train/{job['id']}/events"),
+        ("DELETE", f"/v1/train/{job['id']}"),
+        ("GET", "/v1/train/not-a-job-id"),
+    ]:
+        response = await client.request(method, path, headers=bearer(tenants.bob))
+        assert response.status == 404, path
+        assert (await response.json())["error"]["type"] == "not_found"
+    listed = await (await client.get("/v1/train", headers=bearer(tenants.bob))).json()
+    assert listed == {"data": []}
+    response = await client.post("/v1/train", data=form(sms_csv(), name="x"))
+    assert response.status == 401
+
+
+async def test_unreadable_rows_are_a_422_naming_them(client, tenants) -> None:
+    lines = [
+        '{"options": {"name": "lines", "epochs": 1}}',
+        '{"text": "fine", "label": "ham"}',
+        '{"text": "broken", ',
+        '{"text": 5, "label": "spam"}',
+    ]
+    response = await client.post(
+        "/v1/train",
+        data="\n".join(lines).encode(),
+        headers={**bearer(tenants.acme), "Content-Type": "application/x-ndjson"},
+    )
+    error = (await response.json())["error"]
+    assert response.status == 422 and error["type"] == "invalid_data"
+    assert error["rows"] == [3, 4] and error["field"] == "file"
+    assert error["message"].startswith("upload.jsonl: 2 unreadable rows: row 3: malformed JSON")
+
+
+async def test_fatal_data_problems_are_a_422_with_the_report(client, tenants) -> None:
+    rows = "".join(json.dumps({"text": f"note {i}", "label": "ham"}) + "\n" for i in range(8))
+    response = await client.post(
+        "/v1/train?name=lines&epochs=1",
+        data=rows.encode(),
+        headers={**bearer(tenants.acme), "Content-Type": "application/x-ndjson"},
+    )
+    error = (await response.json())["error"]
+    assert response.status == 422 and "only one class" in error["message"]
+    assert error["report"]["num_rows"] == 8 and error["rows"] == []
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({}, "name"),
+        ({"name": "Bad Name"}, "name"),
+        ({"name": "x", "epochs": "many"}, "epochs"),
+        ({"name": "x", "epochs": "0"}, "epochs"),
+        ({"name": "x", "mode": "turbo"}, "mode"),
+        ({"name": "x", "promote": "maybe"}, "promote"),
+        ({"name": "x", "lr": "0.1"}, "lr"),
+    ],
+)
+async def test_bad_options_are_a_422_naming_the_field(client, tenants, options, field) -> None:
+    response = await client.post(
+        "/v1/train", data=form(sms_csv(), **options), headers=bearer(tenants.acme)
+    )
+    error = (await response.json())["error"]
+    assert response.status == 422 and error["field"] == field, error
+
+
+async def test_uploads_over_the_cap_are_a_413(client, tenants) -> None:
+    big = b"text,label\n" + b"a,b\n" * (UPLOAD_CAP // 4)
+    response = await client.post(
+        "/v1/train", data=form(big, name="x"), headers=bearer(tenants.acme)
+    )
+    assert response.status == 413 and (await response.json())["error"]["type"] == "too_large"
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the cap applies while reading
+        for _ in range(UPLOAD_CAP // 1024 + 2):
+            yield b'{"text": "' + b"x" * 1000 + b'", "label": "a"}\n'
+
+    response = await client.post(
+        "/v1/train?name=x",
+        data=chunks(),
+        headers={**bearer(tenants.acme), "Content-Type": "application/x-ndjson"},
+    )
+    assert response.status == 413
+    response = await client.post("/v1/train", json={"name": "x"}, headers=bearer(tenants.acme))
+    assert response.status == 415
+
+
+async def test_promote_and_rollback_over_http(client, tenants) -> None:
+    acme = bearer(tenants.acme)
+    response = await client.post("/v1/adapters/spam/rollback", headers=acme)
+    assert await response.json() == {"model": "acme/spam", "version": 1, "previous": 2}
+    classify = {"model": "spam", "input": "hello"}
+    response = await client.post("/v1/classify", json=classify, headers=acme)
+    assert (await response.json())["version"] == 1
+    response = await client.post("/v1/adapters/spam/promote", json={"version": 2}, headers=acme)
+    assert response.status == 200
+    response = await client.post("/v1/classify", json=classify, headers=acme)
+    assert (await response.json())["version"] == 2
+    for key, name, body, status, field in [
+        (tenants.acme, "spam", {"version": 9}, 404, None),
+        (tenants.bob, "spam", {"version": 1}, 404, None),
+        (tenants.acme, "spam", {"version": "2"}, 422, "version"),
+        (tenants.acme, "spam", {"version": 2, "why": "x"}, 422, "why"),
+    ]:
+        response = await client.post(f"/v1/adapters/{name}/promote", json=body, headers=bearer(key))
+        error = (await response.json())["error"]
+        assert response.status == status and error.get("field") == field, error
+    response = await client.post("/v1/adapters/news/rollback", headers=acme)
+    assert (
+        response.status == 404
+        and "no previously promoted" in (await response.json())["error"]["message"]
+    )

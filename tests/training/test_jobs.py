@@ -1,0 +1,296 @@
+"""The job manager: real worker processes training tiny jobs, queueing, cancel, crashes, restarts.
+
+Training is kept tiny (30 rows, 1 epoch, 32 tokens, rank 4); most of a job's time is the
+spawned worker importing torch and loading the backbone.
+"""
+
+import copy
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import Backbone
+from registry import Registry
+from training import TrainConfig, deduplicate, load_sms_spam
+from training.job_store import FAILED, QUEUED, RUNNING, JobRecord, JobStore, new_job_id
+from training.job_uploads import InvalidData
+from training.jobs import (
+    RESTART_ERROR,
+    JobConflict,
+    JobManager,
+    JobNotFound,
+    JobsConfig,
+    JobsUnavailable,
+    TooManyJobs,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = TrainConfig(epochs=1, max_length=32, rank=4, batch_size=8)
+WAIT_S = 240.0  # a busy 2-core machine may take a while to spawn and import
+
+
+def sms_csv(num_per_class: int = 15) -> bytes:
+    """A balanced, duplicate-free CSV of real SMS texts."""
+    rows = deduplicate(load_sms_spam())
+    picked = [e for e in rows if e.label == "ham"][:num_per_class]
+    picked += [e for e in rows if e.label == "spam"][:num_per_class]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "label"])
+    writer.writerows([e.text, e.label] for e in picked)
+    return out.getvalue().encode()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    with Registry(tmp_path / "registry", durable=False) as opened:
+        opened.create_tenant("acme")
+        opened.create_tenant("bob")
+        yield opened
+
+
+@pytest.fixture
+def make_manager(
+    tmp_path: Path, registry: Registry, backbone: Backbone
+) -> Iterator[Callable[..., JobManager]]:
+    """make_manager(**JobsConfig overrides) -> a started manager, closed after the test."""
+    started: list[JobManager] = []
+
+    def make(**overrides) -> JobManager:
+        settings = {
+            "jobs_dir": tmp_path / "jobs",
+            "registry_dir": registry.root,
+            "backbone_sha256": backbone.sha256,
+            **overrides,
+        }
+        manager = JobManager(JobsConfig(**settings), registry, copy.deepcopy(backbone.tokenizer))
+        manager.start()
+        started.append(manager)
+        return manager
+
+    yield make
+    for manager in started:
+        manager.close()
+
+
+def submit(manager: JobManager, tenant: str = "acme", **kwargs) -> JobRecord:
+    args = {
+        "name": "spam",
+        "config": TINY,
+        "promote": True,
+        "data": sms_csv(),
+        "filename": "sms.csv",
+    }
+    args.update(kwargs)
+    name, config = args.pop("name"), args.pop("config")
+    return manager.submit(tenant, name, config, **args)
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def wait_final(manager: JobManager, job: JobRecord) -> JobRecord:
+    wait_for(lambda: manager.get(job.tenant, job.id).is_final)
+    return manager.get(job.tenant, job.id)
+
+
+def test_a_job_trains_reports_progress_and_registers_a_version(
+    make_manager, registry: Registry, publish_random
+) -> None:
+    publish_random(registry, "acme", "spam", rank=4, labels=("ham", "spam"))
+    manager = make_manager()
+    job = submit(manager, promote=False)
+    assert job.state == QUEUED and job.report["num_rows"] == 30
+    done = wait_final(manager, job)
+    assert done.state == "succeeded", done.error
+    assert done.version == 2 and done.metrics is not None and "macro_f1" in done.metrics
+    assert done.progress is not None and done.progress["epoch"] == 1
+    record = registry.resolve("acme", "spam", 2)
+    assert record.manifest["training_job"] == job.id
+    assert registry.resolve("acme", "spam").version == 1  # promote=False: not live yet
+    registry.promote("acme", "spam", 2)
+    assert registry.resolve("acme", "spam").version == 2
+    events = manager.events("acme", job.id)
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["report", "state", "state"] and kinds[-1] == "done"
+    epoch = next(e for e in events if e["type"] == "epoch")
+    assert {"epoch", "epochs", "loss", "val_macro_f1", "eta_s"} <= set(epoch)
+    assert events[-1]["version"] == 2 and events[-1]["model"] == "acme/spam"
+    assert manager.events("acme", job.id, start=len(events) - 1) == events[-1:]
+
+
+def test_bad_uploads_are_refused_before_queueing(make_manager, tmp_path: Path) -> None:
+    manager = make_manager()
+    bad_rows = b"text,label\nhello,ham\nonly one column\nthird,spam,extra\n"
+    with pytest.raises(InvalidData, match=r"upload\.csv: 2 unreadable rows: row 2") as caught:
+        submit(manager, data=bad_rows, filename="upload.csv")
+    assert caught.value.rows == (2, 3) and str(tmp_path) not in str(caught.value)
+    one_class = "".join(f'{{"text": "t{i}", "label": "ham"}}\n' for i in range(8)).encode()
+    with pytest.raises(InvalidData, match="only one class") as caught:
+        submit(manager, data=one_class, filename="x.jsonl")
+    assert caught.value.report["num_rows"] == 8
+    with pytest.raises(InvalidData, match="unsupported file type"):
+        submit(manager, filename="data.xlsx")
+    assert manager.list_jobs("acme") == []
+    assert [p.name for p in (tmp_path / "jobs").iterdir() if p.name != ".lock"] == []
+
+
+def test_one_running_job_per_tenant_the_rest_queue_and_cancel(
+    make_manager, registry: Registry
+) -> None:
+    manager = make_manager(max_running=2, max_jobs_per_tenant=2)
+    first, second = submit(manager), submit(manager)
+    other = submit(manager, tenant="bob")
+    with pytest.raises(TooManyJobs, match="2 unfinished"):
+        submit(manager)
+    wait_for(lambda: manager.get("bob", other.id).state == RUNNING)
+    assert manager.get("acme", first.id).state == RUNNING
+    assert manager.get("acme", second.id).state == QUEUED  # acme's slot is taken
+    with pytest.raises(JobNotFound):
+        manager.get("bob", first.id)
+    with pytest.raises(JobNotFound):
+        manager.cancel("bob", first.id)
+    assert manager.cancel("acme", second.id).state == "cancelled"
+    assert manager.cancel("acme", first.id).state == "cancelled"
+    assert manager.cancel("bob", other.id).state == "cancelled"
+    with pytest.raises(JobConflict, match="already cancelled"):
+        manager.cancel("acme", first.id)
+    assert [e["type"] for e in manager.events("acme", first.id)][-1] == "cancelled"
+    assert registry.list_adapters("acme") == [] and registry.list_adapters("bob") == []
+    assert manager.worker_pid(first.id) is None
+
+
+def test_a_killed_worker_fails_its_job_and_publishes_nothing(
+    make_manager, registry: Registry
+) -> None:
+    manager = make_manager()
+    job = submit(manager)
+    wait_for(lambda: manager.worker_pid(job.id) is not None)
+    os.kill(manager.worker_pid(job.id), signal.SIGKILL)
+    done = wait_final(manager, job)
+    assert done.state == FAILED
+    assert "killed by SIGKILL" in done.error and "nothing published" in done.error
+    assert manager.events("acme", job.id)[-1]["type"] == "failed"
+    assert registry.list_adapters("acme") == [] and manager.worker_pid(job.id) is None
+
+
+_SERVER_SCRIPT = textwrap.dedent(
+    """
+    import copy, sys, time
+    from pathlib import Path
+    from engine import load_backbone
+    from registry import Registry
+    from training import TrainConfig
+    from training.jobs import JobManager, JobsConfig
+
+    jobs_dir, registry_dir, data = sys.argv[1], sys.argv[2], Path(sys.argv[3]).read_bytes()
+    backbone = load_backbone()
+    registry = Registry(registry_dir)
+    config = JobsConfig(jobs_dir=Path(jobs_dir), registry_dir=Path(registry_dir))
+    manager = JobManager(config, registry, copy.deepcopy(backbone.tokenizer))
+    manager.start()
+    job = manager.submit("acme", "spam", TrainConfig(epochs=50), promote=True, data=data,
+                         filename="sms.csv")
+    while manager.worker_pid(job.id) is None:
+        time.sleep(0.05)
+    print(job.id, manager.worker_pid(job.id), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_restart_fails_the_jobs_a_dead_server_left(
+    make_manager, registry: Registry, tmp_path: Path
+) -> None:
+    """A server killed mid-job takes its worker with it; the next one marks the job failed."""
+    data = tmp_path / "sms.csv"
+    data.write_bytes(sms_csv())
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _SERVER_SCRIPT,
+            str(tmp_path / "jobs"),
+            str(registry.root),
+            str(data),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    try:
+        job_id, worker_pid = server.stdout.readline().split()
+    finally:
+        server.kill()
+        server.wait()
+    wait_for(lambda: not _is_alive(int(worker_pid)), timeout_s=30)
+    manager = make_manager()
+    job = manager.get("acme", job_id)
+    assert (job.state, job.error) == (FAILED, RESTART_ERROR)
+    assert manager.events("acme", job_id)[-1]["type"] == "failed"
+    assert registry.list_adapters("acme") == []
+
+
+def test_a_restart_credits_a_version_published_before_the_server_died(
+    make_manager, registry: Registry, backbone: Backbone, write_random_adapter, tmp_path: Path
+) -> None:
+    """What a worker that published and then died leaves: a running job, a version naming it."""
+    store = JobStore(tmp_path / "jobs")
+    record = JobRecord(
+        id=new_job_id(),
+        tenant="acme",
+        name="spam",
+        mode="lora",
+        promote=True,
+        state=RUNNING,
+        source="sms.csv",
+        data_file="data.csv",
+        config={},
+        report={},
+        created_at=time.time(),
+    )
+    store.create(store.stage(sms_csv(), "data.csv"), record, [])
+    write_random_adapter(backbone, tmp_path / "adapter", seed=0, rank=4, num_labels=2)
+    manifest = {"labels": ["ham", "spam"], "base_sha256": backbone.sha256, "rank": 4}
+    registry.publish("acme", "spam", tmp_path / "adapter", manifest | {"training_job": record.id})
+    manager = make_manager()
+    settled = manager.get("acme", record.id)
+    assert (settled.state, settled.version) == ("succeeded", 1)
+
+
+def test_one_server_manages_a_jobs_directory(make_manager, tmp_path: Path) -> None:
+    make_manager()
+    with pytest.raises(JobsUnavailable, match="another server"):
+        make_manager()
+
+
+def _is_alive(pid: int) -> bool:
+    """Running, not a zombie (the worker's parent died; init may not have reaped it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_job_files_are_json(make_manager, tmp_path: Path) -> None:
+    manager = make_manager()
+    job = submit(manager)
+    manager.cancel("acme", job.id)
+    stored = json.loads((tmp_path / "jobs" / job.id / "job.json").read_text())
+    assert stored["state"] == "cancelled" and stored["tenant"] == "acme"
+    assert (tmp_path / "jobs" / job.id / "data.csv").read_bytes() == sms_csv()
