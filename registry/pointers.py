@@ -89,8 +89,9 @@ def has_pointer(conn: sqlite3.Connection, tenant: str, name: str) -> bool:
 
 
 def pin_current(conn: sqlite3.Connection, tenant: str, name: str, now: float) -> None:
-    """Make an implicit pointer (the highest version) explicit, before a version that must not
-    become latest is added; a no-op when the name has a pointer row."""
+    """Make an implicit pointer (the highest version, or none for a new name) explicit, with
+    its history row: call before adding versions, so that an unpromoted one never becomes
+    latest and `rollback` can return to what was served. A no-op when the name has a row."""
     if has_pointer(conn, tenant, name):
         return
     current = latest(conn, tenant, name)

@@ -103,7 +103,7 @@ class Publisher:
                 pending.append(PendingVersion(item_staged, manifest_text, record.path))
             self._store.install(pending)
             try:
-                _pin_unpromoted(conn, items)
+                _pin_current(conn, items)
                 for record in records:
                     rel_path = record.path.relative_to(self._root).as_posix()
                     catalog.insert_adapter(conn, record, rel_path)
@@ -179,13 +179,13 @@ def _assign_versions(conn: sqlite3.Connection, items: Sequence[PublishItem]) -> 
     return versions
 
 
-def _pin_unpromoted(conn: sqlite3.Connection, items: Sequence[PublishItem]) -> None:
-    """Keep the latest version of names published with ``promote=False`` where it is; call
-    before their rows are inserted (a name without a pointer row means its highest version)."""
+def _pin_current(conn: sqlite3.Connection, items: Sequence[PublishItem]) -> None:
+    """Make each name's implicit latest (its highest version, where it has no pointer row)
+    explicit before new rows arrive, so that an unpromoted version never becomes latest and a
+    promoted one can be rolled back to what was served before."""
     now = time.time()
-    for item in items:
-        if not item.promote:
-            pointers.pin_current(conn, item.tenant, item.name, now)
+    for tenant, name in dict.fromkeys((item.tenant, item.name) for item in items):
+        pointers.pin_current(conn, tenant, name, now)
 
 
 def _promote(

@@ -210,6 +210,10 @@ def test_a_name_without_pointer_serves_its_highest_version(
     with Registry(root) as registry:
         registry.promote("acme", "spam", 1)  # from an implicit latest (3): rollback returns there
         assert registry.rollback("acme", "spam")[1].version == 3
+    _downgrade(root, keep_version=True)
+    with Registry(root) as registry:
+        _publish(registry, make_adapter, manifest)  # promoted over an implicit latest (3)
+        assert registry.rollback("acme", "spam")[1].version == 3
 
 
 # command line
