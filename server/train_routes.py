@@ -34,15 +34,17 @@ from server.errors import (
 from server.routes import ENGINE, STREAMS, _authenticate
 from server.schemas import NDJSON, json_response, ndjson_line
 from server.train_upload import parse_options, read_upload
-from training.job_store import FINAL_EVENTS, JobRecord, is_job_id
-from training.job_uploads import InvalidData
-from training.jobs import (
+from training import (
+    FINAL_EVENTS,
+    InvalidData,
     JobConflict,
     JobManager,
     JobNotFound,
+    JobRecord,
     JobsConfig,
     JobsUnavailable,
     TooManyJobs,
+    is_job_id,
 )
 
 log = logging.getLogger(__name__)

@@ -23,23 +23,37 @@ from training.datasets import (
     write_csv,
 )
 from training.full_model import FullModel, load_full_model
+from training.job_config import JobConflict, JobNotFound, JobsConfig, JobsUnavailable, TooManyJobs
+from training.job_store import FINAL_EVENTS, JobRecord, is_job_id
+from training.job_uploads import InvalidData
+from training.jobs import JobManager
 from training.metrics import classification_metrics
 from training.trainer import TrainResult, train_adapter
 
 __all__ = [
     "DATASETS",
+    "FINAL_EVENTS",
     "MODES",
     "DataError",
     "DataReport",
     "DatasetUnavailable",
     "Example",
     "FullModel",
+    "InvalidData",
+    "JobConflict",
+    "JobManager",
+    "JobNotFound",
+    "JobRecord",
+    "JobsConfig",
+    "JobsUnavailable",
     "TrainConfig",
+    "TooManyJobs",
     "TrainResult",
     "classification_metrics",
     "clean_examples",
     "deduplicate",
     "examples_from_records",
+    "is_job_id",
     "load_bbc_news",
     "load_examples",
     "load_full_model",
