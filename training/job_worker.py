@@ -69,6 +69,8 @@ def _train(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
     from training.trainer import train_adapter
 
     torch.set_num_threads(spec.num_threads)
+    # this process is its own edge: keep the tokenizer's thread pool off the server's cores too
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     backbone = load_backbone(spec.backbone_dir, expected_sha256=spec.backbone_sha256)
     examples = load_examples(spec.data_path)
 
