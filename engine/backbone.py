@@ -66,6 +66,7 @@ class Backbone:
     linears: dict[str, LoraLinear]  # wrapped module name -> wrapper, in model order
     lora_state: StepLora  # the current step's segment plan, read by every wrapper
     has_pooler: bool  # BERT-style tanh pooler over the first token
+    num_layers: int  # encoder layers; lora_state.between_layers runs before all but the first
 
     @property
     def linear_names(self) -> list[str]:
@@ -93,6 +94,7 @@ def load_backbone(
     model.to(device).eval().requires_grad_(False)
     state = StepLora()
     linears = _wrap_linears(model, state)
+    num_layers = _hook_layers(model, state)
     config = model.config
     return Backbone(
         model=model,
@@ -106,6 +108,7 @@ def load_backbone(
         linears=linears,
         lora_state=state,
         has_pooler=getattr(model, "pooler", None) is not None,
+        num_layers=num_layers,
     )
 
 
@@ -129,3 +132,28 @@ def _wrap_linears(model: nn.Module, state: StepLora) -> dict[str, LoraLinear]:
         wrapped[name] = wrapper
     log.debug("wrapped %d linear modules for LoRA", len(wrapped))
     return wrapped
+
+
+def _hook_layers(model: nn.Module, state: StepLora) -> int:
+    """Call ``state.between_layers`` (when set) before each encoder layer but the first.
+
+    The layer stack is the largest ModuleList of same-typed blocks (``encoder.layer`` in BERT
+    and RoBERTa, ``transformer.layer`` in DistilBERT); a model without one gets no hooks.
+    """
+    stacks = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
+    ]
+    if not stacks:
+        return 0
+    layers = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+    def hook(_module: nn.Module, _args: object) -> None:
+        callback = state.between_layers
+        if callback is not None:
+            callback()
+
+    for layer in list(layers)[1:]:
+        layer.register_forward_pre_hook(hook)
+    return len(layers)

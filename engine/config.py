@@ -27,6 +27,9 @@ class EngineConfig:
     max_loads_in_flight: int = 4  # concurrent adapter loads from disk
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     contended_batch_tokens: int | None = 512  # step budget while several tenants are active
+    # padded-token budget of a short step of other tenants run between two layers of a step
+    # at least 4x as long (engine/interleave.py); 0 = never pause a step
+    interlude_tokens: int = 128
     max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
     tenant_max_queued_rows: int = 1024  # default per-tenant queue bound before 429
     tenant_max_tokens_per_step: int | None = None  # default per-tenant step budget
@@ -54,7 +57,7 @@ class EngineConfig:
             raise ValueError(f"settings_poll_s must be > 0, got {self.settings_poll_s}")
         if not self.max_timeout_s > 0:
             raise ValueError(f"max_timeout_s must be > 0, got {self.max_timeout_s}")
-        for name in ("host_cache_bytes", "embedding_cache_bytes"):
+        for name in ("host_cache_bytes", "embedding_cache_bytes", "interlude_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_input_tokens is not None and self.max_input_tokens < 3:

@@ -1,5 +1,6 @@
 """LoRA on a frozen Linear, for every adapter of a mixed batch at once."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -93,10 +94,13 @@ class StepLora:
     One object per backbone, passed to each wrapper at construction: no module-level state.
     """
 
-    __slots__ = ("plan",)
+    __slots__ = ("between_layers", "plan")
 
     def __init__(self) -> None:
         self.plan: LoraStepPlan | None = None
+        # called before every encoder layer but the first while set: the engine runs short
+        # steps of other tenants there, so that a long step delays them by one layer only
+        self.between_layers: Callable[[], None] | None = None
 
 
 class LoraLinear(nn.Module):

@@ -64,12 +64,13 @@ class ModelRunner:
         ]
         input_ids, mask = self._pad(token_ids, batch.max_tokens)
         state = self._backbone.lora_state
+        outer = state.plan  # set when this step runs between two layers of a longer one
         has_lora = any(r is not None for r in residents)
         state.plan = self._plan(batch, residents) if has_lora else None
         try:
             out = self._backbone.model(input_ids=input_ids, attention_mask=mask)
         finally:
-            state.plan = None
+            state.plan = outer
         outputs: list[RowOutput] = []
         for s, resident in enumerate(residents):
             lo, hi = batch.seg_starts[s], batch.seg_starts[s + 1]
@@ -144,4 +145,3 @@ def _pool(out: object, mask: torch.Tensor, pooling: str, lo: int, hi: int) -> to
     hidden = out.last_hidden_state[lo:hi]
     weights = mask[lo:hi].unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-

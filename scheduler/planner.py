@@ -204,12 +204,32 @@ class Scheduler:
             self._fill_fair(forming)
         else:
             self._fill_fifo(forming)
-        for row in forming.rows:
+        self._account(forming.rows)
+        return Plan(batch=forming.build(), expired=expired)
+
+    def plan_between(self, running: Batch, max_tokens: int, max_pages: int | None) -> Batch | None:
+        """A short batch to run between two layers of the long ``running`` step, or None.
+
+        Only rows of tenants with nothing in ``running`` qualify (the step already serves the
+        others), chosen by the same virtual counters, within ``max_tokens`` padded tokens (a
+        row longer than that never qualifies) and ``max_pages`` pool pages beyond those the
+        running step holds. This is what bounds a neighbour's wait by one layer of a long
+        step instead of the whole step. The FIFO baseline never interleaves.
+        """
+        if not self._config.is_fair:
+            return None
+        busy = {row.tenant for row in running.rows}
+        forming = _Forming(self._config, max_tokens, max_pages=max_pages, strict=True)
+        self._fill_fair(forming, exclude=busy)
+        self._account(forming.rows)
+        return forming.build()
+
+    def _account(self, rows: list[Row]) -> None:
+        for row in rows:
             counters = self._tenants[row.tenant].counters
             counters.run_rows += 1
             counters.run_tokens += row.num_tokens
-        self._num_waiting -= len(forming.rows)
-        return Plan(batch=forming.build(), expired=expired)
+        self._num_waiting -= len(rows)
 
     def _is_contended(self, now_s: float) -> bool:
         """Several tenants wait, or one waits and another sent rows within the window: a
@@ -223,8 +243,8 @@ class Scheduler:
             if tenant not in self._active
         )
 
-    def _fill_fair(self, forming: "_Forming") -> None:
-        blocked: set[str] = set()
+    def _fill_fair(self, forming: "_Forming", exclude: set[str] | None = None) -> None:
+        blocked: set[str] = set(exclude or ())
         step_tokens: dict[str, int] = {}
         order = {tenant: i for i, tenant in enumerate(self._active)}
         while not forming.is_full:
@@ -296,9 +316,18 @@ _MAX_PAD_RATIO = 4
 class _Forming:
     """The batch being filled: checks each candidate row against every step budget."""
 
-    def __init__(self, config: SchedulerConfig, max_tokens: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        max_tokens: int,
+        *,
+        max_pages: int | None = None,
+        strict: bool = False,
+    ) -> None:
         self._config = config
         self._max_tokens = max_tokens
+        self._max_pages = config.max_batch_pages if max_pages is None else max_pages
+        self._strict = strict  # even the first row must fit (no lone over-long row)
         self.rows: list[Row] = []
         self._longest = 0
         self._shortest = math.inf
@@ -309,15 +338,16 @@ class _Forming:
         return len(self.rows) >= self._config.max_batch_rows
 
     def fits(self, row: Row) -> bool:
-        """Whether ``row`` joins without breaking a budget; the first row always fits."""
-        if not self.rows:
+        """Whether ``row`` joins without breaking a budget; the first row always fits
+        unless the batch is strict."""
+        if not self.rows and not self._strict:
             return True
         width = max(self._longest, row.num_tokens)
         if width * (len(self.rows) + 1) > self._max_tokens:
             return False
         if width > _MAX_PAD_RATIO * min(self._shortest, row.num_tokens):
             return False  # keep short rows out of long rows' steps: padding would swamp them
-        limit = self._config.max_batch_pages
+        limit = self._max_pages
         if limit is not None and row.adapter_key not in self._pages:
             return sum(self._pages.values()) + row.num_pages <= limit
         return True

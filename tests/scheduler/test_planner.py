@@ -254,3 +254,40 @@ def test_recent_arrivals_keep_steps_short_even_between_requests() -> None:
         s.add(_row("flood", tokens=64, index=i, arrival=0.5))
     assert s.plan(0.6).batch.padded_tokens <= 256  # small was active 0.6 s ago
     assert s.plan(5.0).batch.padded_tokens > 256  # long idle: the flood gets full steps
+
+
+def test_plan_between_takes_only_short_rows_of_tenants_outside_the_running_step() -> None:
+    s = Scheduler(SchedulerConfig(contended_batch_tokens=None))
+    s.add(_row("A", "a", tokens=512))
+    running = s.plan(0.0).batch
+    assert running is not None
+    s.add(_row("A", "a", tokens=20))  # A already has the step: its rows wait for the next
+    s.add(_row("B", "b", tokens=30))
+    s.add(_row("B", "b", tokens=30))
+    s.add(_row("C", "c", tokens=400))  # too long to slip in between two layers
+    between = s.plan_between(running, max_tokens=128, max_pages=None)
+    assert between is not None
+    assert {r.tenant for r in between.rows} == {"B"} and len(between.rows) == 2
+    assert s.plan_between(running, max_tokens=128, max_pages=None) is None
+    assert s.num_waiting == 2  # A's short row and C's long one stay for regular steps
+    rest = [r.tenant for b in _drain(s) for r in b.rows]
+    assert sorted(rest) == ["A", "C"]
+
+
+def test_plan_between_respects_the_pages_left_by_the_running_step() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_pages=24))
+    s.add(_row("A", "a", tokens=512, pages=16))
+    running = s.plan(0.0).batch
+    s.add(_row("B", "b", tokens=10, pages=16))
+    s.add(_row("C", "c", tokens=10, pages=8))
+    between = s.plan_between(running, max_tokens=128, max_pages=24 - 16)
+    assert between is not None and [r.tenant for r in between.rows] == ["C"]
+
+
+def test_fifo_never_interleaves() -> None:
+    s = Scheduler(SchedulerConfig(is_fair=False))
+    s.add(_row("A", "a", tokens=512))
+    running = s.plan(0.0).batch
+    s.add(_row("B", "b", tokens=10))
+    assert s.plan_between(running, max_tokens=128, max_pages=None) is None
+    assert s.num_waiting == 1

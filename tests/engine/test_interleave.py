@@ -1,0 +1,95 @@
+"""Short steps between the layers of a long one: same answers, and the neighbour goes first."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import Engine, EngineConfig
+from registry import Registry
+
+LONG_TEXT = " ".join(["the quarterly report shows steady growth in every region"] * 60)
+SHORT_TEXT = "free entry to win a prize, text now"
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    reg = Registry(tmp_path / "reg")
+    reg.create_tenant("bulk")
+    reg.create_tenant("small")
+    yield reg
+    reg.close()
+
+
+async def _until_running(engine: Engine, tenant: str) -> None:
+    """Until the tenant's rows have left the queue for a step (which then takes a while)."""
+    start = engine.tenant_stats().get(tenant, {}).get("run_rows", 0)
+    deadline = time.monotonic() + 30
+    while engine.tenant_stats().get(tenant, {}).get("run_rows", 0) == start:
+        assert time.monotonic() < deadline, "the long step never started"
+        await asyncio.sleep(0.001)
+
+
+def test_layer_hooks_cover_every_layer_but_the_first(backbone) -> None:
+    calls: list[int] = []
+    state = backbone.lora_state
+    state.between_layers = lambda: calls.append(1)
+    try:
+        ids = backbone.tokenizer(["hello there"], return_tensors="pt")
+        backbone.model(**ids)
+    finally:
+        state.between_layers = None
+    assert backbone.num_layers == 6 and len(calls) == 5
+
+
+async def test_a_short_request_finishes_inside_a_long_step_with_its_own_answers(
+    registry, publish_random
+) -> None:
+    publish_random(registry, "bulk", "big", seed=1, rank=8)
+    publish_random(registry, "small", "fast", seed=2, rank=4)
+    config = EngineConfig(registry_dir=registry.root, contended_batch_tokens=None)
+    async with Engine(config) as engine:
+        alone_long = await engine.classify("bulk", "big", [LONG_TEXT] * 4)
+        alone_short = await engine.classify("small", "fast", [SHORT_TEXT])
+        steps_before = engine.stats()["steps"]
+        finished: list[str] = []
+
+        async def run(tenant: str, model: str, texts: list[str]):
+            out = await engine.classify(tenant, model, texts)
+            finished.append(tenant)
+            return out
+
+        long_task = asyncio.create_task(run("bulk", "big", [LONG_TEXT] * 4))
+        await _until_running(engine, "bulk")
+        short = await run("small", "fast", [SHORT_TEXT])
+        long = await long_task
+        stats = engine.stats()
+    assert finished == ["small", "bulk"], "the short request waited for the whole long step"
+    assert stats["steps"] - steps_before == 2  # the long step, and the one inside it
+    assert stats["interludes"] >= 1
+    for got, want in zip(long + short, alone_long + alone_short, strict=True):
+        assert got.label == want.label
+        for label, score in want.scores.items():
+            assert got.scores[label] == pytest.approx(score, abs=1e-5)
+
+
+async def test_interleaving_off_keeps_the_short_request_behind(registry, publish_random) -> None:
+    publish_random(registry, "bulk", "big", seed=1)
+    publish_random(registry, "small", "fast", seed=2)
+    config = EngineConfig(
+        registry_dir=registry.root, contended_batch_tokens=None, interlude_tokens=0
+    )
+    async with Engine(config) as engine:
+        finished: list[str] = []
+
+        async def run(tenant: str, model: str, texts: list[str]) -> None:
+            await engine.classify(tenant, model, texts)
+            finished.append(tenant)
+
+        long_task = asyncio.create_task(run("bulk", "big", [LONG_TEXT] * 4))
+        await _until_running(engine, "bulk")
+        await run("small", "fast", [SHORT_TEXT])
+        await long_task
+        assert engine.stats()["interludes"] == 0
+    assert finished == ["bulk", "small"]
