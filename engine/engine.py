@@ -13,9 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from engine.admission import admit, deadline_for
 from engine.backbone import Backbone
 from engine.config import EngineConfig
-from engine.errors import DeadlineExceeded, EngineClosed, EngineError, ModelNotFound
+from engine.errors import EngineClosed, ModelNotFound
 from engine.inputs import Tokenized, tokenize_inputs
-from engine.interleave import Interlude, InterludeSlot, interlude_budget, pages_left
 from engine.job import Job, MultiJob, MultiPrediction, Prediction
 from engine.listing import AdapterInfo, summarize
 from engine.multi import (
@@ -26,13 +25,13 @@ from engine.multi import (
     resolve_models,
     rows_per_text,
 )
-from engine.pending import Pending, SinglePending, by_request
+from engine.pending import Pending, SinglePending
 from engine.pinning import pin, pin_all
-from engine.runner import BACKBONE_KEY, RowOutput
 from engine.stack import ServingStack, load_stack
+from engine.step_loop import StepLoop
 from engine.tenant_settings import scheduler_config
 from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model_ref
-from scheduler import Batch, Row, Scheduler, TenantPolicy
+from scheduler import Row, Scheduler, TenantPolicy
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +55,9 @@ class Engine:
         self._tokenize_executor = ThreadPoolExecutor(2, thread_name_prefix="graft-tokenize")
         self._pending: dict[int, Pending] = {}
         self._ids = itertools.count(1)
-        self._work = asyncio.Event()
-        self._arrived = asyncio.Event()  # rows arrived or an interlude finished mid-step
-        self._interludes = InterludeSlot()
-        self._num_interludes = 0
-        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._steps = StepLoop(
+            config, self._scheduler, self._pending, self._executor, lambda: self._loaded
+        )
         self._loop_task: asyncio.Task[None] | None = None
         self._settings_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -79,12 +76,11 @@ class Engine:
         if self._loop_task is not None:
             return
         loop = asyncio.get_running_loop()
-        self._event_loop = loop
         self._model = await loop.run_in_executor(
             self._executor, load_stack, self.config, self._scheduler
         )
         self._model.settings.apply()
-        self._loop_task = asyncio.create_task(self._run(), name="graft-step-loop")
+        self._loop_task = asyncio.create_task(self._steps.run(), name="graft-step-loop")
         self._settings_task = asyncio.create_task(
             self._model.settings.watch(self.config.settings_poll_s), name="graft-settings"
         )
@@ -153,7 +149,7 @@ class Engine:
         if self._model is not None:
             counts["steps"] = self._model.runner.num_steps
             counts["rows"] = self._model.runner.num_rows
-            counts["interludes"] = self._num_interludes  # steps run inside a longer one
+            counts["interludes"] = self._steps.num_interludes  # steps run inside a longer one
             counts.update(self._model.store.stats())
             counts.update(self._model.embeddings.stats())
         return counts
@@ -240,7 +236,7 @@ class Engine:
                     deadline_s=deadline_s,
                 )
             )
-        self._wake()
+        self._steps.wake()
         return job
 
     async def classify_many(
@@ -319,7 +315,7 @@ class Engine:
         for row in rows:
             self._scheduler.add(row)
         self._scheduler.release(tenant, max(0, reserved - len(rows)))
-        self._wake()
+        self._steps.wake()
         return job
 
     async def _tokenize(self, texts: Sequence[str], truncate: bool) -> Tokenized:
@@ -362,128 +358,3 @@ class Engine:
         if self._model is not None:
             for key in pending.keys:
                 self._model.store.unpin(key)
-
-    # the step loop ---------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        self._work.set()
-        self._arrived.set()
-
-    async def _run(self) -> None:
-        while True:
-            # an interlude planned during the last step that never reached a layer boundary
-            # runs next: its rows already left the queues
-            item = self._interludes.take()
-            if item is None:
-                plan = self._scheduler.plan(time.monotonic())
-                self._expire(plan.expired)
-                if plan.batch is None:
-                    self._work.clear()
-                    await self._wait_for_work()
-                    continue
-                item = self._interlude(plan.batch)
-            item.started_s = time.monotonic()
-            try:
-                item.outputs = await self._run_step(item)
-            except Exception as exc:  # a failed step fails its rows, never the loop
-                item.error = exc
-            item.ended_s = time.monotonic()
-            self._deliver(item)
-
-    def _interlude(self, batch: Batch) -> Interlude:
-        rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
-        token_ids = [p.tokens.ids[r.index] if p else (0,) for p, r in rows]
-        return Interlude(batch, rows, token_ids)
-
-    async def _run_step(self, item: Interlude) -> list[RowOutput]:
-        """Run a step on the model thread; while a long one runs, keep an interlude of other
-        tenants' short rows ready for its next layer boundary."""
-        loop = asyncio.get_running_loop()
-        budget = interlude_budget(item.batch, self.config.interlude_tokens)
-        step = loop.run_in_executor(
-            self._executor, self._step, item.batch, item.token_ids, budget is not None
-        )
-        if budget is None:
-            return await step
-        pages = pages_left(item.batch, self.config.adapter_pages)
-        while True:
-            self._arrived.clear()
-            if self._interludes.is_empty:
-                short = self._scheduler.plan_between(item.batch, budget, pages)
-                if short is not None:
-                    self._interludes.offer(self._interlude(short))
-            arrived = asyncio.ensure_future(self._arrived.wait())
-            try:
-                await asyncio.wait((step, arrived), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                arrived.cancel()
-            if step.done():
-                return step.result()
-
-    def _deliver(self, item: Interlude) -> None:
-        """Event loop: hand a finished step's outputs (or its failure) to its requests."""
-        if item.error is not None:
-            log.error("model step failed", exc_info=item.error)
-            for pending, _ in item.rows:
-                if pending is not None:
-                    pending.job.fail(EngineError(f"model step failed: {item.error}"))
-            return
-        self._scheduler.record_step(len(item.batch.rows), item.ended_s - item.started_s)
-        for pending in {id(p): p for p, _ in item.rows if p is not None}.values():
-            pending.job.record_step(item.started_s, item.ended_s)
-        for part in by_request(item.rows, item.outputs):
-            part.pending.deliver(part.rows, part.outputs)
-
-    async def _wait_for_work(self) -> None:
-        """Sleep until a request arrives, or until the earliest waiting deadline passes."""
-        timeout = self._scheduler.next_deadline_in(time.monotonic())
-        if timeout is None:
-            await self._work.wait()
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._work.wait(), timeout)
-
-    def _expire(self, rows: Sequence[Row]) -> None:
-        for row in rows:
-            pending = self._pending.get(row.request_id)
-            if pending is not None:
-                message = f"request timed out before input[{row.index}] could start"
-                pending.job.fail(DeadlineExceeded(message))
-
-    def _step(
-        self, batch: Batch, token_ids: list[Sequence[int]], interleave: bool = False
-    ) -> list[RowOutput]:
-        """Model thread: page the batch's adapters in, run the step, let them go."""
-        model = self._loaded
-        keys = [key for key in batch.seg_adapter if key != BACKBONE_KEY]  # bare rows need none
-        model.store.acquire_device(keys)
-        state = model.backbone.lora_state
-        state.between_layers = self._between_layers if interleave else None
-        try:
-            return model.runner.step(batch, token_ids)
-        finally:
-            state.between_layers = None
-            model.store.release_device(keys)
-
-    def _between_layers(self) -> None:
-        """Model thread, between two layers of a long step: run the waiting interlude whole."""
-        item = self._interludes.take()
-        if item is None:
-            return
-        state = self._loaded.backbone.lora_state
-        resume = state.between_layers
-        self._num_interludes += 1
-        item.started_s = time.monotonic()
-        try:
-            item.outputs = self._step(item.batch, item.token_ids)  # clears between_layers
-        except Exception as exc:  # fails the interlude's rows, never the long step
-            item.error = exc
-        finally:
-            state.between_layers = resume
-        item.ended_s = time.monotonic()
-        assert self._event_loop is not None
-        self._event_loop.call_soon_threadsafe(self._interlude_done, item)
-
-    def _interlude_done(self, item: Interlude) -> None:
-        self._deliver(item)
-        self._arrived.set()  # room for the next interlude

@@ -1,0 +1,230 @@
+"""The continuous-batching step loop, and short steps between the layers of a long one.
+
+Plans on the event loop, runs each step on the single model thread, delivers outputs back.
+
+A step cannot be split by rows (one 512-token row is already a whole step on a CPU), but an
+encoder can pause between two layers. While a long step runs, the loop plans a short batch of
+other tenants' rows (``Scheduler.plan_between``) and leaves it in an ``InterludeSlot``; the
+backbone's layer hook (``StepLora.between_layers``) takes it and runs it as a complete nested
+step, then the long step resumes where it paused. So a neighbour waits one layer, not one
+step. At most one interlude is planned at a time, and none nests inside another.
+"""
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+from engine.errors import DeadlineExceeded, EngineError
+from engine.pending import Pending, by_request
+from engine.runner import BACKBONE_KEY, RowOutput
+from engine.stack import ServingStack
+from scheduler import Batch, Row, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Step:
+    """One batch: planned on the event loop, run on the model thread, delivered back."""
+
+    batch: Batch
+    rows: list[tuple[Pending | None, Row]]  # (pending request or None if it went away, row)
+    token_ids: list[Sequence[int]]
+    outputs: list[RowOutput] = field(default_factory=list)
+    error: Exception | None = None
+    started_s: float = 0.0
+    ended_s: float = 0.0
+
+
+class InterludeSlot:
+    """Holds at most one planned interlude; the loop offers, the model thread takes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._item: Step | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        with self._lock:
+            return self._item is None
+
+    def offer(self, item: Step) -> None:
+        with self._lock:
+            if self._item is not None:
+                raise RuntimeError("an interlude is already waiting")
+            self._item = item
+
+    def take(self) -> Step | None:
+        """The waiting interlude, now owned by the caller, or None."""
+        with self._lock:
+            item, self._item = self._item, None
+            return item
+
+
+def interlude_budget(running: Batch, interlude_tokens: int) -> int | None:
+    """Padded tokens an interlude may take while ``running`` runs, or None when the running
+    step is too short to be worth pausing (under four interludes' worth of tokens)."""
+    if interlude_tokens <= 0 or running.padded_tokens < 4 * interlude_tokens:
+        return None
+    return interlude_tokens
+
+
+def pages_left(running: Batch, pool_pages: int) -> int:
+    """Pool pages the running step's adapters leave to an interlude."""
+    held = {row.adapter_key: row.num_pages for row in running.rows}
+    return max(0, pool_pages - sum(held.values()))
+
+
+class StepLoop:
+    """Owns the order of steps; the Engine owns admission and the requests in ``pending``."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        scheduler: Scheduler,
+        pending: dict[int, Pending],
+        executor: ThreadPoolExecutor,
+        stack: Callable[[], ServingStack],
+    ) -> None:
+        self._config = config
+        self._scheduler = scheduler
+        self._pending = pending
+        self._executor = executor
+        self._stack = stack
+        self._work = asyncio.Event()
+        self._arrived = asyncio.Event()  # rows arrived or an interlude finished mid-step
+        self._interludes = InterludeSlot()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self.num_interludes = 0
+
+    def wake(self) -> None:
+        """New rows are queued: plan a step, or an interlude if a long step is running."""
+        self._work.set()
+        self._arrived.set()
+
+    async def run(self) -> None:
+        """Forever: take the next batch, run it, deliver; cancelled when the engine closes."""
+        self._event_loop = asyncio.get_running_loop()
+        while True:
+            # an interlude planned during the last step that never reached a layer boundary
+            # runs next: its rows already left the queues
+            item = self._interludes.take()
+            if item is None:
+                plan = self._scheduler.plan(time.monotonic())
+                self._expire(plan.expired)
+                if plan.batch is None:
+                    self._work.clear()
+                    await self._wait_for_work()
+                    continue
+                item = self._new_step(plan.batch)
+            item.started_s = time.monotonic()
+            try:
+                item.outputs = await self._run_step(item)
+            except Exception as exc:  # a failed step fails its rows, never the loop
+                item.error = exc
+            item.ended_s = time.monotonic()
+            self._deliver(item)
+
+    def _new_step(self, batch: Batch) -> Step:
+        rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
+        token_ids = [p.tokens.ids[r.index] if p else (0,) for p, r in rows]
+        return Step(batch, rows, token_ids)
+
+    async def _run_step(self, item: Step) -> list[RowOutput]:
+        """Run a step on the model thread; while a long one runs, keep an interlude of other
+        tenants' short rows ready for its next layer boundary."""
+        loop = asyncio.get_running_loop()
+        budget = interlude_budget(item.batch, self._config.interlude_tokens)
+        step = loop.run_in_executor(
+            self._executor, self._step, item.batch, item.token_ids, budget is not None
+        )
+        if budget is None:
+            return await step
+        pages = pages_left(item.batch, self._config.adapter_pages)
+        while True:
+            self._arrived.clear()
+            if self._interludes.is_empty:
+                short = self._scheduler.plan_between(item.batch, budget, pages)
+                if short is not None:
+                    self._interludes.offer(self._new_step(short))
+            arrived = asyncio.ensure_future(self._arrived.wait())
+            try:
+                await asyncio.wait((step, arrived), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                arrived.cancel()
+            if step.done():
+                return step.result()
+
+    def _deliver(self, item: Step) -> None:
+        """Event loop: hand a finished step's outputs (or its failure) to its requests."""
+        if item.error is not None:
+            log.error("model step failed", exc_info=item.error)
+            for pending, _ in item.rows:
+                if pending is not None:
+                    pending.job.fail(EngineError(f"model step failed: {item.error}"))
+            return
+        self._scheduler.record_step(len(item.batch.rows), item.ended_s - item.started_s)
+        for pending in {id(p): p for p, _ in item.rows if p is not None}.values():
+            pending.job.record_step(item.started_s, item.ended_s)
+        for part in by_request(item.rows, item.outputs):
+            part.pending.deliver(part.rows, part.outputs)
+
+    async def _wait_for_work(self) -> None:
+        """Sleep until a request arrives, or until the earliest waiting deadline passes."""
+        timeout = self._scheduler.next_deadline_in(time.monotonic())
+        if timeout is None:
+            await self._work.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), timeout)
+
+    def _expire(self, rows: Sequence[Row]) -> None:
+        for row in rows:
+            pending = self._pending.get(row.request_id)
+            if pending is not None:
+                message = f"request timed out before input[{row.index}] could start"
+                pending.job.fail(DeadlineExceeded(message))
+
+    def _step(
+        self, batch: Batch, token_ids: list[Sequence[int]], interleave: bool = False
+    ) -> list[RowOutput]:
+        """Model thread: page the batch's adapters in, run the step, let them go."""
+        model = self._stack()
+        keys = [key for key in batch.seg_adapter if key != BACKBONE_KEY]  # bare rows need none
+        model.store.acquire_device(keys)
+        state = model.backbone.lora_state
+        state.between_layers = self._between_layers if interleave else None
+        try:
+            return model.runner.step(batch, token_ids)
+        finally:
+            state.between_layers = None
+            model.store.release_device(keys)
+
+    def _between_layers(self) -> None:
+        """Model thread, between two layers of a long step: run the waiting interlude whole."""
+        item = self._interludes.take()
+        if item is None:
+            return
+        state = self._stack().backbone.lora_state
+        resume = state.between_layers
+        self.num_interludes += 1
+        item.started_s = time.monotonic()
+        try:
+            item.outputs = self._step(item.batch, item.token_ids)  # clears between_layers
+        except Exception as exc:  # fails the interlude's rows, never the long step
+            item.error = exc
+        finally:
+            state.between_layers = resume
+        item.ended_s = time.monotonic()
+        assert self._event_loop is not None
+        self._event_loop.call_soon_threadsafe(self._interlude_done, item)
+
+    def _interlude_done(self, item: Step) -> None:
+        self._deliver(item)
+        self._arrived.set()  # room for the next interlude
