@@ -11,7 +11,7 @@ from registry import AdapterRecord
 class AdapterInfo:
     tenant: str
     name: str
-    version: int  # latest version
+    version: int  # the latest version: the one an unpinned request resolves to
     versions: tuple[int, ...]  # every version, ascending
     rank: int  # of the latest version
     labels: tuple[str, ...]
@@ -49,7 +49,9 @@ def summarize(records: list[AdapterRecord], residency: Callable[[str], str]) -> 
     infos = []
     for name in sorted(by_name):
         versions = sorted(by_name[name], key=lambda r: r.version)
-        latest = versions[-1]
+        # the promoted version (what an unpinned request gets); a name whose only versions
+        # were registered without promotion shows its newest
+        latest = next((r for r in versions if r.is_latest), versions[-1])
         infos.append(
             AdapterInfo(
                 tenant=latest.tenant,

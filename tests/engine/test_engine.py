@@ -152,3 +152,17 @@ async def test_job_timings_split_queue_and_compute(registry, publish_random) -> 
         timings = job.timings()
     assert timings.queue_s >= 0 and timings.compute_s > 0
     assert timings.total_s >= timings.queue_s + timings.compute_s - 1e-6
+
+
+async def test_listing_shows_the_promoted_version_after_a_rollback(
+    registry, publish_random
+) -> None:
+    publish_random(registry, "acme", "m", seed=1)
+    publish_random(registry, "acme", "m", seed=2)
+    registry.rollback("acme", "m")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        (info,) = engine.list_adapters("acme")
+        job = await engine.submit("acme", "m", ["text"])
+        await job.results()
+    assert info.version == 1 and info.versions == (1, 2)
+    assert job.version == 1  # what an unpinned request is served
