@@ -49,6 +49,7 @@ async def run_server(
     on_ready: OnReady | None = None,
     on_listening: Callable[[str], Awaitable[None]] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    training: TrainServiceConfig | None = None,
 ) -> None:
     """Start the engine, serve HTTP on ``host:port`` until SIGINT/SIGTERM or cancellation.
 
@@ -62,7 +63,7 @@ async def run_server(
     stop = asyncio.Event()
     async with Engine(config) as engine:
         runner = web.AppRunner(
-            create_app(engine, max_body_bytes=max_body_bytes),
+            create_app(engine, max_body_bytes=max_body_bytes, training=training),
             handler_cancellation=True,  # a client that goes away cancels its handler and job
             shutdown_timeout=SHUTDOWN_GRACE_S,
         )

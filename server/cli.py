@@ -194,6 +194,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads of the model (default: cores - 1)"
     )
+    p.add_argument(
+        "--train-jobs", type=int, default=1, help="training jobs (POST /v1/train) run at once"
+    )
+    p.add_argument("--train-threads", type=int, default=1, help="torch threads per training job")
+    p.add_argument(
+        "--train-max-upload-mb", type=float, default=20.0, help="largest POST /v1/train body"
+    )
 
 
 # tenants ---------------------------------------------------------------------------------
@@ -442,8 +449,14 @@ def _serve(args: argparse.Namespace) -> int:
         )
 
     from server.demo import _run
+    from server.train_routes import TrainServiceConfig
 
-    _run(run_server(config, args.host, args.port, on_ready=announce))
+    training = TrainServiceConfig(
+        max_upload_bytes=int(args.train_max_upload_mb * 1024 * 1024),
+        max_running=args.train_jobs,
+        worker_threads=args.train_threads,
+    )
+    _run(run_server(config, args.host, args.port, on_ready=announce, training=training))
     return 0
 
 

@@ -90,14 +90,14 @@ async def ready(request: web.Request) -> web.Response:
 async def list_adapters(request: web.Request) -> web.Response:
     """The caller's own models, one entry per name."""
     engine = request.app[ENGINE]
-    tenant = _authenticate(request, engine)
+    tenant = authenticate(request, engine)
     return json_response({"data": [info.to_dict() for info in engine.list_adapters(tenant)]})
 
 
 async def get_adapter(request: web.Request) -> web.Response:
     """One of the caller's models; another tenant's model is as absent as a missing one."""
     engine = request.app[ENGINE]
-    tenant = _authenticate(request, engine)
+    tenant = authenticate(request, engine)
     name = request.match_info["name"]
     for info in engine.list_adapters(tenant):
         if info.name == name:
@@ -112,7 +112,7 @@ async def classify(request: web.Request) -> web.StreamResponse:
     """Classify one text or a list with one model or several; JSON when done, or NDJSON
     lines as inputs complete."""
     engine = request.app[ENGINE]
-    tenant = _authenticate(request, engine)
+    tenant = authenticate(request, engine)
     body = _parse_body(await _read_body(request))
     job = await _submit(engine, tenant, body)
     answer = SINGLE_MODEL if body.models is None else MULTI_MODEL
@@ -192,7 +192,7 @@ async def _ndjson_lines(job: Job | MultiJob, answer: AnswerFormat) -> AsyncItera
 # request parts ---------------------------------------------------------------------------
 
 
-def _authenticate(request: web.Request, engine: Engine) -> str:
+def authenticate(request: web.Request, engine: Engine) -> str:
     """The tenant of the request's ``Authorization: Bearer <key>``; 401 otherwise."""
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
     key = key.strip()

@@ -31,7 +31,7 @@ from server.errors import (
     UNAVAILABLE,
     ApiError,
 )
-from server.routes import ENGINE, STREAMS, _authenticate
+from server.routes import ENGINE, STREAMS, authenticate
 from server.schemas import NDJSON, json_response, ndjson_line
 from server.train_upload import parse_options, read_upload
 from training import (
@@ -69,6 +69,9 @@ class TrainServiceConfig:
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
             raise ValueError(f"max_upload_bytes must be >= 1, got {self.max_upload_bytes}")
+        for name in ("max_running", "max_jobs_per_tenant", "worker_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.events_poll_s > 0:
             raise ValueError(f"events_poll_s must be > 0, got {self.events_poll_s}")
 
@@ -227,7 +230,7 @@ async def _follow(
 async def promote(request: web.Request) -> web.Response:
     """``{"version": N}``: make version N the one the caller's model name serves."""
     engine = request.app[ENGINE]
-    tenant = _authenticate(request, engine)
+    tenant = authenticate(request, engine)
     name = request.match_info["name"]
     version = _version_field(await request.read())
     call = functools.partial(engine.registry.promote, tenant, name, version)
@@ -238,7 +241,7 @@ async def promote(request: web.Request) -> web.Response:
 async def rollback(request: web.Request) -> web.Response:
     """Serve the version promoted before the current one again."""
     engine = request.app[ENGINE]
-    tenant = _authenticate(request, engine)
+    tenant = authenticate(request, engine)
     name = request.match_info["name"]
     left, record = await _registry_call(
         functools.partial(engine.registry.rollback, tenant, name), name
@@ -276,7 +279,7 @@ async def _registry_call(call: Callable[[], T], name: str) -> T:
 
 
 def _manager_and_tenant(request: web.Request) -> tuple[JobManager, str]:
-    tenant = _authenticate(request, request.app[ENGINE])
+    tenant = authenticate(request, request.app[ENGINE])
     training = request.app[TRAINING]
     if training.manager is None or not training.manager.is_running:
         raise ApiError(
