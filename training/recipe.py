@@ -130,7 +130,9 @@ class BestOnValidation:
     """Keeps the state of the best validation score and says when patience has run out.
 
     Scores are tuples compared in order, e.g. (macro-F1, -loss): on a validation split of a
-    hundred rows F1 ties are common, and the tie-breaker keeps the better-fitted state.
+    hundred rows F1 ties are common, and the tie-breaker keeps the better-fitted state. Patience
+    counts epochs without a gain in the first element only, so a loss that keeps creeping down
+    while F1 stands still does not train forever.
     """
 
     def __init__(self, patience: int) -> None:
@@ -143,10 +145,13 @@ class BestOnValidation:
         self, score: tuple[float, ...], snapshot: Callable[[], dict[str, torch.Tensor]]
     ) -> bool:
         """Record an epoch's score; ``snapshot`` is called only on improvement."""
-        if self.best_score is None or score > self.best_score:
-            self.best_score, self.best_state, self._stale = score, snapshot(), 0
-            return False
-        self._stale += 1
+        best = self.best_score
+        if best is None or score[0] > best[0]:
+            self._stale = 0
+        else:
+            self._stale += 1
+        if best is None or score > best:
+            self.best_score, self.best_state = score, snapshot()
         return self._stale >= self.patience
 
 
