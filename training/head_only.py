@@ -20,6 +20,7 @@ from training.recipe import (
     BestOnValidation,
     Fitted,
     Split,
+    by_length,
     class_weights,
     detached_copy,
     encode,
@@ -41,8 +42,7 @@ def embed(backbone: Backbone, rows: list[Example], max_length: int) -> torch.Ten
     """
     if backbone.lora_state.plan is not None:
         raise RuntimeError("the backbone has a LoRA plan set; embeddings need the bare backbone")
-    lengths = [len(ids) for ids in backbone.tokenizer([e.text for e in rows])["input_ids"]]
-    order = sorted(range(len(rows)), key=lambda i: lengths[i])
+    order = by_length(backbone, rows, max_length)
     out = torch.empty(len(rows), backbone.hidden_size, dtype=torch.float32)
     for start in range(0, len(order), EMBED_BATCH_ROWS):
         chunk = order[start : start + EMBED_BATCH_ROWS]

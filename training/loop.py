@@ -16,6 +16,7 @@ from training.progress import OnEvent, epoch_event
 from training.recipe import (
     BestOnValidation,
     Split,
+    by_length,
     class_weights,
     encode,
     epoch_batches,
@@ -97,13 +98,15 @@ def predict_labels(
     labels: tuple[str, ...],
     max_length: int,
 ) -> list[str]:
-    """The label of each row, in eval mode (no dropout)."""
+    """The label of each row, in eval mode (no dropout), batched by length."""
     was_training = model.training
     model.eval()
-    predicted: list[str] = []
-    for start in range(0, len(rows), PREDICT_BATCH_ROWS):
-        texts = [e.text for e in rows[start : start + PREDICT_BATCH_ROWS]]
-        ids, mask = encode(backbone, texts, max_length)
-        predicted += [labels[i] for i in model(ids, mask).argmax(dim=-1).tolist()]
+    predicted: list[str] = [""] * len(rows)
+    order = by_length(backbone, rows, max_length)
+    for start in range(0, len(order), PREDICT_BATCH_ROWS):
+        chunk = order[start : start + PREDICT_BATCH_ROWS]
+        ids, mask = encode(backbone, [rows[i].text for i in chunk], max_length)
+        for i, label in zip(chunk, model(ids, mask).argmax(dim=-1).tolist(), strict=True):
+            predicted[i] = labels[label]
     model.train(was_training)
     return predicted
