@@ -19,6 +19,7 @@ from training import (
     stratified_sample,
     train_adapter,
 )
+from training.recipe import split_examples
 
 MAX_LENGTH = 32
 HEAD = dict(mode="head", max_length=MAX_LENGTH, head_epochs=30, head_patience=5)
@@ -149,3 +150,14 @@ def test_modes_are_validated_before_any_work(backbone, registry, sms, tmp_path: 
     with pytest.raises(ValueError, match="head_epochs"):
         TrainConfig(head_epochs=0)
     assert registry.list_adapters("acme") == []
+
+
+def test_split_deduplicates_before_splitting_and_checks_test_labels() -> None:
+    rows = [Example(text=f"text number {i % 30}", label="ab"[i % 2], row=i + 1) for i in range(60)]
+    split = split_examples(rows, TrainConfig(seed=1))
+    sides = [{e.text for e in side} for side in (split.train, split.val, split.held_out)]
+    assert sum(map(len, sides)) == 30 and not (sides[0] & sides[1] or sides[0] & sides[2])
+    assert split == split_examples(rows, TrainConfig(seed=1))  # a seed fixes the split
+    unseen = [Example(text="brand new", label="c", row=1)]
+    with pytest.raises(ValueError, match="'c'"):
+        split_examples(rows, TrainConfig(), test_examples=unseen)
