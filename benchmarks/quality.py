@@ -316,7 +316,8 @@ def print_report(payload: dict[str, Any]) -> None:
     print(describe_machine(payload["machine"]))
     print(payload["load"])
     print(format_table(HEADERS, payload["table"]))
-    print("* never served: scored by the trainer on the same test rows")
+    if any(r["served_metrics"] is None for report in payload["reports"] for r in report["results"]):
+        print("* never served: scored by the trainer on the same test rows")
     for report in payload["reports"]:
         for r in report["results"]:
             if r["served_equals_trainer"] is False:

@@ -72,16 +72,13 @@ def run_epochs(
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             loss_sum, num_batches = loss_sum + loss.item(), num_batches + 1
         epochs_run = epoch + 1
-        predicted = predict_labels(model, backbone, split.val, split.labels, config.max_length)
-        val_f1 = classification_metrics([e.label for e in split.val], predicted, split.labels)[
-            "macro_f1"
-        ]
+        val_f1, val_loss = _validate(model, backbone, split, loss_fn, config.max_length)
         bar.set_postfix(epoch=epoch + 1, val_f1=f"{val_f1:.3f}")
         if on_event is not None:
             elapsed_s = time.perf_counter() - started
             mean_loss = loss_sum / max(1, num_batches)
             on_event(epoch_event(epochs_run, config.epochs, mean_loss, val_f1, elapsed_s))
-        if stopper.should_stop((val_f1,), snapshot):
+        if stopper.should_stop((val_f1, -val_loss), snapshot):
             break
     bar.close()
     if stopper.best_state is not None:
@@ -90,7 +87,17 @@ def run_epochs(
     return epochs_run
 
 
-@torch.no_grad()
+def _validate(
+    model: nn.Module, backbone: Backbone, split: Split, loss_fn: nn.Module, max_length: int
+) -> tuple[float, float]:
+    """(macro-F1, loss) on the validation split; the loss breaks F1 ties between epochs."""
+    logits = predict_logits(model, backbone, split.val, max_length)
+    predicted = [split.labels[i] for i in logits.argmax(dim=-1).tolist()]
+    val_f1 = classification_metrics([e.label for e in split.val], predicted, split.labels)
+    val_loss = float(loss_fn(logits, label_targets(split.val, split.labels)))
+    return val_f1["macro_f1"], val_loss
+
+
 def predict_labels(
     model: nn.Module,
     backbone: Backbone,
@@ -98,15 +105,28 @@ def predict_labels(
     labels: tuple[str, ...],
     max_length: int,
 ) -> list[str]:
-    """The label of each row, in eval mode (no dropout), batched by length."""
+    """The label of each row, in eval mode (no dropout)."""
+    logits = predict_logits(model, backbone, rows, max_length)
+    return [labels[i] for i in logits.argmax(dim=-1).tolist()]
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, backbone: Backbone, rows: list[Example], max_length: int
+) -> torch.Tensor:
+    """float32 [N, C] logits in row order, in eval mode (no dropout), batched by length."""
     was_training = model.training
     model.eval()
-    predicted: list[str] = [""] * len(rows)
+    logits: torch.Tensor | None = None
     order = by_length(backbone, rows, max_length)
     for start in range(0, len(order), PREDICT_BATCH_ROWS):
         chunk = order[start : start + PREDICT_BATCH_ROWS]
         ids, mask = encode(backbone, [rows[i].text for i in chunk], max_length)
-        for i, label in zip(chunk, model(ids, mask).argmax(dim=-1).tolist(), strict=True):
-            predicted[i] = labels[label]
+        out = model(ids, mask).float()
+        if logits is None:
+            logits = torch.empty(len(rows), out.shape[1])
+        logits[chunk] = out
     model.train(was_training)
-    return predicted
+    if logits is None:
+        raise ValueError("no rows to predict")
+    return logits
