@@ -84,18 +84,19 @@ class StepClock:
     def install(self, engine: Any) -> bool:
         """Wrap ``engine``'s model-thread step (device page-ins, forward, heads); False where
         the engine's insides have changed and there is nothing to wrap."""
-        step = getattr(engine, "_step", None)
+        owner = getattr(engine, "_steps", None)  # the StepLoop
+        step = getattr(owner, "_step", None)
         if step is None:
             return False
 
-        def timed_step(batch: Any, token_ids: Any) -> Any:
+        def timed_step(batch: Any, token_ids: Any, *args: Any) -> Any:
             started = time.perf_counter()
             try:
-                return step(batch, token_ids)
+                return step(batch, token_ids, *args)
             finally:
                 self._note(batch, started, time.perf_counter())
 
-        engine._step = timed_step  # the step loop looks the method up at every step
+        owner._step = timed_step  # the loop looks the method up at every step and interlude
         return True
 
     def _note(self, batch: Any, started_s: float, ended_s: float) -> None:

@@ -1,7 +1,8 @@
 """Noisy neighbour: while tenant A floods the engine, does tenant B's latency hold?
 
     python -m benchmarks.noisy_neighbor [--mode embedded|http|both] [--duration 20]
-        [--contended-batch-tokens N] [--max-batch-tokens N] [--a-step-tokens N]
+        [--contended-batch-tokens N] [--interlude-tokens N] [--max-batch-tokens N]
+        [--a-step-tokens N]
         [--queue-rows 256] [--contended-first] [--threads N] [--quick] [--out DIR]
 
 Two tenants share one engine, each with its own random rank-8 adapter (LoRA on every encoder
@@ -454,7 +455,12 @@ async def run_phase(client, engine, workload, args, b_rate_per_s, *, is_flooded)
     result: dict[str, Any] = {
         "b": b,
         "elapsed_s": round(elapsed_s, 2),
-        "engine": {"steps": steps, "rows": rows, "rows_per_step": round(rows / max(steps, 1), 2)},
+        "engine": {
+            "steps": steps,
+            "rows": rows,
+            "rows_per_step": round(rows / max(steps, 1), 2),
+            "interludes": stats.get("interludes", 0) - stats_before.get("interludes", 0),
+        },
         "tenants": tenants,
     }
     if tally is not None:
@@ -515,6 +521,7 @@ def engine_config(workload: Workload, args, *, is_fair: bool) -> EngineConfig:
         num_threads=args.threads,
         max_batch_tokens=args.max_batch_tokens,
         contended_batch_tokens=args.contended_batch_tokens,
+        interlude_tokens=args.interlude_tokens,
         tenant_max_queued_rows=args.queue_rows,
         is_fair=is_fair,
     )
@@ -629,6 +636,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--queue-rows", type=int, default=256, help="tenant_max_queued_rows")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--contended-batch-tokens", type=int, default=512)
+    parser.add_argument(
+        "--interlude-tokens", type=int, default=256, help="engine's interlude budget (0: off)"
+    )
     parser.add_argument("--a-step-tokens", type=int, default=None, help="A's tokens per step")
     parser.add_argument(
         "--contended-first",
@@ -668,6 +678,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_batch_tokens": config.max_batch_tokens,
             "max_batch_rows": config.max_batch_rows,
             "contended_batch_tokens": config.contended_batch_tokens,
+            "interlude_tokens": config.interlude_tokens,
             "tenant_max_queued_rows": config.tenant_max_queued_rows,
             "max_queued_rows": config.max_queued_rows,
             "a_max_tokens_per_step": args.a_step_tokens,

@@ -66,7 +66,7 @@ class Backbone:
     linears: dict[str, LoraLinear]  # wrapped module name -> wrapper, in model order
     lora_state: StepLora  # the current step's segment plan, read by every wrapper
     has_pooler: bool  # BERT-style tanh pooler over the first token
-    num_layers: int  # encoder layers; lora_state.between_layers runs before all but the first
+    num_pauses: int  # points per forward pass where lora_state.between_layers runs
 
     @property
     def linear_names(self) -> list[str]:
@@ -94,7 +94,7 @@ def load_backbone(
     model.to(device).eval().requires_grad_(False)
     state = StepLora()
     linears = _wrap_linears(model, state)
-    num_layers = _hook_layers(model, state)
+    num_pauses = _hook_layers(model, state)
     config = model.config
     return Backbone(
         model=model,
@@ -108,7 +108,7 @@ def load_backbone(
         linears=linears,
         lora_state=state,
         has_pooler=getattr(model, "pooler", None) is not None,
-        num_layers=num_layers,
+        num_pauses=num_pauses,
     )
 
 
@@ -135,10 +135,13 @@ def _wrap_linears(model: nn.Module, state: StepLora) -> dict[str, LoraLinear]:
 
 
 def _hook_layers(model: nn.Module, state: StepLora) -> int:
-    """Call ``state.between_layers`` (when set) before each encoder layer but the first.
+    """Call ``state.between_layers`` (when set) at every pause point of the encoder: before
+    each block of a layer (attention, feed-forward in, feed-forward out) but the very first.
 
     The layer stack is the largest ModuleList of same-typed blocks (``encoder.layer`` in BERT
     and RoBERTa, ``transformer.layer`` in DistilBERT); a model without one gets no hooks.
+    Blocks keep nothing between calls, so a whole nested forward may run at any pause point.
+    Returns the number of pause points per forward pass.
     """
     stacks = [
         m
@@ -148,12 +151,17 @@ def _hook_layers(model: nn.Module, state: StepLora) -> int:
     if not stacks:
         return 0
     layers = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()))
+    blocks = [
+        block
+        for layer in layers
+        for block in ([c for c in layer.children() if any(True for _ in c.parameters())] or [layer])
+    ]
 
     def hook(_module: nn.Module, _args: object) -> None:
         callback = state.between_layers
         if callback is not None:
             callback()
 
-    for layer in list(layers)[1:]:
-        layer.register_forward_pre_hook(hook)
-    return len(layers)
+    for block in blocks[1:]:
+        block.register_forward_pre_hook(hook)
+    return len(blocks) - 1

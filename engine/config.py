@@ -27,9 +27,9 @@ class EngineConfig:
     max_loads_in_flight: int = 4  # concurrent adapter loads from disk
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     contended_batch_tokens: int | None = 512  # step budget while several tenants are active
-    # padded-token budget of a short step of other tenants run between two layers of a step
-    # at least 4x as long (engine/step_loop.py); 0 = never pause a step
-    interlude_tokens: int = 128
+    # padded-token budget of a short step of other tenants run between two layers of a
+    # longer step (engine/step_loop.py); 0 = never pause a step
+    interlude_tokens: int = 256
     max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
     tenant_max_queued_rows: int = 1024  # default per-tenant queue bound before 429
     tenant_max_tokens_per_step: int | None = None  # default per-tenant step budget

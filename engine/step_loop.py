@@ -28,6 +28,9 @@ from scheduler import Batch, Row, Scheduler
 
 log = logging.getLogger(__name__)
 
+# interludes run back to back at one layer boundary before the long step goes on
+_MAX_INTERLUDES_PER_PAUSE = 4
+
 
 @dataclass(slots=True)
 class Step:
@@ -69,8 +72,8 @@ class InterludeSlot:
 
 def interlude_budget(running: Batch, interlude_tokens: int) -> int | None:
     """Padded tokens an interlude may take while ``running`` runs, or None when the running
-    step is too short to be worth pausing (under four interludes' worth of tokens)."""
-    if interlude_tokens <= 0 or running.padded_tokens < 4 * interlude_tokens:
+    step is no longer than one interlude (pausing it would not shorten anyone's wait)."""
+    if interlude_tokens <= 0 or running.padded_tokens <= interlude_tokens:
         return None
     return interlude_tokens
 
@@ -207,23 +210,28 @@ class StepLoop:
             model.store.release_device(keys)
 
     def _between_layers(self) -> None:
-        """Model thread, between two layers of a long step: run the waiting interlude whole."""
-        item = self._interludes.take()
-        if item is None:
-            return
+        """Model thread, between two layers of a long step: run waiting interludes whole.
+
+        The loop plans the next interlude while one runs, so requests that arrived meanwhile
+        go right after it, up to ``_MAX_INTERLUDES_PER_PAUSE`` before the long step resumes.
+        """
         state = self._stack().backbone.lora_state
         resume = state.between_layers
-        self.num_interludes += 1
-        item.started_s = time.monotonic()
-        try:
-            item.outputs = self._step(item.batch, item.token_ids)  # clears between_layers
-        except Exception as exc:  # fails the interlude's rows, never the long step
-            item.error = exc
-        finally:
-            state.between_layers = resume
-        item.ended_s = time.monotonic()
-        assert self._event_loop is not None
-        self._event_loop.call_soon_threadsafe(self._interlude_done, item)
+        for _ in range(_MAX_INTERLUDES_PER_PAUSE):
+            item = self._interludes.take()
+            if item is None:
+                return
+            self.num_interludes += 1
+            item.started_s = time.monotonic()
+            try:
+                item.outputs = self._step(item.batch, item.token_ids)  # clears between_layers
+            except Exception as exc:  # fails the interlude's rows, never the long step
+                item.error = exc
+            finally:
+                state.between_layers = resume
+            item.ended_s = time.monotonic()
+            assert self._event_loop is not None
+            self._event_loop.call_soon_threadsafe(self._interlude_done, item)
 
     def _interlude_done(self, item: Step) -> None:
         self._deliver(item)

@@ -31,7 +31,7 @@ async def _until_running(engine: Engine, tenant: str) -> None:
         await asyncio.sleep(0.001)
 
 
-def test_layer_hooks_cover_every_layer_but_the_first(backbone) -> None:
+def test_pause_points_sit_before_every_block_of_every_layer_but_the_first(backbone) -> None:
     calls: list[int] = []
     state = backbone.lora_state
     state.between_layers = lambda: calls.append(1)
@@ -40,7 +40,8 @@ def test_layer_hooks_cover_every_layer_but_the_first(backbone) -> None:
         backbone.model(**ids)
     finally:
         state.between_layers = None
-    assert backbone.num_layers == 6 and len(calls) == 5
+    # MiniLM: 6 layers x (attention, intermediate, output), the first block excluded
+    assert backbone.num_pauses == 17 and len(calls) == 17
 
 
 async def test_a_short_request_finishes_inside_a_long_step_with_its_own_answers(
