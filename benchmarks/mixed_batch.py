@@ -165,9 +165,14 @@ class Contenders:
         )
 
     def workload(self, scenario: Scenario, texts: Sequence[str]) -> Workload:
-        """Rows i = texts[i]; adapters dealt round-robin, then rows grouped by adapter."""
-        names = list(scenario.adapter_ranks())
-        rows = sorted((names[i % len(names)] for i in range(scenario.batch)), key=names.index)
+        """Rows i = texts[i]; adapters dealt round-robin, then rows grouped by adapter, the
+        groups ordered by rank as the engine's planner orders segments."""
+        ranks = scenario.adapter_ranks()
+        names = list(ranks)
+        rows = sorted(
+            (names[i % len(names)] for i in range(scenario.batch)),
+            key=lambda name: (ranks[name], names.index(name)),
+        )
         starts = [0] + [i for i in range(1, len(rows)) if rows[i] != rows[i - 1]] + [len(rows)]
         tokenizer = self._backbone.tokenizer
         encoded = tokenizer(

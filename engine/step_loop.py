@@ -153,9 +153,10 @@ class StepLoop:
         while True:
             self._arrived.clear()
             if self._interludes.is_empty:
-                short = self._scheduler.plan_between(item.batch, budget, pages)
-                if short is not None:
-                    self._interludes.offer(self._new_step(short))
+                plan = self._scheduler.plan_between(time.monotonic(), item.batch, budget, pages)
+                self._expire(plan.expired)
+                if plan.batch is not None:
+                    self._interludes.offer(self._new_step(plan.batch))
             arrived = asyncio.ensure_future(self._arrived.wait())
             try:
                 await asyncio.wait((step, arrived), return_when=asyncio.FIRST_COMPLETED)

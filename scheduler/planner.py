@@ -207,8 +207,11 @@ class Scheduler:
         self._account(forming.rows)
         return Plan(batch=forming.build(), expired=expired)
 
-    def plan_between(self, running: Batch, max_tokens: int, max_pages: int | None) -> Batch | None:
-        """A short batch to run between two layers of the long ``running`` step, or None.
+    def plan_between(
+        self, now_s: float, running: Batch, max_tokens: int, max_pages: int | None
+    ) -> Plan:
+        """Expire late rows, then form a short batch to run inside the long ``running`` step
+        (between two of its encoder blocks), or none.
 
         Only rows of tenants with nothing in ``running`` qualify (the step already serves the
         others), chosen by the same virtual counters, within ``max_tokens`` padded tokens (a
@@ -217,12 +220,13 @@ class Scheduler:
         step instead of the whole step. The FIFO baseline never interleaves.
         """
         if not self._config.is_fair:
-            return None
+            return Plan(batch=None, expired=())
+        expired = self._expire(now_s)
         busy = {row.tenant for row in running.rows}
         forming = _Forming(self._config, max_tokens, max_pages=max_pages, strict=True)
         self._fill_fair(forming, exclude=busy)
         self._account(forming.rows)
-        return forming.build()
+        return Plan(batch=forming.build(), expired=expired)
 
     def _account(self, rows: list[Row]) -> None:
         for row in rows:

@@ -265,10 +265,10 @@ def test_plan_between_takes_only_short_rows_of_tenants_outside_the_running_step(
     s.add(_row("B", "b", tokens=30))
     s.add(_row("B", "b", tokens=30))
     s.add(_row("C", "c", tokens=400))  # too long to slip in between two layers
-    between = s.plan_between(running, max_tokens=128, max_pages=None)
+    between = s.plan_between(0.0, running, max_tokens=128, max_pages=None).batch
     assert between is not None
     assert {r.tenant for r in between.rows} == {"B"} and len(between.rows) == 2
-    assert s.plan_between(running, max_tokens=128, max_pages=None) is None
+    assert s.plan_between(0.0, running, max_tokens=128, max_pages=None).batch is None
     assert s.num_waiting == 2  # A's short row and C's long one stay for regular steps
     rest = [r.tenant for b in _drain(s) for r in b.rows]
     assert sorted(rest) == ["A", "C"]
@@ -280,7 +280,7 @@ def test_plan_between_respects_the_pages_left_by_the_running_step() -> None:
     running = s.plan(0.0).batch
     s.add(_row("B", "b", tokens=10, pages=16))
     s.add(_row("C", "c", tokens=10, pages=8))
-    between = s.plan_between(running, max_tokens=128, max_pages=24 - 16)
+    between = s.plan_between(0.0, running, max_tokens=128, max_pages=24 - 16).batch
     assert between is not None and [r.tenant for r in between.rows] == ["C"]
 
 
@@ -289,5 +289,16 @@ def test_fifo_never_interleaves() -> None:
     s.add(_row("A", "a", tokens=512))
     running = s.plan(0.0).batch
     s.add(_row("B", "b", tokens=10))
-    assert s.plan_between(running, max_tokens=128, max_pages=None) is None
+    assert s.plan_between(0.0, running, max_tokens=128, max_pages=None).batch is None
     assert s.num_waiting == 1
+
+
+def test_plan_between_expires_late_rows_instead_of_running_them() -> None:
+    s = Scheduler(SchedulerConfig())
+    s.add(_row("A", "a", tokens=512))
+    running = s.plan(0.0).batch
+    s.add(_row("B", "b", tokens=10, deadline=1.0))
+    s.add(_row("C", "c", tokens=10, deadline=9.0))
+    plan = s.plan_between(2.0, running, max_tokens=128, max_pages=None)
+    assert [r.tenant for r in plan.expired] == ["B"]
+    assert plan.batch is not None and [r.tenant for r in plan.batch.rows] == ["C"]
