@@ -98,8 +98,8 @@ class StepLora:
 
     def __init__(self) -> None:
         self.plan: LoraStepPlan | None = None
-        # called before every encoder layer but the first while set: the engine runs short
-        # steps of other tenants there, so that a long step delays them by one layer only
+        # called at every pause point of the encoder (before each block) while set: the engine
+        # runs short steps of other tenants there, so a long step delays them by one block
         self.between_layers: Callable[[], None] | None = None
 
 

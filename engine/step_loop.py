@@ -1,13 +1,14 @@
-"""The continuous-batching step loop, and short steps between the layers of a long one.
+"""The continuous-batching step loop, and short steps inside a long one.
 
 Plans on the event loop, runs each step on the single model thread, delivers outputs back.
 
 A step cannot be split by rows (one 512-token row is already a whole step on a CPU), but an
-encoder can pause between two layers. While a long step runs, the loop plans a short batch of
-other tenants' rows (``Scheduler.plan_between``) and leaves it in an ``InterludeSlot``; the
-backbone's layer hook (``StepLora.between_layers``) takes it and runs it as a complete nested
-step, then the long step resumes where it paused. So a neighbour waits one layer, not one
-step. At most one interlude is planned at a time, and none nests inside another.
+encoder can pause between two of its blocks. While a long step runs, the loop plans a short
+batch of other tenants' rows (``Scheduler.plan_between``) and leaves it in an
+``InterludeSlot``; the backbone's pause hook (``StepLora.between_layers``, before every
+attention and feed-forward block) takes it and runs it as a complete nested step, then the
+long step resumes where it paused. So a neighbour waits one block, not one step. At most one
+interlude waits at a time, and none nests inside another.
 """
 
 import asyncio
@@ -28,7 +29,7 @@ from scheduler import Batch, Row, Scheduler
 
 log = logging.getLogger(__name__)
 
-# interludes run back to back at one layer boundary before the long step goes on
+# interludes run back to back at one pause point before the long step goes on
 _MAX_INTERLUDES_PER_PAUSE = 4
 
 
@@ -115,7 +116,7 @@ class StepLoop:
         """Forever: take the next batch, run it, deliver; cancelled when the engine closes."""
         self._event_loop = asyncio.get_running_loop()
         while True:
-            # an interlude planned during the last step that never reached a layer boundary
+            # an interlude planned during the last step that never reached a pause point
             # runs next: its rows already left the queues
             item = self._interludes.take()
             if item is None:
@@ -141,7 +142,7 @@ class StepLoop:
 
     async def _run_step(self, item: Step) -> list[RowOutput]:
         """Run a step on the model thread; while a long one runs, keep an interlude of other
-        tenants' short rows ready for its next layer boundary."""
+        tenants' short rows ready for its next pause point."""
         loop = asyncio.get_running_loop()
         budget = interlude_budget(item.batch, self._config.interlude_tokens)
         step = loop.run_in_executor(
@@ -211,7 +212,7 @@ class StepLoop:
             model.store.release_device(keys)
 
     def _between_layers(self) -> None:
-        """Model thread, between two layers of a long step: run waiting interludes whole.
+        """Model thread, at a pause point of a long step: run waiting interludes whole.
 
         The loop plans the next interlude while one runs, so requests that arrived meanwhile
         go right after it, up to ``_MAX_INTERLUDES_PER_PAUSE`` before the long step resumes.

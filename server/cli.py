@@ -1,12 +1,13 @@
 """The ``graft`` command line: tenants, training, adapters, serving, the demo."""
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from server import cli_admin as admin
 
 DEFAULT_REGISTRY = "graft-registry"
 
@@ -72,12 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         "create", parents=[common], help="create a tenant; prints its API key last"
     )
     p.add_argument("tenant")
-    p.set_defaults(handler=_tenants_create)
+    p.set_defaults(handler=admin.tenants_create)
     p = tenants.add_parser("add-key", parents=[common], help="issue another API key for a tenant")
     p.add_argument("tenant")
-    p.set_defaults(handler=_tenants_add_key)
+    p.set_defaults(handler=admin.tenants_add_key)
     p = tenants.add_parser("list", parents=[common], help="list tenants and their settings")
-    p.set_defaults(handler=_tenants_list)
+    p.set_defaults(handler=admin.tenants_list)
     p = tenants.add_parser(
         "set",
         parents=[common],
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-per-step", type=int, help="tokens it may put in one step")
     p.add_argument("--max-queued-rows", type=int, help="inputs it may have waiting (then 429)")
     p.add_argument("--reset", action="store_true", help="back to the server's defaults")
-    p.set_defaults(handler=_tenants_set)
+    p.set_defaults(handler=admin.tenants_set)
 
     _train_parser(sub, common)
 
@@ -102,21 +103,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True)
     p.add_argument("--name", help="model name (one DIR only; default: the directory's name)")
     p.add_argument("--labels", help="comma-separated labels, in the classifier's output order")
-    p.set_defaults(handler=_adapters_import)
+    p.set_defaults(handler=admin.adapters_import)
     p = adapters.add_parser("list", parents=[common], help="list a tenant's models")
     p.add_argument("--tenant", required=True)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(handler=_adapters_list)
+    p.set_defaults(handler=admin.adapters_list)
     p = adapters.add_parser(
         "promote", parents=[common], help="make a version the one a name serves (acme/spam@2)"
     )
     p.add_argument("ref", metavar="TENANT/NAME@VERSION")
-    p.set_defaults(handler=_adapters_promote)
+    p.set_defaults(handler=admin.adapters_promote)
     p = adapters.add_parser(
         "rollback", parents=[common], help="serve the version promoted before the current one"
     )
     p.add_argument("ref", metavar="TENANT/NAME")
-    p.set_defaults(handler=_adapters_rollback)
+    p.set_defaults(handler=admin.adapters_rollback)
 
     p = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     _serve_args(p)
@@ -203,65 +204,6 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-# tenants ---------------------------------------------------------------------------------
-
-
-def _open_registry(args: argparse.Namespace):
-    from registry import Registry
-
-    return Registry(args.registry)
-
-
-def _tenants_create(args: argparse.Namespace) -> int:
-    with _open_registry(args) as registry:
-        key = registry.create_tenant(args.tenant)
-    print(f"created tenant {args.tenant!r}; its API key (shown once, stored hashed):")
-    print(key)
-    return 0
-
-
-def _tenants_add_key(args: argparse.Namespace) -> int:
-    with _open_registry(args) as registry:
-        key = registry.issue_key(args.tenant)
-    print(f"new API key for tenant {args.tenant!r} (shown once, stored hashed):")
-    print(key)
-    return 0
-
-
-def _tenants_list(args: argparse.Namespace) -> int:
-    with _open_registry(args) as registry:
-        settings = registry.tenant_settings()
-        for tenant in registry.tenants():
-            extra = json.dumps(settings[tenant], sort_keys=True) if tenant in settings else ""
-            print(f"{tenant}  {extra}".rstrip())
-    return 0
-
-
-def _tenants_set(args: argparse.Namespace) -> int:
-    from engine import TenantPolicy
-
-    changes = {
-        "weight": args.weight,
-        "max_tokens_per_step": args.max_tokens_per_step,
-        "max_queued_rows": args.max_queued_rows,
-    }
-    changes = {k: v for k, v in changes.items() if v is not None}
-    if args.reset == bool(changes):
-        raise ValueError(
-            "give --reset, or at least one of --weight, --max-tokens-per-step, --max-queued-rows"
-        )
-    with _open_registry(args) as registry:
-        if args.reset:
-            registry.set_tenant_settings(args.tenant, None)
-            print(f"tenant {args.tenant!r} back to the server defaults")
-            return 0
-        merged = {**registry.tenant_settings().get(args.tenant, {}), **changes}
-        TenantPolicy(**merged)  # refuse values the scheduler would refuse
-        registry.set_tenant_settings(args.tenant, merged)
-    print(f"tenant {args.tenant!r}: {json.dumps(merged, sort_keys=True)}")
-    return 0
-
-
 # training --------------------------------------------------------------------------------
 
 
@@ -298,7 +240,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     examples = load_examples(args.data)
-    opened = contextlib.nullcontext() if is_full else _open_registry(args)
+    opened = contextlib.nullcontext() if is_full else admin.open_registry(args)
     with opened as registry:
         if registry is not None and not registry.has_tenant(args.tenant):
             raise ValueError(
@@ -330,87 +272,6 @@ def _train(args: argparse.Namespace) -> int:
         f"macro-F1 {metrics['macro_f1']:.4f}"
     )
     return 0
-
-
-# adapters --------------------------------------------------------------------------------
-
-
-def _adapters_import(args: argparse.Namespace) -> int:
-    from engine import load_backbone
-    from engine.peft_io import import_peft_many
-
-    if args.name and len(args.dirs) > 1:
-        raise ValueError(
-            "--name applies to a single DIR; with several, each takes its directory's name"
-        )
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    with _open_registry(args) as registry:
-        if not registry.has_tenant(args.tenant):
-            raise ValueError(
-                f"tenant {args.tenant!r} does not exist (graft tenants create {args.tenant})"
-            )
-        backbone = load_backbone(args.backbone)
-        sources = [(args.name or src.resolve().name, src) for src in args.dirs]
-        records, failures = import_peft_many(registry, backbone, args.tenant, sources, labels)
-    for src, reason in failures:
-        print(f"failed {src}: {reason}", file=sys.stderr)
-    for record in records:
-        print(
-            f"imported {record.full_name}@{record.version} "
-            f"(rank {record.rank}, labels {','.join(record.labels)})"
-        )
-    print(f"{len(records)} imported, {len(failures)} failed")
-    return 1 if failures else 0
-
-
-def _adapters_list(args: argparse.Namespace) -> int:
-    from engine.listing import summarize
-
-    with _open_registry(args) as registry:
-        infos = summarize(registry.list_adapters(args.tenant), lambda key: "disk")
-    if args.json:
-        print(json.dumps([i.to_dict() for i in infos], indent=2))
-        return 0
-    header = (
-        f"{'NAME':<20} {'VERSIONS':<10} {'RANK':>4} {'SIZE':>10}  "
-        f"{'ACC':>6} {'F1':>6}  {'BASE':<12}  LABELS"
-    )
-    print(header)
-    for i in infos:
-        acc, f1 = i.metrics.get("accuracy"), i.metrics.get("macro_f1")
-        print(
-            f"{i.name:<20} {','.join(map(str, i.versions)):<10} {i.rank:>4} {i.size_bytes:>10}  "
-            f"{_num(acc):>6} {_num(f1):>6}  {i.base_sha256[:12]:<12}  {','.join(i.labels)}"
-        )
-    return 0
-
-
-def _adapters_promote(args: argparse.Namespace) -> int:
-    from registry import parse_model_ref
-
-    ref = parse_model_ref(args.ref)
-    if ref.tenant is None or ref.version is None:
-        raise ValueError(f"expected TENANT/NAME@VERSION (e.g. acme/spam@2), got {args.ref!r}")
-    with _open_registry(args) as registry:
-        record = registry.promote(ref.tenant, ref.name, ref.version)
-    print(f"{record.full_name}: latest is now version {record.version}")
-    return 0
-
-
-def _adapters_rollback(args: argparse.Namespace) -> int:
-    from registry import parse_model_ref
-
-    ref = parse_model_ref(args.ref)
-    if ref.tenant is None or ref.version is not None:
-        raise ValueError(f"expected TENANT/NAME (e.g. acme/spam), got {args.ref!r}")
-    with _open_registry(args) as registry:
-        left, record = registry.rollback(ref.tenant, ref.name)
-    print(f"{record.full_name}: rolled back from version {left} to {record.version}")
-    return 0
-
-
-def _num(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, int | float) else "-"
 
 
 # serving ---------------------------------------------------------------------------------
