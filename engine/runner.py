@@ -119,9 +119,9 @@ class ModelRunner:
         scales = torch.stack(
             [r.scale_by_module if r is not None else self._no_scales for r in residents], dim=1
         )
-        lengths = torch.tensor(
-            [batch.seg_starts[s + 1] - batch.seg_starts[s] for s in range(len(residents))]
-        )
+        lengths = [batch.seg_starts[s + 1] - batch.seg_starts[s] for s in range(len(residents))]
+        # each row's segment, built in Python: repeat_interleave costs ~0.6 ms a call here
+        seg_of_row = torch.tensor([s for s, n in enumerate(lengths) for _ in range(n)])
         device, dtype = self._device, self._memory.dtype
         return LoraStepPlan(
             num_rows=len(batch.rows),
@@ -132,9 +132,9 @@ class ModelRunner:
             module_active=tuple(bool(v) for v in (ranks.sum(dim=1) > 0).tolist()),
             pools=self._memory.pools,
             kernel=self._kernel,
-            row_pages=pages.long().repeat_interleave(lengths, dim=0).to(device),
-            row_scale=scales.repeat_interleave(lengths, dim=1).to(device, dtype),
-            runs=rank_runs(lengths.tolist(), [len(p) for p in page_lists]),
+            row_pages=pages.long()[seg_of_row].to(device),
+            row_scale=scales[:, seg_of_row].to(device, dtype),
+            runs=rank_runs(lengths, [len(p) for p in page_lists]),
         )
 
 
