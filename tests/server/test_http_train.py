@@ -239,3 +239,24 @@ async def test_promote_and_rollback_over_http(client, tenants) -> None:
         response.status == 404
         and "no previously promoted" in (await response.json())["error"]["message"]
     )
+
+
+async def test_a_head_only_job_serves_at_once_and_takes_no_pool_pages(
+    client, tenants, engine
+) -> None:
+    bob = bearer(tenants.bob)
+    started = await start(client, tenants.bob, name="headonly", mode="head")
+    events = await asyncio.wait_for(
+        (await client.get(f"/v1/train/{started['id']}/events", headers=bob)).text(), WAIT_S
+    )
+    assert json.loads(events.splitlines()[-1])["type"] == "done", events[-400:]
+    job = await (await client.get(f"/v1/train/{started['id']}", headers=bob)).json()
+    assert job["state"] == "succeeded" and job["model"] == "bob/headonly@1"
+    record = engine.registry.resolve("bob", "headonly")
+    assert record.rank == 0 and record.manifest["mode"] == "head"
+    free_before = engine.stats()["adapter_pages_free"]
+    response = await client.post(
+        "/v1/classify", json={"model": "headonly", "input": "WIN a prize now"}, headers=bob
+    )
+    assert response.status == 200 and (await response.json())["version"] == 1
+    assert engine.stats()["adapter_pages_free"] == free_before
