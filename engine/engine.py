@@ -177,11 +177,7 @@ class Engine:
     ) -> list[Prediction]:
         """Classify ``texts`` with the tenant's model; one Prediction per text, in order."""
         job = await self.submit(tenant, model, texts, truncate=truncate, timeout_s=timeout_s)
-        try:
-            return await job.results()
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
+        return await _results(job)
 
     async def submit(
         self,
@@ -252,11 +248,7 @@ class Engine:
         order, each holding one answer per model in ``models`` order. Each answer equals what
         ``classify`` gives for that model alone."""
         job = await self.submit_many(tenant, models, texts, truncate=truncate, timeout_s=timeout_s)
-        try:
-            return await job.results()
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
+        return await _results(job)
 
     async def submit_many(
         self,
@@ -358,3 +350,12 @@ class Engine:
         if self._model is not None:
             for key in pending.keys:
                 self._model.store.unpin(key)
+
+
+async def _results(job: Job | MultiJob):
+    """The job's answers; a caller that goes away cancels the job, so its rows never run."""
+    try:
+        return await job.results()
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
