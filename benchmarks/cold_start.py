@@ -1,6 +1,7 @@
 """Adapter cold start and rotation: registry on disk -> first answer, and many-adapter traffic.
 
     python -m benchmarks.cold_start [--loads 200] [--rotation 1,100,1000,5000] [--quick]
+    python -m benchmarks.cold_start --device cuda   # page-in to GPU memory, with GB/s
 
 1. Cold loads: for each of ``--loads`` rank-8 adapters (LoRA on every encoder linear, as
    ``graft train`` makes them), time the three stages separately on the engine's own code:
@@ -116,14 +117,24 @@ def _drop_page_cache() -> bool:
         return False
 
 
+def _synchronizer(device: str):
+    """Wait for queued device work before reading the clock (page-in copies are async on CUDA)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return lambda: torch.cuda.synchronize(torch.device(device))
+    return lambda: None
+
+
 def measure_stages(engine, tenant: str, count: int) -> dict:
     """Time read+verify, host->device and first step of ``count`` cold adapters, one by one."""
     from scheduler import Batch, Row
 
     model = engine._loaded
     store, memory, runner = model.store, model.memory, model.runner
+    sync = _synchronizer(engine.config.device)
     ids = model.backbone.tokenizer(SHORT_TEXT)["input_ids"]
-    read_s, page_in_s, step_s = [], [], []
+    read_s, page_in_s, step_s, sizes = [], [], [], []
     records = [r for r in engine.registry.list_adapters(tenant) if r.name.startswith("cold")]
     dropped = _drop_page_cache()
     for record in records[:count]:
@@ -132,6 +143,7 @@ def measure_stages(engine, tenant: str, count: int) -> dict:
         weights = store.read(record)
         t1 = time.perf_counter()
         memory.acquire(key, lambda w=weights: w)
+        sync()
         t2 = time.perf_counter()
         row = Row(
             request_id=0,
@@ -145,14 +157,21 @@ def measure_stages(engine, tenant: str, count: int) -> dict:
         runner.step(
             Batch(rows=(row,), seg_starts=(0, 1), seg_adapter=(key,), max_tokens=len(ids)), [ids]
         )
+        sync()
         t3 = time.perf_counter()
         memory.release(key)
+        sizes.append(weights.num_bytes)
         read_s.append(t1 - t0)
         page_in_s.append(t2 - t1)
         step_s.append(t3 - t2)
     load_s = [a + b for a, b in zip(read_s, page_in_s, strict=True)]
+    page_in_gbps = sorted(n / t / 1e9 for n, t in zip(sizes, page_in_s, strict=True) if t > 0)
     return {
         "page_cache_dropped_once": dropped,
+        "adapter_bytes": statistics.median(sizes) if sizes else 0,
+        "host_to_device_gb_per_s_p50": round(statistics.median(page_in_gbps), 3)
+        if page_in_gbps
+        else None,
         "read_verify_parse": _summary_ms(read_s),
         "host_to_device": _summary_ms(page_in_s),
         "first_step": _summary_ms(step_s),
@@ -284,7 +303,10 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
     registry.close()
     results: dict = {}
     config = EngineConfig(
-        registry_dir=registry_dir, adapter_pages=args.pages, num_threads=args.threads
+        registry_dir=registry_dir,
+        adapter_pages=args.pages,
+        num_threads=args.threads,
+        device=args.device,
     )
     async with Engine(config) as engine:
         results["stages"] = measure_stages(engine, "cold", args.loads)
@@ -308,7 +330,11 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
 def _print(results: dict, machine: dict) -> None:
     print(f"machine: {machine}")
     stages = results["stages"]
-    print(f"cold loads (page cache dropped first: {stages['page_cache_dropped_once']})")
+    print(
+        f"cold loads (page cache dropped first: {stages['page_cache_dropped_once']}; "
+        f"{stages['adapter_bytes'] / 1e6:.2f} MB per adapter, host->device p50 "
+        f"{stages['host_to_device_gb_per_s_p50']} GB/s)"
+    )
     for name in (
         "read_verify_parse",
         "host_to_device",
@@ -353,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per rotation run")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--pages", type=int, default=1024, help="device pool pages")
+    parser.add_argument("--device", default="cpu", help="engine device: cpu or cuda[:n]")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--quick", action="store_true", help="tiny configuration for tests")
     args = parser.parse_args(argv)
@@ -367,7 +394,10 @@ def main(argv: list[str] | None = None) -> dict:
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": args.device,
     }
+    if args.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     results["machine"] = machine
     _print(results, machine)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,10 @@ Methods, all adding the same update ``scale_s * (x_s A_s^T) B_s^T`` for every se
 
 Segments are over rows (a row's tokens share its adapter). Times are per call; the ratio is
 the update's time over the base Linear's on the same ``x``: the fraction LoRA adds to it.
+On CUDA each result also carries GB/s: the fewest bytes the operation must move (x read once,
+y read and written once, each adapter's A and B rows read once; for the Linear x, W, bias
+and y written) over its median time, set against a device-to-device copy measured in the
+same run, which is the card's practical bandwidth ceiling.
 """
 
 import argparse
@@ -244,6 +248,7 @@ class Result:
     timing: common.Timing
     vs_linear: float  # median time over the base Linear's, same hidden size and x
     max_abs_diff: float | None  # against kernels.sgmv_reference (float32); None for linear
+    gb_per_s: float  # fewest bytes the operation must move (min_bytes) over the median time
 
     def as_json(self) -> dict[str, Any]:
         fields = {k: getattr(self, k) for k in self.__slots__ if k != "timing"}
@@ -269,6 +274,7 @@ def run_case(
         ops[method], diffs[method] = op, float((got.float() - expected).abs().max())
     timings = common.measure(ops, timing, sync)
     linear_s = timings["linear"].median_s
+    lora_bytes, linear_bytes = min_bytes(case)
     return [
         Result(
             hidden=case.hidden,
@@ -279,9 +285,40 @@ def run_case(
             timing=t,
             vs_linear=t.median_s / linear_s,
             max_abs_diff=diffs[method],
+            gb_per_s=(linear_bytes if method == "linear" else lora_bytes) / t.median_s / 1e9,
         )
         for method, t in timings.items()
     ]
+
+
+def min_bytes(case: Case) -> tuple[int, int]:
+    """Bytes the LoRA update and the base Linear must move at the least, each input read once."""
+    size = case.x.element_size()
+    tokens = case.x.shape[0]
+    ranks = case.seg_rank.tolist()
+    adapter_rows = sum(r for r, n in zip(ranks, case.sizes, strict=True) if n)
+    lora = (3 * tokens * case.hidden + 2 * adapter_rows * case.hidden) * size
+    linear = (2 * tokens * case.hidden + case.hidden * case.hidden + case.hidden) * size
+    return lora, linear
+
+
+def copy_bandwidth(device: str, num_bytes: int = 1 << 30) -> float | None:
+    """Device-to-device copy GB/s (bytes read plus written), median of 20: the ceiling."""
+    if not device.startswith("cuda"):
+        return None
+    src = torch.empty(num_bytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end) / 1000)
+    times.sort()
+    return 2 * num_bytes / times[len(times) // 2] / 1e9
 
 
 def run_all(args: argparse.Namespace) -> list[Result]:
@@ -305,8 +342,9 @@ def run_all(args: argparse.Namespace) -> list[Result]:
     return results
 
 
-def results_table(results: Sequence[Result], methods: Sequence[str]) -> str:
-    """One line per case: each method's time in microseconds and its ratio to the Linear."""
+def results_table(results: Sequence[Result], methods: Sequence[str], gbps: bool = False) -> str:
+    """One line per case: each method's time in microseconds and its ratio to the Linear
+    (with ``gbps``, also its GB/s)."""
     cases: dict[tuple[int, str, str, int], dict[str, Result]] = {}
     for r in results:
         cases.setdefault((r.hidden, r.pattern, r.ranks, r.num_segments), {})[r.method] = r
@@ -316,15 +354,18 @@ def results_table(results: Sequence[Result], methods: Sequence[str]) -> str:
         cells = [f"{hidden}", pattern, ranks, f"{segments}"]
         for method in shown:
             r = by_method.get(method)
-            cells.append("-" if r is None else _cell(r))
+            cells.append("-" if r is None else _cell(r, gbps))
         rows.append(cells)
     headers = ["hidden", "pattern", "ranks", "segs", *(f"{m} us" for m in shown)]
     return common.format_table(headers, rows)
 
 
-def _cell(r: Result) -> str:
+def _cell(r: Result, gbps: bool = False) -> str:
     time_us = f"{r.timing.median_s * 1e6:.0f}"
-    return time_us if r.method == "linear" else f"{time_us} ({common.fmt_ratio(r.vs_linear)})"
+    rate = f" {r.gb_per_s:.0f}GB/s" if gbps else ""
+    if r.method == "linear":
+        return time_us + rate
+    return f"{time_us} ({common.fmt_ratio(r.vs_linear)}{rate})"
 
 
 def timing_config(args: argparse.Namespace) -> common.TimingConfig:
@@ -368,7 +409,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"\n{args.rows} rows x {args.tokens} tokens; each cell: median time per call "
         "(its ratio to the base Linear on the same x)"
     )
-    print(results_table(results, args.methods))
+    ceiling = copy_bandwidth(args.device)
+    print(results_table(results, args.methods, gbps=ceiling is not None))
+    if ceiling is not None:
+        best = max(r.gb_per_s for r in results)
+        print(
+            f"device-to-device copy: {ceiling:.0f} GB/s (read + write); fastest cell above "
+            f"{best:.0f} GB/s = {best / ceiling:.0%} of it"
+        )
     worst = max((r.max_abs_diff for r in results if r.max_abs_diff is not None), default=None)
     print(
         f"max |difference| from kernels.sgmv_reference over all cases: {worst:.1e}"
@@ -378,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload = {
         "benchmark": "kernels",
         "machine": machine,
+        "copy_gb_per_s": ceiling,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": [r.as_json() for r in results],
     }

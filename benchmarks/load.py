@@ -111,6 +111,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=5.0, help="queue deadline per request, s")
     p.add_argument("--slo-ms", type=float, default=report.DEFAULT_SLO_MS)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="where the models run: cpu or cuda[:n]")
     p.add_argument("--adapter-pages", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT_DIR)
@@ -191,6 +192,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
     options = TargetOptions(
         timeout_s=args.timeout,
         threads=args.threads,
+        device=args.device,
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),

@@ -108,6 +108,7 @@ def _peft_server(fleet: Fleet, options: TargetOptions) -> "ServerThread":
             0,
             on_listening=on_listening,
             max_wait_s=options.peft_max_wait_s,
+            device=options.device,
         )
 
     return ServerThread(serve)

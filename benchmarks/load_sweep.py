@@ -194,7 +194,7 @@ class ScenarioRunner:
             "probe_capacity_rps": capacity,
             "slo_ms": self.plan.slo_s * 1000,
             "seed": self._seed,
-            "machine": machine_info("cpu"),
+            "machine": machine_info(self.options.device),
             "git": git_state(),
             "command": self._command,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -53,6 +53,7 @@ class TargetOptions:
 
     timeout_s: float | None = 5.0  # queue deadline sent with each request (None: none)
     threads: int | None = None  # torch intra-op threads
+    device: str = "cpu"  # where every target's model runs: cpu or cuda[:n]
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
     max_batch_tokens: int = 8192
@@ -271,6 +272,7 @@ def engine_config(fleet: Fleet, options: TargetOptions):
         max_batch_rows=options.max_batch_rows,
         max_batch_tokens=options.max_batch_tokens,
         num_threads=options.threads,
+        device=options.device,
     )
 
 
@@ -290,7 +292,7 @@ async def _backbone(fleet: Fleet, options: TargetOptions) -> AsyncIterator[Targe
     from benchmarks.batcher import MicroBatcher
 
     model, tokenizer, forward = await asyncio.get_running_loop().run_in_executor(
-        None, _bare_backbone
+        None, _bare_backbone, options.device
     )
     from concurrent.futures import ThreadPoolExecutor
 
@@ -304,7 +306,7 @@ async def _backbone(fleet: Fleet, options: TargetOptions) -> AsyncIterator[Targe
             yield BackboneTarget(batcher, tokenizer, fleet, max_tokens, pool)
 
 
-def _bare_backbone():
+def _bare_backbone(device: str = "cpu"):
     """The packaged backbone as plain ``transformers`` runs it, mean-pooled, one 2-label head."""
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -313,18 +315,20 @@ def _bare_backbone():
     from engine import packaged_backbone_dir
 
     path = str(packaged_backbone_dir())
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    head = torch.nn.Linear(model.config.hidden_size, 2)
+    head = torch.nn.Linear(model.config.hidden_size, 2).to(device)
     pad_id = tokenizer.pad_token_id or 0
 
     def forward(token_ids: list[Sequence[int]], adapters: list[str | None]):
         input_ids, mask = pad(token_ids, pad_id)
+        input_ids, mask = input_ids.to(device), mask.to(device)
         with torch.inference_mode():
             states = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
             weights = mask.unsqueeze(-1).to(states.dtype)
             pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
-            return torch.softmax(head(pooled), dim=-1).numpy()
+            return torch.softmax(head(pooled), dim=-1).cpu().numpy()
 
     return model, tokenizer, forward
 

@@ -39,7 +39,9 @@ def peft_adapter_name(tenant: str, name: str) -> str:
     return f"{tenant}__{name}".replace(".", "_").replace("-", "_")
 
 
-def build_peft_model(backbone_dir: Path, adapter_dirs: Mapping[str, Path], num_labels: int):
+def build_peft_model(
+    backbone_dir: Path, adapter_dirs: Mapping[str, Path], num_labels: int, device: str = "cpu"
+):
     """A ``PeftModel`` holding every adapter of ``adapter_dirs`` (PEFT name -> directory)."""
     import peft
     import torch
@@ -60,18 +62,21 @@ def build_peft_model(backbone_dir: Path, adapter_dirs: Mapping[str, Path], num_l
         )
         for name in names[1:]:
             model.load_adapter(str(adapter_dirs[name]), adapter_name=name)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def forward_fn(model, pad_id: int) -> Callable[[list[Sequence[int]], list[str | None]], np.ndarray]:
     """The batcher's forward: one mixed batch, ``adapter_names`` per row, softmaxed."""
     import torch
 
+    device = next(model.parameters()).device
+
     def forward(token_ids: list[Sequence[int]], adapters: list[str | None]) -> np.ndarray:
         input_ids, mask = pad(token_ids, pad_id)
+        input_ids, mask = input_ids.to(device), mask.to(device)
         with torch.inference_mode():
             logits = model(input_ids=input_ids, attention_mask=mask, adapter_names=adapters).logits
-        return torch.softmax(logits.float(), dim=-1).numpy()
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
     return forward
 
@@ -161,6 +166,7 @@ async def run_peft_server(
     on_listening: Callable[[str], Awaitable[None]] | None = None,
     max_wait_s: float = 0.002,
     labels: Sequence[str] = ("ham", "spam"),
+    device: str = "cpu",
 ) -> None:
     """Load the adapters ((tenant, name) with their directories), serve until cancelled."""
     from transformers import AutoTokenizer
@@ -171,7 +177,9 @@ async def run_peft_server(
     names = {f"{t}/{n}": peft_adapter_name(t, n) for t, n in models}
     dirs = {peft_adapter_name(t, n): d for (t, n), d in zip(models, adapter_dirs, strict=True)}
     loop = asyncio.get_running_loop()
-    model = await loop.run_in_executor(None, build_peft_model, backbone_dir, dirs, len(labels))
+    model = await loop.run_in_executor(
+        None, build_peft_model, backbone_dir, dirs, len(labels), device
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir), local_files_only=True)
     pad_id = tokenizer.pad_token_id or 0
     async with MicroBatcher(forward_fn(model, pad_id), max_wait_s=max_wait_s) as batcher:

