@@ -137,3 +137,23 @@ def _runs_of(free: FreePages) -> list[range]:
     for left, right in zip(runs, runs[1:], strict=False):
         assert left.stop < right.start, "two free runs touch: they should have merged"
     return runs
+
+
+def test_packed_adapter_is_one_buffer_with_b_stored_transposed(backbone) -> None:
+    from engine.adapter_store import packed
+
+    weights = _weights(backbone, seed=3, rank=8)
+    got = packed(weights, pin=False)  # pin=True is the same layout, page-locked (CUDA only)
+    module, original = got.modules[MODULE], weights.modules[MODULE]
+    torch.testing.assert_close(module.a, original.a, rtol=0, atol=0)
+    torch.testing.assert_close(module.b, original.b, rtol=0, atol=0)
+    torch.testing.assert_close(got.head.weight, weights.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(got.head.bias, weights.head.bias, rtol=0, atol=0)
+    assert module.b.shape == original.b.shape and module.b.t().is_contiguous()
+    storage = module.a.untyped_storage().data_ptr()
+    for t in (module.b, got.head.weight, got.head.bias):
+        assert t.untyped_storage().data_ptr() == storage  # views of one buffer
+    # paged in from the packed copy, the pool holds exactly the original factors
+    memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
+    memory.acquire("p", lambda: got)
+    _check(memory, backbone, {"p": 1}, {"p": weights})
