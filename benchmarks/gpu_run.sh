@@ -55,16 +55,16 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,memory.used --format
 for step in $STEPS; do
   case $step in
     tests)
-      run 200 tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/engine \
+      run 120 tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/engine \
         -o addopts="--import-mode=importlib" ;;
     kernels)
-      run 90 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --out "$WORK/k32"
+      run 60 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --out "$WORK/k32"
       cp "$WORK/k32/kernels.json" "$OUT/kernels_fp32.json" 2>/dev/null
-      run 60 kernels-bf16 python3 -m benchmarks.kernels --device cuda --dtype bfloat16 \
+      run 40 kernels-bf16 python3 -m benchmarks.kernels --device cuda --dtype bfloat16 \
         --budget-s 0.1 --hidden 768 --out "$WORK/k16"
       cp "$WORK/k16/kernels.json" "$OUT/kernels_bf16.json" 2>/dev/null ;;
     mixed)
-      run 150 mixed python3 -m benchmarks.mixed_batch --device cuda --budget-s 1.0 --sweep \
+      run 120 mixed python3 -m benchmarks.mixed_batch --device cuda --budget-s 1.0 --sweep \
         --sweep-batches 32,128,512 --sweep-seqs 64,128 --out "$WORK/mb"
       cp "$WORK/mb/mixed_batch.json" "$OUT/mixed_batch_minilm.json" 2>/dev/null ;;
     bert)
