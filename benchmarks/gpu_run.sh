@@ -55,30 +55,25 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,memory.used --format
 for step in $STEPS; do
   case $step in
     tests)
-      run 120 tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/engine \
-        -o addopts="--import-mode=importlib" ;;
+      run 90 tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/engine ;;
     kernels)
-      run 60 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --out "$WORK/k32"
-      cp "$WORK/k32/kernels.json" "$OUT/kernels_fp32.json" 2>/dev/null
-      run 40 kernels-bf16 python3 -m benchmarks.kernels --device cuda --dtype bfloat16 \
-        --budget-s 0.1 --hidden 768 --out "$WORK/k16"
-      cp "$WORK/k16/kernels.json" "$OUT/kernels_bf16.json" 2>/dev/null ;;
+      run 40 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --hidden 768 \
+        --out "$WORK/k32"
+      cp "$WORK/k32/kernels.json" "$OUT/kernels_fp32.json" 2>/dev/null ;;
     mixed)
-      run 120 mixed python3 -m benchmarks.mixed_batch --device cuda --budget-s 1.0 --sweep \
-        --sweep-batches 32,128,512 --sweep-seqs 64,128 --out "$WORK/mb"
+      run 80 mixed python3 -m benchmarks.mixed_batch --device cuda --budget-s 0.5 --out "$WORK/mb"
       cp "$WORK/mb/mixed_batch.json" "$OUT/mixed_batch_minilm.json" 2>/dev/null ;;
     bert)
-      run 150 bert python3 -m benchmarks.mixed_batch --device cuda --budget-s 1.0 --hidden 768 \
-        --layers 12 --sweep --sweep-batches 32,128,512 --sweep-seqs 64,128 --out "$WORK/bert"
+      run 60 bert python3 -m benchmarks.mixed_batch --device cuda --budget-s 0.5 --hidden 768 \
+        --layers 12 --adapters 1,32 --out "$WORK/bert"
       cp "$WORK/bert/mixed_batch.json" "$OUT/mixed_batch_bert_base.json" 2>/dev/null ;;
     cold)
-      run 150 cold python3 -m benchmarks.cold_start --device cuda --loads 200 --e2e 20 \
-        --neighbour 30 --rotation 1,100,1000 --duration 4 --out "$WORK/cold"
+      run 80 cold python3 -m benchmarks.cold_start --device cuda --loads 200 --e2e 10 \
+        --neighbour 20 --rotation 1,100 --duration 3 --out "$WORK/cold"
       cp "$WORK/cold/cold_start.json" "$OUT/cold_start.json" 2>/dev/null ;;
     load)
-      run 240 load python3 -m benchmarks.load --device cuda --scenarios --duration 2 \
-        --only embedded-sms-1a,embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf,peft-sms-100a-zipf \
-        --no-progress --out "$WORK/load" ;;
+      run 100 load python3 -m benchmarks.load --device cuda --scenarios --duration 2 \
+        --only embedded-sms-1000a-zipf,backbone-sms --no-progress --out "$WORK/load" ;;
     *) say "unknown step $step" ;;
   esac
 done

@@ -219,9 +219,13 @@ def _padded_bmm(case: Case, y: torch.Tensor) -> Callable[[], None]:
 
 
 def _triton(case: Case, y: torch.Tensor) -> Callable[[], object]:
-    from kernels.triton_sgmv import sgmv_lora_triton
+    from kernels.triton_sgmv import sgmv_lora_triton, tile_map
 
-    return lambda: sgmv_lora_triton(y, case.x, case.a_pool, case.b_pool, *_seg_meta(case))
+    # the tile map is built once per step in the engine (engine/lora_triton.py): so here too
+    tiles = tile_map(case.seg_starts, case.x.shape[0])
+    return lambda: sgmv_lora_triton(
+        y, case.x, case.a_pool, case.b_pool, *_seg_meta(case), tiles=tiles
+    )
 
 
 def without_unavailable(methods: Sequence[str], device: str) -> tuple[str, ...]:

@@ -4,14 +4,44 @@ import torch
 
 from engine.lora import LoraStepPlan
 from kernels import sgmv_lora_triton
+from kernels.triton_sgmv import tile_map
+
+_MAX_CACHED = 8  # (plan, token count) pairs: a step, its pooler, and interludes nested in it
 
 
 class TritonSgmv:
     """One program per (segment, token tile): cost tracks tokens, not the number of adapters.
 
-    Reads nothing back from the device. On a CPU-only machine it runs in Triton's interpreter
-    (``TRITON_INTERPRET=1`` set before triton is imported), which is for tests only.
+    Reads nothing back from the device. On a GPU these calls are bound by launches, not bytes,
+    so the token offsets and tile map are built once per step and token count (every encoder
+    Linear of a step shares them) instead of once per call. On a CPU-only machine it runs in
+    Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported), for tests.
     """
 
+    def __init__(self) -> None:
+        # id(plan), tokens -> (plan, offsets, tiles); the plan is kept so its id stays unique
+        self._steps: dict[tuple[int, int], tuple[LoraStepPlan, torch.Tensor, tuple]] = {}
+
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
-        sgmv_lora_triton(y, x, *plan.segment_args(index, x.shape[0]))
+        num_tokens = x.shape[0]
+        found = self._steps.get((id(plan), num_tokens))
+        if found is None:
+            if len(self._steps) >= _MAX_CACHED:
+                self._steps.clear()
+            starts = plan.seg_row_starts * (num_tokens // plan.num_rows)
+            found = (plan, starts, tile_map(starts, num_tokens))
+            self._steps[(id(plan), num_tokens)] = found
+        _, starts, tiles = found
+        pools = plan.pools[index]
+        assert pools is not None  # layers call kernels only for active modules
+        sgmv_lora_triton(
+            y,
+            x,
+            pools[0],
+            pools[1],
+            starts,
+            plan.seg_pages,
+            plan.seg_rank[index],
+            plan.seg_scale[index],
+            tiles=tiles,
+        )

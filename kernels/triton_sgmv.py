@@ -42,6 +42,8 @@ def _shrink_kernel(
     if seg >= num_segments:  # past the last tile: the grid is an upper bound
         return
     rank = tl.load(seg_rank_ptr + seg)
+    if rank == 0:  # this module has no LoRA for this segment's adapter
+        return
     rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
     row_mask = rows < tl.load(seg_starts_ptr + seg + 1)
     rows = rows.to(tl.int64)
@@ -101,6 +103,8 @@ def _expand_kernel(
     if seg >= num_segments:
         return
     rank = tl.load(seg_rank_ptr + seg)
+    if rank == 0:
+        return
     scale = tl.load(seg_scale_ptr + seg)
     rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
     row_mask = rows < tl.load(seg_starts_ptr + seg + 1)
@@ -121,10 +125,9 @@ def _expand_kernel(
         mask=r_mask[:, None] & n_mask[None, :],
         other=0.0,
     )
-    if IS_INTERPRETED:
-        b = b.to(tl.float32)
-    else:  # tensor cores want both operands in the pool dtype; a no-op for fp32 pools
-        v = v.to(b.dtype)
+    # v stays float32: rounding it to a 16-bit pool dtype first costs more accuracy than the
+    # (rank-deep, memory-bound) product gains from tensor cores
+    b = b.to(tl.float32)
     delta = tl.dot(v, b, input_precision="ieee")
     y_ptrs = y_ptr + rows[:, None] * stride_ym + n[None, :] * stride_yn
     y_mask = row_mask[:, None] & n_mask[None, :]
@@ -147,21 +150,21 @@ def padded_rank(max_rank: int) -> int:
     return max(_MIN_DOT, triton.next_power_of_2(max_rank))
 
 
-def _tile_map(
-    seg_starts: torch.Tensor, seg_rank: torch.Tensor, num_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_map(seg_starts: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per program: its segment (``S`` past the last tile) and its first token, both int32.
 
-    Segments that are empty or have rank 0 get no tiles. The map's length bounds the real tile
+    Depends on the token offsets alone, so one map serves every module of a step (the kernels
+    return at once for a segment whose rank is 0 in that module); the engine builds it once per
+    step and token count. Empty segments get no tiles. The map's length bounds the real tile
     count from above (each tile holds at least one token; each segment wastes < one tile), so
     the grid is sized without reading anything back from the device.
     """
-    num_segments = seg_rank.shape[0]
-    if num_segments == 0 or num_tokens == 0:
+    num_segments = seg_starts.shape[0] - 1
+    if num_segments <= 0 or num_tokens == 0:
         empty = torch.empty(0, dtype=torch.int32, device=seg_starts.device)
         return empty, empty
     lengths = (seg_starts[1:] - seg_starts[:-1]).long()
-    num_tiles = torch.where(seg_rank > 0, (lengths + _BLOCK_M - 1) // _BLOCK_M, 0)
+    num_tiles = (lengths + _BLOCK_M - 1) // _BLOCK_M
     ends = torch.cumsum(num_tiles, 0)
     bound = min(num_tokens, triton.cdiv(num_tokens, _BLOCK_M) + num_segments)
     tiles = torch.arange(bound, device=seg_starts.device, dtype=ends.dtype)
@@ -278,7 +281,7 @@ def sgmv_shrink(
     """
     _check_pair(x, a_pool, "x")
     v = torch.zeros((x.shape[0], padded_rank(max_rank)), dtype=torch.float32, device=x.device)
-    tile_seg, tile_row = _tile_map(seg_starts, seg_rank, x.shape[0])
+    tile_seg, tile_row = tile_map(seg_starts, x.shape[0])
     if tile_seg.numel():
         _shrink(x, a_pool, seg_starts, seg_pages, seg_rank, v, tile_seg, tile_row)
     return v
@@ -302,13 +305,13 @@ def sgmv_expand(
     - ``seg_starts``, ``seg_pages``, ``seg_rank``: as for :func:`sgmv_shrink`;
       ``seg_scale``: float32 [S].
 
-    Accumulates in float32 and rounds once into y's dtype. On a GPU with fp16/bf16 pools, ``v``
-    is rounded to the pool dtype for the tensor-core product.
+    Accumulates in float32 (``v`` is never rounded to the pool dtype) and rounds once into y's
+    dtype.
     """
     _check_pair(y, b_pool, "y")
     if v.dtype != torch.float32 or v.shape[0] != y.shape[0] or v.stride(1) != 1:
         raise ValueError("v must be float32 [N, R_pad] with contiguous columns, N as in y")
-    tile_seg, tile_row = _tile_map(seg_starts, seg_rank, y.shape[0])
+    tile_seg, tile_row = tile_map(seg_starts, y.shape[0])
     if tile_seg.numel():
         _expand(y, v, b_pool, seg_starts, seg_pages, seg_rank, seg_scale, tile_seg, tile_row)
 
@@ -322,18 +325,21 @@ def sgmv_lora_triton(
     seg_pages: torch.Tensor,
     seg_rank: torch.Tensor,
     seg_scale: torch.Tensor,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """:func:`kernels.sgmv_lora` in two Triton launches: shrink into float32, then expand.
 
     Same shapes and layout as :func:`kernels.sgmv_lora`; ``x``, the pools and ``y`` share one
     dtype (fp32, fp16 or bf16) and device. ``R`` (``seg_pages.shape[1]``) bounds the ranks, so
-    nothing is read back from the device. Products accumulate in float32.
+    nothing is read back from the device. Products accumulate in float32. ``tiles``: the
+    :func:`tile_map` of ``seg_starts``, when the caller keeps one for many calls (a dozen small
+    device ops fewer per call: on a GPU these calls are bound by launches, not by bytes).
     """
     _check_pair(x, a_pool, "x")
     _check_pair(y, b_pool, "y")
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
-    tile_seg, tile_row = _tile_map(seg_starts, seg_rank, x.shape[0])
+    tile_seg, tile_row = tiles if tiles is not None else tile_map(seg_starts, x.shape[0])
     if not tile_seg.numel():
         return
     # no zero fill: expand reads only the rows and rank columns that shrink wrote
