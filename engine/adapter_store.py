@@ -9,9 +9,7 @@ import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
-from engine.adapters import POOLING_CLS_POOLER, AdapterWeights, Head, LoraModule, parse_adapter
+from engine.adapters import POOLING_CLS_POOLER, AdapterWeights, parse_adapter
 from engine.backbone import Backbone
 from engine.errors import AdapterFormatError, AdapterIncompatible
 from engine.host_cache import HostCache
@@ -100,7 +98,8 @@ class AdapterStore:
         )
         self.num_disk_loads += 1
         self.disk_bytes_read += sum(len(b) for b in verified.files.values())
-        return packed(weights, pin=True) if self._pin_host_memory else weights
+        # laid out as pool rows here, off the model thread: a page-in is then one copy
+        return self._memory.pack(weights, pin=self._pin_host_memory)
 
     # model thread ------------------------------------------------------------------------
 
@@ -164,53 +163,6 @@ def unpin_if_pinned(store: AdapterStore):
             store.unpin(future.result())
 
     return callback
-
-
-def packed(weights: AdapterWeights, *, pin: bool) -> AdapterWeights:
-    """The adapter's tensors as views of one buffer, page-locked with ``pin`` (CUDA only), so
-    host-to-device copies can run asynchronously.
-
-    One buffer per adapter: page-locking is a slow driver call, once and not once per tensor.
-    B is laid out transposed, [r, out], and handed back as its [out, r] view, so the pool's copy
-    of ``b.t()`` reads contiguous memory instead of staging a transposed copy.
-    """
-    tensors = [weights.head.weight, weights.head.bias]
-    for m in weights.modules.values():
-        tensors += [m.a, m.b]
-    dtype = weights.head.weight.dtype
-    if any(t.dtype != dtype for t in tensors):  # parse_adapter makes one dtype; stay safe
-        return _pinned_each(weights) if pin else weights
-    buffer = torch.empty(sum(t.numel() for t in tensors), dtype=dtype)
-    buffer = buffer.pin_memory() if pin else buffer
-    offset = 0
-
-    def take(t: torch.Tensor) -> torch.Tensor:
-        nonlocal offset
-        view = buffer[offset : offset + t.numel()].view(t.shape)
-        offset += t.numel()
-        return view.copy_(t)
-
-    modules = {
-        name: LoraModule(a=take(m.a), b=take(m.b.t()).t(), scale=m.scale)
-        for name, m in weights.modules.items()
-    }
-    head = Head(
-        pooling=weights.head.pooling, weight=take(weights.head.weight), bias=take(weights.head.bias)
-    )
-    return AdapterWeights(modules=modules, head=head, labels=weights.labels, rank=weights.rank)
-
-
-def _pinned_each(weights: AdapterWeights) -> AdapterWeights:
-    modules = {
-        name: LoraModule(a=m.a.pin_memory(), b=m.b.pin_memory(), scale=m.scale)
-        for name, m in weights.modules.items()
-    }
-    head = Head(
-        pooling=weights.head.pooling,
-        weight=weights.head.weight.pin_memory(),
-        bias=weights.head.bias.pin_memory(),
-    )
-    return AdapterWeights(modules=modules, head=head, labels=weights.labels, rank=weights.rank)
 
 
 __all__ = ["AdapterStore", "adapter_key"]

@@ -48,12 +48,18 @@ class AdapterWeights:
     head: Head
     labels: tuple[str, ...]
     rank: int  # max rank over modules, 0 for a head-only model
+    # [rank, width]: every module's rows laid out as one row of the device pool, so a page-in
+    # is one copy (AdapterMemory.pack makes it; the modules are then views into it), or None
+    rows: torch.Tensor | None = None
 
     @property
     def num_bytes(self) -> int:
         tensors = [self.head.weight, self.head.bias]
-        for m in self.modules.values():
-            tensors += [m.a, m.b]
+        if self.rows is not None:
+            tensors.append(self.rows)
+        else:
+            for m in self.modules.values():
+                tensors += [m.a, m.b]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -1,9 +1,11 @@
-"""Adapter memory: LoRA rows in per-module page pools, heads alongside, LRU over idle adapters.
+"""Adapter memory: LoRA rows in one page pool, heads alongside, LRU over idle adapters.
 
-A page is one rank-row of one module's A (width ``in``) and the matching row of B transposed
-(width ``out``). A rank-r adapter takes r pages, the same page numbers in every module it
-targets, so ranks 4..64 share the pools without padding to the largest. Page 0 is reserved
-and stays zero in every pool: kernels pad page lists with it, and it adds nothing.
+A page is one row of a single preallocated tensor (the slab): for every wrapped module, one
+rank-row of its A (width ``in``) and the matching row of B transposed (width ``out``), side by
+side. Each module's pools are column views of the slab, so kernels see per-module pools with
+a row stride; a rank-r adapter takes r pages, and paging it in is one copy of r whole rows
+(S-LoRA's unified pool). Ranks 4..64 share the slab without padding to the largest. Page 0 is
+reserved and stays zero: kernels pad page lists with it, and it adds nothing.
 """
 
 import logging
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.adapters import AdapterWeights, Head
+from engine.adapters import AdapterWeights, Head, LoraModule
 from engine.backbone import Backbone
 from engine.errors import EngineOverloaded
 
@@ -48,8 +50,13 @@ class AdapterMemory:
         self.num_pages = num_pages
         self.dtype = dtype
         self._names = backbone.linear_names
-        self._pools = [self._new_pool(name) for name in self._names]
-        self._dirty: list[set[int]] = [set() for _ in self._names]  # pages holding values
+        self._columns, self.width = _layout(backbone)
+        # preallocated once, with the zero page: page-in never allocates device memory
+        self._slab = torch.zeros((num_pages + 1, self.width), device=device, dtype=dtype)
+        self._pools = [
+            (self._slab[:, a : a + n_in], self._slab[:, b : b + n_out])
+            for a, n_in, b, n_out in self._columns
+        ]
         self._free = FreePages(1, num_pages)
         self._resident: OrderedDict[str, Resident] = OrderedDict()
         self.num_hits = 0
@@ -95,31 +102,65 @@ class AdapterMemory:
             raise RuntimeError(f"release of {key} without a matching acquire")
         resident.refcount -= 1
 
+    def pack(self, weights: AdapterWeights, *, pin: bool = False) -> AdapterWeights:
+        """``weights`` with its LoRA rows laid out as pool rows (``rows``, in the pool dtype)
+        and the head, all views of one host buffer; page-locked with ``pin`` (CUDA only).
+
+        Called on loader threads, off the model thread: it reads only the fixed layout. Rows
+        of modules the adapter skips, or targets at a lower rank, are zero, so a page-in
+        overwrites whatever an evicted adapter left on those pages.
+        """
+        rank, width = weights.rank, self.width
+        head = weights.head
+        sizes = (rank * width, head.weight.numel(), head.bias.numel())
+        buffer = torch.zeros(sum(sizes), dtype=self._dtype, pin_memory=pin)
+        rows = buffer[: sizes[0]].view(rank, width)
+        weight = buffer[sizes[0] : sizes[0] + sizes[1]].view(head.weight.shape)
+        bias = buffer[sizes[0] + sizes[1] :].view(head.bias.shape)
+        weight.copy_(head.weight)
+        bias.copy_(head.bias)
+        modules = {}
+        for name, module in weights.modules.items():
+            a0, n_in, b0, n_out = self._columns[self._backbone.linears[name].index]
+            r = module.a.shape[0]
+            rows[:r, a0 : a0 + n_in].copy_(module.a)
+            rows[:r, b0 : b0 + n_out].copy_(module.b.t())
+            modules[name] = LoraModule(
+                a=rows[:r, a0 : a0 + n_in], b=rows[:r, b0 : b0 + n_out].t(), scale=module.scale
+            )
+        return AdapterWeights(
+            modules=modules,
+            head=Head(pooling=head.pooling, weight=weight, bias=bias),
+            labels=weights.labels,
+            rank=rank,
+            rows=rows,
+        )
+
     def _admit(self, key: str, weights: AdapterWeights) -> Resident:
+        rows = weights.rows
+        if rows is None or rows.shape[1] != self.width or rows.dtype != self._dtype:
+            weights = self.pack(weights)  # not packed by the loader (tests, other callers)
+            rows = weights.rows
+        assert rows is not None
         pages = self._allocate(weights.rank, key)
-        self._clear(pages, weights)
+        if pages:
+            first = pages[0]
+            if pages == tuple(range(first, first + len(pages))):  # the usual case: one copy
+                self._slab[first : first + len(pages)].copy_(rows, non_blocking=True)
+            else:
+                index = torch.tensor(pages, dtype=torch.long, device=self._device)
+                self._slab.index_copy_(0, index, rows.to(self._device, non_blocking=True))
         num_modules = len(self._names)
         ranks = torch.zeros(num_modules, dtype=torch.int32)
         scales = torch.zeros(num_modules, dtype=torch.float32)
-        first = pages[0] if pages else 0
-        contiguous = pages == tuple(range(first, first + len(pages)))
-        rows = None if contiguous else torch.tensor(pages, dtype=torch.long, device=self._device)
         for name, module in weights.modules.items():
             index = self._backbone.linears[name].index
-            rank = module.a.shape[0]
-            a_pool, b_pool = self._pools[index]
-            if rows is None:  # the usual case: plain slice copies, no index tensors
-                a_pool[first : first + rank].copy_(module.a, non_blocking=True)
-                b_pool[first : first + rank].copy_(module.b.t(), non_blocking=True)
-            else:
-                a_pool.index_copy_(0, rows[:rank], module.a.to(self._device, self._dtype))
-                b_pool.index_copy_(0, rows[:rank], module.b.t().to(self._device, self._dtype))
-            ranks[index] = rank
+            ranks[index] = module.a.shape[0]
             scales[index] = module.scale
         head = Head(
             pooling=weights.head.pooling,
-            weight=weights.head.weight.to(self._device, self._dtype),
-            bias=weights.head.bias.to(self._device, self._dtype),
+            weight=weights.head.weight.to(self._device, self._dtype, non_blocking=True),
+            bias=weights.head.bias.to(self._device, self._dtype, non_blocking=True),
         )
         resident = Resident(
             key=key,
@@ -133,38 +174,10 @@ class AdapterMemory:
         self.num_loads += 1
         return resident
 
-    def _clear(self, pages: tuple[int, ...], weights: AdapterWeights) -> None:
-        """Zero the new adapter's pages wherever it leaves them untouched (modules it skips,
-        or targets at a lower rank) and an earlier adapter left values there: such rows must
-        add nothing. Tracking which pages hold values keeps page-in cheap for adapters that
-        target few modules."""
-        for index, name in enumerate(self._names):
-            module = weights.modules.get(name)
-            written = set(pages[: module.a.shape[0]]) if module is not None else set()
-            stale = (set(pages) - written) & self._dirty[index]
-            if stale:
-                rows = torch.tensor(sorted(stale), dtype=torch.long, device=self._device)
-                a_pool, b_pool = self._pools[index]
-                a_pool.index_fill_(0, rows, 0.0)
-                b_pool.index_fill_(0, rows, 0.0)
-                self._dirty[index] -= stale
-            self._dirty[index] |= written
-
-    def _new_pool(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One module's A and B^T pools, preallocated so that page-in never allocates."""
-        wrapper = self._backbone.linears[name]
-        rows = self.num_pages + 1  # + the zero page
-        return (
-            torch.zeros((rows, wrapper.in_features), device=self._device, dtype=self._dtype),
-            torch.zeros((rows, wrapper.out_features), device=self._device, dtype=self._dtype),
-        )
-
     @property
     def pool_bytes(self) -> int:
-        """Device bytes the pools take, fixed at construction."""
-        return sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self._pools
-        )
+        """Device bytes the pool takes, fixed at construction."""
+        return self._slab.numel() * self._slab.element_size()
 
     def _allocate(self, count: int, key: str) -> tuple[int, ...]:
         if count > self.num_pages:
@@ -188,6 +201,19 @@ class AdapterMemory:
                 log.debug("evicted adapter %s", key)
                 return True
         return False
+
+
+def _layout(backbone: Backbone) -> tuple[tuple[tuple[int, int, int, int], ...], int]:
+    """Per wrapped module (in index order): (A column, in, B column, out) in a pool row; and
+    the row's width."""
+    columns, width = [], 0
+    for name in backbone.linear_names:
+        wrapper = backbone.linears[name]
+        columns.append(
+            (width, wrapper.in_features, width + wrapper.in_features, wrapper.out_features)
+        )
+        width += wrapper.in_features + wrapper.out_features
+    return tuple(columns), width
 
 
 class FreePages:

@@ -139,21 +139,52 @@ def _runs_of(free: FreePages) -> list[range]:
     return runs
 
 
-def test_packed_adapter_is_one_buffer_with_b_stored_transposed(backbone) -> None:
-    from engine.adapter_store import packed
-
-    weights = _weights(backbone, seed=3, rank=8)
-    got = packed(weights, pin=False)  # pin=True is the same layout, page-locked (CUDA only)
-    module, original = got.modules[MODULE], weights.modules[MODULE]
-    torch.testing.assert_close(module.a, original.a, rtol=0, atol=0)
-    torch.testing.assert_close(module.b, original.b, rtol=0, atol=0)
-    torch.testing.assert_close(got.head.weight, weights.head.weight, rtol=0, atol=0)
-    torch.testing.assert_close(got.head.bias, weights.head.bias, rtol=0, atol=0)
-    assert module.b.shape == original.b.shape and module.b.t().is_contiguous()
-    storage = module.a.untyped_storage().data_ptr()
-    for t in (module.b, got.head.weight, got.head.bias):
-        assert t.untyped_storage().data_ptr() == storage  # views of one buffer
-    # paged in from the packed copy, the pool holds exactly the original factors
+def test_packed_adapter_is_pool_rows_and_pages_in_with_one_copy(backbone) -> None:
     memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
+    weights = _weights(backbone, seed=3, rank=8)
+    got = memory.pack(weights)  # pin=True is the same layout, page-locked (CUDA only)
+    assert got.rows is not None and got.rows.shape == (8, memory.width)
+    module, original = got.modules[MODULE], weights.modules[MODULE]
+    for have, want in ((module.a, original.a), (module.b, original.b)):
+        torch.testing.assert_close(have, want, rtol=0, atol=0)
+    torch.testing.assert_close(got.head.weight, weights.head.weight, rtol=0, atol=0)
+    storage = got.rows.untyped_storage().data_ptr()
+    for t in (module.a, module.b, got.head.weight, got.head.bias):
+        assert t.untyped_storage().data_ptr() == storage  # views of one buffer
+    # every other module's columns are zero: a page-in overwrites what an evicted adapter left
+    index = backbone.linears[MODULE].index
+    assert float(got.rows.abs().sum()) == pytest.approx(
+        float(original.a.abs().sum() + original.b.abs().sum()), rel=1e-6
+    )
     memory.acquire("p", lambda: got)
     _check(memory, backbone, {"p": 1}, {"p": weights})
+    assert memory.pools[index][0].stride(0) == memory.width  # per-module views of one slab
+
+
+def test_a_page_in_clears_what_an_evicted_adapter_left(backbone) -> None:
+    other = "encoder.layer.1.attention.self.value"
+    memory = AdapterMemory(backbone, 8, "cpu", torch.float32)
+    wide = _weights(backbone, seed=1, rank=8)
+    gen = torch.Generator().manual_seed(9)
+    wide = AdapterWeights(
+        modules={
+            **wide.modules,
+            other: LoraModule(
+                a=torch.randn(8, 384, generator=gen), b=torch.randn(384, 8, generator=gen), scale=1
+            ),
+        },
+        head=wide.head,
+        labels=wide.labels,
+        rank=8,
+    )
+    memory.acquire("wide", lambda: wide)
+    memory.release("wide")
+    narrow = _weights(backbone, seed=2, rank=4)  # evicts "wide", reuses its pages
+    memory.acquire("narrow", lambda: narrow)
+    assert not memory.is_resident("wide")
+    pages = torch.tensor(memory.get("narrow").pages, dtype=torch.long)
+    a_other, b_other = memory.pools[backbone.linears[other].index]
+    assert not a_other[pages].any() and not b_other[pages].any()
+    a_pool, b_pool = memory.pools[backbone.linears[MODULE].index]
+    torch.testing.assert_close(a_pool[pages], narrow.modules[MODULE].a, rtol=0, atol=0)
+    torch.testing.assert_close(b_pool[pages], narrow.modules[MODULE].b.t(), rtol=0, atol=0)
