@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
-# network: bash benchmarks/gpu_run.sh [STEP...] (steps: tests kernels mixed bert cold load;
-# default all). Logs and JSON go to $OUT (default benchmarks/out/gpu).
+# network: bash benchmarks/gpu_run.sh [STEP...] (steps: tests engine-tests kernels mixed
+# bert cold load profile; default: tests kernels mixed bert cold load). Logs and JSON go to $OUT (default benchmarks/out/gpu).
 #
 # Without network the data packages travel in .gpu/ (git-ignored), made on a machine with the
 # project's venv: .gpu/whl/*.whl (msgspec, pytest-asyncio, pytest-aiohttp for the device's
@@ -56,6 +56,10 @@ for step in $STEPS; do
   case $step in
     tests)
       run 90 tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/engine ;;
+    engine-tests)
+      run 60 engine-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine ;;
+    profile)
+      run 60 profile python3 -m benchmarks.profile_step --device cuda --rows 1,32 --top 20 ;;
     kernels)
       run 40 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --hidden 768 \
         --out "$WORK/k32"

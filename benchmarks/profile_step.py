@@ -1,0 +1,138 @@
+"""Where one engine step spends its time: the host-side cost per step, for finding overhead.
+
+    python -m benchmarks.profile_step [--device cuda] [--rows 1,32] [--adapters 8]
+
+On a GPU a small step is bound by the host (Python, and one launch per device op), not by the
+device: this prints, per batch size, the step time, the device ops launched per step (the
+torch profiler's aten calls, graft against the bare forward of the same backbone), and the
+Python functions that take the most time over a number of steps (cProfile, by own time).
+"""
+
+import argparse
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEXT = "Your parcel is waiting, confirm delivery at the link before it is returned"
+
+
+def _aten_calls(fn, repeats: int) -> float:
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            fn()
+    calls = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    return calls / repeats
+
+
+def _time_ms(fn, sync, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats * 1000
+
+
+async def profile(args: argparse.Namespace, work: Path) -> None:
+    import torch
+
+    from benchmarks.load_fleet import build_fleet
+    from engine import Engine, EngineConfig
+    from scheduler import Batch, Row
+
+    fleet = build_fleet(work, args.adapters, 1, seed=0)
+    config = EngineConfig(registry_dir=fleet.registry_dir, device=args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    async with Engine(config) as engine:
+        model = engine._loaded
+        records = [r for r in engine.registry.list_adapters(fleet.models[0][0])]
+        keys = []
+        for record in records:
+            key = f"{record.full_name}@{record.version}"
+            model.memory.acquire(key, lambda r=record: model.store.read(r))
+            keys.append(key)
+        ids = model.backbone.tokenizer(TEXT)["input_ids"]
+        backbone = model.backbone.model
+        for rows in args.rows:
+            keys_of_rows = sorted(keys[i % len(keys)] for i in range(rows))
+            batch_rows, starts, segs = [], [0], []
+            for i, key in enumerate(keys_of_rows):
+                if segs and segs[-1] != key:
+                    starts.append(i)
+                if not segs or segs[-1] != key:
+                    segs.append(key)
+                batch_rows.append(
+                    Row(
+                        request_id=0,
+                        index=i,
+                        tenant="t",
+                        adapter_key=key,
+                        num_tokens=len(ids),
+                        arrival_s=0.0,
+                        num_pages=8,
+                    )
+                )
+            starts.append(rows)
+            batch = Batch(
+                rows=tuple(batch_rows),
+                seg_starts=tuple(starts),
+                seg_adapter=tuple(segs),
+                max_tokens=len(ids),
+            )
+
+            def step(batch=batch, rows=rows) -> None:
+                model.runner.step(batch, [ids] * rows)
+
+            input_ids = torch.tensor([ids] * rows, device=args.device)
+            mask = torch.ones_like(input_ids)
+
+            def bare(input_ids=input_ids, mask=mask) -> None:
+                with torch.inference_mode():
+                    backbone(input_ids=input_ids, attention_mask=mask)
+
+            step_ms, bare_ms = (
+                _time_ms(step, sync, args.repeats),
+                _time_ms(bare, sync, args.repeats),
+            )
+            print(
+                f"\n{rows} rows x {len(ids)} tokens, {len(segs)} adapters: step {step_ms:.2f} ms "
+                f"({_aten_calls(step, 5):.0f} aten calls), bare forward {bare_ms:.2f} ms "
+                f"({_aten_calls(bare, 5):.0f} aten calls)"
+            )
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.repeats):
+                step()
+            sync()
+            profiler.disable()
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
+            print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[-4000:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", default="1,32", help="batch sizes, comma-separated")
+    parser.add_argument("--adapters", type=int, default=8, help="distinct adapters in a batch")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--top", type=int, default=15, help="functions listed per batch size")
+    args = parser.parse_args(argv)
+    args.rows = [int(r) for r in args.rows.split(",")]
+    with tempfile.TemporaryDirectory(prefix="graft-profile-") as tmp:
+        asyncio.run(profile(args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()
