@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...] (steps: tests engine-tests kernels mixed
-# bert cold load profile; default: tests kernels mixed bert cold load). Logs and JSON go to $OUT (default benchmarks/out/gpu).
+# bert cold load profile; default: tests kernels mixed bert cold load). Logs and JSON go to
+# $OUT (default benchmarks/out/gpu).
 #
 # Without network the data packages travel in .gpu/ (git-ignored), made on a machine with the
 # project's venv: .gpu/whl/*.whl (msgspec, pytest-asyncio, pytest-aiohttp for the device's
