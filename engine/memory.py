@@ -21,6 +21,9 @@ from engine.errors import EngineOverloaded
 
 log = logging.getLogger(__name__)
 
+# pack whole pool rows unless they would take more than this many times the adapter's bytes
+_MAX_ROW_WASTE = 2
+
 
 @dataclass(slots=True)
 class Resident:
@@ -103,49 +106,66 @@ class AdapterMemory:
         resident.refcount -= 1
 
     def pack(self, weights: AdapterWeights, *, pin: bool = False) -> AdapterWeights:
-        """``weights`` with its LoRA rows laid out as pool rows (``rows``, in the pool dtype)
-        and the head, all views of one host buffer; page-locked with ``pin`` (CUDA only).
+        """``weights`` as views of one host buffer in the pool dtype, page-locked with ``pin``
+        (CUDA only), laid out for a cheap page-in.
 
-        Called on loader threads, off the model thread: it reads only the fixed layout. Rows
-        of modules the adapter skips, or targets at a lower rank, are zero, so a page-in
-        overwrites whatever an evicted adapter left on those pages.
+        An adapter whose modules fill most of a pool row gets ``rows``: its LoRA rows as whole
+        pool rows, zero where it skips a module or targets it at a lower rank, so a page-in is
+        one copy that also overwrites whatever an evicted adapter left on those pages. A sparse
+        one (say query and value only: a fifth of a MiniLM row) stays compact, B stored
+        transposed, and pages in module by module: whole rows would multiply its host bytes.
+        Called on loader threads, off the model thread: it reads only the fixed layout.
         """
-        rank, width = weights.rank, self.width
         head = weights.head
-        sizes = (rank * width, head.weight.numel(), head.bias.numel())
+        compact = sum(m.a.numel() + m.b.numel() for m in weights.modules.values())
+        dense = weights.rank * self.width <= _MAX_ROW_WASTE * compact
+        lora = weights.rank * self.width if dense else compact
+        sizes = (lora, head.weight.numel(), head.bias.numel())
         buffer = torch.zeros(sum(sizes), dtype=self._dtype, pin_memory=pin)
-        rows = buffer[: sizes[0]].view(rank, width)
         weight = buffer[sizes[0] : sizes[0] + sizes[1]].view(head.weight.shape)
         bias = buffer[sizes[0] + sizes[1] :].view(head.bias.shape)
         weight.copy_(head.weight)
         bias.copy_(head.bias)
-        modules = {}
+        rows = buffer[: sizes[0]].view(weights.rank, self.width) if dense else None
+        modules, offset = {}, 0
         for name, module in weights.modules.items():
             a0, n_in, b0, n_out = self._columns[self._backbone.linears[name].index]
             r = module.a.shape[0]
-            rows[:r, a0 : a0 + n_in].copy_(module.a)
-            rows[:r, b0 : b0 + n_out].copy_(module.b.t())
-            modules[name] = LoraModule(
-                a=rows[:r, a0 : a0 + n_in], b=rows[:r, b0 : b0 + n_out].t(), scale=module.scale
-            )
+            if rows is not None:
+                a, b_t = rows[:r, a0 : a0 + n_in], rows[:r, b0 : b0 + n_out]
+            else:
+                a = buffer[offset : offset + r * n_in].view(r, n_in)
+                b_t = buffer[offset + r * n_in : offset + r * (n_in + n_out)].view(r, n_out)
+                offset += r * (n_in + n_out)
+            a.copy_(module.a)
+            b_t.copy_(module.b.t())
+            modules[name] = LoraModule(a=a, b=b_t.t(), scale=module.scale)
         return AdapterWeights(
             modules=modules,
             head=Head(pooling=head.pooling, weight=weight, bias=bias),
             labels=weights.labels,
-            rank=rank,
+            rank=weights.rank,
             rows=rows,
         )
 
     def _admit(self, key: str, weights: AdapterWeights) -> Resident:
         rows = weights.rows
-        if rows is None or rows.shape[1] != self.width or rows.dtype != self._dtype:
-            weights = self.pack(weights)  # not packed by the loader (tests, other callers)
-            rows = weights.rows
-        assert rows is not None
+        if rows is not None and (rows.shape[1] != self.width or rows.dtype != self._dtype):
+            rows = None  # packed for another pool: copy module by module
         pages = self._allocate(weights.rank, key)
         if pages:
             first = pages[0]
-            if pages == tuple(range(first, first + len(pages))):  # the usual case: one copy
+            contiguous = pages == tuple(range(first, first + len(pages)))
+            if rows is None and not contiguous:  # rare: whole rows built here, then one copy
+                rows = self._whole_rows(weights)
+            if rows is None:
+                self._slab[first : first + len(pages)].zero_()
+                for name, module in weights.modules.items():
+                    a_pool, b_pool = self._pools[self._backbone.linears[name].index]
+                    r = module.a.shape[0]
+                    a_pool[first : first + r].copy_(module.a, non_blocking=True)
+                    b_pool[first : first + r].copy_(module.b.t(), non_blocking=True)
+            elif contiguous:  # the usual case: one copy
                 self._slab[first : first + len(pages)].copy_(rows, non_blocking=True)
             else:
                 index = torch.tensor(pages, dtype=torch.long, device=self._device)
@@ -173,6 +193,15 @@ class AdapterMemory:
         self._resident[key] = resident
         self.num_loads += 1
         return resident
+
+    def _whole_rows(self, weights: AdapterWeights) -> torch.Tensor:
+        rows = torch.zeros((weights.rank, self.width), dtype=self._dtype)
+        for name, module in weights.modules.items():
+            a0, n_in, b0, n_out = self._columns[self._backbone.linears[name].index]
+            r = module.a.shape[0]
+            rows[:r, a0 : a0 + n_in].copy_(module.a)
+            rows[:r, b0 : b0 + n_out].copy_(module.b.t())
+        return rows
 
     @property
     def pool_bytes(self) -> int:

@@ -139,26 +139,55 @@ def _runs_of(free: FreePages) -> list[range]:
     return runs
 
 
-def test_packed_adapter_is_pool_rows_and_pages_in_with_one_copy(backbone) -> None:
+def _dense(backbone, seed: int, rank: int) -> AdapterWeights:
+    """LoRA on every wrapped Linear, as ``graft train`` makes adapters."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = {
+        name: LoraModule(
+            a=torch.randn(rank, w.in_features, generator=gen),
+            b=torch.randn(w.out_features, rank, generator=gen),
+            scale=0.5,
+        )
+        for name, w in backbone.linears.items()
+    }
+    head = Head(pooling="mean", weight=torch.randn(2, 384, generator=gen), bias=torch.zeros(2))
+    return AdapterWeights(modules=modules, head=head, labels=("x", "y"), rank=rank)
+
+
+def _same_views(got: AdapterWeights, weights: AdapterWeights) -> None:
+    for name, module in weights.modules.items():
+        torch.testing.assert_close(got.modules[name].a, module.a, rtol=0, atol=0)
+        torch.testing.assert_close(got.modules[name].b, module.b, rtol=0, atol=0)
+        assert got.modules[name].b.t().is_contiguous() or got.rows is not None
+    torch.testing.assert_close(got.head.weight, weights.head.weight, rtol=0, atol=0)
+    storage = got.head.weight.untyped_storage().data_ptr()
+    for module in got.modules.values():  # views of one buffer: one page-locked allocation
+        assert module.a.untyped_storage().data_ptr() == storage
+
+
+def test_a_dense_adapter_packs_as_pool_rows_and_pages_in_whole(backbone) -> None:
     memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
-    weights = _weights(backbone, seed=3, rank=8)
+    weights = _dense(backbone, seed=3, rank=8)
     got = memory.pack(weights)  # pin=True is the same layout, page-locked (CUDA only)
     assert got.rows is not None and got.rows.shape == (8, memory.width)
-    module, original = got.modules[MODULE], weights.modules[MODULE]
-    for have, want in ((module.a, original.a), (module.b, original.b)):
-        torch.testing.assert_close(have, want, rtol=0, atol=0)
-    torch.testing.assert_close(got.head.weight, weights.head.weight, rtol=0, atol=0)
-    storage = got.rows.untyped_storage().data_ptr()
-    for t in (module.a, module.b, got.head.weight, got.head.bias):
-        assert t.untyped_storage().data_ptr() == storage  # views of one buffer
-    # every other module's columns are zero: a page-in overwrites what an evicted adapter left
-    index = backbone.linears[MODULE].index
-    assert float(got.rows.abs().sum()) == pytest.approx(
-        float(original.a.abs().sum() + original.b.abs().sum()), rel=1e-6
-    )
+    _same_views(got, weights)
+    resident = memory.acquire("d", lambda: got)
+    pages = torch.tensor(resident.pages, dtype=torch.long)
+    for name, module in weights.modules.items():
+        a_pool, b_pool = memory.pools[backbone.linears[name].index]
+        assert a_pool.stride(0) == memory.width  # per-module column views of one slab
+        torch.testing.assert_close(a_pool[pages], module.a, rtol=0, atol=0)
+        torch.testing.assert_close(b_pool[pages], module.b.t(), rtol=0, atol=0)
+
+
+def test_a_sparse_adapter_stays_compact_on_the_host(backbone) -> None:
+    memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
+    weights = _weights(backbone, seed=3, rank=8)  # one module: whole rows would be 55x its bytes
+    got = memory.pack(weights)
+    assert got.rows is None and got.num_bytes == weights.num_bytes
+    _same_views(got, weights)
     memory.acquire("p", lambda: got)
     _check(memory, backbone, {"p": 1}, {"p": weights})
-    assert memory.pools[index][0].stride(0) == memory.width  # per-module views of one slab
 
 
 def test_a_page_in_clears_what_an_evicted_adapter_left(backbone) -> None:
@@ -179,7 +208,7 @@ def test_a_page_in_clears_what_an_evicted_adapter_left(backbone) -> None:
     )
     memory.acquire("wide", lambda: wide)
     memory.release("wide")
-    narrow = _weights(backbone, seed=2, rank=4)  # evicts "wide", reuses its pages
+    narrow = _weights(backbone, seed=2, rank=4)  # evicts "wide", reuses its pages (compact)
     memory.acquire("narrow", lambda: narrow)
     assert not memory.is_resident("wide")
     pages = torch.tensor(memory.get("narrow").pages, dtype=torch.long)
@@ -188,3 +217,21 @@ def test_a_page_in_clears_what_an_evicted_adapter_left(backbone) -> None:
     a_pool, b_pool = memory.pools[backbone.linears[MODULE].index]
     torch.testing.assert_close(a_pool[pages], narrow.modules[MODULE].a, rtol=0, atol=0)
     torch.testing.assert_close(b_pool[pages], narrow.modules[MODULE].b.t(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_scattered_pages_hold_exactly_the_adapter(backbone, packed: bool) -> None:
+    memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
+    for i, key in enumerate("abcd"):  # fill the pool: four rank-4 adapters, pages 1..16
+        memory.acquire(key, lambda i=i: memory.pack(_dense(backbone, seed=i, rank=4)))
+    memory.release("a")
+    memory.release("c")
+    weights = _dense(backbone, seed=7, rank=8)
+    resident = memory.acquire("e", lambda: memory.pack(weights) if packed else weights)
+    assert resident.pages == (1, 2, 3, 4, 9, 10, 11, 12)  # a's and c's pages: two runs
+    pages = torch.tensor(resident.pages, dtype=torch.long)
+    for name, module in weights.modules.items():
+        a_pool, b_pool = memory.pools[backbone.linears[name].index]
+        torch.testing.assert_close(a_pool[pages], module.a, rtol=0, atol=0)
+        torch.testing.assert_close(b_pool[pages], module.b.t(), rtol=0, atol=0)
+    assert not memory.pools[0][0][0].any()  # the zero page stays zero
