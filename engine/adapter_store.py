@@ -6,6 +6,9 @@ to the device pool happens on the model thread at the start of the step that nee
 """
 
 import asyncio
+import contextlib
+import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +18,8 @@ from engine.errors import AdapterFormatError, AdapterIncompatible
 from engine.host_cache import HostCache
 from engine.memory import AdapterMemory
 from registry import AdapterRecord, Registry, RegistryError
+
+_LOADER_NICENESS = 10  # added to a loader thread's niceness
 
 
 def adapter_key(record: AdapterRecord) -> str:
@@ -42,7 +47,9 @@ class AdapterStore:
         self._memory = memory
         self._host = host
         self._pin_host_memory = pin_host_memory
-        self._executor = ThreadPoolExecutor(max_loads_in_flight, thread_name_prefix="graft-load")
+        self._executor = ThreadPoolExecutor(
+            max_loads_in_flight, thread_name_prefix="graft-load", initializer=_background_priority
+        )
         self._loading: dict[str, asyncio.Future[None]] = {}
         self.num_disk_loads = 0
         self.disk_bytes_read = 0
@@ -155,6 +162,17 @@ def check_pool_fits(registry: Registry, base_sha256: str, num_pages: int) -> Non
             f"adapter_pages={num_pages} cannot hold {largest.full_name}@{largest.version} "
             f"(rank {largest.rank} needs {largest.rank} pages); raise adapter_pages"
         )
+
+
+def _background_priority() -> None:
+    """Lower this loader thread's CPU priority (Linux keeps niceness per thread): when cores
+    are short, the model thread, serving warm tenants, runs first and cold loads wait."""
+    if not (hasattr(os, "getpriority") and hasattr(threading, "get_native_id")):
+        return
+    thread = threading.get_native_id()
+    with contextlib.suppress(OSError):  # not permitted here: loads keep their priority
+        niceness = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, niceness + _LOADER_NICENESS))
 
 
 def unpin_if_pinned(store: AdapterStore):

@@ -1,6 +1,8 @@
 """Disk → host → device: shared cold loads, no stalls for others, residency, versions."""
 
 import asyncio
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -158,3 +160,17 @@ async def test_tenant_settings_apply_at_run_time_without_restart(registry, publi
         engine.set_tenant_policy("acme", TenantPolicy(weight=3.0))
         # the policy is stored where it differs from this engine's defaults (queue bound 100)
         assert registry.tenant_settings() == {"acme": {"weight": 3.0, "max_queued_rows": 1024}}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+async def test_loader_threads_run_at_a_lower_priority_than_the_model(registry, publish_random):
+    publish_random(registry, "acme", "spam", seed=1)
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        await engine.classify("acme", "spam", ["hello"])  # the loader thread exists now
+
+        def niceness() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        loader = await asyncio.wrap_future(engine._loaded.store._executor.submit(niceness))
+        model = await asyncio.get_running_loop().run_in_executor(engine._executor, niceness)
+    assert loader >= min(19, model + 10) and loader > model
