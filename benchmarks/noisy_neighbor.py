@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_batch_tokens": config.max_batch_tokens,
             "max_batch_rows": config.max_batch_rows,
             "contended_batch_tokens": config.contended_batch_tokens,
-            "interlude_tokens": config.interlude_tokens,
+            "interlude_tokens": config.interlude_budget_tokens,
             "tenant_max_queued_rows": config.tenant_max_queued_rows,
             "max_queued_rows": config.max_queued_rows,
             "a_max_tokens_per_step": args.a_step_tokens,

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 LORA_KERNELS = ("auto", "loop", "gather", "triton")
+DEFAULT_INTERLUDE_TOKENS = 256  # on the CPU
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -28,8 +29,9 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     contended_batch_tokens: int | None = 512  # step budget while several tenants are active
     # padded-token budget of a short step of other tenants run between two layers of a
-    # longer step (engine/step_loop.py); 0 = never pause a step
-    interlude_tokens: int = 256
+    # longer step (engine/step_loop.py); 0 = never pause a step; None = by device (see
+    # interlude_budget_tokens)
+    interlude_tokens: int | None = None
     max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
     tenant_max_queued_rows: int = 1024  # default per-tenant queue bound before 429
     tenant_max_tokens_per_step: int | None = None  # default per-tenant step budget
@@ -57,7 +59,9 @@ class EngineConfig:
             raise ValueError(f"settings_poll_s must be > 0, got {self.settings_poll_s}")
         if not self.max_timeout_s > 0:
             raise ValueError(f"max_timeout_s must be > 0, got {self.max_timeout_s}")
-        for name in ("host_cache_bytes", "embedding_cache_bytes", "interlude_tokens"):
+        if self.interlude_tokens is not None and self.interlude_tokens < 0:
+            raise ValueError(f"interlude_tokens must be >= 0, got {self.interlude_tokens}")
+        for name in ("host_cache_bytes", "embedding_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_input_tokens is not None and self.max_input_tokens < 3:
@@ -66,6 +70,16 @@ class EngineConfig:
             raise ValueError(f"lora_kernel must be one of {LORA_KERNELS}, got {self.lora_kernel!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
+
+    @property
+    def interlude_budget_tokens(self) -> int:
+        """``interlude_tokens``, or its default for the device: 256 on the CPU, where a step's
+        cost grows with its tokens, so a short step run inside a long one costs little; 0 on
+        CUDA, where a small step is bound by the host (about 10 ms for one row on an H200,
+        benchmarks/RESULTS.md), so each interlude would cost as much as a whole step."""
+        if self.interlude_tokens is not None:
+            return self.interlude_tokens
+        return 0 if self.device.startswith("cuda") else DEFAULT_INTERLUDE_TOKENS
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -144,7 +144,7 @@ class StepLoop:
         """Run a step on the model thread; while a long one runs, keep an interlude of other
         tenants' short rows ready for its next pause point."""
         loop = asyncio.get_running_loop()
-        budget = interlude_budget(item.batch, self._config.interlude_tokens)
+        budget = interlude_budget(item.batch, self._config.interlude_budget_tokens)
         step = loop.run_in_executor(
             self._executor, self._step, item.batch, item.token_ids, budget is not None
         )

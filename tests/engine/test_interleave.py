@@ -94,3 +94,12 @@ async def test_interleaving_off_keeps_the_short_request_behind(registry, publish
         await long_task
         assert engine.stats()["interludes"] == 0
     assert finished == ["bulk", "small"]
+
+
+def test_interludes_default_by_device_and_an_explicit_budget_wins() -> None:
+    assert EngineConfig().interlude_budget_tokens == 256  # the CPU: a step costs its tokens
+    assert EngineConfig(device="cuda").interlude_budget_tokens == 0  # host-bound small steps
+    assert EngineConfig(device="cuda", interlude_tokens=128).interlude_budget_tokens == 128
+    assert EngineConfig(interlude_tokens=0).interlude_budget_tokens == 0
+    with pytest.raises(ValueError, match="interlude_tokens must be >= 0"):
+        EngineConfig(interlude_tokens=-1)
