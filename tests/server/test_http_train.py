@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -260,3 +261,24 @@ async def test_a_head_only_job_serves_at_once_and_takes_no_pool_pages(
     )
     assert response.status == 200 and (await response.json())["version"] == 1
     assert engine.stats()["adapter_pages_free"] == free_before
+
+
+async def test_a_full_job_writes_a_standalone_model_and_registers_nothing(
+    client, tenants, engine
+) -> None:
+    bob = bearer(tenants.bob)
+    started = await start(client, tenants.bob, name="ceiling", mode="full")
+    events = await asyncio.wait_for(
+        (await client.get(f"/v1/train/{started['id']}/events", headers=bob)).text(), WAIT_S
+    )
+    assert json.loads(events.splitlines()[-1])["type"] == "done", events[-400:]
+    job = await (await client.get(f"/v1/train/{started['id']}", headers=bob)).json()
+    assert job["state"] == "succeeded" and job["model"] is None and job["version"] is None
+    assert 0.0 <= job["metrics"]["macro_f1"] <= 1.0
+    assert all(r.name != "ceiling" for r in engine.registry.list_adapters("bob"))
+    model_dir = Path(engine.config.registry_dir) / "jobs" / started["id"] / "model"
+    assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+    response = await client.post(
+        "/v1/classify", json={"model": "ceiling", "input": "hello"}, headers=bob
+    )
+    assert response.status == 404  # never loaded into the shared engine
