@@ -2,8 +2,6 @@
 promote / rollback of a model's latest pointer."""
 
 import asyncio
-import csv
-import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine import Engine
 from server.app import create_app
 from server.train_routes import TrainServiceConfig
-from training import deduplicate, load_sms_spam
+from tests.sms_samples import sms_csv
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -27,18 +25,6 @@ TINY = {"epochs": "1", "max_length": "32", "rank": "4"}
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def sms_csv(num_per_class: int = 15) -> bytes:
-    """A balanced, duplicate-free CSV of real SMS texts."""
-    rows = deduplicate(load_sms_spam())
-    picked = [e for e in rows if e.label == "ham"][:num_per_class]
-    picked += [e for e in rows if e.label == "spam"][:num_per_class]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["text", "label"])
-    writer.writerows([e.text, e.label] for e in picked)
-    return out.getvalue().encode()
 
 
 def form(data: bytes, filename: str = "sms.csv", **options: str) -> aiohttp.FormData:

@@ -5,8 +5,6 @@ spawned worker importing torch and loading the backbone.
 """
 
 import copy
-import csv
-import io
 import json
 import os
 import signal
@@ -21,7 +19,8 @@ import pytest
 
 from engine import Backbone
 from registry import Registry
-from training import TrainConfig, deduplicate, load_sms_spam
+from tests.sms_samples import sms_csv
+from training import TrainConfig
 from training.job_store import FAILED, QUEUED, RUNNING, JobRecord, JobStore, new_job_id
 from training.job_uploads import InvalidData
 from training.jobs import (
@@ -37,18 +36,6 @@ from training.jobs import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = TrainConfig(epochs=1, max_length=32, rank=4, batch_size=8)
 WAIT_S = 240.0  # a busy 2-core machine may take a while to spawn and import
-
-
-def sms_csv(num_per_class: int = 15) -> bytes:
-    """A balanced, duplicate-free CSV of real SMS texts."""
-    rows = deduplicate(load_sms_spam())
-    picked = [e for e in rows if e.label == "ham"][:num_per_class]
-    picked += [e for e in rows if e.label == "spam"][:num_per_class]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["text", "label"])
-    writer.writerows([e.text, e.label] for e in picked)
-    return out.getvalue().encode()
 
 
 @pytest.fixture
