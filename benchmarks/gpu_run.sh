@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...] (steps: tests engine-tests kernels mixed
-# bert cold load profile; default: tests kernels mixed bert cold load). Logs and JSON go to
+# bert cold load profile; default: tests kernels mixed bert cold load profile, about 8 minutes
+# on an H200 plus a minute or two to start the machine). Logs and JSON go to
 # $OUT (default benchmarks/out/gpu).
 #
 # Without network the data packages travel in .gpu/ (git-ignored), made on a machine with the
@@ -16,7 +17,7 @@ LOG="$OUT/gpu_run.log"
 WORK=/tmp/graft-gpu
 mkdir -p "$WORK"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-STEPS=${*:-tests kernels mixed bert cold load}
+STEPS=${*:-tests kernels mixed bert cold load profile}
 
 say() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
 run() {  # run SECONDS NAME CMD...: one step, bounded, its output in the log
@@ -62,23 +63,23 @@ for step in $STEPS; do
     profile)
       run 60 profile python3 -m benchmarks.profile_step --device cuda --rows 1,32 --top 20 ;;
     kernels)
-      run 40 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --hidden 768 \
-        --out "$WORK/k32"
+      run 60 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --out "$WORK/k32"
       cp "$WORK/k32/kernels.json" "$OUT/kernels_fp32.json" 2>/dev/null ;;
     mixed)
       run 80 mixed python3 -m benchmarks.mixed_batch --device cuda --budget-s 0.5 --out "$WORK/mb"
       cp "$WORK/mb/mixed_batch.json" "$OUT/mixed_batch_minilm.json" 2>/dev/null ;;
     bert)
-      run 60 bert python3 -m benchmarks.mixed_batch --device cuda --budget-s 0.5 --hidden 768 \
-        --layers 12 --adapters 1,32 --out "$WORK/bert"
+      run 120 bert python3 -m benchmarks.mixed_batch --device cuda --budget-s 0.5 --hidden 768 \
+        --layers 12 --adapters 1,32 --methods base,graft-gather,graft-auto,peft --out "$WORK/bert"
       cp "$WORK/bert/mixed_batch.json" "$OUT/mixed_batch_bert_base.json" 2>/dev/null ;;
     cold)
       run 80 cold python3 -m benchmarks.cold_start --device cuda --loads 200 --e2e 10 \
         --neighbour 20 --rotation 1,100 --duration 3 --out "$WORK/cold"
       cp "$WORK/cold/cold_start.json" "$OUT/cold_start.json" 2>/dev/null ;;
     load)
-      run 100 load python3 -m benchmarks.load --device cuda --scenarios --duration 2 \
-        --only embedded-sms-1000a-zipf,backbone-sms --no-progress --out "$WORK/load" ;;
+      run 170 load python3 -m benchmarks.load --device cuda --scenarios --duration 2 \
+        --only embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf,peft-sms-100a-zipf \
+        --no-progress --out "$WORK/load" ;;
     *) say "unknown step $step" ;;
   esac
 done
