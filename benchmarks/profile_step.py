@@ -52,7 +52,9 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
     from scheduler import Batch, Row
 
     fleet = build_fleet(work, args.adapters, 1, seed=0)
-    config = EngineConfig(registry_dir=fleet.registry_dir, device=args.device)
+    config = EngineConfig(
+        registry_dir=fleet.registry_dir, device=args.device, num_threads=args.threads
+    )
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     async with Engine(config) as engine:
         model = engine._loaded
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default="1,32", help="batch sizes, comma-separated")
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters in a batch")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--top", type=int, default=15, help="functions listed per batch size")
     args = parser.parse_args(argv)
     args.rows = [int(r) for r in args.rows.split(",")]

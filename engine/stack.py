@@ -41,8 +41,8 @@ class ServingStack:
 
 def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
     """Load and hash the backbone, open the registry, build the adapter tiers and the runner."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    if config.intra_op_threads:
+        torch.set_num_threads(config.intra_op_threads)
     backbone = load_backbone(
         config.backbone_dir,
         device=config.device,

@@ -287,14 +287,8 @@ def engine_config(args: argparse.Namespace):
         max_batch_tokens=args.max_batch_tokens,
         max_batch_rows=args.max_batch_rows,
         adapter_pages=args.adapter_pages,
-        num_threads=args.threads or _serving_threads(),
+        num_threads=args.threads,  # None: EngineConfig.intra_op_threads (all cores but one)
     )
-
-
-def _serving_threads() -> int:
-    """Leave one core to the event loop, HTTP parsing and tokenizing (measured: on 2 cores a
-    model thread using both made single-row latency several times worse under load)."""
-    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def _serve(args: argparse.Namespace) -> int:

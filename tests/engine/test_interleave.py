@@ -1,6 +1,7 @@
 """Short steps between the layers of a long one: same answers, and the neighbour goes first."""
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -103,3 +104,10 @@ def test_interludes_default_by_device_and_an_explicit_budget_wins() -> None:
     assert EngineConfig(interlude_tokens=0).interlude_budget_tokens == 0
     with pytest.raises(ValueError, match="interlude_tokens must be >= 0"):
         EngineConfig(interlude_tokens=-1)
+
+
+def test_intra_op_threads_leave_a_core_on_the_cpu_and_an_explicit_count_wins() -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert EngineConfig().intra_op_threads == max(1, (cores or 1) - 1)
+    assert EngineConfig(num_threads=3).intra_op_threads == 3
+    assert EngineConfig(device="cuda").intra_op_threads is None  # torch's own default there
