@@ -67,6 +67,7 @@ class LoraStepPlan:
     row_pages: torch.Tensor | None = None  # int64 [B, R], per-row pages (gather kernels)
     row_scale: torch.Tensor | None = None  # [M, B] in the pool dtype, 0 where no LoRA
     runs: tuple[RankRun, ...] = ()  # equal-rank segment runs (gather kernels), see rank_runs
+    lists: "SegmentLists | None" = None  # the same metadata as Python numbers (CPU loop)
 
     def segment_args(
         self, index: int, num_tokens: int, first: int = 0, end: int | None = None
@@ -86,6 +87,30 @@ class LoraStepPlan:
             self.seg_rank[index, first:end],
             self.seg_scale[index, first:end],
         )
+
+    def segment_lists(
+        self, index: int, num_tokens: int, first: int = 0, end: int | None = None
+    ) -> tuple[list[int], list[list[int]], list[int], list[float]]:
+        """``segment_args`` minus the pools, as Python numbers (``lists`` must be set)."""
+        lists = self.lists
+        assert lists is not None
+        tokens_per_row = num_tokens // self.num_rows
+        end = len(lists.pages) if end is None else end
+        return (
+            [start * tokens_per_row for start in lists.row_starts[first : end + 1]],
+            lists.pages[first:end],
+            lists.ranks[index][first:end],
+            lists.scales[index][first:end],
+        )
+
+
+class SegmentLists(NamedTuple):
+    """A step's segment metadata as Python numbers, built once per step."""
+
+    row_starts: tuple[int, ...]  # [S + 1]
+    pages: list[list[int]]  # [S][rank], pool rows of each segment's adapter
+    ranks: list[list[int]]  # [M][S]
+    scales: list[list[float]]  # [M][S]
 
 
 class StepLora:

@@ -3,7 +3,7 @@
 import torch
 
 from engine.lora import LoraKernel, LoraStepPlan, RankRun
-from kernels import bgmv_lora, sgmv_lora
+from kernels import bgmv_lora, sgmv_lora, sgmv_lora_lists
 
 
 class SegmentLoop:
@@ -13,7 +13,24 @@ class SegmentLoop:
     """
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
-        sgmv_lora(y, x, *plan.segment_args(index, x.shape[0]))
+        segment_loop(index, y, x, plan)
+
+
+def segment_loop(
+    index: int,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    plan: LoraStepPlan,
+    first: int = 0,
+    end: int | None = None,
+) -> None:
+    """The loop over segments ``first:end``, from the plan's Python numbers when it has them."""
+    if plan.lists is None:
+        sgmv_lora(y, x, *plan.segment_args(index, x.shape[0], first, end))
+        return
+    pools = plan.pools[index]
+    assert pools is not None  # layers call kernels only for active modules
+    sgmv_lora_lists(y, x, pools[0], pools[1], *plan.segment_lists(index, x.shape[0], first, end))
 
 
 class GatherBmm:
@@ -59,14 +76,13 @@ class AutoCpu:
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
         if plan.row_pages is None or not plan.runs:
-            sgmv_lora(y, x, *plan.segment_args(index, x.shape[0]))
+            segment_loop(index, y, x, plan)
             return
         for run in plan.runs:
             if run.end_segment - run.first_segment >= self._min_gather_segments:
                 GatherBmm.apply_run(index, y, x, plan, run)
             else:
-                args = plan.segment_args(index, x.shape[0], run.first_segment, run.end_segment)
-                sgmv_lora(y, x, *args)
+                segment_loop(index, y, x, plan, run.first_segment, run.end_segment)
 
 
 def kernel_for(name: str, device: str) -> LoraKernel:

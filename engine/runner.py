@@ -11,7 +11,7 @@ import torch
 
 from engine.adapters import POOLING_CLS_POOLER, POOLING_MEAN
 from engine.backbone import Backbone
-from engine.lora import LoraKernel, LoraStepPlan, rank_runs
+from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
 from engine.memory import AdapterMemory, Resident
 from scheduler import Batch
 
@@ -135,6 +135,12 @@ class ModelRunner:
             row_pages=pages.long()[seg_of_row].to(device),
             row_scale=scales[:, seg_of_row].to(device, dtype),
             runs=rank_runs(lengths, [len(p) for p in page_lists]),
+            lists=SegmentLists(
+                row_starts=tuple(batch.seg_starts),
+                pages=[list(p) for p in page_lists],
+                ranks=ranks.tolist(),
+                scales=scales.tolist(),
+            ),
         )
 
 

@@ -9,9 +9,9 @@ importing ``kernels`` never imports triton, so CPU-only installs without it stil
 from typing import Any
 
 from kernels.reference import sgmv_reference
-from kernels.torch_ops import bgmv_lora, sgmv_lora
+from kernels.torch_ops import bgmv_lora, sgmv_lora, sgmv_lora_lists
 
-__all__ = ["bgmv_lora", "sgmv_lora", "sgmv_reference"]
+__all__ = ["bgmv_lora", "sgmv_lora", "sgmv_lora_lists", "sgmv_reference"]
 
 _TRITON_EXPORTS = frozenset({"sgmv_lora_triton", "sgmv_shrink", "sgmv_expand"})
 

@@ -1,5 +1,7 @@
 """The CPU path of the segmented LoRA update, in plain torch."""
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -29,10 +31,31 @@ def sgmv_lora(
     Pages are fixed width (one row of ``in`` or ``out`` values), so adapters of rank 4..64 share
     one pool without padding. Accumulates in the dtype of ``y`` (float32 on the CPU).
     """
-    starts = seg_starts.tolist()
-    ranks = seg_rank.tolist()
-    scales = seg_scale.tolist()
-    pages = seg_pages.tolist()
+    sgmv_lora_lists(
+        y,
+        x,
+        a_pool,
+        b_pool,
+        seg_starts.tolist(),
+        seg_pages.tolist(),
+        seg_rank.tolist(),
+        seg_scale.tolist(),
+    )
+
+
+def sgmv_lora_lists(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    starts: Sequence[int],
+    pages: Sequence[Sequence[int]],
+    ranks: Sequence[int],
+    scales: Sequence[float],
+) -> None:
+    """:func:`sgmv_lora` with the segment metadata as Python numbers (token offsets, pages per
+    segment, ranks, scales): a step converts it once for all its layers, so no layer turns
+    tensors back into numbers (on a one-row step that conversion cost as much as the math)."""
     for s, rank in enumerate(ranks):
         lo, hi = starts[s], starts[s + 1]
         if rank == 0 or lo == hi:
