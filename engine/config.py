@@ -35,6 +35,9 @@ class EngineConfig:
     # longer step (engine/step_loop.py); 0 = never pause a step; None = by device (see
     # interlude_budget_tokens)
     interlude_tokens: int | None = None
+    # CPU steps of at most this many real tokens run unpadded (one sequence, block-diagonal
+    # attention) when padding would be a fifth of the step or more; 0 = always pad
+    pack_max_tokens: int = 512
     max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
     tenant_max_queued_rows: int = 1024  # default per-tenant queue bound before 429
     tenant_max_tokens_per_step: int | None = None  # default per-tenant step budget
@@ -64,7 +67,7 @@ class EngineConfig:
             raise ValueError(f"max_timeout_s must be > 0, got {self.max_timeout_s}")
         if self.interlude_tokens is not None and self.interlude_tokens < 0:
             raise ValueError(f"interlude_tokens must be >= 0, got {self.interlude_tokens}")
-        for name in ("host_cache_bytes", "embedding_cache_bytes"):
+        for name in ("host_cache_bytes", "embedding_cache_bytes", "pack_max_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_input_tokens is not None and self.max_input_tokens < 3:

@@ -148,6 +148,7 @@ class Engine:
         }
         if self._model is not None:
             counts["steps"] = self._model.runner.num_steps
+            counts["packed_steps"] = self._model.runner.num_packed_steps
             counts["rows"] = self._model.runner.num_rows
             counts["interludes"] = self._steps.num_interludes  # steps run inside a longer one
             counts.update(self._model.store.stats())

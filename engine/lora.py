@@ -94,10 +94,14 @@ class LoraStepPlan:
         """``segment_args`` minus the pools, as Python numbers (``lists`` must be set)."""
         lists = self.lists
         assert lists is not None
-        tokens_per_row = num_tokens // self.num_rows
         end = len(lists.pages) if end is None else end
+        if lists.token_starts is not None and num_tokens == lists.token_starts[-1]:
+            starts = [lists.token_starts[row] for row in lists.row_starts[first : end + 1]]
+        else:  # padded rows, or one token per row (the pooler)
+            tokens_per_row = num_tokens // self.num_rows
+            starts = [start * tokens_per_row for start in lists.row_starts[first : end + 1]]
         return (
-            [start * tokens_per_row for start in lists.row_starts[first : end + 1]],
+            starts,
             lists.pages[first:end],
             lists.ranks[index][first:end],
             lists.scales[index][first:end],
@@ -111,6 +115,8 @@ class SegmentLists(NamedTuple):
     pages: list[list[int]]  # [S][rank], pool rows of each segment's adapter
     ranks: list[list[int]]  # [M][S]
     scales: list[list[float]]  # [M][S]
+    # [rows + 1] token offsets of an unpadded (packed) step's rows; None when padded
+    token_starts: tuple[int, ...] | None = None
 
 
 class StepLora:

@@ -12,7 +12,9 @@ import torch
 from engine.adapters import POOLING_CLS_POOLER, POOLING_MEAN
 from engine.backbone import Backbone
 from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
+from engine.lora_kernels import AutoCpu, SegmentLoop
 from engine.memory import AdapterMemory, Resident
+from engine.packing import PackedInputs, PackedOutputs, pack, packing_works, worth_packing
 from scheduler import Batch
 
 # the adapter key of rows that run the bare backbone (no LoRA, no head): their pooled outputs
@@ -38,7 +40,13 @@ class ModelRunner:
     """
 
     def __init__(
-        self, backbone: Backbone, memory: AdapterMemory, device: str, kernel: LoraKernel
+        self,
+        backbone: Backbone,
+        memory: AdapterMemory,
+        device: str,
+        kernel: LoraKernel,
+        *,
+        pack_max_tokens: int = 0,
     ) -> None:
         self._backbone = backbone
         self._kernel = kernel
@@ -51,6 +59,13 @@ class ModelRunner:
         self._no_scales = torch.zeros(num_modules, dtype=torch.float32)
         self.num_steps = 0
         self.num_rows = 0
+        # unpadded steps: on the CPU (where compute follows tokens), with the loop kernels
+        # (segments over token ranges), and only for a backbone that computes the same packed
+        loops = isinstance(kernel, SegmentLoop | AutoCpu)
+        can_pack = pack_max_tokens > 0 and device == "cpu" and loops
+        can_pack = can_pack and packing_works(backbone, device, memory.dtype)
+        self.pack_max_tokens = pack_max_tokens if can_pack else 0
+        self.num_packed_steps = 0
 
     @torch.inference_mode()
     def step(self, batch: Batch, token_ids: Sequence[Sequence[int]]) -> list[RowOutput]:
@@ -62,33 +77,62 @@ class ModelRunner:
         residents = [
             None if key == BACKBONE_KEY else self._memory.get(key) for key in batch.seg_adapter
         ]
-        input_ids, mask = self._pad(token_ids, batch.max_tokens)
+        packed = (
+            pack(token_ids, self._device, self._memory.dtype)
+            if worth_packing(token_ids, self.pack_max_tokens)
+            else None
+        )
         state = self._backbone.lora_state
         outer = state.plan  # set when this step runs between two layers of a longer one
         has_lora = any(r is not None for r in residents)
-        state.plan = self._plan(batch, residents) if has_lora else None
+        starts = packed.token_starts if packed is not None else None
+        state.plan = self._plan(batch, residents, starts) if has_lora else None
         try:
-            out = self._backbone.model(input_ids=input_ids, attention_mask=mask)
+            pooler = self._forward(token_ids, batch.max_tokens, packed)
+            if isinstance(pooler, PackedOutputs) and self._needs_cls(residents):
+                pooler.run_pooler()
         finally:
             state.plan = outer
         outputs: list[RowOutput] = []
         for s, resident in enumerate(residents):
             lo, hi = batch.seg_starts[s], batch.seg_starts[s + 1]
             if resident is None:
-                outputs.extend(self._pooled_rows(out, mask, lo, hi))
+                outputs.extend(self._pooled_rows(pooler, lo, hi))
                 continue
-            pooled = _pool(out, mask, resident.head.pooling, lo, hi)
+            pooled = pooler.pooled(resident.head.pooling, lo, hi)
             head = resident.head
             logits = torch.nn.functional.linear(pooled, head.weight, head.bias)
             outputs.extend(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         self.num_steps += 1
         self.num_rows += len(batch.rows)
+        self.num_packed_steps += packed is not None
         return outputs
 
-    def _pooled_rows(self, out: object, mask: torch.Tensor, lo: int, hi: int) -> list[Pooled]:
+    def _forward(
+        self, token_ids: Sequence[Sequence[int]], width: int, packed: PackedInputs | None
+    ) -> "PaddedOutputs | PackedOutputs":
+        model = self._backbone.model
+        if packed is None:
+            input_ids, mask = self._pad(token_ids, width)
+            return PaddedOutputs(model(input_ids=input_ids, attention_mask=mask), mask)
+        out = model(
+            input_ids=packed.input_ids,
+            attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids,
+        )
+        return PackedOutputs(self._backbone, out.last_hidden_state, packed)
+
+    def _needs_cls(self, residents: list[Resident | None]) -> bool:
+        if not self._backbone.has_pooler:
+            return False
+        return any(r is None or r.head.pooling == POOLING_CLS_POOLER for r in residents)
+
+    def _pooled_rows(
+        self, pooler: "PaddedOutputs | PackedOutputs", lo: int, hi: int
+    ) -> list[Pooled]:
         """Every pooling the backbone offers, so any mix of head-only models shares the row."""
         poolings = [POOLING_MEAN] + ([POOLING_CLS_POOLER] if self._backbone.has_pooler else [])
-        by_pooling = {p: _pool(out, mask, p, lo, hi).float().cpu().numpy() for p in poolings}
+        by_pooling = {p: pooler.pooled(p, lo, hi).float().cpu().numpy() for p in poolings}
         return [
             Pooled(vectors={p: vectors[i] for p, vectors in by_pooling.items()})
             for i in range(hi - lo)
@@ -104,8 +148,14 @@ class ModelRunner:
             mask[i, : len(row)] = 1
         return ids.to(self._device), mask.to(self._device)
 
-    def _plan(self, batch: Batch, residents: list[Resident | None]) -> LoraStepPlan:
-        """The step's segment metadata; a None resident (backbone rows) has rank 0 everywhere."""
+    def _plan(
+        self,
+        batch: Batch,
+        residents: list[Resident | None],
+        token_starts: tuple[int, ...] | None = None,
+    ) -> LoraStepPlan:
+        """The step's segment metadata; a None resident (backbone rows) has rank 0 everywhere.
+        With ``token_starts`` (a packed step) rows are token ranges, for the loop kernels."""
         page_lists = [r.pages if r is not None else () for r in residents]
         max_rank = max((len(p) for p in page_lists), default=0)
         # padding points at page 0, which holds zeros in every pool
@@ -123,6 +173,7 @@ class ModelRunner:
         # each row's segment, built in Python: repeat_interleave costs ~0.6 ms a call here
         seg_of_row = torch.tensor([s for s, n in enumerate(lengths) for _ in range(n)])
         device, dtype = self._device, self._memory.dtype
+        gather = token_starts is None  # a packed step has no [rows, tokens] shape to gather over
         return LoraStepPlan(
             num_rows=len(batch.rows),
             seg_row_starts=torch.tensor(batch.seg_starts, dtype=torch.int32, device=device),
@@ -132,16 +183,28 @@ class ModelRunner:
             module_active=tuple(bool(v) for v in (ranks.sum(dim=1) > 0).tolist()),
             pools=self._memory.pools,
             kernel=self._kernel,
-            row_pages=pages.long()[seg_of_row].to(device),
-            row_scale=scales[:, seg_of_row].to(device, dtype),
-            runs=rank_runs(lengths, [len(p) for p in page_lists]),
+            row_pages=pages.long()[seg_of_row].to(device) if gather else None,
+            row_scale=scales[:, seg_of_row].to(device, dtype) if gather else None,
+            runs=rank_runs(lengths, [len(p) for p in page_lists]) if gather else (),
             lists=SegmentLists(
                 row_starts=tuple(batch.seg_starts),
                 pages=[list(p) for p in page_lists],
                 ranks=ranks.tolist(),
                 scales=scales.tolist(),
+                token_starts=token_starts,
             ),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PaddedOutputs:
+    """A padded step's model outputs, pooled per row on demand (``PackedOutputs``' twin)."""
+
+    out: object
+    mask: torch.Tensor
+
+    def pooled(self, pooling: str, lo: int, hi: int) -> torch.Tensor:
+        return _pool(self.out, self.mask, pooling, lo, hi)
 
 
 def _pool(out: object, mask: torch.Tensor, pooling: str, lo: int, hi: int) -> torch.Tensor:

@@ -63,7 +63,9 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
         pin_host_memory=config.device.startswith("cuda"),
     )
     kernel = kernel_for(config.lora_kernel, config.device)
-    runner = ModelRunner(backbone, memory, config.device, kernel)
+    runner = ModelRunner(
+        backbone, memory, config.device, kernel, pack_max_tokens=config.pack_max_tokens
+    )
     log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
     settings = TenantSettings(registry, scheduler, scheduler.default_policy)
     return ServingStack(

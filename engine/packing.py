@@ -1,0 +1,126 @@
+"""Unpadded steps: a batch's rows as one sequence, each row attending only to itself.
+
+A padded step computes every row at the longest row's length; short requests that arrive
+together with a long one (the bursts of a lightly loaded server) then pay for padding that
+can be most of the step. Packed, the encoder's Linears see only real tokens; attention gets a
+block-diagonal mask and per-row positions, so each row's hidden states are those of its padded
+run. The attention scores grow with the square of the packed length, so only small steps are
+packed (engine config ``pack_max_tokens``).
+
+Whether a backbone computes the same thing packed is checked once, at load, on real text: an
+encoder that ignores ``position_ids`` or builds positions its own way (RoBERTa counts from its
+padding index) fails the check and is never packed.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.adapters import POOLING_CLS_POOLER
+from engine.backbone import Backbone
+
+_CHECK_TEXTS = ("a short one", "and a somewhat longer second row, to check the packed attention")
+_CHECK_TOLERANCE = 1e-4
+_MIN_WASTE = 0.2  # pack only when padding would be at least this share of the step
+
+
+@dataclass(frozen=True, slots=True)
+class PackedInputs:
+    """Model inputs of a packed step, and where each row's tokens sit in the sequence."""
+
+    input_ids: torch.Tensor  # int64 [1, N]
+    position_ids: torch.Tensor  # int64 [1, N], restarting at 0 for every row
+    attention_mask: torch.Tensor  # [1, 1, N, N] additive: 0 within a row, dtype min across rows
+    token_starts: tuple[int, ...]  # [rows + 1] token offsets of the rows
+    row_of_token: torch.Tensor  # int64 [N]
+
+
+def worth_packing(token_ids: Sequence[Sequence[int]], max_tokens: int) -> bool:
+    """Small steps whose padding would waste at least a fifth of the compute."""
+    if len(token_ids) < 2 or max_tokens <= 0:
+        return False
+    real = sum(len(row) for row in token_ids)
+    padded = len(token_ids) * max(len(row) for row in token_ids)
+    return real <= max_tokens and real <= (1 - _MIN_WASTE) * padded
+
+
+def pack(token_ids: Sequence[Sequence[int]], device: str, dtype: torch.dtype) -> PackedInputs:
+    starts = [0]
+    for row in token_ids:
+        starts.append(starts[-1] + len(row))
+    flat = [token for row in token_ids for token in row]
+    positions = [p for row in token_ids for p in range(len(row))]
+    rows = torch.repeat_interleave(torch.arange(len(token_ids)), torch.tensor(starts).diff())
+    same_row = rows[:, None] == rows[None, :]
+    mask = torch.zeros(same_row.shape, dtype=dtype).masked_fill_(~same_row, torch.finfo(dtype).min)
+    return PackedInputs(
+        input_ids=torch.tensor([flat], dtype=torch.long, device=device),
+        position_ids=torch.tensor([positions], dtype=torch.long, device=device),
+        attention_mask=mask[None, None].to(device),
+        token_starts=tuple(starts),
+        row_of_token=rows.to(device),
+    )
+
+
+class PackedOutputs:
+    """Per-row poolings of a packed step's last hidden states ([1, N, H])."""
+
+    def __init__(self, backbone: Backbone, hidden: torch.Tensor, inputs: PackedInputs) -> None:
+        self._backbone = backbone
+        self._hidden = hidden[0]
+        self._inputs = inputs
+        self._mean: torch.Tensor | None = None
+        self._cls: torch.Tensor | None = None
+
+    def pooled(self, pooling: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows ``lo:hi`` pooled; the [CLS] pooler must first have run (``run_pooler``)."""
+        if pooling == POOLING_CLS_POOLER:
+            assert self._cls is not None, "run_pooler() runs under the step's LoRA plan"
+            return self._cls[lo:hi]
+        if self._mean is None:
+            starts = self._inputs.token_starts
+            sums = torch.zeros(
+                (len(starts) - 1, self._hidden.shape[1]),
+                dtype=self._hidden.dtype,
+                device=self._hidden.device,
+            ).index_add_(0, self._inputs.row_of_token, self._hidden)
+            lengths = torch.tensor(starts, device=sums.device).diff().clamp(min=1)
+            self._mean = sums / lengths[:, None].to(sums.dtype)
+        return self._mean[lo:hi]
+
+    def run_pooler(self) -> None:
+        """The model's [CLS] pooler over each row's first token (its LoRA rows see one token
+        per row, as in a padded step)."""
+        first = self._hidden[list(self._inputs.token_starts[:-1])]
+        self._cls = self._backbone.model.pooler(first[:, None, :])
+
+
+def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
+    """Run two texts padded and packed (no LoRA): True when every row's hidden states agree."""
+    model = backbone.model
+    token_ids = [backbone.tokenizer(text)["input_ids"] for text in _CHECK_TEXTS]
+    width = max(len(row) for row in token_ids)
+    ids = torch.zeros((len(token_ids), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(token_ids):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    inputs = pack(token_ids, device, dtype)
+    try:
+        with torch.inference_mode():
+            padded = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            packed = model(
+                input_ids=inputs.input_ids,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+            )
+    except (TypeError, ValueError, RuntimeError):  # no position_ids, no 4-D masks
+        return False
+    hidden = packed.last_hidden_state[0]
+    for i, row in enumerate(token_ids):
+        lo, hi = inputs.token_starts[i], inputs.token_starts[i + 1]
+        expected = padded.last_hidden_state[i, : len(row)]
+        if not torch.allclose(hidden[lo:hi].float(), expected.float(), atol=_CHECK_TOLERANCE):
+            return False
+    return True

@@ -1,0 +1,123 @@
+"""Unpadded (packed) steps answer exactly what padded steps answer."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.adapter_store import AdapterStore
+from engine.host_cache import HostCache
+from engine.lora_kernels import kernel_for
+from engine.memory import AdapterMemory
+from engine.packing import pack, packing_works, worth_packing
+from engine.runner import BACKBONE_KEY, ModelRunner, Pooled
+from scheduler import Batch, Row
+
+TEXTS = [
+    "ok",
+    "are we still on for lunch tomorrow at the usual place?",
+    "WIN a brand new car, text CLAIM to 80086 now! Offer ends soon, T&C apply, reply STOP",
+    "lol see u there",
+    "The committee approved the budget after a long debate about the new hospital wing.",
+]
+# (rank, targets, pooling): mixed ranks, both poolings, LoRA on the pooler too
+ADAPTERS = [
+    (8, ("query", "value"), "mean"),
+    (4, ("query", "key", "value", "dense"), "cls_pooler"),
+    (16, ("intermediate.dense", "output.dense"), "mean"),
+]
+
+
+@pytest.fixture
+def runners(backbone, tmp_path: Path, publish_random):
+    from registry import Registry
+
+    registry = Registry(tmp_path / "reg")
+    registry.create_tenant("t")
+    memory = AdapterMemory(backbone, num_pages=128, device="cpu", dtype=torch.float32)
+    store = AdapterStore(
+        registry, backbone, memory, HostCache(0), max_loads_in_flight=1, pin_host_memory=False
+    )
+    keys = []
+    for i, (rank, targets, pooling) in enumerate(ADAPTERS):
+        record = publish_random(
+            registry, "t", f"m{i}", seed=i, rank=rank, pooling=pooling, targets=targets
+        )
+        key = f"{record.full_name}@{record.version}"
+        memory.acquire(key, lambda r=record: store.read(r))
+        keys.append(key)
+    kernel = kernel_for("auto", "cpu")
+    padded = ModelRunner(backbone, memory, "cpu", kernel)
+    packed = ModelRunner(backbone, memory, "cpu", kernel, pack_max_tokens=4096)
+    yield padded, packed, keys + [BACKBONE_KEY]
+    registry.close()
+
+
+def _batch(backbone, keys: list[str]) -> tuple[Batch, list[list[int]]]:
+    """Every text under every key, segments in key order."""
+    ids = backbone.tokenizer(TEXTS)["input_ids"]
+    rows, token_ids, starts = [], [], [0]
+    for key in keys:
+        for text_ids in ids:
+            rows.append(
+                Row(
+                    request_id=1,
+                    index=len(rows),
+                    tenant="t",
+                    adapter_key=key,
+                    num_tokens=len(text_ids),
+                    arrival_s=0.0,
+                )
+            )
+            token_ids.append(text_ids)
+        starts.append(len(rows))
+    width = max(len(r) for r in token_ids)
+    return Batch(tuple(rows), tuple(starts), tuple(keys), width), token_ids
+
+
+def test_a_packed_step_equals_the_padded_step(backbone, runners) -> None:
+    padded, packed, keys = runners
+    assert packed.pack_max_tokens == 4096  # MiniLM passes the load-time check
+    batch, token_ids = _batch(backbone, keys)
+    expected = padded.step(batch, token_ids)
+    got = packed.step(batch, token_ids)
+    assert packed.num_packed_steps == 1 and padded.num_packed_steps == 0
+    for want, have in zip(expected, got, strict=True):
+        if isinstance(want, Pooled):
+            assert isinstance(have, Pooled) and want.vectors.keys() == have.vectors.keys()
+            for pooling, vector in want.vectors.items():
+                np.testing.assert_allclose(have.vectors[pooling], vector, rtol=0, atol=1e-5)
+        else:
+            np.testing.assert_allclose(have, want, rtol=0, atol=1e-5)
+
+
+def test_a_step_without_padding_to_save_is_not_packed(backbone, runners) -> None:
+    _, packed, keys = runners
+    ids = backbone.tokenizer(["same length here", "same length there"])["input_ids"]
+    assert len(ids[0]) == len(ids[1])
+    rows = tuple(
+        Row(request_id=1, index=i, tenant="t", adapter_key=keys[0], num_tokens=len(r), arrival_s=0)
+        for i, r in enumerate(ids)
+    )
+    packed.step(Batch(rows, (0, 2), (keys[0],), len(ids[0])), ids)
+    assert packed.num_packed_steps == 0
+
+
+def test_worth_packing_wants_a_small_step_with_padding_to_save() -> None:
+    short, long = [1] * 4, [1] * 40
+    assert worth_packing([short, long], max_tokens=512)
+    assert not worth_packing([long, long], max_tokens=512)  # nothing to save
+    assert not worth_packing([short, long], max_tokens=40)  # too many tokens to pack
+    assert not worth_packing([long], max_tokens=512)  # one row has no padding
+    assert not worth_packing([short, long], max_tokens=0)  # off
+
+
+def test_packed_inputs_restart_positions_and_mask_across_rows(backbone) -> None:
+    inputs = pack([[5, 6, 7], [8, 9]], "cpu", torch.float32)
+    assert inputs.token_starts == (0, 3, 5)
+    assert inputs.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    mask = inputs.attention_mask[0, 0]
+    assert mask[0, 2] == 0 and mask[3, 4] == 0  # within a row
+    assert mask[0, 3] < -1e30 and mask[4, 1] < -1e30  # across rows
+    assert packing_works(backbone, "cpu", torch.float32)
