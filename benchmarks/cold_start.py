@@ -128,7 +128,7 @@ def _synchronizer(device: str):
 
 def measure_stages(engine, tenant: str, count: int) -> dict:
     """Time read+verify, host->device and first step of ``count`` cold adapters, one by one."""
-    from scheduler import Batch, Row
+    from scheduler import Batch
 
     model = engine._loaded
     store, memory, runner = model.store, model.memory, model.runner
@@ -145,18 +145,7 @@ def measure_stages(engine, tenant: str, count: int) -> dict:
         memory.acquire(key, lambda w=weights: w)
         sync()
         t2 = time.perf_counter()
-        row = Row(
-            request_id=0,
-            index=0,
-            tenant=tenant,
-            adapter_key=key,
-            num_tokens=len(ids),
-            arrival_s=0.0,
-            num_pages=8,
-        )
-        runner.step(
-            Batch(rows=(row,), seg_starts=(0, 1), seg_adapter=(key,), max_tokens=len(ids)), [ids]
-        )
+        runner.step(Batch.of([key], [len(ids)], tenant), [ids])
         sync()
         t3 = time.perf_counter()
         memory.release(key)

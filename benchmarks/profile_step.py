@@ -49,7 +49,7 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
 
     from benchmarks.load_fleet import build_fleet
     from engine import Engine, EngineConfig
-    from scheduler import Batch, Row
+    from scheduler import Batch
 
     fleet = build_fleet(work, args.adapters, 1, seed=0)
     config = EngineConfig(
@@ -68,30 +68,8 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
         backbone = model.backbone.model
         for rows in args.rows:
             keys_of_rows = sorted(keys[i % len(keys)] for i in range(rows))
-            batch_rows, starts, segs = [], [0], []
-            for i, key in enumerate(keys_of_rows):
-                if segs and segs[-1] != key:
-                    starts.append(i)
-                if not segs or segs[-1] != key:
-                    segs.append(key)
-                batch_rows.append(
-                    Row(
-                        request_id=0,
-                        index=i,
-                        tenant="t",
-                        adapter_key=key,
-                        num_tokens=len(ids),
-                        arrival_s=0.0,
-                        num_pages=8,
-                    )
-                )
-            starts.append(rows)
-            batch = Batch(
-                rows=tuple(batch_rows),
-                seg_starts=tuple(starts),
-                seg_adapter=tuple(segs),
-                max_tokens=len(ids),
-            )
+            batch = Batch.of(keys_of_rows, [len(ids)] * rows)
+            segs = batch.seg_adapter
 
             def step(batch=batch, rows=rows) -> None:
                 model.runner.step(batch, [ids] * rows)

@@ -1,5 +1,6 @@
 """The plain data the planner consumes and produces."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -30,6 +31,20 @@ class Batch:
     seg_starts: tuple[int, ...]  # S + 1 row offsets
     seg_adapter: tuple[str, ...]  # S adapter keys, one per segment
     max_tokens: int  # length every row is padded to
+
+    @classmethod
+    def of(cls, row_keys: Sequence[str], row_tokens: Sequence[int], tenant: str = "") -> "Batch":
+        """Rows in the order given, each run of one adapter key a segment: a batch for driving
+        an engine step directly (tests, benchmarks), where the planner would form one."""
+        rows: list[Row] = []
+        starts: list[int] = []
+        keys: list[str] = []
+        for i, (key, num_tokens) in enumerate(zip(row_keys, row_tokens, strict=True)):
+            if not keys or keys[-1] != key:
+                starts.append(i)
+                keys.append(key)
+            rows.append(Row(0, i, tenant, key, num_tokens, arrival_s=0.0))
+        return cls(tuple(rows), (*starts, len(rows)), tuple(keys), max(row_tokens, default=0))
 
     @property
     def padded_tokens(self) -> int:

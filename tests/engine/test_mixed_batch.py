@@ -12,7 +12,7 @@ from engine.host_cache import HostCache
 from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
-from scheduler import Batch, Row
+from scheduler import Batch
 
 TEXTS = [
     "WIN a brand new car, text CLAIM to 80086 now!",
@@ -61,11 +61,7 @@ def registry_with_adapters(tmp_path: Path, publish_random):
 
 
 def _solo(runner: ModelRunner, key: str, ids: list[int]):
-    row = Row(
-        request_id=1, index=0, tenant="t", adapter_key=key, num_tokens=len(ids), arrival_s=0.0
-    )
-    batch = Batch(rows=(row,), seg_starts=(0, 1), seg_adapter=(key,), max_tokens=len(ids))
-    return runner.step(batch, [ids])[0]
+    return runner.step(Batch.of([key], [len(ids)]), [ids])[0]
 
 
 @pytest.mark.parametrize("kernel", ["loop", "gather", "auto"])
@@ -84,34 +80,11 @@ def test_runner_mixed_batch_equals_solo_runs(backbone, registry_with_adapters, k
     ids = backbone.tokenizer(TEXTS)["input_ids"]
     # every adapter gets several texts; rows sorted by adapter form the segments
     pairs = sorted(((keys[i % len(keys)], t) for i, t in enumerate(range(len(TEXTS) * 3))))
-    rows, token_ids, starts, seg = [], [], [0], []
-    for n, (key, t) in enumerate(pairs):
-        if seg and seg[-1] != key:
-            starts.append(n)
-        if not seg or seg[-1] != key:
-            seg.append(key)
-        row_ids = ids[t % len(TEXTS)]
-        rows.append(
-            Row(
-                request_id=1,
-                index=n,
-                tenant="t",
-                adapter_key=key,
-                num_tokens=len(row_ids),
-                arrival_s=0.0,
-            )
-        )
-        token_ids.append(row_ids)
-    starts.append(len(rows))
-    batch = Batch(
-        rows=tuple(rows),
-        seg_starts=tuple(starts),
-        seg_adapter=tuple(seg),
-        max_tokens=max(len(r) for r in token_ids),
-    )
+    token_ids = [ids[t % len(TEXTS)] for _, t in pairs]
+    batch = Batch.of([key for key, _ in pairs], [len(r) for r in token_ids])
     mixed = runner.step(batch, token_ids)
-    assert len(seg) == len(ADAPTERS)
-    for row, row_ids, probs in zip(rows, token_ids, mixed, strict=True):
+    assert len(batch.seg_adapter) == len(ADAPTERS)
+    for row, row_ids, probs in zip(batch.rows, token_ids, mixed, strict=True):
         alone = _solo(runner, row.adapter_key, row_ids)
         torch.testing.assert_close(
             torch.from_numpy(probs), torch.from_numpy(alone), rtol=0, atol=1e-5

@@ -12,7 +12,7 @@ from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.packing import pack, packing_works, worth_packing
 from engine.runner import BACKBONE_KEY, ModelRunner, Pooled
-from scheduler import Batch, Row
+from scheduler import Batch
 
 TEXTS = [
     "ok",
@@ -57,23 +57,9 @@ def runners(backbone, tmp_path: Path, publish_random):
 def _batch(backbone, keys: list[str]) -> tuple[Batch, list[list[int]]]:
     """Every text under every key, segments in key order."""
     ids = backbone.tokenizer(TEXTS)["input_ids"]
-    rows, token_ids, starts = [], [], [0]
-    for key in keys:
-        for text_ids in ids:
-            rows.append(
-                Row(
-                    request_id=1,
-                    index=len(rows),
-                    tenant="t",
-                    adapter_key=key,
-                    num_tokens=len(text_ids),
-                    arrival_s=0.0,
-                )
-            )
-            token_ids.append(text_ids)
-        starts.append(len(rows))
-    width = max(len(r) for r in token_ids)
-    return Batch(tuple(rows), tuple(starts), tuple(keys), width), token_ids
+    token_ids = [text_ids for _ in keys for text_ids in ids]
+    row_keys = [key for key in keys for _ in ids]
+    return Batch.of(row_keys, [len(r) for r in token_ids]), token_ids
 
 
 def test_a_packed_step_equals_the_padded_step(backbone, runners) -> None:
@@ -96,11 +82,7 @@ def test_a_step_without_padding_to_save_is_not_packed(backbone, runners) -> None
     _, packed, keys = runners
     ids = backbone.tokenizer(["same length here", "same length there"])["input_ids"]
     assert len(ids[0]) == len(ids[1])
-    rows = tuple(
-        Row(request_id=1, index=i, tenant="t", adapter_key=keys[0], num_tokens=len(r), arrival_s=0)
-        for i, r in enumerate(ids)
-    )
-    packed.step(Batch(rows, (0, 2), (keys[0],), len(ids[0])), ids)
+    packed.step(Batch.of([keys[0]] * 2, [len(r) for r in ids]), ids)
     assert packed.num_packed_steps == 0
 
 

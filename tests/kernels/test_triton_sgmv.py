@@ -234,7 +234,7 @@ def test_runner_triton_equals_segment_loop(backbone, write_random_adapter, tmp_p
     from engine.lora_triton import TritonSgmv
     from engine.memory import AdapterMemory
     from engine.runner import ModelRunner
-    from scheduler import Batch, Row
+    from scheduler import Batch
 
     memory = AdapterMemory(backbone, num_pages=64, device="cpu", dtype=torch.float32)
     keys = []
@@ -251,16 +251,8 @@ def test_runner_triton_equals_segment_loop(backbone, write_random_adapter, tmp_p
         keys.append(f"t/m{i}@1")
         memory.acquire(keys[-1], lambda w=weights: w)
     token_ids = backbone.tokenizer(TEXTS)["input_ids"]
-    rows = tuple(
-        Row(request_id=1, index=i, tenant="t", adapter_key=k, num_tokens=len(t), arrival_s=0.0)
-        for i, (k, t) in enumerate(zip(keys, token_ids, strict=True))
-    )
-    batch = Batch(
-        rows=rows,
-        seg_starts=(0, 1, 2, 3),
-        seg_adapter=tuple(keys),
-        max_tokens=max(len(t) for t in token_ids),
-    )
+    batch = Batch.of(keys, [len(t) for t in token_ids])
+    assert batch.seg_starts == (0, 1, 2, 3)
 
     class CountingTriton(TritonSgmv):
         num_calls = 0

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from scheduler import Row, Scheduler, SchedulerConfig, TenantPolicy
+from scheduler import Batch, Row, Scheduler, SchedulerConfig, TenantPolicy
 
 _ids = itertools.count(1)
 
@@ -302,3 +302,11 @@ def test_plan_between_expires_late_rows_instead_of_running_them() -> None:
     plan = s.plan_between(2.0, running, max_tokens=128, max_pages=None)
     assert [r.tenant for r in plan.expired] == ["B"]
     assert plan.batch is not None and [r.tenant for r in plan.batch.rows] == ["C"]
+
+
+def test_batch_of_makes_a_segment_of_each_run_of_one_key() -> None:
+    batch = Batch.of(["a", "a", "b", "a"], [3, 5, 2, 4])
+    assert batch.seg_starts == (0, 2, 3, 4) and batch.seg_adapter == ("a", "b", "a")
+    assert batch.max_tokens == 5 and [r.index for r in batch.rows] == [0, 1, 2, 3]
+    assert [r.num_tokens for r in batch.rows] == [3, 5, 2, 4]
+    assert Batch.of([], []).seg_starts == (0,)
