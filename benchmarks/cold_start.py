@@ -117,22 +117,15 @@ def _drop_page_cache() -> bool:
         return False
 
 
-def _synchronizer(device: str):
-    """Wait for queued device work before reading the clock (page-in copies are async on CUDA)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return lambda: torch.cuda.synchronize(torch.device(device))
-    return lambda: None
-
-
 def measure_stages(engine, tenant: str, count: int) -> dict:
     """Time read+verify, host->device and first step of ``count`` cold adapters, one by one."""
     from scheduler import Batch
 
     model = engine._loaded
     store, memory, runner = model.store, model.memory, model.runner
-    sync = _synchronizer(engine.config.device)
+    from benchmarks.common import synchronizer
+
+    sync = synchronizer(engine.config.device)  # page-in copies are async on CUDA
     ids = model.backbone.tokenizer(SHORT_TEXT)["input_ids"]
     read_s, page_in_s, step_s, sizes = [], [], [], []
     records = [r for r in engine.registry.list_adapters(tenant) if r.name.startswith("cold")]
