@@ -105,7 +105,9 @@ class AdapterMemory:
             raise RuntimeError(f"release of {key} without a matching acquire")
         resident.refcount -= 1
 
-    def pack(self, weights: AdapterWeights, *, pin: bool = False) -> AdapterWeights:
+    def pack(
+        self, weights: AdapterWeights, *, pin: bool = False, whole_rows: bool | None = None
+    ) -> AdapterWeights:
         """``weights`` as views of one host buffer in the pool dtype, page-locked with ``pin``
         (CUDA only), laid out for a cheap page-in.
 
@@ -114,11 +116,13 @@ class AdapterMemory:
         one copy that also overwrites whatever an evicted adapter left on those pages. A sparse
         one (say query and value only: a fifth of a MiniLM row) stays compact, B stored
         transposed, and pages in module by module: whole rows would multiply its host bytes.
+        ``whole_rows`` forces one layout or the other (None: by how much of a row it fills).
         Called on loader threads, off the model thread: it reads only the fixed layout.
         """
         head = weights.head
         compact = sum(m.a.numel() + m.b.numel() for m in weights.modules.values())
         dense = weights.rank * self.width <= _MAX_ROW_WASTE * compact
+        dense = dense if whole_rows is None else whole_rows
         lora = weights.rank * self.width if dense else compact
         sizes = (lora, head.weight.numel(), head.bias.numel())
         buffer = torch.zeros(sum(sizes), dtype=self._dtype, pin_memory=pin)
@@ -157,7 +161,7 @@ class AdapterMemory:
             first = pages[0]
             contiguous = pages == tuple(range(first, first + len(pages)))
             if rows is None and not contiguous:  # rare: whole rows built here, then one copy
-                rows = self._whole_rows(weights)
+                rows = self.pack(weights, whole_rows=True).rows
             if rows is None:
                 self._slab[first : first + len(pages)].zero_()
                 for name, module in weights.modules.items():
@@ -193,15 +197,6 @@ class AdapterMemory:
         self._resident[key] = resident
         self.num_loads += 1
         return resident
-
-    def _whole_rows(self, weights: AdapterWeights) -> torch.Tensor:
-        rows = torch.zeros((weights.rank, self.width), dtype=self._dtype)
-        for name, module in weights.modules.items():
-            a0, n_in, b0, n_out = self._columns[self._backbone.linears[name].index]
-            r = module.a.shape[0]
-            rows[:r, a0 : a0 + n_in].copy_(module.a)
-            rows[:r, b0 : b0 + n_out].copy_(module.b.t())
-        return rows
 
     @property
     def pool_bytes(self) -> int:
