@@ -112,6 +112,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--slo-ms", type=float, default=report.DEFAULT_SLO_MS)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--device", default="cpu", help="where the models run: cpu or cuda[:n]")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="every target's weights and activations (bfloat16: CPUs with AVX512-BF16 or AMX)",
+    )
     p.add_argument("--adapter-pages", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT_DIR)
@@ -193,6 +199,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         timeout_s=args.timeout,
         threads=args.threads,
         device=args.device,
+        dtype=args.dtype,
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),

@@ -109,6 +109,7 @@ def _peft_server(fleet: Fleet, options: TargetOptions) -> "ServerThread":
             on_listening=on_listening,
             max_wait_s=options.peft_max_wait_s,
             device=options.device,
+            dtype=options.dtype,
         )
 
     return ServerThread(serve)

@@ -54,6 +54,7 @@ class TargetOptions:
     timeout_s: float | None = 5.0  # queue deadline sent with each request (None: none)
     threads: int | None = None  # torch intra-op threads
     device: str = "cpu"  # where every target's model runs: cpu or cuda[:n]
+    dtype: str = "float32"  # every target's weights and activations: float32, bfloat16...
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
     max_batch_tokens: int = 8192
@@ -273,6 +274,7 @@ def engine_config(fleet: Fleet, options: TargetOptions):
         max_batch_tokens=options.max_batch_tokens,
         num_threads=options.threads,
         device=options.device,
+        dtype=options.dtype,
     )
 
 
@@ -292,7 +294,7 @@ async def _backbone(fleet: Fleet, options: TargetOptions) -> AsyncIterator[Targe
     from benchmarks.batcher import MicroBatcher
 
     model, tokenizer, forward = await asyncio.get_running_loop().run_in_executor(
-        None, _bare_backbone, options.device
+        None, _bare_backbone, options.device, options.dtype
     )
     from concurrent.futures import ThreadPoolExecutor
 
@@ -306,7 +308,7 @@ async def _backbone(fleet: Fleet, options: TargetOptions) -> AsyncIterator[Targe
             yield BackboneTarget(batcher, tokenizer, fleet, max_tokens, pool)
 
 
-def _bare_backbone(device: str = "cpu"):
+def _bare_backbone(device: str = "cpu", dtype: str = "float32"):
     """The packaged backbone as plain ``transformers`` runs it, mean-pooled, one 2-label head."""
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -315,10 +317,11 @@ def _bare_backbone(device: str = "cpu"):
     from engine import packaged_backbone_dir
 
     path = str(packaged_backbone_dir())
-    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    head = torch.nn.Linear(model.config.hidden_size, 2).to(device)
+    head = torch.nn.Linear(model.config.hidden_size, 2).to(device, torch_dtype)
     pad_id = tokenizer.pad_token_id or 0
 
     def forward(token_ids: list[Sequence[int]], adapters: list[str | None]):
@@ -328,7 +331,7 @@ def _bare_backbone(device: str = "cpu"):
             states = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
             weights = mask.unsqueeze(-1).to(states.dtype)
             pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
-            return torch.softmax(head(pooled), dim=-1).cpu().numpy()
+            return torch.softmax(head(pooled).float(), dim=-1).cpu().numpy()
 
     return model, tokenizer, forward
 

@@ -40,7 +40,11 @@ def peft_adapter_name(tenant: str, name: str) -> str:
 
 
 def build_peft_model(
-    backbone_dir: Path, adapter_dirs: Mapping[str, Path], num_labels: int, device: str = "cpu"
+    backbone_dir: Path,
+    adapter_dirs: Mapping[str, Path],
+    num_labels: int,
+    device: str = "cpu",
+    dtype: str = "float32",
 ):
     """A ``PeftModel`` holding every adapter of ``adapter_dirs`` (PEFT name -> directory)."""
     import peft
@@ -50,7 +54,7 @@ def build_peft_model(
     if not adapter_dirs:
         raise ValueError("the PEFT server needs at least one adapter")
     base = AutoModelForSequenceClassification.from_pretrained(
-        str(backbone_dir), num_labels=num_labels, local_files_only=True, dtype=torch.float32
+        str(backbone_dir), num_labels=num_labels, local_files_only=True, dtype=getattr(torch, dtype)
     )
     names = list(adapter_dirs)
     with warnings.catch_warnings():
@@ -167,6 +171,7 @@ async def run_peft_server(
     max_wait_s: float = 0.002,
     labels: Sequence[str] = ("ham", "spam"),
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> None:
     """Load the adapters ((tenant, name) with their directories), serve until cancelled."""
     from transformers import AutoTokenizer
@@ -178,7 +183,7 @@ async def run_peft_server(
     dirs = {peft_adapter_name(t, n): d for (t, n), d in zip(models, adapter_dirs, strict=True)}
     loop = asyncio.get_running_loop()
     model = await loop.run_in_executor(
-        None, build_peft_model, backbone_dir, dirs, len(labels), device
+        None, build_peft_model, backbone_dir, dirs, len(labels), device, dtype
     )
     tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir), local_files_only=True)
     pad_id = tokenizer.pad_token_id or 0

@@ -193,6 +193,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-pages", type=int, default=1024)
     p.add_argument("--device", default="cpu")
     p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="backbone and adapter pool precision (bfloat16: faster on CPUs with AVX512-BF16)",
+    )
+    p.add_argument(
         "--threads", type=int, default=None, help="torch threads of the model (default: cores - 1)"
     )
     p.add_argument(
@@ -284,6 +290,7 @@ def engine_config(args: argparse.Namespace):
         registry_dir=args.registry,
         backbone_dir=args.backbone,
         device=args.device,
+        dtype=args.dtype,
         max_batch_tokens=args.max_batch_tokens,
         max_batch_rows=args.max_batch_rows,
         adapter_pages=args.adapter_pages,
