@@ -155,3 +155,16 @@ def test_tenants_set_stores_settings_and_refuses_bad_ones(tmp_path: Path, capsys
     code, _, _ = _run(capsys, "tenants", "set", "acme", "--reset", "--registry", reg)
     with Registry(reg) as registry:
         assert registry.tenant_settings() == {}
+
+
+def test_serve_flags_reach_the_engine_config(tmp_path: Path) -> None:
+    from server.cli import _parser, engine_config
+
+    args = _parser().parse_args(
+        ["serve", "--registry", str(tmp_path), "--dtype", "bfloat16", "--threads", "1"]
+    )
+    config = engine_config(args)
+    assert (config.dtype, config.num_threads) == ("bfloat16", 1)
+    assert engine_config(_parser().parse_args(["serve"])).dtype == "float32"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--dtype", "int8"])
