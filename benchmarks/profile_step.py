@@ -1,6 +1,6 @@
 """Where one engine step spends its time: the host-side cost per step, for finding overhead.
 
-    python -m benchmarks.profile_step [--device cuda] [--dtype bfloat16] [--rows 1,32] [--adapters 8]
+    python -m benchmarks.profile_step [--device cuda] [--dtype bfloat16] [--rows 1,32]
 
 On a GPU a small step is bound by the host (Python, and one launch per device op), not by the
 device: this prints, per batch size, the step time, the device ops launched per step (the
