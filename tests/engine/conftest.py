@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.mixed_fleet import ADAPTERS
+from tests.engine.mixed_fleet import publish_fleet
 
 
 @pytest.fixture
@@ -12,18 +12,6 @@ def fleet_registry(tmp_path: Path, publish_random):
     from registry import Registry
 
     registry = Registry(tmp_path / "reg")
-    registry.create_tenant("t1")
-    registry.create_tenant("t2")
-    for i, (rank, targets, pooling, labels) in enumerate(ADAPTERS):
-        publish_random(
-            registry,
-            "t1" if i % 2 == 0 else "t2",
-            f"m{i}",
-            seed=i,
-            rank=rank,
-            labels=labels,
-            pooling=pooling,
-            targets=targets,
-        )
+    publish_fleet(registry, publish_random)
     yield registry
     registry.close()

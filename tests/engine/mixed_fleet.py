@@ -1,7 +1,7 @@
 """A fleet of adapters covering the serving paths (mixed ranks and targets, both poolings, a
-head-only model) and how to compare two engines' answers on it, for the tests that run one
-engine against another (CUDA against CPU, bfloat16 against float32). The registry holding it is
-the ``fleet_registry`` fixture (tests/engine/conftest.py)."""
+head-only model) and how to compare two engines' answers on it: for the mixed-batch tests and
+the tests that run one engine against another (CUDA against CPU, bfloat16 against float32).
+The registry holding it is the ``fleet_registry`` fixture (tests/engine/conftest.py)."""
 
 import asyncio
 
@@ -13,16 +13,38 @@ TEXTS = [
     "The committee approved the budget after a long debate.",
     "ok",
     "Shares in the company fell sharply after the profit warning was issued this morning.",
+    "lol see u there",
 ]
-# (rank, targets, pooling, labels): mixed ranks, a head-only model, every encoder Linear
+
+# (rank, targets, pooling, labels): mixed ranks, targets, poolings and label counts, plus a
+# head-only model whose rows carry no LoRA at all
 ADAPTERS = [
     (8, ("query", "value"), "mean", ("a", "b")),
     (4, ("query", "key", "value", "dense"), "cls_pooler", ("x", "y", "z")),
-    (16, ("intermediate.dense", "output.dense"), "mean", ("p", "q", "r")),
+    (16, ("intermediate.dense", "output.dense"), "mean", ("p", "q", "r", "s", "t")),
     (0, (), "mean", ("no", "yes")),
-    (64, ("value",), "mean", ("u", "v")),
+    (64, ("value",), "cls_pooler", ("u", "v")),
     (8, ("query", "key", "value", "dense"), "mean", ("k", "l")),
 ]
+
+
+def publish_fleet(registry, publish_random) -> list:
+    """ADAPTERS as models m0, m1... alternating between tenants t1 and t2; their records."""
+    registry.create_tenant("t1")
+    registry.create_tenant("t2")
+    return [
+        publish_random(
+            registry,
+            "t1" if i % 2 == 0 else "t2",
+            f"m{i}",
+            seed=i,
+            rank=rank,
+            labels=labels,
+            pooling=pooling,
+            targets=targets,
+        )
+        for i, (rank, targets, pooling, labels) in enumerate(ADAPTERS)
+    ]
 
 
 async def answers(engine: Engine, registry) -> list:

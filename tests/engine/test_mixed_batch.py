@@ -13,25 +13,7 @@ from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
 from scheduler import Batch
-
-TEXTS = [
-    "WIN a brand new car, text CLAIM to 80086 now!",
-    "are we still on for lunch tomorrow?",
-    "The committee approved the budget after a long debate.",
-    "ok",
-    "Shares in the company fell sharply after the profit warning was issued this morning.",
-    "lol see u there",
-]
-
-# (rank, targets, pooling, labels): mixed ranks, targets, poolings and label counts,
-# plus a head-only model whose rows carry no LoRA at all
-ADAPTERS = [
-    (8, ("query", "value"), "mean", ("a", "b")),
-    (4, ("query", "key", "value", "dense"), "cls_pooler", ("x", "y", "z")),
-    (16, ("intermediate.dense", "output.dense"), "mean", ("p", "q", "r", "s", "t")),
-    (0, (), "mean", ("no", "yes")),
-    (64, ("value",), "cls_pooler", ("u", "v")),
-]
+from tests.engine.mixed_fleet import ADAPTERS, TEXTS, publish_fleet
 
 
 @pytest.fixture
@@ -39,24 +21,7 @@ def registry_with_adapters(tmp_path: Path, publish_random):
     from registry import Registry
 
     registry = Registry(tmp_path / "reg")
-    registry.create_tenant("t1")
-    registry.create_tenant("t2")
-    records = []
-    for i, (rank, targets, pooling, labels) in enumerate(ADAPTERS):
-        tenant = "t1" if i % 2 == 0 else "t2"
-        records.append(
-            publish_random(
-                registry,
-                tenant,
-                f"m{i}",
-                seed=i,
-                rank=rank,
-                labels=labels,
-                pooling=pooling,
-                targets=targets,
-            )
-        )
-    yield registry, records
+    yield registry, publish_fleet(registry, publish_random)
     registry.close()
 
 

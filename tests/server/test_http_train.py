@@ -53,6 +53,17 @@ async def start(client: TestClient, key: str, **options: str) -> dict:
     return body
 
 
+async def run_to_done(client: TestClient, key: str, **options: str) -> dict:
+    """Start a job, wait for its event stream to end with "done", and return the job."""
+    started = await start(client, key, **options)
+    url = f"/v1/train/{started['id']}"
+    events = await asyncio.wait_for(
+        (await client.get(f"{url}/events", headers=bearer(key))).text(), WAIT_S
+    )
+    assert json.loads(events.splitlines()[-1])["type"] == "done", events[-400:]
+    return await (await client.get(url, headers=bearer(key))).json()
+
+
 async def test_a_job_streams_progress_then_serves_once_promoted(client, tenants) -> None:
     started = await start(client, tenants.acme, name="triage", promote="false")
     assert started["state"] == "queued" and started["report"]["num_rows"] == 30
@@ -232,12 +243,7 @@ async def test_a_head_only_job_serves_at_once_and_takes_no_pool_pages(
     client, tenants, engine
 ) -> None:
     bob = bearer(tenants.bob)
-    started = await start(client, tenants.bob, name="headonly", mode="head")
-    events = await asyncio.wait_for(
-        (await client.get(f"/v1/train/{started['id']}/events", headers=bob)).text(), WAIT_S
-    )
-    assert json.loads(events.splitlines()[-1])["type"] == "done", events[-400:]
-    job = await (await client.get(f"/v1/train/{started['id']}", headers=bob)).json()
+    job = await run_to_done(client, tenants.bob, name="headonly", mode="head")
     assert job["state"] == "succeeded" and job["model"] == "bob/headonly@1"
     record = engine.registry.resolve("bob", "headonly")
     assert record.rank == 0 and record.manifest["mode"] == "head"
@@ -253,16 +259,11 @@ async def test_a_full_job_writes_a_standalone_model_and_registers_nothing(
     client, tenants, engine
 ) -> None:
     bob = bearer(tenants.bob)
-    started = await start(client, tenants.bob, name="ceiling", mode="full")
-    events = await asyncio.wait_for(
-        (await client.get(f"/v1/train/{started['id']}/events", headers=bob)).text(), WAIT_S
-    )
-    assert json.loads(events.splitlines()[-1])["type"] == "done", events[-400:]
-    job = await (await client.get(f"/v1/train/{started['id']}", headers=bob)).json()
+    job = await run_to_done(client, tenants.bob, name="ceiling", mode="full")
     assert job["state"] == "succeeded" and job["model"] is None and job["version"] is None
     assert 0.0 <= job["metrics"]["macro_f1"] <= 1.0
     assert all(r.name != "ceiling" for r in engine.registry.list_adapters("bob"))
-    model_dir = Path(engine.config.registry_dir) / "jobs" / started["id"] / "model"
+    model_dir = Path(engine.config.registry_dir) / "jobs" / job["id"] / "model"
     assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
     response = await client.post(
         "/v1/classify", json={"model": "ceiling", "input": "hello"}, headers=bob
