@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.lora import LoraLinear, StepLora
+from engine.quantize import check_quantize, quantize_linears_int8
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,11 @@ def load_backbone(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     expected_sha256: str | None = None,
+    quantize: str = "none",
 ) -> Backbone:
-    """Load, hash, freeze and wrap a Hugging Face encoder directory (offline, local path only)."""
+    """Load, hash, freeze and wrap a Hugging Face encoder directory (offline, local path only).
+
+    ``quantize="int8"`` swaps the wrapped Linears' weights for int8 (engine/quantize.py)."""
     path = Path(model_dir) if model_dir is not None else packaged_backbone_dir()
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
@@ -94,6 +98,9 @@ def load_backbone(
     model.to(device).eval().requires_grad_(False)
     state = StepLora()
     linears = _wrap_linears(model, state)
+    if quantize != "none":
+        check_quantize(quantize, device, _dtype_name(dtype))
+        quantize_linears_int8(model)
     num_pauses = _hook_layers(model, state)
     config = model.config
     return Backbone(
@@ -110,6 +117,10 @@ def load_backbone(
         has_pooler=getattr(model, "pooler", None) is not None,
         num_pauses=num_pauses,
     )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _max_tokens(config: object, tokenizer: PreTrainedTokenizerBase) -> int:

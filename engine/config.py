@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from engine.quantize import check_quantize
+
 LORA_KERNELS = ("auto", "loop", "gather", "triton")
 DEFAULT_INTERLUDE_TOKENS = 256  # on the CPU
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -18,6 +20,9 @@ class EngineConfig:
     backbone_sha256: str | None = None  # pin: refuse to start on other weights
     device: str = "cpu"  # "cpu" or "cuda[:n]"
     dtype: str = "float32"  # backbone and adapter pool precision
+    # "int8": the backbone's frozen Linear weights in int8 on the CPU (engine/quantize.py);
+    # LoRA, heads, embeddings and norms stay in dtype
+    quantize: str = "none"
     max_batch_tokens: int = 8192  # padded tokens per step
     max_batch_rows: int = 128  # rows per step
     max_inputs_per_request: int = 256  # texts in one classify call
@@ -49,6 +54,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        check_quantize(self.quantize, self.device, self.dtype)
         for name in (
             "max_batch_tokens",
             "max_batch_rows",

@@ -48,6 +48,7 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
         device=config.device,
         dtype=config.torch_dtype,
         expected_sha256=config.backbone_sha256,
+        quantize=config.quantize,
     )
     registry = Registry(config.registry_dir)
     registry.register_base(backbone.sha256, backbone.name)

@@ -168,3 +168,9 @@ def test_serve_flags_reach_the_engine_config(tmp_path: Path) -> None:
     assert engine_config(_parser().parse_args(["serve"])).dtype == "float32"
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--dtype", "int8"])
+    quantized = _parser().parse_args(["serve", "--registry", str(tmp_path), "--quantize", "int8"])
+    assert engine_config(quantized).quantize == "int8"
+    assert engine_config(_parser().parse_args(["serve"])).quantize == "none"
+    both = _parser().parse_args(["serve", "--quantize", "int8", "--dtype", "bfloat16"])
+    with pytest.raises(ValueError, match="float32 activations"):
+        engine_config(both)

@@ -1,0 +1,61 @@
+"""The int8 rootstock (engine/quantize.py): close to float32, and each row's answer its own."""
+
+import pytest
+import torch
+from torch import nn
+
+from engine import load_backbone
+from engine.lora import LoraLinear
+from engine.quantize import Int8Linear, quantize_linears_int8
+
+
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "rows", "bias"),
+    [(384, 384, 1, True), (384, 1536, 16, True), (1536, 384, 7, True), (100, 7, 3, False)],
+)
+def test_int8_linear_is_within_two_percent_of_float32(
+    in_features: int, out_features: int, rows: int, bias: bool
+) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    x = torch.randn(2, rows, in_features)
+    with torch.inference_mode():
+        expected, got = linear(x), Int8Linear(linear)(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    error = (got - expected).norm() / expected.norm()
+    assert error < 0.02, error
+
+
+def test_a_rows_answer_does_not_depend_on_its_neighbours() -> None:
+    """Scales are per row: a tenant's row batched with another tenant's outlier row gets the
+    same bits as alone (per-tensor activation scales would coarsen it)."""
+    torch.manual_seed(1)
+    layer = Int8Linear(nn.Linear(384, 384))
+    row = torch.randn(1, 384)
+    outlier = torch.randn(1, 384) * 1000
+    with torch.inference_mode():
+        alone = layer(row)
+        batched = layer(torch.cat([outlier, row, outlier]))[1:2]
+    assert torch.equal(alone, batched)
+
+
+def test_int8_backbone_keeps_the_wrappers_and_stays_close_to_float32() -> None:
+    reference = load_backbone()
+    quantized = load_backbone(quantize="int8")
+    assert all(isinstance(w, LoraLinear) for w in quantized.linears.values())
+    assert all(isinstance(w.base, Int8Linear) for w in quantized.linears.values())
+    assert not any(type(m) is nn.Linear for m in quantized.model.modules())
+    texts = ["ok lor", "WIN a brand new car, text CLAIM to 80086 now!", "see you at lunch?"]
+    for text in texts:
+        tokens = reference.tokenizer([text], return_tensors="pt")
+        with torch.inference_mode():
+            a = reference.model(**tokens).last_hidden_state.mean(1)
+            b = quantized.model(**tokens).last_hidden_state.mean(1)
+        assert torch.nn.functional.cosine_similarity(a, b).item() > 0.98, text
+
+
+def test_quantize_linears_counts_what_it_replaced() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 8)))
+    assert quantize_linears_int8(model) == 2
+    assert isinstance(model[0], Int8Linear) and isinstance(model[2][0], Int8Linear)
+    assert model(torch.randn(3, 8)).shape == (3, 8)
