@@ -118,6 +118,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="float32",
         help="every target's weights and activations (bfloat16: CPUs with AVX512-BF16 or AMX)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: graft's and the bare backbone's Linear weights in int8 (CPU; not peft)",
+    )
     p.add_argument("--adapter-pages", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT_DIR)
@@ -200,6 +206,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         threads=args.threads,
         device=args.device,
         dtype=args.dtype,
+        quantize=args.quantize,
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),

@@ -61,6 +61,10 @@ async def _http_server(kind: str, fleet: Fleet, options: TargetOptions):
         thread, counters = _graft_server(fleet, options)
         models = fleet.models  # graft resolves a bare name in the key's tenant
     else:
+        if options.quantize != "none":
+            raise ValueError(
+                "the PEFT server has no int8 path: run peft scenarios without --quantize"
+            )
         thread, counters = _peft_server(fleet, options), None
         models = tuple((t, f"{t}/{n}") for t, n in fleet.models)  # no auth: names carry tenants
     loop = asyncio.get_running_loop()

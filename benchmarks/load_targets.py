@@ -55,6 +55,7 @@ class TargetOptions:
     threads: int | None = None  # torch intra-op threads
     device: str = "cpu"  # where every target's model runs: cpu or cuda[:n]
     dtype: str = "float32"  # every target's weights and activations: float32, bfloat16...
+    quantize: str = "none"  # "int8": graft's and the bare backbone's Linear weights in int8
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
     max_batch_tokens: int = 8192
@@ -275,6 +276,7 @@ def engine_config(fleet: Fleet, options: TargetOptions):
         num_threads=options.threads,
         device=options.device,
         dtype=options.dtype,
+        quantize=options.quantize,
     )
 
 
@@ -294,7 +296,7 @@ async def _backbone(fleet: Fleet, options: TargetOptions) -> AsyncIterator[Targe
     from benchmarks.batcher import MicroBatcher
 
     model, tokenizer, forward = await asyncio.get_running_loop().run_in_executor(
-        None, _bare_backbone, options.device, options.dtype
+        None, _bare_backbone, options.device, options.dtype, options.quantize
     )
     from concurrent.futures import ThreadPoolExecutor
 
@@ -308,8 +310,10 @@ async def _backbone(fleet: Fleet, options: TargetOptions) -> AsyncIterator[Targe
             yield BackboneTarget(batcher, tokenizer, fleet, max_tokens, pool)
 
 
-def _bare_backbone(device: str = "cpu", dtype: str = "float32"):
-    """The packaged backbone as plain ``transformers`` runs it, mean-pooled, one 2-label head."""
+def _bare_backbone(device: str = "cpu", dtype: str = "float32", quantize: str = "none"):
+    """The packaged backbone as plain ``transformers`` runs it, mean-pooled, one 2-label head;
+    with ``quantize="int8"`` its Linear weights in int8 exactly as graft's (the ceiling moves
+    with them)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -320,6 +324,11 @@ def _bare_backbone(device: str = "cpu", dtype: str = "float32"):
     torch_dtype = getattr(torch, dtype)
     model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
     model = model.to(device).eval()
+    if quantize != "none":
+        from engine.quantize import check_quantize, quantize_linears_int8
+
+        check_quantize(quantize, device, dtype)
+        quantize_linears_int8(model)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     head = torch.nn.Linear(model.config.hidden_size, 2).to(device, torch_dtype)
     pad_id = tokenizer.pad_token_id or 0

@@ -1,10 +1,11 @@
-"""Serving in bfloat16 against float32: do the answers of trained models change?
+"""Serving in bfloat16 or with int8 weights against float32: do trained models' answers change?
 
     make demo        # trains demo/spam and demo/news into ./graft-registry, once
     python -m benchmarks.precision [--registry graft-registry] [--dtype bfloat16] [--rows 600]
+    python -m benchmarks.precision --quantize int8   # int8 backbone weights, float32 the rest
 
 The demo models were trained in float32 on a 1,000-row sample of their packaged data set; this
-scores rows outside that sample with one engine per dtype and prints, per model, macro-F1 under
+scores rows outside that sample with one engine per setting and prints, per model, macro-F1 under
 each, the share of inputs whose label is the same, the largest score difference, and the time
 each engine took. Adapters are trained in float32 whatever the serving dtype.
 """
@@ -41,11 +42,14 @@ def _macro_f1(truth: list[str], predicted: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
-async def _score(registry: Path, dtype: str, jobs: list[tuple[str, list]]) -> list[tuple]:
+async def _score(
+    registry: Path, dtype: str, jobs: list[tuple[str, list]], quantize: str = "none"
+) -> list[tuple]:
     from engine import Engine, EngineConfig
 
     out = []
-    async with Engine(EngineConfig(registry_dir=registry, dtype=dtype)) as engine:
+    config = EngineConfig(registry_dir=registry, dtype=dtype, quantize=quantize)
+    async with Engine(config) as engine:
         for model, examples in jobs:
             texts = [e.text for e in examples]
             await engine.classify("demo", model, texts[:1])  # load the adapter before timing
@@ -62,8 +66,9 @@ async def run(args: argparse.Namespace) -> None:
 
     jobs = [(name, _held_out(data, args.rows, DEMO_SAMPLE_ROWS)) for name, data, *_ in DEMO_MODELS]
     reference = await _score(args.registry, "float32", jobs)
-    other = await _score(args.registry, args.dtype, jobs)
-    print(f"demo models, rows outside the training sample: float32 against {args.dtype}")
+    other = await _score(args.registry, args.dtype, jobs, args.quantize)
+    name = args.dtype if args.quantize == "none" else f"{args.quantize} weights"
+    print(f"demo models, rows outside the training sample: float32 against {name}")
     print(
         "model  rows  macro-F1 fp32  macro-F1 other  same label  max |score diff|  "
         "time fp32 / other"
@@ -86,9 +91,17 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--registry", type=Path, default=Path("graft-registry"))
-    parser.add_argument("--dtype", default="bfloat16", help="compared against float32")
+    parser.add_argument("--dtype", default=None, help="compared against float32 (default bfloat16)")
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: compare a float32 engine with int8 backbone weights instead",
+    )
     parser.add_argument("--rows", type=int, default=600, help="held-out rows per model")
     args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "float32" if args.quantize != "none" else "bfloat16"
     if not (args.registry / "catalog.sqlite3").exists():
         parser.error(f"no registry at {args.registry}: run `make demo` first, or pass --registry")
     asyncio.run(run(args))

@@ -1,6 +1,7 @@
 """Where one engine step spends its time: the host-side cost per step, for finding overhead.
 
     python -m benchmarks.profile_step [--device cuda] [--dtype bfloat16] [--rows 1,32]
+        [--quantize int8]
 
 On a GPU a small step is bound by the host (Python, and one launch per device op), not by the
 device: this prints, per batch size, the step time, the device ops launched per step (the
@@ -57,6 +58,7 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
         device=args.device,
         num_threads=args.threads,
         dtype=args.dtype,
+        quantize=args.quantize,
     )
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     async with Engine(config) as engine:
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--quantize", default="none", help="none or int8 (backbone Linears)")
     parser.add_argument("--rows", default="1,32", help="batch sizes, comma-separated")
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters in a batch")
     parser.add_argument("--repeats", type=int, default=20)
