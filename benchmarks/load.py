@@ -200,6 +200,12 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
     """Build the scratch registry once, then run each group of same-target scenarios
     against one target opened for the group."""
     chosen, plan = scenarios_from(args), sweep_plan(args)
+    peft = [s.name for s in chosen if s.target == "peft"]
+    if args.quantize != "none" and peft:  # refused before anything runs, not mid-sweep
+        raise ValueError(
+            f"--quantize {args.quantize}: the PEFT server has no int8 path; leave out {peft} "
+            "(--only) or drop --quantize"
+        )
     fleet = await _fleet(args, chosen, work)
     options = TargetOptions(
         timeout_s=args.timeout,

@@ -47,3 +47,19 @@ def test_quick_embedded_run_writes_records_the_report_reads(tmp_path: Path) -> N
     assert run["num_sent"] == len(records) and run["num_ok"] == len(answered)
     assert run["throughput_rps"] > 0
     assert summary["sweeps"][0]["scenario"] == "embedded-sms-2a-zipf"
+
+
+def test_quantized_bare_backbone_run_answers_and_records_the_setting(tmp_path: Path) -> None:
+    argv = ["--baseline", "backbone", "--quick", "--rate", "8", "--duration", "1"]
+    payload = load.main([*argv, "--quantize", "int8", "--no-progress", "--out", str(tmp_path)])
+    (path,) = Path(payload["run_dir"]).glob("*.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["target_options"]["quantize"] == "int8"
+    assert any(r.get("status") == 200 for r in lines[1:-1])
+
+
+def test_quantize_refuses_the_peft_server_before_anything_runs(tmp_path: Path) -> None:
+    argv = ["--baseline", "peft", "--quick", "--rate", "8", "--duration", "1", "--no-progress"]
+    with pytest.raises(ValueError, match="no int8 path"):
+        load.main([*argv, "--quantize", "int8", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # no run directory, no records
