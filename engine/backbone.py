@@ -68,6 +68,7 @@ class Backbone:
     lora_state: StepLora  # the current step's segment plan, read by every wrapper
     has_pooler: bool  # BERT-style tanh pooler over the first token
     num_pauses: int  # points per forward pass where lora_state.between_layers runs
+    quantize: str = "none"  # "int8": the wrapped Linears' frozen weights are int8
 
     @property
     def linear_names(self) -> list[str]:
@@ -116,6 +117,7 @@ def load_backbone(
         lora_state=state,
         has_pooler=getattr(model, "pooler", None) is not None,
         num_pauses=num_pauses,
+        quantize=quantize,
     )
 
 

@@ -21,7 +21,12 @@ from engine.adapters import POOLING_CLS_POOLER
 from engine.backbone import Backbone
 
 _CHECK_TEXTS = ("a short one", "and a somewhat longer second row, to check the packed attention")
+# largest hidden-state difference accepted between a row padded and packed: float32 agrees to
+# rounding; bfloat16 and int8 weights differ by up to 0.02 on MiniLM (one rounding step amplified
+# through the layers), while a real fault (attention leaking across rows, positions ignored)
+# differs by 0.65-1.35
 _CHECK_TOLERANCE = 1e-4
+_CHECK_TOLERANCE_LOW_PRECISION = 0.1
 _MIN_WASTE = 0.2  # pack only when padding would be at least this share of the step
 
 
@@ -107,6 +112,8 @@ def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     inputs = pack(token_ids, device, dtype)
+    exact = dtype == torch.float32 and backbone.quantize == "none"
+    tolerance = _CHECK_TOLERANCE if exact else _CHECK_TOLERANCE_LOW_PRECISION
     try:
         with torch.inference_mode():
             padded = model(input_ids=ids.to(device), attention_mask=mask.to(device))
@@ -121,6 +128,6 @@ def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
     for i, row in enumerate(token_ids):
         lo, hi = inputs.token_starts[i], inputs.token_starts[i + 1]
         expected = padded.last_hidden_state[i, : len(row)]
-        if not torch.allclose(hidden[lo:hi].float(), expected.float(), atol=_CHECK_TOLERANCE):
+        if not torch.allclose(hidden[lo:hi].float(), expected.float(), atol=tolerance):
             return False
     return True

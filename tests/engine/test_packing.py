@@ -1,11 +1,13 @@
 """Unpadded (packed) steps answer exactly what padded steps answer."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from engine import load_backbone, packing
 from engine.adapter_store import AdapterStore
 from engine.host_cache import HostCache
 from engine.lora_kernels import kernel_for
@@ -103,3 +105,21 @@ def test_packed_inputs_restart_positions_and_mask_across_rows(backbone) -> None:
     assert mask[0, 2] == 0 and mask[3, 4] == 0  # within a row
     assert mask[0, 3] < -1e30 and mask[4, 1] < -1e30  # across rows
     assert packing_works(backbone, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize(("dtype", "quantize"), [(torch.bfloat16, "none"), (torch.float32, "int8")])
+def test_packing_check_accepts_low_precision_rounding_but_not_a_leak(
+    dtype: torch.dtype, quantize: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 and int8 rows differ padded against packed by rounding (~0.02), which must not
+    switch packing off; attention leaking across rows (~1) still must."""
+    low = load_backbone(dtype=dtype, quantize=quantize)
+    assert packing_works(low, "cpu", dtype)
+    real_pack = packing.pack
+
+    def leaky_pack(*args, **kwargs):
+        inputs = real_pack(*args, **kwargs)
+        return dataclasses.replace(inputs, attention_mask=torch.zeros_like(inputs.attention_mask))
+
+    monkeypatch.setattr(packing, "pack", leaky_pack)
+    assert not packing_works(low, "cpu", dtype)
