@@ -78,9 +78,16 @@ async def ready(request: web.Request) -> web.Response:
         raise ApiError(
             503, UNAVAILABLE, "engine is not ready", headers={"Retry-After": str(RETRY_AFTER_S)}
         )
-    backbone = engine.backbone
+    backbone, config = engine.backbone, engine.config
     return json_response(
-        {"status": "ready", "backbone": backbone.name, "backbone_sha256": backbone.sha256}
+        {
+            "status": "ready",
+            "backbone": backbone.name,
+            "backbone_sha256": backbone.sha256,
+            # answers differ slightly between precisions: clients comparing scores can tell
+            "dtype": config.dtype,
+            "quantize": config.quantize,
+        }
     )
 
 

@@ -172,6 +172,8 @@ async def test_health_and_ready(client, engine: Engine) -> None:
         "status": "ready",
         "backbone": engine.backbone.name,
         "backbone_sha256": engine.backbone.sha256,
+        "dtype": "float32",
+        "quantize": "none",
     }
 
 
