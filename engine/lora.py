@@ -1,6 +1,6 @@
 """LoRA on a frozen Linear, for every adapter of a mixed batch at once."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -90,7 +90,7 @@ class LoraStepPlan:
 
     def segment_lists(
         self, index: int, num_tokens: int, first: int = 0, end: int | None = None
-    ) -> tuple[list[int], list[list[int]], list[int], list[float]]:
+    ) -> tuple[list[int], list[Sequence[int]], list[int], list[float]]:
         """``segment_args`` minus the pools, as Python numbers (``lists`` must be set)."""
         lists = self.lists
         assert lists is not None
@@ -112,7 +112,8 @@ class SegmentLists(NamedTuple):
     """A step's segment metadata as Python numbers, built once per step."""
 
     row_starts: tuple[int, ...]  # [S + 1]
-    pages: list[list[int]]  # [S][rank], pool rows of each segment's adapter
+    pages: list[Sequence[int]]  # [S][rank], pool rows of each segment's adapter (a range
+    # when contiguous, so kernels take a view without checking)
     ranks: list[list[int]]  # [M][S]
     scales: list[list[float]]  # [M][S]
     # [rows + 1] token offsets of an unpadded (packed) step's rows; None when padded

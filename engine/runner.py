@@ -188,12 +188,18 @@ class ModelRunner:
             runs=rank_runs(lengths, [len(p) for p in page_lists]) if gather else (),
             lists=SegmentLists(
                 row_starts=tuple(batch.seg_starts),
-                pages=[list(p) for p in page_lists],
+                pages=[_page_run(p) for p in page_lists],
                 ranks=ranks.tolist(),
                 scales=scales.tolist(),
                 token_starts=token_starts,
             ),
         )
+
+
+def _page_run(pages: tuple[int, ...]) -> range | list[int]:
+    """A segment's pages as a range when they are contiguous (the usual case), else a list."""
+    run = range(pages[0], pages[0] + len(pages)) if pages else range(0)
+    return run if pages and tuple(run) == pages else list(pages)
 
 
 @dataclass(frozen=True, slots=True)

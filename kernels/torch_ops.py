@@ -64,8 +64,12 @@ def sgmv_lora_lists(
         y[lo:hi].addmm_(x[lo:hi] @ a.t(), b, alpha=scales[s])
 
 
-def _rows(pool: torch.Tensor, pages: list[int], rank: int) -> torch.Tensor:
-    """The adapter's rows: a view when its pages are contiguous (the allocator's usual case)."""
+def _rows(pool: torch.Tensor, pages: Sequence[int], rank: int) -> torch.Tensor:
+    """The adapter's rows: a view when its pages are contiguous (the allocator's usual case).
+    A ``range`` is contiguous by construction: the step plan checks once per segment, not
+    once per layer."""
+    if isinstance(pages, range):
+        return pool[pages.start : pages.start + rank]
     first = pages[0]
     if pages[rank - 1] - first == rank - 1 and all(pages[i] == first + i for i in range(rank)):
         return pool[first : first + rank]

@@ -80,3 +80,33 @@ def test_gather_refuses_a_plan_without_runs() -> None:
     bare = LoraStepPlan(**{f: getattr(plan, f) for f in plan.__slots__ if f != "runs"})
     with pytest.raises(ValueError, match="rank runs"):
         GatherBmm().apply(0, y, x, bare)
+
+
+def test_segment_loop_reads_page_ranges_and_scattered_pages_alike() -> None:
+    """The step plan hands contiguous pages over as ranges (a view, no per-layer check) and
+    scattered ones as lists (a gather); both must give the reference's answer."""
+    from engine.runner import _page_run
+    from kernels import sgmv_lora_lists
+
+    assert _page_run((3, 4, 5)) == range(3, 6)
+    assert _page_run((5, 2, 7)) == [5, 2, 7] and _page_run((4, 3)) == [4, 3]
+    assert _page_run(()) == []
+    gen = torch.Generator().manual_seed(3)
+    a_pool, b_pool = torch.randn(9, IN, generator=gen), torch.randn(9, OUT, generator=gen)
+    x = torch.randn(2 * TOKENS, IN, generator=gen)
+    y = torch.randn(2 * TOKENS, OUT, generator=gen)
+    starts, ranks, scales = [0, TOKENS, 2 * TOKENS], [3, 3], [0.5, 2.0]
+    expected = sgmv_reference(
+        y,
+        x,
+        a_pool,
+        b_pool,
+        torch.tensor(starts, dtype=torch.int32),
+        torch.tensor([[1, 2, 3], [6, 4, 8]], dtype=torch.int32),
+        torch.tensor(ranks, dtype=torch.int32),
+        torch.tensor(scales),
+    )
+    pages = [_page_run((1, 2, 3)), _page_run((6, 4, 8))]
+    assert isinstance(pages[0], range) and isinstance(pages[1], list)
+    sgmv_lora_lists(y, x, a_pool, b_pool, starts, pages, ranks, scales)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
