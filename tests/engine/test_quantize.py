@@ -59,3 +59,31 @@ def test_quantize_linears_counts_what_it_replaced() -> None:
     assert quantize_linears_int8(model) == 2
     assert isinstance(model[0], Int8Linear) and isinstance(model[2][0], Int8Linear)
     assert model(torch.randn(3, 8)).shape == (3, 8)
+
+
+def test_siblings_reading_one_tensor_quantise_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention's query, key and value read the same hidden states: quantised once, reused,
+    and the answers are those of unshared layers; another tensor is quantised afresh."""
+    from engine import quantize
+
+    torch.manual_seed(2)
+    owner = nn.Module()
+    owner.query, owner.key, owner.value = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 4)
+    owner.out = nn.Linear(8, 16)  # another width: its own group (none, being alone)
+    model = nn.Sequential(owner)
+    expected = {n: Int8Linear(getattr(owner, n)) for n in ("query", "key", "value")}
+    quantize_linears_int8(model)
+    assert owner.query.shared is owner.key.shared is owner.value.shared is not None
+    assert owner.out.shared is None
+    x, other = torch.randn(3, 16), torch.randn(3, 16)
+    with torch.inference_mode():
+        want = {n: layer(x) for n, layer in expected.items()}
+        want_other = expected["key"](other)
+        calls = []
+        real = quantize.quantize_rows
+        monkeypatch.setattr(quantize, "quantize_rows", lambda rows: calls.append(1) or real(rows))
+        for name in ("query", "key", "value"):
+            assert torch.equal(getattr(owner, name)(x), want[name])
+        assert len(calls) == 1
+        assert torch.equal(owner.key(other), want_other)
+        assert len(calls) == 2
