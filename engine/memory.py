@@ -54,6 +54,7 @@ class AdapterMemory:
         self.dtype = dtype
         self._names = backbone.linear_names
         self._columns, self.width = _layout(backbone)
+        self._block_widths = [n for _, n_in, _, n_out in self._columns for n in (n_in, n_out)]
         # preallocated once, with the zero page: page-in never allocates device memory
         self._slab = torch.zeros((num_pages + 1, self.width), device=device, dtype=dtype)
         self._pools = [
@@ -131,18 +132,25 @@ class AdapterMemory:
         weight.copy_(head.weight)
         bias.copy_(head.bias)
         rows = buffer[: sizes[0]].view(weights.rank, self.width) if dense else None
+        copied = rows is not None and self._concatenate(weights, rows)
+        # per module, A and B transposed as column blocks of the rows, cut in one call
+        blocks = rows.split(self._block_widths, dim=1) if rows is not None else ()
         modules, offset = {}, 0
         for name, module in weights.modules.items():
-            a0, n_in, b0, n_out = self._columns[self._backbone.linears[name].index]
+            index = self._backbone.linears[name].index
+            a0, n_in, b0, n_out = self._columns[index]
             r = module.a.shape[0]
             if rows is not None:
-                a, b_t = rows[:r, a0 : a0 + n_in], rows[:r, b0 : b0 + n_out]
+                a, b_t = blocks[2 * index], blocks[2 * index + 1]
+                if r != weights.rank:
+                    a, b_t = a[:r], b_t[:r]
             else:
                 a = buffer[offset : offset + r * n_in].view(r, n_in)
                 b_t = buffer[offset + r * n_in : offset + r * (n_in + n_out)].view(r, n_out)
                 offset += r * (n_in + n_out)
-            a.copy_(module.a)
-            b_t.copy_(module.b.t())
+            if not copied:
+                a.copy_(module.a)
+                b_t.copy_(module.b.t())
             modules[name] = LoraModule(a=a, b=b_t.t(), scale=module.scale)
         return AdapterWeights(
             modules=modules,
@@ -151,6 +159,23 @@ class AdapterMemory:
             rank=weights.rank,
             rows=rows,
         )
+
+    def _concatenate(self, weights: AdapterWeights, rows: torch.Tensor) -> bool:
+        """Fill ``rows`` with one ``torch.cat`` over every module's A and B transposed (zeros for
+        modules the adapter skips): one op instead of two copies per module, the usual case
+        of adapters trained on every Linear. False, with nothing written, when a module has a
+        lower rank than the adapter or another dtype than the pool: the caller copies then."""
+        rank, pieces = weights.rank, []
+        for name, (_, n_in, _, n_out) in zip(self._names, self._columns, strict=True):
+            module = weights.modules.get(name)
+            if module is None:
+                pieces.append(torch.zeros((), dtype=self._dtype).expand(rank, n_in + n_out))
+            elif module.a.shape[0] != rank or module.a.dtype != self._dtype:
+                return False
+            else:
+                pieces += (module.a, module.b.t())
+        torch.cat(pieces, dim=1, out=rows)
+        return True
 
     def _admit(self, key: str, weights: AdapterWeights) -> Resident:
         rows = weights.rows

@@ -235,3 +235,26 @@ def test_scattered_pages_hold_exactly_the_adapter(backbone, packed: bool) -> Non
         torch.testing.assert_close(a_pool[pages], module.a, rtol=0, atol=0)
         torch.testing.assert_close(b_pool[pages], module.b.t(), rtol=0, atol=0)
     assert not memory.pools[0][0][0].any()  # the zero page stays zero
+
+
+@pytest.mark.parametrize("lower_rank", [False, True])
+def test_whole_rows_hold_each_module_and_zeros_elsewhere(backbone, lower_rank: bool) -> None:
+    """Whole rows are cut in one concatenation when every module has the adapter's rank (a
+    skipped module gets zeros), and copied module by module when one has a lower rank."""
+    memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
+    weights = _dense(backbone, seed=5, rank=8)
+    low, skipped = "encoder.layer.2.output.dense", "encoder.layer.3.attention.self.key"
+    modules = {n: m for n, m in weights.modules.items() if n != skipped}
+    if lower_rank:
+        modules[low] = LoraModule(a=modules[low].a[:4], b=modules[low].b[:, :4], scale=0.5)
+    weights = AdapterWeights(modules=modules, head=weights.head, labels=weights.labels, rank=8)
+    got = memory.pack(weights, whole_rows=True)
+    assert got.rows is not None
+    _same_views(got, weights)
+    for name, (a0, n_in, b0, n_out) in zip(backbone.linear_names, memory._columns, strict=True):
+        module = weights.modules.get(name)
+        r = 0 if module is None else module.a.shape[0]
+        if module is not None:
+            assert torch.equal(got.rows[:r, a0 : a0 + n_in], module.a)
+            assert torch.equal(got.rows[:r, b0 : b0 + n_out], module.b.t())
+        assert not got.rows[r:, a0 : a0 + n_in + n_out].any()
