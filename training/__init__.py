@@ -1,16 +1,7 @@
 """Training: validate a tenant's labeled data, train a head, LoRA + head, or a full model."""
 
 from training.config import MODES, TrainConfig
-from training.data import (
-    DataError,
-    DataReport,
-    Example,
-    clean_examples,
-    examples_from_records,
-    load_examples,
-    raise_for_errors,
-    validate_examples,
-)
+from training.data import DataError, Example, clean_examples, examples_from_records, load_examples
 from training.datasets import (
     DATASETS,
     DatasetUnavailable,
@@ -29,6 +20,7 @@ from training.job_uploads import InvalidData
 from training.jobs import JobManager
 from training.metrics import classification_metrics
 from training.trainer import TrainResult, train_adapter
+from training.validation import DataReport, raise_for_errors, validate_examples
 
 __all__ = [
     "DATASETS",

@@ -4,7 +4,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from training.data import DataError, Tokenizer, load_examples, validate_examples
+from training.data import DataError, load_examples
+from training.validation import Tokenizer, validate_examples
 
 UPLOAD_SUFFIXES = (".csv", ".tsv", ".jsonl")
 

@@ -30,7 +30,6 @@ from typing import Any
 
 from registry import NotFound, Registry
 from training.config import TrainConfig
-from training.data import Tokenizer
 from training.job_config import JobConflict, JobNotFound, JobsConfig, JobsUnavailable, TooManyJobs
 from training.job_process import WorkerProcess
 from training.job_store import (
@@ -46,6 +45,7 @@ from training.job_store import (
 )
 from training.job_uploads import check_suffix, validate_upload
 from training.job_worker import WorkerSpec
+from training.validation import Tokenizer
 
 log = logging.getLogger(__name__)
 

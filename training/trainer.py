@@ -18,13 +18,14 @@ from engine import POOLING_MEAN, Backbone
 from engine.peft_io import WEIGHTS_FILE, write_peft_adapter
 from registry import AdapterRecord, NotFound, Registry, validate_name
 from training.config import TrainConfig
-from training.data import DataReport, Example, raise_for_errors, validate_examples
+from training.data import Example
 from training.full_model import check_output_dir, fit_full, write_full_model
 from training.head_only import fit_head
 from training.lora_model import fit_lora
 from training.metrics import classification_metrics
 from training.progress import OnEvent
 from training.recipe import Fitted, Split, split_examples
+from training.validation import DataReport, raise_for_errors, validate_examples
 
 log = logging.getLogger(__name__)
 

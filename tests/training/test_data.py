@@ -5,15 +5,8 @@ import json
 
 import pytest
 
-from training.data import (
-    DataError,
-    Example,
-    clean_examples,
-    examples_from_records,
-    load_examples,
-    raise_for_errors,
-    validate_examples,
-)
+from training.data import DataError, Example, clean_examples, examples_from_records, load_examples
+from training.validation import raise_for_errors, validate_examples
 
 
 @pytest.fixture(scope="module")

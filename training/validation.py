@@ -1,0 +1,217 @@
+"""Validating a customer's labeled examples: what is unwise to train on, by row number.
+
+Readable data that is unwise to train on is summarised in a `DataReport` whose errors stop
+training and whose warnings go into the adapter manifest (reading the rows is training/data.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol
+
+from training.data import DataError, Example, describe_rows, normalise_text
+
+MAX_UNK_ROWS = 50  # rows with unknown tokens kept in a report
+TOKENIZE_BATCH_SIZE = 256
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer that validation uses."""
+
+    unk_token_id: int | None
+
+    def __call__(self, text: list[str], **kwargs: Any) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DataReport:
+    """What validation found. Errors stop training; warnings go into the adapter manifest."""
+
+    num_rows: int  # examples read, empty ones included
+    class_counts: Mapping[str, int]  # label -> non-empty examples, sorted by label
+    num_empty: int  # rows whose text is empty or whitespace; training drops them
+    empty_rows: tuple[int, ...]  # their row numbers
+    num_duplicates: int  # rows whose normalised text already appeared on an earlier row
+    duplicate_rows: tuple[int, ...]  # their row numbers
+    num_conflicting: int  # distinct duplicated texts that carry more than one label
+    unk_token_rate: float  # unk tokens / all tokens over non-empty texts, 0..1
+    unk_rows: tuple[int, ...]  # first MAX_UNK_ROWS rows holding at least one unk token
+    imbalance_ratio: float  # largest / smallest class count; 0.0 when there are no classes
+    warnings: tuple[str, ...]  # worth reading, training still runs
+    errors: tuple[str, ...]  # training refuses to run
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (tuples become lists) for the adapter manifest."""
+        out = {field.name: getattr(self, field.name) for field in fields(self)}
+        out["class_counts"] = dict(self.class_counts)
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in out.items()}
+
+    def format(self) -> str:
+        """Multi-line summary for the CLI."""
+        total = sum(self.class_counts.values()) or 1
+        width = max((len(label) for label in self.class_counts), default=0)
+        lines = [
+            f"rows: {self.num_rows}",
+            f"classes: {len(self.class_counts)}, imbalance {self.imbalance_ratio:.1f}x "
+            "(largest / smallest)",
+        ]
+        lines += [
+            f"  {label:<{width}}  {count:>7}  {100 * count / total:5.1f}%"
+            for label, count in self.class_counts.items()
+        ]
+        lines.append(
+            f"duplicates: {self.num_duplicates} rows, {self.num_conflicting} texts with "
+            "conflicting labels"
+        )
+        lines.append(f"empty rows: {self.num_empty}")
+        lines.append(f"unknown tokens: {self.unk_token_rate:.2%} of tokens")
+        lines += [f"warning: {warning}" for warning in self.warnings]
+        lines += [f"error: {error}" for error in self.errors]
+        return "\n".join(lines)
+
+
+def _find_duplicates(examples: Sequence[Example]) -> tuple[list[int], list[int], int]:
+    """(duplicate rows, rows whose label contradicts the first occurrence, conflicting texts)."""
+    first_label: dict[str, str] = {}
+    duplicate_rows: list[int] = []
+    conflict_rows: list[int] = []
+    conflicting_texts: set[str] = set()
+    for example in examples:
+        key = normalise_text(example.text)
+        if key not in first_label:
+            first_label[key] = example.label
+            continue
+        duplicate_rows.append(example.row)
+        if example.label != first_label[key]:
+            conflict_rows.append(example.row)
+            conflicting_texts.add(key)
+    return duplicate_rows, conflict_rows, len(conflicting_texts)
+
+
+def _measure_unk(examples: Sequence[Example], tokenizer: Tokenizer) -> tuple[float, list[int]]:
+    """(share of tokens that are the unk token, rows holding at least one)."""
+    unk_id = tokenizer.unk_token_id
+    if unk_id is None:  # byte-level vocabularies can spell anything
+        return 0.0, []
+    num_tokens = num_unk = 0
+    unk_rows: list[int] = []
+    for start in range(0, len(examples), TOKENIZE_BATCH_SIZE):
+        batch = examples[start : start + TOKENIZE_BATCH_SIZE]
+        encoded = tokenizer(
+            [example.text for example in batch],
+            add_special_tokens=False,
+            truncation=False,
+            verbose=False,  # long texts are fine here: we only count tokens
+        )
+        for example, ids in zip(batch, encoded["input_ids"], strict=True):
+            count = sum(1 for token in ids if token == unk_id)
+            num_tokens += len(ids)
+            num_unk += count
+            if count:
+                unk_rows.append(example.row)
+    return (num_unk / num_tokens if num_tokens else 0.0), unk_rows
+
+
+def _class_errors(examples: Sequence[Example], num_rows: int, min_per_class: int) -> list[str]:
+    if not examples:
+        return ["no examples" if num_rows == 0 else f"all {num_rows} texts are empty"]
+    rows_by_label: dict[str, list[int]] = {}
+    for example in examples:
+        rows_by_label.setdefault(example.label, []).append(example.row)
+    errors = []
+    if len(rows_by_label) < 2:
+        errors.append(f"only one class ({next(iter(rows_by_label))!r}); need at least 2")
+    for label, rows in sorted(rows_by_label.items()):
+        if len(rows) < min_per_class:
+            errors.append(
+                f"class {label!r} has {len(rows)} example(s) ({describe_rows(rows)}); "
+                f"need at least {min_per_class}"
+            )
+    return errors
+
+
+def _check_limits(min_per_class: int, max_unk_rate: float, max_imbalance: float) -> None:
+    if min_per_class < 1 or not 0.0 <= max_unk_rate <= 1.0 or max_imbalance < 1.0:
+        raise ValueError(
+            "need min_examples_per_class >= 1, 0 <= max_unk_rate <= 1, max_imbalance_ratio >= 1; "
+            f"got {min_per_class}, {max_unk_rate}, {max_imbalance}"
+        )
+
+
+def _warnings(
+    report: DataReport, conflict_rows: list[int], max_unk_rate: float, max_imbalance: float
+) -> list[str]:
+    warnings = []
+    if report.unk_token_rate > max_unk_rate:
+        warnings.append(
+            f"{report.unk_token_rate:.1%} of tokens are unknown to the model's tokenizer (limit "
+            f"{max_unk_rate:.1%}); it cannot read parts of {describe_rows(report.unk_rows)}"
+        )
+    if report.imbalance_ratio > max_imbalance:
+        counts = report.class_counts
+        big, small = max(counts, key=counts.__getitem__), min(counts, key=counts.__getitem__)
+        warnings.append(
+            f"classes are imbalanced {report.imbalance_ratio:.1f}x (limit {max_imbalance:g}x): "
+            f"{big!r} has {counts[big]} examples, {small!r} has {counts[small]}"
+        )
+    if report.num_duplicates:
+        warnings.append(
+            f"{report.num_duplicates} duplicate text(s) ({describe_rows(report.duplicate_rows)});"
+            " training keeps only the first occurrence"
+        )
+    if report.num_conflicting:
+        warnings.append(
+            f"{report.num_conflicting} duplicated text(s) carry different labels "
+            f"({describe_rows(conflict_rows)}); training keeps the first label"
+        )
+    if report.num_empty:
+        rows = describe_rows(report.empty_rows)
+        warnings.append(f"{report.num_empty} empty text(s) ({rows}) will be dropped")
+    return warnings
+
+
+def validate_examples(
+    examples: Iterable[Example],
+    tokenizer: Tokenizer,
+    *,
+    min_examples_per_class: int = 5,
+    max_unk_rate: float = 0.02,
+    max_imbalance_ratio: float = 10.0,
+) -> DataReport:
+    """Check examples against what LoRA training on ``tokenizer``'s backbone needs.
+
+    Counts are over non-empty texts; duplicates still count towards their class here.
+    """
+    _check_limits(min_examples_per_class, max_unk_rate, max_imbalance_ratio)
+    examples = list(examples)
+    filled = [example for example in examples if example.text.strip()]
+    empty_rows = tuple(example.row for example in examples if not example.text.strip())
+    class_counts = dict(sorted(Counter(example.label for example in filled).items()))
+    duplicate_rows, conflict_rows, num_conflicting = _find_duplicates(filled)
+    unk_rate, unk_rows = _measure_unk(filled, tokenizer)
+    counts = class_counts.values()
+    report = DataReport(
+        num_rows=len(examples),
+        class_counts=class_counts,
+        num_empty=len(empty_rows),
+        empty_rows=empty_rows,
+        num_duplicates=len(duplicate_rows),
+        duplicate_rows=tuple(duplicate_rows),
+        num_conflicting=num_conflicting,
+        unk_token_rate=unk_rate,
+        unk_rows=tuple(unk_rows[:MAX_UNK_ROWS]),
+        imbalance_ratio=max(counts) / min(counts) if counts else 0.0,
+        warnings=(),
+        errors=tuple(_class_errors(filled, len(examples), min_examples_per_class)),
+    )
+    warnings = _warnings(report, conflict_rows, max_unk_rate, max_imbalance_ratio)
+    return replace(report, warnings=tuple(warnings))
+
+
+def raise_for_errors(report: DataReport, source: str) -> None:
+    """Raise one DataError listing every fatal problem in ``report``; nothing if there is none."""
+    if report.errors:
+        problems = "\n".join(f"  - {error}" for error in report.errors)
+        raise DataError(f"{source}: the data cannot be used for training:\n{problems}")
