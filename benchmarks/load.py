@@ -124,6 +124,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="none",
         help="int8: graft's and the bare backbone's Linear weights in int8 (CPU; not peft)",
     )
+    p.add_argument(
+        "--interlude-tokens",
+        type=int,
+        default=None,
+        help="graft's short steps inside long ones: token budget (default by device; 0 = off)",
+    )
     p.add_argument("--adapter-pages", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT_DIR)
@@ -213,6 +219,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
+        interlude_tokens=args.interlude_tokens,
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),

@@ -56,6 +56,7 @@ class TargetOptions:
     device: str = "cpu"  # where every target's model runs: cpu or cuda[:n]
     dtype: str = "float32"  # every target's weights and activations: float32, bfloat16...
     quantize: str = "none"  # "int8": graft's and the bare backbone's Linear weights in int8
+    interlude_tokens: int | None = None  # graft's EngineConfig.interlude_tokens (None: default)
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
     max_batch_tokens: int = 8192
@@ -277,6 +278,7 @@ def engine_config(fleet: Fleet, options: TargetOptions):
         device=options.device,
         dtype=options.dtype,
         quantize=options.quantize,
+        interlude_tokens=options.interlude_tokens,
     )
 
 
