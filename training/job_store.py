@@ -13,6 +13,7 @@ at a time; readers (event streams) may read concurrently, so every replacement i
 """
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -23,6 +24,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from training.job_config import JobsUnavailable
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
@@ -195,3 +198,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lock_jobs_dir(jobs_dir: Path) -> int:
+    """Lock ``jobs_dir`` for one manager's life (the returned descriptor holds the lock);
+    JobsUnavailable if a live server holds it already."""
+    fd = os.open(jobs_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise JobsUnavailable(f"another server manages the training jobs in {jobs_dir}") from None
+    return fd

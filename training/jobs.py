@@ -17,7 +17,6 @@ called from any thread; they are short, except `submit` (validates the upload) a
 """
 
 import contextlib
-import fcntl
 import logging
 import os
 import threading
@@ -41,6 +40,7 @@ from training.job_store import (
     JobRecord,
     JobStore,
     event,
+    lock_jobs_dir,
     new_job_id,
 )
 from training.job_uploads import check_suffix, validate_upload
@@ -81,7 +81,7 @@ class JobManager:
         Raises JobsUnavailable when another live server manages the same directory.
         """
         self._config.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock_exclusive(self._config.jobs_dir / ".lock")
+        self._lock_fd = lock_jobs_dir(self._config.jobs_dir)
         self._store = JobStore(self._config.jobs_dir)
         for record in self._store.all():
             self._jobs[record.id] = record
@@ -393,16 +393,3 @@ class JobManager:
 
 def _state(state: str) -> dict[str, Any]:
     return event("state", state=state)
-
-
-def _lock_exclusive(path: Path) -> int:
-    """Hold `path` locked for the manager's life; JobsUnavailable if a live server holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise JobsUnavailable(
-            f"another server manages the training jobs in {path.parent}"
-        ) from None
-    return fd
