@@ -198,8 +198,9 @@ class ModelRunner:
 
 def _page_run(pages: tuple[int, ...]) -> range | list[int]:
     """A segment's pages as a range when they are contiguous (the usual case), else a list."""
-    run = range(pages[0], pages[0] + len(pages)) if pages else range(0)
-    return run if pages and tuple(run) == pages else list(pages)
+    if pages and pages == tuple(range(pages[0], pages[0] + len(pages))):
+        return range(pages[0], pages[0] + len(pages))
+    return list(pages)
 
 
 @dataclass(frozen=True, slots=True)
