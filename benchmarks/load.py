@@ -60,6 +60,7 @@ STANDARD_SCENARIOS = (
     _s("embedded-news-1000a-zipf", "embedded", "news", 1000),
     _s("backbone-sms", "backbone", "sms", 1, "uniform"),
     _s("backbone-news", "backbone", "news", 1, "uniform"),
+    _s("backbone-sms-bursty", "backbone", "sms", 1, "uniform", arrival="gamma", cv=3.0),
     _s("serve-sms-1a", "serve", "sms", 1, "uniform"),
     _s("serve-sms-100a-zipf", "serve", "sms", 100),
     _s("serve-sms-1000a-zipf", "serve", "sms", 1000),

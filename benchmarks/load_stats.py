@@ -45,6 +45,8 @@ class RunSummary:
     corpus: str
     num_adapters: int
     popularity: str
+    arrival: str  # poisson or gamma
+    cv: float  # the gaps' coefficient of variation (1 for Poisson)
     offered_rps: float  # the configured mean rate
     sent_rps: float  # requests sent per second of the send window, as the driver managed
     num_sent: int
@@ -71,6 +73,8 @@ class SweepSummary:
     corpus: str
     num_adapters: int
     popularity: str
+    arrival: str
+    cv: float
     points: list[RunSummary]  # ascending offered rate
     saturation_rps: float  # highest throughput reached at any rate
     saturation_seq_s: float
@@ -164,6 +168,8 @@ def summarize(run: Run, slo_s: float) -> RunSummary:
         corpus=scenario["corpus"],
         num_adapters=int(scenario["num_adapters"]),
         popularity=scenario["popularity"],
+        arrival=scenario.get("arrival", "poisson"),  # files from before the field: Poisson
+        cv=float(scenario.get("cv", 1.0)),
         offered_rps=float(header["rate_rps"]),
         sent_rps=len(records) / window if window else 0.0,
         num_sent=len(records),
@@ -221,6 +227,8 @@ def sweeps(summaries: Sequence[RunSummary]) -> list[SweepSummary]:
                 corpus=first.corpus,
                 num_adapters=first.num_adapters,
                 popularity=first.popularity,
+                arrival=first.arrival,
+                cv=first.cv,
                 points=points,
                 saturation_rps=saturation.throughput_rps,
                 saturation_seq_s=max(s.throughput_seq_s for s in points),
@@ -235,12 +243,13 @@ def sweeps(summaries: Sequence[RunSummary]) -> list[SweepSummary]:
 def comparisons(sweep_list: Sequence[SweepSummary]) -> list[dict[str, Any]]:
     """The project's targets as ratios of saturation throughput (sequences/s), where both
     sides were measured: HTTP >= 0.85x embedded, embedded >= 0.9x bare backbone; and graft's
-    HTTP server against the PEFT one."""
+    HTTP server against the PEFT one. Both sides of a pair saw the same arrival process: bursts
+    cost every server throughput, so bursty graft is held to a bursty backbone."""
 
     def find(target: str | tuple[str, ...], like: SweepSummary, *, adapters: bool = True):
         kinds = (target,) if isinstance(target, str) else target
         for s in sweep_list:
-            same = s.corpus == like.corpus and (
+            same = (s.corpus, s.arrival, s.cv) == (like.corpus, like.arrival, like.cv) and (
                 not adapters
                 or (s.num_adapters == like.num_adapters and s.popularity == like.popularity)
             )

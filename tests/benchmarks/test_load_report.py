@@ -41,13 +41,14 @@ def rec(t_send: float, latency_s: float | None, status=200, tenant="t0", n_input
     }
 
 
-def header(name: str, target: str, rate: float, adapters: int = 1, corpus: str = "sms"):
+def header(name: str, target: str, rate: float, adapters: int = 1, corpus: str = "sms", **arrival):
     scenario = {
         "name": name,
         "target": target,
         "corpus": corpus,
         "num_adapters": adapters,
         "popularity": "zipf",
+        **arrival,
     }
     return {"scenario": scenario, "rate_rps": rate}
 
@@ -135,6 +136,23 @@ def test_comparisons_pair_http_with_embedded_and_embedded_with_the_backbone() ->
     )
     assert rows[("embedded / bare backbone", "emb")]["against"] == "bare"
     assert ("http / embedded", "other") not in rows  # no embedded run with 7 adapters
+
+
+def test_comparisons_hold_bursty_graft_to_a_bursty_backbone() -> None:
+    bursty = {"arrival": "gamma", "cv": 3.0}
+    summaries = [
+        summarize(_run("emb-bursty", "embedded", 40, 0.01, **bursty), SLO_S),
+        summarize(_run("bare", "backbone", 50, 0.01), SLO_S),
+        summarize(_run("bare-bursty", "backbone", 50, 0.01, **bursty), SLO_S),
+    ]
+    (row,) = [r for r in comparisons(sweeps(summaries)) if r["scenario"] == "emb-bursty"]
+    assert row["against"] == "bare-bursty"
+    assert row["ratio"] == pytest.approx(
+        summaries[0].throughput_seq_s / summaries[2].throughput_seq_s, abs=1e-3
+    )
+    assert row["ratio"] < 0.9 and not row["met"]
+    alone = [s for s in summaries if s.scenario != "bare-bursty"]
+    assert not comparisons(sweeps(alone))  # a Poisson backbone is no yardstick for bursts
 
 
 def test_queue_and_compute_split_where_recorded() -> None:
