@@ -9,7 +9,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,53 @@ class LoraModule:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scale: float  # alpha / r, or alpha / sqrt(r) with rsLoRA
+
+
+# where one module's factors sit in a packed buffer: (rank, scale, A's offset, A's row stride,
+# in, B^T's offset, B^T's row stride, out); offsets and strides in elements
+ModuleSpan = tuple[int, float, int, int, int, int, int, int]
+
+
+class PackedModules(Mapping[str, LoraModule]):
+    """An adapter's LoRA factors as views of one packed host buffer, made when asked for.
+
+    Views made once and kept would cost three Python objects per module, and the cycle
+    collector walks every one of them on each full pass, with every thread stopped: a host tier
+    of 1,000 adapters held 117k such objects and one pass took 87 ms. This mapping is three
+    objects per adapter; each lookup makes fresh views (a few microseconds).
+    """
+
+    __slots__ = ("_buffer", "_spans")
+
+    def __init__(self, buffer: torch.Tensor, spans: Mapping[str, ModuleSpan]) -> None:
+        self._buffer = buffer  # 1-D, contiguous
+        self._spans = dict(spans)
+
+    def __getitem__(self, name: str) -> LoraModule:
+        rank, scale, a0, a_stride, n_in, b0, b_stride, n_out = self._spans[name]
+        a = self._buffer.as_strided((rank, n_in), (a_stride, 1), a0)
+        b_t = self._buffer.as_strided((rank, n_out), (b_stride, 1), b0)
+        return LoraModule(a=a, b=b_t.t(), scale=scale)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def ranks_and_scales(self) -> Iterator[tuple[str, int, float]]:
+        """(module, rank, scale) of every module, without making views."""
+        for name, span in self._spans.items():
+            yield name, span[0], span[1]
+
+
+def ranks_and_scales(modules: Mapping[str, LoraModule]) -> Iterator[tuple[str, int, float]]:
+    """(module, rank, scale) for each module of an adapter, packed or not."""
+    if isinstance(modules, PackedModules):
+        yield from modules.ranks_and_scales()
+        return
+    for name, module in modules.items():
+        yield name, module.a.shape[0], module.scale
 
 
 @dataclass(frozen=True, slots=True)

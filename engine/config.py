@@ -50,6 +50,10 @@ class EngineConfig:
     settings_poll_s: float = 2.0  # how often tenant settings in the registry are re-read
     is_fair: bool = True  # deficit round robin over tenants; False = one FIFO (baseline)
     lora_kernel: str = "auto"  # auto (Triton on CUDA, loop/gather on CPU), loop, gather, triton
+    # after start-up, freeze every live object out of the cycle collector's passes (gc.freeze;
+    # engine/collector.py): a full pass then takes ms, not a quarter second. Process-wide:
+    # False for applications that manage gc themselves
+    gc_freeze: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from engine.admission import admit, deadline_for
 from engine.backbone import Backbone
+from engine.collector import freeze_startup_objects, release_startup_objects
 from engine.config import EngineConfig
 from engine.errors import EngineClosed, ModelNotFound
 from engine.inputs import Tokenized, tokenize_inputs
@@ -61,6 +62,7 @@ class Engine:
         self._loop_task: asyncio.Task[None] | None = None
         self._settings_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._froze_gc = False
 
     # lifecycle -------------------------------------------------------------------------
 
@@ -80,6 +82,9 @@ class Engine:
             self._executor, load_stack, self.config, self._scheduler
         )
         self._model.settings.apply()
+        if self.config.gc_freeze:
+            freeze_startup_objects()
+            self._froze_gc = True
         self._loop_task = asyncio.create_task(self._steps.run(), name="graft-step-loop")
         self._settings_task = asyncio.create_task(
             self._model.settings.watch(self.config.settings_poll_s), name="graft-settings"
@@ -101,6 +106,9 @@ class Engine:
         if self._model is not None:
             self._model.store.close()
             self._model.registry.close()
+        if self._froze_gc:
+            release_startup_objects()
+            self._froze_gc = False
 
     # introspection ---------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.adapters import AdapterWeights, Head, LoraModule
+from engine.adapters import AdapterWeights, Head, PackedModules, ranks_and_scales
 from engine.backbone import Backbone
 from engine.errors import EngineOverloaded
 
@@ -54,7 +54,6 @@ class AdapterMemory:
         self.dtype = dtype
         self._names = backbone.linear_names
         self._columns, self.width = _layout(backbone)
-        self._block_widths = [n for _, n_in, _, n_out in self._columns for n in (n_in, n_out)]
         # preallocated once, with the zero page: page-in never allocates device memory
         self._slab = torch.zeros((num_pages + 1, self.width), device=device, dtype=dtype)
         self._pools = [
@@ -133,25 +132,22 @@ class AdapterMemory:
         bias.copy_(head.bias)
         rows = buffer[: sizes[0]].view(weights.rank, self.width) if dense else None
         copied = rows is not None and self._concatenate(weights, rows)
-        # per module, A and B transposed as column blocks of the rows, cut in one call
-        blocks = rows.split(self._block_widths, dim=1) if rows is not None else ()
-        modules, offset = {}, 0
+        spans, offset = {}, 0
         for name, module in weights.modules.items():
-            index = self._backbone.linears[name].index
-            a0, n_in, b0, n_out = self._columns[index]
+            a0, n_in, b0, n_out = self._columns[self._backbone.linears[name].index]
             r = module.a.shape[0]
-            if rows is not None:
-                a, b_t = blocks[2 * index], blocks[2 * index + 1]
-                if r != weights.rank:
-                    a, b_t = a[:r], b_t[:r]
-            else:
-                a = buffer[offset : offset + r * n_in].view(r, n_in)
-                b_t = buffer[offset + r * n_in : offset + r * (n_in + n_out)].view(r, n_out)
+            if rows is not None:  # A and B transposed as column blocks of the whole rows
+                span = (r, module.scale, a0, self.width, n_in, b0, self.width, n_out)
+            else:  # compact: A, then B transposed, module after module
+                span = (r, module.scale, offset, n_in, n_in, offset + r * n_in, n_out, n_out)
                 offset += r * (n_in + n_out)
-            if not copied:
-                a.copy_(module.a)
-                b_t.copy_(module.b.t())
-            modules[name] = LoraModule(a=a, b=b_t.t(), scale=module.scale)
+            spans[name] = span
+        modules = PackedModules(buffer, spans)
+        if not copied:
+            for name, module in weights.modules.items():
+                view = modules[name]
+                view.a.copy_(module.a)
+                view.b.copy_(module.b)
         return AdapterWeights(
             modules=modules,
             head=Head(pooling=head.pooling, weight=weight, bias=bias),
@@ -202,10 +198,10 @@ class AdapterMemory:
         num_modules = len(self._names)
         ranks = torch.zeros(num_modules, dtype=torch.int32)
         scales = torch.zeros(num_modules, dtype=torch.float32)
-        for name, module in weights.modules.items():
+        for name, rank, scale in ranks_and_scales(weights.modules):
             index = self._backbone.linears[name].index
-            ranks[index] = module.a.shape[0]
-            scales[index] = module.scale
+            ranks[index] = rank
+            scales[index] = scale
         head = Head(
             pooling=weights.head.pooling,
             weight=weights.head.weight.to(self._device, self._dtype, non_blocking=True),

@@ -1,12 +1,14 @@
 """Device pool and host cache invariants: LRU, refcounts, pages, zero page."""
 
+import gc
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import EngineOverloaded
-from engine.adapters import AdapterWeights, Head, LoraModule
+from engine.adapters import AdapterWeights, Head, LoraModule, ranks_and_scales
 from engine.host_cache import HostCache
 from engine.memory import AdapterMemory, FreePages
 
@@ -178,6 +180,27 @@ def test_a_dense_adapter_packs_as_pool_rows_and_pages_in_whole(backbone) -> None
         assert a_pool.stride(0) == memory.width  # per-module column views of one slab
         torch.testing.assert_close(a_pool[pages], module.a, rtol=0, atol=0)
         torch.testing.assert_close(b_pool[pages], module.b.t(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["rows", "compact"])
+def test_a_packed_adapter_is_a_few_objects_for_the_cycle_collector(backbone, dense) -> None:
+    """The host tier holds thousands of packed adapters, and a full collection walks every
+    tracked object with all threads stopped: packing keeps no Python object per module."""
+    memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
+    make = _dense if dense else _weights
+    weights = [make(backbone, seed=i, rank=8) for i in range(10)]
+    gc.collect()
+    before = len(gc.get_objects())
+    packed = [memory.pack(w) for w in weights]
+    gc.collect()
+    assert (len(gc.get_objects()) - before) / len(packed) < 12  # 3 per module before: 108+
+    for got, original in zip(packed, weights, strict=True):
+        assert (got.rows is not None) == dense
+        _same_views(got, original)
+        assert list(ranks_and_scales(got.modules)) == list(ranks_and_scales(original.modules))
+        assert [m.scale for m in got.modules.values()] == [
+            m.scale for m in original.modules.values()
+        ]
 
 
 def test_a_sparse_adapter_stays_compact_on_the_host(backbone) -> None:
