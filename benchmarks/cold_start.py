@@ -29,6 +29,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.common import GcPauses, full_collection  # noqa: E402
+
 SHORT_TEXT = "Your parcel is waiting, confirm delivery at the link"
 
 
@@ -233,7 +235,8 @@ async def measure_rotation(
 
         before, done = engine.stats(), [0]
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(t0 + duration, done) for _ in range(in_flight)))
+        with GcPauses() as pauses:
+            await asyncio.gather(*(worker(t0 + duration, done) for _ in range(in_flight)))
         elapsed = time.perf_counter() - t0
         after = engine.stats()
         steps = after["steps"] - before["steps"]
@@ -242,6 +245,7 @@ async def measure_rotation(
             "rows_per_step": round((after["rows"] - before["rows"]) / max(1, steps), 1),
             "disk_loads": after["adapter_disk_loads"] - before["adapter_disk_loads"],
             "device_loads": after["adapter_device_loads"] - before["adapter_device_loads"],
+            **pauses.summary(),
         }
 
     cold = await loop(duration_s)
@@ -254,7 +258,7 @@ async def measure_rotation(
     await asyncio.gather(*(toucher() for _ in range(in_flight)))
     await loop(duration_s / 2)  # the device pool settles into the popularity's working set
     steady = await loop(duration_s)
-    return {"adapters": num_adapters, **steady, "cold": cold}
+    return {"adapters": num_adapters, **steady, "cold": cold, **full_collection()}
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict:
@@ -346,7 +350,11 @@ def _print(results: dict, machine: dict) -> None:
             f"x{r['ratio_vs_first']:.3f}  {r['rows_per_step']:4.1f} rows/step  "
             f"disk {r['disk_loads']:>4}  page-ins {r['device_loads']:>4} | "
             f"{c['requests_per_s']:7.1f} req/s x{c['ratio_vs_first']:.3f}  "
-            f"{c['rows_per_step']:4.1f} rows/step  disk {c['disk_loads']:>4}"
+            f"{c['rows_per_step']:4.1f} rows/step  disk {c['disk_loads']:>4}\n"
+            f"{'':>8}gc: paused {r['gc_pause_ms']} ms (longest {r['gc_longest_ms']}, "
+            f"{r['gc_full_passes']} full) | {c['gc_pause_ms']} ms ({c['gc_longest_ms']}, "
+            f"{c['gc_full_passes']} full); one full pass after: {r['gc_full_pass_ms']} ms over "
+            f"{r['gc_tracked']} objects"
         )
 
 

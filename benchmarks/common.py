@@ -4,6 +4,7 @@ Timings are medians over repetitions after warm-up, bounded in time; a benchmark
 as ratios against a baseline measured in the same process, never as absolute promises.
 """
 
+import gc
 import json
 import math
 import os
@@ -269,3 +270,49 @@ def names_of(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
 
     parse.__name__ = "comma-separated name"  # argparse's error message names the type
     return parse
+
+
+class GcPauses:
+    """Time in Python's cycle collector while open: each pass stops every thread, so a long
+    one lands in some request's latency. ``summary()`` after the ``with`` block."""
+
+    def __init__(self) -> None:
+        self.passes = [0, 0, 0]  # by generation; 2 = full
+        self.seconds = 0.0
+        self.longest_s = 0.0
+        self._started: float | None = None
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":  # passes never overlap: the collector holds the GIL throughout
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            took = time.perf_counter() - self._started
+            self._started = None
+            self.passes[info["generation"]] += 1
+            self.seconds += took
+            self.longest_s = max(self.longest_s, took)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "gc_pause_ms": round(self.seconds * 1000, 1),
+            "gc_longest_ms": round(self.longest_s * 1000, 1),
+            "gc_full_passes": self.passes[2],
+        }
+
+
+def full_collection() -> dict[str, float]:
+    """One full pass now, timed, and how many objects it walked (frozen ones excluded)."""
+    tracked = len(gc.get_objects())
+    started = time.perf_counter()
+    gc.collect()
+    return {
+        "gc_tracked": tracked,
+        "gc_full_pass_ms": round((time.perf_counter() - started) * 1e3, 1),
+    }
