@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.arrivals import DEFAULT_MAX_CHARS, TrafficConfig, load_corpus, schedule
+from benchmarks.common import GcPauses
 from benchmarks.load_stats import RunSummary, summarize
 from benchmarks.load_targets import Target, TargetOptions
 from benchmarks.open_loop import closed_loop, drive, write_jsonl
@@ -158,13 +159,14 @@ class ScenarioRunner:
         arrivals = schedule(
             traffic, texts, np.random.default_rng([self._seed, index, int(rate * 1000)])
         )
-        run = await drive(
-            self.target,
-            arrivals,
-            drain_s=self.plan.drain_s,
-            progress=self._progress,
-            label=f"{scenario.name} @ {rate:g}/s",
-        )
+        with GcPauses() as pauses:  # this process's: the target's too, unless it is a --url
+            run = await drive(
+                self.target,
+                arrivals,
+                drain_s=self.plan.drain_s,
+                progress=self._progress,
+                label=f"{scenario.name} @ {rate:g}/s",
+            )
         path = self.run_dir / f"{scenario.name}-r{rate:g}.jsonl"
         footer = {
             "send_window_s": round(run.send_window_s, 4),
@@ -173,6 +175,7 @@ class ScenarioRunner:
             "counters_before": run.counters_before,
             "counters_after": run.counters_after,
             "load_average_1m_end": round(os.getloadavg()[0], 2),
+            "gc": pauses.summary(),
         }
         write_jsonl(path, self._header(scenario, traffic, capacity), run, footer)
         summary = summarize(read_run(path), self.plan.slo_s)

@@ -41,6 +41,9 @@ def test_quick_embedded_run_writes_records_the_report_reads(tmp_path: Path) -> N
         if r["queue_s"] is not None:  # the step clock saw the request's step
             assert r["queue_s"] + r["compute_s"] <= r["latency_s"] + 1e-6
     assert foot["counters_after"]["steps"] > foot["counters_before"]["steps"]
+    gc_pauses = foot["gc"]  # the collector's pauses in this process during the run
+    assert gc_pauses["gc_pause_ms"] >= gc_pauses["gc_longest_ms"] >= 0
+    assert gc_pauses["gc_full_passes"] >= 0
 
     summary = report.main([str(path), "--out", str(tmp_path / "report"), "--no-plots"])
     (run,) = summary["runs"]
