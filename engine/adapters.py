@@ -52,13 +52,14 @@ class PackedModules(Mapping[str, LoraModule]):
     __slots__ = ("_buffer", "_spans")
 
     def __init__(self, buffer: torch.Tensor, spans: Mapping[str, ModuleSpan]) -> None:
-        self._buffer = buffer  # 1-D, contiguous
+        self._buffer = buffer  # 1-D, contiguous; span offsets count from its first element
         self._spans = dict(spans)
 
     def __getitem__(self, name: str) -> LoraModule:
         rank, scale, a0, a_stride, n_in, b0, b_stride, n_out = self._spans[name]
-        a = self._buffer.as_strided((rank, n_in), (a_stride, 1), a0)
-        b_t = self._buffer.as_strided((rank, n_out), (b_stride, 1), b0)
+        base = self._buffer.storage_offset()  # as_strided counts from the storage's start
+        a = self._buffer.as_strided((rank, n_in), (a_stride, 1), base + a0)
+        b_t = self._buffer.as_strided((rank, n_out), (b_stride, 1), base + b0)
         return LoraModule(a=a, b=b_t.t(), scale=scale)
 
     def __iter__(self) -> Iterator[str]:

@@ -2,7 +2,7 @@
 
 A full collection walks every tracked object with every thread stopped. Right after start-up
 that is about 400k objects (torch, transformers, the tokenizer, the backbone's modules), and
-one pass took 235 ms on the 2-core CI machine: a stall that lands in some request's latency
+one pass took 235 ms on this project's 2-core VM: a stall that lands in some request's latency
 whenever the collector decides to run. Those objects live as long as the engine, so once it
 has started they are frozen (``gc.freeze``): later passes skip them (0.0 ms right after, 5 ms
 with 1,000 adapters loaded). Frozen objects are never collected as cycles; the last engine to

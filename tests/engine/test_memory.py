@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import EngineOverloaded
-from engine.adapters import AdapterWeights, Head, LoraModule, ranks_and_scales
+from engine.adapters import AdapterWeights, Head, LoraModule, PackedModules, ranks_and_scales
 from engine.host_cache import HostCache
 from engine.memory import AdapterMemory, FreePages
 
@@ -201,6 +201,19 @@ def test_a_packed_adapter_is_a_few_objects_for_the_cycle_collector(backbone, den
         assert [m.scale for m in got.modules.values()] == [
             m.scale for m in original.modules.values()
         ]
+
+
+def test_packed_module_views_count_from_the_buffer_not_its_storage() -> None:
+    storage = torch.arange(40.0)
+    buffer = storage[10:30]  # a view that starts 10 elements into its storage
+    # A: 2 x 3 at offset 0 (row stride 3); B^T: 2 x 4 at offset 6 (row stride 4)
+    modules = PackedModules(buffer, {"m": (2, 0.5, 0, 3, 3, 6, 4, 4)})
+    module = modules["m"]
+    assert torch.equal(module.a, buffer[0:6].view(2, 3))
+    assert torch.equal(module.b, buffer[6:14].view(2, 4).t())
+    assert module.scale == 0.5 and list(modules) == ["m"] and len(modules) == 1
+    assert list(modules.ranks_and_scales()) == [("m", 2, 0.5)]
+    assert modules.get("other") is None
 
 
 def test_a_sparse_adapter_stays_compact_on_the_host(backbone) -> None:
