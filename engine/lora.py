@@ -162,7 +162,13 @@ class LoraLinear(nn.Module):
         plan = self.state.plan
         if plan is None or not plan.module_active[self.index]:
             return y
-        kernel_input = x.reshape(-1, self.in_features)
-        kernel_output = y.reshape(-1, self.out_features)  # a view: y itself is updated
+        kernel_input = _rows_of(x, self.in_features)
+        kernel_output = _rows_of(y, self.out_features)  # a view: y itself is updated
         plan.kernel.apply(self.index, kernel_output, kernel_input, plan)
         return y
+
+
+def _rows_of(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` as [tokens, width]: ``view`` where it can (one op per call, where ``reshape`` is
+    two), 36 Linears a step."""
+    return t.view(-1, width) if t.is_contiguous() else t.reshape(-1, width)

@@ -56,12 +56,16 @@ def sgmv_lora_lists(
     """:func:`sgmv_lora` with the segment metadata as Python numbers (token offsets, pages per
     segment, ranks, scales): a step converts it once for all its layers, so no layer turns
     tensors back into numbers (on a one-row step that conversion cost as much as the math)."""
+    num_tokens = x.shape[0]
     for s, rank in enumerate(ranks):
         lo, hi = starts[s], starts[s + 1]
         if rank == 0 or lo == hi:
             continue
         a, b = _rows(a_pool, pages[s], rank), _rows(b_pool, pages[s], rank)
-        y[lo:hi].addmm_(x[lo:hi] @ a.t(), b, alpha=scales[s])
+        if lo == 0 and hi == num_tokens:  # one segment for the whole step: no slicing ops
+            y.addmm_(torch.mm(x, a.t()), b, alpha=scales[s])
+        else:
+            y[lo:hi].addmm_(torch.mm(x[lo:hi], a.t()), b, alpha=scales[s])
 
 
 def _rows(pool: torch.Tensor, pages: Sequence[int], rank: int) -> torch.Tensor:
