@@ -105,6 +105,15 @@ def publish_random(backbone: Backbone, tmp_path: Path) -> Callable[..., AdapterR
     return publish
 
 
+@pytest.fixture
+def registry(tmp_path: Path):
+    """An empty registry with one tenant, acme; test modules that need more override it."""
+    reg = Registry(tmp_path / "reg")
+    reg.create_tenant("acme")
+    yield reg
+    reg.close()
+
+
 @pytest.fixture(scope="session")
 def write_random_adapter() -> Callable[..., None]:
     """``random_adapter`` as a fixture: tests cannot import conftest under importlib mode."""

@@ -1,13 +1,11 @@
 """Start-up objects leave the cycle collector's passes while an engine runs, and come back."""
 
 import gc
-from pathlib import Path
 
 import pytest
 
 from engine import Engine, EngineConfig
 from engine.collector import freeze_startup_objects, release_startup_objects
-from registry import Registry
 
 
 @pytest.fixture(autouse=True)
@@ -15,14 +13,6 @@ def unfrozen():
     gc.unfreeze()  # whatever an earlier test left
     yield
     gc.unfreeze()
-
-
-@pytest.fixture
-def registry(tmp_path: Path):
-    reg = Registry(tmp_path / "reg")
-    reg.create_tenant("acme")
-    yield reg
-    reg.close()
 
 
 def test_freezes_nest_and_the_last_release_unfreezes() -> None:

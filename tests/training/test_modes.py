@@ -25,14 +25,6 @@ MAX_LENGTH = 32
 HEAD = dict(mode="head", max_length=MAX_LENGTH, head_epochs=30, head_patience=5)
 
 
-@pytest.fixture
-def registry(tmp_path: Path):
-    reg = Registry(tmp_path / "reg")
-    reg.create_tenant("acme")
-    yield reg
-    reg.close()
-
-
 @pytest.fixture(scope="module")
 def sms() -> list[Example]:
     return stratified_sample(clean_examples(load_sms_spam()), 200, seed=2)

@@ -1,12 +1,11 @@
 """Training on a small real sample: it learns, registers, and serves what it measured."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from engine import Engine, EngineConfig
-from registry import NotFound, Registry
+from registry import NotFound
 from training import (
     DataError,
     Example,
@@ -15,14 +14,6 @@ from training import (
     stratified_sample,
     train_adapter,
 )
-
-
-@pytest.fixture
-def registry(tmp_path: Path):
-    reg = Registry(tmp_path / "reg")
-    reg.create_tenant("acme")
-    yield reg
-    reg.close()
 
 
 @pytest.fixture(scope="module")
