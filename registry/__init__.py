@@ -12,6 +12,7 @@ from registry.errors import (
     NotFound,
     RegistryError,
 )
+from registry.formats import safetensors_header
 from registry.names import ModelRef, parse_model_ref, validate_name
 from registry.records import AdapterRecord, PublishItem, VerifiedFiles
 from registry.registry import Registry
@@ -29,5 +30,6 @@ __all__ = [
     "RegistryError",
     "VerifiedFiles",
     "parse_model_ref",
+    "safetensors_header",
     "validate_name",
 ]

@@ -29,6 +29,7 @@ _DTYPE_BYTES = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
+_Bytes = bytes | bytearray | memoryview
 
 
 def is_plain_file_name(name: object) -> bool:
@@ -70,22 +71,42 @@ def check_safetensors(path: Path) -> None:
     file_bytes = path.stat().st_size
     with path.open("rb") as file:
         prefix = file.read(8)
-        if len(prefix) < 8:
-            raise InvalidAdapter(f"{path.name} is not a safetensors file: shorter than 8 bytes")
-        (header_bytes,) = struct.unpack("<Q", prefix)
-        if not 2 <= header_bytes <= min(MAX_HEADER_BYTES, file_bytes - 8):
-            raise InvalidAdapter(f"{path.name} is not a safetensors file: bad header length")
+        header_bytes = _header_length(path.name, prefix, file_bytes)
         header_text = file.read(header_bytes)
+    _checked_header(path.name, header_text, file_bytes - 8 - header_bytes)
+
+
+def safetensors_header(name: str, data: _Bytes) -> tuple[dict[str, dict], int]:
+    """The tensor entries of a whole safetensors file held in memory, with the same checks as
+    `check_safetensors`, and where its data section starts: readers that already hold the
+    verified bytes view tensors in place instead of copying them out."""
+    view = memoryview(data)
+    header_bytes = _header_length(name, view[:8], len(view))
+    header = _checked_header(name, view[8 : 8 + header_bytes], len(view) - 8 - header_bytes)
+    header.pop("__metadata__", None)
+    return header, 8 + header_bytes
+
+
+def _header_length(name: str, prefix: _Bytes, file_bytes: int) -> int:
+    if len(prefix) < 8:
+        raise InvalidAdapter(f"{name} is not a safetensors file: shorter than 8 bytes")
+    (header_bytes,) = struct.unpack("<Q", prefix)
+    if not 2 <= header_bytes <= min(MAX_HEADER_BYTES, file_bytes - 8):
+        raise InvalidAdapter(f"{name} is not a safetensors file: bad header length")
+    return header_bytes
+
+
+def _checked_header(name: str, header_text: _Bytes, data_bytes: int) -> dict:
     try:
-        header = json.loads(header_text.decode("utf-8"))
+        header = json.loads(bytes(header_text).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise InvalidAdapter(f"{path.name} is not a safetensors file: header is not JSON") from None
+        raise InvalidAdapter(f"{name} is not a safetensors file: header is not JSON") from None
     if not isinstance(header, dict):
-        raise InvalidAdapter(f"{path.name} is not a safetensors file: header is not an object")
-    data_bytes = file_bytes - 8 - header_bytes
+        raise InvalidAdapter(f"{name} is not a safetensors file: header is not an object")
     for tensor_name, entry in header.items():
         if tensor_name != "__metadata__":
-            _check_tensor_entry(path.name, tensor_name, entry, data_bytes)
+            _check_tensor_entry(name, tensor_name, entry, data_bytes)
+    return header
 
 
 def _check_tensor_entry(file_name: str, tensor_name: str, entry: object, data_bytes: int) -> None:

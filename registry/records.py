@@ -73,4 +73,6 @@ class VerifiedFiles:
     """
 
     record: AdapterRecord  # the version the files belong to
-    files: Mapping[str, bytes]  # file name -> bytes, every content file (the manifest excluded)
+    # file name -> bytes, every content file (the manifest excluded); writable, so tensors can be
+    # viewed in place
+    files: Mapping[str, bytearray]

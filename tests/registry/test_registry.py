@@ -109,7 +109,7 @@ def test_publish_resolve_read_round_trip(
     verified = registry.read_verified(registry.resolve("acme", "spam", 1))
     assert verified.record == record
     assert dict(verified.files) == source_bytes
-    weights = load_safetensors(verified.files["adapter_model.safetensors"])
+    weights = load_safetensors(bytes(verified.files["adapter_model.safetensors"]))
     assert weights["classifier.weight"].shape == (2, 8)
 
 
