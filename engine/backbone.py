@@ -2,7 +2,7 @@
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -69,6 +69,8 @@ class Backbone:
     has_pooler: bool  # BERT-style tanh pooler over the first token
     num_pauses: int  # points per forward pass where lora_state.between_layers runs
     quantize: str = "none"  # "int8": the wrapped Linears' frozen weights are int8
+    # adapter file headers already checked against this backbone (engine.adapter_layout)
+    adapter_layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def linear_names(self) -> list[str]:

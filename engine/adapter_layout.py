@@ -1,0 +1,198 @@
+"""Where each tensor of an ``adapter_model.safetensors`` sits, checked against the backbone.
+
+Every adapter trained on one backbone with one recipe has the same safetensors header: the
+same keys, shapes and offsets. Checking that header (JSON, key roles, every shape against the
+backbone's Linears) took most of a cold load's parse, so its result is kept per backbone, keyed
+by the exact header bytes; a file whose header was seen before is only viewed, not re-checked.
+"""
+
+import functools
+import re
+import struct
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from engine.backbone import Backbone
+from engine.errors import AdapterFormatError
+from registry import InvalidAdapter, safetensors_header
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_HEAD_NAMES = ("classifier", "score")
+_LORA_KEY = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+# the float types LoRA factors and heads are stored in; anything else is refused
+_FLOAT_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+_MAX_LAYOUTS = 256  # distinct headers remembered per backbone (one per recipe, in practice)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorAt:
+    """One tensor of the file: its type, shape and byte offset from the file's start."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @classmethod
+    def at(cls, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> "TensorAt":
+        return cls(dtype, shape, offset, _contiguous_strides(shape))
+
+    strides: tuple[int, ...] = ()
+
+    def view(self, raw: torch.Tensor, typed: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
+        """This tensor as a view of ``raw`` (the file as uint8), copied only if misaligned."""
+        size = self.dtype.itemsize
+        if self.offset % size:
+            count = size * _numel(self.shape)
+            piece = raw[self.offset : self.offset + count].clone()
+            return piece.view(self.dtype).view(self.shape)
+        base = typed.get(self.dtype)
+        if base is None:
+            base = typed[self.dtype] = raw[: raw.numel() - raw.numel() % size].view(self.dtype)
+        return base.as_strided(self.shape, self.strides, self.offset // size)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterLayout:
+    """A checked header: LoRA factors by backbone module, and the head's tensors."""
+
+    modules: tuple[tuple[str, TensorAt, TensorAt], ...]  # (module, lora_A, lora_B)
+    weight: TensorAt
+    bias: TensorAt | None
+    file_bytes: int  # the file must be at least this long for every offset to lie inside
+
+
+def adapter_layout(data: bytearray, backbone: Backbone) -> AdapterLayout:
+    """The layout of ``data`` (a whole safetensors file), from the backbone's cache or checked
+    now. Raises AdapterFormatError naming the first problem."""
+    cache: dict[bytes, AdapterLayout] = backbone.adapter_layouts
+    key = _header_key(data)
+    layout = cache.get(key) if key is not None else None
+    if layout is None:
+        layout = _check(data, backbone)
+        if len(cache) >= _MAX_LAYOUTS:
+            cache.clear()
+        if key is not None:
+            cache[key] = layout
+    if len(data) < layout.file_bytes:
+        raise AdapterFormatError(f"{WEIGHTS_FILE} is truncated: a tensor lies past its end")
+    return layout
+
+
+def view_tensors(
+    data: bytearray, layout: AdapterLayout
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor | None]:
+    """(module -> (A, B), head weight, head bias) as views of ``data``, no copies."""
+    raw = torch.frombuffer(data, dtype=torch.uint8)
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    modules = {name: (a.view(raw, typed), b.view(raw, typed)) for name, a, b in layout.modules}
+    bias = layout.bias.view(raw, typed) if layout.bias is not None else None
+    return modules, layout.weight.view(raw, typed), bias
+
+
+def _header_key(data: bytearray) -> bytes | None:
+    if len(data) < 8:
+        return None
+    (length,) = struct.unpack_from("<Q", data)
+    if length > len(data) - 8:
+        return None
+    return bytes(memoryview(data)[8 : 8 + length])
+
+
+def _check(data: bytearray, backbone: Backbone) -> AdapterLayout:
+    """Every check that depends only on the header and the backbone."""
+    try:
+        header, start = safetensors_header(WEIGHTS_FILE, data)
+    except InvalidAdapter as exc:
+        raise AdapterFormatError(str(exc)) from exc
+    if sys.byteorder != "little":  # safetensors is little-endian; views need native order
+        raise AdapterFormatError("adapter weights are read on little-endian machines only")
+    lora: dict[str, dict[str, TensorAt]] = {}
+    head: dict[str, TensorAt] = {}
+    file_bytes = start
+    for key, entry in header.items():
+        dtype = _FLOAT_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise AdapterFormatError(
+                f"tensor {key!r} is {entry['dtype']}; adapters are stored as "
+                f"{', '.join(_FLOAT_DTYPES)}"
+            )
+        begin, end = entry["data_offsets"]
+        file_bytes = max(file_bytes, start + end)
+        tensor = TensorAt.at(dtype, tuple(entry["shape"]), start + begin)
+        kind, module, part = _key_role(key, backbone.base_prefix)
+        if kind == "lora":
+            lora.setdefault(module, {})[part] = tensor
+        elif kind == "head":
+            head[part] = tensor
+        else:
+            raise AdapterFormatError(f"unexpected tensor {key!r}: only LoRA factors and the head")
+    modules = tuple(_check_module(name, pair, backbone) for name, pair in lora.items())
+    weight = head.get("weight")
+    if weight is None:
+        raise AdapterFormatError("no classifier head (classifier.weight) in the adapter")
+    return AdapterLayout(
+        modules=modules, weight=weight, bias=head.get("bias"), file_bytes=file_bytes
+    )
+
+
+def _check_module(
+    name: str, pair: dict[str, TensorAt], backbone: Backbone
+) -> tuple[str, TensorAt, TensorAt]:
+    wrapper = backbone.linears.get(name)
+    if wrapper is None:
+        raise AdapterFormatError(f"LoRA targets {name!r}, which is not a Linear of the backbone")
+    if set(pair) != {"A", "B"}:
+        raise AdapterFormatError(f"{name}: needs both lora_A and lora_B")
+    a, b = pair["A"], pair["B"]
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != wrapper.in_features:
+        raise AdapterFormatError(
+            f"{name}: lora_A is {a.shape}, expected (r, {wrapper.in_features})"
+        )
+    rank = a.shape[0]
+    if b.shape != (wrapper.out_features, rank):
+        raise AdapterFormatError(
+            f"{name}: lora_B is {b.shape}, expected ({wrapper.out_features}, {rank})"
+        )
+    if not 1 <= rank <= 256:
+        raise AdapterFormatError(f"{name}: rank {rank} outside 1..256")
+    return name, a, b
+
+
+@functools.lru_cache(maxsize=8192)
+def _key_role(key: str, base_prefix: str) -> tuple[str, str, str]:
+    """("lora", module, "A" or "B"), ("head", "", "weight" or "bias"), or ("other", "", "")."""
+    name = key.removeprefix(_PEFT_PREFIX)
+    match = _LORA_KEY.fullmatch(name)
+    if match:
+        module = match.group(1)
+        if base_prefix and module.startswith(base_prefix + "."):
+            module = module[len(base_prefix) + 1 :]
+        return "lora", module, match.group(2)
+    head_name = name.replace(".modules_to_save", "").replace(".default", "")
+    owner, _, param = head_name.rpartition(".")
+    if owner in _HEAD_NAMES and param in ("weight", "bias"):
+        return "head", "", param
+    return "other", "", ""
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
