@@ -8,6 +8,7 @@ import sqlite3
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 
 from registry import IntegrityError, InvalidAdapter, NotFound, Registry, RegistryError
 from registry import catalog as registry_catalog
+from registry import verify as registry_verify
 
 
 def assert_nothing_stored(opened: Registry) -> None:
@@ -46,6 +48,40 @@ def test_modified_file_is_detected(
     message = "adapter acme/spam@1: adapter_model.safetensors does not match its recorded SHA-256"
     with pytest.raises(IntegrityError, match=message):
         registry.read_verified(record)
+
+
+@pytest.mark.parametrize("change", [-1, +1])
+def test_a_file_that_changes_size_while_read_is_refused(
+    registry: Registry,
+    make_adapter: Callable[..., Path],
+    manifest: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    change: int,
+) -> None:
+    """The reader trusts the size it saw when it opened the file, and checks it at the end."""
+    record = registry.publish("acme", "spam", make_adapter(), manifest)
+    real_fstat = os.fstat
+
+    def resized(fd: int) -> SimpleNamespace:
+        stat = real_fstat(fd)
+        return SimpleNamespace(st_mode=stat.st_mode, st_size=stat.st_size + change)
+
+    monkeypatch.setattr(os, "fstat", resized)
+    with pytest.raises(IntegrityError, match="changed size while it was read"):
+        registry.read_verified(record)
+
+
+def test_files_are_read_and_hashed_across_many_chunks(
+    registry: Registry,
+    make_adapter: Callable[..., Path],
+    manifest: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = make_adapter()
+    record = registry.publish("acme", "spam", source, manifest)
+    monkeypatch.setattr(registry_verify, "_CHUNK_BYTES", 7)
+    files = registry.read_verified(record).files
+    assert dict(files) == {path.name: path.read_bytes() for path in source.iterdir()}
 
 
 def test_removed_file_is_detected(
