@@ -39,12 +39,7 @@ class TensorAt:
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int
-
-    @classmethod
-    def at(cls, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> "TensorAt":
-        return cls(dtype, shape, offset, _contiguous_strides(shape))
-
-    strides: tuple[int, ...] = ()
+    strides: tuple[int, ...]  # of the contiguous tensor, in elements
 
     def view(self, raw: torch.Tensor, typed: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
         """This tensor as a view of ``raw`` (the file as uint8), copied only if misaligned."""
@@ -126,7 +121,8 @@ def _check(data: bytearray, backbone: Backbone) -> AdapterLayout:
             )
         begin, end = entry["data_offsets"]
         file_bytes = max(file_bytes, start + end)
-        tensor = TensorAt.at(dtype, tuple(entry["shape"]), start + begin)
+        shape = tuple(entry["shape"])
+        tensor = TensorAt(dtype, shape, start + begin, _contiguous_strides(shape))
         kind, module, part = _key_role(key, backbone.base_prefix)
         if kind == "lora":
             lora.setdefault(module, {})[part] = tensor
