@@ -3,8 +3,11 @@
 Before the first rate: every adapter of the scenario is touched once (disk -> host cache), then
 half a second of the scenario's own traffic warms the kernels' shapes. ``auto`` rates come from
 a closed-loop probe of capacity C (64 requests in flight): 0.3, 0.6, 0.9, 1.2 x C, then
-1.3x more until the server saturates. Every sweep stops at its first saturated rate. A low rate
-sends for longer (up to twice the duration) to collect ``min_requests`` samples for its p99.
+1.3x more until the server saturates, and one rate 1.3x past the first saturated one: a target
+whose tail crosses the limit early may still answer more there, and its saturation is the most
+any rate reached, so each target of a comparison is measured past its own knee. Explicit rates
+stop at the first saturated one. A low rate sends for longer (up to twice the duration) to
+collect ``min_requests`` samples for its p99.
 """
 
 import os
@@ -25,6 +28,7 @@ from benchmarks.report import read_run
 
 AUTO_FRACTIONS = (0.3, 0.6, 0.9, 1.2)
 AUTO_GROWTH = 1.3
+AUTO_PAST_SATURATION = 1  # auto rates run past the first saturated one
 MAX_POINTS = 9
 
 
@@ -69,6 +73,38 @@ def is_saturated(summary: RunSummary, slo_s: float) -> bool:
         or p99_ms > 20 * slo_s * 1000
         or failed > 0.05
     )
+
+
+class RateProgression:
+    """The rates of one sweep, in order. Explicit rates (``grows`` False) stop at the first
+    saturated one; auto rates grow 1.3x past the last until one saturates, then go once more
+    1.3x past it (``AUTO_PAST_SATURATION``) and stop."""
+
+    def __init__(self, rates: list[float], *, grows: bool) -> None:
+        self._rates, self._grows = list(rates), grows
+        self._last: float | None = None
+        self._num_saturated = 0
+        self._done = False
+
+    def next(self) -> float | None:
+        if self._done:
+            return None
+        if not self._rates:
+            if not self._grows or self._last is None:
+                return None
+            self._rates.append(_round_rate(self._last * AUTO_GROWTH))
+        self._last = self._rates.pop(0)
+        return self._last
+
+    def record(self, saturated: bool) -> None:
+        """Whether the rate ``next`` returned last saturated the target."""
+        if not saturated:
+            return
+        self._num_saturated += 1
+        if not self._grows or self._num_saturated > AUTO_PAST_SATURATION:
+            self._done = True
+        else:  # the next rate is 1.3x this one, whatever the initial list held
+            self._rates = []
 
 
 class ScenarioRunner:
@@ -119,13 +155,10 @@ class ScenarioRunner:
             rates = [_round_rate(f * capacity) for f in AUTO_FRACTIONS]
             print(f"{scenario.name}: closed-loop capacity ~{capacity:.1f} req/s", flush=True)
         summaries: list[RunSummary] = []
-        while rates and len(summaries) < self.plan.max_points:
-            rate = rates.pop(0)
+        progression = RateProgression(rates, grows=self.plan.rates_rps is None)
+        while len(summaries) < self.plan.max_points and (rate := progression.next()) is not None:
             summaries.append(await self._point(scenario, index, rate, texts, capacity))
-            if is_saturated(summaries[-1], self.plan.slo_s):
-                break
-            if not rates and self.plan.rates_rps is None:
-                rates.append(_round_rate(rate * AUTO_GROWTH))
+            progression.record(is_saturated(summaries[-1], self.plan.slo_s))
         return summaries
 
     def _traffic(self, scenario: Scenario, rate: float = 1000.0) -> TrafficConfig:
