@@ -18,8 +18,8 @@ one line per request; a footer with server counters) under ``benchmarks/out/load
 ``python -m benchmarks.report`` reads them. ``--sweep auto`` first measures closed-loop
 capacity C, then offers 0.3, 0.6, 0.9 and 1.2 x C and keeps raising by 1.3x until the
 server saturates (it answers < 85% of what was offered, p99 passes 20x the SLO, or > 5% fail).
-An auto sweep runs one rate 1.3x past the first saturated one, then stops (explicit rates
-stop at the first saturated one). The load generator shares the machine (and,
+An auto sweep goes on past saturation while the answered rate still rises by 5% (explicit
+rates stop at the first saturated one). The load generator shares the machine (and,
 except with ``--url``, the process) with the server: on a small CPU it costs the server.
 """
 

@@ -3,10 +3,11 @@
 Before the first rate: every adapter of the scenario is touched once (disk -> host cache), then
 half a second of the scenario's own traffic warms the kernels' shapes. ``auto`` rates come from
 a closed-loop probe of capacity C (64 requests in flight): 0.3, 0.6, 0.9, 1.2 x C, then
-1.3x more until the server saturates, and one rate 1.3x past the first saturated one: a target
-whose tail crosses the limit early may still answer more there, and its saturation is the most
-any rate reached, so each target of a comparison is measured past its own knee. Explicit rates
-stop at the first saturated one. A low rate sends for longer (up to twice the duration) to
+1.3x more until the server saturates, then 1.3x more while the answered rate still rises by
+5% over the best saturated point: past the knee longer queues make bigger steps, so a target
+whose probe read low, or whose tail crossed the limit early, would otherwise be credited with
+less than it sustains. Saturation is the most any rate answered. Explicit rates stop at the
+first saturated one. A low rate sends for longer (up to twice the duration) to
 collect ``min_requests`` samples for its p99.
 """
 
@@ -28,7 +29,7 @@ from benchmarks.report import read_run
 
 AUTO_FRACTIONS = (0.3, 0.6, 0.9, 1.2)
 AUTO_GROWTH = 1.3
-AUTO_PAST_SATURATION = 1  # auto rates run past the first saturated one
+PLATEAU_GAIN = 1.05  # past saturation, auto rates go on while answers rise this much
 MAX_POINTS = 9
 
 
@@ -77,13 +78,14 @@ def is_saturated(summary: RunSummary, slo_s: float) -> bool:
 
 class RateProgression:
     """The rates of one sweep, in order. Explicit rates (``grows`` False) stop at the first
-    saturated one; auto rates grow 1.3x past the last until one saturates, then go once more
-    1.3x past it (``AUTO_PAST_SATURATION``) and stop."""
+    saturated one. Auto rates grow 1.3x past the last until one saturates, then keep growing
+    1.3x while the answered rate still rises by ``PLATEAU_GAIN`` over the best so far: past the
+    knee longer queues make bigger steps, so a target offered too little reads low."""
 
     def __init__(self, rates: list[float], *, grows: bool) -> None:
         self._rates, self._grows = list(rates), grows
         self._last: float | None = None
-        self._num_saturated = 0
+        self._best_saturated = 0.0  # the most answered at a saturated rate
         self._done = False
 
     def next(self) -> float | None:
@@ -96,15 +98,15 @@ class RateProgression:
         self._last = self._rates.pop(0)
         return self._last
 
-    def record(self, saturated: bool) -> None:
-        """Whether the rate ``next`` returned last saturated the target."""
+    def record(self, saturated: bool, answered_rps: float) -> None:
+        """How the rate ``next`` returned last went: saturated or not, and the rate answered."""
         if not saturated:
             return
-        self._num_saturated += 1
-        if not self._grows or self._num_saturated > AUTO_PAST_SATURATION:
+        if not self._grows or answered_rps < self._best_saturated * PLATEAU_GAIN:
             self._done = True
-        else:  # the next rate is 1.3x this one, whatever the initial list held
-            self._rates = []
+            return
+        self._best_saturated = max(self._best_saturated, answered_rps)
+        self._rates = []  # the next rate is 1.3x this one, whatever the initial list held
 
 
 class ScenarioRunner:
@@ -158,7 +160,8 @@ class ScenarioRunner:
         progression = RateProgression(rates, grows=self.plan.rates_rps is None)
         while len(summaries) < self.plan.max_points and (rate := progression.next()) is not None:
             summaries.append(await self._point(scenario, index, rate, texts, capacity))
-            progression.record(is_saturated(summaries[-1], self.plan.slo_s))
+            last = summaries[-1]
+            progression.record(is_saturated(last, self.plan.slo_s), last.throughput_rps)
         return summaries
 
     def _traffic(self, scenario: Scenario, rate: float = 1000.0) -> TrafficConfig:

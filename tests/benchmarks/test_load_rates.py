@@ -1,37 +1,42 @@
-"""The order of rates in a sweep: auto rates go once past the first saturated one."""
+"""The order of rates in a sweep: auto rates go past saturation until answers stop rising."""
 
 from benchmarks.load_sweep import RateProgression
 
 
-def _walk(progression: RateProgression, saturated_from: float) -> list[float]:
-    """The rates a sweep would run against a target saturated at ``saturated_from`` and up."""
+def _walk(progression: RateProgression, knee: float, plateau: float) -> list[float]:
+    """The rates a sweep runs against a target saturated from ``knee`` on, answering what it is
+    offered up to ``plateau``."""
     rates = []
     while (rate := progression.next()) is not None and len(rates) < 20:
         rates.append(rate)
-        progression.record(rate >= saturated_from)
+        progression.record(rate >= knee, min(rate, plateau) * 0.9 if rate >= knee else rate)
     return rates
 
 
-def test_auto_rates_grow_then_run_once_past_the_first_saturated_rate() -> None:
-    rates = _walk(RateProgression([30.0, 60.0, 90.0, 120.0], grows=True), saturated_from=150)
-    assert rates == [30.0, 60.0, 90.0, 120.0, 160.0, 210.0]  # two significant digits
+def test_auto_rates_grow_past_the_knee_until_answers_stop_rising() -> None:
+    rates = _walk(RateProgression([30.0, 60.0, 90.0, 120.0], grows=True), knee=100, plateau=200)
+    # saturated from 120 on; answers rise to 160 and 200 (+5% each time), then flatten at 270
+    assert rates == [30.0, 60.0, 90.0, 120.0, 160.0, 210.0, 270.0]
 
 
-def test_auto_rates_saturated_early_skip_the_rest_of_the_list() -> None:
-    rates = _walk(RateProgression([30.0, 60.0, 90.0, 120.0], grows=True), saturated_from=60)
-    assert rates == [30.0, 60.0, 78.0]
+def test_a_flat_target_stops_one_rate_past_the_knee() -> None:
+    rates = _walk(RateProgression([30.0, 60.0, 90.0, 120.0], grows=True), knee=60, plateau=60)
+    assert rates == [30.0, 60.0, 78.0]  # the rest of the initial list is skipped
 
 
 def test_explicit_rates_stop_at_the_first_saturated_one() -> None:
-    rates = _walk(RateProgression([10.0, 20.0, 40.0, 80.0], grows=False), saturated_from=20)
+    rates = _walk(RateProgression([10.0, 20.0, 40.0, 80.0], grows=False), knee=20, plateau=1000)
     assert rates == [10.0, 20.0]
-    assert _walk(RateProgression([10.0, 20.0], grows=False), saturated_from=1000) == [10.0, 20.0]
+    assert _walk(RateProgression([10.0, 20.0], grows=False), knee=1000, plateau=1000) == [
+        10.0,
+        20.0,
+    ]
 
 
-def test_a_second_saturated_rate_ends_the_sweep_even_if_it_answered_more() -> None:
+def test_a_saturated_rate_that_answers_less_ends_the_sweep() -> None:
     progression = RateProgression([50.0], grows=True)
     assert progression.next() == 50.0
-    progression.record(True)
+    progression.record(True, 45.0)
     assert progression.next() == 65.0
-    progression.record(True)
+    progression.record(True, 40.0)
     assert progression.next() is None
