@@ -7,6 +7,7 @@ by the exact header bytes; a file whose header was seen before is only viewed, n
 """
 
 import functools
+import math
 import re
 import struct
 import sys
@@ -45,7 +46,7 @@ class TensorAt:
         """This tensor as a view of ``raw`` (the file as uint8), copied only if misaligned."""
         size = self.dtype.itemsize
         if self.offset % size:
-            count = size * _numel(self.shape)
+            count = size * math.prod(self.shape)
             piece = raw[self.offset : self.offset + count].clone()
             return piece.view(self.dtype).view(self.shape)
         base = typed.get(self.dtype)
@@ -177,13 +178,6 @@ def _key_role(key: str, base_prefix: str) -> tuple[str, str, str]:
     if owner in _HEAD_NAMES and param in ("weight", "bias"):
         return "head", "", param
     return "other", "", ""
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -34,11 +34,12 @@ def read_version_files(record: AdapterRecord) -> dict[str, bytearray]:
     data: dict[str, bytearray] = {}
     with contextlib.ExitStack() as stack:
         opened = {name: stack.enter_context(_open(record, name)) for name in names}
-        for file in opened.values():
-            _prefetch(file)
+        sizes = {name: os.fstat(file.fileno()).st_size for name, file in opened.items()}
+        for name, file in opened.items():
+            _prefetch(file, sizes[name])
         for name, file in opened.items():
             digest = hashlib.sha256() if name in file_sha256 else None
-            data[name] = _read_hashing(record, name, file, digest)
+            data[name] = _read_hashing(record, name, file, sizes[name], digest)
             if digest is not None and digest.hexdigest() != file_sha256[name]:
                 raise _fail(record, f"{name} does not match its recorded SHA-256")
     _check_manifest_copy(record, data.pop(MANIFEST_FILE))
@@ -46,10 +47,10 @@ def read_version_files(record: AdapterRecord) -> dict[str, bytearray]:
 
 
 def _read_hashing(
-    record: AdapterRecord, name: str, file: BinaryIO, digest: "hashlib._Hash | None"
+    record: AdapterRecord, name: str, file: BinaryIO, size: int, digest: "hashlib._Hash | None"
 ) -> bytearray:
-    """The whole file, fed to `digest` (if any) a chunk at a time while later chunks load."""
-    size = os.fstat(file.fileno()).st_size
+    """The whole file (`size` bytes when opened), fed to `digest` (if any) a chunk at a time
+    while later chunks load."""
     data = bytearray(size)
     view = memoryview(data)
     done = 0
@@ -112,7 +113,7 @@ def _open(record: AdapterRecord, name: str) -> BinaryIO:
         raise _fail(record, str(error)) from None
 
 
-def _prefetch(file: BinaryIO) -> None:
+def _prefetch(file: BinaryIO, size: int) -> None:
     """Ask the kernel for the whole file now, one request per chunk: every file of a version is
     then read from the disk at once, and the first chunk arrives (to be hashed) while the disk
     still fetches the next. A single request for the whole file arrives all at the end: on the
@@ -120,7 +121,6 @@ def _prefetch(file: BinaryIO) -> None:
     and 1.7 ms in 256 KiB requests."""
     if not hasattr(os, "posix_fadvise"):
         return
-    size = os.fstat(file.fileno()).st_size
     with contextlib.suppress(OSError):
         for offset in range(0, size, _CHUNK_BYTES):
             os.posix_fadvise(file.fileno(), offset, _CHUNK_BYTES, os.POSIX_FADV_WILLNEED)
