@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from engine import Engine, EngineConfig
 from server.errors import error_middleware
+from server.metrics import add_metrics, timing_middleware
 from server.routes import ENGINE, MAX_BODY_BYTES, STREAMS, add_routes, cancel_streams
 from server.train_routes import TrainServiceConfig, add_train_routes
 
@@ -19,6 +21,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 SHUTDOWN_GRACE_S = 10.0  # how long unfinished (non-stream) requests may take at shutdown
 
 OnReady = Callable[[Engine], Awaitable[None]]
+METRICS_KEY_ENV = "GRAFT_METRICS_KEY"  # in the environment, not argv, where ps shows it
 
 
 def create_app(
@@ -26,19 +29,32 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     training: TrainServiceConfig | None = None,
+    metrics: bool = True,
+    metrics_key: str | None = None,
 ) -> web.Application:
     """The HTTP API over ``engine``; the caller starts and closes the engine. Training jobs
-    (``training``, default settings when None) start and stop with the app."""
+    (``training``, default settings when None) start and stop with the app. ``metrics``
+    serves ``GET /metrics`` (Prometheus), to anyone, or with ``metrics_key`` only to scrapes
+    that send it as a bearer key."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
+    # the timing middleware is outermost, so it sees the status the error middleware chose
+    middlewares = [timing_middleware, error_middleware] if metrics else [error_middleware]
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[ENGINE] = engine
     app[MAX_BODY_BYTES] = max_body_bytes
     app[STREAMS] = set()
     add_routes(app)
     add_train_routes(app, training or TrainServiceConfig())
+    if metrics:
+        add_metrics(app, metrics_key)
     app.on_shutdown.append(cancel_streams)
     return app
+
+
+def metrics_key_from_env() -> str | None:
+    """The bearer key ``GET /metrics`` asks for, from ``$GRAFT_METRICS_KEY``; None: open."""
+    return os.environ.get(METRICS_KEY_ENV) or None
 
 
 async def run_server(
@@ -50,6 +66,8 @@ async def run_server(
     on_listening: Callable[[str], Awaitable[None]] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     training: TrainServiceConfig | None = None,
+    metrics: bool = True,
+    metrics_key: str | None = None,
 ) -> None:
     """Start the engine, serve HTTP on ``host:port`` until SIGINT/SIGTERM or cancellation.
 
@@ -63,7 +81,13 @@ async def run_server(
     stop = asyncio.Event()
     async with Engine(config) as engine:
         runner = web.AppRunner(
-            create_app(engine, max_body_bytes=max_body_bytes, training=training),
+            create_app(
+                engine,
+                max_body_bytes=max_body_bytes,
+                training=training,
+                metrics=metrics,
+                metrics_key=metrics_key,
+            ),
             handler_cancellation=True,  # a client that goes away cancels its handler and job
             shutdown_timeout=SHUTDOWN_GRACE_S,
         )

@@ -215,6 +215,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-max-upload-mb", type=float, default=20.0, help="largest POST /v1/train body"
     )
+    p.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="do not serve GET /metrics (Prometheus; $GRAFT_METRICS_KEY, when set, is the "
+        "bearer key scrapes must send)",
+    )
 
 
 # training --------------------------------------------------------------------------------
@@ -307,7 +314,7 @@ def engine_config(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.app import run_server
+    from server.app import metrics_key_from_env, run_server
 
     config = engine_config(args)
 
@@ -326,7 +333,17 @@ def _serve(args: argparse.Namespace) -> int:
         max_running=args.train_jobs,
         worker_threads=args.train_threads,
     )
-    _run(run_server(config, args.host, args.port, on_ready=announce, training=training))
+    _run(
+        run_server(
+            config,
+            args.host,
+            args.port,
+            on_ready=announce,
+            training=training,
+            metrics=args.metrics,
+            metrics_key=metrics_key_from_env(),
+        )
+    )
     return 0
 
 

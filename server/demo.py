@@ -36,14 +36,23 @@ def run_demo(args: argparse.Namespace, config: EngineConfig) -> int:
             _train_missing(registry, config, missing)
         registry.revoke_keys(DEMO_TENANT)  # one live demo key at a time: the one printed below
         api_key = registry.issue_key(DEMO_TENANT)
-    from server.app import run_server
+    from server.app import metrics_key_from_env, run_server
 
     async def on_ready(engine) -> None:
         await _ask_examples(args.host, args.port, api_key)
         print(_curl_line(args.host, args.port, api_key), flush=True)
         print("serving until Ctrl-C", flush=True)
 
-    _run(run_server(config, args.host, args.port, on_ready=on_ready))
+    _run(
+        run_server(
+            config,
+            args.host,
+            args.port,
+            on_ready=on_ready,
+            metrics=args.metrics,
+            metrics_key=metrics_key_from_env(),
+        )
+    )
     return 0
 
 

@@ -199,11 +199,17 @@ async def _ndjson_lines(job: Job | MultiJob, answer: AnswerFormat) -> AsyncItera
 # request parts ---------------------------------------------------------------------------
 
 
-def authenticate(request: web.Request, engine: Engine) -> str:
-    """The tenant of the request's ``Authorization: Bearer <key>``; 401 otherwise."""
+def bearer_key(request: web.Request) -> str | None:
+    """The key of the request's ``Authorization: Bearer <key>``, or None."""
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
     key = key.strip()
-    if scheme.lower() != "bearer" or not key:
+    return key if scheme.lower() == "bearer" and key else None
+
+
+def authenticate(request: web.Request, engine: Engine) -> str:
+    """The tenant of the request's ``Authorization: Bearer <key>``; 401 otherwise."""
+    key = bearer_key(request)
+    if key is None:
         raise ApiError(
             401,
             AUTHENTICATION,

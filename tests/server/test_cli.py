@@ -174,3 +174,18 @@ def test_serve_flags_reach_the_engine_config(tmp_path: Path) -> None:
     both = _parser().parse_args(["serve", "--quantize", "int8", "--dtype", "bfloat16"])
     with pytest.raises(ValueError, match="float32 activations"):
         engine_config(both)
+
+
+def test_metrics_flags_and_key(monkeypatch) -> None:
+    from server.app import metrics_key_from_env
+    from server.cli import _parser
+
+    assert _parser().parse_args(["serve"]).metrics is True
+    assert _parser().parse_args(["serve", "--no-metrics"]).metrics is False
+    assert _parser().parse_args(["demo", "--no-metrics"]).metrics is False
+    monkeypatch.delenv("GRAFT_METRICS_KEY", raising=False)
+    assert metrics_key_from_env() is None
+    monkeypatch.setenv("GRAFT_METRICS_KEY", "")  # set but empty: open, as if unset
+    assert metrics_key_from_env() is None
+    monkeypatch.setenv("GRAFT_METRICS_KEY", "s3cret")
+    assert metrics_key_from_env() == "s3cret"

@@ -1,0 +1,182 @@
+"""``GET /metrics``: the engine's counters and the HTTP edge's latencies for Prometheus.
+
+The engine already counts everything worth watching (``Engine.stats``, ``tenant_stats``);
+this module only names and types those counters at scrape time, so nothing is counted twice
+and a scrape costs a dictionary walk. Each app gets its own ``CollectorRegistry``: two apps
+in one process (tests, an embedding caller) never share or clash over series.
+"""
+
+import asyncio
+import hmac
+import time
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine import Engine
+from server.errors import AUTHENTICATION, ApiError
+from server.routes import ENGINE, bearer_key
+
+COUNTER, GAUGE = "counter", "gauge"
+
+# every key of Engine.stats(): (metric name without the graft_ prefix, kind, help). A key
+# missing here fails a test rather than going out untyped.
+ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
+    "waiting_rows": ("waiting_rows", GAUGE, "Inputs admitted and waiting for a step."),
+    "requests_in_flight": ("requests_in_flight", GAUGE, "Requests admitted and not finished."),
+    "steps": ("steps", COUNTER, "Batches run through the backbone."),
+    "packed_steps": ("packed_steps", COUNTER, "Steps run unpadded as one packed sequence."),
+    "rows": ("rows", COUNTER, "Inputs run through the backbone."),
+    "interludes": ("interludes", COUNTER, "Short steps run between two layers of a longer one."),
+    "adapter_disk_loads": ("adapter_disk_loads", COUNTER, "Adapters read from the registry."),
+    "adapter_disk_bytes_read": (
+        "adapter_disk_read_bytes",
+        COUNTER,
+        "Bytes of adapter files read and verified.",
+    ),
+    "adapter_loads_in_flight": ("adapter_loads_in_flight", GAUGE, "Adapter loads running."),
+    "adapter_host_hits": ("adapter_host_hits", COUNTER, "Adapter lookups the host tier served."),
+    "adapter_host_misses": ("adapter_host_misses", COUNTER, "Lookups that went to the disk."),
+    "adapter_host_evictions": ("adapter_host_evictions", COUNTER, "Adapters dropped from host."),
+    "adapter_host_entries": ("adapter_host_entries", GAUGE, "Adapters held in host memory."),
+    "adapter_host_bytes": ("adapter_host_bytes", GAUGE, "Bytes of adapters in host memory."),
+    "adapter_device_hits": ("adapter_device_hits", COUNTER, "Pins of an adapter already paged in."),
+    "adapter_device_loads": ("adapter_device_loads", COUNTER, "Adapters paged into the pool."),
+    "adapter_device_evictions": ("adapter_device_evictions", COUNTER, "Adapters paged out."),
+    "adapter_device_resident": ("adapter_device_resident", GAUGE, "Adapters in the device pool."),
+    "adapter_device_bytes": ("adapter_device_bytes", GAUGE, "Bytes of resident adapters."),
+    "adapter_pages_free": ("adapter_pages_free", GAUGE, "Free rank-row pages in the pool."),
+    "embedding_cache_hits": ("embedding_cache_hits", COUNTER, "Pooled outputs reused."),
+    "embedding_cache_misses": ("embedding_cache_misses", COUNTER, "Pooled outputs computed."),
+    "embedding_cache_evictions": ("embedding_cache_evictions", COUNTER, "Pooled outputs dropped."),
+    "embedding_cache_entries": ("embedding_cache_entries", GAUGE, "Pooled outputs held."),
+    "embedding_cache_bytes": ("embedding_cache_bytes", GAUGE, "Bytes of pooled outputs held."),
+}
+
+# every key of Engine.tenant_stats()[tenant], all monotonic: graft_tenant_<key>_total
+TENANT_HELP = {
+    "admitted_rows": "Inputs admitted to the tenant's queue.",
+    "rejected_requests": "Requests refused with 429: the tenant's queue was full.",
+    "overloaded_requests": "Requests refused with 503: the server's queues were full.",
+    "expired_rows": "Inputs whose deadline passed before they could start.",
+    "aborted_rows": "Inputs cancelled, or whose client went away, before they ran.",
+    "run_rows": "Inputs run through the backbone.",
+    "run_tokens": "Tokens of the tenant's inputs run through the backbone.",
+}
+
+# from one cached short input to a long one waiting behind a queue
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class EngineCollector(Collector):
+    """Reads the engine's counters at each scrape."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine
+        yield GaugeMetricFamily("graft_ready", "1 while the engine serves.", int(engine.ready))
+        if engine.ready:
+            config, backbone = engine.config, engine.backbone
+            info = GaugeMetricFamily(
+                "graft_engine_info",
+                "The backbone and precision this engine serves.",
+                labels=["backbone", "backbone_sha256", "device", "dtype", "quantize"],
+            )
+            info.add_metric(
+                [backbone.name, backbone.sha256, config.device, config.dtype, config.quantize], 1
+            )
+            yield info
+        for key, value in engine.stats().items():
+            name, kind, doc = ENGINE_METRICS.get(key, (key, GAUGE, f"Engine.stats()[{key!r}]."))
+            family = CounterMetricFamily if kind == COUNTER else GaugeMetricFamily
+            yield family(f"graft_{name}", doc, value)
+        yield from _tenant_families(engine.tenant_stats())
+
+
+def _tenant_families(stats: dict[str, dict[str, int]]) -> Iterator[Metric]:
+    for key, doc in TENANT_HELP.items():
+        family = CounterMetricFamily(f"graft_tenant_{key}", doc, labels=["tenant"])
+        for tenant, counts in sorted(stats.items()):
+            family.add_metric([tenant], counts.get(key, 0))
+        yield family
+
+
+class Metrics:
+    """One app's registry: the engine's counters plus the latency of every HTTP request."""
+
+    def __init__(self, engine: Engine, key: str | None) -> None:
+        self.key = key
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(EngineCollector(engine))
+        self.request_seconds = Histogram(
+            "graft_http_request_duration_seconds",
+            "Time from a request's arrival to its last byte, by route and status.",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+
+
+METRICS = web.AppKey("metrics", Metrics)
+CLIENT_CLOSED = 499  # the status label of a request whose client left first (nginx's code)
+# any other method a client sends is counted as "other": labels stay a bounded set
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def add_metrics(app: web.Application, key: str | None) -> None:
+    """``GET /metrics`` and the state ``timing_middleware`` records into (the app must list
+    that middleware); with ``key``, scrapes must send ``Authorization: Bearer <key>``
+    (per-tenant series name the tenants)."""
+    if key is not None and not key.strip():
+        raise ValueError("metrics key must not be blank")
+    app[METRICS] = Metrics(app[ENGINE], key)
+    app.router.add_get("/metrics", metrics)
+
+
+@web.middleware
+async def timing_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Observe each request's duration; a no-op in an app without ``add_metrics``."""
+    state = request.app.get(METRICS)
+    if state is None:
+        return await handler(request)
+    started = time.perf_counter()
+    status = 500  # anything else the error middleware let through
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = CLIENT_CLOSED  # the client went away: not a server error
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        method = request.method if request.method in _METHODS else "other"
+        state.request_seconds.labels(method, route, str(status)).observe(
+            time.perf_counter() - started
+        )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """The Prometheus text exposition of this app's registry."""
+    state = request.app[METRICS]
+    if state.key is not None:
+        sent = bearer_key(request)
+        if sent is None or not hmac.compare_digest(sent.encode(), state.key.encode()):
+            raise ApiError(
+                401,
+                AUTHENTICATION,
+                "metrics need 'Authorization: Bearer <metrics key>'",
+                headers={"WWW-Authenticate": 'Bearer realm="graft-metrics"'},
+            )
+    return web.Response(
+        body=generate_latest(state.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
