@@ -159,6 +159,7 @@ class Engine:
             counts["packed_steps"] = self._model.runner.num_packed_steps
             counts["rows"] = self._model.runner.num_rows
             counts["interludes"] = self._steps.num_interludes  # steps run inside a longer one
+            counts["step_busy_us"] = self._steps.busy_us  # model thread in steps, microseconds
             counts.update(self._model.store.stats())
             counts.update(self._model.embeddings.stats())
         return counts

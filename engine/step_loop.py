@@ -106,6 +106,9 @@ class StepLoop:
         self._interludes = InterludeSlot()
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self.num_interludes = 0
+        # wall time in steps, interludes inside them included: over a window, busy / window
+        # is how loaded the model thread is (1.0: saturated)
+        self.busy_us = 0
 
     def wake(self) -> None:
         """New rows are queued: plan a step, or an interlude if a long step is running."""
@@ -133,6 +136,7 @@ class StepLoop:
             except Exception as exc:  # a failed step fails its rows, never the loop
                 item.error = exc
             item.ended_s = time.monotonic()
+            self.busy_us += round((item.ended_s - item.started_s) * 1e6)
             self._deliver(item)
 
     def _new_step(self, batch: Batch) -> Step:

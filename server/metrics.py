@@ -31,6 +31,11 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "packed_steps": ("packed_steps", COUNTER, "Steps run unpadded as one packed sequence."),
     "rows": ("rows", COUNTER, "Inputs run through the backbone."),
     "interludes": ("interludes", COUNTER, "Short steps run between two layers of a longer one."),
+    "step_busy_us": (
+        "step_busy_seconds",
+        COUNTER,
+        "Time the model thread spent in steps; its rate is the thread's load (1: saturated).",
+    ),
     "adapter_disk_loads": ("adapter_disk_loads", COUNTER, "Adapters read from the registry."),
     "adapter_disk_bytes_read": (
         "adapter_disk_read_bytes",
@@ -55,6 +60,8 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "embedding_cache_entries": ("embedding_cache_entries", GAUGE, "Pooled outputs held."),
     "embedding_cache_bytes": ("embedding_cache_bytes", GAUGE, "Bytes of pooled outputs held."),
 }
+
+_SCALE = {"step_busy_us": 1e-6}  # to the metric's base unit
 
 # every key of Engine.tenant_stats()[tenant], all monotonic: graft_tenant_<key>_total
 TENANT_HELP = {
@@ -94,7 +101,7 @@ class EngineCollector(Collector):
         for key, value in engine.stats().items():
             name, kind, doc = ENGINE_METRICS.get(key, (key, GAUGE, f"Engine.stats()[{key!r}]."))
             family = CounterMetricFamily if kind == COUNTER else GaugeMetricFamily
-            yield family(f"graft_{name}", doc, value)
+            yield family(f"graft_{name}", doc, value * _SCALE.get(key, 1))
         yield from _tenant_families(engine.tenant_stats())
 
 

@@ -68,11 +68,14 @@ async def test_scrape_reports_the_engines_own_counts(client, engine: Engine, ten
         assert after[f"graft_{name}"]["type"] == kind, name
         if key in stats:
             sample = f"graft_{name}_total" if kind == "counter" else f"graft_{name}"
-            assert value(after, f"graft_{name}", sample) == stats[key], name
+            scale = 1e-6 if key.endswith("_us") else 1
+            assert value(after, f"graft_{name}", sample) == pytest.approx(stats[key] * scale)
     assert value(after, "graft_ready") == 1
     rows = ("graft_tenant_run_rows", "graft_tenant_run_rows_total")
     assert value(after, *rows, tenant="acme") - value(before, *rows, tenant="acme") == 2
     assert value(after, "graft_rows", "graft_rows_total") >= 2
+    busy = ("graft_step_busy_seconds", "graft_step_busy_seconds_total")
+    assert value(after, *busy) > value(before, *busy)  # the classify request's step
     assert (
         request_count(after, "/v1/classify", 200, "POST")
         - request_count(before, "/v1/classify", 200, "POST")
