@@ -4,12 +4,13 @@ Every target answers ``send(tenant, model, texts) -> Outcome`` and ``counters()`
 driver neither knows nor cares which one it drives. Kinds (``TARGET_KINDS``):
 
 - ``embedded``: an ``Engine`` in this process and event loop;
-- ``serve``: graft's HTTP server (``server.app.run_server``) on 127.0.0.1, port 0, in a thread
-  of this process with its own event loop, driven by an aiohttp client;
+- ``serve``: graft's HTTP server (``server.app.run_server``, what ``graft serve`` runs) on
+  127.0.0.1, port 0, in a child process, driven by an aiohttp client (``server_process=False``:
+  in a thread of this process with its own event loop);
 - ``url``: an HTTP server already running elsewhere (graft, or ``benchmarks.peft_server``);
 - ``backbone``: the ceiling: the bare backbone (``AutoModel``, mean pooling, one fixed head), no
   adapters, behind the same kind of dynamic batcher;
-- ``peft``: ``benchmarks.peft_server`` over the same adapters, in a thread like ``serve``.
+- ``peft``: ``benchmarks.peft_server`` over the same adapters, in a process like ``serve``.
 
 Queue vs compute: the engine does not report per-request timings, so for ``embedded`` a
 ``StepClock`` wraps the engine's model-thread step (benchmark instrumentation reaching into
@@ -64,6 +65,7 @@ class TargetOptions:
     keys: tuple[str, ...] = ()  # for kind "url": one API key per tenant
     connections: int = 1024  # client connection pool size (HTTP kinds)
     peft_max_wait_s: float = 0.002  # the PEFT batcher's collection window
+    server_process: bool = True  # "serve" and "peft" in a child process (False: a thread)
 
 
 class Target(Protocol):
@@ -84,6 +86,7 @@ class StepClock:
         self.num_steps = 0
         self.num_rows = 0
         self.busy_s = 0.0
+        self._depth = 0  # steps running now on the model thread: 2 during an interlude
 
     def install(self, engine: Any) -> bool:
         """Wrap ``engine``'s model-thread step (device page-ins, forward, heads); False where
@@ -95,18 +98,21 @@ class StepClock:
 
         def timed_step(batch: Any, token_ids: Any, *args: Any) -> Any:
             started = time.perf_counter()
+            self._depth += 1  # an interlude runs inside its long step, on the same thread
             try:
                 return step(batch, token_ids, *args)
             finally:
-                self._note(batch, started, time.perf_counter())
+                self._depth -= 1
+                self._note(batch, started, time.perf_counter(), nested=self._depth > 0)
 
         owner._step = timed_step  # the loop looks the method up at every step and interlude
         return True
 
-    def _note(self, batch: Any, started_s: float, ended_s: float) -> None:
+    def _note(self, batch: Any, started_s: float, ended_s: float, *, nested: bool) -> None:
         self.num_steps += 1
         self.num_rows += len(batch.rows)
-        self.busy_s += ended_s - started_s
+        if not nested:  # the enclosing step's time already holds an interlude's
+            self.busy_s += ended_s - started_s
         if not self._keeps_spans:
             return
         for row in batch.rows:
