@@ -293,6 +293,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
         adapter_pages=args.pages,
         num_threads=args.threads,
         device=args.device,
+        quantize=args.quantize,
     )
     async with Engine(config) as engine:
         results["stages"] = measure_stages(engine, "cold", args.loads)
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--pages", type=int, default=1024, help="device pool pages")
     parser.add_argument("--device", default="cpu", help="engine device: cpu or cuda[:n]")
+    parser.add_argument("--quantize", default="none", help="none or int8 (backbone Linears, CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--quick", action="store_true", help="tiny configuration for tests")
     args = parser.parse_args(argv)
@@ -385,6 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": args.device,
+        "quantize": args.quantize,
     }
     if args.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))

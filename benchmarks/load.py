@@ -8,7 +8,8 @@
 
 Targets: ``--embedded`` (default) builds a scratch registry of ``--adapters`` random rank-8
 adapters for ``--tenants`` tenants and drives an in-process ``Engine``; ``--serve`` serves that
-registry over HTTP from this process (its own thread and event loop, 127.0.0.1, port 0);
+registry over HTTP from a child process, as ``graft serve`` would (127.0.0.1, port 0;
+``--server-thread``: from a thread of this process instead);
 ``--url`` drives a running server whose models the ``--key`` tenants already have;
 ``--baseline backbone`` is the bare backbone (the ceiling), ``--baseline peft`` a PEFT server
 over the same adapters (``benchmarks/peft_server.py``).
@@ -19,8 +20,9 @@ one line per request; a footer with server counters) under ``benchmarks/out/load
 capacity C, then offers 0.3, 0.6, 0.9 and 1.2 x C and keeps raising by 1.3x until the
 server saturates (it answers < 85% of what was offered, p99 passes 20x the SLO, or > 5% fail).
 An auto sweep goes on past saturation while the answered rate still rises by 5% (explicit
-rates stop at the first saturated one). The load generator shares the machine (and,
-except with ``--url``, the process) with the server: on a small CPU it costs the server.
+rates stop at the first saturated one). The load generator shares the machine with the
+server (and, for the embedded engine, the bare backbone and ``--server-thread``, the process
+and its interpreter lock): on a small CPU it costs the server.
 """
 
 import argparse
@@ -83,7 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--embedded", action="store_true", help="in-process Engine (default)")
-    where.add_argument("--serve", action="store_true", help="in-process HTTP server")
+    where.add_argument("--serve", action="store_true", help="graft's HTTP server, started here")
     where.add_argument("--url", help="a running graft (or peft_server) HTTP server")
     where.add_argument("--baseline", choices=("backbone", "peft"))
     p.add_argument("--key", action="append", default=[], help="API key with --url (repeatable)")
@@ -133,6 +135,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="graft's short steps inside long ones: token budget (default by device; 0 = off)",
     )
     p.add_argument("--adapter-pages", type=int, default=1024)
+    p.add_argument(
+        "--server-thread",
+        action="store_true",
+        help="run graft's and the PEFT server in a thread of this process (default: each in "
+        "its own process, as deployed; a thread shares the load generator's interpreter lock)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT_DIR)
     p.add_argument("--quick", action="store_true", help="tiny configuration (tests)")
@@ -225,6 +233,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),
+        server_process=not args.server_thread,
     )
     texts: dict[str, list[str]] = {}
     summaries: list[RunSummary] = []

@@ -1,8 +1,10 @@
-"""HTTP targets: graft's server or the PEFT baseline in a thread of this process, or a URL.
+"""HTTP targets: graft's server or the PEFT baseline, or a server already running at a URL.
 
-The in-process servers run in their own thread with their own event loop (uvloop where
-installed), so the load generator's loop and the server's loop schedule independently; they
-still share the process (and its GIL) and the machine's cores.
+The servers started here run in a child process each (``load_server_process``), as they are
+deployed, so they share only the machine's cores with the load generator. With
+``server_process=False`` they run in a thread of this process instead, with their own event
+loop (uvloop where installed): one process to profile, but one interpreter lock for client
+and server.
 """
 
 import asyncio
@@ -14,6 +16,7 @@ from typing import Any
 import msgspec
 
 from benchmarks.load_fleet import Fleet
+from benchmarks.load_server_process import ServerProcess, counters_from_metrics
 from benchmarks.load_targets import (
     HttpTarget,
     StepClock,
@@ -46,6 +49,14 @@ async def open_http_target(
                 async with session.get(url + "/stats") as response:
                     return msgspec.json.decode(await response.read())
 
+        elif counters is None:  # graft in another process: its /metrics (none: {})
+
+            async def counters() -> dict[str, Any]:
+                async with session.get(url.rstrip("/") + "/metrics") as response:
+                    if response.status != 200:
+                        return {}
+                    return counters_from_metrics(await response.text())
+
         yield HttpTarget(kind, session, url, models, keys, options.timeout_s, counters)
 
 
@@ -57,16 +68,18 @@ async def _http_server(kind: str, fleet: Fleet, options: TargetOptions):
             raise ValueError("--url is required for an external server")
         yield options.url, (), {}, None
         return
-    if kind == "serve":
+    if kind == "peft" and options.quantize != "none":
+        raise ValueError("the PEFT server has no int8 path: run peft scenarios without --quantize")
+    if options.server_process:  # counters: graft's /metrics, the PEFT server's /stats
+        thread, counters = ServerProcess(kind, fleet, options), None
+    elif kind == "serve":
         thread, counters = _graft_server(fleet, options)
-        models = fleet.models  # graft resolves a bare name in the key's tenant
     else:
-        if options.quantize != "none":
-            raise ValueError(
-                "the PEFT server has no int8 path: run peft scenarios without --quantize"
-            )
-        thread, counters = _peft_server(fleet, options), None
-        models = tuple((t, f"{t}/{n}") for t, n in fleet.models)  # no auth: names carry tenants
+        thread, counters = ServerThread(_serving(kind, fleet, options)), None
+    # graft resolves a bare name in the key's tenant; the PEFT server has no auth, so its
+    # model names carry their tenants
+    peft_names = tuple((t, f"{t}/{n}") for t, n in fleet.models)
+    models = fleet.models if kind == "serve" else peft_names
     loop = asyncio.get_running_loop()
     url = await loop.run_in_executor(None, thread.start)
     try:
@@ -75,10 +88,43 @@ async def _http_server(kind: str, fleet: Fleet, options: TargetOptions):
         await loop.run_in_executor(None, thread.stop)
 
 
+def server_coroutine(
+    kind: str,
+    fleet: Fleet,
+    options: TargetOptions,
+    on_listening: Callable[[str], Awaitable[None]],
+    on_ready: Callable[[Any], Awaitable[None]] | None = None,
+) -> Coroutine:
+    """The server of ``kind`` ("serve": graft's, "peft": the baseline) over ``fleet``, to run
+    until cancelled (graft's also until SIGTERM); here or in a child process."""
+    if kind == "serve":
+        from server.app import run_server
+
+        config = engine_config(fleet, options)
+        return run_server(config, "127.0.0.1", 0, on_listening=on_listening, on_ready=on_ready)
+    from benchmarks.peft_server import run_peft_server
+
+    return run_peft_server(
+        fleet.models,
+        fleet.adapter_dirs,
+        "127.0.0.1",
+        0,
+        on_listening=on_listening,
+        max_wait_s=options.peft_max_wait_s,
+        device=options.device,
+        dtype=options.dtype,
+    )
+
+
+def _serving(kind: str, fleet: Fleet, options: TargetOptions, on_ready=None):
+    def serve(on_listening: Callable[[str], Awaitable[None]]) -> Coroutine:
+        return server_coroutine(kind, fleet, options, on_listening, on_ready)
+
+    return serve
+
+
 def _graft_server(fleet: Fleet, options: TargetOptions):
     """graft's own ``run_server`` in a thread, and how to read its engine's counters."""
-    from server.app import run_server
-
     clock = StepClock(keeps_spans=False)
     engines: list[Any] = []
 
@@ -86,11 +132,7 @@ def _graft_server(fleet: Fleet, options: TargetOptions):
         engines.append(engine)
         clock.install(engine)
 
-    def serve(on_listening: Callable[[str], Awaitable[None]]) -> Coroutine:
-        config = engine_config(fleet, options)
-        return run_server(config, "127.0.0.1", 0, on_listening=on_listening, on_ready=on_ready)
-
-    thread = ServerThread(serve)
+    thread = ServerThread(_serving("serve", fleet, options, on_ready))
 
     async def snapshot() -> dict[str, Any]:
         return engine_counters(engines[0], clock)
@@ -99,24 +141,6 @@ def _graft_server(fleet: Fleet, options: TargetOptions):
         return await thread.call(snapshot()) if engines else {}
 
     return thread, counters
-
-
-def _peft_server(fleet: Fleet, options: TargetOptions) -> "ServerThread":
-    from benchmarks.peft_server import run_peft_server
-
-    def serve(on_listening: Callable[[str], Awaitable[None]]) -> Coroutine:
-        return run_peft_server(
-            fleet.models,
-            fleet.adapter_dirs,
-            "127.0.0.1",
-            0,
-            on_listening=on_listening,
-            max_wait_s=options.peft_max_wait_s,
-            device=options.device,
-            dtype=options.dtype,
-        )
-
-    return ServerThread(serve)
 
 
 async def discover_models(

@@ -5,12 +5,14 @@ promised fields, and that the report understands the file.
 """
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import load, report
+from benchmarks.load_server_process import counters_from_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -66,3 +68,27 @@ def test_quantize_refuses_the_peft_server_before_anything_runs(tmp_path: Path) -
     with pytest.raises(ValueError, match="no int8 path"):
         load.main([*argv, "--quantize", "int8", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())  # no run directory, no records
+
+
+def test_quick_http_run_against_a_server_process_reads_its_metrics(tmp_path: Path) -> None:
+    argv = ["--serve", "--quick", "--rate", "8", "--duration", "1", "--no-progress"]
+    payload = load.main([*argv, "--out", str(tmp_path)])
+    (path,) = Path(payload["run_dir"]).glob("*.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    head, records, foot = lines[0], lines[1:-1], lines[-1]
+    assert head["scenario"]["target"] == "serve" and head["target_options"]["server_process"]
+    assert any(r["status"] == 200 for r in records), records
+    before, after = foot["counters_before"], foot["counters_after"]  # from GET /metrics
+    assert after["steps"] > before["steps"] and after["rows"] >= after["steps"]
+    assert after["busy_s"] > before["busy_s"]
+    assert not multiprocessing.active_children()  # the server process is gone
+
+
+def test_counters_from_metrics_reads_the_engine_totals_only() -> None:
+    text = (
+        "# TYPE graft_steps counter\ngraft_steps_total 12.0\n"
+        "# TYPE graft_rows counter\ngraft_rows_total 30.0\n"
+        "# TYPE graft_step_busy_seconds counter\ngraft_step_busy_seconds_total 0.25\n"
+        '# TYPE graft_tenant_run_rows counter\ngraft_tenant_run_rows_total{tenant="a"} 30.0\n'
+    )
+    assert counters_from_metrics(text) == {"steps": 12.0, "rows": 30.0, "busy_s": 0.25}
