@@ -37,3 +37,16 @@ def test_cold_start_quick(tmp_path: Path, monkeypatch) -> None:
         assert row["requests_per_s"] > 0
         assert row["gc_pause_ms"] >= row["gc_longest_ms"] >= 0 and row["gc_full_passes"] >= 0
     assert four["gc_tracked"] > 0 and four["gc_full_pass_ms"] >= 0
+
+
+def test_cold_interference_runs_each_phase_beside_the_steps(capsys) -> None:
+    from benchmarks import cold_interference
+
+    results = cold_interference.main(["--steps", "4", "--modes", "idle,full,python"])
+    assert list(results) == ["idle", "full", "python"]
+    for row in results.values():
+        assert 0 < row["step_p50_ms"] <= row["step_p90_ms"] <= row["step_p99_ms"]
+    assert results["full"]["phase_runs"] >= 1  # cold loads really ran beside the steps
+    assert "full" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cold_interference.main(["--modes", "idle,teleport"])
