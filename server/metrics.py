@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from engine import Engine
 from server.errors import AUTHENTICATION, ApiError
 from server.routes import ENGINE, bearer_key
+from server.train_routes import TRAINING
 
 COUNTER, GAUGE = "counter", "gauge"
 
@@ -113,13 +114,37 @@ def _tenant_families(stats: dict[str, dict[str, int]]) -> Iterator[Metric]:
         yield family
 
 
-class Metrics:
-    """One app's registry: the engine's counters plus the latency of every HTTP request."""
+class TrainingCollector(Collector):
+    """The app's training jobs by state, while its job manager runs."""
 
-    def __init__(self, engine: Engine, key: str | None) -> None:
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def collect(self) -> Iterator[Metric]:
+        manager = self._app[TRAINING].manager
+        yield GaugeMetricFamily(
+            "graft_train_available",
+            "1 while this server runs training jobs.",
+            int(manager is not None),
+        )
+        jobs = GaugeMetricFamily(
+            "graft_train_jobs", "Training jobs this server knows, by state.", labels=["state"]
+        )
+        for state, count in (manager.state_counts() if manager is not None else {}).items():
+            jobs.add_metric([state], count)
+        yield jobs
+
+
+class Metrics:
+    """One app's registry: the engine's and training's counters, and the latency of every
+    HTTP request."""
+
+    def __init__(self, app: web.Application, key: str | None) -> None:
         self.key = key
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(app[ENGINE]))
+        if TRAINING in app:
+            self.registry.register(TrainingCollector(app))
         self.request_seconds = Histogram(
             "graft_http_request_duration_seconds",
             "Time from a request's arrival to its last byte, by route and status.",
@@ -141,7 +166,7 @@ def add_metrics(app: web.Application, key: str | None) -> None:
     (per-tenant series name the tenants)."""
     if key is not None and not key.strip():
         raise ValueError("metrics key must not be blank")
-    app[METRICS] = Metrics(app[ENGINE], key)
+    app[METRICS] = Metrics(app, key)
     app.router.add_get("/metrics", metrics)
 
 

@@ -36,6 +36,7 @@ from training.job_store import (
     FAILED,
     QUEUED,
     RUNNING,
+    STATES,
     SUCCEEDED,
     JobRecord,
     JobStore,
@@ -161,6 +162,14 @@ class JobManager:
         """The tenant's jobs, oldest first."""
         with self._lock:
             return [r for r in self._jobs.values() if r.tenant == tenant]
+
+    def state_counts(self) -> dict[str, int]:
+        """Every job this server knows, counted by state (each state present, maybe 0)."""
+        counts = dict.fromkeys(STATES, 0)
+        with self._lock:
+            for record in self._jobs.values():
+                counts[record.state] += 1
+        return counts
 
     def events(self, tenant: str, job_id: str, start: int = 0) -> list[dict[str, Any]]:
         """The job's events from number `start` (0-based) on."""

@@ -115,6 +115,16 @@ async def test_a_metrics_key_guards_the_scrape(engine: Engine, tenants) -> None:
         assert value(families, "graft_ready") == 1
 
 
+async def test_training_is_reported_even_where_this_server_runs_none(client, tenants) -> None:
+    families = await scrape(client)
+    available = value(families, "graft_train_available")
+    assert available in (0, 1)  # this module's apps share one jobs directory: one may run it
+    states = {dict(labels)["state"] for _, labels in families["graft_train_jobs"]["samples"]}
+    assert states == (
+        {"queued", "running", "succeeded", "failed", "cancelled"} if available else set()
+    )
+
+
 async def test_metrics_can_be_switched_off(engine: Engine, tenants) -> None:
     async with TestClient(TestServer(create_app(engine, metrics=False))) as plain:
         assert (await plain.get("/metrics")).status == 404

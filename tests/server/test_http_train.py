@@ -122,6 +122,14 @@ async def test_cancel_kills_the_job_and_publishes_nothing(client, tenants) -> No
     assert json.loads(events.splitlines()[-1])["type"] == "cancelled"
     adapters = await (await client.get("/v1/adapters", headers=bearer(tenants.acme))).json()
     assert "cancelme" not in {a["name"] for a in adapters["data"]}
+    metrics = await (await client.get("/metrics")).text()
+    jobs = {  # graft_train_jobs{state="..."} N
+        line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("graft_train_jobs{")
+    }
+    assert set(jobs) == {"queued", "running", "succeeded", "failed", "cancelled"}
+    assert jobs["cancelled"] >= 1 and "graft_train_available 1.0" in metrics
 
 
 async def test_jobs_are_private_to_their_tenant(client, tenants) -> None:
