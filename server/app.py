@@ -12,6 +12,7 @@ from aiohttp import web
 from engine import Engine, EngineConfig
 from server.errors import error_middleware
 from server.metrics import add_metrics, timing_middleware
+from server.request_ids import add_request_id
 from server.routes import ENGINE, MAX_BODY_BYTES, STREAMS, add_routes, cancel_streams
 from server.train_routes import TrainServiceConfig, add_train_routes
 
@@ -48,6 +49,7 @@ def create_app(
     add_train_routes(app, training or TrainServiceConfig())
     if metrics:
         add_metrics(app, metrics_key)
+    app.on_response_prepare.append(add_request_id)
     app.on_shutdown.append(cancel_streams)
     return app
 

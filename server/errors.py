@@ -23,6 +23,7 @@ from engine import (
     ModelNotFound,
     TenantBusy,
 )
+from server.request_ids import request_id
 from server.schemas import json_response
 
 log = logging.getLogger(__name__)
@@ -142,5 +143,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception(
+            "unhandled error in %s %s (request %s)",
+            request.method,
+            request.path,
+            request_id(request),
+        )
         return internal_error().response()
