@@ -7,7 +7,7 @@
 #
 # Without network the data packages travel in .gpu/ (git-ignored, carried with the call), made
 # by benchmarks/gpu_carry.sh on a machine with the project's venv: .gpu/whl/*.whl (msgspec,
-# pytest-asyncio, pytest-aiohttp for the device's Python), .gpu/data.tar.xz (the data
+# pytest-asyncio, pytest-aiohttp, prometheus-client for the device's Python), .gpu/data.tar.xz (the data
 # packages' site-packages folders, the backbone without its weights) and
 # .gpu/minilm_fp16.safetensors (the backbone's weights in fp16, to fit the transfer; widened
 # back to fp32 here, so they differ from the packaged ones by fp16 rounding).
