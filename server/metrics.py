@@ -147,7 +147,7 @@ class Metrics:
             self.registry.register(TrainingCollector(app))
         self.request_seconds = Histogram(
             "graft_http_request_duration_seconds",
-            "Time from a request's arrival to its last byte, by route and status.",
+            "Time in the app, from routing to the handler's answer (a stream's last line).",
             ["method", "route", "status"],
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
