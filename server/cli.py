@@ -317,10 +317,14 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import metrics_key_from_env, run_server
 
     config = engine_config(args)
+    bound: list[str] = []  # the URL the socket got (its real port when --port is 0)
+
+    async def listening(url: str) -> None:
+        bound.append(url)
 
     async def announce(engine) -> None:
         print(
-            f"graft serving on http://{args.host}:{args.port} "
+            f"graft serving on {bound[0]} "
             f"(backbone {engine.backbone.name}, registry {args.registry})",
             flush=True,
         )
@@ -338,6 +342,7 @@ def _serve(args: argparse.Namespace) -> int:
             config,
             args.host,
             args.port,
+            on_listening=listening,
             on_ready=announce,
             training=training,
             metrics=args.metrics,

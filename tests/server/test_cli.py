@@ -189,3 +189,37 @@ def test_metrics_flags_and_key(monkeypatch) -> None:
     assert metrics_key_from_env() is None
     monkeypatch.setenv("GRAFT_METRICS_KEY", "s3cret")
     assert metrics_key_from_env() == "s3cret"
+
+
+def test_graft_serve_on_port_0_announces_the_port_it_got(tmp_path: Path) -> None:
+    """The real CLI in its own process: the start line names the bound port, the server
+    answers there (metrics included) and SIGTERM stops it cleanly."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRAFT_METRICS_KEY="")
+    command = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--threads", "1"]
+    server = subprocess.Popen(
+        [*command, "--registry", str(tmp_path / "registry")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline()  # blocks until the start line (or the process ends)
+        found = re.search(r"graft serving on (http://127\.0\.0\.1:(\d+)) ", line)
+        assert found and int(found.group(2)) > 0, line
+        with urllib.request.urlopen(found.group(1) + "/metrics", timeout=30) as response:
+            assert response.status == 200 and response.headers["X-Request-ID"]
+            assert "graft_ready 1.0" in response.read().decode()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
