@@ -38,9 +38,14 @@ def run_demo(args: argparse.Namespace, config: EngineConfig) -> int:
         api_key = registry.issue_key(DEMO_TENANT)
     from server.app import metrics_key_from_env, run_server
 
+    bound: list[str] = []  # the URL the socket got (its real port when --port is 0)
+
+    async def on_listening(url: str) -> None:
+        bound.append(url)
+
     async def on_ready(engine) -> None:
-        await _ask_examples(args.host, args.port, api_key)
-        print(_curl_line(args.host, args.port, api_key), flush=True)
+        await _ask_examples(bound[0], api_key)
+        print(_curl_line(bound[0], api_key), flush=True)
         print("serving until Ctrl-C", flush=True)
 
     _run(
@@ -48,6 +53,7 @@ def run_demo(args: argparse.Namespace, config: EngineConfig) -> int:
             config,
             args.host,
             args.port,
+            on_listening=on_listening,
             on_ready=on_ready,
             metrics=args.metrics,
             metrics_key=metrics_key_from_env(),
@@ -83,10 +89,10 @@ def _train_missing(registry, config: EngineConfig, missing) -> None:
         )
 
 
-async def _ask_examples(host: str, port: int, api_key: str) -> None:
+async def _ask_examples(base_url: str, api_key: str) -> None:
     import aiohttp
 
-    url = f"http://{host}:{port}/v1/classify"
+    url = f"{base_url}/v1/classify"
     headers = {"Authorization": f"Bearer {api_key}"}
     async with aiohttp.ClientSession() as session:
         for name, _, text, _ in DEMO_MODELS:
@@ -99,7 +105,7 @@ async def _ask_examples(host: str, port: int, api_key: str) -> None:
             print(f"  {json.dumps(body)}", flush=True)
 
 
-def _curl_line(host: str, port: int, api_key: str) -> str:
+def _curl_line(base_url: str, api_key: str) -> str:
     body = json.dumps(
         {
             "model": "spam",
@@ -107,7 +113,7 @@ def _curl_line(host: str, port: int, api_key: str) -> str:
         }
     )
     return (
-        f"\ntry it:\n  curl -s http://{host}:{port}/v1/classify "
+        f"\ntry it:\n  curl -s {base_url}/v1/classify "
         f"-H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' "
         f"-d '{body}'\n"
     )
