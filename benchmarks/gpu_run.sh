@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...] (steps: tests engine-tests kernels mixed
-# bert cold load profile; default: tests kernels mixed bert cold load profile, about 8 minutes
+# bert cold load profile; default: tests kernels mixed bert cold load profile, about 9 minutes
 # on an H200 plus a minute or two to start the machine). Logs and JSON go to
 # $OUT (default benchmarks/out/gpu).
 #
@@ -78,7 +78,7 @@ for step in $STEPS; do
         --neighbour 20 --rotation 1,100 --duration 3 --out "$WORK/cold"
       cp "$WORK/cold/cold_start.json" "$OUT/cold_start.json" 2>/dev/null ;;
     load)
-      run 170 load python3 -m benchmarks.load --device cuda --scenarios --duration 2 \
+      run 240 load python3 -m benchmarks.load --device cuda --scenarios --duration 2 \
         --only embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf,peft-sms-100a-zipf \
         --no-progress --out "$WORK/load" ;;
     *) say "unknown step $step" ;;
