@@ -80,10 +80,11 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 
 
 class EngineCollector(Collector):
-    """Reads the engine's counters at each scrape."""
+    """Reads the engine's counters at each scrape; per tenant only with ``per_tenant``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, per_tenant: bool) -> None:
         self._engine = engine
+        self._per_tenant = per_tenant
 
     def collect(self) -> Iterator[Metric]:
         engine = self._engine
@@ -103,7 +104,8 @@ class EngineCollector(Collector):
             name, kind, doc = ENGINE_METRICS.get(key, (key, GAUGE, f"Engine.stats()[{key!r}]."))
             family = CounterMetricFamily if kind == COUNTER else GaugeMetricFamily
             yield family(f"graft_{name}", doc, value * _SCALE.get(key, 1))
-        yield from _tenant_families(engine.tenant_stats())
+        if self._per_tenant:
+            yield from _tenant_families(engine.tenant_stats())
 
 
 def _tenant_families(stats: dict[str, dict[str, int]]) -> Iterator[Metric]:
@@ -142,7 +144,9 @@ class Metrics:
     def __init__(self, app: web.Application, key: str | None) -> None:
         self.key = key
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(EngineCollector(app[ENGINE]))
+        # tenants' names and traffic only behind a key: an open route would show them to
+        # every caller, other tenants included
+        self.registry.register(EngineCollector(app[ENGINE], per_tenant=key is not None))
         if TRAINING in app:
             self.registry.register(TrainingCollector(app))
         self.request_seconds = Histogram(
@@ -162,8 +166,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 def add_metrics(app: web.Application, key: str | None) -> None:
     """``GET /metrics`` and the state ``timing_middleware`` records into (the app must list
-    that middleware); with ``key``, scrapes must send ``Authorization: Bearer <key>``
-    (per-tenant series name the tenants)."""
+    that middleware). With ``key``, scrapes must send ``Authorization: Bearer <key>`` and get
+    the per-tenant series too; without, the route is open and shows no tenant."""
     if key is not None and not key.strip():
         raise ValueError("metrics key must not be blank")
     app[METRICS] = Metrics(app, key)

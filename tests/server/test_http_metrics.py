@@ -71,8 +71,7 @@ async def test_scrape_reports_the_engines_own_counts(client, engine: Engine, ten
             scale = 1e-6 if key.endswith("_us") else 1
             assert value(after, f"graft_{name}", sample) == pytest.approx(stats[key] * scale)
     assert value(after, "graft_ready") == 1
-    rows = ("graft_tenant_run_rows", "graft_tenant_run_rows_total")
-    assert value(after, *rows, tenant="acme") - value(before, *rows, tenant="acme") == 2
+    assert not [name for name in after if name.startswith("graft_tenant_")]  # open: no tenants
     assert value(after, "graft_rows", "graft_rows_total") >= 2
     busy = ("graft_step_busy_seconds", "graft_step_busy_seconds_total")
     assert value(after, *busy) > value(before, *busy)  # the classify request's step
@@ -104,15 +103,22 @@ async def test_errors_are_counted_by_route_and_the_status_sent(client, tenants) 
     )
 
 
-async def test_a_metrics_key_guards_the_scrape(engine: Engine, tenants) -> None:
+async def test_a_metrics_key_guards_the_scrape_and_adds_the_tenants(engine, tenants) -> None:
     app = create_app(engine, metrics_key="scrape-secret")
     async with TestClient(TestServer(app)) as guarded:
         for headers in ({}, bearer("wrong"), bearer(tenants.acme)):
             response = await guarded.get("/metrics", headers=headers)
             assert response.status == 401
             assert (await response.json())["error"]["type"] == "authentication"
-        families = await scrape(guarded, bearer("scrape-secret"))
-        assert value(families, "graft_ready") == 1
+        before = await scrape(guarded, bearer("scrape-secret"))
+        body = {"model": "spam", "input": ["hi", "WIN NOW"]}
+        response = await guarded.post("/v1/classify", json=body, headers=bearer(tenants.acme))
+        assert response.status == 200
+        after = await scrape(guarded, bearer("scrape-secret"))
+    assert value(after, "graft_ready") == 1
+    rows = ("graft_tenant_run_rows", "graft_tenant_run_rows_total")
+    assert value(after, *rows, tenant="acme") - value(before, *rows, tenant="acme") == 2
+    assert {f"graft_tenant_{key}" for key in TENANT_HELP} <= set(after)
 
 
 async def test_training_is_reported_even_where_this_server_runs_none(client, tenants) -> None:
