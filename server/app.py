@@ -35,8 +35,8 @@ def create_app(
 ) -> web.Application:
     """The HTTP API over ``engine``; the caller starts and closes the engine. Training jobs
     (``training``, default settings when None) start and stop with the app. ``metrics``
-    serves ``GET /metrics`` (Prometheus), to anyone, or with ``metrics_key`` only to scrapes
-    that send it as a bearer key."""
+    serves ``GET /metrics`` (Prometheus): to anyone, without per-tenant series, or with
+    ``metrics_key`` only to scrapes that send it as a bearer key, with them."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     # the timing middleware is outermost, so it sees the status the error middleware chose
