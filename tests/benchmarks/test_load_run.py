@@ -22,11 +22,16 @@ def keep_torch_threads():
     torch.set_num_threads(threads)
 
 
+def run_records(argv: list[str]) -> tuple[Path, list[dict]]:
+    """Run ``benchmarks.load`` with ``argv`` (one rate); its JSONL file and parsed lines."""
+    payload = load.main(argv)
+    (path,) = Path(payload["run_dir"]).glob("*.jsonl")
+    return path, [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_quick_embedded_run_writes_records_the_report_reads(tmp_path: Path) -> None:
     argv = ["--embedded", "--quick", "--rate", "8", "--duration", "1", "--no-progress"]
-    payload = load.main([*argv, "--out", str(tmp_path)])
-    (path,) = Path(payload["run_dir"]).glob("*.jsonl")
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    path, lines = run_records([*argv, "--out", str(tmp_path)])
     head, records, foot = lines[0], lines[1:-1], lines[-1]
     assert head["kind"] == "header" and foot["kind"] == "footer"
     assert head["scenario"]["target"] == "embedded" and head["scenario"]["num_adapters"] == 2
@@ -56,9 +61,7 @@ def test_quick_embedded_run_writes_records_the_report_reads(tmp_path: Path) -> N
 
 def test_quantized_bare_backbone_run_answers_and_records_the_setting(tmp_path: Path) -> None:
     argv = ["--baseline", "backbone", "--quick", "--rate", "8", "--duration", "1"]
-    payload = load.main([*argv, "--quantize", "int8", "--no-progress", "--out", str(tmp_path)])
-    (path,) = Path(payload["run_dir"]).glob("*.jsonl")
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    _, lines = run_records([*argv, "--quantize", "int8", "--no-progress", "--out", str(tmp_path)])
     assert lines[0]["target_options"]["quantize"] == "int8"
     assert any(r.get("status") == 200 for r in lines[1:-1])
 
@@ -72,9 +75,7 @@ def test_quantize_refuses_the_peft_server_before_anything_runs(tmp_path: Path) -
 
 def test_quick_http_run_against_a_server_process_reads_its_metrics(tmp_path: Path) -> None:
     argv = ["--serve", "--quick", "--rate", "8", "--duration", "1", "--no-progress"]
-    payload = load.main([*argv, "--out", str(tmp_path)])
-    (path,) = Path(payload["run_dir"]).glob("*.jsonl")
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    path, lines = run_records([*argv, "--out", str(tmp_path)])
     head, records, foot = lines[0], lines[1:-1], lines[-1]
     assert head["scenario"]["target"] == "serve" and head["target_options"]["server_process"]
     assert any(r["status"] == 200 for r in records), records
