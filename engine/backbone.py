@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from engine.inputs import TextEncoder
 from engine.lora import LoraLinear, StepLora
 from engine.quantize import check_quantize, quantize_linears_int8
 
@@ -58,6 +59,7 @@ class Backbone:
 
     model: nn.Module  # the base model (e.g. BertModel), eval mode, requires_grad False
     tokenizer: PreTrainedTokenizerBase
+    encoder: TextEncoder  # the tokenizer for serving: whole texts to ids on the calling thread
     sha256: str  # weights hash, recorded in every adapter trained on it
     name: str  # directory name, for humans
     path: Path
@@ -109,6 +111,7 @@ def load_backbone(
     return Backbone(
         model=model,
         tokenizer=tokenizer,
+        encoder=TextEncoder(tokenizer),
         sha256=sha,
         name=path.name if path.name != "model" else path.parent.name,
         path=path,

@@ -322,18 +322,19 @@ class Engine:
 
     async def _tokenize(self, texts: Sequence[str], truncate: bool) -> Tokenized:
         """Small requests tokenize inline; large ones on a helper thread, off the event loop."""
-        work = functools.partial(
-            tokenize_inputs,
-            self.backbone.tokenizer,
-            texts,
-            max_tokens=self.max_input_tokens,
-            truncate=truncate,
-            max_inputs=self.config.max_inputs_per_request,
-        )
         is_small = (
             isinstance(texts, str)
             or not isinstance(texts, Sequence)
             or sum(len(t) for t in texts if isinstance(t, str)) < _INLINE_TOKENIZE_CHARS
+        )
+        encoder = self.backbone.encoder
+        work = functools.partial(
+            tokenize_inputs,
+            encoder.inline if is_small else encoder.pooled,
+            texts,
+            max_tokens=self.max_input_tokens,
+            truncate=truncate,
+            max_inputs=self.config.max_inputs_per_request,
         )
         if is_small:
             return work()

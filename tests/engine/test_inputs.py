@@ -1,0 +1,75 @@
+"""The serving tokenizer: the same ids as the Hugging Face call, whatever state that call leaves."""
+
+import pytest
+
+from engine.errors import InputError, InputTooLong
+from engine.inputs import TextEncoder, tokenize_inputs
+
+TEXTS = [
+    "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005.",
+    "  leading and trailing spaces\t\n",
+    "Ünïcödé, accents: café naïve résumé; CJK 東京 and emoji 🙂👍🏽",
+    "a literal [SEP] and [CLS] and [MASK] inside the text",
+    "UPPER lower MiXeD 12345 3.14159 e-mail@example.com http://example.com/a?b=c",
+    "word " * 700,  # far past the model's 512 tokens: the encoder never truncates
+    "x",
+]
+
+
+def _reference(backbone, texts):
+    encoded = backbone.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+    return encoded["input_ids"]
+
+
+def test_inline_and_pooled_match_the_hugging_face_call(backbone) -> None:
+    encoder = TextEncoder(backbone.tokenizer)
+    assert encoder.is_fast
+    expected = _reference(backbone, TEXTS)
+    assert encoder.inline(TEXTS) == expected
+    assert encoder.pooled(TEXTS) == expected
+    assert len(expected[5]) > 700  # the long text came back whole
+
+
+def test_another_callers_truncation_and_padding_do_not_leak_in(backbone) -> None:
+    encoder = TextEncoder(backbone.tokenizer)
+    before = encoder.inline(TEXTS)
+    # the Hugging Face call sets its Rust core's truncation and padding on every call
+    backbone.tokenizer(TEXTS, truncation=True, max_length=8, padding="max_length")
+    assert encoder.inline(TEXTS) == before
+    assert encoder.pooled(TEXTS) == before
+    assert all(len(ids) > 8 for ids in encoder.inline(TEXTS[:1]))
+
+
+class _SlowTokenizer:
+    """A tokenizer without a Rust core: one id per character, [101] and [102] around."""
+
+    is_fast = False
+
+    def __call__(self, texts, **kwargs):
+        assert kwargs == {"add_special_tokens": True, "truncation": False, "verbose": False}
+        return {"input_ids": [[101, *(ord(c) for c in text), 102] for text in texts]}
+
+
+def test_a_slow_tokenizer_keeps_its_own_call() -> None:
+    encoder = TextEncoder(_SlowTokenizer())
+    assert not encoder.is_fast
+    assert encoder.inline(["ab"]) == encoder.pooled(["ab"]) == [[101, 97, 98, 102]]
+
+
+def test_tokenize_inputs_truncates_or_refuses_by_request(backbone) -> None:
+    encoder = TextEncoder(backbone.tokenizer)
+    long_text = "word " * 40
+    out = tokenize_inputs(
+        encoder.inline, ["hi", long_text], max_tokens=16, truncate=True, max_inputs=4
+    )
+    assert out.truncated == (False, True)
+    assert len(out.ids[1]) == 16
+    assert out.ids[1][-1] == backbone.tokenizer.sep_token_id  # the closing token is kept
+    with pytest.raises(InputTooLong) as err:
+        tokenize_inputs(
+            encoder.inline, ["hi", long_text], max_tokens=16, truncate=False, max_inputs=4
+        )
+    assert err.value.field == "input[1]"
+    with pytest.raises(InputError) as err:
+        tokenize_inputs(encoder.inline, ["hi", "  "], max_tokens=16, truncate=True, max_inputs=4)
+    assert err.value.field == "input[1]"
