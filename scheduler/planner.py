@@ -69,6 +69,9 @@ class Scheduler:
         self._active: OrderedDict[str, None] = OrderedDict()  # tenants with waiting rows
         self._policies: dict[str, TenantPolicy] = {}
         self._num_waiting = 0
+        # request id -> its rows still waiting: a finished request (nearly every abort call)
+        # is found to have none without a scan of every queue
+        self._waiting_of: dict[int, int] = {}
         self._num_reserved = 0
         self._virtual_now = 0.0  # the counter of the last row served: where newcomers start
         self._rows_per_s = 0.0  # recent step throughput, for Retry-After hints
@@ -174,9 +177,12 @@ class Scheduler:
         state.queue.append(row)
         state.last_added_s = row.arrival_s
         self._num_waiting += 1
+        self._waiting_of[row.request_id] = self._waiting_of.get(row.request_id, 0) + 1
 
     def abort(self, request_id: int) -> int:
         """Drop every waiting row of a request; returns how many were dropped."""
+        if self._waiting_of.pop(request_id, None) is None:
+            return 0
         removed = 0
         for tenant in list(self._active):
             state = self._tenants[tenant]
@@ -234,6 +240,15 @@ class Scheduler:
             counters.run_rows += 1
             counters.run_tokens += row.num_tokens
         self._num_waiting -= len(rows)
+        self._left_queue(rows)
+
+    def _left_queue(self, rows: "list[Row] | tuple[Row, ...]") -> None:
+        for row in rows:
+            left = self._waiting_of[row.request_id] - 1
+            if left:
+                self._waiting_of[row.request_id] = left
+            else:
+                del self._waiting_of[row.request_id]
 
     def _is_contended(self, now_s: float) -> bool:
         """Several tenants wait, or one waits and another sent rows within the window: a
@@ -294,11 +309,14 @@ class Scheduler:
             state = self._tenants[tenant]
             late = [r for r in state.queue if r.deadline_s is not None and r.deadline_s < now_s]
             if late:
-                state.queue = deque(r for r in state.queue if r not in late)
+                state.queue = deque(
+                    r for r in state.queue if r.deadline_s is None or r.deadline_s >= now_s
+                )
                 state.counters.expired_rows += len(late)
                 expired.extend(late)
                 self._settle(tenant)
         self._num_waiting -= len(expired)
+        self._left_queue(expired)
         return tuple(expired)
 
     def _tenant(self, tenant: str) -> _Tenant:

@@ -1,9 +1,12 @@
 """The planner alone, on a fake clock: segments, budgets, fairness, deadlines, admission."""
 
+import collections
 import itertools
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scheduler import Batch, Row, Scheduler, SchedulerConfig, TenantPolicy
 
@@ -310,3 +313,54 @@ def test_batch_of_makes_a_segment_of_each_run_of_one_key() -> None:
     assert batch.max_tokens == 5 and [r.index for r in batch.rows] == [0, 1, 2, 3]
     assert [r.num_tokens for r in batch.rows] == [3, 5, 2, 4]
     assert Batch.of([], []).seg_starts == (0,)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "add", "add", "plan", "between", "abort"]),
+            st.integers(0, 9),  # request id; its tenant is one of three, by id
+            st.one_of(st.none(), st.floats(0.0, 10.0)),  # deadline
+        ),
+        max_size=60,
+    )
+)
+def test_every_row_leaves_once_and_abort_counts_what_still_waits(ops) -> None:
+    s = Scheduler(SchedulerConfig(max_batch_rows=3))
+    waiting: dict[tuple[int, int], Row] = {}  # the model: (request, index) -> row
+    next_index: dict[int, int] = {}
+    gone: list[tuple[int, int]] = []
+    for clock, (op, rid, deadline) in enumerate(ops):
+        now = clock * 0.5
+        if op == "add":
+            tenant = "abc"[rid % 3]
+            index = next_index.get(rid, 0)
+            next_index[rid] = index + 1
+            row = _row(tenant, rid=rid, index=index, arrival=now, deadline=deadline)
+            waiting[(rid, index)] = row
+            s.add(row)
+        elif op == "abort":
+            mine = [key for key in waiting if key[0] == rid]
+            assert s.abort(rid) == len(mine)
+            for key in mine:
+                del waiting[key]
+            gone.extend(mine)
+        else:
+            if op == "plan":
+                plan = s.plan(now)
+            else:
+                running = Batch.of(["x"], [10], tenant="a")  # a's rows wait it out
+                plan = s.plan_between(now, running, max_tokens=100, max_pages=None)
+            left = list(plan.expired) + (list(plan.batch.rows) if plan.batch else [])
+            for row in left:
+                key = (row.request_id, row.index)
+                assert key in waiting  # never run or expired twice, never after an abort
+                gone.append(key)
+                del waiting[key]
+            for row in plan.expired:
+                assert row.deadline_s is not None and row.deadline_s < now
+        assert s.num_waiting == len(waiting)
+        # the per-request index forgets a request once nothing of it waits (no leak)
+        assert s._waiting_of == dict(collections.Counter(rid for rid, _ in waiting))
+    assert len(gone) == len(set(gone))
