@@ -364,3 +364,56 @@ def test_every_row_leaves_once_and_abort_counts_what_still_waits(ops) -> None:
         # the per-request index forgets a request once nothing of it waits (no leak)
         assert s._waiting_of == dict(collections.Counter(rid for rid, _ in waiting))
     assert len(gone) == len(set(gone))
+
+
+def _mixed_burst(s: Scheduler) -> None:
+    """Two tenants: one 90-token SMS and eleven of 30 tokens (420 real tokens)."""
+    s.add(_row("A", "a", tokens=90))
+    for i in range(11):
+        s.add(_row("AB"[i % 2], "ab"[i % 2], tokens=30))
+
+
+def test_unpadded_steps_budget_real_tokens() -> None:
+    padded = Scheduler(SchedulerConfig(contended_batch_tokens=512))
+    _mixed_burst(padded)
+    # padded: 5 rows x 90 = 450 fit 512, a sixth would not; rows 3x shorter still share
+    assert len(padded.plan(0.0).batch.rows) == 5
+    unpadded = Scheduler(SchedulerConfig(contended_batch_tokens=512))
+    unpadded.count_unpadded(512)
+    _mixed_burst(unpadded)
+    batch = unpadded.plan(0.0).batch
+    assert len(batch.rows) == 12  # 420 real tokens: the whole burst in one step
+    assert batch.computed_tokens(512) == 420 and batch.padded_tokens == 12 * 90
+
+
+def test_unpadded_counting_stops_at_the_budget_and_leaves_large_budgets_padded() -> None:
+    s = Scheduler(SchedulerConfig(contended_batch_tokens=100))
+    s.count_unpadded(512)
+    for _ in range(5):
+        s.add(_row("A", "a", tokens=30))
+    s.add(_row("B", "b", tokens=30))
+    assert sum(r.num_tokens for r in s.plan(0.0).batch.rows) == 90  # a fourth row: 120 > 100
+    # a budget above the packing limit runs padded: padding counts, and rows of very
+    # different lengths keep apart
+    big = Scheduler(SchedulerConfig(max_batch_tokens=8192, contended_batch_tokens=None))
+    big.count_unpadded(512)
+    big.add(_row("A", "a", tokens=200))
+    for _ in range(3):
+        big.add(_row("A", "a", tokens=10))
+    assert [r.num_tokens for r in big.plan(0.0).batch.rows] == [200]
+    assert Batch.of(["a"] * 3, [200, 10, 10]).computed_tokens(512) == 220
+    assert Batch.of(["a"] * 3, [200, 10, 10]).computed_tokens(100) == 600
+    with pytest.raises(ValueError):
+        big.count_unpadded(-1)
+
+
+def test_interludes_budget_real_tokens_under_unpadded_counting() -> None:
+    s = Scheduler(SchedulerConfig(contended_batch_tokens=None))
+    s.count_unpadded(512)
+    s.add(_row("A", "a", tokens=400))
+    running = s.plan(0.0).batch
+    s.add(_row("B", "b", tokens=100))
+    for _ in range(5):
+        s.add(_row("B", "b", tokens=20))
+    between = s.plan_between(0.0, running, max_tokens=256, max_pages=None).batch
+    assert len(between.rows) == 6  # 200 real tokens; padded they would be 600
