@@ -62,7 +62,10 @@ for step in $STEPS; do
     engine-tests)
       run 60 engine-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine ;;
     profile)
-      run 60 profile python3 -m benchmarks.profile_step --device cuda --rows 1,32 --top 20 ;;
+      # the CUDA default (loop for a few adapters, Triton beyond) against Triton alone
+      run 45 profile python3 -m benchmarks.profile_step --device cuda --rows 1,4,32 --top 12
+      run 45 profile-triton python3 -m benchmarks.profile_step --device cuda --rows 1,4,32 \
+        --top 12 --kernel triton ;;
     kernels)
       run 60 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --out "$WORK/k32"
       cp "$WORK/k32/kernels.json" "$OUT/kernels_fp32.json" 2>/dev/null ;;

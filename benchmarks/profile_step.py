@@ -59,6 +59,7 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
         num_threads=args.threads,
         dtype=args.dtype,
         quantize=args.quantize,
+        lora_kernel=args.kernel,
     )
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     async with Engine(config) as engine:
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters in a batch")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--kernel", default="auto", help="LoRA kernel: auto, loop, gather or triton"
+    )
     parser.add_argument("--top", type=int, default=15, help="functions listed per batch size")
     args = parser.parse_args(argv)
     args.rows = [int(r) for r in args.rows.split(",")]

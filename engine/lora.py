@@ -68,6 +68,7 @@ class LoraStepPlan:
     row_scale: torch.Tensor | None = None  # [M, B] in the pool dtype, 0 where no LoRA
     runs: tuple[RankRun, ...] = ()  # equal-rank segment runs (gather kernels), see rank_runs
     lists: "SegmentLists | None" = None  # the same metadata as Python numbers (CPU loop)
+    num_lora_segments: int = 0  # segments with rows and LoRA on some module (AutoCuda)
 
     def segment_args(
         self, index: int, num_tokens: int, first: int = 0, end: int | None = None

@@ -85,12 +85,44 @@ class AutoCpu:
                 segment_loop(index, y, x, plan, run.first_segment, run.end_segment)
 
 
+# segments up to which a CUDA step loops over cuBLAS matmuls instead of launching Triton
+_MAX_LOOP_SEGMENTS_CUDA = 3
+
+
+class AutoCuda:
+    """Per step: the loop over segments (two torch matmuls each) for a few segments, the
+    Triton kernels (two launches per Linear, whatever the segment count) beyond.
+
+    On a GPU these calls are bound by the host's launch cost, not by bytes. On the H200 of
+    benchmarks/RESULTS.md, Triton's Python launcher took about 49 us per launch, two per
+    Linear; the loop costs seven torch dispatches per segment and Linear, two of them
+    launches (~5-10 us each, the rest views at a few us). A step of one to three adapters,
+    the usual small step of a lightly loaded server, then costs less as plain matmuls. Not
+    yet timed on a GPU: ``_MAX_LOOP_SEGMENTS_CUDA`` is where those estimates break even
+    (``benchmarks/gpu_run.sh profile`` compares both).
+    """
+
+    def __init__(self, max_loop_segments: int = _MAX_LOOP_SEGMENTS_CUDA) -> None:
+        from engine.lora_triton import TritonSgmv
+
+        self._triton = TritonSgmv()
+        self._max_loop_segments = max_loop_segments
+
+    def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
+        if plan.lists is not None and plan.num_lora_segments <= self._max_loop_segments:
+            segment_loop(index, y, x, plan)
+        else:
+            self._triton.apply(index, y, x, plan)
+
+
 def kernel_for(name: str, device: str) -> LoraKernel:
     """Map the configured kernel name to its implementation (done once, at engine start)."""
     if name == "auto":
-        name = "triton" if device.startswith("cuda") else "auto-cpu"
+        name = "auto-cuda" if device.startswith("cuda") else "auto-cpu"
     if name == "auto-cpu":
         return AutoCpu()
+    if name == "auto-cuda":
+        return AutoCuda()
     if name == "loop":
         return SegmentLoop()
     if name == "gather":

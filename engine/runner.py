@@ -12,7 +12,7 @@ import torch
 from engine.adapters import POOLING_CLS_POOLER, POOLING_MEAN
 from engine.backbone import Backbone
 from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
-from engine.lora_kernels import AutoCpu, SegmentLoop
+from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
 from engine.memory import AdapterMemory, Resident
 from engine.packing import PackedInputs, PackedOutputs, pack, packing_works, worth_packing
 from scheduler import Batch
@@ -66,6 +66,9 @@ class ModelRunner:
         can_pack = can_pack and packing_works(backbone, device, memory.dtype)
         self.pack_max_tokens = pack_max_tokens if can_pack else 0
         self.num_packed_steps = 0
+        # per-row pages and scales, for the kernels that gather them (a few device ops and
+        # copies a step, which a GPU step bound by the host does not spend for nothing)
+        self._gathers = isinstance(kernel, GatherBmm | AutoCpu)
 
     @torch.inference_mode()
     def step(self, batch: Batch, token_ids: Sequence[Sequence[int]]) -> list[RowOutput]:
@@ -170,10 +173,15 @@ class ModelRunner:
             [r.scale_by_module if r is not None else self._no_scales for r in residents], dim=1
         )
         lengths = [batch.seg_starts[s + 1] - batch.seg_starts[s] for s in range(len(residents))]
-        # each row's segment, built in Python: repeat_interleave costs ~0.6 ms a call here
-        seg_of_row = torch.tensor([s for s, n in enumerate(lengths) for _ in range(n)])
         device, dtype = self._device, self._memory.dtype
-        gather = token_starts is None  # a packed step has no [rows, tokens] shape to gather over
+        # a packed step has no [rows, tokens] shape to gather over
+        gather = self._gathers and token_starts is None
+        row_pages = row_scale = None
+        if gather:
+            # each row's segment, built in Python: repeat_interleave costs ~0.6 ms a call here
+            seg_of_row = torch.tensor([s for s, n in enumerate(lengths) for _ in range(n)])
+            row_pages = pages.long()[seg_of_row].to(device)
+            row_scale = scales[:, seg_of_row].to(device, dtype)
         return LoraStepPlan(
             num_rows=len(batch.rows),
             seg_row_starts=torch.tensor(batch.seg_starts, dtype=torch.int32, device=device),
@@ -183,8 +191,8 @@ class ModelRunner:
             module_active=tuple(bool(v) for v in (ranks.sum(dim=1) > 0).tolist()),
             pools=self._memory.pools,
             kernel=self._kernel,
-            row_pages=pages.long()[seg_of_row].to(device) if gather else None,
-            row_scale=scales[:, seg_of_row].to(device, dtype) if gather else None,
+            row_pages=row_pages,
+            row_scale=row_scale,
             runs=rank_runs(lengths, [len(p) for p in page_lists]) if gather else (),
             lists=SegmentLists(
                 row_starts=tuple(batch.seg_starts),
@@ -193,6 +201,7 @@ class ModelRunner:
                 scales=scales.tolist(),
                 token_starts=token_starts,
             ),
+            num_lora_segments=sum(1 for p, n in zip(page_lists, lengths, strict=True) if p and n),
         )
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.lora import LoraStepPlan, rank_runs
-from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
+from engine.lora import LoraStepPlan, SegmentLists, rank_runs
+from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop, kernel_for
 from kernels import sgmv_reference
 
 IN, OUT, TOKENS = 24, 40, 3
@@ -20,8 +20,9 @@ def test_rank_runs_merge_neighbours_of_one_rank_and_skip_rank_zero() -> None:
     assert rank_runs([4], [0]) == ()
 
 
-def _plan(ranks: list[int], rows: list[int], seed: int = 0):
-    """A plan over a random pool: segment s has ``rows[s]`` rows of ``TOKENS`` tokens."""
+def _plan(ranks: list[int], rows: list[int], seed: int = 0, *, with_lists: bool = False):
+    """A plan over a random pool: segment s has ``rows[s]`` rows of ``TOKENS`` tokens; with
+    ``with_lists`` its metadata as Python numbers too, as the engine's runner builds it."""
     gen = torch.Generator().manual_seed(seed)
     num_pages = sum(ranks) + 1
     a_pool = torch.randn(num_pages, IN, generator=gen)
@@ -50,6 +51,15 @@ def _plan(ranks: list[int], rows: list[int], seed: int = 0):
         row_pages=pages.long().repeat_interleave(lengths, dim=0),
         row_scale=(scale * (seg_rank > 0)).repeat_interleave(lengths, dim=1),
         runs=rank_runs(rows, ranks),
+        lists=SegmentLists(
+            row_starts=tuple(starts.tolist()),
+            pages=[pages[s, :r].tolist() for s, r in enumerate(ranks)],
+            ranks=seg_rank.tolist(),
+            scales=scale.tolist(),
+        )
+        if with_lists
+        else None,
+        num_lora_segments=sum(1 for r, n in zip(ranks, rows, strict=True) if r and n),
     )
     x = torch.randn(sum(rows) * TOKENS, IN, generator=gen)
     y = torch.randn(sum(rows) * TOKENS, OUT, generator=gen)
@@ -110,3 +120,39 @@ def test_segment_loop_reads_page_ranges_and_scattered_pages_alike() -> None:
     assert isinstance(pages[0], range) and isinstance(pages[1], list)
     sgmv_lora_lists(y, x, a_pool, b_pool, starts, pages, ranks, scales)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+def _counting_auto_cuda():
+    pytest.importorskip("triton", reason="AutoCuda holds the Triton kernel")
+    from engine.lora_kernels import AutoCuda
+
+    kernel = AutoCuda()
+    calls = []
+    inner = kernel._triton.apply
+    kernel._triton.apply = lambda *args: (calls.append(1), inner(*args))
+    return kernel, calls
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_auto_cuda_matches_reference_on_either_path(pattern: str) -> None:
+    """Triton runs in its interpreter here; on a GPU, tests/engine/test_cuda.py covers it."""
+    kernel, calls = _counting_auto_cuda()
+    ranks, rows = PATTERNS[pattern]
+    plan, x, y = _plan(ranks, rows, with_lists=True)
+    expected = sgmv_reference(y, x, *plan.segment_args(0, x.shape[0]))
+    kernel.apply(0, y, x, plan)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    assert bool(calls) == (plan.num_lora_segments > 3)  # a few adapters loop, many launch
+
+
+def test_auto_cuda_loops_only_over_a_few_segments_with_lists() -> None:
+    kernel, calls = _counting_auto_cuda()
+    plan, x, y = _plan([8, 0, 8, 8], [1, 3, 1, 1], with_lists=True)
+    assert plan.num_lora_segments == 3  # the rank-0 segment counts for nothing
+    kernel.apply(0, y, x, plan)
+    assert not calls
+    plan, x, y = _plan([8, 8], [1, 1])  # no Python numbers: only Triton can read the plan
+    kernel.apply(0, y, x, plan)
+    assert calls
+    assert type(kernel_for("auto", "cuda")).__name__ == "AutoCuda"
+    assert isinstance(kernel_for("auto", "cpu"), AutoCpu)
