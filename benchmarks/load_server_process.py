@@ -26,6 +26,7 @@ _STEP_COUNTERS = {
     "graft_steps_total": "steps",
     "graft_rows_total": "rows",
     "graft_step_busy_seconds_total": "busy_s",
+    "graft_step_cpu_seconds_total": "cpu_s",
 }
 
 

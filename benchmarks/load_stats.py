@@ -62,6 +62,9 @@ class RunSummary:
     send_lag_p99_ms: float | None  # how far the driver fell behind its schedule
     rows_per_step: float | None  # mean batch size of the model steps during the run
     busy_share: float | None  # model-thread time in steps / run wall time (1: model-bound)
+    # the model thread's CPU time in steps / its time in steps (graft's engine counters): below
+    # 1, steps waited for the interpreter lock or for a core
+    cpu_share: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,22 +191,43 @@ def summarize(run: Run, slo_s: float) -> RunSummary:
 
 
 def step_stats(footer: dict[str, Any]) -> dict[str, float | None]:
-    """Mean rows per step and the model thread's busy share, from the footer's counters
-    (graft's step clock, or a baseline batcher's own counters); None where not recorded."""
+    """Mean rows per step, the model thread's busy share and its CPU share in steps, from the
+    footer's counters (graft's step clock and engine counters, or a baseline batcher's own);
+    None where not recorded."""
 
     def steps(counters: dict[str, Any]) -> dict[str, Any]:
         return counters.get("step_clock", counters)
 
-    before = steps(footer.get("counters_before") or {})
-    after = steps(footer.get("counters_after") or {})
+    top_before = footer.get("counters_before") or {}
+    top_after = footer.get("counters_after") or {}
+    before, after = steps(top_before), steps(top_after)
     wall_s = footer.get("wall_s")
+    cpu_share = _cpu_share(top_before, top_after)
     if not {"steps", "rows", "busy_s"} <= before.keys() & after.keys() or not wall_s:
-        return {"rows_per_step": None, "busy_share": None}
+        return {"rows_per_step": None, "busy_share": None, "cpu_share": cpu_share}
     num_steps = after["steps"] - before["steps"]
     return {
         "rows_per_step": (after["rows"] - before["rows"]) / num_steps if num_steps else None,
         "busy_share": (after["busy_s"] - before["busy_s"]) / wall_s,
+        "cpu_share": cpu_share,
     }
+
+
+def _cpu_share(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """CPU over wall time of graft's model thread in steps: its engine counters embedded
+    (``step_*_us``), or GET /metrics' (``cpu_s``, ``busy_s``) for a server process."""
+
+    def spent(counters: dict[str, Any]) -> tuple[float, float] | None:
+        if "cpu_s" in counters and "busy_s" in counters:
+            return counters["cpu_s"], counters["busy_s"]
+        if "step_cpu_us" in counters and "step_busy_us" in counters:
+            return counters["step_cpu_us"] / 1e6, counters["step_busy_us"] / 1e6
+        return None
+
+    first, last = spent(before), spent(after)
+    if first is None or last is None or last[1] <= first[1]:
+        return None
+    return (last[0] - first[0]) / (last[1] - first[1])
 
 
 def sweeps(summaries: Sequence[RunSummary]) -> list[SweepSummary]:

@@ -100,6 +100,7 @@ def runs_table(summaries: Sequence[RunSummary]) -> str:
                 errors,
                 _fmt(s.rows_per_step),
                 "-" if s.busy_share is None else f"{s.busy_share:.0%}",
+                "-" if s.cpu_share is None else f"{s.cpu_share:.0%}",
                 _fmt(s.send_lag_p99_ms),
             ]
         )
@@ -115,6 +116,7 @@ def runs_table(summaries: Sequence[RunSummary]) -> str:
         "errors",
         "rows/step",
         "busy",
+        "on CPU",
         "lag p99 ms",
     ]
     return _table(headers, rows)

@@ -162,6 +162,7 @@ class Engine:
             counts["rows"] = self._model.runner.num_rows
             counts["interludes"] = self._steps.num_interludes  # steps run inside a longer one
             counts["step_busy_us"] = self._steps.busy_us  # model thread in steps, microseconds
+            counts["step_cpu_us"] = self._steps.cpu_us  # and on a core meanwhile
             counts.update(self._model.store.stats())
             counts.update(self._model.embeddings.stats())
         return counts

@@ -111,6 +111,9 @@ class StepLoop:
         # wall time in steps, interludes inside them included: over a window, busy / window
         # is how loaded the model thread is (1.0: saturated)
         self.busy_us = 0
+        # CPU time of the model thread in those steps: well below busy_us, the thread waited
+        # in its steps (for the interpreter lock, or for a core other work had)
+        self.cpu_us = 0
 
     def wake(self) -> None:
         """New rows are queued: plan a step, or an interlude if a long step is running."""
@@ -156,7 +159,7 @@ class StepLoop:
             self._stack().runner.pack_max_tokens,
         )
         step = loop.run_in_executor(
-            self._executor, self._step, item.batch, item.token_ids, budget is not None
+            self._executor, self._timed_step, item.batch, item.token_ids, budget is not None
         )
         if budget is None:
             return await step
@@ -205,6 +208,16 @@ class StepLoop:
             if pending is not None:
                 message = f"request timed out before input[{row.index}] could start"
                 pending.job.fail(DeadlineExceeded(message))
+
+    def _timed_step(
+        self, batch: Batch, token_ids: list[Sequence[int]], interleave: bool
+    ) -> list[RowOutput]:
+        """Model thread: a top-level step (interludes nested in it included) and its CPU."""
+        started_ns = time.thread_time_ns()
+        try:
+            return self._step(batch, token_ids, interleave)
+        finally:
+            self.cpu_us += (time.thread_time_ns() - started_ns) // 1000
 
     def _step(
         self, batch: Batch, token_ids: list[Sequence[int]], interleave: bool = False

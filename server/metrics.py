@@ -37,6 +37,12 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
         COUNTER,
         "Time the model thread spent in steps; its rate is the thread's load (1: saturated).",
     ),
+    "step_cpu_us": (
+        "step_cpu_seconds",
+        COUNTER,
+        "CPU time of the model thread in steps; well below step_busy_seconds, steps waited "
+        "for the interpreter lock or for a core.",
+    ),
     "adapter_disk_loads": ("adapter_disk_loads", COUNTER, "Adapters read from the registry."),
     "adapter_disk_bytes_read": (
         "adapter_disk_read_bytes",
@@ -62,7 +68,7 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "embedding_cache_bytes": ("embedding_cache_bytes", GAUGE, "Bytes of pooled outputs held."),
 }
 
-_SCALE = {"step_busy_us": 1e-6}  # to the metric's base unit
+_SCALE = {"step_busy_us": 1e-6, "step_cpu_us": 1e-6}  # to the metric's base unit
 
 # every key of Engine.tenant_stats()[tenant], all monotonic: graft_tenant_<key>_total
 TENANT_HELP = {

@@ -190,14 +190,33 @@ def test_report_refuses_a_file_without_header(tmp_path: Path) -> None:
 def test_step_stats_from_the_footer_counters() -> None:
     footer = {
         "wall_s": 2.0,
-        "counters_before": {"steps": 5, "step_clock": {"steps": 10, "rows": 40, "busy_s": 1.0}},
-        "counters_after": {"steps": 9, "step_clock": {"steps": 30, "rows": 200, "busy_s": 2.5}},
+        "counters_before": {
+            "steps": 5,
+            "step_busy_us": 1_000_000,
+            "step_cpu_us": 900_000,
+            "step_clock": {"steps": 10, "rows": 40, "busy_s": 1.0},
+        },
+        "counters_after": {
+            "steps": 9,
+            "step_busy_us": 2_500_000,
+            "step_cpu_us": 2_100_000,
+            "step_clock": {"steps": 30, "rows": 200, "busy_s": 2.5},
+        },
     }
     s = summarize(Run(Path("x"), header("s", "embedded", 10), [rec(0, 0.01)], footer), SLO_S)
     assert s.rows_per_step == pytest.approx(8.0) and s.busy_share == pytest.approx(0.75)
+    assert s.cpu_share == pytest.approx(1.2 / 1.5)
+    served = {
+        "wall_s": 1.0,
+        "counters_before": {"steps": 0, "rows": 0, "busy_s": 0.0, "cpu_s": 0.0},
+        "counters_after": {"steps": 4, "rows": 10, "busy_s": 0.5, "cpu_s": 0.3},
+    }
+    s = summarize(Run(Path("v"), header("v", "serve", 10), [rec(0, 0.01)], served), SLO_S)
+    assert s.cpu_share == pytest.approx(0.6)  # a server process, through GET /metrics
     baseline = {"wall_s": 1.0, "counters_before": {"steps": 0, "rows": 0, "busy_s": 0.0}}
     baseline["counters_after"] = {"steps": 4, "rows": 10, "busy_s": 0.5}
     s = summarize(Run(Path("y"), header("b", "backbone", 10), [rec(0, 0.01)], baseline), SLO_S)
     assert s.rows_per_step == pytest.approx(2.5) and s.busy_share == pytest.approx(0.5)
+    assert s.cpu_share is None  # the bare backbone's batcher does not count CPU time
     s = summarize(Run(Path("z"), header("p", "peft", 10), [rec(0, 0.01)], {}), SLO_S)
-    assert s.rows_per_step is None and s.busy_share is None
+    assert s.rows_per_step is None and s.busy_share is None and s.cpu_share is None

@@ -82,6 +82,7 @@ def test_quick_http_run_against_a_server_process_reads_its_metrics(tmp_path: Pat
     before, after = foot["counters_before"], foot["counters_after"]  # from GET /metrics
     assert after["steps"] > before["steps"] and after["rows"] >= after["steps"]
     assert after["busy_s"] > before["busy_s"]
+    assert 0 < after["cpu_s"] - before["cpu_s"] <= 1.05 * (after["busy_s"] - before["busy_s"])
     assert not multiprocessing.active_children()  # the server process is gone
 
 
@@ -90,6 +91,12 @@ def test_counters_from_metrics_reads_the_engine_totals_only() -> None:
         "# TYPE graft_steps counter\ngraft_steps_total 12.0\n"
         "# TYPE graft_rows counter\ngraft_rows_total 30.0\n"
         "# TYPE graft_step_busy_seconds counter\ngraft_step_busy_seconds_total 0.25\n"
+        "# TYPE graft_step_cpu_seconds counter\ngraft_step_cpu_seconds_total 0.2\n"
         '# TYPE graft_tenant_run_rows counter\ngraft_tenant_run_rows_total{tenant="a"} 30.0\n'
     )
-    assert counters_from_metrics(text) == {"steps": 12.0, "rows": 30.0, "busy_s": 0.25}
+    assert counters_from_metrics(text) == {
+        "steps": 12.0,
+        "rows": 30.0,
+        "busy_s": 0.25,
+        "cpu_s": 0.2,
+    }
