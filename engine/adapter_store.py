@@ -79,6 +79,13 @@ class AdapterStore:
         self._host.put_pinned(key, weights)
         return key
 
+    def pin_if_resident(self, record: AdapterRecord) -> str | None:
+        """Pin the adapter and return its key if the host tier holds it; else None, nothing
+        pinned and no miss counted (``pin`` counts it). The warm path of ``pin``, without a
+        task or a trip through the event loop."""
+        key = adapter_key(record)
+        return key if self._host.pin_if_present(key) else None
+
     def unpin(self, key: str) -> None:
         self._host.unpin(key)
 

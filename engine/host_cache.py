@@ -73,6 +73,17 @@ class HostCache:
         with self._lock:
             self._entries[key].pins += 1
 
+    def pin_if_present(self, key: str) -> bool:
+        """Pin ``key`` if it is here (a hit, refreshed); False otherwise, counting no miss."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            self._entries.move_to_end(key)
+            self.num_hits += 1
+            entry.pins += 1
+            return True
+
     def unpin(self, key: str) -> None:
         with self._lock:
             entry = self._entries[key]

@@ -10,6 +10,9 @@ from registry import AdapterRecord
 
 async def pin(store: AdapterStore, record: AdapterRecord) -> str:
     """Host-pin one adapter (loading it if cold); returns its key."""
+    key = store.pin_if_resident(record)
+    if key is not None:  # warm: no task to make, no loop iteration to wait for
+        return key
     pinning = asyncio.ensure_future(store.pin(record))
     try:
         return await asyncio.shield(pinning)

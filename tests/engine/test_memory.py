@@ -108,6 +108,11 @@ def test_host_cache_lru_budget_and_pins(backbone) -> None:
     assert (cache.num_hits, cache.num_misses) == (1, 1)
     with pytest.raises(RuntimeError):
         cache.unpin("c")
+    # the warm path of a pin: a hit and a pin at once; a key not here counts no miss
+    assert cache.pin_if_present("c") and cache.pins("c") == 1
+    assert not cache.pin_if_present("a") and cache.pins("a") == 0
+    assert (cache.num_hits, cache.num_misses) == (2, 1)
+    cache.unpin("c")
 
 
 @settings(max_examples=80, deadline=None)

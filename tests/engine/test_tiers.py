@@ -50,6 +50,21 @@ async def test_concurrent_requests_for_one_cold_adapter_load_it_once(registry, p
         stats = engine.stats()
     assert all(len(r) == 1 for r in results)
     assert stats["adapter_disk_loads"] == 1 and stats["adapter_device_loads"] == 1
+    assert stats["adapter_host_misses"] == 20  # each request looked once, none found it
+
+
+async def test_a_warm_adapter_is_pinned_without_a_miss_and_let_go_after(registry, publish_random):
+    publish_random(registry, "acme", "warm")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        await engine.classify("acme", "warm", ["first"])  # cold: one miss, one load
+        before = engine.stats()
+        await asyncio.gather(*(engine.classify("acme", "warm", [f"t{i}"]) for i in range(5)))
+        after = engine.stats()
+        key = next(iter(engine._loaded.store._host._entries))  # the one adapter held
+        assert engine._loaded.store._host.pins(key) == 0  # every request let its pin go
+    assert after["adapter_host_misses"] == before["adapter_host_misses"] == 1
+    assert after["adapter_host_hits"] - before["adapter_host_hits"] == 5
+    assert after["adapter_disk_loads"] == 1
 
 
 async def test_a_cold_load_does_not_stall_other_tenants(registry, publish_random):
