@@ -29,6 +29,7 @@ from registry.errors import AlreadyExists, NotFound, RegistryError
 from registry.manifest import is_sha256_hex
 from registry.names import is_valid_name, validate_name
 from registry.publisher import Publisher
+from registry.read_memo import ReadMemo
 from registry.records import AdapterRecord, PublishItem, VerifiedFiles
 from registry.store import BlobStore
 from registry.verify import read_version_files
@@ -66,6 +67,7 @@ class Registry:
         self._root = Path(root).absolute()
         self._root.mkdir(parents=True, exist_ok=True)
         self._catalog = Catalog(self._root / CATALOG_FILE, _BUSY_TIMEOUT_S, is_durable=durable)
+        self._memo = ReadMemo()  # resolve's records, until the catalog changes
         self._store = BlobStore(self._root, is_durable=durable)
         self._publisher = Publisher(self._root, self._catalog, self._store)
         self._is_closed = False
@@ -256,8 +258,13 @@ class Registry:
         validate_name("adapter", name)
         _check_version(version, allow_none=True)
         with self._read() as conn:
+            memo = self._memo.entries(conn)
+            record = memo.get((tenant, name, version))
+            if record is not None:
+                return record
             record = catalog.select_adapter(conn, self._root, tenant, name, version)
             if record is not None:
+                memo[(tenant, name, version)] = record
                 return record
             catalog.require_tenant(conn, tenant)
             highest = catalog.highest_version(conn, tenant, name)

@@ -241,3 +241,36 @@ def test_cli_promote_and_rollback(
     assert "no version 7" in capsys.readouterr().err
     with Registry(root) as registry:
         assert registry.resolve("acme", "spam").version == 1
+
+
+def test_a_resolved_record_is_reused_until_another_process_moves_the_pointer(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    for seed in range(2):
+        _publish(registry, make_adapter, manifest, promote=seed == 0)
+    first = registry.resolve("acme", "spam")
+    assert registry.resolve("acme", "spam") is first  # answered from the memo, no query
+    with Registry(registry.root) as cli:  # the CLI in another process, in effect
+        cli.promote("acme", "spam", 2)
+        assert registry.resolve("acme", "spam").version == 2  # the very next read
+        cli.rollback("acme", "spam")
+    assert registry.resolve("acme", "spam").version == 1
+    # another thread keeps its own memo and connection, and sees the same
+    seen: list[int] = []
+    worker = threading.Thread(target=lambda: seen.append(registry.resolve("acme", "spam").version))
+    worker.start()
+    worker.join()
+    registry.promote("acme", "spam", 2)  # this process's own write: a connection of its own
+    assert seen == [1] and registry.resolve("acme", "spam").version == 2
+
+
+def test_the_read_memo_is_bounded() -> None:
+    from registry.read_memo import ReadMemo
+
+    conn = sqlite3.connect(":memory:")
+    memo = ReadMemo(max_entries=2)
+    entries = memo.entries(conn)
+    entries.update(a=1, b=2)
+    assert memo.entries(conn) == {}  # full: emptied whole, not grown
+    memo.entries(conn)["c"] = 3
+    assert memo.entries(conn) == {"c": 3}  # nothing changed: kept
