@@ -41,3 +41,22 @@ async def test_errors_and_streams_carry_it_too(client, tenants) -> None:
     stream = await client.post("/v1/classify", json=body, headers=headers)
     assert stream.status == 200 and stream.headers["X-Request-ID"] == "r-stream"
     assert (await stream.text()).count("\n") == 3  # two predictions and the done line
+
+
+async def test_new_ids_are_unique_and_a_forked_child_starts_its_own() -> None:
+    import os
+
+    from server import request_ids
+
+    class Fake(dict):
+        headers: dict = {}
+
+    ids = {request_ids.request_id(Fake()) for _ in range(1000)}
+    assert len(ids) == 1000 and all(GENERATED.fullmatch(i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its prefix and leave at once
+        os.write(write, request_ids._PREFIX.encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 64).decode() != request_ids._PREFIX
