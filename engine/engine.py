@@ -82,8 +82,6 @@ class Engine:
             self._executor, load_stack, self.config, self._scheduler
         )
         self._model.settings.apply()
-        # steps the runner packs are budgeted by their real tokens
-        self._scheduler.count_unpadded(self._model.runner.pack_max_tokens)
         if self.config.gc_freeze:
             freeze_startup_objects()
             self._froze_gc = True

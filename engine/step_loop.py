@@ -71,12 +71,10 @@ class InterludeSlot:
             return item
 
 
-def interlude_budget(
-    running: Batch, interlude_tokens: int, packed_max_tokens: int = 0
-) -> int | None:
-    """Tokens an interlude may take while ``running`` runs, or None when the running step
-    computes no more than one interlude (pausing it would not shorten anyone's wait)."""
-    if interlude_tokens <= 0 or running.computed_tokens(packed_max_tokens) <= interlude_tokens:
+def interlude_budget(running: Batch, interlude_tokens: int) -> int | None:
+    """Padded tokens an interlude may take while ``running`` runs, or None when the running
+    step is no longer than one interlude (pausing it would not shorten anyone's wait)."""
+    if interlude_tokens <= 0 or running.padded_tokens <= interlude_tokens:
         return None
     return interlude_tokens
 
@@ -153,11 +151,7 @@ class StepLoop:
         """Run a step on the model thread; while a long one runs, keep an interlude of other
         tenants' short rows ready for its next pause point."""
         loop = asyncio.get_running_loop()
-        budget = interlude_budget(
-            item.batch,
-            self._config.interlude_budget_tokens,
-            self._stack().runner.pack_max_tokens,
-        )
+        budget = interlude_budget(item.batch, self._config.interlude_budget_tokens)
         step = loop.run_in_executor(
             self._executor, self._timed_step, item.batch, item.token_ids, budget is not None
         )

@@ -48,14 +48,8 @@ class Batch:
 
     @property
     def padded_tokens(self) -> int:
-        """Tokens a padded step computes: rows times the longest row."""
+        """Tokens the step computes, padding included: what the budget limits."""
         return len(self.rows) * self.max_tokens
-
-    def computed_tokens(self, packed_max_tokens: int = 0) -> int:
-        """Tokens the step computes: its real tokens when it runs unpadded (at most
-        ``packed_max_tokens`` of them, see ``Scheduler.count_unpadded``), else padded."""
-        real = sum(row.num_tokens for row in self.rows)
-        return real if real <= packed_max_tokens else self.padded_tokens
 
 
 @dataclass(frozen=True, slots=True)

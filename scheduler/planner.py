@@ -56,11 +56,11 @@ class Scheduler:
 
     Each step: rows past their deadline are expired; then the next row always comes from the
     waiting tenant that has been served the fewest tokens per unit of weight, within its
-    per-step token budget and the batch's token (padded, see ``count_unpadded``), row and
-    page budgets. A tenant that comes back after idling starts level with the least-served
-    waiting tenant, so idle time banks no credit. While several tenants wait, the step
-    budget shrinks to ``contended_batch_tokens`` so that no step, and no neighbour's wait,
-    grows long. A row longer than every budget still runs, alone, so nothing waits forever.
+    per-step token budget and the batch's padded-token, row and page budgets. A tenant that
+    comes back after idling starts level with the least-served waiting tenant, so idle time
+    banks no credit. While several tenants wait, the step budget shrinks to
+    ``contended_batch_tokens`` so that no step, and no neighbour's wait, grows long.
+    A row longer than every budget still runs, alone, so nothing waits forever.
     """
 
     def __init__(self, config: SchedulerConfig) -> None:
@@ -74,7 +74,6 @@ class Scheduler:
         self._waiting_of: dict[int, int] = {}
         self._num_reserved = 0
         self._virtual_now = 0.0  # the counter of the last row served: where newcomers start
-        self._packed_max_tokens = 0  # see count_unpadded
         self._rows_per_s = 0.0  # recent step throughput, for Retry-After hints
 
     # policies and admission ---------------------------------------------------------------
@@ -137,18 +136,6 @@ class Scheduler:
         if self._rows_per_s <= 0:
             return 1.0
         return float(min(60, max(1, math.ceil(rows_ahead / self._rows_per_s))))
-
-    def count_unpadded(self, max_tokens: int) -> None:
-        """The engine runs steps of at most ``max_tokens`` real tokens unpadded (engine
-        packing): a step budget no larger than that then counts real tokens, not rows times
-        the longest row. 0 (the default) counts padding in every budget.
-
-        Contended steps and interludes have such budgets: padded, a burst of SMS with one
-        long message among them filled 512 tokens with five rows that computed about 225.
-        """
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-        self._packed_max_tokens = max_tokens
 
     # queues -------------------------------------------------------------------------------
 
@@ -218,7 +205,7 @@ class Scheduler:
         contended = self._config.contended_batch_tokens
         if self._config.is_fair and contended is not None and self._is_contended(now_s):
             budget = min(budget, contended)
-        forming = _Forming(self._config, budget, unpadded=budget <= self._packed_max_tokens)
+        forming = _Forming(self._config, budget)
         if self._config.is_fair:
             self._fill_fair(forming)
         else:
@@ -233,23 +220,16 @@ class Scheduler:
         (between two of its encoder blocks), or none.
 
         Only rows of tenants with nothing in ``running`` qualify (the step already serves the
-        others), chosen by the same virtual counters, within ``max_tokens`` tokens (padded,
-        or real under ``count_unpadded``; a row longer than that never qualifies) and
-        ``max_pages`` pool pages beyond those the running step holds. This is what bounds a
-        neighbour's wait by one layer of a long step instead of the whole step. The FIFO
-        baseline never interleaves.
+        others), chosen by the same virtual counters, within ``max_tokens`` padded tokens (a
+        row longer than that never qualifies) and ``max_pages`` pool pages beyond those the
+        running step holds. This is what bounds a neighbour's wait by one layer of a long
+        step instead of the whole step. The FIFO baseline never interleaves.
         """
         if not self._config.is_fair:
             return Plan(batch=None, expired=())
         expired = self._expire(now_s)
         busy = {row.tenant for row in running.rows}
-        forming = _Forming(
-            self._config,
-            max_tokens,
-            max_pages=max_pages,
-            strict=True,
-            unpadded=max_tokens <= self._packed_max_tokens,
-        )
+        forming = _Forming(self._config, max_tokens, max_pages=max_pages, strict=True)
         self._fill_fair(forming, exclude=busy)
         self._account(forming.rows)
         return Plan(batch=forming.build(), expired=expired)
@@ -365,17 +345,14 @@ class _Forming:
         *,
         max_pages: int | None = None,
         strict: bool = False,
-        unpadded: bool = False,
     ) -> None:
         self._config = config
         self._max_tokens = max_tokens
-        self._unpadded = unpadded  # the step will run packed: budget its real tokens
         self._max_pages = config.max_batch_pages if max_pages is None else max_pages
         self._strict = strict  # even the first row must fit (no lone over-long row)
         self.rows: list[Row] = []
         self._longest = 0
         self._shortest = math.inf
-        self._real_tokens = 0
         self._pages: dict[str, int] = {}
 
     @property
@@ -387,15 +364,11 @@ class _Forming:
         unless the batch is strict."""
         if not self.rows and not self._strict:
             return True
-        if self._unpadded:
-            if self._real_tokens + row.num_tokens > self._max_tokens:
-                return False
-        else:
-            width = max(self._longest, row.num_tokens)
-            if width * (len(self.rows) + 1) > self._max_tokens:
-                return False
-            if width > _MAX_PAD_RATIO * min(self._shortest, row.num_tokens):
-                return False  # keep short rows out of long rows' steps: padding would swamp them
+        width = max(self._longest, row.num_tokens)
+        if width * (len(self.rows) + 1) > self._max_tokens:
+            return False
+        if width > _MAX_PAD_RATIO * min(self._shortest, row.num_tokens):
+            return False  # keep short rows out of long rows' steps: padding would swamp them
         limit = self._max_pages
         if limit is not None and row.adapter_key not in self._pages:
             return sum(self._pages.values()) + row.num_pages <= limit
@@ -405,7 +378,6 @@ class _Forming:
         self.rows.append(row)
         self._longest = max(self._longest, row.num_tokens)
         self._shortest = min(self._shortest, row.num_tokens)
-        self._real_tokens += row.num_tokens
         self._pages[row.adapter_key] = row.num_pages
 
     def build(self) -> Batch | None:

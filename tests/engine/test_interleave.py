@@ -111,13 +111,3 @@ def test_intra_op_threads_leave_a_core_on_the_cpu_and_an_explicit_count_wins() -
     assert EngineConfig().intra_op_threads == max(1, (cores or 1) - 1)
     assert EngineConfig(num_threads=3).intra_op_threads == 3
     assert EngineConfig(device="cuda").intra_op_threads is None  # torch's own default there
-
-
-def test_a_running_step_counts_as_long_by_the_tokens_it_computes() -> None:
-    from engine.step_loop import interlude_budget
-    from scheduler import Batch
-
-    burst = Batch.of(["a"] * 4, [90, 30, 30, 30])  # 360 padded, 180 real
-    assert interlude_budget(burst, 256) == 256  # padded, it is longer than an interlude
-    assert interlude_budget(burst, 256, packed_max_tokens=512) is None  # packed, it is not
-    assert interlude_budget(burst, 0) is None  # interludes off
