@@ -33,7 +33,10 @@ class TextEncoder:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._core: Tokenizer | None = None
         if getattr(tokenizer, "is_fast", False) and isinstance(backend, Tokenizer):
-            core = Tokenizer.from_str(backend.to_str())
+            try:
+                core = Tokenizer.from_str(backend.to_str())
+            except Exception:  # a component that does not serialize: keep the HF call
+                return
             core.no_truncation()
             core.no_padding()
             self._core = core

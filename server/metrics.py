@@ -40,8 +40,8 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "step_cpu_us": (
         "step_cpu_seconds",
         COUNTER,
-        "CPU time of the model thread in steps; well below step_busy_seconds, steps waited "
-        "for the interpreter lock or for a core.",
+        "The model thread's own CPU time in steps (not torch's intra-op workers, not the "
+        "GPU's); well below step_busy_seconds, steps waited for the interpreter lock or a core.",
     ),
     "adapter_disk_loads": ("adapter_disk_loads", COUNTER, "Adapters read from the registry."),
     "adapter_disk_bytes_read": (

@@ -73,3 +73,15 @@ def test_tokenize_inputs_truncates_or_refuses_by_request(backbone) -> None:
     with pytest.raises(InputError) as err:
         tokenize_inputs(encoder.inline, ["hi", "  "], max_tokens=16, truncate=True, max_inputs=4)
     assert err.value.field == "input[1]"
+
+
+def test_a_core_that_does_not_serialize_keeps_the_hugging_face_call(backbone, monkeypatch) -> None:
+    import engine.inputs
+
+    def refuse(_text):
+        raise Exception("custom pre-tokenizer")
+
+    monkeypatch.setattr(engine.inputs.Tokenizer, "from_str", staticmethod(refuse))
+    encoder = TextEncoder(backbone.tokenizer)
+    assert not encoder.is_fast
+    assert encoder.inline(TEXTS[:2]) == _reference(backbone, TEXTS[:2])
