@@ -6,29 +6,35 @@ it is a plain token; anything else is replaced, so a log line never carries what
 typed into a header.
 """
 
+import hashlib
 import itertools
 import os
 import re
-import uuid
 
 from aiohttp import web
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _PLAIN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _KEY = web.RequestKey("graft_request_id", str)
-# new ids: a random prefix per process and a counter, 32 hex digits like a UUID's. Unique, not
-# secret (nothing is keyed on them); uuid4 per request read the OS's random source every time
-# (a syscall, so a trip away from the interpreter lock, ~12 us on a loaded server)
-_PREFIX = uuid.uuid4().hex[:16]
+# new ids: a counter under a keyed hash drawn once per process, 32 hex digits like a UUID's.
+# uuid4 read the OS's random source on every request (a syscall, so a trip away from the
+# interpreter lock, ~12 us on a loaded server); a bare counter would tell every client how
+# many requests the server took between two of its own
+_SECRET = os.urandom(32)
 _COUNTER = itertools.count()
 
 
-def _new_prefix() -> None:  # a forked child must not repeat its parent's ids
-    global _PREFIX
-    _PREFIX = uuid.uuid4().hex[:16]
+def _new_secret() -> None:  # a forked child must not repeat its parent's ids
+    global _SECRET
+    _SECRET = os.urandom(32)
 
 
-os.register_at_fork(after_in_child=_new_prefix)
+os.register_at_fork(after_in_child=_new_secret)
+
+
+def _new_id() -> str:
+    count = next(_COUNTER).to_bytes(8, "little")
+    return hashlib.blake2b(count, key=_SECRET, digest_size=16).hexdigest()
 
 
 def request_id(request: web.Request) -> str:
@@ -36,7 +42,7 @@ def request_id(request: web.Request) -> str:
     found = request.get(_KEY)
     if found is None:
         sent = request.headers.get(REQUEST_ID_HEADER, "")
-        found = sent if _PLAIN.fullmatch(sent) else f"{_PREFIX}{next(_COUNTER):016x}"
+        found = sent if _PLAIN.fullmatch(sent) else _new_id()
         request[_KEY] = found
     return found
 

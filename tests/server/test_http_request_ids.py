@@ -55,8 +55,8 @@ async def test_new_ids_are_unique_and_a_forked_child_starts_its_own() -> None:
     assert len(ids) == 1000 and all(GENERATED.fullmatch(i) for i in ids)
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: report its prefix and leave at once
-        os.write(write, request_ids._PREFIX.encode())
+    if pid == 0:  # the child: report its key and leave at once
+        os.write(write, request_ids._SECRET)
         os._exit(0)
     os.waitpid(pid, 0)
-    assert os.read(read, 64).decode() != request_ids._PREFIX
+    assert os.read(read, 64) != request_ids._SECRET
