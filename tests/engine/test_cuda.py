@@ -1,5 +1,6 @@
-"""The engine on a GPU answers what the CPU engine answers: Triton SGMV, pinned page-ins, pool
-eviction and half precision, end to end through ``Engine.classify``.
+"""The engine on a GPU answers what the CPU engine answers: its LoRA kernels (the default's
+matmul loop for steps of a few adapters and Triton SGMV beyond, and Triton alone), pinned
+page-ins, pool eviction and half precision, end to end through ``Engine.classify``.
 
 Skipped without CUDA (the ``gpu`` marker); the CPU engine is the reference, run in the same
 test on the same registry. fp32 tolerance: summation order only (TF32 stays off, PyTorch's
@@ -18,10 +19,12 @@ pytestmark = [
 ]
 
 
-async def test_cuda_engine_equals_cpu_engine(fleet_registry) -> None:
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+async def test_cuda_engine_equals_cpu_engine(fleet_registry, kernel: str) -> None:
     async with Engine(EngineConfig(registry_dir=fleet_registry.root)) as cpu:
         expected = await answers(cpu, fleet_registry)
-    async with Engine(EngineConfig(registry_dir=fleet_registry.root, device="cuda")) as gpu:
+    config = EngineConfig(registry_dir=fleet_registry.root, device="cuda", lora_kernel=kernel)
+    async with Engine(config) as gpu:
         got = await answers(gpu, fleet_registry)
         stats = gpu.stats()
     assert_close(got, expected, atol=1e-4)
