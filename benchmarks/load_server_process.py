@@ -59,6 +59,11 @@ class ServerProcess:
             raise RuntimeError(f"the server process did not start: {detail}")
         return detail
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id once started (benchmarks.server_cpu reads its threads)."""
+        return None if self._process is None else self._process.pid
+
     def stop(self) -> None:
         process = self._process
         if process is None or not process.is_alive():

@@ -50,19 +50,3 @@ def test_cold_interference_runs_each_phase_beside_the_steps(capsys) -> None:
     assert "full" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cold_interference.main(["--modes", "idle,teleport"])
-
-
-def test_tokenize_contention_prints_both_ways(capsys) -> None:
-    from benchmarks import tokenize_contention
-
-    tokenize_contention.main(["--calls", "20", "--busy", "0,1"])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [(row[0], " ".join(row[1:-3])) for row in rows] == [
-        ("0", "hugging face call"),
-        ("0", "TextEncoder.inline"),
-        ("1", "hugging face call"),
-        ("1", "TextEncoder.inline"),
-    ]
-    for row in rows:
-        p50, p99, most = (float(v) for v in row[-3:])
-        assert 0 < p50 <= p99 <= most

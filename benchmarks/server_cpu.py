@@ -1,0 +1,108 @@
+"""CPU time per request of graft's HTTP server process, split by thread: the event loop (where
+every request is parsed, authenticated, resolved, tokenized and answered) and the model thread.
+
+    python -m benchmarks.server_cpu [--requests 3000] [--concurrency 32] [--quantize int8]
+
+A closed loop of ``--concurrency`` clients sends one SMS per request over keep-alive
+connections to a server in its own process (as deployed), after ``--warmup`` requests; the
+server's threads' CPU times come from ``/proc`` before and after (Linux only). The event loop
+shares the interpreter lock with the model thread, so its microseconds per request are what
+the HTTP path costs the model on a small machine, and what caps one process on a fast one.
+"""
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+
+TEXT = "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121"
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of ``pid``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    import aiohttp
+    import msgspec
+
+    from benchmarks.load_fleet import build_fleet
+    from benchmarks.load_server_process import ServerProcess
+    from benchmarks.load_targets import TargetOptions
+
+    fleet = build_fleet(work, args.adapters, args.tenants)
+    options = TargetOptions(threads=args.threads, quantize=args.quantize)
+    server = ServerProcess("serve", fleet, options)
+    url = await asyncio.to_thread(server.start)
+    pid = server.pid
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=args.concurrency)
+        ) as session:
+
+            async def one(i: int) -> None:
+                tenant, model = fleet.models[i % len(fleet.models)]
+                body = msgspec.json.encode({"model": model, "input": TEXT})
+                headers = {"Authorization": f"Bearer {fleet.keys[tenant]}"}
+                async with session.post(f"{url}/v1/classify", data=body, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"request {i}: HTTP {r.status}")
+
+            gate = asyncio.Semaphore(args.concurrency)
+
+            async def limited(i: int) -> None:
+                async with gate:
+                    await one(i)
+
+            await asyncio.gather(*(limited(i) for i in range(args.warmup)))
+            before, started = thread_cpu_s(pid), time.perf_counter()
+            await asyncio.gather(*(limited(i) for i in range(args.requests)))
+            wall_s, after = time.perf_counter() - started, thread_cpu_s(pid)
+    finally:
+        await asyncio.to_thread(server.stop)
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop_s = spent.pop(pid)  # the main thread runs the event loop
+    busiest = max(spent.values(), default=0.0)  # the model thread
+    per_request = 1e6 / args.requests
+    return {
+        "requests_per_s": args.requests / wall_s,
+        "event_loop_us": loop_s * per_request,
+        "model_thread_us": busiest * per_request,
+        "other_threads_us": (sum(spent.values()) - busiest) * per_request,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=100)
+    parser.add_argument("--tenants", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--quantize", default="int8", help="none or int8")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="graft-server-cpu-") as tmp:
+        result = asyncio.run(measure(args, Path(tmp)))
+    print(
+        f"{args.requests} requests, {args.concurrency} in flight: "
+        f"{result['requests_per_s']:.1f} req/s; CPU per request: event loop "
+        f"{result['event_loop_us']:.0f} us, model thread {result['model_thread_us']:.0f} us, "
+        f"other threads {result['other_threads_us']:.0f} us"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
