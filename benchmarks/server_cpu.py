@@ -36,7 +36,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
     import msgspec
 
     from benchmarks.load_fleet import build_fleet
-    from benchmarks.load_server_process import ServerProcess
+    from benchmarks.load_server_process import ServerProcess, counters_from_metrics
     from benchmarks.load_targets import TargetOptions
 
     fleet = build_fleet(work, args.adapters, args.tenants)
@@ -64,10 +64,16 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
                 async with gate:
                     await one(i)
 
+            async def steps() -> float:
+                async with session.get(f"{url}/metrics") as r:
+                    return counters_from_metrics(await r.text())["steps"]
+
             await asyncio.gather(*(limited(i) for i in range(args.warmup)))
+            steps_before = await steps()
             before, started = thread_cpu_s(pid), time.perf_counter()
             await asyncio.gather(*(limited(i) for i in range(args.requests)))
             wall_s, after = time.perf_counter() - started, thread_cpu_s(pid)
+            num_steps = await steps() - steps_before
     finally:
         await asyncio.to_thread(server.stop)
     spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
@@ -76,6 +82,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
     per_request = 1e6 / args.requests
     return {
         "requests_per_s": args.requests / wall_s,
+        "rows_per_step": args.requests / num_steps if num_steps else 0.0,
         "event_loop_us": loop_s * per_request,
         "model_thread_us": busiest * per_request,
         "other_threads_us": (sum(spent.values()) - busiest) * per_request,
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result = asyncio.run(measure(args, Path(tmp)))
     print(
         f"{args.requests} requests, {args.concurrency} in flight: "
-        f"{result['requests_per_s']:.1f} req/s; CPU per request: event loop "
+        f"{result['requests_per_s']:.1f} req/s, {result['rows_per_step']:.1f} rows a step; "
+        "CPU per request: event loop "
         f"{result['event_loop_us']:.0f} us, model thread {result['model_thread_us']:.0f} us, "
         f"other threads {result['other_threads_us']:.0f} us"
     )
