@@ -9,6 +9,7 @@ and server.
 
 import asyncio
 import contextlib
+import functools
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import msgspec
 
 from benchmarks.load_fleet import Fleet
-from benchmarks.load_server_process import ServerProcess, counters_from_metrics
+from benchmarks.load_server_process import ServerProcess, read_metrics
 from benchmarks.load_targets import (
     HttpTarget,
     StepClock,
@@ -50,12 +51,7 @@ async def open_http_target(
                     return msgspec.json.decode(await response.read())
 
         elif counters is None:  # graft in another process: its /metrics (none: {})
-
-            async def counters() -> dict[str, Any]:
-                async with session.get(url.rstrip("/") + "/metrics") as response:
-                    if response.status != 200:
-                        return {}
-                    return counters_from_metrics(await response.text())
+            counters = functools.partial(read_metrics, session, url)
 
         yield HttpTarget(kind, session, url, models, keys, options.timeout_s, counters)
 

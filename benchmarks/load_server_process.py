@@ -75,6 +75,15 @@ class ServerProcess:
             process.join()
 
 
+async def read_metrics(session: Any, url: str) -> dict[str, Any]:
+    """graft's step counters from its ``GET /metrics`` through an aiohttp ``session``; {}
+    where the route answers anything but 200 (turned off, or guarded by a key)."""
+    async with session.get(url.rstrip("/") + "/metrics") as response:
+        if response.status != 200:
+            return {}
+        return counters_from_metrics(await response.text())
+
+
 def counters_from_metrics(text: str) -> dict[str, Any]:
     """The engine counters a load report reads, from graft's Prometheus exposition."""
     from prometheus_client.parser import text_string_to_metric_families

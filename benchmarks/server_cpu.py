@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import tempfile
-import time
 from pathlib import Path
 
 TEXT = "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121"
@@ -33,49 +32,33 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
 
 async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
     import aiohttp
-    import msgspec
 
     from benchmarks.load_fleet import build_fleet
-    from benchmarks.load_server_process import ServerProcess, counters_from_metrics
-    from benchmarks.load_targets import TargetOptions
+    from benchmarks.load_server_process import ServerProcess, read_metrics
+    from benchmarks.load_targets import HttpTarget, TargetOptions
+    from benchmarks.open_loop import closed_loop
 
     fleet = build_fleet(work, args.adapters, args.tenants)
-    options = TargetOptions(threads=args.threads, quantize=args.quantize)
-    server = ServerProcess("serve", fleet, options)
+    server = ServerProcess(
+        "serve", fleet, TargetOptions(threads=args.threads, quantize=args.quantize)
+    )
     url = await asyncio.to_thread(server.start)
     pid = server.pid
+    requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
     try:
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=args.concurrency)
-        ) as session:
-
-            async def one(i: int) -> None:
-                tenant, model = fleet.models[i % len(fleet.models)]
-                body = msgspec.json.encode({"model": model, "input": TEXT})
-                headers = {"Authorization": f"Bearer {fleet.keys[tenant]}"}
-                async with session.post(f"{url}/v1/classify", data=body, headers=headers) as r:
-                    await r.read()
-                    if r.status != 200:
-                        raise RuntimeError(f"request {i}: HTTP {r.status}")
-
-            gate = asyncio.Semaphore(args.concurrency)
-
-            async def limited(i: int) -> None:
-                async with gate:
-                    await one(i)
-
-            async def steps() -> float:
-                async with session.get(f"{url}/metrics") as r:
-                    return counters_from_metrics(await r.text())["steps"]
-
-            await asyncio.gather(*(limited(i) for i in range(args.warmup)))
-            steps_before = await steps()
-            before, started = thread_cpu_s(pid), time.perf_counter()
-            await asyncio.gather(*(limited(i) for i in range(args.requests)))
-            wall_s, after = time.perf_counter() - started, thread_cpu_s(pid)
-            num_steps = await steps() - steps_before
+        connector = aiohttp.TCPConnector(limit=args.concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            target = HttpTarget("serve", session, url, fleet.models, fleet.keys, timeout_s=None)
+            await closed_loop(target, requests[: args.warmup], concurrency=args.concurrency)
+            steps_before = (await read_metrics(session, url))["steps"]
+            before = thread_cpu_s(pid)
+            answered, wall_s = await closed_loop(target, requests, concurrency=args.concurrency)
+            after = thread_cpu_s(pid)
+            num_steps = (await read_metrics(session, url))["steps"] - steps_before
     finally:
         await asyncio.to_thread(server.stop)
+    if answered != args.requests:
+        raise RuntimeError(f"{args.requests - answered} of {args.requests} requests failed")
     spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
     loop_s = spent.pop(pid)  # the main thread runs the event loop
     busiest = max(spent.values(), default=0.0)  # the model thread
