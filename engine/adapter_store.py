@@ -66,8 +66,7 @@ class AdapterStore:
         AdapterIncompatible or AdapterFormatError when the stored adapter cannot be served.
         """
         key = adapter_key(record)
-        if self._host.lookup(key):
-            self._host.pin(key)
+        if self._host.pin_if_present(key, count_miss=True):
             return key
         load = self._loading.get(key)
         if load is None:

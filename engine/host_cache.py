@@ -73,11 +73,13 @@ class HostCache:
         with self._lock:
             self._entries[key].pins += 1
 
-    def pin_if_present(self, key: str) -> bool:
-        """Pin ``key`` if it is here (a hit, refreshed); False otherwise, counting no miss."""
+    def pin_if_present(self, key: str, *, count_miss: bool = False) -> bool:
+        """Pin ``key`` if it is here (a hit, refreshed); False otherwise, a miss only if
+        ``count_miss`` (a caller that will look again counts its miss once)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
+                self.num_misses += count_miss
                 return False
             self._entries.move_to_end(key)
             self.num_hits += 1
