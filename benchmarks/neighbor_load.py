@@ -135,7 +135,7 @@ async def measure_capacity(client: Client, texts: Sequence[str], args) -> dict:
 async def probe_steps(engine: Engine, workload: Workload, args) -> list[dict]:
     """Idle-engine latency of one request that runs as one step: the cost of a step's shape."""
     config, row_tokens = engine.config, workload.a_row_tokens
-    budgets = {1, config.contended_batch_tokens or row_tokens, config.max_batch_tokens}
+    budgets = {1, config.contended_budget_tokens or row_tokens, config.max_batch_tokens}
     counts = sorted(
         {max(1, min(b // row_tokens, config.max_batch_rows, args.a_inputs)) for b in budgets}
     )

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {
             "max_batch_tokens": config.max_batch_tokens,
             "max_batch_rows": config.max_batch_rows,
-            "contended_batch_tokens": config.contended_batch_tokens,
+            "contended_batch_tokens": config.contended_budget_tokens,
             "interlude_tokens": config.interlude_budget_tokens,
             "tenant_max_queued_rows": config.tenant_max_queued_rows,
             "max_queued_rows": config.max_queued_rows,

@@ -10,6 +10,7 @@ from engine.quantize import check_quantize
 
 LORA_KERNELS = ("auto", "loop", "gather", "triton")
 DEFAULT_INTERLUDE_TOKENS = 256  # on the CPU
+DEFAULT_CONTENDED_TOKENS = 512  # on the CPU
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -35,7 +36,9 @@ class EngineConfig:
     # torch intra-op threads of the model thread; None: all cores but one on the CPU (see
     # intra_op_threads), torch's default on CUDA
     num_threads: int | None = None
-    contended_batch_tokens: int | None = 512  # step budget while several tenants are active
+    # step budget while several tenants are active; None = never shrink; "auto" = by device
+    # (see contended_budget_tokens)
+    contended_batch_tokens: int | str | None = "auto"
     # padded-token budget of a short step of other tenants run between two layers of a
     # longer step (engine/step_loop.py); 0 = never pause a step; None = by device (see
     # interlude_budget_tokens)
@@ -75,6 +78,15 @@ class EngineConfig:
             raise ValueError(f"settings_poll_s must be > 0, got {self.settings_poll_s}")
         if not self.max_timeout_s > 0:
             raise ValueError(f"max_timeout_s must be > 0, got {self.max_timeout_s}")
+        contended = self.contended_batch_tokens
+        if (
+            contended != "auto"
+            and contended is not None
+            and (isinstance(contended, str) or contended < 1)
+        ):
+            raise ValueError(
+                f"contended_batch_tokens must be >= 1, None or 'auto', got {contended!r}"
+            )
         if self.interlude_tokens is not None and self.interlude_tokens < 0:
             raise ValueError(f"interlude_tokens must be >= 0, got {self.interlude_tokens}")
         for name in ("host_cache_bytes", "embedding_cache_bytes", "pack_max_tokens"):
@@ -107,6 +119,18 @@ class EngineConfig:
         if self.interlude_tokens is not None:
             return self.interlude_tokens
         return 0 if self.device.startswith("cuda") else DEFAULT_INTERLUDE_TOKENS
+
+    @property
+    def contended_budget_tokens(self) -> int | None:
+        """``contended_batch_tokens``, or its default for the device: 512 on the CPU, where a
+        step costs what its tokens cost, so a smaller step bounds a neighbour's wait; None
+        (the full ``max_batch_tokens``) on CUDA, where a small step is bound by the host and
+        costs about as much as a full one, so shrinking it only multiplies the steps: on an
+        H200 1,000 tenants' SMS ran 1.4-2.6 rows a step under the 512 budget
+        (benchmarks/RESULTS.md, "On a GPU")."""
+        if self.contended_batch_tokens != "auto":
+            return self.contended_batch_tokens  # type: ignore[return-value]
+        return None if self.device.startswith("cuda") else DEFAULT_CONTENDED_TOKENS
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -18,7 +18,7 @@ def scheduler_config(config: EngineConfig) -> SchedulerConfig:
         max_batch_tokens=config.max_batch_tokens,
         max_batch_rows=config.max_batch_rows,
         max_batch_pages=config.adapter_pages,
-        contended_batch_tokens=config.contended_batch_tokens,
+        contended_batch_tokens=config.contended_budget_tokens,
         max_queued_rows=config.max_queued_rows,
         default_policy=TenantPolicy(
             max_queued_rows=config.tenant_max_queued_rows,

@@ -106,6 +106,16 @@ def test_interludes_default_by_device_and_an_explicit_budget_wins() -> None:
         EngineConfig(interlude_tokens=-1)
 
 
+def test_contended_budget_defaults_by_device_and_an_explicit_budget_wins() -> None:
+    assert EngineConfig().contended_budget_tokens == 512  # the CPU: a step costs its tokens
+    assert EngineConfig(device="cuda").contended_budget_tokens is None  # host-bound steps
+    assert EngineConfig(device="cuda", contended_batch_tokens=256).contended_budget_tokens == 256
+    assert EngineConfig(contended_batch_tokens=None).contended_budget_tokens is None
+    for bad in (0, "small"):
+        with pytest.raises(ValueError, match="contended_batch_tokens must be >= 1"):
+            EngineConfig(contended_batch_tokens=bad)
+
+
 def test_intra_op_threads_leave_a_core_on_the_cpu_and_an_explicit_count_wins() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert EngineConfig().intra_op_threads == max(1, (cores or 1) - 1)
