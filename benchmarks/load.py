@@ -135,6 +135,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="graft's short steps inside long ones: token budget (default by device; 0 = off)",
     )
     p.add_argument("--adapter-pages", type=int, default=1024)
+    model = p.add_mutually_exclusive_group()
+    model.add_argument(
+        "--backbone", help="every target's encoder: a Hugging Face directory (default: MiniLM)"
+    )
+    model.add_argument(
+        "--hidden",
+        type=int,
+        help="every target's encoder: a random-weight BERT of this width (768: BERT-base), "
+        "with the packaged tokenizer",
+    )
+    p.add_argument("--layers", type=int, default=12, help="with --hidden: its depth")
     p.add_argument(
         "--server-thread",
         action="store_true",
@@ -222,13 +233,15 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
             f"--quantize {args.quantize}: the PEFT server has no int8 path; leave out {peft} "
             "(--only) or drop --quantize"
         )
-    fleet = await _fleet(args, chosen, work)
+    backbone_dir = await asyncio.to_thread(_backbone_dir, args, work)
+    fleet = await _fleet(args, chosen, work, backbone_dir)
     options = TargetOptions(
         timeout_s=args.timeout,
         threads=args.threads,
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
+        backbone_dir=backbone_dir,
         interlude_tokens=args.interlude_tokens,
         adapter_pages=args.adapter_pages,
         url=args.url,
@@ -260,14 +273,40 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
     return summaries
 
 
-async def _fleet(args: argparse.Namespace, chosen: Sequence[Scenario], work: Path) -> Fleet | None:
+def _backbone_dir(args: argparse.Namespace, work: Path) -> str | None:
+    """``--backbone``, or a random-weight BERT built for ``--hidden``; None: the packaged one."""
+    if args.hidden is None:
+        return args.backbone
+    from benchmarks.common import build_random_backbone
+    from engine import packaged_backbone_dir
+
+    started = time.perf_counter()
+    path = build_random_backbone(
+        work / "backbone",
+        hidden=args.hidden,
+        layers=args.layers,
+        tokenizer_dir=packaged_backbone_dir(),
+    )
+    print(
+        f"random-weight BERT backbone: hidden {args.hidden}, {args.layers} layers, "
+        f"built in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    return str(path)
+
+
+async def _fleet(
+    args: argparse.Namespace, chosen: Sequence[Scenario], work: Path, backbone_dir: str | None
+) -> Fleet | None:
     """The scratch registry every target but ``url`` serves from; None when none needs it."""
     needed = [s.num_adapters for s in chosen if s.target != "url"]
     if not needed:
         return None
     tenants = args.tenants or (2 if args.quick else 100)
     started = time.perf_counter()
-    fleet = await asyncio.to_thread(build_fleet, work, max(needed), tenants, seed=args.seed)
+    fleet = await asyncio.to_thread(
+        build_fleet, work, max(needed), tenants, seed=args.seed, backbone_dir=backbone_dir
+    )
     print(
         f"scratch registry: {max(needed)} adapters, {len(fleet.keys)} tenants, "
         f"built in {time.perf_counter() - started:.1f} s",

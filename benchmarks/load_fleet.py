@@ -48,14 +48,22 @@ class Fleet:
         )
 
 
-def build_fleet(root: Path, num_adapters: int, num_tenants: int, *, seed: int = 0) -> Fleet:
-    """Create a registry under ``root`` with ``num_adapters`` adapters over ``num_tenants``."""
+def build_fleet(
+    root: Path,
+    num_adapters: int,
+    num_tenants: int,
+    *,
+    seed: int = 0,
+    backbone_dir: str | Path | None = None,
+) -> Fleet:
+    """Create a registry under ``root`` with ``num_adapters`` adapters over ``num_tenants``, for
+    ``backbone_dir`` (None: the packaged backbone)."""
     from engine import load_backbone
 
     if num_adapters < 1 or num_tenants < 1:
         raise ValueError(f"need >= 1 adapter and tenant, got {num_adapters}, {num_tenants}")
     num_tenants = min(num_tenants, num_adapters)
-    backbone = load_backbone()
+    backbone = load_backbone(backbone_dir)
     registry = _open_scratch_registry(root / "registry")
     try:
         keys = {f"t{j}": registry.create_tenant(f"t{j}") for j in range(num_tenants)}

@@ -109,6 +109,7 @@ def server_coroutine(
         max_wait_s=options.peft_max_wait_s,
         device=options.device,
         dtype=options.dtype,
+        backbone_dir=options.backbone_dir,
     )
 
 

@@ -57,6 +57,7 @@ class TargetOptions:
     device: str = "cpu"  # where every target's model runs: cpu or cuda[:n]
     dtype: str = "float32"  # every target's weights and activations: float32, bfloat16...
     quantize: str = "none"  # "int8": graft's and the bare backbone's Linear weights in int8
+    backbone_dir: str | None = None  # every target's encoder (None: the packaged MiniLM)
     interlude_tokens: int | None = None  # graft's EngineConfig.interlude_tokens (None: default)
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
@@ -277,6 +278,7 @@ def engine_config(fleet: Fleet, options: TargetOptions):
 
     return EngineConfig(
         registry_dir=fleet.registry_dir,
+        backbone_dir=options.backbone_dir,
         adapter_pages=options.adapter_pages,
         max_batch_rows=options.max_batch_rows,
         max_batch_tokens=options.max_batch_tokens,
@@ -304,7 +306,12 @@ async def _backbone(fleet: Fleet, options: TargetOptions) -> AsyncIterator[Targe
     from benchmarks.batcher import MicroBatcher
 
     model, tokenizer, forward = await asyncio.get_running_loop().run_in_executor(
-        None, _bare_backbone, options.device, options.dtype, options.quantize
+        None,
+        _bare_backbone,
+        options.device,
+        options.dtype,
+        options.quantize,
+        options.backbone_dir,
     )
     from concurrent.futures import ThreadPoolExecutor
 
@@ -318,8 +325,14 @@ async def _backbone(fleet: Fleet, options: TargetOptions) -> AsyncIterator[Targe
             yield BackboneTarget(batcher, tokenizer, fleet, max_tokens, pool)
 
 
-def _bare_backbone(device: str = "cpu", dtype: str = "float32", quantize: str = "none"):
-    """The packaged backbone as plain ``transformers`` runs it, mean-pooled, one 2-label head;
+def _bare_backbone(
+    device: str = "cpu",
+    dtype: str = "float32",
+    quantize: str = "none",
+    backbone_dir: str | None = None,
+):
+    """The backbone (default: the packaged one) as plain ``transformers`` runs it, mean-pooled,
+    one 2-label head;
     with ``quantize="int8"`` its Linear weights in int8 exactly as graft's (the ceiling moves
     with them)."""
     import torch
@@ -328,7 +341,7 @@ def _bare_backbone(device: str = "cpu", dtype: str = "float32", quantize: str = 
     from benchmarks.batcher import pad
     from engine import packaged_backbone_dir
 
-    path = str(packaged_backbone_dir())
+    path = str(backbone_dir or packaged_backbone_dir())
     torch_dtype = getattr(torch, dtype)
     model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
     model = model.to(device).eval()

@@ -172,13 +172,15 @@ async def run_peft_server(
     labels: Sequence[str] = ("ham", "spam"),
     device: str = "cpu",
     dtype: str = "float32",
+    backbone_dir: str | Path | None = None,
 ) -> None:
-    """Load the adapters ((tenant, name) with their directories), serve until cancelled."""
+    """Load the adapters ((tenant, name) with their directories) onto ``backbone_dir`` (None:
+    the packaged backbone), serve until cancelled."""
     from transformers import AutoTokenizer
 
     from engine import packaged_backbone_dir
 
-    backbone_dir = packaged_backbone_dir()
+    backbone_dir = Path(backbone_dir or packaged_backbone_dir())
     names = {f"{t}/{n}": peft_adapter_name(t, n) for t, n in models}
     dirs = {peft_adapter_name(t, n): d for (t, n), d in zip(models, adapter_dirs, strict=True)}
     loop = asyncio.get_running_loop()

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from benchmarks import load, report
+from benchmarks.load import NO_FLEET
 from benchmarks.load_server_process import counters_from_metrics
+from benchmarks.load_targets import TargetOptions, engine_config
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +73,16 @@ def test_quantize_refuses_the_peft_server_before_anything_runs(tmp_path: Path) -
     with pytest.raises(ValueError, match="no int8 path"):
         load.main([*argv, "--quantize", "int8", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())  # no run directory, no records
+
+
+def test_a_random_bert_backbone_serves_every_target_kind_its_fleet(tmp_path: Path) -> None:
+    argv = ["--baseline", "peft", "--quick", "--rate", "8", "--duration", "1", "--no-progress"]
+    _, lines = run_records([*argv, "--hidden", "64", "--layers", "1", "--out", str(tmp_path)])
+    backbone_dir = lines[0]["target_options"]["backbone_dir"]
+    assert backbone_dir and backbone_dir.endswith("backbone")  # the PEFT server loaded it
+    assert any(r.get("status") == 200 for r in lines[1:-1])  # adapters fit its 64-wide layers
+    options = TargetOptions(backbone_dir=backbone_dir)
+    assert engine_config(NO_FLEET, options).backbone_dir == backbone_dir  # graft's targets too
 
 
 def test_quick_http_run_against_a_server_process_reads_its_metrics(tmp_path: Path) -> None:
