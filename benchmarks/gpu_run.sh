@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
-# network: bash benchmarks/gpu_run.sh [STEP...] (steps: tests engine-tests kernels mixed
-# bert cold load profile; default: tests kernels mixed bert cold load profile, about 9 minutes
-# on an H200 plus a minute or two to start the machine). Logs and JSON go to
-# $OUT (default benchmarks/out/gpu).
+# network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
+# cold load bert-load peft profile; default: engine-tests load bert-load profile peft, about 9
+# minutes on an H200 plus a minute or two to start the machine. Logs, JSON and the load runs'
+# records (one .tgz per load step) go to $OUT (default benchmarks/out/gpu).
+#
+# Load steps size the adapter pool for every adapter of the fleet (--adapter-pages 8192: 1,000
+# rank-8 adapters), as a GPU with tens of GiB would be configured; the CPU default is 1,024.
 #
 # Without network the data packages travel in .gpu/ (git-ignored, carried with the call), made
 # by benchmarks/gpu_carry.sh on a machine with the project's venv: .gpu/whl/*.whl (msgspec,
@@ -18,7 +21,9 @@ LOG="$OUT/gpu_run.log"
 WORK=/tmp/graft-gpu
 mkdir -p "$WORK"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-STEPS=${*:-tests kernels mixed bert cold load profile}
+STEPS=${*:-engine-tests load bert-load profile peft}
+LOAD="python3 -m benchmarks.load --device cuda --scenarios --duration 2 --no-progress"
+LOAD="$LOAD --adapter-pages 8192"
 
 say() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
 run() {  # run SECONDS NAME CMD...: one step, bounded, its output in the log
@@ -26,8 +31,9 @@ run() {  # run SECONDS NAME CMD...: one step, bounded, its output in the log
   shift 2
   say "$name: $*"
   local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 60
+  timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 60
   say "$name: rc ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
+  pkill -9 -f spawn_main 2>/dev/null  # a server process left by a step cut at its limit
 }
 
 if [ -d .gpu ] && [ ! -f "$WORK/site/.ready" ]; then
@@ -60,12 +66,13 @@ for step in $STEPS; do
     tests)
       run 90 tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/engine ;;
     engine-tests)
-      run 60 engine-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine ;;
+      run 80 engine-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine ;;
     profile)
-      # the CUDA default (loop for a few adapters, Triton beyond) against Triton alone
-      run 45 profile python3 -m benchmarks.profile_step --device cuda --rows 1,4,32 --top 12
-      run 45 profile-triton python3 -m benchmarks.profile_step --device cuda --rows 1,4,32 \
-        --top 12 --kernel triton ;;
+      # the CUDA default (a loop for up to 3 adapters, Triton beyond) against Triton alone
+      run 35 profile python3 -m benchmarks.profile_step --device cuda --rows 1,32 --adapters 3 \
+        --top 12
+      run 35 profile-triton python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
+        --adapters 3 --top 12 --kernel triton ;;
     kernels)
       run 60 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --out "$WORK/k32"
       cp "$WORK/k32/kernels.json" "$OUT/kernels_fp32.json" 2>/dev/null ;;
@@ -81,9 +88,17 @@ for step in $STEPS; do
         --neighbour 20 --rotation 1,100 --duration 3 --out "$WORK/cold"
       cp "$WORK/cold/cold_start.json" "$OUT/cold_start.json" 2>/dev/null ;;
     load)
-      run 240 load python3 -m benchmarks.load --device cuda --scenarios --duration 2 \
-        --only embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf,peft-sms-100a-zipf \
-        --no-progress --out "$WORK/load" ;;
+      run 200 load $LOAD --out "$WORK/load" \
+        --only embedded-sms-1a,embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf
+      tar -czf "$OUT/load_minilm.tgz" -C "$WORK" load 2>/dev/null ;;
+    bert-load)
+      # BERT-base shape (random weights, the packaged tokenizer) in bf16, as a GPU serves it
+      run 120 bert-load $LOAD --hidden 768 --layers 12 --dtype bfloat16 --out "$WORK/bert-load" \
+        --only embedded-sms-1000a-zipf,backbone-sms
+      tar -czf "$OUT/load_bert_base.tgz" -C "$WORK" bert-load 2>/dev/null ;;
+    peft)
+      run 60 peft $LOAD --out "$WORK/peft" --only peft-sms-100a-zipf
+      tar -czf "$OUT/load_peft.tgz" -C "$WORK" peft 2>/dev/null ;;
     *) say "unknown step $step" ;;
   esac
 done
