@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
-# cold load bert-load peft profile; default: engine-tests load bert-load profile peft, about 9
+# cold load bert-load (BERT_DTYPE=float32: in fp32) peft profile dtypes profile-segments;
+# default: engine-tests load bert-load profile peft, about 9
 # minutes on an H200 plus a minute or two to start the machine. Logs, JSON and the load runs'
 # records (one .tgz per load step) go to $OUT (default benchmarks/out/gpu).
 #
@@ -73,6 +74,15 @@ for step in $STEPS; do
         --top 12
       run 35 profile-triton python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
         --adapters 3 --top 12 --kernel triton ;;
+    dtypes)
+      run 45 dtypes-bert python3 -m benchmarks.forward_dtypes --device cuda --hidden 768
+      run 30 dtypes-minilm python3 -m benchmarks.forward_dtypes --device cuda ;;
+    profile-segments)
+      # where the CUDA loop stops paying: one and two adapters in a 32-row step
+      run 40 profile-segments python3 -m benchmarks.profile_step --device cuda --rows 32 \
+        --adapters 1,2 --top 0 --kernel auto
+      run 40 profile-segments-triton python3 -m benchmarks.profile_step --device cuda \
+        --rows 32 --adapters 1,2 --top 0 --kernel triton ;;
     kernels)
       run 60 kernels python3 -m benchmarks.kernels --device cuda --budget-s 0.1 --out "$WORK/k32"
       cp "$WORK/k32/kernels.json" "$OUT/kernels_fp32.json" 2>/dev/null ;;
@@ -93,7 +103,8 @@ for step in $STEPS; do
       tar -czf "$OUT/load_minilm.tgz" -C "$WORK" load 2>/dev/null ;;
     bert-load)
       # BERT-base shape (random weights, the packaged tokenizer) in bf16, as a GPU serves it
-      run 120 bert-load $LOAD --hidden 768 --layers 12 --dtype bfloat16 --out "$WORK/bert-load" \
+      run 120 bert-load $LOAD --hidden 768 --layers 12 --dtype "${BERT_DTYPE:-bfloat16}" \
+        --out "$WORK/bert-load" \
         --only embedded-sms-1000a-zipf,backbone-sms
       tar -czf "$OUT/load_bert_base.tgz" -C "$WORK" bert-load 2>/dev/null ;;
     peft)

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import itertools
 import os
 import pstats
 import tempfile
@@ -52,7 +53,7 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
     from engine import Engine, EngineConfig
     from scheduler import Batch
 
-    fleet = build_fleet(work, args.adapters, 1, seed=0)
+    fleet = build_fleet(work, max(args.adapters), 1, seed=0)
     config = EngineConfig(
         registry_dir=fleet.registry_dir,
         device=args.device,
@@ -72,8 +73,8 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
             keys.append(key)
         ids = model.backbone.tokenizer(TEXT)["input_ids"]
         backbone = model.backbone.model
-        for rows in args.rows:
-            keys_of_rows = sorted(keys[i % len(keys)] for i in range(rows))
+        for rows, num_adapters in itertools.product(args.rows, args.adapters):
+            keys_of_rows = sorted(keys[i % num_adapters] for i in range(rows))
             batch = Batch.of(keys_of_rows, [len(ids)] * rows)
             segs = batch.seg_adapter
 
@@ -96,6 +97,8 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
                 f"({_aten_calls(step, 5):.0f} aten calls), bare forward {bare_ms:.2f} ms "
                 f"({_aten_calls(bare, 5):.0f} aten calls)"
             )
+            if args.top < 1:  # timings only
+                continue
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(args.repeats):
@@ -113,15 +116,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--quantize", default="none", help="none or int8 (backbone Linears)")
     parser.add_argument("--rows", default="1,32", help="batch sizes, comma-separated")
-    parser.add_argument("--adapters", type=int, default=8, help="distinct adapters in a batch")
+    parser.add_argument(
+        "--adapters", default="8", help="distinct adapters in a batch, comma-separated"
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument(
         "--kernel", default="auto", help="LoRA kernel: auto, loop, gather or triton"
     )
-    parser.add_argument("--top", type=int, default=15, help="functions listed per batch size")
+    parser.add_argument(
+        "--top", type=int, default=15, help="functions listed per batch size (0: timings only)"
+    )
     args = parser.parse_args(argv)
     args.rows = [int(r) for r in args.rows.split(",")]
+    args.adapters = [int(n) for n in args.adapters.split(",")]
     with tempfile.TemporaryDirectory(prefix="graft-profile-") as tmp:
         asyncio.run(profile(args, Path(tmp)))
 
