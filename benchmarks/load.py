@@ -135,6 +135,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="graft's short steps inside long ones: token budget (default by device; 0 = off)",
     )
     p.add_argument("--adapter-pages", type=int, default=1024)
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="graft's interpreter switch interval (EngineConfig.switch_interval_ms; default 5)",
+    )
     model = p.add_mutually_exclusive_group()
     model.add_argument(
         "--backbone", help="every target's encoder: a Hugging Face directory (default: MiniLM)"
@@ -243,6 +249,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         quantize=args.quantize,
         backbone_dir=backbone_dir,
         interlude_tokens=args.interlude_tokens,
+        switch_interval_ms=args.switch_interval_ms,
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),

@@ -59,6 +59,7 @@ class TargetOptions:
     quantize: str = "none"  # "int8": graft's and the bare backbone's Linear weights in int8
     backbone_dir: str | None = None  # every target's encoder (None: the packaged MiniLM)
     interlude_tokens: int | None = None  # graft's EngineConfig.interlude_tokens (None: default)
+    switch_interval_ms: float | None = None  # graft's EngineConfig.switch_interval_ms
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
     max_batch_tokens: int = 8192
@@ -287,6 +288,7 @@ def engine_config(fleet: Fleet, options: TargetOptions):
         dtype=options.dtype,
         quantize=options.quantize,
         interlude_tokens=options.interlude_tokens,
+        switch_interval_ms=options.switch_interval_ms,
     )
 
 

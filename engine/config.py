@@ -57,6 +57,10 @@ class EngineConfig:
     # engine/collector.py): a full pass then takes ms, not a quarter second. Process-wide:
     # False for applications that manage gc themselves
     gc_freeze: bool = True
+    # the interpreter's thread switch interval while the engine runs (sys.setswitchinterval),
+    # process-wide like gc_freeze: how long the model thread may wait for the interpreter lock
+    # while the event loop holds it, and the other way round; None = leave it (Python: 5 ms)
+    switch_interval_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -74,6 +78,8 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.switch_interval_ms is not None and not self.switch_interval_ms > 0:
+            raise ValueError(f"switch_interval_ms must be > 0, got {self.switch_interval_ms}")
         if not self.settings_poll_s > 0:
             raise ValueError(f"settings_poll_s must be > 0, got {self.settings_poll_s}")
         if not self.max_timeout_s > 0:

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,7 @@ class Engine:
         self._loop_task: asyncio.Task[None] | None = None
         self._settings_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._saved_switch_interval: float | None = None  # to restore at close
         self._froze_gc = False
 
     # lifecycle -------------------------------------------------------------------------
@@ -85,6 +87,9 @@ class Engine:
         if self.config.gc_freeze:
             freeze_startup_objects()
             self._froze_gc = True
+        if self.config.switch_interval_ms is not None:
+            self._saved_switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(self.config.switch_interval_ms / 1000)
         self._loop_task = asyncio.create_task(self._steps.run(), name="graft-step-loop")
         self._settings_task = asyncio.create_task(
             self._model.settings.watch(self.config.settings_poll_s), name="graft-settings"
@@ -109,6 +114,9 @@ class Engine:
         if self._froze_gc:
             release_startup_objects()
             self._froze_gc = False
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
 
     # introspection ---------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -114,6 +115,16 @@ def test_contended_budget_defaults_by_device_and_an_explicit_budget_wins() -> No
     for bad in (0, "small"):
         with pytest.raises(ValueError, match="contended_batch_tokens must be >= 1"):
             EngineConfig(contended_batch_tokens=bad)
+
+
+async def test_switch_interval_is_set_while_the_engine_runs_and_restored_after(registry) -> None:
+    before = sys.getswitchinterval()
+    config = EngineConfig(registry_dir=registry.root, switch_interval_ms=0.5)
+    async with Engine(config):
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    assert sys.getswitchinterval() == before
+    with pytest.raises(ValueError, match="switch_interval_ms must be > 0"):
+        EngineConfig(switch_interval_ms=0)
 
 
 def test_intra_op_threads_leave_a_core_on_the_cpu_and_an_explicit_count_wins() -> None:
