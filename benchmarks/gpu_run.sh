@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
-# cold load bert-load (BERT_DTYPE=float32: in fp32) peft profile dtypes profile-segments;
+# cold load bert-load (BERT_DTYPE=float32: in fp32) peft profile dtypes profile-segments
+# switch;
 # default: engine-tests load bert-load profile peft, about 9
 # minutes on an H200 plus a minute or two to start the machine. Logs, JSON and the load runs'
 # records (one .tgz per load step) go to $OUT (default benchmarks/out/gpu).
@@ -74,6 +75,13 @@ for step in $STEPS; do
         --top 12
       run 35 profile-triton python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
         --adapters 3 --top 12 --kernel triton ;;
+    switch)
+      # the interpreter's switch interval: 0.5 ms against Python's 5 ms, 1,000 adapters
+      for ms in 0.5 5; do
+        run 75 "switch-$ms" $LOAD --out "$WORK/switch" --only embedded-sms-1000a-zipf \
+          --switch-interval-ms "$ms"
+      done
+      tar -czf "$OUT/load_switch.tgz" -C "$WORK" switch 2>/dev/null ;;
     dtypes)
       run 45 dtypes-bert python3 -m benchmarks.forward_dtypes --device cuda --hidden 768
       run 30 dtypes-minilm python3 -m benchmarks.forward_dtypes --device cuda ;;
