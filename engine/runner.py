@@ -96,19 +96,41 @@ class ModelRunner:
                 pooler.run_pooler()
         finally:
             state.plan = outer
+        outputs = self._head_outputs(batch, residents, pooler)
+        self.num_steps += 1
+        self.num_rows += len(batch.rows)
+        self.num_packed_steps += packed is not None
+        return outputs
+
+    def _head_outputs(
+        self,
+        batch: Batch,
+        residents: list[Resident | None],
+        pooler: "PaddedOutputs | PackedOutputs",
+    ) -> list[RowOutput]:
+        """Each segment's head over its rows, and one copy of every probability to the host:
+        on a GPU each copy waits for the device, so one per step, not one per segment."""
+        probs = []
+        for s, resident in enumerate(residents):
+            if resident is not None:
+                lo, hi = batch.seg_starts[s], batch.seg_starts[s + 1]
+                head = resident.head
+                pooled = pooler.pooled(head.pooling, lo, hi)
+                logits = torch.nn.functional.linear(pooled, head.weight, head.bias)
+                probs.append(torch.softmax(logits.float(), dim=-1))
+        flat = torch.cat([p.reshape(-1) for p in probs]).cpu().numpy() if probs else None
+        shapes = iter([p.shape for p in probs])
         outputs: list[RowOutput] = []
+        offset = 0
         for s, resident in enumerate(residents):
             lo, hi = batch.seg_starts[s], batch.seg_starts[s + 1]
             if resident is None:
                 outputs.extend(self._pooled_rows(pooler, lo, hi))
                 continue
-            pooled = pooler.pooled(resident.head.pooling, lo, hi)
-            head = resident.head
-            logits = torch.nn.functional.linear(pooled, head.weight, head.bias)
-            outputs.extend(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-        self.num_steps += 1
-        self.num_rows += len(batch.rows)
-        self.num_packed_steps += packed is not None
+            assert flat is not None
+            rows, labels = next(shapes)
+            outputs.extend(flat[offset : offset + rows * labels].reshape(rows, labels))
+            offset += rows * labels
         return outputs
 
     def _forward(
@@ -144,12 +166,15 @@ class ModelRunner:
     def _pad(
         self, token_ids: Sequence[Sequence[int]], width: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((len(token_ids), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+        # filled in numpy, then two tensors: per-row torch writes cost ~10 device-op calls a
+        # row, which a GPU step (bound by the host) pays in launches
+        ids = np.full((2, len(token_ids), width), self._pad_id, dtype=np.int64)
+        ids[1] = 0
         for i, row in enumerate(token_ids):
-            ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        return ids.to(self._device), mask.to(self._device)
+            ids[0, i, : len(row)] = row
+            ids[1, i, : len(row)] = 1
+        both = torch.from_numpy(ids).to(self._device)  # one copy to the device, not two
+        return both[0], both[1]
 
     def _plan(
         self,
@@ -162,10 +187,10 @@ class ModelRunner:
         page_lists = [r.pages if r is not None else () for r in residents]
         max_rank = max((len(p) for p in page_lists), default=0)
         # padding points at page 0, which holds zeros in every pool
-        pages = torch.zeros((len(residents), max(max_rank, 1)), dtype=torch.int32)
+        page_array = np.zeros((len(residents), max(max_rank, 1)), dtype=np.int32)
         for s, seg_pages in enumerate(page_lists):
-            if seg_pages:
-                pages[s, : len(seg_pages)] = torch.tensor(seg_pages, dtype=torch.int32)
+            page_array[s, : len(seg_pages)] = seg_pages
+        pages = torch.from_numpy(page_array)
         ranks = torch.stack(
             [r.rank_by_module if r is not None else self._no_ranks for r in residents], dim=1
         )
@@ -212,15 +237,22 @@ def _page_run(pages: tuple[int, ...]) -> range | list[int]:
     return list(pages)
 
 
-@dataclass(frozen=True, slots=True)
 class PaddedOutputs:
-    """A padded step's model outputs, pooled per row on demand (``PackedOutputs``' twin)."""
+    """A padded step's model outputs, pooled on demand (``PackedOutputs``' twin): each pooling
+    once over every row, so a step of many segments pools in a few device ops, not a few per
+    segment."""
 
-    out: object
-    mask: torch.Tensor
+    __slots__ = ("_pooled", "mask", "out")
+
+    def __init__(self, out: object, mask: torch.Tensor) -> None:
+        self.out = out
+        self.mask = mask
+        self._pooled: dict[str, torch.Tensor] = {}
 
     def pooled(self, pooling: str, lo: int, hi: int) -> torch.Tensor:
-        return _pool(self.out, self.mask, pooling, lo, hi)
+        if pooling not in self._pooled:
+            self._pooled[pooling] = _pool(self.out, self.mask, pooling, 0, self.mask.shape[0])
+        return self._pooled[pooling][lo:hi]
 
 
 def _pool(out: object, mask: torch.Tensor, pooling: str, lo: int, hi: int) -> torch.Tensor:
