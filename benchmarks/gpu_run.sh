@@ -2,9 +2,9 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=float32: in fp32) peft profile dtypes profile-segments
-# switch;
-# default: engine-tests load bert-load profile peft, about 9
-# minutes on an H200 plus a minute or two to start the machine. Logs, JSON and the load runs'
+# switch. Default: engine-tests load bert-load profile peft, about 8 minutes on an H200 (the
+# PEFT server alone takes over a minute to load its 100 adapters), plus half a minute to start
+# the machine. Logs, JSON and the load runs'
 # records (one .tgz per load step) go to $OUT (default benchmarks/out/gpu).
 #
 # Load steps size the adapter pool for every adapter of the fleet (--adapter-pages 8192: 1,000
@@ -116,7 +116,7 @@ for step in $STEPS; do
         --only embedded-sms-1000a-zipf,backbone-sms
       tar -czf "$OUT/load_bert_base.tgz" -C "$WORK" bert-load 2>/dev/null ;;
     peft)
-      run 60 peft $LOAD --out "$WORK/peft" --only peft-sms-100a-zipf
+      run 150 peft $LOAD --out "$WORK/peft" --only peft-sms-100a-zipf
       tar -czf "$OUT/load_peft.tgz" -C "$WORK" peft 2>/dev/null ;;
     *) say "unknown step $step" ;;
   esac
