@@ -30,6 +30,9 @@ class EngineConfig:
     max_models_per_request: int = 16  # models in one classify_many call
     max_input_tokens: int | None = None  # cap below the backbone's own limit
     adapter_pages: int = 1024  # rank-rows the device pool holds (a rank-8 adapter takes 8)
+    # the device pool in bytes instead: when set, the engine derives adapter_pages from it (a
+    # page is one rank-row of every Linear's A and B^T: 166 KB for MiniLM in float32)
+    adapter_pool_bytes: int | None = None
     host_cache_bytes: int = 2 << 30  # parsed adapters kept in host memory (LRU)
     embedding_cache_bytes: int = 64 << 20  # pooled backbone outputs for head-only models; 0 = off
     max_loads_in_flight: int = 4  # concurrent adapter loads from disk
@@ -95,6 +98,8 @@ class EngineConfig:
             )
         if self.interlude_tokens is not None and self.interlude_tokens < 0:
             raise ValueError(f"interlude_tokens must be >= 0, got {self.interlude_tokens}")
+        if self.adapter_pool_bytes is not None and self.adapter_pool_bytes < 1:
+            raise ValueError(f"adapter_pool_bytes must be >= 1, got {self.adapter_pool_bytes}")
         for name in ("host_cache_bytes", "embedding_cache_bytes", "pack_max_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.admission import admit, deadline_for
-from engine.backbone import Backbone
+from engine.backbone import Backbone, packaged_backbone_dir
 from engine.collector import freeze_startup_objects, release_startup_objects
 from engine.config import EngineConfig
 from engine.errors import EngineClosed, ModelNotFound
 from engine.inputs import Tokenized, tokenize_inputs
 from engine.job import Job, MultiJob, MultiPrediction, Prediction
 from engine.listing import AdapterInfo, summarize
+from engine.memory import pages_for_bytes
 from engine.multi import (
     MultiPending,
     check_queue_bound,
@@ -50,6 +51,10 @@ class Engine:
     """
 
     def __init__(self, config: EngineConfig) -> None:
+        if config.adapter_pool_bytes is not None:  # every part below counts the pool in pages
+            model_dir = config.backbone_dir or packaged_backbone_dir()
+            pages = pages_for_bytes(config.adapter_pool_bytes, model_dir, config.torch_dtype)
+            config = dataclasses.replace(config, adapter_pages=pages)
         self.config = config
         self._model: ServingStack | None = None
         self._scheduler = Scheduler(scheduler_config(config))

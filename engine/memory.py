@@ -12,8 +12,10 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from engine.adapters import AdapterWeights, Head, PackedModules, ranks_and_scales
 from engine.backbone import Backbone
@@ -246,6 +248,32 @@ class AdapterMemory:
                 log.debug("evicted adapter %s", key)
                 return True
         return False
+
+
+def page_bytes(model_dir: str | Path, dtype: torch.dtype) -> int:
+    """Bytes of one pool page (one rank-row of every wrapped Linear's A and B^T) for the
+    encoder in ``model_dir``, read from its structure alone: the model is built on the meta
+    device, so no weight is loaded. Every ``nn.Linear`` is wrapped (engine.backbone), so a
+    row is their in + out features summed, as ``_layout`` lays it out."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    width = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    return width * torch.empty((), dtype=dtype).element_size()
+
+
+def pages_for_bytes(num_bytes: int, model_dir: str | Path, dtype: torch.dtype) -> int:
+    """How many pages ``num_bytes`` of pool hold (ValueError when not even one)."""
+    per_page = page_bytes(model_dir, dtype)
+    if num_bytes < per_page:
+        raise ValueError(
+            f"adapter_pool_bytes={num_bytes} holds no page: one page of this backbone is "
+            f"{per_page} bytes in {str(dtype).removeprefix('torch.')} (a rank-8 adapter "
+            f"takes 8 pages, {8 * per_page} bytes)"
+        )
+    return num_bytes // per_page
 
 
 def _layout(backbone: Backbone) -> tuple[tuple[tuple[int, int, int, int], ...], int]:

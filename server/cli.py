@@ -185,12 +185,41 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.set_defaults(handler=_train)
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_BYTE_UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """A size as people write it: a number of bytes, or with a unit (``4GiB``, ``1.5 GB``)."""
+    number = text.strip().rstrip("bBiIkKmMgGtT ")
+    unit = text.strip()[len(number) :].strip().lower()
+    try:
+        value = float(number) * _BYTE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: a number of bytes, or one with a unit "
+            f"({', '.join(u for u in _BYTE_UNITS if u)}), e.g. 4GiB"
+        ) from None
+    if not 1 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least 1 byte, and finite")
+    return int(value)
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-batch-rows", type=int, default=128)
-    p.add_argument("--adapter-pages", type=int, default=1024)
+    pool = p.add_mutually_exclusive_group()
+    pool.add_argument(
+        "--adapter-pages", type=int, default=1024, help="device adapter pool, in rank-rows"
+    )
+    pool.add_argument(
+        "--adapter-pool-bytes",
+        type=byte_size,
+        default=None,
+        help="device adapter pool in bytes instead (e.g. 4GiB, 512MiB, 1000000)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--dtype",
@@ -309,6 +338,7 @@ def engine_config(args: argparse.Namespace):
         max_batch_tokens=args.max_batch_tokens,
         max_batch_rows=args.max_batch_rows,
         adapter_pages=args.adapter_pages,
+        adapter_pool_bytes=args.adapter_pool_bytes,
         num_threads=args.threads,  # None: EngineConfig.intra_op_threads (all cores but one)
     )
 

@@ -7,10 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import EngineOverloaded
+from engine import Engine, EngineConfig, EngineOverloaded
 from engine.adapters import AdapterWeights, Head, LoraModule, PackedModules, ranks_and_scales
 from engine.host_cache import HostCache
-from engine.memory import AdapterMemory, FreePages
+from engine.memory import AdapterMemory, FreePages, page_bytes, pages_for_bytes
 
 MODULE = "encoder.layer.0.attention.self.query"
 NUM_PAGES = 16
@@ -299,3 +299,22 @@ def test_whole_rows_hold_each_module_and_zeros_elsewhere(backbone, lower_rank: b
             assert torch.equal(got.rows[:r, a0 : a0 + n_in], module.a)
             assert torch.equal(got.rows[:r, b0 : b0 + n_out], module.b.t())
         assert not got.rows[r:, a0 : a0 + n_in + n_out].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_page_bytes_from_the_structure_alone_match_the_pool_row(backbone, dtype) -> None:
+    pool = AdapterMemory(backbone, 2, "cpu", dtype)
+    assert pool.pool_bytes == 3 * page_bytes(backbone.path, dtype)  # 2 pages and the zero page
+
+
+async def test_a_pool_sized_in_bytes_becomes_whole_pages_everywhere(backbone, registry) -> None:
+    per_page = page_bytes(backbone.path, torch.float32)
+    assert pages_for_bytes(10 * per_page + per_page - 1, backbone.path, torch.float32) == 10
+    config = EngineConfig(registry_dir=registry.root, adapter_pool_bytes=10 * per_page)
+    async with Engine(config) as engine:
+        assert engine.config.adapter_pages == 10
+        assert engine.stats()["adapter_pages_free"] == 10
+    with pytest.raises(ValueError, match="holds no page: one page of this backbone is"):
+        Engine(EngineConfig(registry_dir=registry.root, adapter_pool_bytes=per_page - 1))
+    with pytest.raises(ValueError, match="adapter_pool_bytes must be >= 1"):
+        EngineConfig(adapter_pool_bytes=0)

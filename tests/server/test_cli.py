@@ -1,5 +1,6 @@
 """The ``graft`` command line, run in-process."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -174,6 +175,23 @@ def test_serve_flags_reach_the_engine_config(tmp_path: Path) -> None:
     both = _parser().parse_args(["serve", "--quantize", "int8", "--dtype", "bfloat16"])
     with pytest.raises(ValueError, match="float32 activations"):
         engine_config(both)
+
+
+def test_the_adapter_pool_can_be_sized_in_bytes_or_pages_not_both(tmp_path: Path) -> None:
+    from server.cli import _parser, byte_size, engine_config
+
+    assert byte_size("4GiB") == 4 << 30 and byte_size("1.5 GB") == 1_500_000_000
+    assert byte_size("512") == 512 and byte_size("64kib") == 65536
+    for bad in ("lots", "4 GiBs", "0", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            byte_size(bad)
+    args = _parser().parse_args(
+        ["serve", "--registry", str(tmp_path), "--adapter-pool-bytes", "4MiB"]
+    )
+    assert engine_config(args).adapter_pool_bytes == 4 << 20
+    assert engine_config(_parser().parse_args(["serve"])).adapter_pool_bytes is None
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--adapter-pages", "64", "--adapter-pool-bytes", "1GiB"])
 
 
 def test_metrics_flags_and_key(monkeypatch) -> None:
