@@ -218,6 +218,17 @@ def test_rows_of_very_different_lengths_do_not_share_a_step() -> None:
     assert widths == [24, 512]  # the short rows are not padded to 512
 
 
+def test_a_step_looks_past_a_head_of_another_length_and_the_head_leads_the_next() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_tokens=8192, contended_batch_tokens=None))
+    lengths = [10, 100, 12, 90, 11, 95, 9, 120] * 4  # one tenant, alternating in arrival order
+    for i, tokens in enumerate(lengths):
+        s.add(_row("acme", tokens=tokens, arrival=i))
+    steps = [sorted(r.num_tokens for r in b.rows) for b in _drain(s)]
+    assert len(steps) == 2  # a step closing at the first misfit would make 32 steps of one row
+    assert steps[0] == sorted(t for t in lengths if t < 20)  # the head (10) led: the short rows
+    assert steps[1] == sorted(t for t in lengths if t >= 90)
+
+
 def test_admission_reserves_rows_of_requests_still_being_prepared() -> None:
     s = Scheduler(SchedulerConfig(default_policy=TenantPolicy(max_queued_rows=10)))
     assert s.admit("a", 6).is_admitted
