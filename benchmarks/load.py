@@ -136,6 +136,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--adapter-pages", type=int, default=1024)
     p.add_argument(
+        "--lookahead-rows",
+        type=int,
+        default=None,
+        help="graft's EngineConfig.lookahead_rows (default by device: 0 on CPU, 64 on CUDA)",
+    )
+    p.add_argument(
         "--switch-interval-ms",
         type=float,
         default=None,
@@ -250,6 +256,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         backbone_dir=backbone_dir,
         interlude_tokens=args.interlude_tokens,
         switch_interval_ms=args.switch_interval_ms,
+        lookahead_rows=args.lookahead_rows,
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),

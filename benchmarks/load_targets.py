@@ -60,6 +60,7 @@ class TargetOptions:
     backbone_dir: str | None = None  # every target's encoder (None: the packaged MiniLM)
     interlude_tokens: int | None = None  # graft's EngineConfig.interlude_tokens (None: default)
     switch_interval_ms: float | None = None  # graft's EngineConfig.switch_interval_ms
+    lookahead_rows: int | None = None  # graft's EngineConfig.lookahead_rows (None: by device)
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
     max_batch_tokens: int = 8192
@@ -289,6 +290,7 @@ def engine_config(fleet: Fleet, options: TargetOptions):
         quantize=options.quantize,
         interlude_tokens=options.interlude_tokens,
         switch_interval_ms=options.switch_interval_ms,
+        lookahead_rows=options.lookahead_rows,
     )
 
 

@@ -11,6 +11,7 @@ from engine.quantize import check_quantize
 LORA_KERNELS = ("auto", "loop", "gather", "triton")
 DEFAULT_INTERLUDE_TOKENS = 256  # on the CPU
 DEFAULT_CONTENDED_TOKENS = 512  # on the CPU
+DEFAULT_CUDA_LOOKAHEAD_ROWS = 64
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -42,6 +43,10 @@ class EngineConfig:
     # step budget while several tenants are active; None = never shrink; "auto" = by device
     # (see contended_budget_tokens)
     contended_batch_tokens: int | str | None = "auto"
+    # rows of a tenant's queue a step looks through for ones that fit its budgets (length
+    # ratio, tokens), past a head that does not; 0 = the head only; None = by device (see
+    # lookahead_budget_rows)
+    lookahead_rows: int | None = None
     # padded-token budget of a short step of other tenants run between two layers of a
     # longer step (engine/step_loop.py); 0 = never pause a step; None = by device (see
     # interlude_budget_tokens)
@@ -96,6 +101,8 @@ class EngineConfig:
             raise ValueError(
                 f"contended_batch_tokens must be >= 1, None or 'auto', got {contended!r}"
             )
+        if self.lookahead_rows is not None and self.lookahead_rows < 0:
+            raise ValueError(f"lookahead_rows must be >= 0, got {self.lookahead_rows}")
         if self.interlude_tokens is not None and self.interlude_tokens < 0:
             raise ValueError(f"interlude_tokens must be >= 0, got {self.interlude_tokens}")
         if self.adapter_pool_bytes is not None and self.adapter_pool_bytes < 1:
@@ -142,6 +149,18 @@ class EngineConfig:
         if self.contended_batch_tokens != "auto":
             return self.contended_batch_tokens  # type: ignore[return-value]
         return None if self.device.startswith("cuda") else DEFAULT_CONTENDED_TOKENS
+
+    @property
+    def lookahead_budget_rows(self) -> int:
+        """``lookahead_rows``, or its default for the device: 64 on CUDA, where a step is
+        bound by the host and more rows cost little, so a deep queue should fill it; 0 on the
+        CPU, where a step costs what its padded tokens cost: there small steps of similar
+        length (packed, unpadded, under 512 tokens) beat big padded ones, and one tenant's
+        overload with lookahead made 36-53-row steps and halved its saturation rate
+        (benchmarks/RESULTS.md, session 10)."""
+        if self.lookahead_rows is not None:
+            return self.lookahead_rows
+        return DEFAULT_CUDA_LOOKAHEAD_ROWS if self.device.startswith("cuda") else 0
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -19,6 +19,7 @@ def scheduler_config(config: EngineConfig) -> SchedulerConfig:
         max_batch_rows=config.max_batch_rows,
         max_batch_pages=config.adapter_pages,
         contended_batch_tokens=config.contended_budget_tokens,
+        lookahead_rows=config.lookahead_budget_rows,
         max_queued_rows=config.max_queued_rows,
         default_policy=TenantPolicy(
             max_queued_rows=config.tenant_max_queued_rows,

@@ -107,6 +107,14 @@ def test_interludes_default_by_device_and_an_explicit_budget_wins() -> None:
         EngineConfig(interlude_tokens=-1)
 
 
+def test_lookahead_defaults_by_device_and_an_explicit_count_wins() -> None:
+    assert EngineConfig().lookahead_budget_rows == 0  # the CPU: small packed steps win
+    assert EngineConfig(device="cuda").lookahead_budget_rows == 64  # host-bound steps
+    assert EngineConfig(lookahead_rows=8).lookahead_budget_rows == 8
+    with pytest.raises(ValueError, match="lookahead_rows must be >= 0"):
+        EngineConfig(lookahead_rows=-1)
+
+
 def test_contended_budget_defaults_by_device_and_an_explicit_budget_wins() -> None:
     assert EngineConfig().contended_budget_tokens == 512  # the CPU: a step costs its tokens
     assert EngineConfig(device="cuda").contended_budget_tokens is None  # host-bound steps

@@ -219,14 +219,20 @@ def test_rows_of_very_different_lengths_do_not_share_a_step() -> None:
 
 
 def test_a_step_looks_past_a_head_of_another_length_and_the_head_leads_the_next() -> None:
-    s = Scheduler(SchedulerConfig(max_batch_tokens=8192, contended_batch_tokens=None))
     lengths = [10, 100, 12, 90, 11, 95, 9, 120] * 4  # one tenant, alternating in arrival order
-    for i, tokens in enumerate(lengths):
-        s.add(_row("acme", tokens=tokens, arrival=i))
-    steps = [sorted(r.num_tokens for r in b.rows) for b in _drain(s)]
-    assert len(steps) == 2  # a step closing at the first misfit would make 32 steps of one row
-    assert steps[0] == sorted(t for t in lengths if t < 20)  # the head (10) led: the short rows
-    assert steps[1] == sorted(t for t in lengths if t >= 90)
+
+    def steps(lookahead: int) -> list[list[int]]:
+        s = Scheduler(SchedulerConfig(contended_batch_tokens=None, lookahead_rows=lookahead))
+        for i, tokens in enumerate(lengths):
+            s.add(_row("acme", tokens=tokens, arrival=i))
+        return [sorted(r.num_tokens for r in b.rows) for b in _drain(s)]
+
+    assert len(steps(0)) == 32  # the head only: each step closes at the first misfit
+    looked = steps(64)
+    assert len(looked) == 2
+    assert looked[0] == sorted(t for t in lengths if t < 20)  # the head (10) led: short rows
+    assert looked[1] == sorted(t for t in lengths if t >= 90)
+    assert 2 < len(steps(3)) < 32  # a window of 3 rows: fewer rows found a step than with 64
 
 
 def test_admission_reserves_rows_of_requests_still_being_prepared() -> None:
