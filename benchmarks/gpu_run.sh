@@ -2,7 +2,7 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=float32: in fp32) peft profile dtypes profile-segments
-# switch. Default: engine-tests load bert-load profile peft, about 8 minutes on an H200 (the
+# switch lookahead. Default: engine-tests load bert-load profile peft, about 8 minutes on an H200 (the
 # PEFT server alone takes over a minute to load its 100 adapters), plus half a minute to start
 # the machine. Logs, JSON and the load runs'
 # records (one .tgz per load step) go to $OUT (default benchmarks/out/gpu).
@@ -82,6 +82,13 @@ for step in $STEPS; do
           --switch-interval-ms "$ms"
       done
       tar -czf "$OUT/load_switch.tgz" -C "$WORK" switch 2>/dev/null ;;
+    lookahead)
+      # the planner's lookahead on the GPU: off against the CUDA default (64), one tenant
+      for rows in 0 64; do
+        run 60 "lookahead-$rows" $LOAD --out "$WORK/lookahead" --only embedded-sms-1a \
+          --lookahead-rows "$rows"
+      done
+      tar -czf "$OUT/load_lookahead.tgz" -C "$WORK" lookahead 2>/dev/null ;;
     dtypes)
       run 45 dtypes-bert python3 -m benchmarks.forward_dtypes --device cuda --hidden 768
       run 30 dtypes-minilm python3 -m benchmarks.forward_dtypes --device cuda ;;
