@@ -2,9 +2,9 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=float32: in fp32) peft profile dtypes profile-segments
-# switch lookahead. Default: engine-tests load bert-load profile peft, about 8 minutes on an H200 (the
-# PEFT server alone takes over a minute to load its 100 adapters), plus half a minute to start
-# the machine. Logs, JSON and the load runs'
+# switch lookahead. Default: engine-tests load bert-load profile peft, about 8 minutes on an
+# H200 (the PEFT server alone takes over a minute to load its 100 adapters), plus half a
+# minute to start the machine. Logs, JSON and the load runs'
 # records (one .tgz per load step) go to $OUT (default benchmarks/out/gpu).
 #
 # Load steps size the adapter pool for every adapter of the fleet (--adapter-pages 8192: 1,000
