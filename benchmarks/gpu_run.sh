@@ -74,7 +74,10 @@ for step in $STEPS; do
       run 35 profile python3 -m benchmarks.profile_step --device cuda --rows 1,32 --adapters 3 \
         --top 12
       run 35 profile-triton python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
-        --adapters 3 --top 12 --kernel triton ;;
+        --adapters 3 --top 12 --kernel triton
+      # the torch gather, which beat Triton at uniform rank in session 3's mixed batch
+      run 35 profile-gather python3 -m benchmarks.profile_step --device cuda --rows 32 \
+        --adapters 3,16 --top 0 --kernel gather ;;
     switch)
       # the interpreter's switch interval: 0.5 ms against Python's 5 ms, 1,000 adapters
       for ms in 0.5 5; do
