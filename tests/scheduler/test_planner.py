@@ -341,10 +341,12 @@ def test_batch_of_makes_a_segment_of_each_run_of_one_key() -> None:
             st.one_of(st.none(), st.floats(0.0, 10.0)),  # deadline
         ),
         max_size=60,
-    )
+    ),
+    st.sampled_from([0, 4]),  # lookahead: rows leave from the middle of a queue too
+    st.sampled_from([10, 30, 100]),  # row lengths cycle through these, so some never mix
 )
-def test_every_row_leaves_once_and_abort_counts_what_still_waits(ops) -> None:
-    s = Scheduler(SchedulerConfig(max_batch_rows=3))
+def test_every_row_leaves_once_and_abort_counts_what_still_waits(ops, lookahead, longest) -> None:
+    s = Scheduler(SchedulerConfig(max_batch_rows=3, lookahead_rows=lookahead))
     waiting: dict[tuple[int, int], Row] = {}  # the model: (request, index) -> row
     next_index: dict[int, int] = {}
     gone: list[tuple[int, int]] = []
@@ -354,7 +356,8 @@ def test_every_row_leaves_once_and_abort_counts_what_still_waits(ops) -> None:
             tenant = "abc"[rid % 3]
             index = next_index.get(rid, 0)
             next_index[rid] = index + 1
-            row = _row(tenant, rid=rid, index=index, arrival=now, deadline=deadline)
+            tokens = (2, 10, longest)[clock % 3]
+            row = _row(tenant, tokens=tokens, rid=rid, index=index, arrival=now, deadline=deadline)
             waiting[(rid, index)] = row
             s.add(row)
         elif op == "abort":
@@ -370,6 +373,9 @@ def test_every_row_leaves_once_and_abort_counts_what_still_waits(ops) -> None:
                 running = Batch.of(["x"], [10], tenant="a")  # a's rows wait it out
                 plan = s.plan_between(now, running, max_tokens=100, max_pages=None)
             left = list(plan.expired) + (list(plan.batch.rows) if plan.batch else [])
+            if plan.batch is not None:  # looked-ahead rows keep the length ratio too
+                lengths = [r.num_tokens for r in plan.batch.rows]
+                assert len(plan.batch.rows) <= 3 and max(lengths) <= 4 * min(lengths)
             for row in left:
                 key = (row.request_id, row.index)
                 assert key in waiting  # never run or expired twice, never after an abort
