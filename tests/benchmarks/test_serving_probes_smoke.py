@@ -25,3 +25,25 @@ def test_server_cpu_splits_the_server_process_by_thread() -> None:
     )
     assert result["requests_per_s"] > 0 and result["rows_per_step"] >= 1
     assert result["event_loop_us"] > 0 and result["model_thread_us"] > 0
+
+
+def test_forward_dtypes_times_every_dtype_and_attention_kernel(capsys) -> None:
+    from benchmarks import forward_dtypes
+
+    argv = ["--hidden", "64", "--layers", "1", "--rows", "2", "--tokens", "8", "--budget-s", "0.01"]
+    results = forward_dtypes.main(argv)
+    assert set(results) == {
+        f"{d}/{a}" for d in forward_dtypes.DTYPES for a in forward_dtypes.ATTENTION
+    }
+    assert all(ms > 0 for ms in results.values())
+    assert capsys.readouterr().out.count(" on cpu: ") == len(results)
+
+
+def test_profile_step_times_each_step_shape_asked_for(capsys) -> None:
+    from benchmarks import profile_step
+
+    profile_step.main(["--rows", "1,2", "--adapters", "1,2", "--repeats", "1", "--top", "0"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if " rows x " in line]
+    segments = [line.split(" tokens, ")[1].split(" adapters")[0] for line in lines]
+    assert segments == list("1112")  # a one-row step holds one adapter however many are asked
+    assert [line.split(" rows x ")[0] for line in lines] == list("1122")
