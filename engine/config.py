@@ -32,7 +32,7 @@ class EngineConfig:
     max_input_tokens: int | None = None  # cap below the backbone's own limit
     adapter_pages: int = 1024  # rank-rows the device pool holds (a rank-8 adapter takes 8)
     # the device pool in bytes instead: when set, the engine derives adapter_pages from it (a
-    # page is one rank-row of every Linear's A and B^T: 166 KB for MiniLM in float32)
+    # page is one rank-row of every Linear's A and B^T: 165 KiB for MiniLM in float32)
     adapter_pool_bytes: int | None = None
     host_cache_bytes: int = 2 << 30  # parsed adapters kept in host memory (LRU)
     embedding_cache_bytes: int = 64 << 20  # pooled backbone outputs for head-only models; 0 = off

@@ -166,8 +166,8 @@ class ModelRunner:
     def _pad(
         self, token_ids: Sequence[Sequence[int]], width: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # filled in numpy, then two tensors: per-row torch writes cost ~10 device-op calls a
-        # row, which a GPU step (bound by the host) pays in launches
+        # ids and mask filled in numpy and copied to the device together: per-row torch
+        # writes cost ~10 device-op calls a row, which a GPU step (bound by the host) pays
         ids = np.full((2, len(token_ids), width), self._pad_id, dtype=np.int64)
         ids[1] = 0
         for i, row in enumerate(token_ids):
