@@ -163,6 +163,15 @@ class EngineConfig:
         return DEFAULT_CUDA_LOOKAHEAD_ROWS if self.device.startswith("cuda") else 0
 
     @property
+    def lookahead_max_tokens(self) -> int | None:
+        """On the CPU a row found past its tenant's head joins a step only while the step's
+        real tokens stay within ``pack_max_tokens``: such a step runs unpadded, so rows of
+        mixed lengths cost their own tokens. On CUDA no limit (steps are host-bound)."""
+        if self.device.startswith("cuda") or self.pack_max_tokens == 0:
+            return None
+        return self.pack_max_tokens
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 

@@ -20,6 +20,7 @@ def scheduler_config(config: EngineConfig) -> SchedulerConfig:
         max_batch_pages=config.adapter_pages,
         contended_batch_tokens=config.contended_budget_tokens,
         lookahead_rows=config.lookahead_budget_rows,
+        lookahead_max_tokens=config.lookahead_max_tokens,
         max_queued_rows=config.max_queued_rows,
         default_policy=TenantPolicy(
             max_queued_rows=config.tenant_max_queued_rows,

@@ -17,6 +17,9 @@ class SchedulerConfig:
     contention_window_s: float = 1.0  # a tenant that sent rows this recently counts as active
     # rows of a tenant's queue a step looks through for ones that fit (0: the head only)
     lookahead_rows: int = 0
+    # a row found past its tenant's head joins only while the step's real (unpadded) tokens
+    # stay within this; None: no such limit
+    lookahead_max_tokens: int | None = None
     max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
     default_policy: TenantPolicy = field(default_factory=TenantPolicy)
     is_fair: bool = True  # False: one FIFO across tenants (the baseline fairness is measured by)
@@ -27,6 +30,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lookahead_rows < 0:
             raise ValueError(f"lookahead_rows must be >= 0, got {self.lookahead_rows}")
+        if self.lookahead_max_tokens is not None and self.lookahead_max_tokens < 1:
+            raise ValueError(f"lookahead_max_tokens must be >= 1, got {self.lookahead_max_tokens}")
         for name in ("max_batch_pages", "contended_batch_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -288,9 +293,7 @@ class Scheduler:
             state, policy = self._tenants[tenant], self.policy(tenant)
             cap = policy.max_tokens_per_step
             used = step_tokens.get(tenant, 0)
-            index = _first_fit(
-                state.queue, forming, misfits, tenant, cap, used, self._config.lookahead_rows
-            )
+            index = _first_fit(state.queue, forming, misfits, tenant, cap, used, self._config)
             if index is None:
                 blocked.add(tenant)
                 continue
@@ -348,11 +351,12 @@ def _first_fit(
     tenant: str,
     cap: int | None,
     used: int,
-    lookahead: int,
+    config: SchedulerConfig,
 ) -> int | None:
-    """The first of the tenant's next ``lookahead`` waiting rows (at least its head) that
-    joins the step; ``misfits`` remembers per tenant how many leading rows did not, since
-    each row added only tightens the budgets.
+    """The first of the tenant's next ``lookahead_rows`` waiting rows (at least its head)
+    that joins the step; ``misfits`` remembers per tenant how many leading rows did not,
+    since each row added only tightens the budgets. A row past the head also keeps the
+    step's real tokens within ``lookahead_max_tokens``.
 
     Looking past a head that does not fit keeps a step from closing at the first row of
     another length: with SMS lengths (3 to 186 tokens) in arrival order, a step that stopped
@@ -360,11 +364,13 @@ def _first_fit(
     4 rows a step at saturation). The head still leads the next step its tenant starts.
     """
     start = misfits.get(tenant, 0)
-    end = min(len(queue), max(1, lookahead))
+    end = min(len(queue), max(1, config.lookahead_rows))
+    most = config.lookahead_max_tokens
     for index in range(start, end):
         row = queue[index]
         over_cap = cap is not None and used > 0 and used + row.num_tokens > cap
-        if not over_cap and forming.fits(row):
+        too_many = index > 0 and most is not None and forming.real_tokens + row.num_tokens > most
+        if not over_cap and not too_many and forming.fits(row):
             misfits[tenant] = index
             return index
     misfits[tenant] = end
@@ -391,6 +397,7 @@ class _Forming:
         self._max_pages = config.max_batch_pages if max_pages is None else max_pages
         self._strict = strict  # even the first row must fit (no lone over-long row)
         self.rows: list[Row] = []
+        self.real_tokens = 0  # unpadded
         self._longest = 0
         self._shortest = math.inf
         self._pages: dict[str, int] = {}
@@ -416,6 +423,7 @@ class _Forming:
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
+        self.real_tokens += row.num_tokens
         self._longest = max(self._longest, row.num_tokens)
         self._shortest = min(self._shortest, row.num_tokens)
         self._pages[row.adapter_key] = row.num_pages

@@ -235,6 +235,19 @@ def test_a_step_looks_past_a_head_of_another_length_and_the_head_leads_the_next(
     assert 2 < len(steps(3)) < 32  # a window of 3 rows: fewer rows found a step than with 64
 
 
+def test_rows_found_past_the_head_keep_the_step_within_its_real_token_cap() -> None:
+    s = Scheduler(
+        SchedulerConfig(contended_batch_tokens=None, lookahead_rows=64, lookahead_max_tokens=100)
+    )
+    for i, tokens in enumerate([40, 200, 30, 30, 30, 30]):
+        s.add(_row("acme", tokens=tokens, arrival=i))
+    first = [r.num_tokens for r in s.plan(0.0).batch.rows]
+    assert sorted(first) == [30, 30, 40]  # 40 + 30 + 30 = 100 real tokens; a fourth would pass
+    assert [r.num_tokens for r in s.plan(0.0).batch.rows] == [200]  # the head leads, alone
+    with pytest.raises(ValueError, match="lookahead_max_tokens"):
+        SchedulerConfig(lookahead_max_tokens=0)
+
+
 def test_admission_reserves_rows_of_requests_still_being_prepared() -> None:
     s = Scheduler(SchedulerConfig(default_policy=TenantPolicy(max_queued_rows=10)))
     assert s.admit("a", 6).is_admitted
