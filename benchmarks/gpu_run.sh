@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
-# cold load bert-load (BERT_DTYPE=float32: in fp32) peft profile dtypes profile-segments
+# cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
 # switch lookahead. Default: engine-tests load bert-load profile peft, about 8 minutes on an
 # H200 (the PEFT server alone takes over a minute to load its 100 adapters), plus half a
 # minute to start the machine. Logs, JSON and the load runs'
@@ -94,6 +94,9 @@ for step in $STEPS; do
       tar -czf "$OUT/load_lookahead.tgz" -C "$WORK" lookahead 2>/dev/null ;;
     dtypes)
       run 45 dtypes-bert python3 -m benchmarks.forward_dtypes --device cuda --hidden 768
+      # odd shapes, as a load's steps have: where session 10's fixed shape did not slow down
+      run 45 dtypes-bert-odd python3 -m benchmarks.forward_dtypes --device cuda --hidden 768 \
+        --rows 9 --tokens 37
       run 30 dtypes-minilm python3 -m benchmarks.forward_dtypes --device cuda ;;
     profile-segments)
       # where the CUDA loop stops paying: one and two adapters in a 32-row step
@@ -120,8 +123,9 @@ for step in $STEPS; do
         --only embedded-sms-1a,embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf
       tar -czf "$OUT/load_minilm.tgz" -C "$WORK" load 2>/dev/null ;;
     bert-load)
-      # BERT-base shape (random weights, the packaged tokenizer) in bf16, as a GPU serves it
-      run 120 bert-load $LOAD --hidden 768 --layers 12 --dtype "${BERT_DTYPE:-bfloat16}" \
+      # BERT-base shape (random weights, the packaged tokenizer); float32 by default: in
+      # bfloat16 both graft and the bare backbone ran ~5x slower a step on the H200 (session 10)
+      run 120 bert-load $LOAD --hidden 768 --layers 12 --dtype "${BERT_DTYPE:-float32}" \
         --out "$WORK/bert-load" \
         --only embedded-sms-1000a-zipf,backbone-sms
       tar -czf "$OUT/load_bert_base.tgz" -C "$WORK" bert-load 2>/dev/null ;;
