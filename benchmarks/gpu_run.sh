@@ -75,6 +75,9 @@ for step in $STEPS; do
         --top 12
       run 35 profile-triton python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
         --adapters 3 --top 12 --kernel triton
+      # one launch per Linear instead of two (kernels/triton_fused.py)
+      run 35 profile-fused python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
+        --adapters 3,16 --top 0 --kernel triton-fused
       # the torch gather, which beat Triton at uniform rank in session 3's mixed batch
       run 35 profile-gather python3 -m benchmarks.profile_step --device cuda --rows 32 \
         --adapters 3,16 --top 0 --kernel gather ;;

@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument(
-        "--kernel", default="auto", help="LoRA kernel: auto, loop, gather or triton"
+        "--kernel",
+        default="auto",
+        help="LoRA kernel: auto, loop, gather, triton or triton-fused",
     )
     parser.add_argument(
         "--top", type=int, default=15, help="functions listed per batch size (0: timings only)"

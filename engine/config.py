@@ -8,7 +8,7 @@ import torch
 
 from engine.quantize import check_quantize
 
-LORA_KERNELS = ("auto", "loop", "gather", "triton")
+LORA_KERNELS = ("auto", "loop", "gather", "triton", "triton-fused")
 DEFAULT_INTERLUDE_TOKENS = 256  # on the CPU
 DEFAULT_CONTENDED_TOKENS = 512  # on the CPU
 DEFAULT_CUDA_LOOKAHEAD_ROWS = 64
@@ -60,7 +60,8 @@ class EngineConfig:
     max_timeout_s: float = 60.0  # cap on a request's own timeout
     settings_poll_s: float = 2.0  # how often tenant settings in the registry are re-read
     is_fair: bool = True  # deficit round robin over tenants; False = one FIFO (baseline)
-    lora_kernel: str = "auto"  # auto (Triton on CUDA, loop/gather on CPU), loop, gather, triton
+    # auto (loop/Triton on CUDA, loop/gather on CPU), loop, gather, triton, triton-fused
+    lora_kernel: str = "auto"
     # after start-up, freeze every live object out of the cycle collector's passes (gc.freeze;
     # engine/collector.py): a full pass then takes ms, not a quarter second. Process-wide:
     # False for applications that manage gc themselves

@@ -127,8 +127,10 @@ def kernel_for(name: str, device: str) -> LoraKernel:
         return SegmentLoop()
     if name == "gather":
         return GatherBmm()
-    if name == "triton":
+    if name in ("triton", "triton-fused"):
         from engine.lora_triton import TritonSgmv
 
-        return TritonSgmv()
-    raise ValueError(f"unknown LoRA kernel {name!r}; expected auto, loop, gather or triton")
+        return TritonSgmv(fused=name == "triton-fused")
+    raise ValueError(
+        f"unknown LoRA kernel {name!r}; expected auto, loop, gather, triton or triton-fused"
+    )

@@ -1,9 +1,10 @@
-"""The GPU LoraKernel: segmented shrink and expand in Triton, two launches per wrapped Linear."""
+"""The GPU LoraKernel: segmented shrink and expand in Triton, two launches per wrapped Linear
+(or one, fused)."""
 
 import torch
 
 from engine.lora import LoraStepPlan
-from kernels import sgmv_lora_triton
+from kernels import sgmv_lora_triton, sgmv_lora_triton_fused
 from kernels.triton_sgmv import tile_map
 
 _MAX_CACHED = 8  # (plan, token count) pairs: a step, its pooler, and interludes nested in it
@@ -18,9 +19,11 @@ class TritonSgmv:
     Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported), for tests.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, fused: bool = False) -> None:
         # id(plan), tokens -> (plan, offsets, tiles); the plan is kept so its id stays unique
         self._steps: dict[tuple[int, int], tuple[LoraStepPlan, torch.Tensor, tuple]] = {}
+        # fused: shrink and expand in one launch per Linear (kernels.triton_fused)
+        self._lora = sgmv_lora_triton_fused if fused else sgmv_lora_triton
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
         num_tokens = x.shape[0]
@@ -34,7 +37,7 @@ class TritonSgmv:
         _, starts, tiles = found
         pools = plan.pools[index]
         assert pools is not None  # layers call kernels only for active modules
-        sgmv_lora_triton(
+        self._lora(
             y,
             x,
             pools[0],

@@ -19,7 +19,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["auto", "triton"])
+@pytest.mark.parametrize("kernel", ["auto", "triton", "triton-fused"])
 async def test_cuda_engine_equals_cpu_engine(fleet_registry, kernel: str) -> None:
     async with Engine(EngineConfig(registry_dir=fleet_registry.root)) as cpu:
         expected = await answers(cpu, fleet_registry)

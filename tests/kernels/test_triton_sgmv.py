@@ -19,6 +19,7 @@ from kernels import sgmv_reference
 
 pytest.importorskip("triton", reason="the Triton kernels need triton installed")
 
+from kernels.triton_fused import sgmv_lora_triton_fused  # noqa: E402
 from kernels.triton_sgmv import (  # noqa: E402
     IS_INTERPRETED,
     padded_rank,
@@ -26,6 +27,8 @@ from kernels.triton_sgmv import (  # noqa: E402
     sgmv_lora_triton,
     sgmv_shrink,
 )
+
+LORA_KERNELS = {"two-launch": sgmv_lora_triton, "fused": sgmv_lora_triton_fused}
 
 TOLERANCES = {
     torch.float32: (1e-4, 1e-4),
@@ -98,13 +101,14 @@ def _check_lora(
     dim_out: int,
     dtype: torch.dtype,
     device: str,
+    lora=sgmv_lora_triton,
 ) -> None:
     y, x, a_pool, b_pool, meta = _case(segments, dim_in, dim_out, dtype, device)
     expected = sgmv_reference(
         y.cpu(), x.cpu(), a_pool.cpu(), b_pool.cpu(), *(m.cpu() for m in meta)
     )
     out = y.clone()
-    sgmv_lora_triton(out, x, a_pool, b_pool, *meta)
+    lora(out, x, a_pool, b_pool, *meta)
     assert out.dtype == dtype
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(out.float().cpu(), expected, rtol=rtol, atol=atol)
@@ -130,10 +134,11 @@ def _check_shrink(pattern: str, dim_in: int, dtype: torch.dtype, device: str) ->
 
 
 @needs_interpreter
+@pytest.mark.parametrize("kernel", list(LORA_KERNELS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-def test_patterns_match_reference(pattern: str, dtype: torch.dtype) -> None:
-    _check_lora(PATTERNS[pattern], 384, 384, dtype, "cpu")
+def test_patterns_match_reference(pattern: str, dtype: torch.dtype, kernel: str) -> None:
+    _check_lora(PATTERNS[pattern], 384, 384, dtype, "cpu", LORA_KERNELS[kernel])
 
 
 @needs_interpreter
@@ -141,8 +146,11 @@ def test_patterns_match_reference(pattern: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(
     ("dim_in", "dim_out"), [(768, 768), (1024, 1024), (100, 100), (384, 1536), (1536, 384)]
 )
-def test_hidden_sizes_match_reference(dim_in: int, dim_out: int, dtype: torch.dtype) -> None:
-    _check_lora(PATTERNS["zipf"], dim_in, dim_out, dtype, "cpu")
+@pytest.mark.parametrize("kernel", list(LORA_KERNELS))
+def test_hidden_sizes_match_reference(
+    dim_in: int, dim_out: int, dtype: torch.dtype, kernel: str
+) -> None:
+    _check_lora(PATTERNS["zipf"], dim_in, dim_out, dtype, "cpu", LORA_KERNELS[kernel])
 
 
 @needs_interpreter
@@ -165,17 +173,21 @@ def test_expand_alone_adds_scaled_update() -> None:
 
 
 @needs_interpreter
-def test_one_row() -> None:
-    _check_lora(([1], [16]), 384, 384, torch.float32, "cpu")
+@pytest.mark.parametrize("kernel", list(LORA_KERNELS))
+def test_one_row(kernel: str) -> None:
+    _check_lora(([1], [16]), 384, 384, torch.float32, "cpu", LORA_KERNELS[kernel])
 
 
 @needs_interpreter
-def test_thousands_of_rows() -> None:
-    _check_lora(([1800, 700, 1, 0, 499], [8, 64, 4, 8, 0]), 64, 64, torch.float32, "cpu")
+@pytest.mark.parametrize("kernel", list(LORA_KERNELS))
+def test_thousands_of_rows(kernel: str) -> None:
+    segments = ([1800, 700, 1, 0, 499], [8, 64, 4, 8, 0])
+    _check_lora(segments, 64, 64, torch.float32, "cpu", LORA_KERNELS[kernel])
 
 
 @needs_interpreter
-def test_strided_views_and_nothing_to_do() -> None:
+@pytest.mark.parametrize("kernel", list(LORA_KERNELS))
+def test_strided_views_and_nothing_to_do(kernel: str) -> None:
     """The engine hands reshaped views; a batch with no LoRA at all launches nothing."""
     y, x, a_pool, b_pool, (starts, pages, ranks, scales) = _case(
         PATTERNS["uniform"], 100, 100, torch.float32
@@ -185,21 +197,26 @@ def test_strided_views_and_nothing_to_do() -> None:
     wide_y = torch.zeros(y.shape[0], y.shape[1] + 28)
     out = wide_y[:, 28:]
     out.copy_(y)
-    sgmv_lora_triton(out, wide_x[:, ::2], a_pool, b_pool, starts, pages, ranks, scales)
+    lora = LORA_KERNELS[kernel]
+    lora(out, wide_x[:, ::2], a_pool, b_pool, starts, pages, ranks, scales)
     expected = sgmv_reference(y, x, a_pool, b_pool, starts, pages, ranks, scales)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert not wide_y[:, :28].any()
     untouched = y.clone()
-    sgmv_lora_triton(untouched, x, a_pool, b_pool, starts, pages, torch.zeros_like(ranks), scales)
+    lora(untouched, x, a_pool, b_pool, starts, pages, torch.zeros_like(ranks), scales)
     assert torch.equal(untouched, y)
 
 
-def test_mismatched_operands_raise() -> None:
+@pytest.mark.parametrize("kernel", list(LORA_KERNELS))
+def test_mismatched_operands_raise(kernel: str) -> None:
     y, x, a_pool, b_pool, meta = _case(PATTERNS["one-adapter"], 64, 64, torch.float32)
+    lora = LORA_KERNELS[kernel]
     with pytest.raises(ValueError):
-        sgmv_lora_triton(y, x.half(), a_pool, b_pool, *meta)
+        lora(y, x.half(), a_pool, b_pool, *meta)
     with pytest.raises(ValueError):
-        sgmv_lora_triton(y, x, a_pool, b_pool[:, :32], *meta)
+        lora(y, x, a_pool, b_pool[:, :32], *meta)
+    with pytest.raises(ValueError, match="rows"):
+        lora(y[:-1], x, a_pool, b_pool, *meta)
 
 
 @pytest.mark.gpu
@@ -210,13 +227,14 @@ def test_mismatched_operands_raise() -> None:
 class TestOnCuda:
     """The same comparisons with CUDA tensors through the compiled kernels."""
 
+    @pytest.mark.parametrize("kernel", list(LORA_KERNELS))
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("pattern", list(PATTERNS))
     @pytest.mark.parametrize(("dim_in", "dim_out"), [(384, 384), (768, 3072), (100, 100)])
     def test_patterns_match_reference(
-        self, pattern: str, dim_in: int, dim_out: int, dtype: torch.dtype
+        self, pattern: str, dim_in: int, dim_out: int, dtype: torch.dtype, kernel: str
     ) -> None:
-        _check_lora(PATTERNS[pattern], dim_in, dim_out, dtype, "cuda")
+        _check_lora(PATTERNS[pattern], dim_in, dim_out, dtype, "cuda", LORA_KERNELS[kernel])
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_shrink_is_x_times_a_transposed(self, dtype: torch.dtype) -> None:
@@ -264,12 +282,13 @@ def test_runner_triton_equals_segment_loop(backbone, write_random_adapter, tmp_p
     loop = ModelRunner(backbone, memory, "cpu", SegmentLoop()).step(batch, token_ids)
     triton = ModelRunner(backbone, memory, "cpu", CountingTriton()).step(batch, token_ids)
     assert CountingTriton.num_calls == 12  # query and value of six layers
+    fused = ModelRunner(backbone, memory, "cpu", TritonSgmv(fused=True)).step(batch, token_ids)
     # the CUDA default: a step of two LoRA adapters loops; with a lower bar it launches
     from engine.lora_kernels import AutoCuda
 
     auto_loop = ModelRunner(backbone, memory, "cpu", AutoCuda()).step(batch, token_ids)
     auto_triton = ModelRunner(backbone, memory, "cpu", AutoCuda(1)).step(batch, token_ids)
-    for expected, *got in zip(loop, triton, auto_loop, auto_triton, strict=True):
+    for expected, *got in zip(loop, triton, fused, auto_loop, auto_triton, strict=True):
         for answer in got:
             torch.testing.assert_close(
                 torch.from_numpy(answer), torch.from_numpy(expected), atol=1e-4, rtol=0
