@@ -257,6 +257,8 @@ def page_bytes(model_dir: str | Path, dtype: torch.dtype) -> int:
     row is their in + out features summed, as ``_layout`` lays it out."""
     from transformers import AutoConfig, AutoModel
 
+    if not (Path(model_dir) / "config.json").is_file():  # as load_backbone says it
+        raise ValueError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     with torch.device("meta"):
         model = AutoModel.from_config(config)

@@ -318,3 +318,5 @@ async def test_a_pool_sized_in_bytes_becomes_whole_pages_everywhere(backbone, re
         Engine(EngineConfig(registry_dir=registry.root, adapter_pool_bytes=per_page - 1))
     with pytest.raises(ValueError, match="adapter_pool_bytes must be >= 1"):
         EngineConfig(adapter_pool_bytes=0)
+    with pytest.raises(ValueError, match="not a Hugging Face model directory"):
+        Engine(EngineConfig(backbone_dir=registry.root, adapter_pool_bytes=1 << 30))
