@@ -47,3 +47,16 @@ def test_profile_step_times_each_step_shape_asked_for(capsys) -> None:
     segments = [line.split(" tokens, ")[1].split(" adapters")[0] for line in lines]
     assert segments == list("1112")  # a one-row step holds one adapter however many are asked
     assert [line.split(" rows x ")[0] for line in lines] == list("1122")
+
+
+def test_plan_cost_times_every_shape() -> None:
+    from benchmarks import plan_cost
+
+    results = plan_cost.main(["--plans", "3"])
+    assert [(r["tenants"], r["lookahead"]) for r in results] == [
+        (100, 0),
+        (100, 64),
+        (10, 0),
+        (10, 64),
+    ]
+    assert all(0 < r["p50_ms"] <= r["max_ms"] and r["rows_per_plan"] > 0 for r in results)

@@ -400,3 +400,82 @@ def test_every_row_leaves_once_and_abort_counts_what_still_waits(ops, lookahead,
         # the per-request index forgets a request once nothing of it waits (no leak)
         assert s._waiting_of == dict(collections.Counter(rid for rid, _ in waiting))
     assert len(gone) == len(set(gone))
+
+
+class _ScanningScheduler(Scheduler):
+    """The fair filler as first written, a scan of every waiting tenant per row: the spec
+    the heap-based filler must match batch for batch."""
+
+    def _fill_fair(self, forming, exclude=None) -> None:
+        from scheduler.planner import _first_fit
+
+        blocked, step_tokens, misfits = set(exclude or ()), {}, {}
+        order = {tenant: i for i, tenant in enumerate(self._active)}
+        while not forming.is_full:
+            waiting = [t for t in self._active if t not in blocked]
+            if not waiting:
+                return
+            tenant = min(
+                waiting,
+                key=lambda t: (
+                    self._tenants[t].virtual_tokens,
+                    len(self._tenants[t].queue),
+                    order[t],
+                ),
+            )
+            state, policy = self._tenants[tenant], self.policy(tenant)
+            used = step_tokens.get(tenant, 0)
+            cap = policy.max_tokens_per_step
+            index = _first_fit(state.queue, forming, misfits, tenant, cap, used, self._config)
+            if index is None:
+                blocked.add(tenant)
+                continue
+            row = state.queue[index]
+            del state.queue[index]
+            forming.add(row)
+            self._virtual_now = max(self._virtual_now, state.virtual_tokens)
+            state.virtual_tokens += row.num_tokens / policy.weight
+            step_tokens[tenant] = used + row.num_tokens
+            if not state.queue:
+                self._settle(tenant)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 4),  # tenant
+            st.integers(0, 2),  # adapter of that tenant
+            st.sampled_from([3, 9, 19, 34, 60, 186]),  # tokens
+            st.sampled_from([4, 8, 64]),  # pages
+        ),
+        min_size=1,
+        max_size=80,
+    ),
+    st.sampled_from([0, 8, 64]),  # lookahead
+    st.sampled_from([None, 40]),  # tenant t1's per-step token cap
+    st.sampled_from([2.0, 0.5]),  # tenant t2's weight
+)
+def test_the_heap_filler_forms_the_same_steps_as_a_scan(rows, lookahead, cap, weight) -> None:
+    def steps(cls) -> list[list[tuple[int, int]]]:
+        config = SchedulerConfig(
+            max_batch_tokens=600, max_batch_rows=12, max_batch_pages=100, lookahead_rows=lookahead
+        )
+        s = cls(config)
+        s.set_policy("t1", TenantPolicy(max_tokens_per_step=cap))
+        s.set_policy("t2", TenantPolicy(weight=weight))
+        for i, (tenant, adapter, tokens, pages) in enumerate(rows):
+            row = Row(
+                request_id=i + 1,
+                index=0,
+                tenant=f"t{tenant}",
+                adapter_key=f"t{tenant}/a{adapter}",
+                num_tokens=tokens,
+                arrival_s=float(i),
+                num_pages=pages,
+                deadline_s=None,
+            )
+            s.add(row)
+        return [[(r.request_id, r.index) for r in batch.rows] for batch in _drain(s)]
+
+    assert steps(Scheduler) == steps(_ScanningScheduler)

@@ -1,0 +1,74 @@
+"""What forming one step costs the event loop: ``Scheduler.plan`` over deep queues.
+
+    python -m benchmarks.plan_cost [--plans 50]
+
+The planner runs on the event loop between steps; on a GPU a step takes ~10 ms of host time,
+so milliseconds of planning are requests not admitted. Queues are SMS-like lengths (log-normal,
+median ~20 tokens, 3 to 186), every tenant's queue deep enough that no plan empties it.
+Prints the median and worst plan time, and the rows each plan took.
+"""
+
+import argparse
+import itertools
+import random
+import time
+
+from scheduler import Row, Scheduler, SchedulerConfig
+
+SHAPES = ((100, 100), (10, 1000))  # (tenants, rows queued per tenant)
+
+
+def measure(tenants: int, rows_each: int, lookahead: int, plans: int) -> dict[str, float]:
+    rng = random.Random(0)
+    ids = itertools.count(1)
+    config = SchedulerConfig(
+        contended_batch_tokens=None, lookahead_rows=lookahead, max_queued_rows=10**6
+    )
+    scheduler = Scheduler(config)
+    for tenant in range(tenants):
+        for _ in range(rows_each):
+            tokens = int(min(186, max(3, rng.lognormvariate(3.0, 0.6))))
+            scheduler.add(
+                Row(
+                    request_id=next(ids),
+                    index=0,
+                    tenant=f"t{tenant}",
+                    adapter_key=f"t{tenant}/a",
+                    num_tokens=tokens,
+                    arrival_s=0.0,
+                    num_pages=8,
+                    deadline_s=None,
+                )
+            )
+    times, rows = [], []
+    for _ in range(plans):
+        started = time.perf_counter()
+        batch = scheduler.plan(0.0).batch
+        times.append(time.perf_counter() - started)
+        rows.append(len(batch.rows) if batch else 0)
+    times.sort()
+    return {
+        "p50_ms": times[len(times) // 2] * 1000,
+        "max_ms": times[-1] * 1000,
+        "rows_per_plan": sum(rows) / len(rows),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--plans", type=int, default=50)
+    args = p.parse_args(argv)
+    results = []
+    for (tenants, rows_each), lookahead in itertools.product(SHAPES, (0, 64)):
+        found = measure(tenants, rows_each, lookahead, args.plans)
+        results.append({"tenants": tenants, "lookahead": lookahead, **found})
+        print(
+            f"{tenants:4d} tenants, lookahead {lookahead:2d}: plan p50 {found['p50_ms']:.2f} ms, "
+            f"worst {found['max_ms']:.2f} ms, {found['rows_per_plan']:.1f} rows a plan",
+            flush=True,
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()
