@@ -1,7 +1,6 @@
 """The planner alone, on a fake clock: segments, budgets, fairness, deadlines, admission."""
 
 import collections
-import itertools
 import random
 
 import pytest
@@ -9,36 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler import Batch, Row, Scheduler, SchedulerConfig, TenantPolicy
-
-_ids = itertools.count(1)
-
-
-def _row(
-    tenant: str,
-    adapter: str = "a",
-    tokens: int = 10,
-    *,
-    rid: int | None = None,
-    index: int = 0,
-    arrival: float = 0.0,
-    deadline: float | None = None,
-    pages: int = 8,
-) -> Row:
-    return Row(
-        request_id=next(_ids) if rid is None else rid,
-        index=index,
-        tenant=tenant,
-        adapter_key=adapter,
-        num_tokens=tokens,
-        arrival_s=arrival,
-        num_pages=pages,
-        deadline_s=deadline,
-    )
-
-
-def _drain(s: Scheduler, now: float = 0.0):
-    while (batch := s.plan(now).batch) is not None:
-        yield batch
+from tests.scheduler.rows import drain as _drain
+from tests.scheduler.rows import make_row as _row
 
 
 def test_batch_groups_rows_into_contiguous_segments() -> None:
@@ -218,36 +189,6 @@ def test_rows_of_very_different_lengths_do_not_share_a_step() -> None:
     assert widths == [24, 512]  # the short rows are not padded to 512
 
 
-def test_a_step_looks_past_a_head_of_another_length_and_the_head_leads_the_next() -> None:
-    lengths = [10, 100, 12, 90, 11, 95, 9, 120] * 4  # one tenant, alternating in arrival order
-
-    def steps(lookahead: int) -> list[list[int]]:
-        s = Scheduler(SchedulerConfig(contended_batch_tokens=None, lookahead_rows=lookahead))
-        for i, tokens in enumerate(lengths):
-            s.add(_row("acme", tokens=tokens, arrival=i))
-        return [sorted(r.num_tokens for r in b.rows) for b in _drain(s)]
-
-    assert len(steps(0)) == 32  # the head only: each step closes at the first misfit
-    looked = steps(64)
-    assert len(looked) == 2
-    assert looked[0] == sorted(t for t in lengths if t < 20)  # the head (10) led: short rows
-    assert looked[1] == sorted(t for t in lengths if t >= 90)
-    assert 2 < len(steps(3)) < 32  # a window of 3 rows: fewer rows found a step than with 64
-
-
-def test_rows_found_past_the_head_keep_the_step_within_its_real_token_cap() -> None:
-    s = Scheduler(
-        SchedulerConfig(contended_batch_tokens=None, lookahead_rows=64, lookahead_max_tokens=100)
-    )
-    for i, tokens in enumerate([40, 200, 30, 30, 30, 30]):
-        s.add(_row("acme", tokens=tokens, arrival=i))
-    first = [r.num_tokens for r in s.plan(0.0).batch.rows]
-    assert sorted(first) == [30, 30, 40]  # 40 + 30 + 30 = 100 real tokens; a fourth would pass
-    assert [r.num_tokens for r in s.plan(0.0).batch.rows] == [200]  # the head leads, alone
-    with pytest.raises(ValueError, match="lookahead_max_tokens"):
-        SchedulerConfig(lookahead_max_tokens=0)
-
-
 def test_admission_reserves_rows_of_requests_still_being_prepared() -> None:
     s = Scheduler(SchedulerConfig(default_policy=TenantPolicy(max_queued_rows=10)))
     assert s.admit("a", 6).is_admitted
@@ -400,82 +341,3 @@ def test_every_row_leaves_once_and_abort_counts_what_still_waits(ops, lookahead,
         # the per-request index forgets a request once nothing of it waits (no leak)
         assert s._waiting_of == dict(collections.Counter(rid for rid, _ in waiting))
     assert len(gone) == len(set(gone))
-
-
-class _ScanningScheduler(Scheduler):
-    """The fair filler as first written, a scan of every waiting tenant per row: the spec
-    the heap-based filler must match batch for batch."""
-
-    def _fill_fair(self, forming, exclude=None) -> None:
-        from scheduler.planner import _first_fit
-
-        blocked, step_tokens, misfits = set(exclude or ()), {}, {}
-        order = {tenant: i for i, tenant in enumerate(self._active)}
-        while not forming.is_full:
-            waiting = [t for t in self._active if t not in blocked]
-            if not waiting:
-                return
-            tenant = min(
-                waiting,
-                key=lambda t: (
-                    self._tenants[t].virtual_tokens,
-                    len(self._tenants[t].queue),
-                    order[t],
-                ),
-            )
-            state, policy = self._tenants[tenant], self.policy(tenant)
-            used = step_tokens.get(tenant, 0)
-            cap = policy.max_tokens_per_step
-            index = _first_fit(state.queue, forming, misfits, tenant, cap, used, self._config)
-            if index is None:
-                blocked.add(tenant)
-                continue
-            row = state.queue[index]
-            del state.queue[index]
-            forming.add(row)
-            self._virtual_now = max(self._virtual_now, state.virtual_tokens)
-            state.virtual_tokens += row.num_tokens / policy.weight
-            step_tokens[tenant] = used + row.num_tokens
-            if not state.queue:
-                self._settle(tenant)
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    st.lists(
-        st.tuples(
-            st.integers(0, 4),  # tenant
-            st.integers(0, 2),  # adapter of that tenant
-            st.sampled_from([3, 9, 19, 34, 60, 186]),  # tokens
-            st.sampled_from([4, 8, 64]),  # pages
-        ),
-        min_size=1,
-        max_size=80,
-    ),
-    st.sampled_from([0, 8, 64]),  # lookahead
-    st.sampled_from([None, 40]),  # tenant t1's per-step token cap
-    st.sampled_from([2.0, 0.5]),  # tenant t2's weight
-)
-def test_the_heap_filler_forms_the_same_steps_as_a_scan(rows, lookahead, cap, weight) -> None:
-    def steps(cls) -> list[list[tuple[int, int]]]:
-        config = SchedulerConfig(
-            max_batch_tokens=600, max_batch_rows=12, max_batch_pages=100, lookahead_rows=lookahead
-        )
-        s = cls(config)
-        s.set_policy("t1", TenantPolicy(max_tokens_per_step=cap))
-        s.set_policy("t2", TenantPolicy(weight=weight))
-        for i, (tenant, adapter, tokens, pages) in enumerate(rows):
-            row = Row(
-                request_id=i + 1,
-                index=0,
-                tenant=f"t{tenant}",
-                adapter_key=f"t{tenant}/a{adapter}",
-                num_tokens=tokens,
-                arrival_s=float(i),
-                num_pages=pages,
-                deadline_s=None,
-            )
-            s.add(row)
-        return [[(r.request_id, r.index) for r in batch.rows] for batch in _drain(s)]
-
-    assert steps(Scheduler) == steps(_ScanningScheduler)
