@@ -13,7 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_sgmv import _BLOCK_M, IS_INTERPRETED, _check_pair, padded_rank, tile_map
+from kernels.triton_sgmv import (
+    _BLOCK_M,
+    IS_INTERPRETED,
+    _check_pair,
+    padded_rank,
+    shrink_tile,
+    tile_map,
+)
 
 _BLOCK_K = 256 if IS_INTERPRETED else 64
 # wider column blocks than the expand's: each block pays the tile's shrink again
@@ -66,25 +73,23 @@ def _fused_kernel(
     r_mask = r < rank
     pages = tl.load(seg_pages_ptr + seg * stride_ps + r * stride_pr, mask=r_mask, other=0)
     pages = pages.to(tl.int64)
-    shrunk = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < in_features
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        a = tl.load(
-            a_ptr + pages[:, None] * stride_ap + k[None, :] * stride_ak,
-            mask=r_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        if IS_INTERPRETED:  # the interpreter's bf16 dot is broken: multiply in fp32 there
-            x = x.to(tl.float32)
-            a = a.to(tl.float32)
-        # "ieee" keeps fp32 inputs out of tf32; it is ignored for fp16/bf16 inputs
-        shrunk = tl.dot(x, tl.trans(a), shrunk, input_precision="ieee")
+    shrunk = shrink_tile(
+        x_ptr,
+        a_ptr,
+        rows,
+        row_mask,
+        pages,
+        r_mask,
+        in_features,
+        stride_xm,
+        stride_xk,
+        stride_ap,
+        stride_ak,
+        R_PAD,
+        BLOCK_M,
+        BLOCK_K,
+        IS_INTERPRETED,
+    )
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < out_features
     b = tl.load(

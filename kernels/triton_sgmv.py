@@ -51,6 +51,46 @@ def _shrink_kernel(
     r_mask = r < rank
     pages = tl.load(seg_pages_ptr + seg * stride_ps + r * stride_pr, mask=r_mask, other=0)
     pages = pages.to(tl.int64)
+    acc = shrink_tile(
+        x_ptr,
+        a_ptr,
+        rows,
+        row_mask,
+        pages,
+        r_mask,
+        in_features,
+        stride_xm,
+        stride_xk,
+        stride_ap,
+        stride_ak,
+        R_PAD,
+        BLOCK_M,
+        BLOCK_K,
+        IS_INTERPRETED,
+    )
+    tl.store(v_ptr + rows[:, None] * stride_vm + r[None, :], acc, mask=row_mask[:, None])
+
+
+@triton.jit
+def shrink_tile(
+    x_ptr,
+    a_ptr,
+    rows,
+    row_mask,
+    pages,
+    r_mask,
+    in_features,
+    stride_xm,
+    stride_xk,
+    stride_ap,
+    stride_ak,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IS_INTERPRETED: tl.constexpr,
+):
+    """``x[rows] @ A.T`` for one token tile, A's rows at ``pages``: [BLOCK_M, R_PAD] float32,
+    zero past the rank (shared by the shrink kernel and the fused one)."""
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, in_features, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -70,7 +110,7 @@ def _shrink_kernel(
             a = a.to(tl.float32)
         # "ieee" keeps fp32 inputs out of tf32; it is ignored for fp16/bf16 inputs
         acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
-    tl.store(v_ptr + rows[:, None] * stride_vm + r[None, :], acc, mask=row_mask[:, None])
+    return acc
 
 
 @triton.jit
