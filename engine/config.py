@@ -3,6 +3,7 @@
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -42,7 +43,7 @@ class EngineConfig:
     num_threads: int | None = None
     # step budget while several tenants are active; None = never shrink; "auto" = by device
     # (see contended_budget_tokens)
-    contended_batch_tokens: int | str | None = "auto"
+    contended_batch_tokens: int | Literal["auto"] | None = "auto"
     # rows of a tenant's queue a step looks through for ones that fit its budgets (length
     # ratio, tokens), past a head that does not; 0 = the head only; None = by device (see
     # lookahead_budget_rows)
@@ -148,7 +149,7 @@ class EngineConfig:
         H200 1,000 tenants' SMS ran 1.4-2.6 rows a step under the 512 budget
         (benchmarks/RESULTS.md, "On a GPU")."""
         if self.contended_batch_tokens != "auto":
-            return self.contended_batch_tokens  # type: ignore[return-value]
+            return self.contended_batch_tokens
         return None if self.device.startswith("cuda") else DEFAULT_CONTENDED_TOKENS
 
     @property
