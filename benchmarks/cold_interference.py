@@ -159,4 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import exit_on_sigterm
+
+    exit_on_sigterm()
     main()

@@ -73,4 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import exit_on_sigterm
+
+    exit_on_sigterm()
     main()

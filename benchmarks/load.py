@@ -370,4 +370,7 @@ def _quiet_libraries() -> None:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import exit_on_sigterm
+
+    exit_on_sigterm()
     main()

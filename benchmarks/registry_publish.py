@@ -161,4 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import exit_on_sigterm
+
+    exit_on_sigterm()
     main()

@@ -85,4 +85,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import exit_on_sigterm
+
+    exit_on_sigterm()
     main()
