@@ -157,7 +157,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="every target's encoder: a random-weight BERT of this width (768: BERT-base), "
         "with the packaged tokenizer",
     )
-    p.add_argument("--layers", type=int, default=12, help="with --hidden: its depth")
+    p.add_argument("--layers", type=int, default=None, help="with --hidden: its depth (12)")
     p.add_argument(
         "--server-thread",
         action="store_true",
@@ -171,6 +171,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.url and not args.key:
         p.error("--url needs --key (one per tenant to drive)")
+    if args.layers is not None and args.hidden is None:
+        p.error("--layers needs --hidden (the random-weight backbone it sizes)")
     return args
 
 
@@ -298,11 +300,11 @@ def _backbone_dir(args: argparse.Namespace, work: Path) -> str | None:
     path = build_random_backbone(
         work / "backbone",
         hidden=args.hidden,
-        layers=args.layers,
+        layers=args.layers or 12,
         tokenizer_dir=packaged_backbone_dir(),
     )
     print(
-        f"random-weight BERT backbone: hidden {args.hidden}, {args.layers} layers, "
+        f"random-weight BERT backbone: hidden {args.hidden}, {args.layers or 12} layers, "
         f"built in {time.perf_counter() - started:.1f} s",
         flush=True,
     )
