@@ -52,11 +52,14 @@ def test_profile_step_times_each_step_shape_asked_for(capsys) -> None:
 def test_plan_cost_times_every_shape() -> None:
     from benchmarks import plan_cost
 
-    results = plan_cost.main(["--plans", "3"])
-    assert [(r["tenants"], r["lookahead"]) for r in results] == [
+    results = plan_cost.main(["--plans", "3", "--sms", "300"])
+    plans, sms = results[:4], results[4:]
+    assert [(r["tenants"], r["lookahead"]) for r in plans] == [
         (100, 0),
         (100, 64),
         (10, 0),
         (10, 64),
     ]
-    assert all(0 < r["p50_ms"] <= r["max_ms"] and r["rows_per_plan"] > 0 for r in results)
+    assert all(0 < r["p50_ms"] <= r["max_ms"] and r["rows_per_plan"] > 0 for r in plans)
+    assert [r["lookahead"] for r in sms] == [0, 64]
+    assert sms[1]["steps"] < sms[0]["steps"] <= 300  # looking past the head fills steps
