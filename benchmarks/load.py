@@ -142,6 +142,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="graft's EngineConfig.lookahead_rows (default by device: 0 on CPU, 64 on CUDA)",
     )
     p.add_argument(
+        "--contended-tokens",
+        type=_contended,
+        default="auto",
+        help="graft's EngineConfig.contended_batch_tokens: auto (512 on CPU, off on CUDA), "
+        "none or a token count",
+    )
+    p.add_argument(
         "--switch-interval-ms",
         type=float,
         default=None,
@@ -259,6 +266,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         interlude_tokens=args.interlude_tokens,
         switch_interval_ms=args.switch_interval_ms,
         lookahead_rows=args.lookahead_rows,
+        contended_tokens=args.contended_tokens,
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),
@@ -287,6 +295,21 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
                 summaries.extend(await runner.run(scenario, index))
                 index += 1
     return summaries
+
+
+def _contended(value: str) -> int | str | None:
+    """``--contended-tokens``: "auto", "none" or a positive token count."""
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    try:
+        tokens = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, none or a token count, got {value!r}"
+        ) from None
+    if tokens < 1:
+        raise argparse.ArgumentTypeError(f"a token count must be >= 1, got {tokens}")
+    return tokens
 
 
 def _backbone_dir(args: argparse.Namespace, work: Path) -> str | None:

@@ -61,6 +61,8 @@ class TargetOptions:
     interlude_tokens: int | None = None  # graft's EngineConfig.interlude_tokens (None: default)
     switch_interval_ms: float | None = None  # graft's EngineConfig.switch_interval_ms
     lookahead_rows: int | None = None  # graft's EngineConfig.lookahead_rows (None: by device)
+    # graft's EngineConfig.contended_batch_tokens ("auto": by device)
+    contended_tokens: int | str | None = "auto"
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
     max_batch_tokens: int = 8192
@@ -291,6 +293,7 @@ def engine_config(fleet: Fleet, options: TargetOptions):
         interlude_tokens=options.interlude_tokens,
         switch_interval_ms=options.switch_interval_ms,
         lookahead_rows=options.lookahead_rows,
+        contended_batch_tokens=options.contended_tokens,
     )
 
 

@@ -25,14 +25,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEXT = "Your parcel is waiting, confirm delivery at the link before it is returned"
 
 
-def _aten_calls(fn, repeats: int) -> float:
+def _aten_calls(fn, repeats: int) -> dict[str, float]:
+    """Aten calls per run of ``fn``, by op name."""
     import torch
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
             fn()
-    calls = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
-    return calls / repeats
+    return {e.key: e.count / repeats for e in prof.key_averages() if e.key.startswith("aten::")}
+
+
+def _print_op_diff(step: dict[str, float], bare: dict[str, float], top: int) -> None:
+    """The ops a step calls more often than the bare forward: where graft's launches go."""
+    extra = sorted(
+        ((step.get(k, 0) - bare.get(k, 0), k) for k in step.keys() | bare.keys()), reverse=True
+    )
+    print("  aten calls per step over the bare forward:")
+    for more, key in extra[:top]:
+        if more:
+            print(f"  {more:+8.1f}  {key}")
 
 
 def _time_ms(fn, sync, repeats: int) -> float:
@@ -53,9 +64,23 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
     from engine import Engine, EngineConfig
     from scheduler import Batch
 
-    fleet = build_fleet(work, max(args.adapters), 1, seed=0)
+    backbone_dir = None
+    if args.hidden is not None:
+        from benchmarks.common import build_random_backbone
+        from engine import packaged_backbone_dir
+
+        backbone_dir = str(
+            build_random_backbone(
+                work / "backbone",
+                hidden=args.hidden,
+                layers=args.layers or 12,
+                tokenizer_dir=packaged_backbone_dir(),
+            )
+        )
+    fleet = build_fleet(work, max(args.adapters), 1, seed=0, backbone_dir=backbone_dir)
     config = EngineConfig(
         registry_dir=fleet.registry_dir,
+        backbone_dir=backbone_dir,
         device=args.device,
         num_threads=args.threads,
         dtype=args.dtype,
@@ -92,11 +117,14 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
                 _time_ms(step, sync, args.repeats),
                 _time_ms(bare, sync, args.repeats),
             )
+            step_ops, bare_ops = _aten_calls(step, 5), _aten_calls(bare, 5)
             print(
                 f"\n{rows} rows x {len(ids)} tokens, {len(segs)} adapters: step {step_ms:.2f} ms "
-                f"({_aten_calls(step, 5):.0f} aten calls), bare forward {bare_ms:.2f} ms "
-                f"({_aten_calls(bare, 5):.0f} aten calls)"
+                f"({sum(step_ops.values()):.0f} aten calls), bare forward {bare_ms:.2f} ms "
+                f"({sum(bare_ops.values()):.0f} aten calls)"
             )
+            if args.ops:
+                _print_op_diff(step_ops, bare_ops, args.ops)
             if args.top < 1:  # timings only
                 continue
             profiler = cProfile.Profile()
@@ -127,9 +155,18 @@ def main(argv: list[str] | None = None) -> None:
         help="LoRA kernel: auto, loop, gather, triton or triton-fused",
     )
     parser.add_argument(
+        "--ops", type=int, default=0, help="list this many ops a step calls more than bare"
+    )
+    parser.add_argument(
+        "--hidden", type=int, default=None, help="a random-weight BERT of this width instead"
+    )
+    parser.add_argument("--layers", type=int, default=None, help="its layers (default 12)")
+    parser.add_argument(
         "--top", type=int, default=15, help="functions listed per batch size (0: timings only)"
     )
     args = parser.parse_args(argv)
+    if args.layers is not None and args.hidden is None:
+        parser.error("--layers needs --hidden")
     args.rows = [int(r) for r in args.rows.split(",")]
     args.adapters = [int(n) for n in args.adapters.split(",")]
     with tempfile.TemporaryDirectory(prefix="graft-profile-") as tmp:

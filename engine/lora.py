@@ -1,11 +1,14 @@
 """LoRA on a frozen Linear, for every adapter of a mixed batch at once."""
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from kernels import PoolViews
 
 
 class LoraKernel(Protocol):
@@ -16,6 +19,11 @@ class LoraKernel(Protocol):
     """
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: "LoraStepPlan") -> None: ...
+
+    def reads_segment_tensors(self, num_lora_segments: int) -> bool:
+        """Whether a step of that many LoRA segments reads the plan's ``seg_*`` tensors on the
+        device; if not, the runner leaves them on the host and copies nothing."""
+        ...
 
 
 class RankRun(NamedTuple):
@@ -69,6 +77,9 @@ class LoraStepPlan:
     runs: tuple[RankRun, ...] = ()  # equal-rank segment runs (gather kernels), see rank_runs
     lists: "SegmentLists | None" = None  # the same metadata as Python numbers (CPU loop)
     num_lora_segments: int = 0  # segments with rows and LoRA on some module (AutoCuda)
+    views: "PoolViews | None" = None  # the pools' per-adapter views, kept across steps
+    # token count -> every segment's token offsets: each Linear of the step reads the same
+    _starts: dict[int, list[int]] = field(default_factory=dict, compare=False, repr=False)
 
     def segment_args(
         self, index: int, num_tokens: int, first: int = 0, end: int | None = None
@@ -96,13 +107,16 @@ class LoraStepPlan:
         lists = self.lists
         assert lists is not None
         end = len(lists.pages) if end is None else end
-        if lists.token_starts is not None and num_tokens == lists.token_starts[-1]:
-            starts = [lists.token_starts[row] for row in lists.row_starts[first : end + 1]]
-        else:  # padded rows, or one token per row (the pooler)
-            tokens_per_row = num_tokens // self.num_rows
-            starts = [start * tokens_per_row for start in lists.row_starts[first : end + 1]]
+        starts = self._starts.get(num_tokens)
+        if starts is None:
+            if lists.token_starts is not None and num_tokens == lists.token_starts[-1]:
+                starts = [lists.token_starts[row] for row in lists.row_starts]
+            else:  # padded rows, or one token per row (the pooler)
+                tokens_per_row = num_tokens // self.num_rows
+                starts = [start * tokens_per_row for start in lists.row_starts]
+            self._starts[num_tokens] = starts
         return (
-            starts,
+            starts[first : end + 1],
             lists.pages[first:end],
             lists.ranks[index][first:end],
             lists.scales[index][first:end],
@@ -159,14 +173,15 @@ class LoraLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         plan = self.state.plan
         if plan is None or not plan.module_active[self.index]:
-            return y
-        kernel_input = _rows_of(x, self.in_features)
-        kernel_output = _rows_of(y, self.out_features)  # a view: y itself is updated
-        plan.kernel.apply(self.index, kernel_output, kernel_input, plan)
-        return y
+            return self.base(x)
+        # the base Linear on 2-D rows, as the kernels take them: two device-op calls fewer
+        # than a 3-D Linear plus views of its input and output
+        rows = _rows_of(x, self.in_features)
+        y = self.base(rows)
+        plan.kernel.apply(self.index, y, rows, plan)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def _rows_of(t: torch.Tensor, width: int) -> torch.Tensor:

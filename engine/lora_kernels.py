@@ -3,7 +3,7 @@
 import torch
 
 from engine.lora import LoraKernel, LoraStepPlan, RankRun
-from kernels import bgmv_lora, sgmv_lora, sgmv_lora_lists
+from kernels import bgmv_lora, sgmv_lora, sgmv_lora_lists, sgmv_lora_views
 
 
 class SegmentLoop:
@@ -14,6 +14,9 @@ class SegmentLoop:
 
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
         segment_loop(index, y, x, plan)
+
+    def reads_segment_tensors(self, num_lora_segments: int) -> bool:
+        return False  # the runner's plans always carry the Python lists
 
 
 def segment_loop(
@@ -27,6 +30,10 @@ def segment_loop(
     """The loop over segments ``first:end``, from the plan's Python numbers when it has them."""
     if plan.lists is None:
         sgmv_lora(y, x, *plan.segment_args(index, x.shape[0], first, end))
+        return
+    if plan.views is not None:
+        lists = plan.segment_lists(index, x.shape[0], first, end)
+        sgmv_lora_views(y, x, plan.views, index, *lists)
         return
     pools = plan.pools[index]
     assert pools is not None  # layers call kernels only for active modules
@@ -43,6 +50,9 @@ class GatherBmm:
         for run in plan.runs:
             self.apply_run(index, y, x, plan, run)
 
+    def reads_segment_tensors(self, num_lora_segments: int) -> bool:
+        return False  # per-row pages and scales instead
+
     @staticmethod
     def apply_run(
         index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan, run: RankRun
@@ -51,14 +61,13 @@ class GatherBmm:
         assert pools is not None and plan.row_pages is not None and plan.row_scale is not None
         rows = plan.num_rows
         lo, hi = run.first_row, run.end_row
-        bgmv_lora(
-            y.view(rows, -1, y.shape[-1])[lo:hi],
-            x.view(rows, -1, x.shape[-1])[lo:hi],
-            pools[0],
-            pools[1],
-            plan.row_pages[lo:hi, : run.rank],
-            plan.row_scale[index, lo:hi],
-        )
+        y3, x3 = y.view(rows, -1, y.shape[-1]), x.view(rows, -1, x.shape[-1])
+        pages, scale = plan.row_pages, plan.row_scale[index]
+        if lo > 0 or hi < rows:  # slicing costs device-op calls: none for a run of every row
+            y3, x3, pages, scale = y3[lo:hi], x3[lo:hi], pages[lo:hi], scale[lo:hi]
+        if run.rank < pages.shape[1]:
+            pages = pages[:, : run.rank]
+        bgmv_lora(y3, x3, pools[0], pools[1], pages, scale)
 
 
 class AutoCpu:
@@ -83,6 +92,9 @@ class AutoCpu:
                 GatherBmm.apply_run(index, y, x, plan, run)
             else:
                 segment_loop(index, y, x, plan, run.first_segment, run.end_segment)
+
+    def reads_segment_tensors(self, num_lora_segments: int) -> bool:
+        return False
 
 
 # segments up to which a CUDA step loops over cuBLAS matmuls instead of launching Triton
@@ -113,6 +125,9 @@ class AutoCuda:
             segment_loop(index, y, x, plan)
         else:
             self._triton.apply(index, y, x, plan)
+
+    def reads_segment_tensors(self, num_lora_segments: int) -> bool:
+        return num_lora_segments > self._max_loop_segments
 
 
 def kernel_for(name: str, device: str) -> LoraKernel:

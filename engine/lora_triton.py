@@ -25,6 +25,9 @@ class TritonSgmv:
         # fused: shrink and expand in one launch per Linear (kernels.triton_fused)
         self._lora = sgmv_lora_triton_fused if fused else sgmv_lora_triton
 
+    def reads_segment_tensors(self, num_lora_segments: int) -> bool:
+        return True
+
     def apply(self, index: int, y: torch.Tensor, x: torch.Tensor, plan: LoraStepPlan) -> None:
         num_tokens = x.shape[0]
         found = self._steps.get((id(plan), num_tokens))

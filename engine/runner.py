@@ -15,6 +15,7 @@ from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
 from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
 from engine.memory import AdapterMemory, Resident
 from engine.packing import PackedInputs, PackedOutputs, pack, packing_works, worth_packing
+from kernels import PoolViews
 from scheduler import Batch
 
 # the adapter key of rows that run the bare backbone (no LoRA, no head): their pooled outputs
@@ -69,6 +70,7 @@ class ModelRunner:
         # per-row pages and scales, for the kernels that gather them (a few device ops and
         # copies a step, which a GPU step bound by the host does not spend for nothing)
         self._gathers = isinstance(kernel, GatherBmm | AutoCpu)
+        self._views = PoolViews(memory.pools)  # the pools never move: views of them last
 
     @torch.inference_mode()
     def step(self, batch: Batch, token_ids: Sequence[Sequence[int]]) -> list[RowOutput]:
@@ -198,7 +200,10 @@ class ModelRunner:
             [r.scale_by_module if r is not None else self._no_scales for r in residents], dim=1
         )
         lengths = [batch.seg_starts[s + 1] - batch.seg_starts[s] for s in range(len(residents))]
+        num_lora = sum(1 for p, n in zip(page_lists, lengths, strict=True) if p and n)
         device, dtype = self._device, self._memory.dtype
+        # a step the kernel runs from the Python lists copies no segment tensors to the device
+        seg_device = device if self._kernel.reads_segment_tensors(num_lora) else "cpu"
         # a packed step has no [rows, tokens] shape to gather over
         gather = self._gathers and token_starts is None
         row_pages = row_scale = None
@@ -209,10 +214,10 @@ class ModelRunner:
             row_scale = scales[:, seg_of_row].to(device, dtype)
         return LoraStepPlan(
             num_rows=len(batch.rows),
-            seg_row_starts=torch.tensor(batch.seg_starts, dtype=torch.int32, device=device),
-            seg_pages=pages.to(device),
-            seg_rank=ranks.to(device),
-            seg_scale=scales.to(device),
+            seg_row_starts=torch.tensor(batch.seg_starts, dtype=torch.int32, device=seg_device),
+            seg_pages=pages.to(seg_device),
+            seg_rank=ranks.to(seg_device),
+            seg_scale=scales.to(seg_device),
             module_active=tuple(bool(v) for v in (ranks.sum(dim=1) > 0).tolist()),
             pools=self._memory.pools,
             kernel=self._kernel,
@@ -226,7 +231,8 @@ class ModelRunner:
                 scales=scales.tolist(),
                 token_starts=token_starts,
             ),
-            num_lora_segments=sum(1 for p, n in zip(page_lists, lengths, strict=True) if p and n),
+            num_lora_segments=num_lora,
+            views=self._views,
         )
 
 

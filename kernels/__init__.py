@@ -10,9 +10,16 @@ CPU-only installs without it still work.
 from typing import Any
 
 from kernels.reference import sgmv_reference
-from kernels.torch_ops import bgmv_lora, sgmv_lora, sgmv_lora_lists
+from kernels.torch_ops import PoolViews, bgmv_lora, sgmv_lora, sgmv_lora_lists, sgmv_lora_views
 
-__all__ = ["bgmv_lora", "sgmv_lora", "sgmv_lora_lists", "sgmv_reference"]
+__all__ = [
+    "PoolViews",
+    "bgmv_lora",
+    "sgmv_lora",
+    "sgmv_lora_lists",
+    "sgmv_lora_views",
+    "sgmv_reference",
+]
 
 _TRITON_EXPORTS = {
     "sgmv_lora_triton": "triton_sgmv",

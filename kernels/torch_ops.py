@@ -56,16 +56,75 @@ def sgmv_lora_lists(
     """:func:`sgmv_lora` with the segment metadata as Python numbers (token offsets, pages per
     segment, ranks, scales): a step converts it once for all its layers, so no layer turns
     tensors back into numbers (on a one-row step that conversion cost as much as the math)."""
+    views = PoolViews(((a_pool, b_pool),), max_entries=0)
+    sgmv_lora_views(y, x, views, 0, starts, pages, ranks, scales)
+
+
+def sgmv_lora_views(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    views: "PoolViews",
+    index: int,
+    starts: Sequence[int],
+    pages: Sequence[Sequence[int]],
+    ranks: Sequence[int],
+    scales: Sequence[float],
+) -> None:
+    """:func:`sgmv_lora_lists` over module ``index`` of ``views``' pools, whose views of each
+    adapter's factors outlive the step."""
     num_tokens = x.shape[0]
     for s, rank in enumerate(ranks):
         lo, hi = starts[s], starts[s + 1]
         if rank == 0 or lo == hi:
             continue
-        a, b = _rows(a_pool, pages[s], rank), _rows(b_pool, pages[s], rank)
+        a_t, b = views.factors(index, pages[s], rank)
         if lo == 0 and hi == num_tokens:  # one segment for the whole step: no slicing ops
-            y.addmm_(torch.mm(x, a.t()), b, alpha=scales[s])
+            y.addmm_(torch.mm(x, a_t), b, alpha=scales[s])
         else:
-            y[lo:hi].addmm_(torch.mm(x[lo:hi], a.t()), b, alpha=scales[s])
+            y[lo:hi].addmm_(torch.mm(x[lo:hi], a_t), b, alpha=scales[s])
+
+
+class PoolViews:
+    """Each adapter's ``A.T`` and ``B`` as views of the pools, kept from step to step.
+
+    Taking them anew costs seven device-op calls per segment and Linear (two slices, one
+    transpose), and a GPU step is bound by such calls. A view is of pool rows, not of an
+    adapter, so it stays right whatever adapter later holds those pages; pages that are not
+    contiguous are gathered (a copy) and never kept. Bounded: cleared when full, rebuilt on use.
+    """
+
+    __slots__ = ("_max", "_pools", "_views")
+
+    def __init__(
+        self,
+        pools: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+        max_entries: int = 8192,
+    ) -> None:
+        self._pools = tuple(pools)
+        self._max = max_entries
+        self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def factors(
+        self, index: int, pages: Sequence[int], rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A.T [in, rank], B [rank, out]) of the adapter on ``pages`` in module ``index``."""
+        pools = self._pools[index]
+        assert pools is not None  # layers call kernels only for active modules
+        if not isinstance(pages, range):
+            return _rows(pools[0], pages, rank).t(), _rows(pools[1], pages, rank)
+        key = (index, pages.start, rank)
+        found = self._views.get(key)
+        if found is None:
+            first = pages.start
+            found = (pools[0][first : first + rank].t(), pools[1][first : first + rank])
+            if len(self._views) >= self._max:
+                self._views.clear()
+            if self._max > 0:
+                self._views[key] = found
+        return found
 
 
 def _rows(pool: torch.Tensor, pages: Sequence[int], rank: int) -> torch.Tensor:
@@ -99,8 +158,9 @@ def bgmv_lora(
     The gather copies only B x R pool rows (A and B are tiny), never the activations, so its
     cost is flat in the number of distinct adapters: the CPU path for mixed batches.
     """
-    a = a_pool[row_pages]  # [B, R, in]
-    b = b_pool[row_pages]  # [B, R, out]
+    flat = row_pages.reshape(-1)  # index_select: a third faster than pool[row_pages] here
+    a = a_pool.index_select(0, flat).view(*row_pages.shape, -1)  # [B, R, in]
+    b = b_pool.index_select(0, flat).view(*row_pages.shape, -1)  # [B, R, out]
     shrunk = torch.bmm(x, a.transpose(1, 2))  # [B, T, R]
     shrunk.mul_(row_scale.view(-1, 1, 1))
     y.baddbmm_(shrunk, b)

@@ -112,3 +112,14 @@ def test_counters_from_metrics_reads_the_engine_totals_only() -> None:
         "busy_s": 0.25,
         "cpu_s": 0.2,
     }
+
+
+def test_contended_tokens_reach_graft_and_bad_values_are_refused(capsys) -> None:
+    assert load.parse_args(["--contended-tokens", "none"]).contended_tokens is None
+    assert load.parse_args([]).contended_tokens == "auto"
+    options = TargetOptions(contended_tokens=256)
+    assert engine_config(NO_FLEET, options).contended_batch_tokens == 256
+    for bad in ("0", "many"):
+        with pytest.raises(SystemExit):
+            load.parse_args(["--contended-tokens", bad])
+        assert "--contended-tokens" in capsys.readouterr().err

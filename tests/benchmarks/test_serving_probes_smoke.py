@@ -49,6 +49,17 @@ def test_profile_step_times_each_step_shape_asked_for(capsys) -> None:
     assert [line.split(" rows x ")[0] for line in lines] == list("1122")
 
 
+def test_profile_step_lists_the_ops_a_step_adds_on_a_random_bert(capsys) -> None:
+    from benchmarks import profile_step
+
+    argv = ["--rows", "2", "--adapters", "1", "--repeats", "1", "--top", "0", "--ops", "10"]
+    profile_step.main([*argv, "--hidden", "32", "--layers", "1"])
+    out = capsys.readouterr().out
+    added = [line.split() for line in out.splitlines() if "aten::" in line]
+    assert len(added) == 10 and all(float(n) > 0 for n, _ in added)
+    assert "aten::mm" in out or "aten::addmm_" in out  # the LoRA shrink and expand
+
+
 def test_plan_cost_times_every_shape() -> None:
     from benchmarks import plan_cost
 

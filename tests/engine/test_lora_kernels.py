@@ -5,7 +5,7 @@ import torch
 
 from engine.lora import LoraStepPlan, SegmentLists, rank_runs
 from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop, kernel_for
-from kernels import sgmv_reference
+from kernels import PoolViews, sgmv_reference
 
 IN, OUT, TOKENS = 24, 40, 3
 
@@ -60,6 +60,7 @@ def _plan(ranks: list[int], rows: list[int], seed: int = 0, *, with_lists: bool 
         if with_lists
         else None,
         num_lora_segments=sum(1 for r, n in zip(ranks, rows, strict=True) if r and n),
+        views=PoolViews(((a_pool, b_pool),)) if with_lists else None,
     )
     x = torch.randn(sum(rows) * TOKENS, IN, generator=gen)
     y = torch.randn(sum(rows) * TOKENS, OUT, generator=gen)
@@ -75,14 +76,25 @@ PATTERNS = {
 }
 
 
+@pytest.mark.parametrize("with_lists", [False, True], ids=["tensors", "lists and views"])
 @pytest.mark.parametrize("kernel", [SegmentLoop(), GatherBmm(), AutoCpu(), AutoCpu(2)])
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
-def test_cpu_kernels_match_reference(kernel, pattern: str) -> None:
+def test_cpu_kernels_match_reference(kernel, pattern: str, with_lists: bool) -> None:
     ranks, rows = PATTERNS[pattern]
-    plan, x, y = _plan(ranks, rows)
+    plan, x, y = _plan(ranks, rows, with_lists=with_lists)
     expected = sgmv_reference(y, x, *plan.segment_args(0, x.shape[0]))
     kernel.apply(0, y, x, plan)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_only_kernels_that_read_segment_tensors_get_them_on_the_device() -> None:
+    """The runner copies a plan's ``seg_*`` tensors to the device only for a kernel that reads
+    them: on a GPU each copy is a launch and a wait, in a step bound by the host."""
+    for kernel in (SegmentLoop(), GatherBmm(), AutoCpu()):
+        assert not kernel.reads_segment_tensors(1) and not kernel.reads_segment_tensors(100)
+    kernel, _ = _counting_auto_cuda()
+    assert not kernel.reads_segment_tensors(3) and kernel.reads_segment_tensors(4)
+    assert kernel._triton.reads_segment_tensors(1)
 
 
 def test_gather_refuses_a_plan_without_runs() -> None:
