@@ -1,5 +1,6 @@
 """The CPU path of the segmented LoRA update, in plain torch."""
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -90,7 +91,8 @@ class PoolViews:
     Taking them anew costs seven device-op calls per segment and Linear (two slices, one
     transpose), and a GPU step is bound by such calls. A view is of pool rows, not of an
     adapter, so it stays right whatever adapter later holds those pages; pages that are not
-    contiguous are gathered (a copy) and never kept. Bounded: cleared when full, rebuilt on use.
+    contiguous are gathered (a copy) and never kept. Bounded, least recently used out first:
+    every view is an object the cycle collector walks.
     """
 
     __slots__ = ("_max", "_pools", "_views")
@@ -98,11 +100,13 @@ class PoolViews:
     def __init__(
         self,
         pools: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
-        max_entries: int = 8192,
+        max_entries: int = 4096,
     ) -> None:
         self._pools = tuple(pools)
         self._max = max_entries
-        self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: OrderedDict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = (
+            OrderedDict()
+        )
 
     def __len__(self) -> int:
         return len(self._views)
@@ -117,13 +121,15 @@ class PoolViews:
             return _rows(pools[0], pages, rank).t(), _rows(pools[1], pages, rank)
         key = (index, pages.start, rank)
         found = self._views.get(key)
-        if found is None:
-            first = pages.start
-            found = (pools[0][first : first + rank].t(), pools[1][first : first + rank])
+        if found is not None:
+            self._views.move_to_end(key)
+            return found
+        first = pages.start
+        found = (pools[0][first : first + rank].t(), pools[1][first : first + rank])
+        if self._max > 0:
             if len(self._views) >= self._max:
-                self._views.clear()
-            if self._max > 0:
-                self._views[key] = found
+                self._views.popitem(last=False)
+            self._views[key] = found
         return found
 
 

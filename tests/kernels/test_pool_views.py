@@ -31,13 +31,17 @@ def test_scattered_pages_are_gathered_and_never_kept() -> None:
     assert len(views) == 0
 
 
-def test_views_are_bounded() -> None:
+def test_views_are_bounded_and_the_least_recently_used_go_first() -> None:
     _, pools = _pools()
     views = PoolViews(pools, max_entries=3)
-    for first in range(1, 20):
+    hot = views.factors(0, range(1, 3), 2)
+    for first in range(5, 20):
+        assert views.factors(0, range(1, 3), 2) is hot  # used every time: never dropped
         views.factors(0, range(first, first + 2), 2)
         assert len(views) <= 3
-    assert len(PoolViews(pools, max_entries=0)) == 0
+    none_kept = PoolViews(pools, max_entries=0)
+    none_kept.factors(0, range(1, 3), 2)
+    assert len(none_kept) == 0
 
 
 def test_sgmv_over_kept_views_matches_the_reference() -> None:
