@@ -2,7 +2,7 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
-# switch lookahead. Default: engine-tests load bert-load profile peft, about 8 minutes on an
+# switch lookahead graphs. Default: engine-tests load bert-load profile peft, about 8 minutes on an
 # H200 (the PEFT server alone takes over a minute to load its 100 adapters), plus half a
 # minute to start the machine. Logs, JSON and the load runs'
 # records (one .tgz per load step) go to $OUT (default benchmarks/out/gpu).
@@ -81,6 +81,18 @@ for step in $STEPS; do
       # the torch gather, which beat Triton at uniform rank in session 3's mixed batch
       run 35 profile-gather python3 -m benchmarks.profile_step --device cuda --rows 32 \
         --adapters 3,16 --top 0 --kernel gather ;;
+    graphs)
+      # steps captured in CUDA graphs (engine/static_step.py): first the graph test, then the
+      # step profile with and without, then the load with graphs against without
+      run 60 graphs-test python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/engine/test_cuda.py -k graphs
+      run 40 graphs-profile python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
+        --adapters 1,16 --top 0 --cuda-graphs
+      run 40 graphs-profile-eager python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
+        --adapters 1,16 --top 0
+      run 100 graphs-load $LOAD --out "$WORK/graphs" --cuda-graphs \
+        --only embedded-sms-1a,embedded-sms-1000a-zipf,backbone-sms
+      tar -czf "$OUT/load_graphs.tgz" -C "$WORK" graphs 2>/dev/null ;;
     switch)
       # the interpreter's switch interval: 0.5 ms against Python's 5 ms, 1,000 adapters
       for ms in 0.5 5; do

@@ -142,6 +142,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="graft's EngineConfig.lookahead_rows (default by device: 0 on CPU, 64 on CUDA)",
     )
     p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="graft's steps captured in CUDA graphs and replayed (EngineConfig.cuda_graphs)",
+    )
+    p.add_argument(
         "--contended-tokens",
         type=_contended,
         default="auto",
@@ -267,6 +272,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         switch_interval_ms=args.switch_interval_ms,
         lookahead_rows=args.lookahead_rows,
         contended_tokens=args.contended_tokens,
+        cuda_graphs=args.cuda_graphs,
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),

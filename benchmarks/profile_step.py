@@ -86,6 +86,7 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
         dtype=args.dtype,
         quantize=args.quantize,
         lora_kernel=args.kernel,
+        cuda_graphs=args.cuda_graphs,
     )
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     async with Engine(config) as engine:
@@ -153,6 +154,11 @@ def main(argv: list[str] | None = None) -> None:
         "--kernel",
         default="auto",
         help="LoRA kernel: auto, loop, gather, triton or triton-fused",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="steps captured in CUDA graphs and replayed (EngineConfig.cuda_graphs)",
     )
     parser.add_argument(
         "--ops", type=int, default=0, help="list this many ops a step calls more than bare"

@@ -63,6 +63,10 @@ class EngineConfig:
     is_fair: bool = True  # deficit round robin over tenants; False = one FIFO (baseline)
     # auto (loop/Triton on CUDA, loop/gather on CPU), loop, gather, triton, triton-fused
     lora_kernel: str = "auto"
+    # CUDA only: steps of bucketed shapes (up to max_batch_tokens padded tokens) each captured
+    # in a CUDA graph on first use and replayed after (engine/static_step.py); not yet timed
+    # on a GPU, so off by default
+    cuda_graphs: bool = False
     # after start-up, freeze every live object out of the cycle collector's passes (gc.freeze;
     # engine/collector.py): a full pass then takes ms, not a quarter second. Process-wide:
     # False for applications that manage gc themselves
@@ -118,6 +122,8 @@ class EngineConfig:
             raise ValueError(f"lora_kernel must be one of {LORA_KERNELS}, got {self.lora_kernel!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise ValueError(f"cuda_graphs needs a CUDA device, got device={self.device!r}")
 
     @property
     def intra_op_threads(self) -> int | None:

@@ -15,6 +15,7 @@ from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
 from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
 from engine.memory import AdapterMemory, Resident
 from engine.packing import PackedInputs, PackedOutputs, pack, packing_works, worth_packing
+from engine.static_step import Shape, StaticOutputs, StaticStep, shape_of
 from kernels import PoolViews
 from scheduler import Batch
 
@@ -48,6 +49,8 @@ class ModelRunner:
         kernel: LoraKernel,
         *,
         pack_max_tokens: int = 0,
+        static_max_tokens: int = 0,
+        cuda_graphs: bool = False,
     ) -> None:
         self._backbone = backbone
         self._kernel = kernel
@@ -71,6 +74,13 @@ class ModelRunner:
         # copies a step, which a GPU step bound by the host does not spend for nothing)
         self._gathers = isinstance(kernel, GatherBmm | AutoCpu)
         self._views = PoolViews(memory.pools)  # the pools never move: views of them last
+        # steps of bucketed shapes up to this many padded tokens (engine/static_step.py), each
+        # captured in a CUDA graph on first use with ``cuda_graphs``; 0 = never
+        self._static_max_tokens = static_max_tokens
+        self._cuda_graphs = cuda_graphs and device.startswith("cuda")
+        self._static: dict[Shape, StaticStep] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self._cuda_graphs else None
+        self.num_static_steps = 0
 
     @torch.inference_mode()
     def step(self, batch: Batch, token_ids: Sequence[Sequence[int]]) -> list[RowOutput]:
@@ -89,6 +99,12 @@ class ModelRunner:
         )
         state = self._backbone.lora_state
         outer = state.plan  # set when this step runs between two layers of a longer one
+        static = None
+        if packed is None and outer is None and state.between_layers is None:
+            static = self._static_step(batch, residents)
+        if static is not None:  # the whole forward in fixed buffers, replayed if captured
+            static.load(token_ids, _per_row(batch, residents))
+            return self._finish(batch, residents, static.run(), packed, static=True)
         has_lora = any(r is not None for r in residents)
         starts = packed.token_starts if packed is not None else None
         state.plan = self._plan(batch, residents, starts) if has_lora else None
@@ -98,17 +114,50 @@ class ModelRunner:
                 pooler.run_pooler()
         finally:
             state.plan = outer
+        return self._finish(batch, residents, pooler, packed)
+
+    def _finish(
+        self,
+        batch: Batch,
+        residents: list[Resident | None],
+        pooler: "PaddedOutputs | PackedOutputs | StaticOutputs",
+        packed: PackedInputs | None,
+        *,
+        static: bool = False,
+    ) -> list[RowOutput]:
         outputs = self._head_outputs(batch, residents, pooler)
         self.num_steps += 1
         self.num_rows += len(batch.rows)
         self.num_packed_steps += packed is not None
+        self.num_static_steps += static
         return outputs
+
+    def _static_step(self, batch: Batch, residents: list[Resident | None]) -> StaticStep | None:
+        """The step's fixed-shape twin, made on first use of its shape; None when static
+        steps are off or no bucket holds this one."""
+        if self._static_max_tokens <= 0:
+            return None
+        shape = shape_of(len(batch.rows), batch.max_tokens, residents, self._static_max_tokens)
+        if shape is None:
+            return None
+        step = self._static.get(shape)
+        if step is None:
+            step = self._static[shape] = StaticStep(
+                self._backbone,
+                self._memory,
+                shape,
+                self._device,
+                self._pad_id,
+                capture=self._cuda_graphs,
+                graph_pool=self._graph_pool,
+            )
+        return step
 
     def _head_outputs(
         self,
         batch: Batch,
         residents: list[Resident | None],
-        pooler: "PaddedOutputs | PackedOutputs",
+        pooler: "PaddedOutputs | PackedOutputs | StaticOutputs",
     ) -> list[RowOutput]:
         """Each segment's head over its rows, and one copy of every probability to the host:
         on a GPU each copy waits for the device, so one per step, not one per segment."""
@@ -155,7 +204,7 @@ class ModelRunner:
         return any(r is None or r.head.pooling == POOLING_CLS_POOLER for r in residents)
 
     def _pooled_rows(
-        self, pooler: "PaddedOutputs | PackedOutputs", lo: int, hi: int
+        self, pooler: "PaddedOutputs | PackedOutputs | StaticOutputs", lo: int, hi: int
     ) -> list[Pooled]:
         """Every pooling the backbone offers, so any mix of head-only models shares the row."""
         poolings = [POOLING_MEAN] + ([POOLING_CLS_POOLER] if self._backbone.has_pooler else [])
@@ -234,6 +283,15 @@ class ModelRunner:
             num_lora_segments=num_lora,
             views=self._views,
         )
+
+
+def _per_row(batch: Batch, residents: list[Resident | None]) -> list[Resident | None]:
+    """Each row's resident (None for backbone rows), from the batch's segments."""
+    return [
+        resident
+        for s, resident in enumerate(residents)
+        for _ in range(batch.seg_starts[s + 1] - batch.seg_starts[s])
+    ]
 
 
 def _page_run(pages: tuple[int, ...]) -> range | list[int]:

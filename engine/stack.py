@@ -65,7 +65,13 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
     )
     kernel = kernel_for(config.lora_kernel, config.device)
     runner = ModelRunner(
-        backbone, memory, config.device, kernel, pack_max_tokens=config.pack_max_tokens
+        backbone,
+        memory,
+        config.device,
+        kernel,
+        pack_max_tokens=config.pack_max_tokens,
+        static_max_tokens=config.max_batch_tokens if config.cuda_graphs else 0,
+        cuda_graphs=config.cuda_graphs,
     )
     log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
     settings = TenantSettings(registry, scheduler, scheduler.default_policy)

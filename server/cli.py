@@ -222,6 +222,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="CUDA: capture each step shape in a CUDA graph and replay it (not yet timed)",
+    )
+    p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default="float32",
@@ -340,6 +345,7 @@ def engine_config(args: argparse.Namespace):
         adapter_pages=args.adapter_pages,
         adapter_pool_bytes=args.adapter_pool_bytes,
         num_threads=args.threads,  # None: EngineConfig.intra_op_threads (all cores but one)
+        cuda_graphs=args.cuda_graphs,
     )
 
 

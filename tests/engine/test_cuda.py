@@ -32,6 +32,27 @@ async def test_cuda_engine_equals_cpu_engine(fleet_registry, kernel: str) -> Non
     assert stats["steps"] < len(ADAPTERS) * len(TEXTS)  # adapters really shared steps
 
 
+async def test_cuda_graphs_replay_what_the_cpu_engine_answers(fleet_registry) -> None:
+    """Each step shape is captured once and replayed; pages change under the captured
+    graphs (a second round after evictions), so replays must read the pool, not a copy."""
+    async with Engine(EngineConfig(registry_dir=fleet_registry.root)) as cpu:
+        expected = await answers(cpu, fleet_registry)
+    config = EngineConfig(
+        registry_dir=fleet_registry.root, device="cuda", cuda_graphs=True, adapter_pages=96
+    )
+    async with Engine(config) as gpu:
+        first = await answers(gpu, fleet_registry)
+        again = await answers(gpu, fleet_registry)
+        runner = gpu._loaded.runner
+        stats = gpu.stats()
+    assert_close(first, expected, atol=1e-4)
+    assert_close(again, expected, atol=1e-4)
+    assert runner.num_static_steps == runner.num_steps  # every step fit a bucket
+    assert stats["adapter_device_evictions"] > 0
+    graphs = [step._graph for step in runner._static.values()]
+    assert graphs and all(g is not None for g in graphs)
+
+
 async def test_cuda_pool_smaller_than_the_fleet_evicts_and_stays_correct(fleet_registry) -> None:
     async with Engine(EngineConfig(registry_dir=fleet_registry.root)) as cpu:
         expected = await answers(cpu, fleet_registry)

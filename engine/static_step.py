@@ -1,0 +1,190 @@
+"""Steps of fixed shapes, for CUDA graphs: one capture per shape bucket, one replay per step.
+
+On a GPU a graft step is bound by the host: ~1,200 device-op calls at ~4 us each, against ~1 ms
+of device work for 32 SMS on MiniLM (benchmarks/RESULTS.md, the H200 runs). A CUDA graph
+replays a whole captured forward in one call. Capture needs every shape and every branch fixed,
+and nothing that waits for the device, so a static step:
+
+- pads rows and tokens up to a bucket (powers of two) and the LoRA rank to a rank bucket;
+- runs LoRA on every wrapped Linear with the gather kernel, whose per-row pages and scales are
+  data in fixed buffers (a row without LoRA on a module gets scale 0 and the zero page);
+- hands the encoder a 4-D boolean mask, which it takes as it is: from a 2-D mask it would
+  first ask the device whether any token is padding, a wait that capture forbids;
+- pools every row both ways (mean, and the [CLS] pooler where there is one) into fixed
+  output buffers; the heads, per segment, run after it, outside the graph.
+
+Off CUDA, or before its capture, a static step runs eagerly: that is how the CPU tests check it
+against the regular step.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.backbone import Backbone
+from engine.lora import LoraStepPlan, RankRun
+from engine.lora_kernels import GatherBmm
+from engine.memory import AdapterMemory, Resident
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
+RANK_BUCKETS = (8, 16, 32, 64)
+
+
+def bucket(value: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket that holds ``value``; None past the largest."""
+    return next((b for b in buckets if b >= value), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    rows: int
+    tokens: int
+    rank: int
+
+
+def shape_of(
+    num_rows: int, max_tokens: int, residents: Sequence[Resident | None], max_padded: int
+) -> Shape | None:
+    """The bucket of a step, or None when it has none (it then runs the regular way)."""
+    max_rank = max((len(r.pages) for r in residents if r is not None), default=0)
+    rows = bucket(num_rows, ROW_BUCKETS)
+    tokens = bucket(max_tokens, TOKEN_BUCKETS)
+    rank = bucket(max(max_rank, 1), RANK_BUCKETS)
+    if rows is None or tokens is None or rank is None or rows * tokens > max_padded:
+        return None
+    return Shape(rows, tokens, rank)
+
+
+class StaticOutputs:
+    """A static step's pooled rows, read by the runner's heads like a padded step's."""
+
+    __slots__ = ("_cls", "_mean")
+
+    def __init__(self, mean: torch.Tensor, cls: torch.Tensor | None) -> None:
+        self._mean = mean
+        self._cls = cls
+
+    def pooled(self, pooling: str, lo: int, hi: int) -> torch.Tensor:
+        from engine.adapters import POOLING_CLS_POOLER
+
+        if pooling == POOLING_CLS_POOLER:
+            assert self._cls is not None  # adapters that pool so are refused without a pooler
+            return self._cls[lo:hi]
+        return self._mean[lo:hi]
+
+
+class StaticStep:
+    """One shape's input and output buffers and its forward; captured in a CUDA graph on
+    first use when ``capture`` is set."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        memory: AdapterMemory,
+        shape: Shape,
+        device: str,
+        pad_id: int,
+        *,
+        capture: bool,
+        graph_pool: object | None = None,
+    ) -> None:
+        self._backbone = backbone
+        self._memory = memory
+        self.shape = shape
+        self._pad_id = pad_id
+        self._capture = capture
+        self._graph_pool = graph_pool
+        self._graph: torch.cuda.CUDAGraph | None = None
+        rows, tokens, rank = shape.rows, shape.tokens, shape.rank
+        num_modules = len(backbone.linear_names)
+        self.ids_and_mask = torch.zeros((2, rows, tokens), dtype=torch.int64, device=device)
+        self.row_pages = torch.zeros((rows, rank), dtype=torch.int64, device=device)
+        self.row_scale = torch.zeros((num_modules, rows), dtype=memory.dtype, device=device)
+        hidden = backbone.hidden_size
+        self.mean = torch.zeros((rows, hidden), dtype=memory.dtype, device=device)
+        self.cls = (
+            torch.zeros((rows, hidden), dtype=memory.dtype, device=device)
+            if backbone.has_pooler
+            else None
+        )
+        pools = memory.pools
+        self._plan = LoraStepPlan(
+            num_rows=rows,
+            seg_row_starts=torch.tensor([0, rows], dtype=torch.int32),
+            seg_pages=torch.zeros((1, rank), dtype=torch.int32),
+            seg_rank=torch.full((num_modules, 1), rank, dtype=torch.int32),
+            seg_scale=torch.zeros((num_modules, 1)),
+            module_active=tuple(p is not None for p in pools),
+            pools=pools,
+            kernel=GatherBmm(),
+            row_pages=self.row_pages,
+            row_scale=self.row_scale,
+            runs=(RankRun(0, 1, 0, rows, rank),),
+        )
+        self.outputs = StaticOutputs(self.mean, self.cls)
+
+    def load(self, token_ids: Sequence[Sequence[int]], row_residents: Sequence[Resident | None]):
+        """Fill the input buffers for a step of these rows (one resident per row; None for a
+        row without LoRA). Rows past the real ones attend to their first token only."""
+        rows, tokens, rank = self.shape.rows, self.shape.tokens, self.shape.rank
+        ids = np.full((2, rows, tokens), self._pad_id, dtype=np.int64)
+        ids[1] = 0
+        ids[1, :, 0] = 1  # a padding row with no token to attend to would give NaN
+        pages = np.zeros((rows, rank), dtype=np.int64)  # page 0 holds zeros in every pool
+        scale = np.zeros((self.row_scale.shape[0], rows), dtype=np.float32)
+        for i, (row, resident) in enumerate(zip(token_ids, row_residents, strict=True)):
+            ids[0, i, : len(row)] = row
+            ids[1, i, : len(row)] = 1
+            if resident is not None:
+                pages[i, : len(resident.pages)] = resident.pages
+                scale[:, i] = resident.scale_by_module.numpy()
+        self.ids_and_mask.copy_(torch.from_numpy(ids))
+        self.row_pages.copy_(torch.from_numpy(pages))
+        self.row_scale.copy_(torch.from_numpy(scale))
+
+    def run(self) -> StaticOutputs:
+        """The forward over the buffers: replayed once captured, else run eagerly (and
+        captured first when ``capture`` is set)."""
+        if self._graph is not None:
+            self._graph.replay()
+        elif self._capture:
+            self._graph = self._captured()
+            self._graph.replay()
+        else:
+            self._forward()
+        return self.outputs
+
+    def _captured(self) -> "torch.cuda.CUDAGraph":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # cuBLAS workspaces and kernel choices settle before capture
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a loader thread pinning host memory meanwhile is not an error; graphs
+        # share one memory pool, safe since one stream replays them one at a time, and their
+        # outputs go to buffers allocated before capture
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            self._forward()
+        return graph
+
+    def _forward(self) -> None:
+        state = self._backbone.lora_state
+        outer = state.plan
+        state.plan = self._plan
+        try:
+            input_ids, mask = self.ids_and_mask[0], self.ids_and_mask[1]
+            tokens = mask.shape[1]
+            attend = mask.bool()[:, None, None, :].expand(-1, 1, tokens, tokens)
+            out = self._backbone.model(input_ids=input_ids, attention_mask=attend)
+        finally:
+            state.plan = outer
+        hidden = out.last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        self.mean.copy_((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0))
+        if self.cls is not None:
+            self.cls.copy_(out.pooler_output)

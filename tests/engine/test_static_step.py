@@ -1,0 +1,189 @@
+"""Fixed-shape steps (engine/static_step.py), run eagerly on the CPU: the same answers as the
+regular step, and nothing in their forward that would wait for a device (which a CUDA graph
+capture forbids). The capture itself needs a GPU: tests/engine/test_cuda.py."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from engine.adapter_store import AdapterStore
+from engine.host_cache import HostCache
+from engine.lora_kernels import kernel_for
+from engine.memory import AdapterMemory
+from engine.runner import BACKBONE_KEY, ModelRunner, Pooled
+from engine.static_step import ROW_BUCKETS, Shape, bucket, shape_of
+from scheduler import Batch
+from tests.engine.mixed_fleet import TEXTS, publish_fleet
+
+# calls that read a device tensor on the host: each waits for the device
+_WAITS = {"__bool__", "item", "tolist", "cpu", "numpy", "nonzero", "all", "any", "__index__"}
+
+
+class _NoWaits(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in _WAITS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def fleet(backbone, tmp_path: Path, publish_random):
+    from registry import Registry
+
+    registry = Registry(tmp_path / "reg")
+    records = publish_fleet(registry, publish_random)
+    memory = AdapterMemory(backbone, num_pages=256, device="cpu", dtype=torch.float32)
+    store = AdapterStore(
+        registry, backbone, memory, HostCache(0), max_loads_in_flight=1, pin_host_memory=False
+    )
+    keys = []
+    for record in records:
+        key = f"{record.full_name}@{record.version}"
+        memory.acquire(key, lambda r=record: store.read(r))
+        keys.append(key)
+    yield memory, keys
+    registry.close()
+
+
+def _runners(backbone, memory):
+    regular = ModelRunner(backbone, memory, "cpu", kernel_for("auto", "cpu"))
+    static = ModelRunner(backbone, memory, "cpu", kernel_for("auto", "cpu"), static_max_tokens=8192)
+    return regular, static
+
+
+def _mixed_batch(backbone, keys: list[str], rows: int):
+    ids = backbone.tokenizer(TEXTS)["input_ids"]
+    pairs = sorted((keys[i % len(keys)], i) for i in range(rows))
+    token_ids = [ids[i % len(TEXTS)] for _, i in pairs]
+    return Batch.of([k for k, _ in pairs], [len(t) for t in token_ids]), token_ids
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_a_static_step_answers_as_the_regular_step(backbone, fleet, rows: int) -> None:
+    memory, keys = fleet
+    regular, static = _runners(backbone, memory)
+    batch, token_ids = _mixed_batch(backbone, [*keys, BACKBONE_KEY], rows)
+    expected = regular.step(batch, token_ids)
+    got = static.step(batch, token_ids)
+    assert static.num_static_steps == 1 and regular.num_static_steps == 0
+    for want, have in zip(expected, got, strict=True):
+        if isinstance(want, Pooled):  # a backbone row: every pooling, for head-only models
+            assert want.vectors.keys() == have.vectors.keys()
+            for pooling, vector in want.vectors.items():
+                np.testing.assert_allclose(have.vectors[pooling], vector, atol=1e-5)
+        else:
+            np.testing.assert_allclose(have, want, atol=1e-5)
+
+
+def test_one_static_step_serves_every_step_of_its_shape(backbone, fleet) -> None:
+    memory, keys = fleet
+    _, static = _runners(backbone, memory)
+    for rows in (5, 6, 7, 8):  # one row bucket; the buffers are refilled each time
+        batch, token_ids = _mixed_batch(backbone, keys, rows)
+        static.step(batch, token_ids)
+    assert static.num_static_steps == 4 and len(static._static) == 1
+
+
+def test_a_static_forward_never_reads_the_device_back(backbone, fleet) -> None:
+    memory, keys = fleet
+    _, static = _runners(backbone, memory)
+    batch, token_ids = _mixed_batch(backbone, keys, 6)
+    step = static._static_step(batch, [memory.get(k) for k in batch.seg_adapter])
+    assert step is not None
+    step.load(token_ids, [memory.get(row.adapter_key) for row in batch.rows])
+    mode = _NoWaits()
+    with torch.inference_mode(), mode:
+        step.run()
+    assert mode.seen == []
+    with torch.inference_mode(), mode:  # the check can fail: the regular mask does wait
+        static._backbone.model(input_ids=step.ids_and_mask[0], attention_mask=step.ids_and_mask[1])
+    assert mode.seen
+
+
+def test_shapes_are_bucketed_and_bounded(backbone, fleet) -> None:
+    memory, keys = fleet
+    residents = [memory.get(k) for k in keys]  # ranks 8, 4, 16, 0 (head only), 64, 8
+    assert bucket(3, ROW_BUCKETS) == 4 and bucket(129, ROW_BUCKETS) is None
+    assert shape_of(3, 20, residents[:2], 8192) == Shape(4, 32, 8)
+    assert shape_of(3, 20, residents, 8192) == Shape(4, 32, 64)
+    assert shape_of(1, 16, [None], 8192) == Shape(1, 16, 8)
+    assert shape_of(64, 200, residents[:1], 8192) is None  # 64 x 256 padded tokens > 8192
+    assert shape_of(1, 600, residents[:1], 8192) is None  # past the longest token bucket
+
+
+def test_cuda_graphs_are_refused_off_cuda_and_reach_the_runner_from_the_cli() -> None:
+    from engine import EngineConfig
+    from server.cli import _parser, engine_config
+
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        EngineConfig(cuda_graphs=True)
+    assert not EngineConfig(device="cuda").cuda_graphs  # opt-in until timed on a GPU
+    args = _parser().parse_args(["serve", "--device", "cuda", "--cuda-graphs"])
+    assert engine_config(args).cuda_graphs
+
+
+def test_a_captured_step_warms_up_captures_once_and_replays(
+    backbone, fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The capture's flow, with torch.cuda stood in for on the CPU: the fake graph records
+    the forward run under capture and reruns it on replay, and every call must fit the real
+    torch.cuda API's signature."""
+    import contextlib
+    import inspect
+
+    real = torch.cuda
+    calls: list[str] = []
+
+    class FakeStream:
+        def __init__(self, *args, **kwargs) -> None:
+            inspect.signature(real.Stream).bind(*args, **kwargs)
+
+        def wait_stream(self, other) -> None:
+            calls.append("wait")
+
+    class FakeGraph:
+        def __init__(self) -> None:
+            self.forward = None
+
+        def replay(self) -> None:
+            calls.append("replay")
+            self.forward()
+
+    @contextlib.contextmanager
+    def fake_graph(graph, *args, **kwargs):
+        inspect.signature(real.graph).bind(graph, *args, **kwargs)
+        calls.append("capture")
+        graph.forward = step._forward
+        yield
+
+    @contextlib.contextmanager
+    def fake_stream(stream):
+        calls.append("side stream")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", fake_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    memory, keys = fleet
+    regular, static = _runners(backbone, memory)
+    batch, token_ids = _mixed_batch(backbone, keys, 6)
+    step = static._static_step(batch, [memory.get(k) for k in batch.seg_adapter])
+    assert step is not None
+    step._capture = True  # as a runner on CUDA with cuda_graphs makes it
+    with torch.inference_mode():
+        for rows in (6, 7):
+            batch, token_ids = _mixed_batch(backbone, keys, rows)
+            got = static.step(batch, token_ids)
+            for want, have in zip(regular.step(batch, token_ids), got, strict=True):
+                np.testing.assert_allclose(have, want, atol=1e-5)
+    assert calls == ["wait", "side stream", "wait", "capture", "replay", "replay"]
