@@ -3,6 +3,7 @@
 Runs on the engine's single model thread; never touches asyncio.
 """
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,9 +16,11 @@ from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
 from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
 from engine.memory import AdapterMemory, Resident
 from engine.packing import PackedInputs, PackedOutputs, pack, packing_works, worth_packing
-from engine.static_step import Shape, StaticOutputs, StaticStep, shape_of
+from engine.static_step import Shape, StaticOutputs, StaticStep, shape_of, static_steps_work
 from kernels import PoolViews
 from scheduler import Batch
+
+log = logging.getLogger(__name__)
 
 # the adapter key of rows that run the bare backbone (no LoRA, no head): their pooled outputs
 # feed any number of head-only models after the step. Never a "tenant/name@version" key.
@@ -76,6 +79,9 @@ class ModelRunner:
         self._views = PoolViews(memory.pools)  # the pools never move: views of them last
         # steps of bucketed shapes up to this many padded tokens (engine/static_step.py), each
         # captured in a CUDA graph on first use with ``cuda_graphs``; 0 = never
+        if static_max_tokens > 0 and not static_steps_work(backbone, device, memory.dtype):
+            log.warning("static steps (CUDA graphs) are off: %s takes no 4-D mask", backbone.name)
+            static_max_tokens = 0
         self._static_max_tokens = static_max_tokens
         self._cuda_graphs = cuda_graphs and device.startswith("cuda")
         self._static: dict[Shape, StaticStep] = {}

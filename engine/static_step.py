@@ -28,6 +28,10 @@ from engine.lora import LoraStepPlan, RankRun
 from engine.lora_kernels import GatherBmm
 from engine.memory import AdapterMemory, Resident
 
+_CHECK_TEXTS = ("a short one", "and a somewhat longer second row, to check the 4-D mask")
+_CHECK_TOLERANCE = 1e-4  # float32 agrees to rounding (see engine/packing.py for the others)
+_CHECK_TOLERANCE_LOW_PRECISION = 0.1
+
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
 RANK_BUCKETS = (8, 16, 32, 64)
@@ -56,6 +60,35 @@ def shape_of(
     if rows is None or tokens is None or rank is None or rows * tokens > max_padded:
         return None
     return Shape(rows, tokens, rank)
+
+
+def static_steps_work(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
+    """Run two texts with the usual 2-D mask and as a static step would, padded further and
+    with a 4-D boolean mask (no LoRA): True when every real token's hidden state agrees. An
+    encoder that builds its attention mask its own way fails, and then never runs static."""
+    token_ids = [backbone.tokenizer(text)["input_ids"] for text in _CHECK_TEXTS]
+    width = max(len(row) for row in token_ids)
+    padded_width = bucket(width, TOKEN_BUCKETS) or width
+    ids = torch.zeros((2, len(token_ids), padded_width), dtype=torch.long)
+    for i, row in enumerate(token_ids):
+        ids[0, i, : len(row)] = torch.tensor(row)
+        ids[1, i, : len(row)] = 1
+    ids = ids.to(device)
+    exact = dtype == torch.float32 and backbone.quantize == "none"
+    tolerance = _CHECK_TOLERANCE if exact else _CHECK_TOLERANCE_LOW_PRECISION
+    attend = ids[1].bool()[:, None, None, :].expand(-1, 1, padded_width, padded_width)
+    try:
+        with torch.inference_mode():
+            usual = backbone.model(input_ids=ids[0, :, :width], attention_mask=ids[1, :, :width])
+            static = backbone.model(input_ids=ids[0], attention_mask=attend)
+    except (TypeError, ValueError, RuntimeError):  # no 4-D masks
+        return False
+    for i, row in enumerate(token_ids):
+        expected = usual.last_hidden_state[i, : len(row)].float()
+        got = static.last_hidden_state[i, : len(row)].float()
+        if not torch.allclose(got, expected, atol=tolerance):
+            return False
+    return True
 
 
 class StaticOutputs:

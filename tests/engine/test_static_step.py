@@ -187,3 +187,27 @@ def test_a_captured_step_warms_up_captures_once_and_replays(
             for want, have in zip(regular.step(batch, token_ids), got, strict=True):
                 np.testing.assert_allclose(have, want, atol=1e-5)
     assert calls == ["wait", "side stream", "wait", "capture", "replay", "replay"]
+
+
+def test_an_encoder_that_takes_no_4d_mask_never_runs_static(
+    backbone, fleet, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from engine.static_step import static_steps_work
+
+    memory, keys = fleet
+    assert static_steps_work(backbone, "cpu", torch.float32)
+    model = backbone.model
+
+    def two_d_only(*, input_ids, attention_mask, **kwargs):
+        if attention_mask.dim() != 2:
+            raise ValueError("attention_mask must be [batch, tokens]")
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(backbone, "model", two_d_only)
+    assert not static_steps_work(backbone, "cpu", torch.float32)
+    with caplog.at_level("WARNING"):
+        _, static = _runners(backbone, memory)
+    assert "static steps (CUDA graphs) are off" in caplog.text
+    batch, token_ids = _mixed_batch(backbone, keys, 3)
+    static.step(batch, token_ids)  # the regular way, and right
+    assert static.num_static_steps == 0
