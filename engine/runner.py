@@ -17,6 +17,7 @@ from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
 from engine.memory import AdapterMemory, Resident
 from engine.packing import PackedInputs, PackedOutputs, pack, packing_works, worth_packing
 from engine.static_step import Shape, StaticOutputs, StaticStep, shape_of, static_steps_work
+from engine.step_heads import head_probs
 from kernels import PoolViews
 from scheduler import Batch
 
@@ -165,29 +166,18 @@ class ModelRunner:
         residents: list[Resident | None],
         pooler: "PaddedOutputs | PackedOutputs | StaticOutputs",
     ) -> list[RowOutput]:
-        """Each segment's head over its rows, and one copy of every probability to the host:
-        on a GPU each copy waits for the device, so one per step, not one per segment."""
-        probs = []
-        for s, resident in enumerate(residents):
-            if resident is not None:
-                lo, hi = batch.seg_starts[s], batch.seg_starts[s + 1]
-                head = resident.head
-                pooled = pooler.pooled(head.pooling, lo, hi)
-                logits = torch.nn.functional.linear(pooled, head.weight, head.bias)
-                probs.append(torch.softmax(logits.float(), dim=-1))
-        flat = torch.cat([p.reshape(-1) for p in probs]).cpu().numpy() if probs else None
-        shapes = iter([p.shape for p in probs])
+        """Every segment's head over its rows, in a few device ops for the whole step and one
+        copy of every probability to the host (engine/step_heads.py)."""
+        heads = [r.head if r is not None else None for r in residents]
+        probs = head_probs(batch.seg_starts, heads, pooler)
         outputs: list[RowOutput] = []
-        offset = 0
-        for s, resident in enumerate(residents):
-            lo, hi = batch.seg_starts[s], batch.seg_starts[s + 1]
-            if resident is None:
-                outputs.extend(self._pooled_rows(pooler, lo, hi))
-                continue
-            assert flat is not None
-            rows, labels = next(shapes)
-            outputs.extend(flat[offset : offset + rows * labels].reshape(rows, labels))
-            offset += rows * labels
+        for s, seg_probs in enumerate(probs):
+            if seg_probs is None:  # backbone rows: pooled, for head-only models
+                outputs.extend(
+                    self._pooled_rows(pooler, batch.seg_starts[s], batch.seg_starts[s + 1])
+                )
+            else:
+                outputs.extend(seg_probs)
         return outputs
 
     def _forward(

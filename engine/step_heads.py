@@ -1,0 +1,76 @@
+"""Every adapter head of a step in a few device ops, whatever the number of segments.
+
+Applied one segment at a time, heads cost about eight device-op calls each (slice, linear,
+softmax, casts); a GPU step of 40-odd tenants then spends more host time on heads than a CUDA
+graph spends on the whole encoder. Here the step's heads are concatenated along the label
+axis, every row is scored against all of them in one matrix product (rows x all labels: a few
+thousand values), and each row keeps its own head's columns by one gather, padded labels
+masked out before the softmax. Probabilities come to the host in one copy.
+"""
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from engine.adapters import POOLING_CLS_POOLER, POOLING_MEAN, Head
+
+
+class Pooler(Protocol):
+    """A step's outputs, pooled on demand (the runner's padded, packed and static outputs)."""
+
+    def pooled(self, pooling: str, lo: int, hi: int) -> torch.Tensor: ...
+
+
+def head_probs(
+    seg_starts: Sequence[int], heads: Sequence[Head | None], pooler: Pooler
+) -> list[np.ndarray | None]:
+    """Per segment: float32 [rows, C] probabilities of its head, or None where the segment
+    has no head (backbone rows)."""
+    num_rows = seg_starts[-1]
+    used = [(s, h) for s, h in enumerate(heads) if h is not None]
+    out: list[np.ndarray | None] = [None] * len(heads)
+    if len(used) == 1:  # one head: its rows alone, nothing to gather or mask
+        s, head = used[0]
+        pooled = pooler.pooled(head.pooling, seg_starts[s], seg_starts[s + 1])
+        logits = torch.nn.functional.linear(pooled, head.weight, head.bias)
+        out[s] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return out
+    if not used:
+        return out
+    widths = [h.weight.shape[0] for _, h in used]
+    widest = max(widths)
+    # per row: the columns of its head in the concatenated label axis, -1 for padding
+    columns = np.full((num_rows, widest), -1, dtype=np.int64)
+    offset = 0
+    poolings = {h.pooling for _, h in used}
+    use_cls = np.zeros(num_rows, dtype=bool)
+    for (s, head), width in zip(used, widths, strict=True):
+        lo, hi = seg_starts[s], seg_starts[s + 1]
+        columns[lo:hi, :width] = np.arange(offset, offset + width)
+        use_cls[lo:hi] = head.pooling == POOLING_CLS_POOLER
+        offset += width
+    pooled = _pooled(pooler, poolings, use_cls, num_rows)
+    weight = torch.cat([h.weight for _, h in used])
+    bias = torch.cat([h.bias for _, h in used])
+    logits = torch.nn.functional.linear(pooled, weight, bias)  # [rows, all labels]
+    index = torch.from_numpy(columns).to(logits.device)
+    picked = logits.gather(1, index.clamp(min=0)).float()
+    picked.masked_fill_(index < 0, float("-inf"))
+    probs = torch.softmax(picked, dim=-1).cpu().numpy()  # one copy to the host
+    for (s, _), width in zip(used, widths, strict=True):
+        out[s] = probs[seg_starts[s] : seg_starts[s + 1], :width]
+    return out
+
+
+def _pooled(pooler: Pooler, poolings: set[str], use_cls: np.ndarray, rows: int) -> torch.Tensor:
+    """Every row pooled as its head reads it (rows without a head: either, unused)."""
+    if poolings == {POOLING_CLS_POOLER}:
+        return pooler.pooled(POOLING_CLS_POOLER, 0, rows)
+    mean = pooler.pooled(POOLING_MEAN, 0, rows)
+    if poolings == {POOLING_MEAN}:
+        return mean
+    cls = pooler.pooled(POOLING_CLS_POOLER, 0, rows)
+    choose = torch.from_numpy(use_cls).to(mean.device)
+    return torch.where(choose[:, None], cls, mean)
