@@ -81,7 +81,10 @@ class ModelRunner:
         # steps of bucketed shapes up to this many padded tokens (engine/static_step.py), each
         # captured in a CUDA graph on first use with ``cuda_graphs``; 0 = never
         if static_max_tokens > 0 and not static_steps_work(backbone, device, memory.dtype):
-            log.warning("static steps (CUDA graphs) are off: %s takes no 4-D mask", backbone.name)
+            log.warning(
+                "static steps (CUDA graphs) are off: %s answers differently with a 4-D mask",
+                backbone.name,
+            )
             static_max_tokens = 0
         self._static_max_tokens = static_max_tokens
         self._cuda_graphs = cuda_graphs and device.startswith("cuda")
