@@ -170,6 +170,7 @@ class Engine:
         if self._model is not None:
             counts["steps"] = self._model.runner.num_steps
             counts["packed_steps"] = self._model.runner.num_packed_steps
+            counts["static_steps"] = self._model.runner.num_static_steps  # fixed shapes (graphs)
             counts["rows"] = self._model.runner.num_rows
             counts["interludes"] = self._steps.num_interludes  # steps run inside a longer one
             counts["step_busy_us"] = self._steps.busy_us  # model thread in steps, microseconds

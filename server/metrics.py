@@ -30,6 +30,11 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "requests_in_flight": ("requests_in_flight", GAUGE, "Requests admitted and not finished."),
     "steps": ("steps", COUNTER, "Batches run through the backbone."),
     "packed_steps": ("packed_steps", COUNTER, "Steps run unpadded as one packed sequence."),
+    "static_steps": (
+        "static_steps",
+        COUNTER,
+        "Steps run as fixed shapes, replayed from CUDA graphs (cuda_graphs on).",
+    ),
     "rows": ("rows", COUNTER, "Inputs run through the backbone."),
     "interludes": ("interludes", COUNTER, "Short steps run between two layers of a longer one."),
     "step_busy_us": (
