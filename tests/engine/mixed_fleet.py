@@ -5,6 +5,9 @@ The registry holding it is the ``fleet_registry`` fixture (tests/engine/conftest
 
 import asyncio
 
+import numpy as np
+import torch
+
 from engine import Engine
 
 TEXTS = [
@@ -61,3 +64,36 @@ def assert_close(got: list, expected: list, atol: float) -> None:
             assert pred.scores.keys() == ref.scores.keys()
             for label, score in pred.scores.items():
                 assert abs(score - ref.scores[label]) <= atol, (label, score, ref.scores[label])
+
+
+def resident_pool(backbone, registry, records, *, num_pages: int = 256):
+    """A CPU adapter pool holding ``records``' adapters, and their keys in order: for tests
+    that drive a ModelRunner directly."""
+    from engine.adapter_store import AdapterStore
+    from engine.host_cache import HostCache
+    from engine.memory import AdapterMemory
+
+    memory = AdapterMemory(backbone, num_pages=num_pages, device="cpu", dtype=torch.float32)
+    store = AdapterStore(
+        registry, backbone, memory, HostCache(0), max_loads_in_flight=1, pin_host_memory=False
+    )
+    keys = []
+    for record in records:
+        key = f"{record.full_name}@{record.version}"
+        memory.acquire(key, lambda r=record: store.read(r))
+        keys.append(key)
+    return memory, keys
+
+
+def assert_rows_close(got: list, expected: list, atol: float = 1e-5) -> None:
+    """Two steps' row outputs: probabilities, or a backbone row's pooled vectors."""
+    from engine.runner import Pooled
+
+    assert len(got) == len(expected)
+    for have, want in zip(got, expected, strict=True):
+        if isinstance(want, Pooled):
+            assert isinstance(have, Pooled) and want.vectors.keys() == have.vectors.keys()
+            for pooling, vector in want.vectors.items():
+                np.testing.assert_allclose(have.vectors[pooling], vector, rtol=0, atol=atol)
+        else:
+            np.testing.assert_allclose(have, want, rtol=0, atol=atol)

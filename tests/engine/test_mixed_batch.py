@@ -7,13 +7,10 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig
-from engine.adapter_store import AdapterStore
-from engine.host_cache import HostCache
 from engine.lora_kernels import kernel_for
-from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
 from scheduler import Batch
-from tests.engine.mixed_fleet import ADAPTERS, TEXTS, publish_fleet
+from tests.engine.mixed_fleet import ADAPTERS, TEXTS, publish_fleet, resident_pool
 
 
 @pytest.fixture
@@ -32,15 +29,7 @@ def _solo(runner: ModelRunner, key: str, ids: list[int]):
 @pytest.mark.parametrize("kernel", ["loop", "gather", "auto"])
 def test_runner_mixed_batch_equals_solo_runs(backbone, registry_with_adapters, kernel) -> None:
     registry, records = registry_with_adapters
-    memory = AdapterMemory(backbone, num_pages=256, device="cpu", dtype=torch.float32)
-    store = AdapterStore(
-        registry, backbone, memory, HostCache(0), max_loads_in_flight=1, pin_host_memory=False
-    )
-    keys = []
-    for record in records:
-        key = f"{record.full_name}@{record.version}"
-        memory.acquire(key, lambda r=record: store.read(r))
-        keys.append(key)
+    memory, keys = resident_pool(backbone, registry, records)
     runner = ModelRunner(backbone, memory, "cpu", kernel_for(kernel, "cpu"))
     ids = backbone.tokenizer(TEXTS)["input_ids"]
     # every adapter gets several texts; rows sorted by adapter form the segments

@@ -3,7 +3,6 @@
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,8 +12,9 @@ from engine.host_cache import HostCache
 from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.packing import pack, packing_works, worth_packing
-from engine.runner import BACKBONE_KEY, ModelRunner, Pooled
+from engine.runner import BACKBONE_KEY, ModelRunner
 from scheduler import Batch
+from tests.engine.mixed_fleet import assert_rows_close
 
 TEXTS = [
     "ok",
@@ -71,13 +71,7 @@ def test_a_packed_step_equals_the_padded_step(backbone, runners) -> None:
     expected = padded.step(batch, token_ids)
     got = packed.step(batch, token_ids)
     assert packed.num_packed_steps == 1 and padded.num_packed_steps == 0
-    for want, have in zip(expected, got, strict=True):
-        if isinstance(want, Pooled):
-            assert isinstance(have, Pooled) and want.vectors.keys() == have.vectors.keys()
-            for pooling, vector in want.vectors.items():
-                np.testing.assert_allclose(have.vectors[pooling], vector, rtol=0, atol=1e-5)
-        else:
-            np.testing.assert_allclose(have, want, rtol=0, atol=1e-5)
+    assert_rows_close(got, expected)
 
 
 def test_a_step_without_padding_to_save_is_not_packed(backbone, runners) -> None:

@@ -4,19 +4,15 @@ capture forbids). The capture itself needs a GPU: tests/engine/test_cuda.py."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from engine.adapter_store import AdapterStore
-from engine.host_cache import HostCache
 from engine.lora_kernels import kernel_for
-from engine.memory import AdapterMemory
-from engine.runner import BACKBONE_KEY, ModelRunner, Pooled
+from engine.runner import BACKBONE_KEY, ModelRunner
 from engine.static_step import ROW_BUCKETS, Shape, bucket, shape_of
 from scheduler import Batch
-from tests.engine.mixed_fleet import TEXTS, publish_fleet
+from tests.engine.mixed_fleet import TEXTS, assert_rows_close, publish_fleet, resident_pool
 
 # calls that read a device tensor on the host: each waits for the device
 _WAITS = {"__bool__", "item", "tolist", "cpu", "numpy", "nonzero", "all", "any", "__index__"}
@@ -39,17 +35,7 @@ def fleet(backbone, tmp_path: Path, publish_random):
     from registry import Registry
 
     registry = Registry(tmp_path / "reg")
-    records = publish_fleet(registry, publish_random)
-    memory = AdapterMemory(backbone, num_pages=256, device="cpu", dtype=torch.float32)
-    store = AdapterStore(
-        registry, backbone, memory, HostCache(0), max_loads_in_flight=1, pin_host_memory=False
-    )
-    keys = []
-    for record in records:
-        key = f"{record.full_name}@{record.version}"
-        memory.acquire(key, lambda r=record: store.read(r))
-        keys.append(key)
-    yield memory, keys
+    yield resident_pool(backbone, registry, publish_fleet(registry, publish_random))
     registry.close()
 
 
@@ -74,13 +60,7 @@ def test_a_static_step_answers_as_the_regular_step(backbone, fleet, rows: int) -
     expected = regular.step(batch, token_ids)
     got = static.step(batch, token_ids)
     assert static.num_static_steps == 1 and regular.num_static_steps == 0
-    for want, have in zip(expected, got, strict=True):
-        if isinstance(want, Pooled):  # a backbone row: every pooling, for head-only models
-            assert want.vectors.keys() == have.vectors.keys()
-            for pooling, vector in want.vectors.items():
-                np.testing.assert_allclose(have.vectors[pooling], vector, atol=1e-5)
-        else:
-            np.testing.assert_allclose(have, want, atol=1e-5)
+    assert_rows_close(got, expected)  # backbone rows too: every pooling, for head-only models
 
 
 def test_one_static_step_serves_every_step_of_its_shape(backbone, fleet) -> None:
@@ -183,9 +163,7 @@ def test_a_captured_step_warms_up_captures_once_and_replays(
     with torch.inference_mode():
         for rows in (6, 7):
             batch, token_ids = _mixed_batch(backbone, keys, rows)
-            got = static.step(batch, token_ids)
-            for want, have in zip(regular.step(batch, token_ids), got, strict=True):
-                np.testing.assert_allclose(have, want, atol=1e-5)
+            assert_rows_close(static.step(batch, token_ids), regular.step(batch, token_ids))
     assert calls == ["wait", "side stream", "wait", "capture", "replay", "replay"]
 
 

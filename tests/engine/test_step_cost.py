@@ -7,12 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.adapter_store import AdapterStore
-from engine.host_cache import HostCache
 from engine.lora_kernels import kernel_for
-from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
 from scheduler import Batch
+from tests.engine.mixed_fleet import resident_pool
 
 TEXT = "Your parcel is waiting, confirm delivery at the link before it is returned"
 
@@ -29,16 +27,8 @@ def runner_and_keys(backbone, tmp_path: Path, publish_random):
 
     registry = Registry(tmp_path / "reg")
     registry.create_tenant("acme")
-    memory = AdapterMemory(backbone, num_pages=64, device="cpu", dtype=torch.float32)
-    store = AdapterStore(
-        registry, backbone, memory, HostCache(0), max_loads_in_flight=1, pin_host_memory=False
-    )
-    keys = []
-    for seed in range(2):
-        record = publish_random(registry, "acme", f"m{seed}", seed=seed)
-        key = f"{record.full_name}@{record.version}"
-        memory.acquire(key, lambda r=record: store.read(r))
-        keys.append(key)
+    records = [publish_random(registry, "acme", f"m{seed}", seed=seed) for seed in range(2)]
+    memory, keys = resident_pool(backbone, registry, records, num_pages=64)
     yield ModelRunner(backbone, memory, "cpu", kernel_for("loop", "cpu")), keys
     registry.close()
 
