@@ -57,6 +57,21 @@ def _time_ms(fn, sync, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
+def _random_backbone(args: argparse.Namespace, work: Path) -> str:
+    """A random-weight BERT of ``--hidden`` and ``--layers``: small ones are host-bound on a
+    CPU too, as GPU steps are."""
+    from benchmarks.common import build_random_backbone
+    from engine import packaged_backbone_dir
+
+    path = build_random_backbone(
+        work / "backbone",
+        hidden=args.hidden,
+        layers=args.layers or 12,
+        tokenizer_dir=packaged_backbone_dir(),
+    )
+    return str(path)
+
+
 async def profile(args: argparse.Namespace, work: Path) -> None:
     import torch
 
@@ -64,19 +79,7 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
     from engine import Engine, EngineConfig
     from scheduler import Batch
 
-    backbone_dir = None
-    if args.hidden is not None:
-        from benchmarks.common import build_random_backbone
-        from engine import packaged_backbone_dir
-
-        backbone_dir = str(
-            build_random_backbone(
-                work / "backbone",
-                hidden=args.hidden,
-                layers=args.layers or 12,
-                tokenizer_dir=packaged_backbone_dir(),
-            )
-        )
+    backbone_dir = _random_backbone(args, work) if args.hidden is not None else None
     fleet = build_fleet(work, max(args.adapters), 1, seed=0, backbone_dir=backbone_dir)
     config = EngineConfig(
         registry_dir=fleet.registry_dir,

@@ -143,8 +143,16 @@ class StaticStep:
             if backbone.has_pooler
             else None
         )
-        pools = memory.pools
-        self._plan = LoraStepPlan(
+        self._plan = self._gather_plan()
+        self.outputs = StaticOutputs(self.mean, self.cls)
+
+    def _gather_plan(self) -> LoraStepPlan:
+        """Every row one run of the gather kernel at the bucket's rank, on every wrapped
+        Linear: which adapter a row has is data in ``row_pages`` and ``row_scale``."""
+        rows, rank = self.shape.rows, self.shape.rank
+        num_modules = self.row_scale.shape[0]
+        pools = self._memory.pools
+        return LoraStepPlan(
             num_rows=rows,
             seg_row_starts=torch.tensor([0, rows], dtype=torch.int32),
             seg_pages=torch.zeros((1, rank), dtype=torch.int32),
@@ -157,7 +165,6 @@ class StaticStep:
             row_scale=self.row_scale,
             runs=(RankRun(0, 1, 0, rows, rank),),
         )
-        self.outputs = StaticOutputs(self.mean, self.cls)
 
     def load(self, token_ids: Sequence[Sequence[int]], row_residents: Sequence[Resident | None]):
         """Fill the input buffers for a step of these rows (one resident per row; None for a
