@@ -1,5 +1,6 @@
 """LoRA on a frozen Linear, for every adapter of a mixed batch at once."""
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -141,13 +142,25 @@ class StepLora:
     One object per backbone, passed to each wrapper at construction: no module-level state.
     """
 
-    __slots__ = ("between_layers", "plan")
+    __slots__ = ("_rows", "between_layers", "plan")
 
     def __init__(self) -> None:
         self.plan: LoraStepPlan | None = None
         # called at every pause point of the encoder (before each block) while set: the engine
         # runs short steps of other tenants there, so a long step delays them by one block
         self.between_layers: Callable[[], None] | None = None
+        self._rows: tuple[weakref.ref[torch.Tensor], torch.Tensor] | None = None
+
+    def rows_of(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """``x`` as [tokens, width], one object for every sibling Linear that reads ``x``
+        (attention's query, key and value): one view op instead of three, and an int8 base
+        layer sees the same tensor its siblings quantised (engine/quantize.SharedInput)."""
+        last = self._rows
+        if last is not None and last[0]() is x and last[1].shape[1] == width:
+            return last[1]
+        rows = _rows_of(x, width)
+        self._rows = (weakref.ref(x), rows)
+        return rows
 
 
 class LoraLinear(nn.Module):
@@ -178,7 +191,7 @@ class LoraLinear(nn.Module):
             return self.base(x)
         # the base Linear on 2-D rows, as the kernels take them: two device-op calls fewer
         # than a 3-D Linear plus views of its input and output
-        rows = _rows_of(x, self.in_features)
+        rows = self.state.rows_of(x, self.in_features)
         y = self.base(rows)
         plan.kernel.apply(self.index, y, rows, plan)
         return y.view(*x.shape[:-1], self.out_features)

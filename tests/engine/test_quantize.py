@@ -87,3 +87,41 @@ def test_siblings_reading_one_tensor_quantise_it_once(monkeypatch: pytest.Monkey
         assert len(calls) == 1
         assert torch.equal(owner.key(other), want_other)
         assert len(calls) == 2
+
+
+def test_siblings_under_lora_still_quantise_their_input_once(
+    backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a LoRA plan active the wrappers hand their base layers 2-D rows: query, key and
+    value must get the same rows object, or each would quantise the hidden states anew."""
+    from engine import quantize
+    from engine.lora import LoraStepPlan, SegmentLists
+    from engine.lora_kernels import SegmentLoop
+
+    quantized = load_backbone(quantize="int8")
+    modules = quantized.linear_names
+    plan = LoraStepPlan(
+        num_rows=1,
+        seg_row_starts=torch.tensor([0, 1], dtype=torch.int32),
+        seg_pages=torch.zeros((1, 1), dtype=torch.int32),
+        seg_rank=torch.zeros((len(modules), 1), dtype=torch.int32),
+        seg_scale=torch.zeros((len(modules), 1)),
+        module_active=tuple(True for _ in modules),  # every wrapper takes the LoRA path
+        pools=tuple((torch.zeros(1, 1), torch.zeros(1, 1)) for _ in modules),
+        kernel=SegmentLoop(),
+        lists=SegmentLists((0, 1), [range(0, 0)], [[0]] * len(modules), [[0.0]] * len(modules)),
+    )
+    tokens = quantized.tokenizer(["see you at lunch?"], return_tensors="pt")
+    calls = []
+    real = quantize.quantize_rows
+    monkeypatch.setattr(quantize, "quantize_rows", lambda rows: calls.append(1) or real(rows))
+    with torch.inference_mode():
+        plain = quantized.model(**tokens).last_hidden_state
+        without_plan = len(calls)
+        quantized.lora_state.plan = plan
+        try:
+            with_plan = quantized.model(**tokens).last_hidden_state
+        finally:
+            quantized.lora_state.plan = None
+    assert len(calls) - without_plan == without_plan  # as many quantisations either way
+    torch.testing.assert_close(with_plan, plain)  # rank-0 segments add nothing
