@@ -114,7 +114,9 @@ class ModelRunner:
             static = self._static_step(batch, residents)
         if static is not None:  # the whole forward in fixed buffers, replayed if captured
             static.load(token_ids, _per_row(batch, residents))
-            return self._finish(batch, residents, static.run(), packed, static=True)
+            outputs = self._run_static(static)
+            if outputs is not None:
+                return self._finish(batch, residents, outputs, packed, static=True)
         has_lora = any(r is not None for r in residents)
         starts = packed.token_starts if packed is not None else None
         state.plan = self._plan(batch, residents, starts) if has_lora else None
@@ -141,6 +143,20 @@ class ModelRunner:
         self.num_packed_steps += packed is not None
         self.num_static_steps += static
         return outputs
+
+    def _run_static(self, static: StaticStep) -> StaticOutputs | None:
+        """Replay (or capture) a static step; None when its capture failed, which turns static
+        steps off for good: this step and every later one then run the regular way, rather
+        than each shape failing its steps in turn."""
+        try:
+            return static.run()
+        except Exception:
+            if not static.is_capturing:
+                raise
+            log.exception("CUDA graph capture failed; static steps are off from now on")
+            self._static_max_tokens = 0
+            self._static.clear()
+            return None
 
     def _static_step(self, batch: Batch, residents: list[Resident | None]) -> StaticStep | None:
         """The step's fixed-shape twin, made on first use of its shape; None when static

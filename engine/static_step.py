@@ -185,6 +185,11 @@ class StaticStep:
         self.row_pages.copy_(torch.from_numpy(pages))
         self.row_scale.copy_(torch.from_numpy(scale))
 
+    @property
+    def is_capturing(self) -> bool:
+        """True until this step's graph exists, if it is to be captured at all."""
+        return self._capture and self._graph is None
+
     def run(self) -> StaticOutputs:
         """The forward over the buffers: replayed once captured, else run eagerly (and
         captured first when ``capture`` is set)."""

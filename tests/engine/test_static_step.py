@@ -189,3 +189,37 @@ def test_an_encoder_that_takes_no_4d_mask_never_runs_static(
     batch, token_ids = _mixed_batch(backbone, keys, 3)
     static.step(batch, token_ids)  # the regular way, and right
     assert static.num_static_steps == 0
+
+
+def test_a_failed_capture_turns_static_steps_off_and_the_step_still_answers(
+    backbone, fleet, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A capture can fail on a GPU (an encoder that reads the device back mid-forward): the
+    step falls back to the regular path, and no later step tries to capture again."""
+    import contextlib
+
+    class FakeStream:
+        def wait_stream(self, other) -> None:
+            pass
+
+    @contextlib.contextmanager
+    def failing_graph(graph, *args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    memory, keys = fleet
+    regular, static = _runners(backbone, memory)
+    static._cuda_graphs = True  # as on CUDA: new static steps are to be captured
+    batch, token_ids = _mixed_batch(backbone, keys, 5)
+    with caplog.at_level("ERROR"):
+        got = static.step(batch, token_ids)
+    assert "CUDA graph capture failed" in caplog.text
+    assert_rows_close(got, regular.step(batch, token_ids))
+    assert static.num_static_steps == 0 and static._static_step(batch, []) is None
+    static.step(batch, token_ids)  # no second capture, no second error
+    assert caplog.text.count("CUDA graph capture failed") == 1
