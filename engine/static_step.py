@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.adapters import POOLING_CLS_POOLER
 from engine.backbone import Backbone
 from engine.lora import LoraStepPlan, RankRun
 from engine.lora_kernels import GatherBmm
@@ -101,8 +102,6 @@ class StaticOutputs:
         self._cls = cls
 
     def pooled(self, pooling: str, lo: int, hi: int) -> torch.Tensor:
-        from engine.adapters import POOLING_CLS_POOLER
-
         if pooling == POOLING_CLS_POOLER:
             assert self._cls is not None  # adapters that pool so are refused without a pooler
             return self._cls[lo:hi]
@@ -166,7 +165,9 @@ class StaticStep:
             runs=(RankRun(0, 1, 0, rows, rank),),
         )
 
-    def load(self, token_ids: Sequence[Sequence[int]], row_residents: Sequence[Resident | None]):
+    def load(
+        self, token_ids: Sequence[Sequence[int]], row_residents: Sequence[Resident | None]
+    ) -> None:
         """Fill the input buffers for a step of these rows (one resident per row; None for a
         row without LoRA). Rows past the real ones attend to their first token only."""
         rows, tokens, rank = self.shape.rows, self.shape.tokens, self.shape.rank
