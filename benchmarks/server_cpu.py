@@ -2,6 +2,11 @@
 every request is parsed, authenticated, resolved, tokenized and answered) and the model thread.
 
     python -m benchmarks.server_cpu [--requests 3000] [--concurrency 32] [--quantize int8]
+        [--embedded]
+
+``--embedded`` measures the engine in this process instead, called as an embedding
+application calls it: the event loop's share is then the engine's front end alone
+(resolution, tokenization, admission, delivery) plus the closed loop's own small cost.
 
 A closed loop of ``--concurrency`` clients sends one SMS per request over keep-alive
 connections to a server in its own process (as deployed), after ``--warmup`` requests; the
@@ -28,6 +33,37 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
             fields = f.read().rsplit(")", 1)[1].split()
         out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
     return out
+
+
+async def measure_embedded(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """The same closed loop against an Engine in this process: its event loop is this thread."""
+    import time
+
+    from benchmarks.load_fleet import build_fleet
+    from benchmarks.load_targets import TargetOptions, open_target
+    from benchmarks.open_loop import closed_loop
+
+    fleet = build_fleet(work, args.adapters, args.tenants)
+    options = TargetOptions(threads=args.threads, quantize=args.quantize, timeout_s=None)
+    requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
+    async with open_target("embedded", fleet, options) as target:
+        await closed_loop(target, requests[: args.warmup], concurrency=args.concurrency)
+        before = await target.counters()
+        loop_before = time.thread_time()
+        answered, wall_s = await closed_loop(target, requests, concurrency=args.concurrency)
+        loop_s = time.thread_time() - loop_before
+        after = await target.counters()
+    if answered != args.requests:
+        raise RuntimeError(f"{args.requests - answered} of {args.requests} requests failed")
+    num_steps = after["steps"] - before["steps"]
+    per_request = 1e6 / args.requests
+    return {
+        "requests_per_s": args.requests / wall_s,
+        "rows_per_step": args.requests / num_steps if num_steps else 0.0,
+        "event_loop_us": loop_s * per_request,
+        "model_thread_us": (after["step_cpu_us"] - before["step_cpu_us"]) / args.requests,
+        "other_threads_us": 0.0,  # not measured in process: loaders and tokenizers are idle
+    }
 
 
 async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
@@ -81,10 +117,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--tenants", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quantize", default="int8", help="none or int8")
+    parser.add_argument(
+        "--embedded", action="store_true", help="the engine in this process, not the server"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="graft-server-cpu-") as tmp:
-        result = asyncio.run(measure(args, Path(tmp)))
+        run = measure_embedded if args.embedded else measure
+        result = asyncio.run(run(args, Path(tmp)))
     print(
         f"{args.requests} requests, {args.concurrency} in flight: "
         f"{result['requests_per_s']:.1f} req/s, {result['rows_per_step']:.1f} rows a step; "

@@ -27,6 +27,15 @@ def test_server_cpu_splits_the_server_process_by_thread() -> None:
     assert result["event_loop_us"] > 0 and result["model_thread_us"] > 0
 
 
+def test_server_cpu_measures_the_embedded_engine_too() -> None:
+    from benchmarks import server_cpu
+
+    argv = ["--requests", "40", "--warmup", "5", "--concurrency", "4", "--adapters", "4"]
+    result = server_cpu.main([*argv, "--embedded"])
+    assert result["requests_per_s"] > 0 and result["rows_per_step"] >= 1
+    assert result["event_loop_us"] > 0 and result["model_thread_us"] > 0
+
+
 def test_forward_dtypes_times_every_dtype_and_attention_kernel(capsys) -> None:
     from benchmarks import forward_dtypes
 
