@@ -20,7 +20,9 @@ import torch
 from engine.adapters import POOLING_CLS_POOLER
 from engine.backbone import Backbone
 
-_CHECK_TEXTS = ("a short one", "and a somewhat longer second row, to check the packed attention")
+# load-time checks of a backbone (packing here, static steps in engine/static_step.py) run it
+# on these texts both ways and compare every real token's hidden state
+CHECK_TEXTS = ("a short one", "and a somewhat longer second row, to check the packed attention")
 # largest hidden-state difference accepted between a row padded and packed: float32 agrees to
 # rounding; bfloat16 and int8 weights differ by up to 0.02 on MiniLM (one rounding step amplified
 # through the layers), while a real fault (attention leaking across rows, positions ignored)
@@ -101,10 +103,16 @@ class PackedOutputs:
         self._cls = self._backbone.model.pooler(first[:, None, :])
 
 
+def check_tolerance(backbone: Backbone, dtype: torch.dtype) -> float:
+    """The largest hidden-state difference a load-time check accepts for this precision."""
+    exact = dtype == torch.float32 and backbone.quantize == "none"
+    return _CHECK_TOLERANCE if exact else _CHECK_TOLERANCE_LOW_PRECISION
+
+
 def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
     """Run two texts padded and packed (no LoRA): True when every row's hidden states agree."""
     model = backbone.model
-    token_ids = [backbone.tokenizer(text)["input_ids"] for text in _CHECK_TEXTS]
+    token_ids = [backbone.tokenizer(text)["input_ids"] for text in CHECK_TEXTS]
     width = max(len(row) for row in token_ids)
     ids = torch.zeros((len(token_ids), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -112,8 +120,7 @@ def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     inputs = pack(token_ids, device, dtype)
-    exact = dtype == torch.float32 and backbone.quantize == "none"
-    tolerance = _CHECK_TOLERANCE if exact else _CHECK_TOLERANCE_LOW_PRECISION
+    tolerance = check_tolerance(backbone, dtype)
     try:
         with torch.inference_mode():
             padded = model(input_ids=ids.to(device), attention_mask=mask.to(device))

@@ -28,10 +28,7 @@ from engine.backbone import Backbone
 from engine.lora import LoraStepPlan, RankRun
 from engine.lora_kernels import GatherBmm
 from engine.memory import AdapterMemory, Resident
-
-_CHECK_TEXTS = ("a short one", "and a somewhat longer second row, to check the 4-D mask")
-_CHECK_TOLERANCE = 1e-4  # float32 agrees to rounding (see engine/packing.py for the others)
-_CHECK_TOLERANCE_LOW_PRECISION = 0.1
+from engine.packing import CHECK_TEXTS, check_tolerance
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -67,7 +64,7 @@ def static_steps_work(backbone: Backbone, device: str, dtype: torch.dtype) -> bo
     """Run two texts with the usual 2-D mask and as a static step would, padded further and
     with a 4-D boolean mask (no LoRA): True when every real token's hidden state agrees. An
     encoder that builds its attention mask its own way fails, and then never runs static."""
-    token_ids = [backbone.tokenizer(text)["input_ids"] for text in _CHECK_TEXTS]
+    token_ids = [backbone.tokenizer(text)["input_ids"] for text in CHECK_TEXTS]
     width = max(len(row) for row in token_ids)
     padded_width = bucket(width, TOKEN_BUCKETS) or width
     ids = torch.zeros((2, len(token_ids), padded_width), dtype=torch.long)
@@ -75,8 +72,7 @@ def static_steps_work(backbone: Backbone, device: str, dtype: torch.dtype) -> bo
         ids[0, i, : len(row)] = torch.tensor(row)
         ids[1, i, : len(row)] = 1
     ids = ids.to(device)
-    exact = dtype == torch.float32 and backbone.quantize == "none"
-    tolerance = _CHECK_TOLERANCE if exact else _CHECK_TOLERANCE_LOW_PRECISION
+    tolerance = check_tolerance(backbone, dtype)
     attend = ids[1].bool()[:, None, None, :].expand(-1, 1, padded_width, padded_width)
     try:
         with torch.inference_mode():
