@@ -2,7 +2,7 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
-# switch lookahead graphs. Default: tests graphs load, at most about 9 minutes on an H100 or
+# switch lookahead graphs graphs-bert. Default: tests graphs load, at most about 9 minutes on an H100 or
 # H200 (each step is bounded), plus half a minute to start the machine: the kernels and the
 # engine on CUDA first (the fused kernel, the loop's kept views and the CUDA-graph capture
 # have not yet run on a GPU), then CUDA graphs timed, then the load sweep. A second call:
@@ -92,9 +92,17 @@ for step in $STEPS; do
         --adapters 1,16 --top 0 --cuda-graphs
       run 40 graphs-profile-eager python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
         --adapters 1,16 --top 0
-      run 100 graphs-load $LOAD --out "$WORK/graphs" --cuda-graphs \
-        --only embedded-sms-1a,embedded-sms-1000a-zipf,backbone-sms
+      run 130 graphs-load $LOAD --out "$WORK/graphs" --cuda-graphs \
+        --only embedded-sms-1a,embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf
       tar -czf "$OUT/load_graphs.tgz" -C "$WORK" graphs 2>/dev/null ;;
+    graphs-bert)
+      # the BERT-base shape with graphs, against the same without and the bare backbone
+      run 75 graphs-bert $LOAD --hidden 768 --layers 12 --out "$WORK/graphs-bert" \
+        --cuda-graphs --only embedded-sms-1000a-zipf
+      run 90 graphs-bert-eager $LOAD --hidden 768 --layers 12 --out "$WORK/graphs-bert-eager" \
+        --only embedded-sms-1000a-zipf,backbone-sms
+      tar -czf "$OUT/load_graphs_bert.tgz" -C "$WORK" graphs-bert graphs-bert-eager \
+        2>/dev/null ;;
     switch)
       # the interpreter's switch interval: 0.5 ms against Python's 5 ms, 1,000 adapters
       for ms in 0.5 5; do
