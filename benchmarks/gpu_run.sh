@@ -2,11 +2,11 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
-# switch lookahead graphs graphs-bert. Default: tests graphs load, at most about 9 minutes on an H100 or
-# H200 (each step is bounded), plus half a minute to start the machine: the kernels and the
-# engine on CUDA first (the fused kernel, the loop's kept views and the CUDA-graph capture
-# have not yet run on a GPU), then CUDA graphs timed, then the load sweep. A second call:
-# profile lookahead bert-load peft. Logs, JSON and the load runs'
+# switch lookahead graphs graphs-bert precapture. Default: tests graphs load, at most about 9
+# minutes on an H100 or H200 (each step is bounded), plus a minute or two to start the
+# machine: the kernels and the engine on CUDA first, then CUDA graphs (on by default on CUDA)
+# against eager steps, then the load sweep. A second call: profile lookahead bert-load peft.
+# Logs, JSON and the load runs'
 # records (one .tgz per load step) go to $OUT (default benchmarks/out/gpu).
 #
 # Load steps size the adapter pool for every adapter of the fleet (--adapter-pages 8192: 1,000
@@ -91,7 +91,7 @@ for step in $STEPS; do
       run 40 graphs-profile python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
         --adapters 1,16 --top 0 --cuda-graphs
       run 40 graphs-profile-eager python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
-        --adapters 1,16 --top 0
+        --adapters 1,16 --top 0 --no-cuda-graphs
       run 130 graphs-load $LOAD --out "$WORK/graphs" --cuda-graphs \
         --only embedded-sms-1a,embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf
       tar -czf "$OUT/load_graphs.tgz" -C "$WORK" graphs 2>/dev/null ;;
@@ -100,9 +100,18 @@ for step in $STEPS; do
       run 75 graphs-bert $LOAD --hidden 768 --layers 12 --out "$WORK/graphs-bert" \
         --cuda-graphs --only embedded-sms-1000a-zipf
       run 90 graphs-bert-eager $LOAD --hidden 768 --layers 12 --out "$WORK/graphs-bert-eager" \
-        --only embedded-sms-1000a-zipf,backbone-sms
+        --no-cuda-graphs --only embedded-sms-1000a-zipf,backbone-sms
       tar -czf "$OUT/load_graphs_bert.tgz" -C "$WORK" graphs-bert graphs-bert-eager \
         2>/dev/null ;;
+    precapture)
+      # graphs captured at start-up, not on a step's first use (session 12): the CUDA tests,
+      # then 1,000 tenants on MiniLM with the bare backbone, then on the BERT-base shape
+      run 90 cuda-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_cuda.py
+      run 100 precapture-load $LOAD --out "$WORK/precapture" \
+        --only embedded-sms-1000a-zipf,backbone-sms
+      run 80 precapture-bert $LOAD --hidden 768 --layers 12 --out "$WORK/precapture-bert" \
+        --only embedded-sms-1000a-zipf
+      tar -czf "$OUT/load_precapture.tgz" -C "$WORK" precapture precapture-bert 2>/dev/null ;;
     switch)
       # the interpreter's switch interval: 0.5 ms against Python's 5 ms, 1,000 adapters
       for ms in 0.5 5; do

@@ -143,8 +143,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--cuda-graphs",
-        action="store_true",
-        help="graft's steps captured in CUDA graphs and replayed (EngineConfig.cuda_graphs)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="graft's steps captured in CUDA graphs and replayed (EngineConfig.cuda_graphs; "
+        "default: the engine's, on with CUDA)",
     )
     p.add_argument(
         "--contended-tokens",

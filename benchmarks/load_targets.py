@@ -63,7 +63,7 @@ class TargetOptions:
     lookahead_rows: int | None = None  # graft's EngineConfig.lookahead_rows (None: by device)
     # graft's EngineConfig.contended_batch_tokens ("auto": by device)
     contended_tokens: int | str | None = "auto"
-    cuda_graphs: bool = False  # graft's EngineConfig.cuda_graphs
+    cuda_graphs: bool | None = None  # graft's EngineConfig.cuda_graphs (None: its default)
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
     max_batch_tokens: int = 8192

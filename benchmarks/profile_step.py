@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--cuda-graphs",
-        action="store_true",
-        help="steps captured in CUDA graphs and replayed (EngineConfig.cuda_graphs)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="steps captured in CUDA graphs and replayed (EngineConfig.cuda_graphs; default: "
+        "the engine's, on with CUDA)",
     )
     parser.add_argument(
         "--ops", type=int, default=0, help="list this many ops a step calls more than bare"

@@ -160,9 +160,9 @@ class AdapterStore:
         }
 
 
-def check_pool_fits(registry: Registry, base_sha256: str, num_pages: int) -> None:
+def check_pool_fits(dependents: Sequence[AdapterRecord], num_pages: int) -> None:
     """Refuse to start when a registered adapter for this backbone could never be paged in."""
-    largest = max(registry.dependents(base_sha256), key=lambda r: r.rank, default=None)
+    largest = max(dependents, key=lambda r: r.rank, default=None)
     if largest is not None and largest.rank > num_pages:
         raise ValueError(
             f"adapter_pages={num_pages} cannot hold {largest.full_name}@{largest.version} "

@@ -171,6 +171,8 @@ class Engine:
             counts["steps"] = self._model.runner.num_steps
             counts["packed_steps"] = self._model.runner.num_packed_steps
             counts["static_steps"] = self._model.runner.num_static_steps  # fixed shapes (graphs)
+            counts["static_captures"] = self._model.runner.num_captures
+            counts["static_capture_us"] = round(self._model.runner.capture_seconds * 1e6)
             counts["rows"] = self._model.runner.num_rows
             counts["interludes"] = self._steps.num_interludes  # steps run inside a longer one
             counts["step_busy_us"] = self._steps.busy_us  # model thread in steps, microseconds

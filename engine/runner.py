@@ -4,7 +4,8 @@ Runs on the engine's single model thread; never touches asyncio.
 """
 
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,14 @@ from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
 from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
 from engine.memory import AdapterMemory, Resident
 from engine.packing import PackedInputs, PackedOutputs, pack, packing_works, worth_packing
-from engine.static_step import Shape, StaticOutputs, StaticStep, shape_of, static_steps_work
+from engine.static_step import (
+    Shape,
+    StaticOutputs,
+    StaticStep,
+    shape_of,
+    shapes_for,
+    static_steps_work,
+)
 from engine.step_heads import head_probs
 from kernels import PoolViews
 from scheduler import Batch
@@ -90,7 +98,10 @@ class ModelRunner:
         self._cuda_graphs = cuda_graphs and device.startswith("cuda")
         self._static: dict[Shape, StaticStep] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self._cuda_graphs else None
+        self._capture_stream = torch.cuda.Stream() if self._cuda_graphs else None
         self.num_static_steps = 0
+        self.num_captures = 0
+        self.capture_seconds = 0.0
 
     @torch.inference_mode()
     def step(self, batch: Batch, token_ids: Sequence[Sequence[int]]) -> list[RowOutput]:
@@ -148,8 +159,10 @@ class ModelRunner:
         """Replay (or capture) a static step; None when its capture failed, which turns static
         steps off for good: this step and every later one then run the regular way, rather
         than each shape failing its steps in turn."""
+        capturing = static.is_capturing
+        start = time.perf_counter()
         try:
-            return static.run()
+            outputs = static.run()
         except Exception:
             if not static.is_capturing:
                 raise
@@ -157,15 +170,43 @@ class ModelRunner:
             self._static_max_tokens = 0
             self._static.clear()
             return None
+        if capturing:
+            self.num_captures += 1
+            self.capture_seconds += time.perf_counter() - start
+        return outputs
+
+    def capture_static(self, ranks: Iterable[int]) -> int:
+        """Capture, before serving, every shape a step of adapters of these ranks can take:
+        a capture on first use held up every request behind it, up to a second on an H200
+        (benchmarks/RESULTS.md). Shapes of other ranks are captured on first use. Returns
+        how many were captured."""
+        if not self._cuda_graphs or self._static_max_tokens <= 0:
+            return 0
+        before = self.num_captures
+        width = self._backbone.max_tokens
+        with torch.inference_mode():
+            for shape in shapes_for(ranks, self._static_max_tokens, width):
+                step = self._static_of(shape)
+                step.load([], [])  # padding rows: any contents will do for a capture
+                if self._run_static(step) is None:
+                    break  # capture failed: static steps are off (logged)
+        return self.num_captures - before
 
     def _static_step(self, batch: Batch, residents: list[Resident | None]) -> StaticStep | None:
         """The step's fixed-shape twin, made on first use of its shape; None when static
         steps are off or no bucket holds this one."""
         if self._static_max_tokens <= 0:
             return None
-        shape = shape_of(len(batch.rows), batch.max_tokens, residents, self._static_max_tokens)
-        if shape is None:
-            return None
+        shape = shape_of(
+            len(batch.rows),
+            batch.max_tokens,
+            residents,
+            self._static_max_tokens,
+            self._backbone.max_tokens,
+        )
+        return None if shape is None else self._static_of(shape)
+
+    def _static_of(self, shape: Shape) -> StaticStep:
         step = self._static.get(shape)
         if step is None:
             step = self._static[shape] = StaticStep(
@@ -176,6 +217,7 @@ class ModelRunner:
                 self._pad_id,
                 capture=self._cuda_graphs,
                 graph_pool=self._graph_pool,
+                capture_stream=self._capture_stream,
             )
         return step
 

@@ -6,6 +6,7 @@ old weights can outlive them.
 """
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ from registry import Registry
 from scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+CAPTURE_RANK = 8  # training's default rank: its shapes are captured even before any adapter
 
 
 @dataclass(slots=True)
@@ -52,9 +55,10 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
     )
     registry = Registry(config.registry_dir)
     registry.register_base(backbone.sha256, backbone.name)
-    check_pool_fits(registry, backbone.sha256, config.adapter_pages)
+    dependents = registry.dependents(backbone.sha256)
+    check_pool_fits(dependents, config.adapter_pages)
     memory = AdapterMemory(backbone, config.adapter_pages, config.device, config.torch_dtype)
-    host = HostCache(config.host_cache_bytes)
+    host = HostCache(_host_budget(config, memory.pool_bytes))
     store = AdapterStore(
         registry,
         backbone,
@@ -70,10 +74,12 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
         config.device,
         kernel,
         pack_max_tokens=config.pack_max_tokens,
-        static_max_tokens=config.max_batch_tokens if config.cuda_graphs else 0,
-        cuda_graphs=config.cuda_graphs,
+        static_max_tokens=config.max_batch_tokens if config.uses_cuda_graphs else 0,
+        cuda_graphs=config.uses_cuda_graphs,
     )
     log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
+    if config.uses_cuda_graphs:
+        _capture_up_front(runner, {record.rank for record in dependents} | {CAPTURE_RANK})
     settings = TenantSettings(registry, scheduler, scheduler.default_policy)
     return ServingStack(
         backbone=backbone,
@@ -85,3 +91,26 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
         settings=settings,
         embeddings=EmbeddingCache(config.embedding_cache_bytes),
     )
+
+
+def _capture_up_front(runner: ModelRunner, ranks: set[int]) -> None:
+    start = time.perf_counter()
+    count = runner.capture_static(ranks)
+    log.info(
+        "captured %d CUDA graphs (LoRA ranks %s) in %.1f s",
+        count,
+        ",".join(map(str, sorted(ranks))),
+        time.perf_counter() - start,
+    )
+
+
+def _host_budget(config: EngineConfig, pool_bytes: int) -> int:
+    budget = config.host_budget_bytes(pool_bytes)
+    if budget < pool_bytes:
+        log.warning(
+            "host_cache_bytes=%d is below the device pool's %d bytes: adapters the host tier "
+            "drops are read from disk again even while the device holds them",
+            budget,
+            pool_bytes,
+        )
+    return budget

@@ -17,7 +17,8 @@ Off CUDA, or before its capture, a static step runs eagerly: that is how the CPU
 against the regular step.
 """
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,16 +49,37 @@ class Shape:
 
 
 def shape_of(
-    num_rows: int, max_tokens: int, residents: Sequence[Resident | None], max_padded: int
+    num_rows: int,
+    max_tokens: int,
+    residents: Sequence[Resident | None],
+    max_padded: int,
+    max_width: int = TOKEN_BUCKETS[-1],
 ) -> Shape | None:
-    """The bucket of a step, or None when it has none (it then runs the regular way)."""
+    """The bucket of a step, or None when it has none (it then runs the regular way). Tokens
+    pad to at most ``max_width``, the backbone's position limit, which a bucket may pass."""
     max_rank = max((len(r.pages) for r in residents if r is not None), default=0)
     rows = bucket(num_rows, ROW_BUCKETS)
     tokens = bucket(max_tokens, TOKEN_BUCKETS)
     rank = bucket(max(max_rank, 1), RANK_BUCKETS)
-    if rows is None or tokens is None or rank is None or rows * tokens > max_padded:
+    if rows is None or tokens is None or rank is None:
+        return None
+    tokens = max(min(tokens, max_width), max_tokens)
+    if rows * tokens > max_padded:
         return None
     return Shape(rows, tokens, rank)
+
+
+def shapes_for(ranks: Iterable[int], max_padded: int, max_width: int) -> list[Shape]:
+    """Every shape a step of adapters of these ranks can take, for capturing them up front."""
+    rank_buckets = sorted({b for b in (bucket(max(r, 1), RANK_BUCKETS) for r in ranks) if b})
+    widths = sorted({min(t, max_width) for t in TOKEN_BUCKETS})
+    return [
+        Shape(rows, tokens, rank)
+        for rank in rank_buckets
+        for rows in ROW_BUCKETS
+        for tokens in widths
+        if rows * tokens <= max_padded
+    ]
 
 
 def static_steps_work(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
@@ -118,6 +140,7 @@ class StaticStep:
         *,
         capture: bool,
         graph_pool: object | None = None,
+        capture_stream: "torch.cuda.Stream | None" = None,
     ) -> None:
         self._backbone = backbone
         self._memory = memory
@@ -125,6 +148,7 @@ class StaticStep:
         self._pad_id = pad_id
         self._capture = capture
         self._graph_pool = graph_pool
+        self._capture_stream = capture_stream
         self._graph: torch.cuda.CUDAGraph | None = None
         rows, tokens, rank = shape.rows, shape.tokens, shape.rank
         num_modules = len(backbone.linear_names)
@@ -200,18 +224,27 @@ class StaticStep:
         return self.outputs
 
     def _captured(self) -> "torch.cuda.CUDAGraph":
-        side = torch.cuda.Stream()
+        """Warm up and capture on the runner's one side stream. Not ``torch.cuda.graph``: it
+        synchronises and empties the device's and pinned host memory's caching allocators
+        before each capture, a cost every step behind a capture in serving waits out."""
+        side = self._capture_stream or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             for _ in range(2):  # cuBLAS workspaces and kernel choices settle before capture
                 self._forward()
+            # thread_local: a loader thread pinning host memory meanwhile is not an error;
+            # graphs share one memory pool, safe since one stream replays them one at a time,
+            # and their outputs go to buffers allocated before capture
+            graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
+            try:
+                self._forward()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the forward's error is the one to see
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a loader thread pinning host memory meanwhile is not an error; graphs
-        # share one memory pool, safe since one stream replays them one at a time, and their
-        # outputs go to buffers allocated before capture
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            self._forward()
         return graph
 
     def _forward(self) -> None:

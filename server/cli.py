@@ -223,8 +223,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--cuda-graphs",
-        action="store_true",
-        help="CUDA: capture each step shape in a CUDA graph and replay it (not yet timed)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="capture step shapes in CUDA graphs and replay them (default: on with CUDA)",
     )
     p.add_argument(
         "--dtype",

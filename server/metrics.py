@@ -35,6 +35,16 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
         COUNTER,
         "Steps run as fixed shapes, replayed from CUDA graphs (cuda_graphs on).",
     ),
+    "static_captures": (
+        "static_captures",
+        COUNTER,
+        "Step shapes captured in CUDA graphs, at start-up and on first use after.",
+    ),
+    "static_capture_us": (
+        "static_capture_seconds",
+        COUNTER,
+        "Time spent capturing CUDA graphs; its growth while serving is time steps waited.",
+    ),
     "rows": ("rows", COUNTER, "Inputs run through the backbone."),
     "interludes": ("interludes", COUNTER, "Short steps run between two layers of a longer one."),
     "step_busy_us": (
@@ -73,7 +83,8 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "embedding_cache_bytes": ("embedding_cache_bytes", GAUGE, "Bytes of pooled outputs held."),
 }
 
-_SCALE = {"step_busy_us": 1e-6, "step_cpu_us": 1e-6}  # to the metric's base unit
+# to the metric's base unit
+_SCALE = {"step_busy_us": 1e-6, "step_cpu_us": 1e-6, "static_capture_us": 1e-6}
 
 # every key of Engine.tenant_stats()[tenant], all monotonic: graft_tenant_<key>_total
 TENANT_HELP = {

@@ -23,7 +23,9 @@ pytestmark = [
 async def test_cuda_engine_equals_cpu_engine(fleet_registry, kernel: str) -> None:
     async with Engine(EngineConfig(registry_dir=fleet_registry.root)) as cpu:
         expected = await answers(cpu, fleet_registry)
-    config = EngineConfig(registry_dir=fleet_registry.root, device="cuda", lora_kernel=kernel)
+    config = EngineConfig(  # eager steps: with graphs every step runs the gather kernel
+        registry_dir=fleet_registry.root, device="cuda", lora_kernel=kernel, cuda_graphs=False
+    )
     async with Engine(config) as gpu:
         got = await answers(gpu, fleet_registry)
         stats = gpu.stats()
@@ -38,9 +40,10 @@ async def test_cuda_graphs_replay_what_the_cpu_engine_answers(fleet_registry) ->
     async with Engine(EngineConfig(registry_dir=fleet_registry.root)) as cpu:
         expected = await answers(cpu, fleet_registry)
     config = EngineConfig(
-        registry_dir=fleet_registry.root, device="cuda", cuda_graphs=True, adapter_pages=96
-    )
+        registry_dir=fleet_registry.root, device="cuda", adapter_pages=96
+    )  # graphs are the default on CUDA
     async with Engine(config) as gpu:
+        captured = gpu.stats()["static_captures"]  # at start-up, for the registry's ranks
         first = await answers(gpu, fleet_registry)
         again = await answers(gpu, fleet_registry)
         runner = gpu._loaded.runner
@@ -48,6 +51,8 @@ async def test_cuda_graphs_replay_what_the_cpu_engine_answers(fleet_registry) ->
     assert_close(first, expected, atol=1e-4)
     assert_close(again, expected, atol=1e-4)
     assert runner.num_static_steps == runner.num_steps == stats["static_steps"]  # all fit
+    assert stats["static_captures"] == captured == len(runner._static)  # none while serving
+    assert stats["static_capture_us"] > 0
     assert stats["adapter_device_evictions"] > 0
     graphs = [step._graph for step in runner._static.values()]
     assert graphs and all(g is not None for g in graphs)

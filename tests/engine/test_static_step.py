@@ -99,72 +99,123 @@ def test_shapes_are_bucketed_and_bounded(backbone, fleet) -> None:
     assert shape_of(1, 600, residents[:1], 8192) is None  # past the longest token bucket
 
 
-def test_cuda_graphs_are_refused_off_cuda_and_reach_the_runner_from_the_cli() -> None:
+def test_cuda_graphs_are_on_with_cuda_refused_off_it_and_reach_the_runner_from_the_cli() -> None:
     from engine import EngineConfig
     from server.cli import _parser, engine_config
 
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         EngineConfig(cuda_graphs=True)
-    assert not EngineConfig(device="cuda").cuda_graphs  # opt-in until timed on a GPU
-    args = _parser().parse_args(["serve", "--device", "cuda", "--cuda-graphs"])
-    assert engine_config(args).cuda_graphs
+    assert EngineConfig(device="cuda").uses_cuda_graphs  # the default where steps are host-bound
+    assert not EngineConfig().uses_cuda_graphs
+    assert not EngineConfig(device="cuda", cuda_graphs=False).uses_cuda_graphs
+    parse = _parser().parse_args
+    assert engine_config(parse(["serve", "--device", "cuda"])).uses_cuda_graphs
+    assert engine_config(parse(["serve", "--device", "cuda", "--cuda-graphs"])).cuda_graphs
+    off = engine_config(parse(["serve", "--device", "cuda", "--no-cuda-graphs"]))
+    assert not off.uses_cuda_graphs
+
+
+class _FakeCuda:
+    """torch.cuda's capture API stood in for on the CPU: a graph records the forward run under
+    capture and reruns it on replay; every call must fit the real API's signature."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
+        import contextlib
+        import inspect
+
+        real = torch.cuda
+        self.calls: list[str] = []
+        self.forward = None
+        calls = self.calls
+        fake = self
+
+        class FakeStream:
+            def __init__(self, *args, **kwargs) -> None:
+                inspect.signature(real.Stream).bind(*args, **kwargs)
+
+            def wait_stream(self, other) -> None:
+                calls.append("wait")
+
+        class FakeGraph:
+            def capture_begin(self, *args, **kwargs) -> None:
+                inspect.signature(real.CUDAGraph.capture_begin).bind(self, *args, **kwargs)
+                calls.append("capture")
+                self.forward = fake.forward
+
+            def capture_end(self) -> None:
+                calls.append("end")
+
+            def replay(self) -> None:
+                calls.append("replay")
+                self.forward()
+
+        @contextlib.contextmanager
+        def fake_stream(stream):
+            calls.append("side stream")
+            yield
+
+        def no_graph(*args, **kwargs):  # it empties the caching allocators: never used
+            raise AssertionError("torch.cuda.graph called")
+
+        monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
+        monkeypatch.setattr(torch.cuda, "stream", fake_stream)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+        monkeypatch.setattr(torch.cuda, "graph", no_graph)
+        if fail:
+
+            def failing_begin(self, *args, **kwargs):
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+            monkeypatch.setattr(FakeGraph, "capture_begin", failing_begin)
 
 
 def test_a_captured_step_warms_up_captures_once_and_replays(
     backbone, fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The capture's flow, with torch.cuda stood in for on the CPU: the fake graph records
-    the forward run under capture and reruns it on replay, and every call must fit the real
-    torch.cuda API's signature."""
-    import contextlib
-    import inspect
-
-    real = torch.cuda
-    calls: list[str] = []
-
-    class FakeStream:
-        def __init__(self, *args, **kwargs) -> None:
-            inspect.signature(real.Stream).bind(*args, **kwargs)
-
-        def wait_stream(self, other) -> None:
-            calls.append("wait")
-
-    class FakeGraph:
-        def __init__(self) -> None:
-            self.forward = None
-
-        def replay(self) -> None:
-            calls.append("replay")
-            self.forward()
-
-    @contextlib.contextmanager
-    def fake_graph(graph, *args, **kwargs):
-        inspect.signature(real.graph).bind(graph, *args, **kwargs)
-        calls.append("capture")
-        graph.forward = step._forward
-        yield
-
-    @contextlib.contextmanager
-    def fake_stream(stream):
-        calls.append("side stream")
-        yield
-
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
-    monkeypatch.setattr(torch.cuda, "stream", fake_stream)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    fake = _FakeCuda(monkeypatch)
     memory, keys = fleet
     regular, static = _runners(backbone, memory)
     batch, token_ids = _mixed_batch(backbone, keys, 6)
     step = static._static_step(batch, [memory.get(k) for k in batch.seg_adapter])
     assert step is not None
     step._capture = True  # as a runner on CUDA with cuda_graphs makes it
+    fake.forward = step._forward
     with torch.inference_mode():
         for rows in (6, 7):
             batch, token_ids = _mixed_batch(backbone, keys, rows)
             assert_rows_close(static.step(batch, token_ids), regular.step(batch, token_ids))
-    assert calls == ["wait", "side stream", "wait", "capture", "replay", "replay"]
+    assert fake.calls == ["wait", "side stream", "capture", "end", "wait", "replay", "replay"]
+    assert static.num_captures == 1 and static.capture_seconds > 0
+
+
+def test_shapes_are_captured_up_front_for_the_ranks_given(
+    backbone, fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up captures every shape of the given ranks, so no step waits on a capture; a
+    step of such a shape then replays, and no shape passes the backbone's position limit."""
+    from engine.static_step import RANK_BUCKETS, ROW_BUCKETS, shapes_for
+
+    fake = _FakeCuda(monkeypatch)
+    memory, keys = fleet
+    regular, static = _runners(backbone, memory)
+    static._cuda_graphs = True
+    monkeypatch.setattr(static, "_static_max_tokens", 256)  # a few shapes, for speed
+    monkeypatch.setattr(backbone, "max_tokens", 48)
+    shapes = shapes_for([4, 8, 3], 256, backbone.max_tokens)
+    assert {s.rank for s in shapes} == {RANK_BUCKETS[0]}  # ranks 3..8 share the 8 bucket
+    assert {s.tokens for s in shapes} == {16, 32, 48}
+    assert all(s.rows * s.tokens <= 256 and s.rows in ROW_BUCKETS for s in shapes)
+    fake.forward = lambda: None
+    assert static.capture_static([8]) == len(shapes) == static.num_captures
+    assert set(static._static) == set(shapes)
+    fake.calls.clear()
+    batch, token_ids = _mixed_batch(backbone, keys[:1], 5)  # a rank of the 8 bucket
+    step = static._static_step(batch, [memory.get(k) for k in batch.seg_adapter])
+    assert step is not None and step.shape in shapes
+    step._graph.forward = step._forward
+    assert_rows_close(static.step(batch, token_ids), regular.step(batch, token_ids))
+    assert fake.calls == ["replay"] and static.num_captures == len(shapes)
 
 
 def test_an_encoder_that_takes_no_4d_mask_never_runs_static(
@@ -196,22 +247,7 @@ def test_a_failed_capture_turns_static_steps_off_and_the_step_still_answers(
 ) -> None:
     """A capture can fail on a GPU (an encoder that reads the device back mid-forward): the
     step falls back to the regular path, and no later step tries to capture again."""
-    import contextlib
-
-    class FakeStream:
-        def wait_stream(self, other) -> None:
-            pass
-
-    @contextlib.contextmanager
-    def failing_graph(graph, *args, **kwargs):
-        raise RuntimeError("operation not permitted when stream is capturing")
-        yield
-
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: FakeStream())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    _FakeCuda(monkeypatch, fail=True)
     memory, keys = fleet
     regular, static = _runners(backbone, memory)
     static._cuda_graphs = True  # as on CUDA: new static steps are to be captured

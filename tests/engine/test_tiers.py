@@ -127,11 +127,23 @@ async def test_in_flight_requests_keep_the_version_they_resolved(registry, publi
     assert set(old.scores) == {"a", "b"} and set(new.scores) == {"a", "b", "c"}
 
 
-async def test_a_tiny_host_budget_still_serves(registry, publish_random):
+def test_the_default_host_budget_covers_the_device_pool() -> None:
+    """A request pins its adapter on the host: a host tier smaller than the pool would make
+    adapters the device holds be read from disk again."""
+    assert EngineConfig().host_budget_bytes(1 << 20) == 2 << 30
+    assert EngineConfig().host_budget_bytes(8 << 30) == 10 << 30
+    assert EngineConfig(host_cache_bytes=1 << 20).host_budget_bytes(8 << 30) == 1 << 20
+
+
+async def test_a_tiny_host_budget_still_serves(registry, publish_random, caplog):
     for i in range(3):
         publish_random(registry, "acme", f"m{i}", seed=i)
     config = EngineConfig(registry_dir=registry.root, host_cache_bytes=0)
-    async with Engine(config) as engine:
+    with caplog.at_level("WARNING"):
+        engine = Engine(config)
+        await engine.start()
+    assert "host_cache_bytes=0 is below the device pool" in caplog.text  # said, not silent
+    async with engine:
         for _ in range(2):
             for i in range(3):
                 await engine.classify("acme", f"m{i}", ["x"])
