@@ -6,6 +6,7 @@ replays a whole captured forward in one call. Capture needs every shape and ever
 and nothing that waits for the device, so a static step:
 
 - pads rows and tokens up to a bucket (powers of two) and the LoRA rank to a rank bucket;
+  every step the scheduler forms has one, and all of them are captured at start-up;
 - runs LoRA on every wrapped Linear with the gather kernel, whose per-row pages and scales are
   data in fixed buffers (a row without LoRA on a module gets scale 0 and the zero page);
 - hands the encoder a 4-D boolean mask, which it takes as it is: from a 2-D mask it would
@@ -55,31 +56,38 @@ def shape_of(
     max_padded: int,
     max_width: int = TOKEN_BUCKETS[-1],
 ) -> Shape | None:
-    """The bucket of a step, or None when it has none (it then runs the regular way). Tokens
-    pad to at most ``max_width``, the backbone's position limit, which a bucket may pass."""
+    """The bucket of a step, or None when it has none (it then runs the regular way). Steps
+    of up to ``max_padded`` padded tokens have one, so every step the scheduler forms under
+    the same budget does: buckets may pad that up to 4x. Tokens pad to at most ``max_width``,
+    the backbone's position limit, which a bucket may pass."""
+    if num_rows * max_tokens > max_padded:
+        return None
     max_rank = max((len(r.pages) for r in residents if r is not None), default=0)
     rows = bucket(num_rows, ROW_BUCKETS)
     tokens = bucket(max_tokens, TOKEN_BUCKETS)
     rank = bucket(max(max_rank, 1), RANK_BUCKETS)
     if rows is None or tokens is None or rank is None:
         return None
-    tokens = max(min(tokens, max_width), max_tokens)
-    if rows * tokens > max_padded:
-        return None
-    return Shape(rows, tokens, rank)
+    return Shape(rows, max(min(tokens, max_width), max_tokens), rank)
 
 
 def shapes_for(ranks: Iterable[int], max_padded: int, max_width: int) -> list[Shape]:
-    """Every shape a step of adapters of these ranks can take, for capturing them up front."""
+    """Every shape ``shape_of`` can give steps of adapters of these ranks, for capturing
+    them up front: a bucket is reachable when its smallest rows and tokens fit the budget."""
     rank_buckets = sorted({b for b in (bucket(max(r, 1), RANK_BUCKETS) for r in ranks) if b})
-    widths = sorted({min(t, max_width) for t in TOKEN_BUCKETS})
-    return [
-        Shape(rows, tokens, rank)
+    shapes = {
+        Shape(rows, min(tokens, max_width), rank)
         for rank in rank_buckets
-        for rows in ROW_BUCKETS
-        for tokens in widths
-        if rows * tokens <= max_padded
-    ]
+        for fewest_rows, rows in _spans(ROW_BUCKETS)
+        for fewest_tokens, tokens in _spans(TOKEN_BUCKETS)
+        if fewest_rows * fewest_tokens <= max_padded and fewest_tokens <= max_width
+    }
+    return sorted(shapes, key=lambda s: (s.rank, s.rows, s.tokens))
+
+
+def _spans(buckets: Sequence[int]) -> list[tuple[int, int]]:
+    """(smallest value, bucket) for each bucket: what rounds up to it and to no smaller one."""
+    return [(previous + 1, b) for previous, b in zip((0, *buckets), buckets, strict=False)]
 
 
 def static_steps_work(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:

@@ -95,7 +95,9 @@ def test_shapes_are_bucketed_and_bounded(backbone, fleet) -> None:
     assert shape_of(3, 20, residents[:2], 8192) == Shape(4, 32, 8)
     assert shape_of(3, 20, residents, 8192) == Shape(4, 32, 64)
     assert shape_of(1, 16, [None], 8192) == Shape(1, 16, 8)
-    assert shape_of(64, 200, residents[:1], 8192) is None  # 64 x 256 padded tokens > 8192
+    assert shape_of(40, 200, residents[:1], 8192) == Shape(64, 256, 8)  # 8,000 real: fits
+    assert shape_of(64, 200, residents[:1], 8192) is None  # 12,800 padded tokens > 8192
+    assert shape_of(3, 100, residents[:1], 8192, max_width=110) == Shape(4, 110, 8)
     assert shape_of(1, 600, residents[:1], 8192) is None  # past the longest token bucket
 
 
@@ -194,7 +196,7 @@ def test_shapes_are_captured_up_front_for_the_ranks_given(
 ) -> None:
     """Start-up captures every shape of the given ranks, so no step waits on a capture; a
     step of such a shape then replays, and no shape passes the backbone's position limit."""
-    from engine.static_step import RANK_BUCKETS, ROW_BUCKETS, shapes_for
+    from engine.static_step import RANK_BUCKETS, shapes_for
 
     fake = _FakeCuda(monkeypatch)
     memory, keys = fleet
@@ -205,7 +207,11 @@ def test_shapes_are_captured_up_front_for_the_ranks_given(
     shapes = shapes_for([4, 8, 3], 256, backbone.max_tokens)
     assert {s.rank for s in shapes} == {RANK_BUCKETS[0]}  # ranks 3..8 share the 8 bucket
     assert {s.tokens for s in shapes} == {16, 32, 48}
-    assert all(s.rows * s.tokens <= 256 and s.rows in ROW_BUCKETS for s in shapes)
+    assert Shape(128, 16, 8) in shapes and Shape(128, 32, 8) not in shapes  # 65 x 17 > 256
+    for rows in range(1, 129):  # every step of the budget finds its shape captured
+        for tokens in range(1, 49):
+            shape = shape_of(rows, tokens, [None], 256, backbone.max_tokens)
+            assert (shape in shapes) == (rows * tokens <= 256)
     fake.forward = lambda: None
     assert static.capture_static([8]) == len(shapes) == static.num_captures
     assert set(static._static) == set(shapes)
