@@ -176,8 +176,15 @@ class Registry:
         """The tenant owning `api_key`, or None; never raises for any key value."""
         if not keys.is_well_formed_key(api_key):
             return None
-        with self._read() as conn:
-            return catalog.tenant_for_key(conn, keys.hash_api_key(api_key))
+        key_sha256 = keys.hash_api_key(api_key)
+        with self._read() as conn:  # every request asks: answered from the memo, as resolve
+            memo = self._memo.entries(conn)
+            tenant = memo.get(("api_key", key_sha256))
+            if tenant is None:
+                tenant = catalog.tenant_for_key(conn, key_sha256)
+                if tenant is not None:  # unknown keys are not kept: guesses cannot fill it
+                    memo[("api_key", key_sha256)] = tenant
+            return tenant
 
     # base models
 

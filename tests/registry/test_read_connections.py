@@ -31,6 +31,26 @@ def test_writes_from_another_process_are_seen_at_once(tmp_path: Path) -> None:
         assert serving.tenants() == ["acme", "beta"]
 
 
+def test_a_known_key_is_answered_without_a_query_until_the_catalog_changes(
+    tmp_path: Path,
+) -> None:
+    """Every request authenticates: a key seen before costs the memo's version check, not a
+    query; an unknown key is never kept, and a revocation is seen by the next call."""
+    with Registry(tmp_path / "reg") as registry:
+        key = registry.create_tenant("acme")
+        assert registry.authenticate(key) == "acme"
+        queries: list[str] = []
+        with registry._read() as conn:  # this thread's kept read connection
+            conn.set_trace_callback(queries.append)
+        assert registry.authenticate(key) == "acme"
+        assert not any("api_keys" in q for q in queries)
+        wrong = registry.issue_key("acme")[:-4] + "abcd"
+        assert registry.authenticate(wrong) is None and registry.authenticate(wrong) is None
+        assert sum("api_keys" in q for q in queries) == 2  # asked each time, never kept
+        registry.revoke_keys("acme")
+        assert registry.authenticate(key) is None
+
+
 def test_connections_of_ended_threads_are_closed(tmp_path: Path) -> None:
     with Registry(tmp_path / "reg") as registry:
         key = registry.create_tenant("acme")
