@@ -274,7 +274,10 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         switch_interval_ms=args.switch_interval_ms,
         lookahead_rows=args.lookahead_rows,
         contended_tokens=args.contended_tokens,
-        cuda_graphs=args.cuda_graphs,
+        # the engine's default made explicit, so each record's header says which ran
+        cuda_graphs=(
+            args.cuda_graphs if args.cuda_graphs is not None else args.device.startswith("cuda")
+        ),
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),
