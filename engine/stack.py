@@ -46,6 +46,8 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
     """Load and hash the backbone, open the registry, build the adapter tiers and the runner."""
     if config.intra_op_threads:
         torch.set_num_threads(config.intra_op_threads)
+    if config.device.startswith("cuda"):
+        use_device(config.device)
     backbone = load_backbone(
         config.backbone_dir,
         device=config.device,
@@ -114,3 +116,11 @@ def _host_budget(config: EngineConfig, pool_bytes: int) -> int:
             pool_bytes,
         )
     return budget
+
+
+def use_device(device: str) -> None:
+    """Make ``device`` the current CUDA device of this thread, the model thread: the capture
+    stream, graph replays and stream waits act on the current device, cuda:0 unless told."""
+    index = torch.device(device).index
+    if index is not None:
+        torch.cuda.set_device(index)

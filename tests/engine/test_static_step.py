@@ -265,3 +265,15 @@ def test_a_failed_capture_turns_static_steps_off_and_the_step_still_answers(
     assert static.num_static_steps == 0 and static._static_step(batch, []) is None
     static.step(batch, token_ids)  # no second capture, no second error
     assert caplog.text.count("CUDA graph capture failed") == 1
+
+
+def test_the_model_thread_runs_on_the_configured_cuda_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from engine.stack import use_device
+
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    use_device("cuda:1")  # graphs captured and replayed on cuda:1, not on cuda:0
+    use_device("cuda")  # the current device, whatever it is
+    assert chosen == [1]
