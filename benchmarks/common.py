@@ -48,6 +48,14 @@ class Timing:
         return asdict(self)
 
 
+def serial_torch_here() -> None:
+    """This thread (a harness's: fleets, clients, the event loop) runs torch on one thread, so
+    the engine's model thread owns the process's only OpenMP team: a second team makes GNU
+    OpenMP stop its workers spinning between ops (engine/adapter_store.py's loaders). Call
+    it before this thread's first torch op."""
+    torch.set_num_threads(1)
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM (what ``timeout`` and process managers send) into ``SystemExit`` in the main
     thread, so ``with`` blocks unwind: a benchmark stopped at its time limit still removes its

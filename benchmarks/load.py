@@ -41,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks import report  # noqa: E402
 from benchmarks.arrivals import ARRIVALS, CORPORA, POPULARITIES  # noqa: E402
+from benchmarks.common import serial_torch_here  # noqa: E402
 from benchmarks.load_fleet import Fleet, build_fleet  # noqa: E402
 from benchmarks.load_stats import RunSummary, sweeps  # noqa: E402
 from benchmarks.load_sweep import MAX_POINTS, Scenario, ScenarioRunner, SweepPlan  # noqa: E402
@@ -372,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
+    serial_torch_here()
     run_dir = args.out / time.strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory(prefix="graft-load-") as tmp:
         summaries = _run(run_all(args, run_dir, Path(tmp)))

@@ -57,6 +57,16 @@ def _time_ms(fn, sync, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
+def _profiled(fn, sync, repeats: int) -> cProfile.Profile:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(repeats):
+        fn()
+    sync()
+    profiler.disable()
+    return profiler
+
+
 def _random_backbone(args: argparse.Namespace, work: Path) -> str:
     """A random-weight BERT of ``--hidden`` and ``--layers``: small ones are host-bound on a
     CPU too, as GPU steps are."""
@@ -94,11 +104,15 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     async with Engine(config) as engine:
         model = engine._loaded
+
+        def on_model(fn, *args):  # as served: the model thread owns the only OpenMP team
+            return engine._executor.submit(fn, *args).result()
+
         records = [r for r in engine.registry.list_adapters(fleet.models[0][0])]
         keys = []
         for record in records:
             key = f"{record.full_name}@{record.version}"
-            model.memory.acquire(key, lambda r=record: model.store.read(r))
+            on_model(model.memory.acquire, key, lambda r=record: model.store.read(r))
             keys.append(key)
         ids = model.backbone.tokenizer(TEXT)["input_ids"]
         backbone = model.backbone.model
@@ -118,10 +132,10 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
                     backbone(input_ids=input_ids, attention_mask=mask)
 
             step_ms, bare_ms = (
-                _time_ms(step, sync, args.repeats),
-                _time_ms(bare, sync, args.repeats),
+                on_model(_time_ms, step, sync, args.repeats),
+                on_model(_time_ms, bare, sync, args.repeats),
             )
-            step_ops, bare_ops = _aten_calls(step, 5), _aten_calls(bare, 5)
+            step_ops, bare_ops = on_model(_aten_calls, step, 5), on_model(_aten_calls, bare, 5)
             print(
                 f"\n{rows} rows x {len(ids)} tokens, {len(segs)} adapters: step {step_ms:.2f} ms "
                 f"({sum(step_ops.values()):.0f} aten calls), bare forward {bare_ms:.2f} ms "
@@ -131,12 +145,7 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
                 _print_op_diff(step_ops, bare_ops, args.ops)
             if args.top < 1:  # timings only
                 continue
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(args.repeats):
-                step()
-            sync()
-            profiler.disable()
+            profiler = on_model(_profiled, step, sync, args.repeats)
             out = io.StringIO()
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
             print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[-4000:])
@@ -180,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--layers needs --hidden")
     args.rows = [int(r) for r in args.rows.split(",")]
     args.adapters = [int(n) for n in args.adapters.split(",")]
+    from benchmarks.common import serial_torch_here
+
+    serial_torch_here()  # fleets and tensors here; steps run on the engine's model thread
     with tempfile.TemporaryDirectory(prefix="graft-profile-") as tmp:
         asyncio.run(profile(args, Path(tmp)))
 

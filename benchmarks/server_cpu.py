@@ -109,6 +109,9 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    from benchmarks.common import serial_torch_here
+
+    serial_torch_here()  # --embedded runs the engine here: its model thread's team only
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=200)

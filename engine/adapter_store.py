@@ -12,6 +12,8 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from engine.adapters import POOLING_CLS_POOLER, AdapterWeights, parse_adapter
 from engine.backbone import Backbone
 from engine.errors import AdapterFormatError, AdapterIncompatible
@@ -48,7 +50,7 @@ class AdapterStore:
         self._host = host
         self._pin_host_memory = pin_host_memory
         self._executor = ThreadPoolExecutor(
-            max_loads_in_flight, thread_name_prefix="graft-load", initializer=_background_priority
+            max_loads_in_flight, thread_name_prefix="graft-load", initializer=_loader_thread_setup
         )
         self._loading: dict[str, asyncio.Future[None]] = {}
         self.num_disk_loads = 0
@@ -170,9 +172,18 @@ def check_pool_fits(dependents: Sequence[AdapterRecord], num_pages: int) -> None
         )
 
 
-def _background_priority() -> None:
-    """Lower this loader thread's CPU priority (Linux keeps niceness per thread): when cores
-    are short, the model thread, serving warm tenants, runs first and cold loads wait."""
+def _loader_thread_setup() -> None:
+    """A loader thread runs torch on one thread, and at a lower CPU priority.
+
+    One thread: each thread that runs torch in parallel keeps an OpenMP team of its own, and
+    once the process holds more of those workers than cores, GNU OpenMP stops letting them
+    spin between parallel regions, so every op of the model thread must wake its workers.
+    With loaders on one thread, two intra-op threads on the 2-core VM took the p99 at 24 SMS
+    a second from 101 to 48 ms (benchmarks/RESULTS.md, "One OpenMP team").
+
+    Priority (Linux keeps niceness per thread): when cores are short, the model thread,
+    serving warm tenants, runs first and cold loads wait."""
+    torch.set_num_threads(1)
     if not (hasattr(os, "getpriority") and hasattr(threading, "get_native_id")):
         return
     thread = threading.get_native_id()

@@ -241,7 +241,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "faster, slightly different scores)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="torch threads of the model (default: cores - 1)"
+        "--threads", type=int, default=None, help="torch threads of the model (default: every core)"
     )
     p.add_argument(
         "--train-jobs", type=int, default=1, help="training jobs (POST /v1/train) run at once"
@@ -345,7 +345,7 @@ def engine_config(args: argparse.Namespace):
         max_batch_rows=args.max_batch_rows,
         adapter_pages=args.adapter_pages,
         adapter_pool_bytes=args.adapter_pool_bytes,
-        num_threads=args.threads,  # None: EngineConfig.intra_op_threads (all cores but one)
+        num_threads=args.threads,  # None: EngineConfig.intra_op_threads (every core)
         cuda_graphs=args.cuda_graphs,
     )
 

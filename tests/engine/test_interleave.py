@@ -139,8 +139,8 @@ async def test_switch_interval_is_set_while_the_engine_runs_and_restored_after(r
         EngineConfig(switch_interval_ms=0)
 
 
-def test_intra_op_threads_leave_a_core_on_the_cpu_and_an_explicit_count_wins() -> None:
+def test_intra_op_threads_take_every_core_on_the_cpu_and_an_explicit_count_wins() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert EngineConfig().intra_op_threads == max(1, (cores or 1) - 1)
+    assert EngineConfig().intra_op_threads == (cores or 1)
     assert EngineConfig(num_threads=3).intra_op_threads == 3
     assert EngineConfig(device="cuda").intra_op_threads is None  # torch's own default there
