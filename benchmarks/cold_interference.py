@@ -133,6 +133,9 @@ async def run(modes: list[str], steps: int, threads: int, quantize: str) -> dict
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from benchmarks.common import serial_torch_here
+
+    serial_torch_here()  # the engine's model thread keeps the only OpenMP team
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="warm steps timed per mode")
     parser.add_argument("--modes", default=",".join(MODES))

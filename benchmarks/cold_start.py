@@ -362,6 +362,9 @@ def _print(results: dict, machine: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
+    from benchmarks.common import serial_torch_here
+
+    serial_torch_here()  # loads run serially, as on loader threads; the model thread's team only
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loads", type=int, default=200, help="cold loads timed by stage")
     parser.add_argument("--e2e", type=int, default=50, help="cold Engine.classify calls")

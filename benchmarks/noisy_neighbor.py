@@ -221,6 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from benchmarks.common import serial_torch_here
+
+    serial_torch_here()  # the engine's model thread keeps the only OpenMP team
     args = parse_args(argv)
     modes = ("embedded", "http") if args.mode == "both" else (args.mode,)
     with tempfile.TemporaryDirectory(prefix="graft-noisy-") as tmp:
