@@ -134,8 +134,10 @@ class EngineConfig:
         two threads served 1,000 tenants' SMS at 140.6 req/s against 88.6 on one, and the
         HTTP server 163-166 against 99-104 (benchmarks/RESULTS.md, "One OpenMP team"). That
         holds while the model thread owns the process's only OpenMP team: the engine's loaders
-        run torch on one thread, and so should an embedding application's own threads. None:
-        leave torch's default (CUDA)."""
+        run torch on one thread, and so should an embedding application's own threads. The
+        cost: a cold load busy on one core holds up each parallel region of a step (~5 ms
+        added to a warm request, against under 1 ms on one thread); cores - 1 avoids it.
+        None: leave torch's default (CUDA)."""
         if self.num_threads is not None or self.device.startswith("cuda"):
             return self.num_threads
         return _usable_cores()
