@@ -178,8 +178,9 @@ def _loader_thread_setup() -> None:
     One thread: each thread that runs torch in parallel keeps an OpenMP team of its own, and
     once the process holds more of those workers than cores, GNU OpenMP stops letting them
     spin between parallel regions, so every op of the model thread must wake its workers.
-    With loaders on one thread, two intra-op threads on the 2-core VM took the p99 at 24 SMS
-    a second from 101 to 48 ms (benchmarks/RESULTS.md, "One OpenMP team").
+    With loaders on one thread, a 32-row step on two intra-op threads took 79-81 ms against
+    143-151 on one, on the 2-core VM (benchmarks/RESULTS.md, "One OpenMP team"). torch
+    also applies the count to threads that first run it later: there too one team is best.
 
     Priority (Linux keeps niceness per thread): when cores are short, the model thread,
     serving warm tenants, runs first and cold loads wait."""

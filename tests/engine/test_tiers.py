@@ -201,3 +201,17 @@ async def test_loader_threads_run_at_a_lower_priority_than_the_model(registry, p
         loader = await asyncio.wrap_future(engine._loaded.store._executor.submit(niceness))
         model = await asyncio.get_running_loop().run_in_executor(engine._executor, niceness)
     assert loader >= min(19, model + 10) and loader > model
+
+
+async def test_loader_threads_run_torch_on_one_thread(registry, publish_random):
+    """A loader that ran torch in parallel would keep an OpenMP team beside the model
+    thread's, and the model thread's workers would then stop spinning between ops."""
+    import torch
+
+    publish_random(registry, "acme", "m", seed=0)
+    async with Engine(EngineConfig(registry_dir=registry.root, num_threads=2)) as engine:
+        await engine.classify("acme", "m", ["x"])  # a load ran on a loader thread
+        store = engine._loaded.store
+        assert store._executor.submit(torch.get_num_threads).result() == 1
+        model_threads = engine._executor.submit(torch.get_num_threads).result()
+    assert model_threads == 2
