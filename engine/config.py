@@ -131,8 +131,8 @@ class EngineConfig:
     @property
     def intra_op_threads(self) -> int | None:
         """``num_threads``, or on the CPU every core this process may use. On the 2-core VM
-        two threads served 1,000 tenants' SMS at 140.6 req/s against 88.6 on one, and the
-        HTTP server 163-166 against 99-104 (benchmarks/RESULTS.md, "One OpenMP team"). That
+        two threads saturated 1.23-1.37x one thread's rate embedded and 1.36-1.54x over HTTP
+        (1,000 tenants' SMS; benchmarks/RESULTS.md, "One OpenMP team"). That
         holds while the model thread owns the process's only OpenMP team: the engine's loaders
         run torch on one thread, and so should an embedding application's own threads. The
         cost: a cold load busy on one core holds up each parallel region of a step (~5 ms
@@ -146,8 +146,8 @@ class EngineConfig:
         """``host_cache_bytes``, or by default 2 GiB and at least a quarter over the device
         pool: a request pins its adapter in the host tier, so an adapter the host dropped is
         read from disk again even while the device holds it. On an H200, 1,000 BERT-base
-        adapters in a 5.4 GB pool behind the old fixed 2 GiB were re-read from disk up to
-        170 times a second."""
+        adapters in a 5.4 GB pool behind the old fixed 2 GiB were re-read from disk, 34-334
+        of them in each 2-second rate point of a load sweep (benchmarks/RESULTS.md)."""
         if self.host_cache_bytes is not None:
             return self.host_cache_bytes
         return max(DEFAULT_HOST_CACHE_BYTES, pool_bytes * 5 // 4)

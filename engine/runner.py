@@ -164,7 +164,7 @@ class ModelRunner:
         try:
             outputs = static.run()
         except Exception:
-            if not static.is_capturing:
+            if not capturing:
                 raise
             log.exception("CUDA graph capture failed; static steps are off from now on")
             self._static_max_tokens = 0

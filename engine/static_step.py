@@ -19,6 +19,7 @@ against the regular step.
 """
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -87,7 +88,7 @@ def shapes_for(ranks: Iterable[int], max_padded: int, max_width: int) -> list[Sh
 
 def _spans(buckets: Sequence[int]) -> list[tuple[int, int]]:
     """(smallest value, bucket) for each bucket: what rounds up to it and to no smaller one."""
-    return [(previous + 1, b) for previous, b in zip((0, *buckets), buckets, strict=False)]
+    return [(previous + 1, b) for previous, b in itertools.pairwise((0, *buckets))]
 
 
 def static_steps_work(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
