@@ -9,7 +9,8 @@
    pool), first step (one short text through the backbone with that adapter). Also the whole
    disk-to-answer path through ``Engine.classify``.
 2. Neighbour delay: an unrelated warm tenant sends one request at a time while cold loads
-   run; its latency is compared with the same requests without cold loads.
+   run; its latency is compared with the same requests without cold loads, and the loads'
+   own time beside it is reported (``benchmarks/cold_neighbour.py``).
 3. Rotation: closed-loop traffic (32 requests in flight) over 1, 100, 1000, 5000 adapters
    with Zipf(1.1) popularity, after a warm-up pass; throughput as a ratio to 1 adapter.
 
@@ -29,9 +30,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.cold_neighbour import SHORT_TEXT, describe, measure_neighbour_delay  # noqa: E402
 from benchmarks.common import GcPauses, full_collection  # noqa: E402
-
-SHORT_TEXT = "Your parcel is waiting, confirm delivery at the link"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -180,45 +180,6 @@ async def measure_end_to_end(engine, tenant: str, names: list[str]) -> dict:
     return _summary_ms(latencies)
 
 
-async def measure_neighbour_delay(engine, cold_names: list[str], requests: int) -> dict:
-    """Warm tenant latency alone, then with cold loads of another tenant running meanwhile."""
-
-    async def warm_latencies() -> list[float]:
-        out = []
-        for i in range(requests):
-            t0 = time.perf_counter()
-            await engine.classify("warm", "hot0", [f"{SHORT_TEXT} {i}"])
-            out.append(time.perf_counter() - t0)
-        return out
-
-    await engine.classify("warm", "hot0", [SHORT_TEXT])
-    alone = await warm_latencies()
-
-    store = engine._loaded.store
-    records = {r.name: r for r in engine.registry.list_adapters("cold")}
-
-    async def cold_traffic() -> None:
-        # the loads alone (disk -> verified host copy), as a cold request starts them; the
-        # cold request's own step would share the model with the warm tenant, which is
-        # scheduling, not loading
-        for name in cold_names:
-            key = await store.pin(records[name])
-            store.unpin(key)
-
-    loads_before = engine.stats()["adapter_disk_loads"]
-    cold_task = asyncio.create_task(cold_traffic())
-    contended = await warm_latencies()
-    await cold_task
-    alone_s, contended_s = _summary_ms(alone), _summary_ms(contended)
-    return {
-        "warm_alone": alone_s,
-        "warm_during_cold_loads": contended_s,
-        "cold_loads_meanwhile": engine.stats()["adapter_disk_loads"] - loads_before,
-        "added_p50_ms": round(contended_s["p50_ms"] - alone_s["p50_ms"], 3),
-        "added_p99_ms": round(contended_s["p99_ms"] - alone_s["p99_ms"], 3),
-    }
-
-
 async def measure_rotation(
     engine, tenant: str, num_adapters: int, duration_s: float, in_flight: int = 32
 ) -> dict:
@@ -308,7 +269,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
         neighbour = [
             f"cold{i}" for i in range(args.loads + args.e2e, args.loads + args.e2e + args.neighbour)
         ]
-        results["neighbour"] = await measure_neighbour_delay(engine, neighbour, args.neighbour)
+        results["neighbour"] = await measure_neighbour_delay(
+            engine, neighbour, args.neighbour, _summary_ms
+        )
         rotation = []
         for n in args.rotation:
             rotation.append(await measure_rotation(engine, "rot", n, args.duration))
@@ -342,13 +305,7 @@ def _print(results: dict, machine: dict) -> None:
         f"  Engine.classify cold  p50 {e['p50_ms']:8.3f} ms   p99 {e['p99_ms']:8.3f} ms   "
         f"n={e['n']}"
     )
-    n = results["neighbour"]
-    print(
-        f"warm neighbour: alone p50 {n['warm_alone']['p50_ms']} / p99 "
-        f"{n['warm_alone']['p99_ms']} ms; during {n['cold_loads_meanwhile']} cold loads p50 "
-        f"{n['warm_during_cold_loads']['p50_ms']} / p99 {n['warm_during_cold_loads']['p99_ms']}"
-        f" ms; added p50 {n['added_p50_ms']} ms, p99 {n['added_p99_ms']} ms"
-    )
+    print(describe(results["neighbour"]))
     print("rotation (Zipf 1.1, 32 in flight), steady state | first pass over cold adapters:")
     for r in results["rotation"]:
         c = r["cold"]

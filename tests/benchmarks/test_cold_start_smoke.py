@@ -28,6 +28,8 @@ def test_cold_start_quick(tmp_path: Path, monkeypatch) -> None:
         assert stages[stage]["n"] == 5 and 0 < stages[stage]["p50_ms"] <= stages[stage]["p99_ms"]
     assert results["engine_cold_classify"]["n"] == 3
     assert results["neighbour"]["cold_loads_meanwhile"] == 3
+    cold_load = results["neighbour"]["cold_load"]  # each load's own time beside the warm tenant
+    assert cold_load["n"] == 3 and 0 < cold_load["p50_ms"] <= cold_load["p99_ms"]
     first, four = results["rotation"]
     assert (first["adapters"], four["adapters"]) == (1, 4)
     assert first["ratio_vs_first"] == 1.0
