@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.cold_start import SHORT_TEXT, _publish_adapters
+from benchmarks.load_stats import percentile
 
 MODES = ("idle", "read", "parse", "pack", "full", "python", "memcpy")
 _PAUSE_S = 0.004  # between two repetitions of a phase
@@ -101,12 +102,12 @@ def _measure(engine, key: str, phase: Callable[[int], None], steps: int) -> dict
     finally:
         stop.set()
         thread.join()
-    pick = lambda q: round(times[min(len(times) - 1, int(q * len(times)))] * 1000, 2)  # noqa: E731
+    pick = lambda q: round(percentile(times, q) * 1000, 2)  # noqa: E731
     return {
         "phase_runs": runs[0],
         "step_p50_ms": round(statistics.median(times) * 1000, 2),
-        "step_p90_ms": pick(0.9),
-        "step_p99_ms": pick(0.99),
+        "step_p90_ms": pick(90),
+        "step_p99_ms": pick(99),
     }
 
 

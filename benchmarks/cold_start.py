@@ -32,18 +32,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.cold_neighbour import SHORT_TEXT, describe, measure_neighbour_delay  # noqa: E402
 from benchmarks.common import GcPauses, full_collection  # noqa: E402
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+from benchmarks.load_stats import percentile  # noqa: E402
 
 
 def _summary_ms(values_s: list[float]) -> dict[str, float]:
     ms = [v * 1000 for v in values_s]
     return {
-        "p50_ms": round(_percentile(ms, 50), 3),
-        "p99_ms": round(_percentile(ms, 99), 3),
+        "p50_ms": round(percentile(ms, 50), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
         "mean_ms": round(statistics.fmean(ms), 3),
         "n": len(ms),
     }

@@ -87,7 +87,8 @@ class SweepSummary:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile with linear interpolation (numpy's default); None if empty."""
+    """The ``q``-th percentile with linear interpolation (numpy's default); None if empty.
+    Every benchmark uses this one, so that a p99 means the same thing in each table."""
     if not len(values):
         return None
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))

@@ -9,19 +9,12 @@ shows.
 import math
 import statistics
 from collections import Counter
-from collections.abc import Sequence
 
 from benchmarks.common import describe_machine, fmt_ratio, format_table
+from benchmarks.load_stats import percentile
 from benchmarks.neighbor_clients import Outcome
 
 NUM_WINDOWS = 20  # B's timeline: arrival windows per phase
-
-
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def latency_summary(
@@ -43,7 +36,7 @@ def latency_summary(
             "from_s": round(i * window_s, 2),
             "sent": len(window),
             "ok": len([ms for ms in window if ms is not None]),
-            "p50_ms": _rounded(_percentile([ms for ms in window if ms is not None], 50)),
+            "p50_ms": _rounded(percentile([ms for ms in window if ms is not None], 50)),
         }
         for i, window in enumerate(windows)
     ]
@@ -51,14 +44,14 @@ def latency_summary(
         "num_sent": len(outcomes),
         "num_ok": len(answered),
         "success_pct": round(100 * len(answered) / len(outcomes), 2) if outcomes else None,
-        "p50_ms": _rounded(_percentile(latency_ms, 50)),
-        "p99_ms": _rounded(_percentile(latency_ms, 99)),
+        "p50_ms": _rounded(percentile(latency_ms, 50)),
+        "p99_ms": _rounded(percentile(latency_ms, 99)),
         "max_ms": _rounded(max(latency_ms, default=None)),
         "mean_ms": _rounded(statistics.fmean(latency_ms) if latency_ms else None),
-        "queue_p50_ms": _rounded(_percentile(queue_ms, 50)),
-        "queue_p99_ms": _rounded(_percentile(queue_ms, 99)),
-        "compute_p50_ms": _rounded(_percentile(compute_ms, 50)),
-        "compute_p99_ms": _rounded(_percentile(compute_ms, 99)),
+        "queue_p50_ms": _rounded(percentile(queue_ms, 50)),
+        "queue_p99_ms": _rounded(percentile(queue_ms, 99)),
+        "compute_p50_ms": _rounded(percentile(compute_ms, 50)),
+        "compute_p99_ms": _rounded(percentile(compute_ms, 99)),
         "statuses": dict(Counter(o.status for o, _ in outcomes)),
         "timeline": timeline,
     }
