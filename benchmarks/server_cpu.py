@@ -2,7 +2,7 @@
 every request is parsed, authenticated, resolved, tokenized and answered) and the model thread.
 
     python -m benchmarks.server_cpu [--requests 3000] [--concurrency 32] [--quantize int8]
-        [--embedded]
+        [--embedded] [--device cuda --quantize none]
 
 ``--embedded`` measures the engine in this process instead, called as an embedding
 application calls it: the event loop's share is then the engine's front end alone
@@ -44,7 +44,9 @@ async def measure_embedded(args: argparse.Namespace, work: Path) -> dict[str, fl
     from benchmarks.open_loop import closed_loop
 
     fleet = build_fleet(work, args.adapters, args.tenants)
-    options = TargetOptions(threads=args.threads, quantize=args.quantize, timeout_s=None)
+    options = TargetOptions(
+        threads=args.threads, quantize=args.quantize, device=args.device, timeout_s=None
+    )
     requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
     async with open_target("embedded", fleet, options) as target:
         await closed_loop(target, requests[: args.warmup], concurrency=args.concurrency)
@@ -76,7 +78,9 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
 
     fleet = build_fleet(work, args.adapters, args.tenants)
     server = ServerProcess(
-        "serve", fleet, TargetOptions(threads=args.threads, quantize=args.quantize)
+        "serve",
+        fleet,
+        TargetOptions(threads=args.threads, quantize=args.quantize, device=args.device),
     )
     url = await asyncio.to_thread(server.start)
     pid = server.pid
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--tenants", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--quantize", default="int8", help="none or int8")
+    parser.add_argument("--quantize", default="int8", help="none or int8 (CPU only)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n] (with --quantize none)")
     parser.add_argument(
         "--embedded", action="store_true", help="the engine in this process, not the server"
     )
