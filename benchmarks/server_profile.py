@@ -44,6 +44,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("  response write", ("RequestHandler.finish_response",)),
     ("step loop: plan, hand off, deliver", ("StepLoop.run",)),
 )
+OTHER = "none of these: the loop's own I/O and callbacks"
 _THREAD_ROOT = "Thread._bootstrap (threading.py)"  # any thread but the main one
 _MODEL_STEP = "StepLoop._timed_step"
 _LINE = re.compile(r"^(.*) (\d+)$")
@@ -57,7 +58,7 @@ class Profile:
     num_samples: int  # every sample of every thread
     event_loop: int  # samples of the main thread, which runs the event loop
     model: int  # samples inside a model step
-    parts: dict[str, int]  # event-loop samples per part of PARTS
+    parts: dict[str, int]  # event-loop samples per part of PARTS, then OTHER
     top: list[tuple[str, int]]  # event-loop frames by inclusive samples, most first
 
 
@@ -79,14 +80,18 @@ def parse_raw(lines: Iterable[str], top: int = 25) -> Profile:
         loop += count
         for frame in set(stack.split(";")):
             inclusive[frame] += count
+        matched = False
         for label, marks in PARTS:
             if any(mark in stack for mark in marks):
                 parts[label] += count
+                matched = True
+        if not matched:
+            parts[OTHER] += count
     return Profile(
         num_samples=total,
         event_loop=loop,
         model=model,
-        parts={label: parts[label] for label, _ in PARTS},
+        parts={label: parts[label] for label in (*(label for label, _ in PARTS), OTHER)},
         top=inclusive.most_common(top),
     )
 
@@ -96,12 +101,11 @@ def report(profile: Profile) -> str:
     for every sample, so it runs slower while recorded, and sampled times are not its own."""
     loop = max(profile.event_loop, 1)
     lines = [
-        f"samples: {profile.num_samples} in all, {profile.event_loop} of the event loop, "
-        f"{profile.model} in model steps",
+        f"samples: {profile.event_loop} of the event loop, {profile.model} in model steps",
         "event loop, by part of a request (parts nest; shares of the event loop's samples):",
     ]
     for label, samples in profile.parts.items():
-        lines.append(f"  {label:<38} {samples / loop:6.1%}")
+        lines.append(f"  {label:<50} {samples / loop:6.1%}")
     if profile.top:
         lines.append("event loop, frames by inclusive samples:")
     for frame, samples in profile.top:

@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks import server_profile
-from benchmarks.server_profile import PARTS, parse_raw, report
+from benchmarks.server_profile import OTHER, PARTS, parse_raw, report
 
 _MAIN = (
     "<module> (<string>:1);_child_main (benchmarks/load_server_process.py:123);"
@@ -31,13 +31,14 @@ def test_samples_split_into_threads_and_request_parts() -> None:
     profile = parse_raw(RAW, top=3)
     assert (profile.num_samples, profile.event_loop, profile.model) == (40, 20, 20)
     parts = profile.parts
-    assert list(parts) == [label for label, _ in PARTS]
+    assert list(parts) == [*(label for label, _ in PARTS), OTHER]
     assert parts["HTTP request, whole (aiohttp)"] == 9
     assert parts["  classify route"] == 9
     assert parts["    Engine.submit"] == 6 and parts["      tokenize"] == 6
     assert parts["    authenticate (registry)"] == 3
     assert parts["      resolve (registry)"] == 0
     assert parts["step loop: plan, hand off, deliver"] == 1
+    assert parts[OTHER] == 10  # the event loop's own frames only
     # line numbers are dropped, so one function is one frame; model-thread frames stay out
     assert {frame for frame, samples in profile.top if samples == 20} <= {
         "<module> (<string>)",
@@ -50,7 +51,7 @@ def test_samples_split_into_threads_and_request_parts() -> None:
 
 def test_report_gives_shares_of_the_event_loop() -> None:
     text = report(parse_raw(RAW))
-    assert "20 of the event loop, 20 in model steps" in text
+    assert "samples: 20 of the event loop, 20 in model steps" in text
     assert "  classify route" in text and "45.0%" in text  # 9 of 20 event-loop samples
     assert "<module> (<string>)" in text
 
