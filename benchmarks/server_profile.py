@@ -150,9 +150,11 @@ async def record(args: argparse.Namespace, work: Path, out: Path) -> tuple[int, 
                 answered, wall_s = await closed_loop(target, requests, concurrency=args.concurrency)
             finally:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
-                await asyncio.to_thread(spy.wait, 30)
+                _, errors = await asyncio.to_thread(spy.communicate, timeout=30)
     finally:
         await asyncio.to_thread(server.stop)
+    if not out.is_file() or out.stat().st_size == 0:
+        raise RuntimeError(f"py-spy recorded nothing (exit {spy.returncode}): {errors.strip()}")
     return answered, wall_s
 
 
@@ -161,7 +163,7 @@ def _start_spy(args: argparse.Namespace, pid: int | None, out: Path) -> subproce
     command += ["--rate", str(args.rate)]
     if args.gil:
         command.append("--gil")
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _backbone(args: argparse.Namespace, work: Path) -> str | None:
@@ -210,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> Profile:
     _py_spy()  # fail before building anything
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "server_profile.txt"
+    raw.unlink(missing_ok=True)  # a failed recording must not report an old one
     with tempfile.TemporaryDirectory(prefix="graft-server-profile-") as tmp:
         answered, wall_s = asyncio.run(record(args, Path(tmp), raw))
     if answered != args.requests:
