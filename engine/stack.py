@@ -44,6 +44,7 @@ class ServingStack:
 
 def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
     """Load and hash the backbone, open the registry, build the adapter tiers and the runner."""
+    check_device(config.device)
     if config.intra_op_threads:
         torch.set_num_threads(config.intra_op_threads)
     if config.device.startswith("cuda"):
@@ -116,6 +117,24 @@ def _host_budget(config: EngineConfig, pool_bytes: int) -> int:
             pool_bytes,
         )
     return budget
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this process cannot use, by name, before loading anything onto
+    it (torch itself fails deep in the first copy, with an AssertionError about its build)."""
+    if not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = torch.device(device).index or 0
+    if index < count:
+        return
+    build = "a CUDA build" if torch.backends.cuda.is_built() else "a CPU-only build"
+    seen = f"{count} CUDA device(s)" if count else "no CUDA device"
+    fix = f"pick an index below {count}" if count else "serve on device='cpu'"
+    raise ValueError(
+        f"device={device!r}, but this process sees {seen} (torch {torch.__version__}, {build}); "
+        f"{fix}"
+    )
 
 
 def use_device(device: str) -> None:

@@ -159,6 +159,18 @@ async def test_a_pool_too_small_for_a_registered_adapter_is_refused(registry, pu
             pass
 
 
+async def test_a_cuda_device_this_process_cannot_see_is_refused_by_name(tmp_path: Path):
+    import torch
+
+    # one past the last device: none on a CPU-only build, an index too high on a GPU machine
+    index = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    registry_dir = tmp_path / "registry"
+    with pytest.raises(ValueError, match=rf"device='cuda:{index}', but this process sees"):
+        async with Engine(EngineConfig(registry_dir=registry_dir, device=f"cuda:{index}")):
+            pass
+    assert not registry_dir.exists()  # refused before anything was created
+
+
 async def test_an_adapter_published_too_large_for_the_pool_fails_alone(registry, publish_random):
     publish_random(registry, "acme", "small", rank=4)
     async with Engine(EngineConfig(registry_dir=registry.root, adapter_pages=8)) as engine:
