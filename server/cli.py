@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server import cli_admin as admin
-
-DEFAULT_REGISTRY = "graft-registry"
+from server.cli_args import common_options, serve_options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,21 +46,10 @@ def _quiet_transformers() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--registry",
-        default=os.environ.get("GRAFT_REGISTRY", DEFAULT_REGISTRY),
-        help="registry directory (default: $GRAFT_REGISTRY or ./graft-registry)",
-    )
-    common.add_argument(
-        "--backbone",
-        default=os.environ.get("GRAFT_BACKBONE"),
-        help="Hugging Face encoder directory (default: the packaged MiniLM)",
-    )
-    common.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    common = common_options(with_defaults=False)
     parser = argparse.ArgumentParser(
         prog="graft",
-        parents=[common],
+        parents=[common_options(with_defaults=True)],
         description="One frozen backbone, a thousand custom classifiers.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,14 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=admin.adapters_rollback)
 
     p = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
-    _serve_args(p)
+    serve_options(p)
     p.set_defaults(handler=_serve)
     p = sub.add_parser(
         "demo",
         parents=[common],
         help="train the demo classifiers if missing, serve, answer examples",
     )
-    _serve_args(p)
+    serve_options(p)
     p.set_defaults(handler=_demo)
     from server.bench_cli import add_bench_parser
 
@@ -183,80 +171,6 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_train)
-
-
-_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_BYTE_UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def byte_size(text: str) -> int:
-    """A size as people write it: a number of bytes, or with a unit (``4GiB``, ``1.5 GB``)."""
-    number = text.strip().rstrip("bBiIkKmMgGtT ")
-    unit = text.strip()[len(number) :].strip().lower()
-    try:
-        value = float(number) * _BYTE_UNITS[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: a number of bytes, or one with a unit "
-            f"({', '.join(u for u in _BYTE_UNITS if u)}), e.g. 4GiB"
-        ) from None
-    if not 1 <= value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least 1 byte, and finite")
-    return int(value)
-
-
-def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--max-batch-tokens", type=int, default=8192)
-    p.add_argument("--max-batch-rows", type=int, default=128)
-    pool = p.add_mutually_exclusive_group()
-    pool.add_argument(
-        "--adapter-pages", type=int, default=1024, help="device adapter pool, in rank-rows"
-    )
-    pool.add_argument(
-        "--adapter-pool-bytes",
-        type=byte_size,
-        default=None,
-        help="device adapter pool in bytes instead (e.g. 4GiB, 512MiB, 1000000)",
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="capture step shapes in CUDA graphs and replay them (default: on with CUDA)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default="float32",
-        help="backbone and adapter pool precision (bfloat16: faster on CPUs with AVX512-BF16)",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=("none", "int8"),
-        default="none",
-        help="int8: the backbone's frozen Linear weights in int8 (CPU, float32 only; "
-        "faster, slightly different scores)",
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch threads of the model (default: every core)"
-    )
-    p.add_argument(
-        "--train-jobs", type=int, default=1, help="training jobs (POST /v1/train) run at once"
-    )
-    p.add_argument("--train-threads", type=int, default=1, help="torch threads per training job")
-    p.add_argument(
-        "--train-max-upload-mb", type=float, default=20.0, help="largest POST /v1/train body"
-    )
-    p.add_argument(
-        "--no-metrics",
-        dest="metrics",
-        action="store_false",
-        help="do not serve GET /metrics (Prometheus; $GRAFT_METRICS_KEY, when set, is the "
-        "bearer key scrapes must send)",
-    )
 
 
 # training --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,8 @@ def test_serve_flags_reach_the_engine_config(tmp_path: Path) -> None:
 
 
 def test_the_adapter_pool_can_be_sized_in_bytes_or_pages_not_both(tmp_path: Path) -> None:
-    from server.cli import _parser, byte_size, engine_config
+    from server.cli import _parser, engine_config
+    from server.cli_args import byte_size
 
     assert byte_size("4GiB") == 4 << 30 and byte_size("1.5 GB") == 1_500_000_000
     assert byte_size("512") == 512 and byte_size("64kib") == 65536
@@ -241,3 +243,18 @@ def test_graft_serve_on_port_0_announces_the_port_it_got(tmp_path: Path) -> None
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_global_options_hold_before_or_after_the_command_name() -> None:
+    from server.cli import _parser
+
+    parser = _parser()
+    before = parser.parse_args(["--registry", "/srv/a", "--backbone", "/m", "-v", "serve"])
+    assert (before.registry, before.backbone, before.verbose) == ("/srv/a", "/m", True)
+    after = parser.parse_args(["serve", "--registry", "/srv/b", "-v"])
+    assert (after.registry, after.verbose) == ("/srv/b", True)
+    both = parser.parse_args(["--registry", "/srv/a", "tenants", "list", "--registry", "/srv/b"])
+    assert both.registry == "/srv/b"  # the one nearer the command wins
+    neither = parser.parse_args(["adapters", "list", "--tenant", "acme"])
+    assert neither.registry == os.environ.get("GRAFT_REGISTRY", "graft-registry")
+    assert neither.backbone == os.environ.get("GRAFT_BACKBONE") and neither.verbose is False
