@@ -22,6 +22,9 @@ from registry import InvalidAdapter, safetensors_header
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _HEAD_NAMES = ("classifier", "score")
+# the first layer of two-layer classification heads: DistilBERT's, and RoBERTa's and ELECTRA's
+# (and their relatives'), which PEFT saves beside the LoRA factors
+_TWO_LAYER_HEADS = ("pre_classifier", "classifier.dense", "classifier.out_proj")
 _LORA_KEY = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 # the float types LoRA factors and heads are stored in; anything else is refused
 _FLOAT_DTYPES = {
@@ -130,7 +133,7 @@ def _check(data: bytearray, backbone: Backbone) -> AdapterLayout:
         elif kind == "head":
             head[part] = tensor
         else:
-            raise AdapterFormatError(f"unexpected tensor {key!r}: only LoRA factors and the head")
+            raise AdapterFormatError(_unexpected(key))
     modules = tuple(_check_module(name, pair, backbone) for name, pair in lora.items())
     weight = head.get("weight")
     if weight is None:
@@ -178,6 +181,19 @@ def _key_role(key: str, base_prefix: str) -> tuple[str, str, str]:
     if owner in _HEAD_NAMES and param in ("weight", "bias"):
         return "head", "", param
     return "other", "", ""
+
+
+def _unexpected(key: str) -> str:
+    """Why ``key`` cannot be served, naming the unsupported head where it is one."""
+    name = key.removeprefix(_PEFT_PREFIX).replace(".modules_to_save", "").replace(".default", "")
+    if name.rpartition(".")[0] in _TWO_LAYER_HEADS:
+        return (
+            f"unexpected tensor {key!r}: the classification head has two layers (as "
+            "DistilBERT's, RoBERTa's and ELECTRA's do); graft serves a head of one Linear over "
+            "the [CLS] pooler or the mean of the tokens: train the adapter with graft train "
+            "--backbone DIR instead"
+        )
+    return f"unexpected tensor {key!r}: only LoRA factors and the head"
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
