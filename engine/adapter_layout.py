@@ -21,10 +21,11 @@ from registry import InvalidAdapter, safetensors_header
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-_HEAD_NAMES = ("classifier", "score")
-# the first layer of two-layer classification heads: DistilBERT's, and RoBERTa's and ELECTRA's
-# (and their relatives'), which PEFT saves beside the LoRA factors
-_TWO_LAYER_HEADS = ("pre_classifier", "classifier.dense", "classifier.out_proj")
+# the head's last (or only) layer: BERT's classifier, a decoder's score, or the out_proj of
+# RoBERTa's and ELECTRA's two-layer heads; and the first layer of two-layer heads (DistilBERT's
+# pre_classifier, RoBERTa's and ELECTRA's classifier.dense), which PEFT saves beside the LoRA
+_HEAD_NAMES = ("classifier", "score", "classifier.out_proj")
+_PRE_HEAD_NAMES = ("pre_classifier", "classifier.dense")
 _LORA_KEY = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 # the float types LoRA factors and heads are stored in; anything else is refused
 _FLOAT_DTYPES = {
@@ -63,8 +64,7 @@ class AdapterLayout:
     """A checked header: LoRA factors by backbone module, and the head's tensors."""
 
     modules: tuple[tuple[str, TensorAt, TensorAt], ...]  # (module, lora_A, lora_B)
-    weight: TensorAt
-    bias: TensorAt | None
+    head: tuple[tuple[str, TensorAt], ...]  # weight, bias, pre_weight, pre_bias: those present
     file_bytes: int  # the file must be at least this long for every offset to lie inside
 
 
@@ -87,13 +87,12 @@ def adapter_layout(data: bytearray, backbone: Backbone) -> AdapterLayout:
 
 def view_tensors(
     data: bytearray, layout: AdapterLayout
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor | None]:
-    """(module -> (A, B), head weight, head bias) as views of ``data``, no copies."""
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(module -> (A, B), the head's tensors by role) as views of ``data``, no copies."""
     raw = torch.frombuffer(data, dtype=torch.uint8)
     typed: dict[torch.dtype, torch.Tensor] = {}
     modules = {name: (a.view(raw, typed), b.view(raw, typed)) for name, a, b in layout.modules}
-    bias = layout.bias.view(raw, typed) if layout.bias is not None else None
-    return modules, layout.weight.view(raw, typed), bias
+    return modules, {role: tensor.view(raw, typed) for role, tensor in layout.head}
 
 
 def _header_key(data: bytearray) -> bytes | None:
@@ -131,16 +130,17 @@ def _check(data: bytearray, backbone: Backbone) -> AdapterLayout:
         if kind == "lora":
             lora.setdefault(module, {})[part] = tensor
         elif kind == "head":
+            if part in head:
+                raise AdapterFormatError(f"two classifier heads: {key!r} and another {part}")
             head[part] = tensor
         else:
-            raise AdapterFormatError(_unexpected(key))
+            raise AdapterFormatError(f"unexpected tensor {key!r}: only LoRA factors and the head")
     modules = tuple(_check_module(name, pair, backbone) for name, pair in lora.items())
-    weight = head.get("weight")
-    if weight is None:
+    if "weight" not in head:
         raise AdapterFormatError("no classifier head (classifier.weight) in the adapter")
-    return AdapterLayout(
-        modules=modules, weight=weight, bias=head.get("bias"), file_bytes=file_bytes
-    )
+    if "pre_bias" in head and "pre_weight" not in head:
+        raise AdapterFormatError("the head's first layer has a bias but no weight")
+    return AdapterLayout(modules=modules, head=tuple(head.items()), file_bytes=file_bytes)
 
 
 def _check_module(
@@ -168,7 +168,8 @@ def _check_module(
 
 @functools.lru_cache(maxsize=8192)
 def _key_role(key: str, base_prefix: str) -> tuple[str, str, str]:
-    """("lora", module, "A" or "B"), ("head", "", "weight" or "bias"), or ("other", "", "")."""
+    """("lora", module, "A" or "B"), ("head", "", "weight", "bias", "pre_weight" or
+    "pre_bias"), or ("other", "", "")."""
     name = key.removeprefix(_PEFT_PREFIX)
     match = _LORA_KEY.fullmatch(name)
     if match:
@@ -180,20 +181,9 @@ def _key_role(key: str, base_prefix: str) -> tuple[str, str, str]:
     owner, _, param = head_name.rpartition(".")
     if owner in _HEAD_NAMES and param in ("weight", "bias"):
         return "head", "", param
+    if owner in _PRE_HEAD_NAMES and param in ("weight", "bias"):
+        return "head", "", "pre_" + param
     return "other", "", ""
-
-
-def _unexpected(key: str) -> str:
-    """Why ``key`` cannot be served, naming the unsupported head where it is one."""
-    name = key.removeprefix(_PEFT_PREFIX).replace(".modules_to_save", "").replace(".default", "")
-    if name.rpartition(".")[0] in _TWO_LAYER_HEADS:
-        return (
-            f"unexpected tensor {key!r}: the classification head has two layers (as "
-            "DistilBERT's, RoBERTa's and ELECTRA's do); graft serves a head of one Linear over "
-            "the [CLS] pooler or the mean of the tokens: train the adapter with graft train "
-            "--backbone DIR instead"
-        )
-    return f"unexpected tensor {key!r}: only LoRA factors and the head"
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

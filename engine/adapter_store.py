@@ -110,6 +110,7 @@ class AdapterStore:
             tuple(record.labels),
             str(record.manifest.get("pooling", POOLING_CLS_POOLER)),
             backbone,
+            record.manifest.get("head_activation"),
         )
         self.num_disk_loads += 1
         self.disk_bytes_read += sum(len(b) for b in verified.files.values())

@@ -8,7 +8,7 @@ writes them for ``task_type=SEQ_CLS`` (LoRA on the base, classifier through
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,47 @@ from engine.errors import AdapterFormatError
 
 POOLING_CLS_POOLER = "cls_pooler"  # BertForSequenceClassification: tanh pooler over [CLS]
 POOLING_MEAN = "mean"  # mean of the last hidden states over real tokens
-POOLINGS = (POOLING_CLS_POOLER, POOLING_MEAN)
+POOLING_FIRST = "first"  # the first token's last hidden state, which two-layer heads read
+POOLINGS = (POOLING_CLS_POOLER, POOLING_MEAN, POOLING_FIRST)
+# a two-layer head's activation between its layers: DistilBERT's ReLU, RoBERTa's tanh,
+# ELECTRA's GELU (exact, as transformers' "gelu")
+HEAD_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "gelu": torch.nn.functional.gelu,
+}
+
+
+# model types whose sequence-classification head has two layers, and the activation between
+# them as transformers builds it (ELECTRA's is its config's hidden_act)
+_TWO_LAYER_HEADS = {
+    "distilbert": "relu",
+    "roberta": "tanh",
+    "xlm-roberta": "tanh",
+    "xlm-roberta-xl": "tanh",
+    "camembert": "tanh",
+    "data2vec-text": "tanh",
+    "mpnet": "tanh",
+    "electra": "hidden_act",
+}
+
+
+def two_layer_activation(backbone: Backbone) -> str:
+    """The activation between the two layers of the backbone's classification head (an
+    imported adapter's head is trained for it); AdapterFormatError where graft does not know
+    it."""
+    config = backbone.model.config
+    model_type = str(getattr(config, "model_type", ""))
+    activation = _TWO_LAYER_HEADS.get(model_type)
+    if activation == "hidden_act":
+        activation = str(getattr(config, "hidden_act", ""))
+    if activation not in HEAD_ACTIVATIONS:
+        raise AdapterFormatError(
+            f"the classification head has two layers, and graft does not know the activation "
+            f"between them for model_type {model_type!r} (it serves DistilBERT's, the RoBERTa "
+            "family's and ELECTRA's)"
+        )
+    return activation
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +123,29 @@ class Head:
     pooling: str  # one of POOLINGS
     weight: torch.Tensor  # [C, H]
     bias: torch.Tensor  # [C]
+    # a two-layer head's first layer (DistilBERT's pre_classifier, RoBERTa's and ELECTRA's
+    # classifier.dense), applied with ``activation`` to the pooled vector before ``weight``
+    pre_weight: torch.Tensor | None = None  # [H, H]
+    pre_bias: torch.Tensor | None = None  # [H]
+    activation: str | None = None  # a key of HEAD_ACTIVATIONS
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the head, in a fixed order (``with_tensors`` takes them back)."""
+        pre = [self.pre_weight, self.pre_bias] if self.pre_weight is not None else []
+        return [self.weight, self.bias, *pre]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "Head":
+        """This head over other tensors (copies, views, another device), in ``tensors()``
+        order."""
+        pre = (tensors[2], tensors[3]) if self.pre_weight is not None else (None, None)
+        return Head(self.pooling, tensors[0], tensors[1], *pre, activation=self.activation)
+
+    def features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """What the last layer reads: ``pooled`` itself, or through the first layer."""
+        if self.pre_weight is None:
+            return pooled
+        act = HEAD_ACTIVATIONS[self.activation or ""]
+        return act(torch.nn.functional.linear(pooled, self.pre_weight, self.pre_bias))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +162,7 @@ class AdapterWeights:
 
     @property
     def num_bytes(self) -> int:
-        tensors = [self.head.weight, self.head.bias]
+        tensors = self.head.tensors()
         if self.rows is not None:
             tensors.append(self.rows)
         else:
@@ -108,12 +171,19 @@ class AdapterWeights:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def has_two_layer_head(weights_bytes: bytes | bytearray, backbone: Backbone) -> bool:
+    """Whether the file's head has a first layer (checked against the backbone on the way)."""
+    data = weights_bytes if isinstance(weights_bytes, bytearray) else bytearray(weights_bytes)
+    return any(role == "pre_weight" for role, _ in adapter_layout(data, backbone).head)
+
+
 def parse_adapter(
     config_bytes: bytes | bytearray,
     weights_bytes: bytes | bytearray,
     labels: tuple[str, ...],
     pooling: str,
     backbone: Backbone,
+    activation: str | None = None,
 ) -> AdapterWeights:
     """Turn the two PEFT files into checked tensors; every shape is validated before use.
 
@@ -121,13 +191,14 @@ def parse_adapter(
     so the caller must not change it while they are in use; bytes are copied once. The
     safetensors library only copies out of memory, and a cold load copies once more into the
     packed host buffer: viewing in place saves a copy and an allocation of the file's size.
+    ``activation`` (the manifest's ``head_activation``) is a two-layer head's, None otherwise.
     """
     if pooling not in POOLINGS:
         raise AdapterFormatError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
     config = _parse_config(config_bytes)
     data = weights_bytes if isinstance(weights_bytes, bytearray) else bytearray(weights_bytes)
     layout = adapter_layout(data, backbone)
-    factors, weight, bias = view_tensors(data, layout)
+    factors, head_views = view_tensors(data, layout)
     modules = {
         name: LoraModule(
             a=a.float().contiguous(),
@@ -136,7 +207,7 @@ def parse_adapter(
         )
         for name, (a, b) in factors.items()
     }
-    head = _head(weight, bias, pooling, labels, backbone)
+    head = _head(head_views, pooling, labels, backbone, activation)
     rank = max((m.a.shape[0] for m in modules.values()), default=0)
     return AdapterWeights(modules=modules, head=head, labels=labels, rank=rank)
 
@@ -169,24 +240,42 @@ def _scale(module: str, rank: int, config: Mapping[str, Any]) -> float:
 
 
 def _head(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    views: Mapping[str, torch.Tensor],
     pooling: str,
     labels: tuple[str, ...],
     backbone: Backbone,
+    activation: str | None,
 ) -> Head:
-    weight = weight.float().contiguous()
-    num_labels = len(labels)
-    if weight.shape != (num_labels, backbone.hidden_size):
-        raise AdapterFormatError(
-            f"classifier.weight is {tuple(weight.shape)}, expected "
-            f"({num_labels} labels, hidden {backbone.hidden_size})"
-        )
-    bias = torch.zeros(num_labels) if bias is None else bias.float().contiguous()
-    if bias.shape != (num_labels,):
-        raise AdapterFormatError(
-            f"classifier.bias is {tuple(bias.shape)}, expected ({num_labels},)"
-        )
+    hidden, num_labels = backbone.hidden_size, len(labels)
+    weight = _checked(views["weight"], (num_labels, hidden), "classifier.weight")
+    bias = views.get("bias")
+    bias = (
+        torch.zeros(num_labels)
+        if bias is None
+        else _checked(bias, (num_labels,), "classifier.bias")
+    )
     if pooling == POOLING_CLS_POOLER and not backbone.has_pooler:
         raise AdapterFormatError("the head pools through a [CLS] pooler the backbone lacks")
-    return Head(pooling=pooling, weight=weight, bias=bias)
+    if "pre_weight" not in views:
+        if activation is not None:
+            raise AdapterFormatError(f"head_activation={activation!r}, but the head has one layer")
+        return Head(pooling=pooling, weight=weight, bias=bias)
+    if activation not in HEAD_ACTIVATIONS:
+        raise AdapterFormatError(
+            f"the head has two layers; its activation must be one of {sorted(HEAD_ACTIVATIONS)}, "
+            f"got head_activation={activation!r}"
+        )
+    pre_weight = _checked(views["pre_weight"], (hidden, hidden), "the head's first layer")
+    pre_bias = views.get("pre_bias")
+    pre_bias = (
+        torch.zeros(hidden)
+        if pre_bias is None
+        else _checked(pre_bias, (hidden,), "the first layer's bias")
+    )
+    return Head(pooling, weight, bias, pre_weight, pre_bias, activation)
+
+
+def _checked(tensor: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    if tuple(tensor.shape) != shape:
+        raise AdapterFormatError(f"{name} is {tuple(tensor.shape)}, expected {shape}")
+    return tensor.float().contiguous()

@@ -23,10 +23,15 @@ class HeadGroup:
     bounds: tuple[int, ...]  # len(slots) + 1 offsets of each model's labels in the stacked axis
     weight: np.ndarray  # float32 [sum of label counts, H]
     bias: np.ndarray  # float32 [sum of label counts]
+    # a two-layer head (alone in its group): its first layer runs before ``weight``
+    first_layer: Head | None = None
 
     def probs(self, pooled: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(slot, float32 [N, C] label probabilities) per model, from pooled float32 [N, H]."""
-        logits = pooled.astype(np.float32, copy=False) @ self.weight.T + self.bias
+        pooled = pooled.astype(np.float32, copy=False)
+        if self.first_layer is not None:
+            pooled = self.first_layer.features(torch.from_numpy(pooled)).numpy()
+        logits = pooled @ self.weight.T + self.bias
         out = []
         for k, slot in enumerate(self.slots):
             part = logits[:, self.bounds[k] : self.bounds[k + 1]]
@@ -36,11 +41,24 @@ class HeadGroup:
 
 
 def group_heads(heads: Mapping[int, Head]) -> tuple[HeadGroup, ...]:
-    """Stack the heads (by slot) of head-only models into one group per pooling."""
+    """Stack the heads (by slot) of head-only models into one group per pooling; a two-layer
+    head makes a group of its own."""
     by_pooling: dict[str, list[tuple[int, Head]]] = {}
-    for slot, head in sorted(heads.items()):
-        by_pooling.setdefault(head.pooling, []).append((slot, head))
     groups = []
+    for slot, head in sorted(heads.items()):
+        if head.pre_weight is None:
+            by_pooling.setdefault(head.pooling, []).append((slot, head))
+            continue
+        groups.append(
+            HeadGroup(
+                pooling=head.pooling,
+                slots=(slot,),
+                bounds=(0, head.weight.shape[0]),
+                weight=_host(head.weight),
+                bias=_host(head.bias),
+                first_layer=head.with_tensors([t.detach().float().cpu() for t in head.tensors()]),
+            )
+        )
     for pooling, members in sorted(by_pooling.items()):
         bounds = [0]
         for _, head in members:

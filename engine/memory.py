@@ -126,13 +126,17 @@ class AdapterMemory:
         dense = weights.rank * self.width <= _MAX_ROW_WASTE * compact
         dense = dense if whole_rows is None else whole_rows
         lora = weights.rank * self.width if dense else compact
-        sizes = (lora, head.weight.numel(), head.bias.numel())
-        buffer = torch.zeros(sum(sizes), dtype=self._dtype, pin_memory=pin)
-        weight = buffer[sizes[0] : sizes[0] + sizes[1]].view(head.weight.shape)
-        bias = buffer[sizes[0] + sizes[1] :].view(head.bias.shape)
-        weight.copy_(head.weight)
-        bias.copy_(head.bias)
-        rows = buffer[: sizes[0]].view(weights.rank, self.width) if dense else None
+        head_tensors = head.tensors()
+        buffer = torch.zeros(
+            lora + sum(t.numel() for t in head_tensors), dtype=self._dtype, pin_memory=pin
+        )
+        head_views, offset = [], lora
+        for tensor in head_tensors:  # the head after the LoRA rows, tensor after tensor
+            view = buffer[offset : offset + tensor.numel()].view(tensor.shape)
+            view.copy_(tensor)
+            head_views.append(view)
+            offset += tensor.numel()
+        rows = buffer[:lora].view(weights.rank, self.width) if dense else None
         copied = rows is not None and self._concatenate(weights, rows)
         spans, offset = {}, 0
         for name, module in weights.modules.items():
@@ -152,7 +156,7 @@ class AdapterMemory:
                 view.b.copy_(module.b)
         return AdapterWeights(
             modules=modules,
-            head=Head(pooling=head.pooling, weight=weight, bias=bias),
+            head=head.with_tensors(head_views),
             labels=weights.labels,
             rank=weights.rank,
             rows=rows,
@@ -204,10 +208,8 @@ class AdapterMemory:
             index = self._backbone.linears[name].index
             ranks[index] = rank
             scales[index] = scale
-        head = Head(
-            pooling=weights.head.pooling,
-            weight=weights.head.weight.to(self._device, self._dtype, non_blocking=True),
-            bias=weights.head.bias.to(self._device, self._dtype, non_blocking=True),
+        head = weights.head.with_tensors(
+            [t.to(self._device, self._dtype, non_blocking=True) for t in weights.head.tensors()]
         )
         resident = Resident(
             key=key,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.adapters import POOLING_CLS_POOLER
+from engine.adapters import POOLING_CLS_POOLER, POOLING_FIRST
 from engine.backbone import Backbone
 
 # load-time checks of a backbone (packing here, static steps in engine/static_step.py) run it
@@ -85,6 +85,8 @@ class PackedOutputs:
         if pooling == POOLING_CLS_POOLER:
             assert self._cls is not None, "run_pooler() runs under the step's LoRA plan"
             return self._cls[lo:hi]
+        if pooling == POOLING_FIRST:
+            return self._hidden[list(self._inputs.token_starts[lo:hi])]
         if self._mean is None:
             starts = self._inputs.token_starts
             sums = torch.zeros(

@@ -10,7 +10,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from engine.adapters import POOLING_CLS_POOLER, parse_adapter
+from engine.adapters import (
+    POOLING_CLS_POOLER,
+    POOLING_FIRST,
+    has_two_layer_head,
+    parse_adapter,
+    two_layer_activation,
+)
 from engine.backbone import Backbone
 from engine.errors import AdapterFormatError
 from registry import AdapterRecord, PublishItem, Registry, validate_name
@@ -103,14 +109,21 @@ def stage_peft_import(
     task = config.get("task_type")
     if task not in (None, "SEQ_CLS"):
         raise AdapterFormatError(f"{src}: task_type is {task!r}; only SEQ_CLS adapters classify")
-    weights = parse_adapter(config_bytes, weights_bytes, found, POOLING_CLS_POOLER, backbone)
+    # a two-layer head (DistilBERT's, RoBERTa's, ELECTRA's) reads the first token's hidden
+    # state, not BERT's [CLS] pooler
+    activation = None
+    pooling = POOLING_CLS_POOLER
+    if has_two_layer_head(weights_bytes, backbone):
+        activation, pooling = two_layer_activation(backbone), POOLING_FIRST
+    weights = parse_adapter(config_bytes, weights_bytes, found, pooling, backbone, activation)
     (staging / CONFIG_FILE).write_bytes(config_bytes)
     (staging / WEIGHTS_FILE).write_bytes(weights_bytes)
     return {
         "labels": list(found),
         "base_sha256": backbone.sha256,
         "rank": weights.rank,
-        "pooling": POOLING_CLS_POOLER,
+        "pooling": pooling,
+        **({"head_activation": activation} if activation else {}),
         "source": "peft-import",
         "imported_from": src.name,
         "peft_version": config.get("peft_version"),

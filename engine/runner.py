@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.adapters import POOLING_CLS_POOLER, POOLING_MEAN
+from engine.adapters import POOLING_CLS_POOLER, POOLING_FIRST, POOLING_MEAN
 from engine.backbone import Backbone
 from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
 from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
@@ -264,7 +264,8 @@ class ModelRunner:
         self, pooler: "PaddedOutputs | PackedOutputs | StaticOutputs", lo: int, hi: int
     ) -> list[Pooled]:
         """Every pooling the backbone offers, so any mix of head-only models shares the row."""
-        poolings = [POOLING_MEAN] + ([POOLING_CLS_POOLER] if self._backbone.has_pooler else [])
+        poolings = [POOLING_MEAN, POOLING_FIRST]
+        poolings += [POOLING_CLS_POOLER] if self._backbone.has_pooler else []
         by_pooling = {p: pooler.pooled(p, lo, hi).float().cpu().numpy() for p in poolings}
         return [
             Pooled(vectors={p: vectors[i] for p, vectors in by_pooling.items()})
@@ -377,9 +378,12 @@ class PaddedOutputs:
 
 
 def _pool(out: object, mask: torch.Tensor, pooling: str, lo: int, hi: int) -> torch.Tensor:
-    """Rows ``lo:hi`` pooled as a head expects: the [CLS] pooler, or the mean over real tokens."""
+    """Rows ``lo:hi`` pooled as a head expects: the [CLS] pooler, the first token's hidden
+    state, or the mean over real tokens."""
     if pooling == POOLING_CLS_POOLER:
         return out.pooler_output[lo:hi]
+    if pooling == POOLING_FIRST:
+        return out.last_hidden_state[lo:hi, 0]
     hidden = out.last_hidden_state[lo:hi]
     weights = mask[lo:hi].unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.adapters import POOLING_CLS_POOLER
+from engine.adapters import POOLING_CLS_POOLER, POOLING_FIRST
 from engine.backbone import Backbone
 from engine.lora import LoraStepPlan, RankRun
 from engine.lora_kernels import GatherBmm
@@ -122,16 +122,19 @@ def static_steps_work(backbone: Backbone, device: str, dtype: torch.dtype) -> bo
 class StaticOutputs:
     """A static step's pooled rows, read by the runner's heads like a padded step's."""
 
-    __slots__ = ("_cls", "_mean")
+    __slots__ = ("_cls", "_first", "_mean")
 
-    def __init__(self, mean: torch.Tensor, cls: torch.Tensor | None) -> None:
+    def __init__(self, mean: torch.Tensor, first: torch.Tensor, cls: torch.Tensor | None) -> None:
         self._mean = mean
+        self._first = first
         self._cls = cls
 
     def pooled(self, pooling: str, lo: int, hi: int) -> torch.Tensor:
         if pooling == POOLING_CLS_POOLER:
             assert self._cls is not None  # adapters that pool so are refused without a pooler
             return self._cls[lo:hi]
+        if pooling == POOLING_FIRST:
+            return self._first[lo:hi]
         return self._mean[lo:hi]
 
 
@@ -166,13 +169,14 @@ class StaticStep:
         self.row_scale = torch.zeros((num_modules, rows), dtype=memory.dtype, device=device)
         hidden = backbone.hidden_size
         self.mean = torch.zeros((rows, hidden), dtype=memory.dtype, device=device)
+        self.first = torch.zeros((rows, hidden), dtype=memory.dtype, device=device)
         self.cls = (
             torch.zeros((rows, hidden), dtype=memory.dtype, device=device)
             if backbone.has_pooler
             else None
         )
         self._plan = self._gather_plan()
-        self.outputs = StaticOutputs(self.mean, self.cls)
+        self.outputs = StaticOutputs(self.mean, self.first, self.cls)
 
     def _gather_plan(self) -> LoraStepPlan:
         """Every row one run of the gather kernel at the bucket's rank, on every wrapped
@@ -270,5 +274,6 @@ class StaticStep:
         hidden = out.last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         self.mean.copy_((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0))
+        self.first.copy_(hidden[:, 0])
         if self.cls is not None:
             self.cls.copy_(out.pooler_output)

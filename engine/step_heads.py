@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from engine.adapters import POOLING_CLS_POOLER, POOLING_MEAN, Head
+from engine.adapters import Head
 
 
 class Pooler(Protocol):
@@ -34,7 +34,7 @@ def head_probs(
     if len(used) == 1:  # one head: its rows alone, nothing to gather or mask
         s, head = used[0]
         pooled = pooler.pooled(head.pooling, seg_starts[s], seg_starts[s + 1])
-        logits = torch.nn.functional.linear(pooled, head.weight, head.bias)
+        logits = torch.nn.functional.linear(head.features(pooled), head.weight, head.bias)
         out[s] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return out
     if not used:
@@ -44,14 +44,19 @@ def head_probs(
     # per row: the columns of its head in the concatenated label axis, -1 for padding
     columns = np.full((num_rows, widest), -1, dtype=np.int64)
     offset = 0
-    poolings = {h.pooling for _, h in used}
-    use_cls = np.zeros(num_rows, dtype=bool)
+    row_pooling = np.full(num_rows, "", dtype=object)
     for (s, head), width in zip(used, widths, strict=True):
         lo, hi = seg_starts[s], seg_starts[s + 1]
         columns[lo:hi, :width] = np.arange(offset, offset + width)
-        use_cls[lo:hi] = head.pooling == POOLING_CLS_POOLER
+        row_pooling[lo:hi] = head.pooling
         offset += width
-    pooled = _pooled(pooler, poolings, use_cls, num_rows)
+    pooled = _pooled(pooler, row_pooling, num_rows)
+    two_layer = [(s, h) for s, h in used if h.pre_weight is not None]
+    if two_layer:  # their first layers, segment by segment, on a copy of the pooled rows
+        pooled = pooled.clone()
+        for s, head in two_layer:
+            lo, hi = seg_starts[s], seg_starts[s + 1]
+            pooled[lo:hi] = head.features(pooled[lo:hi])
     weight = torch.cat([h.weight for _, h in used])
     bias = torch.cat([h.bias for _, h in used])
     logits = torch.nn.functional.linear(pooled, weight, bias)  # [rows, all labels]
@@ -64,13 +69,11 @@ def head_probs(
     return out
 
 
-def _pooled(pooler: Pooler, poolings: set[str], use_cls: np.ndarray, rows: int) -> torch.Tensor:
-    """Every row pooled as its head reads it (rows without a head: either, unused)."""
-    if poolings == {POOLING_CLS_POOLER}:
-        return pooler.pooled(POOLING_CLS_POOLER, 0, rows)
-    mean = pooler.pooled(POOLING_MEAN, 0, rows)
-    if poolings == {POOLING_MEAN}:
-        return mean
-    cls = pooler.pooled(POOLING_CLS_POOLER, 0, rows)
-    choose = torch.from_numpy(use_cls).to(mean.device)
-    return torch.where(choose[:, None], cls, mean)
+def _pooled(pooler: Pooler, row_pooling: np.ndarray, rows: int) -> torch.Tensor:
+    """Every row pooled as its head reads it (rows without a head: any pooling, unused)."""
+    poolings = sorted({p for p in row_pooling.tolist() if p})
+    pooled = pooler.pooled(poolings[0], 0, rows)
+    for pooling in poolings[1:]:
+        choose = torch.from_numpy(row_pooling == pooling).to(pooled.device)
+        pooled = torch.where(choose[:, None], pooler.pooled(pooling, 0, rows), pooled)
+    return pooled

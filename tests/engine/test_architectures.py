@@ -1,7 +1,9 @@
-"""Encoders other than BERT: DistilBERT, RoBERTa and ELECTRA layouts train, serve and refuse
-what they cannot serve. Tiny random-weight models with the packaged tokenizer stand in for
-real checkpoints (the hub is offline); only the layout matters here."""
+"""Encoders other than BERT: DistilBERT, RoBERTa and ELECTRA layouts train with graft, import
+from PEFT (their two-layer classification heads included) and serve. Tiny random-weight models
+with the packaged tokenizer stand in for real checkpoints (the hub is offline); only the
+layout matters here."""
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel, DistilBertConfig, ElectraConfig, RobertaConfig
 
-from engine import AdapterFormatError, Engine, EngineConfig, load_backbone, packaged_backbone_dir
+from engine import Engine, EngineConfig, load_backbone, packaged_backbone_dir
 from registry import Registry
 from training import (
     TrainConfig,
@@ -90,21 +92,135 @@ async def test_lora_on_another_encoder_is_served_as_measured(encoder_dir, sms, t
         assert one.scores == pytest.approx(batched.scores, abs=1e-5)
 
 
-def test_a_two_layer_peft_head_is_refused_by_name(tmp_path: Path) -> None:
-    peft = pytest.importorskip("peft", reason="peft is a dev dependency")
-    from transformers import AutoModelForSequenceClassification
+TEXTS = [
+    "Congratulations! You've been selected for a free cruise. Reply YES.",
+    "Can you send me the minutes from Tuesday's meeting?",
+    "new phone who dis",
+]
+# each layout's LoRA targets, by PEFT's module names
+TARGETS = {"distilbert": ["q_lin", "v_lin"], "roberta": ["query", "value"], "electra": ["query"]}
 
+
+def _peft_adapter(encoder: Path, out: Path, num_labels: int):
+    """A PEFT SEQ_CLS adapter on ``encoder`` (random LoRA, its two-layer head trained as
+    saved) and PEFT's own probabilities for TEXTS."""
+    peft = pytest.importorskip("peft", reason="peft is a dev dependency")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(1)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(encoder), num_labels=num_labels, local_files_only=True
+    )
+    kind = base.config.model_type
+    config = peft.LoraConfig(
+        task_type="SEQ_CLS",
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=TARGETS[kind],
+    )
+    model = peft.get_peft_model(base, config).eval()
+    model.save_pretrained(str(out))
+    (out / "labels.txt").write_text("\n".join(f"l{i}" for i in range(num_labels)))
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder), local_files_only=True)
+    with torch.no_grad():
+        probs = torch.softmax(
+            model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits, -1
+        )
+    return probs
+
+
+async def test_peft_adapters_with_two_layer_heads_serve_as_peft(encoder_dir, tmp_path) -> None:
+    from engine.peft_io import import_peft
+
+    expected = _peft_adapter(encoder_dir, tmp_path / "adapter", num_labels=3)
+    backbone = load_backbone(encoder_dir)
+    registry = Registry(tmp_path / "registry")
+    registry.create_tenant("acme")
+    record = import_peft(registry, backbone, "acme", "m", tmp_path / "adapter")
+    assert record.manifest["pooling"] == "first"
+    assert record.manifest["head_activation"] in ("relu", "tanh", "gelu")
+    registry.close()
+    config = EngineConfig(registry_dir=tmp_path / "registry", backbone_dir=encoder_dir)
+    async with Engine(config) as engine:
+        together = await engine.classify("acme", "m", TEXTS)  # padded or packed, one step
+        alone = await asyncio.gather(*(engine.classify("acme", "m", [t]) for t in TEXTS))
+    got = torch.tensor([[p.scores[f"l{i}"] for i in range(3)] for p in together])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    for one, batched in zip(alone, together, strict=True):
+        assert one[0].scores == pytest.approx(batched.scores, abs=1e-5)
+
+
+async def test_two_layer_and_one_layer_heads_share_a_step(tmp_path, sms) -> None:
+    """A RoBERTa-layout engine: a PEFT model (two-layer head on the first token) and a
+    graft-trained one (one layer on the mean) answer in the same steps as they do alone."""
     from engine.peft_io import import_peft
 
     encoder = _random_encoder("roberta", tmp_path / "roberta")
-    base = AutoModelForSequenceClassification.from_pretrained(
-        str(encoder), num_labels=2, local_files_only=True
-    )
-    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
-    peft.get_peft_model(base, config).save_pretrained(str(tmp_path / "adapter"))
-    (tmp_path / "adapter" / "labels.txt").write_text("neg\npos\n")
+    _peft_adapter(encoder, tmp_path / "adapter", num_labels=2)
+    backbone = load_backbone(encoder)
     registry = Registry(tmp_path / "registry")
     registry.create_tenant("acme")
-    with pytest.raises(AdapterFormatError, match="head has two layers"):
-        import_peft(registry, load_backbone(encoder), "acme", "m", tmp_path / "adapter")
-    assert registry.list_adapters("acme") == []  # nothing half-registered
+    import_peft(registry, backbone, "acme", "peft", tmp_path / "adapter")
+    config = TrainConfig(mode="lora", epochs=1, max_length=MAX_LENGTH, rank=4)
+    train_adapter(backbone, registry, "acme", "graft", sms[:60], config, progress=False)
+    registry.close()
+    engine_config = EngineConfig(registry_dir=tmp_path / "registry", backbone_dir=encoder)
+    async with Engine(engine_config) as engine:
+        alone = {m: await engine.classify("acme", m, TEXTS) for m in ("peft", "graft")}
+        mixed = await asyncio.gather(
+            *(engine.classify("acme", m, [t]) for t in TEXTS for m in ("peft", "graft"))
+        )
+        many = await engine.classify_many("acme", ["peft", "graft"], TEXTS)
+    for i, text_answers in enumerate(zip(mixed[0::2], mixed[1::2], strict=True)):
+        for m, answer in zip(("peft", "graft"), text_answers, strict=True):
+            assert answer[0].scores == pytest.approx(alone[m][i].scores, abs=1e-5)
+            assert many[i].results[("peft", "graft").index(m)].scores == pytest.approx(
+                alone[m][i].scores, abs=1e-5
+            )
+
+
+async def test_a_two_layer_head_without_lora_serves_on_the_bare_backbone(tmp_path) -> None:
+    """Head-only (rank 0): the head runs on the host over the bare backbone's first token."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from engine.peft_io import import_peft
+
+    encoder = _random_encoder("distilbert", tmp_path / "distilbert")
+    adapter = tmp_path / "adapter"
+    _peft_adapter(encoder, adapter, num_labels=2)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    head = {k: v for k, v in tensors.items() if "lora_" not in k}
+    save_file(head, str(adapter / "adapter_model.safetensors"))
+    registry = Registry(tmp_path / "registry")
+    registry.create_tenant("acme")
+    record = import_peft(registry, load_backbone(encoder), "acme", "m", adapter)
+    assert record.rank == 0
+    registry.close()
+    engine_config = EngineConfig(registry_dir=tmp_path / "registry", backbone_dir=encoder)
+    async with Engine(engine_config) as engine:
+        got = await engine.classify("acme", "m", TEXTS)  # its head after the step
+        many = await engine.classify_many("acme", ["m"], TEXTS)  # on the host, after the step
+    for one, multi in zip(got, many, strict=True):
+        assert multi.results[0].scores == pytest.approx(one.scores, abs=1e-5)
+    model = AutoModel.from_pretrained(str(encoder), local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder), local_files_only=True)
+    with torch.no_grad():
+        first = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).last_hidden_state[:, 0]
+        prefix = "base_model.model."
+        hidden = torch.relu(
+            torch.nn.functional.linear(
+                first,
+                head[f"{prefix}pre_classifier.weight"],
+                head[f"{prefix}pre_classifier.bias"],
+            )
+        )
+        logits = torch.nn.functional.linear(
+            hidden,
+            head[f"{prefix}classifier.weight"],
+            head[f"{prefix}classifier.bias"],
+        )
+    expected = torch.softmax(logits, -1)
+    served = torch.tensor([[p.scores["l0"], p.scores["l1"]] for p in got])
+    torch.testing.assert_close(served, expected, rtol=0, atol=1e-4)
