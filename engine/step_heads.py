@@ -50,7 +50,7 @@ def head_probs(
         columns[lo:hi, :width] = np.arange(offset, offset + width)
         row_pooling[lo:hi] = head.pooling
         offset += width
-    pooled = _pooled(pooler, row_pooling, num_rows)
+    pooled = _pooled(pooler, sorted({h.pooling for _, h in used}), row_pooling, num_rows)
     two_layer = [(s, h) for s, h in used if h.pre_weight is not None]
     if two_layer:  # their first layers, segment by segment, on a copy of the pooled rows
         pooled = pooled.clone()
@@ -69,9 +69,10 @@ def head_probs(
     return out
 
 
-def _pooled(pooler: Pooler, row_pooling: np.ndarray, rows: int) -> torch.Tensor:
+def _pooled(
+    pooler: Pooler, poolings: Sequence[str], row_pooling: np.ndarray, rows: int
+) -> torch.Tensor:
     """Every row pooled as its head reads it (rows without a head: any pooling, unused)."""
-    poolings = sorted({p for p in row_pooling.tolist() if p})
     pooled = pooler.pooled(poolings[0], 0, rows)
     for pooling in poolings[1:]:
         choose = torch.from_numpy(row_pooling == pooling).to(pooled.device)
