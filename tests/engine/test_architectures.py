@@ -224,3 +224,55 @@ async def test_a_two_layer_head_without_lora_serves_on_the_bare_backbone(tmp_pat
     expected = torch.softmax(logits, -1)
     served = torch.tensor([[p.scores["l0"], p.scores["l1"]] for p in got])
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_two_layer_heads_on_cuda_graphs_answer_as_on_the_cpu(tmp_path) -> None:
+    """Static steps pool the first token into a buffer of their own, inside the graph."""
+    from engine.peft_io import import_peft
+
+    encoder = _random_encoder("roberta", tmp_path / "roberta")
+    backbone = load_backbone(encoder)
+    _two_layer_adapter(backbone, tmp_path / "adapter", num_labels=3)  # no peft on the GPU host
+    registry = Registry(tmp_path / "registry")
+    registry.create_tenant("acme")
+    import_peft(registry, backbone, "acme", "m", tmp_path / "adapter")
+    registry.close()
+    answers = {}
+    for device in ("cpu", "cuda"):
+        config = EngineConfig(
+            registry_dir=tmp_path / "registry", backbone_dir=encoder, device=device
+        )
+        async with Engine(config) as engine:
+            answers[device] = await asyncio.gather(
+                *(engine.classify("acme", "m", [t]) for t in TEXTS)
+            )
+            static_steps = engine.stats()["static_steps"]
+    assert static_steps > 0  # the CUDA answers came from captured steps
+    for cpu, cuda in zip(answers["cpu"], answers["cuda"], strict=True):
+        assert cuda[0].scores == pytest.approx(cpu[0].scores, abs=1e-4)
+
+
+def _two_layer_adapter(backbone, out: Path, num_labels: int) -> None:
+    """A RoBERTa-style SEQ_CLS adapter written as PEFT lays it out, without PEFT: random LoRA
+    on query and value, and a head of classifier.dense and classifier.out_proj."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(3)
+    hidden, prefix = backbone.hidden_size, "base_model.model."
+    tensors = {}
+    for name in backbone.linear_names:
+        if name.endswith(("query", "value")):
+            wrapper = backbone.linears[name]
+            key = f"{prefix}{backbone.base_prefix}.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, wrapper.in_features, generator=gen)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(wrapper.out_features, 4, generator=gen)
+    for layer, shape in (("dense", (hidden, hidden)), ("out_proj", (num_labels, hidden))):
+        tensors[f"{prefix}classifier.{layer}.weight"] = torch.randn(*shape, generator=gen) * 0.2
+        tensors[f"{prefix}classifier.{layer}.bias"] = torch.randn(shape[0], generator=gen) * 0.1
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    (out / "labels.txt").write_text("\n".join(f"l{i}" for i in range(num_labels)))
