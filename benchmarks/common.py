@@ -276,6 +276,25 @@ def build_random_backbone(out_dir: Path, *, hidden: int, layers: int, tokenizer_
     return out_dir
 
 
+def random_backbone_dir(
+    work: Path, hidden: int | None, layers: int | None, *, default_layers: int
+) -> str | None:
+    """The ``--hidden``/``--layers`` flags of a benchmark: a random-weight BERT of that width
+    and depth (with the packaged tokenizer) built under ``work``; None without ``--hidden``
+    (the packaged MiniLM)."""
+    if hidden is None:
+        return None
+    from engine import packaged_backbone_dir
+
+    path = build_random_backbone(
+        work / "backbone",
+        hidden=hidden,
+        layers=layers or default_layers,
+        tokenizer_dir=packaged_backbone_dir(),
+    )
+    return str(path)
+
+
 def names_of(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     """argparse type for a comma-separated subset of ``allowed``."""
 

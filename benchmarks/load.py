@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks import report  # noqa: E402
-from benchmarks.common import serial_torch_here  # noqa: E402
+from benchmarks.common import random_backbone_dir, serial_torch_here  # noqa: E402
 from benchmarks.load_args import parse_args  # noqa: E402
 from benchmarks.load_fleet import Fleet, build_fleet  # noqa: E402
 from benchmarks.load_stats import RunSummary, sweeps  # noqa: E402
@@ -200,22 +200,14 @@ def _backbone_dir(args: argparse.Namespace, work: Path) -> str | None:
     """``--backbone``, or a random-weight BERT built for ``--hidden``; None: the packaged one."""
     if args.hidden is None:
         return args.backbone
-    from benchmarks.common import build_random_backbone
-    from engine import packaged_backbone_dir
-
     started = time.perf_counter()
-    path = build_random_backbone(
-        work / "backbone",
-        hidden=args.hidden,
-        layers=args.layers or 12,
-        tokenizer_dir=packaged_backbone_dir(),
-    )
+    path = random_backbone_dir(work, args.hidden, args.layers, default_layers=12)
     print(
         f"random-weight BERT backbone: hidden {args.hidden}, {args.layers or 12} layers, "
         f"built in {time.perf_counter() - started:.1f} s",
         flush=True,
     )
-    return str(path)
+    return path
 
 
 async def _fleet(

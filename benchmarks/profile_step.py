@@ -67,29 +67,15 @@ def _profiled(fn, sync, repeats: int) -> cProfile.Profile:
     return profiler
 
 
-def _random_backbone(args: argparse.Namespace, work: Path) -> str:
-    """A random-weight BERT of ``--hidden`` and ``--layers``: small ones are host-bound on a
-    CPU too, as GPU steps are."""
-    from benchmarks.common import build_random_backbone
-    from engine import packaged_backbone_dir
-
-    path = build_random_backbone(
-        work / "backbone",
-        hidden=args.hidden,
-        layers=args.layers or 12,
-        tokenizer_dir=packaged_backbone_dir(),
-    )
-    return str(path)
-
-
 async def profile(args: argparse.Namespace, work: Path) -> None:
     import torch
 
+    from benchmarks.common import random_backbone_dir
     from benchmarks.load_fleet import build_fleet
     from engine import Engine, EngineConfig
     from scheduler import Batch
 
-    backbone_dir = _random_backbone(args, work) if args.hidden is not None else None
+    backbone_dir = random_backbone_dir(work, args.hidden, args.layers, default_layers=12)
     fleet = build_fleet(work, max(args.adapters), 1, seed=0, backbone_dir=backbone_dir)
     config = EngineConfig(
         registry_dir=fleet.registry_dir,

@@ -17,6 +17,7 @@ the HTTP path costs the model on a small machine, and what caps one process on a
 
 import argparse
 import asyncio
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -68,35 +69,45 @@ async def measure_embedded(args: argparse.Namespace, work: Path) -> dict[str, fl
     }
 
 
-async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
+@contextlib.asynccontextmanager
+async def warm_server(fleet, options, requests: list, args: argparse.Namespace):
+    """graft's server over ``fleet`` in its own process, and an HTTP target on
+    ``args.concurrency`` keep-alive connections, warmed with ``requests[: args.warmup]``:
+    yields (server process, aiohttp session, URL, target); the server stops on the way out."""
     import aiohttp
 
-    from benchmarks.load_fleet import build_fleet
-    from benchmarks.load_server_process import ServerProcess, read_metrics
-    from benchmarks.load_targets import HttpTarget, TargetOptions
+    from benchmarks.load_server_process import ServerProcess
+    from benchmarks.load_targets import HttpTarget
     from benchmarks.open_loop import closed_loop
 
-    fleet = build_fleet(work, args.adapters, args.tenants)
-    server = ServerProcess(
-        "serve",
-        fleet,
-        TargetOptions(threads=args.threads, quantize=args.quantize, device=args.device),
-    )
+    server = ServerProcess("serve", fleet, options)
     url = await asyncio.to_thread(server.start)
-    pid = server.pid
-    requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
     try:
         connector = aiohttp.TCPConnector(limit=args.concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
             target = HttpTarget("serve", session, url, fleet.models, fleet.keys, timeout_s=None)
             await closed_loop(target, requests[: args.warmup], concurrency=args.concurrency)
-            steps_before = (await read_metrics(session, url))["steps"]
-            before = thread_cpu_s(pid)
-            answered, wall_s = await closed_loop(target, requests, concurrency=args.concurrency)
-            after = thread_cpu_s(pid)
-            num_steps = (await read_metrics(session, url))["steps"] - steps_before
+            yield server, session, url, target
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    from benchmarks.load_fleet import build_fleet
+    from benchmarks.load_server_process import read_metrics
+    from benchmarks.load_targets import TargetOptions
+    from benchmarks.open_loop import closed_loop
+
+    fleet = build_fleet(work, args.adapters, args.tenants)
+    options = TargetOptions(threads=args.threads, quantize=args.quantize, device=args.device)
+    requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
+    async with warm_server(fleet, options, requests, args) as (server, session, url, target):
+        pid = server.pid
+        steps_before = (await read_metrics(session, url))["steps"]
+        before = thread_cpu_s(pid)
+        answered, wall_s = await closed_loop(target, requests, concurrency=args.concurrency)
+        after = thread_cpu_s(pid)
+        num_steps = (await read_metrics(session, url))["steps"] - steps_before
     if answered != args.requests:
         raise RuntimeError(f"{args.requests - answered} of {args.requests} requests failed")
     spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}

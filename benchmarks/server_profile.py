@@ -122,14 +122,13 @@ def _py_spy() -> str:
 
 async def record(args: argparse.Namespace, work: Path, out: Path) -> tuple[int, float]:
     """Serve, load, and record the server process: (requests answered, seconds taken)."""
-    import aiohttp
-
+    from benchmarks.common import random_backbone_dir
     from benchmarks.load_fleet import build_fleet
-    from benchmarks.load_server_process import ServerProcess
-    from benchmarks.load_targets import HttpTarget, TargetOptions
+    from benchmarks.load_targets import TargetOptions
     from benchmarks.open_loop import closed_loop
+    from benchmarks.server_cpu import warm_server
 
-    backbone_dir = _backbone(args, work)
+    backbone_dir = random_backbone_dir(work, args.hidden, args.layers, default_layers=2)
     fleet = build_fleet(work, args.adapters, args.tenants, backbone_dir=backbone_dir)
     options = TargetOptions(
         threads=args.threads,
@@ -137,22 +136,14 @@ async def record(args: argparse.Namespace, work: Path, out: Path) -> tuple[int, 
         quantize=args.quantize,
         backbone_dir=backbone_dir,
     )
-    server = ServerProcess("serve", fleet, options)
-    url = await asyncio.to_thread(server.start)
     requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
-    try:
-        connector = aiohttp.TCPConnector(limit=args.concurrency)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            target = HttpTarget("serve", session, url, fleet.models, fleet.keys, timeout_s=None)
-            await closed_loop(target, requests[: args.warmup], concurrency=args.concurrency)
-            spy = _start_spy(args, server.pid, out)
-            try:
-                answered, wall_s = await closed_loop(target, requests, concurrency=args.concurrency)
-            finally:
-                spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
-                _, errors = await asyncio.to_thread(spy.communicate, timeout=30)
-    finally:
-        await asyncio.to_thread(server.stop)
+    async with warm_server(fleet, options, requests, args) as (server, _, _, target):
+        spy = _start_spy(args, server.pid, out)
+        try:
+            answered, wall_s = await closed_loop(target, requests, concurrency=args.concurrency)
+        finally:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+            _, errors = await asyncio.to_thread(spy.communicate, timeout=30)
     if not out.is_file() or out.stat().st_size == 0:
         raise RuntimeError(f"py-spy recorded nothing (exit {spy.returncode}): {errors.strip()}")
     return answered, wall_s
@@ -164,21 +155,6 @@ def _start_spy(args: argparse.Namespace, pid: int | None, out: Path) -> subproce
     if args.gil:
         command.append("--gil")
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _backbone(args: argparse.Namespace, work: Path) -> str | None:
-    if args.hidden is None:
-        return None
-    from benchmarks.common import build_random_backbone
-    from engine import packaged_backbone_dir
-
-    path = build_random_backbone(
-        work / "backbone",
-        hidden=args.hidden,
-        layers=args.layers or 2,
-        tokenizer_dir=packaged_backbone_dir(),
-    )
-    return str(path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -248,12 +248,7 @@ def _head(
 ) -> Head:
     hidden, num_labels = backbone.hidden_size, len(labels)
     weight = _checked(views["weight"], (num_labels, hidden), "classifier.weight")
-    bias = views.get("bias")
-    bias = (
-        torch.zeros(num_labels)
-        if bias is None
-        else _checked(bias, (num_labels,), "classifier.bias")
-    )
+    bias = _bias(views.get("bias"), num_labels, "classifier.bias")
     if pooling == POOLING_CLS_POOLER and not backbone.has_pooler:
         raise AdapterFormatError("the head pools through a [CLS] pooler the backbone lacks")
     if "pre_weight" not in views:
@@ -266,13 +261,13 @@ def _head(
             f"got head_activation={activation!r}"
         )
     pre_weight = _checked(views["pre_weight"], (hidden, hidden), "the head's first layer")
-    pre_bias = views.get("pre_bias")
-    pre_bias = (
-        torch.zeros(hidden)
-        if pre_bias is None
-        else _checked(pre_bias, (hidden,), "the first layer's bias")
-    )
+    pre_bias = _bias(views.get("pre_bias"), hidden, "the first layer's bias")
     return Head(pooling, weight, bias, pre_weight, pre_bias, activation)
+
+
+def _bias(tensor: torch.Tensor | None, size: int, name: str) -> torch.Tensor:
+    """A layer's bias, checked; zeros where the file has none (a bias=False layer)."""
+    return torch.zeros(size) if tensor is None else _checked(tensor, (size,), name)
 
 
 def _checked(tensor: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
