@@ -45,15 +45,26 @@ _TWO_LAYER_HEADS = {
 }
 
 
+def backbone_poolings(backbone: Backbone) -> tuple[str, ...]:
+    """The poolings heads may read on this backbone: the mean always, its [CLS] pooler where
+    it has one, the first token where its model type's classification heads have two layers
+    (only those need it, so other backbones neither pool nor cache it)."""
+    poolings = [POOLING_MEAN]
+    if backbone.has_pooler:
+        poolings.append(POOLING_CLS_POOLER)
+    if backbone.model_type in _TWO_LAYER_HEADS:
+        poolings.append(POOLING_FIRST)
+    return tuple(poolings)
+
+
 def two_layer_activation(backbone: Backbone) -> str:
     """The activation between the two layers of the backbone's classification head (an
     imported adapter's head is trained for it); AdapterFormatError where graft does not know
     it."""
-    config = backbone.model.config
-    model_type = str(getattr(config, "model_type", ""))
+    model_type = backbone.model_type
     activation = _TWO_LAYER_HEADS.get(model_type)
     if activation == "hidden_act":
-        activation = str(getattr(config, "hidden_act", ""))
+        activation = str(getattr(backbone.model.config, "hidden_act", ""))
     if activation not in HEAD_ACTIVATIONS:
         raise AdapterFormatError(
             f"the classification head has two layers, and graft does not know the activation "
@@ -251,6 +262,11 @@ def _head(
     bias = _bias(views.get("bias"), num_labels, "classifier.bias")
     if pooling == POOLING_CLS_POOLER and not backbone.has_pooler:
         raise AdapterFormatError("the head pools through a [CLS] pooler the backbone lacks")
+    if pooling not in backbone_poolings(backbone):
+        raise AdapterFormatError(
+            f"the head reads pooling {pooling!r}, which this backbone's heads never read "
+            f"(it offers {', '.join(backbone_poolings(backbone))})"
+        )
     if "pre_weight" not in views:
         if activation is not None:
             raise AdapterFormatError(f"head_activation={activation!r}, but the head has one layer")

@@ -69,6 +69,7 @@ class Backbone:
     linears: dict[str, LoraLinear]  # wrapped module name -> wrapper, in model order
     lora_state: StepLora  # the current step's segment plan, read by every wrapper
     has_pooler: bool  # BERT-style tanh pooler over the first token
+    model_type: str  # the config's model_type ("bert", "roberta", ...): which heads it takes
     num_pauses: int  # points per forward pass where lora_state.between_layers runs
     quantize: str = "none"  # "int8": the wrapped Linears' frozen weights are int8
     # adapter file headers already checked against this backbone (engine.adapter_layout)
@@ -121,6 +122,7 @@ def load_backbone(
         linears=linears,
         lora_state=state,
         has_pooler=getattr(model, "pooler", None) is not None,
+        model_type=str(getattr(config, "model_type", "")),
         num_pauses=num_pauses,
         quantize=quantize,
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.adapters import POOLING_CLS_POOLER, POOLING_FIRST, POOLING_MEAN
+from engine.adapters import POOLING_CLS_POOLER, POOLING_FIRST, backbone_poolings
 from engine.backbone import Backbone
 from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
 from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
@@ -65,6 +65,7 @@ class ModelRunner:
         cuda_graphs: bool = False,
     ) -> None:
         self._backbone = backbone
+        self._poolings = backbone_poolings(backbone)  # pooled for head-only models' rows
         self._kernel = kernel
         self._memory = memory
         self._device = device
@@ -264,9 +265,7 @@ class ModelRunner:
         self, pooler: "PaddedOutputs | PackedOutputs | StaticOutputs", lo: int, hi: int
     ) -> list[Pooled]:
         """Every pooling the backbone offers, so any mix of head-only models shares the row."""
-        poolings = [POOLING_MEAN, POOLING_FIRST]
-        poolings += [POOLING_CLS_POOLER] if self._backbone.has_pooler else []
-        by_pooling = {p: pooler.pooled(p, lo, hi).float().cpu().numpy() for p in poolings}
+        by_pooling = {p: pooler.pooled(p, lo, hi).float().cpu().numpy() for p in self._poolings}
         return [
             Pooled(vectors={p: vectors[i] for p, vectors in by_pooling.items()})
             for i in range(hi - lo)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.adapters import POOLING_CLS_POOLER, POOLING_FIRST
+from engine.adapters import POOLING_CLS_POOLER, POOLING_FIRST, backbone_poolings
 from engine.backbone import Backbone
 from engine.lora import LoraStepPlan, RankRun
 from engine.lora_kernels import GatherBmm
@@ -124,7 +124,9 @@ class StaticOutputs:
 
     __slots__ = ("_cls", "_first", "_mean")
 
-    def __init__(self, mean: torch.Tensor, first: torch.Tensor, cls: torch.Tensor | None) -> None:
+    def __init__(
+        self, mean: torch.Tensor, first: torch.Tensor | None, cls: torch.Tensor | None
+    ) -> None:
         self._mean = mean
         self._first = first
         self._cls = cls
@@ -134,6 +136,7 @@ class StaticOutputs:
             assert self._cls is not None  # adapters that pool so are refused without a pooler
             return self._cls[lo:hi]
         if pooling == POOLING_FIRST:
+            assert self._first is not None  # refused where the backbone's heads never read it
             return self._first[lo:hi]
         return self._mean[lo:hi]
 
@@ -169,7 +172,11 @@ class StaticStep:
         self.row_scale = torch.zeros((num_modules, rows), dtype=memory.dtype, device=device)
         hidden = backbone.hidden_size
         self.mean = torch.zeros((rows, hidden), dtype=memory.dtype, device=device)
-        self.first = torch.zeros((rows, hidden), dtype=memory.dtype, device=device)
+        self.first = (
+            torch.zeros((rows, hidden), dtype=memory.dtype, device=device)
+            if POOLING_FIRST in backbone_poolings(backbone)
+            else None
+        )
         self.cls = (
             torch.zeros((rows, hidden), dtype=memory.dtype, device=device)
             if backbone.has_pooler
@@ -274,6 +281,7 @@ class StaticStep:
         hidden = out.last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         self.mean.copy_((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0))
-        self.first.copy_(hidden[:, 0])
+        if self.first is not None:
+            self.first.copy_(hidden[:, 0])
         if self.cls is not None:
             self.cls.copy_(out.pooler_output)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel, DistilBertConfig, ElectraConfig, RobertaConfig
 
-from engine import Engine, EngineConfig, load_backbone, packaged_backbone_dir
+from engine import AdapterFormatError, Engine, EngineConfig, load_backbone, packaged_backbone_dir
 from registry import Registry
 from training import (
     TrainConfig,
@@ -276,3 +276,21 @@ def _two_layer_adapter(backbone, out: Path, num_labels: int) -> None:
     config = {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8}
     (out / "adapter_config.json").write_text(json.dumps(config))
     (out / "labels.txt").write_text("\n".join(f"l{i}" for i in range(num_labels)))
+
+
+def test_only_backbones_with_two_layer_heads_pool_the_first_token(encoder_dir, backbone) -> None:
+    from engine.adapters import POOLING_FIRST, backbone_poolings, parse_adapter
+
+    assert POOLING_FIRST in backbone_poolings(load_backbone(encoder_dir))
+    assert POOLING_FIRST not in backbone_poolings(backbone)  # BERT: nothing reads it there
+    config = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}).encode()
+    from safetensors.torch import save
+
+    weights = save(
+        {
+            "base_model.model.classifier.weight": torch.zeros(2, backbone.hidden_size),
+            "base_model.model.classifier.bias": torch.zeros(2),
+        }
+    )
+    with pytest.raises(AdapterFormatError, match="pooling 'first'"):
+        parse_adapter(config, weights, ("a", "b"), POOLING_FIRST, backbone)
