@@ -2,7 +2,7 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
-# switch lookahead graphs graphs-bert precapture frontend. Default: tests graphs load, at most about 9
+# switch lookahead graphs graphs-bert precapture frontend workers. Default: tests graphs load, at most about 9
 # minutes on an H100 or H200 (each step is bounded), plus a minute or two to start the
 # machine: the kernels and the engine on CUDA first, then CUDA graphs (on by default on CUDA)
 # against eager steps, then the load sweep. A second call: profile lookahead bert-load peft.
@@ -113,6 +113,16 @@ for step in $STEPS; do
         --quantize none --requests 20000 --warmup 2000 --concurrency 64 --embedded
       run 80 frontend-profile python3 -m benchmarks.server_profile --device cuda \
         --requests 20000 --concurrency 64 --out "$OUT" ;;
+    workers)
+      # graft serve --workers: front-end processes hand classify requests to the engine's
+      # process as token ids. 4 front ends with the embedded engine in the same sweep, then
+      # one process and 8 front ends; 1,000 adapters on MiniLM
+      run 130 workers-4 $LOAD --out "$WORK/workers" --server-workers 4 \
+        --only embedded-sms-1000a-zipf,serve-sms-1000a-zipf
+      run 80 workers-0 $LOAD --out "$WORK/workers" --only serve-sms-1000a-zipf
+      run 80 workers-8 $LOAD --out "$WORK/workers" --server-workers 8 \
+        --only serve-sms-1000a-zipf
+      tar -czf "$OUT/load_workers.tgz" -C "$WORK" workers 2>/dev/null ;;
     precapture)
       # graphs captured at start-up, not on a step's first use (session 12): the CUDA tests,
       # then 1,000 tenants on MiniLM with the bare backbone, then on the BERT-base shape

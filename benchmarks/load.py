@@ -170,6 +170,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         url=args.url,
         keys=tuple(args.key),
         server_process=not args.server_thread,
+        server_workers=args.server_workers,
     )
     texts: dict[str, list[str]] = {}
     summaries: list[RunSummary] = []

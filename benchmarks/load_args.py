@@ -46,6 +46,13 @@ def _add_target(p: argparse.ArgumentParser) -> None:
         help="run graft's and the PEFT server in a thread of this process (default: each in "
         "its own process, as deployed; a thread shares the load generator's interpreter lock)",
     )
+    p.add_argument(
+        "--server-workers",
+        type=int,
+        default=0,
+        help="graft's server with this many front-end processes (graft serve --workers; "
+        "default 0: one process)",
+    )
 
 
 def _add_traffic(p: argparse.ArgumentParser) -> None:

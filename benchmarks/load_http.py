@@ -97,7 +97,14 @@ def server_coroutine(
         from server.app import run_server
 
         config = engine_config(fleet, options)
-        return run_server(config, "127.0.0.1", 0, on_listening=on_listening, on_ready=on_ready)
+        return run_server(
+            config,
+            "127.0.0.1",
+            0,
+            on_listening=on_listening,
+            on_ready=on_ready,
+            workers=options.server_workers,
+        )
     from benchmarks.peft_server import run_peft_server
 
     return run_peft_server(

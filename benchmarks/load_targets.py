@@ -72,6 +72,7 @@ class TargetOptions:
     connections: int = 1024  # client connection pool size (HTTP kinds)
     peft_max_wait_s: float = 0.002  # the PEFT batcher's collection window
     server_process: bool = True  # "serve" and "peft" in a child process (False: a thread)
+    server_workers: int = 0  # graft's front-end processes (run_server's workers)
 
 
 class Target(Protocol):

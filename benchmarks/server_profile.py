@@ -37,7 +37,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("HTTP request, whole (aiohttp)", ("RequestHandler._handle_request",)),
     ("  classify route", ("classify (server/routes.py)",)),
     ("    authenticate (registry)", ("authenticate (server/routes.py)",)),
-    ("    body read and parse", ("_read_body (server/routes.py)", "_parse_body")),
+    ("    body read and parse", ("read_body (server/routes.py)", "parse_body (server/routes.py)")),
     ("    Engine.submit", ("Engine.submit (engine/engine.py)",)),
     ("      tokenize", ("Engine._tokenize",)),
     ("      resolve (registry)", ("Engine._resolve",)),

@@ -22,6 +22,7 @@ from engine.errors import (
     ModelNotFound,
     TenantBusy,
 )
+from engine.inputs import TextEncoder, Tokenized, tokenize_request
 from engine.job import (
     Job,
     JobTimings,
@@ -62,11 +63,14 @@ __all__ = [
     "MultiPrediction",
     "Prediction",
     "TenantBusy",
+    "TextEncoder",
+    "Tokenized",
     "TenantPolicy",
     "import_peft",
     "load_backbone",
     "packaged_backbone_dir",
     "parse_adapter",
     "weights_sha256",
+    "tokenize_request",
     "write_peft_adapter",
 ]

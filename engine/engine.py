@@ -16,7 +16,7 @@ from engine.backbone import Backbone, packaged_backbone_dir
 from engine.collector import freeze_startup_objects, release_startup_objects
 from engine.config import EngineConfig
 from engine.errors import EngineClosed, ModelNotFound
-from engine.inputs import Tokenized, tokenize_inputs
+from engine.inputs import Tokenized, check_tokenized, tokenize_request
 from engine.job import Job, MultiJob, MultiPrediction, Prediction
 from engine.listing import AdapterInfo, summarize
 from engine.memory import pages_for_bytes
@@ -37,9 +37,6 @@ from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model
 from scheduler import Row, Scheduler, TenantPolicy
 
 log = logging.getLogger(__name__)
-
-# below this many characters, tokenizing costs less than the hop to a thread
-_INLINE_TOKENIZE_CHARS = 4096
 
 
 class Engine:
@@ -214,14 +211,17 @@ class Engine:
         *,
         truncate: bool = True,
         timeout_s: float | None = None,
+        tokens: Tokenized | None = None,
     ) -> Job:
         """Admit a request: resolve the model, check the queues, tokenize, pin, queue its rows.
 
         Admission runs before tokenizing, so refusing a flood costs next to nothing. The
         resolved version is fixed here: a newer version published meanwhile never mixes into
         this request. ``timeout_s`` (capped by ``max_timeout_s``) bounds how long its rows may
-        wait to start. Raises ModelNotFound, TenantBusy, EngineOverloaded, InputError /
-        InputTooLong, AdapterIncompatible, AdapterFormatError, EngineClosed.
+        wait to start. ``tokens``: the texts' ids, tokenized already (by a front-end process,
+        with this engine's limits), checked here rather than computed. Raises ModelNotFound,
+        TenantBusy, EngineOverloaded, InputError / InputTooLong, AdapterIncompatible,
+        AdapterFormatError, EngineClosed.
         """
         if not self.ready:
             raise EngineClosed("engine is not running")
@@ -230,7 +230,7 @@ class Engine:
         check_rank_fits(record, self.config.adapter_pages)
         reserved = admit(self._scheduler, tenant, texts)
         try:
-            tokens = await self._tokenize(texts, truncate)
+            tokens = await self._tokenize(texts, truncate, tokens)
             key = await pin(self._loaded.store, record)
         except BaseException:
             self._scheduler.release(tenant, reserved)  # its rows will never be queued
@@ -285,6 +285,7 @@ class Engine:
         *,
         truncate: bool = True,
         timeout_s: float | None = None,
+        tokens: Tokenized | None = None,
     ) -> MultiJob:
         """Admit a multi-model request (``submit``'s contract, every model at once).
 
@@ -306,7 +307,7 @@ class Engine:
         check_queue_bound(texts, per_text, self._scheduler.policy(tenant).max_queued_rows)
         reserved = admit(self._scheduler, tenant, texts, rows_per_text=per_text)
         try:
-            tokens = await self._tokenize(texts, truncate)
+            tokens = await self._tokenize(texts, truncate, tokens)
             keys = await pin_all(self._loaded.store, records)
         except BaseException:
             self._scheduler.release(tenant, reserved)
@@ -337,25 +338,19 @@ class Engine:
         self._steps.wake()
         return job
 
-    async def _tokenize(self, texts: Sequence[str], truncate: bool) -> Tokenized:
-        """Small requests tokenize inline; large ones on a helper thread, off the event loop."""
-        is_small = (
-            isinstance(texts, str)
-            or not isinstance(texts, Sequence)
-            or sum(len(t) for t in texts if isinstance(t, str)) < _INLINE_TOKENIZE_CHARS
-        )
-        encoder = self.backbone.encoder
-        work = functools.partial(
-            tokenize_inputs,
-            encoder.inline if is_small else encoder.pooled,
+    async def _tokenize(
+        self, texts: Sequence[str], truncate: bool, tokens: Tokenized | None
+    ) -> Tokenized:
+        if tokens is not None:
+            return check_tokenized(texts, tokens, self.max_input_tokens)
+        return await tokenize_request(
+            self.backbone.encoder,
             texts,
             max_tokens=self.max_input_tokens,
             truncate=truncate,
             max_inputs=self.config.max_inputs_per_request,
+            executor=self._tokenize_executor,
         )
-        if is_small:
-            return work()
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_executor, work)
 
     def _resolve(self, tenant: str, model: str) -> AdapterRecord:
         try:

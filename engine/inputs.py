@@ -1,6 +1,9 @@
 """Request inputs to token ids: validation, tokenization, truncation."""
 
+import asyncio
+import functools
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
@@ -102,3 +105,48 @@ def tokenize_inputs(
         ids.append(tuple(row[: max_tokens - 1]) + (row[-1],))
         truncated.append(True)
     return Tokenized(ids=tuple(ids), truncated=tuple(truncated))
+
+
+# below this many characters, tokenizing costs less than the hop to a thread
+INLINE_TOKENIZE_CHARS = 4096
+
+
+async def tokenize_request(
+    encoder: TextEncoder,
+    texts: Sequence[str],
+    *,
+    max_tokens: int,
+    truncate: bool,
+    max_inputs: int,
+    executor: Executor | None,
+) -> Tokenized:
+    """``tokenize_inputs`` for a server: small requests inline, large ones on ``executor``'s
+    thread, off the event loop."""
+    is_small = (
+        isinstance(texts, str)
+        or not isinstance(texts, Sequence)
+        or sum(len(t) for t in texts if isinstance(t, str)) < INLINE_TOKENIZE_CHARS
+    )
+    work = functools.partial(
+        tokenize_inputs,
+        encoder.inline if is_small else encoder.pooled,
+        texts,
+        max_tokens=max_tokens,
+        truncate=truncate,
+        max_inputs=max_inputs,
+    )
+    if is_small:
+        return work()
+    return await asyncio.get_running_loop().run_in_executor(executor, work)
+
+
+def check_tokenized(texts: Sequence[str], tokens: Tokenized, max_tokens: int) -> Tokenized:
+    """Token ids a caller computed (a front-end process): one row per text, none too long."""
+    if len(tokens.ids) != len(texts) or len(tokens.truncated) != len(texts):
+        raise InputError(f"tokens hold {len(tokens.ids)} rows for {len(texts)} texts", "input")
+    for i, row in enumerate(tokens.ids):
+        if not row or len(row) > max_tokens:
+            raise InputError(
+                f"input[{i}] has {len(row)} token ids; 1 to {max_tokens} allowed", f"input[{i}]"
+            )
+    return tokens

@@ -5,21 +5,22 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from aiohttp import web
 
 from engine import Engine, EngineConfig
 from server.errors import error_middleware
+from server.frontend import SHUTDOWN_GRACE_S
 from server.metrics import add_metrics, timing_middleware
 from server.request_ids import add_request_id
 from server.routes import ENGINE, MAX_BODY_BYTES, STREAMS, add_routes, cancel_streams
 from server.train_routes import TrainServiceConfig, add_train_routes
+from server.workers import FrontEnds, front_ends
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-SHUTDOWN_GRACE_S = 10.0  # how long unfinished (non-stream) requests may take at shutdown
 
 OnReady = Callable[[Engine], Awaitable[None]]
 METRICS_KEY_ENV = "GRAFT_METRICS_KEY"  # in the environment, not argv, where ps shows it
@@ -70,8 +71,13 @@ async def run_server(
     training: TrainServiceConfig | None = None,
     metrics: bool = True,
     metrics_key: str | None = None,
+    workers: int = 0,
 ) -> None:
     """Start the engine, serve HTTP on ``host:port`` until SIGINT/SIGTERM or cancellation.
+
+    ``workers`` > 0 serves the port from that many front-end processes (server/frontend.py),
+    which authenticate, check and tokenize classify requests and hand them to this process
+    as token ids; 0 serves everything from this process.
 
     ``on_listening(url)`` is awaited once the socket is bound (``url`` carries the real port
     when ``port`` is 0); then ``on_ready(engine)`` runs as a task beside the server, so it
@@ -95,16 +101,42 @@ async def run_server(
         )
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
-            url = _base_url(runner.addresses[0])
-            log.info("graft serving on %s", url)
-            if on_listening is not None:
-                await on_listening(url)
-            with _stop_on_signals(stop):
-                await _serve_until(stop, on_ready, engine)
+            async with _listening(runner, engine, host, port, workers, max_body_bytes) as ends:
+                url = _base_url(ends.address)
+                log.info("graft serving on %s", url)
+                if on_listening is not None:
+                    await on_listening(url)
+                with _stop_on_signals(stop):
+                    if ends.exited is not None:  # a front end gone: stop, as a supervisor sees
+                        ends.exited.add_done_callback(lambda _: _front_end_gone(stop))
+                    await _serve_until(stop, on_ready, engine)
         finally:
             await runner.cleanup()
     log.info("graft server stopped")
+
+
+@contextlib.asynccontextmanager
+async def _listening(
+    runner: web.AppRunner,
+    engine: Engine,
+    host: str,
+    port: int,
+    workers: int,
+    max_body_bytes: int,
+) -> AsyncIterator[FrontEnds]:
+    """This process on ``host:port``, or ``workers`` front-end processes there."""
+    if workers == 0:
+        await web.TCPSite(runner, host, port).start()
+        yield FrontEnds(runner.addresses[0], None)
+        return
+    async with front_ends(runner, engine, host, port, workers, max_body_bytes) as ends:
+        yield ends
+
+
+def _front_end_gone(stop: asyncio.Event) -> None:
+    if not stop.is_set():
+        log.error("a front-end process exited; stopping the server")
+        stop.set()
 
 
 async def _serve_until(stop: asyncio.Event, on_ready: OnReady | None, engine: Engine) -> None:

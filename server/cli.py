@@ -298,6 +298,7 @@ def _serve(args: argparse.Namespace) -> int:
             training=training,
             metrics=args.metrics,
             metrics_key=metrics_key_from_env(),
+            workers=args.workers,
         )
     )
     return 0

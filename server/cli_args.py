@@ -51,10 +51,27 @@ def byte_size(text: str) -> int:
     return int(value)
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return value
+
+
 def serve_options(p: argparse.ArgumentParser) -> None:
     """What ``graft serve`` and ``graft demo`` take: the listener, the engine, training."""
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--workers",
+        type=_non_negative,
+        default=0,
+        help="front-end processes sharing the port: they parse, authenticate and tokenize "
+        "classify requests for the engine's process (default 0: one process does all)",
+    )
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-batch-rows", type=int, default=128)
     pool = p.add_mutually_exclusive_group()

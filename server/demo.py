@@ -57,6 +57,7 @@ def run_demo(args: argparse.Namespace, config: EngineConfig) -> int:
             on_ready=on_ready,
             metrics=args.metrics,
             metrics_key=metrics_key_from_env(),
+            workers=args.workers,
         )
     )
     return 0

@@ -4,12 +4,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
 
-from engine import Engine, EngineError, InputError, Job, MultiJob
+from engine import Engine, EngineError, InputError, Job, MultiJob, Tokenized
 from server.errors import (
     AUTHENTICATION,
     INVALID_JSON,
@@ -120,11 +120,21 @@ async def classify(request: web.Request) -> web.StreamResponse:
     lines as inputs complete."""
     engine = request.app[ENGINE]
     tenant = authenticate(request, engine)
-    body = _parse_body(await _read_body(request))
-    job = await _submit(engine, tenant, body)
-    answer = SINGLE_MODEL if body.models is None else MULTI_MODEL
+    body = parse_body(await read_body(request))
     if body.stream:
-        return await _stream(request, job, answer)
+        job = await _submit(engine, tenant, body)
+        return await _stream(request, job, SINGLE_MODEL if body.models is None else MULTI_MODEL)
+    payload, headers = await answer_classify(engine, tenant, body)
+    return json_response(payload, headers=headers)
+
+
+async def answer_classify(
+    engine: Engine, tenant: str, body: ClassifyRequest, tokens: Tokenized | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The JSON answer to a whole (not streamed) request, and its headers; raises ApiError.
+    ``tokens``: the texts' ids, where a front-end process tokenized them already."""
+    job = await _submit(engine, tenant, body, tokens)
+    answer = SINGLE_MODEL if body.models is None else MULTI_MODEL
     try:
         predictions = await job.results()
     except EngineError as exc:
@@ -135,20 +145,23 @@ async def classify(request: web.Request) -> web.StreamResponse:
     server_timing = (
         f"queue;dur={timings.queue_s * 1000:.2f}, compute;dur={timings.compute_s * 1000:.2f}"
     )
-    return json_response(answer.body(job, predictions), headers={"Server-Timing": server_timing})
+    return answer.body(job, predictions), {"Server-Timing": server_timing}
 
 
-async def _submit(engine: Engine, tenant: str, body: ClassifyRequest) -> Job | MultiJob:
+async def _submit(
+    engine: Engine, tenant: str, body: ClassifyRequest, tokens: Tokenized | None = None
+) -> Job | MultiJob:
     texts = list(body.texts)
+    options: dict[str, Any] = {
+        "truncate": body.truncate,
+        "timeout_s": body.timeout_s,
+        "tokens": tokens,
+    }
     try:
         if body.models is not None:
-            return await engine.submit_many(
-                tenant, list(body.models), texts, truncate=body.truncate, timeout_s=body.timeout_s
-            )
+            return await engine.submit_many(tenant, list(body.models), texts, **options)
         assert body.model is not None  # parse_classify sets exactly one of the two
-        return await engine.submit(
-            tenant, body.model, texts, truncate=body.truncate, timeout_s=body.timeout_s
-        )
+        return await engine.submit(tenant, body.model, texts, **options)
     except InputError as exc:
         raise from_engine_error(exc, field=body.input_field(exc.field)) from exc
     except EngineError as exc:
@@ -206,7 +219,11 @@ def bearer_key(request: web.Request) -> str | None:
     return key if scheme.lower() == "bearer" and key else None
 
 
-def authenticate(request: web.Request, engine: Engine) -> str:
+class KeyChecker(Protocol):
+    def authenticate(self, api_key: str) -> str | None: ...
+
+
+def authenticate(request: web.Request, engine: KeyChecker) -> str:
     """The tenant of the request's ``Authorization: Bearer <key>``; 401 otherwise."""
     key = bearer_key(request)
     if key is None:
@@ -227,7 +244,7 @@ def authenticate(request: web.Request, engine: Engine) -> str:
     return tenant
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request) -> bytes:
     max_bytes = request.app[MAX_BODY_BYTES]
     too_large = ApiError(413, TOO_LARGE, f"request body is larger than {max_bytes} bytes")
     if request.content_length is not None and request.content_length > max_bytes:
@@ -238,7 +255,7 @@ async def _read_body(request: web.Request) -> bytes:
         raise too_large from None
 
 
-def _parse_body(raw: bytes) -> ClassifyRequest:
+def parse_body(raw: bytes) -> ClassifyRequest:
     try:
         payload = decode_json(raw)
     except msgspec.DecodeError as exc:

@@ -1,0 +1,277 @@
+"""A front-end process of ``graft serve --workers N``: the HTTP edge, without the model.
+
+One process's event loop bounded the server on a GPU (RESULTS: HTTP at 0.49x the embedded
+engine), and most of its time went to work that needs no engine: HTTP parsing and writing,
+authentication, the body's checks, tokenizing. Each front end does that work on the shared
+port (SO_REUSEPORT spreads connections over them) and hands ``POST /v1/classify`` to the
+engine's process as token ids over the link (server/link.py). Every other route, and streams,
+go to the engine's own app on a private unix socket, unchanged.
+
+Started by ``server.workers``: ``python -m server.frontend CONFIG_JSON``.
+"""
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from transformers import AutoTokenizer
+from yarl import URL
+
+from engine import InputError, TextEncoder, tokenize_request
+from registry import Registry
+from server.errors import UNAVAILABLE, ApiError, error_middleware, from_engine_error
+from server.link import Answer, Cancel, Classify, Hello, decode_answer, frame, read_frame
+from server.request_ids import REQUEST_ID_HEADER, add_request_id, request_id
+from server.routes import MAX_BODY_BYTES, authenticate, parse_body, read_body
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 10.0  # how long unfinished (non-stream) requests may take at shutdown
+# headers of one connection, not of the message: a proxy never forwards them
+_HOP_BY_HOP = frozenset(
+    [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    ]
+)
+_ENGINE_ORIGIN = "http://graft-engine"  # any host: the connector dials the unix socket
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontendConfig:
+    host: str
+    port: int
+    link_path: str  # the engine's link (server/link.py)
+    engine_path: str  # the engine's own app, for every other route
+    registry_dir: str
+    backbone_dir: str  # its tokenizer
+    max_input_tokens: int
+    max_inputs: int
+    max_body_bytes: int
+    log_level: int = logging.WARNING  # the engine's process's
+
+
+class EngineLink:
+    """This process's connection to the engine's: one call per classify request."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._ids = itertools.count()
+        self._waiting: dict[int, asyncio.Future[Answer]] = {}
+        self.closed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read(reader))
+
+    @classmethod
+    async def connect(cls, path: str) -> "EngineLink":
+        return cls(*await asyncio.open_unix_connection(path))
+
+    def hello(self) -> None:
+        self._writer.write(frame(Hello(os.getpid())))
+
+    async def call(self, **fields: Any) -> Answer:
+        if self.closed.is_set():
+            raise ConnectionError("the engine's process closed the link")
+        key = next(self._ids)
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting[key] = answer
+        self._writer.write(frame(Classify(id=key, **fields)))
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            if not self.closed.is_set():
+                self._writer.write(frame(Cancel(key)))
+            raise
+        finally:
+            self._waiting.pop(key, None)
+
+    async def close(self) -> None:
+        self._writer.close()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (payload := await read_frame(reader)) is not None:
+                answer = decode_answer(payload)
+                waiting = self._waiting.get(answer.id)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(answer)
+        except ConnectionError as exc:
+            log.error("engine link broken: %s", exc)
+        finally:
+            self.closed.set()
+            for waiting in self._waiting.values():
+                if not waiting.done():
+                    waiting.set_exception(ConnectionError("the engine's process closed the link"))
+
+
+@dataclasses.dataclass
+class Front:
+    config: FrontendConfig
+    registry: Registry
+    encoder: TextEncoder
+    link: EngineLink
+    session: aiohttp.ClientSession
+
+
+FRONT = web.AppKey("front", Front)
+
+
+def create_frontend_app(front: Front) -> web.Application:
+    app = web.Application(
+        client_max_size=front.config.max_body_bytes, middlewares=[error_middleware]
+    )
+    app[FRONT] = front
+    app[MAX_BODY_BYTES] = front.config.max_body_bytes
+    app.router.add_post("/v1/classify", classify)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    app.on_response_prepare.append(add_request_id)
+    return app
+
+
+async def classify(request: web.Request) -> web.StreamResponse:
+    """Check and tokenize here; admit, run and format in the engine's process."""
+    front = request.app[FRONT]
+    tenant = authenticate(request, front.registry)
+    raw = await read_body(request)
+    body = parse_body(raw)
+    if body.stream:
+        return await proxy(request, raw)
+    try:
+        tokens = await tokenize_request(
+            front.encoder,
+            body.texts,
+            max_tokens=front.config.max_input_tokens,
+            truncate=body.truncate,
+            max_inputs=front.config.max_inputs,
+            executor=None,
+        )
+    except InputError as exc:
+        raise from_engine_error(exc, field=body.input_field(exc.field)) from exc
+    try:
+        answer = await front.link.call(
+            tenant=tenant,
+            request_id=request_id(request),
+            model=body.model,
+            models=body.models,
+            texts=body.texts,
+            is_batch=body.is_batch,
+            truncate=body.truncate,
+            timeout_s=body.timeout_s,
+            ids=tokens.ids,
+            truncated=tokens.truncated,
+        )
+    except ConnectionError:
+        raise _unavailable() from None
+    return web.Response(
+        status=answer.status,
+        body=answer.body,
+        headers=answer.headers,
+        content_type="application/json",
+    )
+
+
+async def proxy(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
+    """The request as the engine's own app answers it, streamed back as it comes."""
+    session = request.app[FRONT].session
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    headers[REQUEST_ID_HEADER] = request_id(request)  # one id in both processes' logs
+    data: Any = body if body is not None else (request.content if request.body_exists else None)
+    url = URL(_ENGINE_ORIGIN + request.rel_url.raw_path_qs, encoded=True)
+    response = web.StreamResponse()
+    try:
+        async with session.request(
+            request.method, url, headers=headers, data=data, allow_redirects=False
+        ) as upstream:
+            response.set_status(upstream.status, upstream.reason)
+            for name, value in upstream.headers.items():
+                if name.lower() not in _HOP_BY_HOP:
+                    response.headers.add(name, value)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+    except aiohttp.ClientError:
+        if not response.prepared:
+            raise _unavailable() from None
+        log.warning("engine's answer to %s %s cut off", request.method, request.path)
+        return response  # the status is out: the client sees the body end early
+    await response.write_eof()
+    return response
+
+
+def _unavailable() -> ApiError:
+    return ApiError(503, UNAVAILABLE, "the engine's process is not reachable")
+
+
+async def open_front(config: FrontendConfig) -> Front:
+    registry = Registry(config.registry_dir)
+    tokenizer = AutoTokenizer.from_pretrained(config.backbone_dir, local_files_only=True)
+    link = await EngineLink.connect(config.link_path)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=config.engine_path, limit=0),
+        timeout=aiohttp.ClientTimeout(total=None),  # streams and uploads take their time
+        auto_decompress=False,  # bodies pass through as the engine's app sent them
+    )
+    return Front(config, registry, TextEncoder(tokenizer), link, session)
+
+
+async def serve_frontend(config: FrontendConfig) -> None:
+    """Serve until SIGTERM/SIGINT or the engine's process goes; then finish what is open."""
+    front = await open_front(config)
+    runner = web.AppRunner(
+        create_frontend_app(front), handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, config.host, config.port, reuse_port=True).start()
+        front.link.hello()
+        ends = [asyncio.create_task(stop.wait()), asyncio.create_task(front.link.closed.wait())]
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        for task in ends:
+            task.cancel()
+    finally:
+        await runner.cleanup()
+        await front.session.close()
+        await front.link.close()
+        front.registry.close()
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = FrontendConfig(**json.loads(argv[0]))
+    logging.basicConfig(
+        level=config.log_level, format=f"%(levelname)s front-end {os.getpid()}: %(message)s"
+    )
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve_frontend(config))
+    else:
+        uvloop.run(serve_frontend(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

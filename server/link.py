@@ -1,0 +1,196 @@
+"""The link between front-end processes and the engine's process: ``graft serve --workers``.
+
+Front ends do what needs no engine (HTTP, authentication, the body's checks, tokenizing) and
+send each classify request here as token ids, over a unix socket in a private directory.
+Frames are a 4-byte length and a msgpack message (msgspec). The engine's process admits,
+runs and formats the answer with the routes' own code, so the bytes a client gets are those
+one process would send; the front end only copies them out.
+"""
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from engine import Tokenized
+from server.errors import ApiError, internal_error
+from server.metrics import METRICS
+from server.routes import ENGINE, answer_classify
+from server.schemas import ClassifyRequest, encode
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct(">I")
+MAX_FRAME_BYTES = 1 << 30  # a request's texts and ids: the body limit bounds them well below
+
+
+class Hello(msgspec.Struct, tag="hello", array_like=True):
+    """A front end listens: it sends this once, first."""
+
+    pid: int
+
+
+class Classify(msgspec.Struct, tag="classify", array_like=True):
+    """One checked, authenticated, tokenized ``POST /v1/classify`` (not a stream)."""
+
+    id: int  # the front end's, unique on its connection
+    tenant: str
+    request_id: str  # X-Request-ID, for the engine's log lines
+    model: str | None
+    models: tuple[str, ...] | None
+    texts: tuple[str, ...]
+    is_batch: bool
+    truncate: bool
+    timeout_s: float | None
+    ids: tuple[tuple[int, ...], ...]
+    truncated: tuple[bool, ...]
+
+
+class Cancel(msgspec.Struct, tag="cancel", array_like=True):
+    """The client went away: drop the request's rows that have not run."""
+
+    id: int
+
+
+class Answer(msgspec.Struct, array_like=True):
+    """The HTTP answer to one ``Classify``: written out by the front end as it is."""
+
+    id: int
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+ToEngine = Hello | Classify | Cancel
+_encoder = msgspec.msgpack.Encoder()
+_to_engine = msgspec.msgpack.Decoder(ToEngine)
+_to_front = msgspec.msgpack.Decoder(Answer)
+
+
+def frame(message: Any) -> bytes:
+    payload = _encoder.encode(message)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """The next frame's payload, or None at a clean end of the stream."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ConnectionError("link closed inside a frame header") from None
+        return None
+    (size,) = _LENGTH.unpack(head)
+    if size > MAX_FRAME_BYTES:
+        raise ConnectionError(f"link frame of {size} bytes is over {MAX_FRAME_BYTES}")
+    return await reader.readexactly(size)
+
+
+def decode_answer(payload: bytes) -> Answer:
+    return _to_front.decode(payload)
+
+
+class LinkServer:
+    """The engine's end: serves every front end's connection on ``path``."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+        self._server: asyncio.Server | None = None
+        self.ready: set[int] = set()  # pids of the front ends that said hello
+        self.num_answered = 0  # classify requests answered over the link
+        self._hello = asyncio.Event()
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def start(self, path: str) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, path=path)
+
+    async def wait_ready(self, count: int) -> None:
+        while len(self.ready) < count:
+            self._hello.clear()
+            await self._hello.wait()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._connections.values():
+            writer.close()  # its reader ends as at a front end's own close
+        if self._connections:
+            await asyncio.wait(list(self._connections))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = asyncio.current_task()
+        assert connection is not None
+        self._connections[connection] = writer
+        running: dict[int, asyncio.Task[None]] = {}
+        try:
+            while (payload := await read_frame(reader)) is not None:
+                message = _to_engine.decode(payload)
+                if isinstance(message, Classify):
+                    task = asyncio.create_task(self._answer(message, writer))
+                    running[message.id] = task
+                    task.add_done_callback(lambda _, key=message.id: running.pop(key, None))
+                elif isinstance(message, Cancel):
+                    if (task := running.get(message.id)) is not None:
+                        task.cancel()
+                else:
+                    self.ready.add(message.pid)
+                    self._hello.set()
+        except (ConnectionError, msgspec.DecodeError) as exc:
+            log.error("front-end link broken: %s", exc)
+        finally:
+            for task in list(running.values()):
+                task.cancel()
+            writer.close()
+            self._connections.pop(connection, None)
+
+    async def _answer(self, message: Classify, writer: asyncio.StreamWriter) -> None:
+        started = time.perf_counter()
+        status = 500
+        try:
+            status, body, headers = await self._classify(message)
+            writer.write(frame(Answer(message.id, status, body, headers)))
+            self.num_answered += 1
+        finally:
+            state = self._app.get(METRICS)
+            if state is not None:  # counted as the engine's app counts its own routes
+                state.request_seconds.labels("POST", "/v1/classify", str(status)).observe(
+                    time.perf_counter() - started
+                )
+
+    async def _classify(self, message: Classify) -> tuple[int, bytes, dict[str, str]]:
+        body = ClassifyRequest(
+            model=message.model,
+            models=message.models,
+            texts=message.texts,
+            is_batch=message.is_batch,
+            stream=False,
+            truncate=message.truncate,
+            timeout_s=message.timeout_s,
+        )
+        tokens = Tokenized(ids=message.ids, truncated=message.truncated)
+        try:
+            payload, headers = await answer_classify(
+                self._app[ENGINE], message.tenant, body, tokens
+            )
+            return 200, encode(payload), headers
+        except ApiError as exc:
+            return exc.status, encode(exc.body()), exc.headers
+        except Exception:
+            log.exception("request %s failed", message.request_id)
+            error = internal_error()
+            return error.status, encode(error.body()), error.headers
+
+
+@contextlib.asynccontextmanager
+async def link_server(app: web.Application, path: str):
+    server = LinkServer(app)
+    await server.start(path)
+    try:
+        yield server
+    finally:
+        await server.close()

@@ -1,0 +1,146 @@
+"""Start and stop the front-end processes of ``graft serve --workers N`` (server/frontend.py)."""
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+
+from aiohttp import web
+
+from engine import Engine
+from server.frontend import SHUTDOWN_GRACE_S, FrontendConfig
+from server.link import LinkServer, link_server
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120.0  # each front end imports torch and transformers, then loads a tokenizer
+
+
+@dataclasses.dataclass
+class FrontEnds:
+    address: tuple  # where the server listens: (host, port, ...) as the socket has it
+    exited: "asyncio.Task[int] | None"  # ends with the first front end that exits (its pid)
+    link: LinkServer | None = None  # where they hand classify requests over
+
+
+@contextlib.asynccontextmanager
+async def front_ends(
+    runner: web.AppRunner,
+    engine: Engine,
+    host: str,
+    port: int,
+    count: int,
+    max_body_bytes: int,
+) -> AsyncIterator[FrontEnds]:
+    """``count`` front ends on ``host:port`` over the engine app of ``runner`` (set up, not yet
+    listening), ready when yielded; on exit, they finish their open requests and stop."""
+    if count < 1:
+        raise ValueError(f"workers must be >= 1, got {count}")
+    with tempfile.TemporaryDirectory(prefix="graft-serve-") as folder:  # mode 0700: ours alone
+        engine_path, link_path = f"{folder}/engine.sock", f"{folder}/link.sock"
+        await web.UnixSite(runner, engine_path).start()
+        async with link_server(runner.app, link_path) as link:
+            with _reserved_port(host, port) as bound:
+                config = FrontendConfig(
+                    host=host,
+                    port=bound,
+                    link_path=link_path,
+                    engine_path=engine_path,
+                    registry_dir=str(engine.config.registry_dir),
+                    backbone_dir=str(engine.backbone.path),
+                    max_input_tokens=engine.max_input_tokens,
+                    max_inputs=engine.config.max_inputs_per_request,
+                    max_body_bytes=max_body_bytes,
+                    log_level=logging.getLogger().getEffectiveLevel(),
+                )
+                processes = await _spawn(config, count)
+                exited = asyncio.create_task(_first_exit(processes))
+                try:  # the holder keeps the port until every front end has bound it
+                    await _until_ready(link, count, exited)
+                except BaseException:
+                    await _stop(processes)
+                    raise
+            try:
+                yield FrontEnds((host, bound), exited, link)
+            finally:
+                await _stop(processes)
+
+
+async def _spawn(config: FrontendConfig, count: int) -> list[asyncio.subprocess.Process]:
+    argument = json.dumps(dataclasses.asdict(config))
+    processes = []
+    try:
+        for _ in range(count):
+            processes.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "server.frontend", argument
+                )
+            )
+    except BaseException:
+        await _stop(processes)
+        raise
+    return processes
+
+
+async def _first_exit(processes: list[asyncio.subprocess.Process]) -> int:
+    waits = {asyncio.create_task(p.wait()): p.pid for p in processes}
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+    return waits[next(iter(done))]
+
+
+async def _until_ready(link: LinkServer, count: int, exited: "asyncio.Task[int]") -> None:
+    ready = asyncio.create_task(link.wait_ready(count))
+    try:
+        done, _ = await asyncio.wait(
+            [ready, exited], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        ready.cancel()
+    if exited in done:
+        raise RuntimeError(f"front-end process {exited.result()} exited before it listened")
+    if ready not in done:
+        raise RuntimeError(
+            f"{count - len(link.ready)} front ends not listening after {START_TIMEOUT_S:.0f} s"
+        )
+
+
+async def _stop(processes: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM: each stops listening and finishes its open requests; then SIGKILL."""
+    running = [p for p in processes if p.returncode is None]
+    for process in running:
+        process.terminate()
+    if not running:
+        return
+    waits = [asyncio.create_task(p.wait()) for p in running]
+    _, late = await asyncio.wait(waits, timeout=SHUTDOWN_GRACE_S + 5)
+    for process in running:
+        if process.returncode is None:
+            log.warning("front-end process %d did not stop; killing it", process.pid)
+            process.kill()
+    if late:
+        await asyncio.wait(late)
+
+
+@contextlib.contextmanager
+def _reserved_port(host: str, port: int) -> Iterator[int]:
+    """The port the front ends share. Port 0 picks one: a socket of ours binds it with
+    SO_REUSEPORT, without listening, so that no other program takes it before they do."""
+    if port != 0:
+        yield port
+        return
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(address)
+        yield holder.getsockname()[1]

@@ -1,0 +1,212 @@
+"""``graft serve --workers``: front-end processes answer as the one-process server does."""
+
+import asyncio
+import json
+import math
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from engine import Engine, EngineConfig
+from server.app import create_app, run_server
+from server.workers import front_ends
+
+from .conftest import MAX_BODY_BYTES, MAX_INPUT_TOKENS, Tenants
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+TIMEOUT = aiohttp.ClientTimeout(total=60)
+LONG = " ".join(["word"] * (MAX_INPUT_TOKENS * 2))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fronts(engine: Engine, tenants: Tenants) -> AsyncIterator[tuple[str, Any]]:
+    """Two front ends over the module's engine; yields their URL and the engine's app."""
+    app = create_app(engine, max_body_bytes=MAX_BODY_BYTES)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    try:
+        async with front_ends(runner, engine, "127.0.0.1", 0, 2, MAX_BODY_BYTES) as ends:
+            host, port = ends.address
+            yield f"http://{host}:{port}", ends
+    finally:
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as opened:
+        yield opened
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Equal JSON, floats within 1e-5 (a step's other rows may pad the same text apart)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, abs_tol=1e-5)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+REQUESTS = [
+    # (name, key ("acme", "bob" or a literal), body as sent, content type)
+    ("one text", "acme", {"model": "spam", "input": "win a free prize now"}),
+    ("a batch", "acme", {"model": "spam@1", "input": ["hello there", "call me", "FREE"]}),
+    ("several models", "acme", {"models": ["spam", "news"], "input": ["goal!", "stocks"]}),
+    ("truncated", "acme", {"model": "news", "input": [LONG, "short"]}),
+    ("too long", "acme", {"model": "news", "input": LONG, "truncate": False}),
+    ("too long in a batch", "acme", {"model": "news", "input": ["ok", LONG], "truncate": False}),
+    ("blank text", "acme", {"model": "spam", "input": ["fine", "  "]}),
+    ("unknown model", "acme", {"model": "nope", "input": "hi"}),
+    ("another tenant's model", "acme", {"model": "bob/secret", "input": "hi"}),
+    ("model listed twice", "acme", {"models": ["spam", "spam"], "input": "hi"}),
+    ("unknown field", "acme", {"model": "spam", "input": "hi", "colour": "red"}),
+    ("bad key", "not-a-key", {"model": "spam", "input": "hi"}),
+    ("no key", None, {"model": "spam", "input": "hi"}),
+    ("not JSON", "acme", b"{model"),
+    ("too large", "acme", {"model": "spam", "input": "x" * MAX_BODY_BYTES}),
+]
+
+
+async def _answer(session, url: str, key: str | None, body: Any) -> tuple[int, Any, Any]:
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers["Content-Type"] = "application/json"
+    async with session.post(f"{url}/v1/classify", data=data, headers=headers) as response:
+        return response.status, await response.json(), response.headers
+
+
+@pytest.mark.parametrize(("name", "who", "body"), REQUESTS, ids=[r[0] for r in REQUESTS])
+async def test_classify_answers_as_one_process_does(
+    fronts, session, client: TestClient, tenants: Tenants, name: str, who, body
+) -> None:
+    key = {"acme": tenants.acme, "bob": tenants.bob}.get(who, who)
+    url, _ = fronts
+    status, answer, headers = await _answer(session, url, key, body)
+    here = await client.post(
+        "/v1/classify",
+        data=body if isinstance(body, bytes) else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}
+        | ({} if key is None else {"Authorization": f"Bearer {key}"}),
+    )
+    assert (status, name) == (here.status, name)
+    assert _close(answer, await here.json()), (answer, await here.json())
+    for header in ("WWW-Authenticate", "Content-Type"):
+        assert headers.get(header) == here.headers.get(header)
+    assert headers["X-Request-ID"]
+    if status == 200:
+        assert headers["Server-Timing"].startswith("queue;dur=")
+
+
+async def test_other_routes_and_streams_go_to_the_engines_app(
+    fronts, session, engine: Engine, tenants: Tenants
+) -> None:
+    url, _ = fronts
+    auth = {"Authorization": f"Bearer {tenants.acme}"}
+    async with session.get(f"{url}/v1/adapters/spam", headers=auth) as response:
+        assert response.status == 200 and (await response.json())["name"] == "spam"
+    async with session.get(f"{url}/v1/adapters/secret", headers=auth) as response:
+        assert response.status == 404
+    async with session.get(f"{url}/ready") as response:
+        assert (await response.json())["backbone_sha256"] == engine.backbone.sha256
+    async with session.get(f"{url}/nowhere") as response:
+        assert response.status == 404 and (await response.json())["error"]["type"]
+    body = {"model": "spam", "input": [f"row {i}" for i in range(5)], "stream": True}
+    sent_id = "trace-42"
+    headers = auth | {"X-Request-ID": sent_id}
+    async with session.post(f"{url}/v1/classify", json=body, headers=headers) as response:
+        assert response.status == 200 and response.headers["X-Request-ID"] == sent_id
+        lines = [json.loads(line) async for line in response.content]
+    assert sorted(line["index"] for line in lines[:-1]) == list(range(5))
+    assert lines[-1]["done"] is True
+
+
+async def test_metrics_count_the_requests_the_front_ends_hand_over(
+    fronts, session, tenants: Tenants
+) -> None:
+    url, _ = fronts
+
+    async def classify_count() -> float:
+        async with session.get(f"{url}/metrics") as response:
+            text = await response.text()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("graft_http_request_duration_seconds_count")
+            and 'route="/v1/classify"' in line
+            and 'status="200"' in line
+        )
+
+    _, ends = fronts
+    before, handed_over = await classify_count(), ends.link.num_answered
+    for _ in range(3):
+        status, _, _ = await _answer(
+            session, url, tenants.acme, {"model": "spam", "input": "count me"}
+        )
+        assert status == 200
+    assert await classify_count() == before + 3
+    assert ends.link.num_answered == handed_over + 3  # as token ids, not proxied HTTP
+
+
+async def test_run_server_with_workers_stops_when_a_front_end_dies(tmp_path) -> None:
+    bound: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_listening(url: str) -> None:
+        bound.set_result(url)
+
+    config = EngineConfig(registry_dir=tmp_path / "registry")
+    others = set(_front_end_pids())  # the module's own front ends
+    server = asyncio.create_task(
+        run_server(config, "127.0.0.1", 0, on_listening=on_listening, workers=1)
+    )
+    url = await asyncio.wait_for(bound, 120)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        async with session.get(f"{url}/ready") as response:
+            assert response.status == 200
+        (child,) = set(_front_end_pids()) - others
+        os.kill(child, signal.SIGKILL)
+        await asyncio.wait_for(server, 60)  # returns: the server stopped by itself
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(f"{url}/health")
+    assert set(_front_end_pids()) == others
+
+
+def _front_end_pids() -> list[int]:
+    """This process's children running server.frontend."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and b"server.frontend" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_many_concurrent_requests_each_get_their_own_answer(
+    fronts, session, client: TestClient, tenants: Tenants
+) -> None:
+    url, _ = fronts
+    texts = [f"message number {i} about {'prizes' if i % 2 else 'lunch'}" for i in range(24)]
+    answers = await asyncio.gather(
+        *(_answer(session, url, tenants.acme, {"model": "spam", "input": t}) for t in texts)
+    )
+    for text, (status, answer, _) in zip(texts, answers, strict=True):
+        alone = await client.post(
+            "/v1/classify",
+            json={"model": "spam", "input": text},
+            headers={"Authorization": f"Bearer {tenants.acme}"},
+        )
+        assert status == 200 and _close(answer, await alone.json())
