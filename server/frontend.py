@@ -241,9 +241,10 @@ async def serve_frontend(config: FrontendConfig) -> None:
     )
     await runner.setup()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    # only the engine's process stops a front end (SIGTERM), after which it still answers
+    # what is open; Ctrl-C reaches the whole process group, and the engine's process handles it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
         await web.TCPSite(runner, config.host, config.port, reuse_port=True).start()
         front.link.hello()

@@ -41,6 +41,8 @@ async def front_ends(
     listening), ready when yielded; on exit, they finish their open requests and stop."""
     if count < 1:
         raise ValueError(f"workers must be >= 1, got {count}")
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError(f"workers need SO_REUSEPORT, which {sys.platform} lacks: use workers=0")
     with tempfile.TemporaryDirectory(prefix="graft-serve-") as folder:  # mode 0700: ours alone
         engine_path, link_path = f"{folder}/engine.sock", f"{folder}/link.sock"
         await web.UnixSite(runner, engine_path).start()

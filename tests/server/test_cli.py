@@ -178,6 +178,16 @@ def test_serve_flags_reach_the_engine_config(tmp_path: Path) -> None:
         engine_config(both)
 
 
+def test_serve_takes_a_number_of_front_end_processes() -> None:
+    from server.cli import _parser
+
+    assert _parser().parse_args(["serve"]).workers == 0
+    assert _parser().parse_args(["serve", "--workers", "4"]).workers == 4
+    for bad in ("-1", "two", "1.5"):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["serve", "--workers", bad])
+
+
 def test_the_adapter_pool_can_be_sized_in_bytes_or_pages_not_both(tmp_path: Path) -> None:
     from server.cli import _parser, engine_config
     from server.cli_args import byte_size
