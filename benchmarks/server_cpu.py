@@ -2,7 +2,7 @@
 every request is parsed, authenticated, resolved, tokenized and answered) and the model thread.
 
     python -m benchmarks.server_cpu [--requests 3000] [--concurrency 32] [--quantize int8]
-        [--embedded] [--device cuda --quantize none]
+        [--embedded] [--device cuda --quantize none] [--server-workers N]
 
 ``--embedded`` measures the engine in this process instead, called as an embedding
 application calls it: the event loop's share is then the engine's front end alone
@@ -13,6 +13,8 @@ connections to a server in its own process (as deployed), after ``--warmup`` req
 server's threads' CPU times come from ``/proc`` before and after (Linux only). The event loop
 shares the interpreter lock with the model thread, so its microseconds per request are what
 the HTTP path costs the model on a small machine, and what caps one process on a fast one.
+``--server-workers N`` runs the server with N front-end processes (``graft serve --workers``);
+their CPU per request is reported beside the engine process's threads.
 """
 
 import argparse
@@ -23,6 +25,25 @@ import tempfile
 from pathlib import Path
 
 TEXT = "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121"
+
+
+def front_end_cpu_s(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each front-end process (``server.frontend``) of ``pid``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for child in os.listdir("/proc"):
+        if not child.isdigit():
+            continue
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid and b"server.frontend" in command:
+            out[int(child)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
@@ -66,6 +87,7 @@ async def measure_embedded(args: argparse.Namespace, work: Path) -> dict[str, fl
         "event_loop_us": loop_s * per_request,
         "model_thread_us": (after["step_cpu_us"] - before["step_cpu_us"]) / args.requests,
         "other_threads_us": 0.0,  # not measured in process: loaders and tokenizers are idle
+        "front_ends_us": 0.0,
     }
 
 
@@ -99,14 +121,19 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
     from benchmarks.open_loop import closed_loop
 
     fleet = build_fleet(work, args.adapters, args.tenants)
-    options = TargetOptions(threads=args.threads, quantize=args.quantize, device=args.device)
+    options = TargetOptions(
+        threads=args.threads,
+        quantize=args.quantize,
+        device=args.device,
+        server_workers=args.server_workers,
+    )
     requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
     async with warm_server(fleet, options, requests, args) as (server, session, url, target):
         pid = server.pid
         steps_before = (await read_metrics(session, url))["steps"]
-        before = thread_cpu_s(pid)
+        before, fronts_before = thread_cpu_s(pid), front_end_cpu_s(pid)
         answered, wall_s = await closed_loop(target, requests, concurrency=args.concurrency)
-        after = thread_cpu_s(pid)
+        after, fronts_after = thread_cpu_s(pid), front_end_cpu_s(pid)
         num_steps = (await read_metrics(session, url))["steps"] - steps_before
     if answered != args.requests:
         raise RuntimeError(f"{args.requests - answered} of {args.requests} requests failed")
@@ -120,6 +147,8 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
         "event_loop_us": loop_s * per_request,
         "model_thread_us": busiest * per_request,
         "other_threads_us": (sum(spent.values()) - busiest) * per_request,
+        "front_ends_us": sum(fronts_after[p] - fronts_before.get(p, 0.0) for p in fronts_after)
+        * per_request,
     }
 
 
@@ -139,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--embedded", action="store_true", help="the engine in this process, not the server"
     )
+    parser.add_argument(
+        "--server-workers", type=int, default=0, help="the server's front-end processes"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="graft-server-cpu-") as tmp:
@@ -149,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{result['requests_per_s']:.1f} req/s, {result['rows_per_step']:.1f} rows a step; "
         "CPU per request: event loop "
         f"{result['event_loop_us']:.0f} us, model thread {result['model_thread_us']:.0f} us, "
-        f"other threads {result['other_threads_us']:.0f} us"
+        f"other threads {result['other_threads_us']:.0f} us, "
+        f"front-end processes {result['front_ends_us']:.0f} us"
     )
     return result
 

@@ -27,6 +27,15 @@ def test_server_cpu_splits_the_server_process_by_thread() -> None:
     assert result["event_loop_us"] > 0 and result["model_thread_us"] > 0
 
 
+def test_server_cpu_counts_front_end_processes_apart() -> None:
+    from benchmarks import server_cpu
+
+    argv = ["--requests", "40", "--warmup", "5", "--concurrency", "4", "--adapters", "4"]
+    result = server_cpu.main([*argv, "--server-workers", "1"])
+    assert result["requests_per_s"] > 0 and result["front_ends_us"] > 0
+    assert result["event_loop_us"] > 0 and result["model_thread_us"] > 0
+
+
 def test_server_cpu_measures_the_embedded_engine_too() -> None:
     from benchmarks import server_cpu
 
