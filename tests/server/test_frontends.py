@@ -230,3 +230,31 @@ async def test_uploads_pass_through_as_they_stream(fronts, session, tenants: Ten
     async with session.post(f"{url}/v1/train", data=upload(), headers=auth) as response:
         status, body = response.status, await response.json()
     assert status == 422 and body["error"]["field"] == "epochs"
+
+
+async def _until(condition, timeout_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["handed over", "proxied stream"])
+async def test_a_client_that_leaves_drops_its_rows_not_yet_run(
+    fronts, session, engine: Engine, tenants: Tenants, stream: bool
+) -> None:
+    url, _ = fronts
+    before = engine.stats()["rows"]
+    body = {"model": "spam", "input": [f"text number {i}" for i in range(200)], "stream": stream}
+    headers = {"Authorization": f"Bearer {tenants.acme}"}
+
+    async def send() -> None:
+        async with session.post(f"{url}/v1/classify", json=body, headers=headers) as response:
+            await response.read()
+
+    request = asyncio.create_task(send())
+    await _until(lambda: engine.stats()["rows"] > before)  # its steps have begun
+    request.cancel()
+    await _until(lambda: engine.stats()["requests_in_flight"] == 0)
+    assert engine.stats()["waiting_rows"] == 0
+    assert engine.stats()["rows"] - before < 200
