@@ -116,11 +116,13 @@ for step in $STEPS; do
     workers)
       # graft serve --workers: front-end processes hand classify requests to the engine's
       # process as token ids. 4 front ends with the embedded engine in the same sweep, then
-      # one process and 8 front ends; 1,000 adapters on MiniLM
-      run 130 workers-4 $LOAD --out "$WORK/workers" --server-workers 4 \
+      # one process and 8 front ends; 1,000 adapters on MiniLM. Four driver processes send
+      # the HTTP requests (one fell behind past ~2,500 req/s in session 14)
+      run 130 workers-4 $LOAD --out "$WORK/workers" --server-workers 4 --driver-processes 4 \
         --only embedded-sms-1000a-zipf,serve-sms-1000a-zipf
-      run 80 workers-0 $LOAD --out "$WORK/workers" --only serve-sms-1000a-zipf
-      run 80 workers-8 $LOAD --out "$WORK/workers" --server-workers 8 \
+      run 80 workers-0 $LOAD --out "$WORK/workers" --driver-processes 4 \
+        --only serve-sms-1000a-zipf
+      run 80 workers-8 $LOAD --out "$WORK/workers" --server-workers 8 --driver-processes 4 \
         --only serve-sms-1000a-zipf
       tar -czf "$OUT/load_workers.tgz" -C "$WORK" workers 2>/dev/null ;;
     precapture)

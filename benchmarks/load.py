@@ -149,6 +149,11 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
             f"--quantize {args.quantize}: the PEFT server has no int8 path; leave out {peft} "
             "(--only) or drop --quantize"
         )
+    if args.driver_processes > 1 and all(s.target in IN_PROCESS for s in chosen):
+        raise ValueError(
+            "--driver-processes drives HTTP targets; "
+            f"{sorted({s.target for s in chosen})} run in this process"
+        )
     backbone_dir = await asyncio.to_thread(_backbone_dir, args, work)
     fleet = await _fleet(args, chosen, work, backbone_dir)
     options = TargetOptions(
@@ -171,6 +176,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         keys=tuple(args.key),
         server_process=not args.server_thread,
         server_workers=args.server_workers,
+        driver_processes=args.driver_processes,
     )
     texts: dict[str, list[str]] = {}
     summaries: list[RunSummary] = []
@@ -191,9 +197,12 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
                 progress=not args.no_progress,
                 command=" ".join(["python -m benchmarks.load", *args.argv]),
             )
-            for scenario in group:
-                summaries.extend(await runner.run(scenario, index))
-                index += 1
+            try:
+                for scenario in group:
+                    summaries.extend(await runner.run(scenario, index))
+                    index += 1
+            finally:
+                runner.close()
     return summaries
 
 
@@ -231,6 +240,7 @@ async def _fleet(
     return fleet
 
 
+IN_PROCESS = ("embedded", "backbone")  # targets driven from this process only
 NO_FLEET = Fleet(Path("."), (), {}, ())  # what a url target gets: it discovers its models
 
 

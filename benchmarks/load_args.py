@@ -53,6 +53,14 @@ def _add_target(p: argparse.ArgumentParser) -> None:
         help="graft's server with this many front-end processes (graft serve --workers; "
         "default 0: one process)",
     )
+    p.add_argument(
+        "--driver-processes",
+        type=int,
+        default=1,
+        help="send HTTP targets' requests from this many processes, each a share of every "
+        "rate's schedule (one process falls behind past ~2,500 req/s on a GPU host); "
+        "in-process targets (embedded, backbone) keep one",
+    )
 
 
 def _add_traffic(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.arrivals import DEFAULT_MAX_CHARS, TrafficConfig, load_corpus, schedule
 from benchmarks.common import GcPauses
 from benchmarks.load_stats import RunSummary, summarize
-from benchmarks.load_targets import Target, TargetOptions
+from benchmarks.load_targets import HttpTarget, Target, TargetOptions
 from benchmarks.open_loop import closed_loop, drive, write_jsonl
 from benchmarks.report import read_run
 
@@ -128,6 +128,33 @@ class ScenarioRunner:
         self._texts = texts  # corpus name -> texts, shared by every scenario of the run
         self._seed, self._progress, self._command = seed, progress, command
         self._num_warm_adapters = 0
+        self._pool: Any = None  # driver_pool.DriverPool, started on the first rate
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    @property
+    def _driver_processes(self) -> int:
+        """In-process targets (embedded, backbone) are driven from this process alone."""
+        return self.options.driver_processes if isinstance(self.target, HttpTarget) else 1
+
+    async def _drive(self, arrivals: list, label: str):
+        if self._driver_processes < 2:
+            return await drive(
+                self.target,
+                arrivals,
+                drain_s=self.plan.drain_s,
+                progress=self._progress,
+                label=label,
+            )
+        if self._pool is None:
+            from benchmarks.driver_pool import DriverPool, http_spec
+
+            spec = http_spec(self.target, self.options.connections)
+            self._pool = DriverPool(spec, self.options.driver_processes)
+        return await self._pool.drive(self.target, arrivals, drain_s=self.plan.drain_s)
 
     def texts(self, corpus: str) -> list[str]:
         if corpus not in self._texts:
@@ -196,13 +223,7 @@ class ScenarioRunner:
             traffic, texts, np.random.default_rng([self._seed, index, int(rate * 1000)])
         )
         with GcPauses() as pauses:  # this process's: the target's too, unless it is a --url
-            run = await drive(
-                self.target,
-                arrivals,
-                drain_s=self.plan.drain_s,
-                progress=self._progress,
-                label=f"{scenario.name} @ {rate:g}/s",
-            )
+            run = await self._drive(arrivals, f"{scenario.name} @ {rate:g}/s")
         path = self.run_dir / f"{scenario.name}-r{rate:g}.jsonl"
         footer = {
             "send_window_s": round(run.send_window_s, 4),
@@ -223,6 +244,7 @@ class ScenarioRunner:
 
         options = asdict(self.options)
         options.pop("keys")  # API keys stay out of files
+        options["driver_processes"] = self._driver_processes
         return {
             "benchmark": "load",
             "scenario": asdict(scenario),

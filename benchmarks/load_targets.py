@@ -73,6 +73,7 @@ class TargetOptions:
     peft_max_wait_s: float = 0.002  # the PEFT batcher's collection window
     server_process: bool = True  # "serve" and "peft" in a child process (False: a thread)
     server_workers: int = 0  # graft's front-end processes (run_server's workers)
+    driver_processes: int = 1  # processes sending an HTTP target's requests
 
 
 class Target(Protocol):
@@ -221,6 +222,13 @@ class HttpTarget:
 
     async def counters(self) -> dict[str, Any]:
         return await self._counters() if self._counters else {}
+
+    def spec(self, connections: int):
+        """How another process opens this target (benchmarks/driver_pool.py)."""
+        from benchmarks.driver_pool import HttpSpec
+
+        url = self._url.removesuffix("/v1/classify")
+        return HttpSpec(self.kind, url, self.models, self._keys, self._timeout_s, connections)
 
 
 class BackboneTarget:

@@ -57,8 +57,11 @@ async def drive(
     drain_s: float,
     progress: bool = True,
     label: str = "",
+    start_at: float | None = None,
 ) -> DrivenRun:
-    """Send ``arrivals`` on schedule; wait up to ``drain_s`` after the last for the answers."""
+    """Send ``arrivals`` on schedule; wait up to ``drain_s`` after the last for the answers.
+    ``start_at``: the schedule's zero on ``time.monotonic``'s clock (shared by processes,
+    benchmarks/driver_pool.py); default: now."""
     from tqdm import tqdm
 
     before = await target.counters()
@@ -66,6 +69,8 @@ async def drive(
     pending: set[asyncio.Task[None]] = set()
     with tqdm(total=len(arrivals), unit="req", desc=label, disable=not progress) as bar:
         start = time.perf_counter()
+        if start_at is not None:
+            start += start_at - time.monotonic()
         for index, arrival in enumerate(arrivals):
             delay = start + arrival.t_s - time.perf_counter()
             if delay > 0:

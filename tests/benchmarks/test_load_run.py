@@ -123,3 +123,24 @@ def test_contended_tokens_reach_graft_and_bad_values_are_refused(capsys) -> None
         with pytest.raises(SystemExit):
             load.parse_args(["--contended-tokens", bad])
         assert "--contended-tokens" in capsys.readouterr().err
+
+
+def test_driver_processes_share_the_schedule_of_an_http_run(tmp_path: Path) -> None:
+    argv = ["--serve", "--quick", "--rate", "16", "--duration", "1", "--no-progress"]
+    argv += ["--driver-processes", "2", "--server-workers", "1", "--out", str(tmp_path)]
+    _, lines = run_records(argv)
+    head, records, foot = lines[0], lines[1:-1], lines[-1]
+    options = head["target_options"]
+    assert (options["driver_processes"], options["server_workers"]) == (2, 1)
+    assert len(records) == foot["num_sent"] >= 8
+    times = [r["t_send"] for r in records]
+    assert times == sorted(times)  # both shares, merged back in schedule order
+    assert sum(r["status"] == 200 for r in records) >= len(records) - 1, records
+    assert foot["counters_after"]["rows"] > foot["counters_before"]["rows"]
+    assert not multiprocessing.active_children()  # drivers and server are gone
+
+
+def test_driver_processes_refuse_an_in_process_target(tmp_path: Path) -> None:
+    argv = ["--embedded", "--quick", "--rate", "8", "--duration", "1", "--no-progress"]
+    with pytest.raises(ValueError, match="drives HTTP targets"):
+        load.main([*argv, "--driver-processes", "2", "--out", str(tmp_path)])
