@@ -1,7 +1,7 @@
 """Where graft's HTTP server spends its event loop's time per request, sampled by py-spy.
 
     python -m benchmarks.server_profile [--requests 6000] [--concurrency 32]
-        [--hidden 64 --layers 2] [--device cuda] [--gil]
+        [--hidden 64 --layers 2] [--device cuda] [--gil] [--server-workers N]
 
 The server runs in its own process, as deployed, under a closed loop of SMS requests; py-spy
 samples its threads' Python stacks meanwhile (``--gil``: only samples holding the interpreter
@@ -10,6 +10,8 @@ protocol, authentication, tokenization, resolution, admission, the step loop's p
 delivery), with the model thread's samples beside them. With a small random backbone
 (``--hidden 64 --layers 2``) or on a GPU, the model is cheap and the event loop bounds the
 server: this shows what a front end in processes of its own would take off it.
+``--server-workers N`` serves through N front-end processes and profiles the engine's
+process, which then sees requests as token ids over the link (server/link.py).
 
 py-spy must be allowed to read the server's memory (ptrace): root, or
 ``kernel.yama.ptrace_scope`` 0.
@@ -42,6 +44,9 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("      tokenize", ("Engine._tokenize",)),
     ("      resolve (registry)", ("Engine._resolve",)),
     ("  response write", ("RequestHandler.finish_response",)),
+    ("request handed over by a front end (--server-workers)", ("LinkServer._answer",)),
+    ("  its answer encoded and framed", ("encode (server/schemas.py)", "frame (server/link")),
+    ("front ends' frames read and decoded", ("LinkServer._serve",)),
     ("step loop: plan, hand off, deliver", ("StepLoop.run",)),
 )
 OTHER = "none of these: the loop's own I/O and callbacks"
@@ -135,6 +140,7 @@ async def record(args: argparse.Namespace, work: Path, out: Path) -> tuple[int, 
         device=args.device,
         quantize=args.quantize,
         backbone_dir=backbone_dir,
+        server_workers=args.server_workers,
     )
     requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
     async with warm_server(fleet, options, requests, args) as (server, _, _, target):
@@ -169,6 +175,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
     p.add_argument("--threads", type=int, default=None, help="the model thread's torch threads")
     p.add_argument("--quantize", default="none", help="none or int8")
+    p.add_argument(
+        "--server-workers",
+        type=int,
+        default=0,
+        help="front-end processes (graft serve --workers); the engine's process is profiled",
+    )
     p.add_argument("--rate", type=int, default=200, help="py-spy samples a second")
     p.add_argument("--gil", action="store_true", help="only samples holding the GIL")
     p.add_argument("--top", type=int, default=25, help="event-loop frames listed")
