@@ -3,6 +3,7 @@ every request is parsed, authenticated, resolved, tokenized and answered) and th
 
     python -m benchmarks.server_cpu [--requests 3000] [--concurrency 32] [--quantize int8]
         [--embedded] [--device cuda --quantize none] [--server-workers N]
+        [--hidden 64 --layers 2]
 
 ``--embedded`` measures the engine in this process instead, called as an embedding
 application calls it: the event loop's share is then the engine's front end alone
@@ -14,7 +15,9 @@ server's threads' CPU times come from ``/proc`` before and after (Linux only). T
 shares the interpreter lock with the model thread, so its microseconds per request are what
 the HTTP path costs the model on a small machine, and what caps one process on a fast one.
 ``--server-workers N`` runs the server with N front-end processes (``graft serve --workers``);
-their CPU per request is reported beside the engine process's threads.
+their CPU per request is reported beside the engine process's threads. ``--hidden 64
+--layers 2`` serves a random-weight BERT that small, so that the front end, not the model,
+bounds the server, as on a GPU.
 """
 
 import argparse
@@ -61,13 +64,19 @@ async def measure_embedded(args: argparse.Namespace, work: Path) -> dict[str, fl
     """The same closed loop against an Engine in this process: its event loop is this thread."""
     import time
 
+    from benchmarks.common import random_backbone_dir
     from benchmarks.load_fleet import build_fleet
     from benchmarks.load_targets import TargetOptions, open_target
     from benchmarks.open_loop import closed_loop
 
-    fleet = build_fleet(work, args.adapters, args.tenants)
+    backbone_dir = random_backbone_dir(work, args.hidden, args.layers, default_layers=2)
+    fleet = build_fleet(work, args.adapters, args.tenants, backbone_dir=backbone_dir)
     options = TargetOptions(
-        threads=args.threads, quantize=args.quantize, device=args.device, timeout_s=None
+        threads=args.threads,
+        quantize=args.quantize,
+        device=args.device,
+        timeout_s=None,
+        backbone_dir=backbone_dir,
     )
     requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
     async with open_target("embedded", fleet, options) as target:
@@ -115,17 +124,20 @@ async def warm_server(fleet, options, requests: list, args: argparse.Namespace):
 
 
 async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    from benchmarks.common import random_backbone_dir
     from benchmarks.load_fleet import build_fleet
     from benchmarks.load_server_process import read_metrics
     from benchmarks.load_targets import TargetOptions
     from benchmarks.open_loop import closed_loop
 
-    fleet = build_fleet(work, args.adapters, args.tenants)
+    backbone_dir = random_backbone_dir(work, args.hidden, args.layers, default_layers=2)
+    fleet = build_fleet(work, args.adapters, args.tenants, backbone_dir=backbone_dir)
     options = TargetOptions(
         threads=args.threads,
         quantize=args.quantize,
         device=args.device,
         server_workers=args.server_workers,
+        backbone_dir=backbone_dir,
     )
     requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
     async with warm_server(fleet, options, requests, args) as (server, session, url, target):
@@ -171,7 +183,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--server-workers", type=int, default=0, help="the server's front-end processes"
     )
+    parser.add_argument("--hidden", type=int, default=None, help="a random-weight BERT this wide")
+    parser.add_argument("--layers", type=int, default=None, help="with --hidden: its depth (2)")
     args = parser.parse_args(argv)
+    if args.layers is not None and args.hidden is None:
+        parser.error("--layers needs --hidden")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="graft-server-cpu-") as tmp:
         run = measure_embedded if args.embedded else measure
