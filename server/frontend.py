@@ -28,7 +28,7 @@ from yarl import URL
 from engine import InputError, TextEncoder, tokenize_request
 from registry import Registry
 from server.errors import UNAVAILABLE, ApiError, error_middleware, from_engine_error
-from server.link import Answer, Cancel, Classify, Hello, decode_answer, frame, read_frame
+from server.link import Answer, Cancel, Classify, FrameWriter, Hello, decode_answer, read_frame
 from server.request_ids import REQUEST_ID_HEADER, add_request_id, request_id
 from server.routes import MAX_BODY_BYTES, authenticate, parse_body, read_body
 
@@ -71,7 +71,7 @@ class EngineLink:
     """This process's connection to the engine's: one call per classify request."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
+        self._out = FrameWriter(writer)
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future[Answer]] = {}
         self.closed = asyncio.Event()
@@ -82,7 +82,7 @@ class EngineLink:
         return cls(*await asyncio.open_unix_connection(path))
 
     def hello(self) -> None:
-        self._writer.write(frame(Hello(os.getpid())))
+        self._out.send(Hello(os.getpid()))
 
     async def call(self, **fields: Any) -> Answer:
         if self.closed.is_set():
@@ -90,18 +90,18 @@ class EngineLink:
         key = next(self._ids)
         answer = asyncio.get_running_loop().create_future()
         self._waiting[key] = answer
-        self._writer.write(frame(Classify(id=key, **fields)))
+        self._out.send(Classify(id=key, **fields))
         try:
             return await answer
         except asyncio.CancelledError:
             if not self.closed.is_set():
-                self._writer.write(frame(Cancel(key)))
+                self._out.send(Cancel(key))
             raise
         finally:
             self._waiting.pop(key, None)
 
     async def close(self) -> None:
-        self._writer.close()
+        self._out.close()
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
 
