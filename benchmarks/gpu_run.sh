@@ -11,6 +11,8 @@
 #
 # Load steps size the adapter pool for every adapter of the fleet (--adapter-pages 8192: 1,000
 # rank-8 adapters), as a GPU with tens of GiB would be configured; the CPU default is 1,024.
+# HTTP targets get 4 driver processes: one fell behind its schedule past ~2,500 req/s on the
+# H200 (session 14, whose 0.94x HTTP/embedded one driver sent).
 #
 # Without network the data packages travel in .gpu/ (git-ignored, carried with the call), made
 # by benchmarks/gpu_carry.sh on a machine with the project's venv: .gpu/whl/*.whl (msgspec,
@@ -28,7 +30,7 @@ mkdir -p "$WORK"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 STEPS=${*:-tests graphs load}
 LOAD="python3 -m benchmarks.load --device cuda --scenarios --duration 2 --no-progress"
-LOAD="$LOAD --adapter-pages 8192"
+LOAD="$LOAD --adapter-pages 8192 --driver-processes 4"  # HTTP targets: 4 sending processes
 
 say() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
 run() {  # run SECONDS NAME CMD...: one step, bounded, its output in the log
@@ -116,13 +118,11 @@ for step in $STEPS; do
     workers)
       # graft serve --workers: front-end processes hand classify requests to the engine's
       # process as token ids. 4 front ends with the embedded engine in the same sweep, then
-      # one process and 8 front ends; 1,000 adapters on MiniLM. Four driver processes send
-      # the HTTP requests (one fell behind past ~2,500 req/s in session 14)
-      run 130 workers-4 $LOAD --out "$WORK/workers" --server-workers 4 --driver-processes 4 \
+      # one process and 8 front ends; 1,000 adapters on MiniLM
+      run 130 workers-4 $LOAD --out "$WORK/workers" --server-workers 4 \
         --only embedded-sms-1000a-zipf,serve-sms-1000a-zipf
-      run 80 workers-0 $LOAD --out "$WORK/workers" --driver-processes 4 \
-        --only serve-sms-1000a-zipf
-      run 80 workers-8 $LOAD --out "$WORK/workers" --server-workers 8 --driver-processes 4 \
+      run 80 workers-0 $LOAD --out "$WORK/workers" --only serve-sms-1000a-zipf
+      run 80 workers-8 $LOAD --out "$WORK/workers" --server-workers 8 \
         --only serve-sms-1000a-zipf
       tar -czf "$OUT/load_workers.tgz" -C "$WORK" workers 2>/dev/null ;;
     precapture)
