@@ -26,6 +26,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TEXT = "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121"
 
@@ -60,14 +61,12 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
     return out
 
 
-async def measure_embedded(args: argparse.Namespace, work: Path) -> dict[str, float]:
-    """The same closed loop against an Engine in this process: its event loop is this thread."""
-    import time
-
+def fleet_and_options(args: argparse.Namespace, work: Path, **extra: Any):
+    """The scratch registry (on ``--hidden``'s random BERT, if given) and the target options
+    of ``args``, with ``extra`` options; shared with benchmarks.server_profile."""
     from benchmarks.common import random_backbone_dir
     from benchmarks.load_fleet import build_fleet
-    from benchmarks.load_targets import TargetOptions, open_target
-    from benchmarks.open_loop import closed_loop
+    from benchmarks.load_targets import TargetOptions
 
     backbone_dir = random_backbone_dir(work, args.hidden, args.layers, default_layers=2)
     fleet = build_fleet(work, args.adapters, args.tenants, backbone_dir=backbone_dir)
@@ -75,9 +74,20 @@ async def measure_embedded(args: argparse.Namespace, work: Path) -> dict[str, fl
         threads=args.threads,
         quantize=args.quantize,
         device=args.device,
-        timeout_s=None,
         backbone_dir=backbone_dir,
+        **extra,
     )
+    return fleet, options
+
+
+async def measure_embedded(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """The same closed loop against an Engine in this process: its event loop is this thread."""
+    import time
+
+    from benchmarks.load_targets import open_target
+    from benchmarks.open_loop import closed_loop
+
+    fleet, options = fleet_and_options(args, work, timeout_s=None)
     requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
     async with open_target("embedded", fleet, options) as target:
         await closed_loop(target, requests[: args.warmup], concurrency=args.concurrency)
@@ -124,21 +134,10 @@ async def warm_server(fleet, options, requests: list, args: argparse.Namespace):
 
 
 async def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
-    from benchmarks.common import random_backbone_dir
-    from benchmarks.load_fleet import build_fleet
     from benchmarks.load_server_process import read_metrics
-    from benchmarks.load_targets import TargetOptions
     from benchmarks.open_loop import closed_loop
 
-    backbone_dir = random_backbone_dir(work, args.hidden, args.layers, default_layers=2)
-    fleet = build_fleet(work, args.adapters, args.tenants, backbone_dir=backbone_dir)
-    options = TargetOptions(
-        threads=args.threads,
-        quantize=args.quantize,
-        device=args.device,
-        server_workers=args.server_workers,
-        backbone_dir=backbone_dir,
-    )
+    fleet, options = fleet_and_options(args, work, server_workers=args.server_workers)
     requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
     async with warm_server(fleet, options, requests, args) as (server, session, url, target):
         pid = server.pid

@@ -127,21 +127,10 @@ def _py_spy() -> str:
 
 async def record(args: argparse.Namespace, work: Path, out: Path) -> tuple[int, float]:
     """Serve, load, and record the server process: (requests answered, seconds taken)."""
-    from benchmarks.common import random_backbone_dir
-    from benchmarks.load_fleet import build_fleet
-    from benchmarks.load_targets import TargetOptions
     from benchmarks.open_loop import closed_loop
-    from benchmarks.server_cpu import warm_server
+    from benchmarks.server_cpu import fleet_and_options, warm_server
 
-    backbone_dir = random_backbone_dir(work, args.hidden, args.layers, default_layers=2)
-    fleet = build_fleet(work, args.adapters, args.tenants, backbone_dir=backbone_dir)
-    options = TargetOptions(
-        threads=args.threads,
-        device=args.device,
-        quantize=args.quantize,
-        backbone_dir=backbone_dir,
-        server_workers=args.server_workers,
-    )
+    fleet, options = fleet_and_options(args, work, server_workers=args.server_workers)
     requests = [(i % len(fleet.models), (TEXT,)) for i in range(args.requests)]
     async with warm_server(fleet, options, requests, args) as (server, _, _, target):
         spy = _start_spy(args, server.pid, out)
