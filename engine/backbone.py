@@ -79,6 +79,11 @@ class Backbone:
     def linear_names(self) -> list[str]:
         return list(self.linears)
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the token embedding: every valid token id is below it."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
 
 def load_backbone(
     model_dir: str | Path | None = None,

@@ -342,7 +342,9 @@ class Engine:
         self, texts: Sequence[str], truncate: bool, tokens: Tokenized | None
     ) -> Tokenized:
         if tokens is not None:
-            return check_tokenized(texts, tokens, self.max_input_tokens)
+            return check_tokenized(
+                texts, tokens, max_tokens=self.max_input_tokens, vocab_size=self.backbone.vocab_size
+            )
         return await tokenize_request(
             self.backbone.encoder,
             texts,

@@ -140,13 +140,22 @@ async def tokenize_request(
     return await asyncio.get_running_loop().run_in_executor(executor, work)
 
 
-def check_tokenized(texts: Sequence[str], tokens: Tokenized, max_tokens: int) -> Tokenized:
-    """Token ids a caller computed (a front-end process): one row per text, none too long."""
+def check_tokenized(
+    texts: Sequence[str], tokens: Tokenized, *, max_tokens: int, vocab_size: int
+) -> Tokenized:
+    """Token ids a caller computed (a front-end process): one row per text, none too long,
+    every id in the vocabulary. An id past the embedding table would fail the whole step,
+    other tenants' rows with it."""
     if len(tokens.ids) != len(texts) or len(tokens.truncated) != len(texts):
         raise InputError(f"tokens hold {len(tokens.ids)} rows for {len(texts)} texts", "input")
     for i, row in enumerate(tokens.ids):
         if not row or len(row) > max_tokens:
             raise InputError(
                 f"input[{i}] has {len(row)} token ids; 1 to {max_tokens} allowed", f"input[{i}]"
+            )
+        if min(row) < 0 or max(row) >= vocab_size:
+            raise InputError(
+                f"input[{i}] has a token id outside the vocabulary (0 to {vocab_size - 1})",
+                f"input[{i}]",
             )
     return tokens

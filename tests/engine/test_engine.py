@@ -166,3 +166,32 @@ async def test_listing_shows_the_promoted_version_after_a_rollback(
         await job.results()
     assert info.version == 1 and info.versions == (1, 2)
     assert job.version == 1  # what an unpinned request is served
+
+
+async def test_token_ids_given_by_the_caller_are_checked_then_served(
+    registry, publish_random
+) -> None:
+    """``tokens=``: what a front-end process sends; the answer equals tokenizing here."""
+    from engine import Tokenized
+
+    publish_random(registry, "acme", "spam", labels=("ham", "spam"))
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        texts = ["WIN a prize now", "see you at lunch"]
+        ids = tuple(tuple(row) for row in engine.backbone.encoder.inline(texts))
+        given = Tokenized(ids=ids, truncated=(False, False))
+        here = await engine.classify("acme", "spam", texts)
+        job = await engine.submit("acme", "spam", texts, tokens=given)
+        assert await job.results() == here
+        vocab = engine.backbone.vocab_size
+        bad = {
+            "rows for": Tokenized(ids=ids[:1], truncated=(False,)),
+            "outside the vocabulary": Tokenized(ids=(ids[0], (101, vocab)), truncated=(0, 0)),
+            "token ids; 1 to": Tokenized(ids=(ids[0], ()), truncated=(False, False)),
+        }
+        for message, tokens in bad.items():
+            with pytest.raises(InputError, match=message):
+                await engine.submit("acme", "spam", texts, tokens=tokens)
+            with pytest.raises(InputError, match=message):
+                await engine.submit_many("acme", ["spam"], texts, tokens=tokens)
+        assert engine.stats()["requests_in_flight"] == 0
+        assert engine.stats()["waiting_rows"] == 0
