@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 from transformers import AutoTokenizer
 from yarl import URL
@@ -112,7 +113,7 @@ class EngineLink:
                 waiting = self._waiting.get(answer.id)
                 if waiting is not None and not waiting.done():
                     waiting.set_result(answer)
-        except ConnectionError as exc:
+        except (ConnectionError, msgspec.DecodeError) as exc:
             log.error("engine link broken: %s", exc)
         finally:
             self.closed.set()
