@@ -113,6 +113,10 @@ for step in $STEPS; do
         --requests 20000 --warmup 2000 --concurrency 64
       run 60 frontend-cpu-embedded python3 -m benchmarks.server_cpu --device cuda \
         --quantize none --requests 20000 --warmup 2000 --concurrency 64 --embedded
+      # behind 4 front ends (graft serve --workers 4): the engine loop's CPU a request is
+      # what now bounds HTTP on one GPU (1e6 / us = its ceiling in req/s)
+      run 60 frontend-cpu-workers python3 -m benchmarks.server_cpu --device cuda \
+        --quantize none --requests 20000 --warmup 2000 --concurrency 64 --server-workers 4
       run 80 frontend-profile python3 -m benchmarks.server_profile --device cuda \
         --requests 20000 --concurrency 64 --out "$OUT" ;;
     workers)
