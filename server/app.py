@@ -107,8 +107,8 @@ async def run_server(
                 if on_listening is not None:
                     await on_listening(url)
                 with _stop_on_signals(stop):
-                    if ends.exited is not None:  # a front end gone: stop, as a supervisor sees
-                        ends.exited.add_done_callback(lambda _: _front_end_gone(stop))
+                    if ends.gave_up is not None:  # front ends crash as they start: stop
+                        ends.gave_up.add_done_callback(lambda task: _front_ends_gone(task, stop))
                     await _serve_until(stop, on_ready, engine)
         finally:
             await runner.cleanup()
@@ -133,10 +133,12 @@ async def _listening(
         yield ends
 
 
-def _front_end_gone(stop: asyncio.Event) -> None:
-    if not stop.is_set():
-        log.error("a front-end process exited; stopping the server")
-        stop.set()
+def _front_ends_gone(task: "asyncio.Task[str]", stop: asyncio.Event) -> None:
+    if task.cancelled() or stop.is_set():
+        return
+    error = task.exception()  # e.g. a replacement that could not be started
+    log.error("%s; stopping the server", error if error is not None else task.result())
+    stop.set()
 
 
 async def _serve_until(stop: asyncio.Event, on_ready: OnReady | None, engine: Engine) -> None:

@@ -1,6 +1,7 @@
 """Start and stop the front-end processes of ``graft serve --workers N`` (server/frontend.py)."""
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -8,6 +9,7 @@ import logging
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 
 from aiohttp import web
@@ -24,7 +26,7 @@ START_TIMEOUT_S = 120.0  # each front end imports torch and transformers, then l
 @dataclasses.dataclass
 class FrontEnds:
     address: tuple  # where the server listens: (host, port, ...) as the socket has it
-    exited: "asyncio.Task[int] | None"  # ends with the first front end that exits (its pid)
+    gave_up: "asyncio.Task[str] | None"  # ends, saying why, if front ends keep exiting
     link: LinkServer | None = None  # where they hand classify requests over
 
 
@@ -67,26 +69,66 @@ async def front_ends(
                 except BaseException:
                     await _stop(processes)
                     raise
+                finally:
+                    exited.cancel()
+            watch = asyncio.create_task(_replace_exited(config, processes, RestartBudget()))
             try:
-                yield FrontEnds((host, bound), exited, link)
+                yield FrontEnds((host, bound), watch, link)
             finally:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
                 await _stop(processes)
 
 
 async def _spawn(config: FrontendConfig, count: int) -> list[asyncio.subprocess.Process]:
-    argument = json.dumps(dataclasses.asdict(config))
     processes = []
     try:
         for _ in range(count):
-            processes.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "server.frontend", argument
-                )
-            )
+            processes.append(await _spawn_one(config))
     except BaseException:
         await _stop(processes)
         raise
     return processes
+
+
+async def _spawn_one(config: FrontendConfig) -> asyncio.subprocess.Process:
+    argument = json.dumps(dataclasses.asdict(config))
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "server.frontend", argument)
+
+
+class RestartBudget:
+    """How often exited front ends are replaced: up to ``max_restarts`` within ``window_s``.
+    Past that they are crashing as they start, and the server stops rather than spin."""
+
+    def __init__(self, max_restarts: int = 5, window_s: float = 60.0) -> None:
+        self.max_restarts, self.window_s = max_restarts, window_s
+        self._times: collections.deque[float] = collections.deque()
+
+    def allow(self, now_s: float) -> bool:
+        while self._times and self._times[0] <= now_s - self.window_s:
+            self._times.popleft()
+        if len(self._times) >= self.max_restarts:
+            return False
+        self._times.append(now_s)
+        return True
+
+
+async def _replace_exited(
+    config: FrontendConfig, processes: list[asyncio.subprocess.Process], budget: RestartBudget
+) -> str:
+    """Replace each front end that exits, in ``processes`` itself (the port stays served by
+    the others meanwhile); return why it stopped doing so."""
+    while True:
+        pid = await _first_exit(processes)
+        (gone,) = [p for p in processes if p.pid == pid]
+        processes.remove(gone)
+        if not budget.allow(time.monotonic()):
+            return (
+                f"front-end process {pid} exited ({gone.returncode}): "
+                f"{budget.max_restarts + 1} exits within {budget.window_s:.0f} s"
+            )
+        log.error("front-end process %d exited (%s); starting another", pid, gone.returncode)
+        processes.append(await _spawn_one(config))
 
 
 async def _first_exit(processes: list[asyncio.subprocess.Process]) -> int:

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import math
 import os
 import signal
@@ -15,9 +16,10 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from engine import Engine, EngineConfig
+from engine import Engine, EngineConfig, packaged_backbone_dir
 from server.app import create_app, run_server
-from server.workers import front_ends
+from server.frontend import FrontendConfig
+from server.workers import RestartBudget, _replace_exited, _spawn, front_ends
 
 from .conftest import MAX_BODY_BYTES, MAX_INPUT_TOKENS, Tenants
 
@@ -158,7 +160,7 @@ async def test_metrics_count_the_requests_the_front_ends_hand_over(
     assert ends.link.num_answered == handed_over + 3  # as token ids, not proxied HTTP
 
 
-async def test_run_server_with_workers_stops_when_a_front_end_dies(tmp_path) -> None:
+async def test_run_server_replaces_a_front_end_that_dies(tmp_path) -> None:
     bound: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def on_listening(url: str) -> None:
@@ -171,14 +173,55 @@ async def test_run_server_with_workers_stops_when_a_front_end_dies(tmp_path) -> 
     )
     url = await asyncio.wait_for(bound, 120)
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        async with session.get(f"{url}/ready") as response:
-            assert response.status == 200
-        (child,) = set(_front_end_pids()) - others
-        os.kill(child, signal.SIGKILL)
-        await asyncio.wait_for(server, 60)  # returns: the server stopped by itself
-        with pytest.raises(aiohttp.ClientConnectionError):
-            await session.get(f"{url}/health")
-    assert set(_front_end_pids()) == others
+        (first,) = set(_front_end_pids()) - others
+        os.kill(first, signal.SIGKILL)
+        await _until(lambda: len(set(_front_end_pids()) - others - {first}) == 1, 120)
+        (second,) = set(_front_end_pids()) - others - {first}
+        await _until_answers(session, f"{url}/ready")
+        assert not server.done()
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
+    assert set(_front_end_pids()) == others  # the replacement stopped with the server
+    assert second != first
+
+
+async def _until_answers(session: aiohttp.ClientSession, url: str) -> None:
+    """Until ``url`` answers 200: a replaced front end takes seconds to listen again."""
+    deadline = asyncio.get_running_loop().time() + 120
+    while True:
+        try:
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        assert asyncio.get_running_loop().time() < deadline, f"{url} never answered"
+        await asyncio.sleep(0.1)
+
+
+async def test_front_ends_that_keep_exiting_exhaust_the_restart_budget(tmp_path) -> None:
+    budget = RestartBudget(max_restarts=3, window_s=10.0)
+    assert [budget.allow(t) for t in (0.0, 1.0, 2.0)] == [True, True, True]
+    assert not budget.allow(3.0)  # a fourth exit within 10 s: a crash loop
+    assert budget.allow(10.5)  # the first has left the window
+
+    # front ends that cannot reach the engine exit as they start: replaced once, then given up
+    config = FrontendConfig(
+        host="127.0.0.1",
+        port=0,
+        link_path=str(tmp_path / "no-link.sock"),
+        engine_path=str(tmp_path / "no-engine.sock"),
+        registry_dir=str(tmp_path / "registry"),
+        backbone_dir=str(packaged_backbone_dir()),
+        max_input_tokens=MAX_INPUT_TOKENS,
+        max_inputs=8,
+        max_body_bytes=MAX_BODY_BYTES,
+        log_level=logging.CRITICAL,
+    )
+    processes = await _spawn(config, 1)
+    why = await asyncio.wait_for(_replace_exited(config, processes, RestartBudget(1, 60.0)), 120)
+    assert "2 exits within 60 s" in why and processes == []
 
 
 def _front_end_pids() -> list[int]:
