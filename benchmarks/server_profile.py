@@ -52,6 +52,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 OTHER = "none of these: the loop's own I/O and callbacks"
 _THREAD_ROOT = "Thread._bootstrap (threading.py)"  # any thread but the main one
 _MODEL_STEP = "StepLoop._timed_step"
+_ATTACH_TIMEOUT_S = 30.0
 _LINE = re.compile(r"^(.*) (\d+)$")
 _LINE_NUMBER = re.compile(r":\d+\)")
 
@@ -135,6 +136,7 @@ async def record(args: argparse.Namespace, work: Path, out: Path) -> tuple[int, 
     async with warm_server(fleet, options, requests, args) as (server, _, _, target):
         spy = _start_spy(args, server.pid, out)
         try:
+            await _sampling(spy)
             answered, wall_s = await closed_loop(target, requests, concurrency=args.concurrency)
         finally:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
@@ -144,12 +146,22 @@ async def record(args: argparse.Namespace, work: Path, out: Path) -> tuple[int, 
     return answered, wall_s
 
 
+async def _sampling(spy: subprocess.Popen) -> None:
+    """Until py-spy says it samples: a short run that ended before it attached was stopped
+    before its first sample, and py-spy then writes nothing."""
+    assert spy.stdout is not None and spy.stderr is not None
+    line = await asyncio.wait_for(asyncio.to_thread(spy.stdout.readline), _ATTACH_TIMEOUT_S)
+    if "Sampling" not in line:  # py-spy says so on its standard output
+        errors = await asyncio.to_thread(spy.stderr.read) if spy.poll() is not None else ""
+        raise RuntimeError(f"py-spy did not start sampling: {(line + errors).strip()}")
+
+
 def _start_spy(args: argparse.Namespace, pid: int | None, out: Path) -> subprocess.Popen:
     command = [_py_spy(), "record", "--pid", str(pid), "--format", "raw", "--output", str(out)]
     command += ["--rate", str(args.rate)]
     if args.gil:
         command.append("--gil")
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
