@@ -86,6 +86,8 @@ async def run_server(
     accepting connections, cancels open streams (their jobs with them), gives other requests
     ``SHUTDOWN_GRACE_S`` to finish, and closes the engine.
     """
+    if workers < 0:  # before the backbone loads, not after
+        raise ValueError(f"workers must be 0 (one process) or more, got {workers}")
     stop = asyncio.Event()
     async with Engine(config) as engine:
         runner = web.AppRunner(

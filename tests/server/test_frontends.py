@@ -186,6 +186,15 @@ async def test_run_server_replaces_a_front_end_that_dies(tmp_path) -> None:
     assert second != first
 
 
+async def test_a_negative_number_of_front_ends_is_refused_before_anything_starts(
+    tmp_path,
+) -> None:
+    config = EngineConfig(registry_dir=tmp_path / "registry")
+    with pytest.raises(ValueError, match="workers must be 0"):
+        await run_server(config, "127.0.0.1", 0, workers=-1)
+    assert not (tmp_path / "registry").exists()  # the engine never opened its registry
+
+
 async def _until_answers(session: aiohttp.ClientSession, url: str) -> None:
     """Until ``url`` answers 200: a replaced front end takes seconds to listen again."""
     deadline = asyncio.get_running_loop().time() + 120
