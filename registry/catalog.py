@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from registry import pointers
+from registry import pointers, read_memo
 from registry.errors import NotFound
 from registry.records import AdapterRecord
 
@@ -182,8 +182,11 @@ class Catalog:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            if conn.in_transaction:
-                conn.execute("COMMIT")
+            try:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+            finally:  # before the write returns: its writer's next read checks again
+                read_memo.note_write()
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

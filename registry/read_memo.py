@@ -7,13 +7,33 @@ from a dict after one ``PRAGMA data_version`` (4 us), which changes for a connec
 whenever any other connection commits, in this process or another. Readers keep one
 connection per thread and every write uses a connection of its own, so every change is seen
 by the next read, as the catalog promises.
+
+On an event loop the check itself was the cost: the pragma lets go of the interpreter lock,
+and taking it back from a busy model thread made it 9% of the engine loop's time behind the
+front ends (``benchmarks.server_profile --server-workers 1``). So one check serves every
+other task of the same turn of the loop. That keeps the promise for what can follow a
+commit: a request whose bytes arrived, or a callback queued, after the check runs in a
+later turn, because the check queues the turn's end as it runs. A commit in this process
+(any ``Registry`` object) ends the sharing at once, and the task that made the check checks
+again, so code that waits for another process to commit sees it on its next read.
 """
 
+import asyncio
 import sqlite3
 import threading
 from typing import Any
 
 _MAX_ENTRIES = 4096  # per thread; emptied whole when full
+
+_writes = 0  # commits by any catalog of this process; moves before the write returns
+_writes_lock = threading.Lock()
+
+
+def note_write() -> None:
+    """Call after every commit (`Catalog.write`): ends every thread's shared check."""
+    global _writes
+    with _writes_lock:
+        _writes += 1
 
 
 class ReadMemo:
@@ -28,9 +48,36 @@ class ReadMemo:
         """This thread's memo, emptied first if the catalog changed since it was filled;
         ``conn`` is this thread's kept read connection."""
         local = self._local
-        version = conn.execute("PRAGMA data_version").fetchone()[0]
         memo: dict[Any, Any] | None = getattr(local, "entries", None)
+        if memo is not None and len(memo) < self._max_entries and _checked_this_turn(local):
+            return memo
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
         if memo is None or version != local.version or len(memo) >= self._max_entries:
             memo = local.entries = {}
             local.version = version
+        _note_check(local)
         return memo
+
+
+def _checked_this_turn(local: threading.local) -> bool:
+    """Whether a check earlier in this turn of this thread's event loop still answers."""
+    loop = asyncio._get_running_loop()  # None outside a loop, where every read checks
+    if loop is None or getattr(local, "open_loop", None) is not loop:
+        return False
+    return local.writes == _writes and asyncio.current_task(loop) is not local.task
+
+
+def _note_check(local: threading.local) -> None:
+    loop = asyncio._get_running_loop()
+    local.writes = _writes
+    local.task = asyncio.current_task(loop) if loop is not None else None
+    if loop is None:
+        local.open_loop = None
+    elif getattr(local, "open_loop", None) is not loop:
+        local.open_loop = loop  # until this turn's end, queued now: after all queued so far
+        loop.call_soon(_end_turn, local, loop)
+
+
+def _end_turn(local: threading.local, loop: asyncio.AbstractEventLoop) -> None:
+    if local.open_loop is loop:
+        local.open_loop = None
