@@ -71,6 +71,7 @@ class Backbone:
     has_pooler: bool  # BERT-style tanh pooler over the first token
     model_type: str  # the config's model_type ("bert", "roberta", ...): which heads it takes
     num_pauses: int  # points per forward pass where lora_state.between_layers runs
+    vocab_size: int  # rows of the token embedding: every valid token id is below it
     quantize: str = "none"  # "int8": the wrapped Linears' frozen weights are int8
     # adapter file headers already checked against this backbone (engine.adapter_layout)
     adapter_layouts: dict = field(default_factory=dict, repr=False, compare=False)
@@ -78,11 +79,6 @@ class Backbone:
     @property
     def linear_names(self) -> list[str]:
         return list(self.linears)
-
-    @property
-    def vocab_size(self) -> int:
-        """Rows of the token embedding: every valid token id is below it."""
-        return int(self.model.get_input_embeddings().num_embeddings)
 
 
 def load_backbone(
@@ -129,6 +125,7 @@ def load_backbone(
         has_pooler=getattr(model, "pooler", None) is not None,
         model_type=str(getattr(config, "model_type", "")),
         num_pauses=num_pauses,
+        vocab_size=int(model.get_input_embeddings().num_embeddings),  # read per request
         quantize=quantize,
     )
 

@@ -124,8 +124,7 @@ class Catalog:
             self._idle_conn.close()
             self._idle_conn = None
 
-    @contextmanager
-    def connect(self) -> Iterator[sqlite3.Connection]:
+    def reader(self) -> sqlite3.Connection:
         """This thread's autocommit read connection, opened on its first read and kept.
 
         Autocommit: each statement reads the latest committed state (WAL), so a kept
@@ -142,7 +141,12 @@ class Catalog:
                     self._readers.pop(thread).close()
                 self._readers[threading.current_thread()] = conn
             self._local.conn = conn
-        yield conn
+        return conn
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """`reader()` as a context, for the reads that are not on every request's path."""
+        yield self.reader()
 
     @contextmanager
     def _fresh(self) -> Iterator[sqlite3.Connection]:

@@ -6,6 +6,7 @@ or digit, never containing ``..``. Lowercase only, so that two names never colli
 case-insensitive file system.
 """
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -61,6 +62,11 @@ def parse_model_ref(ref: str) -> ModelRef:
     """Parse "spam", "spam@3", "acme/spam" or "acme/spam@3"; raise InvalidName on anything else."""
     if not isinstance(ref, str) or not ref:
         raise InvalidName(f"model reference must be a non-empty string, got {ref!r}")
+    return _parse_model_ref(str(ref))
+
+
+@functools.lru_cache(maxsize=4096)  # every request parses its model's; errors are not kept
+def _parse_model_ref(ref: str) -> ModelRef:
     path, has_version, version_text = ref.partition("@")
     if path.count("/") > 1:
         raise InvalidName(f"invalid model reference {ref!r}: expected [tenant/]name[@version]")
