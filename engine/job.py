@@ -78,7 +78,11 @@ class BaseJob(Generic[ItemT]):
         self._on_finish = on_finish
         self._results: list[ItemT | None] = [None] * num_inputs
         self._num_done = 0
-        self._stream: asyncio.Queue[ItemT | BaseException] = asyncio.Queue()
+        # made by the first stream() only: most callers await results(), and a queue per
+        # job cost 3% of the engine loop (server_profile)
+        self._stream: asyncio.Queue[ItemT | BaseException] | None = None
+        self._delivered: list[ItemT] = []  # in completion order, for a stream started late
+        self._error: BaseException | None = None
         self._finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._finished.add_done_callback(_consume_exception)
         self._admitted_s = time.monotonic()
@@ -113,6 +117,12 @@ class BaseJob(Generic[ItemT]):
 
     async def stream(self) -> AsyncIterator[ItemT]:
         """Predictions as they complete; raises the job's error if it fails midway."""
+        if self._stream is None:
+            self._stream = asyncio.Queue()
+            for delivered in self._delivered:
+                self._stream.put_nowait(delivered)
+            if self._error is not None:
+                self._stream.put_nowait(self._error)
         for _ in range(self.num_inputs):
             item = await self._stream.get()
             if isinstance(item, BaseException):
@@ -124,7 +134,7 @@ class BaseJob(Generic[ItemT]):
         if self._finished.done():
             return
         self._finished.set_exception(asyncio.CancelledError("job cancelled"))
-        self._stream.put_nowait(asyncio.CancelledError("job cancelled"))
+        self._end_stream(asyncio.CancelledError("job cancelled"))
         self._on_finish(self)
 
     def deliver(self, item: ItemT) -> None:
@@ -132,7 +142,9 @@ class BaseJob(Generic[ItemT]):
             return
         self._results[item.index] = item
         self._num_done += 1
-        self._stream.put_nowait(item)
+        self._delivered.append(item)
+        if self._stream is not None:
+            self._stream.put_nowait(item)
         if self._num_done == self.num_inputs:
             self._finished.set_result(None)
             self._on_finish(self)
@@ -141,8 +153,13 @@ class BaseJob(Generic[ItemT]):
         if self._finished.done():
             return
         self._finished.set_exception(error)
-        self._stream.put_nowait(error)
+        self._end_stream(error)
         self._on_finish(self)
+
+    def _end_stream(self, error: BaseException) -> None:
+        self._error = error
+        if self._stream is not None:
+            self._stream.put_nowait(error)
 
 
 class Job(BaseJob[Prediction]):

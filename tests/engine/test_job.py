@@ -1,0 +1,57 @@
+"""A job's stream, however late it starts: every prediction once, then the job's error."""
+
+import asyncio
+
+import pytest
+
+from engine.job import Job, Prediction
+
+
+def _job(num_inputs: int, finished: list[Job]) -> Job:
+    return Job(1, "acme/m", 1, num_inputs, on_finish=finished.append)
+
+
+def _prediction(index: int) -> Prediction:
+    return Prediction(index, "a", {"a": 1.0}, truncated=False, num_tokens=3)
+
+
+async def _rest(stream, seen: list[Prediction] | None = None) -> list[Prediction]:
+    seen = [] if seen is None else seen
+    async for prediction in stream:
+        seen.append(prediction)
+    return seen
+
+
+async def test_a_stream_started_late_replays_what_was_delivered_first() -> None:
+    finished: list[Job] = []
+    job = _job(3, finished)
+    job.deliver(_prediction(2))
+    stream = job.stream()
+    assert (await asyncio.wait_for(anext(stream), 5)).index == 2  # no wait: replayed
+    job.deliver(_prediction(0))
+    job.deliver(_prediction(0))  # delivered twice: kept once
+    job.deliver(_prediction(1))
+    assert [p.index for p in await asyncio.wait_for(_rest(stream), 5)] == [0, 1]
+    assert [p.index for p in await job.results()] == [0, 1, 2]
+    assert finished == [job]
+
+
+async def test_a_stream_started_after_a_failure_yields_then_raises() -> None:
+    job = _job(3, [])
+    job.deliver(_prediction(1))
+    job.fail(RuntimeError("step failed"))
+    seen: list[Prediction] = []
+    with pytest.raises(RuntimeError, match="step failed"):
+        await asyncio.wait_for(_rest(job.stream(), seen), 5)
+    assert [p.index for p in seen] == [1]
+
+
+async def test_cancelling_ends_a_stream_that_waits() -> None:
+    job = _job(2, [])
+    waiting = asyncio.create_task(anext(job.stream()))
+    await asyncio.sleep(0)  # the stream waits for its first prediction
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    with pytest.raises(asyncio.CancelledError):
+        await job.results()
