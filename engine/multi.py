@@ -208,7 +208,7 @@ class MultiPending:
                 model=model.version.model,
                 version=model.version.version,
                 label=labels[int(probs.argmax())],
-                scores={label: float(p) for label, p in zip(labels, probs, strict=True)},
+                scores=dict(zip(labels, probs.tolist(), strict=True)),
             ),
         )
 
