@@ -10,20 +10,22 @@ by the next read, as the catalog promises.
 
 On an event loop the check itself was the cost: the pragma lets go of the interpreter lock,
 and taking it back from a busy model thread made it 9% of the engine loop's time behind the
-front ends (``benchmarks.server_profile --server-workers 1``). So one check serves every
-other task of the same turn of the loop. That keeps the promise for what can follow a
-commit: a request whose bytes arrived, or a callback queued, after the check runs in a
-later turn, because the check queues the turn's end as it runs. A commit in this process
-(any ``Registry`` object) ends the sharing at once, and the task that made the check checks
-again, so code that waits for another process to commit sees it on its next read.
+front ends (``benchmarks.server_profile --server-workers 1``). So one check answers the
+other reads of the same turn of the loop, for at most ``SHARED_CHECK_S``. A turn runs what
+was queued before it began, and the check queues the turn's end as it runs, so a request
+queued after a commit reads after that end and checks again. A commit in this process (any
+``Registry`` object) ends the sharing at once. Only code that blocks the loop to wait for
+another process's commit could read from before it, and then for 1 ms at most.
 """
 
 import asyncio
 import sqlite3
 import threading
+import time
 from typing import Any
 
 _MAX_ENTRIES = 4096  # per thread; emptied whole when full
+SHARED_CHECK_S = 0.001  # a turn's check answers its later reads for this long at most
 
 _writes = 0  # commits by any catalog of this process; moves before the write returns
 _writes_lock = threading.Lock()
@@ -64,13 +66,13 @@ def _checked_this_turn(local: threading.local) -> bool:
     loop = asyncio._get_running_loop()  # None outside a loop, where every read checks
     if loop is None or getattr(local, "open_loop", None) is not loop:
         return False
-    return local.writes == _writes and asyncio.current_task(loop) is not local.task
+    return local.writes == _writes and time.monotonic() - local.checked_s < SHARED_CHECK_S
 
 
 def _note_check(local: threading.local) -> None:
     loop = asyncio._get_running_loop()
     local.writes = _writes
-    local.task = asyncio.current_task(loop) if loop is not None else None
+    local.checked_s = time.monotonic()
     if loop is None:
         local.open_loop = None
     elif getattr(local, "open_loop", None) is not loop:
