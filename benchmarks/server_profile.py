@@ -40,13 +40,16 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("  classify route", ("classify (server/routes.py)",)),
     ("    authenticate (registry)", ("authenticate (server/routes.py)",)),
     ("    body read and parse", ("read_body (server/routes.py)", "parse_body (server/routes.py)")),
-    ("    Engine.submit", ("Engine.submit (engine/engine.py)",)),
+    ("    Engine.submit", ("Engine.submit (engine/engine.py)", "Engine.submit_nowait")),
     ("      tokenize", ("Engine._tokenize",)),
-    ("      resolve (registry)", ("Engine._resolve",)),
+    ("      resolve (registry)", ("resolve_model (engine/admission.py)",)),
     ("  response write", ("RequestHandler.finish_response",)),
-    ("request handed over by a front end (--server-workers)", ("LinkServer._answer",)),
+    (
+        "request handed over by a front end (--server-workers)",
+        ("LinkServer._start", "LinkServer._answer", "answered (server/link.py"),
+    ),
     ("  its answer encoded and framed", ("encode (server/schemas.py)", "frame (server/link")),
-    ("front ends' frames read and decoded", ("LinkServer._serve",)),
+    ("front ends' frames read (the admission above nests)", ("LinkServer._serve",)),
     ("step loop: plan, hand off, deliver", ("StepLoop.run",)),
 )
 OTHER = "none of these: the loop's own I/O and callbacks"

@@ -3,8 +3,10 @@
 import time
 from collections.abc import Sequence
 
-from engine.errors import EngineOverloaded, InputError, TenantBusy
-from scheduler import Scheduler
+from engine.errors import EngineOverloaded, InputError, ModelNotFound, TenantBusy
+from engine.inputs import Tokenized
+from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model_ref
+from scheduler import Row, Scheduler
 
 
 def deadline_for(timeout_s: float | None, max_timeout_s: float) -> float | None:
@@ -40,3 +42,44 @@ def admit(scheduler: Scheduler, tenant: str, texts: Sequence[str], rows_per_text
         f"server queues are full; retry in {admission.retry_after_s:.0f} s",
         retry_after_s=admission.retry_after_s,
     )
+
+
+def resolve_model(registry: Registry, tenant: str, model: str) -> AdapterRecord:
+    """The version of ``model`` ("name", "name@3", "tenant/name") this request will run;
+    ModelNotFound for anything not the tenant's, so names of others are never confirmed."""
+    try:
+        ref = parse_model_ref(model)
+    except InvalidName as exc:
+        raise ModelNotFound(f"model {model!r} not found ({exc})") from exc
+    if ref.tenant is not None and ref.tenant != tenant:
+        raise ModelNotFound(f"model {model!r} not found")
+    try:
+        return registry.resolve(tenant, ref.name, ref.version)
+    except NotFound as exc:
+        raise ModelNotFound(f"model {model!r} not found") from exc
+
+
+def queue_rows(
+    scheduler: Scheduler,
+    request_id: int,
+    tenant: str,
+    adapter_key: str,
+    rank: int,
+    tokens: Tokenized,
+    deadline_s: float | None,
+) -> None:
+    """Queue one row per text of an admitted single-model request."""
+    now = time.monotonic()
+    for index, ids in enumerate(tokens.ids):
+        scheduler.add(
+            Row(
+                request_id=request_id,
+                index=index,
+                tenant=tenant,
+                adapter_key=adapter_key,
+                num_tokens=len(ids),
+                arrival_s=now,
+                num_pages=rank,
+                deadline_s=deadline_s,
+            )
+        )

@@ -11,11 +11,11 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from engine.admission import admit, deadline_for
+from engine.admission import admit, deadline_for, queue_rows, resolve_model
 from engine.backbone import Backbone, packaged_backbone_dir
 from engine.collector import freeze_startup_objects, release_startup_objects
 from engine.config import EngineConfig
-from engine.errors import EngineClosed, ModelNotFound
+from engine.errors import EngineClosed
 from engine.inputs import Tokenized, check_tokenized, tokenize_request
 from engine.job import Job, MultiJob, MultiPrediction, Prediction
 from engine.listing import AdapterInfo, summarize
@@ -33,8 +33,8 @@ from engine.pinning import pin, pin_all
 from engine.stack import ServingStack, load_stack
 from engine.step_loop import StepLoop
 from engine.tenant_settings import scheduler_config
-from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model_ref
-from scheduler import Row, Scheduler, TenantPolicy
+from registry import AdapterRecord, NotFound, Registry
+from scheduler import Scheduler, TenantPolicy
 
 log = logging.getLogger(__name__)
 
@@ -165,17 +165,10 @@ class Engine:
             "requests_in_flight": len(self._pending),
         }
         if self._model is not None:
-            counts["steps"] = self._model.runner.num_steps
-            counts["packed_steps"] = self._model.runner.num_packed_steps
-            counts["static_steps"] = self._model.runner.num_static_steps  # fixed shapes (graphs)
-            counts["static_captures"] = self._model.runner.num_captures
-            counts["static_capture_us"] = round(self._model.runner.capture_seconds * 1e6)
-            counts["rows"] = self._model.runner.num_rows
+            counts.update(self._model.stats())
             counts["interludes"] = self._steps.num_interludes  # steps run inside a longer one
             counts["step_busy_us"] = self._steps.busy_us  # model thread in steps, microseconds
             counts["step_cpu_us"] = self._steps.cpu_us  # and on a core meanwhile
-            counts.update(self._model.store.stats())
-            counts.update(self._model.embeddings.stats())
         return counts
 
     # requests --------------------------------------------------------------------------
@@ -226,7 +219,7 @@ class Engine:
         if not self.ready:
             raise EngineClosed("engine is not running")
         deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
-        record = self._resolve(tenant, model)
+        record = resolve_model(self.registry, tenant, model)
         check_rank_fits(record, self.config.adapter_pages)
         reserved = admit(self._scheduler, tenant, texts)
         try:
@@ -235,30 +228,58 @@ class Engine:
         except BaseException:
             self._scheduler.release(tenant, reserved)  # its rows will never be queued
             raise
-        job = Job(
-            next(self._ids),
-            record.full_name,
-            record.version,
-            len(tokens.ids),
-            on_finish=self._finish,
-        )
+        return self._queue(tenant, record, key, tokens, deadline_s)
+
+    def submit_nowait(
+        self,
+        tenant: str,
+        model: str,
+        texts: Sequence[str],
+        *,
+        tokens: Tokenized,
+        timeout_s: float | None = None,
+    ) -> Job | None:
+        """``submit`` for texts tokenized already, done now: the Job, or None (nothing done)
+        when the model's adapter must first be loaded, which only ``await submit`` waits for.
+
+        Raises as ``submit`` does, in the same order. A caller that needs no task to await
+        the admission saves one per request (front ends' handed-over requests do this).
+        """
+        if not self.ready:
+            raise EngineClosed("engine is not running")
+        deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
+        record = resolve_model(self.registry, tenant, model)
+        check_rank_fits(record, self.config.adapter_pages)
+        store = self._loaded.store
+        key = store.pin_if_resident(record)
+        if key is None:
+            return None
+        try:
+            reserved = admit(self._scheduler, tenant, texts)
+            try:
+                tokens = self._check_tokens(texts, tokens)
+            except BaseException:
+                self._scheduler.release(tenant, reserved)
+                raise
+        except BaseException:
+            store.unpin(key)
+            raise
+        return self._queue(tenant, record, key, tokens, deadline_s)
+
+    def _queue(
+        self,
+        tenant: str,
+        record: AdapterRecord,
+        key: str,
+        tokens: Tokenized,
+        deadline_s: float | None,
+    ) -> Job:
+        """An admitted, tokenized and pinned request: its Job, and its rows in the queues."""
+        job = Job(next(self._ids), record.full_name, record.version, len(tokens.ids), self._finish)
         self._pending[job.request_id] = SinglePending(
             job=job, record=record, keys=(key,), tokens=tokens
         )
-        now = time.monotonic()
-        for index, ids in enumerate(tokens.ids):
-            self._scheduler.add(
-                Row(
-                    request_id=job.request_id,
-                    index=index,
-                    tenant=tenant,
-                    adapter_key=key,
-                    num_tokens=len(ids),
-                    arrival_s=now,
-                    num_pages=record.rank,
-                    deadline_s=deadline_s,
-                )
-            )
+        queue_rows(self._scheduler, job.request_id, tenant, key, record.rank, tokens, deadline_s)
         self._steps.wake()
         return job
 
@@ -299,7 +320,7 @@ class Engine:
         deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
         records = resolve_models(
             models,
-            functools.partial(self._resolve, tenant),
+            functools.partial(resolve_model, self.registry, tenant),
             max_models=self.config.max_models_per_request,
             adapter_pages=self.config.adapter_pages,
         )
@@ -342,9 +363,7 @@ class Engine:
         self, texts: Sequence[str], truncate: bool, tokens: Tokenized | None
     ) -> Tokenized:
         if tokens is not None:
-            return check_tokenized(
-                texts, tokens, max_tokens=self.max_input_tokens, vocab_size=self.backbone.vocab_size
-            )
+            return self._check_tokens(texts, tokens)
         return await tokenize_request(
             self.backbone.encoder,
             texts,
@@ -354,17 +373,10 @@ class Engine:
             executor=self._tokenize_executor,
         )
 
-    def _resolve(self, tenant: str, model: str) -> AdapterRecord:
-        try:
-            ref = parse_model_ref(model)
-        except InvalidName as exc:
-            raise ModelNotFound(f"model {model!r} not found ({exc})") from exc
-        if ref.tenant is not None and ref.tenant != tenant:
-            raise ModelNotFound(f"model {model!r} not found")
-        try:
-            return self.registry.resolve(tenant, ref.name, ref.version)
-        except NotFound as exc:
-            raise ModelNotFound(f"model {model!r} not found") from exc
+    def _check_tokens(self, texts: Sequence[str], tokens: Tokenized) -> Tokenized:
+        return check_tokenized(
+            texts, tokens, max_tokens=self.max_input_tokens, vocab_size=self.backbone.vocab_size
+        )
 
     def _finish(self, job: Job | MultiJob) -> None:
         """A job ended (done, failed or cancelled): drop its waiting rows, unpin its adapter."""

@@ -115,6 +115,22 @@ class BaseJob(Generic[ItemT]):
         await asyncio.shield(self._finished)
         return [r for r in self._results if r is not None]
 
+    async def wait(self) -> None:
+        """Until the job is done, failed or cancelled; ``results_now`` then tells which."""
+        if not self._finished.done():
+            await asyncio.wait((self._finished,))
+
+    def results_now(self) -> list[ItemT]:
+        """``results()`` of a finished job, without awaiting: raises the job's error, or
+        InvalidStateError while it runs."""
+        self._finished.result()
+        return [r for r in self._results if r is not None]
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` from the event loop once the job is done, failed or cancelled:
+        an answer sent from there needs no task awaiting each job."""
+        self._finished.add_done_callback(lambda _: callback())
+
     async def stream(self) -> AsyncIterator[ItemT]:
         """Predictions as they complete; raises the job's error if it fails midway."""
         if self._stream is None:

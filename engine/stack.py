@@ -41,6 +41,21 @@ class ServingStack:
     settings: TenantSettings
     embeddings: EmbeddingCache  # pooled outputs of this backbone, per tenant (event loop only)
 
+    def stats(self) -> dict[str, int]:
+        """The model thread's counters, the adapter tiers' and the embedding cache's."""
+        runner = self.runner
+        counts = {
+            "steps": runner.num_steps,
+            "packed_steps": runner.num_packed_steps,
+            "static_steps": runner.num_static_steps,  # fixed shapes (CUDA graphs)
+            "static_captures": runner.num_captures,
+            "static_capture_us": round(runner.capture_seconds * 1e6),
+            "rows": runner.num_rows,
+        }
+        counts.update(self.store.stats())
+        counts.update(self.embeddings.stats())
+        return counts
+
 
 def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
     """Load and hash the backbone, open the registry, build the adapter tiers and the runner."""

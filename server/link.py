@@ -12,7 +12,7 @@ import contextlib
 import logging
 import struct
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
@@ -20,7 +20,7 @@ from aiohttp import web
 from engine import Tokenized
 from server.errors import ApiError, internal_error
 from server.metrics import METRICS
-from server.routes import ENGINE, answer_classify
+from server.routes import ENGINE, answer_classify, finished_answer, submit_nowait
 from server.schemas import ClassifyRequest, encode
 
 log = logging.getLogger(__name__)
@@ -149,65 +149,126 @@ class LinkServer:
         connection = asyncio.current_task()
         assert connection is not None
         self._connections[connection] = writer
-        running: dict[int, asyncio.Task[None]] = {}
+        running: dict[int, _Cancellable] = {}  # a job, or the task that awaits its admission
         out = FrameWriter(writer)
         try:
             while (payload := await read_frame(reader)) is not None:
                 message = _to_engine.decode(payload)
                 if isinstance(message, Classify):
-                    task = asyncio.create_task(self._answer(message, out))
-                    running[message.id] = task
-                    task.add_done_callback(lambda _, key=message.id: running.pop(key, None))
+                    self._start(message, out, running)
                 elif isinstance(message, Cancel):
-                    if (task := running.get(message.id)) is not None:
-                        task.cancel()
+                    if (handle := running.get(message.id)) is not None:
+                        handle.cancel()
                 else:
                     self.ready.add(message.pid)
                     self._hello.set()
         except (ConnectionError, msgspec.DecodeError) as exc:
             log.error("front-end link broken: %s", exc)
         finally:
-            for task in list(running.values()):
-                task.cancel()
+            for handle in list(running.values()):
+                handle.cancel()
             out.close()
             self._connections.pop(connection, None)
 
-    async def _answer(self, message: Classify, out: FrameWriter) -> None:
+    def _start(
+        self, message: Classify, out: FrameWriter, running: dict[int, "_Cancellable"]
+    ) -> None:
+        """Queue the request now and answer from its job's callback; only a request that must
+        wait to be admitted (a cold adapter, several models) gets a task. A task per request
+        was the engine loop's largest single cost behind the front ends."""
         started = time.perf_counter()
-        status = 500
+        body, tokens = _request(message)
         try:
-            status, body, headers = await self._classify(message)
-            out.send(Answer(message.id, status, body, headers))
-            self.num_answered += 1
-        finally:
-            state = self._app.get(METRICS)
-            if state is not None:  # counted as the engine's app counts its own routes
-                state.request_seconds.labels("POST", "/v1/classify", str(status)).observe(
-                    time.perf_counter() - started
-                )
+            job = submit_nowait(self._app[ENGINE], message.tenant, body, tokens)
+        except Exception as exc:
+            self._reply(message, out, *_error_answer(message, exc), started)
+            return
+        if job is None:
+            task = asyncio.create_task(self._answer(message, body, tokens, out, started))
+            running[message.id] = task
+            task.add_done_callback(lambda _, key=message.id: running.pop(key, None))
+            return
+        running[message.id] = job
 
-    async def _classify(self, message: Classify) -> tuple[int, bytes, dict[str, str]]:
-        body = ClassifyRequest(
-            model=message.model,
-            models=message.models,
-            texts=message.texts,
-            is_batch=message.is_batch,
-            stream=False,
-            truncate=message.truncate,
-            timeout_s=message.timeout_s,
-        )
-        tokens = Tokenized(ids=message.ids, truncated=message.truncated)
+        def answered() -> None:
+            running.pop(message.id, None)
+            try:
+                payload, headers = finished_answer(job, body)
+            except asyncio.CancelledError:  # the client left
+                self._observe(500, started)
+                return
+            except Exception as exc:
+                self._reply(message, out, *_error_answer(message, exc), started)
+                return
+            self._reply(message, out, 200, encode(payload), headers, started)
+
+        job.add_done_callback(answered)
+
+    async def _answer(
+        self,
+        message: Classify,
+        body: ClassifyRequest,
+        tokens: Tokenized,
+        out: FrameWriter,
+        started: float,
+    ) -> None:
         try:
             payload, headers = await answer_classify(
                 self._app[ENGINE], message.tenant, body, tokens
             )
-            return 200, encode(payload), headers
-        except ApiError as exc:
-            return exc.status, encode(exc.body()), exc.headers
-        except Exception:
-            log.exception("request %s failed", message.request_id)
-            error = internal_error()
-            return error.status, encode(error.body()), error.headers
+        except asyncio.CancelledError:
+            self._observe(500, started)
+            raise
+        except Exception as exc:
+            self._reply(message, out, *_error_answer(message, exc), started)
+            return
+        self._reply(message, out, 200, encode(payload), headers, started)
+
+    def _reply(
+        self,
+        message: Classify,
+        out: FrameWriter,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+        started: float,
+    ) -> None:
+        out.send(Answer(message.id, status, body, headers))
+        self.num_answered += 1
+        self._observe(status, started)
+
+    def _observe(self, status: int, started: float) -> None:
+        state = self._app.get(METRICS)
+        if state is not None:  # counted as the engine's app counts its own routes
+            state.request_seconds.labels("POST", "/v1/classify", str(status)).observe(
+                time.perf_counter() - started
+            )
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> Any: ...
+
+
+def _request(message: Classify) -> tuple[ClassifyRequest, Tokenized]:
+    body = ClassifyRequest(
+        model=message.model,
+        models=message.models,
+        texts=message.texts,
+        is_batch=message.is_batch,
+        stream=False,
+        truncate=message.truncate,
+        timeout_s=message.timeout_s,
+    )
+    return body, Tokenized(ids=message.ids, truncated=message.truncated)
+
+
+def _error_answer(message: Classify, exc: Exception) -> tuple[int, bytes, dict[str, str]]:
+    """A request's refusal or failure, as the routes would answer it."""
+    if isinstance(exc, ApiError):
+        return exc.status, encode(exc.body()), exc.headers
+    log.error("request %s failed", message.request_id, exc_info=exc)
+    error = internal_error()
+    return error.status, encode(error.body()), error.headers
 
 
 @contextlib.asynccontextmanager

@@ -134,13 +134,42 @@ async def answer_classify(
     """The JSON answer to a whole (not streamed) request, and its headers; raises ApiError.
     ``tokens``: the texts' ids, where a front-end process tokenized them already."""
     job = await _submit(engine, tenant, body, tokens)
-    answer = SINGLE_MODEL if body.models is None else MULTI_MODEL
     try:
-        predictions = await job.results()
-    except EngineError as exc:
-        raise from_engine_error(exc) from exc
+        await job.wait()
     finally:
         job.cancel()  # a no-op when done; drops the rows still queued if the client left
+    return finished_answer(job, body)
+
+
+def submit_nowait(
+    engine: Engine, tenant: str, body: ClassifyRequest, tokens: Tokenized
+) -> Job | None:
+    """``_submit`` done now, for a single-model request tokenized already: its Job, or None
+    where only awaiting ``_submit`` will do (a cold adapter, several models). Raises
+    ApiError as ``answer_classify`` does; ``finished_answer`` formats the job once done."""
+    if body.models is not None:
+        return None
+    assert body.model is not None  # parse_classify sets exactly one of the two
+    try:
+        return engine.submit_nowait(
+            tenant, body.model, list(body.texts), tokens=tokens, timeout_s=body.timeout_s
+        )
+    except InputError as exc:
+        raise from_engine_error(exc, field=body.input_field(exc.field)) from exc
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+
+
+def finished_answer(
+    job: Job | MultiJob, body: ClassifyRequest
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The JSON answer of a finished job and its headers; raises ApiError for its error
+    (and CancelledError for a cancelled one)."""
+    answer = SINGLE_MODEL if body.models is None else MULTI_MODEL
+    try:
+        predictions = job.results_now()
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
     timings = job.timings()
     server_timing = (
         f"queue;dur={timings.queue_s * 1000:.2f}, compute;dur={timings.compute_s * 1000:.2f}"

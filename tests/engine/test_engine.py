@@ -195,3 +195,41 @@ async def test_token_ids_given_by_the_caller_are_checked_then_served(
                 await engine.submit_many("acme", ["spam"], texts, tokens=tokens)
         assert engine.stats()["requests_in_flight"] == 0
         assert engine.stats()["waiting_rows"] == 0
+
+
+async def test_submit_nowait_queues_a_warm_request_now_and_leaves_a_cold_one_alone(
+    registry, publish_random
+) -> None:
+    """What a front end's handed-over request uses: no task, no await. A cold adapter gives
+    None with nothing reserved or pinned; a refusal leaves nothing behind either."""
+    from engine import TenantBusy, Tokenized
+    from engine.adapter_store import adapter_key
+    from scheduler import TenantPolicy
+
+    record = publish_random(registry, "acme", "spam", labels=("ham", "spam"))
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        texts = ["WIN a prize now", "see you at lunch"]
+        ids = tuple(tuple(row) for row in engine.backbone.encoder.inline(texts))
+        tokens = Tokenized(ids=ids, truncated=(False, False))
+        host = engine._loaded.host
+        assert engine.submit_nowait("acme", "spam", texts, tokens=tokens) is None  # cold
+        assert engine.stats()["adapter_host_entries"] == 0
+        assert engine.stats()["requests_in_flight"] == 0
+        here = await engine.classify("acme", "spam", texts)  # loads it
+        job = engine.submit_nowait("acme", "spam", texts, tokens=tokens)
+        assert job is not None and await job.results() == here
+        bad = Tokenized(ids=(ids[0], (101, engine.backbone.vocab_size)), truncated=(0, 0))
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            engine.submit_nowait("acme", "spam", texts, tokens=bad)
+        with pytest.raises(ModelNotFound):
+            engine.submit_nowait("acme", "nope", texts, tokens=tokens)
+        engine.set_tenant_policy("acme", TenantPolicy(max_queued_rows=2))
+        for _ in range(3):  # each refusal released its reservation: room for 2 rows stays
+            with pytest.raises(InputError):
+                engine.submit_nowait("acme", "spam", texts, tokens=bad)
+        with pytest.raises(TenantBusy):  # admission first, as submit: before the ids' check
+            engine.submit_nowait("acme", "spam", texts * 2, tokens=tokens)
+        job = engine.submit_nowait("acme", "spam", texts, tokens=tokens)
+        assert job is not None and await job.results() == here
+        assert engine.stats()["requests_in_flight"] == 0
+        assert host.pins(adapter_key(record)) == 0  # nothing refused kept its pin

@@ -310,3 +310,21 @@ async def test_a_client_that_leaves_drops_its_rows_not_yet_run(
     await _until(lambda: engine.stats()["requests_in_flight"] == 0)
     assert engine.stats()["waiting_rows"] == 0
     assert engine.stats()["rows"] - before < 200
+
+
+async def test_a_cold_adapter_is_answered_then_its_warm_requests_equal_it(
+    fronts, session, client: TestClient, engine: Engine, tenants: Tenants, publish
+) -> None:
+    """A handed-over request whose adapter is still on disk waits for its load in a task;
+    once warm, requests are queued at once and answered from their job's callback."""
+    publish("acme", "fresh", ("no", "yes"), seed=7)
+    url, _ = fronts
+    body = {"model": "fresh", "input": ["is this fresh?", "another text"]}
+    loads = engine.stats()["adapter_disk_loads"]
+    answers = [await _answer(session, url, tenants.acme, body) for _ in range(3)]
+    assert engine.stats()["adapter_disk_loads"] == loads + 1
+    here = await client.post(
+        "/v1/classify", json=body, headers={"Authorization": f"Bearer {tenants.acme}"}
+    )
+    for status, answer, _ in answers:
+        assert status == 200 and _close(answer, await here.json())
