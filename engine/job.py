@@ -84,7 +84,6 @@ class BaseJob(Generic[ItemT]):
         self._delivered: list[ItemT] = []  # in completion order, for a stream started late
         self._error: BaseException | None = None
         self._finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._finished.add_done_callback(_consume_exception)
         self._admitted_s = time.monotonic()
         self._first_step_s: float | None = None
         self._last_step_s: float | None = None
@@ -149,7 +148,7 @@ class BaseJob(Generic[ItemT]):
         """Drop the rows that have not run yet; a no-op once the job is finished."""
         if self._finished.done():
             return
-        self._finished.set_exception(asyncio.CancelledError("job cancelled"))
+        self._set_error(asyncio.CancelledError("job cancelled"))
         self._end_stream(asyncio.CancelledError("job cancelled"))
         self._on_finish(self)
 
@@ -168,9 +167,15 @@ class BaseJob(Generic[ItemT]):
     def fail(self, error: BaseException) -> None:
         if self._finished.done():
             return
-        self._finished.set_exception(error)
+        self._set_error(error)
         self._end_stream(error)
         self._on_finish(self)
+
+    def _set_error(self, error: BaseException) -> None:
+        self._finished.set_exception(error)
+        # seen now, so asyncio does not log it when nobody awaits the job: a done callback
+        # for this cost every job a trip through the event loop
+        self._finished.exception()
 
     def _end_stream(self, error: BaseException) -> None:
         self._error = error
@@ -231,9 +236,3 @@ class MultiJob(BaseJob[MultiPrediction]):
                 num_tokens=self._num_tokens[index],
             )
         )
-
-
-def _consume_exception(future: asyncio.Future[None]) -> None:
-    """Mark the error as seen so asyncio does not log it when nobody awaited the job."""
-    if not future.cancelled():
-        future.exception()

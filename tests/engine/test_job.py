@@ -1,6 +1,7 @@
 """A job's stream, however late it starts: every prediction once, then the job's error."""
 
 import asyncio
+import gc
 
 import pytest
 
@@ -55,3 +56,17 @@ async def test_cancelling_ends_a_stream_that_waits() -> None:
         await waiting
     with pytest.raises(asyncio.CancelledError):
         await job.results()
+
+
+async def test_a_failed_job_that_nobody_awaits_logs_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for end in ("fail", "cancel"):
+        job = _job(2, [])
+        if end == "fail":
+            job.fail(RuntimeError("step failed"))
+        else:
+            job.cancel()
+        del job
+        gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
