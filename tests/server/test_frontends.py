@@ -69,6 +69,7 @@ REQUESTS = [
     ("too long", "acme", {"model": "news", "input": LONG, "truncate": False}),
     ("too long in a batch", "acme", {"model": "news", "input": ["ok", LONG], "truncate": False}),
     ("blank text", "acme", {"model": "spam", "input": ["fine", "  "]}),
+    ("timed out once queued", "acme", {"model": "spam", "input": "hi", "timeout": 1e-6}),
     ("unknown model", "acme", {"model": "nope", "input": "hi"}),
     ("another tenant's model", "acme", {"model": "bob/secret", "input": "hi"}),
     ("model listed twice", "acme", {"models": ["spam", "spam"], "input": "hi"}),
