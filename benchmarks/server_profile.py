@@ -40,8 +40,11 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("  classify route", ("classify (server/routes.py)",)),
     ("    authenticate (registry)", ("authenticate (server/routes.py)",)),
     ("    body read and parse", ("read_body (server/routes.py)", "parse_body (server/routes.py)")),
-    ("    Engine.submit", ("Engine.submit (engine/engine.py)", "Engine.submit_nowait")),
-    ("      tokenize", ("Engine._tokenize",)),
+    (
+        "    Engine.submit",
+        ("EngineRequests.submit (", "EngineRequests.submit_nowait (", "EngineRequests.submit_many"),
+    ),
+    ("      tokenize", ("EngineRequests._tokenize",)),
     ("      resolve (registry)", ("resolve_model (engine/admission.py)",)),
     ("  response write", ("RequestHandler.finish_response",)),
     (

@@ -1,45 +1,33 @@
-"""The Engine: async front (admission, step loop) over a synchronous model thread."""
+"""The Engine: lifecycle and introspection over the step loop and the model thread (the
+request methods it inherits are in engine/requests.py)."""
 
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import itertools
 import logging
 import sys
-import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from engine.admission import admit, deadline_for, queue_rows, resolve_model
 from engine.backbone import Backbone, packaged_backbone_dir
 from engine.collector import freeze_startup_objects, release_startup_objects
 from engine.config import EngineConfig
 from engine.errors import EngineClosed
-from engine.inputs import Tokenized, check_tokenized, tokenize_request
-from engine.job import Job, MultiJob, MultiPrediction, Prediction
+from engine.job import Job, MultiJob
 from engine.listing import AdapterInfo, summarize
 from engine.memory import pages_for_bytes
-from engine.multi import (
-    MultiPending,
-    check_queue_bound,
-    check_rank_fits,
-    model_slots,
-    resolve_models,
-    rows_per_text,
-)
-from engine.pending import Pending, SinglePending
-from engine.pinning import pin, pin_all
+from engine.pending import Pending
+from engine.requests import EngineRequests
 from engine.stack import ServingStack, load_stack
 from engine.step_loop import StepLoop
 from engine.tenant_settings import scheduler_config
-from registry import AdapterRecord, NotFound, Registry
+from registry import NotFound, Registry
 from scheduler import Scheduler, TenantPolicy
 
 log = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(EngineRequests):
     """Serve every tenant's classifiers from one frozen backbone.
 
     Use as ``async with Engine(config) as engine``. Public coroutines run on the event loop;
@@ -183,201 +171,6 @@ class Engine:
         """Per-tenant counters: admitted, rejected (429), overloaded (503), expired, run."""
         return {t: dataclasses.asdict(c) for t, c in self._scheduler.counters().items()}
 
-    async def classify(
-        self,
-        tenant: str,
-        model: str,
-        texts: Sequence[str],
-        *,
-        truncate: bool = True,
-        timeout_s: float | None = None,
-    ) -> list[Prediction]:
-        """Classify ``texts`` with the tenant's model; one Prediction per text, in order."""
-        job = await self.submit(tenant, model, texts, truncate=truncate, timeout_s=timeout_s)
-        return await _results(job)
-
-    async def submit(
-        self,
-        tenant: str,
-        model: str,
-        texts: Sequence[str],
-        *,
-        truncate: bool = True,
-        timeout_s: float | None = None,
-        tokens: Tokenized | None = None,
-    ) -> Job:
-        """Admit a request: resolve the model, check the queues, tokenize, pin, queue its rows.
-
-        Admission runs before tokenizing, so refusing a flood costs next to nothing. The
-        resolved version is fixed here: a newer version published meanwhile never mixes into
-        this request. ``timeout_s`` (capped by ``max_timeout_s``) bounds how long its rows may
-        wait to start. ``tokens``: the texts' ids, tokenized already (by a front-end process,
-        with this engine's limits), checked here rather than computed. Raises ModelNotFound,
-        TenantBusy, EngineOverloaded, InputError / InputTooLong, AdapterIncompatible,
-        AdapterFormatError, EngineClosed.
-        """
-        if not self.ready:
-            raise EngineClosed("engine is not running")
-        deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
-        record = resolve_model(self.registry, tenant, model)
-        check_rank_fits(record, self.config.adapter_pages)
-        reserved = admit(self._scheduler, tenant, texts)
-        try:
-            tokens = await self._tokenize(texts, truncate, tokens)
-            key = await pin(self._loaded.store, record)
-        except BaseException:
-            self._scheduler.release(tenant, reserved)  # its rows will never be queued
-            raise
-        return self._queue(tenant, record, key, tokens, deadline_s)
-
-    def submit_nowait(
-        self,
-        tenant: str,
-        model: str,
-        texts: Sequence[str],
-        *,
-        tokens: Tokenized,
-        timeout_s: float | None = None,
-    ) -> Job | None:
-        """``submit`` for texts tokenized already, done now: the Job, or None (nothing done)
-        when the model's adapter must first be loaded, which only ``await submit`` waits for.
-
-        Raises as ``submit`` does, in the same order. A caller that needs no task to await
-        the admission saves one per request (front ends' handed-over requests do this).
-        """
-        if not self.ready:
-            raise EngineClosed("engine is not running")
-        deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
-        record = resolve_model(self.registry, tenant, model)
-        check_rank_fits(record, self.config.adapter_pages)
-        store = self._loaded.store
-        key = store.pin_if_resident(record)
-        if key is None:
-            return None
-        try:
-            reserved = admit(self._scheduler, tenant, texts)
-            try:
-                tokens = self._check_tokens(texts, tokens)
-            except BaseException:
-                self._scheduler.release(tenant, reserved)
-                raise
-        except BaseException:
-            store.unpin(key)
-            raise
-        return self._queue(tenant, record, key, tokens, deadline_s)
-
-    def _queue(
-        self,
-        tenant: str,
-        record: AdapterRecord,
-        key: str,
-        tokens: Tokenized,
-        deadline_s: float | None,
-    ) -> Job:
-        """An admitted, tokenized and pinned request: its Job, and its rows in the queues."""
-        job = Job(next(self._ids), record.full_name, record.version, len(tokens.ids), self._finish)
-        self._pending[job.request_id] = SinglePending(
-            job=job, record=record, keys=(key,), tokens=tokens
-        )
-        queue_rows(self._scheduler, job.request_id, tenant, key, record.rank, tokens, deadline_s)
-        self._steps.wake()
-        return job
-
-    async def classify_many(
-        self,
-        tenant: str,
-        models: Sequence[str],
-        texts: Sequence[str],
-        *,
-        truncate: bool = True,
-        timeout_s: float | None = None,
-    ) -> list[MultiPrediction]:
-        """Classify ``texts`` with every model of ``models``; one MultiPrediction per text, in
-        order, each holding one answer per model in ``models`` order. Each answer equals what
-        ``classify`` gives for that model alone."""
-        job = await self.submit_many(tenant, models, texts, truncate=truncate, timeout_s=timeout_s)
-        return await _results(job)
-
-    async def submit_many(
-        self,
-        tenant: str,
-        models: Sequence[str],
-        texts: Sequence[str],
-        *,
-        truncate: bool = True,
-        timeout_s: float | None = None,
-        tokens: Tokenized | None = None,
-    ) -> MultiJob:
-        """Admit a multi-model request (``submit``'s contract, every model at once).
-
-        Every model is resolved first, so an unknown one (ModelNotFound) or a model listed
-        twice (InputError on ``models[i]``) fails the request before anything is computed.
-        Head-only models share one bare-backbone row per text, or none when the tenant's
-        embedding cache holds the text's pooled outputs; each LoRA model adds a row per text.
-        """
-        if not self.ready:
-            raise EngineClosed("engine is not running")
-        deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
-        records = resolve_models(
-            models,
-            functools.partial(resolve_model, self.registry, tenant),
-            max_models=self.config.max_models_per_request,
-            adapter_pages=self.config.adapter_pages,
-        )
-        per_text = rows_per_text(records)
-        check_queue_bound(texts, per_text, self._scheduler.policy(tenant).max_queued_rows)
-        reserved = admit(self._scheduler, tenant, texts, rows_per_text=per_text)
-        try:
-            tokens = await self._tokenize(texts, truncate, tokens)
-            keys = await pin_all(self._loaded.store, records)
-        except BaseException:
-            self._scheduler.release(tenant, reserved)
-            raise
-        model = self._loaded
-        slots = model_slots(records, keys, model.host.get)
-        job = MultiJob(
-            next(self._ids),
-            [slot.version for slot in slots],
-            tokens.truncated,
-            [len(ids) for ids in tokens.ids],
-            on_finish=self._finish,
-        )
-        pending = MultiPending(
-            job,
-            tokens,
-            slots,
-            model.embeddings,
-            tenant=tenant,
-            backbone_sha256=self.backbone.sha256,
-        )
-        self._pending[job.request_id] = pending
-        pending.serve_cached()  # may finish the job: then no row is left to queue
-        rows = [] if job.done else pending.rows(time.monotonic(), deadline_s)
-        for row in rows:
-            self._scheduler.add(row)
-        self._scheduler.release(tenant, max(0, reserved - len(rows)))
-        self._steps.wake()
-        return job
-
-    async def _tokenize(
-        self, texts: Sequence[str], truncate: bool, tokens: Tokenized | None
-    ) -> Tokenized:
-        if tokens is not None:
-            return self._check_tokens(texts, tokens)
-        return await tokenize_request(
-            self.backbone.encoder,
-            texts,
-            max_tokens=self.max_input_tokens,
-            truncate=truncate,
-            max_inputs=self.config.max_inputs_per_request,
-            executor=self._tokenize_executor,
-        )
-
-    def _check_tokens(self, texts: Sequence[str], tokens: Tokenized) -> Tokenized:
-        return check_tokenized(
-            texts, tokens, max_tokens=self.max_input_tokens, vocab_size=self.backbone.vocab_size
-        )
-
     def _finish(self, job: Job | MultiJob) -> None:
         """A job ended (done, failed or cancelled): drop its waiting rows, unpin its adapter."""
         pending = self._pending.pop(job.request_id, None)
@@ -387,12 +180,3 @@ class Engine:
         if self._model is not None:
             for key in pending.keys:
                 self._model.store.unpin(key)
-
-
-async def _results(job: Job | MultiJob):
-    """The job's answers; a caller that goes away cancels the job, so its rows never run."""
-    try:
-        return await job.results()
-    except asyncio.CancelledError:
-        job.cancel()
-        raise

@@ -228,6 +228,30 @@ class MultiPending:
         )
 
 
+def multi_request(
+    request_id: int,
+    slots: Sequence[ModelSlot],
+    tokens: Tokenized,
+    cache: EmbeddingCache,
+    *,
+    tenant: str,
+    backbone_sha256: str,
+    on_finish: Callable[[MultiJob], None],
+) -> tuple[MultiJob, "MultiPending"]:
+    """An admitted multi-model request's job, and its pending entry for the step loop."""
+    job = MultiJob(
+        request_id,
+        [slot.version for slot in slots],
+        tokens.truncated,
+        [len(ids) for ids in tokens.ids],
+        on_finish=on_finish,
+    )
+    pending = MultiPending(
+        job, tokens, slots, cache, tenant=tenant, backbone_sha256=backbone_sha256
+    )
+    return job, pending
+
+
 def check_queue_bound(texts: Sequence[str], per_text: int, max_queued_rows: int) -> None:
     """Refuse (422, not 429) a request whose rows could never fit the tenant's queue."""
     if isinstance(texts, str) or not isinstance(texts, Sequence):

@@ -30,3 +30,16 @@ async def pin_all(store: AdapterStore, records: Sequence[AdapterRecord]) -> list
         for task in pins:  # those that pinned, now or once their load ends, are let go
             task.add_done_callback(unpin_if_pinned(store))
         raise
+
+
+def pin_all_if_resident(store: AdapterStore, records: Sequence[AdapterRecord]) -> list[str] | None:
+    """Host-pin every adapter if the host tier holds them all; else None, nothing pinned."""
+    keys: list[str] = []
+    for record in records:
+        key = store.pin_if_resident(record)
+        if key is None:
+            for pinned in keys:
+                store.unpin(pinned)
+            return None
+        keys.append(key)
+    return keys

@@ -174,7 +174,7 @@ class LinkServer:
         self, message: Classify, out: FrameWriter, running: dict[int, "_Cancellable"]
     ) -> None:
         """Queue the request now and answer from its job's callback; only a request that must
-        wait to be admitted (a cold adapter, several models) gets a task. Making the task
+        wait to be admitted (an adapter still on disk) gets a task. Making the task
         alone was 5% of the engine loop behind the front ends (server_profile)."""
         started = time.perf_counter()
         body, tokens = _request(message)

@@ -143,16 +143,19 @@ async def answer_classify(
 
 def submit_nowait(
     engine: Engine, tenant: str, body: ClassifyRequest, tokens: Tokenized
-) -> Job | None:
-    """``_submit`` done now, for a single-model request tokenized already: its Job, or None
-    where only awaiting ``_submit`` will do (a cold adapter, several models). Raises
-    ApiError as ``answer_classify`` does; ``finished_answer`` formats the job once done."""
-    if body.models is not None:
-        return None
-    assert body.model is not None  # parse_classify sets exactly one of the two
+) -> Job | MultiJob | None:
+    """``_submit`` done now, for a request tokenized already: its job, or None where only
+    awaiting ``_submit`` will do (an adapter still on disk). Raises ApiError as
+    ``answer_classify`` does; ``finished_answer`` formats the job once done."""
+    texts = list(body.texts)
     try:
+        if body.models is not None:
+            return engine.submit_many_nowait(
+                tenant, list(body.models), texts, tokens=tokens, timeout_s=body.timeout_s
+            )
+        assert body.model is not None  # parse_classify sets exactly one of the two
         return engine.submit_nowait(
-            tenant, body.model, list(body.texts), tokens=tokens, timeout_s=body.timeout_s
+            tenant, body.model, texts, tokens=tokens, timeout_s=body.timeout_s
         )
     except InputError as exc:
         raise from_engine_error(exc, field=body.input_field(exc.field)) from exc

@@ -15,8 +15,9 @@ _ROUTE = (
 _THREAD = "Thread._bootstrap (threading.py:995);_worker (concurrent/futures/thread.py:83)"
 
 RAW = [
-    f"{_MAIN};{_ROUTE};_submit (server/routes.py:166);Engine.submit (engine/engine.py:221);"
-    "Engine._tokenize (engine/engine.py:357);TextEncoder.inline (engine/inputs.py:50) 6",
+    f"{_MAIN};{_ROUTE};_submit (server/routes.py:166);"
+    "EngineRequests.submit (engine/requests.py:80);"
+    "EngineRequests._tokenize (engine/requests.py:270);TextEncoder.inline (engine/inputs.py:50) 6",
     f"{_MAIN};{_ROUTE};authenticate (server/routes.py:230) 3",
     f"{_MAIN};StepLoop.run (engine/step_loop.py:120) 1",
     f"{_MAIN} 10",

@@ -149,3 +149,35 @@ async def test_request_that_could_never_fit_the_tenant_queue_is_an_input_error(r
         assert len(out) == 3
         assert engine.stats()["waiting_rows"] == 0
         assert engine.tenant_stats()["acme"]["admitted_rows"] == 6  # the reservation, no more
+
+
+async def test_submit_many_nowait_queues_when_every_adapter_is_warm(registry) -> None:
+    """As ``submit_nowait``: None with nothing pinned or reserved while one adapter is on
+    disk; once all are warm, the same answers as ``submit_many``; refusals keep nothing."""
+    from engine import Tokenized
+    from engine.adapter_store import adapter_key
+    from scheduler import TenantPolicy
+
+    names = ["spam", "urgent", "tone"]
+    async with Engine(config(registry, embedding_cache_bytes=0)) as engine:
+        ids = tuple(tuple(row) for row in engine.backbone.encoder.inline(TEXTS))
+        tokens = Tokenized(ids=ids, truncated=(False,) * len(TEXTS))
+        await engine.classify("acme", "spam", TEXTS)  # one of three warm
+        assert engine.submit_many_nowait("acme", names, TEXTS, tokens=tokens) is None
+        records = [engine.registry.resolve("acme", name) for name in names]
+        host = engine._loaded.host
+        assert [host.pins(adapter_key(r)) for r in records] == [0, 0, 0]
+        expected = await engine.classify_many("acme", names, TEXTS)  # loads the rest
+        job = engine.submit_many_nowait("acme", names, TEXTS, tokens=tokens)
+        assert job is not None and await job.results() == expected
+        with pytest.raises(InputError, match="models\\[1\\]"):
+            engine.submit_many_nowait("acme", ["spam", "spam"], TEXTS, tokens=tokens)
+        engine.set_tenant_policy("acme", TenantPolicy(max_queued_rows=12))  # one request's
+        for _ in range(3):  # each refusal gave its reservation back
+            with pytest.raises(InputError, match="rows for"):
+                engine.submit_many_nowait("acme", names, TEXTS, tokens=Tokenized(ids[:1], (0,)))
+        job = engine.submit_many_nowait("acme", names, TEXTS, tokens=tokens)
+        assert job is not None and await job.results() == expected
+        assert engine.stats()["requests_in_flight"] == 0
+        assert engine.stats()["waiting_rows"] == 0
+        assert [host.pins(adapter_key(r)) for r in records] == [0, 0, 0]
