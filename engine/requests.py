@@ -116,20 +116,10 @@ class EngineRequests:
         deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
         record = resolve_model(self.registry, tenant, model)
         check_rank_fits(record, self.config.adapter_pages)
-        store = self._loaded.store
-        key = store.pin_if_resident(record)
+        key = self._loaded.store.pin_if_resident(record)
         if key is None:
             return None
-        try:
-            reserved = admit(self._scheduler, tenant, texts)
-            try:
-                tokens = self._check_tokens(texts, tokens)
-            except BaseException:
-                self._scheduler.release(tenant, reserved)
-                raise
-        except BaseException:
-            store.unpin(key)
-            raise
+        _, tokens = self._admit_pinned(tenant, texts, tokens, [key])
         return self._queue(tenant, record, key, tokens, deadline_s)
 
     def _queue(
@@ -209,22 +199,33 @@ class EngineRequests:
             raise EngineClosed("engine is not running")
         deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
         records, per_text = self._resolve_many(tenant, models, texts)
-        store = self._loaded.store
-        keys = pin_all_if_resident(store, records)
+        keys = pin_all_if_resident(self._loaded.store, records)
         if keys is None:
             return None
+        reserved, tokens = self._admit_pinned(tenant, texts, tokens, keys, per_text)
+        return self._queue_many(tenant, records, keys, tokens, reserved, deadline_s)
+
+    def _admit_pinned(
+        self,
+        tenant: str,
+        texts: Sequence[str],
+        tokens: Tokenized,
+        keys: Sequence[str],
+        rows_per_text: int = 1,
+    ) -> tuple[int, Tokenized]:
+        """Reserve queue room and check the ids of a request whose adapters are pinned
+        (``keys``): the rows reserved and the checked ids. A refusal gives both back."""
         try:
-            reserved = admit(self._scheduler, tenant, texts, rows_per_text=per_text)
+            reserved = admit(self._scheduler, tenant, texts, rows_per_text=rows_per_text)
             try:
-                tokens = self._check_tokens(texts, tokens)
+                return reserved, self._check_tokens(texts, tokens)
             except BaseException:
                 self._scheduler.release(tenant, reserved)
                 raise
         except BaseException:
             for key in keys:
-                store.unpin(key)
+                self._loaded.store.unpin(key)
             raise
-        return self._queue_many(tenant, records, keys, tokens, reserved, deadline_s)
 
     def _resolve_many(
         self, tenant: str, models: Sequence[str], texts: Sequence[str]
