@@ -49,7 +49,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("  response write", ("RequestHandler.finish_response",)),
     (
         "request handed over by a front end (--server-workers)",
-        ("LinkServer._start", "LinkServer._answer", "answered (server/link.py"),
+        ("LinkServer._start", "LinkServer._admit", "answered (server/link.py"),
     ),
     ("  its answer encoded and framed", ("encode (server/schemas.py)", "frame (server/link")),
     ("front ends' frames read (the admission above nests)", ("LinkServer._serve",)),

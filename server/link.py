@@ -17,10 +17,10 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
-from engine import Tokenized
+from engine import Job, MultiJob, Tokenized
 from server.errors import ApiError, internal_error
 from server.metrics import METRICS
-from server.routes import ENGINE, answer_classify, finished_answer, submit_nowait
+from server.routes import ENGINE, finished_answer, submit, submit_nowait
 from server.schemas import ClassifyRequest, encode
 
 log = logging.getLogger(__name__)
@@ -184,10 +184,43 @@ class LinkServer:
             self._reply(message, out, *_error_answer(message, exc), started)
             return
         if job is None:
-            task = asyncio.create_task(self._answer(message, body, tokens, out, started))
-            running[message.id] = task
-            task.add_done_callback(lambda _, key=message.id: running.pop(key, None))
+            admitting = self._admit(message, body, tokens, out, started, running)
+            running[message.id] = asyncio.create_task(admitting)
+        else:
+            self._follow(message, body, job, out, started, running)
+
+    async def _admit(
+        self,
+        message: Classify,
+        body: ClassifyRequest,
+        tokens: Tokenized,
+        out: FrameWriter,
+        started: float,
+        running: dict[int, "_Cancellable"],
+    ) -> None:
+        """Wait for the adapters' load and admission, then answer as a request queued at once."""
+        try:
+            job = await submit(self._app[ENGINE], message.tenant, body, tokens)
+        except asyncio.CancelledError:  # the client left
+            running.pop(message.id, None)
+            self._observe(500, started)
+            raise
+        except Exception as exc:
+            running.pop(message.id, None)
+            self._reply(message, out, *_error_answer(message, exc), started)
             return
+        self._follow(message, body, job, out, started, running)
+
+    def _follow(
+        self,
+        message: Classify,
+        body: ClassifyRequest,
+        job: Job | MultiJob,
+        out: FrameWriter,
+        started: float,
+        running: dict[int, "_Cancellable"],
+    ) -> None:
+        """Answer from the job's done callback; a Cancel frame or a closed link cancels it."""
         running[message.id] = job
 
         def answered() -> None:
@@ -203,26 +236,6 @@ class LinkServer:
             self._reply(message, out, 200, encode(payload), headers, started)
 
         job.add_done_callback(answered)
-
-    async def _answer(
-        self,
-        message: Classify,
-        body: ClassifyRequest,
-        tokens: Tokenized,
-        out: FrameWriter,
-        started: float,
-    ) -> None:
-        try:
-            payload, headers = await answer_classify(
-                self._app[ENGINE], message.tenant, body, tokens
-            )
-        except asyncio.CancelledError:
-            self._observe(500, started)
-            raise
-        except Exception as exc:
-            self._reply(message, out, *_error_answer(message, exc), started)
-            return
-        self._reply(message, out, 200, encode(payload), headers, started)
 
     def _reply(
         self,

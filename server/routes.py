@@ -122,18 +122,17 @@ async def classify(request: web.Request) -> web.StreamResponse:
     tenant = authenticate(request, engine)
     body = parse_body(await read_body(request))
     if body.stream:
-        job = await _submit(engine, tenant, body)
+        job = await submit(engine, tenant, body)
         return await _stream(request, job, SINGLE_MODEL if body.models is None else MULTI_MODEL)
     payload, headers = await answer_classify(engine, tenant, body)
     return json_response(payload, headers=headers)
 
 
 async def answer_classify(
-    engine: Engine, tenant: str, body: ClassifyRequest, tokens: Tokenized | None = None
+    engine: Engine, tenant: str, body: ClassifyRequest
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The JSON answer to a whole (not streamed) request, and its headers; raises ApiError.
-    ``tokens``: the texts' ids, where a front-end process tokenized them already."""
-    job = await _submit(engine, tenant, body, tokens)
+    """The JSON answer to a whole (not streamed) request, and its headers; raises ApiError."""
+    job = await submit(engine, tenant, body)
     try:
         await job.wait()
     finally:
@@ -144,8 +143,8 @@ async def answer_classify(
 def submit_nowait(
     engine: Engine, tenant: str, body: ClassifyRequest, tokens: Tokenized
 ) -> Job | MultiJob | None:
-    """``_submit`` done now, for a request tokenized already: its job, or None where only
-    awaiting ``_submit`` will do (an adapter still on disk). Raises ApiError as
+    """``submit`` done now, for a request tokenized already: its job, or None where only
+    awaiting ``submit`` will do (an adapter still on disk). Raises ApiError as
     ``answer_classify`` does; ``finished_answer`` formats the job once done."""
     texts = list(body.texts)
     try:
@@ -180,9 +179,11 @@ def finished_answer(
     return answer.body(job, predictions), {"Server-Timing": server_timing}
 
 
-async def _submit(
+async def submit(
     engine: Engine, tenant: str, body: ClassifyRequest, tokens: Tokenized | None = None
 ) -> Job | MultiJob:
+    """Admit the request (its adapters loaded, if need be); raises ApiError. ``tokens``: the
+    texts' ids, where a front-end process tokenized them already."""
     texts = list(body.texts)
     options: dict[str, Any] = {
         "truncate": body.truncate,

@@ -15,7 +15,7 @@ _ROUTE = (
 _THREAD = "Thread._bootstrap (threading.py:995);_worker (concurrent/futures/thread.py:83)"
 
 RAW = [
-    f"{_MAIN};{_ROUTE};_submit (server/routes.py:166);"
+    f"{_MAIN};{_ROUTE};submit (server/routes.py:166);"
     "EngineRequests.submit (engine/requests.py:80);"
     "EngineRequests._tokenize (engine/requests.py:270);TextEncoder.inline (engine/inputs.py:50) 6",
     f"{_MAIN};{_ROUTE};authenticate (server/routes.py:230) 3",
