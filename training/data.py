@@ -169,9 +169,14 @@ def _jsonl_records(text: str, source: str) -> Iterable[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield row, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as error:
-            yield row, _BadRow(f"malformed JSON ({error.msg} at column {error.colno})")
+            record = _BadRow(f"malformed JSON ({error.msg} at column {error.colno})")
+        except RecursionError:
+            record = _BadRow("malformed JSON (arrays or objects nested too deeply)")
+        except ValueError as error:  # e.g. an integer past Python's 4,300-digit limit
+            record = _BadRow(f"malformed JSON ({error})")
+        yield row, record
 
 
 _READERS: Mapping[str, Callable[[str, str], Iterable[tuple[int, Any]]]] = MappingProxyType(

@@ -89,15 +89,23 @@ def test_unreadable_rows_are_all_named(tmp_path):
         '{"text": 42, "label": "a"}',
         '["text", "label"]',
         '{"text": "x", "label": "  "}',
+        "[" * 10_000 + "]" * 10_000,  # past the decoder's recursion limit
+        '{"text": "x", "label": ' + "9" * 5000 + "}",  # past Python's int digits limit
     ]
     path = write(tmp_path, "bad.jsonl", "\n".join(lines))
     with pytest.raises(DataError) as caught:
         load_examples(path)
     message = str(caught.value)
-    assert "bad.jsonl" in message and "5 unreadable rows" in message
-    for fragment in ("row 2: malformed JSON", "row 3: missing 'label'", "row 4: 'text' must be"):
+    assert "bad.jsonl" in message and "7 unreadable rows" in message
+    for fragment in (
+        "row 2: malformed JSON",
+        "row 3: missing 'label'",
+        "row 4: 'text' must be",
+        "row 7: malformed JSON (arrays or objects nested too deeply)",
+        "row 8: malformed JSON (Exceeds the limit",
+    ):
         assert fragment in message
-    assert caught.value.rows == (2, 3, 4, 5, 6)
+    assert caught.value.rows == (2, 3, 4, 5, 6, 7, 8)
 
 
 def test_wrong_column_count_and_many_bad_rows(tmp_path):
