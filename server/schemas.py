@@ -53,8 +53,14 @@ class ClassifyRequest:
 
 
 def decode_json(body: bytes) -> Any:
-    """Parse a request body; raises ``msgspec.DecodeError`` on malformed JSON or bad UTF-8."""
-    return msgspec.json.decode(body)
+    """Parse a request body; raises ``msgspec.DecodeError`` on malformed JSON, bad UTF-8 or
+    nesting too deep to decode (msgspec raises the last two as other exceptions)."""
+    try:
+        return msgspec.json.decode(body)
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise msgspec.DecodeError("arrays or objects nested too deeply") from None
 
 
 def parse_classify(payload: Any) -> ClassifyRequest:

@@ -32,7 +32,7 @@ from server.errors import (
     ApiError,
 )
 from server.routes import ENGINE, STREAMS, authenticate
-from server.schemas import NDJSON, json_response, ndjson_line
+from server.schemas import NDJSON, decode_json, json_response, ndjson_line
 from server.train_upload import parse_options, read_upload
 from training import (
     FINAL_EVENTS,
@@ -252,7 +252,7 @@ async def rollback(request: web.Request) -> web.Response:
 
 def _version_field(raw: bytes) -> int:
     try:
-        body = msgspec.json.decode(raw)
+        body = decode_json(raw)
     except msgspec.DecodeError as exc:
         raise ApiError(400, INVALID_JSON, f"request body is not valid JSON: {exc}") from None
     version = body.get("version") if isinstance(body, dict) else None

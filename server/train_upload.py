@@ -20,6 +20,7 @@ import msgspec
 from aiohttp import BodyPartReader, web
 
 from server.errors import INVALID_REQUEST, TOO_LARGE, ApiError
+from server.schemas import decode_json
 from training import TrainConfig
 
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
@@ -132,7 +133,7 @@ async def _read_ndjson(request: web.Request, max_bytes: int) -> Upload:
 def _options_line(line: bytes) -> dict[str, Any] | None:
     """The options of a first line ``{"options": {...}}``; None when it is a data row."""
     try:
-        parsed = msgspec.json.decode(line)
+        parsed = decode_json(line)
     except msgspec.DecodeError:
         return None
     if not isinstance(parsed, dict) or set(parsed) != {"options"}:

@@ -77,6 +77,8 @@ REQUESTS = [
     ("bad key", "not-a-key", {"model": "spam", "input": "hi"}),
     ("no key", None, {"model": "spam", "input": "hi"}),
     ("not JSON", "acme", b"{model"),
+    ("not UTF-8", "acme", b'{"model": "spam", "input": "\xff"}'),
+    ("nested too deeply", "acme", b"[" * 10_000 + b"]" * 10_000),
     ("too large", "acme", {"model": "spam", "input": "x" * MAX_BODY_BYTES}),
 ]
 

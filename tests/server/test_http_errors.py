@@ -39,7 +39,22 @@ async def test_missing_or_bad_key_is_401(client, headers) -> None:
     assert (await error_of(response))["type"] == "authentication"
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b'{"model": "spam",}', b"\xff\xfe", b"nul"])
+DEEP = b"[" * 10_000 + b"]" * 10_000  # under the size cap, past any decoder's stack
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b'{"model": "spam",}',
+        b"\xff\xfe",
+        b"nul",
+        b'{"model": "spam", "input": "\xff"}',
+        DEEP,
+    ],
+    ids=["empty", "open", "trailing comma", "not utf-8", "nul", "not utf-8 in a string", "deep"],
+)
 async def test_malformed_json_is_400(client, tenants, raw) -> None:
     response = await client.post("/v1/classify", data=raw, headers=bearer(tenants.acme))
     assert response.status == 400

@@ -167,6 +167,31 @@ async def test_unreadable_rows_are_a_422_naming_them(client, tenants) -> None:
     assert error["message"].startswith("upload.jsonl: 2 unreadable rows: row 3: malformed JSON")
 
 
+async def test_undecodable_lines_are_a_4xx_not_a_crash(client, tenants) -> None:
+    ndjson = {**bearer(tenants.acme), "Content-Type": "application/x-ndjson"}
+    rows = "".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n" for i in range(8))
+    deep = b"[" * 3_000 + b"]" * 3_000  # past the recursion limit, under the upload cap
+    huge_int = b'{"text": "x", "label": ' + b"9" * 5000 + b"}"
+    response = await client.post(
+        "/v1/train?name=lines&epochs=1",
+        data=deep + b"\n" + huge_int + b"\n" + rows.encode(),
+        headers=ndjson,
+    )
+    error = (await response.json())["error"]
+    assert response.status == 422 and error["rows"] == [1, 2], error
+    assert "nested too deeply" in error["message"] and "4300 digits" in error["message"]
+    # a first line that is not an options line is a data row, whatever it holds
+    for first in (b'{"options": ' + deep + b"}", b'{"options": {"name": "\xff"}}'):
+        response = await client.post(
+            "/v1/train?name=lines", data=first + b"\n" + rows.encode(), headers=ndjson
+        )
+        error = (await response.json())["error"]
+        assert response.status == 422 and error["rows"][0] == 1, error
+    for raw in (deep, b'{"version": "\xff"}'):
+        response = await client.post("/v1/adapters/spam/promote", data=raw, headers=ndjson)
+        assert response.status == 400 and (await response.json())["error"]["type"] == "invalid_json"
+
+
 async def test_fatal_data_problems_are_a_422_with_the_report(client, tenants) -> None:
     rows = "".join(json.dumps({"text": f"note {i}", "label": "ham"}) + "\n" for i in range(8))
     response = await client.post(
