@@ -226,7 +226,7 @@ def parse_adapter(
 def _parse_config(data: bytes | bytearray) -> dict[str, Any]:
     try:
         config = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise AdapterFormatError(f"adapter_config.json is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise AdapterFormatError("adapter_config.json must hold a JSON object")

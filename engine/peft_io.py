@@ -71,8 +71,10 @@ def read_labels(src: Path, labels: Sequence[str] | None) -> tuple[str, ...]:
         return tuple(labels)
     hf_config = src / "config.json"
     if hf_config.is_file():
-        id2label = json.loads(hf_config.read_text()).get("id2label") or {}
-        ordered = [id2label[k] for k in sorted(id2label, key=int)]
+        id2label = _json_object(hf_config.read_bytes(), f"{hf_config}").get("id2label") or {}
+        if not isinstance(id2label, dict) or not all(str(k).isdigit() for k in id2label):
+            raise AdapterFormatError(f"{hf_config}: id2label must map class indices to labels")
+        ordered = [str(id2label[k]) for k in sorted(id2label, key=int)]
         if ordered and not all(v == f"LABEL_{i}" for i, v in enumerate(ordered)):
             return tuple(ordered)
     labels_txt = src / "labels.txt"
@@ -81,6 +83,16 @@ def read_labels(src: Path, labels: Sequence[str] | None) -> tuple[str, ...]:
     raise AdapterFormatError(
         f"{src}: no labels found (config.json id2label or labels.txt); pass --labels"
     )
+
+
+def _json_object(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise AdapterFormatError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise AdapterFormatError(f"{where} must hold a JSON object")
+    return value
 
 
 def stage_peft_import(
@@ -105,7 +117,7 @@ def stage_peft_import(
     found = read_labels(src, labels)
     if len(set(found)) != len(found):
         raise AdapterFormatError(f"{src}: labels must be distinct, got {list(found)}")
-    config = json.loads(config_bytes)
+    config = _json_object(config_bytes, f"{src / CONFIG_FILE}")
     task = config.get("task_type")
     if task not in (None, "SEQ_CLS"):
         raise AdapterFormatError(f"{src}: task_type is {task!r}; only SEQ_CLS adapters classify")

@@ -55,7 +55,7 @@ def check_adapter_config(path: Path) -> None:
     """Refuse an ``adapter_config.json`` that is not a JSON object (PEFT reads it as one)."""
     try:
         config = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, ValueError) as error:
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise InvalidAdapter(f"{path.name} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{path.name} must hold a JSON object")
@@ -99,7 +99,7 @@ def _header_length(name: str, prefix: _Bytes, file_bytes: int) -> int:
 def _checked_header(name: str, header_text: _Bytes, data_bytes: int) -> dict:
     try:
         header = json.loads(bytes(header_text).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise InvalidAdapter(f"{name} is not a safetensors file: header is not JSON") from None
     if not isinstance(header, dict):
         raise InvalidAdapter(f"{name} is not a safetensors file: header is not an object")

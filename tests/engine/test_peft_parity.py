@@ -95,5 +95,13 @@ def test_import_refuses_bad_directories(backbone, peft_adapters, tmp_path: Path)
     (bad / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterFormatError, match="DoRA"):
         import_peft(registry, backbone, "acme", "bad", bad, labels=labels)
+    # JSON that parses to the wrong thing is named, not an AttributeError from deep inside
+    for text, match in [("[1, 2]", "must hold a JSON object"), ("[" * 3000, "is not valid JSON")]:
+        (bad / "adapter_config.json").write_text(text)
+        with pytest.raises(AdapterFormatError, match=f"adapter_config.json {match}"):
+            import_peft(registry, backbone, "acme", "bad", bad, labels=labels)
+    (bad / "config.json").write_text('{"id2label": {"zero": "ham"}}')
+    with pytest.raises(AdapterFormatError, match="id2label must map class indices"):
+        import_peft(registry, backbone, "acme", "bad", bad)
     assert registry.list_adapters("acme") == []
     registry.close()
