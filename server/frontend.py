@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -51,6 +52,8 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     ]
 )
+# the body goes on as this server read it, decoded (gzip, deflate), so its encoding does not
+_DECODED = frozenset(["content-encoding"])
 _ENGINE_ORIGIN = "http://graft-engine"  # any host: the connector dials the unix socket
 
 
@@ -191,9 +194,16 @@ async def classify(request: web.Request) -> web.StreamResponse:
 async def proxy(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
     """The request as the engine's own app answers it, streamed back as it comes."""
     session = request.app[FRONT].session
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    headers = {
+        k: v
+        for k, v in request.headers.items()
+        if k.lower() not in _HOP_BY_HOP and k.lower() not in _DECODED
+    }
     headers[REQUEST_ID_HEADER] = request_id(request)  # one id in both processes' logs
-    data: Any = body if body is not None else (request.content if request.body_exists else None)
+    unreadable: list[web.RequestPayloadError] = []
+    data: Any = body
+    if body is None and request.body_exists:
+        data = _read_through(request, unreadable)
     url = URL(_ENGINE_ORIGIN + request.rel_url.raw_path_qs, encoded=True)
     response = web.StreamResponse()
     try:
@@ -210,12 +220,26 @@ async def proxy(request: web.Request, body: bytes | None = None) -> web.StreamRe
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
     except aiohttp.ClientError:
+        if unreadable:  # the client's body, not the engine, failed: the middleware's 400
+            raise unreadable[0]  # noqa: B904 (keeps its cause: the decoding error)
         if not response.prepared:
             raise _unavailable() from None
         log.warning("engine's answer to %s %s cut off", request.method, request.path)
         return response  # the status is out: the client sees the body end early
     await response.write_eof()
     return response
+
+
+async def _read_through(
+    request: web.Request, unreadable: list[web.RequestPayloadError]
+) -> AsyncIterator[bytes]:
+    """The request's body as it arrives, noting a body that cannot be decoded (bad gzip)."""
+    try:
+        async for chunk in request.content.iter_any():
+            yield chunk
+    except web.RequestPayloadError as exc:
+        unreadable.append(exc)
+        raise
 
 
 def _unavailable() -> ApiError:

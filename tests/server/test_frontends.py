@@ -1,6 +1,7 @@
 """``graft serve --workers``: front-end processes answer as the one-process server does."""
 
 import asyncio
+import gzip
 import json
 import logging
 import math
@@ -134,6 +135,38 @@ async def test_other_routes_and_streams_go_to_the_engines_app(
         lines = [json.loads(line) async for line in response.content]
     assert sorted(line["index"] for line in lines[:-1]) == list(range(5))
     assert lines[-1]["done"] is True
+
+
+async def test_compressed_bodies_reach_the_engine_decoded(
+    fronts, session, client: TestClient, tenants: Tenants
+) -> None:
+    """A front end reads a gzip body decoded and forwards it so; one that does not decode is
+    the same 400 as from one process, on handed-over and proxied routes alike."""
+    url, _ = fronts
+    headers = {
+        "Authorization": f"Bearer {tenants.acme}",
+        "Content-Type": "application/json",
+        "Content-Encoding": "gzip",
+    }
+    sent = [
+        ("/v1/classify", {"model": "spam", "input": "hi"}),
+        ("/v1/classify", {"model": "spam", "input": ["hi", "you"], "stream": True}),
+        ("/v1/adapters/spam/promote", {"version": 1}),
+    ]
+    for path, body in sent:
+        raw = gzip.compress(json.dumps(body).encode())
+        async with session.post(url + path, data=raw, headers=headers) as response:
+            status, text = response.status, await response.text()
+        assert status == 200, (path, text)
+        assert (await client.post(path, data=raw, headers=headers)).status == 200
+    for path in ("/v1/classify", "/v1/adapters/spam/promote", "/v1/train"):
+        async with session.post(url + path, data=b"not gzip", headers=headers) as response:
+            status, error = response.status, (await response.json())["error"]
+        assert status == 400 and error["type"] == "invalid_request", error
+        assert error["message"].startswith("request body could not be read"), error
+        if path != "/v1/train":  # the engine's app runs the jobs, not the `client` app
+            here = await client.post(path, data=b"not gzip", headers=headers)
+            assert (status, error) == (here.status, (await here.json())["error"])
 
 
 async def test_metrics_count_the_requests_the_front_ends_hand_over(
