@@ -124,6 +124,18 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ApiErr
     return ApiError(exc.status, error_type, message, headers=headers)
 
 
+def _unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> web.Response:
+    """A 400 that closes the connection: past a body that failed to decode, the stream's next
+    bytes cannot be trusted to start a request, and aiohttp would otherwise read on in it."""
+    request.content.feed_eof()  # no lingering read of the rest (it re-raises the error)
+    reason = getattr(exc.__cause__, "message", None) or str(exc)
+    response = ApiError(
+        400, INVALID_REQUEST, f"request body could not be read: {reason}"
+    ).response()
+    response.force_close()
+    return response
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -140,6 +152,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _from_http_exception(request, exc).response()
     except EngineError as exc:
         return from_engine_error(exc).response()
+    except web.RequestPayloadError as exc:  # a body aiohttp could not decode (bad gzip...)
+        return _unreadable_body(request, exc)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

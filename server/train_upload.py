@@ -91,6 +91,13 @@ def parse_options(options: Mapping[str, Any]) -> TrainRequest:
 
 
 async def _read_multipart(request: web.Request, max_bytes: int) -> Upload:
+    try:
+        return await _parse_multipart(request, max_bytes)
+    except ValueError as exc:  # aiohttp's reader: no boundary, or parts that do not start
+        raise ApiError(400, INVALID_REQUEST, f"malformed multipart body: {exc}") from None
+
+
+async def _parse_multipart(request: web.Request, max_bytes: int) -> Upload:
     reader = await request.multipart()
     data: bytes | None = None
     filename = ""

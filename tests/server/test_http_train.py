@@ -192,6 +192,16 @@ async def test_undecodable_lines_are_a_4xx_not_a_crash(client, tenants) -> None:
         assert response.status == 400 and (await response.json())["error"]["type"] == "invalid_json"
 
 
+@pytest.mark.parametrize(
+    "content_type", ["multipart/form-data", "multipart/form-data; boundary=zz"]
+)
+async def test_a_malformed_multipart_body_is_a_400(client, tenants, content_type) -> None:
+    headers = {**bearer(tenants.acme), "Content-Type": content_type}
+    response = await client.post("/v1/train", data=b"not multipart", headers=headers)
+    error = (await response.json())["error"]
+    assert response.status == 400 and error["message"].startswith("malformed multipart body")
+
+
 async def test_fatal_data_problems_are_a_422_with_the_report(client, tenants) -> None:
     rows = "".join(json.dumps({"text": f"note {i}", "label": "ham"}) + "\n" for i in range(8))
     response = await client.post(
