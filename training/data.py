@@ -144,7 +144,14 @@ def _column_index(header: list[str], source: str) -> tuple[int, int]:
     return names.index("text"), names.index("label")
 
 
+# csv's default cap on one field is 128 KiB: a long document (truncated at training anyway)
+# would fail the whole file. The file's own size is what bounds a field.
+_MAX_FIELD_CHARS = 2**31 - 1
+
+
 def _delimited_records(text: str, delimiter: str, source: str) -> Iterable[tuple[int, Any]]:
+    if csv.field_size_limit() < _MAX_FIELD_CHARS:
+        csv.field_size_limit(_MAX_FIELD_CHARS)  # process-wide, and only ever raised
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader, None)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
-from training.data import DataError, Example, describe_rows, normalise_text
+from training.data import DataError, Example, deduplicate, describe_rows, normalise_text
 
 MAX_UNK_ROWS = 50  # rows with unknown tokens kept in a report
 TOKENIZE_BATCH_SIZE = 256
@@ -115,20 +115,28 @@ def _measure_unk(examples: Sequence[Example], tokenizer: Tokenizer) -> tuple[flo
 
 
 def _class_errors(examples: Sequence[Example], num_rows: int, min_per_class: int) -> list[str]:
+    """Judged on what training keeps (`clean_examples`): a class of 20 copies of one text
+    is one example, too few to split and train on."""
     if not examples:
         return ["no examples" if num_rows == 0 else f"all {num_rows} texts are empty"]
     rows_by_label: dict[str, list[int]] = {}
-    for example in examples:
+    for example in deduplicate(examples):
         rows_by_label.setdefault(example.label, []).append(example.row)
+    all_labels = {example.label for example in examples}
     errors = []
-    if len(rows_by_label) < 2:
-        errors.append(f"only one class ({next(iter(rows_by_label))!r}); need at least 2")
-    for label, rows in sorted(rows_by_label.items()):
-        if len(rows) < min_per_class:
-            errors.append(
-                f"class {label!r} has {len(rows)} example(s) ({describe_rows(rows)}); "
-                f"need at least {min_per_class}"
-            )
+    if len(all_labels) < 2:
+        errors.append(f"only one class ({next(iter(all_labels))!r}); need at least 2")
+    for label in sorted(all_labels):
+        rows = rows_by_label.get(label, [])
+        if len(rows) >= min_per_class:
+            continue
+        where = f" ({describe_rows(rows)})" if rows else ""
+        with_copies = sum(example.label == label for example in examples)
+        kind = "distinct example(s)" if len(rows) < with_copies else "example(s)"
+        dropped = " once duplicate texts are dropped" if len(rows) < with_copies else ""
+        errors.append(
+            f"class {label!r} has {len(rows)} {kind}{where}{dropped}; need at least {min_per_class}"
+        )
     return errors
 
 
@@ -182,7 +190,8 @@ def validate_examples(
 ) -> DataReport:
     """Check examples against what LoRA training on ``tokenizer``'s backbone needs.
 
-    Counts are over non-empty texts; duplicates still count towards their class here.
+    Counts are over non-empty texts, duplicates included; the errors judge what training
+    keeps, without duplicates.
     """
     _check_limits(min_examples_per_class, max_unk_rate, max_imbalance_ratio)
     examples = list(examples)

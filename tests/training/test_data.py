@@ -108,6 +108,12 @@ def test_unreadable_rows_are_all_named(tmp_path):
     assert caught.value.rows == (2, 3, 4, 5, 6, 7, 8)
 
 
+def test_a_text_longer_than_csvs_default_field_cap_loads(tmp_path):
+    long_text = "word " * 60_000  # 300 KB: csv refuses fields over 128 KiB by default
+    path = write(tmp_path, "long.csv", f'text,label\n"{long_text}",a\nshort,b\n')
+    assert pairs(load_examples(path)) == [(long_text, "a", 1), ("short", "b", 2)]
+
+
 def test_wrong_column_count_and_many_bad_rows(tmp_path):
     body = "".join(f"row{i},a,extra\n" if i % 2 else f"row{i},a\n" for i in range(1, 31))
     path = write(tmp_path, "data.csv", "text,label\n" + body)
@@ -166,6 +172,20 @@ def test_tiny_class_is_an_error_naming_it(tokenizer):
     examples = balanced() + make(*[(f"rare thing {i}", "rare") for i in range(3)], start=100)
     report = validate_examples(examples, tokenizer, max_imbalance_ratio=100)
     assert report.errors == ("class 'rare' has 3 example(s) (rows 100, 101, 102); need at least 5",)
+
+
+def test_a_class_of_copies_is_judged_on_its_distinct_texts(tokenizer):
+    """Training drops duplicate texts: 20 copies of one text are one example, and a class
+    whose only texts belong to another class first is none (this crashed training)."""
+    copies = make(*[("Same Text", "copies")] * 20, ("same text", "stolen"), start=100)
+    report = validate_examples(balanced() + copies, tokenizer, max_imbalance_ratio=100)
+    assert report.class_counts == {"copies": 20, "neg": 6, "pos": 6, "stolen": 1}
+    assert report.errors == (
+        "class 'copies' has 1 distinct example(s) (row 100) once duplicate texts are dropped; "
+        "need at least 5",
+        "class 'stolen' has 0 distinct example(s) once duplicate texts are dropped; "
+        "need at least 5",
+    )
 
 
 def test_no_text_at_all_is_an_error(tokenizer):
