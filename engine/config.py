@@ -95,6 +95,10 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(
+                f"num_threads must be >= 1 or None (every core), got {self.num_threads}"
+            )
         if self.switch_interval_ms is not None and not self.switch_interval_ms > 0:
             raise ValueError(f"switch_interval_ms must be > 0, got {self.switch_interval_ms}")
         if not self.settings_poll_s > 0:

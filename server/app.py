@@ -88,6 +88,8 @@ async def run_server(
     """
     if workers < 0:  # before the backbone loads, not after
         raise ValueError(f"workers must be 0 (one process) or more, got {workers}")
+    if not 0 <= port <= 65535:  # the OS would bind port % 65536, or fail obscurely
+        raise ValueError(f"port must be from 0 (any free port) to 65535, got {port}")
     stop = asyncio.Event()
     async with Engine(config) as engine:
         runner = web.AppRunner(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server import cli_admin as admin
-from server.cli_args import common_options, serve_options
+from server.cli_args import common_options, positive_int, serve_options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,7 +168,7 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         default="",
         help="comma-separated linear-name suffixes (default: all but the pooler)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_train)
 

@@ -51,20 +51,43 @@ def byte_size(text: str) -> int:
     return int(value)
 
 
-def _non_negative(text: str) -> int:
+def _whole_number(text: str, least: int, most: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    if value < least or (most is not None and value > most):
+        bound = f"from {least} to {most}" if most is not None else f"{least} or more"
+        raise argparse.ArgumentTypeError(f"{text!r}: must be {bound}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _port(text: str) -> int:
+    return _whole_number(text, 0, 65535)  # 0: any free port
+
+
+def _positive_megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of MB")
     return value
 
 
 def serve_options(p: argparse.ArgumentParser) -> None:
     """What ``graft serve`` and ``graft demo`` take: the listener, the engine, training."""
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=_port, default=8080, help="0: any free port")
     p.add_argument(
         "--workers",
         type=_non_negative,
@@ -72,11 +95,11 @@ def serve_options(p: argparse.ArgumentParser) -> None:
         help="front-end processes sharing the port: they parse, authenticate and tokenize "
         "classify requests for the engine's process (default 0: one process does all)",
     )
-    p.add_argument("--max-batch-tokens", type=int, default=8192)
-    p.add_argument("--max-batch-rows", type=int, default=128)
+    p.add_argument("--max-batch-tokens", type=positive_int, default=8192)
+    p.add_argument("--max-batch-rows", type=positive_int, default=128)
     pool = p.add_mutually_exclusive_group()
     pool.add_argument(
-        "--adapter-pages", type=int, default=1024, help="device adapter pool, in rank-rows"
+        "--adapter-pages", type=positive_int, default=1024, help="device adapter pool, in rank-rows"
     )
     pool.add_argument(
         "--adapter-pool-bytes",
@@ -105,14 +128,25 @@ def serve_options(p: argparse.ArgumentParser) -> None:
         "faster, slightly different scores)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="torch threads of the model (default: every core)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads of the model (default: every core)",
     )
     p.add_argument(
-        "--train-jobs", type=int, default=1, help="training jobs (POST /v1/train) run at once"
+        "--train-jobs",
+        type=positive_int,
+        default=1,
+        help="training jobs (POST /v1/train) run at once",
     )
-    p.add_argument("--train-threads", type=int, default=1, help="torch threads per training job")
     p.add_argument(
-        "--train-max-upload-mb", type=float, default=20.0, help="largest POST /v1/train body"
+        "--train-threads", type=positive_int, default=1, help="torch threads per training job"
+    )
+    p.add_argument(
+        "--train-max-upload-mb",
+        type=_positive_megabytes,
+        default=20.0,
+        help="largest POST /v1/train body",
     )
     p.add_argument(
         "--no-metrics",

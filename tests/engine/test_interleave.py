@@ -144,3 +144,6 @@ def test_intra_op_threads_take_every_core_on_the_cpu_and_an_explicit_count_wins(
     assert EngineConfig().intra_op_threads == (cores or 1)
     assert EngineConfig(num_threads=3).intra_op_threads == 3
     assert EngineConfig(device="cuda").intra_op_threads is None  # torch's own default there
+    for bad in (0, -2):  # torch would refuse -2 only once the model thread starts
+        with pytest.raises(ValueError, match="num_threads must be >= 1"):
+            EngineConfig(num_threads=bad)

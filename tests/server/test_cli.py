@@ -188,6 +188,27 @@ def test_serve_takes_a_number_of_front_end_processes() -> None:
             _parser().parse_args(["serve", "--workers", bad])
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--port", "99999"],  # the OS would have bound 99999 % 65536 = 34463
+        ["serve", "--port", "-1"],
+        ["serve", "--threads", "0"],
+        ["serve", "--max-batch-rows", "0"],
+        ["serve", "--adapter-pages", "-8"],
+        ["serve", "--train-jobs", "0"],
+        ["serve", "--train-max-upload-mb", "nan"],
+        ["train", "--tenant", "a", "--name", "b", "--data", "x.csv", "--threads", "0"],
+    ],
+)
+def test_numbers_out_of_range_are_refused_naming_the_flag(argv, capsys) -> None:
+    from server.cli import _parser
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args(argv)
+    assert f"argument {argv[-2]}: '{argv[-1]}'" in capsys.readouterr().err
+
+
 def test_the_adapter_pool_can_be_sized_in_bytes_or_pages_not_both(tmp_path: Path) -> None:
     from server.cli import _parser, engine_config
     from server.cli_args import byte_size

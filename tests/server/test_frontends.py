@@ -228,6 +228,8 @@ async def test_a_negative_number_of_front_ends_is_refused_before_anything_starts
     config = EngineConfig(registry_dir=tmp_path / "registry")
     with pytest.raises(ValueError, match="workers must be 0"):
         await run_server(config, "127.0.0.1", 0, workers=-1)
+    with pytest.raises(ValueError, match="port must be from 0"):
+        await run_server(config, "127.0.0.1", 99999)
     assert not (tmp_path / "registry").exists()  # the engine never opened its registry
 
 
