@@ -75,8 +75,10 @@ def tokenize_inputs(
 ) -> Tokenized:
     """Check and tokenize a request's texts (``encode``: a TextEncoder method); the field in
     each error says which text."""
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise InputError("input must be a string or a list of strings", "input")
+    if isinstance(texts, str):
+        raise InputError("texts must be a list of strings; for one text, pass [text]", "input")
+    if not isinstance(texts, Sequence):
+        raise InputError(f"texts must be a list of strings, got {type(texts).__name__}", "input")
     if not texts:
         raise InputError("input is empty: give at least one text", "input")
     if len(texts) > max_inputs:

@@ -73,6 +73,12 @@ def test_tokenize_inputs_truncates_or_refuses_by_request(backbone) -> None:
     with pytest.raises(InputError) as err:
         tokenize_inputs(encoder.inline, ["hi", "  "], max_tokens=16, truncate=True, max_inputs=4)
     assert err.value.field == "input[1]"
+    # one str is a sequence of characters: refused, saying what to pass instead
+    with pytest.raises(InputError, match=r"for one text, pass \[text\]"):
+        tokenize_inputs(encoder.inline, "hi", max_tokens=16, truncate=True, max_inputs=4)
+    with pytest.raises(InputError, match="got generator"):
+        texts = (t for t in ["hi"])
+        tokenize_inputs(encoder.inline, texts, max_tokens=16, truncate=True, max_inputs=4)
 
 
 def test_a_core_that_does_not_serialize_keeps_the_hugging_face_call(backbone, monkeypatch) -> None:
