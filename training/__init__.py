@@ -19,6 +19,7 @@ from training.job_store import FINAL_EVENTS, JobRecord, is_job_id
 from training.job_uploads import InvalidData
 from training.jobs import JobManager
 from training.metrics import classification_metrics
+from training.recipe import TrainingDiverged
 from training.trainer import TrainResult, train_adapter
 from training.validation import DataReport, raise_for_errors, validate_examples
 
@@ -41,6 +42,7 @@ __all__ = [
     "TrainConfig",
     "TooManyJobs",
     "TrainResult",
+    "TrainingDiverged",
     "classification_metrics",
     "clean_examples",
     "deduplicate",

@@ -25,6 +25,7 @@ from training.recipe import (
     detached_copy,
     encode,
     epoch_batches,
+    finite_loss,
     label_targets,
     mean_pool,
     warmup_linear,
@@ -108,11 +109,12 @@ def _optimise(
         loss_sum, num_batches = 0.0, 0
         for batch in epoch_batches(len(split.train), config.batch_size, shuffler):
             loss = loss_fn(head(x_train[batch]), y_train[batch])
+            value = finite_loss(loss, epoch + 1, num_batches + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_sum, num_batches = loss_sum + loss.item(), num_batches + 1
+            loss_sum, num_batches = loss_sum + value, num_batches + 1
         epochs_run = epoch + 1
         with torch.no_grad():
             logits = head(x_val)
@@ -120,7 +122,7 @@ def _optimise(
         predicted = [split.labels[i] for i in logits.argmax(dim=-1).tolist()]
         val_f1 = classification_metrics(gold_val, predicted, split.labels)["macro_f1"]
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", val_f1=f"{val_f1:.3f}")
+        bar.set_postfix(loss=f"{value:.3f}", val_f1=f"{val_f1:.3f}")
         if on_event is not None:
             elapsed_s = time.perf_counter() - started
             mean_loss = loss_sum / max(1, num_batches)

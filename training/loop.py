@@ -20,6 +20,7 @@ from training.recipe import (
     class_weights,
     encode,
     epoch_batches,
+    finite_loss,
     label_targets,
     warmup_linear,
 )
@@ -64,13 +65,14 @@ def run_epochs(
             texts = [split.train[i].text for i in batch]
             ids, mask = encode(backbone, texts, config.max_length)
             loss = loss_fn(model(ids, mask), targets[batch])
+            value = finite_loss(loss, epoch + 1, num_batches + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            loss_sum, num_batches = loss_sum + loss.item(), num_batches + 1
+            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
+            loss_sum, num_batches = loss_sum + value, num_batches + 1
         epochs_run = epoch + 1
         val_f1, val_loss = _validate(model, backbone, split, loss_fn, config.max_length)
         bar.set_postfix(epoch=epoch + 1, val_f1=f"{val_f1:.3f}")

@@ -1,5 +1,6 @@
 """The parts of the training recipe every mode shares: splits, schedule, weights, stopping."""
 
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,42 @@ class Fitted:
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # lora: backbone linear name -> (A [r, in], B [out, r]); empty for head and full
     encoder: nn.Module | None = None  # full: the fine-tuned copy of the backbone
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite numbers: the learning rates are too
+    high for this data. Nothing is published."""
+
+
+_LOWER_RATES = (
+    "lower the learning rates (TrainConfig lora_lr, head_lr, backbone_lr; "
+    "graft train --lr, --head-lr, --backbone-lr)"
+)
+
+
+def finite_loss(loss: torch.Tensor, epoch: int, step: int) -> float:
+    """``loss`` as a float, checked before the optimizer steps on it."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"training diverged: the loss is {value} at epoch {epoch}, step {step}; {_LOWER_RATES}"
+        )
+    return value
+
+
+def check_finite(fitted: Fitted) -> None:
+    """Refuse to hand on weights holding NaN or infinity: served, they answer null scores
+    under an arbitrary label. The loss check misses an optimizer step's own overflow."""
+    tensors = {"the head's weight": fitted.head.weight, "the head's bias": fitted.head.bias}
+    for name, (a, b) in fitted.factors.items():
+        tensors |= {f"{name}'s LoRA A": a, f"{name}'s LoRA B": b}
+    if fitted.encoder is not None:
+        tensors |= {f"encoder {n}": p for n, p in fitted.encoder.named_parameters()}
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise TrainingDiverged(
+                f"training diverged: {name} holds NaN or infinity; {_LOWER_RATES}"
+            )
 
 
 def split_examples(

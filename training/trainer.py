@@ -24,7 +24,7 @@ from training.head_only import fit_head
 from training.lora_model import fit_lora
 from training.metrics import classification_metrics
 from training.progress import OnEvent
-from training.recipe import Fitted, Split, split_examples
+from training.recipe import Fitted, Split, check_finite, split_examples
 from training.validation import DataReport, raise_for_errors, validate_examples
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def train_adapter(
     split = split_examples(examples, config, test_examples)
     started = time.perf_counter()
     fitted = _FITTERS[config.mode](backbone, split, config, progress, on_event)
+    check_finite(fitted)
     gold = [e.label for e in split.held_out]
     metrics = classification_metrics(gold, fitted.predictions, split.labels)
     train_seconds = time.perf_counter() - started

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from engine import Engine, EngineConfig
 from registry import NotFound
@@ -10,10 +11,12 @@ from training import (
     DataError,
     Example,
     TrainConfig,
+    TrainingDiverged,
     load_sms_spam,
     stratified_sample,
     train_adapter,
 )
+from training.recipe import Fitted, check_finite
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,27 @@ def test_fatal_data_problems_stop_before_training(backbone, registry) -> None:
     with pytest.raises(DataError, match="21"):
         train_adapter(backbone, registry, "acme", "m", tiny, TrainConfig(), progress=False)
     assert registry.list_adapters("acme") == []
+
+
+@pytest.mark.parametrize("mode", ["head", "lora"])
+def test_a_diverging_run_stops_and_publishes_nothing(backbone, registry, sms_sample, mode) -> None:
+    """Learning rates far too high make the loss NaN; published, such weights would answer
+    null scores under an arbitrary label, so the run fails saying what to change."""
+    config = TrainConfig(mode=mode, epochs=1, head_epochs=3, lora_lr=1e6, head_lr=1e6)
+    sample = sms_sample[:120]
+    with pytest.raises(TrainingDiverged, match=r"the loss is nan at epoch \d+, step \d+; lower"):
+        train_adapter(backbone, registry, "acme", "boom", sample, config, progress=False)
+    assert [a.name for a in registry.list_adapters("acme")] == []
+
+
+def test_weights_that_overflowed_after_the_last_loss_are_refused() -> None:
+    head = torch.nn.Linear(4, 2)
+    a, b = torch.zeros(8, 4), torch.zeros(4, 8)
+    check_finite(Fitted(head=head, predictions=[], epochs_run=1, factors={"q": (a, b)}))
+    b[1, 2] = float("inf")
+    fitted = Fitted(head=head, predictions=[], epochs_run=1, factors={"q": (a, b)})
+    with pytest.raises(TrainingDiverged, match="q's LoRA B holds NaN or infinity"):
+        check_finite(fitted)
 
 
 def test_unknown_tenant_and_bad_name_fail_fast(backbone, registry, sms_sample) -> None:
