@@ -214,7 +214,7 @@ def parse_adapter(
         name: LoraModule(
             a=a.float().contiguous(),
             b=b.float().contiguous(),
-            scale=_scale(name, a.shape[0], config),
+            scale=_scale(peft_key(backbone, name), a.shape[0], config),
         )
         for name, (a, b) in factors.items()
     }
@@ -240,14 +240,39 @@ def _parse_config(data: bytes | bytearray) -> dict[str, Any]:
     return config
 
 
+def peft_key(backbone: Backbone, module: str) -> str:
+    """The name PEFT gives a backbone linear (``bert.encoder.layer.0...``): patterns match it."""
+    return f"{backbone.base_prefix}.{module}" if backbone.base_prefix else module
+
+
+def pattern_value(module_key: str, config: Mapping[str, Any], key: str, pattern_key: str) -> Any:
+    """``config[key]``, or the value of the first ``config[pattern_key]`` entry matching
+    ``module_key`` (a `peft_key`) as PEFT matches its rank and alpha patterns: the pattern, as
+    a regex, ends the key at a dot boundary."""
+    patterns = config.get(pattern_key) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterFormatError(f"adapter_config.json: {pattern_key} must be an object")
+    for pattern, override in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module_key):
+                return override
+        except re.error as exc:
+            raise AdapterFormatError(
+                f"adapter_config.json: {pattern_key} key {pattern!r} is not a valid pattern: {exc}"
+            ) from None
+    return config.get(key)
+
+
 def _scale(module: str, rank: int, config: Mapping[str, Any]) -> float:
-    alpha = float(config.get("lora_alpha", 8))
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
-            alpha = float(value)
+    alpha = pattern_value(module, config, "lora_alpha", "alpha_pattern")
+    alpha = 8 if alpha is None else alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise AdapterFormatError(
+            f"adapter_config.json: lora_alpha for {module} must be a number, got {alpha!r}"
+        )
     if config.get("use_rslora"):
-        return alpha / math.sqrt(rank)
-    return alpha / rank
+        return float(alpha) / math.sqrt(rank)
+    return float(alpha) / rank
 
 
 def _head(

@@ -13,8 +13,11 @@ from safetensors.torch import save_file
 from engine.adapters import (
     POOLING_CLS_POOLER,
     POOLING_FIRST,
+    AdapterWeights,
     has_two_layer_head,
     parse_adapter,
+    pattern_value,
+    peft_key,
     two_layer_activation,
 )
 from engine.backbone import Backbone
@@ -79,10 +82,36 @@ def read_labels(src: Path, labels: Sequence[str] | None) -> tuple[str, ...]:
             return tuple(ordered)
     labels_txt = src / "labels.txt"
     if labels_txt.is_file():
-        return tuple(line.strip() for line in labels_txt.read_text().splitlines() if line.strip())
+        found = tuple(line.strip() for line in labels_txt.read_text().splitlines() if line.strip())
+        if not found:
+            raise AdapterFormatError(f"{labels_txt} lists no labels (one per line)")
+        return found
     raise AdapterFormatError(
         f"{src}: no labels found (config.json id2label or labels.txt); pass --labels"
     )
+
+
+def _check_as_peft_would(
+    src: Path, backbone: Backbone, config: Mapping[str, Any], weights: AdapterWeights
+) -> None:
+    """What the engine reads from the weights alone, checked against the config PEFT reads:
+    a LoRA rank that differs from ``r`` (or ``rank_pattern``) makes PEFT refuse the files, and
+    graft would scale the update by the weights' rank, not the config's. Non-finite values
+    would answer null scores."""
+    for name, module in weights.modules.items():
+        rank = pattern_value(peft_key(backbone, name), config, "r", "rank_pattern")
+        rank = 8 if rank is None else rank  # PEFT's default
+        if rank != module.a.shape[0]:
+            raise AdapterFormatError(
+                f"{src / CONFIG_FILE} says r={rank!r} for {name}, but its weights have rank "
+                f"{module.a.shape[0]}"
+            )
+    named = [(f"{name}'s LoRA A", m.a) for name, m in weights.modules.items()]
+    named += [(f"{name}'s LoRA B", m.b) for name, m in weights.modules.items()]
+    named += [("the head", tensor) for tensor in weights.head.tensors()]
+    for label, tensor in named:
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterFormatError(f"{src / WEIGHTS_FILE}: {label} holds NaN or infinity")
 
 
 def _json_object(data: bytes, where: str) -> dict[str, Any]:
@@ -128,6 +157,7 @@ def stage_peft_import(
     if has_two_layer_head(weights_bytes, backbone):
         activation, pooling = two_layer_activation(backbone), POOLING_FIRST
     weights = parse_adapter(config_bytes, weights_bytes, found, pooling, backbone, activation)
+    _check_as_peft_would(src, backbone, config, weights)
     (staging / CONFIG_FILE).write_bytes(config_bytes)
     (staging / WEIGHTS_FILE).write_bytes(weights_bytes)
     return {

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 peft = pytest.importorskip("peft", reason="peft is a dev dependency: pip install -e '.[dev]'")
 
@@ -31,6 +32,18 @@ CONFIGS = {
         target_modules=["query", "value"],
         rank_pattern={"value": 4},
         alpha_pattern={"value": 32},
+    ),
+    # keys as PEFT names them (with the "bert." prefix) and as regexes; the first match wins
+    "patterns-full-keys": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["query", "value"],
+        rank_pattern={"bert.encoder.layer.1.attention.self.value": 2, r"layer\.[0-2]\..*value": 4},
+        alpha_pattern={
+            r"encoder\.layer\.[0-2]\.attention\.self\.query": 64,
+            "bert.encoder.layer.1.attention.self.value": 48,
+            "value": 8,  # every value but layer 1's, which the entry before names first
+        },
     ),
 }
 
@@ -100,6 +113,29 @@ def test_import_refuses_bad_directories(backbone, peft_adapters, tmp_path: Path)
         (bad / "adapter_config.json").write_text(text)
         with pytest.raises(AdapterFormatError, match=f"adapter_config.json {match}"):
             import_peft(registry, backbone, "acme", "bad", bad, labels=labels)
+    config["use_dora"] = False
+    cases = [
+        (
+            {**config, "r": 16},
+            "says r=16 for encoder.layer.0.attention.self.query, but its weights have rank 8",
+        ),
+        ({**config, "lora_alpha": "16"}, "lora_alpha for .* must be a number"),
+        ({**config, "rank_pattern": {"(": 4}}, "rank_pattern key '\\(' is not a valid pattern"),
+    ]
+    for bad_config, match in cases:
+        (bad / "adapter_config.json").write_text(json.dumps(bad_config))
+        with pytest.raises(AdapterFormatError, match=match):
+            import_peft(registry, backbone, "acme", "bad", bad, labels=labels)
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in weights if k.endswith("value.lora_B.weight"))
+    weights[key][0, 0] = float("nan")
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFormatError, match="self.value's LoRA B holds NaN or infinity"):
+        import_peft(registry, backbone, "acme", "bad", bad, labels=labels)
+    (bad / "labels.txt").write_text("\n \n")
+    with pytest.raises(AdapterFormatError, match="labels.txt lists no labels"):
+        import_peft(registry, backbone, "acme", "bad", bad)
     (bad / "config.json").write_text('{"id2label": {"zero": "ham"}}')
     with pytest.raises(AdapterFormatError, match="id2label must map class indices"):
         import_peft(registry, backbone, "acme", "bad", bad)
