@@ -12,8 +12,8 @@ class TenantPolicy:
     max_queued_rows: int = 1024  # rows waiting before the tenant is told to back off (429)
 
     def __post_init__(self) -> None:
-        if not self.weight > 0:
-            raise ValueError(f"tenant weight must be > 0, got {self.weight}")
+        if not 0 < self.weight < float("inf"):  # also refuses nan
+            raise ValueError(f"tenant weight must be > 0 and finite, got {self.weight}")
         if self.max_tokens_per_step is not None and self.max_tokens_per_step < 1:
             raise ValueError(f"max_tokens_per_step must be >= 1, got {self.max_tokens_per_step}")
         if self.max_queued_rows < 1:

@@ -176,8 +176,9 @@ def test_policy_changes_apply_at_once() -> None:
 def test_bad_config_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="max_batch_tokens"):
         SchedulerConfig(max_batch_tokens=0)
-    with pytest.raises(ValueError, match="weight"):
-        TenantPolicy(weight=0)
+    for bad in (0, -1.0, float("inf"), float("nan")):  # inf failed later, as bad JSON
+        with pytest.raises(ValueError, match="weight must be > 0 and finite"):
+            TenantPolicy(weight=bad)
 
 
 def test_rows_of_very_different_lengths_do_not_share_a_step() -> None:
