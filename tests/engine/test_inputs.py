@@ -59,26 +59,22 @@ def test_a_slow_tokenizer_keeps_its_own_call() -> None:
 def test_tokenize_inputs_truncates_or_refuses_by_request(backbone) -> None:
     encoder = TextEncoder(backbone.tokenizer)
     long_text = "word " * 40
-    out = tokenize_inputs(
-        encoder.inline, ["hi", long_text], max_tokens=16, truncate=True, max_inputs=4
-    )
+    out = tokenize_inputs(encoder, ["hi", long_text], max_tokens=16, truncate=True, max_inputs=4)
     assert out.truncated == (False, True)
     assert len(out.ids[1]) == 16
     assert out.ids[1][-1] == backbone.tokenizer.sep_token_id  # the closing token is kept
     with pytest.raises(InputTooLong) as err:
-        tokenize_inputs(
-            encoder.inline, ["hi", long_text], max_tokens=16, truncate=False, max_inputs=4
-        )
+        tokenize_inputs(encoder, ["hi", long_text], max_tokens=16, truncate=False, max_inputs=4)
     assert err.value.field == "input[1]"
     with pytest.raises(InputError) as err:
-        tokenize_inputs(encoder.inline, ["hi", "  "], max_tokens=16, truncate=True, max_inputs=4)
+        tokenize_inputs(encoder, ["hi", "  "], max_tokens=16, truncate=True, max_inputs=4)
     assert err.value.field == "input[1]"
     # one str is a sequence of characters: refused, saying what to pass instead
     with pytest.raises(InputError, match=r"for one text, pass \[text\]"):
-        tokenize_inputs(encoder.inline, "hi", max_tokens=16, truncate=True, max_inputs=4)
+        tokenize_inputs(encoder, "hi", max_tokens=16, truncate=True, max_inputs=4)
     with pytest.raises(InputError, match="got generator"):
         texts = (t for t in ["hi"])
-        tokenize_inputs(encoder.inline, texts, max_tokens=16, truncate=True, max_inputs=4)
+        tokenize_inputs(encoder, texts, max_tokens=16, truncate=True, max_inputs=4)
 
 
 def test_a_core_that_does_not_serialize_keeps_the_hugging_face_call(backbone, monkeypatch) -> None:
