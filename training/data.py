@@ -7,6 +7,7 @@ training/validation.py in a `DataReport`.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -67,10 +68,16 @@ def normalise_text(text: str) -> str:
 
 
 def decode_bytes(raw: bytes, source: str = "input") -> str:
-    """UTF-8 (a BOM is dropped), else latin-1, which accepts any byte sequence.
+    """UTF-16 when the bytes start with its byte-order mark (Excel's "Unicode text"
+    export), else UTF-8 (a BOM is dropped), else latin-1, which accepts any byte sequence.
 
     Spreadsheets on Windows still export cp1252/latin-1, and refusing those files helps nobody.
     """
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            pass  # a latin-1 file that happens to start with those two bytes
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -141,7 +148,17 @@ def _column_index(header: list[str], source: str) -> tuple[int, int]:
             f"{source}: missing column(s) {', '.join(missing)}; the header row must name "
             f"'text' and 'label' columns (found {found})"
         )
+    for column in ("text", "label"):
+        if names.count(column) > 1:
+            raise DataError(f"{source}: the header names {column!r} more than once")
     return names.index("text"), names.index("label")
+
+
+def _csv_delimiter(text: str) -> str:
+    """',' unless the header row has no comma and a semicolon: spreadsheets in locales that
+    write decimal commas save "CSV" with semicolons."""
+    header = text.split("\n", 1)[0]
+    return ";" if "," not in header and ";" in header else ","
 
 
 # csv's default cap on one field is 128 KiB: a long document (truncated at training anyway)
@@ -188,7 +205,7 @@ def _jsonl_records(text: str, source: str) -> Iterable[tuple[int, Any]]:
 
 _READERS: Mapping[str, Callable[[str, str], Iterable[tuple[int, Any]]]] = MappingProxyType(
     {
-        ".csv": lambda text, source: _delimited_records(text, ",", source),
+        ".csv": lambda text, source: _delimited_records(text, _csv_delimiter(text), source),
         ".tsv": lambda text, source: _delimited_records(text, "\t", source),
         ".jsonl": _jsonl_records,
         ".ndjson": _jsonl_records,

@@ -55,6 +55,19 @@ def test_csv_handles_quotes_commas_newlines_and_extra_columns(tmp_path):
     ]
 
 
+def test_what_spreadsheets_export_loads(tmp_path):
+    """Semicolon "CSV" (locales with decimal commas) and Excel's UTF-16 "Unicode text"."""
+    path = write(tmp_path, "semi.csv", "text;label\n1,5 stars;pos\nbad;neg\n")
+    assert pairs(load_examples(path)) == [("1,5 stars", "pos", 1), ("bad", "neg", 2)]
+    path = write(tmp_path, "excel.tsv", "\ufefftext\tlabel\ncafé 東京\tpos\n", "utf-16-le")
+    assert pairs(load_examples(path)) == [("café 東京", "pos", 1)]
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path):
+    with pytest.raises(DataError, match="names 'text' more than once"):
+        load_examples(write(tmp_path, "twice.csv", "text,Text,label\na,b,c\n"))
+
+
 def test_tsv_uses_tabs(tmp_path):
     path = write(tmp_path, "data.TSV", "label\ttext\npos\tgood, really good\nneg\tbad\n")
     assert pairs(load_examples(path)) == [("good, really good", "pos", 1), ("bad", "neg", 2)]
