@@ -55,6 +55,27 @@ def create_app(
     return app
 
 
+def raise_open_files_limit() -> int | None:
+    """Raise this process's soft limit on open descriptors to its hard limit; returns the
+    soft limit now (None where the OS has no such limit). Every client connection holds a
+    descriptor, and distributions often leave the soft limit at 1,024 under a far higher
+    hard one: past it, the server stops accepting connections. Front ends inherit it."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. macOS caps the soft limit below an infinite hard
+        log.info("open files limit stays at %d (raising it to %d failed: %s)", soft, hard, exc)
+        return soft
+    log.info("open files limit raised from %d to %d", soft, hard)
+    return hard
+
+
 def metrics_key_from_env() -> str | None:
     """The bearer key ``GET /metrics`` asks for, from ``$GRAFT_METRICS_KEY``; None: open."""
     return os.environ.get(METRICS_KEY_ENV) or None
@@ -90,6 +111,7 @@ async def run_server(
         raise ValueError(f"workers must be 0 (one process) or more, got {workers}")
     if not 0 <= port <= 65535:  # the OS would bind port % 65536, or fail obscurely
         raise ValueError(f"port must be from 0 (any free port) to 65535, got {port}")
+    raise_open_files_limit()
     stop = asyncio.Event()
     async with Engine(config) as engine:
         runner = web.AppRunner(

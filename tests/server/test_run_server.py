@@ -4,6 +4,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import aiohttp
@@ -121,3 +123,20 @@ def _publish(engine: Engine, tmp_path) -> None:
         out,
         {"labels": ["a", "b"], "rank": 1, "base_sha256": backbone.sha256, "metrics": {}},
     )
+
+
+async def test_the_server_raises_its_open_files_limit_to_the_hard_one() -> None:
+    """Each connection holds a descriptor: a soft limit of 1,024 under a higher hard one
+    would refuse connections a machine could hold (run in a child, whose limits are its own)."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 256 if hard == resource.RLIM_INFINITY else min(256, hard - 1)
+    script = (
+        "import resource; from server.app import raise_open_files_limit; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({low}, {hard})); "
+        "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    assert out == [str(hard), str(hard)], out
