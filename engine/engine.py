@@ -137,13 +137,14 @@ class Engine(EngineRequests):
         """The tenant an API key belongs to, or None."""
         return self.registry.authenticate(api_key)
 
-    def list_adapters(self, tenant: str) -> list[AdapterInfo]:
-        """One entry per model name of the tenant, with residency of its latest version."""
+    def list_adapters(self, tenant: str, *, version: int | None = None) -> list[AdapterInfo]:
+        """One entry per model name of the tenant: its latest version's details and
+        residency, or ``version``'s (names without that version are left out)."""
         try:
             records = self.registry.list_adapters(tenant)
         except NotFound:  # a tenant removed while its key was in use has no models
             return []
-        return summarize(records, self._loaded.store.residency)
+        return summarize(records, self._loaded.store.residency, version=version)
 
     def stats(self) -> dict[str, int]:
         """Counters for introspection and metrics: steps, rows, queues, adapter tiers, and

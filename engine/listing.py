@@ -11,9 +11,11 @@ from registry import AdapterRecord
 class AdapterInfo:
     tenant: str
     name: str
-    version: int  # the latest version: the one an unpinned request resolves to
+    version: (
+        int  # the version shown: the latest (what an unpinned request resolves to) or a pinned one
+    )
     versions: tuple[int, ...]  # every version, ascending
-    rank: int  # of the latest version
+    rank: int  # of the version shown, as are the fields below
     labels: tuple[str, ...]
     size_bytes: int
     base_sha256: str
@@ -22,6 +24,7 @@ class AdapterInfo:
     pooling: str
     created_at: float  # unix seconds, latest version
     residency: str  # "device" or "disk" (latest version)
+    is_latest: bool = True  # the version shown is what an unpinned request resolves to
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -38,11 +41,15 @@ class AdapterInfo:
             "pooling": self.pooling,
             "created_at": self.created_at,
             "residency": self.residency,
+            "latest": self.is_latest,
         }
 
 
-def summarize(records: list[AdapterRecord], residency: Callable[[str], str]) -> list[AdapterInfo]:
-    """Collapse version records into one entry per model name, sorted by name."""
+def summarize(
+    records: list[AdapterRecord], residency: Callable[[str], str], *, version: int | None = None
+) -> list[AdapterInfo]:
+    """Collapse version records into one entry per model name, sorted by name: the latest
+    version's details, or ``version``'s (names without that version are left out)."""
     by_name: dict[str, list[AdapterRecord]] = {}
     for record in records:
         by_name.setdefault(record.name, []).append(record)
@@ -52,21 +59,27 @@ def summarize(records: list[AdapterRecord], residency: Callable[[str], str]) -> 
         # the promoted version (what an unpinned request gets); a name whose only versions
         # were registered without promotion shows its newest
         latest = next((r for r in versions if r.is_latest), versions[-1])
+        shown = (
+            latest if version is None else next((r for r in versions if r.version == version), None)
+        )
+        if shown is None:
+            continue
         infos.append(
             AdapterInfo(
-                tenant=latest.tenant,
+                tenant=shown.tenant,
                 name=name,
-                version=latest.version,
+                version=shown.version,
                 versions=tuple(r.version for r in versions),
-                rank=latest.rank,
-                labels=tuple(latest.labels),
-                size_bytes=latest.size_bytes,
-                base_sha256=latest.base_sha256,
-                content_sha256=latest.content_sha256,
-                metrics=latest.metrics,
-                pooling=str(latest.manifest.get("pooling", "cls_pooler")),
-                created_at=latest.created_at,
-                residency=residency(f"{latest.full_name}@{latest.version}"),
+                rank=shown.rank,
+                labels=tuple(shown.labels),
+                size_bytes=shown.size_bytes,
+                base_sha256=shown.base_sha256,
+                content_sha256=shown.content_sha256,
+                metrics=shown.metrics,
+                pooling=str(shown.manifest.get("pooling", "cls_pooler")),
+                created_at=shown.created_at,
+                residency=residency(f"{shown.full_name}@{shown.version}"),
+                is_latest=shown is latest,
             )
         )
     return infos

@@ -10,6 +10,7 @@ import msgspec
 from aiohttp import web
 
 from engine import Engine, EngineError, InputError, Job, MultiJob, Tokenized
+from registry import InvalidName, parse_model_ref
 from server.errors import (
     AUTHENTICATION,
     INVALID_JSON,
@@ -52,6 +53,7 @@ def add_routes(app: web.Application) -> None:
             web.get("/ready", ready),
             web.get("/v1/adapters", list_adapters),
             web.get("/v1/adapters/{name}", get_adapter),
+            web.get("/v1/adapters/{tenant}/{name}", get_adapter),  # as "acme/spam" in classify
             web.post("/v1/classify", classify),
         ]
     )
@@ -102,14 +104,25 @@ async def list_adapters(request: web.Request) -> web.Response:
 
 
 async def get_adapter(request: web.Request) -> web.Response:
-    """One of the caller's models; another tenant's model is as absent as a missing one."""
+    """One of the caller's models, named as classify names it (``spam``, ``acme/spam``,
+    ``spam@2``: a pinned version shows that version, promoted or not); another tenant's
+    model is as absent as a missing one."""
     engine = request.app[ENGINE]
     tenant = authenticate(request, engine)
-    name = request.match_info["name"]
-    for info in engine.list_adapters(tenant):
-        if info.name == name:
+    tenant_part = request.match_info.get("tenant")
+    ref_text = request.match_info["name"]
+    ref_text = ref_text if tenant_part is None else f"{tenant_part}/{ref_text}"
+    not_found = ApiError(404, NOT_FOUND, f"model {ref_text!r} not found")
+    try:
+        ref = parse_model_ref(ref_text)
+    except InvalidName:
+        raise not_found from None
+    if ref.tenant not in (None, tenant):
+        raise not_found
+    for info in engine.list_adapters(tenant, version=ref.version):
+        if info.name == ref.name:
             return json_response(info.to_dict())
-    raise ApiError(404, NOT_FOUND, f"model {name!r} not found")
+    raise not_found
 
 
 # classification --------------------------------------------------------------------------

@@ -119,8 +119,9 @@ async def test_other_routes_and_streams_go_to_the_engines_app(
 ) -> None:
     url, _ = fronts
     auth = {"Authorization": f"Bearer {tenants.acme}"}
-    async with session.get(f"{url}/v1/adapters/spam", headers=auth) as response:
-        assert response.status == 200 and (await response.json())["name"] == "spam"
+    for path in ("spam", "acme/spam@1"):
+        async with session.get(f"{url}/v1/adapters/{path}", headers=auth) as response:
+            assert response.status == 200 and (await response.json())["name"] == "spam"
     async with session.get(f"{url}/v1/adapters/secret", headers=auth) as response:
         assert response.status == 404
     async with session.get(f"{url}/ready") as response:

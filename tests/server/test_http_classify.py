@@ -156,6 +156,21 @@ async def test_adapter_by_name(client, tenants) -> None:
     )
 
 
+async def test_adapter_by_reference_as_classify_takes_it(client, tenants) -> None:
+    """A pinned version shows that version's own details (how an unpromoted version is
+    checked before `promote`); the tenant prefix may be the caller's own only."""
+    acme = bearer(tenants.acme)
+    pinned = await (await client.get("/v1/adapters/spam@1", headers=acme)).json()
+    assert (pinned["version"], pinned["versions"], pinned["latest"]) == (1, [1, 2], False)
+    assert pinned["metrics"] == {"accuracy": 0.91} and pinned["rank"] == 4
+    for ref in ("spam", "acme/spam", "acme/spam@2", "spam@2"):
+        shown = await (await client.get(f"/v1/adapters/{ref}", headers=acme)).json()
+        assert (shown["version"], shown["latest"], shown["rank"]) == (2, True, 8), ref
+    for ref in ("spam@3", "bob/secret", "bob/spam", "spam@0", "a%2Fb%2Fc"):
+        response = await client.get(f"/v1/adapters/{ref}", headers=acme)
+        assert response.status == 404 and (await response.json())["error"]["type"] == "not_found"
+
+
 async def test_adapters_need_a_key(client) -> None:
     for path in ("/v1/adapters", "/v1/adapters/spam"):
         response = await client.get(path)
