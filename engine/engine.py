@@ -59,6 +59,8 @@ class Engine(EngineRequests):
     # lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> "Engine":
+        if self._loop_task is not None:  # its exit would close the engine under its owner
+            raise RuntimeError("engine is already running: enter `async with engine` once")
         await self.start()
         return self
 
@@ -66,9 +68,12 @@ class Engine(EngineRequests):
         await self.close()
 
     async def start(self) -> None:
-        """Load the backbone and open the registry; the step loop starts serving at once."""
+        """Load the backbone and open the registry; the step loop starts serving at once.
+        Starting a running engine does nothing; a closed one cannot start again."""
         if self._loop_task is not None:
             return
+        if self._closed:  # its threads are gone
+            raise EngineClosed("engine was closed; create a new Engine to serve again")
         loop = asyncio.get_running_loop()
         self._model = await loop.run_in_executor(
             self._executor, load_stack, self.config, self._scheduler

@@ -10,6 +10,7 @@ from engine import (
     AdapterFormatError,
     AdapterIncompatible,
     Engine,
+    EngineClosed,
     EngineConfig,
     InputError,
     InputTooLong,
@@ -233,3 +234,19 @@ async def test_submit_nowait_queues_a_warm_request_now_and_leaves_a_cold_one_alo
         assert job is not None and await job.results() == here
         assert engine.stats()["requests_in_flight"] == 0
         assert host.pins(adapter_key(record)) == 0  # nothing refused kept its pin
+
+
+async def test_an_engine_is_entered_once_and_never_restarted(registry, publish_random) -> None:
+    """A second `async with` on a running engine would close it under its owner at exit;
+    a closed engine's threads are gone, so starting it again is refused by name."""
+    publish_random(registry, "acme", "spam", labels=("ham", "spam"))
+    engine = Engine(EngineConfig(registry_dir=registry.root))
+    with pytest.raises(EngineClosed, match="not running"):
+        await engine.classify("acme", "spam", ["hi"])
+    async with engine:
+        with pytest.raises(RuntimeError, match="already running"):
+            async with engine:
+                pass
+        assert (await engine.classify("acme", "spam", ["hi"]))[0].label in ("ham", "spam")
+    with pytest.raises(EngineClosed, match="create a new Engine"):
+        await engine.start()
