@@ -53,15 +53,19 @@ class Engine(EngineRequests):
         self._loop_task: asyncio.Task[None] | None = None
         self._settings_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._entered = False  # inside `async with`, which closes it at exit
         self._saved_switch_interval: float | None = None  # to restore at close
         self._froze_gc = False
 
     # lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> "Engine":
-        if self._loop_task is not None:  # its exit would close the engine under its owner
-            raise RuntimeError("engine is already running: enter `async with engine` once")
+        """Start (unless `start` ran already) and close at exit. Entered twice, the inner
+        exit would close the engine under the outer block: refused."""
+        if self._entered:
+            raise RuntimeError("engine is already entered: use `async with engine` once")
         await self.start()
+        self._entered = True
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -244,7 +244,7 @@ async def test_an_engine_is_entered_once_and_never_restarted(registry, publish_r
     with pytest.raises(EngineClosed, match="not running"):
         await engine.classify("acme", "spam", ["hi"])
     async with engine:
-        with pytest.raises(RuntimeError, match="already running"):
+        with pytest.raises(RuntimeError, match="already entered"):
             async with engine:
                 pass
         assert (await engine.classify("acme", "spam", ["hi"]))[0].label in ("ham", "spam")
