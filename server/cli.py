@@ -287,6 +287,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.train_max_upload_mb * 1024 * 1024),
         max_running=args.train_jobs,
         worker_threads=args.train_threads,
+        max_job_seconds=args.train_max_minutes * 60,
     )
     _run(
         run_server(

@@ -74,13 +74,13 @@ def _port(text: str) -> int:
     return _whole_number(text, 0, 65535)  # 0: any free port
 
 
-def _positive_megabytes(text: str) -> float:
+def _positive_number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of MB")
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive, finite number")
     return value
 
 
@@ -143,8 +143,14 @@ def serve_options(p: argparse.ArgumentParser) -> None:
         "--train-threads", type=positive_int, default=1, help="torch threads per training job"
     )
     p.add_argument(
+        "--train-max-minutes",
+        type=_positive_number,
+        default=60.0,
+        help="a training job still running after this fails (jobs run one at a time)",
+    )
+    p.add_argument(
         "--train-max-upload-mb",
-        type=_positive_megabytes,
+        type=_positive_number,
         default=20.0,
         help="largest POST /v1/train body",
     )

@@ -65,6 +65,7 @@ class TrainServiceConfig:
     worker_threads: int = 1  # torch threads of each worker process
     jobs_dir: Path | None = None  # job state and uploads; None: <registry>/jobs
     events_poll_s: float = 0.25  # how often an event stream looks for new events
+    max_job_seconds: float | None = 3600.0  # a running job fails past this; None: no limit
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
@@ -134,6 +135,7 @@ def _new_manager(app: web.Application) -> JobManager:
         max_running=config.max_running,
         max_jobs_per_tenant=config.max_jobs_per_tenant,
         worker_threads=config.worker_threads,
+        max_job_seconds=config.max_job_seconds,
     )
     # validation gets its own tokenizer: a fast tokenizer is not safe to share across threads
     return JobManager(jobs, engine.registry, copy.deepcopy(engine.backbone.tokenizer))

@@ -14,11 +14,16 @@ class JobsConfig:
     max_jobs_per_tenant: int = 3  # unfinished (queued or running) jobs one tenant may have
     worker_threads: int = 1  # torch threads per worker, so serving keeps its cores
     cancel_wait_s: float = 10.0  # how long `cancel` waits for the worker to end
+    # a running job's worker is killed past this (jobs run one at a time server-wide, so
+    # one tenant's endless job would hold every other tenant's); None: no limit
+    max_job_seconds: float | None = 3600.0
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_jobs_per_tenant", "worker_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_job_seconds is not None and not self.max_job_seconds > 0:
+            raise ValueError(f"max_job_seconds must be > 0 or None, got {self.max_job_seconds}")
 
 
 class JobNotFound(LookupError):

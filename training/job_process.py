@@ -25,6 +25,7 @@ class WorkerProcess:
         theirs.close()
         self._is_conn_open = True
         self.is_cancel_requested = False  # cancel killed it: the job ends cancelled
+        self.is_timed_out = False  # the manager killed it past max_job_seconds: it ends failed
         self.is_publishing = False  # it was told "go"; from here on cancel is refused
         self.outcome: dict[str, Any] | None = None  # its "done" or "failed" message
 

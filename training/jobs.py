@@ -209,6 +209,7 @@ class JobManager:
         try:
             while not self._is_stopping:
                 self._dispatch()
+                self._enforce_time_limit()
                 with self._lock:
                     workers = list(self._workers.values())
                 waitables = [self._wake_reader]
@@ -244,6 +245,22 @@ class JobManager:
                         record.id,
                         self._workers[record.id].pid,
                     )
+
+    def _enforce_time_limit(self) -> None:
+        """Kill the workers of jobs running past ``max_job_seconds`` (not one publishing:
+        its version is nearly in); `_settle` fails their jobs."""
+        limit = self._config.max_job_seconds
+        if limit is None:
+            return
+        now = time.time()
+        with self._lock:
+            for job_id, worker in self._workers.items():
+                started = self._jobs[job_id].started_at
+                over = started is not None and now - started > limit
+                if over and not worker.is_publishing and not worker.is_timed_out:
+                    log.warning("training job %s ran past %g s; killing it", job_id, limit)
+                    worker.is_timed_out = True
+                    worker.kill()
 
     def _spec(self, record: JobRecord) -> WorkerSpec:
         job_dir = self._require_store().job_dir(record.id)
@@ -296,6 +313,11 @@ class JobManager:
             self._succeed(record, outcome)
         elif worker.is_cancel_requested:
             self._finish(record, CANCELLED, event("cancelled"))
+        elif worker.is_timed_out:
+            limit = self._config.max_job_seconds
+            self._fail(
+                record, f"training ran past the server's limit of {limit:g} s; nothing published"
+            )
         elif outcome.get("type") == "failed":
             self._fail(record, str(outcome.get("error")))
         else:  # it died; if it had leave to publish, the registry says whether it did

@@ -175,6 +175,19 @@ def test_a_killed_worker_fails_its_job_and_publishes_nothing(
     assert registry.list_adapters("acme") == [] and manager.worker_pid(job.id) is None
 
 
+def test_a_job_past_the_time_limit_is_killed_and_fails(make_manager, registry: Registry) -> None:
+    """Jobs run one at a time: a job that would train for hours must not hold the others."""
+    manager = make_manager(max_job_seconds=1.0)
+    endless = submit(manager, config=TrainConfig(epochs=10_000, patience=10_000))
+    done = wait_final(manager, endless)
+    assert done.state == FAILED and "past the server's limit of 1 s" in done.error
+    assert "nothing published" in done.error and registry.list_adapters("acme") == []
+    assert manager.events("acme", endless.id)[-1]["type"] == "failed"
+    assert manager.worker_pid(endless.id) is None
+    with pytest.raises(ValueError, match="max_job_seconds must be > 0"):
+        JobsConfig(jobs_dir=Path("j"), registry_dir=Path("r"), max_job_seconds=0)
+
+
 _SERVER_SCRIPT = textwrap.dedent(
     """
     import copy, sys, time
