@@ -153,6 +153,10 @@ async def start_job(request: web.Request) -> web.Response:
         validate_name("adapter", job.name)
     except InvalidName as exc:
         raise ApiError(422, INVALID_REQUEST, str(exc), field="name") from None
+    longest = request.app[ENGINE].backbone.max_tokens
+    if job.config.max_length > longest:  # the worker would fail it only once it ran
+        message = f"max_length must be at most {longest}, the backbone's longest input"
+        raise ApiError(422, INVALID_REQUEST, message, field="max_length")
     submit = functools.partial(
         manager.submit,
         tenant,

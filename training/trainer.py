@@ -70,6 +70,11 @@ def train_adapter(
     at any point publishes nothing. ``on_event`` gets one dict per epoch (progress.epoch_event).
     """
     validate_name("adapter", name)
+    if config.max_length > backbone.max_tokens:  # the position embeddings end there
+        raise ValueError(
+            f"max_length must be at most {backbone.max_tokens}, the longest input "
+            f"{backbone.name} takes; got {config.max_length}"
+        )
     destination = _destination(config, registry, tenant, output_dir)
     report = validate_examples(examples, backbone.tokenizer)
     if on_report is not None:

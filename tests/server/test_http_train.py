@@ -224,6 +224,7 @@ async def test_fatal_data_problems_are_a_422_with_the_report(client, tenants) ->
         ({"name": "x", "mode": "turbo"}, "mode"),
         ({"name": "x", "promote": "maybe"}, "promote"),
         ({"name": "x", "lr": "0.1"}, "lr"),
+        ({"name": "x", "max_length": "100000"}, "max_length"),  # past the position embeddings
     ],
 )
 async def test_bad_options_are_a_422_naming_the_field(client, tenants, options, field) -> None:

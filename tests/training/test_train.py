@@ -76,6 +76,14 @@ def test_weights_that_overflowed_after_the_last_loss_are_refused() -> None:
         check_finite(fitted)
 
 
+def test_a_max_length_past_the_backbones_is_refused_before_training(
+    backbone, registry, sms_sample
+) -> None:
+    config = TrainConfig(max_length=backbone.max_tokens + 1)
+    with pytest.raises(ValueError, match=f"max_length must be at most {backbone.max_tokens}"):
+        train_adapter(backbone, registry, "acme", "m", sms_sample, config, progress=False)
+
+
 def test_unknown_tenant_and_bad_name_fail_fast(backbone, registry, sms_sample) -> None:
     with pytest.raises(NotFound, match="graft tenants create"):
         train_adapter(backbone, registry, "nobody", "m", sms_sample, TrainConfig(), progress=False)
