@@ -1,5 +1,6 @@
 """Training knobs, with defaults that work for about a thousand examples."""
 
+import math
 from dataclasses import dataclass
 
 # head: frozen backbone, only the head on cached embeddings (cheapest, no LoRA weights)
@@ -49,8 +50,12 @@ class TrainConfig:
         if self.rank > 64:
             raise ValueError(f"rank must be at most 64, got {self.rank}")
         for name in ("lora_lr", "head_lr", "backbone_lr", "alpha"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:  # also refuses nan
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         for name in ("eval_fraction", "val_fraction"):
             if not 0.0 < getattr(self, name) < 0.5:
                 raise ValueError(f"{name} must be in (0, 0.5), got {getattr(self, name)}")

@@ -94,5 +94,13 @@ def test_unknown_tenant_and_bad_name_fail_fast(backbone, registry, sms_sample) -
 def test_bad_config_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="rank"):
         TrainConfig(rank=0)
+    for field in ("lora_lr", "head_lr", "backbone_lr", "alpha"):
+        for bad in (0.0, float("nan"), float("inf")):  # nan and inf trained into NaN weights
+            with pytest.raises(ValueError, match=f"{field} must be > 0 and finite"):
+                TrainConfig(**{field: bad})
+    with pytest.raises(ValueError, match="weight_decay"):
+        TrainConfig(weight_decay=float("nan"))
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        TrainConfig(warmup_fraction=1.0)
     with pytest.raises(ValueError, match="eval_fraction"):
         TrainConfig(eval_fraction=0.9)
