@@ -4,6 +4,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import socket
@@ -174,11 +175,31 @@ async def _stop(processes: list[asyncio.subprocess.Process]) -> None:
         await asyncio.wait(late)
 
 
+def _refuse_if_taken(host: str, port: int) -> None:
+    """Raise OSError when another socket listens on ``host:port``. The front ends bind with
+    SO_REUSEPORT, which lets them share a port already served by another program's
+    SO_REUSEPORT sockets (a second graft server, say) and split its traffic with it; a
+    program without it made every front end exit, reported as that alone."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            message = f"{host}:{port} is already in use (another server?)"
+            raise OSError(exc.errno, message) from None
+
+
 @contextlib.contextmanager
 def _reserved_port(host: str, port: int) -> Iterator[int]:
     """The port the front ends share. Port 0 picks one: a socket of ours binds it with
     SO_REUSEPORT, without listening, so that no other program takes it before they do."""
     if port != 0:
+        _refuse_if_taken(host, port)
         yield port
         return
     family, kind, proto, _, address = socket.getaddrinfo(

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,21 @@ async def test_a_negative_number_of_front_ends_is_refused_before_anything_starts
     with pytest.raises(ValueError, match="port must be from 0"):
         await run_server(config, "127.0.0.1", 99999)
     assert not (tmp_path / "registry").exists()  # the engine never opened its registry
+
+
+async def test_a_port_another_program_listens_on_is_refused_by_name(tmp_path) -> None:
+    """Front ends bind with SO_REUSEPORT: without this check a second graft server would
+    have shared the first one's port, and a plain listener made them exit unexplained."""
+    config = EngineConfig(registry_dir=tmp_path / "registry")
+    for reuse_port in (False, True):
+        with socket.socket() as other:
+            if reuse_port:
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            port = other.getsockname()[1]
+            with pytest.raises(OSError, match=f"127.0.0.1:{port} is already in use"):
+                await run_server(config, "127.0.0.1", port, workers=1)
 
 
 async def _until_answers(session: aiohttp.ClientSession, url: str) -> None:
