@@ -30,8 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         from engine import EngineError
         from registry import RegistryError
+        from server.workers import FrontEndsFailed
 
-        if isinstance(exc, RegistryError | EngineError):
+        if isinstance(exc, RegistryError | EngineError | FrontEndsFailed):
             print(f"graft: error: {exc}", file=sys.stderr)
             return 2
         raise

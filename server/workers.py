@@ -31,6 +31,10 @@ class FrontEnds:
     link: LinkServer | None = None  # where they hand classify requests over
 
 
+class FrontEndsFailed(RuntimeError):
+    """The front-end processes did not all start listening."""
+
+
 @contextlib.asynccontextmanager
 async def front_ends(
     runner: web.AppRunner,
@@ -151,9 +155,12 @@ async def _until_ready(link: LinkServer, count: int, exited: "asyncio.Task[int]"
     finally:
         ready.cancel()
     if exited in done:
-        raise RuntimeError(f"front-end process {exited.result()} exited before it listened")
+        raise FrontEndsFailed(
+            f"front-end process {exited.result()} exited before it listened (its error is "
+            "printed above)"
+        )
     if ready not in done:
-        raise RuntimeError(
+        raise FrontEndsFailed(
             f"{count - len(link.ready)} front ends not listening after {START_TIMEOUT_S:.0f} s"
         )
 
