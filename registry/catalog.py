@@ -238,6 +238,11 @@ def delete_keys(conn: sqlite3.Connection, tenant: str) -> int:
     return conn.execute("DELETE FROM api_keys WHERE tenant = ?", (tenant,)).rowcount
 
 
+def delete_key(conn: sqlite3.Connection, key_sha256: str) -> bool:
+    """Delete one key by its hash; whether it existed."""
+    return conn.execute("DELETE FROM api_keys WHERE key_sha256 = ?", (key_sha256,)).rowcount > 0
+
+
 def tenant_for_key(conn: sqlite3.Connection, key_sha256: str) -> str | None:
     row = conn.execute("SELECT tenant FROM api_keys WHERE key_sha256 = ?", (key_sha256,)).fetchone()
     return None if row is None else row["tenant"]

@@ -133,6 +133,18 @@ class Registry:
         logger.info("revoked %d keys of tenant %s", num_revoked, tenant)
         return num_revoked
 
+    def revoke_key(self, tenant: str, api_key: str) -> None:
+        """Revoke one API key of `tenant` (a leaked one), leaving its other keys working;
+        NotFound when it is not one of `tenant`'s keys."""
+        validate_name("tenant", tenant)
+        digest = keys.hash_api_key(api_key.strip())
+        with self._write() as conn:
+            catalog.require_tenant(conn, tenant)
+            if catalog.tenant_for_key(conn, digest) != tenant:
+                raise NotFound(f"that key is not one of tenant {tenant!r}'s keys")
+            catalog.delete_key(conn, digest)
+        logger.info("revoked a key of tenant %s", tenant)
+
     def tenants(self) -> list[str]:
         """All tenant names, sorted."""
         with self._read() as conn:

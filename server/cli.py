@@ -66,6 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     p = tenants.add_parser("add-key", parents=[common], help="issue another API key for a tenant")
     p.add_argument("tenant")
     p.set_defaults(handler=admin.tenants_add_key)
+    p = tenants.add_parser(
+        "revoke-keys",
+        parents=[common],
+        help="revoke every API key of a tenant, or with --key-stdin the one key read from "
+        "stdin; running servers refuse it on its next request",
+    )
+    p.add_argument("tenant")
+    p.add_argument(
+        "--key-stdin",
+        action="store_true",
+        help="revoke only the key given on stdin (not argv, where ps shows it)",
+    )
+    p.set_defaults(handler=admin.tenants_revoke_keys)
     p = tenants.add_parser("list", parents=[common], help="list tenants and their settings")
     p.set_defaults(handler=admin.tenants_list)
     p = tenants.add_parser(

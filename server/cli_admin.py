@@ -27,6 +27,17 @@ def tenants_add_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def tenants_revoke_keys(args: argparse.Namespace) -> int:
+    with open_registry(args) as registry:
+        if args.key_stdin:
+            registry.revoke_key(args.tenant, sys.stdin.readline())
+            print(f"revoked one API key of tenant {args.tenant!r}")
+        else:
+            count = registry.revoke_keys(args.tenant)
+            print(f"revoked {count} API key(s) of tenant {args.tenant!r}; issue one with add-key")
+    return 0
+
+
 def tenants_list(args: argparse.Namespace) -> int:
     with open_registry(args) as registry:
         settings = registry.tenant_settings()

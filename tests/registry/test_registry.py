@@ -50,6 +50,18 @@ def test_issue_and_revoke_keys(registry: Registry) -> None:
     assert registry.authenticate(registry.issue_key("globex")) == "globex"
 
 
+def test_one_leaked_key_is_revoked_alone(registry: Registry) -> None:
+    leaked, kept = registry.create_tenant("globex"), registry.issue_key("globex")
+    other = registry.create_tenant("hooli")
+    with pytest.raises(NotFound, match="not one of tenant 'globex'"):
+        registry.revoke_key("globex", other)  # another tenant's key stays valid
+    assert registry.authenticate(other) == "hooli"
+    registry.revoke_key("globex", leaked + "\n")  # as read from stdin
+    assert registry.authenticate(leaked) is None and registry.authenticate(kept) == "globex"
+    with pytest.raises(NotFound):
+        registry.revoke_key("globex", leaked)  # already gone
+
+
 def test_key_operations_on_unknown_tenants_fail(registry: Registry) -> None:
     with pytest.raises(NotFound, match="initech"):
         registry.issue_key("initech")

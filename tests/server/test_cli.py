@@ -1,6 +1,7 @@
 """The ``graft`` command line, run in-process."""
 
 import argparse
+import io
 import json
 import os
 from pathlib import Path
@@ -157,6 +158,26 @@ def test_tenants_set_stores_settings_and_refuses_bad_ones(tmp_path: Path, capsys
     code, _, _ = _run(capsys, "tenants", "set", "acme", "--reset", "--registry", reg)
     with Registry(reg) as registry:
         assert registry.tenant_settings() == {}
+
+
+def test_tenants_revoke_keys_one_from_stdin_or_all(tmp_path: Path, capsys, monkeypatch) -> None:
+    reg = str(tmp_path / "reg")
+    _, out, _ = _run(capsys, "tenants", "create", "acme", "--registry", reg)
+    leaked = out.strip().splitlines()[-1]
+    _, out, _ = _run(capsys, "tenants", "add-key", "acme", "--registry", reg)
+    kept = out.strip().splitlines()[-1]
+    monkeypatch.setattr("sys.stdin", io.StringIO(leaked + "\n"))
+    code, out, _ = _run(capsys, "tenants", "revoke-keys", "acme", "--key-stdin", "--registry", reg)
+    assert code == 0 and "revoked one API key" in out
+    with Registry(reg) as registry:
+        assert registry.authenticate(leaked) is None and registry.authenticate(kept) == "acme"
+    monkeypatch.setattr("sys.stdin", io.StringIO(leaked + "\n"))
+    code, _, err = _run(capsys, "tenants", "revoke-keys", "acme", "--key-stdin", "--registry", reg)
+    assert code == 2 and "not one of tenant 'acme'" in err
+    code, out, _ = _run(capsys, "tenants", "revoke-keys", "acme", "--registry", reg)
+    assert code == 0 and "revoked 1 API key(s)" in out
+    with Registry(reg) as registry:
+        assert registry.authenticate(kept) is None
 
 
 def test_serve_flags_reach_the_engine_config(tmp_path: Path) -> None:
