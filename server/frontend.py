@@ -52,7 +52,8 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     ]
 )
-# the body goes on as this server read it, decoded (gzip, deflate), so its encoding does not
+# request headers that no longer hold once aiohttp has decoded the body (gzip, deflate):
+# the proxy forwards the decoded bytes
 _DECODED = frozenset(["content-encoding"])
 _ENGINE_ORIGIN = "http://graft-engine"  # any host: the connector dials the unix socket
 
