@@ -264,15 +264,22 @@ def pattern_value(module_key: str, config: Mapping[str, Any], key: str, pattern_
 
 
 def _scale(module: str, rank: int, config: Mapping[str, Any]) -> float:
-    alpha = pattern_value(module, config, "lora_alpha", "alpha_pattern")
-    alpha = 8 if alpha is None else alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+    alpha = config_alpha(module, config)
+    try:  # lenient where import was not (a registered "16" still loads)
+        value = float(alpha)
+    except (TypeError, ValueError):
         raise AdapterFormatError(
             f"adapter_config.json: lora_alpha for {module} must be a number, got {alpha!r}"
-        )
+        ) from None
     if config.get("use_rslora"):
-        return float(alpha) / math.sqrt(rank)
-    return float(alpha) / rank
+        return value / math.sqrt(rank)
+    return value / rank
+
+
+def config_alpha(module_key: str, config: Mapping[str, Any]) -> Any:
+    """The config's LoRA alpha for one module (PEFT's default 8), as written."""
+    alpha = pattern_value(module_key, config, "lora_alpha", "alpha_pattern")
+    return 8 if alpha is None else alpha
 
 
 def _head(

@@ -14,6 +14,7 @@ from engine.adapters import (
     POOLING_CLS_POOLER,
     POOLING_FIRST,
     AdapterWeights,
+    config_alpha,
     has_two_layer_head,
     parse_adapter,
     pattern_value,
@@ -99,12 +100,18 @@ def _check_as_peft_would(
     graft would scale the update by the weights' rank, not the config's. Non-finite values
     would answer null scores."""
     for name, module in weights.modules.items():
-        rank = pattern_value(peft_key(backbone, name), config, "r", "rank_pattern")
+        key = peft_key(backbone, name)
+        rank = pattern_value(key, config, "r", "rank_pattern")
         rank = 8 if rank is None else rank  # PEFT's default
         if rank != module.a.shape[0]:
             raise AdapterFormatError(
                 f"{src / CONFIG_FILE} says r={rank!r} for {name}, but its weights have rank "
                 f"{module.a.shape[0]}"
+            )
+        alpha = config_alpha(key, config)
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+            raise AdapterFormatError(
+                f"{src / CONFIG_FILE}: lora_alpha for {name} must be a number, got {alpha!r}"
             )
     named = [(f"{name}'s LoRA A", m.a) for name, m in weights.modules.items()]
     named += [(f"{name}'s LoRA B", m.b) for name, m in weights.modules.items()]

@@ -150,3 +150,18 @@ def test_one_layout_is_kept_per_distinct_header(backbone, files) -> None:
     assert again is first
     other = adapter_layout(_weights_file(_lora(backbone)), backbone)
     assert other is not first
+
+
+def test_a_registered_alpha_written_as_a_string_still_loads(backbone, files) -> None:
+    """Import now refuses a non-number lora_alpha, but versions registered before that must
+    keep serving: loading reads "16" as 16, and only what is no number at all is refused."""
+    config, weights = files
+    written = json.loads(config)
+    as_number = parse_adapter(config, weights, LABELS, "mean", backbone)
+    as_text = json.dumps({**written, "lora_alpha": str(written.get("lora_alpha", 8))}).encode()
+    assert parse_adapter(as_text, weights, LABELS, "mean", backbone).modules[QUERY].scale == (
+        as_number.modules[QUERY].scale
+    )
+    junk = json.dumps({**written, "lora_alpha": "sixteen"}).encode()
+    with pytest.raises(AdapterFormatError, match="lora_alpha for .* must be a number"):
+        parse_adapter(junk, weights, LABELS, "mean", backbone)
