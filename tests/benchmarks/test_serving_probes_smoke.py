@@ -17,6 +17,15 @@ def test_tokenize_contention_prints_both_ways(capsys) -> None:
         assert 0 < p50 <= p99 <= most
 
 
+def test_long_inputs_checks_the_served_ids_and_prints_a_row_per_size(capsys) -> None:
+    from benchmarks import long_inputs
+
+    long_inputs.main(["--sizes", "1000,20000", "--calls", "1"])  # asserts ids equal inside
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["1,000", "20,000"]
+    assert int(rows[1][1].replace(",", "")) > 512  # past what the model reads: cut
+
+
 def test_server_cpu_splits_the_server_process_by_thread() -> None:
     from benchmarks import server_cpu
 
