@@ -4,11 +4,38 @@ The child's side is job_worker.py. Used only from the `JobManager`'s thread (whi
 the process, see `job_worker._die_with_parent`), except `kill`, which any thread may call.
 """
 
+import os
 import signal
 from multiprocessing.context import SpawnContext
+from pathlib import Path
 from typing import Any
 
+from training.config import TrainConfig
+from training.job_config import JobsConfig
+from training.job_store import JobRecord
 from training.job_worker import GO, STOP, WorkerSpec, run_worker
+
+
+def worker_spec(record: JobRecord, job_dir: Path, config: JobsConfig) -> WorkerSpec:
+    """What the worker of ``record`` (stored in ``job_dir``) needs."""
+    # JSON turned tuples into lists; TrainConfig wants its tuples back
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record.config.items()}
+    train_config = TrainConfig(**fields)
+    return WorkerSpec(
+        job_id=record.id,
+        tenant=record.tenant,
+        name=record.name,
+        data_path=job_dir / record.data_file,
+        source=record.source,
+        config=train_config,
+        promote=record.promote,
+        registry_dir=Path(config.registry_dir),
+        backbone_dir=config.backbone_dir,
+        backbone_sha256=config.backbone_sha256,
+        num_threads=config.worker_threads,
+        output_dir=job_dir / "model" if train_config.mode == "full" else None,
+        parent_pid=os.getpid(),
+    )
 
 
 class WorkerProcess:
@@ -64,6 +91,17 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self._process.kill()
+
+    def time_out(self, started_at: float | None, limit_s: float, now: float) -> bool:
+        """Kill it if it has run past ``limit_s`` (not while publishing: its version is
+        nearly in); whether it was killed now."""
+        if started_at is None or now - started_at <= limit_s:
+            return False
+        if self.is_publishing or self.is_timed_out:
+            return False
+        self.is_timed_out = True
+        self.kill()
+        return True
 
     def join(self, timeout_s: float | None = None) -> bool:
         """Wait for the process to end; True when it has."""

@@ -24,13 +24,12 @@ import time
 from dataclasses import replace
 from multiprocessing import get_context
 from multiprocessing.connection import wait
-from pathlib import Path
 from typing import Any
 
 from registry import NotFound, Registry
 from training.config import TrainConfig
 from training.job_config import JobConflict, JobNotFound, JobsConfig, JobsUnavailable, TooManyJobs
-from training.job_process import WorkerProcess
+from training.job_process import WorkerProcess, worker_spec
 from training.job_store import (
     CANCELLED,
     FAILED,
@@ -45,7 +44,6 @@ from training.job_store import (
     new_job_id,
 )
 from training.job_uploads import check_suffix, validate_upload
-from training.job_worker import WorkerSpec
 from training.validation import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -236,7 +234,9 @@ class JobManager:
                 if len(self._workers) >= self._config.max_running or self._is_stopping:
                     return
                 if record.state == QUEUED and record.tenant not in busy:
-                    self._workers[record.id] = WorkerProcess(self._context, self._spec(record))
+                    job_dir = self._require_store().job_dir(record.id)
+                    spec = worker_spec(record, job_dir, self._config)
+                    self._workers[record.id] = WorkerProcess(self._context, spec)
                     busy.add(record.tenant)
                     started = replace(record, state=RUNNING, started_at=time.time())
                     self._update(started, _state(RUNNING))
@@ -249,39 +249,11 @@ class JobManager:
     def _enforce_time_limit(self) -> None:
         """Kill the workers of jobs running past ``max_job_seconds`` (not one publishing:
         its version is nearly in); `_settle` fails their jobs."""
-        limit = self._config.max_job_seconds
-        if limit is None:
-            return
-        now = time.time()
+        limit, now = self._config.max_job_seconds, time.time()
         with self._lock:
             for job_id, worker in self._workers.items():
-                started = self._jobs[job_id].started_at
-                over = started is not None and now - started > limit
-                if over and not worker.is_publishing and not worker.is_timed_out:
-                    log.warning("training job %s ran past %g s; killing it", job_id, limit)
-                    worker.is_timed_out = True
-                    worker.kill()
-
-    def _spec(self, record: JobRecord) -> WorkerSpec:
-        job_dir = self._require_store().job_dir(record.id)
-        # JSON turned tuples into lists; TrainConfig wants its tuples back
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record.config.items()}
-        config = TrainConfig(**fields)
-        return WorkerSpec(
-            job_id=record.id,
-            tenant=record.tenant,
-            name=record.name,
-            data_path=job_dir / record.data_file,
-            source=record.source,
-            config=config,
-            promote=record.promote,
-            registry_dir=Path(self._config.registry_dir),
-            backbone_dir=self._config.backbone_dir,
-            backbone_sha256=self._config.backbone_sha256,
-            num_threads=self._config.worker_threads,
-            output_dir=job_dir / "model" if config.mode == "full" else None,
-            parent_pid=os.getpid(),
-        )
+                if limit is not None and worker.time_out(self._jobs[job_id].started_at, limit, now):
+                    log.warning("training job %s ran past %g s; killed it", job_id, limit)
 
     def _relay(self, worker: WorkerProcess) -> None:
         """Record the worker's progress and answer its request to publish."""
