@@ -102,6 +102,7 @@ def load_backbone(
         )
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    _check_tokenizer_fits(path, len(tokenizer), model.get_input_embeddings().num_embeddings)
     model.to(device).eval().requires_grad_(False)
     state = StepLora()
     linears = _wrap_linears(model, state)
@@ -128,6 +129,17 @@ def load_backbone(
         vocab_size=int(model.get_input_embeddings().num_embeddings),  # read per request
         quantize=quantize,
     )
+
+
+def _check_tokenizer_fits(path: Path, num_tokens: int, num_embeddings: int) -> None:
+    """Refuse a tokenizer far smaller than the embedding table: without its vocabulary file
+    (tokenizer.json, vocab.txt), transformers still builds one from tokenizer_config.json,
+    of special tokens only, and every word would be served as [UNK] without complaint."""
+    if num_tokens < num_embeddings // 2:
+        raise ValueError(
+            f"{path}: the tokenizer knows {num_tokens} tokens but the model embeds "
+            f"{num_embeddings}; is its vocabulary file (tokenizer.json, vocab.txt) missing?"
+        )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
