@@ -11,9 +11,7 @@ from registry import AdapterRecord
 class AdapterInfo:
     tenant: str
     name: str
-    version: (
-        int  # the version shown: the latest (what an unpinned request resolves to) or a pinned one
-    )
+    version: int  # the version shown: the latest (what unpinned requests get) or a pinned one
     versions: tuple[int, ...]  # every version, ascending
     rank: int  # of the version shown, as are the fields below
     labels: tuple[str, ...]
@@ -22,8 +20,8 @@ class AdapterInfo:
     content_sha256: str
     metrics: Mapping[str, Any]
     pooling: str
-    created_at: float  # unix seconds, latest version
-    residency: str  # "device" or "disk" (latest version)
+    created_at: float  # unix seconds
+    residency: str  # "device" or "disk"
     is_latest: bool = True  # the version shown is what an unpinned request resolves to
 
     def to_dict(self) -> dict[str, Any]:
