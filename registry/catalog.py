@@ -238,9 +238,10 @@ def delete_keys(conn: sqlite3.Connection, tenant: str) -> int:
     return conn.execute("DELETE FROM api_keys WHERE tenant = ?", (tenant,)).rowcount
 
 
-def delete_key(conn: sqlite3.Connection, key_sha256: str) -> bool:
-    """Delete one key by its hash; whether it existed."""
-    return conn.execute("DELETE FROM api_keys WHERE key_sha256 = ?", (key_sha256,)).rowcount > 0
+def delete_key(conn: sqlite3.Connection, tenant: str, key_sha256: str) -> bool:
+    """Delete one of `tenant`'s keys by its hash; whether it was one."""
+    query = "DELETE FROM api_keys WHERE key_sha256 = ? AND tenant = ?"
+    return conn.execute(query, (key_sha256, tenant)).rowcount > 0
 
 
 def tenant_for_key(conn: sqlite3.Connection, key_sha256: str) -> str | None:

@@ -140,9 +140,8 @@ class Registry:
         digest = keys.hash_api_key(api_key.strip())
         with self._write() as conn:
             catalog.require_tenant(conn, tenant)
-            if catalog.tenant_for_key(conn, digest) != tenant:
+            if not catalog.delete_key(conn, tenant, digest):
                 raise NotFound(f"that key is not one of tenant {tenant!r}'s keys")
-            catalog.delete_key(conn, digest)
         logger.info("revoked a key of tenant %s", tenant)
 
     def tenants(self) -> list[str]:

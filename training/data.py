@@ -157,7 +157,8 @@ def _column_index(header: list[str], source: str) -> tuple[int, int]:
 def _csv_delimiter(text: str) -> str:
     """',' unless the header row has no comma and a semicolon: spreadsheets in locales that
     write decimal commas save "CSV" with semicolons."""
-    header = text.split("\n", 1)[0]
+    end = text.find("\n")
+    header = text if end < 0 else text[:end]  # not split(): that copies the whole file
     return ";" if "," not in header and ";" in header else ","
 
 

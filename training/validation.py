@@ -131,12 +131,10 @@ def _class_errors(examples: Sequence[Example], num_rows: int, min_per_class: int
         if len(rows) >= min_per_class:
             continue
         where = f" ({describe_rows(rows)})" if rows else ""
-        with_copies = sum(example.label == label for example in examples)
-        kind = "distinct example(s)" if len(rows) < with_copies else "example(s)"
-        dropped = " once duplicate texts are dropped" if len(rows) < with_copies else ""
-        errors.append(
-            f"class {label!r} has {len(rows)} {kind}{where}{dropped}; need at least {min_per_class}"
-        )
+        has_copies = len(rows) < sum(example.label == label for example in examples)
+        count = f"{len(rows)} distinct example(s)" if has_copies else f"{len(rows)} example(s)"
+        dropped = " once duplicate texts are dropped" if has_copies else ""
+        errors.append(f"class {label!r} has {count}{where}{dropped}; need at least {min_per_class}")
     return errors
 
 
