@@ -16,6 +16,7 @@ import io
 import itertools
 import os
 import pstats
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,28 @@ def _print_op_diff(step: dict[str, float], bare: dict[str, float], top: int) -> 
     for more, key in extra[:top]:
         if more:
             print(f"  {more:+8.1f}  {key}")
+
+
+def _compare_forward(runner, model, on_model, step, sync, repeats: int, rounds: int = 5) -> None:
+    """The step through the lean forward (engine/lean_encoder.py) and through the model's own,
+    alternated ``rounds`` times: medians of both, measured together."""
+    lean = runner._encode
+    if not runner.lean:
+        print("  the model's own forward serves this backbone: nothing to compare")
+        return
+    times: dict[str, list[float]] = {"lean": [], "own": []}
+    try:
+        for _ in range(rounds):
+            for name, encode in (("lean", lean), ("own", model)):
+                runner._encode = encode
+                times[name].append(on_model(_time_ms, step, sync, repeats))
+    finally:
+        runner._encode = lean
+    lean_ms, own_ms = (statistics.median(times[k]) for k in ("lean", "own"))
+    print(
+        f"  step through the lean forward {lean_ms:.2f} ms, through the model's own "
+        f"{own_ms:.2f} ms: {lean_ms / own_ms:.3f}x (medians of {rounds} alternations)"
+    )
 
 
 def _time_ms(fn, sync, repeats: int) -> float:
@@ -127,6 +150,8 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
                 f"({sum(step_ops.values()):.0f} aten calls), bare forward {bare_ms:.2f} ms "
                 f"({sum(bare_ops.values()):.0f} aten calls)"
             )
+            if args.compare_forward:
+                _compare_forward(model.runner, backbone, on_model, step, sync, args.repeats)
             if args.ops:
                 _print_op_diff(step_ops, bare_ops, args.ops)
             if args.top < 1:  # timings only
@@ -159,6 +184,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="steps captured in CUDA graphs and replayed (EngineConfig.cuda_graphs; default: "
         "the engine's, on with CUDA)",
+    )
+    parser.add_argument(
+        "--compare-forward",
+        action="store_true",
+        help="also time each step through the model's own forward, alternated with the lean one",
     )
     parser.add_argument(
         "--ops", type=int, default=0, help="list this many ops a step calls more than bare"

@@ -58,6 +58,9 @@ class EngineConfig:
     # CPU steps of at most this many real tokens run unpadded (one sequence, block-diagonal
     # attention) when padding would be a fifth of the step or more; 0 = always pad
     pack_max_tokens: int = 512
+    # the backbone's forward in plain torch calls (engine/lean_encoder.py) where a load-time
+    # check finds it computes what the model's own forward does; False = always the model's
+    lean_forward: bool = True
     max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
     tenant_max_queued_rows: int = 1024  # default per-tenant queue bound before 429
     tenant_max_tokens_per_step: int | None = None  # default per-tenant step budget

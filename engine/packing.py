@@ -115,17 +115,12 @@ def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
     """Run two texts padded and packed (no LoRA): True when every row's hidden states agree."""
     model = backbone.model
     token_ids = [backbone.tokenizer(text)["input_ids"] for text in CHECK_TEXTS]
-    width = max(len(row) for row in token_ids)
-    ids = torch.zeros((len(token_ids), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(token_ids):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
+    ids, mask = padded_ids(token_ids, device)
     inputs = pack(token_ids, device, dtype)
     tolerance = check_tolerance(backbone, dtype)
     try:
         with torch.inference_mode():
-            padded = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            padded = model(input_ids=ids, attention_mask=mask)
             packed = model(
                 input_ids=inputs.input_ids,
                 attention_mask=inputs.attention_mask,
@@ -140,3 +135,16 @@ def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
         if not torch.allclose(hidden[lo:hi].float(), expected.float(), atol=tolerance):
             return False
     return True
+
+
+def padded_ids(
+    token_ids: Sequence[Sequence[int]], device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows padded with id 0 to the longest, and their 0/1 mask, on ``device``."""
+    width = max(len(row) for row in token_ids)
+    ids = torch.zeros((len(token_ids), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(token_ids):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)

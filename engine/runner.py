@@ -5,14 +5,16 @@ Runs on the engine's single model thread; never touches asyncio.
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from engine.adapters import POOLING_CLS_POOLER, POOLING_FIRST, backbone_poolings
 from engine.backbone import Backbone
+from engine.lean_encoder import lean_encoder
 from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
 from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
 from engine.memory import AdapterMemory, Resident
@@ -63,8 +65,14 @@ class ModelRunner:
         pack_max_tokens: int = 0,
         static_max_tokens: int = 0,
         cuda_graphs: bool = False,
+        lean_forward: bool = True,
     ) -> None:
         self._backbone = backbone
+        # the model's forward in plain torch calls where it computes the same (fewer host
+        # calls a step: engine/lean_encoder.py); the model's own forward otherwise
+        lean = lean_encoder(backbone, memory.dtype) if lean_forward else None
+        self._encode: Callable[..., Any] = lean if lean is not None else backbone.model
+        self.lean = lean is not None
         self._poolings = backbone_poolings(backbone)  # pooled for head-only models' rows
         self._kernel = kernel
         self._memory = memory
@@ -245,11 +253,11 @@ class ModelRunner:
     def _forward(
         self, token_ids: Sequence[Sequence[int]], width: int, packed: PackedInputs | None
     ) -> "PaddedOutputs | PackedOutputs":
-        model = self._backbone.model
+        encode = self._encode
         if packed is None:
             input_ids, mask = self._pad(token_ids, width)
-            return PaddedOutputs(model(input_ids=input_ids, attention_mask=mask), mask)
-        out = model(
+            return PaddedOutputs(encode(input_ids=input_ids, attention_mask=mask), mask)
+        out = encode(
             input_ids=packed.input_ids,
             attention_mask=packed.attention_mask,
             position_ids=packed.position_ids,

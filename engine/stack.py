@@ -94,6 +94,7 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
         pack_max_tokens=config.pack_max_tokens,
         static_max_tokens=config.max_batch_tokens if config.uses_cuda_graphs else 0,
         cuda_graphs=config.uses_cuda_graphs,
+        lean_forward=config.lean_forward,
     )
     log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
     if config.uses_cuda_graphs:

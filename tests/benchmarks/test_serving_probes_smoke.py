@@ -1,5 +1,7 @@
 """The serving-path probes run end to end and report what they promise; no timing is asserted."""
 
+import re
+
 
 def test_tokenize_contention_prints_both_ways(capsys) -> None:
     from benchmarks import tokenize_contention
@@ -85,6 +87,19 @@ def test_profile_step_lists_the_ops_a_step_adds_on_a_random_bert(capsys) -> None
     added = [line.split() for line in out.splitlines() if "aten::" in line]
     assert len(added) == 10 and all(float(n) > 0 for n, _ in added)
     assert "aten::mm" in out or "aten::addmm_" in out  # the LoRA shrink and expand
+
+
+def test_profile_step_compares_the_lean_forward_with_the_models_own(capsys) -> None:
+    from benchmarks import profile_step
+
+    argv = ["--rows", "1", "--adapters", "1", "--repeats", "1", "--top", "0"]
+    profile_step.main([*argv, "--hidden", "32", "--layers", "1", "--compare-forward"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "lean forward" in x)
+    lean_ms, own_ms, ratio = (float(x) for x in re.findall(r"(\d+\.\d+)(?: ms|x)", line))
+    assert lean_ms > 0 and own_ms > 0
+    # the times are printed to 0.005 ms, the ratio (of the unrounded times) to 0.0005
+    low, high = (lean_ms - 0.005) / (own_ms + 0.005), (lean_ms + 0.005) / (own_ms - 0.005)
+    assert low - 0.0005 <= ratio <= high + 0.0005
 
 
 def test_plan_cost_times_every_shape() -> None:

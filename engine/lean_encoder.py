@@ -1,0 +1,220 @@
+"""A BERT-layout encoder's forward pass in plain torch calls, for serving.
+
+transformers' forward of a 6-layer MiniLM calls about 150 modules a step, each through
+``nn.Module.__call__``, plus keyword plumbing, deprecation wrappers, an ``inspect.signature``
+per layer and a mask built for the general case. On a one-row CPU step that is 1-2 ms of a
+7 ms forward, paid by every small step of a lightly loaded server
+(``benchmarks.profile_step``). This forward runs the same modules' weights with the same
+torch ops, calling the Linears (LoRA wrappers, int8 bases) directly.
+
+It is used only for a model that passes ``lean_encoder``'s check at load: the layout of
+BERT (RoBERTa, ELECTRA and others share it), and the same hidden states as the model's own
+forward on real text, padded and packed. Anything else, or any transformers change that makes
+the two disagree, serves through the model's own forward. Inference only: no dropout, no
+gradients, no cache.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.lora import StepLora
+from engine.packing import CHECK_TEXTS, check_tolerance, pack, padded_ids
+
+if TYPE_CHECKING:
+    from engine.backbone import Backbone
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderOutput:
+    """What serving reads of a forward pass."""
+
+    last_hidden_state: torch.Tensor  # [B, T, H]
+    # the [CLS] pooler's output, computed inside the pass (as the model does) since the
+    # pooler's Linear may carry LoRA, which only applies while the step's plan is set
+    pooler_output: torch.Tensor | None
+
+
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """One layer's callables (modules' own ``forward``: no hooks, no ``__call__``)."""
+
+    query: Op
+    key: Op
+    value: Op
+    heads: int
+    head_size: int
+    scaling: float
+    attention_out: Op
+    attention_norm: nn.LayerNorm
+    intermediate: Op
+    activation: Op
+    out: Op
+    out_norm: nn.LayerNorm
+
+
+class LeanEncoder:
+    """``model``'s forward for ``input_ids`` [B, T] with a 2-D padding mask [B, T] or a 4-D
+    additive mask [B, 1, T, T] (packed steps), and optional ``position_ids``.
+
+    Calls ``state.between_layers`` where the model's block hooks would (engine/backbone.py):
+    before every block (attention, feed-forward in, feed-forward out) but the first. Keeps
+    nothing between calls, so a whole nested forward may run at any of those points.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[_Layer], state: StepLora) -> None:
+        self._embeddings = model.embeddings
+        self._project = getattr(model, "embeddings_project", None)  # ELECTRA-small's
+        self._pooler = getattr(model, "pooler", None)
+        self._layers = layers
+        self._state = state
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        batch, length = input_ids.shape
+        hidden = self._embeddings(input_ids=input_ids, position_ids=position_ids)
+        if self._project is not None:
+            hidden = self._project(hidden)
+        width = hidden.shape[-1]
+        h = hidden.reshape(batch * length, width)
+        # True where a token may attend: the broadcast form of the boolean mask transformers
+        # builds for SDPA; a 4-D mask (packed rows) is already additive, as transformers takes it
+        mask = attention_mask if attention_mask.dim() == 4 else attention_mask.bool()[:, None, None]
+        for i, layer in enumerate(self._layers):
+            if i > 0:
+                self._pause()
+            h = self._layer(layer, h, mask, batch, length)
+        hidden = h.view(batch, length, width)
+        pooled = self._pooler(hidden) if self._pooler is not None else None
+        return EncoderOutput(hidden, pooled)
+
+    def _pause(self) -> None:
+        callback = self._state.between_layers  # read at each point, as the hooks read it
+        if callback is not None:
+            callback()
+
+    def _layer(
+        self, layer: _Layer, h: torch.Tensor, mask: torch.Tensor, batch: int, length: int
+    ) -> torch.Tensor:
+        shape = (batch, length, layer.heads, layer.head_size)
+        q = layer.query(h).view(shape).transpose(1, 2)
+        k = layer.key(h).view(shape).transpose(1, 2)
+        v = layer.value(h).view(shape).transpose(1, 2)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling)
+        context = context.transpose(1, 2).reshape(batch * length, -1)
+        norm = layer.attention_norm
+        attended = F.layer_norm(
+            layer.attention_out(context).add_(h),
+            norm.normalized_shape,
+            norm.weight,
+            norm.bias,
+            norm.eps,
+        )
+        self._pause()
+        inner = layer.activation(layer.intermediate(attended))
+        self._pause()
+        norm = layer.out_norm
+        return F.layer_norm(
+            layer.out(inner).add_(attended),
+            norm.normalized_shape,
+            norm.weight,
+            norm.bias,
+            norm.eps,
+        )
+
+
+def lean_encoder(backbone: "Backbone", dtype: torch.dtype) -> LeanEncoder | None:
+    """A LeanEncoder for ``backbone`` if its model has BERT's layout and the lean forward
+    gives its hidden states on real text, padded and packed; None otherwise."""
+    model = backbone.model
+    layers = _layers(model)
+    if layers is None:
+        return None
+    lean = LeanEncoder(model, layers, backbone.lora_state)
+    return lean if _agrees(backbone, lean, dtype) else None
+
+
+def _layers(model: nn.Module) -> list[_Layer] | None:
+    """Each layer's parts, or None where the model is not laid out (or configured) as BERT."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_decoder", False):
+        return None
+    if getattr(config, "add_cross_attention", False):
+        return None
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return None
+    stack = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(stack, nn.ModuleList) or not hasattr(model, "embeddings"):
+        return None
+    try:
+        return [_layer_of(layer) for layer in stack]
+    except (AttributeError, TypeError):
+        return None
+
+
+def _layer_of(layer: nn.Module) -> _Layer:
+    attention, out = layer.attention.self, layer.attention.output
+    norms = (out.LayerNorm, layer.output.LayerNorm)
+    if not all(isinstance(n, nn.LayerNorm) for n in norms):
+        raise TypeError("not LayerNorm")
+    heads, head_size = int(attention.num_attention_heads), int(attention.attention_head_size)
+    return _Layer(
+        query=attention.query.forward,
+        key=attention.key.forward,
+        value=attention.value.forward,
+        heads=heads,
+        head_size=head_size,
+        scaling=float(getattr(attention, "scaling", head_size**-0.5)),
+        attention_out=out.dense.forward,
+        attention_norm=norms[0],
+        intermediate=layer.intermediate.dense.forward,
+        activation=layer.intermediate.intermediate_act_fn,
+        out=layer.output.dense.forward,
+        out_norm=norms[1],
+    )
+
+
+def _agrees(backbone: "Backbone", lean: LeanEncoder, dtype: torch.dtype) -> bool:
+    """Both forwards on ``CHECK_TEXTS``, padded and packed: True when every real token's hidden
+    state and every pooled output agree within the tolerance of the other load-time checks."""
+    model, device = backbone.model, str(next(backbone.model.parameters()).device)
+    token_ids = [backbone.tokenizer(text)["input_ids"] for text in CHECK_TEXTS]
+    ids, mask = padded_ids(token_ids, device)
+    packed = pack(token_ids, device, dtype)
+    tolerance = check_tolerance(backbone, dtype)
+    try:
+        with torch.inference_mode():
+            expected = model(input_ids=ids, attention_mask=mask)
+            padded = _close(expected, lean(ids, mask), mask.bool(), tolerance)
+            inputs = (packed.input_ids, packed.attention_mask, packed.position_ids)
+            expected = model(input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2])
+            return padded and _close(expected, lean(*inputs), None, tolerance)
+    except (TypeError, ValueError, RuntimeError, AttributeError):  # what the model refuses
+        return False
+
+
+def _close(
+    expected: object, got: EncoderOutput, real: torch.Tensor | None, tolerance: float
+) -> bool:
+    hidden, want = got.last_hidden_state.float(), expected.last_hidden_state.float()
+    if real is not None:
+        hidden, want = hidden[real], want[real]
+    if not torch.allclose(hidden, want, atol=tolerance):
+        return False
+    pooled = getattr(expected, "pooler_output", None)
+    if pooled is None:
+        return got.pooler_output is None
+    return got.pooler_output is not None and torch.allclose(
+        got.pooler_output.float(), pooled.float(), atol=tolerance
+    )

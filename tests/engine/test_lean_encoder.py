@@ -1,0 +1,139 @@
+"""The lean forward (engine/lean_encoder.py) serves what the model's own forward serves, pauses
+where the model's block hooks pause, and is refused for layouts or results it does not match."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import lean_encoder as lean_module
+from engine import load_backbone
+from engine.lean_encoder import lean_encoder
+from engine.lora_kernels import kernel_for
+from engine.runner import BACKBONE_KEY, ModelRunner
+from scheduler import Batch
+from tests.engine.mixed_fleet import resident_pool
+from tests.engine.test_architectures import CONFIGS, _random_encoder
+
+TEXTS = [
+    "ok",
+    "are we still on for lunch tomorrow at the usual place?",
+    "WIN a brand new car, text CLAIM to 80086 now! Offer ends soon, T&C apply, reply STOP",
+    "lol see u there",
+]
+# (rank, targets, pooling): LoRA on every kind of Linear, the pooler included, both poolings
+ADAPTERS = [
+    (8, ("query", "value"), "mean"),
+    (4, ("query", "key", "value", "dense"), "cls_pooler"),
+    (16, ("intermediate.dense", "output.dense"), "mean"),
+]
+
+
+def _fleet(backbone, tmp_path: Path, publish_random):
+    from registry import Registry
+
+    registry = Registry(tmp_path / "reg")
+    registry.create_tenant("t")
+    records = [
+        publish_random(registry, "t", f"m{i}", seed=i, rank=rank, pooling=pooling, targets=targets)
+        for i, (rank, targets, pooling) in enumerate(ADAPTERS)
+    ]
+    memory, keys = resident_pool(backbone, registry, records)
+    return registry, memory, keys + [BACKBONE_KEY]
+
+
+def _batch(backbone, keys: list[str]) -> tuple[Batch, list[list[int]]]:
+    ids = backbone.tokenizer(TEXTS)["input_ids"]
+    token_ids = [row for _ in keys for row in ids]
+    return Batch.of([k for k in keys for _ in ids], [len(r) for r in token_ids]), token_ids
+
+
+def _assert_same_rows(got: list, expected: list) -> None:
+    """Bit for bit: the lean forward runs the same ops on the same weights."""
+    assert len(got) == len(expected)
+    for have, want in zip(got, expected, strict=True):
+        if isinstance(want, np.ndarray):
+            np.testing.assert_array_equal(have, want)
+        else:
+            for pooling, vector in want.vectors.items():
+                np.testing.assert_array_equal(have.vectors[pooling], vector)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_steps_through_the_lean_forward_equal_the_models_own(
+    quantize, backbone, tmp_path, publish_random
+) -> None:
+    served = backbone if quantize == "none" else load_backbone(quantize="int8")
+    registry, memory, keys = _fleet(served, tmp_path, publish_random)
+    kernel = kernel_for("auto", "cpu")
+    try:
+        for pack_max_tokens in (0, 4096):  # padded, then packed (block-diagonal 4-D mask)
+            lean = ModelRunner(served, memory, "cpu", kernel, pack_max_tokens=pack_max_tokens)
+            own = ModelRunner(
+                served, memory, "cpu", kernel, pack_max_tokens=pack_max_tokens, lean_forward=False
+            )
+            assert lean.lean and not own.lean
+            batch, token_ids = _batch(served, keys)
+            _assert_same_rows(lean.step(batch, token_ids), own.step(batch, token_ids))
+            assert lean.num_packed_steps == own.num_packed_steps == (1 if pack_max_tokens else 0)
+    finally:
+        registry.close()
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_layouts_it_does_not_know_keep_the_models_forward(kind, tmp_path) -> None:
+    served = load_backbone(_random_encoder(kind, tmp_path / kind))
+    encoder = lean_encoder(served, torch.float32)
+    if kind == "distilbert":  # transformer.layer[i].attention.q_lin...: not BERT's layout
+        assert encoder is None
+        return
+    assert encoder is not None  # RoBERTa and ELECTRA (embeddings projected) are BERT's layout
+    ids = served.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        got = encoder(ids["input_ids"], ids["attention_mask"])
+        want = served.model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+    real = ids["attention_mask"].bool()
+    torch.testing.assert_close(
+        got.last_hidden_state[real], want.last_hidden_state[real], rtol=0, atol=1e-5
+    )
+
+
+def test_a_lean_forward_that_computes_otherwise_is_refused(backbone, monkeypatch) -> None:
+    assert lean_encoder(backbone, torch.float32) is not None
+    layer = lean_module.LeanEncoder._layer
+
+    def off_by_a_little(self, *args):
+        return layer(self, *args) + 1e-3  # past the 1e-4 a float32 check accepts
+
+    monkeypatch.setattr(lean_module.LeanEncoder, "_layer", off_by_a_little)
+    assert lean_encoder(backbone, torch.float32) is None
+
+
+def test_it_pauses_where_the_block_hooks_do_and_a_nested_forward_may_run_there(
+    backbone,
+) -> None:
+    encoder = lean_encoder(backbone, torch.float32)
+    state = backbone.lora_state
+    outer = backbone.tokenizer(TEXTS[1:3], padding=True, return_tensors="pt")
+    inner = backbone.tokenizer(TEXTS[:1], return_tensors="pt")
+    with torch.inference_mode():
+        alone = encoder(outer["input_ids"], outer["attention_mask"]).last_hidden_state
+        inner_alone = encoder(inner["input_ids"], inner["attention_mask"]).last_hidden_state
+        pauses, nested = [], []
+
+        def between_layers() -> None:
+            pauses.append(len(pauses))
+            if len(pauses) == 4:  # mid-forward, as an interlude runs a short step
+                state.between_layers = None
+                nested.append(encoder(inner["input_ids"], inner["attention_mask"]))
+                state.between_layers = between_layers
+
+        state.between_layers = between_layers
+        try:
+            paused = encoder(outer["input_ids"], outer["attention_mask"]).last_hidden_state
+        finally:
+            state.between_layers = None
+    assert len(pauses) == backbone.num_pauses == 3 * len(backbone.model.encoder.layer) - 1
+    torch.testing.assert_close(paused, alone, rtol=0, atol=0)
+    torch.testing.assert_close(nested[0].last_hidden_state, inner_alone, rtol=0, atol=0)
