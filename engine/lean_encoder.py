@@ -88,9 +88,7 @@ class LeanEncoder:
             hidden = self._project(hidden)
         width = hidden.shape[-1]
         h = hidden.reshape(batch * length, width)
-        # True where a token may attend: the broadcast form of the boolean mask transformers
-        # builds for SDPA; a 4-D mask (packed rows) is already additive, as transformers takes it
-        mask = attention_mask if attention_mask.dim() == 4 else attention_mask.bool()[:, None, None]
+        mask = _attention_bias(attention_mask, hidden.dtype)
         for i, layer in enumerate(self._layers):
             if i > 0:
                 self._pause()
@@ -105,7 +103,7 @@ class LeanEncoder:
             callback()
 
     def _layer(
-        self, layer: _Layer, h: torch.Tensor, mask: torch.Tensor, batch: int, length: int
+        self, layer: _Layer, h: torch.Tensor, mask: torch.Tensor | None, batch: int, length: int
     ) -> torch.Tensor:
         shape = (batch, length, layer.heads, layer.head_size)
         q = layer.query(h).view(shape).transpose(1, 2)
@@ -132,6 +130,21 @@ class LeanEncoder:
             norm.bias,
             norm.eps,
         )
+
+
+def _attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """What SDPA adds to the attention scores, made once per pass, not once per layer.
+
+    A 4-D mask (packed rows) is additive already, as transformers takes it. A 2-D padding
+    mask becomes 0 where a token may attend and -inf where not: what SDPA makes of the boolean
+    mask transformers passes it, at every layer. With no padding on the CPU (where the check
+    costs no device sync) there is no mask at all, as transformers then passes none."""
+    if attention_mask.dim() == 4:
+        return attention_mask
+    if attention_mask.device.type == "cpu" and bool(attention_mask.all()):
+        return None
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None]
 
 
 def lean_encoder(backbone: "Backbone", dtype: torch.dtype) -> LeanEncoder | None:
