@@ -2,9 +2,9 @@
 
 transformers' forward of a 6-layer MiniLM calls about 150 modules a step, each through
 ``nn.Module.__call__``, plus keyword plumbing, deprecation wrappers, an ``inspect.signature``
-per layer and a mask built for the general case. On a one-row CPU step that is 1-2 ms of a
-7 ms forward, paid by every small step of a lightly loaded server
-(``benchmarks.profile_step``). This forward runs the same modules' weights with the same
+per layer and a mask built for the general case. On a one-row int8 CPU step that was 1.5-2.4
+ms of 8-11, paid by every small step of a lightly loaded server (``benchmarks.profile_step
+--compare-forward``). This forward runs the same modules' weights with the same
 torch ops, calling the Linears (LoRA wrappers, int8 bases) directly.
 
 It is used only for a model that passes ``lean_encoder``'s check at load: the layout of
