@@ -149,9 +149,14 @@ def tokenize_inputs(
             )
         if not text.strip():
             raise InputError(f"input[{i}] is empty", f"input[{i}]")
+    try:
+        encoded = list(encoder.bounded(texts, max_tokens, pooled=pooled))
+    except TypeError:  # tokenizers take only text that UTF-8 can carry
+        _refuse_unpaired_surrogates(texts)
+        raise
     ids: list[tuple[int, ...]] = []
     truncated: list[bool] = []
-    for i, (row, is_prefix) in enumerate(encoder.bounded(texts, max_tokens, pooled=pooled)):
+    for i, (row, is_prefix) in enumerate(encoded):
         if len(row) <= max_tokens:
             ids.append(tuple(row))
             truncated.append(False)
@@ -167,6 +172,24 @@ def tokenize_inputs(
         ids.append(tuple(row[: max_tokens - 1]) + (row[-1],))
         truncated.append(True)
     return Tokenized(ids=tuple(ids), truncated=tuple(truncated))
+
+
+def _refuse_unpaired_surrogates(texts: Sequence[str]) -> None:
+    """InputError naming the first text that holds a lone UTF-16 surrogate. A Python string
+    may hold one (so may JSON's ``\\ud800`` escape, as Python's json module reads it); it is
+    not a character, and neither UTF-8 nor a tokenizer takes it."""
+    for i, text in enumerate(texts):
+        if text.isascii():
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            code = ord(text[error.start])
+            raise InputError(
+                f"input[{i}] holds an unpaired surrogate (U+{code:04X}) at character "
+                f"{error.start}: not Unicode text",
+                f"input[{i}]",
+            ) from None
 
 
 # below this many characters, tokenizing costs less than the hop to a thread

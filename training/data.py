@@ -113,7 +113,23 @@ def _example_from(record: Any, row: int) -> Example:
         raise _BadRow(f"'label' must be a string or an integer, not {type(label).__name__}")
     if not str(label).strip():
         raise _BadRow("empty 'label'")
+    for key, value in (("text", text), ("label", str(label))):
+        _refuse_unpaired_surrogate(key, value)
     return Example(text=text, label=str(label).strip(), row=row)
+
+
+def _refuse_unpaired_surrogate(key: str, value: str) -> None:
+    """A JSON ``\\ud800`` escape without its pair reads as a lone surrogate: not a character,
+    and nothing downstream (the tokenizer, UTF-8, the manifest) takes it."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(value[error.start])
+        raise _BadRow(
+            f"'{key}' holds an unpaired surrogate (U+{code:04X}) at character {error.start}"
+        ) from None
 
 
 def _collect(numbered: Iterable[tuple[int, Any]], source: str) -> list[Example]:

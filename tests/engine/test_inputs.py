@@ -77,6 +77,20 @@ def test_tokenize_inputs_truncates_or_refuses_by_request(backbone) -> None:
         tokenize_inputs(encoder, texts, max_tokens=16, truncate=True, max_inputs=4)
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_text_that_is_not_unicode_is_named(backbone, pooled) -> None:
+    """Half a surrogate pair: Python strings hold it, tokenizers refuse it (a TypeError)."""
+    encoder = TextEncoder(backbone.tokenizer)
+    texts = ["fine", "café 🙂", "caf\u00e9 \ud83d and more"]
+    with pytest.raises(
+        InputError, match=r"input\[2\] holds an unpaired surrogate \(U\+D83D\) at character 5"
+    ) as err:
+        tokenize_inputs(encoder, texts, max_tokens=16, truncate=True, max_inputs=4, pooled=pooled)
+    assert err.value.field == "input[2]"
+    ok = tokenize_inputs(encoder, texts[:2], max_tokens=16, truncate=True, max_inputs=4)
+    assert len(ok.ids) == 2
+
+
 def test_a_core_that_does_not_serialize_keeps_the_hugging_face_call(backbone, monkeypatch) -> None:
     import engine.inputs
 

@@ -51,9 +51,21 @@ DEEP = b"[" * 10_000 + b"]" * 10_000  # under the size cap, past any decoder's s
         b"\xff\xfe",
         b"nul",
         b'{"model": "spam", "input": "\xff"}',
+        b'{"model": "spam", "input": "caf\\u00e9 \\ud83d"}',
+        b'{"model": "spam", "input": ["ok", "\\udc00 then text"]}',
         DEEP,
     ],
-    ids=["empty", "open", "trailing comma", "not utf-8", "nul", "not utf-8 in a string", "deep"],
+    ids=[
+        "empty",
+        "open",
+        "trailing comma",
+        "not utf-8",
+        "nul",
+        "not utf-8 in a string",
+        "half a surrogate pair at the end",
+        "a lone low surrogate",
+        "deep",
+    ],
 )
 async def test_malformed_json_is_400(client, tenants, raw) -> None:
     response = await client.post("/v1/classify", data=raw, headers=bearer(tenants.acme))

@@ -104,21 +104,25 @@ def test_unreadable_rows_are_all_named(tmp_path):
         '{"text": "x", "label": "  "}',
         "[" * 10_000 + "]" * 10_000,  # past the decoder's recursion limit
         '{"text": "x", "label": ' + "9" * 5000 + "}",  # past Python's int digits limit
+        '{"text": "caf\\u00e9 \\ud83d", "label": "a"}',  # half an emoji: not Unicode
+        '{"text": "fine", "label": "\\udc00"}',
     ]
     path = write(tmp_path, "bad.jsonl", "\n".join(lines))
     with pytest.raises(DataError) as caught:
         load_examples(path)
     message = str(caught.value)
-    assert "bad.jsonl" in message and "7 unreadable rows" in message
+    assert "bad.jsonl" in message and "9 unreadable rows" in message
     for fragment in (
         "row 2: malformed JSON",
         "row 3: missing 'label'",
         "row 4: 'text' must be",
         "row 7: malformed JSON (arrays or objects nested too deeply)",
         "row 8: malformed JSON (Exceeds the limit",
+        "row 9: 'text' holds an unpaired surrogate (U+D83D) at character 5",
+        "row 10: 'label' holds an unpaired surrogate (U+DC00) at character 0",
     ):
         assert fragment in message
-    assert caught.value.rows == (2, 3, 4, 5, 6, 7, 8)
+    assert caught.value.rows == (2, 3, 4, 5, 6, 7, 8, 9, 10)
 
 
 def test_a_text_longer_than_csvs_default_field_cap_loads(tmp_path):
