@@ -73,6 +73,11 @@ class ModelRunner:
         lean = lean_encoder(backbone, memory.dtype) if lean_forward else None
         self._encode: Callable[..., Any] = lean if lean is not None else backbone.model
         self.lean = lean is not None
+        if lean_forward and lean is None:
+            log.info(
+                "%s runs its own forward: not laid out as BERT, or the lean forward differs",
+                backbone.name,
+            )
         self._poolings = backbone_poolings(backbone)  # pooled for head-only models' rows
         self._kernel = kernel
         self._memory = memory
