@@ -94,7 +94,7 @@ for step in $STEPS; do
       run 40 graphs-profile python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
         --adapters 1,16 --top 0 --cuda-graphs
       run 40 graphs-profile-eager python3 -m benchmarks.profile_step --device cuda --rows 1,32 \
-        --adapters 1,16 --top 0 --no-cuda-graphs
+        --adapters 1,16 --top 0 --no-cuda-graphs --compare-forward
       run 130 graphs-load $LOAD --out "$WORK/graphs" --cuda-graphs \
         --only embedded-sms-1a,embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf
       tar -czf "$OUT/load_graphs.tgz" -C "$WORK" graphs 2>/dev/null ;;

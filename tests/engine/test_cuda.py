@@ -29,7 +29,9 @@ async def test_cuda_engine_equals_cpu_engine(fleet_registry, kernel: str) -> Non
     async with Engine(config) as gpu:
         got = await answers(gpu, fleet_registry)
         stats = gpu.stats()
+        lean = gpu._loaded.runner.lean
     assert_close(got, expected, atol=1e-4)
+    assert lean  # eager steps ran the lean forward (engine/lean_encoder.py): it passed on CUDA
     assert stats["adapter_device_loads"] == len(ADAPTERS)  # head-only models too: their heads
     assert stats["steps"] < len(ADAPTERS) * len(TEXTS)  # adapters really shared steps
 
