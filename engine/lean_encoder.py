@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.lora import StepLora
-from engine.packing import CHECK_TEXTS, check_tolerance, pack, padded_ids
+from engine.packing import check_inputs
 
 if TYPE_CHECKING:
     from engine.backbone import Backbone
@@ -199,13 +199,10 @@ def _layer_of(layer: nn.Module) -> _Layer:
 
 
 def _agrees(backbone: "Backbone", lean: LeanEncoder, dtype: torch.dtype) -> bool:
-    """Both forwards on ``CHECK_TEXTS``, padded and packed: True when every real token's hidden
-    state and every pooled output agree within the tolerance of the other load-time checks."""
+    """Both forwards on the load-time checks' texts, padded and packed: True when every real
+    token's hidden state and every pooled output agree within those checks' tolerance."""
     model, device = backbone.model, str(next(backbone.model.parameters()).device)
-    token_ids = [backbone.tokenizer(text)["input_ids"] for text in CHECK_TEXTS]
-    ids, mask = padded_ids(token_ids, device)
-    packed = pack(token_ids, device, dtype)
-    tolerance = check_tolerance(backbone, dtype)
+    _, ids, mask, packed, tolerance = check_inputs(backbone, device, dtype)
     try:
         with torch.inference_mode():
             expected = model(input_ids=ids, attention_mask=mask)

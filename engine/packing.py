@@ -114,10 +114,7 @@ def check_tolerance(backbone: Backbone, dtype: torch.dtype) -> float:
 def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
     """Run two texts padded and packed (no LoRA): True when every row's hidden states agree."""
     model = backbone.model
-    token_ids = [backbone.tokenizer(text)["input_ids"] for text in CHECK_TEXTS]
-    ids, mask = padded_ids(token_ids, device)
-    inputs = pack(token_ids, device, dtype)
-    tolerance = check_tolerance(backbone, dtype)
+    token_ids, ids, mask, inputs, tolerance = check_inputs(backbone, device, dtype)
     try:
         with torch.inference_mode():
             padded = model(input_ids=ids, attention_mask=mask)
@@ -137,14 +134,17 @@ def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
     return True
 
 
-def padded_ids(
-    token_ids: Sequence[Sequence[int]], device: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows padded with id 0 to the longest, and their 0/1 mask, on ``device``."""
+def check_inputs(
+    backbone: Backbone, device: str, dtype: torch.dtype
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, PackedInputs, float]:
+    """What a load-time check runs: ``CHECK_TEXTS``' ids, padded (ids and 0/1 mask) and packed,
+    on ``device``, and the tolerance the comparison takes."""
+    token_ids = [backbone.tokenizer(text)["input_ids"] for text in CHECK_TEXTS]
     width = max(len(row) for row in token_ids)
     ids = torch.zeros((len(token_ids), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(token_ids):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
+    packed = pack(token_ids, device, dtype)
+    return token_ids, ids.to(device), mask.to(device), packed, check_tolerance(backbone, dtype)
