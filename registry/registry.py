@@ -65,6 +65,8 @@ class Registry:
         if not isinstance(durable, bool):
             raise ValueError(f"durable must be a bool, got {durable!r}")
         self._root = Path(root).absolute()
+        if self._root.exists() and not self._root.is_dir():
+            raise RegistryError(f"registry {self._root} is not a directory")
         self._root.mkdir(parents=True, exist_ok=True)
         self._catalog = Catalog(self._root / CATALOG_FILE, _BUSY_TIMEOUT_S, is_durable=durable)
         self._memo = ReadMemo()  # resolve's records, until the catalog changes

@@ -289,3 +289,11 @@ def test_tenant_settings_round_trip_and_stamp(tmp_path) -> None:
             registry.set_tenant_settings("nobody", {"weight": 1.0})
         with pytest.raises(ValueError):
             registry.set_tenant_settings("acme", ["not", "an", "object"])  # type: ignore[arg-type]
+
+
+def test_a_root_that_is_a_file_is_refused_by_name(tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    root.write_text("not a registry")
+    with pytest.raises(RegistryError, match=r"registry .*registry is not a directory"):
+        Registry(root)
+    assert root.read_text() == "not a registry"
