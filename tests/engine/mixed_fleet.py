@@ -66,14 +66,14 @@ def assert_close(got: list, expected: list, atol: float) -> None:
                 assert abs(score - ref.scores[label]) <= atol, (label, score, ref.scores[label])
 
 
-def resident_pool(backbone, registry, records, *, num_pages: int = 256):
+def resident_pool(backbone, registry, records, *, num_pages: int = 256, dtype=torch.float32):
     """A CPU adapter pool holding ``records``' adapters, and their keys in order: for tests
     that drive a ModelRunner directly."""
     from engine.adapter_store import AdapterStore
     from engine.host_cache import HostCache
     from engine.memory import AdapterMemory
 
-    memory = AdapterMemory(backbone, num_pages=num_pages, device="cpu", dtype=torch.float32)
+    memory = AdapterMemory(backbone, num_pages=num_pages, device="cpu", dtype=dtype)
     store = AdapterStore(
         registry, backbone, memory, HostCache(0), max_loads_in_flight=1, pin_host_memory=False
     )

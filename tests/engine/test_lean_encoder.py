@@ -30,7 +30,7 @@ ADAPTERS = [
 ]
 
 
-def _fleet(backbone, tmp_path: Path, publish_random):
+def _fleet(backbone, tmp_path: Path, publish_random, dtype=torch.float32):
     from registry import Registry
 
     registry = Registry(tmp_path / "reg")
@@ -39,7 +39,7 @@ def _fleet(backbone, tmp_path: Path, publish_random):
         publish_random(registry, "t", f"m{i}", seed=i, rank=rank, pooling=pooling, targets=targets)
         for i, (rank, targets, pooling) in enumerate(ADAPTERS)
     ]
-    memory, keys = resident_pool(backbone, registry, records)
+    memory, keys = resident_pool(backbone, registry, records, dtype=dtype)
     return registry, memory, keys + [BACKBONE_KEY]
 
 
@@ -60,12 +60,17 @@ def _assert_same_rows(got: list, expected: list) -> None:
                 np.testing.assert_array_equal(have.vectors[pooling], vector)
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("precision", ["float32", "int8", "bfloat16"])
 def test_steps_through_the_lean_forward_equal_the_models_own(
-    quantize, backbone, tmp_path, publish_random
+    precision, backbone, tmp_path, publish_random
 ) -> None:
-    served = backbone if quantize == "none" else load_backbone(quantize="int8")
-    registry, memory, keys = _fleet(served, tmp_path, publish_random)
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    served = {
+        "float32": lambda: backbone,
+        "int8": lambda: load_backbone(quantize="int8"),
+        "bfloat16": lambda: load_backbone(dtype=torch.bfloat16),
+    }[precision]()
+    registry, memory, keys = _fleet(served, tmp_path, publish_random, dtype)
     kernel = kernel_for("auto", "cpu")
     try:
         for pack_max_tokens in (0, 4096):  # padded, then packed (block-diagonal 4-D mask)
