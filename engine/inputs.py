@@ -150,7 +150,7 @@ def tokenize_inputs(
         if not text.strip():
             raise InputError(f"input[{i}] is empty", f"input[{i}]")
     try:
-        encoded = list(encoder.bounded(texts, max_tokens, pooled=pooled))
+        encoded = encoder.bounded(texts, max_tokens, pooled=pooled)
     except TypeError:  # tokenizers take only text that UTF-8 can carry
         _refuse_unpaired_surrogates(texts)
         raise

@@ -247,12 +247,13 @@ class JobManager:
                     )
 
     def _enforce_time_limit(self) -> None:
-        """Kill the workers of jobs running past ``max_job_seconds`` (not one publishing:
-        its version is nearly in); `_settle` fails their jobs."""
+        """Kill workers past ``max_job_seconds`` (not one publishing); `_settle` fails them."""
         limit, now = self._config.max_job_seconds, time.time()
+        if limit is None:
+            return
         with self._lock:
             for job_id, worker in self._workers.items():
-                if limit is not None and worker.time_out(self._jobs[job_id].started_at, limit, now):
+                if worker.time_out(self._jobs[job_id].started_at, limit, now):
                     log.warning("training job %s ran past %g s; killed it", job_id, limit)
 
     def _relay(self, worker: WorkerProcess) -> None:

@@ -122,16 +122,16 @@ def _class_errors(examples: Sequence[Example], num_rows: int, min_per_class: int
     rows_by_label: dict[str, list[int]] = {}
     for example in deduplicate(examples):
         rows_by_label.setdefault(example.label, []).append(example.row)
-    all_labels = {example.label for example in examples}
+    counts = Counter(example.label for example in examples)  # duplicates included
     errors = []
-    if len(all_labels) < 2:
-        errors.append(f"only one class ({next(iter(all_labels))!r}); need at least 2")
-    for label in sorted(all_labels):
+    if len(counts) < 2:
+        errors.append(f"only one class ({next(iter(counts))!r}); need at least 2")
+    for label in sorted(counts):
         rows = rows_by_label.get(label, [])
         if len(rows) >= min_per_class:
             continue
         where = f" ({describe_rows(rows)})" if rows else ""
-        has_copies = len(rows) < sum(example.label == label for example in examples)
+        has_copies = len(rows) < counts[label]
         count = f"{len(rows)} distinct example(s)" if has_copies else f"{len(rows)} example(s)"
         dropped = " once duplicate texts are dropped" if has_copies else ""
         errors.append(f"class {label!r} has {count}{where}{dropped}; need at least {min_per_class}")
