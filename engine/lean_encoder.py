@@ -1,4 +1,4 @@
-"""A BERT-layout encoder's forward pass in plain torch calls, for serving.
+"""A BERT- or DistilBERT-layout encoder's forward pass in plain torch calls, for serving.
 
 transformers' forward of a 6-layer MiniLM calls about 150 modules a step, each through
 ``nn.Module.__call__``, plus keyword plumbing, deprecation wrappers, an ``inspect.signature``
@@ -8,10 +8,10 @@ ms of 8-11, paid by every small step of a lightly loaded server (``benchmarks.pr
 torch ops, calling the Linears (LoRA wrappers, int8 bases) directly.
 
 It is used only for a model that passes ``lean_encoder``'s check at load: the layout of
-BERT (RoBERTa, ELECTRA and others share it), and the same hidden states as the model's own
-forward on real text, padded and packed. Anything else, or any transformers change that makes
-the two disagree, serves through the model's own forward. Inference only: no dropout, no
-gradients, no cache.
+BERT (RoBERTa, ELECTRA and others share it) or DistilBERT, and the same hidden states as the
+model's own forward on real text, padded and packed. Anything else, or any transformers
+change that makes the two disagree, serves through the model's own forward. Inference only:
+no dropout, no gradients, no cache.
 """
 
 from collections.abc import Callable
@@ -43,8 +43,8 @@ Op = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
-class _Layer:
-    """One layer's callables (modules' own ``forward``: no hooks, no ``__call__``)."""
+class _Attention:
+    """Self-attention's projections: the modules' own ``forward`` (no hooks, no ``__call__``)."""
 
     query: Op
     key: Op
@@ -52,12 +52,33 @@ class _Layer:
     heads: int
     head_size: int
     scaling: float
+
+    def __call__(
+        self, h: torch.Tensor, mask: torch.Tensor | None, batch: int, length: int
+    ) -> torch.Tensor:
+        shape = (batch, length, self.heads, self.head_size)
+        q = self.query(h).view(shape).transpose(1, 2)
+        k = self.key(h).view(shape).transpose(1, 2)
+        v = self.value(h).view(shape).transpose(1, 2)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        return context.transpose(1, 2).reshape(batch * length, -1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """One layer's callables. BERT's blocks are attention (with its output Linear and norm),
+    the feed-forward's first Linear, and its second with the output norm; DistilBERT's are
+    attention, its norm, the whole feed-forward, and the output norm (``split_norms``). The
+    block hooks pause before each block, so this forward pauses at the same points."""
+
+    attention: _Attention
     attention_out: Op
     attention_norm: nn.LayerNorm
     intermediate: Op
     activation: Op
     out: Op
     out_norm: nn.LayerNorm
+    split_norms: bool  # DistilBERT: each norm is a block of its own
 
 
 class LeanEncoder:
@@ -65,8 +86,8 @@ class LeanEncoder:
     additive mask [B, 1, T, T] (packed steps), and optional ``position_ids``.
 
     Calls ``state.between_layers`` where the model's block hooks would (engine/backbone.py):
-    before every block (attention, feed-forward in, feed-forward out) but the first. Keeps
-    nothing between calls, so a whole nested forward may run at any of those points.
+    before every block of every layer (see `_Layer`) but the first. Keeps nothing between
+    calls, so a whole nested forward may run at any of those points.
     """
 
     def __init__(self, model: nn.Module, layers: list[_Layer], state: StepLora) -> None:
@@ -105,31 +126,22 @@ class LeanEncoder:
     def _layer(
         self, layer: _Layer, h: torch.Tensor, mask: torch.Tensor | None, batch: int, length: int
     ) -> torch.Tensor:
-        shape = (batch, length, layer.heads, layer.head_size)
-        q = layer.query(h).view(shape).transpose(1, 2)
-        k = layer.key(h).view(shape).transpose(1, 2)
-        v = layer.value(h).view(shape).transpose(1, 2)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling)
-        context = context.transpose(1, 2).reshape(batch * length, -1)
-        norm = layer.attention_norm
-        attended = F.layer_norm(
-            layer.attention_out(context).add_(h),
-            norm.normalized_shape,
-            norm.weight,
-            norm.bias,
-            norm.eps,
-        )
+        attended = layer.attention_out(layer.attention(h, mask, batch, length)).add_(h)
+        if layer.split_norms:
+            self._pause()
+        attended = _norm(layer.attention_norm, attended)
         self._pause()
         inner = layer.activation(layer.intermediate(attended))
-        self._pause()
-        norm = layer.out_norm
-        return F.layer_norm(
-            layer.out(inner).add_(attended),
-            norm.normalized_shape,
-            norm.weight,
-            norm.bias,
-            norm.eps,
-        )
+        if not layer.split_norms:
+            self._pause()
+        out = layer.out(inner).add_(attended)
+        if layer.split_norms:
+            self._pause()
+        return _norm(layer.out_norm, out)
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -148,8 +160,8 @@ def _attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def lean_encoder(backbone: "Backbone", dtype: torch.dtype) -> LeanEncoder | None:
-    """A LeanEncoder for ``backbone`` if its model has BERT's layout and the lean forward
-    gives its hidden states on real text, padded and packed; None otherwise."""
+    """A LeanEncoder for ``backbone`` if its model has BERT's or DistilBERT's layout and the
+    lean forward gives its hidden states on real text, padded and packed; None otherwise."""
     model = backbone.model
     layers = _layers(model)
     if layers is None:
@@ -159,7 +171,8 @@ def lean_encoder(backbone: "Backbone", dtype: torch.dtype) -> LeanEncoder | None
 
 
 def _layers(model: nn.Module) -> list[_Layer] | None:
-    """Each layer's parts, or None where the model is not laid out (or configured) as BERT."""
+    """Each layer's parts, or None where the model is not laid out (or configured) as BERT or
+    DistilBERT."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_decoder", False):
         return None
@@ -167,35 +180,63 @@ def _layers(model: nn.Module) -> list[_Layer] | None:
         return None
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return None
-    stack = getattr(getattr(model, "encoder", None), "layer", None)
-    if not isinstance(stack, nn.ModuleList) or not hasattr(model, "embeddings"):
+    if not hasattr(model, "embeddings"):
         return None
-    try:
-        return [_layer_of(layer) for layer in stack]
-    except (AttributeError, TypeError):
-        return None
+    for stack_owner, layer_of in (("encoder", _bert_layer), ("transformer", _distilbert_layer)):
+        stack = getattr(getattr(model, stack_owner, None), "layer", None)
+        if isinstance(stack, nn.ModuleList):
+            try:
+                return [layer_of(layer) for layer in stack]
+            except (AttributeError, TypeError):
+                return None
+    return None
 
 
-def _layer_of(layer: nn.Module) -> _Layer:
+def _bert_layer(layer: nn.Module) -> _Layer:
     attention, out = layer.attention.self, layer.attention.output
-    norms = (out.LayerNorm, layer.output.LayerNorm)
-    if not all(isinstance(n, nn.LayerNorm) for n in norms):
-        raise TypeError("not LayerNorm")
-    heads, head_size = int(attention.num_attention_heads), int(attention.attention_head_size)
     return _Layer(
-        query=attention.query.forward,
-        key=attention.key.forward,
-        value=attention.value.forward,
-        heads=heads,
-        head_size=head_size,
-        scaling=float(getattr(attention, "scaling", head_size**-0.5)),
+        attention=_attention(attention, ("query", "key", "value"), "num_attention_heads"),
         attention_out=out.dense.forward,
-        attention_norm=norms[0],
+        attention_norm=_checked_norm(out.LayerNorm),
         intermediate=layer.intermediate.dense.forward,
         activation=layer.intermediate.intermediate_act_fn,
         out=layer.output.dense.forward,
-        out_norm=norms[1],
+        out_norm=_checked_norm(layer.output.LayerNorm),
+        split_norms=False,
     )
+
+
+def _distilbert_layer(layer: nn.Module) -> _Layer:
+    attention, ffn = layer.attention, layer.ffn
+    return _Layer(
+        attention=_attention(attention, ("q_lin", "k_lin", "v_lin"), "n_heads"),
+        attention_out=attention.out_lin.forward,
+        attention_norm=_checked_norm(layer.sa_layer_norm),
+        intermediate=ffn.lin1.forward,
+        activation=ffn.activation,
+        out=ffn.lin2.forward,
+        out_norm=_checked_norm(layer.output_layer_norm),
+        split_norms=True,
+    )
+
+
+def _attention(owner: nn.Module, projections: tuple[str, str, str], heads: str) -> _Attention:
+    query, key, value = (getattr(owner, name).forward for name in projections)
+    head_size = int(owner.attention_head_size)
+    return _Attention(
+        query=query,
+        key=key,
+        value=value,
+        heads=int(getattr(owner, heads)),
+        head_size=head_size,
+        scaling=float(getattr(owner, "scaling", head_size**-0.5)),
+    )
+
+
+def _checked_norm(module: object) -> nn.LayerNorm:
+    if not isinstance(module, nn.LayerNorm):
+        raise TypeError("not LayerNorm")
+    return module
 
 
 def _agrees(backbone: "Backbone", lean: LeanEncoder, dtype: torch.dtype) -> bool:

@@ -75,7 +75,8 @@ class ModelRunner:
         self.lean = lean is not None
         if lean_forward and lean is None:
             log.info(
-                "%s runs its own forward: not laid out as BERT, or the lean forward differs",
+                "%s runs its own forward: not BERT's or DistilBERT's layout, "
+                "or the lean one differs",
                 backbone.name,
             )
         self._poolings = backbone_poolings(backbone)  # pooled for head-only models' rows

@@ -1,16 +1,19 @@
 """The lean forward (engine/lean_encoder.py) serves what the model's own forward serves, pauses
 where the model's block hooks pause, and is refused for layouts or results it does not match."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModel, MPNetConfig
 
 from engine import lean_encoder as lean_module
-from engine import load_backbone
+from engine import load_backbone, packaged_backbone_dir
 from engine.lean_encoder import lean_encoder
 from engine.lora_kernels import kernel_for
+from engine.memory import AdapterMemory
 from engine.runner import BACKBONE_KEY, ModelRunner
 from scheduler import Batch
 from tests.engine.mixed_fleet import resident_pool
@@ -22,23 +25,32 @@ TEXTS = [
     "WIN a brand new car, text CLAIM to 80086 now! Offer ends soon, T&C apply, reply STOP",
     "lol see u there",
 ]
-# (rank, targets, pooling): LoRA on every kind of Linear, the pooler included, both poolings
-ADAPTERS = [
-    (8, ("query", "value"), "mean"),
-    (4, ("query", "key", "value", "dense"), "cls_pooler"),
-    (16, ("intermediate.dense", "output.dense"), "mean"),
-]
+# (rank, targets, pooling) per layout: LoRA on every kind of Linear, the pooler included
+ADAPTERS = {
+    "minilm": [
+        (8, ("query", "value"), "mean"),
+        (4, ("query", "key", "value", "dense"), "cls_pooler"),
+        (16, ("intermediate.dense", "output.dense"), "mean"),
+    ],
+    "distilbert": [
+        (8, ("q_lin", "v_lin"), "mean"),
+        (4, ("q_lin", "k_lin", "v_lin", "out_lin"), "mean"),
+        (16, ("lin1", "lin2"), "mean"),
+    ],
+}
 
 
-def _fleet(backbone, tmp_path: Path, publish_random, dtype=torch.float32):
+def _fleet(backbone, adapters, tmp_path: Path, write_random_adapter, dtype=torch.float32):
     from registry import Registry
 
     registry = Registry(tmp_path / "reg")
     registry.create_tenant("t")
-    records = [
-        publish_random(registry, "t", f"m{i}", seed=i, rank=rank, pooling=pooling, targets=targets)
-        for i, (rank, targets, pooling) in enumerate(ADAPTERS)
-    ]
+    records = []
+    for i, (rank, targets, pooling) in enumerate(adapters):
+        out = tmp_path / f"adapter-{i}"
+        write_random_adapter(backbone, out, seed=i, rank=rank, num_labels=2, targets=targets)
+        manifest = {"labels": ["neg", "pos"], "base_sha256": backbone.sha256, "rank": rank}
+        records.append(registry.publish("t", f"m{i}", out, {**manifest, "pooling": pooling}))
     memory, keys = resident_pool(backbone, registry, records, dtype=dtype)
     return registry, memory, keys + [BACKBONE_KEY]
 
@@ -60,17 +72,23 @@ def _assert_same_rows(got: list, expected: list) -> None:
                 np.testing.assert_array_equal(have.vectors[pooling], vector)
 
 
+@pytest.fixture(scope="module")
+def distilbert_dir(tmp_path_factory) -> Path:
+    return _random_encoder("distilbert", tmp_path_factory.mktemp("distilbert"))
+
+
+@pytest.mark.parametrize("layout", sorted(ADAPTERS))
 @pytest.mark.parametrize("precision", ["float32", "int8", "bfloat16"])
 def test_steps_through_the_lean_forward_equal_the_models_own(
-    precision, backbone, tmp_path, publish_random
+    layout, precision, distilbert_dir, tmp_path, write_random_adapter
 ) -> None:
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-    served = {
-        "float32": lambda: backbone,
-        "int8": lambda: load_backbone(quantize="int8"),
-        "bfloat16": lambda: load_backbone(dtype=torch.bfloat16),
-    }[precision]()
-    registry, memory, keys = _fleet(served, tmp_path, publish_random, dtype)
+    served = load_backbone(
+        distilbert_dir if layout == "distilbert" else None,
+        dtype=dtype,
+        quantize="int8" if precision == "int8" else "none",
+    )
+    registry, memory, keys = _fleet(served, ADAPTERS[layout], tmp_path, write_random_adapter, dtype)
     kernel = kernel_for("auto", "cpu")
     try:
         for pack_max_tokens in (0, 4096):  # padded, then packed (block-diagonal 4-D mask)
@@ -87,13 +105,11 @@ def test_steps_through_the_lean_forward_equal_the_models_own(
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_layouts_it_does_not_know_keep_the_models_forward(kind, tmp_path) -> None:
+def test_other_encoders_of_either_layout_take_the_lean_forward(kind, tmp_path) -> None:
     served = load_backbone(_random_encoder(kind, tmp_path / kind))
     encoder = lean_encoder(served, torch.float32)
-    if kind == "distilbert":  # transformer.layer[i].attention.q_lin...: not BERT's layout
-        assert encoder is None
-        return
-    assert encoder is not None  # RoBERTa and ELECTRA (embeddings projected) are BERT's layout
+    # RoBERTa and ELECTRA (embeddings projected) are BERT's layout; DistilBERT its own
+    assert encoder is not None
     ids = served.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.inference_mode():
         got = encoder(ids["input_ids"], ids["attention_mask"])
@@ -102,6 +118,27 @@ def test_layouts_it_does_not_know_keep_the_models_forward(kind, tmp_path) -> Non
     torch.testing.assert_close(
         got.last_hidden_state[real], want.last_hidden_state[real], rtol=0, atol=1e-5
     )
+
+
+def test_a_layout_it_does_not_know_keeps_the_models_forward(tmp_path) -> None:
+    """MPNet: encoder.layer[i].attention.attn.q, with a relative position bias."""
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        vocab_size=30527,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+    )
+    AutoModel.from_config(config).save_pretrained(tmp_path / "mpnet")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        if (packaged_backbone_dir() / name).is_file():
+            shutil.copy(packaged_backbone_dir() / name, tmp_path / "mpnet" / name)
+    served = load_backbone(tmp_path / "mpnet")
+    assert served.num_pauses > 0  # the block hooks still pause it
+    assert lean_encoder(served, torch.float32) is None
+    memory = AdapterMemory(served, num_pages=16, device="cpu", dtype=torch.float32)
+    assert not ModelRunner(served, memory, "cpu", kernel_for("auto", "cpu")).lean
 
 
 def test_a_lean_forward_that_computes_otherwise_is_refused(backbone, monkeypatch) -> None:
@@ -115,13 +152,15 @@ def test_a_lean_forward_that_computes_otherwise_is_refused(backbone, monkeypatch
     assert lean_encoder(backbone, torch.float32) is None
 
 
+@pytest.mark.parametrize("layout", ["minilm", "distilbert"])
 def test_it_pauses_where_the_block_hooks_do_and_a_nested_forward_may_run_there(
-    backbone,
+    layout, backbone, distilbert_dir
 ) -> None:
-    encoder = lean_encoder(backbone, torch.float32)
-    state = backbone.lora_state
-    outer = backbone.tokenizer(TEXTS[1:3], padding=True, return_tensors="pt")
-    inner = backbone.tokenizer(TEXTS[:1], return_tensors="pt")
+    served = load_backbone(distilbert_dir) if layout == "distilbert" else backbone
+    encoder = lean_encoder(served, torch.float32)
+    state = served.lora_state
+    outer = served.tokenizer(TEXTS[1:3], padding=True, return_tensors="pt")
+    inner = served.tokenizer(TEXTS[:1], return_tensors="pt")
     with torch.inference_mode():
         alone = encoder(outer["input_ids"], outer["attention_mask"]).last_hidden_state
         inner_alone = encoder(inner["input_ids"], inner["attention_mask"]).last_hidden_state
@@ -137,8 +176,15 @@ def test_it_pauses_where_the_block_hooks_do_and_a_nested_forward_may_run_there(
         state.between_layers = between_layers
         try:
             paused = encoder(outer["input_ids"], outer["attention_mask"]).last_hidden_state
+            hooked = []
+            state.between_layers = lambda: hooked.append(len(hooked))
+            served.model(input_ids=outer["input_ids"], attention_mask=outer["attention_mask"])
         finally:
             state.between_layers = None
-    assert len(pauses) == backbone.num_pauses == 3 * len(backbone.model.encoder.layer) - 1
+    blocks_per_layer = 4 if layout == "distilbert" else 3  # DistilBERT's norms are blocks
+    num_layers = len(
+        served.model.transformer.layer if layout == "distilbert" else served.model.encoder.layer
+    )
+    assert len(pauses) == len(hooked) == served.num_pauses == blocks_per_layer * num_layers - 1
     torch.testing.assert_close(paused, alone, rtol=0, atol=0)
     torch.testing.assert_close(nested[0].last_hidden_state, inner_alone, rtol=0, atol=0)
