@@ -237,6 +237,7 @@ def real_texts(count: int, seed: int = 0) -> list[str]:
     return [(sms, news)[i % 2][i // 2] for i in range(count)]
 
 
+RANDOM_LAYOUTS = ("bert", "distilbert")  # build_random_backbone's
 TOKENIZER_FILES = (
     "vocab.txt",
     "tokenizer.json",
@@ -245,30 +246,26 @@ TOKENIZER_FILES = (
 )
 
 
-def build_random_backbone(out_dir: Path, *, hidden: int, layers: int, tokenizer_dir: Path) -> Path:
-    """A BERT encoder of the given width and depth with random weights, saved as safetensors
-    with ``tokenizer_dir``'s tokenizer: the shape of a bigger model without downloading one.
+def build_random_backbone(
+    out_dir: Path, *, hidden: int, layers: int, tokenizer_dir: Path, layout: str = "bert"
+) -> Path:
+    """An encoder of the given width and depth with random weights, saved as safetensors with
+    ``tokenizer_dir``'s tokenizer: the shape of a bigger model without downloading one.
+    ``layout`` is ``bert`` or ``distilbert`` (DistilBERT's module tree, no pooler).
 
     Heads are 64 wide (``hidden // 64`` of them, one when hidden is not a multiple of 64) and
     the feed-forward is ``4 * hidden``, as in BERT-base.
     """
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer
 
     if hidden < 1 or layers < 1:
         raise ValueError(f"--hidden and --layers must be >= 1, got {hidden} and {layers}")
+    if layout not in RANDOM_LAYOUTS:
+        raise ValueError(f"layout must be one of {RANDOM_LAYOUTS}, got {layout!r}")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64 if hidden % 64 == 0 else 1,
-        intermediate_size=4 * hidden,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id or 0,
-    )
     with torch.random.fork_rng():  # seeded weights without touching the caller's generator
         torch.manual_seed(0)
-        model = BertModel(config)
+        model = _random_model(layout, len(tokenizer), hidden, layers, tokenizer.pad_token_id or 0)
     model.save_pretrained(str(out_dir))
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
@@ -276,10 +273,42 @@ def build_random_backbone(out_dir: Path, *, hidden: int, layers: int, tokenizer_
     return out_dir
 
 
+def _random_model(layout: str, vocab: int, hidden: int, layers: int, pad: int) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
+
+    heads = hidden // 64 if hidden % 64 == 0 else 1
+    if layout == "distilbert":
+        return DistilBertModel(
+            DistilBertConfig(
+                vocab_size=vocab,
+                dim=hidden,
+                n_layers=layers,
+                n_heads=heads,
+                hidden_dim=4 * hidden,
+                pad_token_id=pad,
+            )
+        )
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=512,
+        pad_token_id=pad,
+    )
+    return BertModel(config)
+
+
 def random_backbone_dir(
-    work: Path, hidden: int | None, layers: int | None, *, default_layers: int
+    work: Path,
+    hidden: int | None,
+    layers: int | None,
+    *,
+    default_layers: int,
+    layout: str = "bert",
 ) -> str | None:
-    """The ``--hidden``/``--layers`` flags of a benchmark: a random-weight BERT of that width
+    """The ``--hidden``/``--layers`` flags of a benchmark: a random-weight encoder of that width
     and depth (with the packaged tokenizer) built under ``work``; None without ``--hidden``
     (the packaged MiniLM)."""
     if hidden is None:
@@ -291,6 +320,7 @@ def random_backbone_dir(
         hidden=hidden,
         layers=layers or default_layers,
         tokenizer_dir=packaged_backbone_dir(),
+        layout=layout,
     )
     return str(path)
 

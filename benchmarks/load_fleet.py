@@ -1,8 +1,8 @@
 """A scratch registry full of random adapters, for load tests that need many tenants' models.
 
 Adapter ``i`` is ``a{i}`` of tenant ``t{i % num_tenants}``: rank 8, LoRA on every encoder
-linear (what ``graft train`` makes), a random two-label head. Popularity ranks follow the
-adapter index, so the hottest adapters belong to different tenants.
+linear outside the pooler (what ``graft train`` makes), a random two-label head. Popularity
+ranks follow the adapter index, so the hottest adapters belong to different tenants.
 """
 
 import shutil
@@ -13,15 +13,6 @@ import torch
 
 RANK = 8
 LABELS = ("ham", "spam")
-# encoder linears graft's own training targets (all of them but the pooler)
-ENCODER_TARGETS = (
-    "query",
-    "key",
-    "value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-)
 _PUBLISH_CHUNK = 250  # adapters staged on disk before one bulk publish
 
 
@@ -103,11 +94,8 @@ def _manifest(base_sha256: str) -> dict:
 def _write_random(backbone, out_dir: Path, gen: torch.Generator) -> Path:
     from engine import write_peft_adapter
 
-    names = [
-        n
-        for n in backbone.linear_names
-        if not n.startswith("pooler") and any(n.endswith(t) for t in ENCODER_TARGETS)
-    ]
+    # what graft's own training targets by default: every linear outside the pooler
+    names = [n for n in backbone.linear_names if not n.startswith("pooler")]
     modules = {
         n: (
             torch.randn(RANK, backbone.linears[n].in_features, generator=gen) * 0.02,

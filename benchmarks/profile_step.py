@@ -98,7 +98,9 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
     from engine import Engine, EngineConfig
     from scheduler import Batch
 
-    backbone_dir = random_backbone_dir(work, args.hidden, args.layers, default_layers=12)
+    backbone_dir = random_backbone_dir(
+        work, args.hidden, args.layers, default_layers=12, layout=args.layout
+    )
     fleet = build_fleet(work, max(args.adapters), 1, seed=0, backbone_dir=backbone_dir)
     config = EngineConfig(
         registry_dir=fleet.registry_dir,
@@ -163,6 +165,8 @@ async def profile(args: argparse.Namespace, work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from benchmarks.common import RANDOM_LAYOUTS, serial_torch_here
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -198,15 +202,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--layers", type=int, default=None, help="its layers (default 12)")
     parser.add_argument(
+        "--layout",
+        choices=RANDOM_LAYOUTS,
+        default="bert",
+        help="the random encoder's module tree (with --hidden): BERT's or DistilBERT's",
+    )
+    parser.add_argument(
         "--top", type=int, default=15, help="functions listed per batch size (0: timings only)"
     )
     args = parser.parse_args(argv)
-    if args.layers is not None and args.hidden is None:
-        parser.error("--layers needs --hidden")
+    if (args.layers is not None or args.layout != "bert") and args.hidden is None:
+        parser.error("--layers and --layout need --hidden")
     args.rows = [int(r) for r in args.rows.split(",")]
     args.adapters = [int(n) for n in args.adapters.split(",")]
-    from benchmarks.common import serial_torch_here
-
     serial_torch_here()  # fleets and tensors here; steps run on the engine's model thread
     with tempfile.TemporaryDirectory(prefix="graft-profile-") as tmp:
         asyncio.run(profile(args, Path(tmp)))

@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 
 def test_tokenize_contention_prints_both_ways(capsys) -> None:
     from benchmarks import tokenize_contention
@@ -89,10 +91,11 @@ def test_profile_step_lists_the_ops_a_step_adds_on_a_random_bert(capsys) -> None
     assert "aten::mm" in out or "aten::addmm_" in out  # the LoRA shrink and expand
 
 
-def test_profile_step_compares_the_lean_forward_with_the_models_own(capsys) -> None:
+@pytest.mark.parametrize("layout", ["bert", "distilbert"])
+def test_profile_step_compares_the_lean_forward_with_the_models_own(layout, capsys) -> None:
     from benchmarks import profile_step
 
-    argv = ["--rows", "1", "--adapters", "1", "--repeats", "1", "--top", "0"]
+    argv = ["--rows", "1", "--adapters", "1", "--repeats", "1", "--top", "0", "--layout", layout]
     profile_step.main([*argv, "--hidden", "32", "--layers", "1", "--compare-forward"])
     line = next(x for x in capsys.readouterr().out.splitlines() if "lean forward" in x)
     lean_ms, own_ms, ratio = (float(x) for x in re.findall(r"(\d+\.\d+)(?: ms|x)", line))
