@@ -4,6 +4,7 @@ Validation is written out by hand rather than left to a schema library so that e
 names the one field at fault in the API's own notation (``model``, ``input[3]``, ``stream``).
 """
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -57,10 +58,26 @@ def decode_json(body: bytes) -> Any:
     nesting too deep to decode (msgspec raises the last two as other exceptions)."""
     try:
         return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        if str(exc) == "Input data was truncated" and _is_complete_json(body):
+            # msgspec's words for a string ending in half a surrogate pair ("\ud83d")
+            raise msgspec.DecodeError(
+                "JSON is malformed: a string ends in half a UTF-16 surrogate pair "
+                "(\\ud800-\\udbff with no low half), which is not text"
+            ) from None
+        raise
     except UnicodeDecodeError as exc:
         raise msgspec.DecodeError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except RecursionError:
         raise msgspec.DecodeError("arrays or objects nested too deeply") from None
+
+
+def _is_complete_json(body: bytes) -> bool:
+    try:
+        json.loads(body)  # the stdlib takes lone surrogates where msgspec does not
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def parse_classify(payload: Any) -> ClassifyRequest:

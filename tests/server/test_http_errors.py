@@ -75,6 +75,24 @@ async def test_malformed_json_is_400(client, tenants, raw) -> None:
 
 
 @pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (b'{"model": "spam", "input": ["ok", "caf\\u00e9 \\ud83d"]}', "surrogate pair"),
+        (b'{"model": "spam", "input": "caf', "truncated"),
+    ],
+    ids=["half a surrogate pair at the end", "truncated"],
+)
+async def test_a_body_cut_short_and_one_ending_in_half_a_character_are_told_apart(
+    client, tenants, raw, said
+) -> None:
+    """msgspec calls both "truncated"; only the second is."""
+    response = await client.post("/v1/classify", data=raw, headers=bearer(tenants.acme))
+    assert response.status == 400
+    error = await error_of(response)
+    assert error["type"] == "invalid_json" and said in error["message"]
+
+
+@pytest.mark.parametrize(
     ("body", "field"),
     [
         ({"input": "x"}, "model"),
