@@ -68,17 +68,12 @@ class ModelRunner:
         lean_forward: bool = True,
     ) -> None:
         self._backbone = backbone
-        # the model's forward in plain torch calls where it computes the same (fewer host
-        # calls a step: engine/lean_encoder.py); the model's own forward otherwise
+        # the model's forward in plain torch calls where they compute the same (lean_encoder.py)
         lean = lean_encoder(backbone, memory.dtype) if lean_forward else None
         self._encode: Callable[..., Any] = lean if lean is not None else backbone.model
         self.lean = lean is not None
         if lean_forward and lean is None:
-            log.info(
-                "%s runs its own forward: not BERT's or DistilBERT's layout, "
-                "or the lean one differs",
-                backbone.name,
-            )
+            log.info("%s runs its own forward: the lean one does not fit it", backbone.name)
         self._poolings = backbone_poolings(backbone)  # pooled for head-only models' rows
         self._kernel = kernel
         self._memory = memory
