@@ -23,12 +23,13 @@ def deadline_for(timeout_s: float | None, max_timeout_s: float) -> float | None:
 
 def admit(scheduler: Scheduler, tenant: str, texts: Sequence[str], rows_per_text: int = 1) -> int:
     """Reserve queue room for the request's rows (``rows_per_text`` each: several for a
-    multi-model request), or refuse: TenantBusy (429) when the tenant's own queue is full,
-    EngineOverloaded (503) when all are. Returns the rows reserved; the caller releases them
-    if it fails before queueing."""
+    multi-model request), or refuse: InputError when they could never fit the tenant's queue,
+    TenantBusy (429) when the tenant's own queue is full, EngineOverloaded (503) when all are.
+    Returns the rows reserved; the caller releases them if it fails before queueing."""
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         return 0  # tokenize_inputs names the type error
     num_rows = len(texts) * rows_per_text
+    _check_queue_bound(len(texts), rows_per_text, scheduler.policy(tenant).max_queued_rows)
     admission = scheduler.admit(tenant, num_rows)
     if admission.is_admitted:
         return num_rows
@@ -41,6 +42,24 @@ def admit(scheduler: Scheduler, tenant: str, texts: Sequence[str], rows_per_text
     raise EngineOverloaded(
         f"server queues are full; retry in {admission.retry_after_s:.0f} s",
         retry_after_s=admission.retry_after_s,
+    )
+
+
+def _check_queue_bound(num_texts: int, per_text: int, max_queued_rows: int) -> None:
+    """Refuse (422, not 429) a request whose rows could never fit the tenant's queue: a 429
+    would tell its client to retry what can never be admitted."""
+    num_rows = num_texts * per_text
+    if num_rows <= max_queued_rows:
+        return
+    rows = (
+        f"{num_texts} inputs"
+        if per_text == 1
+        else f"{num_texts} inputs x {per_text} rows each (one per LoRA model, one shared by "
+        f"head-only models) = {num_rows} rows"
+    )
+    raise InputError(
+        f"{rows}, more than the {max_queued_rows} this tenant may queue; split the request",
+        "input",
     )
 
 

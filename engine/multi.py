@@ -250,17 +250,3 @@ def multi_request(
         job, tokens, slots, cache, tenant=tenant, backbone_sha256=backbone_sha256
     )
     return job, pending
-
-
-def check_queue_bound(texts: Sequence[str], per_text: int, max_queued_rows: int) -> None:
-    """Refuse (422, not 429) a request whose rows could never fit the tenant's queue."""
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        return  # tokenize_inputs names the type error
-    num_rows = len(texts) * per_text
-    if num_rows > max_queued_rows:
-        raise InputError(
-            f"{len(texts)} inputs x {per_text} rows each (one per LoRA model, one shared by "
-            f"head-only models) = {num_rows} rows, more than the {max_queued_rows} this tenant "
-            "may queue; split the request",
-            "input",
-        )

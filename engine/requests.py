@@ -18,7 +18,6 @@ from engine.errors import EngineClosed
 from engine.inputs import Tokenized, check_tokenized, tokenize_request
 from engine.job import Job, MultiJob, MultiPrediction, Prediction
 from engine.multi import (
-    check_queue_bound,
     check_rank_fits,
     model_slots,
     multi_request,
@@ -236,9 +235,7 @@ class EngineRequests:
             max_models=self.config.max_models_per_request,
             adapter_pages=self.config.adapter_pages,
         )
-        per_text = rows_per_text(records)
-        check_queue_bound(texts, per_text, self._scheduler.policy(tenant).max_queued_rows)
-        return records, per_text
+        return records, rows_per_text(records)
 
     def _queue_many(
         self,

@@ -203,7 +203,7 @@ async def test_submit_nowait_queues_a_warm_request_now_and_leaves_a_cold_one_alo
 ) -> None:
     """What a front end's handed-over request uses: no task, no await. A cold adapter gives
     None with nothing reserved or pinned; a refusal leaves nothing behind either."""
-    from engine import TenantBusy, Tokenized
+    from engine import Tokenized
     from engine.adapter_store import adapter_key
     from scheduler import TenantPolicy
 
@@ -228,8 +228,11 @@ async def test_submit_nowait_queues_a_warm_request_now_and_leaves_a_cold_one_alo
         for _ in range(3):  # each refusal released its reservation: room for 2 rows stays
             with pytest.raises(InputError):
                 engine.submit_nowait("acme", "spam", texts, tokens=bad)
-        with pytest.raises(TenantBusy):  # admission first, as submit: before the ids' check
+        # admission first, as submit: before the ids' check (two ids for four texts); four
+        # rows can never fit a queue of two, so that is a 422 on input, not a 429 to retry
+        with pytest.raises(InputError, match="4 inputs, more than the 2") as refused:
             engine.submit_nowait("acme", "spam", texts * 2, tokens=tokens)
+        assert refused.value.field == "input"
         job = engine.submit_nowait("acme", "spam", texts, tokens=tokens)
         assert job is not None and await job.results() == here
         assert engine.stats()["requests_in_flight"] == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine, EngineConfig, TenantBusy, TenantPolicy
+from engine import Engine, EngineConfig, InputError, TenantPolicy
 from registry import Registry
 
 
@@ -191,7 +191,7 @@ async def test_tenant_settings_apply_at_run_time_without_restart(registry, publi
         assert len(await engine.classify("acme", "m", ["x"] * 5)) == 5
         registry.set_tenant_settings("acme", {"max_queued_rows": 2})  # e.g. graft tenants set
         await asyncio.sleep(0.3)
-        with pytest.raises(TenantBusy):
+        with pytest.raises(InputError, match="more than the 2 this tenant may queue"):
             await engine.classify("acme", "m", ["x"] * 5)
         registry.set_tenant_settings("acme", None)
         await asyncio.sleep(0.3)

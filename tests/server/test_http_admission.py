@@ -51,17 +51,37 @@ async def _settle(engine: Engine) -> None:
 
 
 async def test_a_tenant_over_its_queue_gets_429_with_retry_after(client, engine, tenants) -> None:
-    body = {"model": "spam", "input": [f"text {i}" for i in range(TENANT_QUEUE + 1)]}
-    response = await client.post("/v1/classify", json=body, headers=_auth(tenants.acme))
+    gate = _stall_model(engine)
+    flood = {"model": "spam", "input": [f"flood {i}" for i in range(TENANT_QUEUE)]}
+    first = asyncio.create_task(
+        client.post("/v1/classify", json=flood, headers=_auth(tenants.acme))
+    )
+    try:
+        await asyncio.sleep(0.05)  # acme's rows wait: at most one sits in the stalled step
+        more = {"model": "spam", "input": ["one more", "and another"]}
+        response = await client.post("/v1/classify", json=more, headers=_auth(tenants.acme))
+    finally:
+        gate.set()
     assert response.status == 429
     assert int(response.headers["Retry-After"]) >= 1
     error = (await response.json())["error"]
     assert error["type"] == "rate_limited" and "acme" in error["message"]
     assert engine.tenant_stats()["acme"]["rejected_requests"] >= 1
+    assert (await first).status == 200
     ok = await client.post(
         "/v1/classify", json={"model": "secret", "input": "hi"}, headers=_auth(tenants.bob)
     )
     assert ok.status == 200  # the neighbour is unaffected
+    await _settle(engine)
+
+
+async def test_a_request_that_could_never_fit_its_tenants_queue_is_422(client, tenants) -> None:
+    """Not a 429: retrying it would never succeed."""
+    body = {"model": "spam", "input": [f"text {i}" for i in range(TENANT_QUEUE + 1)]}
+    response = await client.post("/v1/classify", json=body, headers=_auth(tenants.acme))
+    assert response.status == 422 and "Retry-After" not in response.headers
+    error = (await response.json())["error"]
+    assert error["field"] == "input" and f"more than the {TENANT_QUEUE}" in error["message"]
 
 
 async def test_a_full_server_gets_503_with_retry_after(client, engine, tenants) -> None:
