@@ -75,7 +75,11 @@ def resolve_model(registry: Registry, tenant: str, model: str) -> AdapterRecord:
     try:
         return registry.resolve(tenant, ref.name, ref.version)
     except NotFound as exc:
-        raise ModelNotFound(f"model {model!r} not found") from exc
+        reason = str(exc)
+        if reason.endswith(" not found"):  # no such name (or tenant): nothing more to say
+            raise ModelNotFound(f"model {model!r} not found") from exc
+        # the caller's own name without that version, or with none promoted: say which
+        raise ModelNotFound(f"model {model!r} not found: {reason}") from exc
 
 
 def queue_rows(

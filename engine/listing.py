@@ -77,7 +77,7 @@ def summarize(
                 pooling=str(shown.manifest.get("pooling", "cls_pooler")),
                 created_at=shown.created_at,
                 residency=residency(f"{shown.full_name}@{shown.version}"),
-                is_latest=shown is latest,
+                is_latest=shown.is_latest,  # False where no version is promoted yet
             )
         )
     return infos

@@ -169,6 +169,25 @@ async def test_listing_shows_the_promoted_version_after_a_rollback(
     assert job.version == 1  # what an unpinned request is served
 
 
+async def test_a_name_with_no_promoted_version_is_listed_so_and_says_so_when_asked(
+    registry, write_random_adapter, backbone, tmp_path
+) -> None:
+    """Registered with promote=False (a candidate to check before promoting): not what an
+    unpinned request gets, and the 404 says how to reach it."""
+    write_random_adapter(backbone, tmp_path / "fresh", seed=3, rank=4, num_labels=2)
+    manifest = {"labels": ["a", "b"], "base_sha256": backbone.sha256, "rank": 4}
+    registry.publish("acme", "fresh", tmp_path / "fresh", manifest, promote=False)
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        (info,) = engine.list_adapters("acme")
+        with pytest.raises(ModelNotFound, match=r"no promoted version: pin one \(fresh@1\)"):
+            await engine.classify("acme", "fresh", ["text"])
+        with pytest.raises(ModelNotFound, match="has no version 2"):
+            await engine.classify("acme", "fresh@2", ["text"])
+        (pinned,) = await engine.classify("acme", "fresh@1", ["text"])
+    assert (info.version, info.is_latest, info.to_dict()["latest"]) == (1, False, False)
+    assert set(pinned.scores) == {"a", "b"}
+
+
 async def test_token_ids_given_by_the_caller_are_checked_then_served(
     registry, publish_random
 ) -> None:
