@@ -31,6 +31,7 @@ from registry.records import AdapterRecord
 
 # 2: the latest pointer and promotion history (pointers.py); opening a version-1 catalog backfills
 SCHEMA_VERSION = 2
+_MAX_INTEGER = 2**63 - 1  # SQLite's largest INTEGER
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tenants (
         name TEXT PRIMARY KEY,
@@ -296,6 +297,8 @@ def select_adapter(
         version = pointers.latest(conn, tenant, name)
         if version is None:
             return None
+    if not 0 < version <= _MAX_INTEGER:  # no row holds it, and SQLite cannot even bind it
+        return None
     row = conn.execute(
         f"{_SELECT_ADAPTERS} WHERE a.tenant = ? AND a.name = ? AND a.version = ?",
         (tenant, name, version),

@@ -139,10 +139,13 @@ class Registry:
         """Revoke one API key of `tenant` (a leaked one), leaving its other keys working;
         NotFound when it is not one of `tenant`'s keys."""
         validate_name("tenant", tenant)
-        digest = keys.hash_api_key(api_key.strip())
+        key = api_key.strip() if isinstance(api_key, str) else None
         with self._write() as conn:
             catalog.require_tenant(conn, tenant)
-            if not catalog.delete_key(conn, tenant, digest):
+            # a key of no shape we issue (None, non-ASCII) is no tenant's key either
+            if not keys.is_well_formed_key(key) or not catalog.delete_key(
+                conn, tenant, keys.hash_api_key(key)
+            ):
                 raise NotFound(f"that key is not one of tenant {tenant!r}'s keys")
         logger.info("revoked a key of tenant %s", tenant)
 

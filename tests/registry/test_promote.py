@@ -63,6 +63,11 @@ def test_promote_and_rollback_name_what_is_missing(
     _publish(registry, make_adapter, manifest)
     with pytest.raises(NotFound, match=r"no version 9 \(latest is 1\)"):
         registry.promote("acme", "spam", 9)
+    for huge in (2**63, 2**70):  # past SQLite's integers: no such version, not OverflowError
+        with pytest.raises(NotFound, match=rf"no version {huge} \(latest is 1\)"):
+            registry.promote("acme", "spam", huge)
+        with pytest.raises(NotFound, match=rf"no version {huge} \(latest is 1\)"):
+            registry.resolve("acme", "spam", huge)
     with pytest.raises(NotFound, match="adapter acme/ham not found"):
         registry.promote("acme", "ham", 1)
     with pytest.raises(NotFound, match="adapter acme/ham not found"):

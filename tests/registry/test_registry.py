@@ -60,6 +60,9 @@ def test_one_leaked_key_is_revoked_alone(registry: Registry) -> None:
     assert registry.authenticate(leaked) is None and registry.authenticate(kept) == "globex"
     with pytest.raises(NotFound):
         registry.revoke_key("globex", leaked)  # already gone
+    for malformed in (None, "", "gk_\u00e9" * 8, "not a key"):
+        with pytest.raises(NotFound, match="not one of tenant 'globex'"):
+            registry.revoke_key("globex", malformed)
 
 
 def test_key_operations_on_unknown_tenants_fail(registry: Registry) -> None:
