@@ -5,6 +5,7 @@ names the one field at fault in the API's own notation (``model``, ``input[3]``,
 """
 
 import json
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -131,7 +132,8 @@ def _optional_timeout(payload: dict[str, Any]) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise RequestInvalid(_expected("timeout", "a positive number of seconds", value), "timeout")
-    return float(value)
+    # an int of 400 digits has no float; the server's max_timeout_s caps it later anyway
+    return float(min(value, sys.float_info.max))
 
 
 def _parse_input(value: Any) -> tuple[tuple[str, ...], bool]:

@@ -121,6 +121,12 @@ async def test_invalid_body_is_422_naming_the_field(client, tenants, body, field
     assert error["message"]
 
 
+async def test_a_timeout_past_any_float_is_capped_like_any_long_one(client, tenants) -> None:
+    raw = b'{"model": "spam", "input": "x", "timeout": 1' + b"0" * 400 + b"}"
+    response = await client.post("/v1/classify", data=raw, headers=bearer(tenants.acme))
+    assert response.status == 200, await response.text()
+
+
 @pytest.mark.parametrize("raw", [b'[{"model": "spam", "input": "x"}]', b'"spam"', b"3", b"null"])
 async def test_body_that_is_not_an_object_is_422(client, tenants, raw) -> None:
     response = await client.post("/v1/classify", data=raw, headers=bearer(tenants.acme))
