@@ -76,7 +76,7 @@ def read_labels(src: Path, labels: Sequence[str] | None) -> tuple[str, ...]:
     hf_config = src / "config.json"
     if hf_config.is_file():
         id2label = _json_object(hf_config.read_bytes(), f"{hf_config}").get("id2label") or {}
-        if not isinstance(id2label, dict) or not all(str(k).isdigit() for k in id2label):
+        if not isinstance(id2label, dict) or not all(_is_index(k) for k in id2label):
             raise AdapterFormatError(f"{hf_config}: id2label must map class indices to labels")
         ordered = [str(id2label[k]) for k in sorted(id2label, key=int)]
         if ordered and not all(v == f"LABEL_{i}" for i, v in enumerate(ordered)):
@@ -235,3 +235,9 @@ def import_peft_many(
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return records, failures
+
+
+def _is_index(key: object) -> bool:
+    """A class index as config.json writes it: ASCII digits ("²" passes isdigit, not int)."""
+    text = str(key)
+    return text.isascii() and text.isdigit() and len(text) <= 18

@@ -243,8 +243,9 @@ class BlobStore:
         for tenant_dir in _subdirs(self._dir, "tenant"):
             for name_dir in _subdirs(tenant_dir, "adapter"):
                 for version_dir in _subdirs(name_dir, None):
-                    if version_dir.name.isdigit() and not version_dir.name.startswith("0"):
-                        yield tenant_dir.name, name_dir.name, int(version_dir.name), version_dir
+                    name = version_dir.name
+                    if name.isascii() and name.isdigit() and not name.startswith("0"):
+                        yield tenant_dir.name, name_dir.name, int(name), version_dir
 
 
 def _subdirs(parent: Path, kind: str | None) -> Iterator[Path]:

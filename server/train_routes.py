@@ -346,7 +346,8 @@ class _DataRejected(ApiError):
 def _last_event_id(request: web.Request) -> int:
     """SSE reconnects send the last id they saw; the stream resumes after it."""
     value = request.headers.get("Last-Event-ID", "").strip()
-    return int(value) if value.isdigit() else -1
+    # ASCII digits only: "²" is a digit to isdigit() and not to int(); ids are small numbers
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else -1
 
 
 def _sse(number: int, item: dict[str, Any]) -> bytes:

@@ -11,6 +11,7 @@ Two shapes:
 Nothing here trains or validates rows; that is the job manager's.
 """
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -29,6 +30,7 @@ OPTION_FIELDS = ("name", "mode", "epochs", "rank", "max_length", "promote")
 _INT_OPTIONS = ("epochs", "rank", "max_length")
 _MAX_OPTION_BYTES = 1024
 _CHUNK_BYTES = 64 * 1024
+_UTF8_BOM = b"\xef\xbb\xbf"
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
@@ -130,7 +132,7 @@ async def _read_ndjson(request: web.Request, max_bytes: int) -> Upload:
     data = b"".join(chunks)
     options: dict[str, Any] = dict(request.query)
     first, newline, rest = data.partition(b"\n")
-    header = _options_line(first)
+    header = _options_line(first.removeprefix(_UTF8_BOM))  # the rows' reader drops one too
     if header is not None:
         options.update(header)
         data = newline + rest  # an empty first line: row numbers stay line numbers
@@ -176,8 +178,10 @@ def _file_name(part: BodyPartReader) -> str:
 def _as_int(value: Any, field: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
+    text = value.strip() if isinstance(value, str) else ""
+    if text.isascii() and text.isdigit():  # isdigit() alone takes "²", which int() refuses
+        with contextlib.suppress(ValueError):  # over int()'s 4,300 digits
+            return int(text)
     raise _invalid(f"{field!r} must be a positive integer, got {value!r}", field)
 
 

@@ -136,8 +136,9 @@ def test_import_refuses_bad_directories(backbone, peft_adapters, tmp_path: Path)
     (bad / "labels.txt").write_text("\n \n")
     with pytest.raises(AdapterFormatError, match="labels.txt lists no labels"):
         import_peft(registry, backbone, "acme", "bad", bad)
-    (bad / "config.json").write_text('{"id2label": {"zero": "ham"}}')
-    with pytest.raises(AdapterFormatError, match="id2label must map class indices"):
-        import_peft(registry, backbone, "acme", "bad", bad)
+    for id2label in ('{"zero": "ham"}', '{"\\u00b2": "ham"}'):  # "²" passes isdigit(), not int()
+        (bad / "config.json").write_text(f'{{"id2label": {id2label}}}')
+        with pytest.raises(AdapterFormatError, match="id2label must map class indices"):
+            import_peft(registry, backbone, "acme", "bad", bad)
     assert registry.list_adapters("acme") == []
     registry.close()

@@ -108,6 +108,12 @@ async def test_events_replay_as_server_sent_events(client, tenants) -> None:
         f"/v1/train/{job['id']}/events", headers={**headers, "Last-Event-ID": "1"}
     )
     assert (await resumed.text()).startswith("id: 2\n")
+    for odd in ("\u00b2", "9" * 5000):  # a digit to isdigit() only; past int()'s digits
+        again = await client.get(
+            f"/v1/train/{job['id']}/events",
+            headers={**headers, "Last-Event-ID": odd.encode().decode("latin-1")},
+        )
+        assert again.status == 200 and (await again.text()).startswith("id: 0\n")
 
 
 async def test_cancel_kills_the_job_and_publishes_nothing(client, tenants) -> None:
@@ -187,6 +193,14 @@ async def test_undecodable_lines_are_a_4xx_not_a_crash(client, tenants) -> None:
         )
         error = (await response.json())["error"]
         assert response.status == 422 and error["rows"][0] == 1, error
+    for first in (b"\xef\xbb\xbf", b""):  # a BOM before the options line, as before a row
+        response = await client.post(
+            "/v1/train",
+            data=first + b'{"options": {"name": "lines", "epochs": "\xc2\xb2"}}\n' + rows.encode(),
+            headers=ndjson,
+        )
+        error = (await response.json())["error"]
+        assert response.status == 422 and error["field"] == "epochs", error
     for raw in (deep, b'{"version": "\xff"}'):
         response = await client.post("/v1/adapters/spam/promote", data=raw, headers=ndjson)
         assert response.status == 400 and (await response.json())["error"]["type"] == "invalid_json"
@@ -212,6 +226,21 @@ async def test_fatal_data_problems_are_a_422_with_the_report(client, tenants) ->
     error = (await response.json())["error"]
     assert response.status == 422 and "only one class" in error["message"]
     assert error["report"]["num_rows"] == 8 and error["rows"] == []
+
+
+async def test_a_class_too_small_to_train_on_is_named_by_its_rows(client, tenants) -> None:
+    labels = ["ham"] * 6 + ["spam", "ham", "spam"]  # spam: rows 7 and 9, two of the five needed
+    rows = "".join(
+        json.dumps({"text": f"note {i}", "label": label}) + "\n" for i, label in enumerate(labels)
+    )
+    response = await client.post(
+        "/v1/train?name=lines&epochs=1",
+        data=rows.encode(),
+        headers={**bearer(tenants.acme), "Content-Type": "application/x-ndjson"},
+    )
+    error = (await response.json())["error"]
+    assert response.status == 422 and "class 'spam' has 2 example(s)" in error["message"]
+    assert error["rows"] == [7, 9] and error["report"]["error_rows"] == [7, 9]
 
 
 @pytest.mark.parametrize(
@@ -269,6 +298,7 @@ async def test_promote_and_rollback_over_http(client, tenants) -> None:
     assert (await response.json())["version"] == 2
     for key, name, body, status, field in [
         (tenants.acme, "spam", {"version": 9}, 404, None),
+        (tenants.acme, "spam", {"version": 2**63}, 404, None),  # past SQLite's integers
         (tenants.bob, "spam", {"version": 1}, 404, None),
         (tenants.acme, "spam", {"version": "2"}, 422, "version"),
         (tenants.acme, "spam", {"version": 2, "why": "x"}, 422, "why"),
