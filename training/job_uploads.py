@@ -44,6 +44,7 @@ def validate_upload(path: Path, source: str, tokenizer: Tokenizer) -> dict[str, 
         problems = "; ".join(report.errors)
         raise InvalidData(
             f"{source}: the data cannot be used for training: {problems}",
+            rows=report.error_rows,
             report=report.to_dict(),
         )
     return report.to_dict()

@@ -41,6 +41,7 @@ class DataReport:
     imbalance_ratio: float  # largest / smallest class count; 0.0 when there are no classes
     warnings: tuple[str, ...]  # worth reading, training still runs
     errors: tuple[str, ...]  # training refuses to run
+    error_rows: tuple[int, ...] = ()  # the rows of classes too small to train on, ascending
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (tuples become lists) for the adapter manifest."""
@@ -114,28 +115,32 @@ def _measure_unk(examples: Sequence[Example], tokenizer: Tokenizer) -> tuple[flo
     return (num_unk / num_tokens if num_tokens else 0.0), unk_rows
 
 
-def _class_errors(examples: Sequence[Example], num_rows: int, min_per_class: int) -> list[str]:
-    """Judged on what training keeps (`clean_examples`): a class of 20 copies of one text
-    is one example, too few to split and train on."""
+def _class_errors(
+    examples: Sequence[Example], num_rows: int, min_per_class: int
+) -> tuple[list[str], list[int]]:
+    """The fatal problems and the rows of the classes they name. Judged on what training
+    keeps (`clean_examples`): a class of 20 copies of one text is one example, too few to
+    split and train on."""
     if not examples:
-        return ["no examples" if num_rows == 0 else f"all {num_rows} texts are empty"]
+        return ["no examples" if num_rows == 0 else f"all {num_rows} texts are empty"], []
     rows_by_label: dict[str, list[int]] = {}
     for example in deduplicate(examples):
         rows_by_label.setdefault(example.label, []).append(example.row)
     counts = Counter(example.label for example in examples)  # duplicates included
-    errors = []
+    errors, error_rows = [], []
     if len(counts) < 2:
         errors.append(f"only one class ({next(iter(counts))!r}); need at least 2")
     for label in sorted(counts):
         rows = rows_by_label.get(label, [])
         if len(rows) >= min_per_class:
             continue
+        error_rows += rows
         where = f" ({describe_rows(rows)})" if rows else ""
         has_copies = len(rows) < counts[label]
         count = f"{len(rows)} distinct example(s)" if has_copies else f"{len(rows)} example(s)"
         dropped = " once duplicate texts are dropped" if has_copies else ""
         errors.append(f"class {label!r} has {count}{where}{dropped}; need at least {min_per_class}")
-    return errors
+    return errors, sorted(error_rows)
 
 
 def _check_limits(min_per_class: int, max_unk_rate: float, max_imbalance: float) -> None:
@@ -199,6 +204,7 @@ def validate_examples(
     duplicate_rows, conflict_rows, num_conflicting = _find_duplicates(filled)
     unk_rate, unk_rows = _measure_unk(filled, tokenizer)
     counts = class_counts.values()
+    errors, error_rows = _class_errors(filled, len(examples), min_examples_per_class)
     report = DataReport(
         num_rows=len(examples),
         class_counts=class_counts,
@@ -211,7 +217,8 @@ def validate_examples(
         unk_rows=tuple(unk_rows[:MAX_UNK_ROWS]),
         imbalance_ratio=max(counts) / min(counts) if counts else 0.0,
         warnings=(),
-        errors=tuple(_class_errors(filled, len(examples), min_examples_per_class)),
+        errors=tuple(errors),
+        error_rows=tuple(error_rows),
     )
     warnings = _warnings(report, conflict_rows, max_unk_rate, max_imbalance_ratio)
     return replace(report, warnings=tuple(warnings))
