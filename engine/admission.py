@@ -18,7 +18,7 @@ def deadline_for(timeout_s: float | None, max_timeout_s: float) -> float | None:
         raise InputError(
             f"timeout must be a positive number of seconds, got {timeout_s!r}", "timeout"
         )
-    return time.monotonic() + min(float(timeout_s), max_timeout_s)
+    return time.monotonic() + float(min(timeout_s, max_timeout_s))  # ints past float's range too
 
 
 def admit(scheduler: Scheduler, tenant: str, texts: Sequence[str], rows_per_text: int = 1) -> int:

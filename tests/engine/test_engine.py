@@ -82,6 +82,12 @@ async def test_input_errors_name_the_field(registry, publish_random) -> None:
         assert info.value.field == "input[1]"
         short, cut = await engine.classify("acme", "m", ["short", long_text])
         assert not short.truncated and cut.truncated and cut.num_tokens == 16
+        for timeout in (0, -1, "5", True):
+            with pytest.raises(InputError) as info:
+                await engine.classify("acme", "m", ["ok"], timeout_s=timeout)
+            assert info.value.field == "timeout"
+        # past float's range: capped at max_timeout_s like any long timeout
+        assert len(await engine.classify("acme", "m", ["ok"], timeout_s=10**400)) == 1
         assert engine.stats()["requests_in_flight"] == 0
 
 
