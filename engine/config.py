@@ -1,7 +1,11 @@
 """The engine's one frozen configuration, built at the edge (CLI or embedding caller)."""
 
+import math
 import os
-from dataclasses import dataclass
+import re
+import types
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -83,6 +87,7 @@ class EngineConfig:
     switch_interval_ms: float | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         check_quantize(self.quantize, self.device, self.dtype)
@@ -98,6 +103,11 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tenant_max_tokens_per_step is not None and self.tenant_max_tokens_per_step < 1:
+            raise ValueError(
+                f"tenant_max_tokens_per_step must be >= 1 or None, "
+                f"got {self.tenant_max_tokens_per_step}"
+            )
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(
                 f"num_threads must be >= 1 or None (every core), got {self.num_threads}"
@@ -112,7 +122,7 @@ class EngineConfig:
         if (
             contended != "auto"
             and contended is not None
-            and (isinstance(contended, str) or contended < 1)
+            and (not isinstance(contended, int) or contended < 1)
         ):
             raise ValueError(
                 f"contended_batch_tokens must be >= 1, None or 'auto', got {contended!r}"
@@ -130,7 +140,7 @@ class EngineConfig:
             raise ValueError(f"max_input_tokens must be >= 3, got {self.max_input_tokens}")
         if self.lora_kernel not in LORA_KERNELS:
             raise ValueError(f"lora_kernel must be one of {LORA_KERNELS}, got {self.lora_kernel!r}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise ValueError(f"cuda_graphs needs a CUDA device, got device={self.device!r}")
@@ -222,3 +232,37 @@ def _usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def _check_types(config: EngineConfig) -> None:
+    """Each number, flag and name of the type its field says: "8192" from a config file
+    would fail later as a bare TypeError naming no field, and nan or 1.5 pass range checks."""
+    hints = typing.get_type_hints(EngineConfig)
+    for field in fields(config):
+        value = getattr(config, field.name)
+        allowed = typing.get_args(hints[field.name]) or (hints[field.name],)
+        if value is None and types.NoneType in allowed:
+            continue
+        if any(typing.get_origin(a) is Literal and value in typing.get_args(a) for a in allowed):
+            continue
+        if bool in allowed:
+            ok = isinstance(value, bool)
+        elif float in allowed:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value)
+        elif int in allowed:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif str in allowed:
+            ok = isinstance(value, str | Path) if Path in allowed else isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            expected = " or ".join(_describe(a) for a in allowed)
+            raise ValueError(f"{field.name} must be {expected}, got {value!r}")
+
+
+def _describe(kind: object) -> str:
+    if typing.get_origin(kind) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(kind))
+    names = {types.NoneType: "None", bool: "True or False", int: "an integer", str: "a string"}
+    return {float: "a finite number", Path: "a path", **names}.get(kind, str(kind))
