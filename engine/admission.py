@@ -74,6 +74,8 @@ def resolve_model(registry: Registry, tenant: str, model: str) -> AdapterRecord:
         raise ModelNotFound(f"model {model!r} not found")
     try:
         return registry.resolve(tenant, ref.name, ref.version)
+    except InvalidName as exc:  # the tenant's name (the model's was parsed above)
+        raise ModelNotFound(f"model {model!r} not found ({exc})") from exc
     except NotFound as exc:
         reason = str(exc)
         if reason.endswith(" not found"):  # no such name (or tenant): nothing more to say

@@ -53,6 +53,8 @@ class Engine(EngineRequests):
         self._loop_task: asyncio.Task[None] | None = None
         self._settings_task: asyncio.Task[None] | None = None
         self._closed = False
+        # start and close, one at a time: a close waits for a start under way, then undoes it
+        self._lifecycle = asyncio.Lock()
         self._entered = False  # inside `async with`, which closes it at exit
         self._saved_switch_interval: float | None = None  # to restore at close
         self._froze_gc = False
@@ -62,6 +64,8 @@ class Engine(EngineRequests):
     async def __aenter__(self) -> "Engine":
         """Start (unless `start` ran already) and close at exit. Entered twice, the inner
         exit would close the engine under the outer block: refused."""
+        if self._closed:
+            raise EngineClosed("engine was closed; create a new Engine to serve again")
         if self._entered:
             raise RuntimeError("engine is already entered: use `async with engine` once")
         await self.start()
@@ -74,10 +78,16 @@ class Engine(EngineRequests):
     async def start(self) -> None:
         """Load the backbone and open the registry; the step loop starts serving at once.
         Starting a running engine does nothing; a closed one cannot start again."""
-        if self._loop_task is not None:
-            return
-        if self._closed:  # its threads are gone
-            raise EngineClosed("engine was closed; create a new Engine to serve again")
+        async with self._lifecycle:
+            if self._loop_task is not None:  # started meanwhile by a concurrent call
+                return
+            if self._closed:  # its threads are gone
+                raise EngineClosed("engine was closed; create a new Engine to serve again")
+            await self._start()
+            if self._closed:  # close() waits for this lock to undo what started
+                raise EngineClosed("engine was closed while it started")
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         self._model = await loop.run_in_executor(
             self._executor, load_stack, self.config, self._scheduler
@@ -95,8 +105,13 @@ class Engine(EngineRequests):
         )
 
     async def close(self) -> None:
-        """Fail what is still waiting, stop the loop, release the threads."""
+        """Fail what is still waiting, stop the loop, release the threads. A start under way
+        finishes first (requests see the engine closed meanwhile)."""
         self._closed = True
+        async with self._lifecycle:
+            await self._close()
+
+    async def _close(self) -> None:
         for pending in list(self._pending.values()):
             pending.job.fail(EngineClosed("engine shut down"))
         for task in (self._loop_task, self._settings_task):

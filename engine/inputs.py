@@ -134,14 +134,7 @@ def tokenize_inputs(
 ) -> Tokenized:
     """Check and tokenize a request's texts (``pooled``: on the tokenizer's worker pool, for
     large requests off the event loop); the field in each error says which text."""
-    if isinstance(texts, str):
-        raise InputError("texts must be a list of strings; for one text, pass [text]", "input")
-    if not isinstance(texts, Sequence):
-        raise InputError(f"texts must be a list of strings, got {type(texts).__name__}", "input")
-    if not texts:
-        raise InputError("input is empty: give at least one text", "input")
-    if len(texts) > max_inputs:
-        raise InputError(f"input has {len(texts)} texts; at most {max_inputs} per request", "input")
+    _check_list(texts, max_inputs)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise InputError(
@@ -226,12 +219,25 @@ async def tokenize_request(
     return await asyncio.get_running_loop().run_in_executor(executor, work)
 
 
+def _check_list(texts: Sequence[str], max_inputs: int) -> None:
+    if isinstance(texts, str):
+        raise InputError("texts must be a list of strings; for one text, pass [text]", "input")
+    if not isinstance(texts, Sequence):
+        raise InputError(f"texts must be a list of strings, got {type(texts).__name__}", "input")
+    if not texts:
+        raise InputError("input is empty: give at least one text", "input")
+    if len(texts) > max_inputs:
+        raise InputError(f"input has {len(texts)} texts; at most {max_inputs} per request", "input")
+
+
 def check_tokenized(
-    texts: Sequence[str], tokens: Tokenized, *, max_tokens: int, vocab_size: int
+    texts: Sequence[str], tokens: Tokenized, *, max_tokens: int, vocab_size: int, max_inputs: int
 ) -> Tokenized:
-    """Token ids a caller computed (a front-end process): one row per text, none too long,
-    every id in the vocabulary. An id past the embedding table would fail the whole step,
-    other tenants' rows with it."""
+    """Token ids a caller computed (a front-end process): as many texts as tokenizing allows
+    (at least one: a job of none would never end), one row per text, none too long, every id
+    in the vocabulary. An id past the embedding table would fail the whole step, other
+    tenants' rows with it."""
+    _check_list(texts, max_inputs)
     if len(tokens.ids) != len(texts) or len(tokens.truncated) != len(texts):
         raise InputError(f"tokens hold {len(tokens.ids)} rows for {len(texts)} texts", "input")
     for i, row in enumerate(tokens.ids):

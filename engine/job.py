@@ -78,9 +78,9 @@ class BaseJob(Generic[ItemT]):
         self._on_finish = on_finish
         self._results: list[ItemT | None] = [None] * num_inputs
         self._num_done = 0
-        # made by the first stream() only: most callers await results(), and a queue per
+        # one queue per stream(), made by it: most callers await results(), and a queue per
         # job cost 3% of the engine loop (server_profile)
-        self._stream: asyncio.Queue[ItemT | BaseException] | None = None
+        self._streams: list[asyncio.Queue[ItemT | BaseException]] = []
         self._delivered: list[ItemT] = []  # in completion order, for a stream started late
         self._error: BaseException | None = None
         self._finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -131,15 +131,16 @@ class BaseJob(Generic[ItemT]):
         self._finished.add_done_callback(lambda _: callback())
 
     async def stream(self) -> AsyncIterator[ItemT]:
-        """Predictions as they complete; raises the job's error if it fails midway."""
-        if self._stream is None:
-            self._stream = asyncio.Queue()
-            for delivered in self._delivered:
-                self._stream.put_nowait(delivered)
-            if self._error is not None:
-                self._stream.put_nowait(self._error)
+        """Predictions as they complete; raises the job's error if it fails midway. Each
+        call streams every prediction, those delivered before it started first."""
+        queue: asyncio.Queue[ItemT | BaseException] = asyncio.Queue()
+        for delivered in self._delivered:
+            queue.put_nowait(delivered)
+        if self._error is not None:
+            queue.put_nowait(self._error)
+        self._streams.append(queue)
         for _ in range(self.num_inputs):
-            item = await self._stream.get()
+            item = await queue.get()
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -158,8 +159,8 @@ class BaseJob(Generic[ItemT]):
         self._results[item.index] = item
         self._num_done += 1
         self._delivered.append(item)
-        if self._stream is not None:
-            self._stream.put_nowait(item)
+        for queue in self._streams:
+            queue.put_nowait(item)
         if self._num_done == self.num_inputs:
             self._finished.set_result(None)
             self._on_finish(self)
@@ -179,8 +180,8 @@ class BaseJob(Generic[ItemT]):
 
     def _end_stream(self, error: BaseException) -> None:
         self._error = error
-        if self._stream is not None:
-            self._stream.put_nowait(error)
+        for queue in self._streams:
+            queue.put_nowait(error)
 
 
 class Job(BaseJob[Prediction]):

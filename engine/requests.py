@@ -93,6 +93,7 @@ class EngineRequests:
         except BaseException:
             self._scheduler.release(tenant, reserved)  # its rows will never be queued
             raise
+        self._refuse_if_closed(tenant, reserved, [key])
         return self._queue(tenant, record, key, tokens, deadline_s)
 
     def submit_nowait(
@@ -181,6 +182,7 @@ class EngineRequests:
         except BaseException:
             self._scheduler.release(tenant, reserved)
             raise
+        self._refuse_if_closed(tenant, reserved, keys)
         return self._queue_many(tenant, records, keys, tokens, reserved, deadline_s)
 
     def submit_many_nowait(
@@ -203,6 +205,16 @@ class EngineRequests:
             return None
         reserved, tokens = self._admit_pinned(tenant, texts, tokens, keys, per_text)
         return self._queue_many(tenant, records, keys, tokens, reserved, deadline_s)
+
+    def _refuse_if_closed(self, tenant: str, reserved: int, keys: Sequence[str]) -> None:
+        """The engine closed while this request tokenized or waited for its adapter: close
+        failed the jobs it knew of, and no step will run again, so queue nothing."""
+        if self.ready:
+            return
+        for key in keys:
+            self._loaded.store.unpin(key)
+        self._scheduler.release(tenant, reserved)
+        raise EngineClosed("engine shut down")
 
     def _admit_pinned(
         self,
@@ -281,7 +293,11 @@ class EngineRequests:
 
     def _check_tokens(self, texts: Sequence[str], tokens: Tokenized) -> Tokenized:
         return check_tokenized(
-            texts, tokens, max_tokens=self.max_input_tokens, vocab_size=self.backbone.vocab_size
+            texts,
+            tokens,
+            max_tokens=self.max_input_tokens,
+            vocab_size=self.backbone.vocab_size,
+            max_inputs=self.config.max_inputs_per_request,
         )
 
 

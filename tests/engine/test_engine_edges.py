@@ -1,0 +1,112 @@
+"""The embedded engine at its edges: start and close racing requests and each other, jobs read
+twice, callers' token ids, and configuration of the wrong type."""
+
+import asyncio
+
+import pytest
+
+from engine import Engine, EngineClosed, EngineConfig, InputError, ModelNotFound, Tokenized
+
+
+def _tasks_alive() -> list[str]:
+    return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("graft-"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch_tokens": "8192"}, "max_batch_tokens must be an integer, got '8192'"),
+        ({"max_batch_tokens": 1.5}, "max_batch_tokens must be an integer"),
+        ({"max_batch_rows": None}, "max_batch_rows must be an integer, got None"),
+        ({"max_timeout_s": "5"}, "max_timeout_s must be a finite number"),
+        ({"max_timeout_s": float("nan")}, "max_timeout_s must be a finite number"),
+        ({"is_fair": 1}, "is_fair must be True or False"),
+        ({"contended_batch_tokens": 1.5}, "contended_batch_tokens must be an integer or 'auto'"),
+        ({"device": "cudafoo"}, r"device must be 'cpu' or 'cuda\[:n\]'"),
+        ({"device": "cuda:x"}, r"device must be 'cpu' or 'cuda\[:n\]'"),
+        ({"tenant_max_tokens_per_step": 0}, "tenant_max_tokens_per_step must be >= 1"),
+        ({"registry_dir": 3}, "registry_dir must be a string or a path"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)
+
+
+def test_config_values_of_the_right_types_pass() -> None:
+    config = EngineConfig(max_timeout_s=5, contended_batch_tokens="auto", device="cuda:1")
+    assert config.max_timeout_s == 5 and config.device == "cuda:1"
+
+
+async def test_a_request_admitted_as_the_engine_closes_fails_instead_of_hanging(
+    registry, publish_random
+) -> None:
+    publish_random(registry, "acme", "spam")
+    engine = Engine(EngineConfig(registry_dir=registry.root))
+    await engine.start()
+    submit = asyncio.create_task(engine.submit("acme", "spam", ["hello"]))
+    await asyncio.sleep(0)  # the submit now waits for its adapter's load
+    await engine.close()
+    with pytest.raises(EngineClosed):
+        await asyncio.wait_for(submit, 10)
+    assert engine.stats()["requests_in_flight"] == 0 and engine.stats()["waiting_rows"] == 0
+
+
+async def test_a_close_during_start_leaves_nothing_running(registry) -> None:
+    engine = Engine(EngineConfig(registry_dir=registry.root))
+    starting = asyncio.create_task(engine.start())
+    await asyncio.sleep(0.05)  # loading the backbone on the model thread
+    await engine.close()
+    with pytest.raises(EngineClosed, match="closed while it started"):
+        await starting
+    assert not engine.ready and _tasks_alive() == []
+    with pytest.raises(EngineClosed, match="create a new Engine"):
+        async with engine:
+            pass
+
+
+async def test_two_concurrent_starts_start_one_engine(registry) -> None:
+    engine = Engine(EngineConfig(registry_dir=registry.root))
+    await asyncio.gather(engine.start(), engine.start())
+    assert _tasks_alive() == ["graft-settings", "graft-step-loop"]
+    await engine.close()
+    assert _tasks_alive() == []
+
+
+async def test_every_stream_of_a_job_sees_every_prediction(registry, publish_random) -> None:
+    publish_random(registry, "acme", "spam")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+
+        async def indices(job) -> list[int]:
+            return sorted([p.index async for p in job.stream()])
+
+        job = await engine.submit("acme", "spam", ["a", "b", "c", "d"])
+        both = await asyncio.wait_for(asyncio.gather(indices(job), indices(job)), 30)
+        again = await asyncio.wait_for(indices(job), 30)  # after it finished
+    assert both == [[0, 1, 2, 3]] * 2 and again == [0, 1, 2, 3]
+
+
+async def test_callers_token_ids_obey_the_limits_of_texts(registry, publish_random) -> None:
+    publish_random(registry, "acme", "spam")
+    config = EngineConfig(registry_dir=registry.root, max_inputs_per_request=4)
+    async with Engine(config) as engine:
+        await engine.classify("acme", "spam", ["warm"])  # resident: submit_nowait answers now
+        with pytest.raises(InputError, match="input is empty"):
+            await engine.submit("acme", "spam", [], tokens=Tokenized(ids=(), truncated=()))
+        with pytest.raises(InputError, match="input is empty"):
+            engine.submit_nowait("acme", "spam", [], tokens=Tokenized(ids=(), truncated=()))
+        five = Tokenized(ids=((101, 1037, 102),) * 5, truncated=(False,) * 5)
+        with pytest.raises(InputError, match="at most 4 per request"):
+            await engine.submit("acme", "spam", ["a"] * 5, tokens=five)
+        assert engine.stats()["requests_in_flight"] == 0
+        assert engine._loaded.host.pins("acme/spam@1") == 0  # nothing refused kept a pin
+
+
+async def test_a_malformed_tenant_name_is_model_not_found(registry, publish_random) -> None:
+    publish_random(registry, "acme", "spam")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        for tenant in ("Acme", "", None):
+            with pytest.raises(ModelNotFound):
+                await engine.classify(tenant, "spam", ["hi"])  # type: ignore[arg-type]
+            with pytest.raises(ModelNotFound):
+                await engine.classify_many(tenant, ["spam"], ["hi"])  # type: ignore[arg-type]
