@@ -21,6 +21,7 @@ from engine.errors import AdapterFormatError
 POOLING_CLS_POOLER = "cls_pooler"  # BertForSequenceClassification: tanh pooler over [CLS]
 POOLING_MEAN = "mean"  # mean of the last hidden states over real tokens
 POOLING_FIRST = "first"  # the first token's last hidden state, which two-layer heads read
+_MAX_SCALE = float(torch.finfo(torch.float32).max)  # a LoRA scale a step can hold
 POOLINGS = (POOLING_CLS_POOLER, POOLING_MEAN, POOLING_FIRST)
 # a two-layer head's activation between its layers: DistilBERT's ReLU, RoBERTa's tanh,
 # ELECTRA's GELU (exact, as transformers' "gelu")
@@ -271,9 +272,15 @@ def _scale(module: str, rank: int, config: Mapping[str, Any]) -> float:
         raise AdapterFormatError(
             f"adapter_config.json: lora_alpha for {module} must be a number, got {alpha!r}"
         ) from None
-    if config.get("use_rslora"):
-        return value / math.sqrt(rank)
-    return value / rank
+    scale = value / math.sqrt(rank) if config.get("use_rslora") else value / rank
+    # one row's scale goes into the step's float32 scales: past that range it fails the whole
+    # step, every tenant's rows in it
+    if not math.isfinite(scale) or abs(scale) > _MAX_SCALE:
+        raise AdapterFormatError(
+            f"adapter_config.json: lora_alpha for {module} is {alpha!r}, a LoRA scale of "
+            f"{scale:g}; a scale must be finite and at most {_MAX_SCALE:g} in size"
+        )
+    return scale
 
 
 def config_alpha(module_key: str, config: Mapping[str, Any]) -> Any:

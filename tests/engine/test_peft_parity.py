@@ -120,6 +120,10 @@ def test_import_refuses_bad_directories(backbone, peft_adapters, tmp_path: Path)
             "says r=16 for encoder.layer.0.attention.self.query, but its weights have rank 8",
         ),
         ({**config, "lora_alpha": "16"}, "lora_alpha for .* must be a number"),
+        ({**config, "lora_alpha": float("inf")}, "lora_alpha for .* is inf, a LoRA scale of inf"),
+        ({**config, "lora_alpha": float("nan")}, "lora_alpha for .* is nan, a LoRA scale of nan"),
+        # finite, but its scale (alpha / r) past float32: it would fail every row of its step
+        ({**config, "lora_alpha": 1e308}, "a LoRA scale of 1.25e\\+307; a scale must be finite"),
         ({**config, "rank_pattern": {"(": 4}}, "rank_pattern key '\\(' is not a valid pattern"),
     ]
     for bad_config, match in cases:
