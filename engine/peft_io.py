@@ -24,6 +24,7 @@ from engine.adapters import (
 from engine.backbone import Backbone
 from engine.errors import AdapterFormatError
 from registry import AdapterRecord, PublishItem, Registry, validate_name
+from registry.manifest import check_manifest
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -222,6 +223,7 @@ def import_peft_many(
             try:
                 validate_name("adapter", name)
                 manifest = stage_peft_import(Path(src), backbone, labels, staging)
+                check_manifest(manifest)  # here, not in the shared transaction: see below
             except Exception as exc:  # reported per directory; the rest still import
                 failures.append((Path(src), str(exc)))
                 continue
@@ -230,8 +232,8 @@ def import_peft_many(
             chunk = items[start : start + _IMPORT_CHUNK]
             try:
                 records += registry.publish_many([item for _, item in chunk])
-            except Exception as exc:  # the whole transaction failed: nothing of it landed
-                failures += [(src, str(exc)) for src, _ in chunk]
+            except Exception as exc:  # the whole transaction failed (the disk, a race): nothing
+                failures += [(src, str(exc)) for src, _ in chunk]  # of it landed
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return records, failures

@@ -135,6 +135,28 @@ def test_bulk_import_names_models_after_directories(
     assert code == 2 and "--name" in err
 
 
+def test_a_directory_its_manifest_refuses_fails_alone_in_a_bulk_import(
+    tmp_path: Path, capsys, backbone, write_random_adapter
+) -> None:
+    """The registry's manifest check runs per directory, not once for the whole transaction,
+    which failed every directory of it, naming the first."""
+    reg = str(tmp_path / "reg")
+    _run(capsys, "tenants", "create", "acme", "--registry", reg)
+    for i, name in enumerate(["good", "blank"]):
+        write_random_adapter(backbone, tmp_path / name, seed=i, rank=4, num_labels=3)
+    (tmp_path / "good" / "labels.txt").write_text("a\nb\nc\n")
+    id2label = {"id2label": {"0": "", "1": "b", "2": "c"}}  # a label PEFT writes, empty
+    (tmp_path / "blank" / "config.json").write_text(json.dumps(id2label))
+    dirs = [str(tmp_path / "good"), str(tmp_path / "blank")]
+    code, out, err = _run(
+        capsys, "adapters", "import", *dirs, "--tenant", "acme", "--registry", reg
+    )
+    assert code == 1 and "1 imported, 1 failed" in out
+    assert "blank" in err and "non-empty strings" in err and "good" not in err
+    with Registry(reg) as registry:
+        assert [r.name for r in registry.list_adapters("acme")] == ["good"]
+
+
 @pytest.mark.parametrize("argv", [["train", "--help"], ["serve", "--help"]])
 def test_every_subcommand_takes_registry_and_backbone(argv, capsys) -> None:
     with pytest.raises(SystemExit):
