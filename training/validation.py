@@ -116,12 +116,14 @@ def _measure_unk(examples: Sequence[Example], tokenizer: Tokenizer) -> tuple[flo
 
 
 def _class_errors(
-    examples: Sequence[Example], num_rows: int, min_per_class: int
+    examples: Sequence[Example], every_row: Sequence[Example], min_per_class: int
 ) -> tuple[list[str], list[int]]:
     """The fatal problems and the rows of the classes they name. Judged on what training
-    keeps (`clean_examples`): a class of 20 copies of one text is one example, too few to
-    split and train on."""
+    keeps (`clean_examples`, here ``examples``): a class of 20 copies of one text is one
+    example, too few to split and train on, and a class whose texts are all empty (among
+    ``every_row``) has none."""
     if not examples:
+        num_rows = len(every_row)
         return ["no examples" if num_rows == 0 else f"all {num_rows} texts are empty"], []
     rows_by_label: dict[str, list[int]] = {}
     for example in deduplicate(examples):
@@ -130,9 +132,17 @@ def _class_errors(
     errors, error_rows = [], []
     if len(counts) < 2:
         errors.append(f"only one class ({next(iter(counts))!r}); need at least 2")
-    for label in sorted(counts):
+    for label in sorted(counts.keys() | {example.label for example in every_row}):
         rows = rows_by_label.get(label, [])
         if len(rows) >= min_per_class:
+            continue
+        if label not in counts:  # every text of it is empty
+            empty = [example.row for example in every_row if example.label == label]
+            error_rows += empty
+            verb = "is" if len(empty) == 1 else "are"
+            errors.append(
+                f"class {label!r} has no text to train on: its {describe_rows(empty)} {verb} empty"
+            )
             continue
         error_rows += rows
         where = f" ({describe_rows(rows)})" if rows else ""
@@ -204,7 +214,7 @@ def validate_examples(
     duplicate_rows, conflict_rows, num_conflicting = _find_duplicates(filled)
     unk_rate, unk_rows = _measure_unk(filled, tokenizer)
     counts = class_counts.values()
-    errors, error_rows = _class_errors(filled, len(examples), min_examples_per_class)
+    errors, error_rows = _class_errors(filled, examples, min_examples_per_class)
     report = DataReport(
         num_rows=len(examples),
         class_counts=class_counts,

@@ -212,6 +212,13 @@ def test_no_text_at_all_is_an_error(tokenizer):
     assert report.empty_rows == (1, 2) and report.class_counts == {}
 
 
+def test_a_class_whose_texts_are_all_empty_is_an_error_not_dropped(tokenizer):
+    """Training drops empty texts; a class with nothing else would vanish from the model."""
+    report = validate_examples(balanced() + make(("", "other"), ("  ", "other")), tokenizer)
+    assert report.errors == ("class 'other' has no text to train on: its rows 1, 2 are empty",)
+    assert report.error_rows == (1, 2) and "other" not in report.class_counts
+
+
 def test_duplicates_conflicts_empty_and_imbalance_warn(tokenizer):
     examples = balanced() + make(
         *[("Great   product", "pos"), ("great product", "pos"), ("GREAT PRODUCT ", "neg")]
