@@ -28,6 +28,7 @@ from training.recipe import (
     finite_loss,
     label_targets,
     mean_pool,
+    optimizer_step,
     warmup_linear,
 )
 
@@ -112,7 +113,7 @@ def _optimise(
             value = finite_loss(loss, epoch + 1, num_batches + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, epoch + 1, num_batches + 1)
             schedule.step()
             loss_sum, num_batches = loss_sum + value, num_batches + 1
         epochs_run = epoch + 1

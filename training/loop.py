@@ -22,6 +22,7 @@ from training.recipe import (
     epoch_batches,
     finite_loss,
     label_targets,
+    optimizer_step,
     warmup_linear,
 )
 
@@ -68,7 +69,7 @@ def run_epochs(
             value = finite_loss(loss, epoch + 1, num_batches + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, epoch + 1, num_batches + 1)
             schedule.step()
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")

@@ -91,12 +91,24 @@ def select_targets(backbone: Backbone, suffixes: tuple[str, ...]) -> list[str]:
     """Linear names matching any suffix; by default every linear outside the pooler."""
     names = backbone.linear_names
     if not suffixes:
-        chosen = [n for n in names if not n.startswith("pooler")]
-    else:
-        chosen = [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
-    if not chosen:
-        raise ValueError(f"no linear layer of the backbone matches targets {list(suffixes)}")
-    return chosen
+        return [n for n in names if not n.startswith("pooler")]
+
+    def matches(name: str, suffix: str) -> bool:
+        return name == suffix or name.endswith("." + suffix)
+
+    # each suffix must name something: a misspelt one would train fewer modules than asked
+    unmatched = [s for s in suffixes if not any(matches(n, s) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"no linear layer of the backbone matches target {unmatched[0]!r} "
+            f"(of {list(suffixes)}); its linears end in {_last_parts(names)}"
+        )
+    return [n for n in names if any(matches(n, s) for s in suffixes)]
+
+
+def _last_parts(names: list[str]) -> str:
+    """The distinct final names of the backbone's linears, for a message: query, key..."""
+    return ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
 
 
 def fit_lora(

@@ -59,6 +59,20 @@ def finite_loss(loss: torch.Tensor, epoch: int, step: int) -> float:
     return value
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
+    """``optimizer.step()``, where an update too large for a float (Adam's at a learning
+    rate of 1e38) is divergence too, not a RuntimeError from inside torch."""
+    try:
+        optimizer.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise TrainingDiverged(
+            f"training diverged: the optimizer's update overflowed at epoch {epoch}, "
+            f"step {step}; {_LOWER_RATES}"
+        ) from None
+
+
 def check_finite(fitted: Fitted) -> None:
     """Refuse to hand on weights holding NaN or infinity: served, they answer null scores
     under an arbitrary label. The loss check misses an optimizer step's own overflow."""

@@ -66,6 +66,17 @@ def test_a_diverging_run_stops_and_publishes_nothing(backbone, registry, sms_sam
     assert [a.name for a in registry.list_adapters("acme")] == []
 
 
+@pytest.mark.parametrize("mode", ["head", "lora"])
+def test_an_update_past_a_floats_range_is_divergence_too(
+    backbone, registry, sms_sample, mode
+) -> None:
+    """At 1e38 Adam's own update overflows inside torch, before any loss is NaN."""
+    config = TrainConfig(mode=mode, epochs=1, head_epochs=3, lora_lr=1e38, head_lr=1e38)
+    with pytest.raises(TrainingDiverged, match="training diverged: .*; lower the learning"):
+        train_adapter(backbone, registry, "acme", "boom", sms_sample[:60], config, progress=False)
+    assert registry.list_adapters("acme") == []
+
+
 def test_weights_that_overflowed_after_the_last_loss_are_refused() -> None:
     head = torch.nn.Linear(4, 2)
     a, b = torch.zeros(8, 4), torch.zeros(4, 8)
@@ -82,6 +93,15 @@ def test_a_max_length_past_the_backbones_is_refused_before_training(
     config = TrainConfig(max_length=backbone.max_tokens + 1)
     with pytest.raises(ValueError, match=f"max_length must be at most {backbone.max_tokens}"):
         train_adapter(backbone, registry, "acme", "m", sms_sample, config, progress=False)
+
+
+def test_a_target_that_names_no_linear_is_refused_not_skipped(
+    backbone, registry, sms_sample
+) -> None:
+    config = TrainConfig(epochs=1, targets=("query", "vlaue"))
+    with pytest.raises(ValueError, match="no linear layer of the backbone matches target 'vlaue'"):
+        train_adapter(backbone, registry, "acme", "m", sms_sample[:60], config, progress=False)
+    assert registry.list_adapters("acme") == []
 
 
 def test_unknown_tenant_and_bad_name_fail_fast(backbone, registry, sms_sample) -> None:
