@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from registry import pointers, read_memo
-from registry.errors import NotFound
+from registry.errors import NotFound, RegistryError
 from registry.records import AdapterRecord
 
 # 2: the latest pointer and promotion history (pointers.py); opening a version-1 catalog backfills
@@ -100,9 +100,10 @@ class Catalog:
         self._local = threading.local()
         self._readers: dict[threading.Thread, sqlite3.Connection] = {}
         self._readers_lock = threading.Lock()
-        # Never used after this, so sharing it across threads (for close) is safe.
-        self._idle_conn: sqlite3.Connection | None = self._open(check_same_thread=False)
+        self._idle_conn: sqlite3.Connection | None = None
         try:
+            # Never used after this, so sharing it across threads (for close) is safe.
+            self._idle_conn = self._open(check_same_thread=False)
             # Asking first avoids taking the lock a mode change needs when WAL is already on.
             if self._idle_conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self._idle_conn.execute("PRAGMA journal_mode = WAL")
@@ -110,6 +111,9 @@ class Catalog:
                 _migrate(conn)
             # A read opens the log for this connection, which keeps it open (a pragma does not).
             self._idle_conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as exc:  # not a database, a directory, unreadable...
+            self.close()
+            raise RegistryError(f"cannot open the registry's catalog {path}: {exc}") from None
         except BaseException:
             self.close()
             raise

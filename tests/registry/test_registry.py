@@ -300,3 +300,16 @@ def test_a_root_that_is_a_file_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match=r"registry .*registry is not a directory"):
         Registry(root)
     assert root.read_text() == "not a registry"
+
+
+@pytest.mark.parametrize("kind", ["not a database", "a directory"])
+def test_a_catalog_that_is_no_database_is_refused_by_name(tmp_path: Path, kind: str) -> None:
+    catalog = tmp_path / "registry" / "catalog.sqlite3"
+    if kind == "a directory":
+        catalog.mkdir(parents=True)
+    else:
+        catalog.parent.mkdir()
+        catalog.write_text("not sqlite")
+    with pytest.raises(RegistryError, match=r"cannot open the registry's catalog .*sqlite3"):
+        Registry(tmp_path / "registry")
+    assert catalog.is_dir() or catalog.read_text() == "not sqlite"  # left as it was
