@@ -234,7 +234,7 @@ def _train(args: argparse.Namespace) -> int:
             backbone,
             registry,
             args.tenant or "",
-            args.name or args.output.name,
+            args.name if args.name is not None else args.output.name,
             examples,
             config,
             source=str(args.data),

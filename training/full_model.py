@@ -106,6 +106,13 @@ def check_output_dir(output_dir: Path | None) -> Path:
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise ValueError(f"{output_dir}: exists and is not an empty directory")
+    parent = output_dir.absolute().parent
+    while not parent.exists():  # the nearest ancestor there is: the one it is created in
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{output_dir}: cannot be created, {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{output_dir}: cannot be created, {parent} is not writable")
     return output_dir
 
 

@@ -69,7 +69,8 @@ def train_adapter(
     Validation runs before any training; fatal problems raise DataError naming rows. A failure
     at any point publishes nothing. ``on_event`` gets one dict per epoch (progress.epoch_event).
     """
-    validate_name("adapter", name)
+    if config.mode != "full":  # full mode registers nothing: its directory may be any name
+        validate_name("adapter", name)
     if config.max_length > backbone.max_tokens:  # the position embeddings end there
         raise ValueError(
             f"max_length must be at most {backbone.max_tokens}, the longest input "

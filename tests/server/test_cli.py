@@ -92,6 +92,10 @@ def test_train_reports_bad_rows(tmp_path: Path, capsys) -> None:
         "--no-progress",
     )
     assert code == 2 and "2" in err and "3" in err
+    data.write_text("".join(f'{{"text": "t{i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(20)))
+    argv = ["train", "--registry", reg, "--tenant", "acme", "--data", str(data), "--no-progress"]
+    code, _, err = _run(capsys, *argv, "--name", "")
+    assert code == 2 and "invalid adapter name ''" in err, err
 
 
 def test_bulk_import_names_models_after_directories(

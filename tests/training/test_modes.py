@@ -103,7 +103,7 @@ def test_full_mode_writes_a_directory_and_leaves_the_backbone_alone(
         backbone,
         None,
         "acme",
-        "spam",
+        "Spam Full",  # registers nothing, so any name: the directory's, say
         train,
         config,
         progress=False,
@@ -137,6 +137,11 @@ def test_modes_are_validated_before_any_work(backbone, registry, sms, tmp_path: 
     (busy / "x").write_text("x")
     with pytest.raises(ValueError, match="not an empty directory"):
         train_adapter(backbone, None, "acme", "m", sms, TrainConfig(mode="full"), output_dir=busy)
+    under_a_file = busy / "x" / "model"  # found only when it is created, after training
+    with pytest.raises(ValueError, match=r"cannot be created, .*busy/x is not a directory"):
+        train_adapter(
+            backbone, None, "acme", "m", sms, TrainConfig(mode="full"), output_dir=under_a_file
+        )
     with pytest.raises(ValueError, match="registry"):
         train_adapter(backbone, None, "acme", "m", sms, TrainConfig(mode="head"))
     with pytest.raises(ValueError, match="head_epochs"):
