@@ -47,6 +47,11 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 3:  # the tokenizer then cuts nothing: whole texts would train
+            raise ValueError(
+                f"max_length must be >= 3 (the special tokens and one of text), "
+                f"got {self.max_length}"
+            )
         if self.rank > 64:
             raise ValueError(f"rank must be at most 64, got {self.rank}")
         for name in ("lora_lr", "head_lr", "backbone_lr", "alpha"):

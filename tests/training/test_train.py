@@ -114,6 +114,9 @@ def test_unknown_tenant_and_bad_name_fail_fast(backbone, registry, sms_sample) -
 def test_bad_config_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="rank"):
         TrainConfig(rank=0)
+    for short in (1, 2):  # the tokenizer cuts nothing under 3: whole texts would train
+        with pytest.raises(ValueError, match="max_length must be >= 3"):
+            TrainConfig(max_length=short)
     for field in ("lora_lr", "head_lr", "backbone_lr", "alpha"):
         for bad in (0.0, float("nan"), float("inf")):  # nan and inf trained into NaN weights
             with pytest.raises(ValueError, match=f"{field} must be > 0 and finite"):
