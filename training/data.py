@@ -69,20 +69,24 @@ def normalise_text(text: str) -> str:
 
 def decode_bytes(raw: bytes, source: str = "input") -> str:
     """UTF-16 when the bytes start with its byte-order mark (Excel's "Unicode text"
-    export), else UTF-8 (a BOM is dropped), else latin-1, which accepts any byte sequence.
+    export), else UTF-8 (a BOM is dropped), else cp1252, else latin-1, which accepts any byte
+    sequence.
 
-    Spreadsheets on Windows still export cp1252/latin-1, and refusing those files helps nobody.
+    Spreadsheets on Windows still export cp1252, and refusing those files helps nobody. Read
+    as latin-1, its quotes, dashes and euro sign (0x80-0x9F) became control characters the
+    tokenizer drops; latin-1 proper has no printable character there to lose.
     """
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
             return raw.decode("utf-16")
         except UnicodeDecodeError:
             pass  # a latin-1 file that happens to start with those two bytes
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        logger.info("%s is not valid UTF-8; reading it as latin-1", source)
-        return raw.decode("latin-1")
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            logger.info("%s is not valid %s", source, encoding)
+    return raw.decode("latin-1")  # cp1252 leaves five bytes undefined
 
 
 def deduplicate(examples: Iterable[Example]) -> list[Example]:

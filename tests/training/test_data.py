@@ -89,6 +89,16 @@ def test_latin1_fallback(tmp_path):
     assert load_examples(path)[0].text == "café crème"
 
 
+def test_a_windows_spreadsheet_export_keeps_its_quotes_dashes_and_euro_sign(tmp_path):
+    """cp1252, not latin-1: read as latin-1 these became control characters."""
+    text = "\u201cfree\u201d \u20ac10 \u2013 now"
+    path = write(tmp_path, "data.csv", f"text,label\n{text},spam\n", encoding="cp1252")
+    assert load_examples(path)[0].text == text
+    raw = tmp_path / "undefined.csv"  # 0x81 has no cp1252 character: latin-1 reads any byte
+    raw.write_bytes(b"text,label\ncaf\xe9 \x81,food\n")
+    assert load_examples(raw)[0].text == "caf\u00e9 \x81"
+
+
 def test_empty_text_is_kept_for_validation(tmp_path):
     path = write(tmp_path, "data.csv", 'text,label\n"",a\n   ,b\n')
     assert pairs(load_examples(path)) == [("", "a", 1), ("   ", "b", 2)]
