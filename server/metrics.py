@@ -149,7 +149,7 @@ class TrainingCollector(Collector):
         yield GaugeMetricFamily(
             "graft_train_available",
             "1 while this server runs training jobs.",
-            int(manager is not None),
+            int(manager is not None and manager.is_running),  # else the routes answer 503
         )
         jobs = GaugeMetricFamily(
             "graft_train_jobs", "Training jobs this server knows, by state.", labels=["state"]

@@ -10,6 +10,7 @@ from multiprocessing.context import SpawnContext
 from pathlib import Path
 from typing import Any
 
+from registry import NotFound, Registry
 from training.config import TrainConfig
 from training.job_config import JobsConfig
 from training.job_store import JobRecord
@@ -118,3 +119,16 @@ class WorkerProcess:
         if code is not None and code < 0:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit status {code}"
+
+
+def published_version(registry: Registry, record: JobRecord) -> int | None:
+    """The version the job's worker published (its manifest names the job), or None: how a
+    worker that died with leave to publish, or a server that died under it, ended."""
+    try:
+        versions = registry.list_adapters(record.tenant)
+    except NotFound:
+        return None
+    for version in versions:
+        if version.name == record.name and version.manifest.get("training_job") == record.id:
+            return version.version
+    return None

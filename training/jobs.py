@@ -26,10 +26,10 @@ from multiprocessing import get_context
 from multiprocessing.connection import wait
 from typing import Any
 
-from registry import NotFound, Registry
+from registry import Registry
 from training.config import TrainConfig
 from training.job_config import JobConflict, JobNotFound, JobsConfig, JobsUnavailable, TooManyJobs
-from training.job_process import WorkerProcess, worker_spec
+from training.job_process import WorkerProcess, published_version, worker_spec
 from training.job_store import (
     CANCELLED,
     FAILED,
@@ -206,25 +206,28 @@ class JobManager:
     def _run(self) -> None:
         try:
             while not self._is_stopping:
-                self._dispatch()
-                self._enforce_time_limit()
-                with self._lock:
-                    workers = list(self._workers.values())
-                waitables = [self._wake_reader]
-                for worker in workers:
-                    waitables += worker.waitables
-                ready = set(wait(waitables, timeout=_WAKE_EVERY_S))
-                while self._wake_reader.poll():
-                    self._wake_reader.recv_bytes()
-                for worker in workers:
-                    if worker.has_messages(ready):
-                        self._relay(worker)
-                    if worker.has_exited(ready):
-                        self._reap(worker)
-        except Exception:
-            log.exception("the training job manager failed; stopping its workers")
+                try:
+                    self._turn()
+                except Exception:  # no file handles for a worker, say: the next turn retries
+                    log.exception("a turn of the training job manager failed; going on")
+                    time.sleep(_WAKE_EVERY_S)
         finally:
             self._stop_all()
+
+    def _turn(self) -> None:
+        self._dispatch()
+        self._enforce_time_limit()
+        with self._lock:
+            workers = list(self._workers.values())
+        waitables = [self._wake_reader, *(w for worker in workers for w in worker.waitables)]
+        ready = set(wait(waitables, timeout=_WAKE_EVERY_S))
+        while self._wake_reader.poll():
+            self._wake_reader.recv_bytes()
+        for worker in workers:
+            if worker.has_messages(ready):
+                self._relay(worker)
+            if worker.has_exited(ready):
+                self._reap(worker)
 
     def _dispatch(self) -> None:
         """Start queued jobs, oldest first, while slots are free (one per tenant)."""
@@ -277,7 +280,11 @@ class JobManager:
         worker.close()
         with self._lock:
             del self._workers[worker.job_id]
-            self._settle(worker, worker.exit_reason())
+            try:
+                self._settle(worker, worker.exit_reason())
+            except Exception:  # the registry, asked what it published: the job still ends
+                log.exception("training job %s: settling it failed", worker.job_id)
+                self._fail(self._jobs[worker.job_id], "the server lost track of this job")
 
     def _settle(self, worker: WorkerProcess, exit_reason: str) -> None:
         record = self._jobs[worker.job_id]
@@ -294,7 +301,7 @@ class JobManager:
         elif outcome.get("type") == "failed":
             self._fail(record, str(outcome.get("error")))
         else:  # it died; if it had leave to publish, the registry says whether it did
-            version = self._published_version(record) if worker.is_publishing else None
+            version = published_version(self._registry, record) if worker.is_publishing else None
             if version is None:
                 self._fail(record, f"the training worker died ({exit_reason}); nothing published")
             else:
@@ -340,34 +347,27 @@ class JobManager:
         return finished
 
     def _update(self, record: JobRecord, new_event: dict[str, Any]) -> None:
-        store = self._require_store()
-        store.save(record)
-        store.append_event(record.id, new_event)
+        # in memory first: a disk refusing the write (full) loses it only across a restart
         self._jobs[record.id] = record
         self._changed.notify_all()
+        store = self._require_store()
+        try:
+            store.save(record)
+            store.append_event(record.id, new_event)
+        except OSError:
+            log.exception("training job %s: could not store its %s", record.id, new_event["type"])
 
     # helpers ---------------------------------------------------------------------------
 
     def _settle_orphan(self, record: JobRecord) -> None:
         """A job a dead server left queued or running: succeeded if its worker published before
         dying, else failed. Its worker died with that server (see `_die_with_parent`)."""
-        version = self._published_version(record) if record.state == RUNNING else None
+        version = published_version(self._registry, record) if record.state == RUNNING else None
         with self._lock:
             if version is not None:
                 self._succeed(record, {"version": version})
             else:
                 self._fail(record, RESTART_ERROR)
-
-    def _published_version(self, record: JobRecord) -> int | None:
-        """The version the job's worker published (its manifest names the job), or None."""
-        try:
-            versions = self._registry.list_adapters(record.tenant)
-        except NotFound:
-            return None
-        for version in versions:
-            if version.name == record.name and version.manifest.get("training_job") == record.id:
-                return version.version
-        return None
 
     def _check_room(self, tenant: str) -> None:
         if not self.is_running:

@@ -5,6 +5,7 @@ spawned worker importing torch and loading the backbone.
 """
 
 import copy
+import errno
 import json
 import os
 import signal
@@ -21,7 +22,15 @@ from engine import Backbone
 from registry import Registry
 from tests.sms_samples import sms_csv
 from training import TrainConfig
-from training.job_store import FAILED, QUEUED, RUNNING, JobRecord, JobStore, new_job_id
+from training.job_store import (
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+    JobStore,
+    new_job_id,
+)
 from training.job_uploads import InvalidData
 from training.jobs import (
     RESTART_ERROR,
@@ -173,6 +182,24 @@ def test_a_killed_worker_fails_its_job_and_publishes_nothing(
     assert "killed by SIGKILL" in done.error and "nothing published" in done.error
     assert manager.events("acme", job.id)[-1]["type"] == "failed"
     assert registry.list_adapters("acme") == [] and manager.worker_pid(job.id) is None
+
+
+def test_a_state_the_disk_refuses_to_store_costs_no_other_job(make_manager) -> None:
+    """A full disk once, as a job's success is recorded: that job still ends succeeded (in
+    memory) and the manager goes on; it died there, failing another tenant's queued job."""
+    manager = make_manager()
+    first, second = submit(manager), submit(manager, tenant="bob")
+    save, refused = manager._store.save, []
+
+    def save_unless_full(record: JobRecord) -> None:
+        if record.state == SUCCEEDED and not refused:
+            refused.append(record.id)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(record)
+
+    manager._store.save = save_unless_full
+    assert wait_final(manager, first).state == SUCCEEDED and refused == [first.id]
+    assert wait_final(manager, second).state == SUCCEEDED and manager.is_running
 
 
 def test_a_job_past_the_time_limit_is_killed_and_fails(make_manager, registry: Registry) -> None:
