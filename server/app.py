@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from server.metrics import add_metrics, timing_middleware
 from server.request_ids import add_request_id
 from server.routes import ENGINE, MAX_BODY_BYTES, STREAMS, add_routes, cancel_streams
 from server.train_routes import TrainServiceConfig, add_train_routes
-from server.workers import FrontEnds, front_ends
+from server.workers import FrontEnds, FrontEndsFailed, front_ends
 
 log = logging.getLogger(__name__)
 
@@ -103,48 +104,80 @@ async def run_server(
     ``on_listening(url)`` is awaited once the socket is bound (``url`` carries the real port
     when ``port`` is 0); then ``on_ready(engine)`` runs as a task beside the server, so it
     may send requests to it. Returns after SIGINT/SIGTERM; re-raises CancelledError when
-    cancelled, and an exception of ``on_ready`` after stopping. Either way it first stops
-    accepting connections, cancels open streams (their jobs with them), gives other requests
-    ``SHUTDOWN_GRACE_S`` to finish, and closes the engine.
+    cancelled, and an exception of ``on_ready`` after stopping; raises FrontEndsFailed when
+    front ends kept crashing. Either way it first stops accepting connections, cancels open
+    streams (their jobs with them), gives other requests ``SHUTDOWN_GRACE_S`` to finish, and
+    closes the engine. A signal before it serves undoes the start (KeyboardInterrupt for
+    SIGINT, as Ctrl-C there always was).
     """
     if workers < 0:  # before the backbone loads, not after
         raise ValueError(f"workers must be 0 (one process) or more, got {workers}")
     if not 0 <= port <= 65535:  # the OS would bind port % 65536, or fail obscurely
         raise ValueError(f"port must be from 0 (any free port) to 65535, got {port}")
     raise_open_files_limit()
-    stop = asyncio.Event()
-    async with Engine(config) as engine:
-        runner = web.AppRunner(
-            create_app(
-                engine,
+    shutdown = _Shutdown()
+    with _on_signals(shutdown):
+        try:
+            make_app = functools.partial(
+                create_app,
                 max_body_bytes=max_body_bytes,
                 training=training,
                 metrics=metrics,
                 metrics_key=metrics_key,
-            ),
+            )
+            listen = functools.partial(
+                _listening, host=host, port=port, workers=workers, max_body_bytes=max_body_bytes
+            )
+            await _serve(config, make_app, listen, shutdown, on_ready, on_listening)
+        except asyncio.CancelledError:
+            if shutdown.caught is None:  # the caller cancelled it
+                raise
+            if shutdown.caught == signal.SIGINT:
+                raise KeyboardInterrupt from None
+    log.info("graft server stopped")
+
+
+async def _serve(
+    config: EngineConfig,
+    make_app: Callable[[Engine], web.Application],
+    listen: Callable[..., contextlib.AbstractAsyncContextManager[FrontEnds]],
+    shutdown: "_Shutdown",
+    on_ready: OnReady | None,
+    on_listening: Callable[[str], Awaitable[None]] | None,
+) -> None:
+    async with Engine(config) as engine:
+        runner = web.AppRunner(
+            make_app(engine),
             handler_cancellation=True,  # a client that goes away cancels its handler and job
             shutdown_timeout=SHUTDOWN_GRACE_S,
         )
         await runner.setup()
+        gave_up: list[str] = []
         try:
-            async with _listening(runner, engine, host, port, workers, max_body_bytes) as ends:
+            async with listen(runner, engine) as ends:
                 url = _base_url(ends.address)
                 log.info("graft serving on %s", url)
                 if on_listening is not None:
                     await on_listening(url)
-                with _stop_on_signals(stop):
-                    if ends.gave_up is not None:  # front ends crash as they start: stop
-                        ends.gave_up.add_done_callback(lambda task: _front_ends_gone(task, stop))
+                stop = shutdown.stop
+                if ends.gave_up is not None:  # front ends crash as they start: stop
+                    ends.gave_up.add_done_callback(lambda t: _front_ends_gone(t, stop, gave_up))
+                shutdown.is_serving = True
+                try:
                     await _serve_until(stop, on_ready, engine)
+                finally:  # the streams front ends proxy end here first, so they stop at once
+                    await cancel_streams(runner.app)
         finally:
             await runner.cleanup()
-    log.info("graft server stopped")
+        if gave_up:  # a failure, for the exit status: not a stop anyone asked for
+            raise FrontEndsFailed(gave_up[0])
 
 
 @contextlib.asynccontextmanager
 async def _listening(
     runner: web.AppRunner,
     engine: Engine,
+    *,
     host: str,
     port: int,
     workers: int,
@@ -159,11 +192,13 @@ async def _listening(
         yield ends
 
 
-def _front_ends_gone(task: "asyncio.Task[str]", stop: asyncio.Event) -> None:
+def _front_ends_gone(task: "asyncio.Task[str]", stop: asyncio.Event, gave_up: list[str]) -> None:
     if task.cancelled() or stop.is_set():
         return
     error = task.exception()  # e.g. a replacement that could not be started
-    log.error("%s; stopping the server", error if error is not None else task.result())
+    reason = str(error) if error is not None else task.result()
+    log.error("%s; stopping the server", reason)
+    gave_up.append(reason)
     stop.set()
 
 
@@ -188,14 +223,33 @@ def _stop_if_failed(task: "asyncio.Task[None]", stop: asyncio.Event) -> None:
         stop.set()
 
 
+class _Shutdown:
+    """SIGINT/SIGTERM. While serving: set ``stop``, so open requests finish first. While still
+    starting (the backbone loading, front ends spawning): cancel the start, which undoes what
+    started, child processes included; killed there, this process orphaned them."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.is_serving = False
+        self.caught: int | None = None
+        self._task = asyncio.current_task()
+
+    def __call__(self, sig: int) -> None:
+        self.caught = self.caught or sig
+        if self.is_serving:
+            self.stop.set()
+        elif self._task is not None:
+            self._task.cancel()
+
+
 @contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into ``stop`` while serving (where the platform and thread allow)."""
+def _on_signals(shutdown: _Shutdown) -> Iterator[None]:
+    """Route SIGINT/SIGTERM to ``shutdown`` (where the platform and thread allow)."""
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, shutdown, sig)
         except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not main thread
             continue
         installed.append(sig)

@@ -226,7 +226,9 @@ async def proxy(request: web.Request, body: bytes | None = None) -> web.StreamRe
         if not response.prepared:
             raise _unavailable() from None
         log.warning("engine's answer to %s %s cut off", request.method, request.path)
-        return response  # the status is out: the client sees the body end early
+        if request.transport is not None:  # no final chunk: the client sees the body cut off
+            request.transport.close()
+        return response
     await response.write_eof()
     return response
 

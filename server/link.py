@@ -19,7 +19,7 @@ from aiohttp import web
 
 from engine import Job, MultiJob, Tokenized
 from server.errors import ApiError, internal_error
-from server.metrics import METRICS
+from server.metrics import CLIENT_CLOSED, METRICS
 from server.routes import ENGINE, finished_answer, submit, submit_nowait
 from server.schemas import ClassifyRequest, encode
 
@@ -203,7 +203,7 @@ class LinkServer:
             job = await submit(self._app[ENGINE], message.tenant, body, tokens)
         except asyncio.CancelledError:  # the client left
             running.pop(message.id, None)
-            self._observe(500, started)
+            self._observe(CLIENT_CLOSED, started)
             raise
         except Exception as exc:
             running.pop(message.id, None)
@@ -228,7 +228,7 @@ class LinkServer:
             try:
                 payload, headers = finished_answer(job, body)
             except asyncio.CancelledError:  # the client left
-                self._observe(500, started)
+                self._observe(CLIENT_CLOSED, started)
                 return
             except Exception as exc:
                 self._reply(message, out, *_error_answer(message, exc), started)

@@ -52,7 +52,9 @@ async def front_ends(
         raise ValueError(f"workers need SO_REUSEPORT, which {sys.platform} lacks: use workers=0")
     with tempfile.TemporaryDirectory(prefix="graft-serve-") as folder:  # mode 0700: ours alone
         engine_path, link_path = f"{folder}/engine.sock", f"{folder}/link.sock"
-        await web.UnixSite(runner, engine_path).start()
+        # front ends connect once per stream or proxied request: aiohttp's backlog of 128
+        # refused bursts of them (EAGAIN), each a false 503
+        await web.UnixSite(runner, engine_path, backlog=socket.SOMAXCONN).start()
         async with link_server(runner.app, link_path) as link:
             with _reserved_port(host, port) as bound:
                 config = FrontendConfig(

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from aiohttp.test_utils import TestClient
 
 from engine import Engine, EngineConfig, packaged_backbone_dir
 from server.app import create_app, run_server
-from server.frontend import FrontendConfig
+from server.frontend import SHUTDOWN_GRACE_S, FrontendConfig
 from server.workers import RestartBudget, _replace_exited, _spawn, front_ends
 
 from .conftest import MAX_BODY_BYTES, MAX_INPUT_TOKENS, Tenants
@@ -224,6 +225,65 @@ async def test_run_server_replaces_a_front_end_that_dies(tmp_path) -> None:
     assert second != first
 
 
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers can only be installed from the main thread",
+)
+async def test_a_sigterm_while_front_ends_start_stops_them_too(tmp_path) -> None:
+    """systemd or docker stopping a server still starting: no front end is left orphaned."""
+    config = EngineConfig(registry_dir=tmp_path / "registry")
+    others = set(_front_end_pids())  # the module's own front ends
+    server = asyncio.create_task(run_server(config, "127.0.0.1", 0, workers=1))
+    await _until(lambda: bool(set(_front_end_pids()) - others), 120)  # spawned, not yet up
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(server, 60)  # returns: a normal stop
+    await _until(lambda: set(_front_end_pids()) == others, 30)
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers can only be installed from the main thread",
+)
+async def test_a_sigterm_cuts_streams_the_front_ends_proxy_at_once(
+    tmp_path, write_random_adapter, backbone
+) -> None:
+    """As one process does: the stream ends cut off, and the front end need not be killed
+    after the grace period (a stream open there held its shutdown for 18 s)."""
+    bound: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_listening(url: str) -> None:
+        bound.set_result(url)
+
+    config = EngineConfig(registry_dir=tmp_path / "registry", max_batch_rows=1)
+    server = asyncio.create_task(
+        run_server(config, "127.0.0.1", 0, on_listening=on_listening, workers=1)
+    )
+    url = await asyncio.wait_for(bound, 120)
+    from registry import Registry
+
+    write_random_adapter(backbone, tmp_path / "a", seed=0, rank=4, num_labels=2)
+    with Registry(tmp_path / "registry") as registry:
+        key = registry.create_tenant("acme")
+        manifest = {"labels": ["a", "b"], "base_sha256": backbone.sha256, "rank": 4}
+        registry.publish("acme", "spam", tmp_path / "a", manifest)
+    body = {"model": "spam", "input": [f"row {i} " * 20 for i in range(200)], "stream": True}
+    async with (
+        aiohttp.ClientSession(timeout=TIMEOUT) as session,
+        session.post(
+            f"{url}/v1/classify", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as response,
+    ):
+        assert response.status == 200
+        await response.content.readline()
+        stopping = asyncio.get_running_loop().time()
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut off, not a well-formed end
+            async for _ in response.content:
+                pass
+        await asyncio.wait_for(server, 60)
+    assert asyncio.get_running_loop().time() - stopping < SHUTDOWN_GRACE_S
+
+
 async def test_a_negative_number_of_front_ends_is_refused_before_anything_starts(
     tmp_path,
 ) -> None:
@@ -365,6 +425,10 @@ async def test_a_client_that_leaves_drops_its_rows_not_yet_run(
     await _until(lambda: engine.stats()["requests_in_flight"] == 0)
     assert engine.stats()["waiting_rows"] == 0
     assert engine.stats()["rows"] - before < 200
+    async with session.get(f"{url}/metrics") as response:
+        counted = await response.text()
+    left = 'graft_http_request_duration_seconds_count{method="POST",route="/v1/classify",status="'
+    assert f'{left}499"}}' in counted and f'{left}500"}}' not in counted  # not a server error
 
 
 async def test_a_cold_adapter_is_answered_then_its_warm_requests_equal_it(

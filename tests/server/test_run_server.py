@@ -1,6 +1,7 @@
 """run_server: a real socket on an ephemeral port, hooks, and clean shutdown."""
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -91,6 +92,41 @@ async def test_sigterm_stops_the_server_and_cuts_open_streams(tmp_path) -> None:
                 lines.append(json.loads(line))
     assert len(lines) < 199 and not any("done" in line for line in lines)
     assert not engine.ready and engine.stats()["requests_in_flight"] == 0
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers can only be installed from the main thread",
+)
+async def test_a_sigterm_while_starting_stops_the_start(tmp_path) -> None:
+    """A supervisor stopping a server that is still loading: it undoes the start and returns
+    (killed there, a server with front ends left them orphaned)."""
+    started = Started()
+    server = start(tmp_path, started)
+    await asyncio.sleep(0.2)  # loading the backbone
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(server, 60)  # returns: a normal stop
+    assert not started.url.done() and not started.engine.done()
+
+
+async def test_front_ends_that_keep_crashing_stop_the_server_as_a_failure(
+    tmp_path, monkeypatch
+) -> None:
+    """Not a stop anyone asked for: FrontEndsFailed (exit status 2 from the CLI), not 0."""
+    from server import app as app_module
+    from server.workers import FrontEnds, FrontEndsFailed
+
+    @contextlib.asynccontextmanager
+    async def crashing(runner, engine, **_):
+        async def give_up() -> str:
+            return "front-end process 7 exited (-9): 6 exits within 60 s"
+
+        yield FrontEnds(("127.0.0.1", 1), asyncio.create_task(give_up()))
+
+    monkeypatch.setattr(app_module, "_listening", crashing)
+    config = EngineConfig(registry_dir=tmp_path / "registry")
+    with pytest.raises(FrontEndsFailed, match="6 exits within 60 s"):
+        await asyncio.wait_for(run_server(config, "127.0.0.1", 0, workers=1), 60)
 
 
 async def test_a_failing_on_ready_stops_the_server_and_is_raised(tmp_path) -> None:
