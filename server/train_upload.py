@@ -12,7 +12,7 @@ Nothing here trains or validates rows; that is the job manager's.
 """
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
@@ -68,11 +68,7 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
 
 def parse_options(options: Mapping[str, Any]) -> TrainRequest:
     """Check each option; ApiError 422 names the field at fault."""
-    unknown = sorted(set(options) - set(OPTION_FIELDS))
-    if unknown:
-        raise _invalid(
-            f"unknown option {unknown[0]!r} (known: {', '.join(OPTION_FIELDS)})", unknown[0]
-        )
+    _check_known(options)
     name = options.get("name")
     if not isinstance(name, str) or not name:
         raise _invalid("'name' is required: the model name the job trains", "name")
@@ -99,23 +95,40 @@ async def _read_multipart(request: web.Request, max_bytes: int) -> Upload:
         raise ApiError(400, INVALID_REQUEST, f"malformed multipart body: {exc}") from None
 
 
+def _check_known(names: Iterable[str]) -> None:
+    unknown = sorted(set(names) - set(OPTION_FIELDS))
+    if unknown:
+        raise _invalid(
+            f"unknown option {unknown[0]!r} (known: {', '.join(OPTION_FIELDS)})", unknown[0]
+        )
+
+
 async def _parse_multipart(request: web.Request, max_bytes: int) -> Upload:
     reader = await request.multipart()
     data: bytes | None = None
     filename = ""
     options: dict[str, str] = {}
-    num_bytes = 0
+    num_bytes = 0  # of every part: a chunked body has no Content-Length to refuse up front
+    too_large = _too_large(max_bytes)
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):
             raise _invalid("nested multipart bodies are not supported", None)
         if part.name == "file":
             filename = _file_name(part)
-            data = await _read_part(part, max_bytes - num_bytes, _too_large(max_bytes))
+            data = await _read_part(part, max_bytes - num_bytes, too_large)
             num_bytes += len(data)
-        elif part.name:
+        elif part.name in OPTION_FIELDS:
             limit_error = _invalid(f"option {part.name!r} is too long", part.name)
-            raw = await _read_part(part, _MAX_OPTION_BYTES, limit_error)
+            if num_bytes + _MAX_OPTION_BYTES > max_bytes:
+                limit_error = too_large
+            limit = min(_MAX_OPTION_BYTES, max_bytes - num_bytes)
+            raw = await _read_part(part, limit, limit_error)
+            num_bytes += len(raw)
             options[part.name] = raw.decode("utf-8", errors="replace").strip()
+        elif part.name:  # refused now, not after reading whatever follows
+            _check_known([part.name])
+        else:  # a part without a name: read, counted and dropped
+            num_bytes += len(await _read_part(part, max_bytes - num_bytes, too_large))
     if data is None:
         raise _invalid("missing the 'file' part (CSV, TSV or JSONL with text and label)", "file")
     return Upload(data, filename, options)

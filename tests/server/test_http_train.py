@@ -3,7 +3,7 @@ promote / rollback of a model's latest pointer."""
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -283,6 +283,45 @@ async def test_uploads_over_the_cap_are_a_413(client, tenants) -> None:
     assert response.status == 413
     response = await client.post("/v1/train", json={"name": "x"}, headers=bearer(tenants.acme))
     assert response.status == 415
+
+
+async def test_the_cap_holds_for_every_part_of_a_chunked_multipart_body(client, tenants) -> None:
+    """Not the file part's bytes alone: parts without a name, and option parts, counted too;
+    a part of no known option is refused as it arrives, not once the body is read."""
+    boundary = "QQ"
+    headers = {
+        **bearer(tenants.acme),
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+    }
+
+    def part(header: str, payload: bytes) -> bytes:
+        return f"--{boundary}\r\n{header}\r\n\r\n".encode() + payload + b"\r\n"
+
+    def body(extra: Callable[[], Iterator[bytes]]) -> Callable[[], AsyncIterator[bytes]]:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield part('Content-Disposition: form-data; name="file"; filename="s.csv"', sms_csv())
+            yield part('Content-Disposition: form-data; name="name"', b"capped")
+            for chunk in extra():
+                yield chunk
+            yield f"--{boundary}--\r\n".encode()
+
+        return chunks
+
+    def unnamed() -> Iterator[bytes]:  # 40 times the cap in a part with no name
+        yield f"--{boundary}\r\nContent-Type: text/plain\r\n\r\n".encode()
+        for _ in range(40):
+            yield b"a" * UPLOAD_CAP
+        yield b"\r\n"
+
+    def options() -> Iterator[bytes]:  # each under an option's own limit
+        for i in range(1_000):
+            yield part(f'Content-Disposition: form-data; name="o{i}"', b"v" * 500)
+
+    response = await client.post("/v1/train", data=body(unnamed)(), headers=headers)
+    assert response.status == 413, await response.text()
+    response = await client.post("/v1/train", data=body(options)(), headers=headers)
+    error = (await response.json())["error"]
+    assert response.status == 422 and error["field"] == "o0", error
 
 
 async def test_promote_and_rollback_over_http(client, tenants) -> None:
