@@ -112,6 +112,11 @@ class AdapterStore:
             backbone,
             record.manifest.get("head_activation"),
         )
+        if weights.rank > record.rank:  # the pool's pages are budgeted from the manifest
+            raise AdapterFormatError(
+                f"{record.full_name}@{record.version}: its weights have rank {weights.rank}, "
+                f"its manifest says {record.rank}"
+            )
         self.num_disk_loads += 1
         self.disk_bytes_read += sum(len(b) for b in verified.files.values())
         # laid out as pool rows here, off the model thread: a page-in is then one copy

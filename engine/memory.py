@@ -64,6 +64,7 @@ class AdapterMemory:
         ]
         self._free = FreePages(1, num_pages)
         self._resident: OrderedDict[str, Resident] = OrderedDict()
+        self._resident_bytes = 0  # sum of their num_bytes
         self.num_hits = 0
         self.num_loads = 0
         self.num_evictions = 0
@@ -82,7 +83,9 @@ class AdapterMemory:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(r.num_bytes for r in self._resident.values())
+        # kept as a count: stats() reads it on the event loop while the model thread admits
+        # and evicts, and iterating _resident there raised "mutated during iteration"
+        return self._resident_bytes
 
     def is_resident(self, key: str) -> bool:
         return key in self._resident
@@ -220,6 +223,7 @@ class AdapterMemory:
             num_bytes=weights.num_bytes,
         )
         self._resident[key] = resident
+        self._resident_bytes += resident.num_bytes
         self.num_loads += 1
         return resident
 
@@ -245,6 +249,7 @@ class AdapterMemory:
         for key, resident in self._resident.items():  # oldest first
             if resident.refcount == 0:
                 del self._resident[key]
+                self._resident_bytes -= resident.num_bytes
                 self._free.give(resident.pages)
                 self.num_evictions += 1
                 log.debug("evicted adapter %s", key)

@@ -42,11 +42,10 @@ def open_regular(path: Path) -> BinaryIO:
         if error.errno == errno.ELOOP:
             raise NotRegularFile(f"{path.name} is a symlink") from None
         raise
-    file = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        file.close()
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory
+        os.close(fd)
         raise NotRegularFile(f"{path.name} is not a regular file")
-    return file
+    return os.fdopen(fd, "rb")
 
 
 def copy_synced(source: Path, target: Path, *, is_durable: bool = True) -> tuple[str, int]:

@@ -139,6 +139,25 @@ async def test_tampered_adapter_is_refused(registry, publish_random) -> None:
             await engine.classify("acme", "m", ["x"])
 
 
+async def test_an_adapter_whose_manifest_understates_its_rank_fails_alone(
+    registry, publish_random, write_random_adapter, backbone, tmp_path
+) -> None:
+    """Pages are budgeted from the manifest's rank: one that says 4 for rank-16 weights made
+    steps that overflowed the pool, failing the other tenants' rows in them too."""
+    write_random_adapter(backbone, tmp_path / "liar", seed=1, rank=16, num_labels=2)
+    manifest = {"labels": ["neg", "pos"], "base_sha256": backbone.sha256, "rank": 4}
+    registry.publish("acme", "liar", tmp_path / "liar", manifest)
+    publish_random(registry, "globex", "good", rank=8)
+    async with Engine(EngineConfig(registry_dir=registry.root, adapter_pages=16)) as engine:
+        liar, good = await asyncio.gather(
+            engine.classify("acme", "liar", ["hello"]),
+            engine.classify("globex", "good", ["hello"]),
+            return_exceptions=True,
+        )
+        assert isinstance(liar, AdapterFormatError) and "rank 16, its manifest says 4" in str(liar)
+        assert len(good) == 1  # the neighbour is served
+
+
 async def test_small_pool_evicts_idle_adapters_and_stays_correct(registry, publish_random) -> None:
     for i in range(6):
         publish_random(registry, "acme", f"m{i}", seed=i, rank=8)

@@ -33,6 +33,7 @@ def _check(memory: AdapterMemory, backbone, held: dict[str, int], weights: dict)
     assert len(used) == len(set(used)), "two adapters share a page"
     assert 0 not in used, "page 0 is reserved"
     assert len(used) + memory.num_free_pages == NUM_PAGES
+    assert memory.resident_bytes == sum(r.num_bytes for r in resident)  # a count, kept in step
     for key, count in held.items():
         if count:
             assert memory.is_resident(key), f"{key} evicted while in use"

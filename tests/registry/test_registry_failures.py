@@ -115,6 +115,17 @@ def test_file_replaced_by_symlink_is_refused(
         registry.read_verified(record)
 
 
+def test_file_replaced_by_a_directory_is_refused_by_name(
+    registry: Registry, make_adapter: Callable[..., Path], manifest: dict[str, Any]
+) -> None:
+    record = registry.publish("acme", "spam", make_adapter(), manifest)
+    stored = record.path / "adapter_config.json"
+    stored.unlink()
+    stored.mkdir()  # an IsADirectoryError naming a descriptor number, before
+    with pytest.raises(IntegrityError, match="adapter_config.json is not a regular file"):
+        registry.read_verified(record)
+
+
 def test_edited_manifest_is_detected(
     registry: Registry, make_adapter: Callable[..., Path], manifest: dict[str, Any]
 ) -> None:
