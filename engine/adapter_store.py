@@ -87,6 +87,10 @@ class AdapterStore:
         key = adapter_key(record)
         return key if self._host.pin_if_present(key) else None
 
+    def holds(self, record: AdapterRecord) -> bool:
+        """Whether the host tier holds the adapter, counted neither a hit nor a miss."""
+        return adapter_key(record) in self._host
+
     def unpin(self, key: str) -> None:
         self._host.unpin(key)
 

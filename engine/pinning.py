@@ -33,7 +33,10 @@ async def pin_all(store: AdapterStore, records: Sequence[AdapterRecord]) -> list
 
 
 def pin_all_if_resident(store: AdapterStore, records: Sequence[AdapterRecord]) -> list[str] | None:
-    """Host-pin every adapter if the host tier holds them all; else None, nothing pinned."""
+    """Host-pin every adapter if the host tier holds them all; else None, nothing pinned (and
+    no hit counted: the caller's ``pin_all`` counts this request's hits and misses)."""
+    if not all(store.holds(record) for record in records):
+        return None
     keys: list[str] = []
     for record in records:
         key = store.pin_if_resident(record)

@@ -110,3 +110,21 @@ async def test_a_malformed_tenant_name_is_model_not_found(registry, publish_rand
                 await engine.classify(tenant, "spam", ["hi"])  # type: ignore[arg-type]
             with pytest.raises(ModelNotFound):
                 await engine.classify_many(tenant, ["spam"], ["hi"])  # type: ignore[arg-type]
+
+
+async def test_a_multi_model_request_that_must_wait_for_a_load_counts_each_hit_once(
+    registry, publish_random
+) -> None:
+    publish_random(registry, "acme", "warm", seed=1)
+    publish_random(registry, "acme", "cold", seed=2)
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        await engine.classify("acme", "warm", ["x"])
+        before = engine.stats()
+        tokens = Tokenized(ids=((101, 1060, 102),), truncated=(False,))
+        # what a front end's handed-over request does: now if it can, else the awaited way
+        assert engine.submit_many_nowait("acme", ["warm", "cold"], ["x"], tokens=tokens) is None
+        await engine.classify_many("acme", ["warm", "cold"], ["x"])
+        after = engine.stats()
+    hits = after["adapter_host_hits"] - before["adapter_host_hits"]
+    misses = after["adapter_host_misses"] - before["adapter_host_misses"]
+    assert (hits, misses) == (1, 1)
