@@ -66,8 +66,8 @@ def _check_json(key: object, value: object) -> None:
 def _check_labels(labels: object) -> tuple[str, ...]:
     if not isinstance(labels, list | tuple) or not labels:
         raise InvalidAdapter(f"manifest['labels'] must be a non-empty list, got {labels!r}")
-    if not all(isinstance(label, str) and label for label in labels):
-        raise InvalidAdapter(f"manifest['labels'] must hold non-empty strings, got {labels!r}")
+    if not all(isinstance(label, str) and label.strip() for label in labels):  # "  " too
+        raise InvalidAdapter(f"manifest['labels'] must hold non-blank strings, got {labels!r}")
     if len(set(labels)) != len(labels):
         raise InvalidAdapter(f"manifest['labels'] must be distinct, got {labels!r}")
     return tuple(labels)

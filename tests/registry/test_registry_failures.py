@@ -189,6 +189,7 @@ def test_missing_source_directory_is_refused(
         ({"labels": ["ham", "ham"]}, "labels"),
         ({"labels": ["ham", 1]}, "labels"),
         ({"labels": ["ham", ""]}, "labels"),
+        ({"labels": ["ham", "  "]}, "labels"),  # blank: no label a client could tell apart
         ({"base_sha256": "ab" * 31}, "base_sha256"),
         ({"base_sha256": "AB" * 32}, "base_sha256"),
         ({"base_sha256": "zz" * 32}, "base_sha256"),
