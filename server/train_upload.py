@@ -118,11 +118,11 @@ async def _parse_multipart(request: web.Request, max_bytes: int) -> Upload:
             data = await _read_part(part, max_bytes - num_bytes, too_large)
             num_bytes += len(data)
         elif part.name in OPTION_FIELDS:
-            limit_error = _invalid(f"option {part.name!r} is too long", part.name)
-            if num_bytes + _MAX_OPTION_BYTES > max_bytes:
-                limit_error = too_large
-            limit = min(_MAX_OPTION_BYTES, max_bytes - num_bytes)
-            raw = await _read_part(part, limit, limit_error)
+            limit = min(_MAX_OPTION_BYTES, max_bytes - num_bytes)  # the body's cap may bind
+            too_long = _invalid(f"option {part.name!r} is too long", part.name)
+            raw = await _read_part(
+                part, limit, too_long if limit == _MAX_OPTION_BYTES else too_large
+            )
             num_bytes += len(raw)
             options[part.name] = raw.decode("utf-8", errors="replace").strip()
         elif part.name:  # refused now, not after reading whatever follows
