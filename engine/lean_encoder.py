@@ -14,7 +14,7 @@ change that makes the two disagree, serves through the model's own forward. Infe
 no dropout, no gradients, no cache.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,9 @@ class EncoderOutput:
 
 
 Op = Callable[[torch.Tensor], torch.Tensor]
+# what attention takes: an additive bias (or None, every token sees every other), or the token
+# offsets of a packed step's rows, each row attending only to itself
+Mask = torch.Tensor | Sequence[int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +56,23 @@ class _Attention:
     head_size: int
     scaling: float
 
-    def __call__(
-        self, h: torch.Tensor, mask: torch.Tensor | None, batch: int, length: int
-    ) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, mask: Mask, batch: int, length: int) -> torch.Tensor:
         shape = (batch, length, self.heads, self.head_size)
         q = self.query(h).view(shape).transpose(1, 2)
         k = self.key(h).view(shape).transpose(1, 2)
         v = self.value(h).view(shape).transpose(1, 2)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        if mask is None or isinstance(mask, torch.Tensor):
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        else:  # one packed sequence: each row's scores alone, none across rows
+            context = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], scale=self.scaling
+                    )
+                    for lo, hi in zip(mask[:-1], mask[1:], strict=True)
+                ],
+                dim=2,
+            )
         return context.transpose(1, 2).reshape(batch * length, -1)
 
 
@@ -83,7 +95,9 @@ class _Layer:
 
 class LeanEncoder:
     """``model``'s forward for ``input_ids`` [B, T] with a 2-D padding mask [B, T] or a 4-D
-    additive mask [B, 1, T, T] (packed steps), and optional ``position_ids``.
+    additive mask [B, 1, T, T] (packed steps), and optional ``position_ids``. A packed step
+    may pass ``row_starts`` (its rows' token offsets) instead of a 4-D mask: attention then
+    runs row by row, in time linear in the packed length rather than square.
 
     Calls ``state.between_layers`` where the model's block hooks would (engine/backbone.py):
     before every block of every layer (see `_Layer`) but the first. Keeps nothing between
@@ -100,8 +114,9 @@ class LeanEncoder:
     def __call__(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
+        row_starts: Sequence[int] | None = None,
     ) -> EncoderOutput:
         batch, length = input_ids.shape
         hidden = self._embeddings(input_ids=input_ids, position_ids=position_ids)
@@ -109,7 +124,10 @@ class LeanEncoder:
             hidden = self._project(hidden)
         width = hidden.shape[-1]
         h = hidden.reshape(batch * length, width)
-        mask = _attention_bias(attention_mask, hidden.dtype)
+        mask: Mask = row_starts
+        if row_starts is None:
+            assert attention_mask is not None, "a mask or the packed rows' offsets"
+            mask = _attention_bias(attention_mask, hidden.dtype)
         for i, layer in enumerate(self._layers):
             if i > 0:
                 self._pause()
@@ -124,7 +142,7 @@ class LeanEncoder:
             callback()
 
     def _layer(
-        self, layer: _Layer, h: torch.Tensor, mask: torch.Tensor | None, batch: int, length: int
+        self, layer: _Layer, h: torch.Tensor, mask: Mask, batch: int, length: int
     ) -> torch.Tensor:
         attended = layer.attention_out(layer.attention(h, mask, batch, length)).add_(h)
         if layer.split_norms:
@@ -240,8 +258,9 @@ def _checked_norm(module: object) -> nn.LayerNorm:
 
 
 def _agrees(backbone: "Backbone", lean: LeanEncoder, dtype: torch.dtype) -> bool:
-    """Both forwards on the load-time checks' texts, padded and packed: True when every real
-    token's hidden state and every pooled output agree within those checks' tolerance."""
+    """Both forwards on the load-time checks' texts, padded and packed (the lean one with a
+    mask and row by row): True when every real token's hidden state and every pooled output
+    agree within those checks' tolerance."""
     model, device = backbone.model, str(next(backbone.model.parameters()).device)
     _, ids, mask, packed, tolerance = check_inputs(backbone, device, dtype)
     try:
@@ -250,7 +269,12 @@ def _agrees(backbone: "Backbone", lean: LeanEncoder, dtype: torch.dtype) -> bool
             padded = _close(expected, lean(ids, mask), mask.bool(), tolerance)
             inputs = (packed.input_ids, packed.attention_mask, packed.position_ids)
             expected = model(input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2])
-            return padded and _close(expected, lean(*inputs), None, tolerance)
+            rows_apart = lean(inputs[0], None, inputs[2], row_starts=packed.token_starts)
+            return (
+                padded
+                and _close(expected, lean(*inputs), None, tolerance)
+                and _close(expected, rows_apart, None, tolerance)
+            )
     except (TypeError, ValueError, RuntimeError, AttributeError):  # what the model refuses
         return False
 

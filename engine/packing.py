@@ -4,8 +4,9 @@ A padded step computes every row at the longest row's length; short requests tha
 together with a long one (the bursts of a lightly loaded server) then pay for padding that
 can be most of the step. Packed, the encoder's Linears see only real tokens; attention gets a
 block-diagonal mask and per-row positions, so each row's hidden states are those of its padded
-run. The attention scores grow with the square of the packed length, so only small steps are
-packed (engine config ``pack_max_tokens``).
+run. Masked, the attention scores grow with the square of the packed length, so only small
+steps are packed (engine config ``pack_max_tokens``). The lean forward (engine/lean_encoder.py)
+can instead attend row by row, which pays from ``_ROWS_APART_MIN_TOKENS`` up.
 
 Whether a backbone computes the same thing packed is checked once, at load, on real text: an
 encoder that ignores ``position_ids`` or builds positions its own way (RoBERTa counts from its
@@ -30,6 +31,10 @@ CHECK_TEXTS = ("a short one", "and a somewhat longer second row, to check the pa
 _CHECK_TOLERANCE = 1e-4
 _CHECK_TOLERANCE_LOW_PRECISION = 0.1
 _MIN_WASTE = 0.2  # pack only when padding would be at least this share of the step
+# packed length from which attending row by row beats one masked call on the CPU: at 240-500
+# tokens of 5-20 rows it took a third to a quarter of the masked time; under 100 tokens the
+# calls' overhead makes it up to twice as slow (MiniLM's 12 heads, one or two threads)
+_ROWS_APART_MIN_TOKENS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +43,8 @@ class PackedInputs:
 
     input_ids: torch.Tensor  # int64 [1, N]
     position_ids: torch.Tensor  # int64 [1, N], restarting at 0 for every row
-    attention_mask: torch.Tensor  # [1, 1, N, N] additive: 0 within a row, dtype min across rows
+    # [1, 1, N, N] additive: 0 within a row, dtype min across rows; None where rows attend apart
+    attention_mask: torch.Tensor | None
     token_starts: tuple[int, ...]  # [rows + 1] token offsets of the rows
     row_of_token: torch.Tensor  # int64 [N]
 
@@ -52,19 +58,30 @@ def worth_packing(token_ids: Sequence[Sequence[int]], max_tokens: int) -> bool:
     return real <= max_tokens and real <= (1 - _MIN_WASTE) * padded
 
 
-def pack(token_ids: Sequence[Sequence[int]], device: str, dtype: torch.dtype) -> PackedInputs:
+def pack(
+    token_ids: Sequence[Sequence[int]],
+    device: str,
+    dtype: torch.dtype,
+    *,
+    rows_apart: bool = False,
+) -> PackedInputs:
+    """``token_ids`` as one sequence. With ``rows_apart`` (a forward that takes the rows'
+    offsets) a long one gets no mask: its rows attend apart."""
     starts = [0]
     for row in token_ids:
         starts.append(starts[-1] + len(row))
     flat = [token for row in token_ids for token in row]
     positions = [p for row in token_ids for p in range(len(row))]
     rows = torch.repeat_interleave(torch.arange(len(token_ids)), torch.tensor(starts).diff())
-    same_row = rows[:, None] == rows[None, :]
-    mask = torch.zeros(same_row.shape, dtype=dtype).masked_fill_(~same_row, torch.finfo(dtype).min)
+    mask = None
+    if not (rows_apart and len(flat) >= _ROWS_APART_MIN_TOKENS):
+        same_row = rows[:, None] == rows[None, :]
+        mask = torch.zeros(same_row.shape, dtype=dtype)
+        mask = mask.masked_fill_(~same_row, torch.finfo(dtype).min)[None, None].to(device)
     return PackedInputs(
         input_ids=torch.tensor([flat], dtype=torch.long, device=device),
         position_ids=torch.tensor([positions], dtype=torch.long, device=device),
-        attention_mask=mask[None, None].to(device),
+        attention_mask=mask,
         token_starts=tuple(starts),
         row_of_token=rows.to(device),
     )

@@ -124,7 +124,7 @@ class ModelRunner:
             None if key == BACKBONE_KEY else self._memory.get(key) for key in batch.seg_adapter
         ]
         packed = (
-            pack(token_ids, self._device, self._memory.dtype)
+            pack(token_ids, self._device, self._memory.dtype, rows_apart=self.lean)
             if worth_packing(token_ids, self.pack_max_tokens)
             else None
         )
@@ -258,10 +258,13 @@ class ModelRunner:
         if packed is None:
             input_ids, mask = self._pad(token_ids, width)
             return PaddedOutputs(encode(input_ids=input_ids, attention_mask=mask), mask)
+        apart = packed.attention_mask is None  # the lean forward attends row by row
+        rows_apart = {"row_starts": packed.token_starts} if apart else {}
         out = encode(
             input_ids=packed.input_ids,
             attention_mask=packed.attention_mask,
             position_ids=packed.position_ids,
+            **rows_apart,
         )
         return PackedOutputs(self._backbone, out.last_hidden_state, packed)
 

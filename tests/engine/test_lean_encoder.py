@@ -10,13 +10,14 @@ import torch
 from transformers import AutoModel, MPNetConfig
 
 from engine import lean_encoder as lean_module
-from engine import load_backbone, packaged_backbone_dir
+from engine import load_backbone, packaged_backbone_dir, packing
+from engine import runner as runner_module
 from engine.lean_encoder import lean_encoder
 from engine.lora_kernels import kernel_for
 from engine.memory import AdapterMemory
 from engine.runner import BACKBONE_KEY, ModelRunner
 from scheduler import Batch
-from tests.engine.mixed_fleet import resident_pool
+from tests.engine.mixed_fleet import assert_rows_close, resident_pool
 from tests.engine.test_architectures import CONFIGS, _random_encoder
 
 TEXTS = [
@@ -38,6 +39,9 @@ ADAPTERS = {
         (16, ("lin1", "lin2"), "mean"),
     ],
 }
+# how far a packed step whose rows attend apart may be from the padded step, in probability:
+# float32 sums in another order; bf16 and int8 round each row's activations their own way
+ROWS_APART_ATOL = {"float32": 1e-5, "int8": 1e-3, "bfloat16": 5e-2}
 
 
 def _fleet(backbone, adapters, tmp_path: Path, write_random_adapter, dtype=torch.float32):
@@ -80,7 +84,7 @@ def distilbert_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("layout", sorted(ADAPTERS))
 @pytest.mark.parametrize("precision", ["float32", "int8", "bfloat16"])
 def test_steps_through_the_lean_forward_equal_the_models_own(
-    layout, precision, distilbert_dir, tmp_path, write_random_adapter
+    layout, precision, distilbert_dir, tmp_path, write_random_adapter, monkeypatch
 ) -> None:
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     served = load_backbone(
@@ -90,18 +94,41 @@ def test_steps_through_the_lean_forward_equal_the_models_own(
     )
     registry, memory, keys = _fleet(served, ADAPTERS[layout], tmp_path, write_random_adapter, dtype)
     kernel = kernel_for("auto", "cpu")
+    batch, token_ids = _batch(served, keys)
     try:
-        for pack_max_tokens in (0, 4096):  # padded, then packed (block-diagonal 4-D mask)
+        padded_own = ModelRunner(served, memory, "cpu", kernel, lean_forward=False)
+        padded_rows = padded_own.step(batch, token_ids)
+        # padded, then packed with the block-diagonal 4-D mask: bit for bit
+        monkeypatch.setattr(packing, "_ROWS_APART_MIN_TOKENS", 10**9)
+        for pack_max_tokens in (0, 4096):
             lean = ModelRunner(served, memory, "cpu", kernel, pack_max_tokens=pack_max_tokens)
             own = ModelRunner(
                 served, memory, "cpu", kernel, pack_max_tokens=pack_max_tokens, lean_forward=False
             )
             assert lean.lean and not own.lean
-            batch, token_ids = _batch(served, keys)
             _assert_same_rows(lean.step(batch, token_ids), own.step(batch, token_ids))
             assert lean.num_packed_steps == own.num_packed_steps == (1 if pack_max_tokens else 0)
+        # packed, rows attending apart: the same sums in another order, so to rounding
+        monkeypatch.setattr(packing, "_ROWS_APART_MIN_TOKENS", 0)
+        lean = ModelRunner(served, memory, "cpu", kernel, pack_max_tokens=4096)
+        masks = _packed_masks(monkeypatch)
+        assert_rows_close(lean.step(batch, token_ids), padded_rows, atol=ROWS_APART_ATOL[precision])
+        assert masks == [None] and lean.num_packed_steps == 1
     finally:
         registry.close()
+
+
+def _packed_masks(monkeypatch) -> list:
+    """The attention masks of the steps the runner packs from now on."""
+    masks = []
+
+    def recording_pack(*args, **kwargs):
+        inputs = packing.pack(*args, **kwargs)
+        masks.append(inputs.attention_mask)
+        return inputs
+
+    monkeypatch.setattr(runner_module, "pack", recording_pack)
+    return masks
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
@@ -149,6 +176,17 @@ def test_a_lean_forward_that_computes_otherwise_is_refused(backbone, monkeypatch
         return layer(self, *args) + 1e-3  # past the 1e-4 a float32 check accepts
 
     monkeypatch.setattr(lean_module.LeanEncoder, "_layer", off_by_a_little)
+    assert lean_encoder(backbone, torch.float32) is None
+
+
+def test_a_lean_forward_whose_packed_rows_see_each_other_is_refused(backbone, monkeypatch) -> None:
+    attend = lean_module._Attention.__call__
+
+    def across_rows(self, h, mask, batch, length):
+        leaky = mask is not None and not isinstance(mask, torch.Tensor)  # rows apart: none
+        return attend(self, h, None if leaky else mask, batch, length)
+
+    monkeypatch.setattr(lean_module._Attention, "__call__", across_rows)
     assert lean_encoder(backbone, torch.float32) is None
 
 

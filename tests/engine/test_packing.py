@@ -101,6 +101,15 @@ def test_packed_inputs_restart_positions_and_mask_across_rows(backbone) -> None:
     assert packing_works(backbone, "cpu", torch.float32)
 
 
+def test_only_a_long_packed_sequence_drops_its_mask_for_rows_attending_apart() -> None:
+    short = [[5] * 10, [6] * 20]
+    assert pack(short, "cpu", torch.float32, rows_apart=True).attention_mask is not None
+    long = [[5] * 100, [6] * (packing._ROWS_APART_MIN_TOKENS - 100)]
+    assert pack(long, "cpu", torch.float32).attention_mask is not None  # the model's forward
+    inputs = pack(long, "cpu", torch.float32, rows_apart=True)
+    assert inputs.attention_mask is None and inputs.token_starts[1] == 100
+
+
 @pytest.mark.parametrize(("dtype", "quantize"), [(torch.bfloat16, "none"), (torch.float32, "int8")])
 def test_packing_check_accepts_low_precision_rounding_but_not_a_leak(
     dtype: torch.dtype, quantize: str, monkeypatch: pytest.MonkeyPatch
