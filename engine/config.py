@@ -59,9 +59,10 @@ class EngineConfig:
     # longer step (engine/step_loop.py); 0 = never pause a step; None = by device (see
     # interlude_budget_tokens)
     interlude_tokens: int | None = None
-    # CPU steps of at most this many real tokens run unpadded (one sequence, block-diagonal
-    # attention) when padding would be a fifth of the step or more; 0 = always pad
-    pack_max_tokens: int = 512
+    # CPU steps of at most this many real tokens run unpadded (one sequence, each row attending
+    # to itself) when padding would be a fifth of the step or more; 0 = always pad. Through a
+    # model's own forward (one masked attention call, engine/packing.py) at most 512
+    pack_max_tokens: int = 8192
     # the backbone's forward in plain torch calls (engine/lean_encoder.py) where a load-time
     # check finds it computes what the model's own forward does; False = always the model's
     lean_forward: bool = True

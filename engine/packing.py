@@ -31,6 +31,10 @@ CHECK_TEXTS = ("a short one", "and a somewhat longer second row, to check the pa
 _CHECK_TOLERANCE = 1e-4
 _CHECK_TOLERANCE_LOW_PRECISION = 0.1
 _MIN_WASTE = 0.2  # pack only when padding would be at least this share of the step
+# most real tokens a step packs for a model's own forward: its one masked attention call
+# computes scores between every two tokens of the step, a square that soon outgrows what
+# packing saves (the lean forward attends row by row from _ROWS_APART_MIN_TOKENS up instead)
+MASKED_MAX_TOKENS = 512
 # packed length from which attending row by row beats one masked call on the CPU: at 240-500
 # tokens of 5-20 rows it took a third to a quarter of the masked time; under 100 tokens the
 # calls' overhead makes it up to twice as slow (MiniLM's 12 heads, one or two threads)
@@ -120,6 +124,36 @@ class PackedOutputs:
         per row, as in a padded step)."""
         first = self._hidden[list(self._inputs.token_starts[:-1])]
         self._cls = self._backbone.model.pooler(first[:, None, :])
+
+
+class PaddedOutputs:
+    """A padded step's model outputs, pooled on demand (``PackedOutputs``' twin): each pooling
+    once over every row, so a step of many segments pools in a few device ops, not a few per
+    segment."""
+
+    __slots__ = ("_pooled", "mask", "out")
+
+    def __init__(self, out: object, mask: torch.Tensor) -> None:
+        self.out = out
+        self.mask = mask
+        self._pooled: dict[str, torch.Tensor] = {}
+
+    def pooled(self, pooling: str, lo: int, hi: int) -> torch.Tensor:
+        if pooling not in self._pooled:
+            self._pooled[pooling] = _pool(self.out, self.mask, pooling, 0, self.mask.shape[0])
+        return self._pooled[pooling][lo:hi]
+
+
+def _pool(out: object, mask: torch.Tensor, pooling: str, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``lo:hi`` pooled as a head expects: the [CLS] pooler, the first token's hidden
+    state, or the mean over real tokens."""
+    if pooling == POOLING_CLS_POOLER:
+        return out.pooler_output[lo:hi]
+    if pooling == POOLING_FIRST:
+        return out.last_hidden_state[lo:hi, 0]
+    hidden = out.last_hidden_state[lo:hi]
+    weights = mask[lo:hi].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 def check_tolerance(backbone: Backbone, dtype: torch.dtype) -> float:

@@ -12,13 +12,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.adapters import POOLING_CLS_POOLER, POOLING_FIRST, backbone_poolings
+from engine.adapters import POOLING_CLS_POOLER, backbone_poolings
 from engine.backbone import Backbone
 from engine.lean_encoder import lean_encoder
 from engine.lora import LoraKernel, LoraStepPlan, SegmentLists, rank_runs
 from engine.lora_kernels import AutoCpu, GatherBmm, SegmentLoop
 from engine.memory import AdapterMemory, Resident
-from engine.packing import PackedInputs, PackedOutputs, pack, packing_works, worth_packing
+from engine.packing import (
+    MASKED_MAX_TOKENS,
+    PackedInputs,
+    PackedOutputs,
+    PaddedOutputs,
+    pack,
+    packing_works,
+    worth_packing,
+)
 from engine.static_step import (
     Shape,
     StaticOutputs,
@@ -90,7 +98,8 @@ class ModelRunner:
         loops = isinstance(kernel, SegmentLoop | AutoCpu)
         can_pack = pack_max_tokens > 0 and device == "cpu" and loops
         can_pack = can_pack and packing_works(backbone, device, memory.dtype)
-        self.pack_max_tokens = pack_max_tokens if can_pack else 0
+        most = pack_max_tokens if self.lean else min(pack_max_tokens, MASKED_MAX_TOKENS)
+        self.pack_max_tokens = most if can_pack else 0
         self.num_packed_steps = 0
         # per-row pages and scales, for the kernels that gather them (a few device ops and
         # copies a step, which a GPU step bound by the host does not spend for nothing)
@@ -368,33 +377,3 @@ def _page_run(pages: tuple[int, ...]) -> range | list[int]:
     if pages and pages == tuple(range(pages[0], pages[0] + len(pages))):
         return range(pages[0], pages[0] + len(pages))
     return list(pages)
-
-
-class PaddedOutputs:
-    """A padded step's model outputs, pooled on demand (``PackedOutputs``' twin): each pooling
-    once over every row, so a step of many segments pools in a few device ops, not a few per
-    segment."""
-
-    __slots__ = ("_pooled", "mask", "out")
-
-    def __init__(self, out: object, mask: torch.Tensor) -> None:
-        self.out = out
-        self.mask = mask
-        self._pooled: dict[str, torch.Tensor] = {}
-
-    def pooled(self, pooling: str, lo: int, hi: int) -> torch.Tensor:
-        if pooling not in self._pooled:
-            self._pooled[pooling] = _pool(self.out, self.mask, pooling, 0, self.mask.shape[0])
-        return self._pooled[pooling][lo:hi]
-
-
-def _pool(out: object, mask: torch.Tensor, pooling: str, lo: int, hi: int) -> torch.Tensor:
-    """Rows ``lo:hi`` pooled as a head expects: the [CLS] pooler, the first token's hidden
-    state, or the mean over real tokens."""
-    if pooling == POOLING_CLS_POOLER:
-        return out.pooler_output[lo:hi]
-    if pooling == POOLING_FIRST:
-        return out.last_hidden_state[lo:hi, 0]
-    hidden = out.last_hidden_state[lo:hi]
-    weights = mask[lo:hi].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

@@ -112,7 +112,7 @@ def test_lookahead_defaults_by_device_and_an_explicit_count_wins() -> None:
     assert EngineConfig(device="cuda").lookahead_budget_rows == 64  # host-bound steps
     assert EngineConfig(lookahead_rows=8).lookahead_budget_rows == 8
     # on the CPU a looked-ahead row keeps the step packable (unpadded); no cap on CUDA
-    assert EngineConfig().lookahead_max_tokens == EngineConfig().pack_max_tokens == 512
+    assert EngineConfig().lookahead_max_tokens == EngineConfig().pack_max_tokens == 8192
     assert EngineConfig(device="cuda").lookahead_max_tokens is None
     assert EngineConfig(pack_max_tokens=0).lookahead_max_tokens is None
     with pytest.raises(ValueError, match="lookahead_rows must be >= 0"):

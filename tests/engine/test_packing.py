@@ -74,6 +74,18 @@ def test_a_packed_step_equals_the_padded_step(backbone, runners) -> None:
     assert_rows_close(got, expected)
 
 
+def test_the_models_own_forward_packs_only_what_one_masked_call_can_take(backbone, runners):
+    """Its attention scores grow with the square of the packed length; the lean forward's
+    rows attend apart, so it packs up to the configured limit."""
+    padded, packed, _ = runners
+    assert packed.lean and packed.pack_max_tokens == 4096
+    memory, kernel = packed._memory, kernel_for("auto", "cpu")
+    own = ModelRunner(backbone, memory, "cpu", kernel, pack_max_tokens=4096, lean_forward=False)
+    assert own.pack_max_tokens == packing.MASKED_MAX_TOKENS
+    small = ModelRunner(backbone, memory, "cpu", kernel, pack_max_tokens=64, lean_forward=False)
+    assert small.pack_max_tokens == 64
+
+
 def test_a_step_without_padding_to_save_is_not_packed(backbone, runners) -> None:
     _, packed, keys = runners
     ids = backbone.tokenizer(["same length here", "same length there"])["input_ids"]
