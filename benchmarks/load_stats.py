@@ -54,8 +54,10 @@ class RunSummary:
     throughput_rps: float  # answered requests per second of the run's span
     throughput_seq_s: float  # answered input texts per second
     latency_ms: dict[str, float | None]  # p50/p90/p99 of answered requests
-    queue_ms: dict[str, float | None] | None  # the same for the queue part, where recorded
-    compute_ms: dict[str, float | None] | None  # and for the compute part
+    # the same for the queue part, where recorded (over HTTP, the server's own: admission to
+    # its first step), and for the compute part
+    queue_ms: dict[str, float | None] | None
+    compute_ms: dict[str, float | None] | None
     slo_attainment: float  # answered within the SLO / sent
     errors: dict[str, int]  # status -> count, 200 excluded
     tenant_shares: dict[str, dict[str, float]]  # tenant -> offered / served share
@@ -65,6 +67,9 @@ class RunSummary:
     # the model thread's CPU time in steps / its time in steps (graft's engine counters): below
     # 1, steps waited for the interpreter lock or for a core
     cpu_share: float | None = None
+    # over HTTP, what the latency holds beyond the server's queue and compute: the client, the
+    # network, HTTP and tokenizing (graft's Server-Timing); None for other targets
+    outside_ms: dict[str, float | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,14 +186,26 @@ def summarize(run: Run, slo_s: float) -> RunSummary:
         throughput_rps=rps,
         throughput_seq_s=seq_s,
         latency_ms=percentiles_ms([r["latency_s"] for r in ok]),
-        queue_ms=_split_ms(records, "queue_s"),
+        queue_ms=_split_ms(records, "queue_s") or _split_ms(records, "server_queue_s"),
         compute_ms=_split_ms(records, "compute_s"),
         slo_attainment=slo_attainment(records, slo_s),
         errors=error_counts(records),
         tenant_shares=tenant_shares(records),
         send_lag_p99_ms=None if lag_p99 is None else round(lag_p99 * 1000, 3),
+        outside_ms=_outside_ms(ok),
         **step_stats(run.footer),
     )
+
+
+def _outside_ms(ok: Sequence[dict[str, Any]]) -> dict[str, float | None] | None:
+    """Per answered request with the server's own timings: latency less its queue and
+    compute."""
+    outside = [
+        r["latency_s"] - r["server_queue_s"] - r["compute_s"]
+        for r in ok
+        if r.get("server_queue_s") is not None and r.get("compute_s") is not None
+    ]
+    return percentiles_ms(outside) if outside else None
 
 
 def step_stats(footer: dict[str, Any]) -> dict[str, float | None]:

@@ -46,6 +46,9 @@ class Outcome:
     step_span_s: tuple[float, float] | None = None  # first step start, last step end
     tokens: int | None = None  # tokens the model saw, special tokens included (200 only)
     error: str | None = None  # error type or exception class
+    # a server's own account (graft's Server-Timing header): admission to its first step, and
+    # first step start to last step end, in seconds
+    server_timing_s: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +220,9 @@ class HttpTarget:
         except msgspec.DecodeError:
             return Outcome(status, done_s, error="undecodable answer")
         if status == 200:
-            return Outcome(200, done_s, tokens=answer.get("usage", {}).get("tokens"))
+            tokens = answer.get("usage", {}).get("tokens")
+            timing = server_timing(response.headers.get("Server-Timing"))
+            return Outcome(200, done_s, tokens=tokens, server_timing_s=timing)
         return Outcome(status, done_s, error=answer.get("error", {}).get("type"))
 
     async def counters(self) -> dict[str, Any]:
@@ -229,6 +234,23 @@ class HttpTarget:
 
         url = self._url.removesuffix("/v1/classify")
         return HttpSpec(self.kind, url, self.models, self._keys, self._timeout_s, connections)
+
+
+def server_timing(header: str | None) -> tuple[float, float] | None:
+    """(queue, compute) in seconds from graft's ``Server-Timing: queue;dur=MS, compute;dur=MS``;
+    None for a server that sends no such header (the PEFT baseline) or another shape of it."""
+    durations: dict[str, float] = {}
+    for metric in (header or "").split(","):
+        name, _, params = metric.strip().partition(";")
+        key, _, value = params.strip().partition("=")
+        if key.strip() == "dur":
+            try:
+                durations[name.strip()] = float(value) / 1000
+            except ValueError:
+                return None
+    if "queue" not in durations or "compute" not in durations:
+        return None
+    return durations["queue"], durations["compute"]
 
 
 class BackboneTarget:

@@ -31,6 +31,10 @@ class RequestRecord:
     first_s: float | None  # first prediction minus scheduled send (embedded streams)
     queue_s: float | None  # first engine step touching it started, minus scheduled send
     compute_s: float | None  # from that step's start to the end of its last step
+    # over HTTP, the server's own clock (Server-Timing): admission to its first step; the
+    # compute above is then the server's too, and the rest of the latency is the client, the
+    # network, HTTP and tokenizing
+    server_queue_s: float | None
     status: int | str  # 200, 429, 503, 504, other HTTP codes, or "error"
     tenant: str
     model: str
@@ -119,13 +123,16 @@ def _record(
         return None if t is None else round(t - scheduled_s, 6)
 
     span = outcome.step_span_s if outcome else None
+    served = outcome.server_timing_s if outcome else None
+    compute_s = round(span[1] - span[0], 6) if span else None
     return RequestRecord(
         t_send=round(arrival.t_s, 6),
         send_lag_s=round(sent_s - scheduled_s, 6),
         latency_s=since(outcome.done_s) if outcome else None,
         first_s=since(outcome.first_s) if outcome else None,
         queue_s=since(span[0]) if span else None,
-        compute_s=round(span[1] - span[0], 6) if span else None,
+        compute_s=round(served[1], 6) if served else compute_s,
+        server_queue_s=round(served[0], 6) if served else None,
         status=outcome.status if outcome else "error",
         tenant=tenant,
         model=model,

@@ -4,7 +4,8 @@
 
 Per file (one offered rate): throughput in requests/s and sequences/s over the run's span
 (first scheduled send to last answer), p50/p90/p99 latency of answered requests (split into
-queue and compute where the file recorded it), SLO attainment (share of *all* sent requests
+queue and compute where the file recorded it: over HTTP, the server's own Server-Timing, and
+what lies outside it, the client, HTTP and tokenizing), SLO attainment (share of *all* sent requests
 answered 200 within ``--slo-ms``: errors count as misses), errors by status, per-tenant shares.
 
 Per sweep (files with the same scenario at different rates): saturation throughput (the most
@@ -96,6 +97,7 @@ def runs_table(summaries: Sequence[RunSummary]) -> str:
                 _fmt(s.throughput_seq_s),
                 "/".join(_fmt(s.latency_ms[p]) for p in ("p50", "p90", "p99")),
                 split,
+                _fmt(s.outside_ms["p99"]) if s.outside_ms else "-",
                 f"{s.slo_attainment:.3f}",
                 errors,
                 _fmt(s.rows_per_step),
@@ -112,6 +114,7 @@ def runs_table(summaries: Sequence[RunSummary]) -> str:
         "seq/s",
         "p50/p90/p99 ms",
         "p99 queue/compute ms",
+        "p99 outside ms",
         "in SLO",
         "errors",
         "rows/step",

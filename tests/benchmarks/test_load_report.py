@@ -19,6 +19,7 @@ from benchmarks.load_stats import (
     tenant_shares,
     throughput,
 )
+from benchmarks.load_targets import server_timing
 
 SLO_S = 0.05
 
@@ -163,6 +164,26 @@ def test_queue_and_compute_split_where_recorded() -> None:
     assert s.compute_ms["p99"] == pytest.approx(20.0)
     http = summarize(Run(Path("y"), header("h", "serve", 10), [rec(0, 0.03)], {}), SLO_S)
     assert http.queue_ms is None and http.compute_ms is None
+
+
+def test_http_records_split_by_the_servers_own_timings() -> None:
+    records = [rec(i * 0.1, 0.03, server_queue_s=0.005, compute_s=0.02) for i in range(20)]
+    records.append(rec(3.0, 0.03))  # a server without Server-Timing (the PEFT baseline)
+    s = summarize(Run(Path("h"), header("h", "serve", 10), records, {}), SLO_S)
+    assert s.queue_ms["p99"] == pytest.approx(5.0) and s.compute_ms["p99"] == pytest.approx(20.0)
+    assert s.outside_ms["p50"] == pytest.approx(5.0)  # 30 ms less 5 queued and 20 computing
+    embedded = [rec(0, 0.03, queue_s=0.01, compute_s=0.02)]
+    assert (
+        summarize(Run(Path("e"), header("e", "embedded", 10), embedded, {}), SLO_S).outside_ms
+        is None
+    )
+
+
+def test_server_timing_header_parses_graft_s_and_nothing_else() -> None:
+    assert server_timing("queue;dur=1.50, compute;dur=12.25") == (0.0015, 0.01225)
+    assert server_timing("compute;dur=2,queue;dur=0") == (0.0, 0.002)
+    for other in (None, "", "queue;dur=1.5", "queue;dur=x, compute;dur=1", "cache;desc=hit"):
+        assert server_timing(other) is None
 
 
 def test_report_reads_files_and_directories(tmp_path: Path, capsys) -> None:

@@ -90,7 +90,11 @@ def test_quick_http_run_against_a_server_process_reads_its_metrics(tmp_path: Pat
     path, lines = run_records([*argv, "--out", str(tmp_path)])
     head, records, foot = lines[0], lines[1:-1], lines[-1]
     assert head["scenario"]["target"] == "serve" and head["target_options"]["server_process"]
-    assert any(r["status"] == 200 for r in records), records
+    answered = [r for r in records if r["status"] == 200]
+    assert answered, records
+    for r in answered:  # the server's own split, from its Server-Timing header
+        assert r["server_queue_s"] >= 0 and r["compute_s"] > 0
+        assert r["server_queue_s"] + r["compute_s"] < r["latency_s"]
     before, after = foot["counters_before"], foot["counters_after"]  # from GET /metrics
     assert after["steps"] > before["steps"] and after["rows"] >= after["steps"]
     assert after["busy_s"] > before["busy_s"]
