@@ -31,7 +31,7 @@ class EngineConfig:
     # "int8": the backbone's frozen Linear weights in int8 on the CPU (engine/quantize.py);
     # LoRA, heads, embeddings and norms stay in dtype
     quantize: str = "none"
-    max_batch_tokens: int = 8192  # padded tokens per step
+    max_batch_tokens: int = 8192  # tokens per step: padded, or real where steps run packed
     max_batch_rows: int = 128  # rows per step
     max_inputs_per_request: int = 256  # texts in one classify call
     max_models_per_request: int = 16  # models in one classify_many call

@@ -97,6 +97,8 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
         lean_forward=config.lean_forward,
     )
     log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
+    # every step the scheduler may form runs unpadded, rows attending apart: budget real tokens
+    scheduler.set_packed_steps(runner.lean and runner.pack_max_tokens >= config.max_batch_tokens)
     if config.uses_cuda_graphs:
         _capture_up_front(runner, {record.rank for record in dependents} | {CAPTURE_RANK})
     settings = TenantSettings(registry, scheduler, scheduler.default_policy)

@@ -79,11 +79,16 @@ class Forming:
         unless the batch is strict."""
         if not self.rows and not self._strict:
             return True
+        if self._config.packed_steps:  # a row costs its own tokens, whatever its neighbours'
+            return self.real_tokens + row.num_tokens <= self._max_tokens and self._has_pages(row)
         width = max(self._longest, row.num_tokens)
         if width * (len(self.rows) + 1) > self._max_tokens:
             return False
         if width > _MAX_PAD_RATIO * min(self._shortest, row.num_tokens):
             return False  # keep short rows out of long rows' steps: padding would swamp them
+        return self._has_pages(row)
+
+    def _has_pages(self, row: Row) -> bool:
         limit = self._max_pages
         if limit is not None and row.adapter_key not in self._pages:
             return sum(self._pages.values()) + row.num_pages <= limit

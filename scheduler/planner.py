@@ -1,5 +1,6 @@
 """Virtual token counters over tenants under step budgets: the fair batch former."""
 
+import dataclasses
 import heapq
 import math
 from collections import OrderedDict, deque
@@ -12,7 +13,8 @@ from scheduler.policy import ADMITTED, Admission, TenantPolicy
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_batch_tokens: int = 8192  # padded tokens (rows x longest row) per step
+    max_batch_tokens: int = 8192  # padded tokens (rows x longest row) per step, or real ones
+    # with packed_steps
     max_batch_rows: int = 128  # rows per step, whatever their length
     max_batch_pages: int | None = None  # adapter pool pages the step's adapters may take
     contended_batch_tokens: int | None = 512  # step budget while several tenants are active
@@ -23,6 +25,9 @@ class SchedulerConfig:
     # stay within this; None: no such limit
     lookahead_max_tokens: int | None = None
     max_queued_rows: int = 8192  # rows waiting server-wide before new requests get 503
+    # steps run unpadded (the CPU engine packs them, each row attending apart): a row costs
+    # its own tokens, so step budgets count real tokens and rows of any lengths share a step
+    packed_steps: bool = False
     default_policy: TenantPolicy = field(default_factory=TenantPolicy)
     is_fair: bool = True  # False: one FIFO across tenants (the baseline fairness is measured by)
 
@@ -95,6 +100,11 @@ class Scheduler:
             self._policies.pop(tenant, None)
         else:
             self._policies[tenant] = policy
+
+    def set_packed_steps(self, packed: bool) -> None:
+        """Whether the steps it forms run unpadded (``SchedulerConfig.packed_steps``): known
+        once the model has loaded, since a backbone may fail the packing checks."""
+        self._config = dataclasses.replace(self._config, packed_steps=packed)
 
     @property
     def default_policy(self) -> TenantPolicy:
@@ -231,10 +241,11 @@ class Scheduler:
         (between two of its encoder blocks), or none.
 
         Only rows of tenants with nothing in ``running`` qualify (the step already serves the
-        others), chosen by the same virtual counters, within ``max_tokens`` padded tokens (a
-        row longer than that never qualifies) and ``max_pages`` pool pages beyond those the
-        running step holds. This is what bounds a neighbour's wait by one layer of a long
-        step instead of the whole step. The FIFO baseline never interleaves.
+        others), chosen by the same virtual counters, within ``max_tokens`` tokens (padded
+        unless steps run packed; a row longer than that never qualifies) and ``max_pages``
+        pool pages beyond those the running step holds. This is what bounds a neighbour's
+        wait by one layer of a long step instead of the whole step. The FIFO baseline never
+        interleaves.
         """
         if not self._config.is_fair:
             return Plan(batch=None, expired=())

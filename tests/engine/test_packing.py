@@ -138,3 +138,18 @@ def test_packing_check_accepts_low_precision_rounding_but_not_a_leak(
 
     monkeypatch.setattr(packing, "pack", leaky_pack)
     assert not packing_works(low, "cpu", dtype)
+
+
+@pytest.mark.parametrize(
+    ("settings", "packed"),
+    [({}, True), ({"lean_forward": False}, False), ({"pack_max_tokens": 4096}, False)],
+)
+async def test_steps_are_budgeted_in_real_tokens_only_where_every_step_can_run_packed(
+    tmp_path: Path, settings: dict, packed: bool
+) -> None:
+    """A model's own forward packs at most 512 tokens, and a smaller pack limit than the step
+    budget leaves big steps padded: their rows must keep the length ratio and padded budget."""
+    from engine import Engine, EngineConfig
+
+    async with Engine(EngineConfig(registry_dir=tmp_path / "reg", **settings)) as engine:
+        assert engine._scheduler._config.packed_steps is packed

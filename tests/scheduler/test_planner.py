@@ -190,6 +190,21 @@ def test_rows_of_very_different_lengths_do_not_share_a_step() -> None:
     assert widths == [24, 512]  # the short rows are not padded to 512
 
 
+def test_packed_steps_mix_lengths_and_budget_real_tokens() -> None:
+    """Steps that run unpadded cost their rows' own tokens: no length ratio, and the budget
+    counts real tokens (padded, 3 x 512 would be over 600); pages still bound a step."""
+    config = SchedulerConfig(max_batch_tokens=600, contended_batch_tokens=None, packed_steps=True)
+    s = Scheduler(config)
+    for tokens in (512, 20, 24, 60):
+        s.add(_row("a", tokens=tokens))
+    assert [[r.num_tokens for r in b.rows] for b in _drain(s)] == [[512, 20, 24], [60]]
+    s = Scheduler(SchedulerConfig(max_batch_pages=8, contended_batch_tokens=None))
+    s.set_packed_steps(True)
+    s.add(_row("a", adapter="x", tokens=5, pages=8))
+    s.add(_row("b", adapter="y", tokens=5, pages=8))
+    assert [len(b.rows) for b in _drain(s)] == [1, 1]  # the second adapter's pages do not fit
+
+
 def test_admission_reserves_rows_of_requests_still_being_prepared() -> None:
     s = Scheduler(SchedulerConfig(default_policy=TenantPolicy(max_queued_rows=10)))
     assert s.admit("a", 6).is_admitted
