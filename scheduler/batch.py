@@ -51,6 +51,10 @@ class Batch:
         """Tokens the step computes, padding included: what the budget limits."""
         return len(self.rows) * self.max_tokens
 
+    def cost_tokens(self, packed: bool) -> int:
+        """Tokens the step computes: its rows' own where steps run packed, else padded."""
+        return sum(row.num_tokens for row in self.rows) if packed else self.padded_tokens
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:

@@ -101,6 +101,10 @@ class Scheduler:
         else:
             self._policies[tenant] = policy
 
+    @property
+    def packed_steps(self) -> bool:
+        return self._config.packed_steps
+
     def set_packed_steps(self, packed: bool) -> None:
         """Whether the steps it forms run unpadded (``SchedulerConfig.packed_steps``): known
         once the model has loaded, since a backbone may fail the packing checks."""

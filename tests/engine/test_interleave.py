@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from engine import Engine, EngineConfig
+from engine.step_loop import interlude_budget
 from registry import Registry
+from scheduler import Batch
 
 LONG_TEXT = " ".join(["the quarterly report shows steady growth in every region"] * 60)
 SHORT_TEXT = "free entry to win a prize, text now"
@@ -148,3 +150,14 @@ def test_intra_op_threads_take_every_core_on_the_cpu_and_an_explicit_count_wins(
     for bad in (0, -2):  # torch would refuse -2 only once the model thread starts
         with pytest.raises(ValueError, match="num_threads must be >= 1"):
             EngineConfig(num_threads=bad)
+
+
+def test_a_packed_step_is_paused_for_interludes_only_when_its_own_tokens_are_many() -> None:
+    """Padded, a short SMS beside a 124-token one looks like 372 tokens; packed it costs 163,
+    less than one interlude, so pausing it would only make its own rows wait."""
+    mixed = Batch.of(["a", "b", "c"], [20, 124, 19])
+    assert interlude_budget(mixed, 256) == 256
+    assert interlude_budget(mixed, 256, packed=True) is None
+    long = Batch.of(["a"], [300])
+    assert interlude_budget(long, 256, packed=True) == interlude_budget(long, 256) == 256
+    assert interlude_budget(long, 0, packed=True) is None  # interludes off
