@@ -7,7 +7,8 @@ packed with each row attending apart (what the lean forward does from a packed l
 A lightly loaded server's slowest steps are bursts: several SMS of mixed lengths arriving
 together, 100-300 tokens in all. Each burst here is ``rows`` texts drawn from the packaged SMS
 corpus, over ``--adapters`` adapters, and its step is timed in the three modes alternated,
-on the engine's model thread; the table gives medians over the bursts.
+on the engine's model thread; the table gives medians over the bursts, and the largest
+difference of any answer from the padded step's (all three compute the same function).
 """
 
 import argparse
@@ -31,29 +32,39 @@ def _bursts(tokenizer, rows: int, count: int, seed: int) -> list[list[list[int]]
     return [tokenizer(rng.sample(texts, rows))["input_ids"] for _ in range(count)]
 
 
-def _time_modes(runner, batch, token_ids, repeats: int) -> dict[str, float]:
-    """One burst's step in each mode, alternated ``repeats`` times: medians in ms."""
+def _time_modes(runner, batch, token_ids, repeats: int) -> tuple[dict[str, float], float]:
+    """One burst's step in each mode, alternated ``repeats`` times: medians in ms, and the
+    largest difference of any probability from the padded step's."""
     import time
+
+    import numpy as np
 
     from engine import packing
 
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    answers: dict[str, list] = {}
     saved = runner.pack_max_tokens, packing._ROWS_APART_MIN_TOKENS
     try:
         for _ in range(repeats):
             for mode in MODES:
                 runner.pack_max_tokens = 0 if mode == "padded" else 1 << 20
                 packing._ROWS_APART_MIN_TOKENS = 0 if mode == "apart" else 1 << 30
-                runner.step(batch, token_ids)  # warm
+                answers[mode] = runner.step(batch, token_ids)  # warm
                 start = time.perf_counter()
                 runner.step(batch, token_ids)
                 times[mode].append((time.perf_counter() - start) * 1000)
     finally:
         runner.pack_max_tokens, packing._ROWS_APART_MIN_TOKENS = saved
-    return {mode: statistics.median(values) for mode, values in times.items()}
+    diff = max(
+        float(np.abs(got - want).max())
+        for mode in MODES
+        for got, want in zip(answers[mode], answers["padded"], strict=True)
+    )
+    return {mode: statistics.median(values) for mode, values in times.items()}, diff
 
 
-async def run(args: argparse.Namespace, work: Path) -> None:
+async def run(args: argparse.Namespace, work: Path) -> list[list[object]]:
+    """Print the table (a row per burst size) and return its rows."""
     from benchmarks.common import format_table
     from benchmarks.load_fleet import build_fleet
     from engine import Engine, EngineConfig
@@ -79,14 +90,15 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         table = []
         for rows in args.rows:
             medians: dict[str, list[float]] = {mode: [] for mode in MODES}
-            tokens = []
+            tokens, diffs = [], []
             for token_ids in _bursts(model.backbone.tokenizer, rows, args.bursts, args.seed):
                 keyed = sorted(
                     zip([keys[i % len(keys)] for i in range(rows)], token_ids, strict=True)
                 )
                 token_ids = [ids for _, ids in keyed]
                 batch = Batch.of([k for k, _ in keyed], [len(ids) for ids in token_ids])
-                timed = on_model(_time_modes, model.runner, batch, token_ids, args.repeats)
+                timed, diff = on_model(_time_modes, model.runner, batch, token_ids, args.repeats)
+                diffs.append(diff)
                 for mode in MODES:
                     medians[mode].append(timed[mode])
                 tokens.append(sum(len(ids) for ids in token_ids))
@@ -98,13 +110,16 @@ async def run(args: argparse.Namespace, work: Path) -> None:
                     *(f"{step[mode]:.2f}" for mode in MODES),
                     f"{step['apart'] / step['masked']:.3f}x",
                     f"{step['apart'] / step['padded']:.3f}x",
+                    f"{max(diffs):.1e}",
                 ]
             )
         headers = ["rows", "tokens (range)", *(f"{m} ms" for m in MODES)]
-        print(format_table([*headers, "apart / masked", "apart / padded"], table))
+        headers += ["apart / masked", "apart / padded", "max prob diff"]
+        print(format_table(headers, table))
+        return table
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[list[object]]:
     from benchmarks.common import int_list, serial_torch_here
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -118,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     serial_torch_here()  # fleets here; steps run on the engine's model thread
     with tempfile.TemporaryDirectory(prefix="graft-packed-") as tmp:
-        asyncio.run(run(args, Path(tmp)))
+        return asyncio.run(run(args, Path(tmp)))
 
 
 if __name__ == "__main__":

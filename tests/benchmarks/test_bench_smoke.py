@@ -68,3 +68,14 @@ def test_kernels_quick(tmp_path: Path) -> None:
         if r["method"] != "linear":
             assert r["max_abs_diff"] < 1e-4
     assert len(payload["results"]) == len(written["results"])
+
+
+def test_packed_steps_times_three_ways_that_answer_alike() -> None:
+    from benchmarks import packed_steps
+
+    argv = ["--rows", "2,8", "--bursts", "1", "--repeats", "1", "--adapters", "2"]
+    table = packed_steps.main([*argv, "--threads", "1"])
+    assert [row[0] for row in table] == [2, 8]
+    for row in table:
+        assert all(float(ms) > 0 for ms in row[2:5])  # padded, masked, apart
+        assert float(row[-1]) < 1e-4  # float32: the same answers, to rounding
