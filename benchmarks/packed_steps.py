@@ -49,7 +49,10 @@ def _time_modes(runner, batch, token_ids, repeats: int) -> tuple[dict[str, float
             for mode in MODES:
                 runner.pack_max_tokens = 0 if mode == "padded" else 1 << 20
                 packing._ROWS_APART_MIN_TOKENS = 0 if mode == "apart" else 1 << 30
+                packed_before = runner.num_packed_steps
                 answers[mode] = runner.step(batch, token_ids)  # warm
+                if (runner.num_packed_steps > packed_before) != (mode != "padded"):
+                    raise RuntimeError(f"a burst's {mode} step ran otherwise: no padding to save")
                 start = time.perf_counter()
                 runner.step(batch, token_ids)
                 times[mode].append((time.perf_counter() - start) * 1000)

@@ -217,7 +217,8 @@ class EngineConfig:
     @property
     def lookahead_max_tokens(self) -> int | None:
         """On the CPU a row found past its tenant's head joins a step only while the step's
-        real tokens stay within ``pack_max_tokens``: such a step runs unpadded, so rows of
+        real tokens stay within ``pack_max_tokens`` (at start-up lowered to what the runner
+        packs: 512 through a model's own forward): such a step runs unpadded, so rows of
         mixed lengths cost their own tokens. On CUDA no limit (steps are host-bound)."""
         if self.device.startswith("cuda") or self.pack_max_tokens == 0:
             return None

@@ -53,13 +53,17 @@ class PackedInputs:
     row_of_token: torch.Tensor  # int64 [N]
 
 
-def worth_packing(token_ids: Sequence[Sequence[int]], max_tokens: int) -> bool:
-    """Small steps whose padding would waste at least a fifth of the compute."""
+def worth_packing(
+    token_ids: Sequence[Sequence[int]], max_tokens: int, *, any_padding: bool = False
+) -> bool:
+    """Steps within ``max_tokens`` whose padding would waste at least a fifth of the compute,
+    or with ``any_padding`` (where the scheduler budgets real tokens) any padding at all."""
     if len(token_ids) < 2 or max_tokens <= 0:
         return False
     real = sum(len(row) for row in token_ids)
     padded = len(token_ids) * max(len(row) for row in token_ids)
-    return real <= max_tokens and real <= (1 - _MIN_WASTE) * padded
+    least_waste = 0.0 if any_padding else _MIN_WASTE
+    return real <= max_tokens and real < padded and real <= (1 - least_waste) * padded
 
 
 def pack(

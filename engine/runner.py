@@ -100,6 +100,9 @@ class ModelRunner:
         can_pack = can_pack and packing_works(backbone, device, memory.dtype)
         most = pack_max_tokens if self.lean else min(pack_max_tokens, MASKED_MAX_TOKENS)
         self.pack_max_tokens = most if can_pack else 0
+        # set where the scheduler budgets steps by their real tokens (engine/stack.py): every
+        # step with padding then runs packed, so no step costs more than its budget
+        self.budgets_real_tokens = False
         self.num_packed_steps = 0
         # per-row pages and scales, for the kernels that gather them (a few device ops and
         # copies a step, which a GPU step bound by the host does not spend for nothing)
@@ -134,7 +137,7 @@ class ModelRunner:
         ]
         packed = (
             pack(token_ids, self._device, self._memory.dtype, rows_apart=self.lean)
-            if worth_packing(token_ids, self.pack_max_tokens)
+            if worth_packing(token_ids, self.pack_max_tokens, any_padding=self.budgets_real_tokens)
             else None
         )
         state = self._backbone.lora_state

@@ -72,7 +72,8 @@ class Scheduler:
 
     Each step: rows past their deadline are expired; then the next row always comes from the
     waiting tenant that has been served the fewest tokens per unit of weight, within its
-    per-step token budget and the batch's padded-token, row and page budgets. A tenant that
+    per-step token budget and the batch's token (padded, or real with ``packed_steps``), row
+    and page budgets. A tenant that
     comes back after idling starts level with the least-served waiting tenant, so idle time
     banks no credit. While several tenants wait, the step budget shrinks to
     ``contended_batch_tokens`` so that no step, and no neighbour's wait, grows long.
@@ -105,10 +106,17 @@ class Scheduler:
     def packed_steps(self) -> bool:
         return self._config.packed_steps
 
-    def set_packed_steps(self, packed: bool) -> None:
-        """Whether the steps it forms run unpadded (``SchedulerConfig.packed_steps``): known
-        once the model has loaded, since a backbone may fail the packing checks."""
-        self._config = dataclasses.replace(self._config, packed_steps=packed)
+    def set_packing(self, packed_steps: bool, pack_max_tokens: int = 0) -> None:
+        """What the runner does with steps, known once the model has loaded (a backbone may
+        fail the packing checks): whether every step with padding runs unpadded
+        (``SchedulerConfig.packed_steps``), and how many real tokens it packs at most, which
+        bounds a looked-ahead row (``lookahead_max_tokens``) where packing is on."""
+        lookahead = self._config.lookahead_max_tokens
+        if lookahead is not None and pack_max_tokens > 0:
+            lookahead = min(lookahead, pack_max_tokens)
+        self._config = dataclasses.replace(
+            self._config, packed_steps=packed_steps, lookahead_max_tokens=lookahead
+        )
 
     @property
     def default_policy(self) -> TenantPolicy:

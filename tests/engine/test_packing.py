@@ -101,6 +101,25 @@ def test_worth_packing_wants_a_small_step_with_padding_to_save() -> None:
     assert not worth_packing([short, long], max_tokens=40)  # too many tokens to pack
     assert not worth_packing([long], max_tokens=512)  # one row has no padding
     assert not worth_packing([short, long], max_tokens=0)  # off
+    near = [[1] * 30, [1] * 32]  # 3% padding: not worth it, unless budgets count real tokens
+    assert not worth_packing(near, max_tokens=512)
+    assert worth_packing(near, max_tokens=512, any_padding=True)
+    assert not worth_packing([long, long], max_tokens=512, any_padding=True)
+
+
+def test_a_step_budgeted_in_real_tokens_runs_packed_whatever_its_padding() -> None:
+    """Budgeted by real tokens, 512 + 18 x 426 tokens is one step of 8,180; padded it would
+    compute 9,728, over the 8,192 the budget promises, so the runner must pack it."""
+    from scheduler import Row, Scheduler, SchedulerConfig
+
+    scheduler = Scheduler(SchedulerConfig(contended_batch_tokens=None))
+    scheduler.set_packing(True, 8192)
+    for i, tokens in enumerate([512] + [426] * 18):
+        scheduler.add(Row(i, 0, "a", "a/m@1", tokens, 0.0))
+    batch = scheduler.plan(0.0).batch
+    token_ids = [[7] * row.num_tokens for row in batch.rows]
+    assert len(batch.rows) == 19 and batch.padded_tokens > 8192
+    assert not worth_packing(token_ids, 8192) and worth_packing(token_ids, 8192, any_padding=True)
 
 
 def test_packed_inputs_restart_positions_and_mask_across_rows(backbone) -> None:
@@ -151,5 +170,10 @@ async def test_steps_are_budgeted_in_real_tokens_only_where_every_step_can_run_p
     budget leaves big steps padded: their rows must keep the length ratio and padded budget."""
     from engine import Engine, EngineConfig
 
-    async with Engine(EngineConfig(registry_dir=tmp_path / "reg", **settings)) as engine:
-        assert engine._scheduler._config.packed_steps is packed
+    config = EngineConfig(registry_dir=tmp_path / "reg", lookahead_rows=64, **settings)
+    async with Engine(config) as engine:
+        scheduling = engine._scheduler._config
+        assert scheduling.packed_steps is packed
+        assert engine._loaded.runner.budgets_real_tokens is packed  # it packs what has padding
+        # a looked-ahead row keeps the step within what the runner packs
+        assert scheduling.lookahead_max_tokens == engine._loaded.runner.pack_max_tokens

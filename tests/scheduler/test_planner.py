@@ -199,10 +199,24 @@ def test_packed_steps_mix_lengths_and_budget_real_tokens() -> None:
         s.add(_row("a", tokens=tokens))
     assert [[r.num_tokens for r in b.rows] for b in _drain(s)] == [[512, 20, 24], [60]]
     s = Scheduler(SchedulerConfig(max_batch_pages=8, contended_batch_tokens=None))
-    s.set_packed_steps(True)
+    s.set_packing(True)
     s.add(_row("a", adapter="x", tokens=5, pages=8))
     s.add(_row("b", adapter="y", tokens=5, pages=8))
     assert [len(b.rows) for b in _drain(s)] == [1, 1]  # the second adapter's pages do not fit
+
+
+def test_what_the_runner_packs_bounds_a_looked_ahead_row() -> None:
+    """The 50-token row is too short to share a padded step with a 300; looking past it, the
+    other 300 would make 600 real tokens, more than a model's own forward packs (512)."""
+    firsts = []
+    for packs in (None, 512):
+        s = Scheduler(SchedulerConfig(lookahead_rows=8, lookahead_max_tokens=8192))
+        if packs is not None:
+            s.set_packing(False, packs)
+        for tokens in (300, 50, 300):
+            s.add(_row("a", tokens=tokens))
+        firsts.append([r.num_tokens for r in s.plan(0.0).batch.rows])
+    assert firsts == [[300, 300], [300]]
 
 
 def test_admission_reserves_rows_of_requests_still_being_prepared() -> None:
