@@ -71,6 +71,7 @@ class ModelRunner:
         kernel: LoraKernel,
         *,
         pack_max_tokens: int = 0,
+        step_max_tokens: int | None = None,
         static_max_tokens: int = 0,
         cuda_graphs: bool = False,
         lean_forward: bool = True,
@@ -100,9 +101,12 @@ class ModelRunner:
         can_pack = can_pack and packing_works(backbone, device, memory.dtype)
         most = pack_max_tokens if self.lean else min(pack_max_tokens, MASKED_MAX_TOKENS)
         self.pack_max_tokens = most if can_pack else 0
-        # set where the scheduler budgets steps by their real tokens (engine/stack.py): every
+        # where any step of up to ``step_max_tokens`` (the scheduler's budget) can run packed,
+        # rows attending apart, the scheduler budgets real tokens (engine/stack.py): every
         # step with padding then runs packed, so no step costs more than its budget
-        self.budgets_real_tokens = False
+        self.budgets_real_tokens = (
+            step_max_tokens is not None and self.lean and self.pack_max_tokens >= step_max_tokens
+        )
         self.num_packed_steps = 0
         # per-row pages and scales, for the kernels that gather them (a few device ops and
         # copies a step, which a GPU step bound by the host does not spend for nothing)

@@ -92,14 +92,12 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
         config.device,
         kernel,
         pack_max_tokens=config.pack_max_tokens,
+        step_max_tokens=config.max_batch_tokens,
         static_max_tokens=config.max_batch_tokens if config.uses_cuda_graphs else 0,
         cuda_graphs=config.uses_cuda_graphs,
         lean_forward=config.lean_forward,
     )
     log.info("backbone %s loaded (sha256 %s)", backbone.name, backbone.sha256[:12])
-    # where any step the scheduler may form can run unpadded, rows attending apart, it budgets
-    # real tokens, and the runner packs every step with padding to match
-    runner.budgets_real_tokens = runner.lean and runner.pack_max_tokens >= config.max_batch_tokens
     scheduler.set_packing(runner.budgets_real_tokens, runner.pack_max_tokens)
     if config.uses_cuda_graphs:
         _capture_up_front(runner, {record.rank for record in dependents} | {CAPTURE_RANK})
