@@ -46,9 +46,17 @@ def _summary_ms(values_s: list[float]) -> dict[str, float]:
 
 
 def _publish_adapters(
-    registry, backbone, tenant: str, count: int, targets: tuple[str, ...], work: Path, prefix: str
+    registry,
+    backbone,
+    tenant: str,
+    count: int,
+    targets: tuple[str, ...],
+    work: Path,
+    prefix: str,
+    dtype: str = "float32",
 ) -> None:
-    """``count`` distinct random rank-8 adapters, published in bulk where the registry can."""
+    """``count`` distinct random rank-8 adapters stored as ``dtype``, published in bulk where
+    the registry can."""
     import torch
 
     from engine.peft_io import write_peft_adapter
@@ -84,6 +92,7 @@ def _publish_adapters(
             alpha=16,
             head_weight=torch.randn(2, backbone.hidden_size, generator=gen),
             head_bias=torch.zeros(2),
+            dtype=getattr(torch, dtype),
         )
         batch.append((tenant, f"{prefix}{i}", src, manifest))
         if len(batch) == 500 or i == count - 1:
@@ -244,11 +253,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
     )
     for tenant in ("cold", "warm", "rot"):
         registry.create_tenant(tenant)
-    _publish_adapters(
-        registry, backbone, "cold", args.loads + args.e2e + args.neighbour, encoder, work, "cold"
-    )
-    _publish_adapters(registry, backbone, "warm", 1, encoder, work, "hot")
-    _publish_adapters(registry, backbone, "rot", max(args.rotation), ("query", "value"), work, "r")
+    cold = args.loads + args.e2e + args.neighbour
+    dtype = args.weights_dtype
+    _publish_adapters(registry, backbone, "cold", cold, encoder, work, "cold", dtype)
+    _publish_adapters(registry, backbone, "warm", 1, encoder, work, "hot", dtype)
+    rotation = max(args.rotation)
+    _publish_adapters(registry, backbone, "rot", rotation, ("query", "value"), work, "r", dtype)
     registry.close()
     results: dict = {}
     config = EngineConfig(
@@ -334,6 +344,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pages", type=int, default=1024, help="device pool pages")
     parser.add_argument("--device", default="cpu", help="engine device: cpu or cuda[:n]")
     parser.add_argument("--quantize", default="none", help="none or int8 (backbone Linears, CPU)")
+    parser.add_argument(
+        "--weights-dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="how the adapters are stored (float16: what graft train writes)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--quick", action="store_true", help="tiny configuration for tests")
     args = parser.parse_args(argv)
@@ -353,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": EngineConfig(device=args.device, num_threads=args.threads).intra_op_threads,
         "device": args.device,
         "quantize": args.quantize,
+        "weights_dtype": args.weights_dtype,
     }
     if args.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))

@@ -168,14 +168,15 @@ class AdapterMemory:
     def _concatenate(self, weights: AdapterWeights, rows: torch.Tensor) -> bool:
         """Fill ``rows`` with one ``torch.cat`` over every module's A and B transposed (zeros for
         modules the adapter skips): one op instead of two copies per module, the usual case
-        of adapters trained on every Linear. False, with nothing written, when a module has a
-        lower rank than the adapter or another dtype than the pool: the caller copies then."""
+        of adapters trained on every Linear, stored in any float dtype (``cat`` converts to the
+        pool's). False, with nothing written, when a module has a lower rank than the adapter:
+        the caller copies then."""
         rank, pieces = weights.rank, []
         for name, (_, n_in, _, n_out) in zip(self._names, self._columns, strict=True):
             module = weights.modules.get(name)
             if module is None:
                 pieces.append(torch.zeros((), dtype=self._dtype).expand(rank, n_in + n_out))
-            elif module.a.shape[0] != rank or module.a.dtype != self._dtype:
+            elif module.a.shape[0] != rank:
                 return False
             else:
                 pieces += (module.a, module.b.t())

@@ -40,17 +40,28 @@ def write_peft_adapter(
     alpha: float,
     head_weight: torch.Tensor,
     head_bias: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Write ``modules`` (backbone linear name -> (A [r, in], B [out, r])) and the head in
-    the layout PEFT saves for ``task_type=SEQ_CLS``, so PEFT can load the LoRA part."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    the layout PEFT saves for ``task_type=SEQ_CLS``, so PEFT can load the LoRA part.
+
+    Every tensor is stored as ``dtype``; ValueError if one does not fit it (float16 tops out
+    at 65,504), before anything is written."""
     prefix = "base_model.model." + (backbone.base_prefix + "." if backbone.base_prefix else "")
+    named = {
+        f"{prefix}{name}.lora_{part}.weight": t
+        for name, ab in modules.items()
+        for part, t in zip("AB", ab, strict=True)
+    }
+    named["base_model.model.classifier.weight"] = head_weight
+    named["base_model.model.classifier.bias"] = head_bias
     tensors: dict[str, torch.Tensor] = {}
-    for name, (a, b) in modules.items():
-        tensors[f"{prefix}{name}.lora_A.weight"] = a.detach().float().contiguous().cpu()
-        tensors[f"{prefix}{name}.lora_B.weight"] = b.detach().float().contiguous().cpu()
-    tensors["base_model.model.classifier.weight"] = head_weight.detach().float().contiguous().cpu()
-    tensors["base_model.model.classifier.bias"] = head_bias.detach().float().contiguous().cpu()
+    for key, tensor in named.items():
+        stored = tensor.detach().to("cpu", dtype).contiguous()
+        if not torch.isfinite(stored).all():
+            raise ValueError(f"{key} holds values that {dtype} cannot")
+        tensors[key] = stored
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / WEIGHTS_FILE))
     config = {
         "peft_type": "LORA",

@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from training import MODES, TrainConfig
+    from training import MODES, WEIGHTS_DTYPES, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -182,6 +182,13 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         default="",
         help="comma-separated linear-name suffixes (default: all but the pooler)",
     )
+    p.add_argument(
+        "--weights-dtype",
+        choices=WEIGHTS_DTYPES,
+        default=d.weights_dtype,
+        help="head, lora: how the weights are stored (float16: half the bytes a cold load "
+        "reads; float32 where a weight overflows float16)",
+    )
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_train)
@@ -213,6 +220,7 @@ def _train(args: argparse.Namespace) -> int:
         patience=args.patience,
         seed=args.seed,
         max_examples=args.max_examples,
+        weights_dtype=args.weights_dtype,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
     )
     is_full = config.mode == "full"

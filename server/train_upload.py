@@ -26,8 +26,9 @@ from training import TrainConfig
 
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
 NDJSON_FILENAME = "upload.jsonl"  # how messages name the rows of a raw JSON lines body
-OPTION_FIELDS = ("name", "mode", "epochs", "rank", "max_length", "promote")
+OPTION_FIELDS = ("name", "mode", "epochs", "rank", "max_length", "weights_dtype", "promote")
 _INT_OPTIONS = ("epochs", "rank", "max_length")
+_STR_OPTIONS = ("mode", "weights_dtype")
 _MAX_OPTION_BYTES = 1024
 _CHUNK_BYTES = 64 * 1024
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -73,10 +74,11 @@ def parse_options(options: Mapping[str, Any]) -> TrainRequest:
     if not isinstance(name, str) or not name:
         raise _invalid("'name' is required: the model name the job trains", "name")
     overrides: dict[str, Any] = {}
-    if "mode" in options:
-        if not isinstance(options["mode"], str):
-            raise _invalid("'mode' must be a string", "mode")
-        overrides["mode"] = options["mode"]
+    for field in _STR_OPTIONS:
+        if field in options:
+            if not isinstance(options[field], str):
+                raise _invalid(f"'{field}' must be a string", field)
+            overrides[field] = options[field]
     for field in _INT_OPTIONS:
         if field in options:
             overrides[field] = _as_int(options[field], field)

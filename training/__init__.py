@@ -1,6 +1,6 @@
 """Training: validate a tenant's labeled data, train a head, LoRA + head, or a full model."""
 
-from training.config import MODES, TrainConfig
+from training.config import MODES, WEIGHTS_DTYPES, TrainConfig
 from training.data import DataError, Example, clean_examples, examples_from_records, load_examples
 from training.datasets import (
     DATASETS,
@@ -27,6 +27,7 @@ __all__ = [
     "DATASETS",
     "FINAL_EVENTS",
     "MODES",
+    "WEIGHTS_DTYPES",
     "DataError",
     "DataReport",
     "DatasetUnavailable",

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 # lora: LoRA factors + head on the frozen backbone (the default)
 # full: every backbone weight + head, written out as a standalone model directory
 MODES = ("head", "lora", "full")
+# how head and lora store their weights: float16 halves the file a cold load reads and hashes
+WEIGHTS_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +33,16 @@ class TrainConfig:
     targets: tuple[str, ...] = ()  # linear-name suffixes; () = every linear outside the pooler
     class_weighting: bool = True  # weigh the loss by inverse class frequency
     max_examples: int | None = None  # train on a stratified sample of this size
+    weights_dtype: str = "float16"  # one of WEIGHTS_DTYPES (float32 where float16 overflows)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(
+                f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, "
+                f"got {self.weights_dtype!r}"
+            )
         positive = (
             "rank",
             "epochs",

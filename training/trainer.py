@@ -4,6 +4,7 @@
 weights); ``full`` writes a standalone model directory and never touches the registry.
 """
 
+import functools
 import json
 import logging
 import shutil
@@ -13,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from engine import POOLING_MEAN, Backbone
 from engine.peft_io import WEIGHTS_FILE, write_peft_adapter
@@ -127,6 +130,30 @@ def _destination(
     return registry
 
 
+def _write_weights(
+    staging: Path, backbone: Backbone, fitted: Fitted, rank: int, config: TrainConfig
+) -> None:
+    """The PEFT files in ``config.weights_dtype``; float32 where a weight overflows float16."""
+    write = functools.partial(
+        write_peft_adapter,
+        staging,
+        backbone,
+        fitted.factors,
+        rank=rank,
+        alpha=config.alpha,
+        head_weight=fitted.head.weight,
+        head_bias=fitted.head.bias,
+    )
+    if config.weights_dtype == "float32":
+        write(dtype=torch.float32)
+        return
+    try:
+        write(dtype=torch.float16)
+    except ValueError as exc:
+        log.warning("storing the weights as float32: %s", exc)
+        write(dtype=torch.float32)
+
+
 def _training_summary(
     config: TrainConfig, split: Split, epochs_run: int, train_seconds: float
 ) -> dict[str, Any]:
@@ -162,15 +189,7 @@ def _publish(
     rank = config.rank if fitted.factors else 0
     staging = Path(tempfile.mkdtemp(prefix="graft-train-"))
     try:
-        write_peft_adapter(
-            staging,
-            backbone,
-            fitted.factors,
-            rank=rank,
-            alpha=config.alpha,
-            head_weight=fitted.head.weight,
-            head_bias=fitted.head.bias,
-        )
+        _write_weights(staging, backbone, fitted, rank, config)
         with (staging / "eval.jsonl").open("w", encoding="utf-8") as f:
             for e in split.held_out:
                 f.write(json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n")

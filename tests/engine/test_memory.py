@@ -164,8 +164,8 @@ def _dense(backbone, seed: int, rank: int) -> AdapterWeights:
 
 def _same_views(got: AdapterWeights, weights: AdapterWeights) -> None:
     for name, module in weights.modules.items():
-        torch.testing.assert_close(got.modules[name].a, module.a, rtol=0, atol=0)
-        torch.testing.assert_close(got.modules[name].b, module.b, rtol=0, atol=0)
+        assert torch.equal(got.modules[name].a, module.a.to(got.modules[name].a.dtype))
+        assert torch.equal(got.modules[name].b, module.b.to(got.modules[name].b.dtype))
         assert got.modules[name].b.t().is_contiguous() or got.rows is not None
     torch.testing.assert_close(got.head.weight, weights.head.weight, rtol=0, atol=0)
     storage = got.head.weight.untyped_storage().data_ptr()
@@ -279,14 +279,22 @@ def test_scattered_pages_hold_exactly_the_adapter(backbone, packed: bool) -> Non
     assert not memory.pools[0][0][0].any()  # the zero page stays zero
 
 
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lower_rank", [False, True])
-def test_whole_rows_hold_each_module_and_zeros_elsewhere(backbone, lower_rank: bool) -> None:
+def test_whole_rows_hold_each_module_and_zeros_elsewhere(
+    backbone, lower_rank: bool, stored: torch.dtype
+) -> None:
     """Whole rows are cut in one concatenation when every module has the adapter's rank (a
-    skipped module gets zeros), and copied module by module when one has a lower rank."""
+    skipped module gets zeros), and copied module by module when one has a lower rank; either
+    way weights stored in float16 (training's default) land in the pool's float32 exactly."""
     memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
     weights = _dense(backbone, seed=5, rank=8)
     low, skipped = "encoder.layer.2.output.dense", "encoder.layer.3.attention.self.key"
-    modules = {n: m for n, m in weights.modules.items() if n != skipped}
+    modules = {
+        n: LoraModule(a=m.a.to(stored), b=m.b.to(stored), scale=m.scale)
+        for n, m in weights.modules.items()
+        if n != skipped
+    }
     if lower_rank:
         modules[low] = LoraModule(a=modules[low].a[:4], b=modules[low].b[:, :4], scale=0.5)
     weights = AdapterWeights(modules=modules, head=weights.head, labels=weights.labels, rank=8)
@@ -297,8 +305,8 @@ def test_whole_rows_hold_each_module_and_zeros_elsewhere(backbone, lower_rank: b
         module = weights.modules.get(name)
         r = 0 if module is None else module.a.shape[0]
         if module is not None:
-            assert torch.equal(got.rows[:r, a0 : a0 + n_in], module.a)
-            assert torch.equal(got.rows[:r, b0 : b0 + n_out], module.b.t())
+            assert torch.equal(got.rows[:r, a0 : a0 + n_in], module.a.float())
+            assert torch.equal(got.rows[:r, b0 : b0 + n_out], module.b.t().float())
         assert not got.rows[r:, a0 : a0 + n_in + n_out].any()
 
 

@@ -251,6 +251,7 @@ async def test_a_class_too_small_to_train_on_is_named_by_its_rows(client, tenant
         ({"name": "x", "epochs": "many"}, "epochs"),
         ({"name": "x", "epochs": "0"}, "epochs"),
         ({"name": "x", "mode": "turbo"}, "mode"),
+        ({"name": "x", "weights_dtype": "int4"}, "weights_dtype"),
         ({"name": "x", "promote": "maybe"}, "promote"),
         ({"name": "x", "lr": "0.1"}, "lr"),
         ({"name": "x", "max_length": "100000"}, "max_length"),  # past the position embeddings
