@@ -19,9 +19,12 @@ from engine.backbone import Backbone
 from engine.errors import AdapterFormatError, AdapterIncompatible
 from engine.host_cache import HostCache
 from engine.memory import AdapterMemory
+from engine.peft_io import CONFIG_FILE, WEIGHTS_FILE
 from registry import AdapterRecord, Registry, RegistryError
 
 _LOADER_NICENESS = 10  # added to a loader thread's niceness
+# what serving reads of a version: not its held-out rows (eval.jsonl), often the larger file
+_SERVED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 def adapter_key(record: AdapterRecord) -> str:
@@ -105,12 +108,12 @@ class AdapterStore:
                 f"{record.base_sha256[:12]}, but this engine serves {backbone.sha256[:12]}"
             )
         try:
-            verified = self._registry.read_verified(record)
+            verified = self._registry.read_verified(record, _SERVED_FILES)
         except RegistryError as exc:  # tampered or missing files: refuse, never serve them
             raise AdapterFormatError(str(exc)) from exc
         weights = parse_adapter(
-            verified.files["adapter_config.json"],
-            verified.files["adapter_model.safetensors"],
+            verified.files[CONFIG_FILE],
+            verified.files[WEIGHTS_FILE],
             tuple(record.labels),
             str(record.manifest.get("pooling", POOLING_CLS_POOLER)),
             backbone,

@@ -17,7 +17,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -347,13 +347,16 @@ class Registry:
             catalog.require_tenant(conn, tenant)
             return catalog.select_tenant_adapters(conn, self._root, tenant)
 
-    def read_verified(self, record: AdapterRecord) -> VerifiedFiles:
-        """Read and check every file of `record`'s version; IntegrityError names a bad file."""
+    def read_verified(
+        self, record: AdapterRecord, only: Collection[str] | None = None
+    ) -> VerifiedFiles:
+        """Read and check the files of `record`'s version named in `only` (default: every
+        one); IntegrityError names a bad file."""
         self._check_open()
         expected_path = self._store.version_dir(record.tenant, record.name, record.version)
         if record.path != expected_path:
             raise RegistryError(f"adapter {record.ref} is not stored in this registry")
-        return VerifiedFiles(record=record, files=read_version_files(record))
+        return VerifiedFiles(record=record, files=read_version_files(record, only))
 
     # internals
 

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import BinaryIO
 
 from registry.errors import IntegrityError
@@ -22,15 +22,24 @@ from registry.records import AdapterRecord
 _CHUNK_BYTES = 256 << 10
 
 
-def read_version_files(record: AdapterRecord) -> dict[str, bytearray]:
-    """Read every content file of `record` once, check it, and return name -> bytes.
+def read_version_files(
+    record: AdapterRecord, only: Collection[str] | None = None
+) -> dict[str, bytearray]:
+    """Read the content files of `record` named in `only` (all of them by default) once, check
+    them, and return name -> bytes. The directory must still hold exactly the recorded files.
 
-    The bytes are writable so that a reader can view tensors in them without a copy. Each file
-    is hashed chunk by chunk as it arrives: the disk fetches the rest meanwhile (see `_prefetch`).
+    `only` spares a reader the files it never uses: a trained version's held-out rows can
+    outweigh its weights. The bytes are writable so that a reader can view tensors in them
+    without a copy. Each file is hashed chunk by chunk as it arrives: the disk fetches the rest
+    meanwhile (see `_prefetch`).
     """
     file_sha256 = _recorded_files(record)
     _check_listing(record, set(file_sha256) | {MANIFEST_FILE})
-    names = [MANIFEST_FILE, *sorted(file_sha256)]
+    wanted = sorted(file_sha256 if only is None else only)
+    for name in wanted:
+        if name not in file_sha256:
+            raise _fail(record, f"{name} is not one of its files")
+    names = [MANIFEST_FILE, *wanted]
     data: dict[str, bytearray] = {}
     with contextlib.ExitStack() as stack:
         opened = {name: stack.enter_context(_open(record, name)) for name in names}

@@ -84,6 +84,24 @@ def test_files_are_read_and_hashed_across_many_chunks(
     assert dict(files) == {path.name: path.read_bytes() for path in source.iterdir()}
 
 
+def test_a_reader_that_names_its_files_reads_and_verifies_only_those(
+    registry: Registry, make_adapter: Callable[..., Path], manifest: dict[str, Any]
+) -> None:
+    """The engine reads the weights and config, not the held-out rows: a changed eval.jsonl
+    does not stop it, while the version's listing is still checked in full."""
+    record = registry.publish("acme", "spam", make_adapter(), manifest)
+    served = ("adapter_config.json", "adapter_model.safetensors")
+    tamper(record.path / "eval.jsonl", b'{"text": "changed", "label": "ham"}\n')
+    assert set(registry.read_verified(record, served).files) == set(served)
+    with pytest.raises(IntegrityError, match="eval.jsonl does not match its recorded SHA-256"):
+        registry.read_verified(record)
+    with pytest.raises(IntegrityError, match="notes.txt is not one of its files"):
+        registry.read_verified(record, ("adapter_model.safetensors", "notes.txt"))
+    (record.path / "extra.json").write_text("{}")
+    with pytest.raises(IntegrityError, match="unexpected file extra.json"):
+        registry.read_verified(record, served)
+
+
 def test_removed_file_is_detected(
     registry: Registry, make_adapter: Callable[..., Path], manifest: dict[str, Any]
 ) -> None:
