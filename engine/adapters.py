@@ -198,6 +198,8 @@ def parse_adapter(
     activation: str | None = None,
 ) -> AdapterWeights:
     """Turn the two PEFT files into checked tensors; every shape is validated before use.
+    LoRA factors keep the file's float dtype (float16 for graft's own training), the head is
+    float32.
 
     The tensors view ``weights_bytes`` when it is a bytearray (the registry's verified bytes),
     so the caller must not change it while they are in use; bytes are copied once. The
@@ -213,8 +215,8 @@ def parse_adapter(
     factors, head_views = view_tensors(data, layout)
     modules = {
         name: LoraModule(
-            a=a.float().contiguous(),
-            b=b.float().contiguous(),
+            a=a,  # as stored: AdapterMemory.pack converts once, into the pool's dtype
+            b=b,
             scale=_scale(peft_key(backbone, name), a.shape[0], config),
         )
         for name, (a, b) in factors.items()

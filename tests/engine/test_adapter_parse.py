@@ -10,6 +10,7 @@ from safetensors.torch import save
 
 from engine import AdapterFormatError, parse_adapter
 from engine.adapter_layout import adapter_layout
+from engine.memory import AdapterMemory
 
 LABELS = ("neg", "pos")
 PREFIX = "base_model.model.bert."
@@ -112,12 +113,16 @@ def test_not_a_safetensors_file_is_refused(backbone, files) -> None:
             parse_adapter(files[0], junk, LABELS, "mean", backbone)
 
 
-def test_half_precision_factors_are_widened(backbone, files) -> None:
+def test_half_precision_factors_are_widened_once_packed(backbone, files) -> None:
+    """Parsing views the stored float16 (no copy); packing converts into the pool's float32."""
     tensors = _lora(backbone, dtype=torch.float16)
     parsed = parse_adapter(files[0], _weights_file(tensors), LABELS, "mean", backbone)
-    module = parsed.modules[QUERY]
-    assert module.a.dtype == torch.float32
-    assert torch.equal(module.a, tensors[f"{PREFIX}{QUERY}.lora_A.weight"].float())
+    stored = tensors[f"{PREFIX}{QUERY}.lora_A.weight"]
+    assert parsed.modules[QUERY].a.dtype == torch.float16
+    assert torch.equal(parsed.modules[QUERY].a, stored)
+    packed = AdapterMemory(backbone, 16, "cpu", torch.float32).pack(parsed)
+    assert packed.modules[QUERY].a.dtype == torch.float32
+    assert torch.equal(packed.modules[QUERY].a, stored.float())
 
 
 def test_a_misaligned_tensor_is_copied_not_viewed_askew(backbone, files) -> None:
