@@ -130,7 +130,8 @@ class AdapterMemory:
         dense = dense if whole_rows is None else whole_rows
         lora = weights.rank * self.width if dense else compact
         head_tensors = head.tensors()
-        buffer = torch.zeros(
+        # every element is written below (zeros only where whole rows have gaps): no memset
+        buffer = torch.empty(
             lora + sum(t.numel() for t in head_tensors), dtype=self._dtype, pin_memory=pin
         )
         head_views, offset = [], lora
@@ -153,6 +154,8 @@ class AdapterMemory:
             spans[name] = span
         modules = PackedModules(buffer, spans)
         if not copied:
+            if rows is not None:  # skipped modules and lower ranks leave zeros in whole rows
+                rows.zero_()
             for name, module in weights.modules.items():
                 view = modules[name]
                 view.a.copy_(module.a)

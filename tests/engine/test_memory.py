@@ -282,11 +282,18 @@ def test_scattered_pages_hold_exactly_the_adapter(backbone, packed: bool) -> Non
 @pytest.mark.parametrize("stored", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lower_rank", [False, True])
 def test_whole_rows_hold_each_module_and_zeros_elsewhere(
-    backbone, lower_rank: bool, stored: torch.dtype
+    backbone, lower_rank: bool, stored: torch.dtype, monkeypatch
 ) -> None:
     """Whole rows are cut in one concatenation when every module has the adapter's rank (a
     skipped module gets zeros), and copied module by module when one has a lower rank; either
-    way weights stored in float16 (training's default) land in the pool's float32 exactly."""
+    way weights stored in float16 (training's default) land in the pool's float32 exactly.
+    The buffer starts as NaN here: fresh memory is often zero, and would hide a gap."""
+    real_empty = torch.empty
+
+    def dirty_empty(*size, **kwargs) -> torch.Tensor:
+        return real_empty(*size, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", dirty_empty)
     memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
     weights = _dense(backbone, seed=5, rank=8)
     low, skipped = "encoder.layer.2.output.dense", "encoder.layer.3.attention.self.key"
