@@ -100,7 +100,8 @@ class AdapterStore:
     # loader threads ----------------------------------------------------------------------
 
     def read(self, record: AdapterRecord) -> AdapterWeights:
-        """Disk to host: check the base model, verify every file's hash, parse and validate."""
+        """Disk to host: check the base model, verify the hashes of the files serving reads, parse
+        and validate."""
         backbone = self._backbone
         if record.base_sha256 != backbone.sha256:
             raise AdapterIncompatible(

@@ -174,13 +174,21 @@ class AdapterWeights:
 
     @property
     def num_bytes(self) -> int:
+        """Bytes as held now (a float16 file's factors count two bytes each until packed)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def num_bytes_as(self, dtype: torch.dtype) -> int:
+        """Bytes once converted to ``dtype``, as a device pool of that dtype holds them."""
+        return sum(t.numel() for t in self._tensors()) * dtype.itemsize
+
+    def _tensors(self) -> list[torch.Tensor]:
         tensors = self.head.tensors()
         if self.rows is not None:
             tensors.append(self.rows)
         else:
             for m in self.modules.values():
                 tensors += [m.a, m.b]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensors
 
 
 def has_two_layer_head(weights_bytes: bytes | bytearray, backbone: Backbone) -> bool:
@@ -198,8 +206,8 @@ def parse_adapter(
     activation: str | None = None,
 ) -> AdapterWeights:
     """Turn the two PEFT files into checked tensors; every shape is validated before use.
-    LoRA factors keep the file's float dtype (float16 for graft's own training), the head is
-    float32.
+    LoRA factors keep the file's 16- or 32-bit float dtype (float16 for graft's own training;
+    float64 is narrowed to float32), the head is float32.
 
     The tensors view ``weights_bytes`` when it is a bytearray (the registry's verified bytes),
     so the caller must not change it while they are in use; bytes are copied once. The
@@ -215,8 +223,8 @@ def parse_adapter(
     factors, head_views = view_tensors(data, layout)
     modules = {
         name: LoraModule(
-            a=a,  # as stored: AdapterMemory.pack converts once, into the pool's dtype
-            b=b,
+            a=_as_stored(a),  # AdapterMemory.pack converts once, into the pool's dtype
+            b=_as_stored(b),
             scale=_scale(peft_key(backbone, name), a.shape[0], config),
         )
         for name, (a, b) in factors.items()
@@ -224,6 +232,12 @@ def parse_adapter(
     head = _head(head_views, pooling, labels, backbone, activation)
     rank = max((m.a.shape[0] for m in modules.values()), default=0)
     return AdapterWeights(modules=modules, head=head, labels=labels, rank=rank)
+
+
+def _as_stored(factor: torch.Tensor) -> torch.Tensor:
+    """16- and 32-bit factors as the file has them (a view); float64 narrowed to float32 here,
+    so that a value past float32's range is an infinity that the finiteness checks see."""
+    return factor if factor.element_size() <= 4 else factor.float()
 
 
 def _parse_config(data: bytes | bytearray) -> dict[str, Any]:

@@ -224,7 +224,7 @@ class AdapterMemory:
             rank_by_module=ranks,
             scale_by_module=scales,
             head=head,
-            num_bytes=weights.num_bytes,
+            num_bytes=weights.num_bytes_as(self._dtype),
         )
         self._resident[key] = resident
         self._resident_bytes += resident.num_bytes

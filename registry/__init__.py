@@ -1,7 +1,8 @@
 """graft's adapter registry: tenants, API keys, base models and immutable adapter versions.
 
 Metadata lives in SQLite, blobs on the local file system; writes are atomic and every load
-verifies content hashes. Weights are safetensors only; nothing is ever unpickled.
+verifies the content hashes of what it reads. Weights are safetensors only; nothing is ever
+unpickled.
 """
 
 from registry.errors import (

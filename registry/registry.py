@@ -8,9 +8,9 @@ Layout of a registry root::
 
 One `Registry` may be shared by threads, and several processes may open the same root (the CLI
 while a server runs); see catalog.py for how. Versions are immutable and numbered 1, 2, 3... per
-(tenant, name); every load re-checks the SHA-256 of every file. `publish` and `publish_many` share
-one path, `Publisher` (publisher.py). Each name has a `latest` pointer (pointers.py), which
-`publish` moves by default and `promote` / `rollback` move explicitly.
+(tenant, name); every load re-checks the SHA-256 of every file it reads. `publish` and
+`publish_many` share one path, `Publisher` (publisher.py). Each name has a `latest` pointer
+(pointers.py), which `publish` moves by default and `promote` / `rollback` move explicitly.
 """
 
 import json

@@ -33,9 +33,11 @@ def read_version_files(
     without a copy. Each file is hashed chunk by chunk as it arrives: the disk fetches the rest
     meanwhile (see `_prefetch`).
     """
+    if isinstance(only, str):  # its characters would be taken for file names
+        raise TypeError("only must be a collection of file names, not one string")
     file_sha256 = _recorded_files(record)
     _check_listing(record, set(file_sha256) | {MANIFEST_FILE})
-    wanted = sorted(file_sha256 if only is None else only)
+    wanted = sorted(set(file_sha256 if only is None else only))
     for name in wanted:
         if name not in file_sha256:
             raise _fail(record, f"{name} is not one of its files")

@@ -336,3 +336,19 @@ async def test_a_pool_sized_in_bytes_becomes_whole_pages_everywhere(backbone, re
         EngineConfig(adapter_pool_bytes=0)
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
         Engine(EngineConfig(backbone_dir=registry.root, adapter_pool_bytes=1 << 30))
+
+
+def test_float16_weights_admitted_unpacked_count_the_pools_bytes(backbone) -> None:
+    """The pool holds them as float32: its byte count must not take the file's two bytes."""
+    memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
+    weights = _weights(backbone, seed=4, rank=8)
+    module = weights.modules[MODULE]
+    half = AdapterWeights(
+        modules={MODULE: LoraModule(a=module.a.half(), b=module.b.half(), scale=1.0)},
+        head=weights.head,
+        labels=weights.labels,
+        rank=8,
+    )
+    resident = memory.acquire("half", lambda: half)
+    assert resident.num_bytes == memory.pack(half).num_bytes == weights.num_bytes
+    assert half.num_bytes < weights.num_bytes

@@ -137,6 +137,12 @@ def test_import_refuses_bad_directories(backbone, peft_adapters, tmp_path: Path)
     save_file(weights, str(bad / "adapter_model.safetensors"))
     with pytest.raises(AdapterFormatError, match="self.value's LoRA B holds NaN or infinity"):
         import_peft(registry, backbone, "acme", "bad", bad, labels=labels)
+    # finite in float64, infinite in the float32 it is served in: refused as well
+    weights[key] = weights[key].double()
+    weights[key][0, 0] = 1e300
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFormatError, match="self.value's LoRA B holds NaN or infinity"):
+        import_peft(registry, backbone, "acme", "bad", bad, labels=labels)
     (bad / "labels.txt").write_text("\n \n")
     with pytest.raises(AdapterFormatError, match="labels.txt lists no labels"):
         import_peft(registry, backbone, "acme", "bad", bad)

@@ -97,6 +97,8 @@ def test_a_reader_that_names_its_files_reads_and_verifies_only_those(
         registry.read_verified(record)
     with pytest.raises(IntegrityError, match="notes.txt is not one of its files"):
         registry.read_verified(record, ("adapter_model.safetensors", "notes.txt"))
+    with pytest.raises(TypeError, match="not one string"):  # not its characters, one by one
+        registry.read_verified(record, "adapter_model.safetensors")
     (record.path / "extra.json").write_text("{}")
     with pytest.raises(IntegrityError, match="unexpected file extra.json"):
         registry.read_verified(record, served)
