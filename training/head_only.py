@@ -29,6 +29,7 @@ from training.recipe import (
     label_targets,
     mean_pool,
     optimizer_step,
+    round_for_storage,
     warmup_linear,
 )
 
@@ -77,6 +78,7 @@ def fit_head(
     nn.init.zeros_(head.bias)
     epochs_run = _optimise(head, x_train, x_val, split, config, progress, on_event)
     head.requires_grad_(False)
+    round_for_storage(list(head.parameters()), config)
     predicted = head(x_held).argmax(dim=-1).tolist()
     return Fitted(head, [split.labels[i] for i in predicted], epochs_run)
 

@@ -14,7 +14,7 @@ from engine.lora_kernels import SegmentLoop
 from training.config import TrainConfig
 from training.loop import predict_labels, run_epochs
 from training.progress import OnEvent
-from training.recipe import Fitted, Split, detached_copy, mean_pool
+from training.recipe import Fitted, Split, detached_copy, mean_pool, round_for_storage
 
 
 class TrainableLora(nn.Module):
@@ -138,5 +138,6 @@ def fit_lora(
         desc="lora",
         on_event=on_event,
     )
+    round_for_storage([*model.a, *model.b_t, *model.head.parameters()], config)
     predictions = predict_labels(model, backbone, split.held_out, split.labels, config.max_length)
     return Fitted(model.head, predictions, epochs_run, factors=model.lora_factors())

@@ -73,6 +73,19 @@ def optimizer_step(optimizer: torch.optim.Optimizer, epoch: int, step: int) -> N
         ) from None
 
 
+def round_for_storage(weights: Sequence[torch.Tensor], config: TrainConfig) -> None:
+    """Round ``weights`` in place to the ``weights_dtype`` they will be stored in, before the
+    held-out evaluation, so that the reported metrics are the served model's. All or none: where
+    one overflows float16, the version is stored (and evaluated) in float32 whole."""
+    if config.weights_dtype == "float32":
+        return
+    with torch.no_grad():
+        rounded = [w.detach().half() for w in weights]
+        if all(bool(torch.isfinite(r).all()) for r in rounded):
+            for w, r in zip(weights, rounded, strict=True):
+                w.copy_(r)
+
+
 def check_finite(fitted: Fitted) -> None:
     """Refuse to hand on weights holding NaN or infinity: served, they answer null scores
     under an arbitrary label. The loss check misses an optimizer step's own overflow."""

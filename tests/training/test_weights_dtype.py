@@ -12,7 +12,7 @@ from engine import Engine, EngineConfig
 from engine.peft_io import WEIGHTS_FILE
 from server.train_upload import parse_options
 from training import TrainConfig, load_sms_spam, stratified_sample, train_adapter
-from training.recipe import Fitted
+from training.recipe import Fitted, round_for_storage
 from training.trainer import _write_weights
 
 
@@ -78,3 +78,17 @@ def test_the_dtype_is_checked_and_reaches_http_jobs() -> None:
     assert (
         parse_options({"name": "x", "weights_dtype": "float32"}).config.weights_dtype == "float32"
     )
+
+
+def test_weights_are_rounded_as_stored_before_the_held_out_evaluation() -> None:
+    """All or none: the metrics must describe what is stored, float16 or float32 whole."""
+    fine = [torch.tensor([0.1, 1 / 3]), torch.nn.Parameter(torch.tensor([2 / 3]))]
+    round_for_storage(fine, TrainConfig())
+    assert all(torch.equal(t, t.half().float()) for t in fine)
+    assert not torch.equal(fine[0], torch.tensor([0.1, 1 / 3]))  # rounded, not left as it was
+    mixed = [torch.tensor([0.1]), torch.tensor([1e5])]
+    round_for_storage(mixed, TrainConfig())
+    assert torch.equal(mixed[0], torch.tensor([0.1]))  # one overflows: none is rounded
+    kept = [torch.tensor([0.1])]
+    round_for_storage(kept, TrainConfig(weights_dtype="float32"))
+    assert torch.equal(kept[0], torch.tensor([0.1]))
