@@ -71,13 +71,17 @@ class InterludeSlot:
             return item
 
 
-def interlude_budget(running: Batch, interlude_tokens: int, packed: bool = False) -> int | None:
-    """Tokens an interlude may take while ``running`` runs, or None when the running step
-    costs no more than one interlude (pausing it would not shorten anyone's wait). Where steps
-    run packed a step costs its rows' own tokens: judged by its padded ones, a short row
-    beside a long one paused the step for other tenants' rows at every block (its SMS waited
-    70-140 ms instead of 20)."""
-    if interlude_tokens <= 0 or running.cost_tokens(packed) <= interlude_tokens:
+def interlude_budget(running: Batch, interlude_tokens: int) -> int | None:
+    """Tokens an interlude may take while ``running`` runs, or None when the step is not to
+    be paused: none of its rows is longer than one interlude.
+
+    Interludes are for a row that cannot be split off: one long document is a whole step. A
+    step of short rows was already held short under contention (``contended_batch_tokens``),
+    and pausing it costs every row in it a nested step. Judged by its tokens, a step of 16 SMS
+    (480) was paused for other tenants' SMS, which split a closed loop's 16-row steps into
+    6.7-row ones and lost 7-24% of the rate; judged by its padded tokens, a short SMS beside a
+    124-token one was paused at every block (its rows waited 70-140 ms instead of 20)."""
+    if interlude_tokens <= 0 or max(row.num_tokens for row in running.rows) <= interlude_tokens:
         return None
     return interlude_tokens
 
@@ -154,8 +158,7 @@ class StepLoop:
         """Run a step on the model thread; while a long one runs, keep an interlude of other
         tenants' short rows ready for its next pause point."""
         loop = asyncio.get_running_loop()
-        packed = self._scheduler.packed_steps
-        budget = interlude_budget(item.batch, self._config.interlude_budget_tokens, packed)
+        budget = interlude_budget(item.batch, self._config.interlude_budget_tokens)
         step = loop.run_in_executor(
             self._executor, self._timed_step, item.batch, item.token_ids, budget is not None
         )
