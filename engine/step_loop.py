@@ -71,17 +71,25 @@ class InterludeSlot:
             return item
 
 
-def interlude_budget(running: Batch, interlude_tokens: int) -> int | None:
+def interlude_budget(
+    running: Batch, interlude_tokens: int, contended_tokens: int | None, packed: bool = False
+) -> int | None:
     """Tokens an interlude may take while ``running`` runs, or None when the step is not to
-    be paused: none of its rows is longer than one interlude.
+    be paused: it costs no more than one interlude, or it is a step of short rows no bigger
+    than a contended one (``contended_tokens``; None: no such bound).
 
-    Interludes are for a row that cannot be split off: one long document is a whole step. A
-    step of short rows was already held short under contention (``contended_batch_tokens``),
-    and pausing it costs every row in it a nested step. Judged by its tokens, a step of 16 SMS
-    (480) was paused for other tenants' SMS, which split a closed loop's 16-row steps into
-    6.7-row ones and lost 7-24% of the rate; judged by its padded tokens, a short SMS beside a
-    124-token one was paused at every block (its rows waited 70-140 ms instead of 20)."""
-    if interlude_tokens <= 0 or max(row.num_tokens for row in running.rows) <= interlude_tokens:
+    Interludes are for a step a neighbour should not wait for whole: one long document, or a
+    big step formed while nobody else waited. A step of short rows within the contended budget
+    is already short, and pausing it costs every row in it a nested step: a closed loop's
+    16-SMS steps (480 tokens) paused for other tenants' SMS split into 6.7-row ones and lost
+    7-24% of the rate. Where steps run packed a step costs its rows' own tokens: judged by
+    its padded ones, a short SMS beside a 124-token one was paused at every block (its rows
+    waited 70-140 ms instead of 20)."""
+    cost = running.cost_tokens(packed)
+    if interlude_tokens <= 0 or cost <= interlude_tokens:
+        return None
+    longest = max(row.num_tokens for row in running.rows)
+    if contended_tokens is not None and cost <= contended_tokens and longest <= interlude_tokens:
         return None
     return interlude_tokens
 
@@ -158,7 +166,12 @@ class StepLoop:
         """Run a step on the model thread; while a long one runs, keep an interlude of other
         tenants' short rows ready for its next pause point."""
         loop = asyncio.get_running_loop()
-        budget = interlude_budget(item.batch, self._config.interlude_budget_tokens)
+        budget = interlude_budget(
+            item.batch,
+            self._config.interlude_budget_tokens,
+            self._config.contended_budget_tokens,
+            self._scheduler.packed_steps,
+        )
         step = loop.run_in_executor(
             self._executor, self._timed_step, item.batch, item.token_ids, budget is not None
         )

@@ -152,14 +152,28 @@ def test_intra_op_threads_take_every_core_on_the_cpu_and_an_explicit_count_wins(
             EngineConfig(num_threads=bad)
 
 
-def test_only_a_step_holding_a_row_longer_than_an_interlude_is_paused() -> None:
-    """Interludes are for a row too long to split off. A step of 16 SMS (480 tokens) paused
-    for other tenants' SMS split a closed loop's steps into 6.7-row ones: every paused row
-    waited a nested step, and the rate fell 7-24%. A short SMS beside a 124-token one (372
-    padded tokens) was paused at every block. Their neighbours now wait for their end."""
-    assert interlude_budget(Batch.of([f"t{i}" for i in range(16)], [30] * 16), 256) is None
-    assert interlude_budget(Batch.of(["a", "b", "c"], [20, 124, 19]), 256) is None
-    one_long = Batch.of([f"t{i}" for i in range(16)], [30] * 15 + [257])
-    assert interlude_budget(one_long, 256) == 256
-    assert interlude_budget(Batch.of(["a"], [512]), 256) == 256  # one long document
-    assert interlude_budget(Batch.of(["a"], [512]), 0) is None  # interludes off
+def test_a_packed_step_is_paused_for_interludes_only_when_its_own_tokens_are_many() -> None:
+    """Padded, a short SMS beside a 124-token one looks like 372 tokens; packed it costs 163,
+    less than one interlude, so pausing it would only make its own rows wait."""
+    mixed = Batch.of(["a", "b", "c"], [20, 124, 19])
+    assert interlude_budget(mixed, 256, None) == 256
+    assert interlude_budget(mixed, 256, None, packed=True) is None
+    long = Batch.of(["a"], [300])
+    assert interlude_budget(long, 256, None, packed=True) == interlude_budget(long, 256, 512)
+    assert interlude_budget(long, 256, 512) == 256
+
+
+def test_a_contended_step_of_short_rows_is_not_paused_a_long_row_or_a_big_step_is() -> None:
+    """A step of 16 SMS (480 tokens, within the contended 512) paused for other tenants' SMS
+    split a closed loop's steps into 6.7-row ones: every paused row waited a nested step, and
+    the rate fell 7-24%. Its neighbours now wait for its end. A long document, or a big step
+    of short rows formed while nobody else waited, is still paused: waiting for it is long."""
+    sixteen = Batch.of([f"t{i}" for i in range(16)], [30] * 16)
+    assert interlude_budget(sixteen, 256, 512, packed=True) is None
+    assert interlude_budget(sixteen, 256, None, packed=True) == 256  # no contended bound
+    big = Batch.of([f"t{i}" for i in range(100)], [30] * 100)  # 3,000 tokens, uncontended
+    assert interlude_budget(big, 256, 512, packed=True) == 256
+    one_long = Batch.of([f"t{i}" for i in range(8)], [30] * 7 + [257])
+    assert interlude_budget(one_long, 256, 512, packed=True) == 256
+    assert interlude_budget(Batch.of(["a"], [512]), 256, 512) == 256  # one long document
+    assert interlude_budget(Batch.of(["a"], [512]), 0, 512) is None  # interludes off
