@@ -88,8 +88,8 @@ def interlude_budget(
     cost = running.cost_tokens(packed)
     if interlude_tokens <= 0 or cost <= interlude_tokens:
         return None
-    longest = max(row.num_tokens for row in running.rows)
-    if contended_tokens is not None and cost <= contended_tokens and longest <= interlude_tokens:
+    short_rows = running.max_tokens <= interlude_tokens  # max_tokens: its longest row
+    if contended_tokens is not None and cost <= contended_tokens and short_rows:
         return None
     return interlude_tokens
 

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import struct
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from engine import Engine, EngineConfig
 from engine.peft_io import WEIGHTS_FILE
+from registry.formats import safetensors_header
 from server.train_upload import parse_options
 from training import TrainConfig, load_sms_spam, stratified_sample, train_adapter
 from training.recipe import Fitted, round_for_storage
@@ -17,10 +17,8 @@ from training.trainer import _write_weights
 
 
 def _stored_dtypes(directory: Path) -> set[str]:
-    data = (directory / WEIGHTS_FILE).read_bytes()
-    (length,) = struct.unpack_from("<Q", data)
-    header = json.loads(data[8 : 8 + length])
-    return {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
+    header, _ = safetensors_header(WEIGHTS_FILE, (directory / WEIGHTS_FILE).read_bytes())
+    return {entry["dtype"] for entry in header.values()}
 
 
 async def test_float16_halves_the_file_and_serves_what_float32_serves(backbone, registry) -> None:
