@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import msgspec
@@ -30,7 +30,15 @@ from yarl import URL
 from engine import InputError, TextEncoder, tokenize_request
 from registry import Registry
 from server.errors import UNAVAILABLE, ApiError, error_middleware, from_engine_error
-from server.link import Answer, Cancel, Classify, FrameWriter, Hello, decode_answer, read_frame
+from server.link import (
+    Answer,
+    Cancel,
+    Classify,
+    FrameSplitter,
+    FrameWriter,
+    Hello,
+    decode_answer,
+)
 from server.request_ids import REQUEST_ID_HEADER, add_request_id, request_id
 from server.routes import MAX_BODY_BYTES, authenticate, parse_body, read_body
 
@@ -72,19 +80,22 @@ class FrontendConfig:
     log_level: int = logging.WARNING  # the engine's process's
 
 
-class EngineLink:
-    """This process's connection to the engine's: one call per classify request."""
+class EngineLink(asyncio.Protocol):
+    """This process's connection to the engine's: one call per classify request. Answers
+    are decoded as their bytes arrive (server/link.py's FrameSplitter says why)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._out = FrameWriter(writer)
+    def __init__(self) -> None:
+        self._frames = FrameSplitter()
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future[Answer]] = {}
         self.closed = asyncio.Event()
-        self._reader = asyncio.create_task(self._read(reader))
+        self._transport: asyncio.Transport | None = None
+        self._out: FrameWriter
 
     @classmethod
     async def connect(cls, path: str) -> "EngineLink":
-        return cls(*await asyncio.open_unix_connection(path))
+        _, link = await asyncio.get_running_loop().create_unix_connection(cls, path)
+        return link
 
     def hello(self) -> None:
         self._out.send(Hello(os.getpid()))
@@ -106,24 +117,37 @@ class EngineLink:
             self._waiting.pop(key, None)
 
     async def close(self) -> None:
-        self._out.close()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        if not self.closed.is_set():
+            self._out.close()
+        await self.closed.wait()
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's, so no isinstance check here
+        self._transport = cast(asyncio.Transport, transport)
+        self._out = FrameWriter(self._transport)
+
+    def data_received(self, data: bytes) -> None:
         try:
-            while (payload := await read_frame(reader)) is not None:
+            for payload in self._frames.feed(data):
                 answer = decode_answer(payload)
                 waiting = self._waiting.get(answer.id)
                 if waiting is not None and not waiting.done():
                     waiting.set_result(answer)
         except (ConnectionError, msgspec.DecodeError) as exc:
             log.error("engine link broken: %s", exc)
-        finally:
-            self.closed.set()
-            for waiting in self._waiting.values():
-                if not waiting.done():
-                    waiting.set_exception(ConnectionError("the engine's process closed the link"))
+            if self._transport is not None:
+                self._transport.close()
+
+    def eof_received(self) -> bool:
+        if self._frames.inside_frame:
+            log.error("engine link broken: link closed inside a frame")
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+        for waiting in self._waiting.values():
+            if not waiting.done():
+                waiting.set_exception(ConnectionError("the engine's process closed the link"))
 
 
 @dataclasses.dataclass

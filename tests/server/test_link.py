@@ -1,0 +1,192 @@
+"""The front ends' link to the engine's process: frames split and joined as bytes arrive."""
+
+import asyncio
+import logging
+import os
+import struct
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from aiohttp import web
+
+from server.frontend import EngineLink
+from server.link import (
+    MAX_FRAME_BYTES,
+    Answer,
+    Cancel,
+    Classify,
+    FrameSplitter,
+    Hello,
+    LinkServer,
+    _to_engine,
+    frame,
+)
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+def _run(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """The server runs on uvloop, the tests' own loop is asyncio's: both must serve."""
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(asyncio.wait_for(main(), 30))
+
+
+MESSAGES = [Hello(7), Cancel(3), Hello(123456), Cancel(0)]
+STREAM = b"".join(frame(message) for message in MESSAGES)
+
+
+@pytest.mark.parametrize("cut", range(1, len(STREAM)))
+def test_frames_cut_anywhere_come_out_whole_and_in_order(cut: int) -> None:
+    splitter = FrameSplitter()
+    payloads = splitter.feed(STREAM[:cut])
+    assert splitter.inside_frame == (cut not in _frame_ends())
+    payloads += splitter.feed(STREAM[cut:])
+    assert [_to_engine.decode(p) for p in payloads] == MESSAGES
+    assert not splitter.inside_frame
+
+
+def _frame_ends() -> set[int]:
+    ends, end = set(), 0
+    for message in MESSAGES:
+        end += len(frame(message))
+        ends.add(end)
+    return ends
+
+
+def test_frames_arriving_a_byte_at_a_time_come_out_whole() -> None:
+    splitter = FrameSplitter()
+    payloads = [p for i in range(len(STREAM)) for p in splitter.feed(STREAM[i : i + 1])]
+    assert [_to_engine.decode(p) for p in payloads] == MESSAGES
+
+
+def test_a_frame_declared_over_the_limit_is_refused_before_it_arrives() -> None:
+    with pytest.raises(ConnectionError, match="over"):
+        FrameSplitter().feed(struct.pack(">I", MAX_FRAME_BYTES + 1) + b"\x00")
+
+
+async def _open(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_unix_connection(path)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_engine_end_reads_hellos_cut_mid_frame(loop: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        link = LinkServer(web.Application())
+        await link.start(str(tmp_path / "link.sock"))
+        reader, writer = await _open(str(tmp_path / "link.sock"))
+        data = frame(Hello(41)) + frame(Hello(42))
+        for part in (data[:3], data[3:9], data[9:]):
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(link.wait_ready(2), 5)
+        assert link.ready == {41, 42}
+        await link.close()  # with the connection still open
+        assert await reader.read() == b""  # closed from the engine's end
+        writer.close()
+
+    _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    "garbage",
+    [struct.pack(">I", 3) + b"\xc1\xc1\xc1", struct.pack(">I", MAX_FRAME_BYTES + 1)],
+    ids=["not msgpack", "over the limit"],
+)
+def test_the_engine_end_closes_a_link_that_sends_garbage(
+    loop: str, garbage: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        link = LinkServer(web.Application())
+        await link.start(str(tmp_path / "link.sock"))
+        reader, writer = await _open(str(tmp_path / "link.sock"))
+        writer.write(frame(Hello(5)))
+        await asyncio.wait_for(link.wait_ready(1), 5)
+        writer.write(garbage)
+        assert await reader.read() == b""
+        writer.close()
+        await link.close()
+
+    with caplog.at_level(logging.ERROR, logger="server.link"):
+        _run(loop, main)
+    assert "front-end link broken" in caplog.text
+
+
+def _answer(key: int) -> bytes:
+    return frame(Answer(key, 200, b'{"ok": %d}' % key, {"X-Request-ID": f"r{key}"}))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_front_end_gets_each_answer_however_the_bytes_are_cut(
+    loop: str, tmp_path: Path
+) -> None:
+    """A fake engine answers three calls out of order, in chunks that cut frames apart."""
+
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        splitter, calls = FrameSplitter(), []
+        while len(calls) < 4:  # the hello and three calls
+            calls += [_to_engine.decode(p) for p in splitter.feed(await reader.read(1 << 16))]
+        assert isinstance(calls[0], Hello) and calls[0].pid == os.getpid()
+        keys = [call.id for call in calls[1:] if isinstance(call, Classify)]
+        data = b"".join(_answer(key) for key in reversed(keys))
+        for start in range(0, len(data), 5):
+            writer.write(data[start : start + 5])
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(engine, path=str(tmp_path / "link.sock"))
+        link = await EngineLink.connect(str(tmp_path / "link.sock"))
+        link.hello()
+        answers = await asyncio.gather(*(link.call(**_fields(i)) for i in range(3)))
+        assert [a.body for a in answers] == [b'{"ok": %d}' % a.id for a in answers]
+        assert sorted(a.id for a in answers) == [0, 1, 2]
+        await asyncio.wait_for(link.closed.wait(), 5)  # the engine closed the link
+        with pytest.raises(ConnectionError, match="closed the link"):
+            await link.call(**_fields(3))
+        await link.close()
+        server.close()
+
+    _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_calls_waiting_when_the_engine_dies_mid_frame_fail_with_a_connection_error(
+    loop: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        writer.write(_answer(0)[:7])  # half an answer, then the process is gone
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(engine, path=str(tmp_path / "link.sock"))
+        link = await EngineLink.connect(str(tmp_path / "link.sock"))
+        with pytest.raises(ConnectionError, match="closed the link"):
+            await link.call(**_fields(0))
+        await link.close()
+        server.close()
+
+    with caplog.at_level(logging.ERROR, logger="server.frontend"):
+        _run(loop, main)
+    assert "inside a frame" in caplog.text
+
+
+def _fields(i: int) -> dict[str, Any]:
+    return {
+        "tenant": "acme",
+        "request_id": f"r{i}",
+        "model": "spam",
+        "models": None,
+        "texts": (f"text {i}",),
+        "is_batch": False,
+        "truncate": True,
+        "timeout_s": None,
+        "ids": ((101, 2000 + i, 102),),
+        "truncated": (False,),
+    }
