@@ -9,15 +9,22 @@ import os
 import signal
 import socket
 import threading
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import brotli
 import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+
+try:
+    from compression import zstd  # Python 3.14
+except ImportError:
+    from backports import zstd
 
 from engine import Engine, EngineConfig, packaged_backbone_dir
 from server.app import create_app, run_server
@@ -140,16 +147,25 @@ async def test_other_routes_and_streams_go_to_the_engines_app(
     assert lines[-1]["done"] is True
 
 
+COMPRESSORS = {
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "br": brotli.compress,
+    "zstd": zstd.compress,
+}
+
+
+@pytest.mark.parametrize("encoding", COMPRESSORS)
 async def test_compressed_bodies_reach_the_engine_decoded(
-    fronts, session, client: TestClient, tenants: Tenants
+    fronts, session, client: TestClient, tenants: Tenants, encoding: str
 ) -> None:
-    """A front end reads a gzip body decoded and forwards it so; one that does not decode is
-    the same 400 as from one process, on handed-over and proxied routes alike."""
+    """A front end reads a compressed body decoded and forwards it so; one that does not
+    decode is the same JSON 400 as from one process, on handed-over and proxied routes."""
     url, _ = fronts
     headers = {
         "Authorization": f"Bearer {tenants.acme}",
         "Content-Type": "application/json",
-        "Content-Encoding": "gzip",
+        "Content-Encoding": encoding,
     }
     sent = [
         ("/v1/classify", {"model": "spam", "input": "hi"}),
@@ -157,7 +173,7 @@ async def test_compressed_bodies_reach_the_engine_decoded(
         ("/v1/adapters/spam/promote", {"version": 1}),
     ]
     for path, body in sent:
-        raw = gzip.compress(json.dumps(body).encode())
+        raw = COMPRESSORS[encoding](json.dumps(body).encode())
         async with session.post(url + path, data=raw, headers=headers) as response:
             status, text = response.status, await response.text()
         assert status == 200, (path, text)
