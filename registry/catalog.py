@@ -101,6 +101,8 @@ class Catalog:
         self._readers: dict[threading.Thread, sqlite3.Connection] = {}
         self._readers_lock = threading.Lock()
         self._idle_conn: sqlite3.Connection | None = None
+        # rewritten after every commit: read memos compare it without a system call
+        self.changes = read_memo.ChangeSignal(path.with_name(path.name + "-changes"))
         try:
             # Never used after this, so sharing it across threads (for close) is safe.
             self._idle_conn = self._open(check_same_thread=False)
@@ -128,6 +130,7 @@ class Catalog:
         if self._idle_conn is not None:
             self._idle_conn.close()
             self._idle_conn = None
+        self.changes.close()
 
     def reader(self) -> sqlite3.Connection:
         """This thread's autocommit read connection, opened on its first read and kept.
@@ -194,8 +197,8 @@ class Catalog:
             try:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
-            finally:  # before the write returns: its writer's next read checks again
-                read_memo.note_write()
+            finally:  # after the commit, before the write returns (read_memo.py)
+                self.changes.signal()
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -1,85 +1,119 @@
 """The records ``Registry.resolve`` returns, kept per thread until the catalog changes.
 
-Every request resolves its model: two or three queries, then a record built from the row
-(three JSON documents decoded, paths joined), 28 us a call on the 2-core VM, and each query
-lets go of the interpreter lock and must take it back from the model thread. A memo answers
-from a dict after one ``PRAGMA data_version`` (4 us), which changes for a connection
-whenever any other connection commits, in this process or another. Readers keep one
-connection per thread and every write uses a connection of its own, so every change is seen
-by the next read, as the catalog promises.
+Every request resolves its model and authenticates its key: queries, then a record built from
+the row (three JSON documents decoded, paths joined), 28 us a call on the 2-core VM, and each
+query lets go of the interpreter lock and must take it back from the model thread. A memo
+answers from a dict while the catalog has not changed.
 
-On an event loop the check itself was the cost: the pragma lets go of the interpreter lock,
-and taking it back from a busy model thread made it 9% of the engine loop's time behind the
-front ends (``benchmarks.server_profile --server-workers 1``). So one check answers the
-other reads of the same turn of the loop, for at most ``SHARED_CHECK_S``. A turn runs what
-was queued before it began, and the check queues the turn's end as it runs, so a request
-queued after a commit reads after that end and checks again. A commit in this process (any
-``Registry`` object) ends the sharing at once. Only code that blocks the loop to wait for
-another process's commit could read from before it, and then for 1 ms at most.
+How a reader learns of a change without a system call: every commit by graft, in any process,
+then rewrites the eight bytes of a file beside the catalog (``ChangeSignal``) with fresh random
+ones, and readers map that file and compare it with what they saw before they filled the memo.
+A commit after a reader's query signals after it, so the reader finds the bytes changed. The
+check used to be ``PRAGMA data_version``, once per turn of the event loop: it lets go of the
+interpreter lock and must take it back from the model thread, and it left a turn that blocked
+on another process's commit reading from before it for up to 1 ms. Four reads a turn beside a
+busy model thread took 3.9 us each with that check, 2.2 us with the signal (ad hoc, in the
+commit that made the change).
+
+``PRAGMA data_version`` (which changes for a connection whenever any other connection commits)
+still runs every ``BACKSTOP_S``: a commit whose writer died before it signalled, or made by a
+program that does not signal, is seen within that. Without a signal file (one that could not be
+opened), every read checks the pragma.
 """
 
-import asyncio
+import logging
+import mmap
+import os
 import sqlite3
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 _MAX_ENTRIES = 4096  # per thread; emptied whole when full
-SHARED_CHECK_S = 0.001  # a turn's check answers its later reads for this long at most
-
-_writes = 0  # commits by any catalog of this process; moves before the write returns
-_writes_lock = threading.Lock()
+BACKSTOP_S = 0.05  # a memo checks the catalog itself at least this often
+_SIGNAL_BYTES = 8
 
 
-def note_write() -> None:
-    """Call after every commit (`Catalog.write`): ends every thread's shared check."""
-    global _writes
-    with _writes_lock:
-        _writes += 1
+class ChangeSignal:
+    """Eight bytes in a file that every catalog commit rewrites, after the commit, with fresh
+    random ones: mapped into memory, a reader compares them with no system call."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.warning("catalog change signal %s unavailable (%s): reads check SQLite", path, exc)
+            return
+        try:
+            if os.fstat(fd).st_size < _SIGNAL_BYTES:  # new; two processes may both write: fine
+                os.pwrite(fd, os.urandom(_SIGNAL_BYTES), 0)
+            self._map = mmap.mmap(fd, _SIGNAL_BYTES, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            os.close(fd)
+            log.warning("catalog change signal %s unavailable (%s): reads check SQLite", path, exc)
+            return
+        self._fd = fd
+
+    def read(self) -> bytes | None:
+        """The current bytes; None when there is no signal (every read must check)."""
+        try:
+            return self._map[:_SIGNAL_BYTES] if self._map is not None else None
+        except ValueError:  # closed
+            return None
+
+    def signal(self) -> None:
+        """Call after every commit (or a write that may have committed), before returning."""
+        if self._fd is not None:
+            os.pwrite(self._fd, os.urandom(_SIGNAL_BYTES), 0)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+        if self._fd is not None:
+            os.close(self._fd)
+        self._map = self._fd = None
 
 
 class ReadMemo:
     """One dict per thread, tied to that thread's kept read connection (``data_version``
-    counts per connection)."""
+    counts per connection), emptied when ``signal``'s bytes or the data version change."""
 
-    def __init__(self, *, max_entries: int = _MAX_ENTRIES) -> None:
+    def __init__(
+        self, signal: ChangeSignal | None = None, *, max_entries: int = _MAX_ENTRIES
+    ) -> None:
+        self._signal = signal
         self._max_entries = max_entries
         self._local = threading.local()
 
     def entries(self, conn: sqlite3.Connection) -> dict[Any, Any]:
         """This thread's memo, emptied first if the catalog changed since it was filled;
-        ``conn`` is this thread's kept read connection."""
+        ``conn`` is this thread's kept read connection. Read the memo's misses after this
+        call, never before: what this call saw must precede them."""
         local = self._local
         memo: dict[Any, Any] | None = getattr(local, "entries", None)
-        if memo is not None and len(memo) < self._max_entries and _checked_this_turn(local):
+        seen = self._signal.read() if self._signal is not None else None
+        now = time.monotonic()
+        if (
+            memo is not None
+            and seen is not None
+            and seen == local.seen
+            and now - local.checked_s < BACKSTOP_S
+            and len(memo) < self._max_entries
+        ):
             return memo
         version = conn.execute("PRAGMA data_version").fetchone()[0]
-        if memo is None or version != local.version or len(memo) >= self._max_entries:
+        if (
+            memo is None
+            or version != local.version
+            or seen != local.seen
+            or len(memo) >= self._max_entries
+        ):
             memo = local.entries = {}
-            local.version = version
-        _note_check(local)
+        local.version, local.seen, local.checked_s = version, seen, now
         return memo
-
-
-def _checked_this_turn(local: threading.local) -> bool:
-    """Whether a check earlier in this turn of this thread's event loop still answers."""
-    loop = asyncio._get_running_loop()  # None outside a loop, where every read checks
-    if loop is None or getattr(local, "open_loop", None) is not loop:
-        return False
-    return local.writes == _writes and time.monotonic() - local.checked_s < SHARED_CHECK_S
-
-
-def _note_check(local: threading.local) -> None:
-    loop = asyncio._get_running_loop()
-    local.writes = _writes
-    local.checked_s = time.monotonic()
-    if loop is None:
-        local.open_loop = None
-    elif getattr(local, "open_loop", None) is not loop:
-        local.open_loop = loop  # until this turn's end, queued now: after all queued so far
-        loop.call_soon(_end_turn, local, loop)
-
-
-def _end_turn(local: threading.local, loop: asyncio.AbstractEventLoop) -> None:
-    if local.open_loop is loop:
-        local.open_loop = None

@@ -3,6 +3,7 @@
 Layout of a registry root::
 
     catalog.sqlite3                      the catalog (see catalog.py)
+    catalog.sqlite3-changes              8 bytes each commit rewrites (see read_memo.py)
     adapters/<tenant>/<name>/<version>/  one directory per version: the adapter's files plus
                                          graft_manifest.json (see store.py)
 
@@ -69,7 +70,7 @@ class Registry:
             raise RegistryError(f"registry {self._root} is not a directory")
         self._root.mkdir(parents=True, exist_ok=True)
         self._catalog = Catalog(self._root / CATALOG_FILE, _BUSY_TIMEOUT_S, is_durable=durable)
-        self._memo = ReadMemo()  # resolve's records, until the catalog changes
+        self._memo = ReadMemo(self._catalog.changes)  # records, until the catalog changes
         self._store = BlobStore(self._root, is_durable=durable)
         self._publisher = Publisher(self._root, self._catalog, self._store)
         self._is_closed = False
