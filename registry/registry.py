@@ -3,7 +3,8 @@
 Layout of a registry root::
 
     catalog.sqlite3                      the catalog (see catalog.py)
-    catalog.sqlite3-changes              8 bytes each commit rewrites (see read_memo.py)
+    catalog.sqlite3-changes              8 bytes each commit rewrites, mapped by readers as
+                                         SQLite maps its -shm file: never edit either
     adapters/<tenant>/<name>/<version>/  one directory per version: the adapter's files plus
                                          graft_manifest.json (see store.py)
 
