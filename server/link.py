@@ -264,9 +264,7 @@ class LinkServer:
     def _observe(self, status: int, started: float) -> None:
         state = self._app.get(METRICS)
         if state is not None:  # counted as the engine's app counts its own routes
-            state.request_seconds.labels("POST", "/v1/classify", str(status)).observe(
-                time.perf_counter() - started
-            )
+            state.observe_request("POST", "/v1/classify", status, time.perf_counter() - started)
 
 
 class _Cancellable(Protocol):

@@ -178,6 +178,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self._request_series: dict[tuple[str, str, int], Histogram] = {}
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One request's duration. Each label set's series is looked up once: ``labels()``
+        checks and joins the values on every call, half of what an observation cost."""
+        key = (method, route, status)
+        series = self._request_series.get(key)
+        if series is None:  # labels are a bounded set: methods, routes and statuses
+            series = self._request_series[key] = self.request_seconds.labels(
+                method, route, str(status)
+            )
+        series.observe(seconds)
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -218,9 +230,7 @@ async def timing_middleware(request: web.Request, handler) -> web.StreamResponse
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         method = request.method if request.method in _METHODS else "other"
-        state.request_seconds.labels(method, route, str(status)).observe(
-            time.perf_counter() - started
-        )
+        state.observe_request(method, route, status, time.perf_counter() - started)
 
 
 async def metrics(request: web.Request) -> web.Response:
