@@ -3,7 +3,7 @@
     python -m benchmarks.load [--embedded | --serve | --url URL --key KEY... | --baseline KIND]
         [--corpus sms|tweets|news] [--adapters N] [--tenants M] [--popularity zipf|uniform]
         [--arrival poisson|gamma --cv CV] [--rate R | --sweep 5,10,20 | --sweep auto]
-        [--duration S] [--requests N] [--slo-ms 50] [--quick]
+        [--duration S] [--probe-seconds S] [--requests N] [--slo-ms 50] [--quick]
     python -m benchmarks.load --scenarios [--quick]      # the standard set (about 10 minutes)
 
 Targets: ``--embedded`` (default) builds a scratch registry of ``--adapters`` random rank-8
@@ -20,9 +20,10 @@ one line per request; a footer with server counters) under ``benchmarks/out/load
 capacity C, then offers 0.3, 0.6, 0.9 and 1.2 x C and keeps raising by 1.3x until the
 server saturates (it answers < 85% of what was offered, p99 passes 20x the SLO, or > 5% fail).
 An auto sweep goes on past saturation while the answered rate still rises by 5% (explicit
-rates stop at the first saturated one). The load generator shares the machine with the
-server (and, for the embedded engine, the bare backbone and ``--server-thread``, the process
-and its interpreter lock): on a small CPU it costs the server.
+rates stop at the first saturated one). The targets table sets the probes' ratios beside
+the sweeps' (``--probe-seconds`` makes the probe longer). The load generator
+shares the machine with the server (and, for the embedded engine, the bare backbone and
+``--server-thread``, the process and its interpreter lock): on a small CPU it costs the server.
 """
 
 import argparse
@@ -83,11 +84,14 @@ def scenarios_from(args: argparse.Namespace) -> tuple[Scenario, ...]:
         chosen = QUICK_SCENARIOS if args.quick else STANDARD_SCENARIOS
         if not args.only:
             return chosen
-        names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = sorted(set(names) - {s.name for s in chosen})
+        names = list(dict.fromkeys(n.strip() for n in args.only.split(",") if n.strip()))
+        by_name = {s.name: s for s in chosen}
+        unknown = sorted(set(names) - set(by_name))
         if unknown:
-            raise ValueError(f"unknown scenarios {unknown}; known: {[s.name for s in chosen]}")
-        return tuple(s for s in chosen if s.name in names)
+            raise ValueError(f"unknown scenarios {unknown}; known: {list(by_name)}")
+        # in the order given: two targets compared on a VM whose speed drifts are run A-B,
+        # then B-A, so that the drift cancels in the mean of their ratios
+        return tuple(by_name[name] for name in names)
     target = _target_kind(args)
     # a url target serves what its keys list: all of it unless --adapters says fewer
     adapters = args.adapters or (0 if target == "url" else 2 if args.quick else 100)
@@ -131,7 +135,7 @@ def sweep_plan(args: argparse.Namespace) -> SweepPlan:
         duration_s=duration,
         max_requests=args.requests,
         drain_s=args.timeout + 10.0,
-        probe_s=1.0 if args.quick else 2.0,
+        probe_s=args.probe_seconds or (1.0 if args.quick else 2.0),
         slo_s=args.slo_ms / 1000,
         max_points=2 if args.quick else MAX_POINTS,
         # an explicit --duration is taken as is; the defaults stretch for a usable p99

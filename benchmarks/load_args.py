@@ -26,6 +26,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--url needs --key (one per tenant to drive)")
     if args.layers is not None and args.hidden is None:
         p.error("--layers needs --hidden (the random-weight backbone it sizes)")
+    if args.probe_seconds is not None and args.probe_seconds <= 0:
+        p.error(f"--probe-seconds must be positive, got {args.probe_seconds:g}")
     return args
 
 
@@ -38,7 +40,9 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     where.add_argument("--baseline", choices=("backbone", "peft"))
     p.add_argument("--key", action="append", default=[], help="API key with --url (repeatable)")
     p.add_argument("--scenarios", action="store_true", help="run the standard scenario set")
-    p.add_argument("--only", help="with --scenarios: comma-separated scenario names to run")
+    p.add_argument(
+        "--only", help="with --scenarios: comma-separated scenario names to run, in that order"
+    )
     p.add_argument("--name", help="scenario name in file names and tables")
     p.add_argument(
         "--server-thread",
@@ -83,6 +87,13 @@ def _add_traffic(p: argparse.ArgumentParser) -> None:
         default=None,
         help="sending seconds per rate (default 10, with --scenarios 4; by default a low rate "
         "sends up to twice as long to collect 100 requests)",
+    )
+    p.add_argument(
+        "--probe-seconds",
+        type=float,
+        default=None,
+        help="closed-loop capacity probe before an auto sweep (default 2, --quick 1); its "
+        "ratios are the targets table's 'closed loop' column",
     )
     p.add_argument("--requests", type=int, default=1_000_000, help="max requests per rate")
     p.add_argument("--timeout", type=float, default=5.0, help="queue deadline per request, s")

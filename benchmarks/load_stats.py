@@ -70,6 +70,8 @@ class RunSummary:
     # over HTTP, what the latency holds beyond the server's queue and compute: the client, the
     # network, HTTP and tokenizing (graft's Server-Timing); None for other targets
     outside_ms: dict[str, float | None] | None = None
+    # the sweep's closed-loop probe before its first rate (auto rates only), requests/s
+    probe_rps: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class SweepSummary:
     goodput_rps: float | None  # None: no tested rate met the SLO target
     low_load_rps: float  # the tested rate closest to 30% of saturation
     low_load_p99_ms: float | None  # p99 latency there
+    probe_rps: float | None = None  # closed-loop capacity measured before the sweep
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -193,6 +196,7 @@ def summarize(run: Run, slo_s: float) -> RunSummary:
         tenant_shares=tenant_shares(records),
         send_lag_p99_ms=None if lag_p99 is None else round(lag_p99 * 1000, 3),
         outside_ms=_outside_ms(ok),
+        probe_rps=header.get("probe_capacity_rps"),
         **step_stats(run.footer),
     )
 
@@ -277,6 +281,7 @@ def sweeps(summaries: Sequence[RunSummary]) -> list[SweepSummary]:
                 goodput_rps=goodput_rps([(s.offered_rps, s.slo_attainment) for s in points]),
                 low_load_rps=low.offered_rps,
                 low_load_p99_ms=low.latency_ms["p99"],
+                probe_rps=first.probe_rps,
             )
         )
     return out
@@ -286,7 +291,12 @@ def comparisons(sweep_list: Sequence[SweepSummary]) -> list[dict[str, Any]]:
     """The project's targets as ratios of saturation throughput (sequences/s), where both
     sides were measured: HTTP >= 0.85x embedded, embedded >= 0.9x bare backbone; and graft's
     HTTP server against the PEFT one. Both sides of a pair saw the same arrival process: bursts
-    cost every server throughput, so bursty graft is held to a bursty backbone."""
+    cost every server throughput, so bursty graft is held to a bursty backbone.
+
+    Beside it, ``probe_ratio``: the same pair's closed-loop probes (requests/s; None where a
+    side has none). A sweep's saturation is the best of rates 1.3x apart, each placed from its
+    own side's probe, so its ratio moves by up to that step; a long probe
+    (``--probe-seconds``) measures each side's capacity directly."""
 
     def find(target: str | tuple[str, ...], like: SweepSummary, *, adapters: bool = True):
         kinds = (target,) if isinstance(target, str) else target
@@ -316,8 +326,15 @@ def comparisons(sweep_list: Sequence[SweepSummary]) -> list[dict[str, Any]]:
                         "scenario": s.scenario,
                         "against": other.scenario,
                         "ratio": round(ratio, 3),
+                        "probe_ratio": _probe_ratio(s, other),
                         "aim": aim,
                         "met": None if aim is None else ratio >= aim,
                     }
                 )
     return rows
+
+
+def _probe_ratio(one: SweepSummary, other: SweepSummary) -> float | None:
+    if not one.probe_rps or not other.probe_rps:
+        return None
+    return round(one.probe_rps / other.probe_rps, 3)

@@ -161,12 +161,14 @@ def comparisons_table(rows: Sequence[dict[str, Any]]) -> str:
             r["scenario"],
             r["against"],
             f"{r['ratio']:.2f}x",
+            "-" if r.get("probe_ratio") is None else f"{r['probe_ratio']:.2f}x",
             "-" if r["aim"] is None else f">= {r['aim']}x",
             {None: "-", True: "yes", False: "no"}[r["met"]],
         ]
         for r in rows
     ]
-    return _table(["comparison", "scenario", "against", "ratio", "aim", "met"], table)
+    headers = ["comparison", "scenario", "against", "ratio", "closed loop", "aim", "met"]
+    return _table(headers, table)
 
 
 def tenants_table(summary: RunSummary, top: int = 5) -> str:

@@ -137,6 +137,21 @@ def test_comparisons_pair_http_with_embedded_and_embedded_with_the_backbone() ->
     )
     assert rows[("embedded / bare backbone", "emb")]["against"] == "bare"
     assert ("http / embedded", "other") not in rows  # no embedded run with 7 adapters
+    assert http["probe_ratio"] is None  # explicit rates: no probe on either side
+
+
+def test_comparisons_set_the_closed_loop_probes_side_by_side() -> None:
+    """The probe ratio is each side's probe, whatever the sweeps' best rates were."""
+    emb = _run("emb", "embedded", 50, 0.01, adapters=100)
+    http = _run("http", "serve", 60, 0.01, n=90, adapters=100)
+    bare = _run("bare", "backbone", 50, 0.01)
+    emb.header["probe_capacity_rps"], http.header["probe_capacity_rps"] = 200.0, 170.0
+    summaries = [summarize(run, SLO_S) for run in (emb, http, bare)]
+    rows = {(r["comparison"], r["scenario"]): r for r in comparisons(sweeps(summaries))}
+    assert rows[("http / embedded", "http")]["probe_ratio"] == pytest.approx(0.85)
+    assert rows[("embedded / bare backbone", "emb")]["probe_ratio"] is None  # bare: no probe
+    table = report.comparisons_table(list(rows.values()))
+    assert "closed loop" in table.splitlines()[0] and "0.85x" in table
 
 
 def test_comparisons_hold_bursty_graft_to_a_bursty_backbone() -> None:

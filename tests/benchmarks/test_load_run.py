@@ -148,3 +148,18 @@ def test_driver_processes_refuse_an_in_process_target(tmp_path: Path) -> None:
     argv = ["--embedded", "--quick", "--rate", "8", "--duration", "1", "--no-progress"]
     with pytest.raises(ValueError, match="drives HTTP targets"):
         load.main([*argv, "--driver-processes", "2", "--out", str(tmp_path)])
+
+
+def test_only_runs_the_scenarios_named_in_the_order_given() -> None:
+    """B-A after A-B is how two targets are compared on a machine whose speed drifts."""
+    from benchmarks.load_args import parse_args
+
+    argv = [
+        "--scenarios",
+        "--only",
+        "serve-sms-100a-zipf,embedded-sms-100a-zipf,serve-sms-100a-zipf",
+    ]
+    names = [s.name for s in load.scenarios_from(parse_args(argv))]
+    assert names == ["serve-sms-100a-zipf", "embedded-sms-100a-zipf"]
+    with pytest.raises(ValueError, match="unknown scenarios \\['nope'\\]"):
+        load.scenarios_from(parse_args(["--scenarios", "--only", "embedded-sms-1a,nope"]))
