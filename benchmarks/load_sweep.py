@@ -129,11 +129,28 @@ class ScenarioRunner:
         self._seed, self._progress, self._command = seed, progress, command
         self._num_warm_adapters = 0
         self._pool: Any = None  # driver_pool.DriverPool, started on the first rate
+        self._frozen = False  # this process's start-up objects, out of the collector's passes
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if self._frozen:
+            from engine.collector import release_startup_objects
+
+            release_startup_objects()
+            self._frozen = False
+
+    def _freeze(self) -> None:
+        """Freeze this process's objects as an engine freezes its own (engine/collector.py).
+        Driving a server in another process, this one still holds torch and transformers: a
+        full collection of them stopped the driver for 250-390 ms at the first saturated rate
+        of every HTTP sweep, and its sends fell behind by as much."""
+        if not self._frozen:
+            from engine.collector import freeze_startup_objects
+
+            freeze_startup_objects()
+            self._frozen = True
 
     @property
     def _driver_processes(self) -> int:
@@ -175,6 +192,7 @@ class ScenarioRunner:
         # requests drawn as the scenario draws them; their times do not matter here
         sample = [(a.adapter, a.texts) for a in schedule(self._traffic(scenario), texts, rng)]
         await self._warm_up(scenario, texts, sample)
+        self._freeze()
         capacity, rates = None, list(self.plan.rates_rps or ())
         if not rates:
             ok, elapsed = await closed_loop(
