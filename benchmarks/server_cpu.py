@@ -120,6 +120,7 @@ async def warm_server(fleet, options, requests: list, args: argparse.Namespace):
     from benchmarks.load_server_process import ServerProcess
     from benchmarks.load_targets import HttpTarget
     from benchmarks.open_loop import closed_loop
+    from engine.collector import freeze_startup_objects, release_startup_objects
 
     server = ServerProcess("serve", fleet, options)
     url = await asyncio.to_thread(server.start)
@@ -128,7 +129,13 @@ async def warm_server(fleet, options, requests: list, args: argparse.Namespace):
         async with aiohttp.ClientSession(connector=connector) as session:
             target = HttpTarget("serve", session, url, fleet.models, fleet.keys, timeout_s=None)
             await closed_loop(target, requests[: args.warmup], concurrency=args.concurrency)
-            yield server, session, url, target
+            # the client holds torch and the fleet: unfrozen, a full collection of them
+            # stops it for a quarter of a second (benchmarks/load_sweep.py's _freeze)
+            freeze_startup_objects()
+            try:
+                yield server, session, url, target
+            finally:
+                release_startup_objects()
     finally:
         await asyncio.to_thread(server.stop)
 
