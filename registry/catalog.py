@@ -101,14 +101,16 @@ class Catalog:
         self._readers: dict[threading.Thread, sqlite3.Connection] = {}
         self._readers_lock = threading.Lock()
         self._idle_conn: sqlite3.Connection | None = None
-        # rewritten after every commit: read memos compare it without a system call
-        self.changes = read_memo.ChangeSignal(path.with_name(path.name + "-changes"))
+        self.changes: read_memo.ChangeSignal | None = None  # made below, for the memos
         try:
             # Never used after this, so sharing it across threads (for close) is safe.
             self._idle_conn = self._open(check_same_thread=False)
             # Asking first avoids taking the lock a mode change needs when WAL is already on.
             if self._idle_conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self._idle_conn.execute("PRAGMA journal_mode = WAL")
+            # rewritten after every commit: read memos compare it without a system call; made
+            # once the catalog's file exists, to take its mode
+            self.changes = read_memo.ChangeSignal(path.with_name(path.name + "-changes"), like=path)
             with self.write() as conn:
                 _migrate(conn)
             # A read opens the log for this connection, which keeps it open (a pragma does not).
@@ -130,7 +132,8 @@ class Catalog:
         if self._idle_conn is not None:
             self._idle_conn.close()
             self._idle_conn = None
-        self.changes.close()
+        if self.changes is not None:
+            self.changes.close()
 
     def reader(self) -> sqlite3.Connection:
         """This thread's autocommit read connection, opened on its first read and kept.
@@ -189,16 +192,17 @@ class Catalog:
         with self._fresh() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            try:
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
                 if conn.in_transaction:
                     conn.execute("COMMIT")
-            finally:  # after the commit, before the write returns (read_memo.py)
-                self.changes.signal()
+            finally:  # after any commit (the body's own too), before returning (read_memo.py)
+                if self.changes is not None:
+                    self.changes.signal()
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

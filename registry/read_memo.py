@@ -21,10 +21,12 @@ program that does not signal, is seen within that. Without a signal file (one th
 opened), every read checks the pragma.
 """
 
+import contextlib
 import logging
 import mmap
 import os
 import sqlite3
+import stat
 import threading
 import time
 from pathlib import Path
@@ -39,26 +41,40 @@ _SIGNAL_BYTES = 8
 
 class ChangeSignal:
     """Eight bytes in a file that every catalog commit rewrites, after the commit, with fresh
-    random ones: mapped into memory, a reader compares them with no system call."""
+    random ones: mapped into memory, a reader compares them with no system call.
 
-    def __init__(self, path: Path) -> None:
+    The file takes the catalog's mode and owner, as SQLite's own -wal and -shm files do, so
+    that every account that may write the catalog may signal too. A process that may only
+    read it still reads the signal, but its own commits reach other processes' memos through
+    their ``BACKSTOP_S`` check alone (a warning says so).
+    """
+
+    def __init__(self, path: Path, *, like: Path) -> None:
         self._path = path
-        self._fd: int | None = None
+        self._lock = threading.Lock()  # close() must not free the fd under signal()
+        self._fd: int | None = None  # for signalling; None where this process may not
         self._map: mmap.mmap | None = None
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd, writable = _open_signal(path, like)
         except OSError as exc:
             log.warning("catalog change signal %s unavailable (%s): reads check SQLite", path, exc)
             return
         try:
-            if os.fstat(fd).st_size < _SIGNAL_BYTES:  # new; two processes may both write: fine
+            if writable and os.fstat(fd).st_size < _SIGNAL_BYTES:  # new: two may write, fine
                 os.pwrite(fd, os.urandom(_SIGNAL_BYTES), 0)
             self._map = mmap.mmap(fd, _SIGNAL_BYTES, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
-            os.close(fd)
-            log.warning("catalog change signal %s unavailable (%s): reads check SQLite", path, exc)
-            return
-        self._fd = fd
+            log.warning("catalog change signal %s unreadable (%s): reads check SQLite", path, exc)
+        if writable:
+            self._fd = fd  # kept even when the map failed: other processes read it
+        else:
+            os.close(fd)  # the map holds its own reference
+            log.warning(
+                "catalog change signal %s is read-only here: this process's commits reach "
+                "other processes within %.0f ms, not at once",
+                path,
+                BACKSTOP_S * 1000,
+            )
 
     def read(self) -> bytes | None:
         """The current bytes; None when there is no signal (every read must check)."""
@@ -68,16 +84,45 @@ class ChangeSignal:
             return None
 
     def signal(self) -> None:
-        """Call after every commit (or a write that may have committed), before returning."""
-        if self._fd is not None:
-            os.pwrite(self._fd, os.urandom(_SIGNAL_BYTES), 0)
+        """Call after every commit (or a write that may have committed), before returning.
+        Never raises: the commit it follows stands, and the backstop covers a lost signal."""
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                os.pwrite(self._fd, os.urandom(_SIGNAL_BYTES), 0)
+            except OSError as exc:
+                log.warning("catalog change signal %s not written: %s", self._path, exc)
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-        if self._fd is not None:
-            os.close(self._fd)
-        self._map = self._fd = None
+        with self._lock:
+            if self._map is not None:
+                self._map.close()
+            if self._fd is not None:
+                os.close(self._fd)
+            self._map = self._fd = None
+
+
+def _open_signal(path: Path, like: Path) -> tuple[int, bool]:
+    """The signal file's descriptor, and whether it is open for writing. A new file takes
+    ``like``'s mode (whatever the umask) and, for root, its owner."""
+    try:
+        made_like = os.stat(like)
+    except FileNotFoundError:
+        made_like = None
+    mode = stat.S_IMODE(made_like.st_mode) if made_like is not None else 0o644
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        try:
+            return os.open(path, os.O_RDWR), True
+        except PermissionError:
+            return os.open(path, os.O_RDONLY), False
+    with contextlib.suppress(OSError):  # best effort, as SQLite's
+        os.fchmod(fd, mode)
+        if made_like is not None and os.geteuid() == 0:
+            os.fchown(fd, made_like.st_uid, made_like.st_gid)
+    return fd, True
 
 
 class ReadMemo:

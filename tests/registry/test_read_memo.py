@@ -2,7 +2,10 @@
 change signal beside the catalog (no query), and anyone's within BACKSTOP_S."""
 
 import asyncio
+import logging
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -116,7 +119,7 @@ def test_each_commit_rewrites_the_signal(tmp_path: Path) -> None:
 
 
 def test_without_a_signal_file_every_read_checks(tmp_path: Path) -> None:
-    signal = ChangeSignal(tmp_path / "no-such-dir" / "changes")
+    signal = ChangeSignal(tmp_path / "no-such-dir" / "changes", like=tmp_path / "catalog")
     assert signal.read() is None
     signal.signal()  # nothing to write to: not an error
     conn = sqlite3.connect(":memory:")
@@ -130,7 +133,7 @@ def test_without_a_signal_file_every_read_checks(tmp_path: Path) -> None:
 
 
 def test_a_changed_signal_empties_the_memo(tmp_path: Path) -> None:
-    signal = ChangeSignal(tmp_path / "changes")
+    signal = ChangeSignal(tmp_path / "changes", like=tmp_path / "catalog")
     conn = sqlite3.connect(":memory:")
     memo = ReadMemo(signal)
     memo.entries(conn)["a"] = 1
@@ -139,3 +142,74 @@ def test_a_changed_signal_empties_the_memo(tmp_path: Path) -> None:
     assert memo.entries(conn) == {}
     signal.close()
     assert signal.read() is None  # closed: reads check again
+
+
+def test_the_signal_takes_the_catalogs_mode_whatever_the_umask(tmp_path: Path) -> None:
+    """As SQLite's -wal and -shm: every account that may write the catalog may signal."""
+    (tmp_path / "catalog").write_bytes(b"")
+    os.chmod(tmp_path / "catalog", 0o664)
+    before = os.umask(0o077)
+    try:
+        signal = ChangeSignal(tmp_path / "changes", like=tmp_path / "catalog")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(os.stat(tmp_path / "changes").st_mode) == 0o664
+    signal.close()
+
+
+def test_a_read_only_signal_is_read_and_its_process_warned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "changes"
+    ChangeSignal(path, like=tmp_path / "catalog").close()  # made by another account
+    real_open = os.open
+
+    def no_writing(name, flags, *args):  # an existing file fails O_EXCL first, as here
+        if os.fspath(name) == os.fspath(path) and flags & os.O_RDWR and not flags & os.O_EXCL:
+            raise PermissionError(13, "Permission denied", os.fspath(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_writing)
+    with caplog.at_level(logging.WARNING, logger="registry.read_memo"):
+        signal = ChangeSignal(path, like=tmp_path / "catalog")
+    assert "read-only here" in caplog.text
+    assert signal.read() == path.read_bytes()
+    signal.signal()  # cannot: a no-op
+    assert signal.read() == path.read_bytes()
+    monkeypatch.undo()
+    writer = ChangeSignal(path, like=tmp_path / "catalog")
+    writer.signal()
+    assert signal.read() == writer.read()  # it still sees other processes' signals
+    writer.close()
+    signal.close()
+
+
+def test_a_failed_signal_never_fails_the_commit_it_follows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Registry(tmp_path / "reg") as registry:
+        changes = registry._catalog.changes
+        assert changes is not None and changes._fd is not None
+        kept, changes._fd = changes._fd, os.open(os.devnull, os.O_RDONLY)  # pwrite: EBADF
+        try:
+            with caplog.at_level(logging.WARNING, logger="registry.read_memo"):
+                key = registry.create_tenant("acme")
+        finally:
+            os.close(changes._fd)
+            changes._fd = kept
+        assert "not written" in caplog.text
+        assert registry.authenticate(key) == "acme"
+
+
+def test_a_write_that_commits_and_then_fails_still_signals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(read_memo, "BACKSTOP_S", 3600.0)
+    with Registry(tmp_path / "reg") as registry:
+        key = registry.create_tenant("acme")
+        assert registry.authenticate(key) == "acme"
+        with pytest.raises(RuntimeError), registry._catalog.write() as conn:
+            conn.execute("DELETE FROM api_keys")
+            conn.commit()
+            raise RuntimeError("after the commit")
+        assert registry.authenticate(key) is None
