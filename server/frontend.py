@@ -31,6 +31,7 @@ from engine import InputError, TextEncoder, tokenize_request
 from registry import Registry
 from server.errors import UNAVAILABLE, ApiError, error_middleware, from_engine_error
 from server.link import (
+    CLOSE_GRACE_S,
     Answer,
     Cancel,
     Classify,
@@ -116,10 +117,17 @@ class EngineLink(asyncio.Protocol):
         finally:
             self._waiting.pop(key, None)
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
+        """Close once what is queued is sent; an engine that does not read it within
+        ``grace_s`` is cut off, and the calls still waiting fail with ConnectionError."""
         if not self.closed.is_set():
             self._out.close()
-        await self.closed.wait()
+        try:
+            await asyncio.wait_for(self.closed.wait(), grace_s)
+        except TimeoutError:
+            if self._transport is not None:
+                self._transport.abort()
+            await self.closed.wait()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's, so no isinstance check here

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 30  # a request's texts and ids: the body limit bounds them well below
+# closing, how long a peer has to read what is queued for it before the link is cut
+CLOSE_GRACE_S = 2.0
 
 
 class Hello(msgspec.Struct, tag="hello", array_like=True):
@@ -162,14 +164,21 @@ class LinkServer:
             self._hello.clear()
             await self._hello.wait()
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
+        """Stop serving and close every connection once what is queued for it is sent; a
+        front end that does not read it within ``grace_s`` is cut off."""
         if self._server is not None:
             self._server.close()
         connections = list(self._connections)
         for connection in connections:
             connection.close()  # as at a front end's own close
-        if connections:
-            await asyncio.wait([connection.lost for connection in connections])
+        if not connections:
+            return
+        _, stuck = await asyncio.wait([c.lost for c in connections], timeout=grace_s)
+        if stuck:
+            for connection in connections:
+                connection.abort()
+            await asyncio.wait(stuck)
 
     def _receive(self, message: Any, connection: "_Connection") -> None:
         if isinstance(message, Classify):
@@ -313,6 +322,11 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self.out.close()
+
+    def abort(self) -> None:
+        """Close now, dropping what the front end has not read."""
+        if self._transport is not None:
+            self._transport.abort()
 
 
 def _request(message: Classify) -> tuple[ClassifyRequest, Tokenized]:

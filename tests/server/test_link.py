@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,44 @@ def _fields(i: int) -> dict[str, Any]:
         "ids": ((101, 2000 + i, 102),),
         "truncated": (False,),
     }
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_closing_cuts_off_a_front_end_that_stopped_reading(loop: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        link = LinkServer(web.Application())
+        await link.start(str(tmp_path / "link.sock"))
+        _, writer = await _open(str(tmp_path / "link.sock"))  # never reads its answers
+        writer.write(frame(Hello(1)))
+        await asyncio.wait_for(link.wait_ready(1), 5)
+        (connection,) = link._connections
+        for i in range(64):
+            connection.out.send(Answer(i, 200, b"x" * 65536, {}))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await asyncio.wait_for(link.close(grace_s=0.2), 10)
+        assert time.monotonic() - started < 5 and not link._connections
+        writer.close()
+
+    _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_closing_cuts_off_an_engine_that_stopped_reading_and_fails_its_calls(
+    loop: str, tmp_path: Path
+) -> None:
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)  # a stuck loop: reads nothing
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(engine, path=str(tmp_path / "link.sock"))
+        link = await EngineLink.connect(str(tmp_path / "link.sock"))
+        big = {**_fields(0), "texts": ("x" * 65536,)}
+        calls = [asyncio.create_task(link.call(**big)) for _ in range(64)]
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(link.close(grace_s=0.2), 10)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, ConnectionError) for r in results), results[:3]
+        server.close()
+
+    _run(loop, main)
