@@ -29,6 +29,8 @@ _LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 30  # a request's texts and ids: the body limit bounds them well below
 # closing, how long a peer has to read what is queued for it before the link is cut
 CLOSE_GRACE_S = 2.0
+# what may wait for a peer to read it: about 200,000 answers
+MAX_BUFFERED_BYTES = 64 << 20
 
 
 class Hello(msgspec.Struct, tag="hello", array_like=True):
@@ -124,10 +126,15 @@ class FrameSplitter:
 
 class FrameWriter:
     """Frames sent in one turn of the event loop leave in one write, one system call: a step
-    answers many requests at once, and a busy front end hands over several."""
+    answers many requests at once, and a busy front end hands over several.
 
-    def __init__(self, writer: asyncio.StreamWriter | asyncio.WriteTransport) -> None:
-        self._writer = writer
+    A peer that stops reading (a front end stopped, an engine stuck) would let what is queued
+    for it grow without end: past ``max_buffered`` bytes the link is cut, and what waits on
+    it fails as when the peer dies."""
+
+    def __init__(self, transport: asyncio.WriteTransport, max_buffered: int | None = None) -> None:
+        self._transport = transport
+        self._max_buffered = MAX_BUFFERED_BYTES if max_buffered is None else max_buffered
         self._pending: list[bytes] = []
 
     def send(self, message: Any) -> None:
@@ -137,12 +144,16 @@ class FrameWriter:
 
     def close(self) -> None:
         self._flush()
-        self._writer.close()
+        self._transport.close()
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        if pending and not self._writer.is_closing():
-            self._writer.write(b"".join(pending))
+        if not pending or self._transport.is_closing():
+            return
+        self._transport.write(b"".join(pending))
+        if (queued := self._transport.get_write_buffer_size()) > self._max_buffered:
+            log.error("link peer stopped reading (%d bytes queued): cutting it off", queued)
+            self._transport.abort()
 
 
 class LinkServer:

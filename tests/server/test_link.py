@@ -1,6 +1,7 @@
 """The front ends' link to the engine's process: frames split and joined as bytes arrive."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -13,6 +14,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
+import server.link as link_module
 from server.frontend import EngineLink
 from server.link import (
     MAX_FRAME_BYTES,
@@ -232,3 +234,36 @@ def test_closing_cuts_off_an_engine_that_stopped_reading_and_fails_its_calls(
         server.close()
 
     _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_front_end_that_stops_reading_is_cut_off_past_the_buffer_bound(
+    loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its queued answers would otherwise grow without end while the engine keeps serving."""
+    monkeypatch.setattr(link_module, "MAX_BUFFERED_BYTES", 1 << 20)
+
+    async def main() -> None:
+        link = LinkServer(web.Application())
+        await link.start(str(tmp_path / "link.sock"))
+        reader, writer = await _open(str(tmp_path / "link.sock"))  # never reads, for now
+        writer.write(frame(Hello(1)))
+        await asyncio.wait_for(link.wait_ready(1), 5)
+        (connection,) = link._connections
+        for turn in range(100):
+            if connection.lost.done():
+                break
+            for i in range(16):
+                connection.out.send(Answer(turn * 16 + i, 200, b"x" * 16384, {}))
+            await asyncio.sleep(0.01)
+        assert connection.lost.done() and not link._connections
+        assert turn * 16 * 16384 < 8 << 20  # cut near the bound, not at the end
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1 << 16):  # what was sent before the cut, then the end
+                pass
+        writer.close()
+        await link.close()
+
+    with caplog.at_level(logging.ERROR, logger="server.link"):
+        _run(loop, main)
+    assert "stopped reading" in caplog.text
