@@ -29,7 +29,7 @@ _LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 30  # a request's texts and ids: the body limit bounds them well below
 # closing, how long a peer has to read what is queued for it before the link is cut
 CLOSE_GRACE_S = 2.0
-# what may wait for a peer to read it: about 200,000 answers
+# answers that may wait for a front end to read them: about 200,000
 MAX_BUFFERED_BYTES = 64 << 20
 
 
@@ -128,13 +128,15 @@ class FrameWriter:
     """Frames sent in one turn of the event loop leave in one write, one system call: a step
     answers many requests at once, and a busy front end hands over several.
 
-    A peer that stops reading (a front end stopped, an engine stuck) would let what is queued
-    for it grow without end: past ``max_buffered`` bytes the link is cut, and what waits on
-    it fails as when the peer dies."""
+    With ``max_buffered``, a peer that stops reading is cut off once that many bytes wait
+    for it, and what waits on the link fails as when the peer dies. The engine bounds its
+    answers so (a stopped front end would otherwise hold them without end); a front end does
+    not bound its requests, which are up to a body limit each and legitimately pile up while
+    the engine's loop is busy."""
 
     def __init__(self, transport: asyncio.WriteTransport, max_buffered: int | None = None) -> None:
         self._transport = transport
-        self._max_buffered = MAX_BUFFERED_BYTES if max_buffered is None else max_buffered
+        self._max_buffered = max_buffered
         self._pending: list[bytes] = []
 
     def send(self, message: Any) -> None:
@@ -151,6 +153,8 @@ class FrameWriter:
         if not pending or self._transport.is_closing():
             return
         self._transport.write(b"".join(pending))
+        if self._max_buffered is None:
+            return
         if (queued := self._transport.get_write_buffer_size()) > self._max_buffered:
             log.error("link peer stopped reading (%d bytes queued): cutting it off", queued)
             self._transport.abort()
@@ -307,7 +311,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's, so no isinstance check here
         self._transport = cast(asyncio.Transport, transport)
-        self.out = FrameWriter(self._transport)
+        self.out = FrameWriter(self._transport, max_buffered=MAX_BUFFERED_BYTES)
         self._server._connections.add(self)
 
     def data_received(self, data: bytes) -> None:

@@ -267,3 +267,36 @@ def test_a_front_end_that_stops_reading_is_cut_off_past_the_buffer_bound(
     with caplog.at_level(logging.ERROR, logger="server.link"):
         _run(loop, main)
     assert "stopped reading" in caplog.text
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_front_end_never_cuts_its_link_for_requests_piling_up(
+    loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests up to a body limit each wait while the engine's loop is busy: no bound."""
+    monkeypatch.setattr(link_module, "MAX_BUFFERED_BYTES", 1 << 20)
+
+    async def main() -> None:
+        go = asyncio.Event()
+
+        async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await go.wait()  # busy, then reads everything
+            splitter, calls = FrameSplitter(), []
+            while len(calls) < 32:
+                calls += [_to_engine.decode(p) for p in splitter.feed(await reader.read(1 << 20))]
+            writer.write(b"".join(_answer(call.id) for call in calls))
+            await writer.drain()
+
+        server = await asyncio.start_unix_server(engine, path=str(tmp_path / "link.sock"))
+        link = await EngineLink.connect(str(tmp_path / "link.sock"))
+        big = {**_fields(0), "texts": ("x" * (256 << 10),)}  # 8 MiB in all, over the bound
+        calls = [asyncio.create_task(link.call(**big)) for _ in range(32)]
+        await asyncio.sleep(0.1)
+        assert not link.closed.is_set()
+        go.set()
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 10)
+        assert sorted(a.id for a in answers) == list(range(32))
+        await link.close(grace_s=0.5)
+        server.close()
+
+    _run(loop, main)
