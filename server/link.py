@@ -29,8 +29,10 @@ _LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 30  # a request's texts and ids: the body limit bounds them well below
 # closing, how long a peer has to read what is queued for it before the link is cut
 CLOSE_GRACE_S = 2.0
-# answers that may wait for a front end to read them: about 200,000
+# answers that may wait for a front end to read them (about 200,000 of a few hundred bytes),
+# and how long past that it may read nothing before the engine cuts it off
 MAX_BUFFERED_BYTES = 64 << 20
+STALL_S = 5.0
 
 
 class Hello(msgspec.Struct, tag="hello", array_like=True):
@@ -128,8 +130,10 @@ class FrameWriter:
     """Frames sent in one turn of the event loop leave in one write, one system call: a step
     answers many requests at once, and a busy front end hands over several.
 
-    With ``max_buffered``, a peer that stops reading is cut off once that many bytes wait
-    for it, and what waits on the link fails as when the peer dies. The engine bounds its
+    With ``max_buffered``, a peer that has read nothing for ``STALL_S`` while more than that
+    many bytes wait for it is cut off, and what waits on the link fails as when the peer
+    dies. A big queue alone is no sign: one answer may be tens of MB (256 inputs, 16 models,
+    every label's score), and a reading peer takes it in a moment. The engine bounds its
     answers so (a stopped front end would otherwise hold them without end); a front end does
     not bound its requests, which are up to a body limit each and legitimately pile up while
     the engine's loop is busy."""
@@ -138,6 +142,9 @@ class FrameWriter:
         self._transport = transport
         self._max_buffered = max_buffered
         self._pending: list[bytes] = []
+        self._written = 0  # bytes handed to the transport
+        self._sent = 0  # of those, what had left its buffer at the last check
+        self._progress_s = time.monotonic()  # when the peer last read, as far as we know
 
     def send(self, message: Any) -> None:
         if not self._pending:
@@ -152,11 +159,24 @@ class FrameWriter:
         pending, self._pending = self._pending, []
         if not pending or self._transport.is_closing():
             return
-        self._transport.write(b"".join(pending))
-        if self._max_buffered is None:
-            return
-        if (queued := self._transport.get_write_buffer_size()) > self._max_buffered:
-            log.error("link peer stopped reading (%d bytes queued): cutting it off", queued)
+        data = b"".join(pending)
+        self._transport.write(data)
+        self._written += len(data)
+        if self._max_buffered is not None:
+            self._check_progress()
+
+    def _check_progress(self) -> None:
+        assert self._max_buffered is not None
+        queued = self._transport.get_write_buffer_size()
+        sent, now = self._written - queued, time.monotonic()
+        if queued <= self._max_buffered or sent != self._sent:
+            self._sent, self._progress_s = sent, now
+        elif now - self._progress_s > STALL_S:
+            log.error(
+                "link peer read nothing for %.1f s with %d bytes queued: cutting it off",
+                now - self._progress_s,
+                queued,
+            )
             self._transport.abort()
 
 
