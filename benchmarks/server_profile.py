@@ -52,7 +52,10 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("LinkServer._start", "LinkServer._admit", "answered (server/link.py"),
     ),
     ("  its answer encoded and framed", ("encode (server/schemas.py)", "frame (server/link")),
-    ("front ends' frames read (the admission above nests)", ("LinkServer._serve",)),
+    (
+        "front ends' frames read (the admission above nests)",
+        ("_Connection.data_received (server/link.py)",),
+    ),
     ("step loop: plan, hand off, deliver", ("StepLoop.run",)),
 )
 OTHER = "none of these: the loop's own I/O and callbacks"
