@@ -21,6 +21,7 @@ from engine.errors import (
     InputTooLong,
     ModelNotFound,
     TenantBusy,
+    TenantNotFound,
 )
 from engine.inputs import TextEncoder, Tokenized, tokenize_request
 from engine.job import (
@@ -63,6 +64,7 @@ __all__ = [
     "MultiPrediction",
     "Prediction",
     "TenantBusy",
+    "TenantNotFound",
     "TextEncoder",
     "Tokenized",
     "TenantPolicy",

@@ -16,7 +16,7 @@ import torch
 
 from engine.adapters import POOLING_CLS_POOLER, AdapterWeights, parse_adapter
 from engine.backbone import Backbone
-from engine.errors import AdapterFormatError, AdapterIncompatible
+from engine.errors import AdapterFormatError, AdapterIncompatible, EngineClosed
 from engine.host_cache import HostCache
 from engine.memory import AdapterMemory
 from engine.peft_io import CONFIG_FILE, WEIGHTS_FILE
@@ -58,8 +58,10 @@ class AdapterStore:
         self._loading: dict[str, asyncio.Future[None]] = {}
         self.num_disk_loads = 0
         self.disk_bytes_read = 0
+        self._closed = False  # set (on any thread) before queued loads are cancelled
 
     def close(self) -> None:
+        self._closed = True
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     # event-loop side --------------------------------------------------------------------
@@ -76,10 +78,22 @@ class AdapterStore:
         load = self._loading.get(key)
         if load is None:
             loop = asyncio.get_running_loop()
-            load = loop.run_in_executor(self._executor, self.read, record)
+            try:
+                load = loop.run_in_executor(self._executor, self.read, record)
+            except RuntimeError:  # the loaders have shut down
+                if self._closed:
+                    raise EngineClosed("engine shut down") from None
+                raise
             self._loading[key] = load
             load.add_done_callback(lambda _f, k=key: self._loading.pop(k, None))
-        weights = await asyncio.shield(load)
+        try:
+            weights = await asyncio.shield(load)
+        except asyncio.CancelledError:
+            # callers await this through a shield of their own: a cancelled load means the
+            # engine closed, which its callers hear as such, not as their own cancellation
+            if load.cancelled() and self._closed:
+                raise EngineClosed("engine shut down") from None
+            raise
         self._host.put_pinned(key, weights)
         return key
 

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 from engine.errors import EngineOverloaded, InputError, ModelNotFound, TenantBusy
 from engine.inputs import Tokenized
-from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model_ref
+from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model_ref, shown
 from scheduler import Row, Scheduler
 
 
@@ -69,19 +69,19 @@ def resolve_model(registry: Registry, tenant: str, model: str) -> AdapterRecord:
     try:
         ref = parse_model_ref(model)
     except InvalidName as exc:
-        raise ModelNotFound(f"model {model!r} not found ({exc})") from exc
+        raise ModelNotFound(f"model {shown(model)} not found ({exc})") from exc
     if ref.tenant is not None and ref.tenant != tenant:
-        raise ModelNotFound(f"model {model!r} not found")
+        raise ModelNotFound(f"model {shown(model)} not found")
     try:
         return registry.resolve(tenant, ref.name, ref.version)
     except InvalidName as exc:  # the tenant's name (the model's was parsed above)
-        raise ModelNotFound(f"model {model!r} not found ({exc})") from exc
+        raise ModelNotFound(f"model {shown(model)} not found ({exc})") from exc
     except NotFound as exc:
         reason = str(exc)
         if reason.endswith(" not found"):  # no such name (or tenant): nothing more to say
-            raise ModelNotFound(f"model {model!r} not found") from exc
+            raise ModelNotFound(f"model {shown(model)} not found") from exc
         # the caller's own name without that version, or with none promoted: say which
-        raise ModelNotFound(f"model {model!r} not found: {reason}") from exc
+        raise ModelNotFound(f"model {shown(model)} not found: {reason}") from exc
 
 
 def queue_rows(

@@ -7,12 +7,13 @@ import dataclasses
 import itertools
 import logging
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.backbone import Backbone, packaged_backbone_dir
 from engine.collector import freeze_startup_objects, release_startup_objects
 from engine.config import EngineConfig
-from engine.errors import EngineClosed
+from engine.errors import EngineClosed, InputError, TenantNotFound
 from engine.job import Job, MultiJob
 from engine.listing import AdapterInfo, summarize
 from engine.memory import pages_for_bytes
@@ -21,7 +22,7 @@ from engine.requests import EngineRequests
 from engine.stack import ServingStack, load_stack
 from engine.step_loop import StepLoop
 from engine.tenant_settings import scheduler_config
-from registry import NotFound, Registry
+from registry import InvalidName, NotFound, Registry
 from scheduler import Scheduler, TenantPolicy
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Engine(EngineRequests):
         # start and close, one at a time: a close waits for a start under way, then undoes it
         self._lifecycle = asyncio.Lock()
         self._entered = False  # inside `async with`, which closes it at exit
-        self._saved_switch_interval: float | None = None  # to restore at close
+        self._switch_interval: _SwitchInterval | None = None  # set while it runs
         self._froze_gc = False
 
     # lifecycle -------------------------------------------------------------------------
@@ -77,13 +78,19 @@ class Engine(EngineRequests):
 
     async def start(self) -> None:
         """Load the backbone and open the registry; the step loop starts serving at once.
-        Starting a running engine does nothing; a closed one cannot start again."""
+        Starting a running engine does nothing; a closed one cannot start again, nor one
+        whose start failed (it is closed then, its threads and files released)."""
         async with self._lifecycle:
             if self._loop_task is not None:  # started meanwhile by a concurrent call
                 return
             if self._closed:  # its threads are gone
                 raise EngineClosed("engine was closed; create a new Engine to serve again")
-            await self._start()
+            try:
+                await self._start()
+            except BaseException:  # a bad config: give back the threads and files it took
+                self._closed = True
+                await self._close()
+                raise
             if self._closed:  # close() waits for this lock to undo what started
                 raise EngineClosed("engine was closed while it started")
 
@@ -97,8 +104,7 @@ class Engine(EngineRequests):
             freeze_startup_objects()
             self._froze_gc = True
         if self.config.switch_interval_ms is not None:
-            self._saved_switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(self.config.switch_interval_ms / 1000)
+            self._switch_interval = _SwitchInterval(self.config.switch_interval_ms / 1000)
         self._loop_task = asyncio.create_task(self._steps.run(), name="graft-step-loop")
         self._settings_task = asyncio.create_task(
             self._model.settings.watch(self.config.settings_poll_s), name="graft-settings"
@@ -120,17 +126,21 @@ class Engine(EngineRequests):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._loop_task = self._settings_task = None
+        # a step or a load under way ends first: waited for on a thread, not on this loop
+        await asyncio.to_thread(self._release_threads_and_files)
+        if self._froze_gc:
+            release_startup_objects()
+            self._froze_gc = False
+        if self._switch_interval is not None:
+            self._switch_interval.restore()
+            self._switch_interval = None
+
+    def _release_threads_and_files(self) -> None:
         self._executor.shutdown(wait=True)
         self._tokenize_executor.shutdown(wait=True)
         if self._model is not None:
             self._model.store.close()
             self._model.registry.close()
-        if self._froze_gc:
-            release_startup_objects()
-            self._froze_gc = False
-        if self._saved_switch_interval is not None:
-            sys.setswitchinterval(self._saved_switch_interval)
-            self._saved_switch_interval = None
 
     # introspection ---------------------------------------------------------------------
 
@@ -150,7 +160,13 @@ class Engine(EngineRequests):
 
     @property
     def registry(self) -> Registry:
+        self._check_open()
         return self._loaded.registry
+
+    def _check_open(self) -> None:
+        """EngineClosed once closed, rather than the closed registry's own error."""
+        if self._closed:
+            raise EngineClosed("engine is closed")
 
     @property
     def max_input_tokens(self) -> int:
@@ -164,8 +180,14 @@ class Engine(EngineRequests):
     def list_adapters(self, tenant: str, *, version: int | None = None) -> list[AdapterInfo]:
         """One entry per model name of the tenant: its latest version's details and
         residency, or ``version``'s (names without that version are left out)."""
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, int) or version < 1
+        ):
+            raise InputError(f"version must be a positive integer, got {version!r}", "version")
         try:
             records = self.registry.list_adapters(tenant)
+        except InvalidName as exc:
+            raise InputError(str(exc), "tenant") from None
         except NotFound:  # a tenant removed while its key was in use has no models
             return []
         return summarize(records, self._loaded.store.residency, version=version)
@@ -189,8 +211,16 @@ class Engine(EngineRequests):
     def set_tenant_policy(self, tenant: str, policy: TenantPolicy | None) -> None:
         """Change one tenant's weight, step budget or queue bound now and in the registry
         (None: back to the defaults). Other engines on the same registry follow within
-        ``settings_poll_s``."""
-        self._loaded.settings.set(tenant, policy)
+        ``settings_poll_s``. Raises TenantNotFound, or InputError for a malformed name."""
+        if policy is not None and not isinstance(policy, TenantPolicy):
+            raise TypeError(f"policy must be a TenantPolicy or None, got {type(policy).__name__}")
+        self._check_open()
+        try:
+            self._loaded.settings.set(tenant, policy)
+        except InvalidName as exc:
+            raise InputError(str(exc), "tenant") from None
+        except NotFound as exc:
+            raise TenantNotFound(str(exc)) from None
 
     def tenant_stats(self) -> dict[str, dict[str, int]]:
         """Per-tenant counters: admitted, rejected (429), overloaded (503), expired, run."""
@@ -205,3 +235,29 @@ class Engine(EngineRequests):
         if self._model is not None:
             for key in pending.keys:
                 self._model.store.unpin(key)
+
+
+class _SwitchInterval:
+    """The interpreter's switch interval is the process's: while engines that set one run,
+    the one started last applies, and the interval from before the first returns when the
+    last of them closes (each engine restoring its own saved value would leave the wrong one
+    when two overlap)."""
+
+    _lock = threading.Lock()
+    _active: list["_SwitchInterval"] = []
+    _saved_s = 0.0
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        with _SwitchInterval._lock:
+            if not _SwitchInterval._active:
+                _SwitchInterval._saved_s = sys.getswitchinterval()
+            _SwitchInterval._active.append(self)
+            sys.setswitchinterval(interval_s)
+
+    def restore(self) -> None:
+        with _SwitchInterval._lock:
+            active = _SwitchInterval._active
+            if self in active:
+                active.remove(self)
+            sys.setswitchinterval(active[-1].interval_s if active else _SwitchInterval._saved_s)

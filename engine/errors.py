@@ -9,6 +9,10 @@ class ModelNotFound(EngineError):
     """No such model for this tenant (another tenant's model is reported the same way)."""
 
 
+class TenantNotFound(EngineError, LookupError):
+    """No such tenant (a tenant's settings were changed before it was created)."""
+
+
 class AdapterFormatError(EngineError, ValueError):
     """An adapter's files are malformed or do not fit the backbone."""
 

@@ -1,5 +1,6 @@
 """Request inputs to token ids: validation, tokenization, truncation."""
 
+import array
 import asyncio
 import functools
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ class TextEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
+        # a text encoded to no more ids than these holds nothing the model reads
+        self.num_special_ids = tokenizer.num_special_tokens_to_add(pair=False)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._core: Tokenizer | None = None
         if getattr(tokenizer, "is_fast", False) and isinstance(backend, Tokenizer):
@@ -150,6 +153,11 @@ def tokenize_inputs(
     ids: list[tuple[int, ...]] = []
     truncated: list[bool] = []
     for i, (row, is_prefix) in enumerate(encoded):
+        if len(row) <= encoder.num_special_ids:  # "\u200b" or "\x00": dropped by tokenizers
+            raise InputError(
+                f"input[{i}] has no tokens: every character of it is one the tokenizer drops",
+                f"input[{i}]",
+            )
         if len(row) <= max_tokens:
             ids.append(tuple(row))
             truncated.append(False)
@@ -165,6 +173,18 @@ def tokenize_inputs(
         ids.append(tuple(row[: max_tokens - 1]) + (row[-1],))
         truncated.append(True)
     return Tokenized(ids=tuple(ids), truncated=tuple(truncated))
+
+
+def _is_int_row(row: object) -> bool:
+    """A tuple or list of ints. ``array`` checks the items in C (a float or a str fails it):
+    under a microsecond for a short text."""
+    if not isinstance(row, tuple | list):
+        return False
+    try:
+        array.array("q", row)
+    except (TypeError, OverflowError):
+        return False
+    return True
 
 
 def _refuse_unpaired_surrogates(texts: Sequence[str]) -> None:
@@ -222,7 +242,7 @@ async def tokenize_request(
 def _check_list(texts: Sequence[str], max_inputs: int) -> None:
     if isinstance(texts, str):
         raise InputError("texts must be a list of strings; for one text, pass [text]", "input")
-    if not isinstance(texts, Sequence):
+    if isinstance(texts, bytes | bytearray) or not isinstance(texts, Sequence):
         raise InputError(f"texts must be a list of strings, got {type(texts).__name__}", "input")
     if not texts:
         raise InputError("input is empty: give at least one text", "input")
@@ -238,9 +258,13 @@ def check_tokenized(
     in the vocabulary. An id past the embedding table would fail the whole step, other
     tenants' rows with it."""
     _check_list(texts, max_inputs)
+    if not isinstance(tokens, Tokenized):
+        raise InputError(f"tokens must be a Tokenized, got {type(tokens).__name__}", "tokens")
     if len(tokens.ids) != len(texts) or len(tokens.truncated) != len(texts):
         raise InputError(f"tokens hold {len(tokens.ids)} rows for {len(texts)} texts", "input")
     for i, row in enumerate(tokens.ids):
+        if not _is_int_row(row):
+            raise InputError(f"input[{i}]: token ids must be a list of ints", f"input[{i}]")
         if not row or len(row) > max_tokens:
             raise InputError(
                 f"input[{i}] has {len(row)} token ids; 1 to {max_tokens} allowed", f"input[{i}]"

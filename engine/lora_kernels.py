@@ -1,5 +1,7 @@
 """The LoraKernel implementations, chosen once per engine from the device and config."""
 
+import os
+
 import torch
 
 from engine.lora import LoraKernel, LoraStepPlan, RankRun
@@ -143,6 +145,13 @@ def kernel_for(name: str, device: str) -> LoraKernel:
     if name == "gather":
         return GatherBmm()
     if name in ("triton", "triton-fused"):
+        if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+            # without the interpreter every step would fail, every tenant's rows with it
+            raise ValueError(
+                f"lora_kernel={name!r} needs a CUDA device; on the CPU Triton runs only in its "
+                "interpreter (TRITON_INTERPRET=1, set before triton is imported: slow, for "
+                "tests). Use auto or gather here"
+            )
         from engine.lora_triton import TritonSgmv
 
         return TritonSgmv(fused=name == "triton-fused")

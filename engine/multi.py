@@ -20,7 +20,7 @@ from engine.heads import group_heads
 from engine.inputs import Tokenized
 from engine.job import ModelPrediction, ModelVersion, MultiJob
 from engine.runner import BACKBONE_KEY, Pooled, RowOutput
-from registry import AdapterRecord
+from registry import AdapterRecord, shown
 from scheduler import Row
 
 
@@ -66,7 +66,7 @@ def resolve_models(
         key = adapter_key(record)
         if key in seen:
             raise InputError(
-                f"models[{i}] ({model!r}) is {key}, already listed as models[{seen[key]}]; "
+                f"models[{i}] ({shown(model)}) is {key}, already listed as models[{seen[key]}]; "
                 "list each model once",
                 f"models[{i}]",
             )

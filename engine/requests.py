@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from engine.admission import admit, deadline_for, queue_rows, resolve_model
 from engine.backbone import Backbone
 from engine.config import EngineConfig
-from engine.errors import EngineClosed
+from engine.errors import EngineClosed, InputError
 from engine.inputs import Tokenized, check_tokenized, tokenize_request
 from engine.job import Job, MultiJob, MultiPrediction, Prediction
 from engine.multi import (
@@ -282,6 +282,8 @@ class EngineRequests:
     ) -> Tokenized:
         if tokens is not None:
             return self._check_tokens(texts, tokens)
+        if not isinstance(truncate, bool):  # "no" would read as true
+            raise InputError(f"truncate must be True or False, got {truncate!r}", "truncate")
         return await tokenize_request(
             self.backbone.encoder,
             texts,

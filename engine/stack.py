@@ -16,7 +16,7 @@ from engine.backbone import Backbone, load_backbone
 from engine.config import EngineConfig
 from engine.embedding_cache import EmbeddingCache
 from engine.host_cache import HostCache
-from engine.lora_kernels import kernel_for
+from engine.lora_kernels import LoraKernel, kernel_for
 from engine.memory import AdapterMemory
 from engine.runner import ModelRunner
 from engine.tenant_settings import TenantSettings
@@ -60,6 +60,7 @@ class ServingStack:
 def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
     """Load and hash the backbone, open the registry, build the adapter tiers and the runner."""
     check_device(config.device)
+    kernel = kernel_for(config.lora_kernel, config.device)  # refused before the backbone loads
     if config.intra_op_threads:
         torch.set_num_threads(config.intra_op_threads)
     if config.device.startswith("cuda"):
@@ -72,6 +73,20 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
         quantize=config.quantize,
     )
     registry = Registry(config.registry_dir)
+    try:
+        return _build(config, scheduler, backbone, registry, kernel)
+    except BaseException:  # a pool too small, say: the failed start leaves no file open
+        registry.close()
+        raise
+
+
+def _build(
+    config: EngineConfig,
+    scheduler: Scheduler,
+    backbone: Backbone,
+    registry: Registry,
+    kernel: LoraKernel,
+) -> ServingStack:
     registry.register_base(backbone.sha256, backbone.name)
     dependents = registry.dependents(backbone.sha256)
     check_pool_fits(dependents, config.adapter_pages)
@@ -85,7 +100,6 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
         max_loads_in_flight=config.max_loads_in_flight,
         pin_host_memory=config.device.startswith("cuda"),
     )
-    kernel = kernel_for(config.lora_kernel, config.device)
     runner = ModelRunner(
         backbone,
         memory,

@@ -14,7 +14,7 @@ from registry.errors import (
     RegistryError,
 )
 from registry.formats import safetensors_header
-from registry.names import ModelRef, parse_model_ref, validate_name
+from registry.names import ModelRef, parse_model_ref, shown, validate_name
 from registry.records import AdapterRecord, PublishItem, VerifiedFiles
 from registry.registry import Registry
 
@@ -32,5 +32,6 @@ __all__ = [
     "VerifiedFiles",
     "parse_model_ref",
     "safetensors_header",
+    "shown",
     "validate_name",
 ]

@@ -16,6 +16,16 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 # Versions are stored as SQLite INTEGERs (signed 64-bit); 18 digits always fits.
 _VERSION = re.compile(r"[0-9]{1,18}")
 _KINDS = ("tenant", "adapter")
+_SHOWN_CHARS = 80  # of a refused value, in an error message
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` cut to a readable length: errors echo what they refuse, and a 4 MB
+    model name, echoed whole at three levels, once made a 12 MB error answer."""
+    text = repr(value)
+    if len(text) <= _SHOWN_CHARS:
+        return text
+    return f"{text[:_SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def validate_name(kind: str, value: str) -> str:
@@ -29,8 +39,8 @@ def validate_name(kind: str, value: str) -> str:
         raise InvalidName(f"{kind} name must be a string, got {type(value).__name__}")
     if _NAME.fullmatch(value) is None or ".." in value:
         raise InvalidName(
-            f"invalid {kind} name {value!r}: use 1 to 64 lowercase letters, digits, '_', '.' or "
-            "'-', starting with a letter or digit, without '..'"
+            f"invalid {kind} name {shown(value)}: use 1 to 64 lowercase letters, digits, '_', "
+            "'.' or '-', starting with a letter or digit, without '..'"
         )
     return value
 
@@ -61,7 +71,7 @@ class ModelRef:
 def parse_model_ref(ref: str) -> ModelRef:
     """Parse "spam", "spam@3", "acme/spam" or "acme/spam@3"; raise InvalidName on anything else."""
     if not isinstance(ref, str) or not ref:
-        raise InvalidName(f"model reference must be a non-empty string, got {ref!r}")
+        raise InvalidName(f"model reference must be a non-empty string, got {shown(ref)}")
     return _parse_model_ref(str(ref))
 
 
@@ -69,7 +79,7 @@ def parse_model_ref(ref: str) -> ModelRef:
 def _parse_model_ref(ref: str) -> ModelRef:
     path, has_version, version_text = ref.partition("@")
     if path.count("/") > 1:
-        raise InvalidName(f"invalid model reference {ref!r}: expected [tenant/]name[@version]")
+        raise InvalidName(f"invalid model reference {shown(ref)}: expected [tenant/]name[@version]")
     tenant, _, name = path.rpartition("/")
     try:
         return ModelRef(
@@ -78,10 +88,10 @@ def _parse_model_ref(ref: str) -> ModelRef:
             version=_parse_version(version_text) if has_version else None,
         )
     except InvalidName as error:
-        raise InvalidName(f"invalid model reference {ref!r}: {error}") from None
+        raise InvalidName(f"invalid model reference {shown(ref)}: {error}") from None
 
 
 def _parse_version(text: str) -> int:
     if _VERSION.fullmatch(text) is None or int(text) == 0:
-        raise InvalidName(f"version must be a positive integer, got {text!r}")
+        raise InvalidName(f"version must be a positive integer, got {shown(text)}")
     return int(text)

@@ -49,7 +49,7 @@ class SchedulerConfig:
 class TenantCounters:
     """What happened to one tenant's rows: the numbers fairness is judged by."""
 
-    admitted_rows: int = 0
+    admitted_rows: int = 0  # queued (a request refused after admission counts none)
     rejected_requests: int = 0  # 429: its own queue was full
     overloaded_requests: int = 0  # 503: the server's queues were full
     expired_rows: int = 0  # deadline passed before the row could start
@@ -145,7 +145,6 @@ class Scheduler:
         if server_rows + num_rows > self._config.max_queued_rows:
             state.counters.overloaded_requests += 1
             return Admission(False, "server", self._retry_after(server_rows))
-        state.counters.admitted_rows += num_rows
         state.reserved_rows += num_rows
         self._num_reserved += num_rows
         return ADMITTED
@@ -208,6 +207,7 @@ class Scheduler:
             state.reserved_rows -= 1
             self._num_reserved -= 1
         state.queue.append(row)
+        state.counters.admitted_rows += 1  # counted when queued: a reservation may be given back
         state.last_added_s = row.arrival_s
         self._num_waiting += 1
         self._waiting_of[row.request_id] = self._waiting_of.get(row.request_id, 0) + 1

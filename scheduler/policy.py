@@ -12,6 +12,16 @@ class TenantPolicy:
     max_queued_rows: int = 1024  # rows waiting before the tenant is told to back off (429)
 
     def __post_init__(self) -> None:
+        # a policy is stored in the registry: a wrong type there would fail every later
+        # request of the tenant, in every engine on the registry
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int | float):
+            raise ValueError(f"tenant weight must be a number, got {self.weight!r}")
+        for name in ("max_tokens_per_step", "max_queued_rows"):
+            value = getattr(self, name)
+            if name == "max_tokens_per_step" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if not 0 < self.weight < float("inf"):  # also refuses nan
             raise ValueError(f"tenant weight must be > 0 and finite, got {self.weight}")
         if self.max_tokens_per_step is not None and self.max_tokens_per_step < 1:

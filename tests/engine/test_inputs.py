@@ -49,6 +49,9 @@ class _SlowTokenizer:
         assert kwargs == {"add_special_tokens": True, "truncation": False, "verbose": False}
         return {"input_ids": [[101, *(ord(c) for c in text), 102] for text in texts]}
 
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return 4 if pair else 2
+
 
 def test_a_slow_tokenizer_keeps_its_own_call() -> None:
     encoder = TextEncoder(_SlowTokenizer())
@@ -89,6 +92,21 @@ def test_a_text_that_is_not_unicode_is_named(backbone, pooled) -> None:
     assert err.value.field == "input[2]"
     ok = tokenize_inputs(encoder, texts[:2], max_tokens=16, truncate=True, max_inputs=4)
     assert len(ok.ids) == 2
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("text", ["\u200b", "\x00", "\ufeff\u2060", " \u200b\t"])
+def test_a_text_the_tokenizer_drops_whole_is_refused(backbone, text: str, pooled) -> None:
+    """Not blank to ``str.strip``, yet nothing the model reads: answering it would classify
+    the special tokens alone."""
+    encoder = TextEncoder(backbone.tokenizer)
+    with pytest.raises(InputError, match=r"input\[1\] has no tokens") as err:
+        tokenize_inputs(
+            encoder, ["fine", text], max_tokens=16, truncate=True, max_inputs=4, pooled=pooled
+        )
+    assert err.value.field == "input[1]"
+    kept = tokenize_inputs(encoder, ["\u200bhi"], max_tokens=16, truncate=True, max_inputs=4)
+    assert len(kept.ids[0]) == encoder.num_special_ids + 1
 
 
 def test_a_core_that_does_not_serialize_keeps_the_hugging_face_call(backbone, monkeypatch) -> None:

@@ -64,6 +64,24 @@ async def test_multi_model_answers_equal_single_model_answers(registry) -> None:
             assert prediction.num_tokens == single.num_tokens
 
 
+async def test_two_versions_of_one_name_compare_but_one_version_twice_is_refused(
+    registry, publish_random
+) -> None:
+    publish_random(registry, "acme", "spam", seed=40, rank=4, labels=("ham", "spam"))
+    async with Engine(config(registry)) as engine:
+        both = await engine.classify_many("acme", ["spam@1", "acme/spam"], TEXTS[:2])
+        assert [(r.model, r.version) for r in both[0].results] == [
+            ("acme/spam", 1),
+            ("acme/spam", 2),
+        ]
+        for i, version in enumerate((1, 2)):
+            (alone,) = await engine.classify("acme", f"spam@{version}", TEXTS[:1])
+            assert both[0].results[i].scores == pytest.approx(alone.scores, abs=1e-5)
+        with pytest.raises(InputError, match="already listed as models") as info:
+            await engine.classify_many("acme", ["spam", "acme/spam@2"], TEXTS[:1])
+        assert info.value.field == "models[1]"
+
+
 async def test_five_head_only_models_cost_one_backbone_row_per_input(registry) -> None:
     async with Engine(config(registry, embedding_cache_bytes=0)) as engine:
         before = engine.stats()["rows"]

@@ -117,3 +117,11 @@ def test_bad_ref_message_says_what_is_wrong() -> None:
         parse_model_ref("Acme/spam")
     with pytest.raises(InvalidName, match="positive integer"):
         parse_model_ref("acme/spam@0")
+
+
+@pytest.mark.parametrize("ref", ["A" * 100_000, "acme/" + "b" * 100_000, "spam@" + "9" * 100_000])
+def test_a_huge_refused_value_is_shown_cut(ref: str) -> None:
+    """The message echoes the value it refuses, cut: the HTTP error carries it back."""
+    with pytest.raises(InvalidName) as info:
+        parse_model_ref(ref)
+    assert len(str(info.value)) < 600 and "characters)" in str(info.value)

@@ -150,6 +150,11 @@ async def test_unknown_model_is_404(client, tenants) -> None:
         )
         assert response.status == 404, model
         assert (await error_of(response))["type"] == "not_found"
+    huge = "A" * 50_000  # under the body limit; the 404 must not echo it back whole
+    response = await client.post(
+        "/v1/classify", json={"model": huge, "input": "x"}, headers=bearer(tenants.acme)
+    )
+    assert response.status == 404 and len(await response.read()) < 1_000
 
 
 async def test_body_over_the_limit_is_413(client, tenants) -> None:
@@ -215,6 +220,25 @@ async def test_stopped_engine_answers_503_and_not_ready(tmp_path) -> None:
             assert (await error_of(response))["type"] == "unavailable"
     finally:
         await engine.close()
+
+
+async def test_an_engine_closed_under_the_app_answers_503(tmp_path) -> None:
+    """Closed after serving (an embedder's own shutdown order): 503 and Retry-After on every
+    route that needs it, not a 500 from the closed registry underneath."""
+    engine = Engine(EngineConfig(registry_dir=tmp_path / "registry"))
+    async with TestClient(TestServer(create_app(engine))) as client:
+        await engine.start()
+        key = engine.registry.create_tenant("acme")
+        await engine.close()
+        for method, path, body in [
+            ("POST", "/v1/classify", {"model": "m", "input": "x"}),
+            ("GET", "/v1/adapters", None),
+            ("GET", "/v1/train", None),
+        ]:
+            response = await client.request(method, path, json=body, headers=bearer(key))
+            assert response.status == 503, path
+            assert response.headers["Retry-After"] == "1"
+            assert (await error_of(response))["type"] == "unavailable"
 
 
 async def test_create_app_rejects_a_bad_body_limit(engine) -> None:
