@@ -74,6 +74,7 @@ class ApiError(Exception):
         *,
         field: str | None = None,
         headers: Mapping[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -81,6 +82,7 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = dict(headers or {})
+        self.close = close  # the connection ends after the answer: its stream is not trusted
 
     def body(self) -> dict[str, dict[str, str]]:
         error = {"type": self.error_type, "message": self.message}
@@ -89,7 +91,10 @@ class ApiError(Exception):
         return {"error": error}
 
     def response(self) -> web.Response:
-        return json_response(self.body(), status=self.status, headers=self.headers)
+        response = json_response(self.body(), status=self.status, headers=self.headers)
+        if self.close:
+            response.force_close()
+        return response
 
 
 def from_engine_error(exc: EngineError, field: str | None = None) -> ApiError:
@@ -129,11 +134,8 @@ def _unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> web.
     bytes cannot be trusted to start a request, and aiohttp would otherwise read on in it."""
     request.content.feed_eof()  # no lingering read of the rest (it re-raises the error)
     reason = getattr(exc.__cause__, "message", None) or str(exc)
-    response = ApiError(
-        400, INVALID_REQUEST, f"request body could not be read: {reason}"
-    ).response()
-    response.force_close()
-    return response
+    message = f"request body could not be read: {reason}"
+    return ApiError(400, INVALID_REQUEST, message, close=True).response()
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

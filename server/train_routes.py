@@ -13,6 +13,7 @@ import copy
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 CONFLICT = "conflict"
 INVALID_DATA = "invalid_data"
 SSE = "text/event-stream"
+UPLOAD_THREADS = 32  # uploads in their tenants' limits at once; most wait for the validator
 T = TypeVar("T")
 
 
@@ -84,6 +86,10 @@ class _Training:
     config: TrainServiceConfig
     manager: JobManager | None = None
     unavailable: str = "training jobs are not running on this server"
+    # uploads are checked one at a time (JobManager.submit) on threads of their own, so that
+    # uploads waiting their turn hold none of the threads promote and rollback run on; enough
+    # threads that each upload starts at once and counts against its tenant's limit (429)
+    uploads: ThreadPoolExecutor | None = None
 
 
 TRAINING = web.AppKey("training", _Training)
@@ -117,11 +123,14 @@ async def _run_job_manager(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     training.manager = manager
+    training.uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="graft-train-upload")
     try:
         yield
     finally:
         training.manager = None
         await _in_thread(manager.close)
+        await _in_thread(training.uploads.shutdown)
+        training.uploads = None
 
 
 def _new_manager(app: web.Application) -> JobManager:
@@ -166,7 +175,7 @@ async def start_job(request: web.Request) -> web.Response:
         data=upload.data,
         filename=upload.filename,
     )
-    record = await _call(submit)
+    record = await _call(submit, request.app[TRAINING].uploads)
     body = {"id": record.id, "state": record.state, "report": record.report}
     return json_response(body, status=202, headers={"Location": f"/v1/train/{record.id}"})
 
@@ -249,6 +258,7 @@ async def rollback(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     tenant = authenticate(request, engine)
     name = request.match_info["name"]
+    _no_fields(await request.read())
     left, record = await _registry_call(
         functools.partial(engine.registry.rollback, tenant, name), name
     )
@@ -256,11 +266,28 @@ async def rollback(request: web.Request) -> web.Response:
     return json_response(body)
 
 
-def _version_field(raw: bytes) -> int:
+def _no_fields(raw: bytes) -> None:
+    """Rollback takes no body, or ``{}``: a client that sent a version meant something else
+    (promote), and must not have the pointer moved elsewhere without an error."""
+    if not raw.strip():
+        return
+    body = _json_body(raw)
+    if not isinstance(body, dict):
+        raise ApiError(422, INVALID_REQUEST, "the body, if any, must be a JSON object")
+    if body:
+        field = sorted(body)[0]
+        raise ApiError(422, INVALID_REQUEST, f"unknown field {field!r}", field=field)
+
+
+def _json_body(raw: bytes) -> Any:
     try:
-        body = decode_json(raw)
+        return decode_json(raw)
     except msgspec.DecodeError as exc:
         raise ApiError(400, INVALID_JSON, f"request body is not valid JSON: {exc}") from None
+
+
+def _version_field(raw: bytes) -> int:
+    body = _json_body(raw)
     version = body.get("version") if isinstance(body, dict) else None
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ApiError(
@@ -304,10 +331,10 @@ def _job(manager: JobManager, tenant: str, request: web.Request) -> JobRecord:
         raise ApiError(404, NOT_FOUND, str(exc)) from None
 
 
-async def _call(call: Callable[[], T]) -> T:
+async def _call(call: Callable[[], T], executor: Executor | None = None) -> T:
     """Run a blocking manager call in a thread; its errors as API errors."""
     try:
-        return await _in_thread(call)
+        return await _in_thread(call, executor)
     except InvalidData as exc:
         raise _DataRejected(exc) from None
     except JobNotFound as exc:
@@ -322,8 +349,8 @@ async def _call(call: Callable[[], T]) -> T:
         raise ApiError(503, UNAVAILABLE, str(exc), headers=headers) from None
 
 
-async def _in_thread(call: Callable[[], T]) -> T:
-    return await asyncio.get_running_loop().run_in_executor(None, call)
+async def _in_thread(call: Callable[[], T], executor: Executor | None = None) -> T:
+    return await asyncio.get_running_loop().run_in_executor(executor, call)
 
 
 class _DataRejected(ApiError):

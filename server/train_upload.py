@@ -94,7 +94,8 @@ async def _read_multipart(request: web.Request, max_bytes: int) -> Upload:
     try:
         return await _parse_multipart(request, max_bytes)
     except ValueError as exc:  # aiohttp's reader: no boundary, or parts that do not start
-        raise ApiError(400, INVALID_REQUEST, f"malformed multipart body: {exc}") from None
+        message = f"malformed multipart body: {exc}"
+        raise ApiError(400, INVALID_REQUEST, message, close=True) from None
 
 
 def _check_known(names: Iterable[str]) -> None:

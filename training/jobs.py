@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from multiprocessing import get_context
 from multiprocessing.connection import wait
@@ -67,6 +68,7 @@ class JobManager:
         self._store: JobStore | None = None
         self._jobs: dict[str, JobRecord] = {}  # every job, by id
         self._workers: dict[str, WorkerProcess] = {}  # running jobs, by id
+        self._uploading: dict[str, int] = {}  # uploads being validated, by tenant
         self._lock_fd: int | None = None
         self._thread: threading.Thread | None = None
         self._is_stopping = False
@@ -119,38 +121,53 @@ class JobManager:
         data: bytes,
         filename: str,
     ) -> JobRecord:
-        """Validate the upload and queue a job; raises InvalidData, TooManyJobs."""
+        """Validate the upload and queue a job; raises InvalidData, TooManyJobs.
+
+        An upload counts against the tenant's unfinished jobs while it is validated too, so
+        one tenant cannot queue unbounded uploads for the validator, which all share."""
         store = self._require_store()
         data_file = "data" + check_suffix(filename)
-        with self._lock:
-            self._check_room(tenant)
-        staging = store.stage(data, data_file)
-        try:
-            with self._validate_lock:
-                report = validate_upload(staging / data_file, filename, self._tokenizer)
-            record = JobRecord(
-                id=new_job_id(),
-                tenant=tenant,
-                name=name,
-                mode=config.mode,
-                promote=promote,
-                state=QUEUED,
-                source=filename,
-                data_file=data_file,
-                config={field: getattr(config, field) for field in config.__slots__},
-                report=report,
-                created_at=time.time(),
-            )
-            with self._lock:
-                self._check_room(tenant)
-                store.create(staging, record, [event("report", report=report), _state(QUEUED)])
-                self._jobs[record.id] = record
-        except BaseException:
-            store.discard(staging)
-            raise
+        with self._counted_upload(tenant):
+            staging = store.stage(data, data_file)
+            try:
+                with self._validate_lock:
+                    report = validate_upload(staging / data_file, filename, self._tokenizer)
+                record = JobRecord(
+                    id=new_job_id(),
+                    tenant=tenant,
+                    name=name,
+                    mode=config.mode,
+                    promote=promote,
+                    state=QUEUED,
+                    source=filename,
+                    data_file=data_file,
+                    config={field: getattr(config, field) for field in config.__slots__},
+                    report=report,
+                    created_at=time.time(),
+                )
+                with self._lock:
+                    self._check_room(tenant, uploads_of_caller=1)
+                    store.create(staging, record, [event("report", report=report), _state(QUEUED)])
+                    self._jobs[record.id] = record
+            except BaseException:
+                store.discard(staging)
+                raise
         log.info("queued training job %s (%s/%s)", record.id, tenant, name)
         self._wake()
         return record
+
+    @contextlib.contextmanager
+    def _counted_upload(self, tenant: str) -> Iterator[None]:
+        with self._lock:
+            self._check_room(tenant)
+            self._uploading[tenant] = self._uploading.get(tenant, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._uploading.pop(tenant) - 1
+                if left:
+                    self._uploading[tenant] = left
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
         with self._lock:
@@ -369,14 +386,15 @@ class JobManager:
             else:
                 self._fail(record, RESTART_ERROR)
 
-    def _check_room(self, tenant: str) -> None:
+    def _check_room(self, tenant: str, uploads_of_caller: int = 0) -> None:
         if not self.is_running:
             raise JobsUnavailable("training jobs are not running on this server")
         num_open = sum(1 for r in self._jobs.values() if r.tenant == tenant and not r.is_final)
+        num_open += self._uploading.get(tenant, 0) - uploads_of_caller
         if num_open >= self._config.max_jobs_per_tenant:
             raise TooManyJobs(
-                f"tenant {tenant!r} has {num_open} unfinished training jobs, the limit; "
-                "wait for one to finish or cancel one"
+                f"tenant {tenant!r} has {num_open} unfinished training jobs (uploads still "
+                "being checked included), the limit; wait for one to finish or cancel one"
             )
 
     def _owned(self, tenant: str, job_id: str) -> JobRecord:

@@ -3,6 +3,7 @@ promote / rollback of a model's latest pointer."""
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine import Engine
 from server.app import create_app
-from server.train_routes import TrainServiceConfig
+from server.train_routes import TRAINING, TrainServiceConfig
 from tests.sms_samples import sms_csv
+from training.job_uploads import InvalidData
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -214,6 +216,7 @@ async def test_a_malformed_multipart_body_is_a_400(client, tenants, content_type
     response = await client.post("/v1/train", data=b"not multipart", headers=headers)
     error = (await response.json())["error"]
     assert response.status == 400 and error["message"].startswith("malformed multipart body")
+    assert response.headers["Connection"] == "close"  # the rest of the stream is not trusted
 
 
 async def test_fatal_data_problems_are_a_422_with_the_report(client, tenants) -> None:
@@ -346,6 +349,18 @@ async def test_promote_and_rollback_over_http(client, tenants) -> None:
         response = await client.post(f"/v1/adapters/{name}/promote", json=body, headers=bearer(key))
         error = (await response.json())["error"]
         assert response.status == status and error.get("field") == field, error
+    for body, status, field in [
+        (b'{"version": 1}', 422, "version"),
+        (b"[]", 422, None),
+        (b"not json", 400, None),
+    ]:
+        response = await client.post("/v1/adapters/spam/rollback", data=body, headers=acme)
+        error = (await response.json())["error"]
+        assert response.status == status and error.get("field") == field, error
+    response = await client.post("/v1/adapters/spam/rollback", json={}, headers=acme)
+    assert (await response.json())["version"] == 1  # an empty object is no body
+    response = await client.post("/v1/adapters/spam/promote", json={"version": 2}, headers=acme)
+    assert response.status == 200
     response = await client.post("/v1/adapters/news/rollback", headers=acme)
     assert (
         response.status == 404
@@ -383,3 +398,45 @@ async def test_a_full_job_writes_a_standalone_model_and_registers_nothing(
         "/v1/classify", json={"model": "ceiling", "input": "hello"}, headers=bob
     )
     assert response.status == 404  # never loaded into the shared engine
+
+
+async def test_uploads_waiting_for_the_validator_hold_up_no_promote(
+    client, tenants, monkeypatch
+) -> None:
+    """Uploads are checked one at a time; those waiting their turn must not take the threads
+    that another tenant's rollback and promote run on, and past a tenant's limit they are
+    refused at once."""
+    checking, threads = threading.Event(), set()
+
+    def slow_rejection(*_args) -> None:
+        threads.add(threading.current_thread().name)
+        checking.wait(WAIT_S)
+        raise InvalidData("the check found nothing to train on")
+
+    monkeypatch.setattr("training.jobs.validate_upload", slow_rejection)
+    manager = client.server.app[TRAINING].manager
+    uploads = [
+        asyncio.create_task(
+            client.post("/v1/train", data=form(sms_csv(), name="zz", **TINY), headers=bearer(key))
+        )
+        for key in (tenants.acme, tenants.bob)
+        for _ in range(3)  # each tenant's limit of unfinished jobs
+    ]
+    try:
+        while sum(manager._uploading.values()) < 6:
+            await asyncio.sleep(0.01)
+        response = await client.post(
+            "/v1/train", data=form(sms_csv(), name="zz", **TINY), headers=bearer(tenants.acme)
+        )
+        assert response.status == 429, await response.text()
+        acme = bearer(tenants.acme)
+        rollback = client.post("/v1/adapters/spam/rollback", headers=acme)
+        response = await asyncio.wait_for(rollback, 30)
+        assert (await response.json())["version"] == 1
+        promote = client.post("/v1/adapters/spam/promote", json={"version": 2}, headers=acme)
+        assert (await asyncio.wait_for(promote, 30)).status == 200
+    finally:
+        checking.set()
+        responses = await asyncio.gather(*uploads)
+    assert [r.status for r in responses] == [422] * 6
+    assert threads and all(name.startswith("graft-train-upload") for name in threads)

@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -143,6 +145,34 @@ def test_bad_uploads_are_refused_before_queueing(make_manager, tmp_path: Path) -
         submit(manager, filename="data.xlsx")
     assert manager.list_jobs("acme") == []
     assert [p.name for p in (tmp_path / "jobs").iterdir() if p.name != ".lock"] == []
+
+
+def test_uploads_being_checked_count_against_the_tenants_jobs(make_manager, monkeypatch) -> None:
+    """A flood of one tenant's uploads waits for the shared validator; past the tenant's limit
+    it is refused at once instead of queueing for it."""
+    manager = make_manager(max_jobs_per_tenant=2)
+    checking = threading.Event()
+
+    def slow_rejection(*_args) -> None:
+        checking.wait(WAIT_S)
+        raise InvalidData("the check found nothing to train on")
+
+    monkeypatch.setattr("training.jobs.validate_upload", slow_rejection)
+    with ThreadPoolExecutor(3) as pool:
+        waiting = [pool.submit(submit, manager) for _ in range(2)]
+        wait_for(lambda: manager._uploading.get("acme") == 2)
+        with pytest.raises(TooManyJobs, match="2 unfinished training jobs"):
+            submit(manager)
+        other = pool.submit(submit, manager, tenant="bob")  # bob's room is his own
+        wait_for(lambda: manager._uploading.get("bob") == 1)
+        checking.set()
+        for upload in [*waiting, other]:
+            with pytest.raises(InvalidData):
+                upload.result(WAIT_S)
+    assert manager._uploading == {}
+    with pytest.raises(InvalidData):  # the room is back
+        submit(manager)
+    assert manager.list_jobs("acme") == []
 
 
 def test_one_running_job_per_tenant_the_rest_queue_and_cancel(
