@@ -23,7 +23,7 @@ def common_options(*, with_defaults: bool) -> argparse.ArgumentParser:
     common.add_argument(
         "--backbone",
         default=default(os.environ.get("GRAFT_BACKBONE")),
-        help="Hugging Face encoder directory (default: the packaged MiniLM)",
+        help="Hugging Face encoder directory (default: $GRAFT_BACKBONE or the packaged MiniLM)",
     )
     common.add_argument(
         "-v", "--verbose", action="store_true", default=default(False), help="log at INFO level"

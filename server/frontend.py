@@ -24,6 +24,7 @@ from typing import Any, cast
 import aiohttp
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict
 from transformers import AutoTokenizer
 from yarl import URL
 
@@ -227,11 +228,11 @@ async def classify(request: web.Request) -> web.StreamResponse:
 async def proxy(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
     """The request as the engine's own app answers it, streamed back as it comes."""
     session = request.app[FRONT].session
-    headers = {
-        k: v
+    headers = CIMultiDict(  # a header sent twice is forwarded twice, as the client sent it
+        (k, v)
         for k, v in request.headers.items()
         if k.lower() not in _HOP_BY_HOP and k.lower() not in _DECODED
-    }
+    )
     headers[REQUEST_ID_HEADER] = request_id(request)  # one id in both processes' logs
     unreadable: list[web.RequestPayloadError] = []
     data: Any = body

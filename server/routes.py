@@ -259,8 +259,12 @@ async def _ndjson_lines(job: Job | MultiJob, answer: AnswerFormat) -> AsyncItera
 
 
 def bearer_key(request: web.Request) -> str | None:
-    """The key of the request's ``Authorization: Bearer <key>``, or None."""
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    """The key of the request's ``Authorization: Bearer <key>``, or None. Sent twice, it is
+    a 400: a front end and the engine behind it could each read a different one."""
+    sent = request.headers.getall("Authorization", ())
+    if len(sent) > 1:
+        raise ApiError(400, INVALID_REQUEST, "send one Authorization header, not several")
+    scheme, _, key = (sent[0] if sent else "").partition(" ")
     key = key.strip()
     return key if scheme.lower() == "bearer" and key else None
 

@@ -141,6 +141,28 @@ async def test_other_routes_and_streams_go_to_the_engines_app(
     assert lines[-1]["done"] is True
 
 
+@pytest.mark.parametrize("second", ["bob", "Bearer not-a-key"])
+async def test_an_authorization_sent_twice_is_a_400_both_ways(
+    fronts, session, client: TestClient, tenants: Tenants, second: str
+) -> None:
+    """A front end reads the first header; were the engine behind it to read the last, one
+    request could be authorized as two tenants."""
+    other = f"Bearer {tenants.bob}" if second == "bob" else second
+    headers = [("Authorization", f"Bearer {tenants.acme}"), ("Authorization", other)]
+    url, _ = fronts
+    stream = {"model": "secret", "input": "x", "stream": True}
+    for method, path, body in [
+        ("POST", "/v1/classify", stream),
+        ("POST", "/v1/classify", {"model": "spam", "input": "x"}),
+        ("GET", "/v1/adapters", None),
+    ]:
+        for request, prefix in ((session.request, url), (client.request, "")):
+            async with request(method, prefix + path, json=body, headers=headers) as response:
+                error = (await response.json())["error"]
+                assert (response.status, error["type"]) == (400, "invalid_request"), path
+                assert "one Authorization header" in error["message"]
+
+
 COMPRESSORS = {"gzip": gzip.compress, "deflate": zlib.compress}
 
 
