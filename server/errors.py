@@ -124,6 +124,8 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ApiErr
         message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
     elif isinstance(exc, web.HTTPNotFound):
         message = f"no route for {request.method} {request.path}"
+    elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+        message = exc.text or exc.reason  # aiohttp's names the limit in bytes
     else:
         message = exc.reason
     return ApiError(exc.status, error_type, message, headers=headers)

@@ -171,6 +171,13 @@ async def test_body_over_the_limit_is_413(client, tenants) -> None:
     response = await client.post("/v1/classify", data=chunks(), headers=bearer(tenants.acme))
     assert response.status == 413
     assert (await error_of(response))["type"] == "too_large"
+    # a route that reads its body through aiohttp's own limit names the limit too
+    response = await client.post(
+        "/v1/adapters/spam/promote", data=payload, headers=bearer(tenants.acme)
+    )
+    error = await error_of(response)
+    assert response.status == 413 and error["type"] == "too_large"
+    assert str(max_bytes) in error["message"], error
 
 
 async def test_unknown_route_and_wrong_method_are_json(client, tenants) -> None:
