@@ -8,7 +8,7 @@ import itertools
 import logging
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from engine.backbone import Backbone, packaged_backbone_dir
 from engine.collector import freeze_startup_objects, release_startup_objects
@@ -95,10 +95,12 @@ class Engine(EngineRequests):
                 raise EngineClosed("engine was closed while it started")
 
     async def _start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._model = await loop.run_in_executor(
-            self._executor, load_stack, self.config, self._scheduler
-        )
+        loading = self._executor.submit(load_stack, self.config, self._scheduler)
+        try:
+            self._model = await asyncio.wrap_future(loading)
+        except asyncio.CancelledError:  # the model thread loads on: close what it opens
+            loading.add_done_callback(_close_abandoned)
+            raise
         self._model.settings.apply()
         if self.config.gc_freeze:
             freeze_startup_objects()
@@ -118,29 +120,31 @@ class Engine(EngineRequests):
             await self._close()
 
     async def _close(self) -> None:
-        for pending in list(self._pending.values()):
-            pending.job.fail(EngineClosed("engine shut down"))
-        for task in (self._loop_task, self._settings_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._loop_task = self._settings_task = None
-        # a step or a load under way ends first: waited for on a thread, not on this loop
-        await asyncio.to_thread(self._release_threads_and_files)
-        if self._froze_gc:
-            release_startup_objects()
-            self._froze_gc = False
-        if self._switch_interval is not None:
-            self._switch_interval.restore()
-            self._switch_interval = None
+        try:
+            for pending in list(self._pending.values()):
+                pending.job.fail(EngineClosed("engine shut down"))
+            for task in (self._loop_task, self._settings_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            self._loop_task = self._settings_task = None
+            # a step or a load under way ends first: waited for on a thread, not on this
+            # loop (cancelled meanwhile, that thread still releases everything)
+            await asyncio.to_thread(self._release_threads_and_files)
+        finally:  # the process's settings, even when the close itself is cancelled
+            if self._froze_gc:
+                release_startup_objects()
+                self._froze_gc = False
+            if self._switch_interval is not None:
+                self._switch_interval.restore()
+                self._switch_interval = None
 
     def _release_threads_and_files(self) -> None:
         self._executor.shutdown(wait=True)
         self._tokenize_executor.shutdown(wait=True)
         if self._model is not None:
-            self._model.store.close()
-            self._model.registry.close()
+            self._model.close()
 
     # introspection ---------------------------------------------------------------------
 
@@ -235,6 +239,12 @@ class Engine(EngineRequests):
         if self._model is not None:
             for key in pending.keys:
                 self._model.store.unpin(key)
+
+
+def _close_abandoned(loading: "Future[ServingStack]") -> None:
+    """What a start cancelled while loading opened, closed once the load ends."""
+    if not loading.cancelled() and loading.exception() is None:
+        loading.result().close()
 
 
 class _SwitchInterval:

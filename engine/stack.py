@@ -41,6 +41,11 @@ class ServingStack:
     settings: TenantSettings
     embeddings: EmbeddingCache  # pooled outputs of this backbone, per tenant (event loop only)
 
+    def close(self) -> None:
+        """Stop the loaders and close the registry (after the model thread stopped)."""
+        self.store.close()
+        self.registry.close()
+
     def stats(self) -> dict[str, int]:
         """The model thread's counters, the adapter tiers' and the embedding cache's."""
         runner = self.runner

@@ -250,6 +250,8 @@ async def proxy(request: web.Request, body: bytes | None = None) -> web.StreamRe
                     response.headers.add(name, value)
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
+            if "close" in upstream.headers.get("Connection", "").lower():
+                response.force_close()  # the engine no longer trusts the client's stream
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)

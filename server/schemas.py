@@ -14,10 +14,12 @@ import msgspec
 from aiohttp import web
 
 from engine import Job, ModelPrediction, MultiJob, MultiPrediction, Prediction
+from registry import shown
 
 NDJSON = "application/x-ndjson"
 
 _CLASSIFY_FIELDS = ("model", "models", "input", "stream", "truncate", "timeout")
+_SHOWN_FIELD = 80  # characters of an unknown field's name in the answer
 _JSON_TYPES = {
     dict: "object",
     list: "array",
@@ -81,16 +83,21 @@ def _is_complete_json(body: bytes) -> bool:
     return True
 
 
+def unknown_field(name: str, known: Iterable[str] = (), kind: str = "field") -> tuple[str, str]:
+    """(message, field) for a body's unknown key, both cut to a readable length: the answer
+    echoes it, and a key may be megabytes long."""
+    accepted = f"; accepted {kind}s: {', '.join(known)}" if known else ""
+    field = name if len(name) <= _SHOWN_FIELD else f"{name[:_SHOWN_FIELD]}..."
+    return f"unknown {kind} {shown(name)}{accepted}", field
+
+
 def parse_classify(payload: Any) -> ClassifyRequest:
     """Check a decoded body field by field; raises RequestInvalid naming the first bad field."""
     if not isinstance(payload, dict):
         raise RequestInvalid(f"request body must be a JSON object, got {_json_type(payload)}", None)
     unknown = sorted(key for key in payload if key not in _CLASSIFY_FIELDS)
     if unknown:
-        raise RequestInvalid(
-            f"unknown field {unknown[0]!r}; accepted fields: {', '.join(_CLASSIFY_FIELDS)}",
-            unknown[0],
-        )
+        raise RequestInvalid(*unknown_field(unknown[0], _CLASSIFY_FIELDS))
     model, models = _parse_models(payload)
     texts, is_batch = _parse_input(_required(payload, "input"))
     return ClassifyRequest(

@@ -33,7 +33,7 @@ from server.errors import (
     ApiError,
 )
 from server.routes import ENGINE, STREAMS, authenticate
-from server.schemas import NDJSON, decode_json, json_response, ndjson_line
+from server.schemas import NDJSON, decode_json, json_response, ndjson_line, unknown_field
 from server.train_upload import parse_options, read_upload
 from training import (
     FINAL_EVENTS,
@@ -276,7 +276,8 @@ def _no_fields(raw: bytes) -> None:
         raise ApiError(422, INVALID_REQUEST, "the body, if any, must be a JSON object")
     if body:
         field = sorted(body)[0]
-        raise ApiError(422, INVALID_REQUEST, f"unknown field {field!r}", field=field)
+        message, field = unknown_field(field)
+        raise ApiError(422, INVALID_REQUEST, message, field=field)
 
 
 def _json_body(raw: bytes) -> Any:
@@ -295,7 +296,8 @@ def _version_field(raw: bytes) -> int:
         )
     if set(body) != {"version"}:
         field = sorted(set(body) - {"version"})[0]
-        raise ApiError(422, INVALID_REQUEST, f"unknown field {field!r}", field=field)
+        message, field = unknown_field(field)
+        raise ApiError(422, INVALID_REQUEST, message, field=field)
     return version
 
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import msgspec
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.errors import INVALID_REQUEST, TOO_LARGE, ApiError
-from server.schemas import decode_json
+from server.schemas import decode_json, unknown_field
 from training import TrainConfig
 
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
@@ -93,7 +94,8 @@ def parse_options(options: Mapping[str, Any]) -> TrainRequest:
 async def _read_multipart(request: web.Request, max_bytes: int) -> Upload:
     try:
         return await _parse_multipart(request, max_bytes)
-    except ValueError as exc:  # aiohttp's reader: no boundary, or parts that do not start
+    # aiohttp's reader: no boundary, parts that do not start, a line past its limit
+    except (ValueError, HttpProcessingError) as exc:
         message = f"malformed multipart body: {exc}"
         raise ApiError(400, INVALID_REQUEST, message, close=True) from None
 
@@ -101,9 +103,7 @@ async def _read_multipart(request: web.Request, max_bytes: int) -> Upload:
 def _check_known(names: Iterable[str]) -> None:
     unknown = sorted(set(names) - set(OPTION_FIELDS))
     if unknown:
-        raise _invalid(
-            f"unknown option {unknown[0]!r} (known: {', '.join(OPTION_FIELDS)})", unknown[0]
-        )
+        raise _invalid(*unknown_field(unknown[0], OPTION_FIELDS, kind="option"))
 
 
 async def _parse_multipart(request: web.Request, max_bytes: int) -> Upload:

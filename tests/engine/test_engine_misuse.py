@@ -194,3 +194,50 @@ async def test_tenant_and_listing_mistakes_are_engine_errors(registry, publish_r
         engine.list_adapters("acme")
     with pytest.raises(EngineClosed):
         engine.set_tenant_policy("acme", None)
+
+
+async def test_a_close_cancelled_midway_still_restores_the_process_settings(
+    registry, monkeypatch
+) -> None:
+    before = sys.getswitchinterval()
+    engine = Engine(EngineConfig(registry_dir=registry.root, switch_interval_ms=1))
+    await engine.start()
+    step_ends = threading.Event()
+    release = engine._release_threads_and_files
+
+    def slow_release() -> None:
+        step_ends.wait(10)
+        release()
+
+    monkeypatch.setattr(engine, "_release_threads_and_files", slow_release)
+    with pytest.raises(TimeoutError):  # a server's shutdown that stops waiting
+        await asyncio.wait_for(engine.close(), 0.05)
+    assert sys.getswitchinterval() == pytest.approx(before)
+    assert not engine._froze_gc
+    step_ends.set()
+
+
+async def test_a_start_cancelled_while_loading_closes_what_the_load_opened(
+    registry, monkeypatch
+) -> None:
+    import engine.engine as engine_module
+
+    loaded, may_finish = [], threading.Event()
+    real_load = engine_module.load_stack
+
+    def slow_load(*args):
+        may_finish.wait(10)
+        loaded.append(real_load(*args))
+        return loaded[-1]
+
+    monkeypatch.setattr(engine_module, "load_stack", slow_load)
+    engine = Engine(EngineConfig(registry_dir=registry.root))
+    starting = asyncio.create_task(engine.start())
+    await asyncio.sleep(0.05)
+    starting.cancel()
+    may_finish.set()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert loaded and loaded[0].registry._is_closed
+    with pytest.raises(EngineClosed):
+        await engine.start()

@@ -163,6 +163,20 @@ async def test_an_authorization_sent_twice_is_a_400_both_ways(
                 assert "one Authorization header" in error["message"]
 
 
+async def test_an_answer_that_closes_the_connection_closes_the_clients_too(
+    fronts, session, tenants: Tenants
+) -> None:
+    """The engine ends its connection after a body it cannot trust (a malformed multipart
+    upload); the front end must end the client's, not only its own to the engine."""
+    url, _ = fronts
+    headers = {
+        "Authorization": f"Bearer {tenants.acme}",
+        "Content-Type": "multipart/form-data; boundary=zz",
+    }
+    async with session.post(f"{url}/v1/train", data=b"not multipart", headers=headers) as answer:
+        assert answer.status == 400 and answer.headers.get("Connection") == "close"
+
+
 COMPRESSORS = {"gzip": gzip.compress, "deflate": zlib.compress}
 
 

@@ -155,6 +155,10 @@ async def test_unknown_model_is_404(client, tenants) -> None:
         "/v1/classify", json={"model": huge, "input": "x"}, headers=bearer(tenants.acme)
     )
     assert response.status == 404 and len(await response.read()) < 1_000
+    response = await client.post(  # nor the 422 an unknown field of that size
+        "/v1/classify", json={"model": "spam", "input": "x", huge: 1}, headers=bearer(tenants.acme)
+    )
+    assert response.status == 422 and len(await response.read()) < 1_000
 
 
 async def test_body_over_the_limit_is_413(client, tenants) -> None:
