@@ -3,8 +3,8 @@
 Policy: at most ``max_running`` jobs train at once and at most one per tenant; further jobs wait
 in state ``queued`` and start in submission order as slots free up (a tenant's second job waits
 for its first, but never holds back another tenant's). A tenant may have at most
-``max_jobs_per_tenant`` unfinished jobs; one more is refused (`TooManyJobs`, HTTP 429), so one
-tenant cannot fill the disk or the queue.
+``max_jobs_per_tenant`` unfinished jobs, uploads still being checked included; one more is
+refused (`TooManyJobs`, HTTP 429), so one tenant cannot fill the disk or the queue.
 
 States: queued → running → succeeded | failed | cancelled (queued → cancelled | failed too).
 A job publishes only from its worker, only on success, and only while not cancelled (see
