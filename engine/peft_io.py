@@ -59,7 +59,7 @@ def write_peft_adapter(
     for key, tensor in named.items():
         stored = tensor.detach().to("cpu", dtype).contiguous()
         if not torch.isfinite(stored).all():
-            raise ValueError(f"{key} holds values that {dtype} cannot")
+            raise ValueError(f"{key} holds values too large for {dtype}")
         tensors[key] = stored
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / WEIGHTS_FILE))

@@ -190,7 +190,10 @@ _MAX_FIELD_CHARS = 2**31 - 1
 def _delimited_records(text: str, delimiter: str, source: str) -> Iterable[tuple[int, Any]]:
     if csv.field_size_limit() < _MAX_FIELD_CHARS:
         csv.field_size_limit(_MAX_FIELD_CHARS)  # process-wide, and only ever raised
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # TSV has no quoting: a text's opening quote read as CSV's swallowed the lines up to the
+    # next quote, rows and all, and dropped the quote marks of `"Great" product`
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     try:
         header = next(reader, None)
         if header is None:

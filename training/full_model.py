@@ -104,6 +104,9 @@ def check_output_dir(output_dir: Path | None) -> Path:
     if output_dir is None:
         raise ValueError("mode 'full' writes a standalone model directory: pass output_dir")
     output_dir = Path(output_dir)
+    cwd = Path.cwd().resolve()
+    if output_dir.resolve() in (cwd, *cwd.parents):  # replaced at the end: not while in use
+        raise ValueError(f"{output_dir}: is the current directory or holds it; name a new one")
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise ValueError(f"{output_dir}: exists and is not an empty directory")
     parent = output_dir.absolute().parent

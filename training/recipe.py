@@ -124,6 +124,14 @@ def split_examples(
     if test_examples is None:
         rows, held_out = stratified_split(rows, config.eval_fraction, seed=config.seed)
     train, val = stratified_split(rows, config.val_fraction, seed=config.seed + 1)
+    if not (train and val and held_out):
+        sample = (
+            f" (max_examples={config.max_examples} sampled them)" if config.max_examples else ""
+        )
+        raise ValueError(
+            f"too few rows to split{sample}: {len(train)} to train on, {len(val)} to validate, "
+            f"{len(held_out)} held out, over {len({e.label for e in rows})} classes"
+        )
     labels = tuple(sorted({e.label for e in train}))
     unseen = sorted({e.label for e in held_out} - set(labels))
     if unseen:

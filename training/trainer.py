@@ -28,7 +28,7 @@ from training.lora_model import fit_lora
 from training.metrics import classification_metrics
 from training.progress import OnEvent
 from training.recipe import Fitted, Split, check_finite, split_examples
-from training.validation import DataReport, raise_for_errors, validate_examples
+from training.validation import DataReport, drop_tokenless, raise_for_errors, validate_examples
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def train_adapter(
     if on_report is not None:
         on_report(report)
     raise_for_errors(report, source)
+    if len(report.empty_rows) > sum(not example.text.strip() for example in examples):
+        examples = drop_tokenless(examples, backbone.tokenizer)  # clean_examples keeps them
     split = split_examples(examples, config, test_examples)
     started = time.perf_counter()
     fitted = _FITTERS[config.mode](backbone, split, config, progress, on_event)
@@ -132,8 +134,9 @@ def _destination(
 
 def _write_weights(
     staging: Path, backbone: Backbone, fitted: Fitted, rank: int, config: TrainConfig
-) -> None:
-    """The PEFT files in ``config.weights_dtype``; float32 where a weight overflows float16."""
+) -> str | None:
+    """The PEFT files in ``config.weights_dtype``; float32 where a weight overflows float16,
+    and then a warning for the manifest (None otherwise)."""
     write = functools.partial(
         write_peft_adapter,
         staging,
@@ -146,12 +149,15 @@ def _write_weights(
     )
     if config.weights_dtype == "float32":
         write(dtype=torch.float32)
-        return
+        return None
     try:
         write(dtype=torch.float16)
     except ValueError as exc:
-        log.warning("storing the weights as float32: %s", exc)
+        warning = f"weights stored as float32, not float16: {exc}"
+        log.warning("%s", warning)
         write(dtype=torch.float32)
+        return warning
+    return None
 
 
 def _training_summary(
@@ -189,7 +195,7 @@ def _publish(
     rank = config.rank if fitted.factors else 0
     staging = Path(tempfile.mkdtemp(prefix="graft-train-"))
     try:
-        _write_weights(staging, backbone, fitted, rank, config)
+        dtype_warning = _write_weights(staging, backbone, fitted, rank, config)
         with (staging / "eval.jsonl").open("w", encoding="utf-8") as f:
             for e in split.held_out:
                 f.write(json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n")
@@ -204,7 +210,7 @@ def _publish(
             "target_modules": list(fitted.factors),
             "metrics": metrics,
             "data": report.to_dict(),
-            "warnings": list(report.warnings),
+            "warnings": [*report.warnings, *([dtype_warning] if dtype_warning else [])],
             "training": training,
             "adapter_bytes": (staging / WEIGHTS_FILE).stat().st_size,
         }

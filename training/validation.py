@@ -91,13 +91,16 @@ def _find_duplicates(examples: Sequence[Example]) -> tuple[list[int], list[int],
     return duplicate_rows, conflict_rows, len(conflicting_texts)
 
 
-def _measure_unk(examples: Sequence[Example], tokenizer: Tokenizer) -> tuple[float, list[int]]:
-    """(share of tokens that are the unk token, rows holding at least one)."""
-    unk_id = tokenizer.unk_token_id
-    if unk_id is None:  # byte-level vocabularies can spell anything
-        return 0.0, []
+def _measure_tokens(
+    examples: Sequence[Example], tokenizer: Tokenizer
+) -> tuple[float, list[int], set[int]]:
+    """(share of tokens that are the unk token, rows holding at least one, positions in
+    ``examples`` of no token at all: texts such as "\u200b" that are not blank to ``strip``
+    but that the tokenizer drops whole, which the model would see as empty)."""
+    unk_id = tokenizer.unk_token_id  # None: byte-level vocabularies spell anything
     num_tokens = num_unk = 0
     unk_rows: list[int] = []
+    tokenless: set[int] = set()
     for start in range(0, len(examples), TOKENIZE_BATCH_SIZE):
         batch = examples[start : start + TOKENIZE_BATCH_SIZE]
         encoded = tokenizer(
@@ -106,13 +109,15 @@ def _measure_unk(examples: Sequence[Example], tokenizer: Tokenizer) -> tuple[flo
             truncation=False,
             verbose=False,  # long texts are fine here: we only count tokens
         )
-        for example, ids in zip(batch, encoded["input_ids"], strict=True):
-            count = sum(1 for token in ids if token == unk_id)
+        for offset, (example, ids) in enumerate(zip(batch, encoded["input_ids"], strict=True)):
+            count = 0 if unk_id is None else sum(1 for token in ids if token == unk_id)
             num_tokens += len(ids)
             num_unk += count
             if count:
                 unk_rows.append(example.row)
-    return (num_unk / num_tokens if num_tokens else 0.0), unk_rows
+            if not ids:
+                tokenless.add(start + offset)
+    return (num_unk / num_tokens if num_tokens else 0.0), unk_rows, tokenless
 
 
 def _class_errors(
@@ -204,15 +209,18 @@ def validate_examples(
     """Check examples against what LoRA training on ``tokenizer``'s backbone needs.
 
     Counts are over non-empty texts, duplicates included; the errors judge what training
-    keeps, without duplicates.
+    keeps, without duplicates. A text the tokenizer drops whole counts as empty, as it is
+    (`empty_rows`), and training leaves it out too.
     """
     _check_limits(min_examples_per_class, max_unk_rate, max_imbalance_ratio)
     examples = list(examples)
     filled = [example for example in examples if example.text.strip()]
-    empty_rows = tuple(example.row for example in examples if not example.text.strip())
+    unk_rate, unk_rows, tokenless = _measure_tokens(filled, tokenizer)
+    filled = [example for i, example in enumerate(filled) if i not in tokenless]
+    kept = {id(example) for example in filled}
+    empty_rows = tuple(example.row for example in examples if id(example) not in kept)
     class_counts = dict(sorted(Counter(example.label for example in filled).items()))
     duplicate_rows, conflict_rows, num_conflicting = _find_duplicates(filled)
-    unk_rate, unk_rows = _measure_unk(filled, tokenizer)
     counts = class_counts.values()
     errors, error_rows = _class_errors(filled, examples, min_examples_per_class)
     report = DataReport(
@@ -232,6 +240,14 @@ def validate_examples(
     )
     warnings = _warnings(report, conflict_rows, max_unk_rate, max_imbalance_ratio)
     return replace(report, warnings=tuple(warnings))
+
+
+def drop_tokenless(examples: Sequence[Example], tokenizer: Tokenizer) -> list[Example]:
+    """The non-blank ``examples`` the tokenizer keeps something of, which is what training
+    can learn from (`validate_examples` counts the rest as empty)."""
+    filled = [example for example in examples if example.text.strip()]
+    _, _, tokenless = _measure_tokens(filled, tokenizer)
+    return [example for i, example in enumerate(filled) if i not in tokenless]
 
 
 def raise_for_errors(report: DataReport, source: str) -> None:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from training.data import DataError, Example, clean_examples, examples_from_records, load_examples
-from training.validation import raise_for_errors, validate_examples
+from training.validation import drop_tokenless, raise_for_errors, validate_examples
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +229,16 @@ def test_a_class_whose_texts_are_all_empty_is_an_error_not_dropped(tokenizer):
     assert report.error_rows == (1, 2) and "other" not in report.class_counts
 
 
+def test_texts_the_tokenizer_drops_whole_are_empty(tokenizer):
+    """Not blank to ``strip``, yet nothing the model reads: a class of them would be learnt
+    from the special tokens alone."""
+    dropped = make(("\u200b", "other"), ("\x00\u200b", "other"), ("\ufeff", "neg"), start=1)
+    report = validate_examples(balanced() + dropped, tokenizer)
+    assert report.errors == ("class 'other' has no text to train on: its rows 1, 2 are empty",)
+    assert report.empty_rows == (1, 2, 3) and report.class_counts == {"neg": 6, "pos": 6}
+    assert drop_tokenless(balanced() + dropped, tokenizer) == balanced()
+
+
 def test_duplicates_conflicts_empty_and_imbalance_warn(tokenizer):
     examples = balanced() + make(
         *[("Great   product", "pos"), ("great product", "pos"), ("GREAT PRODUCT ", "neg")]
@@ -285,3 +295,14 @@ def test_bad_limits_raise_value_error(tokenizer):
 def test_clean_examples_drops_empty_and_duplicates_keeping_first():
     examples = make(("A  b", "x"), ("", "x"), ("a b", "y"), ("c", "y"), ("  ", "y"), ("C", "x"))
     assert pairs(clean_examples(examples)) == [("A  b", "x", 1), ("c", "y", 4)]
+
+
+def test_tsv_has_no_quoting_so_quotes_are_text_and_lines_are_rows(tmp_path) -> None:
+    content = 'text\tlabel\n"5 stars\tpos\nmeh" he said\tneg\nok\tpos\n"Great" product\tpos\n'
+    examples = load_examples(write(tmp_path, "quotes.tsv", content))
+    assert [(e.text, e.label, e.row) for e in examples] == [
+        ('"5 stars', "pos", 1),
+        ('meh" he said', "neg", 2),
+        ("ok", "pos", 3),
+        ('"Great" product', "pos", 4),
+    ]

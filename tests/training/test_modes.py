@@ -127,7 +127,9 @@ def test_full_mode_writes_a_directory_and_leaves_the_backbone_alone(
     )
 
 
-def test_modes_are_validated_before_any_work(backbone, registry, sms, tmp_path: Path) -> None:
+def test_modes_are_validated_before_any_work(
+    backbone, registry, sms, tmp_path: Path, monkeypatch
+) -> None:
     with pytest.raises(ValueError, match="mode must be one of head, lora, full"):
         TrainConfig(mode="merged")
     with pytest.raises(ValueError, match="output_dir"):
@@ -142,6 +144,14 @@ def test_modes_are_validated_before_any_work(backbone, registry, sms, tmp_path: 
         train_adapter(
             backbone, None, "acme", "m", sms, TrainConfig(mode="full"), output_dir=under_a_file
         )
+    empty_here = tmp_path / "here"
+    empty_here.mkdir()
+    monkeypatch.chdir(empty_here)  # empty, but replacing it would pull the cwd from under us
+    for here in (Path("."), empty_here, tmp_path):
+        with pytest.raises(ValueError, match="is the current directory or holds it"):
+            train_adapter(
+                backbone, None, "acme", "m", sms, TrainConfig(mode="full"), output_dir=here
+            )
     with pytest.raises(ValueError, match="registry"):
         train_adapter(backbone, None, "acme", "m", sms, TrainConfig(mode="head"))
     with pytest.raises(ValueError, match="head_epochs"):
@@ -158,3 +168,9 @@ def test_split_deduplicates_before_splitting_and_checks_test_labels() -> None:
     unseen = [Example(text="brand new", label="c", row=1)]
     with pytest.raises(ValueError, match="'c'"):
         split_examples(rows, TrainConfig(), test_examples=unseen)
+
+
+def test_a_sample_too_small_to_split_is_named() -> None:
+    rows = [Example(text=f"text {i}", label=f"class{i % 10}", row=i + 1) for i in range(50)]
+    with pytest.raises(ValueError, match=r"too few rows to split \(max_examples=12"):
+        split_examples(rows, TrainConfig(max_examples=12))

@@ -58,14 +58,19 @@ def test_a_weight_past_float16s_range_keeps_the_version_float32(
     backbone, tmp_path: Path, caplog
 ) -> None:
     config = TrainConfig()
-    _write_weights(tmp_path / "small", backbone, _fitted(0.5), 8, config)
+    assert _write_weights(tmp_path / "small", backbone, _fitted(0.5), 8, config) is None
     assert _stored_dtypes(tmp_path / "small") == {"F16"}
     with caplog.at_level(logging.WARNING, logger="training.trainer"):
-        _write_weights(tmp_path / "big", backbone, _fitted(1e5), 8, config)
+        warning = _write_weights(tmp_path / "big", backbone, _fitted(1e5), 8, config)
     assert _stored_dtypes(tmp_path / "big") == {"F32"}
-    assert "classifier.weight holds values that torch.float16 cannot" in caplog.text
+    # the manifest's warnings carry it (_publish), not only the log
+    assert warning == (
+        "weights stored as float32, not float16: "
+        "base_model.model.classifier.weight holds values too large for torch.float16"
+    )
+    assert warning in caplog.text
     float32 = TrainConfig(weights_dtype="float32")
-    _write_weights(tmp_path / "asked", backbone, _fitted(0.5), 8, float32)
+    assert _write_weights(tmp_path / "asked", backbone, _fitted(0.5), 8, float32) is None
     assert _stored_dtypes(tmp_path / "asked") == {"F32"}
 
 
