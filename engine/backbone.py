@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -100,8 +101,14 @@ def load_backbone(
         raise ValueError(
             f"{path}: weights SHA-256 {sha} does not match the pinned {expected_sha256}"
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, OSError) as exc:  # a corrupt tokenizer.json reads as bad JSON
+        raise ValueError(f"{path}: its tokenizer cannot be loaded: {exc}") from exc
+    try:
+        model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    except SafetensorError as exc:  # a corrupt weights file: one line, not a traceback
+        raise ValueError(f"{path}: its weights cannot be read: {exc}") from exc
     _check_tokenizer_fits(path, len(tokenizer), model.get_input_embeddings().num_embeddings)
     model.to(device).eval().requires_grad_(False)
     state = StepLora()

@@ -90,6 +90,11 @@ def read_labels(src: Path, labels: Sequence[str] | None) -> tuple[str, ...]:
         id2label = _json_object(hf_config.read_bytes(), f"{hf_config}").get("id2label") or {}
         if not isinstance(id2label, dict) or not all(_is_index(k) for k in id2label):
             raise AdapterFormatError(f"{hf_config}: id2label must map class indices to labels")
+        # the head's row i is index i: a gap, a 1-based map or "0" and "00" would shift labels
+        if sorted(int(k) for k in id2label) != list(range(len(id2label))):
+            raise AdapterFormatError(
+                f"{hf_config}: id2label must number its classes 0 to {len(id2label) - 1}, each once"
+            )
         ordered = [str(id2label[k]) for k in sorted(id2label, key=int)]
         if ordered and not all(v == f"LABEL_{i}" for i, v in enumerate(ordered)):
             return tuple(ordered)

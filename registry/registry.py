@@ -148,7 +148,7 @@ class Registry:
             if not keys.is_well_formed_key(key) or not catalog.delete_key(
                 conn, tenant, keys.hash_api_key(key)
             ):
-                raise NotFound(f"that key is not one of tenant {tenant!r}'s keys")
+                raise NotFound(f"that key is not one of the keys of tenant {tenant!r}")
         logger.info("revoked a key of tenant %s", tenant)
 
     def tenants(self) -> list[str]:

@@ -14,23 +14,37 @@ def open_registry(args: argparse.Namespace):
 def tenants_create(args: argparse.Namespace) -> int:
     with open_registry(args) as registry:
         key = registry.create_tenant(args.tenant)
-    print(f"created tenant {args.tenant!r}; its API key (shown once, stored hashed):")
-    print(key)
+        heading = f"created tenant {args.tenant!r}; its API key (shown once, stored hashed):"
+        _show_key(registry, args.tenant, key, heading)
     return 0
 
 
 def tenants_add_key(args: argparse.Namespace) -> int:
     with open_registry(args) as registry:
         key = registry.issue_key(args.tenant)
-    print(f"new API key for tenant {args.tenant!r} (shown once, stored hashed):")
-    print(key)
+        heading = f"new API key for tenant {args.tenant!r} (shown once, stored hashed):"
+        _show_key(registry, args.tenant, key, heading)
     return 0
+
+
+def _show_key(registry, tenant: str, key: str, heading: str) -> None:
+    """Print a new key; one that could not be printed (stdout full, a closed pipe) is revoked
+    again, since nobody holds it."""
+    try:
+        print(heading)
+        print(key, flush=True)
+    except OSError as exc:
+        registry.revoke_key(tenant, key)
+        raise OSError(f"could not print the new API key ({exc}); it is revoked again") from exc
 
 
 def tenants_revoke_keys(args: argparse.Namespace) -> int:
     with open_registry(args) as registry:
         if args.key_stdin:
-            registry.revoke_key(args.tenant, sys.stdin.readline())
+            key = next((line.strip() for line in sys.stdin if line.strip()), "")  # first line
+            if not key:
+                raise ValueError("--key-stdin read no API key from standard input")
+            registry.revoke_key(args.tenant, key)
             print(f"revoked one API key of tenant {args.tenant!r}")
         else:
             count = registry.revoke_keys(args.tenant)

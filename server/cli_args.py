@@ -17,12 +17,12 @@ def common_options(*, with_defaults: bool) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--registry",
-        default=default(os.environ.get("GRAFT_REGISTRY", DEFAULT_REGISTRY)),
+        default=default(os.environ.get("GRAFT_REGISTRY") or DEFAULT_REGISTRY),  # "" too
         help="registry directory (default: $GRAFT_REGISTRY or ./graft-registry)",
     )
     common.add_argument(
         "--backbone",
-        default=default(os.environ.get("GRAFT_BACKBONE")),
+        default=default(os.environ.get("GRAFT_BACKBONE") or None),  # "" is unset too
         help="Hugging Face encoder directory (default: $GRAFT_BACKBONE or the packaged MiniLM)",
     )
     common.add_argument(

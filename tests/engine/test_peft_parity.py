@@ -150,5 +150,14 @@ def test_import_refuses_bad_directories(backbone, peft_adapters, tmp_path: Path)
         (bad / "config.json").write_text(f'{{"id2label": {id2label}}}')
         with pytest.raises(AdapterFormatError, match="id2label must map class indices"):
             import_peft(registry, backbone, "acme", "bad", bad)
+    # the head's row i is class i: anything but 0..n-1, each once, would shift the labels
+    for id2label in (
+        '{"1": "ham", "2": "spam"}',
+        '{"0": "ham", "2": "spam"}',
+        '{"0": "ham", "00": "spam"}',
+    ):
+        (bad / "config.json").write_text(f'{{"id2label": {id2label}}}')
+        with pytest.raises(AdapterFormatError, match="must number its classes 0 to 1, each once"):
+            import_peft(registry, backbone, "acme", "bad", bad)
     assert registry.list_adapters("acme") == []
     registry.close()

@@ -53,7 +53,7 @@ def test_issue_and_revoke_keys(registry: Registry) -> None:
 def test_one_leaked_key_is_revoked_alone(registry: Registry) -> None:
     leaked, kept = registry.create_tenant("globex"), registry.issue_key("globex")
     other = registry.create_tenant("hooli")
-    with pytest.raises(NotFound, match="not one of tenant 'globex'"):
+    with pytest.raises(NotFound, match="not one of the keys of tenant 'globex'"):
         registry.revoke_key("globex", other)  # another tenant's key stays valid
     assert registry.authenticate(other) == "hooli"
     registry.revoke_key("globex", leaked + "\n")  # as read from stdin
@@ -61,7 +61,7 @@ def test_one_leaked_key_is_revoked_alone(registry: Registry) -> None:
     with pytest.raises(NotFound):
         registry.revoke_key("globex", leaked)  # already gone
     for malformed in (None, "", "gk_\u00e9" * 8, "not a key"):
-        with pytest.raises(NotFound, match="not one of tenant 'globex'"):
+        with pytest.raises(NotFound, match="not one of the keys of tenant 'globex'"):
             registry.revoke_key("globex", malformed)
 
 

@@ -1,6 +1,7 @@
 """The ``graft`` command line, run in-process."""
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -186,6 +187,37 @@ def test_tenants_set_stores_settings_and_refuses_bad_ones(tmp_path: Path, capsys
         assert registry.tenant_settings() == {}
 
 
+def test_a_key_that_could_not_be_printed_is_revoked_again(tmp_path: Path, capsys) -> None:
+    """Standard output full or closed: nobody holds the new key, so it must not work."""
+    reg = str(tmp_path / "reg")
+    issued = []
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            if text.startswith("gk_"):
+                issued.append(text.strip())
+                raise OSError(28, "No space left on device")
+            return super().write(text)
+
+    for argv in (("tenants", "create", "acme"), ("tenants", "add-key", "acme")):
+        with contextlib.redirect_stdout(Full()):
+            code = main([*argv, "--registry", reg])
+        assert code == 2 and "it is revoked again" in capsys.readouterr().err
+    with Registry(reg) as registry:
+        assert registry.has_tenant("acme")
+        assert [registry.authenticate(key) for key in issued] == [None, None]
+
+
+def test_an_empty_environment_variable_means_the_default(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRAFT_REGISTRY", "")
+    code, _, _ = _run(capsys, "tenants", "create", "zed")
+    assert code == 0 and (tmp_path / "graft-registry" / "catalog.sqlite3").exists()
+    assert not (tmp_path / "catalog.sqlite3").exists()  # not the working directory itself
+
+
 def test_tenants_revoke_keys_one_from_stdin_or_all(tmp_path: Path, capsys, monkeypatch) -> None:
     reg = str(tmp_path / "reg")
     _, out, _ = _run(capsys, "tenants", "create", "acme", "--registry", reg)
@@ -199,7 +231,18 @@ def test_tenants_revoke_keys_one_from_stdin_or_all(tmp_path: Path, capsys, monke
         assert registry.authenticate(leaked) is None and registry.authenticate(kept) == "acme"
     monkeypatch.setattr("sys.stdin", io.StringIO(leaked + "\n"))
     code, _, err = _run(capsys, "tenants", "revoke-keys", "acme", "--key-stdin", "--registry", reg)
-    assert code == 2 and "not one of tenant 'acme'" in err
+    assert code == 2 and "not one of the keys of tenant 'acme'" in err
+    for stdin in ("", "\n  \n"):  # nothing to revoke is said so, not "not one of its keys"
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        code, _, err = _run(
+            capsys, "tenants", "revoke-keys", "acme", "--key-stdin", "--registry", reg
+        )
+        assert code == 2 and "read no API key" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n" + kept + "\n"))  # a blank line first
+    code, out, _ = _run(capsys, "tenants", "revoke-keys", "acme", "--key-stdin", "--registry", reg)
+    assert code == 0 and "revoked one API key" in out
+    _, out, _ = _run(capsys, "tenants", "add-key", "acme", "--registry", reg)
+    kept = out.strip().splitlines()[-1]
     code, out, _ = _run(capsys, "tenants", "revoke-keys", "acme", "--registry", reg)
     assert code == 0 and "revoked 1 API key(s)" in out
     with Registry(reg) as registry:
