@@ -5,14 +5,24 @@ import json
 import sys
 
 
-def open_registry(args: argparse.Namespace):
-    from registry import Registry
+def open_registry(args: argparse.Namespace, *, create: bool = False):
+    """The registry at ``--registry``. Only ``tenants create`` makes a new one: any other
+    command at a mistyped path would have left an empty registry there and found nothing."""
+    from pathlib import Path
 
+    from registry import Registry
+    from registry.registry import CATALOG_FILE
+
+    if not create and not (Path(args.registry) / CATALOG_FILE).is_file():
+        raise ValueError(
+            f"no registry at {args.registry}: create one with its first tenant "
+            f"(graft tenants create NAME --registry {args.registry})"
+        )
     return Registry(args.registry)
 
 
 def tenants_create(args: argparse.Namespace) -> int:
-    with open_registry(args) as registry:
+    with open_registry(args, create=True) as registry:
         key = registry.create_tenant(args.tenant)
         heading = f"created tenant {args.tenant!r}; its API key (shown once, stored hashed):"
         _show_key(registry, args.tenant, key, heading)

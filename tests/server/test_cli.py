@@ -208,6 +208,23 @@ def test_a_key_that_could_not_be_printed_is_revoked_again(tmp_path: Path, capsys
         assert [registry.authenticate(key) for key in issued] == [None, None]
 
 
+def test_only_tenants_create_makes_a_registry(tmp_path: Path, capsys) -> None:
+    """Any other command at a mistyped path is refused, leaving nothing behind there."""
+    typo = tmp_path / "typo-reg"
+    for argv in (
+        ("tenants", "list"),
+        ("adapters", "list", "--tenant", "a"),
+        ("tenants", "add-key", "a"),
+    ):
+        code, _, err = _run(capsys, *argv, "--registry", str(typo))
+        assert code == 2 and f"no registry at {typo}" in err, argv
+    assert not typo.exists()
+    code, _, _ = _run(capsys, "tenants", "create", "acme", "--registry", str(typo))
+    assert code == 0
+    code, out, _ = _run(capsys, "tenants", "list", "--registry", str(typo))
+    assert code == 0 and out.strip() == "acme"
+
+
 def test_an_empty_environment_variable_means_the_default(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
