@@ -19,7 +19,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -179,6 +179,31 @@ class Registry:
             else:
                 text = json.dumps(dict(settings), sort_keys=True, allow_nan=False)
                 catalog.upsert_settings(conn, tenant, text, time.time())
+
+    def update_tenant_settings(
+        self,
+        tenant: str,
+        changes: Mapping[str, Any],
+        check: Callable[[dict[str, Any]], object] | None = None,
+    ) -> dict[str, Any]:
+        """Merge `changes` into `tenant`'s stored overrides and return the result.
+
+        The read and the write share one write transaction, so two concurrent updates of
+        different fields both survive. `check` sees the merged settings first and may raise to
+        refuse them; then nothing is stored.
+        """
+        validate_name("tenant", tenant)
+        if not isinstance(changes, Mapping):
+            raise ValueError(f"tenant settings must be a JSON object, got {changes!r}")
+        with self._write() as conn:
+            catalog.require_tenant(conn, tenant)
+            stored = catalog.select_settings(conn).get(tenant)
+            merged = {**(json.loads(stored) if stored else {}), **changes}
+            if check is not None:
+                check(merged)
+            text = json.dumps(merged, sort_keys=True, allow_nan=False)
+            catalog.upsert_settings(conn, tenant, text, time.time())
+        return merged
 
     def tenant_settings(self) -> dict[str, dict[str, Any]]:
         """Every tenant's stored overrides, by tenant."""

@@ -14,6 +14,7 @@ from engine import Engine, EngineConfig
 from server.errors import error_middleware
 from server.frontend import SHUTDOWN_GRACE_S
 from server.metrics import add_metrics, timing_middleware
+from server.quiet_log import quiet_malformed_requests
 from server.request_ids import add_request_id
 from server.routes import ENGINE, MAX_BODY_BYTES, STREAMS, add_routes, cancel_streams
 from server.train_routes import TrainServiceConfig, add_train_routes
@@ -53,6 +54,7 @@ def create_app(
         add_metrics(app, metrics_key)
     app.on_response_prepare.append(add_request_id)
     app.on_shutdown.append(cancel_streams)
+    quiet_malformed_requests()
     return app
 
 

@@ -89,9 +89,10 @@ def tenants_set(args: argparse.Namespace) -> int:
             registry.set_tenant_settings(args.tenant, None)
             print(f"tenant {args.tenant!r} back to the server defaults")
             return 0
-        merged = {**registry.tenant_settings().get(args.tenant, {}), **changes}
-        TenantPolicy(**merged)  # refuse values the scheduler would refuse
-        registry.set_tenant_settings(args.tenant, merged)
+        # refuse values the scheduler would refuse; read and write in one transaction
+        merged = registry.update_tenant_settings(
+            args.tenant, changes, check=lambda merged: TenantPolicy(**merged)
+        )
     print(f"tenant {args.tenant!r}: {json.dumps(merged, sort_keys=True)}")
     return 0
 

@@ -41,6 +41,7 @@ from server.link import (
     Hello,
     decode_answer,
 )
+from server.quiet_log import quiet_malformed_requests
 from server.request_ids import REQUEST_ID_HEADER, add_request_id, request_id
 from server.routes import MAX_BODY_BYTES, authenticate, parse_body, read_body
 
@@ -180,6 +181,7 @@ def create_frontend_app(front: Front) -> web.Application:
     app.router.add_post("/v1/classify", classify)
     app.router.add_route("*", "/{tail:.*}", proxy)
     app.on_response_prepare.append(add_request_id)
+    quiet_malformed_requests()
     return app
 
 

@@ -9,6 +9,16 @@ from dataclasses import dataclass
 MODES = ("head", "lora", "full")
 # how head and lora store their weights: float16 halves the file a cold load reads and hashes
 WEIGHTS_DTYPES = ("float16", "float32")
+# Upper bounds. Past them a value is a typo rather than a plan: warm-up is a share of every
+# epoch's steps, so a million epochs would leave the learning rate near zero until early stopping.
+_AT_MOST = {
+    "rank": 64,
+    "epochs": 1_000,
+    "head_epochs": 100_000,
+    "batch_size": 4_096,
+    "patience": 1_000,
+    "head_patience": 100_000,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +70,9 @@ class TrainConfig:
                 f"max_length must be >= 3 (the special tokens and one of text), "
                 f"got {self.max_length}"
             )
-        if self.rank > 64:
-            raise ValueError(f"rank must be at most 64, got {self.rank}")
+        for name, most in _AT_MOST.items():
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be at most {most:,}, got {getattr(self, name)}")
         for name in ("lora_lr", "head_lr", "backbone_lr", "alpha"):
             if not 0 < getattr(self, name) < math.inf:  # also refuses nan
                 raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")

@@ -294,6 +294,37 @@ def test_tenant_settings_round_trip_and_stamp(tmp_path) -> None:
             registry.set_tenant_settings("acme", ["not", "an", "object"])  # type: ignore[arg-type]
 
 
+def test_update_tenant_settings_merges_in_one_transaction(tmp_path: Path) -> None:
+    with Registry(tmp_path / "reg") as registry:
+        registry.create_tenant("acme")
+        registry.set_tenant_settings("acme", {"weight": 2.0})
+        assert registry.update_tenant_settings("acme", {"max_queued_rows": 5}) == {
+            "weight": 2.0,
+            "max_queued_rows": 5,
+        }
+
+        def refuse(merged: dict) -> None:
+            raise ValueError(f"refused {merged}")
+
+        with pytest.raises(ValueError, match="refused"):
+            registry.update_tenant_settings("acme", {"weight": -1.0}, check=refuse)
+        assert registry.tenant_settings() == {"acme": {"weight": 2.0, "max_queued_rows": 5}}
+        with pytest.raises(NotFound):
+            registry.update_tenant_settings("nobody", {"weight": 1.0})
+
+    # many writers, each changing its own field: none of them loses another's change
+    fields = [f"field_{index}" for index in range(8)]
+
+    def update(field: str) -> None:
+        with Registry(tmp_path / "reg", durable=False) as other:
+            other.update_tenant_settings("acme", {field: 1})
+
+    with ThreadPoolExecutor(len(fields)) as pool:
+        list(pool.map(update, fields))
+    with Registry(tmp_path / "reg") as registry:
+        assert set(fields) <= set(registry.tenant_settings()["acme"])
+
+
 def test_a_root_that_is_a_file_is_refused_by_name(tmp_path: Path) -> None:
     root = tmp_path / "registry"
     root.write_text("not a registry")

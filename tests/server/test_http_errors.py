@@ -1,10 +1,15 @@
 """Every error answer is JSON with the right status, type and field."""
 
+import asyncio
+import logging
+
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine import Engine, EngineConfig
 from server.app import create_app
+from server.quiet_log import SERVER_LOGGER, MalformedRequestFilter
 from server.routes import MAX_BODY_BYTES
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -255,3 +260,48 @@ async def test_an_engine_closed_under_the_app_answers_503(tmp_path) -> None:
 async def test_create_app_rejects_a_bad_body_limit(engine) -> None:
     with pytest.raises(ValueError, match="max_body_bytes"):
         create_app(engine, max_body_bytes=0)
+
+
+async def test_malformed_requests_log_one_short_warning_per_burst(client, caplog) -> None:
+    """A client sending garbage in a loop must not fill the log with tracebacks."""
+
+    async def send_raw(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        writer.write(data)
+        await writer.drain()
+        answer = await reader.read()  # aiohttp closes the connection after a parse error
+        writer.close()
+        return answer
+
+    caplog.set_level(logging.DEBUG, logger=SERVER_LOGGER)
+    answers = [await send_raw(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n") for _ in range(5)]
+    assert all(answer.split(b" ", 2)[1] == b"400" for answer in answers), answers[0][:80]
+    records = [r for r in caplog.records if r.name == SERVER_LOGGER]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    (record,) = records
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert "Error handling request" in record.getMessage() and "\n" not in record.getMessage()
+
+
+async def test_the_filter_counts_what_a_burst_dropped() -> None:
+    now = [0.0]
+    quiet = MalformedRequestFilter(interval_s=10.0, clock=lambda: now[0])
+
+    def record(error: BaseException | None) -> logging.LogRecord:
+        info = (type(error), error, None) if error is not None else None
+        return logging.LogRecord(
+            SERVER_LOGGER, logging.ERROR, __file__, 1, "Error handling request from %s",
+            ("10.0.0.1",), info,
+        )  # fmt: skip
+
+    bad = BadHttpMessage("Bad\n  header")
+    first = record(bad)
+    assert quiet.filter(first) and first.getMessage() == (
+        "Error handling request from 10.0.0.1: 400 Bad header"
+    )
+    assert not quiet.filter(record(bad)) and not quiet.filter(record(bad))
+    now[0] = 10.0
+    later = record(bad)
+    assert quiet.filter(later) and later.getMessage().endswith("(2 more since the last such line)")
+    other = record(RuntimeError("a bug of ours"))
+    assert quiet.filter(other) and other.levelno == logging.ERROR and other.exc_info is not None

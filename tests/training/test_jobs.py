@@ -235,7 +235,7 @@ def test_a_state_the_disk_refuses_to_store_costs_no_other_job(make_manager) -> N
 def test_a_job_past_the_time_limit_is_killed_and_fails(make_manager, registry: Registry) -> None:
     """Jobs run one at a time: a job that would train for hours must not hold the others."""
     manager = make_manager(max_job_seconds=1.0)
-    endless = submit(manager, config=TrainConfig(epochs=10_000, patience=10_000))
+    endless = submit(manager, config=TrainConfig(epochs=1_000, patience=1_000))
     done = wait_final(manager, endless)
     assert done.state == FAILED and "past the server's limit of 1 s" in done.error
     assert "nothing published" in done.error and registry.list_adapters("acme") == []

@@ -156,6 +156,10 @@ def test_modes_are_validated_before_any_work(
         train_adapter(backbone, None, "acme", "m", sms, TrainConfig(mode="head"))
     with pytest.raises(ValueError, match="head_epochs"):
         TrainConfig(head_epochs=0)
+    with pytest.raises(ValueError, match="epochs must be at most 1,000, got 99999999999999999999"):
+        TrainConfig(epochs=99999999999999999999)
+    with pytest.raises(ValueError, match="batch_size must be at most 4,096"):
+        TrainConfig(batch_size=10**6)
     assert registry.list_adapters("acme") == []
 
 
