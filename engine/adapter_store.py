@@ -16,11 +16,11 @@ import torch
 
 from engine.adapters import POOLING_CLS_POOLER, AdapterWeights, parse_adapter
 from engine.backbone import Backbone
-from engine.errors import AdapterFormatError, AdapterIncompatible, EngineClosed
+from engine.errors import AdapterFormatError, AdapterIncompatible, EngineClosed, ModelNotFound
 from engine.host_cache import HostCache
 from engine.memory import AdapterMemory
 from engine.peft_io import CONFIG_FILE, WEIGHTS_FILE
-from registry import AdapterRecord, Registry, RegistryError
+from registry import AdapterRecord, NotFound, Registry, RegistryError
 
 _LOADER_NICENESS = 10  # added to a loader thread's niceness
 # what serving reads of a version: not its held-out rows (eval.jsonl), often the larger file
@@ -108,6 +108,16 @@ class AdapterStore:
         """Whether the host tier holds the adapter, counted neither a hit nor a miss."""
         return adapter_key(record) in self._host
 
+    def _deleted_or_invalid(self, record: AdapterRecord, error: RegistryError) -> Exception:
+        """A version deleted while this load read it is a 404, as it is for later requests."""
+        try:
+            self._registry.resolve(record.tenant, record.name, record.version)
+        except NotFound as gone:
+            return ModelNotFound(f"model {record.full_name}@{record.version} not found: {gone}")
+        except RegistryError:
+            pass
+        return AdapterFormatError(str(error))
+
     def unpin(self, key: str) -> None:
         self._host.unpin(key)
 
@@ -125,7 +135,7 @@ class AdapterStore:
         try:
             verified = self._registry.read_verified(record, _SERVED_FILES)
         except RegistryError as exc:  # tampered or missing files: refuse, never serve them
-            raise AdapterFormatError(str(exc)) from exc
+            raise self._deleted_or_invalid(record, exc) from exc
         weights = parse_adapter(
             verified.files[CONFIG_FILE],
             verified.files[WEIGHTS_FILE],

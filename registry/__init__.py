@@ -12,6 +12,7 @@ from registry.errors import (
     InvalidName,
     NotFound,
     RegistryError,
+    VersionInUse,
 )
 from registry.formats import safetensors_header
 from registry.names import ModelRef, parse_model_ref, shown, validate_name
@@ -30,6 +31,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "VerifiedFiles",
+    "VersionInUse",
     "parse_model_ref",
     "safetensors_header",
     "shown",

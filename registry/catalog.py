@@ -25,12 +25,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from registry import pointers, read_memo
+from registry import deletion, pointers, read_memo
 from registry.errors import NotFound, RegistryError
 from registry.records import AdapterRecord
 
 # 2: the latest pointer and promotion history (pointers.py); opening a version-1 catalog backfills
-SCHEMA_VERSION = 2
+# 3: deleted_versions (deletion.py), which keeps deleted version numbers from being reused
+SCHEMA_VERSION = 3
+_POINTERS_SINCE = 2
 _MAX_INTEGER = 2**63 - 1  # SQLite's largest INTEGER
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tenants (
@@ -74,6 +76,7 @@ _SCHEMA = (
         updated_at REAL NOT NULL
     )""",
     *pointers.SCHEMA,
+    *deletion.SCHEMA,
 )
 _ADAPTER_COLUMNS = (
     "tenant, name, version, content_sha256, base_sha256, rank, labels_json, size_bytes, "
@@ -210,8 +213,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     found_version = conn.execute("PRAGMA user_version").fetchone()[0]
     for statement in _SCHEMA:
         conn.execute(statement)
-    if found_version < SCHEMA_VERSION:
+    if found_version < _POINTERS_SINCE:
         pointers.backfill(conn)
+    if found_version < SCHEMA_VERSION:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -271,12 +275,13 @@ def upsert_base(conn: sqlite3.Connection, sha256: str, name: str, registered_at:
 
 
 def next_version(conn: sqlite3.Connection, tenant: str, name: str) -> int:
-    """The version a new publish of `tenant/name` gets; call under the write lock."""
+    """The version a new publish of `tenant/name` gets, after every version it ever had
+    (deleted ones too); call under the write lock."""
     row = conn.execute(
         "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE tenant = ? AND name = ?",
         (tenant, name),
     ).fetchone()
-    return int(row[0])
+    return max(int(row[0]), (deletion.highest_deleted(conn, tenant, name) or 0) + 1)
 
 
 def insert_adapter(conn: sqlite3.Connection, record: AdapterRecord, rel_path: str) -> None:

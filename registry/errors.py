@@ -28,3 +28,7 @@ class InvalidName(RegistryError, ValueError):
 
 class InvalidAdapter(RegistryError, ValueError):
     """A publish refused before anything was stored: bad manifest, missing or unsafe files."""
+
+
+class VersionInUse(RegistryError):
+    """Deleting the version a name serves while other versions remain (promote another first)."""

@@ -135,6 +135,12 @@ def rollback(conn: sqlite3.Connection, tenant: str, name: str, now: float) -> tu
     return current, rows[1]["version"]
 
 
+def forget(conn: sqlite3.Connection, tenant: str, name: str) -> None:
+    """Remove the pointer and history of `tenant/name`: its last versions are being deleted."""
+    conn.execute("DELETE FROM latest_pointers WHERE tenant = ? AND name = ?", (tenant, name))
+    conn.execute("DELETE FROM promotions WHERE tenant = ? AND name = ?", (tenant, name))
+
+
 def _set_pointer(
     conn: sqlite3.Connection, tenant: str, name: str, version: int | None, now: float
 ) -> None:

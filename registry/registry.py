@@ -15,25 +15,23 @@ while a server runs); see catalog.py for how. Versions are immutable and numbere
 (pointers.py), which `publish` moves by default and `promote` / `rollback` move explicitly.
 """
 
-import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from registry import catalog, keys, pointers
+from registry import catalog, deletion, pointers
 from registry.catalog import Catalog
-from registry.errors import AlreadyExists, NotFound, RegistryError
-from registry.manifest import is_sha256_hex
-from registry.names import is_valid_name, validate_name
+from registry.errors import NotFound, RegistryError
+from registry.names import validate_name
 from registry.publisher import Publisher
 from registry.read_memo import ReadMemo
 from registry.records import AdapterRecord, PublishItem, VerifiedFiles
 from registry.store import BlobStore
+from registry.tenancy import Tenancy
 from registry.verify import read_version_files
 
 logger = logging.getLogger(__name__)
@@ -44,7 +42,7 @@ CATALOG_FILE = "catalog.sqlite3"
 _BUSY_TIMEOUT_S = 30.0
 
 
-class Registry:
+class Registry(Tenancy):
     """The registry at `root`, created if missing.
 
     Opening also removes what crashed publishers left: temp dirs no live writer holds, version
@@ -104,150 +102,6 @@ class Registry:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
-
-    # tenants and keys
-
-    def create_tenant(self, tenant: str) -> str:
-        """Create `tenant` and return its first API key (shown once; only its hash is stored)."""
-        validate_name("tenant", tenant)
-        api_key = keys.new_api_key()
-        with self._write() as conn:
-            now = time.time()
-            if not catalog.insert_tenant(conn, tenant, now):
-                raise AlreadyExists(f"tenant {tenant!r} already exists")
-            catalog.insert_key(conn, keys.hash_api_key(api_key), tenant, now)
-        logger.info("created tenant %s", tenant)
-        return api_key
-
-    def issue_key(self, tenant: str) -> str:
-        """Return another API key for the existing `tenant`."""
-        validate_name("tenant", tenant)
-        api_key = keys.new_api_key()
-        with self._write() as conn:
-            catalog.require_tenant(conn, tenant)
-            catalog.insert_key(conn, keys.hash_api_key(api_key), tenant, time.time())
-        return api_key
-
-    def revoke_keys(self, tenant: str) -> int:
-        """Revoke every API key of `tenant`; return how many were revoked."""
-        validate_name("tenant", tenant)
-        with self._write() as conn:
-            catalog.require_tenant(conn, tenant)
-            num_revoked = catalog.delete_keys(conn, tenant)
-        logger.info("revoked %d keys of tenant %s", num_revoked, tenant)
-        return num_revoked
-
-    def revoke_key(self, tenant: str, api_key: str) -> None:
-        """Revoke one API key of `tenant` (a leaked one), leaving its other keys working;
-        NotFound when it is not one of `tenant`'s keys."""
-        validate_name("tenant", tenant)
-        key = api_key.strip() if isinstance(api_key, str) else None
-        with self._write() as conn:
-            catalog.require_tenant(conn, tenant)
-            # a key of no shape we issue (None, non-ASCII) is no tenant's key either
-            if not keys.is_well_formed_key(key) or not catalog.delete_key(
-                conn, tenant, keys.hash_api_key(key)
-            ):
-                raise NotFound(f"that key is not one of the keys of tenant {tenant!r}")
-        logger.info("revoked a key of tenant %s", tenant)
-
-    def tenants(self) -> list[str]:
-        """All tenant names, sorted."""
-        with self._read() as conn:
-            return catalog.list_tenants(conn)
-
-    def has_tenant(self, tenant: str) -> bool:
-        """True if `tenant` exists; False (not an error) for a name that could not be a tenant."""
-        if not is_valid_name("tenant", tenant):
-            return False
-        with self._read() as conn:
-            return catalog.has_tenant(conn, tenant)
-
-    def set_tenant_settings(self, tenant: str, settings: Mapping[str, Any] | None) -> None:
-        """Store `tenant`'s scheduling overrides (a JSON object), or with None remove them.
-
-        The registry does not interpret them; a running engine picks changes up by polling
-        `settings_stamp()`.
-        """
-        validate_name("tenant", tenant)
-        if settings is not None and not isinstance(settings, Mapping):
-            raise ValueError(f"tenant settings must be a JSON object, got {settings!r}")
-        with self._write() as conn:
-            catalog.require_tenant(conn, tenant)
-            if settings is None:
-                catalog.delete_settings(conn, tenant)
-            else:
-                text = json.dumps(dict(settings), sort_keys=True, allow_nan=False)
-                catalog.upsert_settings(conn, tenant, text, time.time())
-
-    def update_tenant_settings(
-        self,
-        tenant: str,
-        changes: Mapping[str, Any],
-        check: Callable[[dict[str, Any]], object] | None = None,
-    ) -> dict[str, Any]:
-        """Merge `changes` into `tenant`'s stored overrides and return the result.
-
-        The read and the write share one write transaction, so two concurrent updates of
-        different fields both survive. `check` sees the merged settings first and may raise to
-        refuse them; then nothing is stored.
-        """
-        validate_name("tenant", tenant)
-        if not isinstance(changes, Mapping):
-            raise ValueError(f"tenant settings must be a JSON object, got {changes!r}")
-        with self._write() as conn:
-            catalog.require_tenant(conn, tenant)
-            stored = catalog.select_settings(conn).get(tenant)
-            merged = {**(json.loads(stored) if stored else {}), **changes}
-            if check is not None:
-                check(merged)
-            text = json.dumps(merged, sort_keys=True, allow_nan=False)
-            catalog.upsert_settings(conn, tenant, text, time.time())
-        return merged
-
-    def tenant_settings(self) -> dict[str, dict[str, Any]]:
-        """Every tenant's stored overrides, by tenant."""
-        with self._read() as conn:
-            return {t: json.loads(text) for t, text in catalog.select_settings(conn).items()}
-
-    def settings_stamp(self) -> tuple[int, float]:
-        """A cheap value that changes whenever any tenant's settings change."""
-        with self._read() as conn:
-            return catalog.settings_stamp(conn)
-
-    def authenticate(self, api_key: str) -> str | None:
-        """The tenant owning `api_key`, or None; never raises for any key value."""
-        if not keys.is_well_formed_key(api_key):
-            return None
-        key_sha256 = keys.hash_api_key(api_key)
-        conn = self._reader()  # every request asks: answered from the memo, as resolve
-        memo = self._memo.entries(conn)
-        tenant = memo.get(("api_key", key_sha256))
-        if tenant is None:
-            tenant = catalog.tenant_for_key(conn, key_sha256)
-            if tenant is not None:  # unknown keys are not kept: guesses cannot fill it
-                memo[("api_key", key_sha256)] = tenant
-        return tenant
-
-    # base models
-
-    def register_base(self, sha256: str, name: str) -> None:
-        """Record base model weights `sha256` under a display `name`; idempotent."""
-        _check_base_sha256(sha256)
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"base model name must be a non-empty string, got {name!r}")
-        with self._write() as conn:
-            catalog.upsert_base(conn, sha256, name, time.time())
-
-    def dependents(self, base_sha256: str) -> list[AdapterRecord]:
-        """Every adapter version trained on base `base_sha256`, sorted by (tenant, name, version).
-
-        A base nobody registered still has its dependents listed: adapters name their base
-        by hash, and registering it is optional.
-        """
-        _check_base_sha256(base_sha256)
-        with self._read() as conn:
-            return catalog.select_dependents(conn, self._root, base_sha256)
 
     # adapters
 
@@ -319,8 +173,13 @@ class Registry:
         catalog.require_tenant(conn, tenant)
         highest = catalog.highest_version(conn, tenant, name)
         latest = pointers.latest(conn, tenant, name)
+        if version is not None and deletion.deleted_at(conn, tenant, name, version) is not None:
+            raise NotFound(f"adapter {tenant}/{name} version {version} was deleted")
         if highest is None:
-            raise NotFound(f"adapter {tenant}/{name} not found")
+            was_deleted = deletion.highest_deleted(conn, tenant, name) is not None
+            raise NotFound(
+                f"adapter {tenant}/{name} {'was deleted' if was_deleted else 'not found'}"
+            )
         if latest is None:
             hint = f"pin one ({name}@{highest}) or promote it"
             if version is None:
@@ -366,6 +225,51 @@ class Registry:
         logger.info("rolled %s/%s back from version %s to %d", tenant, name, left, now_latest)
         return left, self.resolve(tenant, name, now_latest)
 
+    def delete(self, tenant: str, name: str, version: int | None = None) -> list[AdapterRecord]:
+        """Delete version `version` of `tenant/name`, or with None the whole name (every version,
+        its pointer and history); return the records deleted.
+
+        Files and rows go in one write transaction: on failure nothing is deleted. Version
+        numbers are never reused; a later publish of the name numbers after every version it
+        ever had. Deleting the version the name serves while others remain raises VersionInUse;
+        an unknown tenant, name or version raises NotFound. Servers answer 404 for the deleted
+        versions from their next request on; requests already running finish as they were.
+        """
+        validate_name("tenant", tenant)
+        validate_name("adapter", name)
+        _check_version(version, allow_none=True)
+        with self._write() as conn:
+            catalog.require_tenant(conn, tenant)
+            records = [
+                record
+                for record in catalog.select_tenant_adapters(conn, self._root, tenant)
+                if record.name == name and version in (None, record.version)
+            ]
+            if records:
+                self._delete_records(conn, records)
+        if not records:
+            self.resolve(tenant, name, version)  # raises the NotFound naming what exists
+            raise NotFound(f"adapter {tenant}/{name} has nothing to delete")  # published since
+        logger.info("deleted %d version(s) of %s/%s", len(records), tenant, name)
+        return records
+
+    def delete_tenant(self, tenant: str) -> list[AdapterRecord]:
+        """Delete `tenant`: its API keys, its settings and every version of its adapters, files
+        included, in one write transaction; return the adapter records deleted.
+
+        Its version numbers stay used: a tenant created again under the same name numbers its
+        adapters' versions after them.
+        """
+        validate_name("tenant", tenant)
+        with self._write() as conn:
+            catalog.require_tenant(conn, tenant)
+            records = catalog.select_tenant_adapters(conn, self._root, tenant)
+            self._delete_records(
+                conn, records, then=lambda: deletion.delete_tenant_rows(conn, tenant)
+            )
+        logger.info("deleted tenant %s and %d adapter version(s)", tenant, len(records))
+        return records
+
     def list_adapters(self, tenant: str) -> list[AdapterRecord]:
         """Every version of every adapter of `tenant`, sorted by (name, version); `is_latest`
         marks the version each name resolves to."""
@@ -398,23 +302,23 @@ class Registry:
                     self._store.remove_version(path)
             self._store.remove_empty_dirs()
 
-    def _check_open(self) -> None:
-        if self._is_closed:
-            raise RegistryError(f"registry at {self._root} is closed")
-
-    def _reader(self) -> sqlite3.Connection:
-        self._check_open()
-        return self._catalog.reader()
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        yield self._reader()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        self._check_open()
-        with self._catalog.write() as conn:
-            yield conn
+    def _delete_records(
+        self,
+        conn: sqlite3.Connection,
+        records: Sequence[AdapterRecord],
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Delete `records` (one tenant's), and run `then` in the same transaction; commit."""
+        now = time.time()
+        versions: dict[tuple[str, str], list[int]] = {}
+        for record in records:
+            versions.setdefault((record.tenant, record.name), []).append(record.version)
+        with self._store.moved_out([record.path for record in records]):
+            for (tenant, name), numbers in versions.items():
+                deletion.delete_versions(conn, tenant, name, numbers, now)
+            if then is not None:
+                then()
+            conn.commit()
 
 
 def _check_version(version: int | None, *, allow_none: bool) -> None:
@@ -422,8 +326,3 @@ def _check_version(version: int | None, *, allow_none: bool) -> None:
         return
     if isinstance(version, bool) or not isinstance(version, int):
         raise ValueError(f"version must be an int, got {version!r}")
-
-
-def _check_base_sha256(value: str) -> None:
-    if not is_sha256_hex(value):
-        raise ValueError(f"base model SHA-256 must be 64 lowercase hex characters, got {value!r}")

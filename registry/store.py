@@ -11,10 +11,12 @@ is removed on open: temp dirs nobody holds a lock on (the kernel drops the lock 
 dies) and version dirs without a catalog row.
 """
 
+import contextlib
 import logging
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -207,6 +209,38 @@ class BlobStore:
         """`remove_version` for each of `version_dirs`, most recently installed first."""
         for version_dir in reversed(version_dirs):
             self.remove_version(version_dir)
+
+    @contextmanager
+    def moved_out(self, version_dirs: Sequence[Path]) -> Iterator[None]:
+        """Move `version_dirs` into a locked temp dir for the body, which deletes their catalog
+        rows and commits: removed for good when the body returns, put back if it raises.
+
+        The caller holds the catalog's write lock, so no publisher renames into the tenant and
+        name directories this prunes. A directory already missing is skipped.
+        """
+        temp_dir, lock_fd = self._new_temp_dir()
+        moved: list[tuple[Path, Path]] = []
+        try:
+            for index, version_dir in enumerate(version_dirs):
+                if not version_dir.is_relative_to(self._dir):
+                    raise ValueError(f"{version_dir} is not inside {self._dir}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(version_dir, temp_dir / str(index))
+                    moved.append((version_dir, temp_dir / str(index)))
+            for parent in _parent_dirs(version_dirs, self._dir)[:-1]:
+                prune_empty_dirs(parent, self._dir)
+            for parent in _parent_dirs(version_dirs, self._dir):
+                if parent.exists():
+                    self._sync_dir(parent)
+            yield
+        except BaseException:
+            for version_dir, trashed in reversed(moved):
+                version_dir.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(trashed, version_dir)
+            raise
+        finally:
+            remove_tree(temp_dir)
+            os.close(lock_fd)
 
     def remove_stale_temp_dirs(self) -> int:
         """Remove temp dirs no writer holds a lock on; return how many were removed."""

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from aiohttp import web
 
 from engine import Engine, EngineConfig
+from server.adapter_routes import add_adapter_routes
 from server.errors import error_middleware
 from server.frontend import SHUTDOWN_GRACE_S
 from server.metrics import add_metrics, timing_middleware
@@ -49,6 +50,7 @@ def create_app(
     app[MAX_BODY_BYTES] = max_body_bytes
     app[STREAMS] = set()
     add_routes(app)
+    add_adapter_routes(app)
     add_train_routes(app, training or TrainServiceConfig())
     if metrics:
         add_metrics(app, metrics_key)

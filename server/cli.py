@@ -92,11 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-rows", type=int, help="inputs it may have waiting (then 429)")
     p.add_argument("--reset", action="store_true", help="back to the server's defaults")
     p.set_defaults(handler=admin.tenants_set)
+    p = tenants.add_parser(
+        "delete",
+        parents=[common],
+        help="delete a tenant: its keys, settings and every adapter version, files included",
+    )
+    p.add_argument("tenant")
+    p.add_argument("--yes", action="store_true", help="confirm; without it nothing is deleted")
+    p.set_defaults(handler=admin.tenants_delete)
 
     _train_parser(sub, common)
 
     adapters = sub.add_parser(
-        "adapters", help="import, list, promote and roll back adapters"
+        "adapters", help="import, list, promote, roll back and delete adapters"
     ).add_subparsers(dest="action", required=True)
     p = adapters.add_parser(
         "import", parents=[common], help="register PEFT adapter directories (task_type=SEQ_CLS)"
@@ -120,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ref", metavar="TENANT/NAME")
     p.set_defaults(handler=admin.adapters_rollback)
+    p = adapters.add_parser(
+        "delete",
+        parents=[common],
+        help="delete one version (acme/spam@2) or every version of a name (acme/spam)",
+    )
+    p.add_argument("ref", metavar="TENANT/NAME[@VERSION]")
+    p.add_argument("--yes", action="store_true", help="confirm; without it nothing is deleted")
+    p.set_defaults(handler=admin.adapters_delete)
 
     p = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     serve_options(p)

@@ -97,6 +97,19 @@ def tenants_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def tenants_delete(args: argparse.Namespace) -> int:
+    with open_registry(args) as registry:
+        if not args.yes:
+            count = len(registry.list_adapters(args.tenant))  # NotFound for an unknown tenant
+            raise ValueError(
+                f"this deletes tenant {args.tenant!r}, its API keys and its {count} adapter "
+                "version(s), files included; repeat with --yes"
+            )
+        records = registry.delete_tenant(args.tenant)
+    print(f"deleted tenant {args.tenant!r} and {len(records)} adapter version(s)")
+    return 0
+
+
 # adapters --------------------------------------------------------------------------------
 
 
@@ -171,6 +184,31 @@ def adapters_rollback(args: argparse.Namespace) -> int:
     with open_registry(args) as registry:
         left, record = registry.rollback(ref.tenant, ref.name)
     print(f"{record.full_name}: rolled back from version {left} to {record.version}")
+    return 0
+
+
+def adapters_delete(args: argparse.Namespace) -> int:
+    from registry import parse_model_ref
+
+    ref = parse_model_ref(args.ref)
+    if ref.tenant is None:
+        raise ValueError(f"expected TENANT/NAME[@VERSION] (e.g. acme/spam@2), got {args.ref!r}")
+    with open_registry(args) as registry:
+        if not args.yes:
+            doomed = [
+                str(record.version)
+                for record in registry.list_adapters(ref.tenant)
+                if record.name == ref.name and ref.version in (None, record.version)
+            ]
+            if not doomed:
+                registry.resolve(ref.tenant, ref.name, ref.version)  # the NotFound saying why
+            raise ValueError(
+                f"this deletes version(s) {', '.join(doomed)} of {ref.tenant}/{ref.name}, "
+                "files included; repeat with --yes"
+            )
+        records = registry.delete(ref.tenant, ref.name, ref.version)
+    versions = ", ".join(str(record.version) for record in records)
+    print(f"{ref.tenant}/{ref.name}: deleted version(s) {versions}")
     return 0
 
 

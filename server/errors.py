@@ -39,6 +39,7 @@ METHOD_NOT_ALLOWED = "method_not_allowed"
 TOO_LARGE = "too_large"
 ADAPTER_INCOMPATIBLE = "adapter_incompatible"
 ADAPTER_INVALID = "adapter_invalid"
+CONFLICT = "conflict"  # the state forbids it now: a finished job, the version a name serves
 OVERLOADED = "overloaded"
 RATE_LIMITED = "rate_limited"
 TIMEOUT = "timeout"

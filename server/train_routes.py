@@ -1,11 +1,10 @@
-"""Training over HTTP and moving a model's latest pointer.
+"""Training over HTTP.
 
 ``POST /v1/train`` validates the upload and queues a job for the caller's tenant (see
 train_upload.py for the body); ``GET /v1/train[/{id}]`` shows jobs, ``GET /v1/train/{id}/events``
 streams their events (NDJSON, or SSE with ``Accept: text/event-stream``), ``DELETE
-/v1/train/{id}`` cancels one. ``POST /v1/adapters/{name}/promote`` and ``.../rollback`` move the
-name's latest pointer. Jobs run in worker processes owned by a `JobManager` (training/jobs.py)
-that lives as long as the app.
+/v1/train/{id}`` cancels one. Jobs run in worker processes owned by a `JobManager`
+(training/jobs.py) that lives as long as the app.
 """
 
 import asyncio
@@ -18,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgspec
 from aiohttp import web
 
 from engine import EngineError
-from registry import InvalidName, NotFound, validate_name
+from registry import InvalidName, validate_name
 from server.errors import (
-    INVALID_JSON,
+    CONFLICT,
     INVALID_REQUEST,
     NOT_FOUND,
     RATE_LIMITED,
@@ -33,7 +31,7 @@ from server.errors import (
     ApiError,
 )
 from server.routes import ENGINE, STREAMS, authenticate
-from server.schemas import NDJSON, decode_json, json_response, ndjson_line, unknown_field
+from server.schemas import NDJSON, json_response, ndjson_line
 from server.train_upload import parse_options, read_upload
 from training import (
     FINAL_EVENTS,
@@ -50,7 +48,6 @@ from training import (
 
 log = logging.getLogger(__name__)
 
-CONFLICT = "conflict"
 INVALID_DATA = "invalid_data"
 SSE = "text/event-stream"
 UPLOAD_THREADS = 32  # uploads in their tenants' limits at once; most wait for the validator
@@ -105,8 +102,6 @@ def add_train_routes(app: web.Application, config: TrainServiceConfig) -> None:
             web.get("/v1/train/{id}", get_job),
             web.delete("/v1/train/{id}", cancel_job),
             web.get("/v1/train/{id}/events", job_events),
-            web.post("/v1/adapters/{name}/promote", promote),
-            web.post("/v1/adapters/{name}/rollback", rollback),
         ]
     )
     app.cleanup_ctx.append(_run_job_manager)
@@ -237,77 +232,6 @@ async def _follow(
         if is_final:
             return
         await asyncio.sleep(poll_s)
-
-
-# the latest pointer ----------------------------------------------------------------------
-
-
-async def promote(request: web.Request) -> web.Response:
-    """``{"version": N}``: make version N the one the caller's model name serves."""
-    engine = request.app[ENGINE]
-    tenant = authenticate(request, engine)
-    name = request.match_info["name"]
-    version = _version_field(await request.read())
-    call = functools.partial(engine.registry.promote, tenant, name, version)
-    record = await _registry_call(call, name)
-    return json_response({"model": record.full_name, "version": record.version, "latest": True})
-
-
-async def rollback(request: web.Request) -> web.Response:
-    """Serve the version promoted before the current one again."""
-    engine = request.app[ENGINE]
-    tenant = authenticate(request, engine)
-    name = request.match_info["name"]
-    _no_fields(await request.read())
-    left, record = await _registry_call(
-        functools.partial(engine.registry.rollback, tenant, name), name
-    )
-    body = {"model": record.full_name, "version": record.version, "previous": left}
-    return json_response(body)
-
-
-def _no_fields(raw: bytes) -> None:
-    """Rollback takes no body, or ``{}``: a client that sent a version meant something else
-    (promote), and must not have the pointer moved elsewhere without an error."""
-    if not raw.strip():
-        return
-    body = _json_body(raw)
-    if not isinstance(body, dict):
-        raise ApiError(422, INVALID_REQUEST, "the body, if any, must be a JSON object")
-    if body:
-        field = sorted(body)[0]
-        message, field = unknown_field(field)
-        raise ApiError(422, INVALID_REQUEST, message, field=field)
-
-
-def _json_body(raw: bytes) -> Any:
-    try:
-        return decode_json(raw)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, INVALID_JSON, f"request body is not valid JSON: {exc}") from None
-
-
-def _version_field(raw: bytes) -> int:
-    body = _json_body(raw)
-    version = body.get("version") if isinstance(body, dict) else None
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ApiError(
-            422, INVALID_REQUEST, "'version' must be a positive integer", field="version"
-        )
-    if set(body) != {"version"}:
-        field = sorted(set(body) - {"version"})[0]
-        message, field = unknown_field(field)
-        raise ApiError(422, INVALID_REQUEST, message, field=field)
-    return version
-
-
-async def _registry_call(call: Callable[[], T], name: str) -> T:
-    try:
-        return await _in_thread(call)
-    except InvalidName as exc:
-        raise ApiError(404, NOT_FOUND, f"model {name!r} not found ({exc})") from None
-    except NotFound as exc:  # the message names only the caller's own tenant and versions
-        raise ApiError(404, NOT_FOUND, str(exc)) from None
 
 
 # request parts ---------------------------------------------------------------------------

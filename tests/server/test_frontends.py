@@ -127,6 +127,10 @@ async def test_other_routes_and_streams_go_to_the_engines_app(
             assert response.status == 200 and (await response.json())["name"] == "spam"
     async with session.get(f"{url}/v1/adapters/secret", headers=auth) as response:
         assert response.status == 404
+    async with session.delete(f"{url}/v1/adapters/secret", headers=auth) as response:
+        assert response.status == 404  # bob's: acme cannot delete it, nor learn it exists
+    async with session.delete(f"{url}/v1/adapters/spam@2", headers=auth) as response:
+        assert response.status == 409 and (await response.json())["error"]["type"] == "conflict"
     async with session.get(f"{url}/ready") as response:
         assert (await response.json())["backbone_sha256"] == engine.backbone.sha256
     async with session.get(f"{url}/nowhere") as response:

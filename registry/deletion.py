@@ -1,0 +1,87 @@
+"""Deleting adapter versions, whole names and tenants from the catalog.
+
+A deleted version leaves a row in ``deleted_versions``, kept even when its tenant is deleted:
+version numbers are never reused, so ``acme/spam@3`` names the same bytes for as long as the
+registry exists. Servers key their caches by that name (``adapter_key``), and a client that
+pinned a version must get that version or a 404, never a newer adapter under the old number.
+
+The functions take a connection inside the catalog's write transaction; the caller moves the
+version directories out of place (`BlobStore.trash`) in the same transaction.
+"""
+
+import sqlite3
+from collections.abc import Sequence
+
+from registry import pointers
+from registry.errors import VersionInUse
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS deleted_versions (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        deleted_at REAL NOT NULL,
+        PRIMARY KEY (tenant, name, version)
+    )""",
+)
+
+
+def delete_versions(
+    conn: sqlite3.Connection, tenant: str, name: str, versions: Sequence[int], now: float
+) -> None:
+    """Delete `versions` (existing ones) of `tenant/name`, with their history rows.
+
+    Deleting some but not all versions refuses the one the name serves (VersionInUse): which
+    version would be served next is the caller's choice (promote or roll back first). Deleting
+    every version also removes the name's pointer and history.
+    """
+    remaining = {
+        row[0]
+        for row in conn.execute(
+            "SELECT version FROM adapters WHERE tenant = ? AND name = ?", (tenant, name)
+        )
+    } - set(versions)
+    if remaining:
+        latest = pointers.latest(conn, tenant, name)
+        if latest in versions:
+            raise VersionInUse(
+                f"version {latest} is what {tenant}/{name} serves: promote or roll back to "
+                "another version first, or delete the whole name"
+            )
+    else:
+        pointers.forget(conn, tenant, name)
+    for version in versions:
+        key = (tenant, name, version)
+        conn.execute("DELETE FROM promotions WHERE tenant = ? AND name = ? AND version = ?", key)
+        conn.execute(
+            "INSERT INTO deleted_versions (tenant, name, version, deleted_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (*key, now),
+        )
+        conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ? AND version = ?", key)
+
+
+def delete_tenant_rows(conn: sqlite3.Connection, tenant: str) -> None:
+    """Delete `tenant`'s keys, settings and tenant row; its adapters must be deleted first."""
+    conn.execute("DELETE FROM api_keys WHERE tenant = ?", (tenant,))
+    conn.execute("DELETE FROM tenant_settings WHERE tenant = ?", (tenant,))
+    conn.execute("DELETE FROM tenants WHERE name = ?", (tenant,))
+
+
+def deleted_at(conn: sqlite3.Connection, tenant: str, name: str, version: int) -> float | None:
+    """When version `version` of `tenant/name` was deleted, or None if it never was."""
+    if not 0 < version < 2**63:  # no row holds it, and SQLite cannot even bind it
+        return None
+    row = conn.execute(
+        "SELECT deleted_at FROM deleted_versions WHERE tenant = ? AND name = ? AND version = ?",
+        (tenant, name, version),
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def highest_deleted(conn: sqlite3.Connection, tenant: str, name: str) -> int | None:
+    """The highest version of `tenant/name` ever deleted, or None."""
+    row = conn.execute(
+        "SELECT MAX(version) FROM deleted_versions WHERE tenant = ? AND name = ?", (tenant, name)
+    ).fetchone()
+    return row[0]

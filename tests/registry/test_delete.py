@@ -1,0 +1,179 @@
+"""Deleting versions, names and tenants: files and rows go together, numbers are never reused."""
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry import NotFound, Registry, VersionInUse, deletion
+from server.cli import main
+
+Make = Callable[..., Path]
+
+
+def _publish(registry: Registry, make: Make, manifest: dict[str, Any], **kwargs: Any) -> int:
+    return registry.publish("acme", "spam", make(), manifest, **kwargs).version
+
+
+def _versions(registry: Registry, name: str = "spam") -> list[int]:
+    return [r.version for r in registry.list_adapters("acme") if r.name == name]
+
+
+def _leftovers(registry: Registry) -> list[str]:
+    return sorted(e for e in os.listdir(registry.root / "adapters") if e.startswith("."))
+
+
+def test_delete_one_version_keeps_the_others_and_never_reuses_its_number(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    for _ in range(3):
+        _publish(registry, make_adapter, manifest)
+    registry.promote("acme", "spam", 2)
+    third = registry.resolve("acme", "spam", 3)
+    (deleted,) = registry.delete("acme", "spam", 3)
+    assert deleted == third and not third.path.exists()
+    assert _versions(registry) == [1, 2] and registry.resolve("acme", "spam").version == 2
+    with pytest.raises(NotFound, match="acme/spam version 3 was deleted"):
+        registry.resolve("acme", "spam", 3)
+    with pytest.raises(NotFound, match="version 3 was deleted"):
+        registry.delete("acme", "spam", 3)
+    # the highest number was deleted, and still the next publish numbers after it
+    assert _publish(registry, make_adapter, manifest, promote=False) == 4
+    assert _leftovers(registry) == []
+
+
+def test_the_version_a_name_serves_is_refused_while_others_remain(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    _publish(registry, make_adapter, manifest)
+    latest = registry.resolve("acme", "spam", _publish(registry, make_adapter, manifest))
+    with pytest.raises(VersionInUse, match="version 2 is what acme/spam serves"):
+        registry.delete("acme", "spam", 2)
+    assert latest.path.is_dir() and _versions(registry) == [1, 2]
+    assert registry.resolve("acme", "spam") == latest
+    registry.rollback("acme", "spam")
+    registry.delete("acme", "spam", 2)
+    assert registry.resolve("acme", "spam").version == 1 and _leftovers(registry) == []
+
+
+def test_rollback_skips_a_deleted_version(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    for _ in range(3):
+        _publish(registry, make_adapter, manifest)  # promoted in turn: history 1, 2, 3
+    registry.delete("acme", "spam", 2)
+    assert registry.rollback("acme", "spam")[1].version == 1
+
+
+def test_delete_a_whole_name(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    for _ in range(2):
+        _publish(registry, make_adapter, manifest)
+    registry.publish("acme", "news", make_adapter(), manifest)
+    assert [r.version for r in registry.delete("acme", "spam")] == [1, 2]
+    assert not (registry.root / "adapters" / "acme" / "spam").exists()
+    assert [r.name for r in registry.list_adapters("acme")] == ["news"]
+    with pytest.raises(NotFound, match="adapter acme/spam was deleted"):
+        registry.resolve("acme", "spam")
+    with pytest.raises(NotFound, match="adapter acme/spam was deleted"):
+        registry.delete("acme", "spam")
+    with pytest.raises(NotFound, match="not found"):
+        registry.delete("acme", "never")
+    with pytest.raises(NotFound, match="tenant 'nobody' not found"):
+        registry.delete("nobody", "spam")
+    # published again, the name starts after every number it ever had, with a fresh history
+    again = registry.publish("acme", "spam", make_adapter(), manifest)
+    assert again.version == 3 and again.is_latest
+    with pytest.raises(NotFound, match="no previously promoted version"):
+        registry.rollback("acme", "spam")
+
+
+def test_delete_tenant_removes_keys_settings_and_files(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    key = registry.issue_key("acme")
+    registry.set_tenant_settings("acme", {"weight": 2.0})
+    _publish(registry, make_adapter, manifest)
+    registry.publish("acme", "news", make_adapter(), manifest)
+    registry.create_tenant("bob")
+    registry.publish("bob", "spam", make_adapter(), manifest)
+    assert registry.authenticate(key) == "acme"
+    assert sorted(r.name for r in registry.delete_tenant("acme")) == ["news", "spam"]
+    assert registry.authenticate(key) is None and registry.tenants() == ["bob"]
+    assert registry.tenant_settings() == {}
+    assert not (registry.root / "adapters" / "acme").exists()
+    assert registry.resolve("bob", "spam").path.is_dir()
+    with pytest.raises(NotFound, match="tenant 'acme' not found"):
+        registry.delete_tenant("acme")
+    # a tenant created again under the name never gets the old numbers
+    registry.create_tenant("acme")
+    assert _publish(registry, make_adapter, manifest) == 2
+
+
+def test_a_failed_delete_changes_nothing(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any], monkeypatch
+) -> None:
+    key = registry.issue_key("acme")
+    for _ in range(2):
+        _publish(registry, make_adapter, manifest)
+    before = registry.list_adapters("acme")
+
+    def fail(*args: Any) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(deletion, "delete_tenant_rows", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        registry.delete_tenant("acme")
+    assert registry.list_adapters("acme") == before and registry.authenticate(key) == "acme"
+    for record in before:  # the files were put back, and still verify
+        assert registry.read_verified(record).files
+    assert _leftovers(registry) == []
+
+
+def test_another_process_sees_the_delete(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    for _ in range(2):
+        _publish(registry, make_adapter, manifest, promote=False)
+    with Registry(registry.root) as other:
+        assert other.resolve("acme", "spam", 1).version == 1  # now in its memo
+        registry.delete("acme", "spam", 1)
+        with pytest.raises(NotFound, match="version 1 was deleted"):
+            other.resolve("acme", "spam", 1)
+
+
+def test_cli_delete_asks_for_yes_then_deletes(
+    tmp_path: Path, make_adapter: Make, manifest: dict[str, Any], capsys
+) -> None:
+    root = tmp_path / "reg"
+    with Registry(root) as registry:
+        registry.create_tenant("acme")
+        for _ in range(3):
+            _publish(registry, make_adapter, manifest, promote=False)
+        registry.promote("acme", "spam", 1)
+    reg = ["--registry", str(root)]
+    assert main(["adapters", "delete", "acme/spam@2", *reg]) == 2
+    assert "deletes version(s) 2 of acme/spam, files included; repeat with --yes" in (
+        capsys.readouterr().err
+    )
+    assert main(["adapters", "delete", "acme/spam@2", "--yes", *reg]) == 0
+    assert capsys.readouterr().out.strip() == "acme/spam: deleted version(s) 2"
+    assert main(["adapters", "delete", "acme/spam@1", "--yes", *reg]) == 2
+    assert "version 1 is what acme/spam serves" in capsys.readouterr().err
+    assert main(["adapters", "delete", "acme/spam@9", *reg]) == 2
+    assert "no version 9" in capsys.readouterr().err
+    assert main(["adapters", "delete", "spam", "--yes", *reg]) == 2
+    assert "expected TENANT/NAME[@VERSION]" in capsys.readouterr().err
+    assert main(["adapters", "delete", "acme/spam", "--yes", *reg]) == 0
+    assert capsys.readouterr().out.strip() == "acme/spam: deleted version(s) 1, 3"
+    assert main(["tenants", "delete", "acme", *reg]) == 2
+    assert "its API keys and its 0 adapter version(s)" in capsys.readouterr().err
+    assert main(["tenants", "delete", "acme", "--yes", *reg]) == 0
+    assert "deleted tenant 'acme'" in capsys.readouterr().out
+    assert main(["tenants", "delete", "acme", "--yes", *reg]) == 2
+    assert "tenant 'acme' not found" in capsys.readouterr().err
+    with Registry(root) as registry:
+        assert registry.tenants() == []
