@@ -1,4 +1,12 @@
-"""Training: validate a tenant's labeled data, train a head, LoRA + head, or a full model."""
+"""Training: validate a tenant's labeled data, train a head, LoRA + head, or a full model.
+
+The names that need torch (training itself) load on first use, so that a process that only
+reads and checks data (the server's upload checker, training/upload_checker.py) starts without
+torch and transformers.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from training.config import MODES, WEIGHTS_DTYPES, TrainConfig
 from training.data import DataError, Example, clean_examples, examples_from_records, load_examples
@@ -13,15 +21,35 @@ from training.datasets import (
     stratified_split,
     write_csv,
 )
-from training.full_model import FullModel, load_full_model
 from training.job_config import JobConflict, JobNotFound, JobsConfig, JobsUnavailable, TooManyJobs
 from training.job_store import FINAL_EVENTS, JobRecord, is_job_id
 from training.job_uploads import InvalidData
 from training.jobs import JobManager
 from training.metrics import classification_metrics
-from training.recipe import TrainingDiverged
-from training.trainer import TrainResult, train_adapter
 from training.validation import DataReport, raise_for_errors, validate_examples
+
+if TYPE_CHECKING:
+    from training.full_model import FullModel, load_full_model
+    from training.recipe import TrainingDiverged
+    from training.trainer import TrainResult, train_adapter
+
+_NEEDS_TORCH = {
+    "FullModel": "training.full_model",
+    "load_full_model": "training.full_model",
+    "TrainingDiverged": "training.recipe",
+    "TrainResult": "training.trainer",
+    "train_adapter": "training.trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _NEEDS_TORCH.get(name)
+    if module is None:
+        raise AttributeError(f"module 'training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
 
 __all__ = [
     "DATASETS",

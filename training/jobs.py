@@ -12,8 +12,9 @@ job_worker.py); a registry publish is atomic, so no state of a job leaves half a
 
 Threads: one manager thread starts every worker (the worker's life is tied to that thread, see
 `_die_with_parent`), relays their messages to the store and reaps them. Public methods may be
-called from any thread; they are short, except `submit` (validates the upload) and `cancel`
-(waits for the worker to end), which callers on an event loop run in an executor.
+called from any thread; they are short, except `submit` (waits while the checker process,
+upload_checker.py, validates the upload) and `cancel` (waits for the worker to end), which
+callers on an event loop run in an executor.
 """
 
 import contextlib
@@ -44,7 +45,8 @@ from training.job_store import (
     lock_jobs_dir,
     new_job_id,
 )
-from training.job_uploads import check_suffix, validate_upload
+from training.job_uploads import check_suffix
+from training.upload_checker import UploadChecker
 from training.validation import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class JobManager:
     def __init__(self, config: JobsConfig, registry: Registry, tokenizer: Tokenizer) -> None:
         self._config = config
         self._registry = registry  # to find what a worker that died had published
-        self._tokenizer = tokenizer  # validation's own: a fast tokenizer is not reentrant
+        self._checker = UploadChecker(tokenizer)  # validation's own: not reentrant
         self._validate_lock = threading.Lock()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a job changed state
@@ -88,6 +90,7 @@ class JobManager:
             self._jobs[record.id] = record
             if not record.is_final:
                 self._settle_orphan(record)
+        self._checker.start()
         self._thread = threading.Thread(target=self._run, name="graft-train-jobs", daemon=True)
         self._thread.start()
 
@@ -99,6 +102,7 @@ class JobManager:
         self._wake()
         if self._thread is not None:
             self._thread.join()
+        self._checker.close()
         self._wake_reader.close()
         self._wake_writer.close()
         if self._lock_fd is not None:
@@ -131,7 +135,7 @@ class JobManager:
             staging = store.stage(data, data_file)
             try:
                 with self._validate_lock:
-                    report = validate_upload(staging / data_file, filename, self._tokenizer)
+                    report = self._checker.check(staging / data_file, filename)
                 record = JobRecord(
                     id=new_job_id(),
                     tenant=tenant,

@@ -427,8 +427,8 @@ async def test_uploads_waiting_for_the_validator_hold_up_no_promote(
         checking.wait(WAIT_S)
         raise InvalidData("the check found nothing to train on")
 
-    monkeypatch.setattr("training.jobs.validate_upload", slow_rejection)
     manager = client.server.app[TRAINING].manager
+    monkeypatch.setattr(manager._checker, "check", slow_rejection)
     uploads = [
         asyncio.create_task(
             client.post("/v1/train", data=form(sms_csv(), name="zz", **TINY), headers=bearer(key))

@@ -157,7 +157,7 @@ def test_uploads_being_checked_count_against_the_tenants_jobs(make_manager, monk
         checking.wait(WAIT_S)
         raise InvalidData("the check found nothing to train on")
 
-    monkeypatch.setattr("training.jobs.validate_upload", slow_rejection)
+    monkeypatch.setattr(manager._checker, "check", slow_rejection)
     with ThreadPoolExecutor(3) as pool:
         waiting = [pool.submit(submit, manager) for _ in range(2)]
         wait_for(lambda: manager._uploading.get("acme") == 2)

@@ -1,0 +1,88 @@
+"""The upload checker process: the same reports and errors as checking in this process."""
+
+import copy
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from engine import Backbone
+from training import load_sms_spam
+from training.job_uploads import InvalidData, validate_upload
+from training.upload_checker import UploadChecker, _DefinedTokenizer
+
+SMALL = (
+    [f"win cash {i}" for i in range(6)] + [f"see you {i}" for i in range(6)],
+    ["s"] * 6 + ["h"] * 6,
+)
+ODD_TEXTS = ["\u200b", "café ☕ 🎉 naïve", "ÆØÅ 東京 ١٢٣", "x" * 3000, "\x00 tab\tend", "  "]
+
+
+def _write_upload(path: Path, texts: list[str], labels: list[str]) -> Path:
+    rows = (json.dumps({"text": t, "label": label}) for t, label in zip(texts, labels, strict=True))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_the_defined_tokenizer_counts_as_the_hugging_face_one(backbone: Backbone) -> None:
+    tokenizer = backbone.tokenizer
+    defined = _DefinedTokenizer(tokenizer.backend_tokenizer.to_str(), tokenizer.unk_token_id)
+    texts = [example.text for example in load_sms_spam()[:500]] + ODD_TEXTS
+    options = {"add_special_tokens": False, "truncation": False, "verbose": False}
+    assert defined(texts, **options)["input_ids"] == tokenizer(texts, **options)["input_ids"]
+    assert defined.unk_token_id == tokenizer.unk_token_id
+
+
+@pytest.fixture
+def checker(backbone: Backbone):
+    started = UploadChecker(copy.deepcopy(backbone.tokenizer))
+    started.start()
+    yield started
+    started.close()
+
+
+def test_reports_and_refusals_equal_those_made_here(
+    checker: UploadChecker, backbone: Backbone, tmp_path: Path
+) -> None:
+    sms = load_sms_spam()[:300]
+    texts = [e.text for e in sms] + ODD_TEXTS + [sms[0].text]  # a duplicate, odd rows
+    labels = [e.label for e in sms] + ["ham"] * (len(ODD_TEXTS) + 1)
+    upload = _write_upload(tmp_path / "ok.jsonl", texts, labels)
+    here = validate_upload(upload, "mine.jsonl", backbone.tokenizer)
+    assert checker.check(upload, "mine.jsonl") == here
+    assert here["num_rows"] == len(texts) and here["warnings"]
+
+    one_class = _write_upload(tmp_path / "bad.jsonl", ["a", "b", "c"], ["ham"] * 3)
+    with pytest.raises(InvalidData, match="mine.jsonl: .*only one class") as caught:
+        checker.check(one_class, "mine.jsonl")
+    assert caught.value.report["num_rows"] == 3 and caught.value.rows
+    unreadable = tmp_path / "bad.csv"
+    unreadable.write_text("text,label\nhello,ham\nonly one column\n")
+    with pytest.raises(InvalidData, match="1 unreadable row") as caught:
+        checker.check(unreadable, "mine.csv")
+    assert caught.value.rows == (2,) and str(tmp_path) not in str(caught.value)
+
+
+def test_a_checker_process_that_dies_is_replaced(checker: UploadChecker, tmp_path: Path) -> None:
+    upload = _write_upload(tmp_path / "ok.jsonl", *SMALL)
+    first = checker.check(upload, "a.jsonl")
+    (pid,) = checker._pool._processes  # the one checker process
+    os.kill(pid, signal.SIGKILL)
+    assert checker.check(upload, "a.jsonl") == first
+    assert pid not in checker._pool._processes
+
+
+def test_a_tokenizer_without_a_definition_is_used_here(backbone: Backbone, tmp_path) -> None:
+    class Slow:  # a Python-only tokenizer: nothing to hand to another process
+        unk_token_id = backbone.tokenizer.unk_token_id
+
+        def __call__(self, text, **kwargs):
+            return backbone.tokenizer(text, **kwargs)
+
+    checker = UploadChecker(Slow())
+    checker.start()
+    upload = _write_upload(tmp_path / "ok.jsonl", *SMALL)
+    assert checker.check(upload, "a.jsonl")["num_rows"] == 12 and checker._pool is None
+    checker.close()
