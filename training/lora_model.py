@@ -139,5 +139,6 @@ def fit_lora(
         on_event=on_event,
     )
     round_for_storage([*model.a, *model.b_t, *model.head.parameters()], config)
-    predictions = predict_labels(model, backbone, split.held_out, split.labels, config.max_length)
+    # held out at the length the engine serves, so the metrics are the served model's
+    predictions = predict_labels(model, backbone, split.held_out, split.labels, backbone.max_tokens)
     return Fitted(model.head, predictions, epochs_run, factors=model.lora_factors())

@@ -93,7 +93,7 @@ def train_adapter(
     gold = [e.label for e in split.held_out]
     metrics = classification_metrics(gold, fitted.predictions, split.labels)
     train_seconds = time.perf_counter() - started
-    training = _training_summary(config, split, fitted.epochs_run, train_seconds)
+    training = _training_summary(backbone, config, split, fitted.epochs_run, train_seconds)
     record, model_dir = None, None
     if isinstance(destination, Path):
         extra = {"metrics": metrics, "data": report.to_dict(), "training": training}
@@ -161,7 +161,7 @@ def _write_weights(
 
 
 def _training_summary(
-    config: TrainConfig, split: Split, epochs_run: int, train_seconds: float
+    backbone: Backbone, config: TrainConfig, split: Split, epochs_run: int, train_seconds: float
 ) -> dict[str, Any]:
     return {
         "mode": config.mode,
@@ -169,6 +169,9 @@ def _training_summary(
         "train_examples": len(split.train),
         "val_examples": len(split.val),
         "eval_examples": len(split.held_out),
+        # held-out texts are read as the engine serves them: whole, up to the backbone's limit
+        # (a full model is evaluated at max_length, which it stores as its own limit)
+        "eval_max_tokens": config.max_length if config.mode == "full" else backbone.max_tokens,
         "fixed_test_set": split.is_fixed_test,
         "epochs_run": epochs_run,
         "train_seconds": round(train_seconds, 3),

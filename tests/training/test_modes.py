@@ -31,13 +31,36 @@ def sms() -> list[Example]:
 
 
 async def _serve(registry: Registry, name: str, texts: list[str]) -> tuple[list[str], int]:
-    """Labels the engine gives ``texts``, and the adapter pool pages the model took."""
-    config = EngineConfig(registry_dir=registry.root, max_input_tokens=MAX_LENGTH)
+    """Labels the engine gives ``texts`` as it serves by default (up to the backbone's limit,
+    not training's MAX_LENGTH), and the adapter pool pages the model took."""
+    config = EngineConfig(registry_dir=registry.root)
     async with Engine(config) as engine:
         free_before = engine.stats()["adapter_pages_free"]
         preds = await engine.classify("acme", name, texts)
         pages_taken = free_before - engine.stats()["adapter_pages_free"]
     return [p.label for p in preds], pages_taken
+
+
+async def test_held_out_texts_longer_than_max_length_are_measured_as_served(
+    backbone, registry, sms
+) -> None:
+    """Training cuts texts at max_length, the engine does not: the recorded metrics must be
+    what the engine answers for the whole text."""
+    benign = "see you at lunch tomorrow, I will bring the notes from class. " * 3
+    pushy = "WIN a FREE prize now, txt CLAIM to 80082, cash award guaranteed! " * 12
+    longer = [Example(f"{row}: {benign} {pushy}", "spam", row) for row in range(4)]
+    longer += [Example(f"{row}: {pushy[:60]} {benign * 8}", "ham", row) for row in range(4, 8)]
+    config = TrainConfig(**HEAD)
+    result = train_adapter(
+        backbone, registry, "acme", "long", sms, config, test_examples=longer, progress=False
+    )
+    texts, gold = [e.text for e in longer], [e.label for e in longer]
+    served, _ = await _serve(registry, "long", texts)
+    assert classification_metrics(gold, served, result.record.labels) == result.metrics
+    cut = EngineConfig(registry_dir=registry.root, max_input_tokens=MAX_LENGTH)
+    async with Engine(cut) as engine:
+        cut_labels = [p.label for p in await engine.classify("acme", "long", texts)]
+    assert cut_labels != served  # the texts do tell the two lengths apart
 
 
 async def test_head_mode_publishes_rank_0_served_as_measured(backbone, registry, sms) -> None:
@@ -59,6 +82,14 @@ async def test_head_mode_publishes_rank_0_served_as_measured(backbone, registry,
     gold = [r["label"] for r in held_out]
     assert classification_metrics(gold, served, record.labels) == result.metrics
     assert pages_taken == 0
+    assert record.manifest["training"]["eval_max_tokens"] == backbone.max_tokens
+    assert (
+        sum(
+            len(backbone.tokenizer(t)["input_ids"]) > MAX_LENGTH
+            for t in [r["text"] for r in held_out]
+        )
+        >= 3
+    )
 
 
 def test_head_mode_is_reproducible_for_a_seed(backbone, registry, sms) -> None:
