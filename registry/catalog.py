@@ -181,6 +181,9 @@ class Catalog:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            # deleted rows (a deleted tenant's keys, labels, metrics) are overwritten with
+            # zeros rather than left in free space, where a copy of the file would keep them
+            conn.execute("PRAGMA secure_delete = ON")
         except BaseException:
             conn.close()
             raise
@@ -211,6 +214,11 @@ class Catalog:
 def _migrate(conn: sqlite3.Connection) -> None:
     """Create what is missing and upgrade an older catalog; call in a write transaction."""
     found_version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found_version > SCHEMA_VERSION:  # it may rely on rows this version would not keep
+        raise RegistryError(
+            f"the catalog has schema {found_version}, newer than this graft's "
+            f"{SCHEMA_VERSION}: upgrade graft to open it"
+        )
     for statement in _SCHEMA:
         conn.execute(statement)
     if found_version < _POINTERS_SINCE:

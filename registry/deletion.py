@@ -4,11 +4,15 @@ A deleted version leaves a row in ``deleted_versions``, kept even when its tenan
 version numbers are never reused, so ``acme/spam@3`` names the same bytes for as long as the
 registry exists. Servers key their caches by that name (``adapter_key``), and a client that
 pinned a version must get that version or a 404, never a newer adapter under the old number.
+The row holds the SHA-256 of ``tenant/name``, not the names: a deleted tenant's model names do
+not stay readable in the catalog, and a lookup by name still finds the row.
 
-The functions take a connection inside the catalog's write transaction; the caller moves the
-version directories out of place (`BlobStore.trash`) in the same transaction.
+The functions take a connection inside the catalog's write transaction. The caller removes the
+version directories once that transaction has committed (`BlobStore.remove_deleted`): until
+then every file is in place, so a delete that fails or is refused changes nothing on disk.
 """
 
+import hashlib
 import sqlite3
 from collections.abc import Sequence
 
@@ -17,11 +21,10 @@ from registry.errors import VersionInUse
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS deleted_versions (
-        tenant TEXT NOT NULL,
-        name TEXT NOT NULL,
+        name_sha256 TEXT NOT NULL,
         version INTEGER NOT NULL,
         deleted_at REAL NOT NULL,
-        PRIMARY KEY (tenant, name, version)
+        PRIMARY KEY (name_sha256, version)
     )""",
 )
 
@@ -31,9 +34,9 @@ def delete_versions(
 ) -> None:
     """Delete `versions` (existing ones) of `tenant/name`, with their history rows.
 
-    Deleting some but not all versions refuses the one the name serves (VersionInUse): which
-    version would be served next is the caller's choice (promote or roll back first). Deleting
-    every version also removes the name's pointer and history.
+    Deleting some but not all versions refuses the one the name serves (VersionInUse), before
+    any change: which version serves next is the caller's choice (promote or roll back first).
+    Deleting every version also removes the name's pointer and history.
     """
     remaining = {
         row[0]
@@ -50,15 +53,23 @@ def delete_versions(
             )
     else:
         pointers.forget(conn, tenant, name)
+    key = _name_key(tenant, name)
     for version in versions:
-        key = (tenant, name, version)
-        conn.execute("DELETE FROM promotions WHERE tenant = ? AND name = ? AND version = ?", key)
         conn.execute(
-            "INSERT INTO deleted_versions (tenant, name, version, deleted_at) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (*key, now),
+            "DELETE FROM promotions WHERE tenant = ? AND name = ? AND version = ?",
+            (tenant, name, version),
         )
-        conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ? AND version = ?", key)
+        conn.execute(
+            "INSERT INTO deleted_versions (name_sha256, version, deleted_at) VALUES (?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (key, version, now),
+        )
+        conn.execute(
+            "DELETE FROM adapters WHERE tenant = ? AND name = ? AND version = ?",
+            (tenant, name, version),
+        )
+    if remaining:
+        pointers.drop_repeats(conn, tenant, name)
 
 
 def delete_tenant_rows(conn: sqlite3.Connection, tenant: str) -> None:
@@ -73,8 +84,8 @@ def deleted_at(conn: sqlite3.Connection, tenant: str, name: str, version: int) -
     if not 0 < version < 2**63:  # no row holds it, and SQLite cannot even bind it
         return None
     row = conn.execute(
-        "SELECT deleted_at FROM deleted_versions WHERE tenant = ? AND name = ? AND version = ?",
-        (tenant, name, version),
+        "SELECT deleted_at FROM deleted_versions WHERE name_sha256 = ? AND version = ?",
+        (_name_key(tenant, name), version),
     ).fetchone()
     return None if row is None else row[0]
 
@@ -82,6 +93,11 @@ def deleted_at(conn: sqlite3.Connection, tenant: str, name: str, version: int) -
 def highest_deleted(conn: sqlite3.Connection, tenant: str, name: str) -> int | None:
     """The highest version of `tenant/name` ever deleted, or None."""
     row = conn.execute(
-        "SELECT MAX(version) FROM deleted_versions WHERE tenant = ? AND name = ?", (tenant, name)
+        "SELECT MAX(version) FROM deleted_versions WHERE name_sha256 = ?",
+        (_name_key(tenant, name),),
     ).fetchone()
     return row[0]
+
+
+def _name_key(tenant: str, name: str) -> str:
+    return hashlib.sha256(f"{tenant}/{name}".encode()).hexdigest()

@@ -14,6 +14,7 @@ transaction, so readers see the old pointer or the new one, never a half-moved s
 The functions take an open connection; write functions must run under the catalog's write lock.
 """
 
+import itertools
 import sqlite3
 
 from registry.errors import NotFound
@@ -139,6 +140,19 @@ def forget(conn: sqlite3.Connection, tenant: str, name: str) -> None:
     """Remove the pointer and history of `tenant/name`: its last versions are being deleted."""
     conn.execute("DELETE FROM latest_pointers WHERE tenant = ? AND name = ?", (tenant, name))
     conn.execute("DELETE FROM promotions WHERE tenant = ? AND name = ?", (tenant, name))
+
+
+def drop_repeats(conn: sqlite3.Connection, tenant: str, name: str) -> None:
+    """Drop each promotion that repeats the one before it, as deleting the versions between
+    them leaves (1, 2, 1 without 2): a rollback between them would move nothing."""
+    rows = conn.execute(
+        "SELECT seq, version FROM promotions WHERE tenant = ? AND name = ? "
+        "AND rolled_back_at IS NULL ORDER BY seq",
+        (tenant, name),
+    ).fetchall()
+    for before, after in itertools.pairwise(rows):
+        if before["version"] == after["version"]:
+            conn.execute("DELETE FROM promotions WHERE seq = ?", (after["seq"],))
 
 
 def _set_pointer(

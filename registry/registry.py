@@ -15,6 +15,7 @@ while a server runs); see catalog.py for how. Versions are immutable and numbere
 (pointers.py), which `publish` moves by default and `promote` / `rollback` move explicitly.
 """
 
+import functools
 import logging
 import sqlite3
 import time
@@ -225,14 +226,18 @@ class Registry(Tenancy):
         logger.info("rolled %s/%s back from version %s to %d", tenant, name, left, now_latest)
         return left, self.resolve(tenant, name, now_latest)
 
-    def delete(self, tenant: str, name: str, version: int | None = None) -> list[AdapterRecord]:
+    def delete(
+        self, tenant: str, name: str, version: int | None = None, *, dry_run: bool = False
+    ) -> list[AdapterRecord]:
         """Delete version `version` of `tenant/name`, or with None the whole name (every version,
         its pointer and history); return the records deleted.
 
-        Files and rows go in one write transaction: on failure nothing is deleted. Version
-        numbers are never reused; a later publish of the name numbers after every version it
-        ever had. Deleting the version the name serves while others remain raises VersionInUse;
-        an unknown tenant, name or version raises NotFound. Servers answer 404 for the deleted
+        The rows go in one write transaction, and the files once it has committed: a delete
+        that fails or is refused changes nothing, and a crash after the commit leaves files the
+        next open removes. Version numbers are never reused; a later publish of the name numbers
+        after every version it ever had. Deleting the version the name serves while others
+        remain raises VersionInUse; an unknown tenant, name or version raises NotFound. With
+        `dry_run`, every check runs and nothing changes. Servers answer 404 for the deleted
         versions from their next request on; requests already running finish as they were.
         """
         validate_name("tenant", tenant)
@@ -246,16 +251,18 @@ class Registry(Tenancy):
                 if record.name == name and version in (None, record.version)
             ]
             if records:
-                self._delete_records(conn, records)
+                self._delete_rows(conn, records, dry_run)
         if not records:
             self.resolve(tenant, name, version)  # raises the NotFound naming what exists
             raise NotFound(f"adapter {tenant}/{name} has nothing to delete")  # published since
-        logger.info("deleted %d version(s) of %s/%s", len(records), tenant, name)
+        if not dry_run:
+            self._remove_files(records)
+            logger.info("deleted %d version(s) of %s/%s", len(records), tenant, name)
         return records
 
-    def delete_tenant(self, tenant: str) -> list[AdapterRecord]:
+    def delete_tenant(self, tenant: str, *, dry_run: bool = False) -> list[AdapterRecord]:
         """Delete `tenant`: its API keys, its settings and every version of its adapters, files
-        included, in one write transaction; return the adapter records deleted.
+        included, as `delete` deletes; return the adapter records deleted.
 
         Its version numbers stay used: a tenant created again under the same name numbers its
         adapters' versions after them.
@@ -264,10 +271,11 @@ class Registry(Tenancy):
         with self._write() as conn:
             catalog.require_tenant(conn, tenant)
             records = catalog.select_tenant_adapters(conn, self._root, tenant)
-            self._delete_records(
-                conn, records, then=lambda: deletion.delete_tenant_rows(conn, tenant)
-            )
-        logger.info("deleted tenant %s and %d adapter version(s)", tenant, len(records))
+            then = functools.partial(deletion.delete_tenant_rows, conn, tenant)
+            self._delete_rows(conn, records, dry_run, then)
+        if not dry_run:
+            self._remove_files(records)
+            logger.info("deleted tenant %s and %d adapter version(s)", tenant, len(records))
         return records
 
     def list_adapters(self, tenant: str) -> list[AdapterRecord]:
@@ -302,23 +310,33 @@ class Registry(Tenancy):
                     self._store.remove_version(path)
             self._store.remove_empty_dirs()
 
-    def _delete_records(
+    def _delete_rows(
         self,
         conn: sqlite3.Connection,
         records: Sequence[AdapterRecord],
+        dry_run: bool,
         then: Callable[[], None] | None = None,
     ) -> None:
-        """Delete `records` (one tenant's), and run `then` in the same transaction; commit."""
+        """Delete the rows of `records` (one tenant's), then run `then`; roll it all back
+        again for a dry run. The caller's transaction commits."""
         now = time.time()
         versions: dict[tuple[str, str], list[int]] = {}
         for record in records:
             versions.setdefault((record.tenant, record.name), []).append(record.version)
-        with self._store.moved_out([record.path for record in records]):
-            for (tenant, name), numbers in versions.items():
-                deletion.delete_versions(conn, tenant, name, numbers, now)
-            if then is not None:
-                then()
-            conn.commit()
+        for (tenant, name), numbers in versions.items():
+            deletion.delete_versions(conn, tenant, name, numbers, now)
+        if then is not None:
+            then()
+        if dry_run:
+            conn.rollback()
+
+    def _remove_files(self, records: Sequence[AdapterRecord]) -> None:
+        """Remove the directories of committed deletions, then, under the write lock, the
+        tenant and name directories that leaves empty."""
+        paths = [record.path for record in records]
+        self._store.remove_deleted(paths)
+        with self._write():
+            self._store.prune_empty_parents(paths)
 
 
 def _check_version(version: int | None, *, allow_none: bool) -> None:

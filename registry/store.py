@@ -11,12 +11,10 @@ is removed on open: temp dirs nobody holds a lock on (the kernel drops the lock 
 dies) and version dirs without a catalog row.
 """
 
-import contextlib
 import logging
 import os
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -210,37 +208,23 @@ class BlobStore:
         for version_dir in reversed(version_dirs):
             self.remove_version(version_dir)
 
-    @contextmanager
-    def moved_out(self, version_dirs: Sequence[Path]) -> Iterator[None]:
-        """Move `version_dirs` into a locked temp dir for the body, which deletes their catalog
-        rows and commits: removed for good when the body returns, put back if it raises.
+    def remove_deleted(self, version_dirs: Sequence[Path]) -> None:
+        """Remove the directories of versions whose catalog rows a committed transaction deleted.
 
-        The caller holds the catalog's write lock, so no publisher renames into the tenant and
-        name directories this prunes. A directory already missing is skipped.
+        Their paths are never reused (deleted version numbers are kept), so this needs no lock;
+        a directory that cannot be removed is logged, and the next open removes it (it has no
+        row). Empty tenant and name directories are left to `prune_empty_parents`.
         """
-        temp_dir, lock_fd = self._new_temp_dir()
-        moved: list[tuple[Path, Path]] = []
-        try:
-            for index, version_dir in enumerate(version_dirs):
-                if not version_dir.is_relative_to(self._dir):
-                    raise ValueError(f"{version_dir} is not inside {self._dir}")
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(version_dir, temp_dir / str(index))
-                    moved.append((version_dir, temp_dir / str(index)))
-            for parent in _parent_dirs(version_dirs, self._dir)[:-1]:
-                prune_empty_dirs(parent, self._dir)
-            for parent in _parent_dirs(version_dirs, self._dir):
-                if parent.exists():
-                    self._sync_dir(parent)
-            yield
-        except BaseException:
-            for version_dir, trashed in reversed(moved):
-                version_dir.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(trashed, version_dir)
-            raise
-        finally:
-            remove_tree(temp_dir)
-            os.close(lock_fd)
+        for version_dir in version_dirs:
+            if not version_dir.is_relative_to(self._dir):
+                raise ValueError(f"{version_dir} is not inside {self._dir}")
+            remove_tree(version_dir)
+
+    def prune_empty_parents(self, version_dirs: Sequence[Path]) -> None:
+        """Remove the name and tenant directories above `version_dirs` that are now empty; call
+        under the catalog's write lock, so that no publisher is about to rename into them."""
+        for parent in _parent_dirs(version_dirs, self._dir)[:-1]:
+            prune_empty_dirs(parent, self._dir)
 
     def remove_stale_temp_dirs(self) -> int:
         """Remove temp dirs no writer holds a lock on; return how many were removed."""

@@ -98,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         help="delete a tenant: its keys, settings and every adapter version, files included",
     )
     p.add_argument("tenant")
-    p.add_argument("--yes", action="store_true", help="confirm; without it nothing is deleted")
+    p.add_argument(
+        "--yes", action="store_true", help="delete; without it, say what would go (exit 1)"
+    )
     p.set_defaults(handler=admin.tenants_delete)
 
     _train_parser(sub, common)
@@ -134,7 +136,9 @@ def _parser() -> argparse.ArgumentParser:
         help="delete one version (acme/spam@2) or every version of a name (acme/spam)",
     )
     p.add_argument("ref", metavar="TENANT/NAME[@VERSION]")
-    p.add_argument("--yes", action="store_true", help="confirm; without it nothing is deleted")
+    p.add_argument(
+        "--yes", action="store_true", help="delete; without it, say what would go (exit 1)"
+    )
     p.set_defaults(handler=admin.adapters_delete)
 
     p = sub.add_parser("serve", parents=[common], help="serve the HTTP API")

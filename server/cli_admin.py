@@ -98,14 +98,15 @@ def tenants_set(args: argparse.Namespace) -> int:
 
 
 def tenants_delete(args: argparse.Namespace) -> int:
+    """Without --yes, a dry run: says what would go and exits 1, deleting nothing."""
     with open_registry(args) as registry:
-        if not args.yes:
-            count = len(registry.list_adapters(args.tenant))  # NotFound for an unknown tenant
-            raise ValueError(
-                f"this deletes tenant {args.tenant!r}, its API keys and its {count} adapter "
-                "version(s), files included; repeat with --yes"
-            )
-        records = registry.delete_tenant(args.tenant)
+        records = registry.delete_tenant(args.tenant, dry_run=not args.yes)
+    if not args.yes:
+        print(
+            f"would delete tenant {args.tenant!r}, its API keys and its {len(records)} adapter "
+            "version(s), files included; repeat with --yes to delete"
+        )
+        return 1
     print(f"deleted tenant {args.tenant!r} and {len(records)} adapter version(s)")
     return 0
 
@@ -188,26 +189,21 @@ def adapters_rollback(args: argparse.Namespace) -> int:
 
 
 def adapters_delete(args: argparse.Namespace) -> int:
+    """Without --yes, a dry run: says what would go and exits 1, deleting nothing."""
     from registry import parse_model_ref
 
     ref = parse_model_ref(args.ref)
     if ref.tenant is None:
         raise ValueError(f"expected TENANT/NAME[@VERSION] (e.g. acme/spam@2), got {args.ref!r}")
     with open_registry(args) as registry:
-        if not args.yes:
-            doomed = [
-                str(record.version)
-                for record in registry.list_adapters(ref.tenant)
-                if record.name == ref.name and ref.version in (None, record.version)
-            ]
-            if not doomed:
-                registry.resolve(ref.tenant, ref.name, ref.version)  # the NotFound saying why
-            raise ValueError(
-                f"this deletes version(s) {', '.join(doomed)} of {ref.tenant}/{ref.name}, "
-                "files included; repeat with --yes"
-            )
-        records = registry.delete(ref.tenant, ref.name, ref.version)
+        records = registry.delete(ref.tenant, ref.name, ref.version, dry_run=not args.yes)
     versions = ", ".join(str(record.version) for record in records)
+    if not args.yes:
+        print(
+            f"{ref.tenant}/{ref.name}: would delete version(s) {versions}, files included; "
+            "repeat with --yes to delete"
+        )
+        return 1
     print(f"{ref.tenant}/{ref.name}: deleted version(s) {versions}")
     return 0
 

@@ -1,13 +1,14 @@
 """Deleting versions, names and tenants: files and rows go together, numbers are never reused."""
 
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from registry import NotFound, Registry, VersionInUse, deletion
+from registry import NotFound, Registry, RegistryError, VersionInUse, deletion
 from server.cli import main
 
 Make = Callable[..., Path]
@@ -155,25 +156,106 @@ def test_cli_delete_asks_for_yes_then_deletes(
             _publish(registry, make_adapter, manifest, promote=False)
         registry.promote("acme", "spam", 1)
     reg = ["--registry", str(root)]
-    assert main(["adapters", "delete", "acme/spam@2", *reg]) == 2
-    assert "deletes version(s) 2 of acme/spam, files included; repeat with --yes" in (
-        capsys.readouterr().err
+    assert main(["adapters", "delete", "acme/spam@2", *reg]) == 1  # a dry run
+    assert capsys.readouterr().out.strip() == (
+        "acme/spam: would delete version(s) 2, files included; repeat with --yes to delete"
     )
     assert main(["adapters", "delete", "acme/spam@2", "--yes", *reg]) == 0
     assert capsys.readouterr().out.strip() == "acme/spam: deleted version(s) 2"
-    assert main(["adapters", "delete", "acme/spam@1", "--yes", *reg]) == 2
-    assert "version 1 is what acme/spam serves" in capsys.readouterr().err
+    for confirmed in ([], ["--yes"]):  # the dry run refuses what the real one would
+        assert main(["adapters", "delete", "acme/spam@1", *confirmed, *reg]) == 2
+        assert "version 1 is what acme/spam serves" in capsys.readouterr().err
     assert main(["adapters", "delete", "acme/spam@9", *reg]) == 2
     assert "no version 9" in capsys.readouterr().err
     assert main(["adapters", "delete", "spam", "--yes", *reg]) == 2
     assert "expected TENANT/NAME[@VERSION]" in capsys.readouterr().err
     assert main(["adapters", "delete", "acme/spam", "--yes", *reg]) == 0
     assert capsys.readouterr().out.strip() == "acme/spam: deleted version(s) 1, 3"
-    assert main(["tenants", "delete", "acme", *reg]) == 2
-    assert "its API keys and its 0 adapter version(s)" in capsys.readouterr().err
+    assert main(["tenants", "delete", "acme", *reg]) == 1
+    assert "its API keys and its 0 adapter version(s)" in capsys.readouterr().out
     assert main(["tenants", "delete", "acme", "--yes", *reg]) == 0
     assert "deleted tenant 'acme'" in capsys.readouterr().out
     assert main(["tenants", "delete", "acme", "--yes", *reg]) == 2
     assert "tenant 'acme' not found" in capsys.readouterr().err
     with Registry(root) as registry:
         assert registry.tenants() == []
+
+
+def test_a_refused_or_dry_delete_leaves_the_files_untouched(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    """Readers of the served version must never find it gone because of a delete that did not
+    happen: nothing is moved until the rows are deleted and committed."""
+    for _ in range(2):
+        _publish(registry, make_adapter, manifest)
+    served = registry.resolve("acme", "spam")
+    stamps = [(p.stat().st_ino, p.stat().st_ctime_ns) for p in (served.path, served.path.parent)]
+    with pytest.raises(VersionInUse):
+        registry.delete("acme", "spam", served.version)
+    assert [r.version for r in registry.delete("acme", "spam", dry_run=True)] == [1, 2]
+    assert [r.version for r in registry.delete_tenant("acme", dry_run=True)] == [1, 2]
+    assert [(p.stat().st_ino, p.stat().st_ctime_ns) for p in (served.path, served.path.parent)] == (
+        stamps
+    )
+    assert _versions(registry) == [1, 2] and registry.tenants() == ["acme"]
+
+
+def test_a_crash_before_the_commit_keeps_everything_and_after_it_loses_nothing_served(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    for _ in range(3):
+        _publish(registry, make_adapter, manifest, promote=False)
+    records = registry.list_adapters("acme")
+
+    def crash_in(step: str) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child dies at `step`, as a killed process would
+            target = deletion if step == "rows" else registry._store
+            name = "delete_versions" if step == "rows" else "remove_deleted"
+            original = getattr(target, name)
+
+            def die(*args: Any) -> None:
+                original(*args)
+                os._exit(1) if step == "rows" else os._exit(0)
+
+            setattr(target, name, die if step == "rows" else lambda paths: os._exit(0))
+            registry.delete("acme", "spam", 1 if step == "rows" else 2)
+            os._exit(2)
+        assert os.waitpid(pid, 0)[1] != 2 << 8
+
+    crash_in("rows")  # died inside the transaction: rolled back, files in place
+    with Registry(registry.root) as reopened:
+        assert _versions(reopened) == [1, 2, 3]
+        assert all(reopened.read_verified(record).files for record in records)
+    crash_in("files")  # died after the commit, before removing the files
+    assert records[1].path.is_dir()
+    with Registry(registry.root) as reopened:  # opening removes what the crash left
+        assert _versions(reopened) == [1, 3] and not records[1].path.exists()
+        assert reopened.read_verified(records[0]).files and _leftovers(reopened) == []
+
+
+def test_history_without_the_deleted_versions_has_no_empty_rollback(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    for _ in range(2):
+        _publish(registry, make_adapter, manifest)
+    registry.promote("acme", "spam", 1)  # history 1, 2, 1
+    registry.delete("acme", "spam", 2)
+    with pytest.raises(NotFound, match="no previously promoted version"):
+        registry.rollback("acme", "spam")  # not "from 1 to 1"
+
+
+def test_deleted_names_are_kept_as_hashes_and_newer_catalogs_are_refused(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    registry.publish("acme", "confidential-merger", make_adapter(), manifest)
+    registry.delete_tenant("acme")
+    conn = sqlite3.connect(registry.root / "catalog.sqlite3")
+    assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy
+    raw = (registry.root / "catalog.sqlite3").read_bytes()
+    assert b"confidential-merger" not in raw and b"acme" not in raw  # secure_delete
+    conn.execute("PRAGMA user_version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RegistryError, match="schema 99, newer than this graft's"):
+        Registry(registry.root)
