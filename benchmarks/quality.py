@@ -213,12 +213,13 @@ def train_variant(
 
 
 async def serve_and_score(
-    registry_dir: Path, rows: list[dict[str, Any]], test: list[Example], max_length: int
+    registry_dir: Path, rows: list[dict[str, Any]], test: list[Example]
 ) -> None:
-    """Score every registered model of ``rows`` through one embedded engine, in place."""
+    """Score every registered model of ``rows`` through one embedded engine, in place, at its
+    default input length (as training measures held-out rows)."""
     texts = [e.text for e in test]
     gold = [e.label for e in test]
-    config = EngineConfig(registry_dir=registry_dir, max_input_tokens=max_length)
+    config = EngineConfig(registry_dir=registry_dir)
     async with Engine(config) as engine:
         for row in rows:
             if "model" not in row:
@@ -247,7 +248,7 @@ def run_dataset(backbone: Backbone, dataset: str, args: argparse.Namespace) -> d
                         backbone, registry, work, dataset, variant, data, args, max_length
                     )
                 )
-        asyncio.run(serve_and_score(work / "registry", rows, data[1], max_length))
+        asyncio.run(serve_and_score(work / "registry", rows, data[1]))
     for row in rows:  # the served numbers when there are some, else the trainer's
         row["metrics"] = row["served_metrics"] or row["trainer_metrics"]
         row["served_equals_trainer"] = (

@@ -9,6 +9,7 @@ a lower priority than serving, and one upload at a time.
 """
 
 import logging
+import multiprocessing
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -40,9 +41,22 @@ class UploadChecker:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Start the checker process now, so that the first upload does not wait for it."""
-        if self._definition is not None:
+        """Start the checker process now, so that the first upload does not wait for it.
+
+        A daemonic process (a server a benchmark runs) may not have children, and a process
+        that cannot be started is logged: uploads are then checked in this process.
+        """
+        if self._definition is None:
+            return
+        if multiprocessing.current_process().daemon:
+            log.info("checking training uploads in this process: a daemon has no children")
+            self._definition = None
+            return
+        try:
             self._pool = self._new_pool()
+        except (OSError, RuntimeError) as exc:
+            log.warning("checking training uploads in this process: %s", exc)
+            self._definition = None
 
     def check(self, path: Path, source: str) -> dict[str, Any]:
         """The validation report of the file at `path`; InvalidData as `validate_upload`."""

@@ -80,9 +80,8 @@ async def test_lora_on_another_encoder_is_served_as_measured(encoder_dir, sms, t
     registry.close()
     held_out = [json.loads(line) for line in (record.path / "eval.jsonl").open()]
     texts, gold = [r["text"] for r in held_out], [r["label"] for r in held_out]
-    engine_config = EngineConfig(
-        registry_dir=tmp_path / "registry", backbone_dir=encoder_dir, max_input_tokens=MAX_LENGTH
-    )
+    # served at the engine's default length, as the held-out metrics were measured
+    engine_config = EngineConfig(registry_dir=tmp_path / "registry", backbone_dir=encoder_dir)
     async with Engine(engine_config) as engine:
         together = await engine.classify("acme", "spam", texts)
         alone = [(await engine.classify("acme", "spam", [t]))[0] for t in texts[:4]]

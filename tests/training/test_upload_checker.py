@@ -2,6 +2,7 @@
 
 import copy
 import json
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -86,3 +87,22 @@ def test_a_tokenizer_without_a_definition_is_used_here(backbone: Backbone, tmp_p
     upload = _write_upload(tmp_path / "ok.jsonl", *SMALL)
     assert checker.check(upload, "a.jsonl")["num_rows"] == 12 and checker._pool is None
     checker.close()
+
+
+def _check_as_a_daemon(tokenizer, path: Path, results) -> None:
+    checker = UploadChecker(tokenizer)
+    checker.start()  # a daemonic process may not start children
+    results.put((checker.check(path, "a.jsonl")["num_rows"], checker._pool is None))
+    checker.close()
+
+
+def test_a_daemonic_server_process_checks_uploads_itself(backbone: Backbone, tmp_path) -> None:
+    """Benchmarks run servers as daemonic processes, which may not have children."""
+    upload = _write_upload(tmp_path / "ok.jsonl", *SMALL)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    args = (copy.deepcopy(backbone.tokenizer), upload, results)
+    daemon = context.Process(target=_check_as_a_daemon, args=args, daemon=True)
+    daemon.start()
+    assert results.get(timeout=60) == (12, True)
+    daemon.join(60)
