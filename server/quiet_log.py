@@ -32,8 +32,8 @@ class MalformedRequestFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, HttpProcessingError):
-            return True
+        if record.levelno < logging.ERROR or not isinstance(error, HttpProcessingError):
+            return True  # aiohttp's own DEBUG line for a first bad method stays as it is
         now = self._clock()
         if now < self._next_at:
             self._dropped += 1

@@ -9,6 +9,7 @@ streams their events (NDJSON, or SSE with ``Accept: text/event-stream``), ``DELE
 
 import asyncio
 import copy
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -161,11 +162,13 @@ async def start_job(request: web.Request) -> web.Response:
     if job.config.max_length > longest:  # the worker would fail it only once it ran
         message = f"max_length must be at most {longest}, the backbone's longest input"
         raise ApiError(422, INVALID_REQUEST, message, field="max_length")
+    # the held-out rows are read as this server will read them (its --max-input-tokens)
+    config = dataclasses.replace(job.config, eval_max_tokens=request.app[ENGINE].max_input_tokens)
     submit = functools.partial(
         manager.submit,
         tenant,
         job.name,
-        job.config,
+        config,
         promote=job.promote,
         data=upload.data,
         filename=upload.filename,

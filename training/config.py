@@ -44,6 +44,15 @@ class TrainConfig:
     class_weighting: bool = True  # weigh the loss by inverse class frequency
     max_examples: int | None = None  # train on a stratified sample of this size
     weights_dtype: str = "float16"  # one of WEIGHTS_DTYPES (float32 where float16 overflows)
+    # held-out texts are read as the serving engine reads them: up to its input limit (None:
+    # the backbone's), not cut at max_length, so the recorded metrics are the served model's
+    eval_max_tokens: int | None = None
+
+    def eval_length(self, backbone_max_tokens: int) -> int:
+        """Tokens per held-out text: full mode's own limit is max_length (it stores it)."""
+        if self.mode == "full":
+            return self.max_length
+        return min(self.eval_max_tokens or backbone_max_tokens, backbone_max_tokens)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -64,7 +73,7 @@ class TrainConfig:
         )
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {_shown(getattr(self, name))}")
         if self.max_length < 3:  # the tokenizer then cuts nothing: whole texts would train
             raise ValueError(
                 f"max_length must be >= 3 (the special tokens and one of text), "
@@ -72,7 +81,9 @@ class TrainConfig:
             )
         for name, most in _AT_MOST.items():
             if getattr(self, name) > most:
-                raise ValueError(f"{name} must be at most {most:,}, got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be at most {most:,}, got {_shown(getattr(self, name))}"
+                )
         for name in ("lora_lr", "head_lr", "backbone_lr", "alpha"):
             if not 0 < getattr(self, name) < math.inf:  # also refuses nan
                 raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
@@ -83,5 +94,13 @@ class TrainConfig:
         for name in ("eval_fraction", "val_fraction"):
             if not 0.0 < getattr(self, name) < 0.5:
                 raise ValueError(f"{name} must be in (0, 0.5), got {getattr(self, name)}")
+        if self.eval_max_tokens is not None and self.eval_max_tokens < 3:
+            raise ValueError(f"eval_max_tokens must be >= 3, got {self.eval_max_tokens}")
         if self.max_examples is not None and self.max_examples < 10:
             raise ValueError(f"max_examples must be >= 10, got {self.max_examples}")
+
+
+def _shown(value: object) -> str:
+    """A refused value as an error shows it: a 1,000-digit number cut short."""
+    text = repr(value)
+    return text if len(text) <= 30 else f"{text[:27]}..."

@@ -94,7 +94,8 @@ def fit_full(
             desc="full",
             on_event=on_event,
         )
-    predictions = predict_labels(model, backbone, split.held_out, split.labels, config.max_length)
+    length = config.eval_length(backbone.max_tokens)  # max_length: the model's own limit
+    predictions = predict_labels(model, backbone, split.held_out, split.labels, length)
     model.requires_grad_(False)
     return Fitted(head, predictions, epochs_run, encoder=model.encoder)
 

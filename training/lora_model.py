@@ -140,5 +140,7 @@ def fit_lora(
     )
     round_for_storage([*model.a, *model.b_t, *model.head.parameters()], config)
     # held out at the length the engine serves, so the metrics are the served model's
-    predictions = predict_labels(model, backbone, split.held_out, split.labels, backbone.max_tokens)
+    predictions = predict_labels(
+        model, backbone, split.held_out, split.labels, config.eval_length(backbone.max_tokens)
+    )
     return Fitted(model.head, predictions, epochs_run, factors=model.lora_factors())

@@ -169,9 +169,7 @@ def _training_summary(
         "train_examples": len(split.train),
         "val_examples": len(split.val),
         "eval_examples": len(split.held_out),
-        # held-out texts are read as the engine serves them: whole, up to the backbone's limit
-        # (a full model is evaluated at max_length, which it stores as its own limit)
-        "eval_max_tokens": config.max_length if config.mode == "full" else backbone.max_tokens,
+        "eval_max_tokens": config.eval_length(backbone.max_tokens),  # as the model is served
         "fixed_test_set": split.is_fixed_test,
         "epochs_run": epochs_run,
         "train_seconds": round(train_seconds, 3),

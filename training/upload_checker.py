@@ -1,20 +1,20 @@
 """Checking training uploads in a process of their own.
 
-Reading and checking a 20 MB upload is a second or more of Python work. On a thread of the
-server's process it holds the interpreter lock against the event loop, and every request the
-process answers waits behind it (benchmarks/upload_stall.py measures how long). The checker
-process reads with data.py's rules, as before, and tokenizes with the `tokenizers` library from
-the serving tokenizer's own definition, so it starts without torch or transformers. It runs at
-a lower priority than serving, and one upload at a time.
+Reading and checking a 20 MB upload is seconds of Python work. On a thread of the server's
+process it holds the interpreter lock against the event loop, and every request the process
+answers waits behind it (benchmarks/upload_stall.py measures how long). The checker process
+reads with data.py's rules, as before, and tokenizes with the `tokenizers` library from the
+serving tokenizer's own definition, so it starts without torch or transformers. It runs at a
+lower priority than serving, one upload at a time; one that dies is replaced, one that takes
+too long is killed, and closing kills it rather than waiting for a check.
 """
 
 import logging
 import multiprocessing
 import os
+import tempfile
 import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -25,87 +25,126 @@ from training.validation import Tokenizer
 log = logging.getLogger(__name__)
 
 _NICENESS = 10  # added to the checker's niceness: serving comes first on a busy machine
+CHECK_TIMEOUT_S = 600.0  # a 20 MB upload takes 6-8 s on the 2-core VM
 
 
 class UploadChecker:
     """`check` validates an upload file as `validate_upload` does, in the checker process.
 
-    A tokenizer without a `tokenizers` definition (a slow, Python-only one) is used in this
-    process instead, as before. Call `start` first and `close` last.
+    Uploads are checked in this process instead when the tokenizer has no `tokenizers`
+    definition (a slow, Python-only one) or this process may not start one (a daemonic
+    process: benchmarks run servers so). Call `start` first and `close` last.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, timeout_s: float = CHECK_TIMEOUT_S) -> None:
         self._tokenizer = tokenizer
+        self._timeout_s = timeout_s
         self._definition = _definition(tokenizer)
-        self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._definition_file: Path | None = None
+        self._worker: _Worker | None = None
+        self._lock = threading.Lock()  # guards _worker and _is_closed, never held while waiting
+        self._checking = threading.Lock()  # one check at a time
+        self._is_closed = False
 
     def start(self) -> None:
-        """Start the checker process now, so that the first upload does not wait for it.
-
-        A daemonic process (a server a benchmark runs) may not have children, and a process
-        that cannot be started is logged: uploads are then checked in this process.
-        """
+        """Start the checker process now, so that the first upload does not wait for it."""
         if self._definition is None:
             return
         if multiprocessing.current_process().daemon:
             log.info("checking training uploads in this process: a daemon has no children")
             self._definition = None
             return
-        try:
-            self._pool = self._new_pool()
-        except (OSError, RuntimeError) as exc:
-            log.warning("checking training uploads in this process: %s", exc)
-            self._definition = None
+        fd, name = tempfile.mkstemp(prefix="graft-tokenizer-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(self._definition)
+        self._definition_file = Path(name)
+        self._worker = self._new_worker()
 
     def check(self, path: Path, source: str) -> dict[str, Any]:
-        """The validation report of the file at `path`; InvalidData as `validate_upload`."""
+        """The validation report of the file at `path`; InvalidData as `validate_upload`,
+        JobsUnavailable when the checker died twice, timed out or was closed."""
         if self._definition is None:
             return validate_upload(path, source, self._tokenizer)
-        for attempt in range(2):
-            pool = self._current_pool()
-            try:
-                outcome = pool.submit(_check_in_child, str(path), source).result()
-            except BrokenProcessPool:  # killed (out of memory, say): a fresh one, once
-                log.warning("the upload checker process died; starting another")
-                self._replace(pool)
-                if attempt:
-                    raise JobsUnavailable("the upload checker died twice; try again") from None
-                continue
-            if outcome[0] == "invalid":
-                _, message, rows, report = outcome
-                raise InvalidData(message, rows=rows, report=report)
-            return outcome[1]
+        with self._checking:
+            for attempt in range(2):
+                worker = self._current_worker()
+                try:
+                    outcome = worker.call(str(path), source, self._timeout_s)
+                except TimeoutError:
+                    self._replace(worker)
+                    raise JobsUnavailable(
+                        f"checking the upload took over {self._timeout_s:g} s; it was stopped"
+                    ) from None
+                except (EOFError, OSError):  # killed (out of memory, say), or closed
+                    self._replace(worker)
+                    if attempt or self._is_closed:
+                        raise JobsUnavailable("the upload checker stopped; try again") from None
+                    log.warning("the upload checker process died; starting another")
+                    continue
+                if outcome[0] == "invalid":
+                    _, message, rows, report = outcome
+                    raise InvalidData(message, rows=rows, report=report)
+                if outcome[0] == "error":
+                    raise RuntimeError(f"checking the upload failed: {outcome[1]}")
+                return outcome[1]
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        """Stop the checker process; idempotent."""
+        """Kill the checker process (a check in progress fails with JobsUnavailable); idempotent."""
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            self._is_closed = True
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill()
+        if self._definition_file is not None:
+            self._definition_file.unlink(missing_ok=True)
 
-    def _current_pool(self) -> ProcessPoolExecutor:
+    def _current_worker(self) -> "_Worker":
         with self._lock:
-            if self._pool is None:
-                raise JobsUnavailable("the upload checker is not running")
-            return self._pool
+            if self._is_closed:
+                raise JobsUnavailable("the upload checker is closed")
+            if self._worker is None:
+                self._worker = self._new_worker()
+            return self._worker
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
+    def _replace(self, failed: "_Worker") -> None:
+        """Drop `failed`; the next check starts a fresh process."""
+        failed.kill()
         with self._lock:
-            if self._pool is broken:
-                self._pool = self._new_pool()
-        broken.shutdown(wait=False, cancel_futures=True)
+            if self._worker is failed:
+                self._worker = None
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=get_context("spawn"),
-            initializer=_start_child,
-            initargs=(self._definition, self._tokenizer.unk_token_id),
+    def _new_worker(self) -> "_Worker":
+        assert self._definition_file is not None
+        return _Worker(self._definition_file, self._tokenizer.unk_token_id)
+
+
+class _Worker:
+    """One checker process and the pipe to it; its arguments are small (a file's path), so
+    starting it never blocks on a child that died before reading them."""
+
+    def __init__(self, definition_file: Path, unk_token_id: int | None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_end = context.Pipe()
+        self._process = context.Process(
+            target=_child_main,
+            args=(child_end, str(definition_file), unk_token_id),
+            name="graft-upload-check",
+            daemon=True,
         )
-        pool.submit(os.getpid)  # start the process now rather than with the first upload
-        return pool
+        self._process.start()
+        child_end.close()
+
+    def call(self, path: str, source: str, timeout_s: float) -> tuple:
+        self._conn.send((path, source))
+        if not self._conn.poll(timeout_s):
+            raise TimeoutError
+        return self._conn.recv()
+
+    def kill(self) -> None:
+        self._process.kill()
+        self._process.join()
+        self._conn.close()
 
 
 def _definition(tokenizer: Tokenizer) -> str | None:
@@ -131,20 +170,20 @@ class _DefinedTokenizer:
         return {"input_ids": [item.ids for item in encoded]}
 
 
-_child_tokenizer: _DefinedTokenizer | None = None
-
-
-def _start_child(definition: str, unk_token_id: int | None) -> None:
-    global _child_tokenizer
+def _child_main(conn: Connection, definition_file: str, unk_token_id: int | None) -> None:
+    """Check uploads as the pipe asks, until it closes. Replies are ("ok", report),
+    ("invalid", message, rows, report) (InvalidData's fields, which its pickling would lose)
+    or ("error", description)."""
     os.nice(_NICENESS)
-    _child_tokenizer = _DefinedTokenizer(definition, unk_token_id)
-
-
-def _check_in_child(path: str, source: str) -> tuple:
-    """("ok", report) or ("invalid", message, rows, report): InvalidData's fields, which its
-    own pickling would lose."""
-    assert _child_tokenizer is not None
-    try:
-        return ("ok", validate_upload(Path(path), source, _child_tokenizer))
-    except InvalidData as exc:
-        return ("invalid", str(exc), exc.rows, exc.report)
+    tokenizer = _DefinedTokenizer(Path(definition_file).read_text("utf-8"), unk_token_id)
+    while True:
+        try:
+            path, source = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", validate_upload(Path(path), source, tokenizer)))
+        except InvalidData as exc:
+            conn.send(("invalid", str(exc), exc.rows, exc.report))
+        except Exception as exc:  # a bug: reported, and the process goes on
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))

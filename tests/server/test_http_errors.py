@@ -303,5 +303,9 @@ async def test_the_filter_counts_what_a_burst_dropped() -> None:
     now[0] = 10.0
     later = record(bad)
     assert quiet.filter(later) and later.getMessage().endswith("(2 more since the last such line)")
+    debug = record(bad)
+    debug.levelno = logging.DEBUG  # aiohttp's line for a first bad method: left as it is
+    now[0] = 100.0
+    assert quiet.filter(debug) and debug.levelno == logging.DEBUG and debug.exc_info
     other = record(RuntimeError("a bug of ours"))
     assert quiet.filter(other) and other.levelno == logging.ERROR and other.exc_info is not None

@@ -390,6 +390,8 @@ async def test_a_head_only_job_serves_at_once_and_takes_no_pool_pages(
     assert job["state"] == "succeeded" and job["model"] == "bob/headonly@1"
     record = engine.registry.resolve("bob", "headonly")
     assert record.rank == 0 and record.manifest["mode"] == "head"
+    # held out as this server reads texts: cut at its max_input_tokens, not the backbone's
+    assert record.manifest["training"]["eval_max_tokens"] == engine.max_input_tokens == 32
     free_before = engine.stats()["adapter_pages_free"]
     response = await client.post(
         "/v1/classify", json={"model": "headonly", "input": "WIN a prize now"}, headers=bob

@@ -189,6 +189,8 @@ def test_modes_are_validated_before_any_work(
         TrainConfig(head_epochs=0)
     with pytest.raises(ValueError, match="epochs must be at most 1,000, got 99999999999999999999"):
         TrainConfig(epochs=99999999999999999999)
+    with pytest.raises(ValueError, match=r"got 999999999999999999999999999\.\.\.$"):
+        TrainConfig(epochs=int("9" * 1000))  # the message does not echo 1,000 digits
     with pytest.raises(ValueError, match="batch_size must be at most 4,096"):
         TrainConfig(batch_size=10**6)
     assert registry.list_adapters("acme") == []

@@ -5,12 +5,15 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from engine import Backbone
 from training import load_sms_spam
+from training.job_config import JobsUnavailable
 from training.job_uploads import InvalidData, validate_upload
 from training.upload_checker import UploadChecker, _DefinedTokenizer
 
@@ -69,10 +72,50 @@ def test_reports_and_refusals_equal_those_made_here(
 def test_a_checker_process_that_dies_is_replaced(checker: UploadChecker, tmp_path: Path) -> None:
     upload = _write_upload(tmp_path / "ok.jsonl", *SMALL)
     first = checker.check(upload, "a.jsonl")
-    (pid,) = checker._pool._processes  # the one checker process
+    pid = checker._worker._process.pid
     os.kill(pid, signal.SIGKILL)
     assert checker.check(upload, "a.jsonl") == first
-    assert pid not in checker._pool._processes
+    assert checker._worker._process.pid != pid
+
+
+def test_a_stuck_check_times_out_and_a_close_does_not_wait(backbone, tmp_path) -> None:
+    upload = _write_upload(tmp_path / "ok.jsonl", *SMALL)
+    checker = UploadChecker(copy.deepcopy(backbone.tokenizer), timeout_s=2.0)
+    checker.start()
+    first = checker.check(upload, "a.jsonl")
+    os.kill(checker._worker._process.pid, signal.SIGSTOP)  # hung, as a stuck check would be
+    with pytest.raises(JobsUnavailable, match="took over 2 s; it was stopped"):
+        checker.check(upload, "a.jsonl")
+    assert checker.check(upload, "a.jsonl") == first  # a fresh process
+    os.kill(checker._worker._process.pid, signal.SIGSTOP)
+    failed: list[BaseException] = []
+
+    def check_in_thread() -> None:
+        try:
+            checker.check(upload, "a.jsonl")
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=check_in_thread)
+    thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    checker.close()  # kills the stuck process instead of waiting for it
+    thread.join(10)
+    assert time.monotonic() - started < 1.5 and isinstance(failed[0], JobsUnavailable)
+    with pytest.raises(JobsUnavailable, match="closed"):
+        checker.check(upload, "a.jsonl")
+
+
+def test_a_checker_that_cannot_start_is_an_error_not_a_hang(backbone, tmp_path) -> None:
+    upload = _write_upload(tmp_path / "ok.jsonl", *SMALL)
+    checker = UploadChecker(copy.deepcopy(backbone.tokenizer))
+    checker.start()
+    checker._definition_file.write_text("not a tokenizer")  # every new process dies starting
+    os.kill(checker._worker._process.pid, signal.SIGKILL)
+    with pytest.raises(JobsUnavailable, match="the upload checker stopped"):
+        checker.check(upload, "a.jsonl")
+    checker.close()
 
 
 def test_a_tokenizer_without_a_definition_is_used_here(backbone: Backbone, tmp_path) -> None:
@@ -85,14 +128,14 @@ def test_a_tokenizer_without_a_definition_is_used_here(backbone: Backbone, tmp_p
     checker = UploadChecker(Slow())
     checker.start()
     upload = _write_upload(tmp_path / "ok.jsonl", *SMALL)
-    assert checker.check(upload, "a.jsonl")["num_rows"] == 12 and checker._pool is None
+    assert checker.check(upload, "a.jsonl")["num_rows"] == 12 and checker._worker is None
     checker.close()
 
 
 def _check_as_a_daemon(tokenizer, path: Path, results) -> None:
     checker = UploadChecker(tokenizer)
     checker.start()  # a daemonic process may not start children
-    results.put((checker.check(path, "a.jsonl")["num_rows"], checker._pool is None))
+    results.put((checker.check(path, "a.jsonl")["num_rows"], checker._worker is None))
     checker.close()
 
 
