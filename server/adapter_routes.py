@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from registry import InvalidName, NotFound, VersionInUse, parse_model_ref
+from registry import InvalidName, NotFound, VersionInUse
 from server.errors import CONFLICT, INVALID_JSON, INVALID_REQUEST, NOT_FOUND, ApiError
-from server.routes import ENGINE, authenticate
+from server.routes import ENGINE, authenticate, own_model_ref
 from server.schemas import decode_json, json_response, unknown_field
 
 T = TypeVar("T")
@@ -63,17 +63,8 @@ async def delete(request: web.Request) -> web.Response:
     tenant's model is as absent as a missing one."""
     engine = request.app[ENGINE]
     tenant = authenticate(request, engine)
-    tenant_part = request.match_info.get("tenant")
-    ref_text = request.match_info["name"]
-    ref_text = ref_text if tenant_part is None else f"{tenant_part}/{ref_text}"
+    ref, _ = own_model_ref(request, tenant)
     _no_fields(await request.read())
-    not_found = ApiError(404, NOT_FOUND, f"model {ref_text!r} not found")
-    try:
-        ref = parse_model_ref(ref_text)
-    except InvalidName:
-        raise not_found from None
-    if ref.tenant not in (None, tenant):
-        raise not_found
     call = functools.partial(engine.registry.delete, tenant, ref.name, ref.version)
     records = await _registry_call(call, ref.name)
     body = {"model": f"{tenant}/{ref.name}", "deleted": [record.version for record in records]}

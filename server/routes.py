@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from engine import Engine, EngineError, InputError, Job, MultiJob, Tokenized
-from registry import InvalidName, parse_model_ref
+from registry import InvalidName, ModelRef, parse_model_ref
 from server.errors import (
     AUTHENTICATION,
     INVALID_JSON,
@@ -109,6 +109,16 @@ async def get_adapter(request: web.Request) -> web.Response:
     model is as absent as a missing one."""
     engine = request.app[ENGINE]
     tenant = authenticate(request, engine)
+    ref, not_found = own_model_ref(request, tenant)
+    for info in engine.list_adapters(tenant, version=ref.version):
+        if info.name == ref.name:
+            return json_response(info.to_dict())
+    raise not_found
+
+
+def own_model_ref(request: web.Request, tenant: str) -> tuple[ModelRef, ApiError]:
+    """The route's ``{name}`` (or ``{tenant}/{name}``) as a reference to one of the caller's
+    models, and the 404 to raise when it names none; another tenant's is that 404 too."""
     tenant_part = request.match_info.get("tenant")
     ref_text = request.match_info["name"]
     ref_text = ref_text if tenant_part is None else f"{tenant_part}/{ref_text}"
@@ -119,10 +129,7 @@ async def get_adapter(request: web.Request) -> web.Response:
         raise not_found from None
     if ref.tenant not in (None, tenant):
         raise not_found
-    for info in engine.list_adapters(tenant, version=ref.version):
-        if info.name == ref.name:
-            return json_response(info.to_dict())
-    raise not_found
+    return ref, not_found
 
 
 # classification --------------------------------------------------------------------------
