@@ -189,6 +189,13 @@ class Catalog:
             raise
         return conn
 
+    def truncate_log(self) -> bool:
+        """Copy the write-ahead log into the catalog and empty it, so that it keeps no older
+        page images (a deletion's rows); False when a reader held it and it stays as it was."""
+        with self._fresh() as conn:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        return not busy
+
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A connection inside ``BEGIN IMMEDIATE``: committed on normal exit, rolled back on error.
@@ -223,6 +230,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
     if found_version < _POINTERS_SINCE:
         pointers.backfill(conn)
+    deletion.upgrade(conn)
     if found_version < SCHEMA_VERSION:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -379,27 +387,3 @@ def _record(root: Path, row: sqlite3.Row) -> AdapterRecord:
         created_at=row["created_at"],
         is_latest=bool(row["is_latest"]),
     )
-
-
-def upsert_settings(conn: sqlite3.Connection, tenant: str, settings_json: str, now: float) -> None:
-    conn.execute(
-        "INSERT INTO tenant_settings (tenant, settings_json, updated_at) VALUES (?, ?, ?) "
-        "ON CONFLICT(tenant) DO UPDATE SET settings_json = excluded.settings_json, "
-        "updated_at = excluded.updated_at",
-        (tenant, settings_json, now),
-    )
-
-
-def delete_settings(conn: sqlite3.Connection, tenant: str) -> None:
-    conn.execute("DELETE FROM tenant_settings WHERE tenant = ?", (tenant,))
-
-
-def select_settings(conn: sqlite3.Connection) -> dict[str, str]:
-    rows = conn.execute("SELECT tenant, settings_json FROM tenant_settings").fetchall()
-    return {row[0]: row[1] for row in rows}
-
-
-def settings_stamp(conn: sqlite3.Connection) -> tuple[int, float]:
-    """(count, newest update): changes whenever any tenant's settings change or vanish."""
-    row = conn.execute("SELECT COUNT(*), MAX(updated_at) FROM tenant_settings").fetchone()
-    return int(row[0]), float(row[1] or 0.0)

@@ -29,6 +29,23 @@ SCHEMA = (
 )
 
 
+def upgrade(conn: sqlite3.Connection) -> None:
+    """Convert a ``deleted_versions`` table that holds names (tenant, name), as development
+    builds wrote it for a few commits, to hashed names; a no-op otherwise."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(deleted_versions)")}
+    if "tenant" not in columns:
+        return
+    old = conn.execute("SELECT tenant, name, version, deleted_at FROM deleted_versions").fetchall()
+    conn.execute("DROP TABLE deleted_versions")
+    for statement in SCHEMA:
+        conn.execute(statement)
+    conn.executemany(
+        "INSERT INTO deleted_versions (name_sha256, version, deleted_at) VALUES (?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
+        [(_name_key(tenant, name), version, at) for tenant, name, version, at in old],
+    )
+
+
 def delete_versions(
     conn: sqlite3.Connection, tenant: str, name: str, versions: Sequence[int], now: float
 ) -> None:

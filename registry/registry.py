@@ -337,6 +337,16 @@ class Registry(Tenancy):
         self._store.remove_deleted(paths)
         with self._write():
             self._store.prune_empty_parents(paths)
+        try:
+            truncated = self._catalog.truncate_log()
+        except sqlite3.OperationalError as exc:  # locked past the busy timeout
+            truncated, reason = False, str(exc)
+        else:
+            reason = "a reader held it"
+        if not truncated:
+            logger.warning(
+                "the catalog's log still holds deleted rows until its next checkpoint: %s", reason
+            )
 
 
 def _check_version(version: int | None, *, allow_none: bool) -> None:

@@ -99,10 +99,10 @@ class Tenancy:
         with self._write() as conn:
             catalog.require_tenant(conn, tenant)
             if settings is None:
-                catalog.delete_settings(conn, tenant)
+                _delete_settings(conn, tenant)
             else:
                 text = json.dumps(dict(settings), sort_keys=True, allow_nan=False)
-                catalog.upsert_settings(conn, tenant, text, time.time())
+                _upsert_settings(conn, tenant, text, time.time())
 
     def update_tenant_settings(
         self,
@@ -121,23 +121,23 @@ class Tenancy:
             raise ValueError(f"tenant settings must be a JSON object, got {changes!r}")
         with self._write() as conn:
             catalog.require_tenant(conn, tenant)
-            stored = catalog.select_settings(conn).get(tenant)
+            stored = _select_settings(conn).get(tenant)
             merged = {**(json.loads(stored) if stored else {}), **changes}
             if check is not None:
                 check(merged)
             text = json.dumps(merged, sort_keys=True, allow_nan=False)
-            catalog.upsert_settings(conn, tenant, text, time.time())
+            _upsert_settings(conn, tenant, text, time.time())
         return merged
 
     def tenant_settings(self) -> dict[str, dict[str, Any]]:
         """Every tenant's stored overrides, by tenant."""
         with self._read() as conn:
-            return {t: json.loads(text) for t, text in catalog.select_settings(conn).items()}
+            return {t: json.loads(text) for t, text in _select_settings(conn).items()}
 
     def settings_stamp(self) -> tuple[int, float]:
         """A cheap value that changes whenever any tenant's settings change."""
         with self._read() as conn:
-            return catalog.settings_stamp(conn)
+            return _settings_stamp(conn)
 
     def authenticate(self, api_key: str) -> str | None:
         """The tenant owning `api_key`, or None; never raises for any key value."""
@@ -197,3 +197,27 @@ class Tenancy:
 def _check_base_sha256(value: str) -> None:
     if not is_sha256_hex(value):
         raise ValueError(f"base model SHA-256 must be 64 lowercase hex characters, got {value!r}")
+
+
+def _upsert_settings(conn: sqlite3.Connection, tenant: str, settings_json: str, now: float) -> None:
+    conn.execute(
+        "INSERT INTO tenant_settings (tenant, settings_json, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT(tenant) DO UPDATE SET settings_json = excluded.settings_json, "
+        "updated_at = excluded.updated_at",
+        (tenant, settings_json, now),
+    )
+
+
+def _delete_settings(conn: sqlite3.Connection, tenant: str) -> None:
+    conn.execute("DELETE FROM tenant_settings WHERE tenant = ?", (tenant,))
+
+
+def _select_settings(conn: sqlite3.Connection) -> dict[str, str]:
+    rows = conn.execute("SELECT tenant, settings_json FROM tenant_settings").fetchall()
+    return {row[0]: row[1] for row in rows}
+
+
+def _settings_stamp(conn: sqlite3.Connection) -> tuple[int, float]:
+    """(count, newest update): changes whenever any tenant's settings change or vanish."""
+    row = conn.execute("SELECT COUNT(*), MAX(updated_at) FROM tenant_settings").fetchone()
+    return int(row[0]), float(row[1] or 0.0)

@@ -58,7 +58,11 @@ class UploadChecker:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(self._definition)
         self._definition_file = Path(name)
-        self._worker = self._new_worker()
+        try:
+            self._worker = self._new_worker()
+        except (OSError, RuntimeError) as exc:  # no process to be had (a process limit, say)
+            log.warning("checking training uploads in this process: %s", exc)
+            self._definition = None
 
     def check(self, path: Path, source: str) -> dict[str, Any]:
         """The validation report of the file at `path`; InvalidData as `validate_upload`,
@@ -67,7 +71,10 @@ class UploadChecker:
             return validate_upload(path, source, self._tokenizer)
         with self._checking:
             for attempt in range(2):
-                worker = self._current_worker()
+                try:
+                    worker = self._current_worker()
+                except (OSError, RuntimeError) as exc:
+                    raise JobsUnavailable(f"cannot start the upload checker: {exc}") from None
                 try:
                     outcome = worker.call(str(path), source, self._timeout_s)
                 except TimeoutError:
@@ -136,10 +143,25 @@ class _Worker:
         child_end.close()
 
     def call(self, path: str, source: str, timeout_s: float) -> tuple:
-        self._conn.send((path, source))
-        if not self._conn.poll(timeout_s):
-            raise TimeoutError
-        return self._conn.recv()
+        """The reply; TimeoutError when none came whole within `timeout_s` (the process is
+        then killed: a reply stopped halfway would block a bare read for good)."""
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            self._process.kill()  # ends the read below with EOFError
+
+        timer = threading.Timer(timeout_s, expire)
+        timer.start()
+        try:
+            self._conn.send((path, source))
+            return self._conn.recv()
+        except (EOFError, OSError):
+            if expired.is_set():
+                raise TimeoutError from None
+            raise
+        finally:
+            timer.cancel()
 
     def kill(self) -> None:
         self._process.kill()

@@ -249,13 +249,36 @@ def test_deleted_names_are_kept_as_hashes_and_newer_catalogs_are_refused(
     registry: Registry, make_adapter: Make, manifest: dict[str, Any]
 ) -> None:
     registry.publish("acme", "confidential-merger", make_adapter(), manifest)
+    registry.resolve("acme", "confidential-merger")  # a reader connection stays open
     registry.delete_tenant("acme")
+    for path in registry.root.glob("catalog.sqlite3*"):  # the catalog and its log
+        raw = path.read_bytes()
+        assert b"confidential-merger" not in raw and b"acme" not in raw, path.name
     conn = sqlite3.connect(registry.root / "catalog.sqlite3")
-    assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy
-    raw = (registry.root / "catalog.sqlite3").read_bytes()
-    assert b"confidential-merger" not in raw and b"acme" not in raw  # secure_delete
     conn.execute("PRAGMA user_version = 99")
     conn.commit()
     conn.close()
     with pytest.raises(RegistryError, match="schema 99, newer than this graft's"):
         Registry(registry.root)
+
+
+def test_a_catalog_whose_tombstones_hold_names_is_upgraded(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    """A few development commits stored deleted versions by (tenant, name)."""
+    for _ in range(2):
+        _publish(registry, make_adapter, manifest)
+    registry.close()
+    conn = sqlite3.connect(registry.root / "catalog.sqlite3")
+    conn.execute("DROP TABLE deleted_versions")
+    conn.execute(
+        "CREATE TABLE deleted_versions (tenant TEXT NOT NULL, name TEXT NOT NULL, "
+        "version INTEGER NOT NULL, deleted_at REAL NOT NULL, PRIMARY KEY (tenant, name, version))"
+    )
+    conn.execute("INSERT INTO deleted_versions VALUES ('acme', 'spam', 7, 1.0)")
+    conn.commit()
+    conn.close()
+    with Registry(registry.root) as reopened:
+        with pytest.raises(NotFound, match="version 7 was deleted"):
+            reopened.resolve("acme", "spam", 7)
+        assert _publish(reopened, make_adapter, manifest) == 8

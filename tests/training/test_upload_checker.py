@@ -15,7 +15,7 @@ from engine import Backbone
 from training import load_sms_spam
 from training.job_config import JobsUnavailable
 from training.job_uploads import InvalidData, validate_upload
-from training.upload_checker import UploadChecker, _DefinedTokenizer
+from training.upload_checker import UploadChecker, _DefinedTokenizer, _Worker
 
 SMALL = (
     [f"win cash {i}" for i in range(6)] + [f"see you {i}" for i in range(6)],
@@ -149,3 +149,47 @@ def test_a_daemonic_server_process_checks_uploads_itself(backbone: Backbone, tmp
     daemon.start()
     assert results.get(timeout=60) == (12, True)
     daemon.join(60)
+
+
+def _half_a_reply(conn) -> None:
+    """A checker stopped halfway through its reply: a length header, then nothing."""
+    conn.recv()
+    os.write(conn.fileno(), (1 << 20).to_bytes(4, "big") + b"partial")
+    time.sleep(60)
+
+
+def test_a_reply_stopped_halfway_times_out_too() -> None:
+    context = multiprocessing.get_context("fork")
+    parent_end, child_end = context.Pipe()
+    process = context.Process(target=_half_a_reply, args=(child_end,), daemon=True)
+    process.start()
+    child_end.close()
+    worker = object.__new__(_Worker)
+    worker._conn, worker._process = parent_end, process
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        worker.call("upload.jsonl", "a.jsonl", timeout_s=1.0)
+    assert time.monotonic() - started < 5
+    process.join(5)
+    assert process.exitcode == -signal.SIGKILL  # killed by the timeout
+
+
+def test_no_checker_process_to_be_had(backbone, tmp_path, monkeypatch) -> None:
+    upload = _write_upload(tmp_path / "ok.jsonl", *SMALL)
+
+    def refuse(*args) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(_Worker, "__init__", refuse)
+    at_start = UploadChecker(copy.deepcopy(backbone.tokenizer))
+    at_start.start()  # checks in this process instead
+    assert at_start.check(upload, "a.jsonl")["num_rows"] == 12 and at_start._worker is None
+    at_start.close()
+    monkeypatch.undo()
+    later = UploadChecker(copy.deepcopy(backbone.tokenizer))
+    later.start()
+    os.kill(later._worker._process.pid, signal.SIGKILL)
+    monkeypatch.setattr(_Worker, "__init__", refuse)
+    with pytest.raises(JobsUnavailable, match="cannot start the upload checker"):
+        later.check(upload, "a.jsonl")
+    later.close()
