@@ -87,6 +87,17 @@ class Tenancy:
         with self._read() as conn:
             return catalog.has_tenant(conn, tenant)
 
+    def tenant_created_at(self, tenant: str) -> float | None:
+        """When `tenant` was created (a tenant deleted and created again: the second time), or
+        None when it does not exist: what tells a deleted tenant's leftovers from the new one's."""
+        if not is_valid_name("tenant", tenant):
+            return None
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT created_at FROM tenants WHERE name = ?", (tenant,)
+            ).fetchone()
+        return None if row is None else row[0]
+
     def set_tenant_settings(self, tenant: str, settings: Mapping[str, Any] | None) -> None:
         """Store `tenant`'s scheduling overrides (a JSON object), or with None remove them.
 

@@ -162,7 +162,7 @@ async def start_job(request: web.Request) -> web.Response:
     if job.config.max_length > longest:  # the worker would fail it only once it ran
         message = f"max_length must be at most {longest}, the backbone's longest input"
         raise ApiError(422, INVALID_REQUEST, message, field="max_length")
-    # the held-out rows are read as this server will read them (its --max-input-tokens)
+    # the held-out rows are read as this server will read them (its engine's max_input_tokens)
     config = dataclasses.replace(job.config, eval_max_tokens=request.app[ENGINE].max_input_tokens)
     submit = functools.partial(
         manager.submit,

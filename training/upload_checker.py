@@ -123,28 +123,45 @@ class UploadChecker:
 
     def _new_worker(self) -> "_Worker":
         assert self._definition_file is not None
-        return _Worker(self._definition_file, self._tokenizer.unk_token_id)
+        return _Worker.start(self._definition_file, self._tokenizer.unk_token_id)
 
 
 class _Worker:
     """One checker process and the pipe to it; its arguments are small (a file's path), so
-    starting it never blocks on a child that died before reading them."""
+    starting it never blocks on a child that died before reading them.
 
-    def __init__(self, definition_file: Path, unk_token_id: int | None) -> None:
+    `kill` may come from any thread while `call` runs (a close, a timeout): it kills and reaps
+    the process at once, and the pipe is closed by whichever of the two ends last, so that no
+    thread reads a descriptor another has closed."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection) -> None:
+        self._process, self._conn = process, conn
+        self._lock = threading.Lock()
+        self._is_in_call = False
+        self._is_dead = False
+
+    @classmethod
+    def start(cls, definition_file: Path, unk_token_id: int | None) -> "_Worker":
         context = multiprocessing.get_context("spawn")
-        self._conn, child_end = context.Pipe()
-        self._process = context.Process(
+        conn, child_end = context.Pipe()
+        process = context.Process(
             target=_child_main,
             args=(child_end, str(definition_file), unk_token_id),
             name="graft-upload-check",
             daemon=True,
         )
-        self._process.start()
+        process.start()
         child_end.close()
+        return cls(process, conn)
 
     def call(self, path: str, source: str, timeout_s: float) -> tuple:
         """The reply; TimeoutError when none came whole within `timeout_s` (the process is
-        then killed: a reply stopped halfway would block a bare read for good)."""
+        then killed: a reply stopped halfway would block a bare read for good); EOFError when
+        the process died or was killed."""
+        with self._lock:
+            if self._is_dead:
+                raise EOFError
+            self._is_in_call = True
         expired = threading.Event()
 
         def expire() -> None:
@@ -162,11 +179,21 @@ class _Worker:
             raise
         finally:
             timer.cancel()
+            with self._lock:
+                self._is_in_call = False
+                if self._is_dead:
+                    self._conn.close()
 
     def kill(self) -> None:
+        with self._lock:
+            if self._is_dead:
+                return
+            self._is_dead = True
+            close_now = not self._is_in_call
         self._process.kill()
         self._process.join()
-        self._conn.close()
+        if close_now:
+            self._conn.close()
 
 
 def _definition(tokenizer: Tokenizer) -> str | None:

@@ -25,6 +25,7 @@ from registry import Registry
 from tests.sms_samples import sms_csv
 from training import TrainConfig
 from training.job_store import (
+    CANCELLED,
     FAILED,
     QUEUED,
     RUNNING,
@@ -351,3 +352,26 @@ def test_job_files_are_json(make_manager, tmp_path: Path) -> None:
     stored = json.loads((tmp_path / "jobs" / job.id / "job.json").read_text())
     assert stored["state"] == "cancelled" and stored["tenant"] == "acme"
     assert (tmp_path / "jobs" / job.id / "data.csv").read_bytes() == sms_csv()
+
+
+def test_a_deleted_tenants_jobs_are_cancelled_and_unseen_by_its_successor(
+    make_manager, registry: Registry
+) -> None:
+    """A tenant deleted and created again under the same name is another customer: the old
+    one's jobs must not run on, publish into the new one, or show in its list."""
+    manager = make_manager(max_running=1)
+    running = submit(manager, config=TrainConfig(epochs=1_000, patience=1_000))
+    wait_for(lambda: manager.get("acme", running.id).state == RUNNING)
+    queued = submit(manager, tenant="bob")  # waits for the one slot
+    registry.delete_tenant("acme")
+    registry.delete_tenant("bob")
+    registry.create_tenant("acme")
+    wait_for(lambda: manager.worker_pid(running.id) is None)
+    assert manager.list_jobs("acme") == [] and manager.list_jobs("bob") == []
+    with pytest.raises(JobNotFound):
+        manager.get("acme", running.id)
+    states = {job.id: job.state for job in manager._jobs.values()}
+    assert states == {running.id: CANCELLED, queued.id: CANCELLED}
+    assert registry.list_adapters("acme") == []  # nothing published into the new tenant
+    fresh = submit(manager, config=TINY)  # the new tenant's own job runs and is listed
+    assert manager.list_jobs("acme") == [fresh]

@@ -164,8 +164,7 @@ def test_a_reply_stopped_halfway_times_out_too() -> None:
     process = context.Process(target=_half_a_reply, args=(child_end,), daemon=True)
     process.start()
     child_end.close()
-    worker = object.__new__(_Worker)
-    worker._conn, worker._process = parent_end, process
+    worker = _Worker(process, parent_end)
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         worker.call("upload.jsonl", "a.jsonl", timeout_s=1.0)
@@ -180,7 +179,7 @@ def test_no_checker_process_to_be_had(backbone, tmp_path, monkeypatch) -> None:
     def refuse(*args) -> None:
         raise BlockingIOError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(_Worker, "__init__", refuse)
+    monkeypatch.setattr(_Worker, "start", refuse)
     at_start = UploadChecker(copy.deepcopy(backbone.tokenizer))
     at_start.start()  # checks in this process instead
     assert at_start.check(upload, "a.jsonl")["num_rows"] == 12 and at_start._worker is None
@@ -189,7 +188,7 @@ def test_no_checker_process_to_be_had(backbone, tmp_path, monkeypatch) -> None:
     later = UploadChecker(copy.deepcopy(backbone.tokenizer))
     later.start()
     os.kill(later._worker._process.pid, signal.SIGKILL)
-    monkeypatch.setattr(_Worker, "__init__", refuse)
+    monkeypatch.setattr(_Worker, "start", refuse)
     with pytest.raises(JobsUnavailable, match="cannot start the upload checker"):
         later.check(upload, "a.jsonl")
     later.close()
