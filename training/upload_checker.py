@@ -73,6 +73,8 @@ class UploadChecker:
             for attempt in range(2):
                 try:
                     worker = self._current_worker()
+                except JobsUnavailable:  # closed (a RuntimeError too, not one to wrap)
+                    raise
                 except (OSError, RuntimeError) as exc:
                     raise JobsUnavailable(f"cannot start the upload checker: {exc}") from None
                 try:

@@ -103,7 +103,7 @@ def test_a_stuck_check_times_out_and_a_close_does_not_wait(backbone, tmp_path) -
     checker.close()  # kills the stuck process instead of waiting for it
     thread.join(10)
     assert time.monotonic() - started < 1.5 and isinstance(failed[0], JobsUnavailable)
-    with pytest.raises(JobsUnavailable, match="closed"):
+    with pytest.raises(JobsUnavailable, match="^the upload checker is closed$"):
         checker.check(upload, "a.jsonl")
 
 
