@@ -16,7 +16,8 @@ from typing import TypeGuard
 from registry.errors import InvalidAdapter
 from registry.manifest import MANIFEST_FILE
 
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+WEIGHTS_FILE = "adapter_model.safetensors"
+REQUIRED_FILES = ("adapter_config.json", WEIGHTS_FILE)
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
 # Plain names only: no separators, no leading dot, nothing that would break the
 # "name\tsha256\n" lines of the content hash.
@@ -30,6 +31,7 @@ _DTYPE_BYTES = {
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 _Bytes = bytes | bytearray | memoryview
+_LORA_FACTOR = re.compile(r".+\.lora_([AB])(?:\.[^.]+)?\.weight")
 
 
 def is_plain_file_name(name: object) -> bool:
@@ -74,6 +76,28 @@ def check_safetensors(path: Path) -> None:
         header_bytes = _header_length(path.name, prefix, file_bytes)
         header_text = file.read(header_bytes)
     _checked_header(path.name, header_text, file_bytes - 8 - header_bytes)
+
+
+def check_lora_rank(path: Path, rank: int) -> None:
+    """Refuse weights whose LoRA factors have a higher rank than the manifest's `rank`: servers
+    budget an adapter's pool pages from the manifest, and refuse such a version at every load.
+    Factors are PEFT's ``*.lora_A[.<adapter>].weight`` (rank first) and ``lora_B`` (rank
+    last); a head-only version holds none."""
+    file_bytes = path.stat().st_size
+    with path.open("rb") as file:
+        header_bytes = _header_length(path.name, file.read(8), file_bytes)
+        header = _checked_header(path.name, file.read(header_bytes), file_bytes - 8 - header_bytes)
+    for tensor_name, entry in header.items():
+        match = _LORA_FACTOR.fullmatch(tensor_name)
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if match is None or not isinstance(shape, list) or len(shape) != 2:
+            continue
+        found = shape[0] if match.group(1) == "A" else shape[1]
+        if found > rank:
+            raise InvalidAdapter(
+                f"manifest['rank'] is {rank}, but {path.name} holds rank-{found} LoRA factors "
+                f"({tensor_name})"
+            )
 
 
 def safetensors_header(name: str, data: _Bytes) -> tuple[dict[str, dict], int]:

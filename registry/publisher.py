@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from registry import catalog, pointers
+from registry import catalog, formats, pointers
 from registry.catalog import Catalog
 from registry.errors import RegistryError
 from registry.manifest import ManifestFields, check_manifest, stored_manifest_text
@@ -51,7 +51,7 @@ class Publisher:
         if not items:
             return []
         with self._store.staging(len(items)) as staging:
-            staged = self._stage_all(staging, items, is_batch)
+            staged = self._stage_all(staging, items, fields, is_batch)
             return self._install(items, fields, staged)
 
     def _check(self, items: Sequence[PublishItem], is_batch: bool) -> list[ManifestFields]:
@@ -75,11 +75,18 @@ class Publisher:
         return fields
 
     def _stage_all(
-        self, staging: Staging, items: Sequence[PublishItem], is_batch: bool
+        self,
+        staging: Staging,
+        items: Sequence[PublishItem],
+        fields: Sequence[ManifestFields],
+        is_batch: bool,
     ) -> list[StagedVersion]:
         def stage(index: int) -> StagedVersion:
             with _naming_item(index, items[index], is_batch):
-                return staging.stage(index, Path(items[index].source_dir))
+                staged = staging.stage(index, Path(items[index].source_dir))
+                weights = staged.temp_dir / formats.WEIGHTS_FILE
+                formats.check_lora_rank(weights, fields[index].rank)
+                return staged
 
         return map_in_threads(stage, range(len(items)), MAX_IO_THREADS)
 

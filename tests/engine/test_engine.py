@@ -16,7 +16,7 @@ from engine import (
     InputTooLong,
     ModelNotFound,
 )
-from registry import Registry
+from registry import InvalidAdapter, Registry, formats
 
 
 @pytest.fixture
@@ -140,12 +140,16 @@ async def test_tampered_adapter_is_refused(registry, publish_random) -> None:
 
 
 async def test_an_adapter_whose_manifest_understates_its_rank_fails_alone(
-    registry, publish_random, write_random_adapter, backbone, tmp_path
+    registry, publish_random, write_random_adapter, backbone, tmp_path, monkeypatch
 ) -> None:
     """Pages are budgeted from the manifest's rank: one that says 4 for rank-16 weights made
-    steps that overflowed the pool, failing the other tenants' rows in them too."""
+    steps that overflowed the pool, failing the other tenants' rows in them too. Publishing
+    refuses such a manifest now; a registry an older graft wrote may still hold one."""
     write_random_adapter(backbone, tmp_path / "liar", seed=1, rank=16, num_labels=2)
     manifest = {"labels": ["neg", "pos"], "base_sha256": backbone.sha256, "rank": 4}
+    with pytest.raises(InvalidAdapter, match="manifest\\['rank'\\] is 4, but .* rank-16"):
+        registry.publish("acme", "liar", tmp_path / "liar", manifest)
+    monkeypatch.setattr(formats, "check_lora_rank", lambda path, rank: None)  # an older graft
     registry.publish("acme", "liar", tmp_path / "liar", manifest)
     publish_random(registry, "globex", "good", rank=8)
     async with Engine(EngineConfig(registry_dir=registry.root, adapter_pages=16)) as engine:

@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from registry import IntegrityError, InvalidAdapter, NotFound, Registry, RegistryError
+from registry import (
+    IntegrityError,
+    InvalidAdapter,
+    NotFound,
+    PublishItem,
+    Registry,
+    RegistryError,
+)
 from registry import catalog as registry_catalog
 from registry import verify as registry_verify
 
@@ -378,3 +385,23 @@ def test_failed_insert_leaves_nothing(
     monkeypatch.undo()
     assert_nothing_stored(registry)
     assert registry.publish("acme", "spam", make_adapter(), manifest).version == 1
+
+
+def test_a_manifest_that_understates_the_lora_rank_is_refused(
+    registry: Registry, make_adapter, manifest
+) -> None:
+    """Servers budget pool pages from the manifest's rank and refuse weights above it at
+    every load; such a version must not become latest in the first place."""
+    rank8 = make_adapter(rank=8)
+    for stated in (4, 0):
+        with pytest.raises(InvalidAdapter, match=f"manifest\\['rank'\\] is {stated}, but .*rank-8"):
+            registry.publish("acme", "spam", rank8, {**manifest, "rank": stated})
+    with pytest.raises(InvalidAdapter, match=r"item 1 \(acme/spam\): manifest\['rank'\] is 4"):
+        registry.publish_many(
+            [
+                PublishItem("acme", "spam", make_adapter(rank=4), manifest),
+                PublishItem("acme", "spam", rank8, manifest),
+            ]
+        )
+    assert registry.list_adapters("acme") == []
+    assert registry.publish("acme", "spam", rank8, {**manifest, "rank": 16}).rank == 16
