@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.load_stats import percentile
 from training.datasets import load_sms_spam
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, samples in (("before", baseline), ("during", during)):
         print(f"GET /health {label}: {_summary(samples)}")
     if baseline and during:
-        ratio = _p99(during) / _p99(baseline)
+        ratio = percentile(during, 99) / percentile(baseline, 99)  # both hold probes
         print(f"p99 during / before: {ratio:.1f}x")
     return 0
 
@@ -67,16 +67,11 @@ def _upload(rows: int) -> bytes:
 def _summary(samples: list[float]) -> str:
     if not samples:
         return "no probes"
-    ms = sorted(s * 1000 for s in samples)
+    ms = [s * 1000 for s in samples]
     return (
-        f"{len(ms)} probes, p50 {statistics.median(ms):.1f} ms, p99 {_p99(samples) * 1000:.1f} ms, "
-        f"max {ms[-1]:.1f} ms"
+        f"{len(ms)} probes, p50 {percentile(ms, 50):.1f} ms, p99 {percentile(ms, 99):.1f} ms, "
+        f"max {max(ms):.1f} ms"
     )
-
-
-def _p99(samples: list[float]) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
 class _Probe(threading.Thread):

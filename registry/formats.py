@@ -63,8 +63,8 @@ def check_adapter_config(path: Path) -> None:
         raise InvalidAdapter(f"{path.name} must hold a JSON object")
 
 
-def check_safetensors(path: Path) -> None:
-    """Refuse a file that is not safetensors, judging by its header alone.
+def check_safetensors(path: Path) -> dict:
+    """Refuse a file that is not safetensors, judging by its header alone; return the header.
 
     Checks: the 8-byte little-endian header length fits the file, the header is a JSON object,
     and every tensor entry has a dtype, a shape and data offsets inside the data section whose
@@ -75,29 +75,29 @@ def check_safetensors(path: Path) -> None:
         prefix = file.read(8)
         header_bytes = _header_length(path.name, prefix, file_bytes)
         header_text = file.read(header_bytes)
-    _checked_header(path.name, header_text, file_bytes - 8 - header_bytes)
+    return _checked_header(path.name, header_text, file_bytes - 8 - header_bytes)
 
 
-def check_lora_rank(path: Path, rank: int) -> None:
-    """Refuse weights whose LoRA factors have a higher rank than the manifest's `rank`: servers
-    budget an adapter's pool pages from the manifest, and refuse such a version at every load.
-    Factors are PEFT's ``*.lora_A[.<adapter>].weight`` (rank first) and ``lora_B`` (rank
-    last); a head-only version holds none."""
-    file_bytes = path.stat().st_size
-    with path.open("rb") as file:
-        header_bytes = _header_length(path.name, file.read(8), file_bytes)
-        header = _checked_header(path.name, file.read(header_bytes), file_bytes - 8 - header_bytes)
+def lora_rank(header: dict) -> int:
+    """The highest rank of the LoRA factors in a checked safetensors header, 0 for none (a
+    head-only version). Factors are PEFT's ``*.lora_A[.<adapter>].weight`` (rank first) and
+    ``lora_B`` (rank last)."""
+    ranks = [0]
     for tensor_name, entry in header.items():
         match = _LORA_FACTOR.fullmatch(tensor_name)
         shape = entry.get("shape") if isinstance(entry, dict) else None
-        if match is None or not isinstance(shape, list) or len(shape) != 2:
-            continue
-        found = shape[0] if match.group(1) == "A" else shape[1]
-        if found > rank:
-            raise InvalidAdapter(
-                f"manifest['rank'] is {rank}, but {path.name} holds rank-{found} LoRA factors "
-                f"({tensor_name})"
-            )
+        if match is not None and isinstance(shape, list) and len(shape) == 2:
+            ranks.append(shape[0] if match.group(1) == "A" else shape[1])
+    return max(ranks)
+
+
+def check_lora_rank(found: int, rank: int) -> None:
+    """Refuse weights whose LoRA factors (rank `found`) exceed the manifest's `rank`: servers
+    budget an adapter's pool pages from the manifest, and refuse such a version at every load."""
+    if found > rank:
+        raise InvalidAdapter(
+            f"manifest['rank'] is {rank}, but {WEIGHTS_FILE} holds rank-{found} LoRA factors"
+        )
 
 
 def safetensors_header(name: str, data: _Bytes) -> tuple[dict[str, dict], int]:

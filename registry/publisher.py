@@ -84,8 +84,7 @@ class Publisher:
         def stage(index: int) -> StagedVersion:
             with _naming_item(index, items[index], is_batch):
                 staged = staging.stage(index, Path(items[index].source_dir))
-                weights = staged.temp_dir / formats.WEIGHTS_FILE
-                formats.check_lora_rank(weights, fields[index].rank)
+                formats.check_lora_rank(staged.lora_rank, fields[index].rank)
                 return staged
 
         return map_in_threads(stage, range(len(items)), MAX_IO_THREADS)

@@ -53,6 +53,7 @@ class StagedVersion:
     file_sha256: dict[str, str]  # file name -> hex SHA-256, the manifest excluded
     size_bytes: int  # total bytes of those files
     content_sha256: str  # hex, see manifest.content_sha256
+    lora_rank: int  # of the weights' LoRA factors, 0 for none
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +94,8 @@ class Staging:
         if slot != self._dir:
             slot.mkdir()
         file_sha256, size_bytes = _copy_all(source_dir, slot, names, self._is_durable)
-        _check_formats(slot, names)
-        return StagedVersion(slot, file_sha256, size_bytes, content_sha256(file_sha256))
+        lora_rank = _check_formats(slot, names)
+        return StagedVersion(slot, file_sha256, size_bytes, content_sha256(file_sha256), lora_rank)
 
     def close(self) -> None:
         """Remove the temp dir (whatever was not installed) and release its lock."""
@@ -313,9 +314,14 @@ def _copy_all(
     return file_sha256, size_bytes
 
 
-def _check_formats(temp_dir: Path, names: list[str]) -> None:
-    """Check the copies, not the sources, so what is checked is exactly what is stored."""
+def _check_formats(temp_dir: Path, names: list[str]) -> int:
+    """Check the copies, not the sources, so what is checked is exactly what is stored; return
+    the rank of the weights' LoRA factors."""
     formats.check_adapter_config(temp_dir / "adapter_config.json")
+    rank = 0
     for name in names:
         if name.endswith(".safetensors"):
-            formats.check_safetensors(temp_dir / name)
+            header = formats.check_safetensors(temp_dir / name)
+            if name == formats.WEIGHTS_FILE:
+                rank = formats.lora_rank(header)
+    return rank

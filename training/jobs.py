@@ -59,8 +59,7 @@ class JobManager(ManagerThread):
     def __init__(self, config: JobsConfig, registry: Registry, tokenizer: Tokenizer) -> None:
         self._config = config
         self._registry = registry  # to find what a worker that died had published
-        self._checker = UploadChecker(tokenizer)  # validation's own: not reentrant
-        self._validate_lock = threading.Lock()
+        self._checker = UploadChecker(tokenizer)  # checks one upload at a time
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a job changed state
         self._context = get_context("spawn")
@@ -131,8 +130,7 @@ class JobManager(ManagerThread):
         with self._counted_upload(tenant):
             staging = store.stage(data, data_file)
             try:
-                with self._validate_lock:
-                    report = self._checker.check(staging / data_file, filename)
+                report = self._checker.check(staging / data_file, filename)
                 record = JobRecord(
                     id=new_job_id(),
                     tenant=tenant,

@@ -43,7 +43,7 @@ class UploadChecker:
         self._definition_file: Path | None = None
         self._worker: _Worker | None = None
         self._lock = threading.Lock()  # guards _worker and _is_closed, never held while waiting
-        self._checking = threading.Lock()  # one check at a time
+        self._checking = threading.Lock()
         self._is_closed = False
 
     def start(self) -> None:
@@ -67,9 +67,9 @@ class UploadChecker:
     def check(self, path: Path, source: str) -> dict[str, Any]:
         """The validation report of the file at `path`; InvalidData as `validate_upload`,
         JobsUnavailable when the checker died twice, timed out or was closed."""
-        if self._definition is None:
-            return validate_upload(path, source, self._tokenizer)
-        with self._checking:
+        with self._checking:  # one at a time: neither the process nor a tokenizer is reentrant
+            if self._definition is None:
+                return validate_upload(path, source, self._tokenizer)
             for attempt in range(2):
                 try:
                     worker = self._current_worker()

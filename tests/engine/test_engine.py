@@ -149,7 +149,7 @@ async def test_an_adapter_whose_manifest_understates_its_rank_fails_alone(
     manifest = {"labels": ["neg", "pos"], "base_sha256": backbone.sha256, "rank": 4}
     with pytest.raises(InvalidAdapter, match="manifest\\['rank'\\] is 4, but .* rank-16"):
         registry.publish("acme", "liar", tmp_path / "liar", manifest)
-    monkeypatch.setattr(formats, "check_lora_rank", lambda path, rank: None)  # an older graft
+    monkeypatch.setattr(formats, "check_lora_rank", lambda found, rank: None)  # an older graft
     registry.publish("acme", "liar", tmp_path / "liar", manifest)
     publish_random(registry, "globex", "good", rank=8)
     async with Engine(EngineConfig(registry_dir=registry.root, adapter_pages=16)) as engine:
