@@ -2,11 +2,11 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
-# switch lookahead graphs graphs-bert precapture frontend workers. Default: tests graphs load, at most about 9
-# minutes on an H100 or H200 (each step is bounded), plus a minute or two to start the
-# machine: the kernels and the engine on CUDA first, then CUDA graphs (on by default on CUDA)
-# against eager steps, then the load sweep. A second call: profile lookahead bert-load peft.
-# Logs, JSON and the load runs'
+# switch lookahead graphs graphs-bert precapture frontend workers headline engine-cpu.
+# Default: tests graphs load, at most about 9 minutes on an H100 or H200 (each step is
+# bounded), plus a minute or two to start the machine: the kernels and the engine on CUDA
+# first, then CUDA graphs (on by default on CUDA) against eager steps, then the load sweep. A
+# second call: profile lookahead bert-load peft. Logs, JSON and the load runs'
 # records (one .tgz per load step) go to $OUT (default benchmarks/out/gpu).
 #
 # Load steps size the adapter pool for every adapter of the fleet (--adapter-pages 8192: 1,000
@@ -179,6 +179,18 @@ for step in $STEPS; do
       run 80 cold python3 -m benchmarks.cold_start --device cuda --loads 200 --e2e 10 \
         --neighbour 20 --rotation 1,100 --duration 3 --out "$WORK/cold"
       cp "$WORK/cold/cold_start.json" "$OUT/cold_start.json" 2>/dev/null ;;
+    headline)
+      # issue 7's three targets in one sweep: the embedded engine, HTTP behind 4 front ends and
+      # the bare backbone, 1,000 adapters (Zipf) on MiniLM
+      run 210 headline $LOAD --out "$WORK/headline" --server-workers 4 \
+        --only embedded-sms-1000a-zipf,serve-sms-1000a-zipf,backbone-sms
+      tar -czf "$OUT/load_headline.tgz" -C "$WORK" headline 2>/dev/null ;;
+    engine-cpu)
+      # the engine process's CPU a request behind 4 front ends, and embedded
+      run 60 engine-cpu-workers python3 -m benchmarks.server_cpu --device cuda \
+        --quantize none --requests 20000 --warmup 2000 --concurrency 64 --server-workers 4
+      run 60 engine-cpu-embedded python3 -m benchmarks.server_cpu --device cuda \
+        --quantize none --requests 20000 --warmup 2000 --concurrency 64 --embedded ;;
     load)
       run 200 load $LOAD --out "$WORK/load" \
         --only embedded-sms-1a,embedded-sms-1000a-zipf,backbone-sms,serve-sms-1000a-zipf
