@@ -23,6 +23,8 @@ from benchmarks.load_targets import HttpTarget, Target
 from benchmarks.open_loop import DrivenRun, drive
 
 _LEAD_S = 0.25  # between dealing the shares and the first send: every process has its share
+_READY_TIMEOUT_S = 120.0  # a spawned driver imports aiohttp and the benchmarks: seconds
+_READY = "ready"
 _STOP_TIMEOUT_S = 10.0
 
 
@@ -60,6 +62,26 @@ class DriverPool:
             theirs.close()
             self._connections.append(ours)
             self._processes.append(process)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self) -> None:
+        """Return once every process can send. A spawned driver spends seconds importing;
+        a first rate dealt before that was sent late by as much (a send lag of 3.9-4.7 s, and
+        a broken first rate in every HTTP sweep with --driver-processes, session 24)."""
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        for index, connection in enumerate(self._connections):
+            if not connection.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"driver process {index} not ready in {_READY_TIMEOUT_S:.0f} s")
+            try:
+                message = connection.recv()
+            except EOFError:
+                message = "exited before it was ready"
+            if message != _READY:
+                raise RuntimeError(f"driver process {index} failed: {message}")
 
     async def drive(self, target: Target, arrivals: Sequence[Arrival], *, drain_s: float):
         """``open_loop.drive``'s run, sent from every process; counters read here."""
@@ -112,6 +134,7 @@ async def _serve(spec: HttpSpec, connection: Connection) -> None:
     connector = aiohttp.TCPConnector(limit=spec.connections)
     async with aiohttp.ClientSession(connector=connector) as session:
         target = HttpTarget(spec.kind, session, spec.url, spec.models, spec.keys, spec.timeout_s)
+        connection.send(_READY)
         while (job := await asyncio.to_thread(connection.recv)) is not None:
             arrivals, start_at, drain_s = job
             try:

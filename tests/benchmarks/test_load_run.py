@@ -141,6 +141,8 @@ def test_driver_processes_share_the_schedule_of_an_http_run(tmp_path: Path) -> N
     assert len(records) == foot["num_sent"] >= 8
     times = [r["t_send"] for r in records]
     assert times == sorted(times)  # both shares, merged back in schedule order
+    # the first rate waits for the spawned drivers: not sent seconds late while they import
+    assert max(r["send_lag_s"] for r in records) < 0.5, [r["send_lag_s"] for r in records]
     assert sum(r["status"] == 200 for r in records) >= len(records) - 1, records
     assert foot["counters_after"]["rows"] > foot["counters_before"]["rows"]
     assert not multiprocessing.active_children()  # drivers and server are gone
