@@ -208,13 +208,16 @@ class AdapterMemory:
             else:
                 index = torch.tensor(pages, dtype=torch.long, device=self._device)
                 self._slab.index_copy_(0, index, rows.to(self._device, non_blocking=True))
-        num_modules = len(self._names)
-        ranks = torch.zeros(num_modules, dtype=torch.int32)
-        scales = torch.zeros(num_modules, dtype=torch.float32)
+        # filled as lists, then one tensor each: 72 element stores into tensors were 0.19 ms of
+        # Python a page-in on the model thread (36 modules), a third of one on an H200
+        ranks_list, scales_list = [0] * len(self._names), [0.0] * len(self._names)
+        linears = self._backbone.linears
         for name, rank, scale in ranks_and_scales(weights.modules):
-            index = self._backbone.linears[name].index
-            ranks[index] = rank
-            scales[index] = scale
+            index = linears[name].index
+            ranks_list[index] = rank
+            scales_list[index] = scale
+        ranks = torch.tensor(ranks_list, dtype=torch.int32)
+        scales = torch.tensor(scales_list, dtype=torch.float32)
         head = weights.head.with_tensors(
             [t.to(self._device, self._dtype, non_blocking=True) for t in weights.head.tensors()]
         )
