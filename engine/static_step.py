@@ -211,17 +211,29 @@ class StaticStep:
         """Fill the input buffers for a step of these rows (one resident per row; None for a
         row without LoRA). Rows past the real ones attend to their first token only."""
         rows, tokens, rank = self.shape.rows, self.shape.tokens, self.shape.rank
+        count = len(token_ids)
+        if len(row_residents) != count:
+            raise ValueError(f"{count} rows of tokens, {len(row_residents)} of residents")
+        # whole arrays, not row by row: 128 rows took 0.46 ms of the model thread's Python
+        lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=count)
+        present = np.arange(tokens) < lengths[:, None]
         ids = np.full((2, rows, tokens), self._pad_id, dtype=np.int64)
+        ids[0, :count][present] = np.fromiter(
+            itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(lengths.sum())
+        )
         ids[1] = 0
+        ids[1, :count] = present
         ids[1, :, 0] = 1  # a padding row with no token to attend to would give NaN
         pages = np.zeros((rows, rank), dtype=np.int64)  # page 0 holds zeros in every pool
         scale = np.zeros((self.row_scale.shape[0], rows), dtype=np.float32)
-        for i, (row, resident) in enumerate(zip(token_ids, row_residents, strict=True)):
-            ids[0, i, : len(row)] = row
-            ids[1, i, : len(row)] = 1
+        lo = 0
+        for _, run in itertools.groupby(row_residents, key=id):  # a segment's rows
+            hi = lo + sum(1 for _ in run)
+            resident = row_residents[lo]
             if resident is not None:
-                pages[i, : len(resident.pages)] = resident.pages
-                scale[:, i] = resident.scale_by_module.numpy()
+                pages[lo:hi, : len(resident.pages)] = resident.pages
+                scale[:, lo:hi] = resident.scale_by_module.numpy()[:, None]
+            lo = hi
         self.ids_and_mask.copy_(torch.from_numpy(ids))
         self.row_pages.copy_(torch.from_numpy(pages))
         self.row_scale.copy_(torch.from_numpy(scale))
