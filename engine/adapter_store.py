@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,6 +57,8 @@ class AdapterStore:
             max_loads_in_flight, thread_name_prefix="graft-load", initializer=_loader_thread_setup
         )
         self._loading: dict[str, asyncio.Future[None]] = {}
+        # loads of versions deleted while they read: their weights are dropped at last unpin
+        self._forgotten_loads: weakref.WeakSet[asyncio.Future[None]] = weakref.WeakSet()
         self.num_disk_loads = 0
         self.disk_bytes_read = 0
         self._closed = False  # set (on any thread) before queued loads are cancelled
@@ -95,7 +98,18 @@ class AdapterStore:
                 raise EngineClosed("engine shut down") from None
             raise
         self._host.put_pinned(key, weights)
+        if load in self._forgotten_loads:
+            self._host.forget(key)
         return key
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop deleted versions from the host tier, now or at their last unpin (event loop).
+        The device pool's copies are the model thread's to drop: ``forget_device``."""
+        for key in keys:
+            self._host.forget(key)
+            load = self._loading.get(key)
+            if load is not None:
+                self._forgotten_loads.add(load)
 
     def pin_if_resident(self, record: AdapterRecord) -> str | None:
         """Pin the adapter and return its key if the host tier holds it; else None, nothing
@@ -161,8 +175,10 @@ class AdapterStore:
         acquired: list[str] = []
         try:
             for key in keys:
-                self._memory.acquire(key, lambda k=key: self._host.get(k))
+                resident = self._memory.acquire(key, lambda k=key: self._host.get(k))
                 acquired.append(key)
+                if not resident.forgotten and self._host.is_forgotten(key):
+                    resident.forgotten = True  # paged in again for a request that held it
         except BaseException:
             self.release_device(acquired)
             raise
@@ -170,6 +186,9 @@ class AdapterStore:
     def release_device(self, keys: Sequence[str]) -> None:
         for key in keys:
             self._memory.release(key)
+
+    def forget_device(self, keys: Sequence[str]) -> None:
+        self._memory.forget(keys)
 
     # introspection -----------------------------------------------------------------------
 

@@ -8,8 +8,10 @@ import itertools
 import logging
 import sys
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from engine.adapter_store import adapter_key
 from engine.backbone import Backbone, packaged_backbone_dir
 from engine.collector import freeze_startup_objects, release_startup_objects
 from engine.config import EngineConfig
@@ -22,7 +24,7 @@ from engine.requests import EngineRequests
 from engine.stack import ServingStack, load_stack
 from engine.step_loop import StepLoop
 from engine.tenant_settings import scheduler_config
-from registry import InvalidName, NotFound, Registry
+from registry import AdapterRecord, InvalidName, NotFound, Registry
 from scheduler import Scheduler, TenantPolicy
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,18 @@ class Engine(EngineRequests):
         except NotFound:  # a tenant removed while its key was in use has no models
             return []
         return summarize(records, self._loaded.store.residency, version=version)
+
+    def forget(self, records: Iterable[AdapterRecord]) -> None:
+        """Drop deleted versions' weights from this engine's memory: from the host tier now,
+        and zeroed out of the device pool by the model thread before its next step; a version
+        that in-flight requests hold goes once they finish. Call it on the engine's event loop
+        with what ``registry.delete`` returned (the HTTP delete route does). Without it, the
+        weights of a deleted version, which no request can resolve, wait for LRU eviction."""
+        keys = [adapter_key(record) for record in records]
+        model = self._loaded
+        model.store.forget(keys)
+        with contextlib.suppress(RuntimeError):  # the model thread has shut down
+            self._executor.submit(model.store.forget_device, keys)
 
     def stats(self) -> dict[str, int]:
         """Counters for introspection and metrics: steps, rows, queues, adapter tiers, and

@@ -16,6 +16,7 @@ class _Entry:
     weights: AdapterWeights
     num_bytes: int
     pins: int = 0
+    forgotten: bool = False  # its version was deleted: dropped at its last unpin
 
 
 class HostCache:
@@ -92,7 +93,27 @@ class HostCache:
             if entry.pins <= 0:
                 raise RuntimeError(f"unpin of {key} without a matching pin")
             entry.pins -= 1
+            if entry.pins == 0 and entry.forgotten:
+                self._pop(key)
             self._shrink()
+
+    def forget(self, key: str) -> None:
+        """Drop a deleted version now, or at its last unpin while requests hold it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            entry.forgotten = True
+            if entry.pins == 0:
+                self._pop(key)
+
+    def is_forgotten(self, key: str) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry.forgotten
+
+    def _pop(self, key: str) -> None:
+        self.num_bytes -= self._entries.pop(key).num_bytes
 
     def pins(self, key: str) -> int:
         with self._lock:

@@ -10,7 +10,7 @@ reserved and stays zero: kernels pad page lists with it, and it adds nothing.
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ class Resident:
     head: Head  # on the engine's device
     num_bytes: int
     refcount: int = 0  # requests holding it; never evicted while > 0
+    forgotten: bool = False  # its version was deleted: freed at its last release
 
 
 class AdapterMemory:
@@ -109,6 +110,28 @@ class AdapterMemory:
         if resident is None or resident.refcount <= 0:
             raise RuntimeError(f"release of {key} without a matching acquire")
         resident.refcount -= 1
+        if resident.refcount == 0 and resident.forgotten:
+            self._drop(key)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Free deleted versions' pages, zeroed, now; or at their last release while a step
+        holds them. Model thread only, as every change to the pool."""
+        for key in keys:
+            resident = self._resident.get(key)
+            if resident is None:
+                continue
+            resident.forgotten = True
+            if resident.refcount == 0:
+                self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        """Take ``key`` out of the pool (refcount 0); a forgotten one's rows are zeroed."""
+        resident = self._resident.pop(key)
+        self._resident_bytes -= resident.num_bytes
+        if resident.forgotten and resident.pages:
+            index = torch.tensor(resident.pages, dtype=torch.long, device=self._device)
+            self._slab.index_fill_(0, index, 0)
+        self._free.give(resident.pages)
 
     def pack(
         self, weights: AdapterWeights, *, pin: bool = False, whole_rows: bool | None = None
@@ -255,9 +278,7 @@ class AdapterMemory:
     def _evict_one(self) -> bool:
         for key, resident in self._resident.items():  # oldest first
             if resident.refcount == 0:
-                del self._resident[key]
-                self._resident_bytes -= resident.num_bytes
-                self._free.give(resident.pages)
+                self._drop(key)
                 self.num_evictions += 1
                 log.debug("evicted adapter %s", key)
                 return True

@@ -67,6 +67,7 @@ async def delete(request: web.Request) -> web.Response:
     _no_fields(await request.read())
     call = functools.partial(engine.registry.delete, tenant, ref.name, ref.version)
     records = await _registry_call(call, ref.name)
+    engine.forget(records)  # their weights out of this server's memory too
     body = {"model": f"{tenant}/{ref.name}", "deleted": [record.version for record in records]}
     return json_response(body)
 

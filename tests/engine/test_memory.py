@@ -51,25 +51,72 @@ def _check(memory: AdapterMemory, backbone, held: dict[str, int], weights: dict)
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    ops=st.lists(st.tuples(st.sampled_from(["acquire", "release"]), st.integers(0, 9)), max_size=60)
+    ops=st.lists(
+        st.tuples(st.sampled_from(["acquire", "release", "forget"]), st.integers(0, 9)),
+        max_size=60,
+    )
 )
 def test_pool_invariants_under_random_acquire_release(backbone, ops) -> None:
     memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
     weights = {f"a{i}": _weights(backbone, i, rank=1 + i % 6) for i in range(10)}
     held = {k: 0 for k in weights}
+    forgotten: set[str] = set()  # forgotten since last paged in
     for op, i in ops:
         key = f"a{i}"
         if op == "acquire":
+            admitted = not memory.is_resident(key)
             try:
                 memory.acquire(key, lambda k=key: weights[k])
                 held[key] += 1
+                if admitted:
+                    forgotten.discard(key)
             except EngineOverloaded:
                 in_use = sum(len(memory.get(k).pages) for k, c in held.items() if c)
                 assert in_use + weights[key].rank > NUM_PAGES  # refused only when truly full
+        elif op == "forget":
+            memory.forget([key])
+            forgotten.add(key)
         elif held[key]:
             memory.release(key)
             held[key] -= 1
         _check(memory, backbone, held, weights)
+        for key in forgotten:  # a deleted version stays only while a step holds it
+            assert memory.is_resident(key) == bool(held[key]), key
+
+
+def test_a_forgotten_adapter_leaves_zeroed_pages_now_or_at_its_last_release(backbone) -> None:
+    memory = AdapterMemory(backbone, 8, "cpu", torch.float32)
+    weights = {k: _weights(backbone, i, rank=4) for i, k in enumerate("ab")}
+    for key in "ab":
+        memory.acquire(key, lambda k=key: weights[k])
+    memory.release("a")
+    pages = {k: torch.tensor(memory.get(k).pages) for k in "ab"}
+    slab = memory.pools[backbone.linears[MODULE].index][0]
+    assert slab[pages["a"]].any() and slab[pages["b"]].any()
+    memory.forget(["a", "b", "never-here"])
+    assert not memory.is_resident("a") and not slab[pages["a"]].any()  # idle: gone at once
+    assert memory.is_resident("b") and slab[pages["b"]].any()  # a step holds it
+    memory.release("b")
+    assert not memory.is_resident("b") and not slab[pages["b"]].any()
+    assert memory.num_free_pages == 8 and memory.resident_bytes == 0
+    assert memory.num_evictions == 0  # deletions, not LRU evictions
+
+
+def test_host_cache_forgets_now_or_at_the_last_unpin(backbone) -> None:
+    cache = HostCache(max_bytes=1 << 30)
+    for key in "ab":
+        cache.put_pinned(key, _weights(backbone, 0, rank=4))
+    cache.unpin("a")
+    cache.pin("b")  # two requests hold b
+    cache.forget("a")
+    cache.forget("b")
+    cache.forget("never-here")
+    assert "a" not in cache and "b" in cache and cache.is_forgotten("b")
+    cache.unpin("b")
+    assert "b" in cache
+    cache.unpin("b")
+    assert "b" not in cache and not cache.is_forgotten("b") and cache.num_bytes == 0
+    assert cache.num_evictions == 0
 
 
 def test_lru_evicts_the_least_recently_used_idle_adapter(backbone) -> None:

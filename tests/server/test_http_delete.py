@@ -1,5 +1,7 @@
 """DELETE /v1/adapters/{name}[@version]: the caller's own models only, 404 from then on."""
 
+import asyncio
+
 import pytest
 
 from engine import Engine, ModelNotFound
@@ -18,9 +20,11 @@ async def classify(client, key: str, model: str):
     )
 
 
-async def test_delete_a_version_then_the_whole_name(client, tenants) -> None:
+async def test_delete_a_version_then_the_whole_name(client, tenants, engine: Engine) -> None:
     acme = bearer(tenants.acme)
     assert (await classify(client, tenants.acme, "spam@1")).status == 200  # resident now
+    residency = engine._loaded.store.residency
+    assert residency("acme/spam@1") == "device"
     response = await client.delete("/v1/adapters/spam@2", headers=acme)
     error = (await response.json())["error"]
     assert response.status == 409 and error["type"] == "conflict", error
@@ -28,6 +32,11 @@ async def test_delete_a_version_then_the_whole_name(client, tenants) -> None:
     response = await client.delete("/v1/adapters/spam@1", headers=acme)
     assert response.status == 200
     assert await response.json() == {"model": "acme/spam", "deleted": [1]}
+    for _ in range(200):  # its weights leave the server's memory, the device's on the model thread
+        if residency("acme/spam@1") == "disk":
+            break
+        await asyncio.sleep(0.01)
+    assert residency("acme/spam@1") == "disk"
     response = await classify(client, tenants.acme, "spam@1")
     error = (await response.json())["error"]
     assert response.status == 404 and "version 1 was deleted" in error["message"], error
