@@ -42,6 +42,7 @@ FINAL_EVENTS = frozenset({"done", "failed", "cancelled"})
 _ID = re.compile(r"[0-9a-f]{32}")
 _JOB_FILE = "job.json"
 _EVENTS_FILE = "events.ndjson"
+_REMOVING = ".removing-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +163,22 @@ class JobStore:
         complete = text[: text.rfind("\n") + 1].splitlines()
         return [json.loads(line) for line in complete[start:]]
 
+    def remove(self, job_id: str) -> None:
+        """Remove a job's directory: renamed out of the jobs first, so a crash halfway leaves
+        no half job, only a leftover that the next start removes."""
+        leftover = self._root / f"{_REMOVING}{job_id}"
+        try:
+            os.rename(self.job_dir(job_id), leftover)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(leftover, ignore_errors=True)
+
     def _remove_partial_jobs(self) -> None:
-        """Staging directories left by a crash never became jobs: nothing refers to them."""
+        """Staging directories left by a crash never became jobs, and removals it cut short
+        were jobs no more: nothing refers to either."""
         for entry in os.scandir(self._root):
-            if entry.name.startswith(".staging-") and entry.is_dir(follow_symlinks=False):
+            partial = entry.name.startswith((".staging-", _REMOVING))
+            if partial and entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 

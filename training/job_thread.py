@@ -28,6 +28,7 @@ from training.job_store import (
 log = logging.getLogger(__name__)
 
 _WAKE_EVERY_S = 1.0  # the manager thread's longest sleep (it is woken for new work anyway)
+_PURGE_EVERY_S = 5.0  # how often stopped jobs of deleted tenants are looked for
 SHUTDOWN_ERROR = "interrupted by server shutdown"
 _ORPHANED = "its tenant was deleted"
 
@@ -43,6 +44,7 @@ class ManagerThread:
     _jobs: dict[str, JobRecord]
     _workers: dict[str, WorkerProcess]
     _is_stopping: bool
+    _next_purge_at = 0.0  # time.monotonic(): the first turn looks at once
 
     def _run(self) -> None:
         try:
@@ -57,6 +59,9 @@ class ManagerThread:
 
     def _turn(self) -> None:
         self._cancel_orphans()
+        if time.monotonic() >= self._next_purge_at:
+            self._purge_orphans()
+            self._next_purge_at = time.monotonic() + _PURGE_EVERY_S
         self._dispatch()
         self._enforce_time_limit()
         with self._lock:
@@ -190,6 +195,25 @@ class ManagerThread:
                     log.info("training job %s: %s; killing its worker", record.id, _ORPHANED)
                     worker.is_cancel_requested = True
                     worker.kill()
+
+    def _purge_orphans(self) -> None:
+        """Remove the stopped jobs of deleted tenants, directories and all: the upload, the
+        events and a full-mode model are that tenant's data, and nobody can ask for them."""
+        born: dict[str, float | None] = {}
+        with self._lock:
+            gone = []
+            for record in list(self._jobs.values()):
+                if not record.is_final or record.id in self._workers:
+                    continue
+                if record.tenant not in born:
+                    born[record.tenant] = self._registry.tenant_created_at(record.tenant)
+                if not is_owner(record, record.tenant, born[record.tenant]):
+                    del self._jobs[record.id]
+                    gone.append(record.id)
+        store = self._require_store()
+        for job_id in gone:
+            store.remove(job_id)
+            log.info("training job %s removed: %s", job_id, _ORPHANED)
 
     # state changes (under the lock) ----------------------------------------------------
 

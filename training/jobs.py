@@ -209,10 +209,11 @@ class JobManager(ManagerThread):
                 raise JobConflict(f"training job {job_id} is publishing; too late to cancel")
             worker.is_cancel_requested = True
             worker.kill()
-            self._changed.wait_for(
-                lambda: self._jobs[job_id].is_final, timeout=self._config.cancel_wait_s
+            self._changed.wait_for(  # gone: its tenant was deleted meanwhile (_purge_orphans)
+                lambda: job_id not in self._jobs or self._jobs[job_id].is_final,
+                timeout=self._config.cancel_wait_s,
             )
-            return self._jobs[job_id]
+            return self._jobs.get(job_id, record)
 
     def worker_pid(self, job_id: str) -> int | None:
         """The running job's worker process id (for operators and tests)."""

@@ -23,7 +23,7 @@ import pytest
 from engine import Backbone
 from registry import Registry
 from tests.sms_samples import sms_csv
-from training import TrainConfig
+from training import TrainConfig, job_thread
 from training.job_store import (
     CANCELLED,
     FAILED,
@@ -330,6 +330,31 @@ def test_a_restart_credits_a_version_published_before_the_server_died(
     assert (settled.state, settled.version) == ("succeeded", 1)
 
 
+def test_a_removed_job_and_what_a_crash_cut_short_leave_nothing(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs")
+    record = JobRecord(
+        id=new_job_id(),
+        tenant="acme",
+        name="spam",
+        mode="lora",
+        promote=True,
+        state=CANCELLED,
+        source="sms.csv",
+        data_file="data.csv",
+        config={},
+        report={},
+        created_at=time.time(),
+    )
+    store.create(store.stage(sms_csv(), "data.csv"), record, [])
+    (tmp_path / "jobs" / f".removing-{new_job_id()}" / "model").mkdir(parents=True)
+    store.remove(record.id)
+    store.remove(record.id)  # gone already: nothing to do
+    assert store.load(record.id) is None and list(store.all()) == []
+    assert [p.name for p in (tmp_path / "jobs").iterdir()] != []  # the crash's leftover
+    JobStore(tmp_path / "jobs")  # the next start removes it
+    assert list((tmp_path / "jobs").iterdir()) == []
+
+
 def test_one_server_manages_a_jobs_directory(make_manager, tmp_path: Path) -> None:
     make_manager()
     with pytest.raises(JobsUnavailable, match="another server"):
@@ -355,10 +380,12 @@ def test_job_files_are_json(make_manager, tmp_path: Path) -> None:
 
 
 def test_a_deleted_tenants_jobs_are_cancelled_and_unseen_by_its_successor(
-    make_manager, registry: Registry
+    make_manager, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A tenant deleted and created again under the same name is another customer: the old
-    one's jobs must not run on, publish into the new one, or show in its list."""
+    one's jobs must not run on, publish into the new one, or show in its list; once stopped,
+    their directories (the uploaded data) are removed."""
+    monkeypatch.setattr(job_thread, "_PURGE_EVERY_S", 1e9)  # removal below, when asked
     manager = make_manager(max_running=1)
     running = submit(manager, config=TrainConfig(epochs=1_000, patience=1_000))
     wait_for(lambda: manager.get("acme", running.id).state == RUNNING)
@@ -375,3 +402,11 @@ def test_a_deleted_tenants_jobs_are_cancelled_and_unseen_by_its_successor(
     assert registry.list_adapters("acme") == []  # nothing published into the new tenant
     fresh = submit(manager, config=TINY)  # the new tenant's own job runs and is listed
     assert manager.list_jobs("acme") == [fresh]
+    jobs_dir = tmp_path / "jobs"
+    assert (jobs_dir / running.id / "data.csv").is_file()
+    manager._next_purge_at = 0.0
+    manager._wake()
+    wait_for(lambda: not (jobs_dir / queued.id).exists())
+    assert not (jobs_dir / running.id).exists() and (jobs_dir / fresh.id / "data.csv").is_file()
+    assert set(manager._jobs) == {fresh.id} == {job.id for job in manager.list_jobs("acme")}
+    assert [p.name for p in jobs_dir.iterdir() if p.name.startswith(".removing-")] == []
