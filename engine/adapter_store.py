@@ -10,7 +10,7 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -102,10 +102,11 @@ class AdapterStore:
             self._host.forget(key)
         return key
 
-    def forget(self, keys: Sequence[str]) -> None:
-        """Drop deleted versions from the host tier, now or at their last unpin (event loop).
-        The device pool's copies are the model thread's to drop: ``forget_device``."""
-        for key in keys:
+    def forget_where(self, matches: Callable[[str], bool]) -> None:
+        """Drop the deleted versions ``matches`` accepts from the host tier, now or at their
+        last unpin, loads in flight included (event loop). The device pool's copies are the
+        model thread's to drop: ``forget_device_where``."""
+        for key in [k for k in (*self._host.keys(), *self._loading) if matches(k)]:
             self._host.forget(key)
             load = self._loading.get(key)
             if load is not None:
@@ -187,8 +188,8 @@ class AdapterStore:
         for key in keys:
             self._memory.release(key)
 
-    def forget_device(self, keys: Sequence[str]) -> None:
-        self._memory.forget(keys)
+    def forget_device_where(self, matches: Callable[[str], bool]) -> None:
+        self._memory.forget([key for key in self._memory.resident_keys() if matches(key)])
 
     # introspection -----------------------------------------------------------------------
 

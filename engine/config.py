@@ -70,7 +70,7 @@ class EngineConfig:
     tenant_max_queued_rows: int = 1024  # default per-tenant queue bound before 429
     tenant_max_tokens_per_step: int | None = None  # default per-tenant step budget
     max_timeout_s: float = 60.0  # cap on a request's own timeout
-    settings_poll_s: float = 2.0  # how often tenant settings in the registry are re-read
+    settings_poll_s: float = 2.0  # how often tenant settings and deletions are re-read
     is_fair: bool = True  # deficit round robin over tenants; False = one FIFO (baseline)
     # auto (loop/Triton on CUDA, loop/gather on CPU), loop, gather, triton, triton-fused
     lora_kernel: str = "auto"

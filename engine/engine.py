@@ -8,13 +8,14 @@ import itertools
 import logging
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from engine.adapter_store import adapter_key
 from engine.backbone import Backbone, packaged_backbone_dir
 from engine.collector import freeze_startup_objects, release_startup_objects
 from engine.config import EngineConfig
+from engine.deletions import DeletionWatch
 from engine.errors import EngineClosed, InputError, TenantNotFound
 from engine.job import Job, MultiJob
 from engine.listing import AdapterInfo, summarize
@@ -55,6 +56,7 @@ class Engine(EngineRequests):
         )
         self._loop_task: asyncio.Task[None] | None = None
         self._settings_task: asyncio.Task[None] | None = None
+        self._deletions_task: asyncio.Task[None] | None = None
         self._closed = False
         # start and close, one at a time: a close waits for a start under way, then undoes it
         self._lifecycle = asyncio.Lock()
@@ -113,6 +115,10 @@ class Engine(EngineRequests):
         self._settings_task = asyncio.create_task(
             self._model.settings.watch(self.config.settings_poll_s), name="graft-settings"
         )
+        deletions = DeletionWatch(self._model.registry, self._forget_where)
+        self._deletions_task = asyncio.create_task(
+            deletions.watch(self.config.settings_poll_s), name="graft-deletions"
+        )
 
     async def close(self) -> None:
         """Fail what is still waiting, stop the loop, release the threads. A start under way
@@ -125,12 +131,12 @@ class Engine(EngineRequests):
         try:
             for pending in list(self._pending.values()):
                 pending.job.fail(EngineClosed("engine shut down"))
-            for task in (self._loop_task, self._settings_task):
+            for task in (self._loop_task, self._settings_task, self._deletions_task):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            self._loop_task = self._settings_task = None
+            self._loop_task = self._settings_task = self._deletions_task = None
             # a step or a load under way ends first: waited for on a thread, not on this
             # loop (cancelled meanwhile, that thread still releases everything)
             await asyncio.to_thread(self._release_threads_and_files)
@@ -203,12 +209,14 @@ class Engine(EngineRequests):
         and zeroed out of the device pool by the model thread before its next step; a version
         that in-flight requests hold goes once they finish. Call it on the engine's event loop
         with what ``registry.delete`` returned (the HTTP delete route does). Without it, the
-        weights of a deleted version, which no request can resolve, wait for LRU eviction."""
-        keys = [adapter_key(record) for record in records]
-        model = self._loaded
-        model.store.forget(keys)
+        engine finds the deletion within ``settings_poll_s`` (engine/deletions.py)."""
+        self._forget_where({adapter_key(record) for record in records}.__contains__)
+
+    def _forget_where(self, matches: Callable[[str], bool]) -> None:
+        store = self._loaded.store
+        store.forget_where(matches)
         with contextlib.suppress(RuntimeError):  # the model thread has shut down
-            self._executor.submit(model.store.forget_device, keys)
+            self._executor.submit(store.forget_device_where, matches)
 
     def stats(self) -> dict[str, int]:
         """Counters for introspection and metrics: steps, rows, queues, adapter tiers, and

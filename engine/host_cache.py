@@ -107,6 +107,10 @@ class HostCache:
             if entry.pins == 0:
                 self._pop(key)
 
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
     def is_forgotten(self, key: str) -> bool:
         with self._lock:
             entry = self._entries.get(key)

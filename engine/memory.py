@@ -88,6 +88,9 @@ class AdapterMemory:
         # and evicts, and iterating _resident there raised "mutated during iteration"
         return self._resident_bytes
 
+    def resident_keys(self) -> list[str]:
+        return list(self._resident)
+
     def is_resident(self, key: str) -> bool:
         return key in self._resident
 

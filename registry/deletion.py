@@ -42,7 +42,7 @@ def upgrade(conn: sqlite3.Connection) -> None:
     conn.executemany(
         "INSERT INTO deleted_versions (name_sha256, version, deleted_at) VALUES (?, ?, ?) "
         "ON CONFLICT DO NOTHING",
-        [(_name_key(tenant, name), version, at) for tenant, name, version, at in old],
+        [(name_key(tenant, name), version, at) for tenant, name, version, at in old],
     )
 
 
@@ -70,7 +70,7 @@ def delete_versions(
             )
     else:
         pointers.forget(conn, tenant, name)
-    key = _name_key(tenant, name)
+    key = name_key(tenant, name)
     for version in versions:
         conn.execute(
             "DELETE FROM promotions WHERE tenant = ? AND name = ? AND version = ?",
@@ -102,7 +102,7 @@ def deleted_at(conn: sqlite3.Connection, tenant: str, name: str, version: int) -
         return None
     row = conn.execute(
         "SELECT deleted_at FROM deleted_versions WHERE name_sha256 = ? AND version = ?",
-        (_name_key(tenant, name), version),
+        (name_key(tenant, name), version),
     ).fetchone()
     return None if row is None else row[0]
 
@@ -111,10 +111,25 @@ def highest_deleted(conn: sqlite3.Connection, tenant: str, name: str) -> int | N
     """The highest version of `tenant/name` ever deleted, or None."""
     row = conn.execute(
         "SELECT MAX(version) FROM deleted_versions WHERE name_sha256 = ?",
-        (_name_key(tenant, name),),
+        (name_key(tenant, name),),
     ).fetchone()
     return row[0]
 
 
-def _name_key(tenant: str, name: str) -> str:
+def stamp(conn: sqlite3.Connection) -> int:
+    """What `since` takes to find only later deletions."""
+    return conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM deleted_versions").fetchone()[0]
+
+
+def since(conn: sqlite3.Connection, stamp: int) -> tuple[int, frozenset[tuple[str, int]]]:
+    """The versions deleted after `stamp` (0: all of them) as (name_key, version), and the
+    stamp to ask from next time. Rows are only ever added, so rowids grow with time."""
+    rows = conn.execute(
+        "SELECT rowid, name_sha256, version FROM deleted_versions WHERE rowid > ?", (stamp,)
+    ).fetchall()
+    return max((row[0] for row in rows), default=stamp), frozenset((n, v) for _, n, v in rows)
+
+
+def name_key(tenant: str, name: str) -> str:
+    """How ``deleted_versions`` names `tenant/name`: its SHA-256, not the names themselves."""
     return hashlib.sha256(f"{tenant}/{name}".encode()).hexdigest()

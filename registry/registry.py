@@ -226,6 +226,18 @@ class Registry(Tenancy):
         logger.info("rolled %s/%s back from version %s to %d", tenant, name, left, now_latest)
         return left, self.resolve(tenant, name, now_latest)
 
+    def deletion_stamp(self) -> int:
+        """The stamp of the latest deletion so far (0: none), for `deletions_since`."""
+        with self._read() as conn:
+            return deletion.stamp(conn)
+
+    def deletions_since(self, stamp: int) -> tuple[int, frozenset[tuple[str, int]]]:
+        """Versions deleted, by any process, after `stamp` (0: ever), as pairs of the SHA-256
+        of ``tenant/name`` (`registry.deletion.name_key`) and the version; with the stamp to
+        pass next time. How a server hears of deletions made elsewhere."""
+        with self._read() as conn:
+            return deletion.since(conn, stamp)
+
     def delete(
         self, tenant: str, name: str, version: int | None = None, *, dry_run: bool = False
     ) -> list[AdapterRecord]:

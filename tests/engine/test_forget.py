@@ -72,3 +72,27 @@ async def test_a_version_deleted_under_a_request_goes_when_the_request_ends(
         assert answer.label in ("neg", "pos")
         await _settled(engine, adapter_key(old), "disk")
         assert engine.stats()["adapter_device_resident"] == 0
+
+
+async def test_deletions_made_elsewhere_reach_the_engines_memory(registry, publish_random) -> None:
+    """The CLI, or another server on the same registry, deleted them: this engine forgets
+    them within ``settings_poll_s``, and keeps the versions nobody deleted."""
+    registry.create_tenant("globex")
+    old = publish_random(registry, "acme", "spam", seed=1)
+    publish_random(registry, "acme", "spam", seed=2)
+    other = publish_random(registry, "globex", "news", seed=3)
+    config = EngineConfig(registry_dir=registry.root, settings_poll_s=0.05)
+    async with Engine(config) as engine:
+        for model in ("spam@1", "spam@2"):
+            await engine.classify("acme", model, ["win cash"])
+        await engine.classify("globex", "news", ["markets rally"])
+        kept = adapter_key(engine.registry.resolve("acme", "spam", 2))
+        for key in (adapter_key(old), kept, adapter_key(other)):
+            await _settled(engine, key, "device")
+        cli = Registry(registry.root)  # another process's view of the same registry
+        cli.delete("acme", "spam", old.version)
+        await _settled(engine, adapter_key(old), "disk")
+        cli.delete_tenant("globex")
+        await _settled(engine, adapter_key(other), "disk")
+        cli.close()
+        assert engine._loaded.store.residency(kept) == "device"

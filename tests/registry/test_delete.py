@@ -282,3 +282,23 @@ def test_a_catalog_whose_tombstones_hold_names_is_upgraded(
         with pytest.raises(NotFound, match="version 7 was deleted"):
             reopened.resolve("acme", "spam", 7)
         assert _publish(reopened, make_adapter, manifest) == 8
+
+
+def test_deletions_since_a_stamp_name_each_deleted_version_once(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any]
+) -> None:
+    assert registry.deletion_stamp() == 0 and registry.deletions_since(0) == (0, frozenset())
+    for _ in range(3):
+        _publish(registry, make_adapter, manifest)
+    registry.publish("acme", "news", make_adapter(), manifest)
+    registry.delete("acme", "spam", 1)
+    first = registry.deletion_stamp()
+    spam = deletion.name_key("acme", "spam")
+    assert registry.deletions_since(0) == (first, frozenset({(spam, 1)}))
+    registry.delete("acme", "spam", 2, dry_run=True)  # a dry run deletes nothing
+    assert registry.deletions_since(first) == (first, frozenset())
+    registry.delete_tenant("acme")
+    stamp, deleted = registry.deletions_since(first)
+    assert deleted == {(spam, 2), (spam, 3), (deletion.name_key("acme", "news"), 1)}
+    assert stamp == registry.deletion_stamp() > first
+    assert registry.deletions_since(stamp) == (stamp, frozenset())
