@@ -26,6 +26,8 @@ from registry import AdapterRecord, NotFound, Registry, RegistryError
 _LOADER_NICENESS = 10  # added to a loader thread's niceness
 # what serving reads of a version: not its held-out rows (eval.jsonl), often the larger file
 _SERVED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+# a finished load stays shared this long when every request that waited for it went away
+_LANDED_S = 1.0
 
 
 def adapter_key(record: AdapterRecord) -> str:
@@ -56,9 +58,9 @@ class AdapterStore:
         self._executor = ThreadPoolExecutor(
             max_loads_in_flight, thread_name_prefix="graft-load", initializer=_loader_thread_setup
         )
-        self._loading: dict[str, asyncio.Future[None]] = {}
+        self._loading: dict[str, asyncio.Future[AdapterWeights]] = {}
         # loads of versions deleted while they read: their weights are dropped at last unpin
-        self._forgotten_loads: weakref.WeakSet[asyncio.Future[None]] = weakref.WeakSet()
+        self._forgotten_loads: weakref.WeakSet[asyncio.Future[AdapterWeights]] = weakref.WeakSet()
         self.num_disk_loads = 0
         self.disk_bytes_read = 0
         self._closed = False  # set (on any thread) before queued loads are cancelled
@@ -88,7 +90,7 @@ class AdapterStore:
                     raise EngineClosed("engine shut down") from None
                 raise
             self._loading[key] = load
-            load.add_done_callback(lambda _f, k=key: self._loading.pop(k, None))
+            load.add_done_callback(lambda f, k=key: self._landed(k, f))
         try:
             weights = await asyncio.shield(load)
         except asyncio.CancelledError:
@@ -97,10 +99,25 @@ class AdapterStore:
             if load.cancelled() and self._closed:
                 raise EngineClosed("engine shut down") from None
             raise
+        # in one go, with no await between: a forget always finds the key on the host or
+        # still loading, never between the two (an in-flight load leaves _loading only here)
         self._host.put_pinned(key, weights)
+        self._stop_loading(key, load)
         if load in self._forgotten_loads:
             self._host.forget(key)
         return key
+
+    def _landed(self, key: str, load: "asyncio.Future[AdapterWeights]") -> None:
+        """A load ended. A failed one is dropped now, never to be shared again; a finished
+        one stays until a waiter puts it on the host, or a while if every waiter left."""
+        if load.cancelled() or load.exception() is not None:
+            self._stop_loading(key, load)
+        else:
+            asyncio.get_running_loop().call_later(_LANDED_S, self._stop_loading, key, load)
+
+    def _stop_loading(self, key: str, load: "asyncio.Future[AdapterWeights]") -> None:
+        if self._loading.get(key) is load:
+            del self._loading[key]
 
     def forget_where(self, matches: Callable[[str], bool]) -> None:
         """Drop the deleted versions ``matches`` accepts from the host tier, now or at their
@@ -135,6 +152,14 @@ class AdapterStore:
 
     def unpin(self, key: str) -> None:
         self._host.unpin(key)
+
+    def hold_for_step(self, keys: Sequence[str]) -> None:
+        """Pin a planned step's adapters on the host until it is delivered: a request
+        cancelled meanwhile lets go of its own pins, and its rows still run in the step."""
+        self._host.pin_all(keys)
+
+    def release_after_step(self, keys: Sequence[str]) -> None:
+        self._host.unpin_all(keys)
 
     # loader threads ----------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ admission until it finishes and the step never waits on the disk.
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.adapters import AdapterWeights
@@ -73,6 +74,24 @@ class HostCache:
     def pin(self, key: str) -> None:
         with self._lock:
             self._entries[key].pins += 1
+
+    def pin_all(self, keys: Sequence[str]) -> None:
+        """Pin every key (all present, or KeyError and none pinned), under one lock."""
+        with self._lock:
+            entries = [self._entries[key] for key in keys]
+            for entry in entries:
+                entry.pins += 1
+
+    def unpin_all(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for key in keys:
+                entry = self._entries[key]
+                if entry.pins <= 0:
+                    raise RuntimeError(f"unpin of {key} without a matching pin")
+                entry.pins -= 1
+                if entry.pins == 0 and entry.forgotten:
+                    self._pop(key)
+            self._shrink()
 
     def pin_if_present(self, key: str, *, count_miss: bool = False) -> bool:
         """Pin ``key`` if it is here (a hit, refreshed); False otherwise, a miss only if

@@ -40,6 +40,7 @@ class Step:
     batch: Batch
     rows: list[tuple[Pending | None, Row]]  # (pending request or None if it went away, row)
     token_ids: list[Sequence[int]]
+    keys: tuple[str, ...] = ()  # its adapters, held on the host from planning to delivery
     outputs: list[RowOutput] = field(default_factory=list)
     error: Exception | None = None
     started_s: float = 0.0
@@ -160,7 +161,9 @@ class StepLoop:
     def _new_step(self, batch: Batch) -> Step:
         rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
         token_ids = [p.tokens.ids[r.index] if p else (0,) for p, r in rows]
-        return Step(batch, rows, token_ids)
+        keys = tuple(key for key in dict.fromkeys(batch.seg_adapter) if key != BACKBONE_KEY)
+        self._stack().store.hold_for_step(keys)
+        return Step(batch, rows, token_ids, keys)
 
     async def _run_step(self, item: Step) -> list[RowOutput]:
         """Run a step on the model thread; while a long one runs, keep an interlude of other
@@ -195,6 +198,12 @@ class StepLoop:
 
     def _deliver(self, item: Step) -> None:
         """Event loop: hand a finished step's outputs (or its failure) to its requests."""
+        try:
+            self._hand_over(item)
+        finally:
+            self._stack().store.release_after_step(item.keys)
+
+    def _hand_over(self, item: Step) -> None:
         if item.error is not None:
             log.error("model step failed", exc_info=item.error)
             for pending, _ in item.rows:

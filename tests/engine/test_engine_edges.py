@@ -68,7 +68,7 @@ async def test_a_close_during_start_leaves_nothing_running(registry) -> None:
 async def test_two_concurrent_starts_start_one_engine(registry) -> None:
     engine = Engine(EngineConfig(registry_dir=registry.root))
     await asyncio.gather(engine.start(), engine.start())
-    assert _tasks_alive() == ["graft-settings", "graft-step-loop"]
+    assert _tasks_alive() == ["graft-deletions", "graft-settings", "graft-step-loop"]
     await engine.close()
     assert _tasks_alive() == []
 

@@ -96,3 +96,51 @@ async def test_deletions_made_elsewhere_reach_the_engines_memory(registry, publi
         await _settled(engine, adapter_key(other), "disk")
         cli.close()
         assert engine._loaded.store.residency(kept) == "device"
+
+
+async def test_a_delete_between_a_loads_end_and_its_put_on_the_host_is_kept(
+    registry, publish_random
+) -> None:
+    """The load has finished, its waiters have not resumed yet: the key must still be found."""
+    old = publish_random(registry, "acme", "spam", seed=1)
+    publish_random(registry, "acme", "spam", seed=2)
+    quiet = EngineConfig(registry_dir=registry.root, settings_poll_s=3600)  # no watch to help
+    async with Engine(quiet) as engine:
+        store, key = engine._loaded.store, adapter_key(old)
+        request = asyncio.create_task(engine.classify("acme", f"spam@{old.version}", ["win"]))
+        while key not in store._loading:
+            await asyncio.sleep(0)
+        store._loading[key].add_done_callback(  # runs before the waiting request resumes
+            lambda _: engine.forget(engine.registry.delete("acme", "spam", old.version))
+        )
+        (answer,) = await request
+        assert answer.label in ("neg", "pos")
+        await _settled(engine, key, "disk")
+
+
+async def test_a_cancelled_request_of_a_deleted_version_fails_no_neighbour(
+    registry, publish_random
+) -> None:
+    """Its rows are in a step already planned: the step still holds their adapter on the host,
+    so the step runs, and the other tenant's rows in it get their answers."""
+    registry.create_tenant("globex")
+    old = publish_random(registry, "acme", "spam", seed=1)
+    publish_random(registry, "acme", "spam", seed=2)
+    publish_random(registry, "globex", "news", seed=3)
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        store, key = engine._loaded.store, adapter_key(old)
+        await engine.classify("acme", f"spam@{old.version}", ["warm"])
+        await engine.classify("globex", "news", ["warm"])
+        await asyncio.wrap_future(engine._executor.submit(store._memory._drop, key))  # LRU's
+        gate = threading.Event()
+        engine._executor.submit(gate.wait, 30)  # the model thread is busy meanwhile
+        doomed = asyncio.create_task(engine.classify("acme", f"spam@{old.version}", ["win"]))
+        neighbour = asyncio.create_task(engine.classify("globex", "news", ["markets"]))
+        await asyncio.sleep(0.3)
+        engine.forget(engine.registry.delete("acme", "spam", old.version))
+        doomed.cancel()
+        await asyncio.sleep(0.1)
+        gate.set()
+        (answer,) = await neighbour
+        assert answer.label in ("neg", "pos")
+        await _settled(engine, key, "disk")
