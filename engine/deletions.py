@@ -24,9 +24,10 @@ class DeletionWatch:
         self._stamp = registry.deletion_stamp()
 
     def check(self) -> None:
-        self._stamp, deleted = self._registry.deletions_since(self._stamp)
+        stamp, deleted = self._registry.deletions_since(self._stamp)
         if deleted:
             self._forget_where(lambda key: _deleted_pair(key) in deleted)
+        self._stamp = stamp  # only once forgotten: a failure is tried again next time
 
     async def watch(self, poll_s: float) -> None:
         """Check every ``poll_s`` seconds; runs until cancelled."""

@@ -215,8 +215,11 @@ class Engine(EngineRequests):
     def _forget_where(self, matches: Callable[[str], bool]) -> None:
         store = self._loaded.store
         store.forget_where(matches)
-        with contextlib.suppress(RuntimeError):  # the model thread has shut down
-            self._executor.submit(store.forget_device_where, matches)
+        try:
+            done = self._executor.submit(store.forget_device_where, matches)
+        except RuntimeError:  # the model thread has shut down
+            return
+        done.add_done_callback(_log_failure)
 
     def stats(self) -> dict[str, int]:
         """Counters for introspection and metrics: steps, rows, queues, adapter tiers, and
@@ -261,6 +264,11 @@ class Engine(EngineRequests):
         if self._model is not None:
             for key in pending.keys:
                 self._model.store.unpin(key)
+
+
+def _log_failure(done: "Future[None]") -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("forgetting deleted adapters failed", exc_info=done.exception())
 
 
 def _close_abandoned(loading: "Future[ServingStack]") -> None:

@@ -66,6 +66,9 @@ class JobRecord:
     metrics: Mapping[str, Any] | None = None  # held-out metrics of a succeeded job
     version: int | None = None  # the version a succeeded head/lora job registered
     error: str | None = None  # why a job failed
+    # when its tenant was created, as the registry says (None in jobs stored before this was
+    # kept): a tenant created again under the name has another time, whatever the clock did
+    tenant_created_at: float | None = None
 
     @property
     def is_final(self) -> bool:
@@ -74,7 +77,7 @@ class JobRecord:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, as the API shows it."""
         out = dataclasses.asdict(self)
-        del out["data_file"]
+        del out["data_file"], out["tenant_created_at"]
         out["model"] = (
             f"{self.tenant}/{self.name}@{self.version}" if self.version is not None else None
         )

@@ -210,9 +210,15 @@ class ManagerThread:
                 if not is_owner(record, record.tenant, born[record.tenant]):
                     del self._jobs[record.id]
                     gone.append(record.id)
+            if gone:
+                self._changed.notify_all()  # a cancel waiting on one of them returns
         store = self._require_store()
         for job_id in gone:
-            store.remove(job_id)
+            try:
+                store.remove(job_id)
+            except OSError:  # left for the next start, which finds it orphaned again
+                log.exception("training job %s: removing its directory failed", job_id)
+                continue
             log.info("training job %s removed: %s", job_id, _ORPHANED)
 
     # state changes (under the lock) ----------------------------------------------------
@@ -245,9 +251,13 @@ class ManagerThread:
 
 
 def is_owner(record: JobRecord, tenant: str, born: float | None) -> bool:
-    """Whether `tenant`, created at `born` (None: it does not exist), owns the job: a tenant
-    created after the job was submitted is another tenant under the same name."""
-    return record.tenant == tenant and born is not None and born <= record.created_at
+    """Whether `tenant`, created at `born` (None: it does not exist), owns the job: the same
+    tenant the job was submitted by, not one created again under its name since."""
+    if record.tenant != tenant or born is None:
+        return False
+    if record.tenant_created_at is not None:  # immune to the clock stepping back
+        return record.tenant_created_at == born
+    return born <= record.created_at  # a job stored before submissions kept the time
 
 
 def state_event(state: str) -> dict[str, Any]:

@@ -143,6 +143,7 @@ class JobManager(ManagerThread):
                     config={field: getattr(config, field) for field in config.__slots__},
                     report=report,
                     created_at=time.time(),
+                    tenant_created_at=self._registry.tenant_created_at(tenant),
                 )
                 with self._lock:
                     self._check_room(tenant, uploads_of_caller=1)

@@ -144,3 +144,26 @@ async def test_a_cancelled_request_of_a_deleted_version_fails_no_neighbour(
         (answer,) = await neighbour
         assert answer.label in ("neg", "pos")
         await _settled(engine, key, "disk")
+
+
+def test_a_failed_forget_is_tried_again_at_the_next_check(registry, publish_random) -> None:
+    from engine.deletions import DeletionWatch
+
+    record = publish_random(registry, "acme", "spam", seed=1)
+    publish_random(registry, "acme", "spam", seed=2)
+    asked: list[bool] = []
+
+    def forget_where(matches) -> None:
+        asked.append(matches(adapter_key(record)))
+        if len(asked) == 1:
+            raise RuntimeError("the model thread was busy")
+
+    watch = DeletionWatch(registry, forget_where)
+    watch.check()
+    assert asked == []  # nothing deleted since the watch began
+    registry.delete("acme", "spam", record.version)
+    with pytest.raises(RuntimeError):
+        watch.check()
+    watch.check()
+    watch.check()
+    assert asked == [True, True]  # once more after the failure, then no more

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ from engine import Backbone
 from registry import Registry
 from tests.sms_samples import sms_csv
 from training import TrainConfig, job_thread
+from training import jobs as jobs_module
 from training.job_store import (
     CANCELLED,
     FAILED,
@@ -330,6 +332,28 @@ def test_a_restart_credits_a_version_published_before_the_server_died(
     assert (settled.state, settled.version) == ("succeeded", 1)
 
 
+def test_a_job_stays_its_tenants_when_the_clock_steps_back(
+    make_manager, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submitted with a clock an hour behind the tenant's creation: still the tenant's own,
+    listed, and its data kept when stopped jobs of deleted tenants are removed."""
+    manager = make_manager()
+    born = registry.tenant_created_at("acme")
+    assert born is not None
+    behind = types.SimpleNamespace(time=lambda: born - 3600)
+    monkeypatch.setattr(jobs_module, "time", behind)  # jobs.py's clock alone
+    job = submit(manager)
+    monkeypatch.undo()
+    assert job.created_at < born and [j.id for j in manager.list_jobs("acme")] == [job.id]
+    manager.cancel("acme", job.id)
+    manager._next_purge_at = 0.0
+    manager._wake()
+    time.sleep(0.5)
+    assert manager.get("acme", job.id).state == CANCELLED
+    assert (tmp_path / "jobs" / job.id / "data.csv").is_file()
+    assert "tenant_created_at" not in manager.get("acme", job.id).to_dict()  # not for clients
+
+
 def test_a_removed_job_and_what_a_crash_cut_short_leave_nothing(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs")
     record = JobRecord(
@@ -401,7 +425,7 @@ def test_a_deleted_tenants_jobs_are_cancelled_and_unseen_by_its_successor(
     assert states == {running.id: CANCELLED, queued.id: CANCELLED}
     assert registry.list_adapters("acme") == []  # nothing published into the new tenant
     fresh = submit(manager, config=TINY)  # the new tenant's own job runs and is listed
-    assert manager.list_jobs("acme") == [fresh]
+    assert [job.id for job in manager.list_jobs("acme")] == [fresh.id]
     jobs_dir = tmp_path / "jobs"
     assert (jobs_dir / running.id / "data.csv").is_file()
     manager._next_purge_at = 0.0
