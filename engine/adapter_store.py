@@ -153,10 +153,11 @@ class AdapterStore:
     def unpin(self, key: str) -> None:
         self._host.unpin(key)
 
-    def hold_for_step(self, keys: Sequence[str]) -> None:
-        """Pin a planned step's adapters on the host until it is delivered: a request
-        cancelled meanwhile lets go of its own pins, and its rows still run in the step."""
-        self._host.pin_all(keys)
+    def hold_for_step(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Pin a planned step's adapters on the host until it is delivered (returns those
+        pinned, every one in practice: its requests hold them): a request cancelled meanwhile
+        lets go of its own pins, and its rows still run in the step."""
+        return self._host.pin_present(keys)
 
     def release_after_step(self, keys: Sequence[str]) -> None:
         self._host.unpin_all(keys)

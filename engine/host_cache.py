@@ -75,12 +75,13 @@ class HostCache:
         with self._lock:
             self._entries[key].pins += 1
 
-    def pin_all(self, keys: Sequence[str]) -> None:
-        """Pin every key (all present, or KeyError and none pinned), under one lock."""
+    def pin_present(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Pin those of ``keys`` that are here, under one lock; returns them."""
         with self._lock:
-            entries = [self._entries[key] for key in keys]
-            for entry in entries:
-                entry.pins += 1
+            present = tuple(key for key in keys if key in self._entries)
+            for key in present:
+                self._entries[key].pins += 1
+            return present
 
     def unpin_all(self, keys: Sequence[str]) -> None:
         with self._lock:

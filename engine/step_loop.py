@@ -161,9 +161,8 @@ class StepLoop:
     def _new_step(self, batch: Batch) -> Step:
         rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
         token_ids = [p.tokens.ids[r.index] if p else (0,) for p, r in rows]
-        keys = tuple(key for key in dict.fromkeys(batch.seg_adapter) if key != BACKBONE_KEY)
-        self._stack().store.hold_for_step(keys)
-        return Step(batch, rows, token_ids, keys)
+        keys = [key for key in dict.fromkeys(batch.seg_adapter) if key != BACKBONE_KEY]
+        return Step(batch, rows, token_ids, self._stack().store.hold_for_step(keys))
 
     async def _run_step(self, item: Step) -> list[RowOutput]:
         """Run a step on the model thread; while a long one runs, keep an interlude of other
@@ -201,7 +200,10 @@ class StepLoop:
         try:
             self._hand_over(item)
         finally:
-            self._stack().store.release_after_step(item.keys)
+            try:
+                self._stack().store.release_after_step(item.keys)
+            except Exception:  # a bookkeeping slip must not stop the step loop
+                log.exception("letting go of a step's adapters failed")
 
     def _hand_over(self, item: Step) -> None:
         if item.error is not None:

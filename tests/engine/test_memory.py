@@ -399,3 +399,14 @@ def test_float16_weights_admitted_unpacked_count_the_pools_bytes(backbone) -> No
     resident = memory.acquire("half", lambda: half)
     assert resident.num_bytes == memory.pack(half).num_bytes == weights.num_bytes
     assert half.num_bytes < weights.num_bytes
+
+
+def test_a_steps_hold_pins_what_is_here_and_lets_go_of_a_forgotten_entry(backbone) -> None:
+    cache = HostCache(max_bytes=1 << 30)
+    cache.put_pinned("a", _weights(backbone, 0, rank=4))  # a request's pin
+    assert cache.pin_present(["a", "gone"]) == ("a",)  # the step's
+    cache.forget("a")
+    cache.unpin("a")  # the request was cancelled: the step still holds it
+    assert "a" in cache and cache.pins("a") == 1
+    cache.unpin_all(["a"])
+    assert "a" not in cache and cache.num_bytes == 0
