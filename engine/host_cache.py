@@ -108,14 +108,7 @@ class HostCache:
             return True
 
     def unpin(self, key: str) -> None:
-        with self._lock:
-            entry = self._entries[key]
-            if entry.pins <= 0:
-                raise RuntimeError(f"unpin of {key} without a matching pin")
-            entry.pins -= 1
-            if entry.pins == 0 and entry.forgotten:
-                self._pop(key)
-            self._shrink()
+        self.unpin_all((key,))
 
     def forget(self, key: str) -> None:
         """Drop a deleted version now, or at its last unpin while requests hold it."""

@@ -2,21 +2,12 @@
 
 import asyncio
 import threading
-from pathlib import Path
 
 import pytest
 
 from engine import Engine, EngineConfig
 from engine.adapter_store import adapter_key
 from registry import Registry
-
-
-@pytest.fixture
-def registry(tmp_path: Path):
-    reg = Registry(tmp_path / "reg")
-    reg.create_tenant("acme")
-    yield reg
-    reg.close()
 
 
 async def _settled(engine: Engine, key: str, residency: str) -> None:

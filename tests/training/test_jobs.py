@@ -305,18 +305,15 @@ def test_a_restart_fails_the_jobs_a_dead_server_left(
     assert registry.list_adapters("acme") == []
 
 
-def test_a_restart_credits_a_version_published_before_the_server_died(
-    make_manager, registry: Registry, backbone: Backbone, write_random_adapter, tmp_path: Path
-) -> None:
-    """What a worker that published and then died leaves: a running job, a version naming it."""
-    store = JobStore(tmp_path / "jobs")
+def _stored_job(store: JobStore, state: str) -> JobRecord:
+    """A job of acme's as a server would have left it in ``store``."""
     record = JobRecord(
         id=new_job_id(),
         tenant="acme",
         name="spam",
         mode="lora",
         promote=True,
-        state=RUNNING,
+        state=state,
         source="sms.csv",
         data_file="data.csv",
         config={},
@@ -324,6 +321,15 @@ def test_a_restart_credits_a_version_published_before_the_server_died(
         created_at=time.time(),
     )
     store.create(store.stage(sms_csv(), "data.csv"), record, [])
+    return record
+
+
+def test_a_restart_credits_a_version_published_before_the_server_died(
+    make_manager, registry: Registry, backbone: Backbone, write_random_adapter, tmp_path: Path
+) -> None:
+    """What a worker that published and then died leaves: a running job, a version naming it."""
+    store = JobStore(tmp_path / "jobs")
+    record = _stored_job(store, RUNNING)
     write_random_adapter(backbone, tmp_path / "adapter", seed=0, rank=4, num_labels=2)
     manifest = {"labels": ["ham", "spam"], "base_sha256": backbone.sha256, "rank": 4}
     registry.publish("acme", "spam", tmp_path / "adapter", manifest | {"training_job": record.id})
@@ -356,20 +362,7 @@ def test_a_job_stays_its_tenants_when_the_clock_steps_back(
 
 def test_a_removed_job_and_what_a_crash_cut_short_leave_nothing(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs")
-    record = JobRecord(
-        id=new_job_id(),
-        tenant="acme",
-        name="spam",
-        mode="lora",
-        promote=True,
-        state=CANCELLED,
-        source="sms.csv",
-        data_file="data.csv",
-        config={},
-        report={},
-        created_at=time.time(),
-    )
-    store.create(store.stage(sms_csv(), "data.csv"), record, [])
+    record = _stored_job(store, CANCELLED)
     (tmp_path / "jobs" / f".removing-{new_job_id()}" / "model").mkdir(parents=True)
     store.remove(record.id)
     store.remove(record.id)  # gone already: nothing to do
