@@ -81,6 +81,8 @@ class AdapterStore:
         if self._host.pin_if_present(key, count_miss=True):
             return key
         load = self._loading.get(key)
+        if load is not None and load.done() and (load.cancelled() or load.exception()):
+            load = None  # failed, and not yet dropped by _landed: never shared after the fact
         if load is None:
             loop = asyncio.get_running_loop()
             try:

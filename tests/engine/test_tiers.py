@@ -227,3 +227,21 @@ async def test_loader_threads_run_torch_on_one_thread(registry, publish_random):
         assert store._executor.submit(torch.get_num_threads).result() == 1
         model_threads = engine._executor.submit(torch.get_num_threads).result()
     assert model_threads == 2
+
+
+async def test_a_failed_load_is_never_shared_with_a_later_request(registry, publish_random):
+    """A request arriving just after a load failed, before the failure was cleared from the
+    loads in flight (a callback later), starts a load of its own rather than inheriting the
+    old error."""
+    from engine import AdapterFormatError
+    from engine.adapter_store import adapter_key
+
+    record = publish_random(registry, "acme", "flaky")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        store, key = engine._loaded.store, adapter_key(record)
+        failed = asyncio.get_running_loop().create_future()
+        failed.set_exception(AdapterFormatError("a passing disk error"))
+        store._loading[key] = failed  # the moment between the failure and its cleanup
+        assert await store.pin(record) == key and store.residency(key) == "host"
+        store.unpin(key)
+        assert key not in store._loading and failed.exception() is not None
