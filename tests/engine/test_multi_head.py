@@ -150,8 +150,12 @@ async def test_cancel_drops_waiting_rows_and_releases_every_pin(registry) -> Non
         stats = engine.stats()
         assert stats["waiting_rows"] == 0 and stats["requests_in_flight"] == 0
         store = engine._loaded.host
-        for name in ("spam", "urgent", "tone"):
-            assert store.pins(f"acme/{name}@1") == 0
+        keys = [f"acme/{name}@1" for name in ("spam", "urgent", "tone")]
+        for _ in range(500):  # a step already planned holds its adapters until delivered
+            if not any(store.pins(key) for key in keys):
+                break
+            await asyncio.sleep(0.01)
+        assert [store.pins(key) for key in keys] == [0, 0, 0]
         # the engine still serves afterwards
         (after,) = await engine.classify_many("acme", ["spam", "urgent"], ["hello"])
         assert len(after.results) == 2
