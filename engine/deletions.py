@@ -10,6 +10,7 @@ deletions, by stamp, and forgets the resident versions among them.
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from registry import Registry
 from registry.deletion import name_key
@@ -17,16 +18,23 @@ from registry.deletion import name_key
 log = logging.getLogger(__name__)
 
 
+ForgetWhere = Callable[[Callable[[str], bool]], "Future[None] | None"]
+
+
 class DeletionWatch:
-    def __init__(self, registry: Registry, forget_where: Callable[[Callable[[str], bool]], None]):
+    def __init__(self, registry: Registry, forget_where: ForgetWhere) -> None:
         self._registry = registry
-        self._forget_where = forget_where  # drops every resident key the predicate accepts
+        # drops every resident key the predicate accepts: the host's now, and returns the
+        # model thread's part (the device pool's) as a future, None if there is none
+        self._forget_where = forget_where
         self._stamp = registry.deletion_stamp()
 
-    def check(self) -> None:
+    async def check(self) -> None:
         stamp, deleted = self._registry.deletions_since(self._stamp)
         if deleted:
-            self._forget_where(lambda key: _deleted_pair(key) in deleted)
+            device = self._forget_where(lambda key: _deleted_pair(key) in deleted)
+            if device is not None:
+                await asyncio.wrap_future(device)
         self._stamp = stamp  # only once forgotten: a failure is tried again next time
 
     async def watch(self, poll_s: float) -> None:
@@ -34,7 +42,7 @@ class DeletionWatch:
         while True:
             await asyncio.sleep(poll_s)
             try:
-                self.check()
+                await self.check()
             except Exception:  # a briefly locked catalog must not stop serving
                 log.exception("reading the registry's deletions failed; trying again later")
 

@@ -210,16 +210,19 @@ class Engine(EngineRequests):
         that in-flight requests hold goes once they finish. Call it on the engine's event loop
         with what ``registry.delete`` returned (the HTTP delete route does). Without it, the
         engine finds the deletion within ``settings_poll_s`` (engine/deletions.py)."""
-        self._forget_where({adapter_key(record) for record in records}.__contains__)
+        device = self._forget_where({adapter_key(record) for record in records}.__contains__)
+        if device is not None:
+            device.add_done_callback(_log_failure)
 
-    def _forget_where(self, matches: Callable[[str], bool]) -> None:
+    def _forget_where(self, matches: Callable[[str], bool]) -> "Future[None] | None":
+        """The host tier's part now; the device pool's on the model thread, whose future is
+        returned (None once that thread has shut down)."""
         store = self._loaded.store
         store.forget_where(matches)
         try:
-            done = self._executor.submit(store.forget_device_where, matches)
+            return self._executor.submit(store.forget_device_where, matches)
         except RuntimeError:  # the model thread has shut down
-            return
-        done.add_done_callback(_log_failure)
+            return None
 
     def stats(self) -> dict[str, int]:
         """Counters for introspection and metrics: steps, rows, queues, adapter tiers, and

@@ -137,24 +137,36 @@ async def test_a_cancelled_request_of_a_deleted_version_fails_no_neighbour(
         await _settled(engine, key, "disk")
 
 
-def test_a_failed_forget_is_tried_again_at_the_next_check(registry, publish_random) -> None:
+@pytest.mark.parametrize("where", ["host", "device"])
+async def test_a_failed_forget_is_tried_again_at_the_next_check(
+    registry, publish_random, where: str
+) -> None:
+    """Whether the host tier's part raised or the model thread's failed: tried again."""
+    from concurrent.futures import Future
+
     from engine.deletions import DeletionWatch
 
     record = publish_random(registry, "acme", "spam", seed=1)
     publish_random(registry, "acme", "spam", seed=2)
     asked: list[bool] = []
 
-    def forget_where(matches) -> None:
+    def forget_where(matches) -> Future:
         asked.append(matches(adapter_key(record)))
+        device: Future = Future()
+        if len(asked) == 1 and where == "host":
+            raise RuntimeError("the host tier's part failed")
         if len(asked) == 1:
-            raise RuntimeError("the model thread was busy")
+            device.set_exception(RuntimeError("the model thread's part failed"))
+        else:
+            device.set_result(None)
+        return device
 
     watch = DeletionWatch(registry, forget_where)
-    watch.check()
+    await watch.check()
     assert asked == []  # nothing deleted since the watch began
     registry.delete("acme", "spam", record.version)
-    with pytest.raises(RuntimeError):
-        watch.check()
-    watch.check()
-    watch.check()
+    with pytest.raises(RuntimeError, match="part failed"):
+        await watch.check()
+    await watch.check()
+    await watch.check()
     assert asked == [True, True]  # once more after the failure, then no more
