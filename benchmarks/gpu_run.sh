@@ -2,7 +2,8 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
-# switch lookahead graphs graphs-bert precapture frontend workers headline engine-cpu.
+# switch lookahead graphs graphs-bert precapture frontend workers headline engine-cpu bound.
+# After session 24, the next GPU session: tests cold headline bound (about 7 minutes).
 # Default: tests graphs load, at most about 9 minutes on an H100 or H200 (each step is
 # bounded), plus a minute or two to start the machine: the kernels and the engine on CUDA
 # first, then CUDA graphs (on by default on CUDA) against eager steps, then the load sweep. A
@@ -185,6 +186,14 @@ for step in $STEPS; do
       run 210 headline $LOAD --out "$WORK/headline" --server-workers 4 \
         --only embedded-sms-1000a-zipf,serve-sms-1000a-zipf,backbone-sms
       tar -czf "$OUT/load_headline.tgz" -C "$WORK" headline 2>/dev/null ;;
+    bound)
+      # what bounds HTTP near 7,400 req/s behind front ends (session 24's H200 run): the
+      # engine process's event loop sampled near saturation, then only samples that hold the
+      # interpreter lock (the model thread shares it)
+      run 90 bound python3 -m benchmarks.server_profile --device cuda --server-workers 4 \
+        --requests 40000 --concurrency 256 --out "$OUT/bound"
+      run 90 bound-gil python3 -m benchmarks.server_profile --device cuda --server-workers 4 \
+        --requests 40000 --concurrency 256 --gil --out "$OUT/bound-gil" ;;
     engine-cpu)
       # the engine process's CPU a request behind 4 front ends, and embedded
       run 60 engine-cpu-workers python3 -m benchmarks.server_cpu --device cuda \
