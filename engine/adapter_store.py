@@ -204,10 +204,13 @@ class AdapterStore:
         acquired: list[str] = []
         try:
             for key in keys:
+                loads = self._memory.num_loads
                 resident = self._memory.acquire(key, lambda k=key: self._host.get(k))
                 acquired.append(key)
-                if not resident.forgotten and self._host.is_forgotten(key):
-                    resident.forgotten = True  # paged in again for a request that held it
+                # paged in just now, of a deleted version a request still holds: it goes at
+                # its last release (asked on page-ins only, not on every step's hits)
+                if self._memory.num_loads != loads and self._host.is_forgotten(key):
+                    resident.forgotten = True
         except BaseException:
             self.release_device(acquired)
             raise
