@@ -9,7 +9,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from engine import (
     AdapterFormatError,
@@ -141,6 +141,23 @@ def _unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> web.
     return ApiError(400, INVALID_REQUEST, message, close=True).response()
 
 
+# the codings aiohttp decodes a body from. br and zstd reach a handler only where their
+# libraries are installed: without them aiohttp refuses the body first, in plain text
+_DECODED_CODINGS = frozenset(["identity", "gzip", "deflate", "br", "zstd"])
+
+
+def _check_content_coding(request: web.Request) -> None:
+    """Refuse a body in a coding aiohttp left undecoded (an unknown one, or several stacked),
+    which would otherwise be read as if it were plain."""
+    codings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
+    if not codings or len(codings) == 1 and codings[0].strip().lower() in _DECODED_CODINGS:
+        return
+    sent = ", ".join(codings)
+    message = f"Content-Encoding {sent!r} is not supported: send the body as gzip, deflate or plain"
+    headers = {"Accept-Encoding": "gzip, deflate"}  # RFC 7694: the codings a request may use
+    raise ApiError(415, INVALID_REQUEST, message, headers=headers)
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -148,6 +165,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every failure as the JSON error body; log what nobody anticipated."""
     try:
+        if request.body_exists:
+            _check_content_coding(request)
         return await handler(request)
     except ApiError as exc:
         return exc.response()

@@ -116,6 +116,9 @@ async def _parse_multipart(request: web.Request, max_bytes: int) -> Upload:
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):
             raise _invalid("nested multipart bodies are not supported", None)
+        if part.name == "file" and data is not None or part.name in options:
+            # a second file or value would silently replace the first one sent
+            raise _invalid(f"the {part.name!r} part is sent more than once", part.name)
         if part.name == "file":
             filename = _file_name(part)
             data = await _read_part(part, max_bytes - num_bytes, too_large)
@@ -146,10 +149,17 @@ async def _read_ndjson(request: web.Request, max_bytes: int) -> Upload:
             raise _too_large(max_bytes)
         chunks.append(chunk)
     data = b"".join(chunks)
-    options: dict[str, Any] = dict(request.query)
+    options: dict[str, Any] = {}
+    for key, value in request.query.items():
+        if key in options:
+            raise _invalid(f"the query parameter {key!r} is given more than once", key)
+        options[key] = value
     first, newline, rest = data.partition(b"\n")
     header = _options_line(first.removeprefix(_UTF8_BOM))  # the rows' reader drops one too
     if header is not None:
+        if both := sorted(set(options) & set(header)):
+            message = f"option {both[0]!r} is given both in the query and in the first line"
+            raise _invalid(message, both[0])
         options.update(header)
         data = newline + rest  # an empty first line: row numbers stay line numbers
     return Upload(data, NDJSON_FILENAME, options)

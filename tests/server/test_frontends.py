@@ -215,6 +215,11 @@ async def test_compressed_bodies_reach_the_engine_decoded(
         if path != "/v1/train":  # the engine's app runs the jobs, not the `client` app
             here = await client.post(path, data=b"not gzip", headers=headers)
             assert (status, error) == (here.status, (await here.json())["error"])
+    unknown = {**headers, "Content-Encoding": "gzip, br"}  # left undecoded: refused as one
+    for path in ("/v1/classify", "/v1/adapters/spam/promote", "/v1/train"):
+        async with session.post(url + path, data=b"{}", headers=unknown) as response:
+            status, error = response.status, (await response.json())["error"]
+        assert status == 415 and "'gzip, br' is not supported" in error["message"], error
 
 
 async def test_metrics_count_the_requests_the_front_ends_hand_over(

@@ -1,6 +1,8 @@
 """Every error answer is JSON with the right status, type and field."""
 
 import asyncio
+import gzip
+import json
 import logging
 
 import pytest
@@ -77,6 +79,31 @@ async def test_malformed_json_is_400(client, tenants, raw) -> None:
     assert response.status == 400
     error = await error_of(response)
     assert error["type"] == "invalid_json" and "field" not in error
+
+
+@pytest.mark.parametrize("coding", ["x-custom", "gzip, br", "compress"])
+async def test_a_body_in_a_coding_left_undecoded_is_415_not_read_as_plain(
+    client, tenants, coding
+) -> None:
+    """aiohttp decodes gzip and deflate (one coding) and passes any other through as it came:
+    parsed as plain, a body that really is so coded would be garbage or, worse, read wrong."""
+    body = json.dumps({"model": "spam", "input": "hi"}).encode()
+    headers = {**bearer(tenants.acme), "Content-Encoding": coding}
+    for path in ("/v1/classify", "/v1/adapters/spam/promote", "/v1/train"):
+        response = await client.post(path, data=body, headers=headers)
+        assert response.status == 415, (path, await response.text())
+        assert response.headers["Accept-Encoding"] == "gzip, deflate"
+        error = await error_of(response)
+        assert error["type"] == "invalid_request" and repr(coding) in error["message"], error
+    twice = [*bearer(tenants.acme).items(), ("Content-Encoding", "gzip")]
+    twice.append(("Content-Encoding", "identity"))  # two headers: aiohttp decodes by the first
+    response = await client.post("/v1/classify", data=gzip.compress(body), headers=twice)
+    assert response.status == 415
+    for plain in ("identity", " GZIP "):
+        sent = gzip.compress(body) if "gzip" in plain.lower() else body
+        headers = {**bearer(tenants.acme), "Content-Encoding": plain}
+        response = await client.post("/v1/classify", data=sent, headers=headers)
+        assert response.status == 200, await response.text()
 
 
 @pytest.mark.parametrize(

@@ -279,6 +279,30 @@ async def test_bad_options_are_a_422_naming_the_field(client, tenants, options, 
     assert response.status == 422 and error["field"] == field, error
 
 
+async def test_an_option_or_file_sent_twice_is_a_422_not_the_last_one_kept(client, tenants) -> None:
+    twice_file = form(sms_csv(), name="twice")
+    twice_file.add_field("file", b"text,label\n", filename="other.csv", content_type="text/csv")
+    twice_option = form(sms_csv(), name="twice", epochs="1")
+    twice_option.add_field("epochs", "3")
+    for body, field in ((twice_file, "file"), (twice_option, "epochs")):
+        response = await client.post("/v1/train", data=body, headers=bearer(tenants.acme))
+        error = (await response.json())["error"]
+        assert response.status == 422 and error["field"] == field, error
+        assert "sent more than once" in error["message"], error
+    ndjson = {**bearer(tenants.acme), "Content-Type": "application/x-ndjson"}
+    rows = b'{"text": "hi", "label": "a"}\n'
+    options_line = b'{"options": {"epochs": 2}}\n'
+    for query, data, field in (
+        ("name=twice&epochs=1&epochs=2", rows, "epochs"),
+        ("name=twice&epochs=1", options_line + rows, "epochs"),
+    ):
+        response = await client.post(f"/v1/train?{query}", data=data, headers=ndjson)
+        error = (await response.json())["error"]
+        assert response.status == 422 and error["field"] == field, error
+    jobs = await (await client.get("/v1/train", headers=bearer(tenants.acme))).json()
+    assert not any(job["name"] == "twice" for job in jobs["data"]), jobs
+
+
 async def test_uploads_over_the_cap_are_a_413(client, tenants) -> None:
     big = b"text,label\n" + b"a,b\n" * (UPLOAD_CAP // 4)
     response = await client.post(
