@@ -207,10 +207,19 @@ class Engine(EngineRequests):
     def forget(self, records: Iterable[AdapterRecord]) -> None:
         """Drop deleted versions' weights from this engine's memory: from the host tier now,
         and zeroed out of the device pool by the model thread before its next step; a version
-        that in-flight requests hold goes once they finish. Call it on the engine's event loop
-        with what ``registry.delete`` returned (the HTTP delete route does). Without it, the
-        engine finds the deletion within ``settings_poll_s`` (engine/deletions.py)."""
-        device = self._forget_where({adapter_key(record) for record in records}.__contains__)
+        that in-flight requests hold goes once they finish. Call it with what
+        ``registry.delete`` returned (the HTTP delete route does); from a thread other than the
+        engine's event loop it is handed to that loop, which does it soon after. Without it,
+        the engine finds the deletion within ``settings_poll_s`` (engine/deletions.py)."""
+        keys = {adapter_key(record) for record in records}
+        task = self._loop_task
+        if task is not None and _running_loop() is not task.get_loop():
+            task.get_loop().call_soon_threadsafe(self._forget_keys, keys)
+            return
+        self._forget_keys(keys)
+
+    def _forget_keys(self, keys: set[str]) -> None:
+        device = self._forget_where(keys.__contains__)
         if device is not None:
             device.add_done_callback(_log_failure)
 
@@ -267,6 +276,13 @@ class Engine(EngineRequests):
         if self._model is not None:
             for key in pending.keys:
                 self._model.store.unpin(key)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # a thread without one
+        return None
 
 
 def _log_failure(done: "Future[None]") -> None:

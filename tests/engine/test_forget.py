@@ -37,6 +37,31 @@ async def test_a_deleted_idle_version_leaves_both_tiers(registry, publish_random
         assert len(await engine.classify("acme", "spam", ["win cash"])) == 1  # v2 serves on
 
 
+async def test_forget_called_from_another_thread_is_done_on_the_event_loop(
+    registry, publish_random
+) -> None:
+    """An embedder deleting from a worker thread: the store's loop-only state is touched on
+    the loop, not from that thread."""
+    old = publish_random(registry, "acme", "spam", seed=1)
+    publish_random(registry, "acme", "spam", seed=2)
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        await engine.classify("acme", f"spam@{old.version}", ["win cash"])
+        key = adapter_key(old)
+        await _settled(engine, key, "device")
+        store, threads = engine._loaded.store, []
+        forget_where = store.forget_where
+
+        def noting_thread(matches) -> None:
+            threads.append(threading.get_ident())
+            forget_where(matches)
+
+        store.forget_where = noting_thread  # type: ignore[method-assign]
+        deleted = engine.registry.delete("acme", "spam", old.version)
+        await asyncio.to_thread(engine.forget, deleted)
+        await _settled(engine, key, "disk")
+        assert threads == [threading.get_ident()]
+
+
 async def test_a_version_deleted_under_a_request_goes_when_the_request_ends(
     registry, publish_random
 ) -> None:
