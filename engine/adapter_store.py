@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +30,8 @@ _LOADER_NICENESS = 10  # added to a loader thread's niceness
 _SERVED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 # a finished load stays shared this long when every request that waited for it went away
 _LANDED_S = 1.0
+# how long a forget also catches loads that start after it (see AdapterStore._recent_forgets)
+_RECENT_FORGETS_S = 60.0
 
 
 def adapter_key(record: AdapterRecord) -> str:
@@ -61,6 +65,10 @@ class AdapterStore:
         self._loading: dict[str, asyncio.Future[AdapterWeights]] = {}
         # loads of versions deleted while they read: their weights are dropped at last unpin
         self._forgotten_loads: weakref.WeakSet[asyncio.Future[AdapterWeights]] = weakref.WeakSet()
+        # the forgets of the last _RECENT_FORGETS_S (monotonic time, matcher): a request that
+        # resolved a version before its delete can start loading it after the forget, while
+        # another process has yet to remove its files, and must not keep it on the host
+        self._recent_forgets: deque[tuple[float, Callable[[str], bool]]] = deque()
         self.num_disk_loads = 0
         self.disk_bytes_read = 0
         self._closed = False  # set (on any thread) before queued loads are cancelled
@@ -105,7 +113,7 @@ class AdapterStore:
         # still loading, never between the two (an in-flight load leaves _loading only here)
         self._host.put_pinned(key, weights)
         self._stop_loading(key, load)
-        if load in self._forgotten_loads:
+        if load in self._forgotten_loads or self._forgotten_lately(key):
             self._host.forget(key)
         return key
 
@@ -125,11 +133,19 @@ class AdapterStore:
         """Drop the deleted versions ``matches`` accepts from the host tier, now or at their
         last unpin, loads in flight included (event loop). The device pool's copies are the
         model thread's to drop: ``forget_device_where``."""
+        now = time.monotonic()
+        self._recent_forgets.append((now, matches))
+        while self._recent_forgets[0][0] < now - _RECENT_FORGETS_S:
+            self._recent_forgets.popleft()
         for key in [k for k in (*self._host.keys(), *self._loading) if matches(k)]:
             self._host.forget(key)
             load = self._loading.get(key)
             if load is not None:
                 self._forgotten_loads.add(load)
+
+    def _forgotten_lately(self, key: str) -> bool:
+        horizon = time.monotonic() - _RECENT_FORGETS_S
+        return any(at >= horizon and matches(key) for at, matches in self._recent_forgets)
 
     def pin_if_resident(self, record: AdapterRecord) -> str | None:
         """Pin the adapter and return its key if the host tier holds it; else None, nothing

@@ -62,6 +62,25 @@ async def test_forget_called_from_another_thread_is_done_on_the_event_loop(
         assert threads == [threading.get_ident()]
 
 
+async def test_a_load_that_starts_just_after_the_forget_is_not_kept(
+    registry, publish_random
+) -> None:
+    """Another process committed the delete, this engine's watch forgot the version, and a
+    request that had resolved it before the commit loads it from files not yet removed: it is
+    answered, and the weights leave both tiers after it, not at LRU's leisure."""
+    old = publish_random(registry, "acme", "spam", seed=1)
+    publish_random(registry, "acme", "spam", seed=2)
+    config = EngineConfig(registry_dir=registry.root, settings_poll_s=3600.0)
+    async with Engine(config) as engine:
+        key = adapter_key(old)
+        engine._loaded.store.forget_where(key.__eq__)  # the watch's part, before any load
+        (answer,) = await engine.classify("acme", f"spam@{old.version}", ["win cash"])
+        assert answer.label in ("neg", "pos")
+        await _settled(engine, key, "disk")
+        await engine.classify("acme", "spam", ["win cash"])  # the other version stays
+        assert engine._loaded.store.residency(adapter_key(old)) == "disk"
+
+
 async def test_a_version_deleted_under_a_request_goes_when_the_request_ends(
     registry, publish_random
 ) -> None:
