@@ -2,8 +2,9 @@
 # The GPU checks and timings in one call, for a lent CUDA machine with PyTorch and Triton but no
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
-# switch lookahead graphs graphs-bert precapture frontend workers headline engine-cpu bound.
-# After session 24, the next GPU session: tests cold headline bound (about 7 minutes).
+# switch lookahead graphs graphs-bert precapture frontend workers headline engine-cpu bound
+# plan-ahead. After session 25, the next GPU session: tests cold plan-ahead bound (about 8
+# minutes; plan-ahead's "on" run is the headline HTTP row at this commit).
 # Default: tests graphs load, at most about 9 minutes on an H100 or H200 (each step is
 # bounded), plus a minute or two to start the machine: the kernels and the engine on CUDA
 # first, then CUDA graphs (on by default on CUDA) against eager steps, then the load sweep. A
@@ -194,6 +195,19 @@ for step in $STEPS; do
         --requests 40000 --concurrency 256 --out "$OUT/bound"
       run 90 bound-gil python3 -m benchmarks.server_profile --device cuda --server-workers 4 \
         --requests 40000 --concurrency 256 --gil --out "$OUT/bound-gil" ;;
+    plan-ahead)
+      # EngineConfig.plan_ahead (session 25, on by default on CUDA, never timed on a GPU): HTTP
+      # behind 4 front ends without it, then with it, 1,000 adapters (Zipf), and the closed
+      # loop's rate and rows a step both ways
+      run 110 plan-ahead-off $LOAD --out "$WORK/plan-off" --server-workers 4 --no-plan-ahead \
+        --only serve-sms-1000a-zipf
+      run 110 plan-ahead-on $LOAD --out "$WORK/plan-on" --server-workers 4 --plan-ahead \
+        --only serve-sms-1000a-zipf
+      for flag in --no-plan-ahead --plan-ahead; do
+        run 60 "engine-cpu$flag" python3 -m benchmarks.server_cpu --device cuda $flag \
+          --quantize none --requests 20000 --warmup 2000 --concurrency 256 --server-workers 4
+      done
+      tar -czf "$OUT/load_plan_ahead.tgz" -C "$WORK" plan-off plan-on 2>/dev/null ;;
     engine-cpu)
       # the engine process's CPU a request behind 4 front ends, and embedded
       run 60 engine-cpu-workers python3 -m benchmarks.server_cpu --device cuda \

@@ -137,6 +137,13 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         "default: the engine's, on with CUDA)",
     )
     p.add_argument(
+        "--plan-ahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="graft's EngineConfig.plan_ahead: the next step planned while one runs "
+        "(default: the engine's, on with CUDA)",
+    )
+    p.add_argument(
         "--contended-tokens",
         type=_contended,
         default="auto",

@@ -67,6 +67,7 @@ class TargetOptions:
     # graft's EngineConfig.contended_batch_tokens ("auto": by device)
     contended_tokens: int | str | None = "auto"
     cuda_graphs: bool | None = None  # graft's EngineConfig.cuda_graphs (None: its default)
+    plan_ahead: bool | None = None  # graft's EngineConfig.plan_ahead (None: by device)
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
     max_batch_tokens: int = 8192
@@ -327,6 +328,7 @@ def engine_config(fleet: Fleet, options: TargetOptions):
         lookahead_rows=options.lookahead_rows,
         contended_batch_tokens=options.contended_tokens,
         cuda_graphs=options.cuda_graphs,
+        plan_ahead=options.plan_ahead,
     )
 
 

@@ -243,6 +243,7 @@ class Engine(EngineRequests):
         if self._model is not None:
             counts.update(self._model.stats())
             counts["interludes"] = self._steps.num_interludes  # steps run inside a longer one
+            counts["planned_ahead"] = self._steps.num_planned_ahead  # queued behind a running one
             counts["step_busy_us"] = self._steps.busy_us  # model thread in steps, microseconds
             counts["step_cpu_us"] = self._steps.cpu_us  # and on a core meanwhile
         return counts

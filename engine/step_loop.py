@@ -9,6 +9,10 @@ batch of other tenants' rows (``Scheduler.plan_between``) and leaves it in an
 attention and feed-forward block) takes it and runs it as a complete nested step, then the
 long step resumes where it paused. So a neighbour waits one block, not one step. At most one
 interlude waits at a time, and none nests inside another.
+
+With ``plan_ahead`` (on CUDA by default), once as many rows wait as the running step holds,
+the loop plans the next step and queues it on the model thread behind the running one: it
+starts as that one ends, while the event loop delivers the last outputs, instead of after.
 """
 
 import asyncio
@@ -122,6 +126,13 @@ class StepLoop:
         self._interludes = InterludeSlot()
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self.num_interludes = 0
+        # the next step, planned and queued on the model thread while the one before it runs
+        # (_wait_planning_ahead): it starts the moment that one ends, not after the event loop
+        # has delivered it and planned again. Set when enough rows wait to fill one
+        self._ahead: tuple[Step, asyncio.Future[list[RowOutput]], int | None] | None = None
+        self._plan_ahead_rows: int | None = None  # while a step runs: rows that warrant it
+        self._queue_deep = asyncio.Event()
+        self.num_planned_ahead = 0
         # wall time in steps, interludes inside them included: over a window, busy / window
         # is how loaded the model thread is (1.0: saturated)
         self.busy_us = 0
@@ -130,14 +141,30 @@ class StepLoop:
         self.cpu_us = 0
 
     def wake(self) -> None:
-        """New rows are queued: plan a step, or an interlude if a long step is running."""
+        """New rows are queued: plan a step, or an interlude if a long step is running, or
+        the next step ahead if the queue holds a step's worth."""
         self._work.set()
         self._arrived.set()
+        self._wake_if_deep()
 
     async def run(self) -> None:
         """Forever: take the next batch, run it, deliver; cancelled when the engine closes."""
         self._event_loop = asyncio.get_running_loop()
-        while True:
+        try:
+            while True:
+                await self._next()
+        finally:  # closing: a step planned ahead lets go of its adapters' host holds
+            if self._ahead is not None:
+                (item, _, _), self._ahead = self._ahead, None
+                self._stack().store.release_after_step(item.keys)
+
+    async def _next(self) -> None:
+        """Run (or find running) the next step, and deliver it."""
+        step: asyncio.Future[list[RowOutput]] | None = None
+        budget: int | None = None
+        if self._ahead is not None:
+            (item, step, budget), self._ahead = self._ahead, None
+        else:
             # an interlude planned during the last step that never reached a pause point
             # runs next: its rows already left the queues
             item = self._interludes.take()
@@ -147,16 +174,21 @@ class StepLoop:
                 if plan.batch is None:
                     self._work.clear()
                     await self._wait_for_work()
-                    continue
+                    return
                 item = self._new_step(plan.batch)
-            item.started_s = time.monotonic()
-            try:
-                item.outputs = await self._run_step(item)
-            except Exception as exc:  # a failed step fails its rows, never the loop
-                item.error = exc
-            item.ended_s = time.monotonic()
-            self.busy_us += round((item.ended_s - item.started_s) * 1e6)
-            self._deliver(item)
+        try:
+            if step is None:
+                step, budget = self._submit(item)
+            item.outputs = await self._run_step(item, step, budget)
+        except Exception as exc:  # a failed step fails its rows, never the loop
+            item.error = exc
+        except asyncio.CancelledError:  # closing: its requests fail, its holds go
+            self._stack().store.release_after_step(item.keys)
+            raise
+        if item.started_s == 0.0:  # it never started on the model thread
+            item.started_s = item.ended_s = time.monotonic()
+        self.busy_us += round((item.ended_s - item.started_s) * 1e6)
+        self._deliver(item)
 
     def _new_step(self, batch: Batch) -> Step:
         rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
@@ -164,21 +196,26 @@ class StepLoop:
         keys = [key for key in dict.fromkeys(batch.seg_adapter) if key != BACKBONE_KEY]
         return Step(batch, rows, token_ids, self._stack().store.hold_for_step(keys))
 
-    async def _run_step(self, item: Step) -> list[RowOutput]:
-        """Run a step on the model thread; while a long one runs, keep an interlude of other
-        tenants' short rows ready for its next pause point."""
-        loop = asyncio.get_running_loop()
+    def _submit(self, item: Step) -> tuple["asyncio.Future[list[RowOutput]]", int | None]:
+        """Queue a step on the model thread, with its interlude budget (None: no pauses)."""
         budget = interlude_budget(
             item.batch,
             self._config.interlude_budget_tokens,
             self._config.contended_budget_tokens,
             self._scheduler.packed_steps,
         )
-        step = loop.run_in_executor(
-            self._executor, self._timed_step, item.batch, item.token_ids, budget is not None
+        step = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._timed_step, item, budget is not None
         )
+        return step, budget
+
+    async def _run_step(
+        self, item: Step, step: "asyncio.Future[list[RowOutput]]", budget: int | None
+    ) -> list[RowOutput]:
+        """Wait for a step on the model thread; while a long one runs, keep an interlude of
+        other tenants' short rows ready for its next pause point."""
         if budget is None:
-            return await step
+            return await self._wait_planning_ahead(item, step)
         pages = pages_left(item.batch, self._config.adapter_pages)
         while True:
             self._arrived.clear()
@@ -194,6 +231,38 @@ class StepLoop:
                 arrived.cancel()
             if step.done():
                 return step.result()
+
+    async def _wait_planning_ahead(
+        self, item: Step, step: "asyncio.Future[list[RowOutput]]"
+    ) -> list[RowOutput]:
+        """Wait for a step; once as many rows wait as it runs, plan the next one and queue it
+        on the model thread behind it. A queue that deep means the model thread is what rows
+        wait for, so its gap between steps (delivering, planning, handing over) is the time
+        to save; a shallower one is left to gather more rows for a step planned at the end."""
+        if not self._config.plans_ahead or self._ahead is not None:
+            return await step
+        self._plan_ahead_rows = max(1, len(item.batch.rows))
+        self._queue_deep.clear()
+        self._wake_if_deep()
+        deep = asyncio.ensure_future(self._queue_deep.wait())
+        try:
+            await asyncio.wait((step, deep), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            deep.cancel()
+            self._plan_ahead_rows = None
+        if not step.done() and self._interludes.is_empty:
+            plan = self._scheduler.plan(time.monotonic())
+            self._expire(plan.expired)
+            if plan.batch is not None:
+                ahead = self._new_step(plan.batch)
+                self._ahead = (ahead, *self._submit(ahead))
+                self.num_planned_ahead += 1
+        return await step
+
+    def _wake_if_deep(self) -> None:
+        wanted = self._plan_ahead_rows
+        if wanted is not None and self._scheduler.num_waiting >= wanted:
+            self._queue_deep.set()
 
     def _deliver(self, item: Step) -> None:
         """Event loop: hand a finished step's outputs (or its failure) to its requests."""
@@ -234,15 +303,16 @@ class StepLoop:
                 message = f"request timed out before input[{row.index}] could start"
                 pending.job.fail(DeadlineExceeded(message))
 
-    def _timed_step(
-        self, batch: Batch, token_ids: list[Sequence[int]], interleave: bool
-    ) -> list[RowOutput]:
-        """Model thread: a top-level step (interludes nested in it included) and its CPU."""
+    def _timed_step(self, item: Step, interleave: bool) -> list[RowOutput]:
+        """Model thread: a top-level step (interludes nested in it included), its wall
+        time on this thread and its CPU."""
+        item.started_s = time.monotonic()
         started_ns = time.thread_time_ns()
         try:
-            return self._step(batch, token_ids, interleave)
+            return self._step(item.batch, item.token_ids, interleave)
         finally:
             self.cpu_us += (time.thread_time_ns() - started_ns) // 1000
+            item.ended_s = time.monotonic()
 
     def _step(
         self, batch: Batch, token_ids: list[Sequence[int]], interleave: bool = False

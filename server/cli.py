@@ -303,6 +303,7 @@ def engine_config(args: argparse.Namespace):
         adapter_pool_bytes=args.adapter_pool_bytes,
         num_threads=args.threads,  # None: EngineConfig.intra_op_threads (every core)
         cuda_graphs=args.cuda_graphs,
+        plan_ahead=args.plan_ahead,
     )
 
 

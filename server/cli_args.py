@@ -115,6 +115,13 @@ def serve_options(p: argparse.ArgumentParser) -> None:
         help="capture step shapes in CUDA graphs and replay them (default: on with CUDA)",
     )
     p.add_argument(
+        "--plan-ahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan the next step while one runs, once a step's worth of rows waits "
+        "(default: on with CUDA)",
+    )
+    p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default="float32",

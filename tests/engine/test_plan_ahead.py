@@ -1,0 +1,77 @@
+"""Steps planned while the one before them runs (EngineConfig.plan_ahead): the same answers,
+only when the queue holds a step's worth, and nothing held once the engine closes."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from engine import Engine, EngineClosed, EngineConfig
+
+TEXTS = [f"message number {i} about {'cash prizes' if i % 3 else 'the weather'}" for i in range(40)]
+
+
+async def _answers(registry, plan_ahead: bool) -> tuple[list, dict]:
+    config = EngineConfig(registry_dir=registry.root, max_batch_rows=4, plan_ahead=plan_ahead)
+    async with Engine(config) as engine:
+        # every tenant's texts queued at once: far more rows wait than one step runs
+        jobs = [
+            engine.classify(tenant, "m", TEXTS[k::4])
+            for k, tenant in enumerate(("acme", "bob", "acme", "bob"))
+        ]
+        answers = await asyncio.gather(*jobs)
+        return answers, engine.stats()
+
+
+async def test_a_deep_queue_is_planned_ahead_with_the_same_answers(
+    registry, publish_random
+) -> None:
+    registry.create_tenant("bob")
+    publish_random(registry, "acme", "m", seed=1)
+    publish_random(registry, "bob", "m", seed=2, labels=("a", "b", "c"))
+    ahead, stats = await _answers(registry, plan_ahead=True)
+    serial, serial_stats = await _answers(registry, plan_ahead=False)
+    assert stats["planned_ahead"] > 0 and serial_stats["planned_ahead"] == 0
+    assert stats["rows"] == serial_stats["rows"] == len(TEXTS)
+    for got, want in zip(ahead, serial, strict=True):
+        assert [a.label for a in got] == [a.label for a in want]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(list(a.scores.values()), list(b.scores.values()), atol=1e-5)
+    assert stats["requests_in_flight"] == 0 and stats["waiting_rows"] == 0
+
+
+async def test_one_request_at_a_time_is_never_planned_ahead(registry, publish_random) -> None:
+    """Nothing waits while its step runs: each step is planned when the last one ends."""
+    publish_random(registry, "acme", "m")
+    config = EngineConfig(registry_dir=registry.root, plan_ahead=True)
+    async with Engine(config) as engine:
+        for text in TEXTS[:5]:
+            await engine.classify("acme", "m", [text])
+        assert engine.stats()["planned_ahead"] == 0
+
+
+@pytest.mark.parametrize("plan_ahead", [None, False, True])
+def test_the_default_plans_ahead_on_cuda_only(plan_ahead) -> None:
+    for device in ("cpu", "cuda", "cuda:1"):
+        config = EngineConfig(device=device, plan_ahead=plan_ahead)
+        expected = device.startswith("cuda") if plan_ahead is None else plan_ahead
+        assert config.plans_ahead is expected
+
+
+async def test_closing_with_a_step_planned_ahead_leaves_nothing_held(
+    registry, publish_random
+) -> None:
+    """Neither the running step nor the one queued behind it keeps its adapters pinned."""
+    publish_random(registry, "acme", "m")
+    config = EngineConfig(registry_dir=registry.root, max_batch_rows=2, plan_ahead=True)
+    engine = Engine(config)
+    await engine.start()
+    store = engine._loaded.store
+    request = asyncio.ensure_future(engine.classify("acme", "m", TEXTS))
+    while engine.stats()["planned_ahead"] == 0:
+        await asyncio.sleep(0.001)
+    await engine.close()
+    with pytest.raises(EngineClosed):
+        await request
+    cached = store._host.keys()
+    assert cached and all(store._host.pins(key) == 0 for key in cached)
