@@ -4,7 +4,7 @@
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
 # switch lookahead graphs graphs-bert precapture frontend workers headline engine-cpu bound
 # plan-ahead. After session 25, the next GPU session: tests cold plan-ahead bound (about 8
-# minutes; plan-ahead's "on" run is the headline HTTP row at this commit).
+# minutes; plan-ahead's "off" run is the headline HTTP row at this commit).
 # Default: tests graphs load, at most about 9 minutes on an H100 or H200 (each step is
 # bounded), plus a minute or two to start the machine: the kernels and the engine on CUDA
 # first, then CUDA graphs (on by default on CUDA) against eager steps, then the load sweep. A
@@ -196,7 +196,7 @@ for step in $STEPS; do
       run 90 bound-gil python3 -m benchmarks.server_profile --device cuda --server-workers 4 \
         --requests 40000 --concurrency 256 --gil --out "$OUT/bound-gil" ;;
     plan-ahead)
-      # EngineConfig.plan_ahead (session 25, on by default on CUDA, never timed on a GPU): HTTP
+      # EngineConfig.plan_ahead (session 25, off by default, never timed on a GPU): HTTP
       # behind 4 front ends without it, then with it, 1,000 adapters (Zipf), and the closed
       # loop's rate and rows a step both ways
       run 110 plan-ahead-off $LOAD --out "$WORK/plan-off" --server-workers 4 --no-plan-ahead \

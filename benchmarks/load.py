@@ -175,9 +175,7 @@ async def run_all(args: argparse.Namespace, run_dir: Path, work: Path) -> list[R
         cuda_graphs=(
             args.cuda_graphs if args.cuda_graphs is not None else args.device.startswith("cuda")
         ),
-        plan_ahead=(
-            args.plan_ahead if args.plan_ahead is not None else args.device.startswith("cuda")
-        ),
+        plan_ahead=args.plan_ahead,
         adapter_pages=args.adapter_pages,
         url=args.url,
         keys=tuple(args.key),

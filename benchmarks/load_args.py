@@ -139,9 +139,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--plan-ahead",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="graft's EngineConfig.plan_ahead: the next step planned while one runs "
-        "(default: the engine's, on with CUDA)",
+        default=False,
+        help="graft's EngineConfig.plan_ahead: the next step planned while one runs",
     )
     p.add_argument(
         "--contended-tokens",

@@ -73,9 +73,9 @@ class EngineConfig:
     settings_poll_s: float = 2.0  # how often tenant settings and deletions are re-read
     is_fair: bool = True  # deficit round robin over tenants; False = one FIFO (baseline)
     # plan the next step while one runs, and queue it behind it on the model thread, once as
-    # many rows wait as the running step holds (engine/step_loop.py); None = by device (see
-    # plans_ahead)
-    plan_ahead: bool | None = None
+    # many rows wait as the running step holds (engine/step_loop.py). Off until timed on a
+    # GPU, where it is meant to help: on the CPU it did not (benchmarks/RESULTS.md, session 25)
+    plan_ahead: bool = False
     # auto (loop/Triton on CUDA, loop/gather on CPU), loop, gather, triton, triton-fused
     lora_kernel: str = "auto"
     # steps of bucketed shapes (up to max_batch_tokens padded tokens) captured in CUDA graphs
@@ -182,17 +182,6 @@ class EngineConfig:
         and a 32-row step took 2.1 against 5.2 ms (benchmarks/RESULTS.md, session 12)."""
         if self.cuda_graphs is not None:
             return self.cuda_graphs
-        return self.device.startswith("cuda")
-
-    @property
-    def plans_ahead(self) -> bool:
-        """``plan_ahead``, or its default for the device: on CUDA, where the model thread
-        waits for the device with the interpreter lock released, so the event loop can plan
-        the next step meanwhile and the device need not idle while it delivers and plans. On
-        the CPU the two share the cores and the lock: a closed loop on a 2-core VM gained
-        nothing from it (benchmarks/RESULTS.md, session 25)."""
-        if self.plan_ahead is not None:
-            return self.plan_ahead
         return self.device.startswith("cuda")
 
     @property

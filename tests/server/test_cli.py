@@ -283,7 +283,7 @@ def test_serve_flags_reach_the_engine_config(tmp_path: Path) -> None:
     both = _parser().parse_args(["serve", "--quantize", "int8", "--dtype", "bfloat16"])
     with pytest.raises(ValueError, match="float32 activations"):
         engine_config(both)
-    for flags, plan_ahead in (([], None), (["--no-plan-ahead"], False), (["--plan-ahead"], True)):
+    for flags, plan_ahead in (([], False), (["--no-plan-ahead"], False), (["--plan-ahead"], True)):
         assert engine_config(_parser().parse_args(["serve", *flags])).plan_ahead is plan_ahead
 
 
