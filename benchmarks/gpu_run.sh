@@ -3,8 +3,9 @@
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
 # switch lookahead graphs graphs-bert precapture frontend workers headline engine-cpu bound
-# plan-ahead. After session 25, the next GPU session: tests cold plan-ahead bound (about 8
-# minutes; plan-ahead's "off" run is the headline HTTP row at this commit).
+# plan-ahead. After session 25, the next GPU session, in two calls: tests cold plan-ahead
+# (about 8 minutes; plan-ahead's "off" run is the headline HTTP row at this commit), then
+# bound (about 3 minutes).
 # Default: tests graphs load, at most about 9 minutes on an H100 or H200 (each step is
 # bounded), plus a minute or two to start the machine: the kernels and the engine on CUDA
 # first, then CUDA graphs (on by default on CUDA) against eager steps, then the load sweep. A

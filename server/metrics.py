@@ -47,6 +47,11 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     ),
     "rows": ("rows", COUNTER, "Inputs run through the backbone."),
     "interludes": ("interludes", COUNTER, "Short steps run between two layers of a longer one."),
+    "planned_ahead": (
+        "planned_ahead_steps",
+        COUNTER,
+        "Steps planned and queued while the step before them ran (EngineConfig.plan_ahead).",
+    ),
     "step_busy_us": (
         "step_busy_seconds",
         COUNTER,
