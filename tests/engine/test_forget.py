@@ -1,7 +1,9 @@
 """A deleted version's weights leave the engine's memory (Engine.forget), not only the disk."""
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -20,13 +22,20 @@ async def _settled(engine: Engine, key: str, residency: str) -> None:
     raise AssertionError(f"{key} is {store.residency(key)}, not {residency}")
 
 
-async def test_a_deleted_idle_version_leaves_both_tiers(registry, publish_random) -> None:
+@contextlib.asynccontextmanager
+async def _old_version_resident(registry, publish_random) -> AsyncIterator[tuple]:
+    """Two versions of acme/spam, the first served once: on the host and on the device."""
     old = publish_random(registry, "acme", "spam", seed=1)
     publish_random(registry, "acme", "spam", seed=2)
     async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
         await engine.classify("acme", f"spam@{old.version}", ["win cash"])
+        await _settled(engine, adapter_key(old), "device")
+        yield engine, old
+
+
+async def test_a_deleted_idle_version_leaves_both_tiers(registry, publish_random) -> None:
+    async with _old_version_resident(registry, publish_random) as (engine, old):
         key = adapter_key(old)
-        await _settled(engine, key, "device")
         before = engine.stats()
         engine.forget(engine.registry.delete("acme", "spam", old.version))
         await _settled(engine, key, "disk")
@@ -42,12 +51,8 @@ async def test_forget_called_from_another_thread_is_done_on_the_event_loop(
 ) -> None:
     """An embedder deleting from a worker thread: the store's loop-only state is touched on
     the loop, not from that thread."""
-    old = publish_random(registry, "acme", "spam", seed=1)
-    publish_random(registry, "acme", "spam", seed=2)
-    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
-        await engine.classify("acme", f"spam@{old.version}", ["win cash"])
+    async with _old_version_resident(registry, publish_random) as (engine, old):
         key = adapter_key(old)
-        await _settled(engine, key, "device")
         store, threads = engine._loaded.store, []
         forget_where = store.forget_where
 
