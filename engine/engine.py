@@ -214,8 +214,9 @@ class Engine(EngineRequests):
         keys = {adapter_key(record) for record in records}
         task = self._loop_task
         if task is not None and _running_loop() is not task.get_loop():
-            task.get_loop().call_soon_threadsafe(self._forget_keys, keys)
-            return
+            with contextlib.suppress(RuntimeError):  # its loop closed: no engine to mind it
+                task.get_loop().call_soon_threadsafe(self._forget_keys, keys)
+                return
         self._forget_keys(keys)
 
     def _forget_keys(self, keys: set[str]) -> None:

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
@@ -49,6 +49,7 @@ class Step:
     error: Exception | None = None
     started_s: float = 0.0
     ended_s: float = 0.0
+    ran: "Future[list[RowOutput]] | None" = None  # its run, once queued on the model thread
 
 
 class InterludeSlot:
@@ -74,6 +75,12 @@ class InterludeSlot:
         with self._lock:
             item, self._item = self._item, None
             return item
+
+
+def _consume(step: "asyncio.Future[list[RowOutput]]") -> None:
+    """Retrieve an abandoned step's outcome, so that its failure is not reported as unseen."""
+    if not step.cancelled():
+        step.exception()
 
 
 def interlude_budget(
@@ -153,10 +160,14 @@ class StepLoop:
         try:
             while True:
                 await self._next()
-        finally:  # closing: a step planned ahead lets go of its adapters' host holds
+        finally:  # closing: steps planned but not begun never run, and let go of adapters
             if self._ahead is not None:
-                (item, _, _), self._ahead = self._ahead, None
-                self._stack().store.release_after_step(item.keys)
+                (item, step, _), self._ahead = self._ahead, None
+                step.add_done_callback(_consume)  # nobody awaits it now
+                self._let_go_when_done(item)
+            interlude = self._interludes.take()
+            if interlude is not None:
+                self._let_go_when_done(interlude)
 
     async def _next(self) -> None:
         """Run (or find running) the next step, and deliver it."""
@@ -183,7 +194,7 @@ class StepLoop:
         except Exception as exc:  # a failed step fails its rows, never the loop
             item.error = exc
         except asyncio.CancelledError:  # closing: its requests fail, its holds go
-            self._stack().store.release_after_step(item.keys)
+            self._let_go_when_done(item)
             raise
         if item.started_s == 0.0:  # it never started on the model thread
             item.started_s = item.ended_s = time.monotonic()
@@ -196,6 +207,16 @@ class StepLoop:
         keys = [key for key in dict.fromkeys(batch.seg_adapter) if key != BACKBONE_KEY]
         return Step(batch, rows, token_ids, self._stack().store.hold_for_step(keys))
 
+    def _let_go_when_done(self, item: Step) -> None:
+        """Closing: a step still queued never runs; one running lets go of its adapters' host
+        holds once the model thread is done with it, not under it."""
+        store = self._stack().store
+        if item.ran is None:
+            store.release_after_step(item.keys)
+            return
+        item.ran.cancel()  # nothing once it runs
+        item.ran.add_done_callback(lambda _: store.release_after_step(item.keys))
+
     def _submit(self, item: Step) -> tuple["asyncio.Future[list[RowOutput]]", int | None]:
         """Queue a step on the model thread, with its interlude budget (None: no pauses)."""
         budget = interlude_budget(
@@ -204,10 +225,8 @@ class StepLoop:
             self._config.contended_budget_tokens,
             self._scheduler.packed_steps,
         )
-        step = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._timed_step, item, budget is not None
-        )
-        return step, budget
+        item.ran = self._executor.submit(self._timed_step, item, budget is not None)
+        return asyncio.wrap_future(item.ran), budget
 
     async def _run_step(
         self, item: Step, step: "asyncio.Future[list[RowOutput]]", budget: int | None
@@ -251,13 +270,27 @@ class StepLoop:
             deep.cancel()
             self._plan_ahead_rows = None
         if not step.done() and self._interludes.is_empty:
-            plan = self._scheduler.plan(time.monotonic())
-            self._expire(plan.expired)
-            if plan.batch is not None:
-                ahead = self._new_step(plan.batch)
-                self._ahead = (ahead, *self._submit(ahead))
-                self.num_planned_ahead += 1
+            self._plan_ahead()
         return await step
+
+    def _plan_ahead(self) -> None:
+        """Plan the next step and queue it; a failure here fails that step's rows alone, never
+        the step that is running."""
+        plan = self._scheduler.plan(time.monotonic())
+        self._expire(plan.expired)
+        if plan.batch is None:
+            return
+        ahead = Step(plan.batch, [], [])
+        try:
+            ahead = self._new_step(plan.batch)
+            self._ahead = (ahead, *self._submit(ahead))
+        except Exception as exc:  # the rows that left the queues fail, and nothing else
+            ahead.error = exc
+            if not ahead.rows:  # _new_step failed: the pending requests of its rows
+                ahead.rows = [(self._pending.get(r.request_id), r) for r in plan.batch.rows]
+            self._deliver(ahead)
+            return
+        self.num_planned_ahead += 1
 
     def _wake_if_deep(self) -> None:
         wanted = self._plan_ahead_rows

@@ -148,9 +148,13 @@ _DECODED_CODINGS = frozenset(["identity", "gzip", "deflate", "br", "zstd"])
 
 def _check_content_coding(request: web.Request) -> None:
     """Refuse a body in a coding aiohttp left undecoded (an unknown one, or several stacked),
-    which would otherwise be read as if it were plain."""
+    which would otherwise be read as if it were plain. An empty header and ``identity`` (once
+    or more) mean plain."""
     codings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
-    if not codings or len(codings) == 1 and codings[0].strip().lower() in _DECODED_CODINGS:
+    named = [c.strip().lower() for value in codings for c in value.split(",")]
+    if all(c in ("", "identity") for c in named):
+        return
+    if len(codings) == 1 and codings[0].strip().lower() in _DECODED_CODINGS:
         return
     sent = ", ".join(codings)
     message = f"Content-Encoding {sent!r} is not supported: send the body as gzip, deflate or plain"

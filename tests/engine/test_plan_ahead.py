@@ -84,3 +84,66 @@ async def test_closing_with_a_step_planned_ahead_leaves_nothing_held(
         await request
     cached = store._host.keys()
     assert cached and all(store._host.pins(key) == 0 for key in cached)
+
+
+async def test_closing_never_starts_the_step_planned_ahead(registry, publish_random) -> None:
+    """It is cancelled while queued: closing waits for the running step alone."""
+    publish_random(registry, "acme", "m")
+    config = EngineConfig(registry_dir=registry.root, max_batch_rows=2, plan_ahead=True)
+    engine = Engine(config)
+    await engine.start()
+    steps, started = engine._steps, []
+    timed_step = steps._timed_step
+
+    def noting(item, interleave):
+        started.append(item)
+        return timed_step(item, interleave)
+
+    steps._timed_step = noting  # type: ignore[method-assign]
+    requests = [asyncio.ensure_future(engine.classify("acme", "m", TEXTS[:10])) for _ in range(4)]
+    while steps._ahead is None:
+        await asyncio.sleep(0.0005)
+    ahead = steps._ahead[0]
+    await engine.close()
+    for request in requests:
+        with pytest.raises(EngineClosed):
+            await request
+    assert ahead not in started and ahead.ran is not None and ahead.ran.cancelled()
+
+
+async def test_a_failure_queueing_the_step_ahead_fails_its_rows_alone(
+    registry, publish_random
+) -> None:
+    """The running step's request is answered, the one planned ahead fails, none hangs."""
+    publish_random(registry, "acme", "m")
+    config = EngineConfig(registry_dir=registry.root, max_batch_rows=2, plan_ahead=True)
+    async with Engine(config) as engine:
+        steps = engine._steps
+        submit, plan_ahead, ahead, failed = steps._submit, steps._plan_ahead, [False], []
+
+        def planning_ahead() -> None:
+            ahead[0] = True
+            try:
+                plan_ahead()
+            finally:
+                ahead[0] = False
+
+        def failing_ahead(item):
+            if ahead[0] and not failed:
+                failed.append(item)
+                raise RuntimeError("queueing the step ahead failed")
+            return submit(item)
+
+        steps._plan_ahead = planning_ahead  # type: ignore[method-assign]
+        steps._submit = failing_ahead  # type: ignore[method-assign]
+        requests = [engine.classify("acme", "m", TEXTS[k : k + 2]) for k in range(0, 12, 2)]
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*requests, return_exceptions=True), timeout=60
+        )
+        assert len(failed) == 1 and isinstance(outcomes[0], list)  # the first step's request
+        errors = [o for o in outcomes if isinstance(o, Exception)]
+        assert len(errors) == 1 and "queueing the step ahead failed" in str(errors[0])
+        store = engine._loaded.store
+        cached = store._host.keys()
+        assert cached and all(store._host.pins(key) == 0 for key in cached)
+        assert engine.stats()["requests_in_flight"] == 0
