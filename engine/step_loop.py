@@ -318,7 +318,12 @@ class StepLoop:
         for pending in {id(p): p for p, _ in item.rows if p is not None}.values():
             pending.job.record_step(item.started_s, item.ended_s)
         for part in by_request(item.rows, item.outputs):
-            part.pending.deliver(part.rows, part.outputs)
+            try:
+                part.pending.deliver(part.rows, part.outputs)
+            except Exception as exc:  # that request fails alone; the loop and the rest go on
+                log.exception("answering request %s failed", part.pending.job.request_id)
+                with contextlib.suppress(Exception):
+                    part.pending.job.fail(EngineError(f"its answer could not be made: {exc}"))
 
     async def _wait_for_work(self) -> None:
         """Sleep until a request arrives, or until the earliest waiting deadline passes."""

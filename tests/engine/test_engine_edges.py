@@ -5,7 +5,15 @@ import asyncio
 
 import pytest
 
-from engine import Engine, EngineClosed, EngineConfig, InputError, ModelNotFound, Tokenized
+from engine import (
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    EngineError,
+    InputError,
+    ModelNotFound,
+    Tokenized,
+)
 
 
 def _tasks_alive() -> list[str]:
@@ -128,3 +136,42 @@ async def test_a_multi_model_request_that_must_wait_for_a_load_counts_each_hit_o
     hits = after["adapter_host_hits"] - before["adapter_host_hits"]
     misses = after["adapter_host_misses"] - before["adapter_host_misses"]
     assert (hits, misses) == (1, 1)
+
+
+async def test_an_answer_that_cannot_be_made_fails_that_request_alone(
+    registry, publish_random, monkeypatch
+) -> None:
+    """Its neighbours in the step are answered and the step loop lives on."""
+    from engine.pending import SinglePending
+
+    publish_random(registry, "acme", "good", seed=1)
+    publish_random(registry, "acme", "bad", seed=2)
+    deliver = SinglePending.deliver
+
+    def breaking(self, rows, outputs) -> None:
+        if self.job.model.endswith("/bad"):
+            raise TypeError("no head came back")
+        deliver(self, rows, outputs)
+
+    monkeypatch.setattr(SinglePending, "deliver", breaking)
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        await engine.classify("acme", "good", ["warm"])  # loaded: the next two queue at once
+        with pytest.raises(EngineError):  # before the fix, it hung: the step loop had died
+            await asyncio.wait_for(engine.classify("acme", "bad", ["warm"]), timeout=30)
+        before = engine.stats()["steps"]
+        blocker = asyncio.ensure_future(engine.classify("acme", "good", ["busy"] * 64))
+        await asyncio.sleep(0)  # its step is running: the next two wait and share one
+        good, bad = await asyncio.wait_for(
+            asyncio.gather(
+                engine.classify("acme", "good", ["hello"]),
+                engine.classify("acme", "bad", ["hello"]),
+                return_exceptions=True,
+            ),
+            timeout=30,
+        )
+        assert len(await blocker) == 64
+        assert engine.stats()["steps"] == before + 2  # the blocker's, then theirs together
+        assert len(good) == 1 and isinstance(bad, EngineError)
+        assert "no head came back" in str(bad)
+        again = await asyncio.wait_for(engine.classify("acme", "good", ["again"]), timeout=30)
+        assert len(again) == 1 and engine.stats()["requests_in_flight"] == 0
