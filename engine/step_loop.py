@@ -18,7 +18,6 @@ starts as that one ends, while the event loop delivers the last outputs, instead
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.errors import DeadlineExceeded, EngineError
+from engine.interludes import InterludeSlot, interlude_budget, pages_left
 from engine.pending import Pending, by_request
 from engine.runner import BACKBONE_KEY, RowOutput
 from engine.stack import ServingStack
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # interludes run back to back at one pause point before the long step goes on
 _MAX_INTERLUDES_PER_PAUSE = 4
+# how long the loop waits before planning again after a failure of its own
+_RETRY_S = 0.05
 
 
 @dataclass(slots=True)
@@ -52,64 +54,10 @@ class Step:
     ran: "Future[list[RowOutput]] | None" = None  # its run, once queued on the model thread
 
 
-class InterludeSlot:
-    """Holds at most one planned interlude; the loop offers, the model thread takes."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._item: Step | None = None
-
-    @property
-    def is_empty(self) -> bool:
-        with self._lock:
-            return self._item is None
-
-    def offer(self, item: Step) -> None:
-        with self._lock:
-            if self._item is not None:
-                raise RuntimeError("an interlude is already waiting")
-            self._item = item
-
-    def take(self) -> Step | None:
-        """The waiting interlude, now owned by the caller, or None."""
-        with self._lock:
-            item, self._item = self._item, None
-            return item
-
-
 def _consume(step: "asyncio.Future[list[RowOutput]]") -> None:
     """Retrieve an abandoned step's outcome, so that its failure is not reported as unseen."""
     if not step.cancelled():
         step.exception()
-
-
-def interlude_budget(
-    running: Batch, interlude_tokens: int, contended_tokens: int | None, packed: bool = False
-) -> int | None:
-    """Tokens an interlude may take while ``running`` runs, or None when the step is not to
-    be paused: it costs no more than one interlude, or it is a step of short rows no bigger
-    than a contended one (``contended_tokens``; None: no such bound).
-
-    Interludes are for a step a neighbour should not wait for whole: one long document, or a
-    big step formed while nobody else waited. A step of short rows within the contended budget
-    is already short, and pausing it costs every row in it a nested step: a closed loop's
-    16-SMS steps (480 tokens) paused for other tenants' SMS split into 6.7-row ones and lost
-    7-24% of the rate. Where steps run packed a step costs its rows' own tokens: judged by
-    its padded ones, a short SMS beside a 124-token one was paused at every block (its rows
-    waited 70-140 ms instead of 20)."""
-    cost = running.cost_tokens(packed)
-    if interlude_tokens <= 0 or cost <= interlude_tokens:
-        return None
-    short_rows = running.max_tokens <= interlude_tokens  # max_tokens: its longest row
-    if contended_tokens is not None and cost <= contended_tokens and short_rows:
-        return None
-    return interlude_tokens
-
-
-def pages_left(running: Batch, pool_pages: int) -> int:
-    """Pool pages the running step's adapters leave to an interlude."""
-    held = {row.adapter_key: row.num_pages for row in running.rows}
-    return max(0, pool_pages - sum(held.values()))
 
 
 class StepLoop:
@@ -130,7 +78,7 @@ class StepLoop:
         self._stack = stack
         self._work = asyncio.Event()
         self._arrived = asyncio.Event()  # rows arrived or an interlude finished mid-step
-        self._interludes = InterludeSlot()
+        self._interludes: InterludeSlot[Step] = InterludeSlot()
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self.num_interludes = 0
         # the next step, planned and queued on the model thread while the one before it runs
@@ -159,7 +107,11 @@ class StepLoop:
         self._event_loop = asyncio.get_running_loop()
         try:
             while True:
-                await self._next()
+                try:
+                    await self._next()
+                except Exception:  # a planning slip: the queues wait a moment, not forever
+                    log.exception("the step loop failed; it goes on")
+                    await asyncio.sleep(_RETRY_S)
         finally:  # closing: steps planned but not begun never run, and let go of adapters
             if self._ahead is not None:
                 (item, step, _), self._ahead = self._ahead, None
@@ -186,7 +138,9 @@ class StepLoop:
                     self._work.clear()
                     await self._wait_for_work()
                     return
-                item = self._new_step(plan.batch)
+                item = self._step_or_fail(plan.batch)
+                if item is None:
+                    return
         try:
             if step is None:
                 step, budget = self._submit(item)
@@ -206,6 +160,16 @@ class StepLoop:
         token_ids = [p.tokens.ids[r.index] if p else (0,) for p, r in rows]
         keys = [key for key in dict.fromkeys(batch.seg_adapter) if key != BACKBONE_KEY]
         return Step(batch, rows, token_ids, self._stack().store.hold_for_step(keys))
+
+    def _step_or_fail(self, batch: Batch) -> Step | None:
+        """A planned batch as a step, holding its adapters; None, with its requests failed,
+        when that cannot be made (its rows have left the queues: nobody else would answer)."""
+        try:
+            return self._new_step(batch)
+        except Exception as exc:
+            rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
+            self._deliver(Step(batch, rows, [], error=exc))
+            return None
 
     def _let_go_when_done(self, item: Step) -> None:
         """Closing: a step still queued never runs; one running lets go of its adapters' host
@@ -241,8 +205,9 @@ class StepLoop:
             if self._interludes.is_empty:
                 plan = self._scheduler.plan_between(time.monotonic(), item.batch, budget, pages)
                 self._expire(plan.expired)
-                if plan.batch is not None:
-                    self._interludes.offer(self._new_step(plan.batch))
+                interlude = None if plan.batch is None else self._step_or_fail(plan.batch)
+                if interlude is not None:
+                    self._interludes.offer(interlude)
             arrived = asyncio.ensure_future(self._arrived.wait())
             try:
                 await asyncio.wait((step, arrived), return_when=asyncio.FIRST_COMPLETED)
@@ -276,18 +241,19 @@ class StepLoop:
     def _plan_ahead(self) -> None:
         """Plan the next step and queue it; a failure here fails that step's rows alone, never
         the step that is running."""
-        plan = self._scheduler.plan(time.monotonic())
-        self._expire(plan.expired)
-        if plan.batch is None:
-            return
-        ahead = Step(plan.batch, [], [])
         try:
-            ahead = self._new_step(plan.batch)
+            plan = self._scheduler.plan(time.monotonic())
+            self._expire(plan.expired)
+        except Exception:  # the running step is not to blame: the loop plans again later
+            log.exception("planning a step ahead failed")
+            return
+        ahead = None if plan.batch is None else self._step_or_fail(plan.batch)
+        if ahead is None:
+            return
+        try:
             self._ahead = (ahead, *self._submit(ahead))
-        except Exception as exc:  # the rows that left the queues fail, and nothing else
+        except Exception as exc:  # its rows fail, and nothing else
             ahead.error = exc
-            if not ahead.rows:  # _new_step failed: the pending requests of its rows
-                ahead.rows = [(self._pending.get(r.request_id), r) for r in plan.batch.rows]
             self._deliver(ahead)
             return
         self.num_planned_ahead += 1

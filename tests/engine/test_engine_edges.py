@@ -175,3 +175,46 @@ async def test_an_answer_that_cannot_be_made_fails_that_request_alone(
         assert "no head came back" in str(bad)
         again = await asyncio.wait_for(engine.classify("acme", "good", ["again"]), timeout=30)
         assert len(again) == 1 and engine.stats()["requests_in_flight"] == 0
+
+
+async def test_a_planning_failure_does_not_end_the_step_loop(
+    registry, publish_random, monkeypatch
+) -> None:
+    """Before, one exception from the scheduler ended the loop's task: every request after it
+    waited forever."""
+    publish_random(registry, "acme", "m")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        scheduler = engine._scheduler
+        plan, failures = scheduler.plan, []
+
+        def failing_once(now_s):
+            if not failures:
+                failures.append(now_s)
+                raise RuntimeError("a planning slip")
+            return plan(now_s)
+
+        monkeypatch.setattr(scheduler, "plan", failing_once)
+        answer = await asyncio.wait_for(engine.classify("acme", "m", ["hello"]), timeout=30)
+        assert len(answer) == 1 and failures
+
+
+async def test_a_step_that_cannot_be_made_fails_its_requests_not_the_loop(
+    registry, publish_random, monkeypatch
+) -> None:
+    """Its rows had left the queues: failed, they are answered; lost, they waited forever."""
+    publish_random(registry, "acme", "m")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        store = engine._loaded.store
+        hold, failures = store.hold_for_step, []
+
+        def failing_once(keys):
+            if not failures:
+                failures.append(keys)
+                raise RuntimeError("holding the step's adapters failed")
+            return hold(keys)
+
+        monkeypatch.setattr(store, "hold_for_step", failing_once)
+        with pytest.raises(EngineError, match="holding the step's adapters failed"):
+            await asyncio.wait_for(engine.classify("acme", "m", ["first"]), timeout=30)
+        answer = await asyncio.wait_for(engine.classify("acme", "m", ["second"]), timeout=30)
+        assert len(answer) == 1 and engine.stats()["requests_in_flight"] == 0

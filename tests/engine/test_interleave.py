@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine import Engine, EngineConfig
-from engine.step_loop import interlude_budget
+from engine.interludes import interlude_budget
 from registry import Registry
 from scheduler import Batch
 
