@@ -203,11 +203,7 @@ class StepLoop:
         while True:
             self._arrived.clear()
             if self._interludes.is_empty:
-                plan = self._scheduler.plan_between(time.monotonic(), item.batch, budget, pages)
-                self._expire(plan.expired)
-                interlude = None if plan.batch is None else self._step_or_fail(plan.batch)
-                if interlude is not None:
-                    self._interludes.offer(interlude)
+                self._plan_interlude(item.batch, budget, pages)
             arrived = asyncio.ensure_future(self._arrived.wait())
             try:
                 await asyncio.wait((step, arrived), return_when=asyncio.FIRST_COMPLETED)
@@ -215,6 +211,19 @@ class StepLoop:
                 arrived.cancel()
             if step.done():
                 return step.result()
+
+    def _plan_interlude(self, running: Batch, budget: int, pages: int) -> None:
+        """Leave a short step of other tenants' rows in the slot, if any can run; a failure
+        here is logged, never blamed on the running step."""
+        try:
+            plan = self._scheduler.plan_between(time.monotonic(), running, budget, pages)
+            self._expire(plan.expired)
+        except Exception:
+            log.exception("planning an interlude failed")
+            return
+        interlude = None if plan.batch is None else self._step_or_fail(plan.batch)
+        if interlude is not None:
+            self._interludes.offer(interlude)
 
     async def _wait_planning_ahead(
         self, item: Step, step: "asyncio.Future[list[RowOutput]]"

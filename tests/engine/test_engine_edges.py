@@ -177,6 +177,21 @@ async def test_an_answer_that_cannot_be_made_fails_that_request_alone(
         assert len(again) == 1 and engine.stats()["requests_in_flight"] == 0
 
 
+def _fail_once(monkeypatch, owner, method: str, message: str) -> list:
+    """Make ``owner.method`` raise RuntimeError(message) on its next call only; returns the
+    list of the failed calls' arguments."""
+    real, failures = getattr(owner, method), []
+
+    def failing_once(*args):
+        if not failures:
+            failures.append(args)
+            raise RuntimeError(message)
+        return real(*args)
+
+    monkeypatch.setattr(owner, method, failing_once)
+    return failures
+
+
 async def test_a_planning_failure_does_not_end_the_step_loop(
     registry, publish_random, monkeypatch
 ) -> None:
@@ -184,16 +199,7 @@ async def test_a_planning_failure_does_not_end_the_step_loop(
     waited forever."""
     publish_random(registry, "acme", "m")
     async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
-        scheduler = engine._scheduler
-        plan, failures = scheduler.plan, []
-
-        def failing_once(now_s):
-            if not failures:
-                failures.append(now_s)
-                raise RuntimeError("a planning slip")
-            return plan(now_s)
-
-        monkeypatch.setattr(scheduler, "plan", failing_once)
+        failures = _fail_once(monkeypatch, engine._scheduler, "plan", "a planning slip")
         answer = await asyncio.wait_for(engine.classify("acme", "m", ["hello"]), timeout=30)
         assert len(answer) == 1 and failures
 
@@ -205,15 +211,7 @@ async def test_a_step_that_cannot_be_made_fails_its_requests_not_the_loop(
     publish_random(registry, "acme", "m")
     async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
         store = engine._loaded.store
-        hold, failures = store.hold_for_step, []
-
-        def failing_once(keys):
-            if not failures:
-                failures.append(keys)
-                raise RuntimeError("holding the step's adapters failed")
-            return hold(keys)
-
-        monkeypatch.setattr(store, "hold_for_step", failing_once)
+        _fail_once(monkeypatch, store, "hold_for_step", "holding the step's adapters failed")
         with pytest.raises(EngineError, match="holding the step's adapters failed"):
             await asyncio.wait_for(engine.classify("acme", "m", ["first"]), timeout=30)
         answer = await asyncio.wait_for(engine.classify("acme", "m", ["second"]), timeout=30)
