@@ -10,7 +10,6 @@ import contextlib
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,11 +62,10 @@ class AdapterStore:
             max_loads_in_flight, thread_name_prefix="graft-load", initializer=_loader_thread_setup
         )
         self._loading: dict[str, asyncio.Future[AdapterWeights]] = {}
-        # loads of versions deleted while they read: their weights are dropped at last unpin
-        self._forgotten_loads: weakref.WeakSet[asyncio.Future[AdapterWeights]] = weakref.WeakSet()
-        # the forgets of the last _RECENT_FORGETS_S (monotonic time, matcher): a request that
-        # resolved a version before its delete can start loading it after the forget, while
-        # another process has yet to remove its files, and must not keep it on the host
+        # the forgets of the last _RECENT_FORGETS_S (monotonic time, matcher): a load of a
+        # version they match that lands meanwhile is dropped at its last unpin. That covers a
+        # load under way at the forget, and one a request that resolved the version before
+        # its delete starts after it, while another process has yet to remove its files
         self._recent_forgets: deque[tuple[float, Callable[[str], bool]]] = deque()
         self.num_disk_loads = 0
         self.disk_bytes_read = 0
@@ -113,7 +111,7 @@ class AdapterStore:
         # still loading, never between the two (an in-flight load leaves _loading only here)
         self._host.put_pinned(key, weights)
         self._stop_loading(key, load)
-        if load in self._forgotten_loads or self._forgotten_lately(key):
+        if self._forgotten_lately(key):
             self._host.forget(key)
         return key
 
@@ -131,17 +129,14 @@ class AdapterStore:
 
     def forget_where(self, matches: Callable[[str], bool]) -> None:
         """Drop the deleted versions ``matches`` accepts from the host tier, now or at their
-        last unpin, loads in flight included (event loop). The device pool's copies are the
-        model thread's to drop: ``forget_device_where``."""
+        last unpin, and those still loading once they land (event loop). The device pool's
+        copies are the model thread's to drop: ``forget_device_where``."""
         now = time.monotonic()
         self._recent_forgets.append((now, matches))
         while self._recent_forgets[0][0] < now - _RECENT_FORGETS_S:
             self._recent_forgets.popleft()
-        for key in [k for k in (*self._host.keys(), *self._loading) if matches(k)]:
+        for key in filter(matches, self._host.keys()):  # a copy: forget may drop entries
             self._host.forget(key)
-            load = self._loading.get(key)
-            if load is not None:
-                self._forgotten_loads.add(load)
 
     def _forgotten_lately(self, key: str) -> bool:
         horizon = time.monotonic() - _RECENT_FORGETS_S

@@ -155,19 +155,15 @@ class StepLoop:
         self.busy_us += round((item.ended_s - item.started_s) * 1e6)
         self._deliver(item)
 
-    def _new_step(self, batch: Batch) -> Step:
-        rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
-        token_ids = [p.tokens.ids[r.index] if p else (0,) for p, r in rows]
-        keys = [key for key in dict.fromkeys(batch.seg_adapter) if key != BACKBONE_KEY]
-        return Step(batch, rows, token_ids, self._stack().store.hold_for_step(keys))
-
     def _step_or_fail(self, batch: Batch) -> Step | None:
         """A planned batch as a step, holding its adapters; None, with its requests failed,
         when that cannot be made (its rows have left the queues: nobody else would answer)."""
+        rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
         try:
-            return self._new_step(batch)
+            token_ids = [p.tokens.ids[r.index] if p else (0,) for p, r in rows]
+            keys = [key for key in dict.fromkeys(batch.seg_adapter) if key != BACKBONE_KEY]
+            return Step(batch, rows, token_ids, self._stack().store.hold_for_step(keys))
         except Exception as exc:
-            rows = [(self._pending.get(r.request_id), r) for r in batch.rows]
             self._deliver(Step(batch, rows, [], error=exc))
             return None
 
