@@ -141,9 +141,10 @@ def _unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> web.
     return ApiError(400, INVALID_REQUEST, message, close=True).response()
 
 
-# the codings aiohttp decodes a body from. br and zstd reach a handler only where their
-# libraries are installed: without them aiohttp refuses the body first, in plain text
-_DECODED_CODINGS = frozenset(["identity", "gzip", "deflate", "br", "zstd"])
+# the codings served: aiohttp decodes one of them before the handler reads. It would decode
+# br and zstd too where their libraries happen to be installed, on the event loop, so those
+# are refused here (without the libraries aiohttp refuses them first, in plain text)
+_DECODED_CODINGS = frozenset(["identity", "gzip", "deflate"])
 
 
 def _check_content_coding(request: web.Request) -> None:

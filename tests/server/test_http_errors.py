@@ -7,10 +7,11 @@ import logging
 
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from engine import Engine, EngineConfig
 from server.app import create_app
+from server.errors import ApiError, _check_content_coding
 from server.quiet_log import SERVER_LOGGER, MalformedRequestFilter
 from server.routes import MAX_BODY_BYTES
 
@@ -104,6 +105,19 @@ async def test_a_body_in_a_coding_left_undecoded_is_415_not_read_as_plain(
         headers = {**bearer(tenants.acme), "Content-Encoding": plain}
         response = await client.post("/v1/classify", data=sent, headers=headers)
         assert response.status == 200, await response.text()
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", " BR "])
+async def test_br_and_zstd_are_refused_even_where_aiohttp_could_decode_them(coding) -> None:
+    """Without Brotli or zstandard installed aiohttp refuses such a body before any handler;
+    with them it would decode it on the event loop. Either way graft serves neither."""
+    request = make_mocked_request(
+        "POST", "/v1/classify", headers={"Content-Encoding": coding, "Content-Length": "2"}
+    )
+    with pytest.raises(ApiError) as raised:
+        _check_content_coding(request)
+    assert raised.value.status == 415
+    assert raised.value.headers["Accept-Encoding"] == "gzip, deflate"
 
 
 @pytest.mark.parametrize(
