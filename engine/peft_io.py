@@ -1,6 +1,7 @@
 """PEFT-format adapter directories: written by graft's training, imported from elsewhere."""
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 from engine.adapters import (
     POOLING_CLS_POOLER,
     POOLING_FIRST,
+    POOLINGS,
     AdapterWeights,
     config_alpha,
     has_two_layer_head,
@@ -24,7 +26,8 @@ from engine.adapters import (
 from engine.backbone import Backbone
 from engine.errors import AdapterFormatError
 from registry import AdapterRecord, PublishItem, Registry, validate_name
-from registry.manifest import check_manifest
+from registry.errors import InvalidAdapter
+from registry.manifest import MANIFEST_FILE, check_manifest
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -114,10 +117,16 @@ def _check_as_peft_would(
 ) -> None:
     """What the engine reads from the weights alone, checked against the config PEFT reads:
     a LoRA rank that differs from ``r`` (or ``rank_pattern``) makes PEFT refuse the files, and
-    graft would scale the update by the weights' rank, not the config's. Non-finite values
-    would answer null scores."""
+    graft would scale the update by the weights' rank, not the config's; weights of a module
+    the config does not target PEFT never applies. Non-finite values would answer null
+    scores."""
     for name, module in weights.modules.items():
         key = peft_key(backbone, name)
+        if not _targeted(config, key):
+            raise AdapterFormatError(
+                f"{src / CONFIG_FILE} does not target {key} (target_modules, exclude_modules, "
+                "layers_to_transform), so PEFT would not apply the weights the file holds for it"
+            )
         rank = pattern_value(key, config, "r", "rank_pattern")
         rank = 8 if rank is None else rank  # PEFT's default
         if rank != module.a.shape[0]:
@@ -136,6 +145,60 @@ def _check_as_peft_would(
     for label, tensor in named:
         if not bool(torch.isfinite(tensor).all()):
             raise AdapterFormatError(f"{src / WEIGHTS_FILE}: {label} holds NaN or infinity")
+
+
+def _targeted(config: Mapping[str, Any], key: str) -> bool:
+    """Whether PEFT wraps the module named ``key`` for this config (PEFT 0.17-0.21's rules):
+    ``exclude_modules`` first, then ``target_modules`` as a regex (a string, matched whole) or
+    as names and name suffixes (a list), which ``layers_to_transform`` narrows to some layers.
+    A config without ``target_modules`` takes PEFT's defaults for the model: not checked."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and _fullmatch(exclude, key, "exclude_modules"):
+        return False
+    if isinstance(exclude, list) and _named(exclude, key):
+        return False
+    target = config.get("target_modules")
+    if target is None or target == "all-linear":  # all-linear: every Linear but the head
+        return True
+    if isinstance(target, str):
+        return _fullmatch(target, key, "target_modules")
+    if not isinstance(target, list) or not all(isinstance(t, str) for t in target):
+        raise AdapterFormatError(f"{CONFIG_FILE}: target_modules must be a string or a list")
+    if not _named(target, key):
+        return False
+    return key in target or _in_layers(config, key)
+
+
+def _named(names: list[str], key: str) -> bool:
+    return key in names or any(key.endswith(f".{name}") for name in names)
+
+
+def _in_layers(config: Mapping[str, Any], key: str) -> bool:
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern") or None
+    if patterns is None:  # the first numbered segment is the layer
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        found = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if found is not None:
+                break
+    if found is None:
+        return False
+    index = int(found.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _fullmatch(pattern: str, key: str, field: str) -> bool:
+    try:
+        return re.fullmatch(pattern, key) is not None
+    except re.error as exc:
+        raise AdapterFormatError(
+            f"{CONFIG_FILE}: {field} {pattern!r} is not a valid pattern: {exc}"
+        ) from None
 
 
 def _json_object(data: bytes, where: str) -> dict[str, Any]:
@@ -167,19 +230,22 @@ def stage_peft_import(
             raise AdapterFormatError(f"{src}: missing {name}")
     config_bytes = (src / CONFIG_FILE).read_bytes()
     weights_bytes = (src / WEIGHTS_FILE).read_bytes()
-    found = read_labels(src, labels)
+    graft = _graft_manifest(src, backbone)
+    found = read_labels(src, labels or (graft or {}).get("labels"))
     if len(set(found)) != len(found):
         raise AdapterFormatError(f"{src}: labels must be distinct, got {list(found)}")
     config = _json_object(config_bytes, f"{src / CONFIG_FILE}")
     task = config.get("task_type")
     if task not in (None, "SEQ_CLS"):
         raise AdapterFormatError(f"{src}: task_type is {task!r}; only SEQ_CLS adapters classify")
-    # a two-layer head (DistilBERT's, RoBERTa's, ELECTRA's) reads the first token's hidden
-    # state, not BERT's [CLS] pooler
-    activation = None
-    pooling = POOLING_CLS_POOLER
-    if has_two_layer_head(weights_bytes, backbone):
+    if graft is not None:  # graft's own version: its head reads what its manifest says
+        pooling, activation = graft["pooling"], graft.get("head_activation")
+    elif has_two_layer_head(weights_bytes, backbone):
+        # a two-layer head (DistilBERT's, RoBERTa's, ELECTRA's) reads the first token's
+        # hidden state, not BERT's [CLS] pooler
         activation, pooling = two_layer_activation(backbone), POOLING_FIRST
+    else:
+        activation, pooling = None, POOLING_CLS_POOLER
     weights = parse_adapter(config_bytes, weights_bytes, found, pooling, backbone, activation)
     _check_as_peft_would(src, backbone, config, weights)
     (staging / CONFIG_FILE).write_bytes(config_bytes)
@@ -190,12 +256,34 @@ def stage_peft_import(
         "rank": weights.rank,
         "pooling": pooling,
         **({"head_activation": activation} if activation else {}),
-        "source": "peft-import",
+        "source": "peft-import" if graft is None else "graft-import",
         "imported_from": src.name,
         "peft_version": config.get("peft_version"),
         "target_modules": sorted(weights.modules),
         "metrics": {},
     }
+
+
+def _graft_manifest(src: Path, backbone: Backbone) -> dict[str, Any] | None:
+    """The manifest of a graft version directory (another registry's, a copy), else None.
+    Its head's pooling is not in the PEFT files: graft trains mean pooling, which read as
+    PEFT's [CLS] pooler would serve other answers without a word."""
+    path = src / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    manifest = _json_object(path.read_bytes(), f"{path}")
+    try:
+        fields = check_manifest(manifest)
+    except InvalidAdapter as exc:
+        raise AdapterFormatError(f"{path}: {exc}") from None
+    if fields.base_sha256 != backbone.sha256:
+        raise AdapterFormatError(
+            f"{path}: trained on base model {fields.base_sha256[:12]}..., not this backbone "
+            f"({backbone.sha256[:12]}...)"
+        )
+    if manifest.get("pooling") not in POOLINGS:
+        raise AdapterFormatError(f"{path}: pooling must be one of {POOLINGS}")
+    return {**manifest, "labels": list(fields.labels)}
 
 
 def import_peft(

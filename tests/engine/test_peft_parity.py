@@ -1,6 +1,7 @@
 """Adapters trained with Hugging Face PEFT serve exactly as PEFT itself predicts them."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,11 @@ CONFIGS = {
             "value": 8,  # every value but layer 1's, which the entry before names first
         },
     ),
+    # PEFT saves factors only for the modules these select: import must accept the rest absent
+    "some-layers": dict(
+        r=4, lora_alpha=8, target_modules=["query", "value"], layers_to_transform=[0, 2]
+    ),
+    "regex-targets": dict(r=4, lora_alpha=8, target_modules=r".*\.layer\.[13]\..*\.(key|query)"),
 }
 
 
@@ -161,3 +167,77 @@ def test_import_refuses_bad_directories(backbone, peft_adapters, tmp_path: Path)
             import_peft(registry, backbone, "acme", "bad", bad)
     assert registry.list_adapters("acme") == []
     registry.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            {"target_modules": ["nonexistent"]},
+            "does not target bert.encoder.layer.0.attention.self.query",
+        ),
+        (
+            {"target_modules": ["query"]},
+            "does not target bert.encoder.layer.0.attention.self.value",
+        ),
+        (
+            {"target_modules": r".*\.query"},
+            "does not target bert.encoder.layer.0.attention.self.value",
+        ),
+        ({"layers_to_transform": [0]}, "does not target bert.encoder.layer.1.attention.self.query"),
+        (
+            {"layers_to_transform": 5, "layers_pattern": "layer"},
+            "does not target bert.encoder.layer.0",
+        ),
+        (
+            {"exclude_modules": ["value"]},
+            "does not target bert.encoder.layer.0.attention.self.value",
+        ),
+        ({"target_modules": "("}, "target_modules '\\(' is not a valid pattern"),
+    ],
+)
+def test_import_refuses_weights_peft_would_not_apply(
+    backbone, peft_adapters, tmp_path: Path, change, match
+) -> None:
+    """PEFT wraps only the modules its config selects and ignores the file's other factors
+    (or, selecting none, refuses the files): graft serving them would answer otherwise."""
+    src, labels, _ = peft_adapters["qv-r8"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_model.safetensors").write_bytes(
+        (src / "adapter_model.safetensors").read_bytes()
+    )
+    config = json.loads((src / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with Registry(tmp_path / "reg") as registry:
+        registry.create_tenant("acme")
+        with pytest.raises(AdapterFormatError, match=match):
+            import_peft(registry, backbone, "acme", "bad", bad, labels=labels)
+        assert registry.list_adapters("acme") == []
+
+
+@pytest.mark.parametrize("rank", [8, 0])
+async def test_a_graft_version_imports_with_its_own_pooling_and_labels(
+    backbone, publish_random, tmp_path: Path, rank
+) -> None:
+    """A version directory of graft's (from another registry) holds a mean-pooling head that
+    its PEFT files cannot say: its manifest does, and the import follows it."""
+    with Registry(tmp_path / "reg") as registry:
+        registry.create_tenant("acme")
+        registry.create_tenant("globex")
+        labels = ("ham", "spam", "eggs")
+        mine = publish_random(registry, "acme", "spam", seed=3, rank=rank, labels=labels)
+        copy = import_peft(registry, backbone, "globex", "spam", mine.path)
+        assert copy.labels == labels and copy.manifest["pooling"] == "mean"
+        assert copy.manifest["source"] == "graft-import" and copy.rank == rank
+        elsewhere = tmp_path / "other-base"
+        shutil.copytree(mine.path, elsewhere)
+        manifest = json.loads((elsewhere / "graft_manifest.json").read_text())
+        manifest["base_sha256"] = "0" * 64
+        (elsewhere / "graft_manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(AdapterFormatError, match="trained on base model 000000000000"):
+            import_peft(registry, backbone, "globex", "other", elsewhere)
+    async with Engine(EngineConfig(registry_dir=tmp_path / "reg")) as engine:
+        mine_preds = await engine.classify("acme", "spam", TEXTS)
+        copy_preds = await engine.classify("globex", "spam", TEXTS)
+    assert [p.scores for p in copy_preds] == [p.scores for p in mine_preds]
