@@ -7,6 +7,8 @@ Layout of a registry root::
                                          SQLite maps its -shm file: never edit either
     adapters/<tenant>/<name>/<version>/  one directory per version: the adapter's files plus
                                          graft_manifest.json (see store.py)
+    orphaned/<tenant>/<name>/<v>-<time>/ version directories the catalog had no row for,
+                                         moved aside on open (`_remove_leftovers`)
 
 One `Registry` may be shared by threads, and several processes may open the same root (the CLI
 while a server runs); see catalog.py for how. Versions are immutable and numbered 1, 2, 3... per
@@ -312,14 +314,41 @@ class Registry(Tenancy):
     # internals
 
     def _remove_leftovers(self) -> None:
+        """Tidy what a crashed or interrupted writer left: stale temp dirs, and the files of
+        deleted versions that outlived their commit. A version directory the catalog never
+        recorded is moved aside, never removed: a publish that crashed before its commit left
+        it, or the catalog is older than its files (restored from a copy). Stored versions
+        beside a catalog that knows no tenant mean the catalog was lost or replaced: opening
+        is refused, and nothing is touched."""
         self._store.remove_stale_temp_dirs()
         # Under the write lock: a publisher is between rename and insert only while holding it.
         with self._write() as conn:
             known = catalog.adapter_versions(conn)
-            for tenant, name, version, path in self._store.version_dirs():
-                if (tenant, name, version) not in known:
-                    logger.warning("removing %s: no catalog row (a crashed publish)", path)
-                    self._store.remove_version(path)
+            unknown = [v for v in self._store.version_dirs() if v[:3] not in known]
+            deleted = [v for v in unknown if deletion.deleted_at(conn, *v[:3]) is not None]
+            unrecorded = [v for v in unknown if v not in deleted]
+            if unrecorded and not catalog.list_tenants(conn):
+                raise RegistryError(
+                    f"{self._root / CATALOG_FILE} records no tenant, yet {len(unrecorded)} "
+                    f"adapter version(s) are stored under {self._root / 'adapters'}: the "
+                    "catalog was lost or replaced. Restore it, or move adapters/ away to start "
+                    "an empty registry; nothing was changed"
+                )
+            for *_, path in deleted:
+                logger.info("removing %s: deleted, and its files outlived the commit", path)
+                self._store.remove_version(path)
+            for tenant, name, _, path in unrecorded:
+                aside = self._store.set_aside(path)
+                logger.warning(
+                    "moved %s to %s: the catalog has no row for it (a publish that crashed "
+                    "before its commit, or a catalog older than its files); `graft adapters "
+                    "import %s --tenant %s --name %s` registers it again",
+                    path,
+                    aside,
+                    aside,
+                    tenant,
+                    name,
+                )
             self._store.remove_empty_dirs()
 
     def _delete_rows(

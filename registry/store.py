@@ -13,6 +13,7 @@ dies) and version dirs without a catalog row.
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -208,6 +209,23 @@ class BlobStore:
         """`remove_version` for each of `version_dirs`, most recently installed first."""
         for version_dir in reversed(version_dirs):
             self.remove_version(version_dir)
+
+    def set_aside(self, version_dir: Path) -> Path:
+        """Move a version directory the catalog has no row for out of ``adapters/``, into
+        ``<root>/orphaned/<tenant>/<name>/<version>-<unix time>``, and return where. Its
+        number is then free for the next publish, and nothing is lost. Call under the
+        catalog's write lock."""
+        if not version_dir.is_relative_to(self._dir):
+            raise ValueError(f"{version_dir} is not inside {self._dir}")
+        relative = version_dir.relative_to(self._dir)
+        aside = (
+            self._dir.parent / "orphaned" / relative.parent / f"{relative.name}-{int(time.time())}"
+        )
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(version_dir, aside)
+        self._sync_dir(version_dir.parent)
+        prune_empty_dirs(version_dir.parent, self._dir)
+        return aside
 
     def remove_deleted(self, version_dirs: Sequence[Path]) -> None:
         """Remove the directories of versions whose catalog rows a committed transaction deleted.

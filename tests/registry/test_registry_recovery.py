@@ -1,4 +1,5 @@
-"""Recovery: what crashed publishers leave behind is removed when a registry opens."""
+"""Recovery: what crashed writers leave behind is tidied when a registry opens, and nothing
+the catalog has no row for is ever removed."""
 
 import fcntl
 import os
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from registry import NotFound, Registry
+from registry import NotFound, Registry, RegistryError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,6 +74,8 @@ def test_crashed_publish_is_cleaned_up_on_open(
         with pytest.raises(NotFound):
             reopened.resolve("acme", "spam")
         assert reopened.publish("acme", "spam", make_adapter(), manifest).version == 1
+    aside = list((root / "orphaned").glob("acme/spam/1-*/graft_manifest.json"))
+    assert len(aside) == (crash_point == "insert")  # complete files, set aside, not removed
 
 
 def test_stale_temp_dirs_are_removed_on_open(tmp_path: Path) -> None:
@@ -96,14 +99,15 @@ def test_stale_temp_dirs_are_removed_on_open(tmp_path: Path) -> None:
     assert list(adapters.iterdir()) == []
 
 
-def test_orphan_version_dirs_are_removed_on_open(
+def test_unrecorded_version_dirs_are_set_aside_on_open(
     tmp_path: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any]
 ) -> None:
     root = tmp_path / "registry"
     with Registry(root) as opened:
         opened.create_tenant("acme")
         kept = opened.publish("acme", "spam", make_adapter(), manifest)
-    # What a publisher killed between its rename and its commit leaves behind.
+    # What a publisher killed between its rename and its commit leaves behind, or what a
+    # catalog restored from an older copy does not know
     for orphan in (root / "adapters/acme/spam/2", root / "adapters/acme/ham/1"):
         orphan.mkdir(parents=True)
         (orphan / "graft_manifest.json").write_text("{}")
@@ -112,6 +116,48 @@ def test_orphan_version_dirs_are_removed_on_open(
         assert [path.name for path in (root / "adapters/acme/spam").iterdir()] == ["1"]
         assert reopened.read_verified(kept).record == kept
         assert reopened.publish("acme", "spam", make_adapter(), manifest).version == 2
+    aside = sorted(
+        str(p.relative_to(root / "orphaned").parent)
+        for p in (root / "orphaned").glob("*/*/*/graft_manifest.json")
+    )
+    assert [a.rsplit("-", 1)[0] for a in aside] == ["acme/ham/1", "acme/spam/2"]
+
+
+def test_files_of_a_deleted_version_that_outlived_its_commit_are_removed_on_open(
+    tmp_path: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any]
+) -> None:
+    root = tmp_path / "registry"
+    with Registry(root) as opened:
+        opened.create_tenant("acme")
+        gone = opened.publish("acme", "spam", make_adapter(), manifest)
+        opened.publish("acme", "spam", make_adapter(seed=1), manifest)
+        saved = tmp_path / "saved"
+        os.rename(gone.path, saved)  # back after the delete: as if it died after its commit
+        opened.delete("acme", "spam", 1)
+        os.rename(saved, gone.path)
+    with Registry(root) as reopened:
+        assert not gone.path.exists() and not (root / "orphaned").exists()
+        assert [r.version for r in reopened.list_adapters("acme")] == [2]
+
+
+@pytest.mark.parametrize("how", ["emptied", "removed"])
+def test_a_lost_catalog_is_refused_and_no_version_is_touched(
+    tmp_path: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any], how: str
+) -> None:
+    """A catalog SQLite finds empty (a zero-byte file, a missing one) beside stored versions
+    was lost: opening it as new used to remove every version as a crashed publish."""
+    root = tmp_path / "registry"
+    with Registry(root) as opened:
+        opened.create_tenant("acme")
+        opened.publish("acme", "spam", make_adapter(), manifest)
+        opened.publish("acme", "spam", make_adapter(seed=1), manifest)
+    for path in root.glob("catalog.sqlite3*"):
+        path.unlink()
+    if how == "emptied":
+        (root / "catalog.sqlite3").write_bytes(b"")
+    with pytest.raises(RegistryError, match="records no tenant, yet 2 adapter version"):
+        Registry(root)
+    assert sorted(p.name for p in (root / "adapters/acme/spam").iterdir()) == ["1", "2"]
 
 
 def test_opening_while_others_publish_removes_nothing_live(
