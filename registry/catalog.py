@@ -32,6 +32,8 @@ from registry.records import AdapterRecord
 # 2: the latest pointer and promotion history (pointers.py); opening a version-1 catalog backfills
 # 3: deleted_versions (deletion.py), which keeps deleted version numbers from being reused
 SCHEMA_VERSION = 3
+# how long truncating the log after a delete waits for readers to finish
+_CHECKPOINT_WAIT_MS = 200
 _POINTERS_SINCE = 2
 _MAX_INTEGER = 2**63 - 1  # SQLite's largest INTEGER
 _SCHEMA = (
@@ -193,6 +195,9 @@ class Catalog:
         """Copy the write-ahead log into the catalog and empty it, so that it keeps no older
         page images (a deletion's rows); False when a reader held it and it stays as it was."""
         with self._fresh() as conn:
+            # a checkpoint that waits for readers holds every writer of every process back
+            # meanwhile: past a moment it gives up, and a later one copies the log
+            conn.execute(f"PRAGMA busy_timeout = {_CHECKPOINT_WAIT_MS}")
             busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         return not busy
 

@@ -376,8 +376,11 @@ class Registry(Tenancy):
         tenant and name directories that leaves empty."""
         paths = [record.path for record in records]
         self._store.remove_deleted(paths)
-        with self._write():
-            self._store.prune_empty_parents(paths)
+        try:
+            with self._write():
+                self._store.prune_empty_parents(paths)
+        except sqlite3.OperationalError as exc:  # the delete has committed all the same
+            logger.warning("empty directories stay until the registry next opens: %s", exc)
         try:
             truncated = self._catalog.truncate_log()
         except sqlite3.OperationalError as exc:  # locked past the busy timeout

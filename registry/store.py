@@ -181,10 +181,12 @@ class BlobStore:
         self._sync_dir(version.staged.temp_dir)
 
     def _rename_into_place(self, temp_dir: Path, final: Path) -> None:
+        if final.exists():  # no catalog row has it: kept, as on open (Registry._remove_leftovers)
+            aside = self.set_aside(final)
+            logger.warning(
+                "moved leftover directory %s, which has no catalog row, to %s", final, aside
+            )
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            logger.warning("replacing leftover directory %s that has no catalog row", final)
-            remove_tree(final)
         try:
             os.rename(temp_dir, final)
         except BaseException:

@@ -28,12 +28,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"graft: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        import sqlite3
+
         from engine import EngineError
         from registry import RegistryError
         from server.workers import FrontEndsFailed
 
         if isinstance(exc, RegistryError | EngineError | FrontEndsFailed):
             print(f"graft: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, sqlite3.Error):  # "database is locked": another writer held on
+            print(f"graft: error: the registry's catalog: {exc}", file=sys.stderr)
             return 2
         raise
 

@@ -2,6 +2,7 @@
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,60 @@ def test_deletions_since_a_stamp_name_each_deleted_version_once(
     assert deleted == {(spam, 2), (spam, 3), (deletion.name_key("acme", "news"), 1)}
     assert stamp == registry.deletion_stamp() > first
     assert registry.deletions_since(stamp) == (stamp, frozenset())
+
+
+def test_a_reader_holding_the_log_delays_a_delete_a_moment_not_the_busy_timeout(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any], caplog
+) -> None:
+    """Truncating the log after a delete waits for readers, and every writer of every process
+    waits behind it: a reader in a long transaction (a backup) held them all 30 s."""
+    for _ in range(2):
+        _publish(registry, make_adapter, manifest)
+    reader = sqlite3.connect(registry.root / "catalog.sqlite3")
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM adapters").fetchone()
+        started = time.monotonic()
+        registry.delete("acme", "spam", 1)
+        assert time.monotonic() - started < 5
+    finally:
+        reader.close()
+    assert "log still holds deleted rows" in caplog.text
+    assert _versions(registry) == [2]
+
+
+def test_a_delete_whose_tidying_is_locked_out_still_reports_it_deleted(
+    registry: Registry, make_adapter: Make, manifest: dict[str, Any], monkeypatch, caplog
+) -> None:
+    """After the commit, pruning empty directories takes the write lock again; another writer
+    holding it past the busy timeout must not turn a done delete into an error."""
+    record = registry.publish("acme", "spam", make_adapter(), manifest)
+    write = registry._catalog.write
+    calls = []
+
+    def locked_after_the_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise sqlite3.OperationalError("database is locked")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(registry._catalog, "write", locked_after_the_first)
+    assert [r.version for r in registry.delete("acme", "spam")] == [1]
+    monkeypatch.undo()
+    assert not record.path.exists() and "stay until the registry next opens" in caplog.text
+    with pytest.raises(NotFound, match="was deleted"):
+        registry.resolve("acme", "spam", 1)
+
+
+def test_cli_reports_a_locked_catalog_as_an_error_not_a_traceback(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    root = tmp_path / "reg"
+    assert main(["--registry", str(root), "tenants", "create", "acme"]) == 0
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Registry, "list_adapters", locked)
+    assert main(["--registry", str(root), "adapters", "list", "--tenant", "acme"]) == 2
+    assert "graft: error: the registry's catalog: database is locked" in capsys.readouterr().err
