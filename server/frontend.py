@@ -30,7 +30,13 @@ from yarl import URL
 
 from engine import InputError, TextEncoder, tokenize_request
 from registry import Registry
-from server.errors import UNAVAILABLE, ApiError, error_middleware, from_engine_error
+from server.errors import (
+    RETRY_AFTER_S,
+    UNAVAILABLE,
+    ApiError,
+    error_middleware,
+    from_engine_error,
+)
 from server.link import (
     CLOSE_GRACE_S,
     Answer,
@@ -283,7 +289,8 @@ async def _read_through(
 
 
 def _unavailable() -> ApiError:
-    return ApiError(503, UNAVAILABLE, "the engine's process is not reachable")
+    message = "the engine's process is not reachable"
+    return ApiError(503, UNAVAILABLE, message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def open_front(config: FrontendConfig) -> Front:

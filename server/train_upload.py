@@ -13,7 +13,7 @@ Nothing here trains or validates rows; that is the job manager's.
 
 import contextlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import Any
 
@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from registry import shown
 from server.errors import INVALID_REQUEST, TOO_LARGE, ApiError
 from server.schemas import decode_json, unknown_field
 from training import TrainConfig
@@ -57,7 +58,8 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
     if request.content_length is not None and request.content_length > max_bytes:
         raise _too_large(max_bytes)  # refuse before reading a byte of it
     if request.content_type == "multipart/form-data":
-        return await _read_multipart(request, max_bytes)
+        upload = await _read_multipart(request, max_bytes)
+        return replace(upload, options=_merged(_query_options(request), upload.options, "a part"))
     if request.content_type in NDJSON_TYPES:
         return await _read_ndjson(request, max_bytes)
     raise ApiError(
@@ -149,20 +151,32 @@ async def _read_ndjson(request: web.Request, max_bytes: int) -> Upload:
             raise _too_large(max_bytes)
         chunks.append(chunk)
     data = b"".join(chunks)
-    options: dict[str, Any] = {}
-    for key, value in request.query.items():
-        if key in options:
-            raise _invalid(f"the query parameter {key!r} is given more than once", key)
-        options[key] = value
+    options = _query_options(request)
     first, newline, rest = data.partition(b"\n")
     header = _options_line(first.removeprefix(_UTF8_BOM))  # the rows' reader drops one too
     if header is not None:
-        if both := sorted(set(options) & set(header)):
-            message = f"option {both[0]!r} is given both in the query and in the first line"
-            raise _invalid(message, both[0])
-        options.update(header)
+        options = _merged(options, header, "the first line")
         data = newline + rest  # an empty first line: row numbers stay line numbers
     return Upload(data, NDJSON_FILENAME, options)
+
+
+def _query_options(request: web.Request) -> dict[str, Any]:
+    """Options sent as query parameters, which either body shape may carry."""
+    options: dict[str, Any] = {}
+    for key, value in request.query.items():
+        if key in options:
+            raise _invalid(f"the query parameter {shown(key)} is given more than once", _field(key))
+        options[key] = value
+    return options
+
+
+def _merged(query: Mapping[str, Any], body: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The query's options and the body's together; one given in both is refused, as either
+    would silently replace the other."""
+    if both := sorted(set(query) & set(body)):
+        message = f"option {shown(both[0])} is given both in the query and in {where}"
+        raise _invalid(message, _field(both[0]))
+    return {**query, **body}
 
 
 def _options_line(line: bytes) -> dict[str, Any] | None:
@@ -208,7 +222,7 @@ def _as_int(value: Any, field: str) -> int:
     if text.isascii() and text.isdigit():  # isdigit() alone takes "²", which int() refuses
         with contextlib.suppress(ValueError):  # over int()'s 4,300 digits
             return int(text)
-    raise _invalid(f"{field!r} must be a positive integer, got {value!r}", field)
+    raise _invalid(f"{field!r} must be a positive integer, got {shown(value)}", field)
 
 
 def _as_bool(value: Any, field: str) -> bool:
@@ -216,7 +230,12 @@ def _as_bool(value: Any, field: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
-    raise _invalid(f"{field!r} must be true or false, got {value!r}", field)
+    raise _invalid(f"{field!r} must be true or false, got {shown(value)}", field)
+
+
+def _field(name: str) -> str:
+    """An option's name as an answer's ``field``: cut, as a key may be megabytes long."""
+    return unknown_field(name)[1]
 
 
 def _invalid(message: str, field: str | None) -> ApiError:

@@ -3,6 +3,8 @@
 import math
 from dataclasses import dataclass
 
+from registry import shown
+
 # head: frozen backbone, only the head on cached embeddings (cheapest, no LoRA weights)
 # lora: LoRA factors + head on the frozen backbone (the default)
 # full: every backbone weight + head, written out as a standalone model directory
@@ -56,11 +58,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {shown(self.mode)}")
         if self.weights_dtype not in WEIGHTS_DTYPES:
             raise ValueError(
                 f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, "
-                f"got {self.weights_dtype!r}"
+                f"got {shown(self.weights_dtype)}"
             )
         positive = (
             "rank",

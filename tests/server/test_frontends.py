@@ -18,11 +18,19 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from transformers import AutoTokenizer
 
-from engine import Engine, EngineConfig, packaged_backbone_dir
+from engine import Engine, EngineConfig, TextEncoder, packaged_backbone_dir
+from registry import Registry
 from server.app import create_app, run_server
-from server.frontend import SHUTDOWN_GRACE_S, FrontendConfig
+from server.frontend import (
+    SHUTDOWN_GRACE_S,
+    EngineLink,
+    Front,
+    FrontendConfig,
+    create_frontend_app,
+)
 from server.workers import RestartBudget, _replace_exited, _spawn, front_ends
 
 from .conftest import MAX_BODY_BYTES, MAX_INPUT_TOKENS, Tenants
@@ -497,3 +505,43 @@ async def test_a_cold_adapter_is_answered_then_its_warm_requests_equal_it(
     )
     for status, answer, _ in answers:
         assert status == 200 and _close(answer, await here.json())
+
+
+async def test_a_front_end_whose_engine_is_gone_answers_503_with_retry_after(
+    engine: Engine, tenants: Tenants, tmp_path: Path
+) -> None:
+    """As one process answers while its engine stops: clients are told when to come back."""
+
+    async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    link_path = str(tmp_path / "link")
+    server = await asyncio.start_unix_server(hang_up, link_path)
+    link = await EngineLink.connect(link_path)
+    await asyncio.wait_for(link.closed.wait(), 10)
+    backbone = str(packaged_backbone_dir())
+    config = FrontendConfig(
+        host="127.0.0.1",
+        port=0,
+        link_path=link_path,
+        engine_path=str(tmp_path / "no-engine"),
+        registry_dir=str(engine.registry.root),
+        backbone_dir=backbone,
+        max_input_tokens=MAX_INPUT_TOKENS,
+        max_inputs=256,
+        max_body_bytes=MAX_BODY_BYTES,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
+    connector = aiohttp.UnixConnector(path=config.engine_path)
+    with Registry(config.registry_dir) as registry:
+        async with aiohttp.ClientSession(connector=connector) as to_engine:
+            front = Front(config, registry, TextEncoder(tokenizer), link, to_engine)
+            async with TestClient(TestServer(create_frontend_app(front))) as client:
+                headers = {"Authorization": f"Bearer {tenants.acme}"}
+                body = {"model": "spam", "input": "hi"}
+                for method, path in (("POST", "/v1/classify"), ("GET", "/v1/adapters")):
+                    response = await client.request(method, path, json=body, headers=headers)
+                    assert response.status == 503, (path, await response.text())
+                    assert response.headers["Retry-After"] == "1", path
+    server.close()
+    await server.wait_closed()

@@ -303,6 +303,45 @@ async def test_an_option_or_file_sent_twice_is_a_422_not_the_last_one_kept(clien
     assert not any(job["name"] == "twice" for job in jobs["data"]), jobs
 
 
+async def test_a_multipart_upload_takes_options_from_the_query_too(client, tenants) -> None:
+    """The query's options were read for JSON lines only: on a multipart upload a bad, unknown
+    or valid one alike was dropped without a word, and the job trained on defaults."""
+    acme = bearer(tenants.acme)
+    options = {k: v for k, v in TINY.items() if k != "epochs"}
+    for query, field, said in (
+        ("epochs=banana", "epochs", "must be a positive integer"),
+        ("colour=red", "colour", "unknown option"),
+        ("epochs=1&epochs=2", "epochs", "more than once"),
+        ("rank=4", "rank", "both in the query and in a part"),
+    ):
+        body = form(sms_csv(), name="viaquery", **options)
+        response = await client.post(f"/v1/train?{query}", data=body, headers=acme)
+        error = (await response.json())["error"]
+        assert response.status == 422 and error["field"] == field, (query, error)
+        assert said in error["message"], error
+    body = form(sms_csv(), name="viaquery", **options)
+    response = await client.post("/v1/train?epochs=2&promote=false", data=body, headers=acme)
+    started = await response.json()
+    assert response.status == 202, started
+    url = f"/v1/train/{started['id']}"
+    try:
+        job = await (await client.get(url, headers=acme)).json()
+        assert job["config"]["epochs"] == 2 and job["promote"] is False, job
+    finally:
+        await client.delete(url, headers=acme)
+
+
+async def test_a_refused_option_value_is_echoed_cut_short(client, tenants) -> None:
+    ndjson = {**bearer(tenants.acme), "Content-Type": "application/x-ndjson"}
+    rows = b'{"text": "hi", "label": "a"}\n'
+    for option in ("mode", "promote", "epochs", "weights_dtype"):
+        first = json.dumps({"options": {"name": "long", option: "z" * 10_000}}).encode()
+        response = await client.post("/v1/train", data=first + b"\n" + rows, headers=ndjson)
+        text = await response.text()
+        assert response.status == 422 and len(text) < 1_000, (option, text[:300])
+        assert json.loads(text)["error"]["field"] == option
+
+
 async def test_uploads_over_the_cap_are_a_413(client, tenants) -> None:
     big = b"text,label\n" + b"a,b\n" * (UPLOAD_CAP // 4)
     response = await client.post(
