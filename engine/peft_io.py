@@ -74,7 +74,8 @@ def write_peft_adapter(
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
         "bias": "none",
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in modules}),
+        # whole names: a suffix ("dense") would have PEFT wrap modules without factors too
+        "target_modules": sorted(peft_key(backbone, name) for name in modules),
         "modules_to_save": ["classifier"],
         "fan_in_fan_out": False,
         "use_rslora": False,

@@ -241,3 +241,34 @@ async def test_a_graft_version_imports_with_its_own_pooling_and_labels(
         mine_preds = await engine.classify("acme", "spam", TEXTS)
         copy_preds = await engine.classify("globex", "spam", TEXTS)
     assert [p.scores for p in copy_preds] == [p.scores for p in mine_preds]
+
+
+async def test_peft_loads_what_graft_writes_as_graft_serves_it(
+    backbone, write_random_adapter, tmp_path: Path
+) -> None:
+    """graft's PEFT files name the modules they hold whole: as suffixes ("dense") PEFT also
+    wrapped modules without factors (the pooler, intermediate.dense) and warned of missing
+    keys."""
+    from transformers import AutoModelForSequenceClassification
+
+    src = tmp_path / "written"
+    targets = ("query", "output.dense")  # not the pooler's dense
+    write_random_adapter(backbone, src, seed=5, rank=4, num_labels=3, targets=targets)
+    factors = [k for k in load_file(str(src / "adapter_model.safetensors")) if "lora_A" in k]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(backbone.path), num_labels=3, local_files_only=True
+    )
+    model = peft.PeftModel.from_pretrained(base, str(src)).eval()
+    wrapped = [n for n, m in model.named_modules() if n.endswith("lora_A")]
+    assert len(wrapped) == len(factors) > 0
+    enc = backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(model(**enc).logits, dim=-1)
+    labels = ["a", "b", "c"]
+    with Registry(tmp_path / "reg") as registry:
+        registry.create_tenant("acme")
+        import_peft(registry, backbone, "acme", "written", src, labels=labels)
+    async with Engine(EngineConfig(registry_dir=tmp_path / "reg")) as engine:
+        preds = await engine.classify("acme", "written", TEXTS)
+    got = torch.tensor([[p.scores[label] for label in labels] for p in preds])
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-4)
