@@ -6,6 +6,7 @@ training and whose warnings go into the adapter manifest (reading the rows is tr
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -195,7 +196,24 @@ def _warnings(
     if report.num_empty:
         rows = describe_rows(report.empty_rows)
         warnings.append(f"{report.num_empty} empty text(s) ({rows}) will be dropped")
+    for group in _look_alike(report.class_counts):
+        named = " and ".join(f"{label!r} ({report.class_counts[label]})" for label in group)
+        warnings.append(
+            f"labels {named} differ only in case, form or invisible characters; "
+            "they train as separate classes"
+        )
     return warnings
+
+
+def _look_alike(labels: Iterable[str]) -> list[list[str]]:
+    """Labels that read the same once case, Unicode form (NFKC) and invisible format
+    characters (a zero-width space) are set aside: likely one class typed two ways."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        folded = unicodedata.normalize("NFKC", label).casefold()
+        folded = "".join(c for c in folded if unicodedata.category(c) != "Cf").strip()
+        groups.setdefault(folded, []).append(label)
+    return [sorted(group) for group in groups.values() if len(group) > 1]
 
 
 def validate_examples(

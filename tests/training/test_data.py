@@ -188,6 +188,16 @@ def test_clean_data_has_no_findings(tokenizer):
     raise_for_errors(report, "data.csv")  # does not raise
 
 
+def test_labels_that_look_alike_are_a_warning_naming_them(tokenizer):
+    """One class typed two ways (case, NFC against NFD, a zero-width space) would train as
+    two classes that no reader of the answers can tell apart."""
+    labels = ("ham", "HAM", "caf\u00e9", "cafe\u0301", "spam", "spam\u200b")
+    report = validate_examples(balanced(labels=labels), tokenizer, max_imbalance_ratio=100)
+    alike = [w for w in report.warnings if "differ only in case, form or invisible" in w]
+    assert len(alike) == 3, report.warnings
+    assert any("'HAM' (6) and 'ham' (6)" in w for w in alike), alike
+
+
 def test_fewer_than_two_classes_is_an_error(tokenizer):
     report = validate_examples(balanced(labels=("only",)), tokenizer)
     assert any("only one class ('only')" in error for error in report.errors)
