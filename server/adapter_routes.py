@@ -1,6 +1,7 @@
 """Routes that change the caller's models: move a name's latest pointer, delete versions.
 
-``POST /v1/adapters/{name}/promote`` (``{"version": N}``) and ``.../rollback`` move the pointer,
+``POST /v1/adapters/{name}/promote`` (``{"version": N}``) and ``.../rollback`` move the pointer
+(``{name}`` may be the caller's ``acme/spam``, as classify names it),
 as ``graft adapters promote`` / ``rollback`` do. ``DELETE /v1/adapters/{name}`` deletes a whole
 name, ``DELETE /v1/adapters/{name}@{version}`` one version. Each is one registry call on a
 thread; the registry's errors become 404 (names are the caller's own, so a message may say
@@ -27,7 +28,9 @@ def add_adapter_routes(app: web.Application) -> None:
     app.router.add_routes(
         [
             web.post("/v1/adapters/{name}/promote", promote),
+            web.post("/v1/adapters/{tenant}/{name}/promote", promote),
             web.post("/v1/adapters/{name}/rollback", rollback),
+            web.post("/v1/adapters/{tenant}/{name}/rollback", rollback),
             web.delete("/v1/adapters/{name}", delete),
             web.delete("/v1/adapters/{tenant}/{name}", delete),  # as "acme/spam" in classify
         ]
@@ -38,7 +41,7 @@ async def promote(request: web.Request) -> web.Response:
     """``{"version": N}``: make version N the one the caller's model name serves."""
     engine = request.app[ENGINE]
     tenant = authenticate(request, engine)
-    name = request.match_info["name"]
+    name = _own_name(request, tenant)
     version = _version_field(await request.read())
     call = functools.partial(engine.registry.promote, tenant, name, version)
     record = await _registry_call(call, name)
@@ -49,13 +52,22 @@ async def rollback(request: web.Request) -> web.Response:
     """Serve the version promoted before the current one again."""
     engine = request.app[ENGINE]
     tenant = authenticate(request, engine)
-    name = request.match_info["name"]
+    name = _own_name(request, tenant)
     _no_fields(await request.read())
     left, record = await _registry_call(
         functools.partial(engine.registry.rollback, tenant, name), name
     )
     body = {"model": record.full_name, "version": record.version, "previous": left}
     return json_response(body)
+
+
+def _own_name(request: web.Request, tenant: str) -> str:
+    """The route's model name, bare (``spam``) or the caller's full one (``acme/spam``), as
+    classify and DELETE take it; a version (``spam@3``) or another tenant's is a 404."""
+    ref, not_found = own_model_ref(request, tenant)
+    if ref.version is not None:
+        raise not_found
+    return ref.name
 
 
 async def delete(request: web.Request) -> web.Response:

@@ -404,12 +404,15 @@ async def test_the_cap_holds_for_every_part_of_a_chunked_multipart_body(client, 
 
 async def test_promote_and_rollback_over_http(client, tenants) -> None:
     acme = bearer(tenants.acme)
-    response = await client.post("/v1/adapters/spam/rollback", headers=acme)
+    # the caller's full name works as in classify and DELETE
+    response = await client.post("/v1/adapters/acme/spam/rollback", headers=acme)
     assert await response.json() == {"model": "acme/spam", "version": 1, "previous": 2}
     classify = {"model": "spam", "input": "hello"}
     response = await client.post("/v1/classify", json=classify, headers=acme)
     assert (await response.json())["version"] == 1
-    response = await client.post("/v1/adapters/spam/promote", json={"version": 2}, headers=acme)
+    response = await client.post(
+        "/v1/adapters/acme%2Fspam/promote", json={"version": 2}, headers=acme
+    )
     assert response.status == 200
     response = await client.post("/v1/classify", json=classify, headers=acme)
     assert (await response.json())["version"] == 2
@@ -417,6 +420,8 @@ async def test_promote_and_rollback_over_http(client, tenants) -> None:
         (tenants.acme, "spam", {"version": 9}, 404, None),
         (tenants.acme, "spam", {"version": 2**63}, 404, None),  # past SQLite's integers
         (tenants.bob, "spam", {"version": 1}, 404, None),
+        (tenants.bob, "acme/spam", {"version": 1}, 404, None),
+        (tenants.acme, "spam@2", {"version": 2}, 404, None),
         (tenants.acme, "spam", {"version": "2"}, 422, "version"),
         (tenants.acme, "spam", {"version": 2, "why": "x"}, 422, "why"),
     ]:
