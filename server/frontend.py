@@ -49,7 +49,7 @@ from server.link import (
 )
 from server.quiet_log import quiet_malformed_requests
 from server.request_ids import REQUEST_ID_HEADER, add_request_id, request_id
-from server.routes import MAX_BODY_BYTES, authenticate, parse_body, read_body
+from server.routes import EXPECT_BODY, MAX_BODY_BYTES, authenticate, parse_body, read_body
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def create_frontend_app(front: Front) -> web.Application:
     )
     app[FRONT] = front
     app[MAX_BODY_BYTES] = front.config.max_body_bytes
-    app.router.add_post("/v1/classify", classify)
+    app.router.add_post("/v1/classify", classify, expect_handler=EXPECT_BODY)
     app.router.add_route("*", "/{tail:.*}", proxy)
     app.on_response_prepare.append(add_request_id)
     quiet_malformed_requests()

@@ -20,6 +20,7 @@ from server.errors import (
     TOO_LARGE,
     UNAVAILABLE,
     ApiError,
+    expect_within,
     from_engine_error,
     internal_error,
 )
@@ -46,6 +47,10 @@ STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
 _CHALLENGE = 'Bearer realm="graft"'
 
 
+# a classify body past the app's cap is refused before the client sends it
+EXPECT_BODY = expect_within(lambda request: request.app[MAX_BODY_BYTES], "request body")
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_routes(
         [
@@ -54,7 +59,7 @@ def add_routes(app: web.Application) -> None:
             web.get("/v1/adapters", list_adapters),
             web.get("/v1/adapters/{name}", get_adapter),
             web.get("/v1/adapters/{tenant}/{name}", get_adapter),  # as "acme/spam" in classify
-            web.post("/v1/classify", classify),
+            web.post("/v1/classify", classify, expect_handler=EXPECT_BODY),
         ]
     )
 

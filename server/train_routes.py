@@ -30,6 +30,7 @@ from server.errors import (
     RETRY_AFTER_S,
     UNAVAILABLE,
     ApiError,
+    expect_within,
 )
 from server.routes import ENGINE, STREAMS, authenticate
 from server.schemas import NDJSON, json_response, ndjson_line
@@ -91,6 +92,10 @@ class _Training:
 
 
 TRAINING = web.AppKey("training", _Training)
+# an upload past the cap is refused before the client sends it
+_EXPECT_UPLOAD = expect_within(
+    lambda request: request.app[TRAINING].config.max_upload_bytes, "upload", field="file"
+)
 
 
 def add_train_routes(app: web.Application, config: TrainServiceConfig) -> None:
@@ -98,7 +103,7 @@ def add_train_routes(app: web.Application, config: TrainServiceConfig) -> None:
     app[TRAINING] = _Training(config)
     app.router.add_routes(
         [
-            web.post("/v1/train", start_job),
+            web.post("/v1/train", start_job, expect_handler=_EXPECT_UPLOAD),
             web.get("/v1/train", list_jobs),
             web.get("/v1/train/{id}", get_job),
             web.delete("/v1/train/{id}", cancel_job),

@@ -4,6 +4,7 @@ Every fixture here lives on the module's event loop, so each test module sets
 ``pytestmark = pytest.mark.asyncio(loop_scope="module")``.
 """
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,3 +110,32 @@ async def client(engine: Engine, tenants: Tenants) -> AsyncIterator[TestClient]:
     app = create_app(engine, max_body_bytes=MAX_BODY_BYTES)
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
+
+
+async def expect_continue(
+    address: tuple[str, int],
+    path: str,
+    key: str,
+    length: int,
+    body: bytes = b"",
+    content_type: str = "application/json",
+) -> bytes:
+    """Send only the headers of a request that asks ``Expect: 100-continue``; the server's
+    first answer line decides whether the body follows."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n"
+            "Expect: 100-continue\r\n\r\n"
+        )
+        writer.write(head.encode())
+        await writer.drain()
+        first = await asyncio.wait_for(reader.readline(), 10)
+        if b" 100 " not in first or not body:
+            return first + await asyncio.wait_for(reader.read(4096), 10)
+        writer.write(body)
+        await writer.drain()
+        return first + await asyncio.wait_for(reader.readuntil(b"}}"), 10)  # its JSON
+    finally:
+        writer.close()

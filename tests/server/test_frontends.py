@@ -33,7 +33,7 @@ from server.frontend import (
 )
 from server.workers import RestartBudget, _replace_exited, _spawn, front_ends
 
-from .conftest import MAX_BODY_BYTES, MAX_INPUT_TOKENS, Tenants
+from .conftest import MAX_BODY_BYTES, MAX_INPUT_TOKENS, Tenants, expect_continue
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -545,3 +545,12 @@ async def test_a_front_end_whose_engine_is_gone_answers_503_with_retry_after(
                     assert response.headers["Retry-After"] == "1", path
     server.close()
     await server.wait_closed()
+
+
+async def test_a_front_end_refuses_a_body_past_the_cap_before_it_is_sent(fronts, tenants) -> None:
+    url, _ = fronts
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    answer = await expect_continue(
+        (host, int(port)), "/v1/classify", tenants.acme, MAX_BODY_BYTES + 1
+    )
+    assert answer.startswith(b"HTTP/1.1 413") and b'"type":"too_large"' in answer, answer[:300]

@@ -15,6 +15,8 @@ from server.errors import ApiError, _check_content_coding
 from server.quiet_log import SERVER_LOGGER, MalformedRequestFilter
 from server.routes import MAX_BODY_BYTES
 
+from .conftest import expect_continue
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
@@ -350,3 +352,16 @@ async def test_the_filter_counts_what_a_burst_dropped() -> None:
     assert quiet.filter(debug) and debug.levelno == logging.DEBUG and debug.exc_info
     other = record(RuntimeError("a bug of ours"))
     assert quiet.filter(other) and other.levelno == logging.ERROR and other.exc_info is not None
+
+
+async def test_a_body_past_the_cap_is_refused_before_the_client_sends_it(client, tenants) -> None:
+    """With Expect: 100-continue (curl's way for bodies over 1 MB) the 413 comes first, so a
+    client does not send megabytes only to have them refused."""
+    past_cap = client.server.app[MAX_BODY_BYTES] + 1
+    address = (client.server.host, client.server.port)
+    answer = await expect_continue(address, "/v1/classify", tenants.acme, past_cap)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"type":"too_large"' in answer and b"Connection: close" in answer
+    body = json.dumps({"model": "spam", "input": "hi"}).encode()
+    answer = await expect_continue(address, "/v1/classify", tenants.acme, len(body), body)
+    assert answer.startswith(b"HTTP/1.1 100 Continue") and b"HTTP/1.1 200" in answer, answer

@@ -18,6 +18,8 @@ from server.train_routes import TRAINING, TrainServiceConfig
 from tests.sms_samples import sms_csv
 from training.job_uploads import InvalidData
 
+from .conftest import expect_continue
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 UPLOAD_CAP = 16 * 1024
@@ -340,6 +342,13 @@ async def test_a_refused_option_value_is_echoed_cut_short(client, tenants) -> No
         text = await response.text()
         assert response.status == 422 and len(text) < 1_000, (option, text[:300])
         assert json.loads(text)["error"]["field"] == option
+
+
+async def test_an_upload_past_the_cap_is_refused_before_it_is_sent(client, tenants) -> None:
+    address = (client.server.host, client.server.port)
+    ndjson = "application/x-ndjson"
+    answer = await expect_continue(address, "/v1/train", tenants.acme, UPLOAD_CAP + 1, b"", ndjson)
+    assert answer.startswith(b"HTTP/1.1 413") and b'"field":"file"' in answer, answer[:300]
 
 
 async def test_uploads_over_the_cap_are_a_413(client, tenants) -> None:
