@@ -88,10 +88,11 @@ class TrainableLora(nn.Module):
 
 
 def select_targets(backbone: Backbone, suffixes: tuple[str, ...]) -> list[str]:
-    """Linear names matching any suffix; by default every linear outside the pooler."""
-    names = backbone.linear_names
+    """Linear names matching any suffix (by default every one), never the pooler's: graft's
+    heads read mean-pooled states, so factors there would take pool pages and do nothing."""
+    names = [n for n in backbone.linear_names if not n.startswith("pooler")]
     if not suffixes:
-        return [n for n in names if not n.startswith("pooler")]
+        return names
 
     def matches(name: str, suffix: str) -> bool:
         return name == suffix or name.endswith("." + suffix)

@@ -16,6 +16,7 @@ from training import (
     stratified_sample,
     train_adapter,
 )
+from training.lora_model import select_targets
 from training.recipe import Fitted, check_finite
 
 
@@ -102,6 +103,13 @@ def test_a_target_that_names_no_linear_is_refused_not_skipped(
     with pytest.raises(ValueError, match="no linear layer of the backbone matches target 'vlaue'"):
         train_adapter(backbone, registry, "acme", "m", sms_sample[:60], config, progress=False)
     assert registry.list_adapters("acme") == []
+
+
+def test_lora_never_targets_the_pooler_which_mean_pooling_never_reads(backbone) -> None:
+    for suffixes in [(), ("dense",)]:
+        chosen = select_targets(backbone, suffixes)
+        assert chosen and not any(name.startswith("pooler") for name in chosen), chosen
+    assert "encoder.layer.0.output.dense" in select_targets(backbone, ("dense",))
 
 
 def test_unknown_tenant_and_bad_name_fail_fast(backbone, registry, sms_sample) -> None:
