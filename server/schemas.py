@@ -178,7 +178,10 @@ def _optional_bool(payload: dict[str, Any], field: str, *, default: bool) -> boo
 
 
 def _expected(field: str, expected: str, got: Any) -> str:
-    return f"{field} must be {expected}, got {_json_type(got)}"
+    """What the field must be and what came: a number by its value ("got number" for -0.0
+    left the reader guessing), anything else by its JSON type."""
+    shown_value = isinstance(got, float) or (type(got) is int and abs(got) < 10**18)
+    return f"{field} must be {expected}, got {repr(got) if shown_value else _json_type(got)}"
 
 
 def _json_type(value: Any) -> str:

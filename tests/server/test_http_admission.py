@@ -130,10 +130,12 @@ async def test_a_request_that_cannot_start_in_time_is_504_and_never_runs(
 
 
 async def test_bad_timeout_is_422(client, tenants) -> None:
-    body = {"model": "spam", "input": "x", "timeout": -1}
-    response = await client.post("/v1/classify", json=body, headers=_auth(tenants.acme))
-    assert response.status == 422
-    assert (await response.json())["error"]["field"] == "timeout"
+    for timeout, said in ((-1, "got -1"), (-0.0, "got -0.0"), ("5", "got string")):
+        body = {"model": "spam", "input": "x", "timeout": timeout}
+        response = await client.post("/v1/classify", json=body, headers=_auth(tenants.acme))
+        error = (await response.json())["error"]
+        assert response.status == 422 and error["field"] == "timeout", error
+        assert error["message"].endswith(said), error
 
 
 async def test_a_cancelled_request_never_reaches_the_model(client, engine, tenants) -> None:
