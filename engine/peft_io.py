@@ -178,19 +178,33 @@ def _in_layers(config: Mapping[str, Any], key: str) -> bool:
     layers = config.get("layers_to_transform")
     if layers is None or layers == []:
         return True
+    if not _is_int(layers) and not (isinstance(layers, list) and all(map(_is_int, layers))):
+        raise AdapterFormatError(f"{CONFIG_FILE}: layers_to_transform must be an integer or a list")
     patterns = config.get("layers_pattern") or None
+    if patterns is not None and not isinstance(patterns, str | list):
+        raise AdapterFormatError(f"{CONFIG_FILE}: layers_pattern must be a string or a list")
     if patterns is None:  # the first numbered segment is the layer
         found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
         found = None
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if not isinstance(pattern, str):
+                raise AdapterFormatError(f"{CONFIG_FILE}: layers_pattern must hold strings")
+            try:
+                found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            except re.error as exc:
+                message = f"{CONFIG_FILE}: layers_pattern {pattern!r} is not a valid pattern: {exc}"
+                raise AdapterFormatError(message) from None
             if found is not None:
                 break
     if found is None:
         return False
     index = int(found.group("idx"))
     return index == layers if isinstance(layers, int) else index in layers
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fullmatch(pattern: str, key: str, field: str) -> bool:

@@ -332,7 +332,7 @@ class Registry(Tenancy):
                     f"{self._root / CATALOG_FILE} records no tenant, yet {len(unrecorded)} "
                     f"adapter version(s) are stored under {self._root / 'adapters'}: the "
                     "catalog was lost or replaced. Restore it, or move adapters/ away to start "
-                    "an empty registry; nothing was changed"
+                    "an empty registry; no version was touched"
                 )
             for *_, path in deleted:
                 logger.info("removing %s: deleted, and its files outlived the commit", path)

@@ -11,6 +11,7 @@ is removed on open: temp dirs nobody holds a lock on (the kernel drops the lock 
 dies) and version dirs without a catalog row.
 """
 
+import itertools
 import logging
 import os
 import time
@@ -220,11 +221,16 @@ class BlobStore:
         if not version_dir.is_relative_to(self._dir):
             raise ValueError(f"{version_dir} is not inside {self._dir}")
         relative = version_dir.relative_to(self._dir)
-        aside = (
-            self._dir.parent / "orphaned" / relative.parent / f"{relative.name}-{int(time.time())}"
-        )
-        aside.parent.mkdir(parents=True, exist_ok=True)
+        parent = self._dir.parent / "orphaned" / relative.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        stem = f"{relative.name}-{int(time.time())}"
+        aside = parent / stem
+        for count in itertools.count(2):  # the same version set aside twice within a second
+            if not aside.exists():
+                break
+            aside = parent / f"{stem}-{count}"
         os.rename(version_dir, aside)
+        self._sync_dir(parent)
         self._sync_dir(version_dir.parent)
         prune_empty_dirs(version_dir.parent, self._dir)
         return aside

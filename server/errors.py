@@ -180,7 +180,9 @@ def expect_within(
             message = f"{what} is larger than {limit} bytes"
             return ApiError(413, TOO_LARGE, message, field=field, close=True).response()
         expectation = request.headers.get(hdrs.EXPECT, "")
-        if request.version == HttpVersion11 and expectation.lower() == "100-continue":
+        if request.version != HttpVersion11:  # RFC 9110: an HTTP/1.0 expectation is ignored
+            return None
+        if expectation.lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # as aiohttp's own: the answer's size starts here
             return None

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
+from registry import shown
 from training.data import DataError, Example, deduplicate, describe_rows, normalise_text
 
 MAX_UNK_ROWS = 50  # rows with unknown tokens kept in a report
@@ -197,7 +198,7 @@ def _warnings(
         rows = describe_rows(report.empty_rows)
         warnings.append(f"{report.num_empty} empty text(s) ({rows}) will be dropped")
     for group in _look_alike(report.class_counts):
-        named = " and ".join(f"{label!r} ({report.class_counts[label]})" for label in group)
+        named = " and ".join(f"{shown(label)} ({report.class_counts[label]})" for label in group)
         warnings.append(
             f"labels {named} differ only in case, form or invisible characters; "
             "they train as separate classes"

@@ -194,6 +194,14 @@ def test_import_refuses_bad_directories(backbone, peft_adapters, tmp_path: Path)
             "does not target bert.encoder.layer.0.attention.self.value",
         ),
         ({"target_modules": "("}, "target_modules '\\(' is not a valid pattern"),
+        ({"layers_to_transform": "0"}, "layers_to_transform must be an integer or a list"),
+        ({"layers_to_transform": [0.5]}, "layers_to_transform must be an integer or a list"),
+        ({"layers_to_transform": [0], "layers_pattern": 5}, "layers_pattern must be a string"),
+        ({"layers_to_transform": [0], "layers_pattern": [5]}, "layers_pattern must hold strings"),
+        (
+            {"layers_to_transform": [0], "layers_pattern": "("},
+            "layers_pattern '\\(' is not a valid",
+        ),
     ],
 )
 def test_import_refuses_weights_peft_would_not_apply(

@@ -121,6 +121,11 @@ def test_unrecorded_version_dirs_are_set_aside_on_open(
         for p in (root / "orphaned").glob("*/*/*/graft_manifest.json")
     )
     assert [a.rsplit("-", 1)[0] for a in aside] == ["acme/ham/1", "acme/spam/2"]
+    for _ in range(2):  # the same number left twice within a second: kept apart, both
+        (root / "adapters/acme/ham/1").mkdir(parents=True)
+        (root / "adapters/acme/ham/1/graft_manifest.json").write_text("{}")
+        Registry(root).close()
+    assert len(list((root / "orphaned/acme/ham").iterdir())) == 3
 
 
 def test_files_of_a_deleted_version_that_outlived_its_commit_are_removed_on_open(

@@ -365,3 +365,19 @@ async def test_a_body_past_the_cap_is_refused_before_the_client_sends_it(client,
     body = json.dumps({"model": "spam", "input": "hi"}).encode()
     answer = await expect_continue(address, "/v1/classify", tenants.acme, len(body), body)
     assert answer.startswith(b"HTTP/1.1 100 Continue") and b"HTTP/1.1 200" in answer, answer
+
+
+async def test_an_http_1_0_expectation_is_ignored_and_an_unknown_one_is_417(client, tenants):
+    body = json.dumps({"model": "spam", "input": "hi"}).encode()
+    for version, expect, status in (("1.0", "100-continue", b"200"), ("1.1", "magic", b"417")):
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        head = (
+            f"POST /v1/classify HTTP/{version}\r\nHost: x\r\n"
+            f"Authorization: Bearer {tenants.acme}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: {expect}\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # both close: 1.0, and the 417
+        writer.close()
+        assert answer.split(b" ", 2)[1] == status, answer[:300]
