@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from registry import NotFound, Registry, RegistryError
+from registry import AdapterRecord, NotFound, Registry, RegistryError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,9 +103,7 @@ def test_unrecorded_version_dirs_are_set_aside_on_open(
     tmp_path: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any]
 ) -> None:
     root = tmp_path / "registry"
-    with Registry(root) as opened:
-        opened.create_tenant("acme")
-        kept = opened.publish("acme", "spam", make_adapter(), manifest)
+    (kept,) = _published(root, make_adapter, manifest, 1)
     # What a publisher killed between its rename and its commit leaves behind, or what a
     # catalog restored from an older copy does not know
     for orphan in (root / "adapters/acme/spam/2", root / "adapters/acme/ham/1"):
@@ -132,10 +130,8 @@ def test_files_of_a_deleted_version_that_outlived_its_commit_are_removed_on_open
     tmp_path: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any]
 ) -> None:
     root = tmp_path / "registry"
+    gone, _ = _published(root, make_adapter, manifest, 2)
     with Registry(root) as opened:
-        opened.create_tenant("acme")
-        gone = opened.publish("acme", "spam", make_adapter(), manifest)
-        opened.publish("acme", "spam", make_adapter(seed=1), manifest)
         saved = tmp_path / "saved"
         os.rename(gone.path, saved)  # back after the delete: as if it died after its commit
         opened.delete("acme", "spam", 1)
@@ -152,10 +148,7 @@ def test_a_lost_catalog_is_refused_and_no_version_is_touched(
     """A catalog SQLite finds empty (a zero-byte file, a missing one) beside stored versions
     was lost: opening it as new used to remove every version as a crashed publish."""
     root = tmp_path / "registry"
-    with Registry(root) as opened:
-        opened.create_tenant("acme")
-        opened.publish("acme", "spam", make_adapter(), manifest)
-        opened.publish("acme", "spam", make_adapter(seed=1), manifest)
+    _published(root, make_adapter, manifest, 2)
     for path in root.glob("catalog.sqlite3*"):
         path.unlink()
     if how == "emptied":
@@ -192,3 +185,15 @@ def test_opening_while_others_publish_removes_nothing_live(
     assert sorted(record.version for record in records) == list(range(1, 11))
     for record in records:
         assert registry.read_verified(record).record == record
+
+
+def _published(
+    root: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any], count: int
+) -> list[AdapterRecord]:
+    """A registry at ``root`` with tenant acme and ``count`` versions of acme/spam."""
+    with Registry(root) as opened:
+        opened.create_tenant("acme")
+        return [
+            opened.publish("acme", "spam", make_adapter(seed=seed), manifest)
+            for seed in range(count)
+        ]
