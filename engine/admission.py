@@ -29,7 +29,9 @@ def admit(scheduler: Scheduler, tenant: str, texts: Sequence[str], rows_per_text
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         return 0  # tokenize_inputs names the type error
     num_rows = len(texts) * rows_per_text
-    _check_queue_bound(len(texts), rows_per_text, scheduler.policy(tenant).max_queued_rows)
+    tenant_bound = scheduler.policy(tenant).max_queued_rows
+    bound, whose = min((tenant_bound, "this tenant"), (scheduler.max_queued_rows, "the server"))
+    _check_queue_bound(len(texts), rows_per_text, bound, whose)
     admission = scheduler.admit(tenant, num_rows)
     if admission.is_admitted:
         return num_rows
@@ -45,9 +47,9 @@ def admit(scheduler: Scheduler, tenant: str, texts: Sequence[str], rows_per_text
     )
 
 
-def _check_queue_bound(num_texts: int, per_text: int, max_queued_rows: int) -> None:
-    """Refuse (422, not 429) a request whose rows could never fit the tenant's queue: a 429
-    would tell its client to retry what can never be admitted."""
+def _check_queue_bound(num_texts: int, per_text: int, max_queued_rows: int, whose: str) -> None:
+    """Refuse (422, not 429 or 503) a request whose rows could never fit the tenant's queue
+    or the server's: either would tell its client to retry what can never be admitted."""
     num_rows = num_texts * per_text
     if num_rows <= max_queued_rows:
         return
@@ -58,7 +60,7 @@ def _check_queue_bound(num_texts: int, per_text: int, max_queued_rows: int) -> N
         f"head-only models) = {num_rows} rows"
     )
     raise InputError(
-        f"{rows}, more than the {max_queued_rows} this tenant may queue; split the request",
+        f"{rows}, more than the {max_queued_rows} {whose} may queue; split the request",
         "input",
     )
 

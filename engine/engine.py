@@ -73,8 +73,12 @@ class Engine(EngineRequests):
             raise EngineClosed("engine was closed; create a new Engine to serve again")
         if self._entered:
             raise RuntimeError("engine is already entered: use `async with engine` once")
-        await self.start()
-        self._entered = True
+        self._entered = True  # before the await: a second block entering meanwhile is refused
+        try:
+            await self.start()
+        except BaseException:
+            self._entered = False
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -158,7 +162,24 @@ class Engine(EngineRequests):
 
     @property
     def ready(self) -> bool:
-        return self._model is not None and self._loop_task is not None and not self._closed
+        """Started, not closed, and its event loop still runs (an ``asyncio.run`` that
+        started it may have ended, leaving nothing to run its steps)."""
+        task = self._loop_task
+        if self._model is None or task is None or self._closed:
+            return False
+        return not task.get_loop().is_closed()
+
+    def _check_serving(self) -> None:
+        """Requests are taken on the event loop that started the engine, whose step loop
+        answers them: from another loop, a job would wait on a future nobody wakes."""
+        if not self.ready:
+            raise EngineClosed("engine is not running")
+        serving = self._loop_task.get_loop()  # type: ignore[union-attr]
+        if _running_loop() is not serving:
+            raise RuntimeError(
+                "this Engine serves on the event loop that started it; from another thread "
+                "or loop, submit there (asyncio.run_coroutine_threadsafe(coro, that_loop))"
+            )
 
     @property
     def _loaded(self) -> ServingStack:

@@ -256,15 +256,20 @@ def check_tokenized(
     """Token ids a caller computed (a front-end process): as many texts as tokenizing allows
     (at least one: a job of none would never end), one row per text, none too long, every id
     in the vocabulary. An id past the embedding table would fail the whole step, other
-    tenants' rows with it."""
+    tenants' rows with it. The rows checked are copies (tuples): a list the caller changed
+    after submitting would otherwise reach the step unchecked."""
     _check_list(texts, max_inputs)
     if not isinstance(tokens, Tokenized):
         raise InputError(f"tokens must be a Tokenized, got {type(tokens).__name__}", "tokens")
-    if len(tokens.ids) != len(texts) or len(tokens.truncated) != len(texts):
-        raise InputError(f"tokens hold {len(tokens.ids)} rows for {len(texts)} texts", "input")
-    for i, row in enumerate(tokens.ids):
+    rows, truncated = tuple(tokens.ids), tuple(bool(t) for t in tokens.truncated)
+    if len(rows) != len(texts) or len(truncated) != len(texts):
+        raise InputError(f"tokens hold {len(rows)} rows for {len(texts)} texts", "input")
+    checked = []
+    for i, row in enumerate(rows):
         if not _is_int_row(row):
             raise InputError(f"input[{i}]: token ids must be a list of ints", f"input[{i}]")
+        row = tuple(row)
+        checked.append(row)
         if not row or len(row) > max_tokens:
             raise InputError(
                 f"input[{i}] has {len(row)} token ids; 1 to {max_tokens} allowed", f"input[{i}]"
@@ -274,4 +279,4 @@ def check_tokenized(
                 f"input[{i}] has a token id outside the vocabulary (0 to {vocab_size - 1})",
                 f"input[{i}]",
             )
-    return tokens
+    return Tokenized(ids=tuple(checked), truncated=truncated)

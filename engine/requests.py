@@ -47,6 +47,7 @@ class EngineRequests:
     _steps: StepLoop
     _tokenize_executor: ThreadPoolExecutor
     _finish: Callable[[Job | MultiJob], None]  # a job ended: drop its rows, unpin
+    _check_serving: Callable[[], None]  # EngineClosed / RuntimeError unless this loop serves
 
     async def classify(
         self,
@@ -81,8 +82,7 @@ class EngineRequests:
         TenantBusy, EngineOverloaded, InputError / InputTooLong, AdapterIncompatible,
         AdapterFormatError, EngineClosed.
         """
-        if not self.ready:
-            raise EngineClosed("engine is not running")
+        self._check_serving()
         deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
         record = resolve_model(self.registry, tenant, model)
         check_rank_fits(record, self.config.adapter_pages)
@@ -111,8 +111,7 @@ class EngineRequests:
         Raises as ``submit`` does, in the same order. A caller that needs no task to await
         the admission saves one per request (front ends' handed-over requests do this).
         """
-        if not self.ready:
-            raise EngineClosed("engine is not running")
+        self._check_serving()
         deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
         record = resolve_model(self.registry, tenant, model)
         check_rank_fits(record, self.config.adapter_pages)
@@ -171,8 +170,7 @@ class EngineRequests:
         Head-only models share one bare-backbone row per text, or none when the tenant's
         embedding cache holds the text's pooled outputs; each LoRA model adds a row per text.
         """
-        if not self.ready:
-            raise EngineClosed("engine is not running")
+        self._check_serving()
         deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
         records, per_text = self._resolve_many(tenant, models, texts)
         reserved = admit(self._scheduler, tenant, texts, rows_per_text=per_text)
@@ -196,8 +194,7 @@ class EngineRequests:
     ) -> MultiJob | None:
         """``submit_nowait`` for several models: the MultiJob, or None (nothing done) when
         one of their adapters must first be loaded. Raises as ``submit_many`` does."""
-        if not self.ready:
-            raise EngineClosed("engine is not running")
+        self._check_serving()
         deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
         records, per_text = self._resolve_many(tenant, models, texts)
         keys = pin_all_if_resident(self._loaded.store, records)

@@ -122,6 +122,11 @@ class Scheduler:
     def default_policy(self) -> TenantPolicy:
         return self._config.default_policy
 
+    @property
+    def max_queued_rows(self) -> int:
+        """Rows that may wait server-wide."""
+        return self._config.max_queued_rows
+
     def policy_overrides(self) -> list[str]:
         """Tenants with a policy of their own."""
         return list(self._policies)

@@ -232,6 +232,11 @@ async def test_token_ids_given_by_the_caller_are_checked_then_served(
         job = await engine.submit("acme", "spam", texts, tokens=given)
         assert await job.results() == here
         vocab = engine.backbone.vocab_size
+        # lists the caller changes once submitted: the checked copy runs, not the change
+        rows = [list(row) for row in ids]
+        job = await engine.submit("acme", "spam", texts, tokens=Tokenized(rows, [False] * 2))
+        rows[0][1] = vocab * 1000  # past the embedding table: it would fail the whole step
+        assert await job.results() == here
         bad = {
             "rows for": Tokenized(ids=ids[:1], truncated=(False,)),
             "outside the vocabulary": Tokenized(ids=(ids[0], (101, vocab)), truncated=(0, 0)),

@@ -241,3 +241,65 @@ async def test_a_start_cancelled_while_loading_closes_what_the_load_opened(
     assert loaded and loaded[0].registry._is_closed
     with pytest.raises(EngineClosed):
         await engine.start()
+
+
+def test_an_engine_whose_loop_ended_is_not_ready_and_says_so(registry, publish_random) -> None:
+    """``asyncio.run(engine.start())`` then a second ``asyncio.run``: nothing runs steps any
+    more, and a request queued there would wait forever."""
+    publish_random(registry, "acme", "spam")
+    engine = Engine(EngineConfig(registry_dir=registry.root))
+    asyncio.run(engine.start())
+    assert not engine.ready
+
+    async def ask() -> None:
+        await asyncio.wait_for(engine.classify("acme", "spam", ["hello"]), 30)
+
+    with pytest.raises(EngineClosed, match="not running"):
+        asyncio.run(ask())
+    asyncio.run(engine.close())  # from another loop: its threads and files go all the same
+    assert _model_threads() == 0
+
+
+async def test_a_request_from_another_threads_loop_is_refused_not_left_waiting(
+    registry, publish_random
+) -> None:
+    """Its job's future would belong to that loop, woken by nobody: each request waited for
+    an unrelated timer. Handing the call to the engine's loop works."""
+    publish_random(registry, "acme", "spam")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        here = asyncio.get_running_loop()
+
+        def from_a_thread() -> str:
+            async def ask() -> object:
+                return await asyncio.wait_for(engine.classify("acme", "spam", ["hello"]), 30)
+
+            try:
+                asyncio.run(ask())
+            except RuntimeError as exc:
+                refused = str(exc)
+            handed = asyncio.run_coroutine_threadsafe(engine.classify("acme", "spam", ["hi"]), here)
+            assert len(handed.result(30)) == 1
+            return refused
+
+        refused = await asyncio.to_thread(from_a_thread)
+        assert "serves on the event loop that started it" in refused
+
+
+async def test_two_blocks_entering_at_once_are_refused_for_the_second(registry) -> None:
+    engine = Engine(EngineConfig(registry_dir=registry.root))
+    first = asyncio.create_task(engine.__aenter__())
+    await asyncio.sleep(0)  # the first is starting
+    with pytest.raises(RuntimeError, match="already entered"):
+        await engine.__aenter__()
+    await first
+    await engine.__aexit__(None, None, None)
+
+
+async def test_a_request_larger_than_the_servers_queue_is_a_422_not_a_retry(
+    registry, publish_random
+) -> None:
+    publish_random(registry, "acme", "spam")
+    async with Engine(EngineConfig(registry_dir=registry.root, max_queued_rows=10)) as engine:
+        with pytest.raises(InputError, match="more than the 10 the server may queue"):
+            await engine.classify("acme", "spam", ["hi"] * 11)
+        assert len(await engine.classify("acme", "spam", ["hi"] * 10)) == 10
