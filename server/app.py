@@ -110,9 +110,9 @@ async def run_server(
     may send requests to it. Returns after SIGINT/SIGTERM; re-raises CancelledError when
     cancelled, and an exception of ``on_ready`` after stopping; raises FrontEndsFailed when
     front ends kept crashing. Either way it first stops accepting connections, cancels open
-    streams (their jobs with them), gives other requests ``SHUTDOWN_GRACE_S`` to finish, and
-    closes the engine. A signal before it serves undoes the start (KeyboardInterrupt for
-    SIGINT, as Ctrl-C there always was).
+    streams (their jobs with them), gives other requests ``SHUTDOWN_GRACE_S`` to finish (a
+    503 after it), and closes the engine. A signal before it serves undoes the start
+    (KeyboardInterrupt for SIGINT, as Ctrl-C there always was).
     """
     if workers < 0:  # before the backbone loads, not after
         raise ValueError(f"workers must be 0 (one process) or more, got {workers}")
@@ -156,6 +156,7 @@ async def _serve(
             shutdown_timeout=SHUTDOWN_GRACE_S,
         )
         await runner.setup()
+        grace = _Grace(engine)
         gave_up: list[str] = []
         try:
             async with listen(runner, engine) as ends:
@@ -171,10 +172,39 @@ async def _serve(
                     await _serve_until(stop, on_ready, engine)
                 finally:  # the streams front ends proxy end here first, so they stop at once
                     await cancel_streams(runner.app)
+                    grace.start()
         finally:
             await runner.cleanup()
+            await grace.finish()
         if gave_up:  # a failure, for the exit status: not a stop anyone asked for
             raise FrontEndsFailed(gave_up[0])
+
+
+class _Grace:
+    """Once a stop begins, requests still unanswered after ``SHUTDOWN_GRACE_S`` fail (503,
+    the engine closed) rather than run on. aiohttp's own shutdown waits its timeout for a
+    handler, then cancels it and waits as long again, and a handler whose job still runs
+    outlives the cancel: requests ran twice the grace, and behind front ends, which are
+    killed 5 s past it, the client saw its connection dropped."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, self._end)
+
+    def _end(self) -> None:
+        log.warning("requests still running %.0f s into the stop fail now", SHUTDOWN_GRACE_S)
+        self._closing = asyncio.create_task(self._engine.close(), name="graft-grace-ended")
+
+    async def finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._closing is not None:
+            await self._closing
 
 
 @contextlib.asynccontextmanager

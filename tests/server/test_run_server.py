@@ -98,6 +98,45 @@ async def test_sigterm_stops_the_server_and_cuts_open_streams(tmp_path) -> None:
     threading.current_thread() is not threading.main_thread(),
     reason="signal handlers can only be installed from the main thread",
 )
+async def test_a_request_still_running_when_the_grace_ends_gets_503(tmp_path, monkeypatch) -> None:
+    """aiohttp waited its shutdown timeout, cancelled the handler, then waited as long again,
+    and a handler whose job still ran outlived the cancel: twice the promised grace."""
+    from server import app as app_module
+
+    monkeypatch.setattr(app_module, "SHUTDOWN_GRACE_S", 1.0)
+    started = Started()
+    server = start(tmp_path, started)
+    url = await asyncio.wait_for(started.url, 30)
+    engine = await asyncio.wait_for(started.engine, 30)
+    key = engine.registry.create_tenant("acme")
+    _publish(engine, tmp_path)
+    gate = threading.Event()
+    engine._executor.submit(gate.wait, 60)  # the model thread busy past the grace
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            body = {"model": "tiny", "input": ["a row"]}
+            headers = {"Authorization": f"Bearer {key}"}
+            asking = asyncio.create_task(
+                session.post(f"{url}/v1/classify", json=body, headers=headers)
+            )
+            while engine.stats()["requests_in_flight"] == 0:
+                await asyncio.sleep(0.01)
+            stopping = asyncio.get_running_loop().time()
+            os.kill(os.getpid(), signal.SIGTERM)
+            response = await asyncio.wait_for(asking, 10)
+            waited = asyncio.get_running_loop().time() - stopping
+            assert response.status == 503 and response.headers["Retry-After"] == "1"
+            assert 0.9 < waited < 3, waited
+    finally:
+        gate.set()
+    await asyncio.wait_for(server, 30)
+    assert not engine.ready
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers can only be installed from the main thread",
+)
 async def test_a_sigterm_while_starting_stops_the_start(tmp_path) -> None:
     """A supervisor stopping a server that is still loading: it undoes the start and returns
     (killed there, a server with front ends left them orphaned)."""
