@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from aiohttp import web
@@ -118,6 +119,10 @@ async def run_server(
         raise ValueError(f"workers must be 0 (one process) or more, got {workers}")
     if not 0 <= port <= 65535:  # the OS would bind port % 65536, or fail obscurely
         raise ValueError(f"port must be from 0 (any free port) to 65535, got {port}")
+    try:  # a mistyped host is named now, before the backbone loads
+        socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"host {host!r} cannot be listened on: {exc.strerror}") from None
     raise_open_files_limit()
     shutdown = _Shutdown()
     with _on_signals(shutdown):
@@ -295,5 +300,5 @@ def _on_signals(shutdown: _Shutdown) -> Iterator[None]:
 
 
 def _base_url(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = address[0], address[1]
+    host, port = address[0] or "0.0.0.0", address[1]  # "": every interface
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

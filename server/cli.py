@@ -312,6 +312,18 @@ def engine_config(args: argparse.Namespace):
     )
 
 
+def training_config(args: argparse.Namespace):
+    """POST /v1/train's settings from ``--train-*`` (graft serve and graft demo alike)."""
+    from server.train_routes import TrainServiceConfig
+
+    return TrainServiceConfig(
+        max_upload_bytes=int(args.train_max_upload_mb * 1024 * 1024),
+        max_running=args.train_jobs,
+        worker_threads=args.train_threads,
+        max_job_seconds=args.train_max_minutes * 60,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from server.app import metrics_key_from_env, run_server
 
@@ -329,14 +341,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
 
     from server.demo import _run
-    from server.train_routes import TrainServiceConfig
 
-    training = TrainServiceConfig(
-        max_upload_bytes=int(args.train_max_upload_mb * 1024 * 1024),
-        max_running=args.train_jobs,
-        worker_threads=args.train_threads,
-        max_job_seconds=args.train_max_minutes * 60,
-    )
     _run(
         run_server(
             config,
@@ -344,7 +349,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.port,
             on_listening=listening,
             on_ready=announce,
-            training=training,
+            training=training_config(args),
             metrics=args.metrics,
             metrics_key=metrics_key_from_env(),
             workers=args.workers,

@@ -37,6 +37,7 @@ def run_demo(args: argparse.Namespace, config: EngineConfig) -> int:
         registry.revoke_keys(DEMO_TENANT)  # one live demo key at a time: the one printed below
         api_key = registry.issue_key(DEMO_TENANT)
     from server.app import metrics_key_from_env, run_server
+    from server.cli import training_config
 
     bound: list[str] = []  # the URL the socket got (its real port when --port is 0)
 
@@ -55,6 +56,7 @@ def run_demo(args: argparse.Namespace, config: EngineConfig) -> int:
             args.port,
             on_listening=on_listening,
             on_ready=on_ready,
+            training=training_config(args),
             metrics=args.metrics,
             metrics_key=metrics_key_from_env(),
             workers=args.workers,

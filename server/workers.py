@@ -190,7 +190,10 @@ def _refuse_if_taken(host: str, port: int) -> None:
     SO_REUSEPORT sockets (a second graft server, say) and split its traffic with it; a
     program without it made every front end exit, reported as that alone."""
     family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host or None,
+        port,
+        type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE,  # "": every one
     )[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
@@ -212,7 +215,7 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
         yield port
         return
     family, kind, proto, _, address = socket.getaddrinfo(
-        host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     with socket.socket(family, kind, proto) as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -398,3 +398,24 @@ def test_global_options_hold_before_or_after_the_command_name() -> None:
     neither = parser.parse_args(["adapters", "list", "--tenant", "acme"])
     assert neither.registry == os.environ.get("GRAFT_REGISTRY", "graft-registry")
     assert neither.backbone == os.environ.get("GRAFT_BACKBONE") and neither.verbose is False
+
+
+def test_demo_serves_with_the_training_flags_it_accepts(tmp_path, monkeypatch) -> None:
+    """graft demo took --train-* as serve does, then served without them."""
+    from server import app as app_module
+    from server import demo
+    from server.cli import _parser, engine_config
+
+    seen = {}
+
+    async def fake_run_server(*args, **kwargs) -> None:
+        seen.update(kwargs)
+
+    monkeypatch.setattr(app_module, "run_server", fake_run_server)
+    monkeypatch.setattr(demo, "_has_model", lambda registry, name: True)
+    argv = ["demo", "--registry", str(tmp_path / "reg"), "--train-max-upload-mb", "1"]
+    argv += ["--train-jobs", "3"]
+    args = _parser().parse_args(argv)
+    assert demo.run_demo(args, engine_config(args)) == 0
+    training = seen["training"]
+    assert training.max_upload_bytes == 1 << 20 and training.max_running == 3

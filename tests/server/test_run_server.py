@@ -215,3 +215,15 @@ async def test_the_server_raises_its_open_files_limit_to_the_hard_one() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     ).stdout.split()
     assert out == [str(hard), str(hard)], out
+
+
+async def test_a_host_that_cannot_be_listened_on_is_named_before_the_backbone_loads(
+    tmp_path,
+) -> None:
+    config = EngineConfig(registry_dir=tmp_path / "registry")
+    for workers in (0, 1):
+        with pytest.raises(ValueError, match="host 'no-such-host.invalid' cannot be listened on"):
+            await asyncio.wait_for(
+                run_server(config, "no-such-host.invalid", 0, workers=workers), 5
+            )
+    assert not (tmp_path / "registry").exists()  # nothing opened, nothing loaded
