@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -34,6 +35,7 @@ from server.errors import (
     RETRY_AFTER_S,
     UNAVAILABLE,
     ApiError,
+    Handler,
     error_middleware,
     from_engine_error,
 )
@@ -45,6 +47,7 @@ from server.link import (
     FrameSplitter,
     FrameWriter,
     Hello,
+    Refused,
     decode_answer,
 )
 from server.quiet_log import quiet_malformed_requests
@@ -72,6 +75,7 @@ _HOP_BY_HOP = frozenset(
 # request headers that no longer hold once aiohttp has decoded the body (gzip, deflate):
 # the proxy forwards the decoded bytes
 _DECODED = frozenset(["content-encoding"])
+_HANDED_OVER = web.RequestKey("handed_over", bool)  # answered in the engine's process
 _ENGINE_ORIGIN = "http://graft-engine"  # any host: the connector dials the unix socket
 
 
@@ -108,6 +112,11 @@ class EngineLink(asyncio.Protocol):
 
     def hello(self) -> None:
         self._out.send(Hello(os.getpid()))
+
+    def refused(self, status: int, seconds: float) -> None:
+        """Tell the engine's ``/metrics`` of a classify answered here."""
+        if not self.closed.is_set():
+            self._out.send(Refused(status, seconds))
 
     async def call(self, **fields: Any) -> Answer:
         if self.closed.is_set():
@@ -180,7 +189,8 @@ FRONT = web.AppKey("front", Front)
 
 def create_frontend_app(front: Front) -> web.Application:
     app = web.Application(
-        client_max_size=front.config.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=front.config.max_body_bytes,
+        middlewares=[_count_refusals, error_middleware],
     )
     app[FRONT] = front
     app[MAX_BODY_BYTES] = front.config.max_body_bytes
@@ -191,6 +201,17 @@ def create_frontend_app(front: Front) -> web.Application:
     return app
 
 
+@web.middleware
+async def _count_refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A classify refused here is counted in the engine's ``/metrics`` as it would be were
+    it served there: the requests handed over (or proxied) the engine counts itself."""
+    started = time.perf_counter()
+    response = await handler(request)
+    if request.get(_HANDED_OVER) is None and request.path == "/v1/classify":
+        request.app[FRONT].link.refused(response.status, time.perf_counter() - started)
+    return response
+
+
 async def classify(request: web.Request) -> web.StreamResponse:
     """Check and tokenize here; admit, run and format in the engine's process."""
     front = request.app[FRONT]
@@ -198,6 +219,7 @@ async def classify(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
     body = parse_body(raw)
     if body.stream:
+        request[_HANDED_OVER] = True
         return await proxy(request, raw)
     try:
         tokens = await tokenize_request(
@@ -210,6 +232,7 @@ async def classify(request: web.Request) -> web.StreamResponse:
         )
     except InputError as exc:
         raise from_engine_error(exc, field=body.input_field(exc.field)) from exc
+    request[_HANDED_OVER] = True
     try:
         answer = await front.link.call(
             tenant=tenant,

@@ -63,6 +63,14 @@ class Cancel(msgspec.Struct, tag="cancel", array_like=True):
     id: int
 
 
+class Refused(msgspec.Struct, tag="refused", array_like=True):
+    """A classify the front end answered itself (401, 413, 422...), for the engine's
+    ``/metrics``, which would otherwise count only the requests handed over."""
+
+    status: int
+    seconds: float
+
+
 class Answer(msgspec.Struct, array_like=True):
     """The HTTP answer to one ``Classify``: written out by the front end as it is."""
 
@@ -72,7 +80,7 @@ class Answer(msgspec.Struct, array_like=True):
     headers: dict[str, str]
 
 
-ToEngine = Hello | Classify | Cancel
+ToEngine = Hello | Classify | Cancel | Refused
 _encoder = msgspec.msgpack.Encoder()
 _to_engine = msgspec.msgpack.Decoder(ToEngine)
 _to_front = msgspec.msgpack.Decoder(Answer)
@@ -222,6 +230,9 @@ class LinkServer:
         elif isinstance(message, Cancel):
             if (handle := connection.running.get(message.id)) is not None:
                 handle.cancel()
+        elif isinstance(message, Refused):
+            if (state := self._app.get(METRICS)) is not None:
+                state.observe_request("POST", "/v1/classify", message.status, message.seconds)
         else:
             self.ready.add(message.pid)
             self._hello.set()

@@ -554,3 +554,39 @@ async def test_a_front_end_refuses_a_body_past_the_cap_before_it_is_sent(fronts,
         (host, int(port)), "/v1/classify", tenants.acme, MAX_BODY_BYTES + 1
     )
     assert answer.startswith(b"HTTP/1.1 413") and b'"type":"too_large"' in answer, answer[:300]
+
+
+async def test_classifies_a_front_end_refuses_are_counted_in_the_engines_metrics(
+    fronts, session, tenants: Tenants
+) -> None:
+    """Refused in the front end (401, 422), they never reached the engine's app, and
+    /metrics counted none: an alert on auth failures read zero behind --workers."""
+    url, _ = fronts
+    left = 'graft_http_request_duration_seconds_count{method="POST",route="/v1/classify",status="'
+
+    async def counts() -> dict[str, float]:
+        async with session.get(f"{url}/metrics") as response:
+            text = await response.text()
+        found = {}
+        for status in ("401", "422"):
+            line = next((x for x in text.splitlines() if x.startswith(f'{left}{status}"}}')), None)
+            found[status] = float(line.rsplit(" ", 1)[1]) if line else 0.0
+        return found
+
+    before = await counts()
+    bad_key = {"Authorization": "Bearer not-a-key"}
+    async with session.post(
+        f"{url}/v1/classify", json={"model": "spam", "input": "x"}, headers=bad_key
+    ) as r:
+        assert r.status == 401
+    good = {"Authorization": f"Bearer {tenants.acme}"}
+    async with session.post(
+        f"{url}/v1/classify", json={"model": "spam", "input": []}, headers=good
+    ) as r:
+        assert r.status == 422
+    for _ in range(100):  # the tallies travel over the link
+        after = await counts()
+        if after["401"] > before["401"] and after["422"] > before["422"]:
+            break
+        await asyncio.sleep(0.05)
+    assert after["401"] - before["401"] == 1 and after["422"] - before["422"] == 1, (before, after)
