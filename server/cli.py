@@ -326,7 +326,9 @@ def training_config(args: argparse.Namespace):
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import metrics_key_from_env, run_server
+    from server.cli_admin import require_registry
 
+    require_registry(args.registry)  # a mistyped path would serve a new, empty registry
     config = engine_config(args)
     bound: list[str] = []  # the URL the socket got (its real port when --port is 0)
 

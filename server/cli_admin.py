@@ -8,17 +8,24 @@ import sys
 def open_registry(args: argparse.Namespace, *, create: bool = False):
     """The registry at ``--registry``. Only ``tenants create`` makes a new one: any other
     command at a mistyped path would have left an empty registry there and found nothing."""
+    from registry import Registry
+
+    if not create:
+        require_registry(args.registry)
+    return Registry(args.registry)
+
+
+def require_registry(path: str) -> None:
+    """ValueError unless ``path`` holds a registry (its catalog)."""
     from pathlib import Path
 
-    from registry import Registry
     from registry.registry import CATALOG_FILE
 
-    if not create and not (Path(args.registry) / CATALOG_FILE).is_file():
+    if not (Path(path) / CATALOG_FILE).is_file():
         raise ValueError(
-            f"no registry at {args.registry}: create one with its first tenant "
-            f"(graft tenants create NAME --registry {args.registry})"
+            f"no registry at {path}: create one with its first tenant "
+            f"(graft tenants create NAME --registry {path})"
         )
-    return Registry(args.registry)
 
 
 def tenants_create(args: argparse.Namespace) -> int:

@@ -361,6 +361,9 @@ def test_graft_serve_on_port_0_announces_the_port_it_got(tmp_path: Path) -> None
     import sys
     import urllib.request
 
+    from server.cli import main
+
+    assert main(["--registry", str(tmp_path / "registry"), "tenants", "create", "acme"]) == 0
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRAFT_METRICS_KEY="")
     command = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--threads", "1"]
     server = subprocess.Popen(
@@ -419,3 +422,12 @@ def test_demo_serves_with_the_training_flags_it_accepts(tmp_path, monkeypatch) -
     assert demo.run_demo(args, engine_config(args)) == 0
     training = seen["training"]
     assert training.max_upload_bytes == 1 << 20 and training.max_running == 3
+
+
+def test_serve_refuses_a_path_that_holds_no_registry(tmp_path, capsys) -> None:
+    """A mistyped --registry served a new, empty registry that answered every key 401."""
+    from server.cli import main
+
+    assert main(["serve", "--registry", str(tmp_path / "typo"), "--port", "0"]) == 2
+    assert "no registry at" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
