@@ -162,6 +162,7 @@ async def _serve(
         )
         await runner.setup()
         grace = _Grace(engine)
+        shutdown.hurry = grace.end_now
         gave_up: list[str] = []
         try:
             async with listen(runner, engine) as ends:
@@ -196,14 +197,24 @@ class _Grace:
         self._engine = engine
         self._timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._hurried = False
 
     def start(self) -> None:
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, self._end)
+            delay = 0.0 if self._hurried else SHUTDOWN_GRACE_S
+            self._timer = asyncio.get_running_loop().call_later(delay, self._end)
+
+    def end_now(self) -> None:
+        """A second signal: what still runs fails now, not at the grace's end."""
+        self._hurried = True
+        if self._timer is not None and self._closing is None:
+            self._timer.cancel()
+            self._end()
 
     def _end(self) -> None:
-        log.warning("requests still running %.0f s into the stop fail now", SHUTDOWN_GRACE_S)
-        self._closing = asyncio.create_task(self._engine.close(), name="graft-grace-ended")
+        if self._closing is None:
+            log.warning("requests still running as the stop ends its grace fail now")
+            self._closing = asyncio.create_task(self._engine.close(), name="graft-grace-ended")
 
     async def finish(self) -> None:
         if self._timer is not None:
@@ -263,19 +274,23 @@ def _stop_if_failed(task: "asyncio.Task[None]", stop: asyncio.Event) -> None:
 
 
 class _Shutdown:
-    """SIGINT/SIGTERM. While serving: set ``stop``, so open requests finish first. While still
-    starting (the backbone loading, front ends spawning): cancel the start, which undoes what
-    started, child processes included; killed there, this process orphaned them."""
+    """SIGINT/SIGTERM. While serving: set ``stop``, so open requests finish first (a second
+    signal fails those still running at once). While still starting (the backbone loading,
+    front ends spawning): cancel the start, which undoes what started, child processes
+    included; killed there, this process orphaned them."""
 
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.is_serving = False
         self.caught: int | None = None
+        self.hurry: Callable[[], None] | None = None  # a second signal while stopping
         self._task = asyncio.current_task()
 
     def __call__(self, sig: int) -> None:
         self.caught = self.caught or sig
         if self.is_serving:
+            if self.stop.is_set() and self.hurry is not None:
+                self.hurry()
             self.stop.set()
         elif self._task is not None:
             self._task.cancel()
