@@ -28,6 +28,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--layers needs --hidden (the random-weight backbone it sizes)")
     if args.probe_seconds is not None and args.probe_seconds <= 0:
         p.error(f"--probe-seconds must be positive, got {args.probe_seconds:g}")
+    if args.arrival == "poisson" and args.cv != 1.0:  # a header would claim CV for Poisson
+        p.error("--cv sets gamma arrivals' burstiness: add --arrival gamma (Poisson's CV is 1)")
+    if not args.cv > 0:
+        p.error(f"--cv must be positive, got {args.cv:g}")
     return args
 
 

@@ -53,31 +53,49 @@ def latency_vs_load(plt: Any, sweep_list: Sequence[Any], path: Path, slo_ms: flo
     return True
 
 
-def throughput_vs_adapters(plt: Any, sweep_list: Sequence[Any], path: Path) -> bool:
-    """Saturation sequences/s against distinct adapters, one line per target, corpus and
-    popularity (a one-adapter sweep joins every popularity: with one adapter they agree);
-    the bare backbone as a dashed ceiling per corpus."""
-    series: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+def adapter_series(sweep_list: Sequence[Any]) -> dict[tuple[str, ...], dict[int, float]]:
+    """Saturation sequences/s by distinct adapters, one series per target, corpus,
+    popularity and arrival process (bursty traffic saturates elsewhere: as one series, its
+    point replaced the Poisson one). A one-adapter sweep joins every popularity of its
+    target, corpus and arrivals: with one adapter they agree."""
+    series: dict[tuple[str, ...], dict[int, float]] = defaultdict(dict)
     for s in sweep_list:
         if s.target != "backbone" and s.num_adapters > 1:
-            series[(s.target, s.corpus, s.popularity)][s.num_adapters] = s.saturation_seq_s
+            key = (s.target, s.corpus, s.popularity, _arrivals(s))
+            series[key][s.num_adapters] = s.saturation_seq_s
     for s in sweep_list:
         if s.target != "backbone" and s.num_adapters == 1:
             for key, points in series.items():
-                if key[:2] == (s.target, s.corpus):
+                if (key[0], key[1], key[3]) == (s.target, s.corpus, _arrivals(s)):
                     points[1] = s.saturation_seq_s
+    return series
+
+
+def _arrivals(sweep: Any) -> str:
+    return "poisson" if sweep.arrival == "poisson" else f"{sweep.arrival} cv {sweep.cv:g}"
+
+
+def throughput_vs_adapters(plt: Any, sweep_list: Sequence[Any], path: Path) -> bool:
+    """Saturation sequences/s against distinct adapters (`adapter_series`); the bare
+    backbone as a dashed ceiling per corpus and arrival process."""
+    series = adapter_series(sweep_list)
     ceilings = [s for s in sweep_list if s.target == "backbone"]
     if not any(len(points) > 1 for points in series.values()):
         return False
     from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for (target, corpus, popularity), points in sorted(series.items()):
+    for (target, corpus, popularity, arrivals), points in sorted(series.items()):
         xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{target} {corpus} {popularity}")
+        label = f"{target} {corpus} {popularity}" + (
+            "" if arrivals == "poisson" else f" {arrivals}"
+        )
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
     for s in ceilings:
         ax.axhline(s.saturation_seq_s, linestyle="--", color="grey", linewidth=1)
-        ax.annotate(f"bare backbone ({s.corpus})", (1, s.saturation_seq_s), fontsize=7)
+        ax.annotate(
+            f"bare backbone ({s.corpus}, {_arrivals(s)})", (1, s.saturation_seq_s), fontsize=7
+        )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_xlabel("distinct adapters in the traffic")

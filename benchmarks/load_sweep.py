@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.arrivals import DEFAULT_MAX_CHARS, TrafficConfig, load_corpus, schedule
 from benchmarks.common import GcPauses
-from benchmarks.load_stats import RunSummary, summarize
+from benchmarks.load_stats import RunSummary, is_saturated, summarize
 from benchmarks.load_targets import HttpTarget, Target, TargetOptions
 from benchmarks.open_loop import closed_loop, drive, write_jsonl
 from benchmarks.report import read_run
@@ -60,20 +60,6 @@ class SweepPlan:
     slo_s: float
     max_points: int = MAX_POINTS  # rates per sweep at most
     min_requests: int = 100  # stretch a low rate's duration (up to 2x) to send this many
-
-
-def is_saturated(summary: RunSummary, slo_s: float) -> bool:
-    """The server stopped keeping up: answers lag the offer, p99 exploded, or many failed."""
-    if summary.num_sent == 0:  # a short run at a low rate may send nothing: no evidence
-        return False
-    p99_ms = summary.latency_ms["p99"]
-    failed = 1 - summary.num_ok / summary.num_sent
-    return (
-        summary.throughput_rps < 0.85 * summary.sent_rps
-        or p99_ms is None
-        or p99_ms > 20 * slo_s * 1000
-        or failed > 0.05
-    )
 
 
 class RateProgression:

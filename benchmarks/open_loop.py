@@ -108,6 +108,8 @@ async def _send(
         outcome = await target.send(tenant, model, arrival.texts)
     except asyncio.CancelledError:  # the drain gave up on it: we cancelled, so we record it
         outcome = None
+    except Exception as exc:  # a target's own failure: a miss and an error, never left out
+        outcome = Outcome("error", time.perf_counter(), error=type(exc).__name__)
     records[index] = _record(arrival, tenant, model, scheduled_s, sent_s, outcome)
 
 

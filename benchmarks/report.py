@@ -27,6 +27,7 @@ from benchmarks.load_stats import (
     RunSummary,
     SweepSummary,
     comparisons,
+    is_saturated,
     summarize,
     sweeps,
 )
@@ -125,6 +126,12 @@ def runs_table(summaries: Sequence[RunSummary]) -> str:
     return _table(headers, rows)
 
 
+def _at_least(sweep: SweepSummary, slo_ms: float) -> str:
+    """ ">=" where no rate of the sweep saturated: the best answered rate is then only a
+    floor under saturation."""
+    return "" if any(is_saturated(p, slo_ms / 1000) for p in sweep.points) else ">="
+
+
 def headline_table(sweep_list: Sequence[SweepSummary], slo_ms: float) -> str:
     rows = [
         [
@@ -133,8 +140,8 @@ def headline_table(sweep_list: Sequence[SweepSummary], slo_ms: float) -> str:
             s.corpus,
             s.num_adapters,
             s.popularity,
-            _fmt(s.saturation_rps),
-            _fmt(s.saturation_seq_s),
+            _at_least(s, slo_ms) + _fmt(s.saturation_rps),
+            _at_least(s, slo_ms) + _fmt(s.saturation_seq_s),
             _fmt(s.goodput_rps),
             f"{_fmt(s.low_load_p99_ms)} @ {_fmt(s.low_load_rps)}/s",
         ]
@@ -213,6 +220,19 @@ def print_report(
     }
 
 
+def runs_mixed(summaries: Sequence[RunSummary]) -> str | None:
+    """Why these files cannot be reported together, if they cannot: a scenario found in
+    two runs' directories would be one sweep of both, its saturation the better run's."""
+    dirs: dict[str, set[str]] = {}
+    for s in summaries:
+        dirs.setdefault(s.scenario, set()).add(str(Path(s.path).parent))
+    for scenario, found in dirs.items():
+        if len(found) > 1:
+            shown = ", ".join(sorted(found))
+            return f"scenario {scenario} comes from several runs ({shown}): report one at a time"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from benchmarks.load_plots import plot_all
 
@@ -234,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summaries = [summarize(read_run(path), args.slo_ms / 1000) for path in files]
     except (ValueError, KeyError) as exc:
         parser.error(f"not a load-test file: {exc}")
+    if mixed := runs_mixed(summaries):
+        parser.error(mixed)
     payload = print_report(summaries, args.slo_ms)
     args.out.mkdir(parents=True, exist_ok=True)
     payload["plots"] = [] if args.no_plots else plot_all(sweeps(summaries), args.out, args.slo_ms)

@@ -78,6 +78,9 @@ def test_throughput_counts_answered_requests_and_inputs_over_the_span() -> None:
     assert rps == pytest.approx(10 / 0.95)
     assert seq_s == pytest.approx(20 / 0.95)
     assert throughput([rec(0, None, "error")]) == (0.0, 0.0)
+    # the window opens at the schedule's start, not at its first arrival: one request sent
+    # 0.8 s in and answered in 4 ms is 1.2 req/s over 0.804 s, not 250 req/s over 4 ms
+    assert throughput([rec(0.8, 0.004)])[0] == pytest.approx(1 / 0.804)
 
 
 def test_error_counts_by_status() -> None:
@@ -256,3 +259,73 @@ def test_step_stats_from_the_footer_counters() -> None:
     assert s.cpu_share is None  # the bare backbone's batcher does not count CPU time
     s = summarize(Run(Path("z"), header("p", "peft", 10), [rec(0, 0.01)], {}), SLO_S)
     assert s.rows_per_step is None and s.busy_share is None and s.cpu_share is None
+
+
+def test_the_adapters_plot_keeps_bursty_traffic_apart_from_poisson() -> None:
+    """One series per target, corpus and popularity took the bursty 1,000-adapter run's
+    saturation in place of the Poisson one's (it comes later in the standard set)."""
+    from types import SimpleNamespace
+
+    from benchmarks.load_plots import adapter_series
+
+    def sweep(adapters: int, seq_s: float, arrival: str = "poisson", cv: float = 1.0):
+        return SimpleNamespace(
+            target="embedded",
+            corpus="sms",
+            popularity="zipf",
+            num_adapters=adapters,
+            arrival=arrival,
+            cv=cv,
+            saturation_seq_s=seq_s,
+        )
+
+    series = adapter_series(
+        [sweep(1, 190.0), sweep(100, 180.0), sweep(1000, 170.0), sweep(1000, 82.6, "gamma", 3.0)]
+    )
+    assert series[("embedded", "sms", "zipf", "poisson")] == {1: 190.0, 100: 180.0, 1000: 170.0}
+    assert series[("embedded", "sms", "zipf", "gamma cv 3")] == {1000: 82.6}
+
+
+def test_a_scenario_from_two_runs_is_refused_not_merged() -> None:
+    from types import SimpleNamespace
+
+    def point(path: str):
+        return SimpleNamespace(scenario="embedded-sms-1a", path=path)
+
+    one_run = [point("out/a/embedded-sms-1a-r40.jsonl"), point("out/a/embedded-sms-1a-r80.jsonl")]
+    assert report.runs_mixed(one_run) is None
+    two_runs = [*one_run, point("out/b/embedded-sms-1a-r40.jsonl")]
+    assert "comes from several runs (out/a, out/b)" in report.runs_mixed(two_runs)
+
+
+def test_a_sweep_that_never_saturated_shows_its_best_rate_as_a_floor() -> None:
+    from types import SimpleNamespace
+
+    def point(offered: float, answered: float):
+        return SimpleNamespace(
+            num_sent=100,
+            num_ok=100,
+            latency_ms={"p99": 20.0},
+            throughput_rps=answered,
+            sent_rps=offered,
+        )
+
+    def sweep(points):
+        return SimpleNamespace(
+            scenario="s",
+            target="embedded",
+            corpus="sms",
+            num_adapters=1,
+            popularity="zipf",
+            saturation_rps=51.6,
+            saturation_seq_s=51.6,
+            goodput_rps=40.0,
+            low_load_p99_ms=9.0,
+            low_load_rps=20.0,
+            points=points,
+        )
+
+    kept_up = report.headline_table([sweep([point(20, 20), point(40, 40)])], 50.0)
+    assert ">=51.6" in kept_up
+    fell_behind = report.headline_table([sweep([point(20, 20), point(80, 51.6)])], 50.0)
+    assert ">=" not in fell_behind and "51.6" in fell_behind

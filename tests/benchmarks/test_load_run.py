@@ -4,6 +4,7 @@ No timing is asserted: only that requests were sent on schedule, answered, recor
 promised fields, and that the report understands the file.
 """
 
+import dataclasses
 import json
 import multiprocessing
 import time
@@ -219,3 +220,47 @@ def test_a_sweep_freezes_its_process_start_up_objects_until_closed(
     runner.close()
     runner.close()
     assert calls == ["freeze", "release"]
+
+
+def test_a_request_whose_target_raises_is_recorded_as_an_error_not_left_out() -> None:
+    """Only cancellation was caught: any other exception left the request without a record,
+    so it counted neither against the SLO nor among the errors."""
+    import asyncio
+
+    from benchmarks.arrivals import Arrival
+    from benchmarks.load_stats import error_counts, slo_attainment
+    from benchmarks.load_targets import Outcome
+    from benchmarks.open_loop import drive
+
+    class Flaky:
+        kind = "embedded"
+        models = (("acme", "spam"),)
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def send(self, tenant, model, texts) -> Outcome:
+            self.calls += 1
+            if self.calls % 2 == 0:
+                raise RuntimeError("tokenizer broke")
+            return Outcome(200, time.perf_counter(), tokens=3)
+
+        async def counters(self) -> dict[str, Any]:
+            return {}
+
+    arrivals = [Arrival(t_s=i * 0.001, adapter=0, texts=("hi",)) for i in range(10)]
+    run = asyncio.run(drive(Flaky(), arrivals, drain_s=1.0, progress=False))
+    records = [dataclasses.asdict(record) for record in run.records]
+    assert len(records) == 10
+    assert error_counts(records) == {"error": 5}
+    assert [r["error"] for r in records if r["status"] != 200] == ["RuntimeError"] * 5
+    assert slo_attainment(records, 0.05) == 0.5
+
+
+def test_a_cv_without_gamma_arrivals_is_refused(capsys) -> None:
+    """--cv 3 with Poisson arrivals ran Poisson traffic under a header that claimed CV 3."""
+    for argv in (["--cv", "3"], ["--arrival", "gamma", "--cv", "0"]):
+        with pytest.raises(SystemExit):
+            load.parse_args(argv)
+    assert "--arrival gamma" in capsys.readouterr().err
+    assert load.parse_args(["--arrival", "gamma", "--cv", "3"]).cv == 3.0
