@@ -157,6 +157,8 @@ def _new_manager(app: web.Application) -> JobManager:
 async def start_job(request: web.Request) -> web.Response:
     """Validate the upload; 202 with the job's id and the validation report."""
     manager, tenant = _manager_and_tenant(request)
+    # the tenant as authenticated: one deleted and made again during the upload never owns it
+    born = request.app[ENGINE].registry.tenant_created_at(tenant)
     upload = await read_upload(request, request.app[TRAINING].config.max_upload_bytes)
     job = parse_options(upload.options)
     try:
@@ -177,6 +179,7 @@ async def start_job(request: web.Request) -> web.Response:
         promote=job.promote,
         data=upload.data,
         filename=upload.filename,
+        tenant_created_at=born,
     )
     record = await _call(submit, request.app[TRAINING].uploads)
     body = {"id": record.id, "state": record.state, "report": record.report}

@@ -120,11 +120,17 @@ class JobManager(ManagerThread):
         promote: bool,
         data: bytes,
         filename: str,
+        tenant_created_at: float | None = None,
     ) -> JobRecord:
         """Validate the upload and queue a job; raises InvalidData, TooManyJobs.
 
         An upload counts against the tenant's unfinished jobs while it is validated too, so
-        one tenant cannot queue unbounded uploads for the validator, which all share."""
+        one tenant cannot queue unbounded uploads for the validator, which all share.
+        ``tenant_created_at``: the tenant's stamp when the caller was authenticated (read
+        here, before the check, without it). Read after the check, a tenant deleted and made
+        again meanwhile would own the old one's upload."""
+        if tenant_created_at is None:
+            tenant_created_at = self._registry.tenant_created_at(tenant)
         store = self._require_store()
         data_file = "data" + check_suffix(filename)
         with self._counted_upload(tenant):
@@ -143,7 +149,7 @@ class JobManager(ManagerThread):
                     config={field: getattr(config, field) for field in config.__slots__},
                     report=report,
                     created_at=time.time(),
-                    tenant_created_at=self._registry.tenant_created_at(tenant),
+                    tenant_created_at=tenant_created_at,
                 )
                 with self._lock:
                     self._check_room(tenant, uploads_of_caller=1)

@@ -427,3 +427,23 @@ def test_a_deleted_tenants_jobs_are_cancelled_and_unseen_by_its_successor(
     assert not (jobs_dir / running.id).exists() and (jobs_dir / fresh.id / "data.csv").is_file()
     assert set(manager._jobs) == {fresh.id} == {job.id for job in manager.list_jobs("acme")}
     assert [p.name for p in jobs_dir.iterdir() if p.name.startswith(".removing-")] == []
+
+
+def test_an_upload_checked_while_its_tenant_is_remade_is_not_the_new_tenants(
+    make_manager, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner's stamp was read after the check, which takes seconds for a big file: a
+    tenant deleted and created again meanwhile got the old one's upload as its own job."""
+    manager = make_manager()
+    check = manager._checker.check
+
+    def check_while_remade(*args):
+        registry.delete_tenant("acme")
+        registry.create_tenant("acme")
+        return check(*args)
+
+    monkeypatch.setattr(manager._checker, "check", check_while_remade)
+    old = submit(manager, config=TrainConfig(epochs=1_000))
+    assert manager.list_jobs("acme") == []
+    with pytest.raises(JobNotFound):
+        manager.get("acme", old.id)
