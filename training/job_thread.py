@@ -4,7 +4,9 @@ ended. `JobManager` (jobs.py) inherits these methods; they run on that thread al
 from the state changes, which every caller makes under the manager's lock.
 """
 
+import contextlib
 import logging
+import shutil
 import threading
 import time
 from dataclasses import replace
@@ -24,6 +26,7 @@ from training.job_store import (
     JobRecord,
     event,
 )
+from training.job_worker import SCRATCH_DIR
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +238,18 @@ class ManagerThread:
     def _finish(self, record: JobRecord, state: str, final_event: dict[str, Any]) -> JobRecord:
         finished = replace(record, state=state, finished_at=time.time())
         self._update(finished, final_event)
+        self._drop_scratch(finished)
         log.info("training job %s %s", record.id, state)
         return finished
+
+    def _drop_scratch(self, record: JobRecord) -> None:
+        """A finished job keeps its record and events, not its upload (up to the upload cap:
+        cancelled jobs filled the disk) nor its worker's scratch files, which a killed worker
+        (cancel, time limit) leaves: the held-out texts and the weights."""
+        job_dir = self._require_store().job_dir(record.id)
+        with contextlib.suppress(OSError):
+            (job_dir / record.data_file).unlink(missing_ok=True)
+        shutil.rmtree(job_dir / SCRATCH_DIR, ignore_errors=True)
 
     def _update(self, record: JobRecord, new_event: dict[str, Any]) -> None:
         # in memory first: a disk refusing the write (full) loses it only across a restart

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 GO, STOP = "go", "stop"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+SCRATCH_DIR = "tmp"  # in the job's directory
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,11 @@ class PublishRefused(Exception):
 def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     """The spawned process's entry point: train, publish, report; never raises."""
     _die_with_parent(spec.parent_pid)
+    # temporary files (the staged version: held-out texts, weights) go in the job's directory,
+    # which the manager empties when the job ends; killed, the worker cleans up nothing
+    scratch = spec.data_path.parent / SCRATCH_DIR
+    scratch.mkdir(exist_ok=True)
+    tempfile.tempdir = str(scratch)
     try:
         outcome = _train(spec, conn)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends

@@ -356,7 +356,7 @@ def test_a_job_stays_its_tenants_when_the_clock_steps_back(
     manager._wake()
     time.sleep(0.5)
     assert manager.get("acme", job.id).state == CANCELLED
-    assert (tmp_path / "jobs" / job.id / "data.csv").is_file()
+    assert (tmp_path / "jobs" / job.id / "job.json").is_file()
     assert "tenant_created_at" not in manager.get("acme", job.id).to_dict()  # not for clients
 
 
@@ -393,7 +393,11 @@ def test_job_files_are_json(make_manager, tmp_path: Path) -> None:
     manager.cancel("acme", job.id)
     stored = json.loads((tmp_path / "jobs" / job.id / "job.json").read_text())
     assert stored["state"] == "cancelled" and stored["tenant"] == "acme"
-    assert (tmp_path / "jobs" / job.id / "data.csv").read_bytes() == sms_csv()
+    # a finished job keeps its record and events, not its upload: cancelled jobs filled disks
+    assert sorted(p.name for p in (tmp_path / "jobs" / job.id).iterdir()) == [
+        "events.ndjson",
+        "job.json",
+    ]
 
 
 def test_a_deleted_tenants_jobs_are_cancelled_and_unseen_by_its_successor(
@@ -420,11 +424,11 @@ def test_a_deleted_tenants_jobs_are_cancelled_and_unseen_by_its_successor(
     fresh = submit(manager, config=TINY)  # the new tenant's own job runs and is listed
     assert [job.id for job in manager.list_jobs("acme")] == [fresh.id]
     jobs_dir = tmp_path / "jobs"
-    assert (jobs_dir / running.id / "data.csv").is_file()
+    assert (jobs_dir / running.id / "job.json").is_file()
     manager._next_purge_at = 0.0
     manager._wake()
     wait_for(lambda: not (jobs_dir / queued.id).exists())
-    assert not (jobs_dir / running.id).exists() and (jobs_dir / fresh.id / "data.csv").is_file()
+    assert not (jobs_dir / running.id).exists() and (jobs_dir / fresh.id / "job.json").is_file()
     assert set(manager._jobs) == {fresh.id} == {job.id for job in manager.list_jobs("acme")}
     assert [p.name for p in jobs_dir.iterdir() if p.name.startswith(".removing-")] == []
 
@@ -447,3 +451,18 @@ def test_an_upload_checked_while_its_tenant_is_remade_is_not_the_new_tenants(
     assert manager.list_jobs("acme") == []
     with pytest.raises(JobNotFound):
         manager.get("acme", old.id)
+
+
+def test_a_killed_workers_scratch_goes_with_its_job(make_manager, tmp_path: Path) -> None:
+    """The worker staged its version (held-out texts, weights) in /tmp and removed it in a
+    finally that SIGKILL (cancel, time limit) never runs: they stayed there for good. Its
+    temporary files now live in the job's directory, emptied when the job ends."""
+    manager = make_manager()
+    job = submit(manager, config=TrainConfig(epochs=1_000, patience=1_000))
+    scratch = tmp_path / "jobs" / job.id / "tmp"
+    wait_for(lambda: manager.get("acme", job.id).state == RUNNING and scratch.is_dir())
+    (scratch / "graft-train-leftover").mkdir()  # as a staged version at the kill
+    manager.cancel("acme", job.id)
+    wait_for(lambda: manager.worker_pid(job.id) is None)
+    assert manager.get("acme", job.id).state == CANCELLED
+    assert not scratch.exists()
