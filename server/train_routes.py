@@ -231,11 +231,16 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 async def _follow(
     manager: JobManager, tenant: str, job_id: str, start: int, poll_s: float
 ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-    """(number, event) pairs from `start` on, ending after the job's final event."""
+    """(number, event) pairs from `start` on, ending after the job's final event, or once
+    the job is no longer the tenant's (the tenant was deleted: the stream ends, not fails)."""
     number = start
     while True:
-        is_final = manager.get(tenant, job_id).is_final  # read before the events: none is missed
-        for item in manager.events(tenant, job_id, number):
+        try:
+            is_final = manager.get(tenant, job_id).is_final  # before the events: none missed
+            events = manager.events(tenant, job_id, number)
+        except (JobNotFound, FileNotFoundError):  # its directory removed with the tenant
+            return
+        for item in events:
             yield number, item
             number += 1
             if item["type"] in FINAL_EVENTS:

@@ -533,3 +533,18 @@ async def test_uploads_waiting_for_the_validator_hold_up_no_promote(
         responses = await asyncio.gather(*uploads)
     assert [r.status for r in responses] == [422] * 6
     assert threads and all(name.startswith("graft-train-upload") for name in threads)
+
+
+async def test_an_event_stream_ends_cleanly_when_its_tenant_is_deleted(client, engine) -> None:
+    """The stream asked for the job on every poll; once its tenant was gone that raised
+    after the answer had begun: a cut chunked body and a 500 in the log."""
+    key = engine.registry.create_tenant("carol")
+    started = await start(client, key, name="doomed", epochs="1000")
+    url = f"/v1/train/{started['id']}/events"
+    async with client.get(url, headers=bearer(key)) as response:
+        assert response.status == 200
+        first = json.loads(await response.content.readline())
+        assert first["type"] == "report"
+        engine.registry.delete_tenant("carol")
+        rest = await asyncio.wait_for(response.read(), WAIT_S)  # ends, and reads whole
+    assert all(json.loads(line)["type"] != "error" for line in rest.splitlines())
