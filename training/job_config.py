@@ -12,6 +12,8 @@ class JobsConfig:
     backbone_sha256: str | None = None  # pin: workers refuse other weights
     max_running: int = 1  # jobs training at once, server-wide
     max_jobs_per_tenant: int = 3  # unfinished (queued or running) jobs one tenant may have
+    # finished jobs kept per tenant, newest first; older ones' records are removed
+    finished_jobs_kept: int = 100
     worker_threads: int = 1  # torch threads per worker, so serving keeps its cores
     cancel_wait_s: float = 10.0  # how long `cancel` waits for the worker to end
     # a running job's worker is killed past this (jobs run one at a time server-wide, so
@@ -19,7 +21,7 @@ class JobsConfig:
     max_job_seconds: float | None = 3600.0
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_jobs_per_tenant", "worker_threads"):
+        for name in ("max_running", "max_jobs_per_tenant", "worker_threads", "finished_jobs_kept"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_job_seconds is not None and not self.max_job_seconds > 0:

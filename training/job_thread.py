@@ -201,18 +201,27 @@ class ManagerThread:
 
     def _purge_orphans(self) -> None:
         """Remove the stopped jobs of deleted tenants, directories and all: the upload, the
-        events and a full-mode model are that tenant's data, and nobody can ask for them."""
+        events and a full-mode model are that tenant's data, and nobody can ask for them.
+        Past ``finished_jobs_kept`` finished jobs a tenant, the oldest go too: a tenant
+        submitting and cancelling in a loop grew the directory and every listing."""
         born: dict[str, float | None] = {}
         with self._lock:
             gone = []
+            kept: dict[str, list[JobRecord]] = {}
             for record in list(self._jobs.values()):
                 if not record.is_final or record.id in self._workers:
                     continue
                 if record.tenant not in born:
                     born[record.tenant] = self._registry.tenant_created_at(record.tenant)
                 if not is_owner(record, record.tenant, born[record.tenant]):
-                    del self._jobs[record.id]
                     gone.append(record.id)
+                else:
+                    kept.setdefault(record.tenant, []).append(record)
+            for records in kept.values():
+                records.sort(key=lambda r: r.finished_at or 0.0, reverse=True)
+                gone += [r.id for r in records[self._config.finished_jobs_kept :]]
+            for job_id in gone:
+                del self._jobs[job_id]
             if gone:
                 self._changed.notify_all()  # a cancel waiting on one of them returns
         store = self._require_store()
@@ -222,7 +231,7 @@ class ManagerThread:
             except OSError:  # left for the next start, which finds it orphaned again
                 log.exception("training job %s: removing its directory failed", job_id)
                 continue
-            log.info("training job %s removed: %s", job_id, _ORPHANED)
+            log.info("training job %s removed (its tenant's gone, or it is an old one)", job_id)
 
     # state changes (under the lock) ----------------------------------------------------
 

@@ -466,3 +466,19 @@ def test_a_killed_workers_scratch_goes_with_its_job(make_manager, tmp_path: Path
     wait_for(lambda: manager.worker_pid(job.id) is None)
     assert manager.get("acme", job.id).state == CANCELLED
     assert not scratch.exists()
+
+
+def test_only_the_newest_finished_jobs_are_kept(make_manager, tmp_path: Path) -> None:
+    manager = make_manager(finished_jobs_kept=2)
+    jobs = []
+    for _ in range(4):
+        job = submit(manager, config=TrainConfig(epochs=1_000, patience=1_000))
+        manager.cancel("acme", job.id)
+        jobs.append(job)
+    running = submit(manager, tenant="bob", config=TrainConfig(epochs=1_000, patience=1_000))
+    manager._next_purge_at = 0.0
+    manager._wake()
+    wait_for(lambda: len(manager.list_jobs("acme")) == 2)
+    assert {job.id for job in manager.list_jobs("acme")} == {jobs[2].id, jobs[3].id}
+    assert not (tmp_path / "jobs" / jobs[0].id).exists()
+    assert [job.id for job in manager.list_jobs("bob")] == [running.id]  # unfinished: kept
