@@ -70,12 +70,7 @@ async def test_serves_until_cancelled_then_closes_everything(tmp_path) -> None:
     reason="signal handlers can only be installed from the main thread",
 )
 async def test_sigterm_stops_the_server_and_cuts_open_streams(tmp_path) -> None:
-    started = Started()
-    server = start(tmp_path, started)
-    url = await asyncio.wait_for(started.url, 30)
-    engine = await asyncio.wait_for(started.engine, 30)
-    key = engine.registry.create_tenant("acme")
-    _publish(engine, tmp_path)
+    server, url, engine, key = await _serving_a_model(tmp_path)
     body = {"model": "tiny", "input": [f"row {i}" for i in range(200)], "stream": True}
     headers = {"Authorization": f"Bearer {key}"}
     async with (
@@ -108,12 +103,7 @@ async def test_a_request_still_running_when_the_grace_ends_gets_503(
     from server import app as app_module
 
     monkeypatch.setattr(app_module, "SHUTDOWN_GRACE_S", grace_s)
-    started = Started()
-    server = start(tmp_path, started)
-    url = await asyncio.wait_for(started.url, 30)
-    engine = await asyncio.wait_for(started.engine, 30)
-    key = engine.registry.create_tenant("acme")
-    _publish(engine, tmp_path)
+    server, url, engine, key = await _serving_a_model(tmp_path)
     gate = threading.Event()
     engine._executor.submit(gate.wait, 60)  # the model thread busy past the grace
     try:
@@ -182,6 +172,17 @@ async def test_a_failing_on_ready_stops_the_server_and_is_raised(tmp_path) -> No
     config = EngineConfig(registry_dir=tmp_path / "registry")
     with pytest.raises(RuntimeError, match="demo failed"):
         await asyncio.wait_for(run_server(config, "127.0.0.1", 0, on_ready=on_ready), 30)
+
+
+async def _serving_a_model(tmp_path) -> tuple[asyncio.Task[None], str, Engine, str]:
+    """A started server whose tenant acme has the model "tiny": its task, URL, engine, key."""
+    started = Started()
+    server = start(tmp_path, started)
+    url = await asyncio.wait_for(started.url, 30)
+    engine = await asyncio.wait_for(started.engine, 30)
+    key = engine.registry.create_tenant("acme")
+    _publish(engine, tmp_path)
+    return server, url, engine, key
 
 
 def _publish(engine: Engine, tmp_path) -> None:
