@@ -219,7 +219,6 @@ async def classify(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
     body = parse_body(raw)
     if body.stream:
-        request[_HANDED_OVER] = True
         return await proxy(request, raw)
     try:
         tokens = await tokenize_request(
@@ -258,6 +257,7 @@ async def classify(request: web.Request) -> web.StreamResponse:
 
 async def proxy(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
     """The request as the engine's own app answers it, streamed back as it comes."""
+    request[_HANDED_OVER] = True  # counted there, whatever the answer
     session = request.app[FRONT].session
     headers = CIMultiDict(  # a header sent twice is forwarded twice, as the client sent it
         (k, v)

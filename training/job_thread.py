@@ -215,7 +215,8 @@ class ManagerThread:
                     born[record.tenant] = self._registry.tenant_created_at(record.tenant)
                 if not is_owner(record, record.tenant, born[record.tenant]):
                     gone.append(record.id)
-                else:
+                elif not (record.mode == "full" and record.state == SUCCEEDED):
+                    # a full job's model is the operator's to take away (README): kept
                     kept.setdefault(record.tenant, []).append(record)
             for records in kept.values():
                 records.sort(key=lambda r: r.finished_at or 0.0, reverse=True)

@@ -590,3 +590,28 @@ async def test_classifies_a_front_end_refuses_are_counted_in_the_engines_metrics
             break
         await asyncio.sleep(0.05)
     assert after["401"] - before["401"] == 1 and after["422"] - before["422"] == 1, (before, after)
+
+
+async def test_a_proxied_classify_is_counted_once(fronts, session, tenants: Tenants) -> None:
+    """A GET of /v1/classify goes through to the engine, which counts its 405: the front end
+    must not count it again as a refusal of its own."""
+    url, _ = fronts
+    series = 'graft_http_request_duration_seconds_count{method="GET",'  # route: "unmatched"
+
+    async def count() -> float:
+        async with session.get(f"{url}/metrics") as response:
+            text = await response.text()
+        lines = [x for x in text.splitlines() if x.startswith(series) and 'status="405"' in x]
+        return sum(float(x.rsplit(" ", 1)[1]) for x in lines)
+
+    before = await count()
+    async with session.get(f"{url}/v1/classify") as response:
+        assert response.status == 405
+    await asyncio.sleep(0.3)  # a tally would travel over the link meanwhile
+    after = await count()
+    posts = (
+        'graft_http_request_duration_seconds_count{method="POST",route="/v1/classify",status="405"}'
+    )
+    async with session.get(f"{url}/metrics") as response:
+        assert posts not in await response.text()
+    assert after - before == 1
