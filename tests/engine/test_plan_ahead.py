@@ -2,6 +2,7 @@
 only when the queue holds a step's worth, and nothing held once the engine closes."""
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -94,9 +95,12 @@ async def test_closing_never_starts_the_step_planned_ahead(registry, publish_ran
     await engine.start()
     steps, started = engine._steps, []
     timed_step = steps._timed_step
+    running = threading.Event()  # the first step runs until the close has begun
 
     def noting(item, interleave):
         started.append(item)
+        if len(started) == 1:
+            running.wait(30)
         return timed_step(item, interleave)
 
     steps._timed_step = noting  # type: ignore[method-assign]
@@ -104,7 +108,10 @@ async def test_closing_never_starts_the_step_planned_ahead(registry, publish_ran
     while steps._ahead is None:
         await asyncio.sleep(0.0005)
     ahead = steps._ahead[0]
-    await engine.close()
+    closing = asyncio.ensure_future(engine.close())
+    await asyncio.sleep(0.2)  # the close cancels what is queued, then waits for the step
+    running.set()
+    await closing
     for request in requests:
         with pytest.raises(EngineClosed):
             await request
