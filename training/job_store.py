@@ -15,6 +15,7 @@ at a time; readers (event streams) may read concurrently, so every replacement i
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from training.job_config import JobsUnavailable
+
+log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
@@ -145,11 +148,22 @@ class JobStore:
         return JobRecord.from_dict(json.loads(raw))
 
     def all(self) -> Iterator[JobRecord]:
-        """Every stored job, oldest first."""
-        records = (
-            self.load(entry.name) for entry in os.scandir(self._root) if is_job_id(entry.name)
-        )
-        yield from sorted((r for r in records if r is not None), key=lambda r: r.created_at)
+        """Every stored job, oldest first. A record that cannot be read (an empty or edited
+        file: writes are atomic) is logged and left out, where it stopped the server."""
+        records = []
+        for entry in os.scandir(self._root):
+            if not is_job_id(entry.name):
+                continue
+            try:
+                record = self.load(entry.name)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                log.warning(
+                    "training job %s: its record cannot be read, left out: %s", entry.name, exc
+                )
+                continue
+            if record is not None:
+                records.append(record)
+        yield from sorted(records, key=lambda r: r.created_at)
 
     def append_event(self, job_id: str, event: dict[str, Any]) -> None:
         """Append one event; a line is written whole, so readers see whole lines only

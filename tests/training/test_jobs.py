@@ -484,3 +484,18 @@ def test_only_the_newest_finished_jobs_are_kept(make_manager, tmp_path: Path) ->
     wait_for(lambda: not any((tmp_path / "jobs" / job.id).exists() for job in jobs[:2]))
     assert all((tmp_path / "jobs" / job.id).exists() for job in jobs[2:])
     assert [job.id for job in manager.list_jobs("bob")] == [running.id]  # unfinished: kept
+
+
+def test_an_unreadable_job_record_is_left_out_not_fatal(make_manager, tmp_path: Path) -> None:
+    """An empty job.json (edited, or a disk's fault: graft's writes are atomic) made the
+    manager's start raise, and with it the whole server's."""
+    broken = tmp_path / "jobs" / ("0" * 32)
+    broken.mkdir(parents=True)
+    (broken / "job.json").write_text("")
+    other = tmp_path / "jobs" / ("1" * 32)
+    other.mkdir()
+    (other / "job.json").write_text('{"id": "x"}')  # parses, lacks the fields
+    manager = make_manager()
+    assert manager.list_jobs("acme") == []
+    job = submit(manager)
+    assert [j.id for j in manager.list_jobs("acme")] == [job.id]
