@@ -324,9 +324,11 @@ class Registry(Tenancy):
         # Under the write lock: a publisher is between rename and insert only while holding it.
         with self._write() as conn:
             known = catalog.adapter_versions(conn)
-            unknown = [v for v in self._store.version_dirs() if v[:3] not in known]
-            deleted = [v for v in unknown if deletion.deleted_at(conn, *v[:3]) is not None]
-            unrecorded = [v for v in unknown if v not in deleted]
+            deleted, unrecorded = [], []
+            for version in self._store.version_dirs():
+                if version[:3] not in known:
+                    was_deleted = deletion.deleted_at(conn, *version[:3]) is not None
+                    (deleted if was_deleted else unrecorded).append(version)
             if unrecorded and not catalog.list_tenants(conn):
                 raise RegistryError(
                     f"{self._root / CATALOG_FILE} records no tenant, yet {len(unrecorded)} "

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server import cli_admin as admin
-from server.cli_args import common_options, positive_int, serve_options
+from server.cli_args import common_options, positive_int, serve_options, training_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,18 +309,6 @@ def engine_config(args: argparse.Namespace):
         num_threads=args.threads,  # None: EngineConfig.intra_op_threads (every core)
         cuda_graphs=args.cuda_graphs,
         plan_ahead=args.plan_ahead,
-    )
-
-
-def training_config(args: argparse.Namespace):
-    """POST /v1/train's settings from ``--train-*`` (graft serve and graft demo alike)."""
-    from server.train_routes import TrainServiceConfig
-
-    return TrainServiceConfig(
-        max_upload_bytes=int(args.train_max_upload_mb * 1024 * 1024),
-        max_running=args.train_jobs,
-        worker_threads=args.train_threads,
-        max_job_seconds=args.train_max_minutes * 60,
     )
 
 

@@ -167,3 +167,15 @@ def serve_options(p: argparse.ArgumentParser) -> None:
         help="do not serve GET /metrics (Prometheus; $GRAFT_METRICS_KEY, when set, is the "
         "bearer key scrapes must send)",
     )
+
+
+def training_config(args: argparse.Namespace):
+    """POST /v1/train's settings from ``--train-*`` (graft serve and graft demo alike)."""
+    from server.train_routes import TrainServiceConfig
+
+    return TrainServiceConfig(
+        max_upload_bytes=int(args.train_max_upload_mb * 1024 * 1024),
+        max_running=args.train_jobs,
+        worker_threads=args.train_threads,
+        max_job_seconds=args.train_max_minutes * 60,
+    )

@@ -37,7 +37,7 @@ def run_demo(args: argparse.Namespace, config: EngineConfig) -> int:
         registry.revoke_keys(DEMO_TENANT)  # one live demo key at a time: the one printed below
         api_key = registry.issue_key(DEMO_TENANT)
     from server.app import metrics_key_from_env, run_server
-    from server.cli import training_config
+    from server.cli_args import training_config
 
     bound: list[str] = []  # the URL the socket got (its real port when --port is 0)
 

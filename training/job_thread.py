@@ -63,7 +63,7 @@ class ManagerThread:
     def _turn(self) -> None:
         self._cancel_orphans()
         if time.monotonic() >= self._next_purge_at:
-            self._purge_orphans()
+            self._purge()
             self._next_purge_at = time.monotonic() + _PURGE_EVERY_S
         self._dispatch()
         self._enforce_time_limit()
@@ -199,7 +199,7 @@ class ManagerThread:
                     worker.is_cancel_requested = True
                     worker.kill()
 
-    def _purge_orphans(self) -> None:
+    def _purge(self) -> None:
         """Remove the stopped jobs of deleted tenants, directories and all: the upload, the
         events and a full-mode model are that tenant's data, and nobody can ask for them.
         Past ``finished_jobs_kept`` finished jobs a tenant, the oldest go too: a tenant

@@ -216,7 +216,7 @@ class JobManager(ManagerThread):
                 raise JobConflict(f"training job {job_id} is publishing; too late to cancel")
             worker.is_cancel_requested = True
             worker.kill()
-            self._changed.wait_for(  # gone: its tenant was deleted meanwhile (_purge_orphans)
+            self._changed.wait_for(  # gone: its tenant was deleted meanwhile (_purge)
                 lambda: job_id not in self._jobs or self._jobs[job_id].is_final,
                 timeout=self._config.cancel_wait_s,
             )
