@@ -9,10 +9,11 @@ from registry import AdapterRecord, InvalidName, NotFound, Registry, parse_model
 from scheduler import Row, Scheduler
 
 
-def deadline_for(timeout_s: float | None, max_timeout_s: float) -> float | None:
-    """The monotonic time by which a request's rows must start, or None for no limit."""
+def deadline_for(timeout_s: float | None, max_timeout_s: float) -> float:
+    """The monotonic time by which a request's rows must start. A request naming no timeout
+    gets the server's cap too: otherwise, under overload, its rows could wait for ever."""
     if timeout_s is None:
-        return None
+        return time.monotonic() + max_timeout_s
     is_number = isinstance(timeout_s, int | float) and not isinstance(timeout_s, bool)
     if not is_number or not timeout_s > 0:
         raise InputError(

@@ -2,10 +2,12 @@
 twice, callers' token ids, and configuration of the wrong type."""
 
 import asyncio
+import threading
 
 import pytest
 
 from engine import (
+    DeadlineExceeded,
     Engine,
     EngineClosed,
     EngineConfig,
@@ -216,3 +218,25 @@ async def test_a_step_that_cannot_be_made_fails_its_requests_not_the_loop(
             await asyncio.wait_for(engine.classify("acme", "m", ["first"]), timeout=30)
         answer = await asyncio.wait_for(engine.classify("acme", "m", ["second"]), timeout=30)
         assert len(answer) == 1 and engine.stats()["requests_in_flight"] == 0
+
+
+async def test_a_request_naming_no_timeout_still_gets_the_servers_cap(
+    registry, publish_random
+) -> None:
+    """Before, no timeout meant no limit: under overload its rows could wait for ever, while
+    one naming a longer timeout than the cap was held to the cap."""
+    publish_random(registry, "acme", "m")
+    config = EngineConfig(registry_dir=registry.root, max_timeout_s=0.05, max_batch_rows=1)
+    async with Engine(config) as engine:
+        await engine.classify("acme", "m", ["warm"])  # the adapter is resident: no load waits
+        gate = threading.Event()
+        engine._executor.submit(gate.wait, 30)  # the model thread is busy past the cap
+        try:  # a step of one row is planned behind the stall; the others wait in the queue
+            first = asyncio.ensure_future(engine.classify("acme", "m", ["first", "queued"]))
+            waiting = asyncio.ensure_future(engine.classify("acme", "m", ["late"]))
+            await asyncio.sleep(0.3)
+        finally:
+            gate.set()
+        for job in (first, waiting):
+            with pytest.raises(DeadlineExceeded):
+                await asyncio.wait_for(job, timeout=30)
