@@ -147,3 +147,22 @@ def try_lock_dir(path: Path) -> int | None:
 
 def _open_dir(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) for tenants' data: a directory graft creates is
+    its owner's alone (0700). One that exists keeps its mode, the operator's choice, but open
+    to every local user it gets a warning, since stored versions hold tenants' texts."""
+    if not path.exists():
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)  # mkdir's mode is cut by the umask, never widened
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o007:
+        logger.warning(
+            "%s is open to every local user (mode %04o), and so are the tenants' texts and "
+            "weights under it: chmod o-rwx %s",
+            path,
+            mode,
+            path,
+        )

@@ -29,6 +29,7 @@ from typing import Any
 from registry import catalog, deletion, pointers
 from registry.catalog import Catalog
 from registry.errors import NotFound, RegistryError
+from registry.fsio import make_private_dir
 from registry.names import validate_name
 from registry.publisher import Publisher
 from registry.read_memo import ReadMemo
@@ -70,7 +71,7 @@ class Registry(Tenancy):
         self._root = Path(root).absolute()
         if self._root.exists() and not self._root.is_dir():
             raise RegistryError(f"registry {self._root} is not a directory")
-        self._root.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self._root)
         self._catalog = Catalog(self._root / CATALOG_FILE, _BUSY_TIMEOUT_S, is_durable=durable)
         self._memo = ReadMemo(self._catalog.changes)  # records, until the catalog changes
         self._store = BlobStore(self._root, is_durable=durable)

@@ -29,6 +29,7 @@ from multiprocessing import get_context
 from typing import Any
 
 from registry import Registry
+from registry.fsio import make_private_dir
 from training.config import TrainConfig
 from training.job_config import JobConflict, JobNotFound, JobsConfig, JobsUnavailable, TooManyJobs
 from training.job_process import WorkerProcess, published_version
@@ -79,7 +80,7 @@ class JobManager(ManagerThread):
 
         Raises JobsUnavailable when another live server manages the same directory.
         """
-        self._config.jobs_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self._config.jobs_dir)
         self._lock_fd = lock_jobs_dir(self._config.jobs_dir)
         self._store = JobStore(self._config.jobs_dir)
         for record in self._store.all():

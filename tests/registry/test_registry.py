@@ -20,6 +20,27 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 OTHER_BASE_SHA256 = "cd" * 32
 
 
+# the root's mode
+
+
+def test_a_root_graft_creates_is_its_owners_alone(tmp_path: Path) -> None:
+    """Stored versions hold tenants' held-out texts; under umask 022 they were readable by
+    every local user."""
+    with Registry(tmp_path / "made" / "registry") as created:
+        assert created.root.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_root_open_to_every_user_is_kept_but_warned_of(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "shared"
+    root.mkdir()
+    root.chmod(0o755)
+    with Registry(root):
+        pass
+    assert root.stat().st_mode & 0o777 == 0o755  # the operator's choice stands
+    assert "open to every local user (mode 0755)" in caplog.text
+    assert f"chmod o-rwx {root}" in caplog.text
+
+
 # tenants and keys
 
 

@@ -248,6 +248,13 @@ def test_a_job_past_the_time_limit_is_killed_and_fails(make_manager, registry: R
         JobsConfig(jobs_dir=Path("j"), registry_dir=Path("r"), max_job_seconds=0)
 
 
+def test_a_jobs_dir_graft_creates_is_its_owners_alone(make_manager, tmp_path: Path) -> None:
+    """Jobs hold tenants' uploads; a jobs_dir outside the registry was made by the umask."""
+    jobs_dir = tmp_path / "elsewhere" / "jobs"
+    make_manager(jobs_dir=jobs_dir)
+    assert jobs_dir.stat().st_mode & 0o777 == 0o700
+
+
 _SERVER_SCRIPT = textwrap.dedent(
     """
     import copy, sys, time
