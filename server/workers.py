@@ -7,6 +7,8 @@ import dataclasses
 import errno
 import json
 import logging
+import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from server.link import LinkServer, link_server
 
 log = logging.getLogger(__name__)
 
+_FOLDER_PREFIX = "graft-serve-"  # then the server's pid: its sockets' folder
 START_TIMEOUT_S = 120.0  # each front end imports torch and transformers, then loads a tokenizer
 
 
@@ -50,7 +53,9 @@ async def front_ends(
         raise ValueError(f"workers must be >= 1, got {count}")
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ValueError(f"workers need SO_REUSEPORT, which {sys.platform} lacks: use workers=0")
-    with tempfile.TemporaryDirectory(prefix="graft-serve-") as folder:  # mode 0700: ours alone
+    _remove_stale_folders(tempfile.gettempdir())
+    prefix = f"{_FOLDER_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:  # mode 0700: ours alone
         engine_path, link_path = f"{folder}/engine.sock", f"{folder}/link.sock"
         # front ends connect once per stream or proxied request: aiohttp's backlog of 128
         # refused bursts of them (EAGAIN), each a false 503
@@ -85,6 +90,30 @@ async def front_ends(
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
                 await _stop(processes)
+
+
+def _remove_stale_folders(parent: str) -> None:
+    """Remove the socket folders of servers of this user that died without cleaning up
+    (SIGKILL, OOM): each would otherwise stay in the temp directory for good."""
+    for entry in os.scandir(parent):
+        pid, dash, _ = entry.name.removeprefix(_FOLDER_PREFIX).partition("-")
+        if entry.name[: len(_FOLDER_PREFIX)] != _FOLDER_PREFIX or not dash or not pid.isdigit():
+            continue
+        if _is_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):  # another server may be removing it too
+            if entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid():
+                shutil.rmtree(entry.path)
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 async def _spawn(config: FrontendConfig, count: int) -> list[asyncio.subprocess.Process]:

@@ -31,7 +31,13 @@ from server.frontend import (
     FrontendConfig,
     create_frontend_app,
 )
-from server.workers import RestartBudget, _replace_exited, _spawn, front_ends
+from server.workers import (
+    RestartBudget,
+    _remove_stale_folders,
+    _replace_exited,
+    _spawn,
+    front_ends,
+)
 
 from .conftest import MAX_BODY_BYTES, MAX_INPUT_TOKENS, Tenants, expect_continue
 
@@ -615,3 +621,24 @@ async def test_a_proxied_classify_is_counted_once(fronts, session, tenants: Tena
     async with session.get(f"{url}/metrics") as response:
         assert posts not in await response.text()
     assert after - before == 1
+
+
+async def test_socket_folders_of_dead_servers_are_removed_at_start(tmp_path: Path) -> None:
+    """A SIGKILLed server's folder stayed in the temp directory for good."""
+    ended = await asyncio.create_subprocess_exec("true")
+    await ended.wait()  # its pid now names no process (reuse within the test is unlikely)
+    dead = tmp_path / f"graft-serve-{ended.pid}-a1b2c3"
+    (dead / "inner").mkdir(parents=True)
+    kept = [
+        tmp_path / f"graft-serve-{os.getpid()}-d4e5f6",  # a live server's
+        tmp_path / "graft-serve-k7w3q9xz",  # an older graft's: no pid to check
+        tmp_path / "graft-serve-12345678",  # the same, though its name is all digits
+        tmp_path / "other-program",
+    ]
+    for folder in kept:
+        folder.mkdir()
+    link = tmp_path / f"graft-serve-{ended.pid}-link"
+    link.symlink_to(tmp_path / "other-program")
+    _remove_stale_folders(str(tmp_path))
+    assert not dead.exists()
+    assert all(folder.is_dir() for folder in kept) and link.is_symlink()
