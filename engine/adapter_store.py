@@ -6,13 +6,14 @@ to the device pool happens on the model thread at the start of the step that nee
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,7 @@ from engine.adapters import POOLING_CLS_POOLER, AdapterWeights, parse_adapter
 from engine.backbone import Backbone
 from engine.errors import AdapterFormatError, AdapterIncompatible, EngineClosed, ModelNotFound
 from engine.host_cache import HostCache
+from engine.loaders import TenantLoaders
 from engine.memory import AdapterMemory
 from engine.peft_io import CONFIG_FILE, WEIGHTS_FILE
 from registry import AdapterRecord, NotFound, Registry, RegistryError
@@ -31,6 +33,15 @@ _SERVED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _LANDED_S = 1.0
 # how long a forget also catches loads that start after it (see AdapterStore._recent_forgets)
 _RECENT_FORGETS_S = 60.0
+
+
+@dataclass(slots=True, eq=False)
+class _Load:
+    """One adapter's read from disk, shared by the requests waiting for it."""
+
+    landed: "asyncio.Future[AdapterWeights]"  # the read, as the event loop sees it
+    read: concurrent.futures.Future  # on the loader threads: cancellable while queued
+    num_waiting: int = 0
 
 
 def adapter_key(record: AdapterRecord) -> str:
@@ -58,10 +69,8 @@ class AdapterStore:
         self._memory = memory
         self._host = host
         self._pin_host_memory = pin_host_memory
-        self._executor = ThreadPoolExecutor(
-            max_loads_in_flight, thread_name_prefix="graft-load", initializer=_loader_thread_setup
-        )
-        self._loading: dict[str, asyncio.Future[AdapterWeights]] = {}
+        self._loaders = TenantLoaders(max_loads_in_flight, _loader_thread_setup)
+        self._loading: dict[str, _Load] = {}
         # the forgets of the last _RECENT_FORGETS_S (monotonic time, matcher): a load of a
         # version they match that lands meanwhile is dropped at its last unpin. That covers a
         # load under way at the forget, and one a request that resolved the version before
@@ -73,40 +82,38 @@ class AdapterStore:
 
     def close(self) -> None:
         self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._loaders.shutdown(cancel_futures=True)
 
     # event-loop side --------------------------------------------------------------------
 
     async def pin(self, record: AdapterRecord) -> str:
         """Make the adapter host-resident (loading it if needed) and pin it there.
 
-        Concurrent callers for one cold adapter share a single load. Raises
-        AdapterIncompatible or AdapterFormatError when the stored adapter cannot be served.
+        Concurrent callers for one cold adapter share a single load; one still queued when
+        its last caller is cancelled is dropped unread. Raises AdapterIncompatible or
+        AdapterFormatError when the stored adapter cannot be served.
         """
         key = adapter_key(record)
         if self._host.pin_if_present(key, count_miss=True):
             return key
         load = self._loading.get(key)
-        if load is not None and load.done() and (load.cancelled() or load.exception()):
+        if load is not None and load.landed.done() and not _succeeded(load.landed):
             load = None  # failed, and not yet dropped by _landed: never shared after the fact
         if load is None:
-            loop = asyncio.get_running_loop()
-            try:
-                load = loop.run_in_executor(self._executor, self.read, record)
-            except RuntimeError:  # the loaders have shut down
-                if self._closed:
-                    raise EngineClosed("engine shut down") from None
-                raise
-            self._loading[key] = load
-            load.add_done_callback(lambda f, k=key: self._landed(k, f))
+            load = self._start_load(key, record)
+        load.num_waiting += 1
         try:
-            weights = await asyncio.shield(load)
+            weights = await asyncio.shield(load.landed)
         except asyncio.CancelledError:
-            # callers await this through a shield of their own: a cancelled load means the
-            # engine closed, which its callers hear as such, not as their own cancellation
-            if load.cancelled() and self._closed:
+            # a cancelled load, not a cancelled caller, means the engine closed
+            if load.landed.cancelled() and self._closed:
                 raise EngineClosed("engine shut down") from None
             raise
+        finally:
+            load.num_waiting -= 1
+            if not load.num_waiting and not load.landed.done() and load.read.cancel():
+                load.landed.cancel()  # nobody waits, and no thread had started it
+                self._stop_loading(key, load)
         # in one go, with no await between: a forget always finds the key on the host or
         # still loading, never between the two (an in-flight load leaves _loading only here)
         self._host.put_pinned(key, weights)
@@ -115,15 +122,27 @@ class AdapterStore:
             self._host.forget(key)
         return key
 
-    def _landed(self, key: str, load: "asyncio.Future[AdapterWeights]") -> None:
+    def _start_load(self, key: str, record: AdapterRecord) -> _Load:
+        try:
+            read = self._loaders.submit(record.tenant, lambda: self.read(record))
+        except RuntimeError:  # the loaders have shut down
+            if self._closed:
+                raise EngineClosed("engine shut down") from None
+            raise
+        load = _Load(asyncio.wrap_future(read), read)
+        self._loading[key] = load
+        load.landed.add_done_callback(lambda _, k=key, d=load: self._landed(k, d))
+        return load
+
+    def _landed(self, key: str, load: _Load) -> None:
         """A load ended. A failed one is dropped now, never to be shared again; a finished
         one stays until a waiter puts it on the host, or a while if every waiter left."""
-        if load.cancelled() or load.exception() is not None:
-            self._stop_loading(key, load)
-        else:
+        if _succeeded(load.landed):
             asyncio.get_running_loop().call_later(_LANDED_S, self._stop_loading, key, load)
+        else:
+            self._stop_loading(key, load)
 
-    def _stop_loading(self, key: str, load: "asyncio.Future[AdapterWeights]") -> None:
+    def _stop_loading(self, key: str, load: _Load) -> None:
         if self._loading.get(key) is load:
             del self._loading[key]
 
@@ -247,7 +266,7 @@ class AdapterStore:
         return {
             "adapter_disk_loads": self.num_disk_loads,
             "adapter_disk_bytes_read": self.disk_bytes_read,
-            "adapter_loads_in_flight": len(self._loading),
+            "adapter_loads_in_flight": sum(not d.landed.done() for d in self._loading.values()),
             "adapter_host_hits": host.num_hits,
             "adapter_host_misses": host.num_misses,
             "adapter_host_evictions": host.num_evictions,
@@ -291,6 +310,10 @@ def _loader_thread_setup() -> None:
     with contextlib.suppress(OSError):  # not permitted here: loads keep their priority
         niceness = os.getpriority(os.PRIO_PROCESS, thread)
         os.setpriority(os.PRIO_PROCESS, thread, min(19, niceness + _LOADER_NICENESS))
+
+
+def _succeeded(future: asyncio.Future) -> bool:
+    return not future.cancelled() and future.exception() is None
 
 
 def unpin_if_pinned(store: AdapterStore):

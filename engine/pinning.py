@@ -2,32 +2,43 @@
 ends, and a caller that goes away while they load leaves no pin behind."""
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 from engine.adapter_store import AdapterStore, unpin_if_pinned
+from engine.errors import DeadlineExceeded
 from registry import AdapterRecord
 
 
-async def pin(store: AdapterStore, record: AdapterRecord) -> str:
-    """Host-pin one adapter (loading it if cold); returns its key."""
+async def pin(store: AdapterStore, record: AdapterRecord, deadline_s: float | None = None) -> str:
+    """Host-pin one adapter (loading it if cold); returns its key. A load that has not ended
+    by ``deadline_s`` (monotonic) is DeadlineExceeded: the request's timeout covers it too."""
     key = store.pin_if_resident(record)
     if key is not None:  # warm: no task to make, no loop iteration to wait for
         return key
     pinning = asyncio.ensure_future(store.pin(record))
+    timeout = None if deadline_s is None else max(0.0, deadline_s - time.monotonic())
     try:
-        return await asyncio.shield(pinning)
-    except asyncio.CancelledError:
+        await asyncio.wait([pinning], timeout=timeout)
+        if not pinning.done():
+            raise DeadlineExceeded(f"request timed out while model {record.full_name} loaded")
+    except BaseException:  # cancelled, or too late: the store drops a load nobody else
+        pinning.cancel()  # waits for, and a pin taken meanwhile is let go
         pinning.add_done_callback(unpin_if_pinned(store))
         raise
+    return pinning.result()
 
 
-async def pin_all(store: AdapterStore, records: Sequence[AdapterRecord]) -> list[str]:
+async def pin_all(
+    store: AdapterStore, records: Sequence[AdapterRecord], deadline_s: float | None = None
+) -> list[str]:
     """Host-pin every adapter (cold ones load in parallel); on failure none stays pinned."""
-    pins = [asyncio.ensure_future(pin(store, record)) for record in records]
+    pins = [asyncio.ensure_future(pin(store, record, deadline_s)) for record in records]
     try:
         return list(await asyncio.gather(*pins))
     except BaseException:
         for task in pins:  # those that pinned, now or once their load ends, are let go
+            task.cancel()
             task.add_done_callback(unpin_if_pinned(store))
         raise
 

@@ -89,7 +89,7 @@ class EngineRequests:
         reserved = admit(self._scheduler, tenant, texts)
         try:
             tokens = await self._tokenize(texts, truncate, tokens)
-            key = await pin(self._loaded.store, record)
+            key = await pin(self._loaded.store, record, deadline_s)
         except BaseException:
             self._scheduler.release(tenant, reserved)  # its rows will never be queued
             raise
@@ -176,7 +176,7 @@ class EngineRequests:
         reserved = admit(self._scheduler, tenant, texts, rows_per_text=per_text)
         try:
             tokens = await self._tokenize(texts, truncate, tokens)
-            keys = await pin_all(self._loaded.store, records)
+            keys = await pin_all(self._loaded.store, records, deadline_s)
         except BaseException:
             self._scheduler.release(tenant, reserved)
             raise

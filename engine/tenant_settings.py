@@ -39,6 +39,19 @@ def policy_from_settings(defaults: TenantPolicy, settings: dict[str, Any]) -> Te
     return dataclasses.replace(defaults, **settings)
 
 
+_CLASS_DEFAULTS = TenantPolicy()
+
+
+def with_server_defaults(policy: TenantPolicy, defaults: TenantPolicy) -> TenantPolicy:
+    """``policy`` with each field it leaves at TenantPolicy's default taken from ``defaults``."""
+    given = {
+        f.name: getattr(policy, f.name)
+        for f in dataclasses.fields(TenantPolicy)
+        if getattr(policy, f.name) != getattr(_CLASS_DEFAULTS, f.name)
+    }
+    return dataclasses.replace(defaults, **given)
+
+
 class TenantSettings:
     """Keeps the scheduler's per-tenant policies equal to what the registry stores.
 
@@ -53,10 +66,13 @@ class TenantSettings:
         self._stamp: tuple[int, float] | None = None
 
     def set(self, tenant: str, policy: TenantPolicy | None) -> None:
-        """Store and apply at once; None removes the override."""
+        """Store and apply at once; None removes the override. A field ``policy`` leaves at
+        TenantPolicy's own default takes the server's (``TenantPolicy(weight=2)`` must not
+        lift a ``tenant_max_queued_rows`` the operator set)."""
         if policy is None:
             self._registry.set_tenant_settings(tenant, None)
         else:
+            policy = with_server_defaults(policy, self._defaults)
             changed = {
                 f.name: getattr(policy, f.name)
                 for f in dataclasses.fields(TenantPolicy)

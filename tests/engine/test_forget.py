@@ -150,7 +150,7 @@ async def test_a_delete_between_a_loads_end_and_its_put_on_the_host_is_kept(
         request = asyncio.create_task(engine.classify("acme", f"spam@{old.version}", ["win"]))
         while key not in store._loading:
             await asyncio.sleep(0)
-        store._loading[key].add_done_callback(  # runs before the waiting request resumes
+        store._loading[key].landed.add_done_callback(  # runs before the waiting request resumes
             lambda _: engine.forget(engine.registry.delete("acme", "spam", old.version))
         )
         (answer,) = await request

@@ -1,6 +1,7 @@
 """Disk → host → device: shared cold loads, no stalls for others, residency, versions."""
 
 import asyncio
+import concurrent.futures
 import os
 import sys
 import threading
@@ -197,8 +198,13 @@ async def test_tenant_settings_apply_at_run_time_without_restart(registry, publi
         await asyncio.sleep(0.3)
         assert len(await engine.classify("acme", "m", ["x"] * 5)) == 5
         engine.set_tenant_policy("acme", TenantPolicy(weight=3.0))
-        # the policy is stored where it differs from this engine's defaults (queue bound 100)
-        assert registry.tenant_settings() == {"acme": {"weight": 3.0, "max_queued_rows": 1024}}
+        # fields left at TenantPolicy's defaults keep the server's: this one's queue bound of
+        # 100 once became TenantPolicy's 1024, in every engine on the registry
+        assert registry.tenant_settings() == {"acme": {"weight": 3.0}}
+        assert engine._scheduler.policy("acme").max_queued_rows == 100
+        engine.set_tenant_policy("acme", TenantPolicy(weight=3.0, max_queued_rows=7))
+        assert registry.tenant_settings() == {"acme": {"weight": 3.0, "max_queued_rows": 7}}
+        assert engine._scheduler.policy("acme").max_queued_rows == 7
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
@@ -210,7 +216,7 @@ async def test_loader_threads_run_at_a_lower_priority_than_the_model(registry, p
         def niceness() -> int:
             return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-        loader = await asyncio.wrap_future(engine._loaded.store._executor.submit(niceness))
+        loader = await asyncio.wrap_future(engine._loaded.store._loaders.submit("acme", niceness))
         model = await asyncio.get_running_loop().run_in_executor(engine._executor, niceness)
     assert loader >= min(19, model + 10) and loader > model
 
@@ -224,7 +230,7 @@ async def test_loader_threads_run_torch_on_one_thread(registry, publish_random):
     async with Engine(EngineConfig(registry_dir=registry.root, num_threads=2)) as engine:
         await engine.classify("acme", "m", ["x"])  # a load ran on a loader thread
         store = engine._loaded.store
-        assert store._executor.submit(torch.get_num_threads).result() == 1
+        assert store._loaders.submit("acme", torch.get_num_threads).result() == 1
         model_threads = engine._executor.submit(torch.get_num_threads).result()
     assert model_threads == 2
 
@@ -234,14 +240,16 @@ async def test_a_failed_load_is_never_shared_with_a_later_request(registry, publ
     loads in flight (a callback later), starts a load of its own rather than inheriting the
     old error."""
     from engine import AdapterFormatError
-    from engine.adapter_store import adapter_key
+    from engine.adapter_store import _Load, adapter_key
 
     record = publish_random(registry, "acme", "flaky")
     async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
         store, key = engine._loaded.store, adapter_key(record)
         failed = asyncio.get_running_loop().create_future()
         failed.set_exception(AdapterFormatError("a passing disk error"))
-        store._loading[key] = failed  # the moment between the failure and its cleanup
+        read = concurrent.futures.Future()
+        read.set_exception(failed.exception())
+        store._loading[key] = _Load(failed, read)  # between the failure and its cleanup
         assert await store.pin(record) == key and store.residency(key) == "host"
         store.unpin(key)
         assert key not in store._loading and failed.exception() is not None
