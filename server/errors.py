@@ -167,6 +167,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
+# called with each request an ``Expect`` handler refuses, which no middleware sees: the
+# metrics (or a front end's link to them) count it there
+EXPECT_REFUSED = web.AppKey("expect_refused", Callable[[web.Request, int], None])
+
+
 def expect_within(
     max_bytes: Callable[[web.Request], int], what: str, field: str | None = None
 ) -> ExpectHandler:
@@ -178,7 +183,7 @@ def expect_within(
         limit, length = max_bytes(request), request.content_length
         if length is not None and length > limit:
             message = f"{what} is larger than {limit} bytes"
-            return ApiError(413, TOO_LARGE, message, field=field, close=True).response()
+            return _refused(request, ApiError(413, TOO_LARGE, message, field=field, close=True))
         expectation = request.headers.get(hdrs.EXPECT, "")
         if request.version != HttpVersion11:  # RFC 9110: an HTTP/1.0 expectation is ignored
             return None
@@ -187,9 +192,16 @@ def expect_within(
             request.writer.output_size = 0  # as aiohttp's own: the answer's size starts here
             return None
         message = f"unsupported Expect header {expectation[:80]!r}: only 100-continue"
-        return ApiError(417, INVALID_REQUEST, message, close=True).response()
+        return _refused(request, ApiError(417, INVALID_REQUEST, message, close=True))
 
     return expect
+
+
+def _refused(request: web.Request, error: ApiError) -> web.Response:
+    count = request.app.get(EXPECT_REFUSED)
+    if count is not None:
+        count(request, error.status)
+    return error.response()
 
 
 @web.middleware

@@ -32,6 +32,7 @@ from yarl import URL
 from engine import InputError, TextEncoder, tokenize_request
 from registry import Registry
 from server.errors import (
+    EXPECT_REFUSED,
     RETRY_AFTER_S,
     UNAVAILABLE,
     ApiError,
@@ -194,6 +195,7 @@ def create_frontend_app(front: Front) -> web.Application:
     )
     app[FRONT] = front
     app[MAX_BODY_BYTES] = front.config.max_body_bytes
+    app[EXPECT_REFUSED] = lambda request, status: front.link.refused(status, 0.0)
     app.router.add_post("/v1/classify", classify, expect_handler=EXPECT_BODY)
     app.router.add_route("*", "/{tail:.*}", proxy)
     app.on_response_prepare.append(add_request_id)

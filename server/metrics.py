@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from engine import Engine
-from server.errors import AUTHENTICATION, ApiError
+from server.errors import AUTHENTICATION, EXPECT_REFUSED, ApiError
 from server.routes import ENGINE, bearer_key
 from server.train_routes import TRAINING
 
@@ -69,7 +69,11 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
         COUNTER,
         "Bytes of adapter files read and verified.",
     ),
-    "adapter_loads_in_flight": ("adapter_loads_in_flight", GAUGE, "Adapter loads running."),
+    "adapter_loads_in_flight": (
+        "adapter_loads_in_flight",
+        GAUGE,
+        "Adapter loads queued or running.",
+    ),
     "adapter_host_hits": ("adapter_host_hits", COUNTER, "Adapter lookups the host tier served."),
     "adapter_host_misses": ("adapter_host_misses", COUNTER, "Lookups that went to the disk."),
     "adapter_host_evictions": ("adapter_host_evictions", COUNTER, "Adapters dropped from host."),
@@ -209,7 +213,10 @@ def add_metrics(app: web.Application, key: str | None) -> None:
     the per-tenant series too; without, the route is open and shows no tenant."""
     if key is not None and not key.strip():
         raise ValueError("metrics key must not be blank")
-    app[METRICS] = Metrics(app, key)
+    app[METRICS] = state = Metrics(app, key)
+    app[EXPECT_REFUSED] = lambda request, status: state.observe_request(
+        _method(request), _route(request), status, 0.0
+    )
     app.router.add_get("/metrics", metrics)
 
 
@@ -232,10 +239,18 @@ async def timing_middleware(request: web.Request, handler) -> web.StreamResponse
         status = CLIENT_CLOSED  # the client went away: not a server error
         raise
     finally:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        method = request.method if request.method in _METHODS else "other"
-        state.observe_request(method, route, status, time.perf_counter() - started)
+        state.observe_request(
+            _method(request), _route(request), status, time.perf_counter() - started
+        )
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _method(request: web.Request) -> str:
+    return request.method if request.method in _METHODS else "other"
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -565,7 +565,7 @@ async def test_a_front_end_refuses_a_body_past_the_cap_before_it_is_sent(fronts,
 async def test_classifies_a_front_end_refuses_are_counted_in_the_engines_metrics(
     fronts, session, tenants: Tenants
 ) -> None:
-    """Refused in the front end (401, 422), they never reached the engine's app, and
+    """Refused in the front end (401, 413, 422), they never reached the engine's app, and
     /metrics counted none: an alert on auth failures read zero behind --workers."""
     url, _ = fronts
     left = 'graft_http_request_duration_seconds_count{method="POST",route="/v1/classify",status="'
@@ -574,7 +574,7 @@ async def test_classifies_a_front_end_refuses_are_counted_in_the_engines_metrics
         async with session.get(f"{url}/metrics") as response:
             text = await response.text()
         found = {}
-        for status in ("401", "422"):
+        for status in ("401", "413", "422"):
             line = next((x for x in text.splitlines() if x.startswith(f'{left}{status}"}}')), None)
             found[status] = float(line.rsplit(" ", 1)[1]) if line else 0.0
         return found
@@ -590,12 +590,15 @@ async def test_classifies_a_front_end_refuses_are_counted_in_the_engines_metrics
         f"{url}/v1/classify", json={"model": "spam", "input": []}, headers=good
     ) as r:
         assert r.status == 422
+    host, port = url.removeprefix("http://").rsplit(":", 1)  # a 413 before the body is sent
+    answer = await expect_continue((host, int(port)), "/v1/classify", tenants.acme, 10**9)
+    assert answer.startswith(b"HTTP/1.1 413")
     for _ in range(100):  # the tallies travel over the link
         after = await counts()
-        if after["401"] > before["401"] and after["422"] > before["422"]:
+        if all(after[status] > before[status] for status in after):
             break
         await asyncio.sleep(0.05)
-    assert after["401"] - before["401"] == 1 and after["422"] - before["422"] == 1, (before, after)
+    assert all(after[status] - before[status] == 1 for status in after), (before, after)
 
 
 async def test_a_proxied_classify_is_counted_once(fronts, session, tenants: Tenants) -> None:

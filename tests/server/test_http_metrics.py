@@ -14,6 +14,8 @@ from scheduler import TenantCounters
 from server.app import create_app
 from server.metrics import ENGINE_METRICS, TENANT_HELP
 
+from .conftest import expect_continue
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
@@ -101,6 +103,28 @@ async def test_errors_are_counted_by_route_and_the_status_sent(client, tenants) 
     assert request_count(after, "unmatched", 405, "other") == (
         request_count(before, "unmatched", 405, "other") + 1
     )
+
+
+async def test_refusals_of_an_expect_header_are_counted(client, tenants) -> None:
+    """Answered before any middleware (a 413 before the body, a 417), they were missing from
+    /metrics: the oversized uploads an operator most wants to see."""
+    address = (client.server.host, client.server.port)
+    before = await scrape(client)
+    answer = await expect_continue(address, "/v1/classify", tenants.acme, 10**9)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    answer = await expect_continue(address, "/v1/train", tenants.acme, 10**12)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n")
+    writer.write(b"Expect: magic\r\n\r\n{}")
+    assert (await reader.readline()).startswith(b"HTTP/1.1 417")
+    writer.close()
+    after = await scrape(client)
+    for route, status in (("/v1/classify", 413), ("/v1/train", 413), ("/v1/classify", 417)):
+        grew = request_count(after, route, status, "POST") - request_count(
+            before, route, status, "POST"
+        )
+        assert grew == 1, (route, status)
 
 
 async def test_a_metrics_key_guards_the_scrape_and_adds_the_tenants(engine, tenants) -> None:
