@@ -1,11 +1,13 @@
 """The LoraKernel implementations, chosen once per engine from the device and config."""
 
-import os
+import logging
 
 import torch
 
 from engine.lora import LoraKernel, LoraStepPlan, RankRun
 from kernels import bgmv_lora, sgmv_lora, sgmv_lora_lists, sgmv_lora_views
+
+log = logging.getLogger(__name__)
 
 
 class SegmentLoop:
@@ -139,13 +141,14 @@ def kernel_for(name: str, device: str) -> LoraKernel:
     if name == "auto-cpu":
         return AutoCpu()
     if name == "auto-cuda":
+        _warn_if_interpreted(device)
         return AutoCuda()
     if name == "loop":
         return SegmentLoop()
     if name == "gather":
         return GatherBmm()
     if name in ("triton", "triton-fused"):
-        if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        if not device.startswith("cuda") and not _is_interpreted():
             # without the interpreter every step would fail, every tenant's rows with it
             raise ValueError(
                 f"lora_kernel={name!r} needs a CUDA device; on the CPU Triton runs only in its "
@@ -154,7 +157,24 @@ def kernel_for(name: str, device: str) -> LoraKernel:
             )
         from engine.lora_triton import TritonSgmv
 
+        _warn_if_interpreted(device)
         return TritonSgmv(fused=name == "triton-fused")
     raise ValueError(
         f"unknown LoRA kernel {name!r}; expected auto, loop, gather, triton or triton-fused"
     )
+
+
+def _is_interpreted() -> bool:
+    """Whether Triton's kernels run in its interpreter: fixed when triton was imported, so
+    asked of it, not read from today's environment."""
+    from kernels.triton_sgmv import IS_INTERPRETED
+
+    return IS_INTERPRETED
+
+
+def _warn_if_interpreted(device: str) -> None:
+    if device.startswith("cuda") and _is_interpreted():
+        log.warning(
+            "TRITON_INTERPRET is set: the LoRA kernels run in Triton's interpreter on the "
+            "CPU, orders of magnitude slower than on the GPU"
+        )

@@ -7,9 +7,10 @@ Tolerances are per input dtype, as ``(rtol, atol)`` of ``torch.testing.assert_cl
 against the float32 reference computed from the same (rounded) inputs. Outputs are O(1):
 x ~ N(0, 1), pool rows ~ N(0, 0.1), y ~ N(0, 0.1). fp32 differs only by summation order;
 fp16 and bf16 add the rounding of the output into y's dtype (half an ulp: 2^-11 and 2^-8
-relative) and, on a GPU, of the shrink result to the pool dtype before the expand product.
+relative); the shrink result stays float32 into the expand product.
 """
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from kernels import sgmv_reference
 
 pytest.importorskip("triton", reason="the Triton kernels need triton installed")
 
+import kernels.triton_sgmv as triton_sgmv  # noqa: E402
+from engine.lora_kernels import kernel_for  # noqa: E402
 from kernels.triton_fused import sgmv_lora_triton_fused  # noqa: E402
 from kernels.triton_sgmv import (  # noqa: E402
     IS_INTERPRETED,
@@ -293,3 +296,18 @@ def test_runner_triton_equals_segment_loop(backbone, write_random_adapter, tmp_p
             torch.testing.assert_close(
                 torch.from_numpy(answer), torch.from_numpy(expected), atol=1e-4, rtol=0
             )
+
+
+def test_triton_on_the_cpu_is_allowed_only_where_triton_interprets(monkeypatch, caplog):
+    """The check read TRITON_INTERPRET as it is now, not as Triton read it at import: set
+    after, every step failed; set to "true", a working interpreter was refused."""
+    monkeypatch.setattr(triton_sgmv, "IS_INTERPRETED", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        kernel_for("triton", "cpu")
+    monkeypatch.setattr(triton_sgmv, "IS_INTERPRETED", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "true")
+    assert kernel_for("triton-fused", "cpu") is not None
+    with caplog.at_level(logging.WARNING, logger="engine.lora_kernels"):
+        kernel_for("auto", "cuda")
+    assert "run in Triton's interpreter" in caplog.text
