@@ -281,14 +281,21 @@ class AdapterStore:
         }
 
 
-def check_pool_fits(dependents: Sequence[AdapterRecord], num_pages: int) -> None:
-    """Refuse to start when a registered adapter for this backbone could never be paged in."""
+def check_pool_fits(
+    dependents: Sequence[AdapterRecord], num_pages: int, page_bytes: int, pool_bytes: int | None
+) -> None:
+    """Refuse to start when a registered adapter for this backbone could never be paged in,
+    naming the setting the operator gave (``pool_bytes``: adapter_pool_bytes, if given)."""
     largest = max(dependents, key=lambda r: r.rank, default=None)
-    if largest is not None and largest.rank > num_pages:
-        raise ValueError(
-            f"adapter_pages={num_pages} cannot hold {largest.full_name}@{largest.version} "
-            f"(rank {largest.rank} needs {largest.rank} pages); raise adapter_pages"
-        )
+    if largest is None or largest.rank <= num_pages:
+        return
+    needs = f"{largest.full_name}@{largest.version} (rank {largest.rank} needs {largest.rank} pages"
+    if pool_bytes is None:
+        raise ValueError(f"adapter_pages={num_pages} cannot hold {needs}); raise adapter_pages")
+    raise ValueError(
+        f"adapter_pool_bytes={pool_bytes} ({num_pages} pages of {page_bytes} bytes) cannot "
+        f"hold {needs}, {largest.rank * page_bytes} bytes); raise adapter_pool_bytes"
+    )
 
 
 def _loader_thread_setup() -> None:

@@ -177,10 +177,6 @@ class AdapterWeights:
         """Bytes as held now (a float16 file's factors count two bytes each until packed)."""
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
-    def num_bytes_as(self, dtype: torch.dtype) -> int:
-        """Bytes once converted to ``dtype``, as a device pool of that dtype holds them."""
-        return sum(t.numel() for t in self._tensors()) * dtype.itemsize
-
     def _tensors(self) -> list[torch.Tensor]:
         tensors = self.head.tensors()
         if self.rows is not None:

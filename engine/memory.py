@@ -36,7 +36,8 @@ class Resident:
     rank_by_module: torch.Tensor  # int32 [M], 0 where the adapter has no LoRA
     scale_by_module: torch.Tensor  # float32 [M]
     head: Head  # on the engine's device
-    num_bytes: int
+    num_bytes: int  # device bytes it holds: its pages, whole, and its head
+    head_bytes: int
     refcount: int = 0  # requests holding it; never evicted while > 0
     forgotten: bool = False  # its version was deleted: freed at its last release
 
@@ -66,6 +67,10 @@ class AdapterMemory:
         self._free = FreePages(1, num_pages)
         self._resident: OrderedDict[str, Resident] = OrderedDict()
         self._resident_bytes = 0  # sum of their num_bytes
+        # heads sit beside the pool, up to as many bytes again: without a bound, head-only
+        # models (no pages) stayed on the device for good, however many were served
+        self.max_head_bytes = self.pool_bytes
+        self._head_bytes = 0
         self.num_hits = 0
         self.num_loads = 0
         self.num_evictions = 0
@@ -131,6 +136,7 @@ class AdapterMemory:
         """Take ``key`` out of the pool (refcount 0); a forgotten one's rows are zeroed."""
         resident = self._resident.pop(key)
         self._resident_bytes -= resident.num_bytes
+        self._head_bytes -= resident.head_bytes
         if resident.forgotten and resident.pages:
             index = torch.tensor(resident.pages, dtype=torch.long, device=self._device)
             self._slab.index_fill_(0, index, 0)
@@ -216,7 +222,9 @@ class AdapterMemory:
         rows = weights.rows
         if rows is not None and (rows.shape[1] != self.width or rows.dtype != self._dtype):
             rows = None  # packed for another pool: copy module by module
-        pages = self._allocate(weights.rank, key)
+        item_bytes = self._slab.element_size()
+        head_bytes = sum(t.numel() for t in weights.head.tensors()) * item_bytes
+        pages = self._allocate(weights.rank, head_bytes, key)
         if pages:
             first = pages[0]
             contiguous = pages == tuple(range(first, first + len(pages)))
@@ -253,10 +261,12 @@ class AdapterMemory:
             rank_by_module=ranks,
             scale_by_module=scales,
             head=head,
-            num_bytes=weights.num_bytes_as(self._dtype),
+            num_bytes=len(pages) * self.width * item_bytes + head_bytes,
+            head_bytes=head_bytes,
         )
         self._resident[key] = resident
         self._resident_bytes += resident.num_bytes
+        self._head_bytes += head_bytes
         self.num_loads += 1
         return resident
 
@@ -265,16 +275,23 @@ class AdapterMemory:
         """Device bytes the pool takes, fixed at construction."""
         return self._slab.numel() * self._slab.element_size()
 
-    def _allocate(self, count: int, key: str) -> tuple[int, ...]:
+    def _allocate(self, count: int, head_bytes: int, key: str) -> tuple[int, ...]:
+        """``count`` pages, and room for a head of ``head_bytes``, evicting idle adapters
+        least recently used first."""
         if count > self.num_pages:
             raise EngineOverloaded(
                 f"{key} needs {count} pages but the adapter pool holds {self.num_pages}"
             )
-        while self._free.count < count:
+        if head_bytes > self.max_head_bytes:
+            raise EngineOverloaded(
+                f"{key}'s head takes {head_bytes} bytes, more than the {self.max_head_bytes} "
+                "heads may take on the device (as many as the adapter pool)"
+            )
+        while self._free.count < count or self._head_bytes + head_bytes > self.max_head_bytes:
             if not self._evict_one():
                 raise EngineOverloaded(
                     f"adapter pool full: every resident adapter is in use "
-                    f"({key} needs {count} pages)"
+                    f"({key} needs {count} pages and {head_bytes} bytes of head)"
                 )
         return self._free.take(count)
 
@@ -302,6 +319,11 @@ def page_bytes(model_dir: str | Path, dtype: torch.dtype) -> int:
         model = AutoModel.from_config(config)
     width = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     return width * torch.empty((), dtype=dtype).element_size()
+
+
+def backbone_page_bytes(backbone: Backbone, dtype: torch.dtype) -> int:
+    """Bytes of one pool page for a loaded backbone (``page_bytes`` without loading it)."""
+    return _layout(backbone)[1] * torch.empty((), dtype=dtype).element_size()
 
 
 def pages_for_bytes(num_bytes: int, model_dir: str | Path, dtype: torch.dtype) -> int:

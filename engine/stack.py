@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.embedding_cache import EmbeddingCache
 from engine.host_cache import HostCache
 from engine.lora_kernels import LoraKernel, kernel_for
-from engine.memory import AdapterMemory
+from engine.memory import AdapterMemory, backbone_page_bytes
 from engine.runner import ModelRunner
 from engine.tenant_settings import TenantSettings
 from registry import Registry
@@ -94,7 +94,8 @@ def _build(
 ) -> ServingStack:
     registry.register_base(backbone.sha256, backbone.name)
     dependents = registry.dependents(backbone.sha256)
-    check_pool_fits(dependents, config.adapter_pages)
+    page_bytes = backbone_page_bytes(backbone, config.torch_dtype)
+    check_pool_fits(dependents, config.adapter_pages, page_bytes, config.adapter_pool_bytes)
     memory = AdapterMemory(backbone, config.adapter_pages, config.device, config.torch_dtype)
     host = HostCache(_host_budget(config, memory.pool_bytes))
     store = AdapterStore(

@@ -75,7 +75,9 @@ async def test_a_start_that_fails_releases_its_threads_and_files(registry, publi
 async def test_triton_on_a_cpu_without_its_interpreter_is_refused_at_start(
     registry, monkeypatch
 ) -> None:
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import kernels.triton_sgmv  # imported as this session's interpreter says
+
+    monkeypatch.setattr(kernels.triton_sgmv, "IS_INTERPRETED", False)  # as without it
     engine = Engine(EngineConfig(registry_dir=registry.root, lora_kernel="triton"))
     with pytest.raises(ValueError, match="lora_kernel='triton' needs a CUDA device"):
         await engine.start()

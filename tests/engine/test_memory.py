@@ -134,6 +134,28 @@ def test_lru_evicts_the_least_recently_used_idle_adapter(backbone) -> None:
         memory.release("b")
 
 
+def test_head_only_models_are_evicted_past_the_heads_budget(backbone) -> None:
+    """They take no pages, so nothing ever evicted them: 60 head-only models served once
+    each stayed on the device, three times the pool's bytes."""
+    memory = AdapterMemory(backbone, 8, "cpu", torch.float32)
+    head_bytes = (2 * 384 + 2) * 4
+    memory.max_head_bytes = 3 * head_bytes
+    heads = {k: _weights(backbone, i, rank=4) for i, k in enumerate("abcde")}
+    head_only = {k: AdapterWeights({}, w.head, w.labels, rank=0) for k, w in heads.items()}
+    for key in "abcd":
+        memory.acquire(key, lambda k=key: head_only[k])
+        memory.release(key)
+    assert memory.num_resident == 3 and not memory.is_resident("a")
+    assert memory.num_evictions == 1 and memory.resident_bytes == 3 * head_bytes
+    for key in "bcd":
+        memory.acquire(key, lambda k=key: head_only[k])  # each held by a step
+    with pytest.raises(EngineOverloaded, match="in use"):
+        memory.acquire("e", lambda: head_only["e"])
+    memory.max_head_bytes = head_bytes - 1
+    with pytest.raises(EngineOverloaded, match="more than the"):
+        memory.acquire("e", lambda: head_only["e"])
+
+
 def test_an_adapter_larger_than_the_pool_is_refused(backbone) -> None:
     memory = AdapterMemory(backbone, 4, "cpu", torch.float32)
     with pytest.raises(EngineOverloaded, match="holds 4"):
@@ -386,7 +408,8 @@ async def test_a_pool_sized_in_bytes_becomes_whole_pages_everywhere(backbone, re
 
 
 def test_float16_weights_admitted_unpacked_count_the_pools_bytes(backbone) -> None:
-    """The pool holds them as float32: its byte count must not take the file's two bytes."""
+    """The pool holds them as float32 in whole pages: its byte count must take neither the
+    file's two bytes nor the adapter's compact size (a rank-8 adapter holds 8 pages)."""
     memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
     weights = _weights(backbone, seed=4, rank=8)
     module = weights.modules[MODULE]
@@ -397,8 +420,9 @@ def test_float16_weights_admitted_unpacked_count_the_pools_bytes(backbone) -> No
         rank=8,
     )
     resident = memory.acquire("half", lambda: half)
-    assert resident.num_bytes == memory.pack(half).num_bytes == weights.num_bytes
-    assert half.num_bytes < weights.num_bytes
+    head_bytes = sum(t.numel() for t in weights.head.tensors()) * 4
+    assert resident.num_bytes == 8 * memory.width * 4 + head_bytes == memory.resident_bytes
+    assert half.num_bytes < weights.num_bytes < resident.num_bytes
 
 
 def test_a_steps_hold_pins_what_is_here_and_lets_go_of_a_forgotten_entry(backbone) -> None:

@@ -158,6 +158,15 @@ async def test_a_pool_too_small_for_a_registered_adapter_is_refused(registry, pu
     with pytest.raises(ValueError, match="adapter_pages=8 cannot hold acme/big@1"):
         async with Engine(EngineConfig(registry_dir=registry.root, adapter_pages=8)):
             pass
+    # given in bytes, the refusal names that setting, not adapter_pages the user never set
+    page = 168_960  # MiniLM's page in float32
+    config = EngineConfig(registry_dir=registry.root, adapter_pool_bytes=11 * page)
+    with pytest.raises(ValueError, match=rf"adapter_pool_bytes={11 * page} \(11 pages of {page}"):
+        async with Engine(config):
+            pass
+    with pytest.raises(ValueError, match=rf"{16 * page} bytes\); raise adapter_pool_bytes"):
+        async with Engine(config):
+            pass
 
 
 async def test_a_cuda_device_this_process_cannot_see_is_refused_by_name(tmp_path: Path):
