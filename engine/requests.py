@@ -135,7 +135,7 @@ class EngineRequests:
             job=job, record=record, keys=(key,), tokens=tokens
         )
         queue_rows(self._scheduler, job.request_id, tenant, key, record.rank, tokens, deadline_s)
-        self._steps.wake()
+        self._steps.wake(deadline_s)
         return job
 
     async def classify_many(
@@ -271,7 +271,7 @@ class EngineRequests:
         for row in rows:
             self._scheduler.add(row)
         self._scheduler.release(tenant, max(0, reserved - len(rows)))
-        self._steps.wake()
+        self._steps.wake(deadline_s)
         return job
 
     async def _tokenize(

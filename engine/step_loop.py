@@ -18,6 +18,7 @@ starts as that one ends, while the event loop delivers the last outputs, instead
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +53,7 @@ class Step:
     started_s: float = 0.0
     ended_s: float = 0.0
     ran: "Future[list[RowOutput]] | None" = None  # its run, once queued on the model thread
+    is_skipped: bool = False  # every request of it had ended before it began: never run
 
 
 def _consume(step: "asyncio.Future[list[RowOutput]]") -> None:
@@ -94,13 +96,40 @@ class StepLoop:
         # CPU time of the model thread in those steps: well below busy_us, the thread waited
         # in its steps (for the interpreter lock, or for a core other work had)
         self.cpu_us = 0
+        # fires at the earliest waiting deadline: planning alone expired rows only between
+        # steps, so a 50 ms timeout behind a long step was heard of when that step ended
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = math.inf
 
-    def wake(self) -> None:
-        """New rows are queued: plan a step, or an interlude if a long step is running, or
-        the next step ahead if the queue holds a step's worth."""
+    def wake(self, deadline_s: float | None = None) -> None:
+        """New rows are queued (the earliest of them due by ``deadline_s``): plan a step, or
+        an interlude if a long step is running, or the next step ahead if the queue holds a
+        step's worth."""
         self._work.set()
         self._arrived.set()
         self._wake_if_deep()
+        if deadline_s is not None and deadline_s < self._deadline_at:
+            self._arm_deadline(deadline_s)
+
+    def _arm_deadline(self, at_s: float) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        delay = max(0.0, at_s - time.monotonic())
+        self._deadline_at = at_s
+        self._deadline_timer = asyncio.get_running_loop().call_later(delay, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        """Fail the rows whose deadline passed while they waited, then wait for the next."""
+        self._deadline_timer, self._deadline_at = None, math.inf
+        now = time.monotonic()
+        try:
+            self._expire(self._scheduler.expire(now))
+            wait = self._scheduler.next_deadline_in(now)
+        except Exception:  # the next plan expires them anyway
+            log.exception("expiring late rows failed")
+            return
+        if wait is not None:
+            self._arm_deadline(now + wait)
 
     async def run(self) -> None:
         """Forever: take the next batch, run it, deliver; cancelled when the engine closes."""
@@ -113,6 +142,9 @@ class StepLoop:
                     log.exception("the step loop failed; it goes on")
                     await asyncio.sleep(_RETRY_S)
         finally:  # closing: steps planned but not begun never run, and let go of adapters
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+                self._deadline_timer, self._deadline_at = None, math.inf
             if self._ahead is not None:
                 (item, step, _), self._ahead = self._ahead, None
                 step.add_done_callback(_consume)  # nobody awaits it now
@@ -285,6 +317,8 @@ class StepLoop:
                 if pending is not None:
                     pending.job.fail(EngineError(f"model step failed: {item.error}"))
             return
+        if item.is_skipped:
+            return
         self._scheduler.record_step(len(item.batch.rows), item.ended_s - item.started_s)
         for pending in {id(p): p for p, _ in item.rows if p is not None}.values():
             pending.job.record_step(item.started_s, item.ended_s)
@@ -316,6 +350,12 @@ class StepLoop:
         """Model thread: a top-level step (interludes nested in it included), its wall
         time on this thread and its CPU."""
         item.started_s = time.monotonic()
+        # a step queued ahead waits a whole step to begin: its requests may all have been
+        # cancelled or failed meanwhile, and their rows are not worth a step
+        if all(p is None or p.job.done for p, _ in item.rows):
+            item.is_skipped = True
+            item.ended_s = item.started_s
+            return []
         started_ns = time.thread_time_ns()
         try:
             return self._step(item.batch, item.token_ids, interleave)

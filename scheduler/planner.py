@@ -236,6 +236,10 @@ class Scheduler:
 
     # planning -----------------------------------------------------------------------------
 
+    def expire(self, now_s: float) -> tuple[Row, ...]:
+        """Take out the rows whose deadline has passed, as planning does, between plans."""
+        return self._expire(now_s)
+
     def plan(self, now_s: float) -> Plan:
         """Expire late rows, then form the next batch (None when nothing can run)."""
         expired = self._expire(now_s)

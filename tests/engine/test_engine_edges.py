@@ -240,3 +240,27 @@ async def test_a_request_naming_no_timeout_still_gets_the_servers_cap(
         for job in (first, waiting):
             with pytest.raises(DeadlineExceeded):
                 await asyncio.wait_for(job, timeout=30)
+
+
+async def test_a_request_is_told_of_its_timeout_while_a_step_still_runs(
+    registry, publish_random
+) -> None:
+    """Late rows were expired only when the next step was planned: a 0.1 s timeout behind a
+    long step was heard of when that step ended."""
+    publish_random(registry, "acme", "m")
+    config = EngineConfig(registry_dir=registry.root, max_batch_rows=1)
+    async with Engine(config) as engine:
+        await engine.classify("acme", "m", ["warm"])
+        gate = threading.Event()
+        engine._executor.submit(gate.wait, 30)  # the model thread is busy for now
+        try:
+            running = asyncio.ensure_future(engine.classify("acme", "m", ["in a step"]))
+            await asyncio.sleep(0.05)  # its row is planned, and waits behind the stall
+            began = asyncio.get_running_loop().time()
+            with pytest.raises(DeadlineExceeded, match="before input"):
+                await asyncio.wait_for(engine.classify("acme", "m", ["late"], timeout_s=0.1), 5)
+            assert asyncio.get_running_loop().time() - began < 1.0
+        finally:
+            gate.set()
+        assert len(await running) == 1
+        assert engine._steps._deadline_timer is None  # nothing waits: no timer left armed

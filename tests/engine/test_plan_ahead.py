@@ -154,3 +154,32 @@ async def test_a_failure_queueing_the_step_ahead_fails_its_rows_alone(
         cached = store._host.keys()
         assert cached and all(store._host.pins(key) == 0 for key in cached)
         assert engine.stats()["requests_in_flight"] == 0
+
+
+async def test_a_step_ahead_whose_requests_all_ended_never_runs(registry, publish_random) -> None:
+    """Cancelled while it waited behind the running step, its rows still took a step."""
+    publish_random(registry, "acme", "m")
+    config = EngineConfig(registry_dir=registry.root, max_batch_rows=4, plan_ahead=True)
+    async with Engine(config) as engine:
+        await engine.classify("acme", "m", ["warm"])
+        steps, gate = engine._steps, threading.Event()
+        timed_step = steps._timed_step
+
+        def gated(item, interleave):
+            gate.wait(30)
+            return timed_step(item, interleave)
+
+        steps._timed_step = gated  # type: ignore[method-assign]
+        rows_before = engine.stats()["rows"]
+        first = await engine.submit("acme", "m", TEXTS[:4])
+        victim = await engine.submit("acme", "m", TEXTS[4:8])
+        while steps._ahead is None:
+            await asyncio.sleep(0.0005)
+        victim.cancel()
+        gate.set()
+        assert len(await first.results()) == 4
+        while steps._ahead is not None:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # the skipped step is delivered
+        assert engine.stats()["rows"] - rows_before == 4
+        assert len(await engine.classify("acme", "m", TEXTS[:2])) == 2
