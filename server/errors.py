@@ -112,6 +112,16 @@ def from_engine_error(exc: EngineError, field: str | None = None) -> ApiError:
     return ApiError(status, error_type, str(exc), field=field, headers=headers)
 
 
+def from_input_error(exc: InputError, is_batch: bool) -> ApiError:
+    """An engine's refusal of a classify's input, in the request's own terms: the engine
+    names every text ``input[i]``, but a request that sent one string knows it as ``input``."""
+    error = from_engine_error(exc)
+    if not is_batch and exc.field == "input[0]":
+        error.field = "input"
+        error.message = "input" + error.message.removeprefix("input[0]")
+    return error
+
+
 def internal_error() -> ApiError:
     return ApiError(500, INTERNAL, "internal server error")
 

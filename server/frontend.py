@@ -38,7 +38,7 @@ from server.errors import (
     ApiError,
     Handler,
     error_middleware,
-    from_engine_error,
+    from_input_error,
 )
 from server.link import (
     CLOSE_GRACE_S,
@@ -232,7 +232,7 @@ async def classify(request: web.Request) -> web.StreamResponse:
             executor=None,
         )
     except InputError as exc:
-        raise from_engine_error(exc, field=body.input_field(exc.field)) from exc
+        raise from_input_error(exc, body.is_batch) from exc
     request[_HANDED_OVER] = True
     try:
         answer = await front.link.call(

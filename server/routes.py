@@ -22,6 +22,7 @@ from server.errors import (
     ApiError,
     expect_within,
     from_engine_error,
+    from_input_error,
     internal_error,
 )
 from server.schemas import (
@@ -182,7 +183,7 @@ def submit_nowait(
             tenant, body.model, texts, tokens=tokens, timeout_s=body.timeout_s
         )
     except InputError as exc:
-        raise from_engine_error(exc, field=body.input_field(exc.field)) from exc
+        raise from_input_error(exc, body.is_batch) from exc
     except EngineError as exc:
         raise from_engine_error(exc) from exc
 
@@ -221,7 +222,7 @@ async def submit(
         assert body.model is not None  # parse_classify sets exactly one of the two
         return await engine.submit(tenant, body.model, texts, **options)
     except InputError as exc:
-        raise from_engine_error(exc, field=body.input_field(exc.field)) from exc
+        raise from_input_error(exc, body.is_batch) from exc
     except EngineError as exc:
         raise from_engine_error(exc) from exc
 

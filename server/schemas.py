@@ -51,10 +51,6 @@ class ClassifyRequest:
     truncate: bool  # cut over-long texts instead of refusing them
     timeout_s: float | None  # seconds the inputs may wait to start (capped by the server)
 
-    def input_field(self, engine_field: str) -> str:
-        """The request's own name for a field the engine names (always ``input[i]`` there)."""
-        return "input" if not self.is_batch and engine_field == "input[0]" else engine_field
-
 
 def decode_json(body: bytes) -> Any:
     """Parse a request body; raises ``msgspec.DecodeError`` on malformed JSON, bad UTF-8 or

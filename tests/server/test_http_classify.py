@@ -120,6 +120,7 @@ async def test_long_text_without_truncation_is_413(client, engine, tenants) -> N
         client, tenants.acme, model="news", truncate=False, input=long_text
     )
     assert status == 413 and body["error"]["field"] == "input"
+    assert body["error"]["message"].startswith("input has "), body  # not input[0]: one string
 
 
 async def test_adapters_lists_own_models_only(client, engine, tenants) -> None:
