@@ -121,14 +121,23 @@ class WorkerProcess:
         return f"exit status {code}"
 
 
-def published_version(registry: Registry, record: JobRecord) -> int | None:
-    """The version the job's worker published (its manifest names the job), or None: how a
-    worker that died with leave to publish, or a server that died under it, ended."""
+def published_outcome(registry: Registry, record: JobRecord) -> dict[str, Any] | None:
+    """What the job's worker published (its manifest names the job), as its outcome would
+    have said it, or None: how a worker that died with leave to publish, or a server that
+    died under it, ended. The manifest keeps the metrics, so such a job still shows them."""
     try:
         versions = registry.list_adapters(record.tenant)
     except NotFound:
         return None
     for version in versions:
-        if version.name == record.name and version.manifest.get("training_job") == record.id:
-            return version.version
+        manifest = version.manifest
+        if version.name == record.name and manifest.get("training_job") == record.id:
+            training = manifest.get("training")
+            training = training if isinstance(training, dict) else {}
+            return {
+                "version": version.version,
+                "metrics": manifest.get("metrics"),
+                "epochs_run": training.get("epochs_run"),
+                "train_seconds": training.get("train_seconds"),
+            }
     return None

@@ -16,7 +16,7 @@ from typing import Any
 
 from registry import Registry
 from training.job_config import JobsConfig
-from training.job_process import WorkerProcess, published_version, worker_spec
+from training.job_process import WorkerProcess, published_outcome, worker_spec
 from training.job_store import (
     CANCELLED,
     FAILED,
@@ -156,11 +156,11 @@ class ManagerThread:
         elif outcome.get("type") == "failed":
             self._fail(record, str(outcome.get("error")))
         else:  # it died; if it had leave to publish, the registry says whether it did
-            version = published_version(self._registry, record) if worker.is_publishing else None
-            if version is None:
+            published = published_outcome(self._registry, record) if worker.is_publishing else None
+            if published is None:
                 self._fail(record, f"the training worker died ({exit_reason}); nothing published")
             else:
-                self._succeed(record, {"version": version})
+                self._succeed(record, published)
 
     def _stop_all(self) -> None:
         """Shutdown: kill workers (letting a publishing one finish), fail unfinished jobs."""

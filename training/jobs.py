@@ -32,7 +32,7 @@ from registry import Registry
 from registry.fsio import make_private_dir
 from training.config import TrainConfig
 from training.job_config import JobConflict, JobNotFound, JobsConfig, JobsUnavailable, TooManyJobs
-from training.job_process import WorkerProcess, published_version
+from training.job_process import WorkerProcess, published_outcome
 from training.job_store import (
     CANCELLED,
     QUEUED,
@@ -234,10 +234,10 @@ class JobManager(ManagerThread):
     def _settle_orphan(self, record: JobRecord) -> None:
         """A job a dead server left queued or running: succeeded if its worker published before
         dying, else failed. Its worker died with that server (see `_die_with_parent`)."""
-        version = published_version(self._registry, record) if record.state == RUNNING else None
+        published = published_outcome(self._registry, record) if record.state == RUNNING else None
         with self._lock:
-            if version is not None:
-                self._succeed(record, {"version": version})
+            if published is not None:
+                self._succeed(record, published)
             else:
                 self._fail(record, RESTART_ERROR)
 

@@ -338,11 +338,23 @@ def test_a_restart_credits_a_version_published_before_the_server_died(
     store = JobStore(tmp_path / "jobs")
     record = _stored_job(store, RUNNING)
     write_random_adapter(backbone, tmp_path / "adapter", seed=0, rank=4, num_labels=2)
-    manifest = {"labels": ["ham", "spam"], "base_sha256": backbone.sha256, "rank": 4}
-    registry.publish("acme", "spam", tmp_path / "adapter", manifest | {"training_job": record.id})
+    metrics = {"accuracy": 0.97, "macro_f1": 0.95}
+    manifest = {
+        "labels": ["ham", "spam"],
+        "base_sha256": backbone.sha256,
+        "rank": 4,
+        "metrics": metrics,
+        "training": {"epochs_run": 3, "train_seconds": 12.5},
+        "training_job": record.id,
+    }
+    registry.publish("acme", "spam", tmp_path / "adapter", manifest)
     manager = make_manager()
     settled = manager.get("acme", record.id)
     assert (settled.state, settled.version) == ("succeeded", 1)
+    # the metrics the worker never reported are the version's own: once, the job had none
+    assert settled.metrics == metrics
+    done = manager.events("acme", record.id)[-1]
+    assert done["type"] == "done" and done["metrics"] == metrics and done["epochs_run"] == 3
 
 
 def test_a_job_stays_its_tenants_when_the_clock_steps_back(
