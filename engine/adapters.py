@@ -33,7 +33,7 @@ HEAD_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 # model types whose sequence-classification head has two layers, and the activation between
-# them as transformers builds it (ELECTRA's is its config's hidden_act)
+# them as transformers builds it (ELECTRA's is gelu whatever its config's hidden_act says)
 _TWO_LAYER_HEADS = {
     "distilbert": "relu",
     "roberta": "tanh",
@@ -42,8 +42,12 @@ _TWO_LAYER_HEADS = {
     "camembert": "tanh",
     "data2vec-text": "tanh",
     "mpnet": "tanh",
-    "electra": "hidden_act",
+    "electra": "gelu",
 }
+
+
+# PEFT initialisations that subtract the adapter's starting update from the base weights
+_INITS_REWRITING_THE_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def backbone_poolings(backbone: Backbone) -> tuple[str, ...]:
@@ -64,8 +68,6 @@ def two_layer_activation(backbone: Backbone) -> str:
     it."""
     model_type = backbone.model_type
     activation = _TWO_LAYER_HEADS.get(model_type)
-    if activation == "hidden_act":
-        activation = str(getattr(backbone.model.config, "hidden_act", ""))
     if activation not in HEAD_ACTIVATIONS:
         raise AdapterFormatError(
             f"the classification head has two layers, and graft does not know the activation "
@@ -250,6 +252,13 @@ def _parse_config(data: bytes | bytearray) -> dict[str, Any]:
         raise AdapterFormatError("DoRA adapters are not supported (use_dora=true)")
     if config.get("lora_bias"):
         raise AdapterFormatError("LoRA bias terms are not supported (lora_bias=true)")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_INITS_REWRITING_THE_BASE):
+        raise AdapterFormatError(
+            f"init_lora_weights={init!r} also rewrites the base model's weights, which PEFT "
+            "redoes at load but a shared backbone cannot: save the adapter converted to a "
+            "plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
     return config
 
 

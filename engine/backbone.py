@@ -126,7 +126,7 @@ def load_backbone(
         name=path.name if path.name != "model" else path.parent.name,
         path=path,
         hidden_size=int(config.hidden_size),
-        max_tokens=_max_tokens(config, tokenizer),
+        max_tokens=_max_tokens(model, tokenizer),
         base_prefix=getattr(model, "base_model_prefix", "") or "",
         linears=linears,
         lora_state=state,
@@ -153,10 +153,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _max_tokens(config: object, tokenizer: PreTrainedTokenizerBase) -> int:
-    limit = int(getattr(config, "max_position_embeddings", 512))
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        limit -= 2  # RoBERTa positions start after the padding index
+def _max_tokens(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest input the model embeds: its position table, less the positions an
+    encoder counting from its padding index never uses (RoBERTa, MPNet, data2vec-text...:
+    their embeddings keep ``padding_idx``), and no longer than the tokenizer's limit."""
+    limit = int(getattr(model.config, "max_position_embeddings", 512))
+    padding_idx = getattr(getattr(model, "embeddings", None), "padding_idx", None)
+    if isinstance(padding_idx, int) and not isinstance(padding_idx, bool):
+        limit -= padding_idx + 1
     tok_limit = int(getattr(tokenizer, "model_max_length", limit) or limit)
     return min(limit, tok_limit)
 

@@ -127,7 +127,7 @@ class PackedOutputs:
         """The model's [CLS] pooler over each row's first token (its LoRA rows see one token
         per row, as in a padded step)."""
         first = self._hidden[list(self._inputs.token_starts[:-1])]
-        self._cls = self._backbone.model.pooler(first[:, None, :])
+        self._cls = pool_first_tokens(self._backbone.model, first)
 
 
 class PaddedOutputs:
@@ -166,8 +166,20 @@ def check_tolerance(backbone: Backbone, dtype: torch.dtype) -> float:
     return _CHECK_TOLERANCE if exact else _CHECK_TOLERANCE_LOW_PRECISION
 
 
+def pool_first_tokens(model: torch.nn.Module, first: torch.Tensor) -> torch.Tensor:
+    """The model's [CLS] pooler over first tokens ``[rows, hidden]``: BERT's pooler module
+    takes a sequence and pools its first token; ALBERT's is a bare Linear, its tanh applied
+    beside it by the model's forward."""
+    pooled = model.pooler(first[:, None, :])
+    if pooled.dim() == 3:  # a Linear over the one-token sequence
+        activation = getattr(model, "pooler_activation", None)
+        pooled = pooled[:, 0] if activation is None else activation(pooled[:, 0])
+    return pooled
+
+
 def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
-    """Run two texts padded and packed (no LoRA): True when every row's hidden states agree."""
+    """Run two texts padded and packed (no LoRA): True when every row's hidden states agree,
+    and its [CLS] pooler's outputs, where it has one, as packed steps compute them."""
     model = backbone.model
     token_ids, ids, mask, inputs, tolerance = check_inputs(backbone, device, dtype)
     try:
@@ -186,7 +198,14 @@ def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
         expected = padded.last_hidden_state[i, : len(row)]
         if not torch.allclose(hidden[lo:hi].float(), expected.float(), atol=tolerance):
             return False
-    return True
+    expected = getattr(padded, "pooler_output", None)
+    if expected is None:
+        return True
+    with torch.inference_mode():
+        pooled = pool_first_tokens(model, hidden[list(inputs.token_starts[:-1])])
+    return pooled.shape == expected.shape and torch.allclose(
+        pooled.float(), expected.float(), atol=tolerance
+    )
 
 
 def check_inputs(

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, DistilBertConfig, ElectraConfig, RobertaConfig
+from transformers import (
+    AlbertConfig,
+    AutoModel,
+    DistilBertConfig,
+    ElectraConfig,
+    MPNetConfig,
+    RobertaConfig,
+)
 
 from engine import AdapterFormatError, Engine, EngineConfig, load_backbone, packaged_backbone_dir
 from registry import Registry
@@ -49,9 +56,42 @@ CONFIGS = {
 }
 
 
+# layouts with a quirk of their own, each checked by a test below rather than by every test
+QUIRKS = {
+    # a bare Linear for a pooler, its tanh applied beside it
+    "albert": lambda: AlbertConfig(
+        vocab_size=VOCAB,
+        embedding_size=32,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+    ),
+    # transformers' ELECTRA head uses gelu whatever hidden_act says
+    "electra-relu": lambda: ElectraConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        embedding_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        hidden_act="relu",
+    ),
+    # positions counted from the padding index, as RoBERTa's
+    "mpnet": lambda: MPNetConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=130,
+    ),
+}
+
+
 def _random_encoder(kind: str, out: Path) -> Path:
     torch.manual_seed(0)
-    AutoModel.from_config(CONFIGS[kind]()).save_pretrained(out)
+    AutoModel.from_config({**CONFIGS, **QUIRKS}[kind]()).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         source = packaged_backbone_dir() / name
         if source.is_file():
@@ -97,7 +137,12 @@ TEXTS = [
     "new phone who dis",
 ]
 # each layout's LoRA targets, by PEFT's module names
-TARGETS = {"distilbert": ["q_lin", "v_lin"], "roberta": ["query", "value"], "electra": ["query"]}
+TARGETS = {
+    "distilbert": ["q_lin", "v_lin"],
+    "roberta": ["query", "value"],
+    "electra": ["query"],
+    "albert": ["query", "value"],
+}
 
 
 def _peft_adapter(encoder: Path, out: Path, num_labels: int):
@@ -293,3 +338,65 @@ def test_only_backbones_with_two_layer_heads_pool_the_first_token(encoder_dir, b
     )
     with pytest.raises(AdapterFormatError, match="pooling 'first'"):
         parse_adapter(config, weights, ("a", "b"), POOLING_FIRST, backbone)
+
+
+@pytest.mark.parametrize("kind", ["albert", "electra-relu"])
+async def test_layout_quirks_serve_as_peft(kind: str, tmp_path) -> None:
+    """ALBERT's packed steps failed every row (its pooler is a bare Linear, its tanh beside
+    it); an ELECTRA with a relu hidden_act was served with a relu head, where transformers'
+    head is gelu whatever the config says."""
+    from engine.peft_io import import_peft
+
+    encoder = _random_encoder(kind, tmp_path / kind)
+    expected = _peft_adapter(encoder, tmp_path / "adapter", num_labels=3)
+    registry = Registry(tmp_path / "registry")
+    registry.create_tenant("acme")
+    record = import_peft(registry, load_backbone(encoder), "acme", "m", tmp_path / "adapter")
+    assert record.manifest.get("head_activation") in (None, "gelu")
+    registry.close()
+    config = EngineConfig(registry_dir=tmp_path / "registry", backbone_dir=encoder)
+    async with Engine(config) as engine:
+        together = await engine.classify("acme", "m", TEXTS)  # rows of several lengths
+        assert engine.stats()["packed_steps"] >= 1
+    got = torch.tensor([[p.scores[f"l{i}"] for i in range(3)] for p in together])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+async def test_an_input_at_the_limit_fits_an_encoder_counting_positions_from_padding(
+    tmp_path,
+) -> None:
+    """MPNet's positions start after its padding index, as RoBERTa's: a limit taken as its
+    whole position table made an input at the limit fail its step, neighbours' rows too."""
+    encoder = _random_encoder("mpnet", tmp_path / "mpnet")
+    backbone = load_backbone(encoder)
+    assert backbone.max_tokens == 130 - 2
+    registry = Registry(tmp_path / "registry")
+    registry.create_tenant("acme")
+    config = TrainConfig(mode="head", epochs=1, max_length=MAX_LENGTH)
+    sms = stratified_sample(clean_examples(load_sms_spam()), 60, seed=2)
+    train_adapter(backbone, registry, "acme", "m", sms, config, progress=False)
+    registry.close()
+    engine_config = EngineConfig(registry_dir=tmp_path / "registry", backbone_dir=encoder)
+    async with Engine(engine_config) as engine:
+        answers = await engine.classify("acme", "m", ["word " * 400, "short"])
+    assert answers[0].truncated and answers[0].num_tokens == 128 and len(answers) == 2
+
+
+def test_adapters_whose_init_rewrote_the_base_weights_are_refused(tmp_path) -> None:
+    """PiSSA, OLoRA and the like subtract the adapter's starting update from the base
+    weights, which PEFT redoes at load: served over the shared backbone, they were off."""
+    from engine.peft_io import import_peft
+
+    encoder = _random_encoder("roberta", tmp_path / "roberta")
+    _peft_adapter(encoder, tmp_path / "adapter", num_labels=2)
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    registry = Registry(tmp_path / "registry")
+    registry.create_tenant("acme")
+    for init in ("pissa", "pissa_niter_4", "olora", "corda", "loftq"):
+        config_file.write_text(json.dumps(config | {"init_lora_weights": init}))
+        with pytest.raises(AdapterFormatError, match="also rewrites the base model's weights"):
+            import_peft(registry, load_backbone(encoder), "acme", "m", tmp_path / "adapter")
+    config_file.write_text(json.dumps(config | {"init_lora_weights": "gaussian"}))
+    assert import_peft(registry, load_backbone(encoder), "acme", "m", tmp_path / "adapter")
+    registry.close()
