@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ from server.link import LinkServer, link_server
 log = logging.getLogger(__name__)
 
 _FOLDER_PREFIX = "graft-serve-"  # then the server's pid: its sockets' folder
+_STALE_AFTER_S = 60.0  # a folder younger than this may be a server's still starting
 START_TIMEOUT_S = 120.0  # each front end imports torch and transformers, then loads a tokenizer
 
 
@@ -102,7 +104,12 @@ def _remove_stale_folders(parent: str) -> None:
         if _is_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):  # another server may be removing it too
-            if entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid():
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            # a pid of another PID namespace (containers sharing /tmp) is no process here:
+            # a live server still answers on its socket, and a new one has just made its folder
+            if time.time() - info.st_mtime > _STALE_AFTER_S and not _answers(entry.path):
                 shutil.rmtree(entry.path)
 
 
@@ -113,6 +120,16 @@ def _is_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # someone else's process
+    return True
+
+
+def _answers(folder: str) -> bool:
+    """Whether a server still listens on the engine socket in ``folder``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(f"{folder}/engine.sock")
+        except OSError:  # refused (its server is gone) or no socket at all
+            return False
     return True
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -632,16 +633,30 @@ async def test_socket_folders_of_dead_servers_are_removed_at_start(tmp_path: Pat
     await ended.wait()  # its pid now names no process (reuse within the test is unlikely)
     dead = tmp_path / f"graft-serve-{ended.pid}-a1b2c3"
     (dead / "inner").mkdir(parents=True)
+    (dead / "engine.sock").touch()  # a socket nobody listens on any more
+    listening = tmp_path / f"graft-serve-{ended.pid}-g7h8i9"  # another PID namespace's server
+    listening.mkdir()
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(listening / "engine.sock"))
+    live.listen()
     kept = [
+        listening,
         tmp_path / f"graft-serve-{os.getpid()}-d4e5f6",  # a live server's
         tmp_path / "graft-serve-k7w3q9xz",  # an older graft's: no pid to check
         tmp_path / "graft-serve-12345678",  # the same, though its name is all digits
         tmp_path / "other-program",
     ]
-    for folder in kept:
+    for folder in kept[1:]:
         folder.mkdir()
+    young = tmp_path / f"graft-serve-{ended.pid}-j1k2l3"  # a server's still starting
+    young.mkdir()
     link = tmp_path / f"graft-serve-{ended.pid}-link"
     link.symlink_to(tmp_path / "other-program")
-    _remove_stale_folders(str(tmp_path))
+    for folder in (dead, *kept):
+        os.utime(folder, (time.time() - 120, time.time() - 120))
+    try:
+        _remove_stale_folders(str(tmp_path))
+    finally:
+        live.close()
     assert not dead.exists()
-    assert all(folder.is_dir() for folder in kept) and link.is_symlink()
+    assert all(folder.is_dir() for folder in (*kept, young)) and link.is_symlink()
