@@ -38,6 +38,7 @@ from server.errors import (
     ApiError,
     Handler,
     error_middleware,
+    expect_within,
     from_input_error,
 )
 from server.link import (
@@ -54,6 +55,7 @@ from server.link import (
 from server.quiet_log import quiet_malformed_requests
 from server.request_ids import REQUEST_ID_HEADER, add_request_id, request_id
 from server.routes import EXPECT_BODY, MAX_BODY_BYTES, authenticate, parse_body, read_body
+from server.train_upload import upload_too_large
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ class FrontendConfig:
     max_input_tokens: int
     max_inputs: int
     max_body_bytes: int
+    max_upload_bytes: int | None = None  # POST /v1/train's cap; None: the engine trains none
     log_level: int = logging.WARNING  # the engine's process's
 
 
@@ -114,10 +117,10 @@ class EngineLink(asyncio.Protocol):
     def hello(self) -> None:
         self._out.send(Hello(os.getpid()))
 
-    def refused(self, status: int, seconds: float) -> None:
-        """Tell the engine's ``/metrics`` of a classify answered here."""
+    def refused(self, status: int, seconds: float, route: str = "/v1/classify") -> None:
+        """Tell the engine's ``/metrics`` of a request to ``route`` answered here."""
         if not self.closed.is_set():
-            self._out.send(Refused(status, seconds))
+            self._out.send(Refused(status, seconds, route))
 
     async def call(self, **fields: Any) -> Answer:
         if self.closed.is_set():
@@ -195,23 +198,52 @@ def create_frontend_app(front: Front) -> web.Application:
     )
     app[FRONT] = front
     app[MAX_BODY_BYTES] = front.config.max_body_bytes
-    app[EXPECT_REFUSED] = lambda request, status: front.link.refused(status, 0.0)
+    app[EXPECT_REFUSED] = _count_expect_refusal
     app.router.add_post("/v1/classify", classify, expect_handler=EXPECT_BODY)
-    app.router.add_route("*", "/{tail:.*}", proxy)
+    if front.config.max_upload_bytes is not None:  # refused here, before the upload is sent
+        app.router.add_post("/v1/train", proxy_upload, expect_handler=_EXPECT_UPLOAD)
+    app.router.add_route("*", "/{tail:.*}", proxy, expect_handler=_EXPECT_ANY)
     app.on_response_prepare.append(add_request_id)
     quiet_malformed_requests()
     return app
 
 
+# the engine's own Expect answers, given here: proxied, a 413 came after the whole upload
+_EXPECT_UPLOAD = expect_within(
+    lambda request: request.app[FRONT].config.max_upload_bytes or 0, "upload", field="file"
+)
+_EXPECT_ANY = expect_within(lambda request: sys.maxsize, "request body")  # JSON 417s
+_COUNTED_HERE = frozenset(["/v1/classify", "/v1/train"])  # POSTs a front end may refuse
+
+
 @web.middleware
 async def _count_refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A classify refused here is counted in the engine's ``/metrics`` as it would be were
-    it served there: the requests handed over (or proxied) the engine counts itself."""
+    """A classify or upload refused here is counted in the engine's ``/metrics`` as it would
+    be were it served there: the requests handed over (or proxied) the engine counts."""
     started = time.perf_counter()
     response = await handler(request)
-    if request.get(_HANDED_OVER) is None and request.path == "/v1/classify":
-        request.app[FRONT].link.refused(response.status, time.perf_counter() - started)
+    if request.get(_HANDED_OVER) is None and _is_counted_here(request):
+        elapsed = time.perf_counter() - started
+        request.app[FRONT].link.refused(response.status, elapsed, request.path)
     return response
+
+
+def _count_expect_refusal(request: web.Request, status: int) -> None:
+    if _is_counted_here(request):
+        request.app[FRONT].link.refused(status, 0.0, request.path)
+
+
+def _is_counted_here(request: web.Request) -> bool:
+    return request.method == "POST" and request.path in _COUNTED_HERE
+
+
+async def proxy_upload(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/train``, proxied once its declared size is within the cap: the proxy sends
+    the body on chunked, so the engine could refuse it only once it had read the cap."""
+    cap = request.app[FRONT].config.max_upload_bytes
+    if cap is not None and request.content_length is not None and request.content_length > cap:
+        raise upload_too_large(cap)
+    return await proxy(request)
 
 
 async def classify(request: web.Request) -> web.StreamResponse:

@@ -69,6 +69,7 @@ class Refused(msgspec.Struct, tag="refused", array_like=True):
 
     status: int
     seconds: float
+    route: str = "/v1/classify"  # or "/v1/train": the routes a front end refuses itself
 
 
 class Answer(msgspec.Struct, array_like=True):
@@ -232,7 +233,7 @@ class LinkServer:
                 handle.cancel()
         elif isinstance(message, Refused):
             if (state := self._app.get(METRICS)) is not None:
-                state.observe_request("POST", "/v1/classify", message.status, message.seconds)
+                state.observe_request("POST", message.route, message.status, message.seconds)
         else:
             self.ready.add(message.pid)
             self._hello.set()

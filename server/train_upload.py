@@ -56,7 +56,7 @@ class TrainRequest:
 async def read_upload(request: web.Request, max_bytes: int) -> Upload:
     """The body's file and options; ApiError 413 past `max_bytes`, 415/422 for bad shapes."""
     if request.content_length is not None and request.content_length > max_bytes:
-        raise _too_large(max_bytes)  # refuse before reading a byte of it
+        raise upload_too_large(max_bytes)  # refuse before reading a byte of it
     if request.content_type == "multipart/form-data":
         upload = await _read_multipart(request, max_bytes)
         return replace(upload, options=_merged(_query_options(request), upload.options, "a part"))
@@ -114,7 +114,7 @@ async def _parse_multipart(request: web.Request, max_bytes: int) -> Upload:
     filename = ""
     options: dict[str, str] = {}
     num_bytes = 0  # of every part: a chunked body has no Content-Length to refuse up front
-    too_large = _too_large(max_bytes)
+    too_large = upload_too_large(max_bytes)
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):
             raise _invalid("nested multipart bodies are not supported", None)
@@ -148,7 +148,7 @@ async def _read_ndjson(request: web.Request, max_bytes: int) -> Upload:
     async for chunk in request.content.iter_chunked(_CHUNK_BYTES):
         num_bytes += len(chunk)
         if num_bytes > max_bytes:
-            raise _too_large(max_bytes)
+            raise upload_too_large(max_bytes)
         chunks.append(chunk)
     data = b"".join(chunks)
     options = _query_options(request)
@@ -242,5 +242,5 @@ def _invalid(message: str, field: str | None) -> ApiError:
     return ApiError(422, INVALID_REQUEST, message, field=field)
 
 
-def _too_large(max_bytes: int) -> ApiError:
+def upload_too_large(max_bytes: int) -> ApiError:
     return ApiError(413, TOO_LARGE, f"upload is larger than {max_bytes} bytes", field="file")

@@ -21,6 +21,7 @@ from aiohttp import web
 from engine import Engine
 from server.frontend import SHUTDOWN_GRACE_S, FrontendConfig
 from server.link import LinkServer, link_server
+from server.train_routes import TRAINING
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ async def front_ends(
                     max_input_tokens=engine.max_input_tokens,
                     max_inputs=engine.config.max_inputs_per_request,
                     max_body_bytes=max_body_bytes,
+                    max_upload_bytes=_upload_cap(runner.app),
                     log_level=logging.getLogger().getEffectiveLevel(),
                 )
                 processes = await _spawn(config, count)
@@ -92,6 +94,12 @@ async def front_ends(
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
                 await _stop(processes)
+
+
+def _upload_cap(app: web.Application) -> int | None:
+    """The engine app's POST /v1/train cap, for its front ends; None where it trains none."""
+    training = app.get(TRAINING)
+    return None if training is None else training.config.max_upload_bytes
 
 
 def _remove_stale_folders(parent: str) -> None:

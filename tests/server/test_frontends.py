@@ -32,6 +32,7 @@ from server.frontend import (
     FrontendConfig,
     create_frontend_app,
 )
+from server.train_routes import TrainServiceConfig
 from server.workers import (
     RestartBudget,
     _remove_stale_folders,
@@ -660,3 +661,46 @@ async def test_socket_folders_of_dead_servers_are_removed_at_start(tmp_path: Pat
         live.close()
     assert not dead.exists()
     assert all(folder.is_dir() for folder in (*kept, young)) and link.is_symlink()
+
+
+async def test_a_front_end_refuses_an_upload_past_the_cap_as_the_engine_does(
+    fronts, session, tenants: Tenants
+) -> None:
+    """Proxied, POST /v1/train got aiohttp's 100 Continue and its chunked body was refused
+    only once the engine had read the cap: a client sent 25 MB of 30 before its 413. An
+    unknown Expect got aiohttp's plain-text 417."""
+    url, _ = fronts
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    address = (host, int(port))
+    cap = TrainServiceConfig().max_upload_bytes  # the fixture's engine app trains by default
+    metric = (
+        'graft_http_request_duration_seconds_count{method="POST",route="/v1/train",status="413"}'
+    )
+
+    async def counted() -> float:
+        async with session.get(f"{url}/metrics") as response:
+            text = await response.text()
+        line = next((x for x in text.splitlines() if x.startswith(metric)), None)
+        return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+    before = await counted()
+    answer = await expect_continue(address, "/v1/train", tenants.acme, cap + 1)
+    assert answer.startswith(b"HTTP/1.1 413") and b'"field":"file"' in answer, answer[:300]
+    reader, writer = await asyncio.open_connection(*address)  # no Expect: refused unread
+    writer.write(
+        f"POST /v1/train HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tenants.acme}\r\n"
+        f"Content-Type: application/x-ndjson\r\nContent-Length: {cap + 1}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413") and b"upload is larger than" in head, head[:300]
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"GET /v1/adapters HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n")
+    head = await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 417") and b"application/json" in head, head[:300]
+    for _ in range(100):  # the tallies travel over the link
+        if await counted() - before == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert await counted() - before == 2
