@@ -128,8 +128,8 @@ class EngineLink(asyncio.Protocol):
         key = next(self._ids)
         answer = asyncio.get_running_loop().create_future()
         self._waiting[key] = answer
-        self._out.send(Classify(id=key, **fields))
-        try:
+        try:  # a frame that cannot be sent leaves no waiter behind
+            self._out.send(Classify(id=key, **fields))
             return await answer
         except asyncio.CancelledError:
             if not self.closed.is_set():

@@ -238,6 +238,13 @@ class LinkServer:
             self.ready.add(message.pid)
             self._hello.set()
 
+    def _failed(self, message: Any, out: FrameWriter, exc: Exception) -> None:
+        """A frame whose handling raised: logged, and a classify answered a 500, so that
+        neither the front end's other requests (the link) nor its caller are lost."""
+        log.error("handling a front end's %s failed", type(message).__name__, exc_info=exc)
+        if isinstance(message, Classify):
+            self._reply(message, out, *_error_answer(message, exc), time.perf_counter())
+
     def _start(
         self, message: Classify, out: FrameWriter, running: dict[int, "_Cancellable"]
     ) -> None:
@@ -245,8 +252,8 @@ class LinkServer:
         wait to be admitted (an adapter still on disk) gets a task. Making the task
         alone was 5% of the engine loop behind the front ends (server_profile)."""
         started = time.perf_counter()
-        body, tokens = _request(message)
         try:
+            body, tokens = _request(message)
             job = submit_nowait(self._app[ENGINE], message.tenant, body, tokens)
         except Exception as exc:
             self._reply(message, out, *_error_answer(message, exc), started)
@@ -349,7 +356,13 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             for payload in self._frames.feed(data):
-                self._server._receive(_to_engine.decode(payload), self)
+                message = _to_engine.decode(payload)
+                try:
+                    self._server._receive(message, self)
+                except (ConnectionError, msgspec.DecodeError):
+                    raise
+                except Exception as exc:  # that frame fails alone, not the whole link
+                    self._server._failed(message, self.out, exc)
         except (ConnectionError, msgspec.DecodeError) as exc:
             log.error("front-end link broken: %s", exc)
             self.close()

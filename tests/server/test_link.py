@@ -330,3 +330,46 @@ def test_a_front_end_never_cuts_its_link_for_requests_piling_up(
         server.close()
 
     _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_frame_whose_handling_fails_is_answered_and_the_link_lives_on(
+    loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """An exception out of a frame's handling used to end the whole link: every request of
+    that front end was cancelled, and the one at fault never answered."""
+    failing = [True]
+    start = LinkServer._start
+
+    def start_once_failing(self, message, out, running) -> None:
+        if failing.pop() if failing else False:
+            raise RuntimeError("a slip while starting it")
+        start(self, message, out, running)
+
+    monkeypatch.setattr(LinkServer, "_start", start_once_failing)
+
+    def classify(key: int) -> bytes:
+        return frame(
+            Classify(
+                key, "acme", f"r{key}", "m", None, ("hi",), False, True, None, ((1,),), (False,)
+            )
+        )
+
+    async def main() -> None:
+        link = LinkServer(web.Application())  # no engine: a started request fails with a 500
+        await link.start(str(tmp_path / "link.sock"))
+        reader, writer = await _open(str(tmp_path / "link.sock"))
+        writer.write(frame(Hello(5)) + classify(1) + classify(2))
+        splitter, answers = FrameSplitter(), []
+        while len(answers) < 2:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            assert chunk, "the engine closed the link"
+            answers += [decode_answer(payload) for payload in splitter.feed(chunk)]
+        assert [(a.id, a.status) for a in answers] == [(1, 500), (2, 500)]
+        writer.close()
+        await link.close()
+
+    with caplog.at_level(logging.ERROR, logger="server.link"):
+        _run(loop, main)
+    assert "handling a front end's Classify failed" in caplog.text
+    assert "front-end link broken" not in caplog.text
