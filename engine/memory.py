@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # pack whole pool rows unless they would take more than this many times the adapter's bytes
 _MAX_ROW_WASTE = 2
+_MIN_HEAD_BYTES = 64 << 20
 
 
 @dataclass(slots=True)
@@ -67,9 +68,10 @@ class AdapterMemory:
         self._free = FreePages(1, num_pages)
         self._resident: OrderedDict[str, Resident] = OrderedDict()
         self._resident_bytes = 0  # sum of their num_bytes
-        # heads sit beside the pool, up to as many bytes again: without a bound, head-only
-        # models (no pages) stayed on the device for good, however many were served
-        self.max_head_bytes = self.pool_bytes
+        # heads sit beside the pool, up to as many bytes again (at least _MIN_HEAD_BYTES, so
+        # a small pool still takes two-layer heads: 2.25 MiB each on BERT-base): without a
+        # bound, head-only models (no pages) stayed on the device for good
+        self.max_head_bytes = max(self.pool_bytes, _MIN_HEAD_BYTES)
         self._head_bytes = 0
         self.num_hits = 0
         self.num_loads = 0
@@ -285,7 +287,7 @@ class AdapterMemory:
         if head_bytes > self.max_head_bytes:
             raise EngineOverloaded(
                 f"{key}'s head takes {head_bytes} bytes, more than the {self.max_head_bytes} "
-                "heads may take on the device (as many as the adapter pool)"
+                "heads may take on the device (as many as the adapter pool, at least 64 MiB)"
             )
         while self._free.count < count or self._head_bytes + head_bytes > self.max_head_bytes:
             if not self._evict_one():

@@ -138,6 +138,7 @@ def test_head_only_models_are_evicted_past_the_heads_budget(backbone) -> None:
     """They take no pages, so nothing ever evicted them: 60 head-only models served once
     each stayed on the device, three times the pool's bytes."""
     memory = AdapterMemory(backbone, 8, "cpu", torch.float32)
+    assert memory.max_head_bytes == 64 << 20 > memory.pool_bytes  # a small pool's floor
     head_bytes = (2 * 384 + 2) * 4
     memory.max_head_bytes = 3 * head_bytes
     heads = {k: _weights(backbone, i, rank=4) for i, k in enumerate("abcde")}
