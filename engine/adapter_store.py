@@ -29,8 +29,6 @@ from registry import AdapterRecord, NotFound, Registry, RegistryError
 _LOADER_NICENESS = 10  # added to a loader thread's niceness
 # what serving reads of a version: not its held-out rows (eval.jsonl), often the larger file
 _SERVED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-# a finished load stays shared this long when every request that waited for it went away
-_LANDED_S = 1.0
 # how long a forget also catches loads that start after it (see AdapterStore._recent_forgets)
 _RECENT_FORGETS_S = 60.0
 
@@ -105,22 +103,41 @@ class AdapterStore:
         try:
             weights = await asyncio.shield(load.landed)
         except asyncio.CancelledError:
+            load.num_waiting -= 1
             # a cancelled load, not a cancelled caller, means the engine closed
             if load.landed.cancelled() and self._closed:
                 raise EngineClosed("engine shut down") from None
+            if not load.num_waiting:
+                self._unwanted(key, load)
             raise
-        finally:
+        except BaseException:
             load.num_waiting -= 1
-            if not load.num_waiting and not load.landed.done() and load.read.cancel():
-                load.landed.cancel()  # nobody waits, and no thread had started it
-                self._stop_loading(key, load)
-        # in one go, with no await between: a forget always finds the key on the host or
-        # still loading, never between the two (an in-flight load leaves _loading only here)
+            raise
+        load.num_waiting -= 1
+        self._put(key, load, weights, keep_pin=True)
+        return key
+
+    def _put(self, key: str, load: _Load, weights: AdapterWeights, *, keep_pin: bool) -> None:
+        """A finished load onto the host, pinned for its caller or not. In one go, with no
+        await between: a forget always finds the key on the host or still loading, never
+        between the two (a finished load leaves _loading only here)."""
         self._host.put_pinned(key, weights)
         self._stop_loading(key, load)
         if self._forgotten_lately(key):
             self._host.forget(key)
-        return key
+        if not keep_pin:
+            self._host.unpin(key)
+
+    def _unwanted(self, key: str, load: _Load) -> None:
+        """Nobody waits for ``load`` any more: a read still queued is dropped unread; one that
+        ran is kept on the host (unpinned, evictable), so that a request retrying with a
+        timeout shorter than the read finds it there, instead of reading the disk again."""
+        if not load.landed.done():
+            if load.read.cancel():  # no thread had started it
+                load.landed.cancel()
+                self._stop_loading(key, load)
+        elif _succeeded(load.landed) and self._loading.get(key) is load:
+            self._put(key, load, load.landed.result(), keep_pin=False)
 
     def _start_load(self, key: str, record: AdapterRecord) -> _Load:
         try:
@@ -136,11 +153,11 @@ class AdapterStore:
 
     def _landed(self, key: str, load: _Load) -> None:
         """A load ended. A failed one is dropped now, never to be shared again; a finished
-        one stays until a waiter puts it on the host, or a while if every waiter left."""
-        if _succeeded(load.landed):
-            asyncio.get_running_loop().call_later(_LANDED_S, self._stop_loading, key, load)
-        else:
+        one waits for its waiters to put it on the host, or goes there now if none is left."""
+        if not _succeeded(load.landed):
             self._stop_loading(key, load)
+        elif not load.num_waiting:
+            self._unwanted(key, load)
 
     def _stop_loading(self, key: str, load: _Load) -> None:
         if self._loading.get(key) is load:

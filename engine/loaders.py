@@ -84,11 +84,12 @@ class TenantLoaders:
                     self._num_queued -= 1
                     if not queue:
                         del self._queues[tenant]
+                    if not work[0].set_running_or_notify_cancel():  # cancelled while queued:
+                        continue  # no turn taken
                     self._num_taken += 1
                     self._last_served[tenant] = self._num_taken
-                    if work[0].set_running_or_notify_cancel():  # False: cancelled while queued
-                        self._num_running += 1
-                        return work
+                    self._num_running += 1
+                    return work
                 if self._is_shut_down:
                     return None
                 self._num_idle += 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine import DeadlineExceeded, Engine, EngineConfig
+from engine.adapter_store import adapter_key
 from engine.loaders import TenantLoaders
 from registry import Registry
 
@@ -57,6 +58,18 @@ def test_a_cancelled_load_never_runs_and_shutdown_cancels_the_queue() -> None:
     gate.set()
     kept.result(timeout=30)
     assert ran == ["kept"] and loaders.num_running == 0
+    # a tenant's dropped loads take no turns: they put globex's live one behind all of acme
+    gate.clear()
+    loaders.submit("acme", lambda: gate.wait(30))
+    acme = [loaders.submit("acme", lambda i=i: ran.append(f"acme{i}")) for i in range(4)]
+    dropped = [loaders.submit("globex", lambda: ran.append("dropped")) for _ in range(4)]
+    live = loaders.submit("globex", lambda: ran.append("globex"))
+    assert all(future.cancel() for future in dropped)
+    gate.set()
+    for future in (*acme, live):
+        future.result(timeout=30)
+    assert ran[1:] == ["globex", "acme0", "acme1", "acme2", "acme3"], ran
+    del ran[1:]
     loaders.submit("acme", lambda: gate.wait(30))
     queued = loaders.submit("acme", lambda: ran.append("never"))
     loaders.shutdown(cancel_futures=True)
@@ -119,3 +132,21 @@ async def test_a_requests_timeout_covers_the_wait_for_its_adapters_load(
         assert len(await engine.classify("acme", "slow", ["x"])) == 1  # the load went on
         stats = engine.stats()
         assert stats["requests_in_flight"] == 0 and stats["waiting_rows"] == 0
+
+
+async def test_a_read_that_outlives_its_requests_is_kept_for_the_next(
+    registry: Registry, publish_random
+) -> None:
+    """Its requests timed out while it ran; dropped on landing, every retry with the same
+    timeout read the disk again and timed out again, for ever."""
+    record = publish_random(registry, "acme", "slow")
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        _record_reads(engine, 1.0)
+        with pytest.raises(DeadlineExceeded):
+            await engine.classify("acme", "slow", ["x"], timeout_s=0.5)
+        await asyncio.sleep(1.0)  # the read lands with nobody waiting for it
+        store = engine._loaded.store
+        assert store.residency(adapter_key(record)) == "host"
+        assert not store._host._entries[adapter_key(record)].pins  # evictable
+        assert len(await engine.classify("acme", "slow", ["x"], timeout_s=0.5)) == 1
+        assert engine.stats()["adapter_disk_loads"] == 1
