@@ -150,11 +150,13 @@ def test_head_only_models_are_evicted_past_the_heads_budget(backbone) -> None:
     assert memory.num_evictions == 1 and memory.resident_bytes == 3 * head_bytes
     for key in "bcd":
         memory.acquire(key, lambda k=key: head_only[k])  # each held by a step
-    with pytest.raises(EngineOverloaded, match="in use"):
-        memory.acquire("e", lambda: head_only["e"])
-    memory.max_head_bytes = head_bytes - 1
-    with pytest.raises(EngineOverloaded, match="more than the"):
-        memory.acquire("e", lambda: head_only["e"])
+    # the budget is soft: a step the planner formed (it counts pages) is never failed by it
+    memory.acquire("e", lambda: head_only["e"])
+    assert memory.num_resident == 4 and memory.resident_bytes == 4 * head_bytes
+    for key in "bcde":
+        memory.release(key)
+    memory.acquire("a", lambda: head_only["a"])  # idle ones make room again
+    assert memory.num_resident == 3 and memory.is_resident("a")
 
 
 def test_an_adapter_larger_than_the_pool_is_refused(backbone) -> None:
