@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from engine.adapter_store import adapter_key
 from engine.backbone import Backbone, packaged_backbone_dir
@@ -29,6 +30,13 @@ from registry import AdapterRecord, InvalidName, NotFound, Registry
 from scheduler import Scheduler, TenantPolicy
 
 log = logging.getLogger(__name__)
+
+
+class _Unset:
+    """``set_tenant_policy``'s policy when only fields are given."""
+
+
+_UNSET = _Unset()
 
 
 class Engine(EngineRequests):
@@ -272,15 +280,27 @@ class Engine(EngineRequests):
 
     # requests --------------------------------------------------------------------------
 
-    def set_tenant_policy(self, tenant: str, policy: TenantPolicy | None) -> None:
-        """Change one tenant's weight, step budget or queue bound now and in the registry
-        (None: back to the defaults). Other engines on the same registry follow within
-        ``settings_poll_s``. Raises TenantNotFound, or InputError for a malformed name."""
-        if policy is not None and not isinstance(policy, TenantPolicy):
+    def set_tenant_policy(
+        self, tenant: str, policy: TenantPolicy | None | _Unset = _UNSET, **changes: Any
+    ) -> None:
+        """Change one tenant's weight, step budget or queue bound now and in the registry.
+
+        ``policy`` replaces the tenant's whole policy, a field left at TenantPolicy's default
+        taking the server's (None: back to the defaults); ``changes`` (``weight=2``,
+        ``max_tokens_per_step=None``...) change those fields alone, set as given, as
+        ``graft tenants set`` does. Other engines on the same registry follow within
+        ``settings_poll_s``. Raises TenantNotFound, InputError for a malformed name,
+        ValueError for a bad value."""
+        if (policy is _UNSET) == (not changes):
+            raise TypeError("give a TenantPolicy (or None), or the fields to change, not both")
+        if not isinstance(policy, TenantPolicy | None | _Unset):
             raise TypeError(f"policy must be a TenantPolicy or None, got {type(policy).__name__}")
         self._check_open()
         try:
-            self._loaded.settings.set(tenant, policy)
+            if isinstance(policy, _Unset):
+                self._loaded.settings.update(tenant, changes)
+            else:
+                self._loaded.settings.set(tenant, policy)
         except InvalidName as exc:
             raise InputError(str(exc), "tenant") from None
         except NotFound as exc:

@@ -81,6 +81,14 @@ class TenantSettings:
             self._registry.set_tenant_settings(tenant, changed)
         self._scheduler.set_policy(tenant, policy)
 
+    def update(self, tenant: str, changes: dict[str, Any]) -> None:
+        """Merge ``changes`` into the tenant's stored overrides (as ``graft tenants set``
+        does) and apply the result: values equal to any default are kept as given."""
+        merged = self._registry.update_tenant_settings(
+            tenant, changes, check=lambda merged: policy_from_settings(self._defaults, merged)
+        )
+        self._scheduler.set_policy(tenant, policy_from_settings(self._defaults, merged))
+
     def apply(self) -> None:
         """Load every stored override into the scheduler; bad ones are logged and skipped."""
         self._stamp = self._registry.settings_stamp()

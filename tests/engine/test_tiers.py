@@ -214,6 +214,15 @@ async def test_tenant_settings_apply_at_run_time_without_restart(registry, publi
         engine.set_tenant_policy("acme", TenantPolicy(weight=3.0, max_queued_rows=7))
         assert registry.tenant_settings() == {"acme": {"weight": 3.0, "max_queued_rows": 7}}
         assert engine._scheduler.policy("acme").max_queued_rows == 7
+        # fields given by name are set as given, even to TenantPolicy's own defaults
+        engine.set_tenant_policy("acme", max_queued_rows=1024)
+        assert registry.tenant_settings() == {"acme": {"weight": 3.0, "max_queued_rows": 1024}}
+        assert engine._scheduler.policy("acme") == TenantPolicy(weight=3.0, max_queued_rows=1024)
+        with pytest.raises(ValueError, match="unknown settings"):
+            engine.set_tenant_policy("acme", weight=2.0, speed=11)
+        with pytest.raises(TypeError, match="not both"):
+            engine.set_tenant_policy("acme", TenantPolicy(), weight=2.0)
+        assert registry.tenant_settings()["acme"]["weight"] == 3.0  # refused: nothing stored
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
