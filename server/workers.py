@@ -134,8 +134,11 @@ def _is_alive(pid: int) -> bool:
 def _answers(folder: str) -> bool:
     """Whether a server still listens on the engine socket in ``folder``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)  # a full backlog (a stopped server's) blocks a connect
         try:
             probe.connect(f"{folder}/engine.sock")
+        except TimeoutError:  # someone listens, if slowly
+            return True
         except OSError:  # refused (its server is gone) or no socket at all
             return False
     return True
