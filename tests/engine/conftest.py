@@ -15,3 +15,15 @@ def fleet_registry(tmp_path: Path, publish_random):
     publish_fleet(registry, publish_random)
     yield registry
     registry.close()
+
+
+@pytest.fixture
+def two_tenants(tmp_path: Path):
+    """A registry with tenants acme and globex."""
+    from registry import Registry
+
+    registry = Registry(tmp_path / "reg")
+    for tenant in ("acme", "globex"):
+        registry.create_tenant(tenant)
+    yield registry
+    registry.close()

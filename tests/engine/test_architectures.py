@@ -32,60 +32,31 @@ from training import (
 
 MAX_LENGTH = 32
 VOCAB = 30522  # the packaged tokenizer's
+# the sizes of every tiny BERT-like layout below (DistilBERT names them its own way)
+TINY = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+}
 CONFIGS = {
     "distilbert": lambda: DistilBertConfig(
         vocab_size=VOCAB, dim=64, n_layers=2, n_heads=2, hidden_dim=128
     ),
-    "roberta": lambda: RobertaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=130,
-        pad_token_id=0,
-    ),
-    "electra": lambda: ElectraConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        embedding_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-    ),
+    "roberta": lambda: RobertaConfig(**TINY, max_position_embeddings=130, pad_token_id=0),
+    "electra": lambda: ElectraConfig(**TINY, embedding_size=32),
 }
 
 
 # layouts with a quirk of their own, each checked by a test below rather than by every test
 QUIRKS = {
     # a bare Linear for a pooler, its tanh applied beside it
-    "albert": lambda: AlbertConfig(
-        vocab_size=VOCAB,
-        embedding_size=32,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-    ),
+    "albert": lambda: AlbertConfig(**TINY, embedding_size=32),
     # transformers' ELECTRA head uses gelu whatever hidden_act says
-    "electra-relu": lambda: ElectraConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        embedding_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        hidden_act="relu",
-    ),
+    "electra-relu": lambda: ElectraConfig(**TINY, embedding_size=32, hidden_act="relu"),
     # positions counted from the padding index, as RoBERTa's
-    "mpnet": lambda: MPNetConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=130,
-    ),
+    "mpnet": lambda: MPNetConfig(**TINY, max_position_embeddings=130),
 }
 
 

@@ -4,7 +4,6 @@ the request's timeout."""
 import asyncio
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,12 +14,8 @@ from registry import Registry
 
 
 @pytest.fixture
-def registry(tmp_path: Path):
-    reg = Registry(tmp_path / "reg")
-    for tenant in ("acme", "globex"):
-        reg.create_tenant(tenant)
-    yield reg
-    reg.close()
+def registry(two_tenants: Registry) -> Registry:
+    return two_tenants
 
 
 def _record_reads(engine: Engine, delay_s: float) -> list[str]:

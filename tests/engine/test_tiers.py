@@ -14,12 +14,8 @@ from registry import Registry
 
 
 @pytest.fixture
-def registry(tmp_path: Path):
-    reg = Registry(tmp_path / "reg")
-    for tenant in ("acme", "globex"):
-        reg.create_tenant(tenant)
-    yield reg
-    reg.close()
+def registry(two_tenants: Registry) -> Registry:
+    return two_tenants
 
 
 def _gate_loads(engine: Engine, name: str) -> threading.Event:
