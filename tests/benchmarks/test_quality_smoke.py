@@ -38,3 +38,5 @@ def test_quick_run_writes_the_table(tmp_path: Path) -> None:
     assert rows["full"]["served_metrics"] is None and rows["full"]["lora_bytes"] is None
     assert rows["full"]["file_bytes"] > rows["lora-r4"]["file_bytes"]
     assert any("full - lora-r4" in c["check"] for c in report["targets"])
+    # every mode scored on the same tokens: full cuts at max_length, and so do the others
+    assert {r["eval_max_tokens"] for r in rows.values()} == {rows["full"]["max_length"]}
