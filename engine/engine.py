@@ -255,9 +255,12 @@ class Engine(EngineRequests):
 
     def _forget_where(self, matches: Callable[[str], bool]) -> "Future[None] | None":
         """The host tier's part now; the device pool's on the model thread, whose future is
-        returned (None once that thread has shut down)."""
+        returned (None once that thread has shut down). The embedding cache is emptied whole:
+        keyed by tenant name, not by version, it would keep a deleted tenant's texts, and a
+        tenant created again under the name could time them. Deletions are rare; it refills."""
         store = self._loaded.store
         store.forget_where(matches)
+        self._loaded.embeddings.clear()
         try:
             return self._executor.submit(store.forget_device_where, matches)
         except RuntimeError:  # the model thread has shut down

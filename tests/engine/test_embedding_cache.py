@@ -1,6 +1,7 @@
 """The embedding cache: repeated texts cost head-only models no backbone row, per tenant and
 per backbone, within a byte budget; LoRA models never read it."""
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,25 @@ async def test_another_tenant_with_the_same_text_misses(registry) -> None:
         assert stats["rows"] == 2 * len(TEXTS)
         assert (stats["embedding_cache_hits"], stats["embedding_cache_misses"]) == (0, 6)
         assert [p.results[0].scores for p in mine] == [p.results[0].scores for p in theirs]
+
+
+async def test_a_tenant_created_again_never_hits_the_deleted_ones_texts(
+    registry, publish_random
+) -> None:
+    """Keyed by the tenant's name, the cache kept a deleted tenant's texts, and whoever made
+    a tenant of that name next could time which texts it had sent."""
+    config_ = config(registry, settings_poll_s=0.05)
+    async with Engine(config_) as engine:
+        await engine.classify_many("globex", ["urgent"], TEXTS)
+        assert engine.stats()["embedding_cache_entries"] == len(TEXTS)
+        registry.delete_tenant("globex")  # as the CLI does: the engine learns by polling
+        await asyncio.sleep(0.5)
+        assert engine.stats()["embedding_cache_entries"] == 0
+        registry.create_tenant("globex")
+        publish_random(registry, "globex", "probe", seed=4, rank=0, pooling="mean")
+        hits = engine.stats()["embedding_cache_hits"]
+        await engine.classify_many("globex", ["probe"], TEXTS)
+        assert engine.stats()["embedding_cache_hits"] == hits
 
 
 async def test_engine_cache_respects_its_byte_budget(registry) -> None:
