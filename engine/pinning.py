@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 
 from engine.adapter_store import AdapterStore, unpin_if_pinned
-from engine.errors import DeadlineExceeded
+from engine.errors import AdapterFormatError, AdapterIncompatible, DeadlineExceeded
 from registry import AdapterRecord
 
 
@@ -32,8 +32,13 @@ async def pin(store: AdapterStore, record: AdapterRecord, deadline_s: float | No
 async def pin_all(
     store: AdapterStore, records: Sequence[AdapterRecord], deadline_s: float | None = None
 ) -> list[str]:
-    """Host-pin every adapter (cold ones load in parallel); on failure none stays pinned."""
-    pins = [asyncio.ensure_future(pin(store, record, deadline_s)) for record in records]
+    """Host-pin every adapter (cold ones load in parallel); on failure none stays pinned.
+    An adapter that cannot be served is named with its place (``models[i]``): of up to 16
+    models, the caller must learn which one to fix."""
+    pins = [
+        asyncio.ensure_future(_pin_placed(store, record, deadline_s, i))
+        for i, record in enumerate(records)
+    ]
     try:
         return list(await asyncio.gather(*pins))
     except BaseException:
@@ -41,6 +46,18 @@ async def pin_all(
             task.cancel()
             task.add_done_callback(unpin_if_pinned(store))
         raise
+
+
+async def _pin_placed(
+    store: AdapterStore, record: AdapterRecord, deadline_s: float | None, position: int
+) -> str:
+    try:
+        return await pin(store, record, deadline_s)
+    except (AdapterFormatError, AdapterIncompatible) as exc:
+        name, text = f"{record.full_name}@{record.version}", str(exc)
+        placed = f"{name} (models[{position}])"
+        rest = text[len(name) :] if text.startswith(name) else f": {text}"
+        raise type(exc)(placed + rest) from exc
 
 
 def pin_all_if_resident(store: AdapterStore, records: Sequence[AdapterRecord]) -> list[str] | None:

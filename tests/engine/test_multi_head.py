@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine, EngineConfig, InputError, ModelNotFound, MultiPrediction
+from engine import (
+    AdapterFormatError,
+    Engine,
+    EngineConfig,
+    InputError,
+    ModelNotFound,
+    MultiPrediction,
+)
 from registry import Registry
 
 TEXTS = [
@@ -138,6 +145,17 @@ async def test_unknown_model_fails_before_anything_is_computed(registry) -> None
         assert stats["rows"] == 0 and stats["adapter_disk_loads"] == 0
         assert stats["waiting_rows"] == 0 and stats["requests_in_flight"] == 0
         assert engine.tenant_stats().get("acme", {}).get("admitted_rows", 0) == 0
+
+
+async def test_a_model_that_cannot_be_served_is_named_by_its_place(
+    registry, publish_random
+) -> None:
+    """Of up to 16 models, a load's refusal said what was wrong but not with which one."""
+    publish_random(registry, "acme", "broken", rank=0, pooling="first")  # MiniLM has no use
+    async with Engine(config(registry)) as engine:
+        with pytest.raises(AdapterFormatError, match=r"^acme/broken@1 \(models\[2\]\): "):
+            await engine.classify_many("acme", ["spam", "urgent", "broken", "hr"], TEXTS)
+        assert len(await engine.classify_many("acme", ["spam", "urgent"], TEXTS)) == len(TEXTS)
 
 
 async def test_cancel_drops_waiting_rows_and_releases_every_pin(registry) -> None:
