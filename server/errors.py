@@ -118,7 +118,8 @@ def from_input_error(exc: InputError, is_batch: bool) -> ApiError:
     error = from_engine_error(exc)
     if not is_batch and exc.field == "input[0]":
         error.field = "input"
-        error.message = "input" + error.message.removeprefix("input[0]")
+        if error.message.startswith("input[0]"):
+            error.message = "input" + error.message.removeprefix("input[0]")
     return error
 
 

@@ -381,3 +381,15 @@ async def test_an_http_1_0_expectation_is_ignored_and_an_unknown_one_is_417(clie
         answer = await asyncio.wait_for(reader.read(), 10)  # both close: 1.0, and the 417
         writer.close()
         assert answer.split(b" ", 2)[1] == status, answer[:300]
+
+
+def test_one_strings_input_error_is_named_input_wherever_the_engine_names_it() -> None:
+    from engine import InputError
+    from server.errors import from_input_error
+
+    named = from_input_error(InputError("input[0] is empty", "input[0]"), is_batch=False)
+    assert (named.field, named.message) == ("input", "input is empty")
+    other = from_input_error(InputError("too many tokens in all", "input[0]"), is_batch=False)
+    assert (other.field, other.message) == ("input", "too many tokens in all")  # kept whole
+    batch = from_input_error(InputError("input[0] is empty", "input[0]"), is_batch=True)
+    assert (batch.field, batch.message) == ("input[0]", "input[0] is empty")
