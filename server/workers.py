@@ -134,10 +134,10 @@ def _is_alive(pid: int) -> bool:
 def _answers(folder: str) -> bool:
     """Whether a server still listens on the engine socket in ``folder``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)  # a full backlog (a stopped server's) blocks a connect
+        probe.settimeout(1.0)  # a full backlog (a stopped server's) may block a connect
         try:
             probe.connect(f"{folder}/engine.sock")
-        except TimeoutError:  # someone listens, if slowly
+        except (TimeoutError, BlockingIOError):  # someone listens, its backlog full (EAGAIN)
             return True
         except OSError:  # refused (its server is gone) or no socket at all
             return False

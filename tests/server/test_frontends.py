@@ -1,6 +1,7 @@
 """``graft serve --workers``: front-end processes answer as the one-process server does."""
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -640,14 +641,24 @@ async def test_socket_folders_of_dead_servers_are_removed_at_start(tmp_path: Pat
     live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     live.bind(str(listening / "engine.sock"))
     live.listen()
+    busy = tmp_path / f"graft-serve-{ended.pid}-m4n5o6"  # the same, its backlog full
+    busy.mkdir()
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.bind(str(busy / "engine.sock"))
+    stalled.listen(0)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        filler.connect(str(busy / "engine.sock"))
     kept = [
         listening,
+        busy,
         tmp_path / f"graft-serve-{os.getpid()}-d4e5f6",  # a live server's
         tmp_path / "graft-serve-k7w3q9xz",  # an older graft's: no pid to check
         tmp_path / "graft-serve-12345678",  # the same, though its name is all digits
         tmp_path / "other-program",
     ]
-    for folder in kept[1:]:
+    for folder in kept[2:]:
         folder.mkdir()
     young = tmp_path / f"graft-serve-{ended.pid}-j1k2l3"  # a server's still starting
     young.mkdir()
@@ -658,7 +669,8 @@ async def test_socket_folders_of_dead_servers_are_removed_at_start(tmp_path: Pat
     try:
         _remove_stale_folders(str(tmp_path))
     finally:
-        live.close()
+        for sock in (live, stalled, filler):
+            sock.close()
     assert not dead.exists()
     assert all(folder.is_dir() for folder in (*kept, young)) and link.is_symlink()
 
