@@ -103,17 +103,14 @@ class AdapterStore:
         try:
             weights = await asyncio.shield(load.landed)
         except asyncio.CancelledError:
-            load.num_waiting -= 1
             # a cancelled load, not a cancelled caller, means the engine closed
             if load.landed.cancelled() and self._closed:
                 raise EngineClosed("engine shut down") from None
-            if not load.num_waiting:
+            if load.num_waiting == 1:  # the last waiter leaves
                 self._unwanted(key, load)
             raise
-        except BaseException:
+        finally:
             load.num_waiting -= 1
-            raise
-        load.num_waiting -= 1
         self._put(key, load, weights, keep_pin=True)
         return key
 
