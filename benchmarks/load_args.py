@@ -143,8 +143,9 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--plan-ahead",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="graft's EngineConfig.plan_ahead: the next step planned while one runs",
+        default=None,
+        help="graft's EngineConfig.plan_ahead: the next step planned while one runs "
+        "(default: the engine's, on with CUDA)",
     )
     p.add_argument(
         "--contended-tokens",

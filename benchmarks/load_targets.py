@@ -67,7 +67,7 @@ class TargetOptions:
     # graft's EngineConfig.contended_batch_tokens ("auto": by device)
     contended_tokens: int | str | None = "auto"
     cuda_graphs: bool | None = None  # graft's EngineConfig.cuda_graphs (None: its default)
-    plan_ahead: bool = False  # graft's EngineConfig.plan_ahead
+    plan_ahead: bool | None = None  # graft's EngineConfig.plan_ahead; None: its default
     adapter_pages: int = 1024  # graft's adapter pool, in rank-rows
     max_batch_rows: int = 128
     max_batch_tokens: int = 8192

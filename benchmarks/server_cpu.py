@@ -72,7 +72,7 @@ def fleet_and_options(args: argparse.Namespace, work: Path, **extra: Any):
     fleet = build_fleet(work, args.adapters, args.tenants, backbone_dir=backbone_dir)
     options = TargetOptions(
         threads=args.threads,
-        plan_ahead=getattr(args, "plan_ahead", False),  # server_profile has no such flag
+        plan_ahead=getattr(args, "plan_ahead", None),  # server_profile has no such flag
         quantize=args.quantize,
         device=args.device,
         backbone_dir=backbone_dir,
@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--plan-ahead",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="graft's EngineConfig.plan_ahead: the next step planned while one runs",
+        default=None,
+        help="graft's EngineConfig.plan_ahead: the next step planned while one runs "
+        "(default: the engine's, on with CUDA)",
     )
     parser.add_argument("--hidden", type=int, default=None, help="a random-weight BERT this wide")
     parser.add_argument("--layers", type=int, default=None, help="with --hidden: its depth (2)")

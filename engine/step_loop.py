@@ -10,7 +10,7 @@ attention and feed-forward block) takes it and runs it as a complete nested step
 long step resumes where it paused. So a neighbour waits one block, not one step. At most one
 interlude waits at a time, and none nests inside another.
 
-With ``plan_ahead`` (off by default), once as many rows wait as the running step holds,
+With ``plan_ahead`` (on by default on CUDA), once as many rows wait as the running step holds,
 the loop plans the next step and queues it on the model thread behind the running one: it
 starts as that one ends, while the event loop delivers the last outputs, instead of after.
 """
@@ -263,7 +263,7 @@ class StepLoop:
         on the model thread behind it. A queue that deep means the model thread is what rows
         wait for, so its gap between steps (delivering, planning, handing over) is the time
         to save; a shallower one is left to gather more rows for a step planned at the end."""
-        if not self._config.plan_ahead or self._ahead is not None:
+        if not self._config.uses_plan_ahead or self._ahead is not None:
             return await step
         self._plan_ahead_rows = max(1, len(item.batch.rows))
         self._queue_deep.clear()

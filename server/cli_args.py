@@ -117,8 +117,9 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--plan-ahead",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="plan the next step while one runs, once a step's worth of rows waits",
+        default=None,
+        help="plan the next step while one runs, once a step's worth of rows waits "
+        "(default: on with CUDA)",
     )
     p.add_argument(
         "--dtype",

@@ -58,6 +58,25 @@ async def test_a_deep_queue_is_planned_ahead_with_the_same_answers(
     assert stats["requests_in_flight"] == 0 and stats["waiting_rows"] == 0
 
 
+def test_plan_ahead_is_on_by_default_on_cuda_only() -> None:
+    """The H200 gained from it; the CPU, where the step's own work fills the cycle, did not."""
+    assert EngineConfig(device="cuda").uses_plan_ahead
+    assert not EngineConfig().uses_plan_ahead
+    assert not EngineConfig(device="cuda", plan_ahead=False).uses_plan_ahead
+    assert EngineConfig(plan_ahead=True).uses_plan_ahead
+    with pytest.raises(ValueError, match="plan_ahead must be"):
+        EngineConfig(plan_ahead="yes")  # type: ignore[arg-type]
+
+
+async def test_plan_ahead_default_on_the_cpu_plans_nothing_ahead(registry, publish_random) -> None:
+    """A deep queue on the CPU with the default config is planned one step at a time."""
+    publish_random(registry, "acme", "m")
+    config = EngineConfig(registry_dir=registry.root, max_batch_rows=4)
+    async with Engine(config) as engine:
+        await asyncio.gather(*(engine.classify("acme", "m", [text]) for text in TEXTS))
+        assert engine.stats()["planned_ahead"] == 0
+
+
 async def test_one_request_at_a_time_is_never_planned_ahead(registry, publish_random) -> None:
     """Nothing waits while its step runs: each step is planned when the last one ends."""
     publish_random(registry, "acme", "m")

@@ -283,8 +283,15 @@ def test_serve_flags_reach_the_engine_config(tmp_path: Path) -> None:
     both = _parser().parse_args(["serve", "--quantize", "int8", "--dtype", "bfloat16"])
     with pytest.raises(ValueError, match="float32 activations"):
         engine_config(both)
-    for flags, plan_ahead in (([], False), (["--no-plan-ahead"], False), (["--plan-ahead"], True)):
-        assert engine_config(_parser().parse_args(["serve", *flags])).plan_ahead is plan_ahead
+    for flags, plan_ahead in (
+        ([], False),
+        (["--device", "cuda"], True),  # the device's default
+        (["--device", "cuda", "--no-plan-ahead"], False),
+        (["--no-plan-ahead"], False),
+        (["--plan-ahead"], True),
+    ):
+        parsed = _parser().parse_args(["serve", *flags])
+        assert engine_config(parsed).uses_plan_ahead is plan_ahead, flags
 
 
 def test_serve_takes_a_number_of_front_end_processes() -> None:
