@@ -180,10 +180,14 @@ class Engine(EngineRequests):
     def _check_serving(self) -> None:
         """Requests are taken on the event loop that started the engine, whose step loop
         answers them: from another loop, a job would wait on a future nobody wakes."""
-        if not self.ready:
+        task = self._loop_task
+        if self._model is None or task is None or self._closed:
             raise EngineClosed("engine is not running")
-        serving = self._loop_task.get_loop()  # type: ignore[union-attr]
+        serving = task.get_loop()
         if _running_loop() is not serving:
+            # ``ready``'s last check, needed only here: a running loop is not closed
+            if serving.is_closed():
+                raise EngineClosed("engine is not running")
             raise RuntimeError(
                 "this Engine serves on the event loop that started it; from another thread "
                 "or loop, submit there (asyncio.run_coroutine_threadsafe(coro, that_loop))"

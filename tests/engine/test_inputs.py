@@ -3,7 +3,7 @@
 import pytest
 
 from engine.errors import InputError, InputTooLong
-from engine.inputs import TextEncoder, tokenize_inputs
+from engine.inputs import TextEncoder, Tokenized, check_tokenized, tokenize_inputs
 
 TEXTS = [
     "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005.",
@@ -119,3 +119,37 @@ def test_a_core_that_does_not_serialize_keeps_the_hugging_face_call(backbone, mo
     encoder = TextEncoder(backbone.tokenizer)
     assert not encoder.is_fast
     assert encoder.inline(TEXTS[:2]) == _reference(backbone, TEXTS[:2])
+
+
+def _checked(texts, ids, truncated):
+    return check_tokenized(
+        texts, Tokenized(ids=ids, truncated=truncated), max_tokens=8, vocab_size=1000, max_inputs=4
+    )
+
+
+def test_checked_token_ids_are_tuples_the_caller_cannot_change() -> None:
+    """Lists are copied, so a caller's later change never reaches the step unchecked; flags
+    are booleans, as the answers' ``truncated`` field promises."""
+    row = [101, 7, 102]
+    checked = _checked(["a"], [row], [1])
+    row.append(10_000)
+    assert checked == Tokenized(ids=((101, 7, 102),), truncated=(True,))
+    assert type(checked.truncated[0]) is bool
+    given = Tokenized(ids=((101, 102),), truncated=(False,))
+    assert _checked(("a",), given.ids, given.truncated) == given  # a front end's, as decoded
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        ("ab", r"for one text, pass \[text\]"),
+        (b"ab", "got bytes"),
+        ({"a"}, "got set"),
+        ((t for t in ["a"]), "got generator"),
+        ([], "input is empty"),
+        (["a"] * 5, "at most 4 per request"),
+    ],
+)
+def test_texts_beside_token_ids_must_be_a_list(texts, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        _checked(texts, ((101, 102),), (False,))

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from safetensors.numpy import load as load_safetensors
 
-from registry import AdapterRecord, AlreadyExists, NotFound, Registry, RegistryError
+from registry import AdapterRecord, AlreadyExists, InvalidName, NotFound, Registry, RegistryError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OTHER_BASE_SHA256 = "cd" * 32
@@ -184,6 +184,21 @@ def test_resolve_names_what_is_missing(
         registry.resolve("acme", "ham")
     with pytest.raises(NotFound, match=r"no version 7 \(latest is 1\)"):
         registry.resolve("acme", "spam", 7)
+
+
+def test_a_remembered_resolve_still_refuses_what_it_would_have(
+    registry: Registry, make_adapter: Callable[..., Path], manifest: dict[str, Any]
+) -> None:
+    """Resolving from memory skips the name checks, never what they refuse: True is not
+    version 1, though the two hash alike."""
+    registry.publish("acme", "spam", make_adapter(), manifest)
+    assert registry.resolve("acme", "spam", 1).version == 1  # remembered from here on
+    with pytest.raises(ValueError, match="version must be an int, got True"):
+        registry.resolve("acme", "spam", True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="version must be an int"):
+        registry.resolve("acme", "spam", 1.0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidName, match="invalid adapter name 'Spam'"):
+        registry.resolve("acme", "Spam")
 
 
 def test_publish_to_unknown_tenant_fails(
