@@ -19,6 +19,7 @@ while a server runs); see catalog.py for how. Versions are immutable and numbere
 
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -31,6 +32,7 @@ from registry.catalog import Catalog
 from registry.errors import NotFound, RegistryError
 from registry.fsio import make_private_dir
 from registry.names import validate_name
+from registry.ownership import give_catalog, owner_to_keep
 from registry.publisher import Publisher
 from registry.read_memo import ReadMemo
 from registry.records import AdapterRecord, PublishItem, VerifiedFiles
@@ -71,10 +73,19 @@ class Registry(Tenancy):
         self._root = Path(root).absolute()
         if self._root.exists() and not self._root.is_dir():
             raise RegistryError(f"registry {self._root} is not a directory")
+        if self._root.exists() and not os.access(self._root, os.W_OK | os.X_OK):
+            raise RegistryError(  # rather than SQLite's "attempt to write a readonly database"
+                f"no write access to the registry {self._root}: opening one tidies what "
+                "crashed writers left and keeps its catalog current, so every graft command "
+                "and server needs it; run as the registry's owner "
+                f"(uid {self._root.stat().st_uid})"
+            )
         make_private_dir(self._root)
-        self._catalog = Catalog(self._root / CATALOG_FILE, _BUSY_TIMEOUT_S, is_durable=durable)
-        self._memo = ReadMemo(self._catalog.changes)  # records, until the catalog changes
         self._store = BlobStore(self._root, is_durable=durable)
+        _refuse_without_catalog(self._root, self._store)  # before making an empty one
+        self._catalog = Catalog(self._root / CATALOG_FILE, _BUSY_TIMEOUT_S, is_durable=durable)
+        give_catalog(self._root / CATALOG_FILE, owner_to_keep(self._root))
+        self._memo = ReadMemo(self._catalog.changes)  # records, until the catalog changes
         self._publisher = Publisher(self._root, self._catalog, self._store)
         self._is_closed = False
         try:
@@ -324,7 +335,6 @@ class Registry(Tenancy):
         it, or the catalog is older than its files (restored from a copy). Stored versions
         beside a catalog that knows no tenant mean the catalog was lost or replaced: opening
         is refused, and nothing is touched."""
-        self._store.remove_stale_temp_dirs()
         # Under the write lock: a publisher is between rename and insert only while holding it.
         with self._write() as conn:
             known = catalog.adapter_versions(conn)
@@ -334,12 +344,8 @@ class Registry(Tenancy):
                     was_deleted = deletion.deleted_at(conn, *version[:3]) is not None
                     (deleted if was_deleted else unrecorded).append(version)
             if unrecorded and not catalog.list_tenants(conn):
-                raise RegistryError(
-                    f"{self._root / CATALOG_FILE} records no tenant, yet {len(unrecorded)} "
-                    f"adapter version(s) are stored under {self._root / 'adapters'}: the "
-                    "catalog was lost or replaced. Restore it, or move adapters/ away to start "
-                    "an empty registry; no version was touched"
-                )
+                raise _lost_catalog(self._root, "records no tenant", len(unrecorded))
+            self._store.remove_stale_temp_dirs()
             for *_, path in deleted:
                 logger.info("removing %s: deleted, and its files outlived the commit", path)
                 self._store.remove_version(path)
@@ -397,6 +403,28 @@ class Registry(Tenancy):
             logger.warning(
                 "the catalog's log still holds deleted rows until its next checkpoint: %s", reason
             )
+
+
+def _refuse_without_catalog(root: Path, store: BlobStore) -> None:
+    """Stored versions beside no catalog, or an empty file: refused before SQLite writes a
+    new catalog there, which would then stand in the way of restoring the old one."""
+    try:
+        if (root / CATALOG_FILE).stat().st_size > 0:
+            return
+        what = "is empty"
+    except FileNotFoundError:
+        what = "is missing"
+    num_versions = sum(1 for _ in store.version_dirs())
+    if num_versions:
+        raise _lost_catalog(root, what, num_versions)
+
+
+def _lost_catalog(root: Path, what: str, num_versions: int) -> RegistryError:
+    return RegistryError(
+        f"{root / CATALOG_FILE} {what}, yet {num_versions} adapter version(s) are stored "
+        f"under {root / 'adapters'}: the catalog was lost or replaced. Restore it, or move "
+        "adapters/ away to start an empty registry; nothing was changed"
+    )
 
 
 def _check_version(version: int | None, *, allow_none: bool) -> None:

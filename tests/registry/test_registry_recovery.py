@@ -3,6 +3,7 @@ the catalog has no row for is ever removed."""
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -141,7 +142,7 @@ def test_files_of_a_deleted_version_that_outlived_its_commit_are_removed_on_open
         assert [r.version for r in reopened.list_adapters("acme")] == [2]
 
 
-@pytest.mark.parametrize("how", ["emptied", "removed"])
+@pytest.mark.parametrize("how", ["emptied", "removed", "replaced"])
 def test_a_lost_catalog_is_refused_and_no_version_is_touched(
     tmp_path: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any], how: str
 ) -> None:
@@ -153,9 +154,18 @@ def test_a_lost_catalog_is_refused_and_no_version_is_touched(
         path.unlink()
     if how == "emptied":
         (root / "catalog.sqlite3").write_bytes(b"")
-    with pytest.raises(RegistryError, match="records no tenant, yet 2 adapter version"):
-        Registry(root)
-    assert sorted(p.name for p in (root / "adapters/acme/spam").iterdir()) == ["1", "2"]
+    elif how == "replaced":  # by another registry's, which has no tenant
+        Registry(tmp_path / "other").close()
+        for path in (tmp_path / "other").glob("catalog.sqlite3*"):
+            shutil.copy(path, root / path.name)
+    stale = root / "adapters" / ".tmp-1-0"  # a crashed publish's: left, as everything is
+    stale.mkdir()
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    what = {"emptied": "is empty", "removed": "is missing", "replaced": "records no tenant"}[how]
+    for _ in range(2):  # the second refusal as the first: no empty catalog made in between
+        with pytest.raises(RegistryError, match=f"{what}, yet 2 adapter version"):
+            Registry(root)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
 
 
 def test_opening_while_others_publish_removes_nothing_live(
@@ -197,3 +207,59 @@ def _published(
             opened.publish("acme", "spam", make_adapter(seed=seed), manifest)
             for seed in range(count)
         ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can hand files to another user")
+def test_root_working_in_a_service_accounts_registry_leaves_it_that_accounts(
+    tmp_path: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any]
+) -> None:
+    """``sudo graft adapters import`` into a registry another user owns: what root creates
+    there (a new tenant's and name's directories, versions, a leftover set aside) belongs to
+    that user, who could otherwise neither publish under that name nor remove the version."""
+    root = tmp_path / "registry"
+    _published(root, make_adapter, manifest, 1)
+    leftover = root / "adapters" / "acme" / "spam" / "7"  # a crashed publish's, no catalog row
+    shutil.copytree(root / "adapters" / "acme" / "spam" / "1", leftover)
+    service = 65534  # nobody
+    for path in (root, *root.rglob("*")):
+        os.chown(path, service, service, follow_symlinks=False)
+    with Registry(root) as opened:  # as root: sets the leftover aside under orphaned/
+        opened.create_tenant("initech")
+        opened.publish("initech", "legal", make_adapter(seed=5), manifest)
+        opened.publish("acme", "news", make_adapter(seed=6), manifest)
+    assert (root / "orphaned").is_dir()
+    owned_by_root = [
+        str(path.relative_to(root))
+        for path in (root, *root.rglob("*"))
+        if path.lstat().st_uid != service or path.lstat().st_gid != service
+    ]
+    assert owned_by_root == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can hand files to another user")
+def test_a_catalog_root_creates_in_a_service_accounts_directory_is_that_accounts(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "registry"
+    root.mkdir()
+    os.chown(root, 65534, 65534)
+    with Registry(root) as opened:
+        opened.create_tenant("acme")
+    made = sorted(root.rglob("*"))
+    assert [p.name for p in made if p.name.startswith("catalog")], "no catalog was made"
+    assert [str(p.relative_to(root)) for p in made if p.lstat().st_uid != 65534] == []
+
+
+def test_a_registry_this_user_may_not_write_is_refused_by_name(
+    tmp_path: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any], monkeypatch
+) -> None:
+    """Opening writes (leftovers tidied, the schema kept current): said so up front, not as
+    SQLite's "attempt to write a readonly database". (Root may write anywhere, so the check
+    is simulated.)"""
+    root = tmp_path / "registry"
+    _published(root, make_adapter, manifest, 1)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    monkeypatch.setattr("registry.registry.os.access", lambda path, mode: False)
+    with pytest.raises(RegistryError, match="no write access to the registry .*run as the"):
+        Registry(root)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
