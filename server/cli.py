@@ -222,32 +222,46 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 # training --------------------------------------------------------------------------------
 
 
+def _train_config(args: argparse.Namespace):
+    """The flags as a TrainConfig; its errors say the flag (``--lr``), not the field."""
+    from training import TrainConfig
+
+    try:
+        return TrainConfig(
+            mode=args.mode,
+            rank=args.rank,
+            alpha=args.alpha,
+            epochs=args.epochs,
+            head_epochs=args.head_epochs,
+            batch_size=args.batch_size,
+            lora_lr=args.lr,
+            head_lr=args.head_lr,
+            backbone_lr=args.backbone_lr,
+            max_length=args.max_length,
+            eval_fraction=args.eval_fraction,
+            patience=args.patience,
+            seed=args.seed,
+            max_examples=args.max_examples,
+            weights_dtype=args.weights_dtype,
+            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        )
+    except ValueError as exc:  # "lora_lr must be > 0 and finite, got 0.0"
+        field, must, rest = str(exc).partition(" must ")
+        if not must or not field.isidentifier():
+            raise
+        flag = "--lr" if field == "lora_lr" else "--" + field.replace("_", "-")
+        raise ValueError(f"{flag} must {rest}") from None
+
+
 def _train(args: argparse.Namespace) -> int:
     import contextlib
 
     import torch
 
     from engine import load_backbone
-    from training import TrainConfig, load_examples, train_adapter
+    from training import load_examples, train_adapter
 
-    config = TrainConfig(
-        mode=args.mode,
-        rank=args.rank,
-        alpha=args.alpha,
-        epochs=args.epochs,
-        head_epochs=args.head_epochs,
-        batch_size=args.batch_size,
-        lora_lr=args.lr,
-        head_lr=args.head_lr,
-        backbone_lr=args.backbone_lr,
-        max_length=args.max_length,
-        eval_fraction=args.eval_fraction,
-        patience=args.patience,
-        seed=args.seed,
-        max_examples=args.max_examples,
-        weights_dtype=args.weights_dtype,
-        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-    )
+    config = _train_config(args)
     is_full = config.mode == "full"
     if is_full and args.output is None:
         raise ValueError("--mode full writes a standalone model directory: give --output DIR")

@@ -14,7 +14,7 @@ from registry import NotFound, Registry
 from training.config import TrainConfig
 from training.job_config import JobsConfig
 from training.job_store import JobRecord
-from training.job_worker import GO, STOP, WorkerSpec, run_worker
+from training.job_worker import GO, MODEL_DIR, STOP, WorkerSpec, run_worker
 
 
 def worker_spec(record: JobRecord, job_dir: Path, config: JobsConfig) -> WorkerSpec:
@@ -34,7 +34,7 @@ def worker_spec(record: JobRecord, job_dir: Path, config: JobsConfig) -> WorkerS
         backbone_dir=config.backbone_dir,
         backbone_sha256=config.backbone_sha256,
         num_threads=config.worker_threads,
-        output_dir=job_dir / "model" if train_config.mode == "full" else None,
+        output_dir=job_dir / MODEL_DIR if train_config.mode == "full" else None,
         parent_pid=os.getpid(),
     )
 

@@ -26,7 +26,7 @@ from training.job_store import (
     JobRecord,
     event,
 )
-from training.job_worker import SCRATCH_DIR
+from training.job_worker import MODEL_DIR, SCRATCH_DIR
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +253,16 @@ class ManagerThread:
         return finished
 
     def _drop_scratch(self, record: JobRecord) -> None:
-        """A finished job keeps its record and events, not its upload (up to the upload cap:
-        cancelled jobs filled the disk) nor its worker's scratch files, which a killed worker
-        (cancel, time limit) leaves: the held-out texts and the weights."""
+        """A finished job keeps its record and events (and a full-mode job its model), not its
+        upload (up to the upload cap: cancelled jobs filled the disk) nor its worker's scratch
+        files, which a killed worker (cancel, time limit) leaves: the held-out texts, the
+        weights, a full model half written."""
         job_dir = self._require_store().job_dir(record.id)
         with contextlib.suppress(OSError):
             (job_dir / record.data_file).unlink(missing_ok=True)
         shutil.rmtree(job_dir / SCRATCH_DIR, ignore_errors=True)
+        for staged in job_dir.glob(f".{MODEL_DIR}-*"):  # a full model being written (19 MB)
+            shutil.rmtree(staged, ignore_errors=True)
 
     def _update(self, record: JobRecord, new_event: dict[str, Any]) -> None:
         # in memory first: a disk refusing the write (full) loses it only across a restart

@@ -27,6 +27,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 SCRATCH_DIR = "tmp"  # in the job's directory
+MODEL_DIR = "model"  # a full-mode job's model, in its directory; staged as ".model-*"
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,7 +84,7 @@ def train_adapter(
     if on_report is not None:
         on_report(report)
     raise_for_errors(report, source)
-    if len(report.empty_rows) > sum(not example.text.strip() for example in examples):
+    if report.num_empty > sum(not example.text.strip() for example in examples):
         examples = drop_tokenless(examples, backbone.tokenizer)  # clean_examples keeps them
     split = split_examples(examples, config, test_examples)
     started = time.perf_counter()

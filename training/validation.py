@@ -15,7 +15,13 @@ from typing import Any, Protocol
 from registry import shown
 from training.data import DataError, Example, deduplicate, describe_rows, normalise_text
 
-MAX_UNK_ROWS = 50  # rows with unknown tokens kept in a report
+# Row numbers a report lists for each finding, and classes it names one by one; the counts
+# stay whole. A report goes into every job record, event and answer: a 20 MB upload of one
+# duplicated line listed 5 million rows, 40 MB a response (a review session's repro).
+MAX_REPORT_ROWS = 50
+MAX_UNK_ROWS = MAX_REPORT_ROWS  # the name that came first
+MAX_NAMED_CLASSES = 20  # "class 'x' has 2 example(s)" errors before "and N more classes"
+MAX_CLASSES = 10_000  # distinct labels a classifier may have; class_counts holds at most these
 TOKENIZE_BATCH_SIZE = 256
 
 
@@ -34,16 +40,18 @@ class DataReport:
     num_rows: int  # examples read, empty ones included
     class_counts: Mapping[str, int]  # label -> non-empty examples, sorted by label
     num_empty: int  # rows whose text is empty or whitespace; training drops them
-    empty_rows: tuple[int, ...]  # their row numbers
+    empty_rows: tuple[int, ...]  # the first MAX_REPORT_ROWS of their row numbers
     num_duplicates: int  # rows whose normalised text already appeared on an earlier row
-    duplicate_rows: tuple[int, ...]  # their row numbers
+    duplicate_rows: tuple[int, ...]  # the first MAX_REPORT_ROWS of their row numbers
     num_conflicting: int  # distinct duplicated texts that carry more than one label
     unk_token_rate: float  # unk tokens / all tokens over non-empty texts, 0..1
     unk_rows: tuple[int, ...]  # first MAX_UNK_ROWS rows holding at least one unk token
     imbalance_ratio: float  # largest / smallest class count; 0.0 when there are no classes
     warnings: tuple[str, ...]  # worth reading, training still runs
     errors: tuple[str, ...]  # training refuses to run
-    error_rows: tuple[int, ...] = ()  # the rows of classes too small to train on, ascending
+    # the rows of classes too small to train on, ascending: the first MAX_REPORT_ROWS
+    error_rows: tuple[int, ...]
+    num_classes: int  # distinct labels; past MAX_CLASSES, class_counts keeps the largest
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (tuples become lists) for the adapter manifest."""
@@ -57,7 +65,7 @@ class DataReport:
         width = max((len(label) for label in self.class_counts), default=0)
         lines = [
             f"rows: {self.num_rows}",
-            f"classes: {len(self.class_counts)}, imbalance {self.imbalance_ratio:.1f}x "
+            f"classes: {self.num_classes}, imbalance {self.imbalance_ratio:.1f}x "
             "(largest / smallest)",
         ]
         lines += [
@@ -136,15 +144,21 @@ def _class_errors(
     for example in deduplicate(examples):
         rows_by_label.setdefault(example.label, []).append(example.row)
     counts = Counter(example.label for example in examples)  # duplicates included
-    errors, error_rows = [], []
+    empty_by_label: dict[str, list[int]] = {}  # labels none of whose texts is kept
+    for example in every_row:
+        if example.label not in counts:
+            empty_by_label.setdefault(example.label, []).append(example.row)
+    errors: list[str] = []
+    error_rows: list[int] = []
     if len(counts) < 2:
         errors.append(f"only one class ({next(iter(counts))!r}); need at least 2")
-    for label in sorted(counts.keys() | {example.label for example in every_row}):
+    num_named = len(errors)
+    for label in sorted(counts.keys() | empty_by_label.keys()):
         rows = rows_by_label.get(label, [])
         if len(rows) >= min_per_class:
             continue
         if label not in counts:  # every text of it is empty
-            empty = [example.row for example in every_row if example.label == label]
+            empty = empty_by_label[label]
             error_rows += empty
             verb = "is" if len(empty) == 1 else "are"
             errors.append(
@@ -157,6 +171,11 @@ def _class_errors(
         count = f"{len(rows)} distinct example(s)" if has_copies else f"{len(rows)} example(s)"
         dropped = " once duplicate texts are dropped" if has_copies else ""
         errors.append(f"class {label!r} has {count}{where}{dropped}; need at least {min_per_class}")
+    if len(errors) - num_named > MAX_NAMED_CLASSES:
+        hidden = len(errors) - num_named - MAX_NAMED_CLASSES
+        errors[num_named + MAX_NAMED_CLASSES :] = [
+            f"and {hidden} more classes with too few examples"
+        ]
     return errors, sorted(error_rows)
 
 
@@ -237,25 +256,29 @@ def validate_examples(
     unk_rate, unk_rows, tokenless = _measure_tokens(filled, tokenizer)
     filled = [example for i, example in enumerate(filled) if i not in tokenless]
     kept = {id(example) for example in filled}
-    empty_rows = tuple(example.row for example in examples if id(example) not in kept)
-    class_counts = dict(sorted(Counter(example.label for example in filled).items()))
+    empty_rows = [example.row for example in examples if id(example) not in kept]
+    all_counts = Counter(example.label for example in filled)
+    class_counts = dict(sorted(all_counts.most_common(MAX_CLASSES)))
     duplicate_rows, conflict_rows, num_conflicting = _find_duplicates(filled)
-    counts = class_counts.values()
+    counts = all_counts.values()
     errors, error_rows = _class_errors(filled, examples, min_examples_per_class)
+    if len(all_counts) > MAX_CLASSES:
+        errors.insert(0, f"{len(all_counts)} distinct labels; at most {MAX_CLASSES} classes")
     report = DataReport(
         num_rows=len(examples),
         class_counts=class_counts,
         num_empty=len(empty_rows),
-        empty_rows=empty_rows,
+        empty_rows=tuple(empty_rows[:MAX_REPORT_ROWS]),
         num_duplicates=len(duplicate_rows),
-        duplicate_rows=tuple(duplicate_rows),
+        duplicate_rows=tuple(duplicate_rows[:MAX_REPORT_ROWS]),
         num_conflicting=num_conflicting,
         unk_token_rate=unk_rate,
-        unk_rows=tuple(unk_rows[:MAX_UNK_ROWS]),
+        unk_rows=tuple(unk_rows[:MAX_REPORT_ROWS]),
         imbalance_ratio=max(counts) / min(counts) if counts else 0.0,
         warnings=(),
         errors=tuple(errors),
-        error_rows=tuple(error_rows),
+        error_rows=tuple(error_rows[:MAX_REPORT_ROWS]),
+        num_classes=len(all_counts),
     )
     warnings = _warnings(report, conflict_rows, max_unk_rate, max_imbalance_ratio)
     return replace(report, warnings=tuple(warnings))

@@ -20,6 +20,23 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--lr", "0"], "--lr must be > 0 and finite"),
+        (["--head-lr", "nan"], "--head-lr must be > 0 and finite"),
+        (["--eval-fraction", "0.9"], "--eval-fraction must be in"),
+        (["--max-examples", "3"], "--max-examples must be >= 10"),
+        (["--head-epochs", "0"], "--head-epochs must be >= 1"),
+    ],
+)
+def test_train_names_the_flag_it_refuses(tmp_path: Path, capsys, flags, said: str) -> None:
+    """Not the config field behind it (lora_lr for --lr), before any data is read."""
+    argv = ["train", "--registry", str(tmp_path), "--tenant", "a", "--name", "b"]
+    code, _, err = _run(capsys, *argv, "--data", str(tmp_path / "none.csv"), *flags)
+    assert code == 2 and f"graft: error: {said}" in err, err
+
+
 def test_tenants_create_prints_the_key_last(tmp_path: Path, capsys) -> None:
     reg = str(tmp_path / "reg")
     code, out, _ = _run(capsys, "tenants", "create", "acme", "--registry", reg)

@@ -316,3 +316,42 @@ def test_tsv_has_no_quoting_so_quotes_are_text_and_lines_are_rows(tmp_path) -> N
         ("ok", "pos", 3),
         ('"Great" product', "pos", 4),
     ]
+
+
+def test_a_report_lists_some_rows_and_counts_them_all(tokenizer, monkeypatch):
+    """Row lists are cut, counts are whole: a 20 MB upload of one duplicated line once made a
+    40 MB report in every job record, event and answer."""
+    from training import validation
+
+    monkeypatch.setattr(validation, "MAX_REPORT_ROWS", 4)
+    rows = balanced() + make(*[("the same line", "pos")] * 9, *[("", "neg")] * 7, start=100)
+    report = validate_examples(rows, tokenizer)
+    assert (report.num_duplicates, report.duplicate_rows) == (8, (101, 102, 103, 104))
+    assert (report.num_empty, report.empty_rows) == (7, (109, 110, 111, 112))
+    assert "8 duplicate text(s) (rows 101, 102" in "\n".join(report.warnings)
+
+
+def test_many_tiny_classes_are_named_up_to_a_limit(tokenizer, monkeypatch):
+    from training import validation
+
+    monkeypatch.setattr(validation, "MAX_REPORT_ROWS", 3)
+    tiny = make(*[(f"text {i}", f"label{i:02d}") for i in range(30)], start=100)
+    report = validate_examples(balanced() + tiny, tokenizer, max_imbalance_ratio=100)
+    assert len(report.errors) == validation.MAX_NAMED_CLASSES + 1
+    assert report.errors[0] == "class 'label00' has 1 example(s) (row 100); need at least 5"
+    hidden = 30 - validation.MAX_NAMED_CLASSES
+    assert report.errors[-1] == f"and {hidden} more classes with too few examples"
+    assert report.error_rows == (100, 101, 102)
+    assert report.num_classes == 32 and len(report.class_counts) == 32
+
+
+def test_more_labels_than_a_classifier_takes_is_an_error(tokenizer, monkeypatch):
+    from training import validation
+
+    monkeypatch.setattr(validation, "MAX_CLASSES", 3)
+    examples = balanced(labels=("a", "b", "c", "d"))
+    examples += make(*[(f"more a {i}", "a") for i in range(4)], start=900)
+    report = validate_examples(examples, tokenizer)
+    assert report.errors[0] == "4 distinct labels; at most 3 classes"
+    assert report.num_classes == 4
+    assert report.class_counts == {"a": 10, "b": 6, "c": 6}  # the largest, ties as first seen

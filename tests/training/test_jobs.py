@@ -481,10 +481,13 @@ def test_a_killed_workers_scratch_goes_with_its_job(make_manager, tmp_path: Path
     scratch = tmp_path / "jobs" / job.id / "tmp"
     wait_for(lambda: manager.get("acme", job.id).state == RUNNING and scratch.is_dir())
     (scratch / "graft-train-leftover").mkdir()  # as a staged version at the kill
+    half_written = scratch.parent / ".model-3kx9"  # as a full-mode model being written
+    half_written.mkdir()
+    (half_written / "model.safetensors").write_bytes(b"partial")
     manager.cancel("acme", job.id)
     wait_for(lambda: manager.worker_pid(job.id) is None)
     assert manager.get("acme", job.id).state == CANCELLED
-    assert not scratch.exists()
+    assert not scratch.exists() and not half_written.exists()
 
 
 def test_only_the_newest_finished_jobs_are_kept(make_manager, tmp_path: Path) -> None:
