@@ -48,6 +48,9 @@ class EmbeddingCache:
         self.num_hits = 0
         self.num_misses = 0
         self.num_evictions = 0
+        # bumped by each clear: a request admitted before one must not put back what it
+        # cleared (a deleted tenant's texts) when its backbone rows are delivered after
+        self.generation = 0
 
     @property
     def is_enabled(self) -> bool:
@@ -87,9 +90,11 @@ class EmbeddingCache:
             self.num_evictions += 1
 
     def clear(self) -> None:
-        """Forget everything (a backbone reload): the counters keep their history."""
+        """Forget everything (a deletion, a backbone reload): the counters keep their
+        history."""
         self._entries.clear()
         self.num_bytes = 0
+        self.generation += 1
 
     def stats(self) -> dict[str, int]:
         return {

@@ -134,6 +134,7 @@ class MultiPending:
         self._heads = group_heads({i: s.head for i, s in enumerate(slots) if not s.num_pages})
         self._poolings = tuple(group.pooling for group in self._heads)
         self._cache = cache
+        self._cache_generation = cache.generation  # a clear after this: remember nothing
         self._tenant = tenant  # whose cache entries these are
         self._backbone_sha256 = backbone_sha256
         self._is_cached = bool(self._heads) and cache.is_enabled
@@ -213,7 +214,7 @@ class MultiPending:
         )
 
     def _remember(self, indices: Sequence[int], pooled: dict[str, np.ndarray]) -> None:
-        if not self._is_cached:
+        if not self._is_cached or self._cache.generation != self._cache_generation:
             return
         for row, index in enumerate(indices):
             for pooling in self._poolings:

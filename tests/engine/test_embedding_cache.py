@@ -125,6 +125,26 @@ async def test_another_backbone_or_tenant_never_hits() -> None:
     assert (cache.num_hits, cache.num_misses) == (1, 3)
 
 
+async def test_a_clear_while_a_request_runs_is_not_undone_by_its_delivery() -> None:
+    """The engine empties the cache when a tenant is deleted; that tenant's request already
+    in a step used to put its texts back as its rows came in."""
+    cache = EmbeddingCache(1 << 20)
+    gen = torch.Generator().manual_seed(0)
+    head = Head("mean", torch.randn(2, HIDDEN, generator=gen), torch.zeros(2))
+    slot = ModelSlot(ModelVersion("acme/m", 1), ("a", "b"), "acme/m@1", num_pages=0, head=head)
+    tokens = Tokenized(ids=((101, 2023, 102),), truncated=(False,))
+    for is_cleared in (True, False):
+        job = MultiJob(1, [slot.version], [False], [3], on_finish=lambda _job: None)
+        pending = MultiPending(job, tokens, [slot], cache, tenant="acme", backbone_sha256="a" * 64)
+        pending.serve_cached()
+        rows = pending.rows(0.0, None)
+        if is_cleared:
+            cache.clear()  # the tenant's deletion, while its rows run
+        pending.deliver(rows, [Pooled({"mean": vector(0)})])
+        await job.results()  # answered either way
+        assert len(cache) == (0 if is_cleared else 1)
+
+
 # through the engine ------------------------------------------------------------------------
 
 
