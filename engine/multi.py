@@ -125,6 +125,7 @@ class MultiPending:
         *,
         tenant: str,
         backbone_sha256: str,
+        cache_generation: int | None = None,
     ) -> None:
         self.job = job
         self.tokens = tokens
@@ -134,7 +135,9 @@ class MultiPending:
         self._heads = group_heads({i: s.head for i, s in enumerate(slots) if not s.num_pages})
         self._poolings = tuple(group.pooling for group in self._heads)
         self._cache = cache
-        self._cache_generation = cache.generation  # a clear after this: remember nothing
+        # the cache's generation when the request was resolved (default: now); a clear since,
+        # a deletion while it tokenized, waited for an adapter or ran, and it remembers nothing
+        self._cache_generation = cache.generation if cache_generation is None else cache_generation
         self._tenant = tenant  # whose cache entries these are
         self._backbone_sha256 = backbone_sha256
         self._is_cached = bool(self._heads) and cache.is_enabled
@@ -238,6 +241,7 @@ def multi_request(
     tenant: str,
     backbone_sha256: str,
     on_finish: Callable[[MultiJob], None],
+    cache_generation: int | None = None,
 ) -> tuple[MultiJob, "MultiPending"]:
     """An admitted multi-model request's job, and its pending entry for the step loop."""
     job = MultiJob(
@@ -248,6 +252,12 @@ def multi_request(
         on_finish=on_finish,
     )
     pending = MultiPending(
-        job, tokens, slots, cache, tenant=tenant, backbone_sha256=backbone_sha256
+        job,
+        tokens,
+        slots,
+        cache,
+        tenant=tenant,
+        backbone_sha256=backbone_sha256,
+        cache_generation=cache_generation,
     )
     return job, pending

@@ -172,6 +172,7 @@ class EngineRequests:
         """
         self._check_serving()
         deadline_s = deadline_for(timeout_s, self.config.max_timeout_s)
+        generation = self._loaded.embeddings.generation  # before a deletion can clear it
         records, per_text = self._resolve_many(tenant, models, texts)
         reserved = admit(self._scheduler, tenant, texts, rows_per_text=per_text)
         try:
@@ -181,7 +182,7 @@ class EngineRequests:
             self._scheduler.release(tenant, reserved)
             raise
         self._refuse_if_closed(tenant, reserved, keys)
-        return self._queue_many(tenant, records, keys, tokens, reserved, deadline_s)
+        return self._queue_many(tenant, records, keys, tokens, reserved, deadline_s, generation)
 
     def submit_many_nowait(
         self,
@@ -201,7 +202,8 @@ class EngineRequests:
         if keys is None:
             return None
         reserved, tokens = self._admit_pinned(tenant, texts, tokens, keys, per_text)
-        return self._queue_many(tenant, records, keys, tokens, reserved, deadline_s)
+        generation = self._loaded.embeddings.generation  # nothing awaited since resolving
+        return self._queue_many(tenant, records, keys, tokens, reserved, deadline_s, generation)
 
     def _refuse_if_closed(self, tenant: str, reserved: int, keys: Sequence[str]) -> None:
         """The engine closed while this request tokenized or waited for its adapter: close
@@ -254,6 +256,7 @@ class EngineRequests:
         tokens: Tokenized,
         reserved: int,
         deadline_s: float | None,
+        cache_generation: int,
     ) -> MultiJob:
         model = self._loaded
         job, pending = multi_request(
@@ -264,6 +267,7 @@ class EngineRequests:
             tenant=tenant,
             backbone_sha256=self.backbone.sha256,
             on_finish=self._finish,
+            cache_generation=cache_generation,
         )
         self._pending[job.request_id] = pending
         pending.serve_cached()  # may finish the job: then no row is left to queue

@@ -32,7 +32,7 @@ from registry.catalog import Catalog
 from registry.errors import NotFound, RegistryError
 from registry.fsio import make_private_dir
 from registry.names import validate_name
-from registry.ownership import give_catalog, owner_to_keep
+from registry.ownership import refuse_another_users
 from registry.publisher import Publisher
 from registry.read_memo import ReadMemo
 from registry.records import AdapterRecord, PublishItem, VerifiedFiles
@@ -80,11 +80,11 @@ class Registry(Tenancy):
                 "and server needs it; run as the registry's owner "
                 f"(uid {self._root.stat().st_uid})"
             )
+        refuse_another_users(self._root)
         make_private_dir(self._root)
         self._store = BlobStore(self._root, is_durable=durable)
         _refuse_without_catalog(self._root, self._store)  # before making an empty one
         self._catalog = Catalog(self._root / CATALOG_FILE, _BUSY_TIMEOUT_S, is_durable=durable)
-        give_catalog(self._root / CATALOG_FILE, owner_to_keep(self._root))
         self._memo = ReadMemo(self._catalog.changes)  # records, until the catalog changes
         self._publisher = Publisher(self._root, self._catalog, self._store)
         self._is_closed = False

@@ -35,7 +35,6 @@ from registry.fsio import (
 )
 from registry.manifest import MANIFEST_FILE, content_sha256
 from registry.names import is_valid_name
-from registry.ownership import Owner, give, give_tree, make_dirs, owner_to_keep
 from registry.parallel import map_in_threads
 
 logger = logging.getLogger(__name__)
@@ -75,19 +74,11 @@ class Staging:
     with its own index.
     """
 
-    def __init__(
-        self,
-        temp_dir: Path,
-        lock_fd: int,
-        num_versions: int,
-        is_durable: bool,
-        owner: Owner | None = None,
-    ) -> None:
+    def __init__(self, temp_dir: Path, lock_fd: int, num_versions: int, is_durable: bool) -> None:
         self._dir = temp_dir
         self._lock_fd = lock_fd
         self._num_versions = num_versions
         self._is_durable = is_durable
-        self._owner = owner  # of the directories it makes (registry.ownership)
 
     def stage(self, index: int, source_dir: Path) -> StagedVersion:
         """Copy the adapter files in `source_dir` into slot `index`, checking names and formats.
@@ -104,7 +95,6 @@ class Staging:
         slot = self._dir if self._num_versions == 1 else self._dir / str(index)
         if slot != self._dir:
             slot.mkdir()
-            give(slot, self._owner)
         file_sha256, size_bytes = _copy_all(source_dir, slot, names, self._is_durable)
         lora_rank = _check_formats(slot, names)
         return StagedVersion(slot, file_sha256, size_bytes, content_sha256(file_sha256), lora_rank)
@@ -137,9 +127,7 @@ class BlobStore:
 
     def __init__(self, root: Path, *, is_durable: bool = True) -> None:
         self._dir = root / "adapters"
-        # root working in another user's registry makes what that user can rename and remove
-        self._owner = owner_to_keep(root)
-        make_dirs(self._dir, root, self._owner)
+        self._dir.mkdir(parents=True, exist_ok=True)
         self._is_durable = is_durable
 
     def version_dir(self, tenant: str, name: str, version: int) -> Path:
@@ -151,7 +139,7 @@ class BlobStore:
         if num_versions < 1:
             raise ValueError(f"num_versions must be >= 1, got {num_versions}")
         temp_dir, lock_fd = self._new_temp_dir()
-        return Staging(temp_dir, lock_fd, num_versions, self._is_durable, self._owner)
+        return Staging(temp_dir, lock_fd, num_versions, self._is_durable)
 
     def _new_temp_dir(self) -> tuple[Path, int]:
         """Create and lock a fresh temp dir; return it and the descriptor holding its lock."""
@@ -159,7 +147,6 @@ class BlobStore:
             temp_dir = self._dir / f"{_TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
             temp_dir.mkdir()
             try:
-                give(temp_dir, self._owner)  # a crashed writer's is removed by any other
                 lock_fd = lock_dir(temp_dir)
             except FileNotFoundError:
                 continue
@@ -200,8 +187,7 @@ class BlobStore:
             logger.warning(
                 "moved leftover directory %s, which has no catalog row, to %s", final, aside
             )
-        give_tree(temp_dir, self._owner)  # its files and manifest, made by this process
-        make_dirs(final.parent, self._dir, self._owner)
+        final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(temp_dir, final)
         except BaseException:
@@ -236,7 +222,7 @@ class BlobStore:
             raise ValueError(f"{version_dir} is not inside {self._dir}")
         relative = version_dir.relative_to(self._dir)
         parent = self._dir.parent / "orphaned" / relative.parent
-        make_dirs(parent, self._dir.parent, self._owner)
+        parent.mkdir(parents=True, exist_ok=True)
         stem = f"{relative.name}-{int(time.time())}"
         aside = parent / stem
         for count in itertools.count(2):  # the same version set aside twice within a second

@@ -187,14 +187,25 @@ def _check_limits(min_per_class: int, max_unk_rate: float, max_imbalance: float)
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _FoundRows:
+    """Every row of each finding, before a report keeps the first MAX_REPORT_ROWS: the
+    warnings' "and N more" counts them all."""
+
+    duplicates: Sequence[int]
+    conflicts: Sequence[int]  # duplicated texts whose label contradicts the first
+    empty: Sequence[int]
+    unk: Sequence[int]
+
+
 def _warnings(
-    report: DataReport, conflict_rows: list[int], max_unk_rate: float, max_imbalance: float
+    report: DataReport, rows: _FoundRows, max_unk_rate: float, max_imbalance: float
 ) -> list[str]:
     warnings = []
     if report.unk_token_rate > max_unk_rate:
         warnings.append(
             f"{report.unk_token_rate:.1%} of tokens are unknown to the model's tokenizer (limit "
-            f"{max_unk_rate:.1%}); it cannot read parts of {describe_rows(report.unk_rows)}"
+            f"{max_unk_rate:.1%}); it cannot read parts of {describe_rows(rows.unk)}"
         )
     if report.imbalance_ratio > max_imbalance:
         counts = report.class_counts
@@ -205,17 +216,17 @@ def _warnings(
         )
     if report.num_duplicates:
         warnings.append(
-            f"{report.num_duplicates} duplicate text(s) ({describe_rows(report.duplicate_rows)});"
+            f"{report.num_duplicates} duplicate text(s) ({describe_rows(rows.duplicates)});"
             " training keeps only the first occurrence"
         )
     if report.num_conflicting:
         warnings.append(
             f"{report.num_conflicting} duplicated text(s) carry different labels "
-            f"({describe_rows(conflict_rows)}); training keeps the first label"
+            f"({describe_rows(rows.conflicts)}); training keeps the first label"
         )
     if report.num_empty:
-        rows = describe_rows(report.empty_rows)
-        warnings.append(f"{report.num_empty} empty text(s) ({rows}) will be dropped")
+        named = describe_rows(rows.empty)
+        warnings.append(f"{report.num_empty} empty text(s) ({named}) will be dropped")
     for group in _look_alike(report.class_counts):
         named = " and ".join(f"{shown(label)} ({report.class_counts[label]})" for label in group)
         warnings.append(
@@ -280,7 +291,8 @@ def validate_examples(
         error_rows=tuple(error_rows[:MAX_REPORT_ROWS]),
         num_classes=len(all_counts),
     )
-    warnings = _warnings(report, conflict_rows, max_unk_rate, max_imbalance_ratio)
+    found = _FoundRows(duplicate_rows, conflict_rows, empty_rows, unk_rows)
+    warnings = _warnings(report, found, max_unk_rate, max_imbalance_ratio)
     return replace(report, warnings=tuple(warnings))
 
 

@@ -231,6 +231,33 @@ async def test_a_tenant_created_again_never_hits_the_deleted_ones_texts(
         assert engine.stats()["embedding_cache_hits"] == hits
 
 
+async def test_a_request_tokenizing_while_its_tenant_is_deleted_caches_nothing(
+    registry, monkeypatch
+) -> None:
+    """The deletion empties the cache while the request awaits its tokens; the request must
+    not count from the emptied cache, or its delivery puts the deleted tenant's texts back."""
+    async with Engine(config(registry)) as engine:
+        await engine.classify_many("globex", ["urgent"], ["warm up"])
+        record = registry.resolve("globex", "urgent")
+        held = engine._loaded.store.pin_if_resident(record)  # another request's hold
+        assert held is not None
+        tokenize, gate = engine._tokenize, asyncio.Event()
+
+        async def slow_tokenize(*args, **kwargs):
+            await gate.wait()
+            return await tokenize(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "_tokenize", slow_tokenize)
+        running = asyncio.create_task(engine.classify_many("globex", ["urgent"], TEXTS))
+        await asyncio.sleep(0.05)  # resolved, now tokenizing
+        engine.forget(registry.delete_tenant("globex"))
+        assert engine.stats()["embedding_cache_entries"] == 0
+        gate.set()
+        await running  # answered: its adapter was still held
+        engine._loaded.store.unpin(held)
+        assert engine.stats()["embedding_cache_entries"] == 0
+
+
 async def test_engine_cache_respects_its_byte_budget(registry) -> None:
     async with Engine(config(registry, embedding_cache_bytes=2 * ENTRY_BYTES)) as engine:
         for text in TEXTS:

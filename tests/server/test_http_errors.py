@@ -383,7 +383,7 @@ async def test_an_http_1_0_expectation_is_ignored_and_an_unknown_one_is_417(clie
         assert answer.split(b" ", 2)[1] == status, answer[:300]
 
 
-def test_one_strings_input_error_is_named_input_wherever_the_engine_names_it() -> None:
+async def test_one_strings_input_error_is_named_input_wherever_the_engine_names_it() -> None:
     from engine import InputError
     from server.errors import from_input_error
 

@@ -324,11 +324,19 @@ def test_a_report_lists_some_rows_and_counts_them_all(tokenizer, monkeypatch):
     from training import validation
 
     monkeypatch.setattr(validation, "MAX_REPORT_ROWS", 4)
-    rows = balanced() + make(*[("the same line", "pos")] * 9, *[("", "neg")] * 7, start=100)
+    rows = balanced() + make(*[("the same line", "pos")] * 15, *[("", "neg")] * 13, start=100)
     report = validate_examples(rows, tokenizer)
-    assert (report.num_duplicates, report.duplicate_rows) == (8, (101, 102, 103, 104))
-    assert (report.num_empty, report.empty_rows) == (7, (109, 110, 111, 112))
-    assert "8 duplicate text(s) (rows 101, 102" in "\n".join(report.warnings)
+    assert (report.num_duplicates, report.duplicate_rows) == (14, (101, 102, 103, 104))
+    assert (report.num_empty, report.empty_rows) == (13, (115, 116, 117, 118))
+    joined = "\n".join(report.warnings)  # their "and N more" counts every row, not the kept
+    assert (
+        "14 duplicate text(s) (rows 101, 102, 103, 104, 105, 106, 107, 108, 109, 110 and 4 more)"
+        in joined
+    )
+    assert (
+        "13 empty text(s) (rows 115, 116, 117, 118, 119, 120, 121, 122, 123, 124 and 3 more)"
+        in joined
+    )
 
 
 def test_many_tiny_classes_are_named_up_to_a_limit(tokenizer, monkeypatch):
