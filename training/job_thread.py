@@ -146,6 +146,8 @@ class ManagerThread:
         outcome = worker.outcome or {}
         if outcome.get("type") == "done":
             self._succeed(record, outcome)
+        elif outcome.get("type") == "failed":  # before a cancel that came too late: its error
+            self._fail(record, str(outcome.get("error")))
         elif worker.is_cancel_requested:
             self._finish(record, CANCELLED, event("cancelled"))
         elif worker.is_timed_out:
@@ -153,8 +155,6 @@ class ManagerThread:
             self._fail(
                 record, f"training ran past the server's limit of {limit:g} s; nothing published"
             )
-        elif outcome.get("type") == "failed":
-            self._fail(record, str(outcome.get("error")))
         else:  # it died; if it had leave to publish, the registry says whether it did
             published = published_outcome(self._registry, record) if worker.is_publishing else None
             if published is None:

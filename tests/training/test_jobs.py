@@ -490,6 +490,18 @@ def test_a_killed_workers_scratch_goes_with_its_job(make_manager, tmp_path: Path
     assert not scratch.exists() and not half_written.exists()
 
 
+def test_a_worker_that_failed_before_a_cancel_keeps_its_error(make_manager) -> None:
+    """A DELETE landing between the worker's failure message and its reaping recorded the job
+    cancelled, and the error was lost."""
+    manager = make_manager()
+    job = submit(manager, config=TrainConfig(epochs=1_000, patience=1_000))
+    wait_for(lambda: manager.get("acme", job.id).state == RUNNING)
+    with manager._lock:  # its "failed" message relayed, the worker not yet reaped
+        manager._workers[job.id].outcome = {"type": "failed", "error": "out of memory"}
+    ended = manager.cancel("acme", job.id)
+    assert (ended.state, ended.error) == (FAILED, "out of memory")
+
+
 def test_only_the_newest_finished_jobs_are_kept(make_manager, tmp_path: Path) -> None:
     manager = make_manager(finished_jobs_kept=2)
     jobs = []
