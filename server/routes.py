@@ -9,7 +9,8 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
-from engine import Engine, EngineError, InputError, Job, MultiJob, Tokenized
+from engine import Engine, EngineError, InputError, Job, ModelNotFound, MultiJob, Tokenized
+from engine.admission import resolve_model
 from registry import InvalidName, ModelRef, parse_model_ref
 from server.errors import (
     AUTHENTICATION,
@@ -119,7 +120,15 @@ async def get_adapter(request: web.Request) -> web.Response:
     for info in engine.list_adapters(tenant, version=ref.version):
         if info.name == ref.name:
             return json_response(info.to_dict())
+    try:  # say why as classify does ("... version 2 was deleted"), where the registry knows
+        resolve_model(engine.registry, tenant, f"{ref.name}" + _at(ref.version))
+    except ModelNotFound as exc:
+        raise from_engine_error(exc) from exc
     raise not_found
+
+
+def _at(version: int | None) -> str:
+    return "" if version is None else f"@{version}"
 
 
 def own_model_ref(request: web.Request, tenant: str) -> tuple[ModelRef, ApiError]:
