@@ -158,15 +158,17 @@ def adapters_list(args: argparse.Namespace) -> int:
         print(json.dumps([i.to_dict() for i in infos], indent=2))
         return 0
     header = (
-        f"{'NAME':<20} {'VERSIONS':<10} {'RANK':>4} {'SIZE':>10}  "
+        f"{'NAME':<20} {'LATEST':>6} {'VERSIONS':<10} {'RANK':>4} {'SIZE':>10}  "
         f"{'ACC':>6} {'F1':>6}  {'BASE':<12}  LABELS"
     )
     print(header)
     for i in infos:
         acc, f1 = i.metrics.get("accuracy"), i.metrics.get("macro_f1")
+        latest = str(i.version) if i.is_latest else "none"  # what an unpinned request gets
         print(
-            f"{i.name:<20} {','.join(map(str, i.versions)):<10} {i.rank:>4} {i.size_bytes:>10}  "
-            f"{_num(acc):>6} {_num(f1):>6}  {i.base_sha256[:12]:<12}  {','.join(i.labels)}"
+            f"{i.name:<20} {latest:>6} {','.join(map(str, i.versions)):<10} {i.rank:>4} "
+            f"{i.size_bytes:>10}  {_num(acc):>6} {_num(f1):>6}  {i.base_sha256[:12]:<12}  "
+            f"{','.join(i.labels)}"
         )
     return 0
 

@@ -91,6 +91,25 @@ def test_train_and_list(tmp_path: Path, capsys) -> None:
     assert "spam" in out.splitlines()[1]
 
 
+def test_adapters_list_shows_which_version_unpinned_requests_get(
+    tmp_path: Path, capsys, backbone, publish_random, write_random_adapter
+) -> None:
+    with Registry(tmp_path / "reg") as registry:
+        registry.create_tenant("acme")
+        for seed in (1, 2):
+            publish_random(registry, "acme", "spam", seed=seed)
+        registry.promote("acme", "spam", 1)  # 2 is kept, 1 serves
+        write_random_adapter(backbone, tmp_path / "draft", seed=3, rank=8, num_labels=2)
+        manifest = {"labels": ["neg", "pos"], "base_sha256": backbone.sha256, "rank": 8}
+        registry.publish("acme", "draft", tmp_path / "draft", manifest, promote=False)
+    code, out, _ = _run(
+        capsys, "adapters", "list", "--tenant", "acme", "--registry", str(tmp_path / "reg")
+    )
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[1:]}
+    assert code == 0 and out.split()[:3] == ["NAME", "LATEST", "VERSIONS"]
+    assert rows == {"draft": ["none", "1"], "spam": ["1", "1,2"]}
+
+
 def test_train_reports_bad_rows(tmp_path: Path, capsys) -> None:
     reg = str(tmp_path / "reg")
     data = tmp_path / "bad.jsonl"
