@@ -2,6 +2,12 @@
 
 from dataclasses import dataclass
 
+# Shares up to a million to one. A weight of 5e-324 made a tenant's virtual tokens infinite,
+# and every tenant's after it, which left the planner ordering tenants by queue length alone
+# until a restart (a review session's repro).
+MIN_WEIGHT = 1e-3
+MAX_WEIGHT = 1e3
+
 
 @dataclass(frozen=True, slots=True)
 class TenantPolicy:
@@ -22,8 +28,10 @@ class TenantPolicy:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        if not 0 < self.weight < float("inf"):  # also refuses nan
-            raise ValueError(f"tenant weight must be > 0 and finite, got {self.weight}")
+        if not MIN_WEIGHT <= self.weight <= MAX_WEIGHT:  # also refuses nan
+            raise ValueError(
+                f"tenant weight must be from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, got {self.weight}"
+            )
         if self.max_tokens_per_step is not None and self.max_tokens_per_step < 1:
             raise ValueError(f"max_tokens_per_step must be >= 1, got {self.max_tokens_per_step}")
         if self.max_queued_rows < 1:

@@ -176,9 +176,11 @@ def test_policy_changes_apply_at_once() -> None:
 def test_bad_config_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="max_batch_tokens"):
         SchedulerConfig(max_batch_tokens=0)
-    for bad in (0, -1.0, float("inf"), float("nan")):  # inf failed later, as bad JSON
-        with pytest.raises(ValueError, match="weight must be > 0 and finite"):
+    # inf failed later, as bad JSON; 5e-324 made every tenant's virtual tokens infinite
+    for bad in (0, -1.0, float("inf"), float("nan"), 5e-324, 1e-4, 1e4):
+        with pytest.raises(ValueError, match="weight must be from 0.001 to 1000"):
             TenantPolicy(weight=bad)
+    assert TenantPolicy(weight=1e-3).weight == 1e-3 and TenantPolicy(weight=1e3).weight == 1e3
 
 
 def test_rows_of_very_different_lengths_do_not_share_a_step() -> None:
