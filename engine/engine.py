@@ -299,7 +299,11 @@ class Engine(EngineRequests):
         ``settings_poll_s``. Raises TenantNotFound, InputError for a malformed name,
         ValueError for a bad value."""
         if (policy is _UNSET) == (not changes):
-            raise TypeError("give a TenantPolicy (or None), or the fields to change, not both")
+            given = "neither" if policy is _UNSET else "both"
+            raise TypeError(
+                "give a TenantPolicy (or None), or the fields to change, one of the two; "
+                f"got {given}"
+            )
         if not isinstance(policy, TenantPolicy | None | _Unset):
             raise TypeError(f"policy must be a TenantPolicy or None, got {type(policy).__name__}")
         self._check_open()

@@ -55,3 +55,8 @@ class DeadlineExceeded(EngineError):
 
 class EngineClosed(EngineError):
     """The engine is shutting down or not started."""
+
+
+class JobCancelled(EngineError):
+    """The job was cancelled (``job.cancel()``): what its results and streams raise then.
+    Not asyncio's CancelledError, which would make the awaiting task look cancelled itself."""

@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from engine.errors import JobCancelled
+
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
@@ -111,11 +113,13 @@ class BaseJob(Generic[ItemT]):
 
     async def results(self) -> list[ItemT]:
         """Every prediction in input order, once all are done (raises the job's error)."""
+        self._check_loop()
         await asyncio.shield(self._finished)
         return [r for r in self._results if r is not None]
 
     async def wait(self) -> None:
         """Until the job is done, failed or cancelled; ``results_now`` then tells which."""
+        self._check_loop()
         if not self._finished.done():
             await asyncio.wait((self._finished,))
 
@@ -133,6 +137,7 @@ class BaseJob(Generic[ItemT]):
     async def stream(self) -> AsyncIterator[ItemT]:
         """Predictions as they complete; raises the job's error if it fails midway. Each
         call streams every prediction, those delivered before it started first."""
+        self._check_loop()
         queue: asyncio.Queue[ItemT | BaseException] = asyncio.Queue()
         for delivered in self._delivered:
             queue.put_nowait(delivered)
@@ -145,12 +150,22 @@ class BaseJob(Generic[ItemT]):
                 raise item
             yield item
 
+    def _check_loop(self) -> None:
+        """A job is delivered on the engine's event loop: awaited from another, its waiter
+        was woken by nobody (the caller hung, or waited for its own timeout)."""
+        if asyncio.get_running_loop() is not self._finished.get_loop():
+            raise RuntimeError(
+                "this job is answered on the engine's event loop; await it there "
+                "(asyncio.run_coroutine_threadsafe(job.results(), that_loop))"
+            )
+
     def cancel(self) -> None:
-        """Drop the rows that have not run yet; a no-op once the job is finished."""
+        """Drop the rows that have not run yet; a no-op once the job is finished. Its
+        results and streams then raise JobCancelled."""
         if self._finished.done():
             return
-        self._set_error(asyncio.CancelledError("job cancelled"))
-        self._end_stream(asyncio.CancelledError("job cancelled"))
+        self._set_error(JobCancelled("job cancelled"))
+        self._end_stream(JobCancelled("job cancelled"))
         self._on_finish(self)
 
     def deliver(self, item: ItemT) -> None:

@@ -21,7 +21,7 @@ class AdapterInfo:
     metrics: Mapping[str, Any]
     pooling: str
     created_at: float  # unix seconds
-    residency: str  # "device" or "disk"
+    residency: str  # "device", "host" (parsed, in the host cache) or "disk"
     is_latest: bool = True  # the version shown is what an unpinned request resolves to
 
     def to_dict(self) -> dict[str, Any]:

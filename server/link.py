@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 import msgspec
 from aiohttp import web
 
-from engine import Job, MultiJob, Tokenized
+from engine import Job, JobCancelled, MultiJob, Tokenized
 from server.errors import ApiError, internal_error
 from server.metrics import CLIENT_CLOSED, METRICS
 from server.routes import ENGINE, finished_answer, submit, submit_nowait
@@ -302,7 +302,7 @@ class LinkServer:
             running.pop(message.id, None)
             try:
                 payload, headers = finished_answer(job, body)
-            except asyncio.CancelledError:  # the client left
+            except JobCancelled:  # the client left
                 self._observe(CLIENT_CLOSED, started)
                 return
             except Exception as exc:

@@ -9,7 +9,16 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
-from engine import Engine, EngineError, InputError, Job, ModelNotFound, MultiJob, Tokenized
+from engine import (
+    Engine,
+    EngineError,
+    InputError,
+    Job,
+    JobCancelled,
+    ModelNotFound,
+    MultiJob,
+    Tokenized,
+)
 from engine.admission import resolve_model
 from registry import InvalidName, ModelRef, parse_model_ref
 from server.errors import (
@@ -201,10 +210,12 @@ def finished_answer(
     job: Job | MultiJob, body: ClassifyRequest
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The JSON answer of a finished job and its headers; raises ApiError for its error
-    (and CancelledError for a cancelled one)."""
+    (and JobCancelled for a cancelled one: nobody is left to answer)."""
     answer = SINGLE_MODEL if body.models is None else MULTI_MODEL
     try:
         predictions = job.results_now()
+    except JobCancelled:
+        raise
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     timings = job.timings()

@@ -14,6 +14,7 @@ from engine import (
     EngineConfig,
     InputError,
     InputTooLong,
+    JobCancelled,
     ModelNotFound,
 )
 from registry import InvalidAdapter, Registry, formats
@@ -99,7 +100,7 @@ async def test_stream_and_cancel(registry, publish_random) -> None:
         assert sorted(seen) == list(range(6))
         job = await engine.submit("acme", "m", [f"text number {i}" for i in range(50)])
         job.cancel()
-        with pytest.raises(asyncio.CancelledError):
+        with pytest.raises(JobCancelled):
             await job.results()
         await asyncio.sleep(0.3)
         stats = engine.stats()

@@ -5,6 +5,7 @@ import gc
 
 import pytest
 
+from engine import EngineError, JobCancelled
 from engine.job import Job, Prediction
 
 
@@ -52,10 +53,11 @@ async def test_cancelling_ends_a_stream_that_waits() -> None:
     waiting = asyncio.create_task(anext(job.stream()))
     await asyncio.sleep(0)  # the stream waits for its first prediction
     job.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(JobCancelled):
         await waiting
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(JobCancelled):
         await job.results()
+    assert not waiting.cancelled()  # the task awaiting it failed, it was not cancelled
 
 
 async def test_a_failed_job_that_nobody_awaits_logs_nothing(
@@ -70,3 +72,45 @@ async def test_a_failed_job_that_nobody_awaits_logs_nothing(
         del job
         gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_cancelling_inside_a_stream_is_an_engine_error_the_loop_can_catch() -> None:
+    """A consumer that has seen enough cancels; asyncio's CancelledError there made its own
+    task look cancelled, past every ``except Exception``."""
+    job = _job(3, [])
+    job.deliver(_prediction(0))
+    seen = []
+
+    async def consume() -> str:
+        try:
+            async for prediction in job.stream():
+                seen.append(prediction.index)
+                job.cancel()
+        except EngineError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "ended"
+
+    assert await consume() == "JobCancelled: job cancelled" and seen == [0]
+    with pytest.raises(JobCancelled):
+        job.results_now()
+
+
+async def test_a_job_awaited_from_another_loop_is_refused_not_left_hanging() -> None:
+    """Its stream's queue and its future belong to the engine's loop, which wakes only its
+    own waiters: from another thread's loop, stream() and wait() hung."""
+    job = _job(2, [])
+
+    def elsewhere() -> list[str]:
+        async def each() -> list[str]:
+            said = []
+            for attempt in (job.results(), job.wait(), anext(job.stream())):
+                try:
+                    await asyncio.wait_for(attempt, 5)
+                except RuntimeError as exc:
+                    said.append(str(exc))
+            return said
+
+        return asyncio.run(each())
+
+    said = await asyncio.wait_for(asyncio.to_thread(elsewhere), 10)
+    assert len(said) == 3 and all("engine's event loop" in s for s in said), said

@@ -216,8 +216,10 @@ async def test_tenant_settings_apply_at_run_time_without_restart(registry, publi
         assert engine._scheduler.policy("acme") == TenantPolicy(weight=3.0, max_queued_rows=1024)
         with pytest.raises(ValueError, match="unknown settings"):
             engine.set_tenant_policy("acme", weight=2.0, speed=11)
-        with pytest.raises(TypeError, match="not both"):
+        with pytest.raises(TypeError, match="one of the two; got both"):
             engine.set_tenant_policy("acme", TenantPolicy(), weight=2.0)
+        with pytest.raises(TypeError, match="one of the two; got neither"):
+            engine.set_tenant_policy("acme")
         assert registry.tenant_settings()["acme"]["weight"] == 3.0  # refused: nothing stored
 
 
