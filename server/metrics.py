@@ -97,12 +97,14 @@ _SCALE = {"step_busy_us": 1e-6, "step_cpu_us": 1e-6, "static_capture_us": 1e-6}
 
 # every key of Engine.tenant_stats()[tenant], all monotonic: graft_tenant_<key>_total
 TENANT_HELP = {
-    "admitted_rows": "Inputs admitted to the tenant's queue.",
+    # a row is one input for one model: a multi-model request queues a row per input and
+    # LoRA model, and one per input for its head-only models together
+    "admitted_rows": "Rows admitted to the tenant's queue (an input, for one or more models).",
     "rejected_requests": "Requests refused with 429: the tenant's queue was full.",
     "overloaded_requests": "Requests refused with 503: the server's queues were full.",
-    "expired_rows": "Inputs whose deadline passed before they could start.",
-    "aborted_rows": "Inputs cancelled, or whose client went away, before they ran.",
-    "run_rows": "Inputs run through the backbone.",
+    "expired_rows": "Rows whose deadline passed before they could start.",
+    "aborted_rows": "Rows cancelled, or whose client went away, before they ran.",
+    "run_rows": "Rows run through the backbone.",
     "run_tokens": "Tokens of the tenant's inputs run through the backbone.",
 }
 
