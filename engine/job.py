@@ -151,8 +151,11 @@ class BaseJob(Generic[ItemT]):
             yield item
 
     def _check_loop(self) -> None:
-        """A job is delivered on the engine's event loop: awaited from another, its waiter
-        was woken by nobody (the caller hung, or waited for its own timeout)."""
+        """A job is delivered on the engine's event loop: awaited from another while it
+        runs, its waiter was woken by nobody (the caller hung, or waited for its own
+        timeout). A finished job is read from anywhere, as before."""
+        if self._finished.done():
+            return
         if asyncio.get_running_loop() is not self._finished.get_loop():
             raise RuntimeError(
                 "this job is answered on the engine's event loop; await it there "

@@ -7,7 +7,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from registry import Registry
-from scheduler import Scheduler, SchedulerConfig, TenantPolicy
+from scheduler import Scheduler, SchedulerConfig, TenantPolicy, with_stored_weight_in_range
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,14 @@ class TenantSettings:
     def update(self, tenant: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into the tenant's stored overrides (as ``graft tenants set``
         does) and apply the result: values equal to any default are kept as given."""
-        merged = self._registry.update_tenant_settings(
-            tenant, changes, check=lambda merged: policy_from_settings(self._defaults, merged)
-        )
-        self._scheduler.set_policy(tenant, policy_from_settings(self._defaults, merged))
+
+        def policy(merged: dict[str, Any]) -> TenantPolicy:
+            return policy_from_settings(
+                self._defaults, with_stored_weight_in_range(merged, changing=changes)
+            )
+
+        merged = self._registry.update_tenant_settings(tenant, changes, check=policy)
+        self._scheduler.set_policy(tenant, policy(merged))
 
     def apply(self) -> None:
         """Load every stored override into the scheduler; bad ones are logged and skipped."""
@@ -97,8 +101,18 @@ class TenantSettings:
             if tenant not in stored:
                 self._scheduler.set_policy(tenant, None)
         for tenant, settings in stored.items():
+            served = with_stored_weight_in_range(settings)
+            if served is not settings:
+                log.warning(
+                    "tenant %s: its stored weight %s is outside what graft takes now; "
+                    "served as %s (graft tenants set %s --weight W stores a new one)",
+                    tenant,
+                    settings["weight"],
+                    served["weight"],
+                    tenant,
+                )
             try:
-                policy = policy_from_settings(self._defaults, settings)
+                policy = policy_from_settings(self._defaults, served)
             except (TypeError, ValueError) as exc:
                 log.error("ignoring bad scheduling settings of tenant %s: %s", tenant, exc)
                 continue

@@ -5,7 +5,7 @@ No torch, no asyncio: time is a parameter, so every decision is reproducible in 
 
 from scheduler.batch import Batch, Plan, Row
 from scheduler.planner import Scheduler, SchedulerConfig, TenantCounters
-from scheduler.policy import Admission, TenantPolicy
+from scheduler.policy import Admission, TenantPolicy, with_stored_weight_in_range
 
 __all__ = [
     "Admission",
@@ -16,4 +16,5 @@ __all__ = [
     "SchedulerConfig",
     "TenantCounters",
     "TenantPolicy",
+    "with_stored_weight_in_range",
 ]

@@ -1,6 +1,8 @@
 """Per-tenant scheduling policy and the admission decision."""
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 # Shares up to a million to one. A weight of 5e-324 made a tenant's virtual tokens infinite,
 # and every tenant's after it, which left the planner ordering tenants by queue length alone
@@ -48,3 +50,18 @@ class Admission:
 
 
 ADMITTED = Admission(is_admitted=True, reason=None, retry_after_s=0.0)
+
+
+def with_stored_weight_in_range(
+    settings: dict[str, Any], changing: Collection[str] = ()
+) -> dict[str, Any]:
+    """``settings`` as stored, with a weight an older graft stored outside MIN_WEIGHT..
+    MAX_WEIGHT (and not being changed now) brought to the nearest bound: refused as a whole,
+    it took the tenant's other fields with it (a queue bound silently lifted to the
+    default). A new value out of range is still refused, by TenantPolicy."""
+    weight = settings.get("weight")
+    if "weight" in changing or isinstance(weight, bool) or not isinstance(weight, int | float):
+        return settings
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT and weight > 0 and weight == weight:
+        return {**settings, "weight": min(max(weight, MIN_WEIGHT), MAX_WEIGHT)}
+    return settings

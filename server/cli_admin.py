@@ -80,6 +80,7 @@ def tenants_list(args: argparse.Namespace) -> int:
 
 def tenants_set(args: argparse.Namespace) -> int:
     from engine import TenantPolicy
+    from engine.tenant_settings import with_stored_weight_in_range
 
     changes = {
         "weight": args.weight,
@@ -98,7 +99,9 @@ def tenants_set(args: argparse.Namespace) -> int:
             return 0
         # refuse values the scheduler would refuse; read and write in one transaction
         merged = registry.update_tenant_settings(
-            args.tenant, changes, check=lambda merged: TenantPolicy(**merged)
+            args.tenant,
+            changes,
+            check=lambda merged: TenantPolicy(**with_stored_weight_in_range(merged, changes)),
         )
     print(f"tenant {args.tenant!r}: {json.dumps(merged, sort_keys=True)}")
     return 0

@@ -114,3 +114,15 @@ async def test_a_job_awaited_from_another_loop_is_refused_not_left_hanging() -> 
 
     said = await asyncio.wait_for(asyncio.to_thread(elsewhere), 10)
     assert len(said) == 3 and all("engine's event loop" in s for s in said), said
+    job.deliver(_prediction(0))
+    job.deliver(_prediction(1))
+
+    def read_finished() -> list[int]:
+        async def read() -> list[int]:
+            await job.wait()
+            streamed = [p.index async for p in job.stream()]
+            return [p.index for p in await job.results()] + streamed
+
+        return asyncio.run(read())
+
+    assert await asyncio.wait_for(asyncio.to_thread(read_finished), 10) == [0, 1, 0, 1]

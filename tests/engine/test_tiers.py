@@ -188,6 +188,21 @@ async def test_an_adapter_published_too_large_for_the_pool_fails_alone(registry,
         assert len(await engine.classify("acme", "small", ["x"])) == 1
 
 
+async def test_a_stored_weight_now_out_of_range_is_bounded_not_dropped_with_the_rest(
+    registry, caplog
+) -> None:
+    """Weights are 0.001 to 1000 now; an older graft stored 5000. Refusing the tenant's
+    settings whole lifted its queue bound to the default and refused every later change."""
+    registry.set_tenant_settings("acme", {"weight": 5000.0, "max_queued_rows": 8})
+    async with Engine(EngineConfig(registry_dir=registry.root)) as engine:
+        assert engine._scheduler.policy("acme") == TenantPolicy(weight=1000.0, max_queued_rows=8)
+        assert "stored weight 5000.0 is outside" in caplog.text
+        engine.set_tenant_policy("acme", max_queued_rows=16)  # another field: taken
+        assert engine._scheduler.policy("acme").max_queued_rows == 16
+        with pytest.raises(ValueError, match="weight must be from 0.001 to 1000"):
+            engine.set_tenant_policy("acme", weight=5000.0)  # a new value out of range is not
+
+
 async def test_tenant_settings_apply_at_run_time_without_restart(registry, publish_random):
     publish_random(registry, "acme", "m")
     config = EngineConfig(

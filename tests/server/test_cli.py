@@ -216,6 +216,12 @@ def test_tenants_set_stores_settings_and_refuses_bad_ones(tmp_path: Path, capsys
         assert registry.tenant_settings() == {"acme": {"weight": 2.0, "max_queued_rows": 50}}
     code, _, err = _run(capsys, "tenants", "set", "acme", "--weight", "0", "--registry", reg)
     assert code == 2 and "weight" in err
+    with Registry(reg) as registry:  # as an older graft, whose weights went past 1000
+        registry.set_tenant_settings("acme", {"weight": 5000.0, "max_queued_rows": 50})
+    code, _, err = _run(
+        capsys, "tenants", "set", "acme", "--max-queued-rows", "60", "--registry", reg
+    )
+    assert code == 0, err  # the stored weight does not block another field's change
     code, out, _ = _run(capsys, "tenants", "list", "--registry", reg)
     assert "acme" in out and "max_queued_rows" in out
     code, _, _ = _run(capsys, "tenants", "set", "acme", "--reset", "--registry", reg)
