@@ -146,8 +146,8 @@ class MultiPending:
 
     def serve_cached(self) -> None:
         """Answer the head-only models of every input whose pooled outputs are cached."""
-        if not self._is_cached:
-            return
+        if not self._is_cached or self._cache.generation != self._cache_generation:
+            return  # cleared since it resolved: what is there now is not this request's
         hits: list[int] = []
         found: list[list[np.ndarray]] = []
         for index in range(len(self.tokens.ids)):

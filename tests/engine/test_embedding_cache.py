@@ -143,6 +143,16 @@ async def test_a_clear_while_a_request_runs_is_not_undone_by_its_delivery() -> N
         pending.deliver(rows, [Pooled({"mean": vector(0)})])
         await job.results()  # answered either way
         assert len(cache) == (0 if is_cleared else 1)
+    # resolved before a clear, it reads nothing put there since (a tenant made again)
+    before = cache.generation
+    cache.clear()
+    cache.put(pending._cache_key(0, "mean"), vector(1))
+    job = MultiJob(1, [slot.version], [False], [3], on_finish=lambda _job: None)
+    late = MultiPending(
+        job, tokens, [slot], cache, tenant="acme", backbone_sha256="a" * 64, cache_generation=before
+    )
+    late.serve_cached()
+    assert len(late.rows(0.0, None)) == 1 and not job.done
 
 
 # through the engine ------------------------------------------------------------------------
