@@ -339,7 +339,7 @@ def _succeeded(future: asyncio.Future) -> bool:
 
 def unpin_if_pinned(store: AdapterStore):
     def callback(future: "asyncio.Future[str]") -> None:
-        if not future.cancelled() and future.exception() is None:
+        if _succeeded(future):
             store.unpin(future.result())
 
     return callback

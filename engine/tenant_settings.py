@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from engine.config import EngineConfig
@@ -30,13 +31,17 @@ def scheduler_config(config: EngineConfig) -> SchedulerConfig:
     )
 
 
-def policy_from_settings(defaults: TenantPolicy, settings: dict[str, Any]) -> TenantPolicy:
-    """A tenant's policy: the defaults with its stored fields replaced (ValueError if bad)."""
+def policy_from_settings(
+    defaults: TenantPolicy, settings: dict[str, Any], changing: Collection[str] = ()
+) -> TenantPolicy:
+    """A tenant's policy: the defaults with its stored fields replaced (ValueError if bad).
+    A stored weight out of today's range and not among the fields ``changing`` now is served
+    at the nearest bound (``with_stored_weight_in_range``); a new one is refused."""
     known = {f.name for f in dataclasses.fields(TenantPolicy)}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown settings {unknown}; known: {sorted(known)}")
-    return dataclasses.replace(defaults, **settings)
+    return dataclasses.replace(defaults, **with_stored_weight_in_range(settings, changing))
 
 
 _CLASS_DEFAULTS = TenantPolicy()
@@ -86,9 +91,7 @@ class TenantSettings:
         does) and apply the result: values equal to any default are kept as given."""
 
         def policy(merged: dict[str, Any]) -> TenantPolicy:
-            return policy_from_settings(
-                self._defaults, with_stored_weight_in_range(merged, changing=changes)
-            )
+            return policy_from_settings(self._defaults, merged, changing=changes)
 
         merged = self._registry.update_tenant_settings(tenant, changes, check=policy)
         self._scheduler.set_policy(tenant, policy(merged))
@@ -101,21 +104,20 @@ class TenantSettings:
             if tenant not in stored:
                 self._scheduler.set_policy(tenant, None)
         for tenant, settings in stored.items():
-            served = with_stored_weight_in_range(settings)
-            if served is not settings:
+            try:
+                policy = policy_from_settings(self._defaults, settings)
+            except (TypeError, ValueError) as exc:
+                log.error("ignoring bad scheduling settings of tenant %s: %s", tenant, exc)
+                continue
+            if "weight" in settings and policy.weight != settings["weight"]:
                 log.warning(
                     "tenant %s: its stored weight %s is outside what graft takes now; "
                     "served as %s (graft tenants set %s --weight W stores a new one)",
                     tenant,
                     settings["weight"],
-                    served["weight"],
+                    policy.weight,
                     tenant,
                 )
-            try:
-                policy = policy_from_settings(self._defaults, served)
-            except (TypeError, ValueError) as exc:
-                log.error("ignoring bad scheduling settings of tenant %s: %s", tenant, exc)
-                continue
             self._scheduler.set_policy(tenant, policy)
 
     async def watch(self, poll_s: float) -> None:

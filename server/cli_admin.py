@@ -80,7 +80,7 @@ def tenants_list(args: argparse.Namespace) -> int:
 
 def tenants_set(args: argparse.Namespace) -> int:
     from engine import TenantPolicy
-    from engine.tenant_settings import with_stored_weight_in_range
+    from engine.tenant_settings import policy_from_settings
 
     changes = {
         "weight": args.weight,
@@ -101,7 +101,7 @@ def tenants_set(args: argparse.Namespace) -> int:
         merged = registry.update_tenant_settings(
             args.tenant,
             changes,
-            check=lambda merged: TenantPolicy(**with_stored_weight_in_range(merged, changes)),
+            check=lambda merged: policy_from_settings(TenantPolicy(), merged, changing=changes),
         )
     print(f"tenant {args.tenant!r}: {json.dumps(merged, sort_keys=True)}")
     return 0

@@ -19,7 +19,6 @@ from training.data import DataError, Example, deduplicate, describe_rows, normal
 # stay whole. A report goes into every job record, event and answer: a 20 MB upload of one
 # duplicated line listed 5 million rows, 40 MB a response (a review session's repro).
 MAX_REPORT_ROWS = 50
-MAX_UNK_ROWS = MAX_REPORT_ROWS  # the name that came first
 MAX_NAMED_CLASSES = 20  # "class 'x' has 2 example(s)" errors before "and N more classes"
 MAX_CLASSES = 10_000  # distinct labels a classifier may have; class_counts holds at most these
 TOKENIZE_BATCH_SIZE = 256
@@ -45,7 +44,7 @@ class DataReport:
     duplicate_rows: tuple[int, ...]  # the first MAX_REPORT_ROWS of their row numbers
     num_conflicting: int  # distinct duplicated texts that carry more than one label
     unk_token_rate: float  # unk tokens / all tokens over non-empty texts, 0..1
-    unk_rows: tuple[int, ...]  # first MAX_UNK_ROWS rows holding at least one unk token
+    unk_rows: tuple[int, ...]  # first MAX_REPORT_ROWS rows holding at least one unk token
     imbalance_ratio: float  # largest / smallest class count; 0.0 when there are no classes
     warnings: tuple[str, ...]  # worth reading, training still runs
     errors: tuple[str, ...]  # training refuses to run
