@@ -3,8 +3,9 @@
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
 # switch lookahead graphs graphs-bert precapture frontend workers headline engine-cpu bound
-# plan-ahead. Session 28 ran tests cold plan-ahead (7.5 minutes; the tests step's first run
-# on a fresh machine compiles every Triton kernel), then bound (2 minutes).
+# plan-ahead switch-http old-serve cold-rotation. Session 28 ran tests cold plan-ahead (7.5
+# minutes; the tests step's first run on a fresh machine compiles every Triton kernel), then
+# bound (2 minutes). Session 29: switch-http headline, then tests and cold-rotation.
 # Default: tests graphs load, at most about 9 minutes on an H100 or H200 (each step is
 # bounded), plus a minute or two to start the machine: the kernels and the engine on CUDA
 # first, then CUDA graphs (on by default on CUDA) against eager steps, then the load sweep. A
@@ -33,6 +34,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTHONDO
 STEPS=${*:-tests graphs load}
 LOAD="python3 -m benchmarks.load --device cuda --scenarios --duration 2 --no-progress"
 LOAD="$LOAD --adapter-pages 8192 --driver-processes 4"  # HTTP targets: 4 sending processes
+LOAD="$LOAD ${LOAD_ARGS:-}"  # e.g. LOAD_ARGS="--switch-interval-ms 0.5"
 
 say() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
 run() {  # run SECONDS NAME CMD...: one step, bounded, its output in the log
@@ -210,6 +212,27 @@ for step in $STEPS; do
           --quantize none --requests 20000 --warmup 2000 --concurrency 256 --server-workers 4
       done
       tar -czf "$OUT/load_plan_ahead.tgz" -C "$WORK" plan-off plan-on 2>/dev/null ;;
+    switch-http)
+      # the interpreter's switch interval behind 4 front ends: the model thread, back from
+      # the device, may wait that long for the lock while the event loop admits requests.
+      # Closed loop, 256 in flight; Python's 5 ms first
+      for ms in 5 0.5 0.1; do
+        run 70 "switch-http-$ms" python3 -m benchmarks.server_cpu --device cuda \
+          --quantize none --requests 30000 --warmup 3000 --concurrency 256 --server-workers 4 \
+          --switch-interval-ms "$ms"
+      done ;;
+    old-serve)
+      # session 24's code (OLD_TREE: a copy of f428cc9's tree, carried in .gpu) with its own
+      # harness, HTTP behind 4 front ends: the same sweep as headline's serve row
+      run 120 old-serve bash -c "cd ${OLD_TREE:-.gpu/old} && PYTHONPATH=\$PWD:$WORK/site \
+        $LOAD --out $WORK/old-serve --server-workers 4 --only serve-sms-1000a-zipf"
+      tar -czf "$OUT/load_old_serve.tgz" -C "$WORK" old-serve 2>/dev/null ;;
+    cold-rotation)
+      # issue 5's rotation at 1,000 and 5,000 adapters, the pool sized for all of them
+      run 170 cold-rotation python3 -m benchmarks.cold_start --device cuda --loads 20 --e2e 2 \
+        --neighbour 2 --rotation 1,100,1000,5000 --duration 3 --pages 40960 \
+        --out "$WORK/cold-rotation"
+      cp "$WORK/cold-rotation/cold_start.json" "$OUT/cold_rotation.json" 2>/dev/null ;;
     engine-cpu)
       # the engine process's CPU a request behind 4 front ends, and embedded
       run 60 engine-cpu-workers python3 -m benchmarks.server_cpu --device cuda \

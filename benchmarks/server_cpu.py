@@ -73,6 +73,7 @@ def fleet_and_options(args: argparse.Namespace, work: Path, **extra: Any):
     options = TargetOptions(
         threads=args.threads,
         plan_ahead=getattr(args, "plan_ahead", None),  # server_profile has no such flag
+        switch_interval_ms=getattr(args, "switch_interval_ms", None),
         quantize=args.quantize,
         device=args.device,
         backbone_dir=backbone_dir,
@@ -196,6 +197,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         default=None,
         help="graft's EngineConfig.plan_ahead: the next step planned while one runs "
         "(default: the engine's, on with CUDA)",
+    )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="graft's EngineConfig.switch_interval_ms: how long the model thread may wait "
+        "for the interpreter lock while the event loop holds it (default: the engine's)",
     )
     parser.add_argument("--hidden", type=int, default=None, help="a random-weight BERT this wide")
     parser.add_argument("--layers", type=int, default=None, help="with --hidden: its depth (2)")
