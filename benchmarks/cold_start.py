@@ -19,6 +19,7 @@ Outputs: a table on stdout and ``benchmarks/out/cold_start.json``.
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -288,6 +289,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
         device=args.device,
         quantize=args.quantize,
     )
+    if args.loads_in_flight is not None:
+        config = dataclasses.replace(config, max_loads_in_flight=args.loads_in_flight)
     async with Engine(config) as engine:
         results["stages"] = measure_stages(engine, "cold", args.loads)
         e2e = [f"cold{i}" for i in range(args.loads, args.loads + args.e2e)]
@@ -369,6 +372,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per rotation run")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--pages", type=int, default=1024, help="device pool pages")
+    parser.add_argument(
+        "--loads-in-flight",
+        type=int,
+        default=None,
+        help="EngineConfig.max_loads_in_flight: concurrent disk loads (default: the engine's)",
+    )
     parser.add_argument("--device", default="cpu", help="engine device: cpu or cuda[:n]")
     parser.add_argument("--quantize", default="none", help="none or int8 (backbone Linears, CPU)")
     parser.add_argument(
@@ -397,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         "quantize": args.quantize,
         "weights_dtype": args.weights_dtype,
+        "loads_in_flight": args.loads_in_flight or EngineConfig().max_loads_in_flight,
     }
     if args.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))

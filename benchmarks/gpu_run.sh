@@ -3,9 +3,10 @@
 # network: bash benchmarks/gpu_run.sh [STEP...]. Steps: tests engine-tests kernels mixed bert
 # cold load bert-load (BERT_DTYPE=bfloat16: in bf16) peft profile dtypes profile-segments
 # switch lookahead graphs graphs-bert precapture frontend workers headline engine-cpu bound
-# plan-ahead switch-http old-serve cold-rotation. Session 28 ran tests cold plan-ahead (7.5
-# minutes; the tests step's first run on a fresh machine compiles every Triton kernel), then
-# bound (2 minutes). Session 29: switch-http headline, then tests and cold-rotation.
+# plan-ahead switch-http old-serve cold-rotation cold-first-pass. Session 28 ran tests cold
+# plan-ahead (7.5 minutes; the tests step's first run on a fresh machine compiles every
+# Triton kernel), then bound (2 minutes). Session 29 ran switch-http headline (5.5 minutes),
+# then cold-rotation old-serve tests (5.5 minutes).
 # Default: tests graphs load, at most about 9 minutes on an H100 or H200 (each step is
 # bounded), plus a minute or two to start the machine: the kernels and the engine on CUDA
 # first, then CUDA graphs (on by default on CUDA) against eager steps, then the load sweep. A
@@ -233,6 +234,14 @@ for step in $STEPS; do
         --neighbour 2 --rotation 1,100,1000,5000 --duration 3 --pages 40960 \
         --out "$WORK/cold-rotation"
       cp "$WORK/cold-rotation/cold_start.json" "$OUT/cold_rotation.json" 2>/dev/null ;;
+    cold-first-pass)
+      # the first pass after a restart ran at ~170 disk loads a second on the H200 (session
+      # 29), 4 in flight: the engine's default against 16
+      for n in 4 16; do
+        run 90 "cold-first-pass-$n" python3 -m benchmarks.cold_start --device cuda --loads 5 \
+          --e2e 1 --neighbour 1 --rotation 1,1000 --duration 3 --pages 8192 \
+          --loads-in-flight "$n" --out "$WORK/cold-first-pass-$n"
+      done ;;
     engine-cpu)
       # the engine process's CPU a request behind 4 front ends, and embedded
       run 60 engine-cpu-workers python3 -m benchmarks.server_cpu --device cuda \
