@@ -236,12 +236,18 @@ for step in $STEPS; do
       cp "$WORK/cold-rotation/cold_start.json" "$OUT/cold_rotation.json" 2>/dev/null ;;
     cold-first-pass)
       # the first pass after a restart ran at ~170 disk loads a second on the H200 (session
-      # 29), 4 in flight: the engine's default against 16
+      # 29), 4 in flight: the engine's default against 16, then 4 with page-locked host
+      # memory from malloc + cudaHostRegister, not cudaHostAlloc (whose lock each new
+      # adapter's buffer takes: torch's CachingHostAllocator caches freed blocks only)
       for n in 4 16; do
         run 90 "cold-first-pass-$n" python3 -m benchmarks.cold_start --device cuda --loads 5 \
           --e2e 1 --neighbour 1 --rotation 1,1000 --duration 3 --pages 8192 \
           --loads-in-flight "$n" --out "$WORK/cold-first-pass-$n"
-      done ;;
+      done
+      PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \
+        run 90 cold-first-pass-register python3 -m benchmarks.cold_start --device cuda \
+        --loads 5 --e2e 1 --neighbour 1 --rotation 1,1000 --duration 3 --pages 8192 \
+        --out "$WORK/cold-first-pass-register" ;;
     engine-cpu)
       # the engine process's CPU a request behind 4 front ends, and embedded
       run 60 engine-cpu-workers python3 -m benchmarks.server_cpu --device cuda \
