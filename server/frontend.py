@@ -52,6 +52,7 @@ from server.link import (
     Refused,
     decode_answer,
 )
+from server.metrics import CLIENT_CLOSED
 from server.quiet_log import quiet_malformed_requests
 from server.request_ids import REQUEST_ID_HEADER, add_request_id, request_id
 from server.routes import EXPECT_BODY, MAX_BODY_BYTES, authenticate, parse_body, read_body
@@ -221,11 +222,19 @@ async def _count_refusals(request: web.Request, handler: Handler) -> web.StreamR
     """A classify or upload refused here is counted in the engine's ``/metrics`` as it would
     be were it served there: the requests handed over (or proxied) the engine counts."""
     started = time.perf_counter()
-    response = await handler(request)
+    try:
+        response = await handler(request)
+    except (asyncio.CancelledError, ConnectionResetError):  # the client left first
+        _count_here(request, CLIENT_CLOSED, started)
+        raise
+    _count_here(request, response.status, started)
+    return response
+
+
+def _count_here(request: web.Request, status: int, started: float) -> None:
     if request.get(_HANDED_OVER) is None and _is_counted_here(request):
         elapsed = time.perf_counter() - started
-        request.app[FRONT].link.refused(response.status, elapsed, request.path)
-    return response
+        request.app[FRONT].link.refused(status, elapsed, request.path)
 
 
 def _count_expect_refusal(request: web.Request, status: int) -> None:

@@ -259,8 +259,15 @@ class LinkServer:
             self._reply(message, out, *_error_answer(message, exc), started)
             return
         if job is None:
-            admitting = self._admit(message, body, tokens, out, started, running)
-            running[message.id] = asyncio.create_task(admitting)
+            admitting = asyncio.create_task(
+                self._admit(message, body, tokens, out, started, running)
+            )
+            running[message.id] = admitting
+            # a Cancel read in the same chunk cancels the task before its body runs, so its
+            # end is counted here, not in an except clause the body may never reach
+            admitting.add_done_callback(
+                lambda task: self._admit_cancelled(task, message.id, started, running)
+            )
         else:
             self._follow(message, body, job, out, started, running)
 
@@ -276,15 +283,18 @@ class LinkServer:
         """Wait for the adapters' load and admission, then answer as a request queued at once."""
         try:
             job = await submit(self._app[ENGINE], message.tenant, body, tokens)
-        except asyncio.CancelledError:  # the client left
-            running.pop(message.id, None)
-            self._observe(CLIENT_CLOSED, started)
-            raise
         except Exception as exc:
             running.pop(message.id, None)
             self._reply(message, out, *_error_answer(message, exc), started)
             return
         self._follow(message, body, job, out, started, running)
+
+    def _admit_cancelled(
+        self, task: asyncio.Task, request_id: int, started: float, running: dict
+    ) -> None:
+        if task.cancelled():  # the client left (a Cancel frame, or the link closed)
+            running.pop(request_id, None)
+            self._observe(CLIENT_CLOSED, started)
 
     def _follow(
         self,
@@ -302,13 +312,14 @@ class LinkServer:
             running.pop(message.id, None)
             try:
                 payload, headers = finished_answer(job, body)
+                answer = encode(payload)  # a callback's exception would only be logged
             except JobCancelled:  # the client left
                 self._observe(CLIENT_CLOSED, started)
                 return
             except Exception as exc:
                 self._reply(message, out, *_error_answer(message, exc), started)
                 return
-            self._reply(message, out, 200, encode(payload), headers, started)
+            self._reply(message, out, 200, answer, headers, started)
 
         job.add_done_callback(answered)
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoTokenizer
 
+import server.link
 from engine import Engine, EngineConfig, TextEncoder, packaged_backbone_dir
 from registry import Registry
 from server.app import create_app, run_server
@@ -33,6 +34,8 @@ from server.frontend import (
     FrontendConfig,
     create_frontend_app,
 )
+from server.link import Cancel, Classify, Hello, frame, link_server
+from server.metrics import METRICS
 from server.train_routes import TrainServiceConfig
 from server.workers import (
     RestartBudget,
@@ -716,3 +719,92 @@ async def test_a_front_end_refuses_an_upload_past_the_cap_as_the_engine_does(
             break
         await asyncio.sleep(0.05)
     assert await counted() - before == 2
+
+
+def _classify_count(app: web.Application, status: str) -> float:
+    """The engine app's tally of ``POST /v1/classify`` answered with ``status``."""
+    return sum(
+        sample.value
+        for metric in app[METRICS].request_seconds.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_count")
+        and sample.labels["route"] == "/v1/classify"
+        and sample.labels["status"] == status
+    )
+
+
+async def test_a_cancel_read_with_its_cold_classify_is_counted_and_forgotten(
+    engine: Engine, tenants: Tenants, publish, tmp_path: Path
+) -> None:
+    """A Cancel read in the same chunk as the Classify of an adapter still on disk cancelled
+    the admitting task before its body ran: the request was counted nowhere, and its entry
+    stayed in the connection's table for as long as the front end lived."""
+    publish("acme", "cold-cancelled", ("no", "yes"), seed=11)
+    app = create_app(engine, max_body_bytes=MAX_BODY_BYTES)
+    ids = tuple(engine.backbone.tokenizer("hi")["input_ids"])
+    message = Classify(
+        1, "acme", "r1", "cold-cancelled", None, ("hi",), False, True, None, (ids,), (False,)
+    )
+    path = str(tmp_path / "link.sock")
+    async with link_server(app, path) as link:
+        _, writer = await asyncio.open_unix_connection(path)
+        writer.write(frame(Hello(os.getpid())) + frame(message) + frame(Cancel(1)))
+        await writer.drain()
+        await _until(lambda: _classify_count(app, "499") == 1)
+        assert [connection.running for connection in link._connections] == [{}]
+        writer.close()
+
+
+async def test_an_answer_that_fails_to_encode_is_a_500_not_a_hang(
+    fronts, session, tenants: Tenants, publish, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoding a finished job's answer ran outside the callback's ``try``: what it raised
+    was only logged, no answer was sent, and the client waited forever."""
+    publish("acme", "unencodable", ("fine", "boom-label"), seed=12)
+    encode = server.link.encode
+
+    def failing_encode(payload: Any) -> bytes:
+        if "boom-label" in repr(payload):
+            raise ValueError("cannot encode this answer")
+        return encode(payload)
+
+    monkeypatch.setattr(server.link, "encode", failing_encode)
+    url, _ = fronts
+    body = {"model": "unencodable", "input": "hi"}
+    status, answer, _ = await asyncio.wait_for(_answer(session, url, tenants.acme, body), 30)
+    assert status == 500 and answer["error"]["type"] == "internal"
+
+
+async def test_a_client_that_leaves_before_the_hand_over_is_counted(
+    fronts, session, tenants: Tenants
+) -> None:
+    """A client gone while a front end read its body was counted by the one-process server
+    as a 499, and behind front ends not at all."""
+    url, _ = fronts
+
+    async def left() -> float:
+        async with session.get(f"{url}/metrics") as response:
+            text = await response.text()
+        series = 'graft_http_request_duration_seconds_count{method="POST",route="/v1/classify",'
+        line = next((x for x in text.splitlines() if x.startswith(f'{series}status="499"}}')), "")
+        return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+    before = await left()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    _, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"model": "spam", "input": "hello"}).encode()
+    writer.write(
+        (
+            f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tenants.acme}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body[:5]
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the front end is reading the body
+    writer.close()
+    for _ in range(100):  # the tally travels over the link
+        if await left() == before + 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await left() == before + 1
