@@ -70,6 +70,14 @@ def _check_labels(labels: object) -> tuple[str, ...]:
         raise InvalidAdapter(f"manifest['labels'] must hold non-blank strings, got {labels!r}")
     if len(set(labels)) != len(labels):
         raise InvalidAdapter(f"manifest['labels'] must be distinct, got {labels!r}")
+    for i, label in enumerate(labels):
+        try:
+            label.encode("utf-8")  # every answer names its labels in JSON
+        except UnicodeEncodeError as exc:
+            raise InvalidAdapter(
+                f"manifest['labels'][{i}] holds an unpaired surrogate "
+                f"(U+{ord(label[exc.start]):04X}) at character {exc.start}: not text"
+            ) from None
     return tuple(labels)
 
 

@@ -217,6 +217,7 @@ def test_missing_source_directory_is_refused(
         ({"labels": ["ham", 1]}, "labels"),
         ({"labels": ["ham", ""]}, "labels"),
         ({"labels": ["ham", "  "]}, "labels"),  # blank: no label a client could tell apart
+        ({"labels": ["ham", "sp\ud800am"]}, r"labels'\]\[1\] holds an unpaired surrogate"),
         ({"base_sha256": "ab" * 31}, "base_sha256"),
         ({"base_sha256": "AB" * 32}, "base_sha256"),
         ({"base_sha256": "zz" * 32}, "base_sha256"),
