@@ -28,8 +28,8 @@ def first_fit(
     Looking past a head that does not fit keeps a step from closing at the first row of
     another length: with SMS lengths (3 to 186 tokens) in arrival order, a step that stopped
     at the head's first misfit held 3.9 rows on average, whatever was waiting (an H200 ran
-    4 rows a step at saturation; ``benchmarks.plan_cost``). The head still leads the next
-    step its tenant starts.
+    4 rows a step at saturation; ``benchmarks.plan_cost``). A head looked past leads the
+    next step (``Scheduler._lead``), so no later row of its tenant can keep it waiting.
     """
     start = misfits.get(tenant, 0)
     end = min(len(queue), max(1, config.lookahead_rows))

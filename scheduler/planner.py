@@ -92,6 +92,9 @@ class Scheduler:
         self._num_reserved = 0
         self._virtual_now = 0.0  # the counter of the last row served: where newcomers start
         self._rows_per_s = 0.0  # recent step throughput, for Retry-After hints
+        # tenant -> its head row, which a step looked past to take a later row: it leads the
+        # next step, or tenants tied in the heap could pass it over until its deadline
+        self._bypassed: dict[str, Row] = {}
 
     # policies and admission ---------------------------------------------------------------
 
@@ -318,8 +321,14 @@ class Scheduler:
         # per tenant, how many leading rows of its queue were found not to fit this step:
         # each row added only tightens the budgets, so they are not checked again
         misfits: dict[str, int] = {}
+        lead = None if forming.rows else self._lead(skip)
         heap = [
-            (self._tenants[t].virtual_tokens, len(self._tenants[t].queue), order, t)
+            (
+                -math.inf if t == lead else self._tenants[t].virtual_tokens,
+                len(self._tenants[t].queue),
+                order,
+                t,
+            )
             for order, t in enumerate(self._active)
             if t not in skip
         ]
@@ -333,6 +342,10 @@ class Scheduler:
             if index is None:
                 continue  # blocked for this step
             row = state.queue[index]
+            if index > 0:
+                self._bypassed.setdefault(tenant, state.queue[0])
+            elif self._bypassed.get(tenant) is row:
+                del self._bypassed[tenant]
             del state.queue[index]
             forming.add(row)
             self._virtual_now = max(self._virtual_now, state.virtual_tokens)
@@ -342,6 +355,18 @@ class Scheduler:
                 heapq.heappush(heap, (state.virtual_tokens, len(state.queue), order, tenant))
             else:
                 self._settle(tenant)
+
+    def _lead(self, skip: set[str]) -> str | None:
+        """The tenant whose head was looked past longest ago, to open the step; entries whose
+        row has left the head (run, aborted or expired) are dropped."""
+        lead, oldest = None, math.inf
+        for tenant, row in list(self._bypassed.items()):
+            state = self._tenants.get(tenant)
+            if state is None or not state.queue or state.queue[0] is not row:
+                del self._bypassed[tenant]
+            elif tenant not in skip and row.arrival_s < oldest:
+                lead, oldest = tenant, row.arrival_s
+        return lead
 
     def _fill_fifo(self, forming: Forming) -> None:
         """Oldest row first across all tenants, no per-tenant limits: the unfair baseline."""

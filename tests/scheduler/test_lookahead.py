@@ -27,6 +27,31 @@ def test_a_step_looks_past_a_head_of_another_length_and_the_head_leads_the_next(
     assert 2 < len(steps(3)) < 32  # a window of 3 rows: fewer rows found a step than with 64
 
 
+def test_a_head_looked_past_leads_the_next_step_even_when_tenants_tie() -> None:
+    """Two tenants of 100 closed-loop clients each, served alike, tie in the planner's heap
+    at every step, and the one that connected first is popped first. The other's long head
+    (512 tokens) cannot share a step with 16-token rows, and its later rows kept running
+    past it through lookahead: the head waited until its deadline, 3,000 steps later."""
+    s = Scheduler(SchedulerConfig(lookahead_rows=64, contended_batch_tokens=None))
+    now = 0.0
+    for _ in range(100):
+        s.add(_row("B", tokens=16, arrival=now, deadline=now + 60))
+    s.add(_row("A", tokens=512, arrival=now, deadline=now + 60))
+    for _ in range(99):
+        s.add(_row("A", tokens=16, arrival=now, deadline=now + 60))
+    ran_at = None
+    for step in range(1, 50):
+        now += 0.02
+        plan = s.plan(now)
+        assert not plan.expired
+        if any(r.num_tokens == 512 for r in plan.batch.rows):
+            ran_at = step
+            break
+        for row in plan.batch.rows:  # each client sends again once answered
+            s.add(_row(row.tenant, tokens=16, arrival=now, deadline=now + 60))
+    assert ran_at is not None and ran_at <= 2, ran_at
+
+
 def test_rows_found_past_the_head_keep_the_step_within_its_real_token_cap() -> None:
     s = Scheduler(
         SchedulerConfig(contended_batch_tokens=None, lookahead_rows=64, lookahead_max_tokens=100)
@@ -41,17 +66,19 @@ def test_rows_found_past_the_head_keep_the_step_within_its_real_token_cap() -> N
 
 
 class _ScanningScheduler(Scheduler):
-    """The fair filler as first written, a scan of every waiting tenant per row: the spec
-    the heap-based filler must match batch for batch."""
+    """The fair filler as first written, a scan of every waiting tenant per row (with a head
+    looked past leading the step): the spec the heap-based filler must match batch for batch."""
 
     def _fill_fair(self, forming, exclude=None) -> None:
         blocked, step_tokens, misfits = set(exclude or ()), {}, {}
         order = {tenant: i for i, tenant in enumerate(self._active)}
+        lead = None if forming.rows else self._lead(blocked)
         while not forming.is_full:
             waiting = [t for t in self._active if t not in blocked]
             if not waiting:
                 return
-            tenant = min(
+            tenant = lead if lead in waiting else None
+            tenant = tenant or min(
                 waiting,
                 key=lambda t: (
                     self._tenants[t].virtual_tokens,
@@ -59,6 +86,7 @@ class _ScanningScheduler(Scheduler):
                     order[t],
                 ),
             )
+            lead = None
             state, policy = self._tenants[tenant], self.policy(tenant)
             used = step_tokens.get(tenant, 0)
             cap = policy.max_tokens_per_step
@@ -67,6 +95,10 @@ class _ScanningScheduler(Scheduler):
                 blocked.add(tenant)
                 continue
             row = state.queue[index]
+            if index > 0:
+                self._bypassed.setdefault(tenant, state.queue[0])
+            elif self._bypassed.get(tenant) is row:
+                del self._bypassed[tenant]
             del state.queue[index]
             forming.add(row)
             self._virtual_now = max(self._virtual_now, state.virtual_tokens)
