@@ -11,9 +11,10 @@ reserved and stays zero: kernels pad page lists with it, and it adds nothing.
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +42,14 @@ class Resident:
     head_bytes: int
     refcount: int = 0  # requests holding it; never evicted while > 0
     forgotten: bool = False  # its version was deleted: freed at its last release
+    # pages and scales as numpy arrays, made once: a static step copies them for every
+    # segment, where converting the tuple and the tensor each time was most of its Python
+    page_array: np.ndarray = field(init=False)
+    scale_array: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.page_array = np.asarray(self.pages, dtype=np.int64)
+        self.scale_array = self.scale_by_module.detach().cpu().numpy().astype(np.float32)
 
 
 class AdapterMemory:

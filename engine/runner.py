@@ -150,7 +150,7 @@ class ModelRunner:
         if packed is None and outer is None and state.between_layers is None:
             static = self._static_step(batch, residents)
         if static is not None:  # the whole forward in fixed buffers, replayed if captured
-            static.load(token_ids, _per_row(batch, residents))
+            static.load(token_ids, batch.seg_starts, residents)
             outputs = self._run_static(static)
             if outputs is not None:
                 return self._finish(batch, residents, outputs, packed, static=True)
@@ -213,7 +213,7 @@ class ModelRunner:
         with torch.inference_mode():
             for shape in shapes_for(ranks, self._static_max_tokens, width):
                 step = self._static_of(shape)
-                step.load([], [])  # padding rows: any contents will do for a capture
+                step.load([], [0], [])  # padding rows: any contents will do for a capture
                 if self._run_static(step) is None:
                     break  # capture failed: static steps are off (logged)
         return self.num_captures - before
@@ -368,15 +368,6 @@ class ModelRunner:
             num_lora_segments=num_lora,
             views=self._views,
         )
-
-
-def _per_row(batch: Batch, residents: list[Resident | None]) -> list[Resident | None]:
-    """Each row's resident (None for backbone rows), from the batch's segments."""
-    return [
-        resident
-        for s, resident in enumerate(residents)
-        for _ in range(batch.seg_starts[s + 1] - batch.seg_starts[s])
-    ]
 
 
 def _page_run(pages: tuple[int, ...]) -> range | list[int]:

@@ -206,14 +206,20 @@ class StaticStep:
         )
 
     def load(
-        self, token_ids: Sequence[Sequence[int]], row_residents: Sequence[Resident | None]
+        self,
+        token_ids: Sequence[Sequence[int]],
+        seg_starts: Sequence[int],
+        residents: Sequence[Resident | None],
     ) -> None:
-        """Fill the input buffers for a step of these rows (one resident per row; None for a
-        row without LoRA). Rows past the real ones attend to their first token only."""
+        """Fill the input buffers for a step of these rows, in segments: segment ``s`` holds
+        rows ``seg_starts[s]`` to ``seg_starts[s + 1]``, of ``residents[s]`` (None: rows
+        without LoRA). Rows past the real ones attend to their first token only."""
         rows, tokens, rank = self.shape.rows, self.shape.tokens, self.shape.rank
         count = len(token_ids)
-        if len(row_residents) != count:
-            raise ValueError(f"{count} rows of tokens, {len(row_residents)} of residents")
+        if len(seg_starts) != len(residents) + 1 or (seg_starts and seg_starts[-1] != count):
+            raise ValueError(
+                f"{count} rows of tokens, segments {list(seg_starts)} of {len(residents)}"
+            )
         # whole arrays, not row by row: 128 rows took 0.46 ms of the model thread's Python
         lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=count)
         present = np.arange(tokens) < lengths[:, None]
@@ -224,16 +230,19 @@ class StaticStep:
         ids[1] = 0
         ids[1, :count] = present
         ids[1, :, 0] = 1  # a padding row with no token to attend to would give NaN
-        pages = np.zeros((rows, rank), dtype=np.int64)  # page 0 holds zeros in every pool
-        scale = np.zeros((self.row_scale.shape[0], rows), dtype=np.float32)
-        lo = 0
-        for _, run in itertools.groupby(row_residents, key=id):  # a segment's rows
-            hi = lo + sum(1 for _ in run)
-            resident = row_residents[lo]
+        # one row per segment, repeated over its rows: a copy of cached arrays per segment
+        num_modules = self.row_scale.shape[0]
+        seg_pages = np.zeros((len(residents), rank), dtype=np.int64)  # page 0 holds zeros
+        seg_scale = np.zeros((len(residents), num_modules), dtype=np.float32)
+        for s, resident in enumerate(residents):
             if resident is not None:
-                pages[lo:hi, : len(resident.pages)] = resident.pages
-                scale[:, lo:hi] = resident.scale_by_module.numpy()[:, None]
-            lo = hi
+                seg_pages[s, : len(resident.page_array)] = resident.page_array
+                seg_scale[s] = resident.scale_array
+        seg_rows = np.diff(np.asarray(seg_starts, dtype=np.int64))
+        pages = np.zeros((rows, rank), dtype=np.int64)
+        pages[:count] = np.repeat(seg_pages, seg_rows, axis=0)
+        scale = np.zeros((num_modules, rows), dtype=np.float32)
+        scale[:, :count] = np.repeat(seg_scale, seg_rows, axis=0).T
         self.ids_and_mask.copy_(torch.from_numpy(ids))
         self.row_pages.copy_(torch.from_numpy(pages))
         self.row_scale.copy_(torch.from_numpy(scale))

@@ -41,16 +41,23 @@ def head_probs(
         return out
     widths = [h.weight.shape[0] for _, h in used]
     widest = max(widths)
-    # per row: the columns of its head in the concatenated label axis, -1 for padding
-    columns = np.full((num_rows, widest), -1, dtype=np.int64)
-    offset = 0
-    row_pooling = np.full(num_rows, "", dtype=object)
-    for (s, head), width in zip(used, widths, strict=True):
-        lo, hi = seg_starts[s], seg_starts[s + 1]
-        columns[lo:hi, :width] = np.arange(offset, offset + width)
-        row_pooling[lo:hi] = head.pooling
-        offset += width
-    pooled = _pooled(pooler, sorted({h.pooling for _, h in used}), row_pooling, num_rows)
+    # per row: the columns of its head in the concatenated label axis, -1 for padding; built
+    # per segment and repeated over its rows, not written segment by segment
+    seg_rows = np.diff(np.asarray(seg_starts, dtype=np.int64))
+    seg_first = np.zeros(len(heads), dtype=np.int64)
+    seg_width = np.zeros(len(heads), dtype=np.int64)  # 0: a segment without a head
+    used_segments = [s for s, _ in used]
+    seg_width[used_segments] = widths
+    seg_first[used_segments] = np.cumsum(widths) - widths
+    lanes = np.arange(widest)
+    row_first = np.repeat(seg_first, seg_rows)[:, None]
+    columns = np.where(lanes < np.repeat(seg_width, seg_rows)[:, None], row_first + lanes, -1)
+    poolings = sorted({h.pooling for _, h in used})
+    row_pooling = None
+    if len(poolings) > 1:  # which pooling each row's head reads
+        seg_pooling = np.array([h.pooling if h is not None else "" for h in heads], dtype=object)
+        row_pooling = np.repeat(seg_pooling, seg_rows)
+    pooled = _pooled(pooler, poolings, row_pooling, num_rows)
     two_layer = [(s, h) for s, h in used if h.pre_weight is not None]
     if two_layer:  # their first layers, segment by segment, on a copy of the pooled rows
         pooled = pooled.clone()
@@ -70,11 +77,13 @@ def head_probs(
 
 
 def _pooled(
-    pooler: Pooler, poolings: Sequence[str], row_pooling: np.ndarray, rows: int
+    pooler: Pooler, poolings: Sequence[str], row_pooling: np.ndarray | None, rows: int
 ) -> torch.Tensor:
-    """Every row pooled as its head reads it (rows without a head: any pooling, unused)."""
+    """Every row pooled as its head reads it (rows without a head: any pooling, unused);
+    ``row_pooling``, each row's pooling, is needed only for several poolings."""
     pooled = pooler.pooled(poolings[0], 0, rows)
     for pooling in poolings[1:]:
+        assert row_pooling is not None
         choose = torch.from_numpy(row_pooling == pooling).to(pooled.device)
         pooled = torch.where(choose[:, None], pooler.pooled(pooling, 0, rows), pooled)
     return pooled

@@ -76,9 +76,10 @@ def test_a_static_forward_never_reads_the_device_back(backbone, fleet) -> None:
     memory, keys = fleet
     _, static = _runners(backbone, memory)
     batch, token_ids = _mixed_batch(backbone, keys, 6)
-    step = static._static_step(batch, [memory.get(k) for k in batch.seg_adapter])
+    residents = [memory.get(k) for k in batch.seg_adapter]
+    step = static._static_step(batch, residents)
     assert step is not None
-    step.load(token_ids, [memory.get(row.adapter_key) for row in batch.rows])
+    step.load(token_ids, batch.seg_starts, residents)
     mode = _NoWaits()
     with torch.inference_mode(), mode:
         step.run()
