@@ -28,7 +28,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TEXT = "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121"
@@ -75,6 +75,9 @@ class Profile:
     model: int  # samples inside a model step
     parts: dict[str, int]  # event-loop samples per part of PARTS, then OTHER
     top: list[tuple[str, int]]  # event-loop frames by inclusive samples, most first
+    # frames of model steps (below the step itself) by inclusive samples, most first: on a
+    # GPU the step's host work (its inputs, the heads) competes with the event loop
+    model_top: list[tuple[str, int]] = field(default_factory=list)
 
 
 def parse_raw(lines: Iterable[str], top: int = 25) -> Profile:
@@ -82,6 +85,7 @@ def parse_raw(lines: Iterable[str], top: int = 25) -> Profile:
     total = loop = model = 0
     parts: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    in_steps: Counter[str] = Counter()
     for line in lines:
         found = _LINE.match(line.strip())
         if found is None:
@@ -90,6 +94,9 @@ def parse_raw(lines: Iterable[str], top: int = 25) -> Profile:
         total += count
         if _MODEL_STEP in stack:
             model += count
+            below = stack.split(_MODEL_STEP, 1)[1].split(";")[1:]
+            for frame in set(below):
+                in_steps[frame] += count
         if _THREAD_ROOT in stack:
             continue
         loop += count
@@ -108,6 +115,7 @@ def parse_raw(lines: Iterable[str], top: int = 25) -> Profile:
         model=model,
         parts={label: parts[label] for label in (*(label for label, _ in PARTS), OTHER)},
         top=inclusive.most_common(top),
+        model_top=in_steps.most_common(top),
     )
 
 
@@ -125,6 +133,10 @@ def report(profile: Profile) -> str:
         lines.append("event loop, frames by inclusive samples:")
     for frame, samples in profile.top:
         lines.append(f"  {samples / loop:6.1%}  {frame[:110]}")
+    if profile.model_top:
+        lines.append("model steps, frames by inclusive samples (shares of the steps' samples):")
+    for frame, samples in profile.model_top:
+        lines.append(f"  {samples / max(profile.model, 1):6.1%}  {frame[:110]}")
     return "\n".join(lines)
 
 

@@ -48,6 +48,8 @@ def test_samples_split_into_threads_and_request_parts() -> None:
     }
     assert [samples for _, samples in profile.top] == [20, 20, 20]
     assert all("ModelRunner" not in frame for frame, _ in profile.top)
+    # below the step itself, the model thread's frames are counted apart
+    assert profile.model_top == [("ModelRunner.step (engine/runner.py)", 20)]
 
 
 def test_report_gives_shares_of_the_event_loop() -> None:
@@ -55,6 +57,8 @@ def test_report_gives_shares_of_the_event_loop() -> None:
     assert "samples: 20 of the event loop, 20 in model steps" in text
     assert "  classify route" in text and "45.0%" in text  # 9 of 20 event-loop samples
     assert "<module> (<string>)" in text
+    assert "model steps, frames by inclusive samples" in text
+    assert "100.0%  ModelRunner.step (engine/runner.py)" in text
 
 
 def test_layers_need_hidden() -> None:
