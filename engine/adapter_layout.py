@@ -113,6 +113,7 @@ def _check(data: bytearray, backbone: Backbone) -> AdapterLayout:
     if sys.byteorder != "little":  # safetensors is little-endian; views need native order
         raise AdapterFormatError("adapter weights are read on little-endian machines only")
     lora: dict[str, dict[str, TensorAt]] = {}
+    lora_keys: dict[tuple[str, str], str] = {}  # (module, factor) -> the key that held it
     head: dict[str, TensorAt] = {}
     file_bytes = start
     for key, entry in header.items():
@@ -128,6 +129,10 @@ def _check(data: bytearray, backbone: Backbone) -> AdapterLayout:
         tensor = TensorAt(dtype, shape, start + begin, _contiguous_strides(shape))
         kind, module, part = _key_role(key, backbone.base_prefix)
         if kind == "lora":
+            # "bert.encoder..." and "encoder...", or a second adapter name, name one factor:
+            # whichever came last would be served where PEFT loads another
+            if (seen := lora_keys.setdefault((module, part), key)) != key:
+                raise AdapterFormatError(f"two lora_{part} tensors for {module}: {seen!r}, {key!r}")
             lora.setdefault(module, {})[part] = tensor
         elif kind == "head":
             if part in head:

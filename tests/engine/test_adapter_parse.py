@@ -86,6 +86,14 @@ def test_a_cached_header_still_checks_labels_and_length(backbone, files) -> None
             "not a Linear of the backbone",
         ),
         (lambda t: t.update({"base_model.model.other": torch.zeros(1)}), "unexpected tensor"),
+        (  # the same factor, without the backbone's prefix: PEFT would load the other one
+            lambda t: t.update({f"base_model.model.{QUERY}.lora_A.weight": torch.zeros(4, 384)}),
+            f"two lora_A tensors for {QUERY}",
+        ),
+        (  # the same factor under a second adapter name
+            lambda t: t.update({f"{PREFIX}{QUERY}.lora_B.other.weight": torch.zeros(384, 4)}),
+            f"two lora_B tensors for {QUERY}",
+        ),
         (
             lambda t: t.update({f"{PREFIX}{QUERY}.lora_A.weight": torch.zeros(4, 100)}),
             r"lora_A is \(4, 100\)",
