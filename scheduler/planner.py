@@ -95,6 +95,9 @@ class Scheduler:
         # tenant -> its head row, which a step looked past to take a later row: it leads the
         # next step, or tenants tied in the heap could pass it over until its deadline
         self._bypassed: dict[str, Row] = {}
+        # no waiting row is due before this (a bound, exact after each scan): a plan looks
+        # for late rows only once it has passed, not through every queue every step
+        self._deadline_floor = math.inf
 
     # policies and admission ---------------------------------------------------------------
 
@@ -188,14 +191,12 @@ class Scheduler:
         return len(state.queue) if state else 0
 
     def next_deadline_in(self, now_s: float) -> float | None:
-        """Seconds until the earliest waiting deadline (0 if one has passed), or None."""
-        deadlines = [
-            r.deadline_s
-            for t in self._active
-            for r in self._tenants[t].queue
-            if r.deadline_s is not None
-        ]
-        return max(0.0, min(deadlines) - now_s) if deadlines else None
+        """Seconds until the earliest waiting deadline (0 if one has passed), or None when
+        no waiting row has one. At most that: once a row due first has left, this may come
+        early; the ``expire`` it prompts finds the exact next one."""
+        if not self._num_waiting or self._deadline_floor == math.inf:
+            return None
+        return max(0.0, self._deadline_floor - now_s)
 
     def counters(self) -> dict[str, TenantCounters]:
         return {tenant: state.counters for tenant, state in self._tenants.items()}
@@ -215,6 +216,8 @@ class Scheduler:
             state.reserved_rows -= 1
             self._num_reserved -= 1
         state.queue.append(row)
+        if row.deadline_s is not None and row.deadline_s < self._deadline_floor:
+            self._deadline_floor = row.deadline_s
         state.counters.admitted_rows += 1  # counted when queued: a reservation may be given back
         state.last_added_s = row.arrival_s
         self._num_waiting += 1
@@ -379,7 +382,10 @@ class Scheduler:
             self._settle(tenant)
 
     def _expire(self, now_s: float) -> tuple[Row, ...]:
+        if self._deadline_floor >= now_s:  # no row can be late: no scan
+            return ()
         expired: list[Row] = []
+        floor = math.inf
         for tenant in list(self._active):
             state = self._tenants[tenant]
             late = [r for r in state.queue if r.deadline_s is not None and r.deadline_s < now_s]
@@ -390,6 +396,9 @@ class Scheduler:
                 state.counters.expired_rows += len(late)
                 expired.extend(late)
                 self._settle(tenant)
+            due = (r.deadline_s for r in state.queue if r.deadline_s is not None)
+            floor = min(floor, min(due, default=math.inf))
+        self._deadline_floor = floor
         self._num_waiting -= len(expired)
         self._left_queue(expired)
         return tuple(expired)

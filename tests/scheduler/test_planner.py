@@ -122,6 +122,22 @@ def test_expired_rows_are_returned_and_never_run() -> None:
     assert s.counters()["a"].expired_rows == 1
 
 
+def test_late_rows_are_found_after_the_row_due_first_has_left() -> None:
+    """Planning looks for late rows only once the earliest deadline it knows of has passed;
+    each look sets that bound anew from every queue, not from the last one it read."""
+    s = Scheduler(SchedulerConfig())
+    s.add(_row("c", rid=1, deadline=0.5))
+    s.add(_row("b", rid=2, deadline=2.0))
+    s.add(_row("a", rid=3, deadline=3.0))
+    assert s.abort(1) == 1  # the row due first leaves: the bound (0.5) is stale now
+    assert s.expire(0.4) == ()  # before the bound: nothing looked at
+    assert s.expire(1.0) == ()  # past it: every queue scanned, nothing late yet
+    assert s.next_deadline_in(1.0) == 1.0  # b's row, the earliest still waiting
+    assert [r.request_id for r in s.expire(2.5)] == [2]
+    assert [r.request_id for r in s.expire(3.5)] == [3]
+    assert s.next_deadline_in(3.5) is None
+
+
 def test_abort_removes_waiting_rows() -> None:
     s = Scheduler(SchedulerConfig())
     for i in range(3):
@@ -369,6 +385,14 @@ def test_every_row_leaves_once_and_abort_counts_what_still_waits(ops, lookahead,
                 del waiting[key]
             for row in plan.expired:
                 assert row.deadline_s is not None and row.deadline_s < now
+            # and every late row did expire: the planner scans only once its bound passed
+            assert all(r.deadline_s is None or r.deadline_s >= now for r in waiting.values())
+        due = [r.deadline_s for r in waiting.values() if r.deadline_s is not None]
+        told = s.next_deadline_in(now)
+        if due:  # never later than the earliest waiting deadline: no late row is missed
+            assert told is not None and told <= max(0.0, min(due) - now)
+        elif not waiting:
+            assert told is None
         assert s.num_waiting == len(waiting)
         # the per-request index forgets a request once nothing of it waits (no leak)
         assert s._waiting_of == dict(collections.Counter(rid for rid, _ in waiting))
