@@ -255,7 +255,7 @@ class Scheduler:
             budget = min(budget, contended)
         forming = Forming(self._config, budget)
         if self._config.is_fair:
-            self._fill_fair(forming)
+            self._fill_fair(forming, lead=True)
         else:
             self._fill_fifo(forming)
         self._account(forming.rows)
@@ -311,7 +311,9 @@ class Scheduler:
             if tenant not in self._active
         )
 
-    def _fill_fair(self, forming: Forming, exclude: set[str] | None = None) -> None:
+    def _fill_fair(
+        self, forming: Forming, exclude: set[str] | None = None, *, lead: bool = False
+    ) -> None:
         """Fill ``forming`` with the row of the least-served waiting tenant, again and again.
 
         Tenants wait in a heap keyed (virtual tokens, queue length, order among the active):
@@ -324,10 +326,12 @@ class Scheduler:
         # per tenant, how many leading rows of its queue were found not to fit this step:
         # each row added only tightens the budgets, so they are not checked again
         misfits: dict[str, int] = {}
-        lead = None if forming.rows else self._lead(skip)
+        # ``lead``: a head looked past opens the step, where a first row always fits; in an
+        # interlude (strict) it might not, and its tenant would only jump the counters
+        leader = self._lead(skip) if lead and not forming.rows else None
         heap = [
             (
-                -math.inf if t == lead else self._tenants[t].virtual_tokens,
+                -math.inf if t == leader else self._tenants[t].virtual_tokens,
                 len(self._tenants[t].queue),
                 order,
                 t,

@@ -1,10 +1,12 @@
 """The planner looking past a tenant's head, and its heap of tenants against a plain scan."""
 
+import collections
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import Row, Scheduler, SchedulerConfig, TenantPolicy
+from scheduler import Batch, Row, Scheduler, SchedulerConfig, TenantPolicy
 from scheduler.forming import first_fit
 from tests.scheduler.rows import drain as _drain
 from tests.scheduler.rows import make_row as _row
@@ -52,6 +54,27 @@ def test_a_head_looked_past_leads_the_next_step_even_when_tenants_tie() -> None:
     assert ran_at is not None and ran_at <= 2, ran_at
 
 
+def test_a_head_looked_past_gives_its_tenant_no_lead_in_interludes() -> None:
+    """An interlude's budget may never fit the long head its tenant's later rows were found
+    past: leading there, the tenant took a short row first in every interlude, whatever its
+    counters, until a regular step ran the head."""
+    s = Scheduler(SchedulerConfig(contended_batch_tokens=None, lookahead_rows=64))
+    s.set_policy("B", TenantPolicy(weight=10.0))  # B's rows cost its counter a tenth
+    s.add(_row("A", tokens=200))
+    for _ in range(20):
+        s.add(_row("A", tokens=12))
+    running = Batch.of(["c"], [300], tenant="C")
+    first = s.plan_between(0.0, running, max_tokens=24, max_pages=None).batch
+    assert [r.num_tokens for r in first.rows] == [12, 12]  # A's head (200) looked past
+    for _ in range(20):
+        s.add(_row("B", tokens=12))
+    taken = collections.Counter()
+    for _ in range(6):
+        plan = s.plan_between(0.0, running, max_tokens=24, max_pages=None)
+        taken.update(r.tenant for r in plan.batch.rows)
+    assert taken["B"] >= 10, taken  # by the counters; A, leading, took one row of every two
+
+
 def test_rows_found_past_the_head_keep_the_step_within_its_real_token_cap() -> None:
     s = Scheduler(
         SchedulerConfig(contended_batch_tokens=None, lookahead_rows=64, lookahead_max_tokens=100)
@@ -69,10 +92,10 @@ class _ScanningScheduler(Scheduler):
     """The fair filler as first written, a scan of every waiting tenant per row (with a head
     looked past leading the step): the spec the heap-based filler must match batch for batch."""
 
-    def _fill_fair(self, forming, exclude=None) -> None:
+    def _fill_fair(self, forming, exclude=None, *, lead=False) -> None:
         blocked, step_tokens, misfits = set(exclude or ()), {}, {}
         order = {tenant: i for i, tenant in enumerate(self._active)}
-        lead = None if forming.rows else self._lead(blocked)
+        lead = self._lead(blocked) if lead and not forming.rows else None
         while not forming.is_full:
             waiting = [t for t in self._active if t not in blocked]
             if not waiting:
