@@ -13,6 +13,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.backbone import Backbone
@@ -34,6 +35,8 @@ _FLOAT_DTYPES = {
     "BF16": torch.bfloat16,
     "F64": torch.float64,
 }
+# numpy's twins of those types (bfloat16 has none: viewed as 16-bit words, then by torch)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 _MAX_LAYOUTS = 256  # distinct headers remembered per backbone (one per recipe, in practice)
 
 
@@ -46,17 +49,21 @@ class TensorAt:
     offset: int
     strides: tuple[int, ...]  # of the contiguous tensor, in elements
 
-    def view(self, raw: torch.Tensor, typed: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
-        """This tensor as a view of ``raw`` (the file as uint8), copied only if misaligned."""
-        size = self.dtype.itemsize
-        if self.offset % size:
-            count = size * math.prod(self.shape)
-            piece = raw[self.offset : self.offset + count].clone()
-            return piece.view(self.dtype).view(self.shape)
-        base = typed.get(self.dtype)
-        if base is None:
-            base = typed[self.dtype] = raw[: raw.numel() - raw.numel() % size].view(self.dtype)
-        return base.as_strided(self.shape, self.strides, self.offset // size)
+    def view(self, data: bytearray) -> torch.Tensor:
+        """This tensor as a view of ``data`` (the file), copied only if misaligned.
+
+        Made by numpy: each torch view op gives up the interpreter lock, and a loader thread
+        beside a busy event loop waits up to a switch interval to take it back (74 views for
+        an adapter on every encoder Linear). numpy's views and ``torch.from_numpy`` keep it."""
+        count = math.prod(self.shape)
+        if count == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        words = _NUMPY_DTYPES.get(self.dtype, np.uint16)  # bfloat16: its 16-bit words
+        array = np.frombuffer(data, dtype=words, count=count, offset=self.offset)
+        if self.offset % self.dtype.itemsize:
+            array = array.copy()  # aligned, as torch's kernels expect
+        tensor = torch.from_numpy(array.reshape(self.shape))
+        return tensor if self.dtype in _NUMPY_DTYPES else tensor.view(self.dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +96,8 @@ def view_tensors(
     data: bytearray, layout: AdapterLayout
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """(module -> (A, B), the head's tensors by role) as views of ``data``, no copies."""
-    raw = torch.frombuffer(data, dtype=torch.uint8)
-    typed: dict[torch.dtype, torch.Tensor] = {}
-    modules = {name: (a.view(raw, typed), b.view(raw, typed)) for name, a, b in layout.modules}
-    return modules, {role: tensor.view(raw, typed) for role, tensor in layout.head}
+    modules = {name: (a.view(data), b.view(data)) for name, a, b in layout.modules}
+    return modules, {role: tensor.view(data) for role, tensor in layout.head}
 
 
 def _header_key(data: bytearray) -> bytes | None:

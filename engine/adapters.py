@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.adapter_layout import adapter_layout, view_tensors
@@ -121,6 +122,34 @@ class PackedModules(Mapping[str, LoraModule]):
         """(module, rank, scale) of every module, without making views."""
         for name, span in self._spans.items():
             yield name, span[0], span[1]
+
+    def fill(self, source: Mapping[str, LoraModule]) -> None:
+        """Copy each module's A and B into its span: in numpy where both sides are host
+        tensors of a type numpy has, since each torch copy gives up the interpreter lock,
+        and a loader thread beside a busy event loop waits up to a switch interval to take
+        it back. numpy keeps the lock for copies this small (under ~10k values)."""
+        flat = self._buffer.numpy() if _numpy_ready(self._buffer) else None
+        for name, module in source.items():
+            if flat is None or not (_numpy_ready(module.a) and _numpy_ready(module.b)):
+                view = self[name]
+                view.a.copy_(module.a)
+                view.b.copy_(module.b)
+                continue
+            rank, _, a0, a_stride, n_in, b0, b_stride, n_out = self._spans[name]
+            item = flat.itemsize
+            a = np.lib.stride_tricks.as_strided(flat[a0:], (rank, n_in), (a_stride * item, item))
+            b_t = np.lib.stride_tricks.as_strided(flat[b0:], (rank, n_out), (b_stride * item, item))
+            a[...] = module.a.numpy()
+            b_t[...] = module.b.numpy().T
+
+
+def _numpy_ready(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.dtype in _NUMPY_DTYPES and tensor.device.type == "cpu" and not tensor.requires_grad
+    )
+
+
+_NUMPY_DTYPES = frozenset({torch.float32, torch.float16, torch.float64})
 
 
 def ranks_and_scales(modules: Mapping[str, LoraModule]) -> Iterator[tuple[str, int, float]]:

@@ -199,10 +199,7 @@ class AdapterMemory:
         if not copied:
             if rows is not None:  # skipped modules and lower ranks leave zeros in whole rows
                 rows.zero_()
-            for name, module in weights.modules.items():
-                view = modules[name]
-                view.a.copy_(module.a)
-                view.b.copy_(module.b)
+            modules.fill(weights.modules)
         return AdapterWeights(
             modules=modules,
             head=head.with_tensors(head_views),

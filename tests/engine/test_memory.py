@@ -1,11 +1,13 @@
 """Device pool and host cache invariants: LRU, refcounts, pages, zero page."""
 
+import collections
 import gc
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 from engine import Engine, EngineConfig, EngineOverloaded
 from engine.adapters import AdapterWeights, Head, LoraModule, PackedModules, ranks_and_scales
@@ -387,6 +389,49 @@ def test_whole_rows_hold_each_module_and_zeros_elsewhere(
             assert torch.equal(got.rows[:r, a0 : a0 + n_in], module.a.float())
             assert torch.equal(got.rows[:r, b0 : b0 + n_out], module.b.t().float())
         assert not got.rows[r:, a0 : a0 + n_in + n_out].any()
+
+
+class _TorchCalls(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: collections.Counter[str] = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen[getattr(func, "__name__", str(func))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_packing_a_compact_adapter_copies_its_factors_without_torch(backbone) -> None:
+    """Each torch copy or view gives up the interpreter lock, and a loader thread beside a
+    busy event loop then waits up to a switch interval to take it back: a query/value
+    adapter's pack made 50 such calls. Its factors are copied in numpy now; the head's two
+    tensors still go through torch."""
+    memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float32)
+    weights = _weights(backbone, seed=3, rank=8)
+    half = AdapterWeights(
+        modules={
+            n: LoraModule(m.a.half(), m.b.half(), m.scale) for n, m in weights.modules.items()
+        },
+        head=weights.head,
+        labels=weights.labels,
+        rank=8,
+    )
+    with _TorchCalls() as calls:
+        got = memory.pack(half)
+    assert got.rows is None  # compact
+    assert calls.seen["copy_"] == 2 and calls.seen["as_strided"] == 0, calls.seen
+    _same_views(got, half)
+
+
+def test_a_bfloat16_pool_packs_through_torch(backbone) -> None:
+    """numpy has no bfloat16: such a pool's factors are copied by torch, to the same place."""
+    memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.bfloat16)
+    weights = _weights(backbone, seed=4, rank=8)
+    got = memory.pack(weights)
+    module = got.modules[MODULE]
+    assert module.a.dtype == torch.bfloat16
+    assert torch.equal(module.a, weights.modules[MODULE].a.bfloat16())
+    assert torch.equal(module.b, weights.modules[MODULE].b.bfloat16())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
