@@ -158,7 +158,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         "--switch-interval-ms",
         type=float,
         default=None,
-        help="graft's interpreter switch interval (EngineConfig.switch_interval_ms; default 5)",
+        help="graft's interpreter switch interval (EngineConfig.switch_interval_ms; default: "
+        "the engine's, 0.5)",
     )
 
 

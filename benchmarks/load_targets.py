@@ -62,7 +62,7 @@ class TargetOptions:
     quantize: str = "none"  # "int8": graft's and the bare backbone's Linear weights in int8
     backbone_dir: str | None = None  # every target's encoder (None: the packaged MiniLM)
     interlude_tokens: int | None = None  # graft's EngineConfig.interlude_tokens (None: default)
-    switch_interval_ms: float | None = None  # graft's EngineConfig.switch_interval_ms
+    switch_interval_ms: float | None = None  # graft's EngineConfig's (None: its default)
     lookahead_rows: int | None = None  # graft's EngineConfig.lookahead_rows (None: by device)
     # graft's EngineConfig.contended_batch_tokens ("auto": by device)
     contended_tokens: int | str | None = "auto"
@@ -324,11 +324,16 @@ def engine_config(fleet: Fleet, options: TargetOptions):
         dtype=options.dtype,
         quantize=options.quantize,
         interlude_tokens=options.interlude_tokens,
-        switch_interval_ms=options.switch_interval_ms,
         lookahead_rows=options.lookahead_rows,
         contended_batch_tokens=options.contended_tokens,
         cuda_graphs=options.cuda_graphs,
         plan_ahead=options.plan_ahead,
+        # unset: the engine's default interval, not None (which leaves Python's)
+        **(
+            {}
+            if options.switch_interval_ms is None
+            else {"switch_interval_ms": options.switch_interval_ms}
+        ),
     )
 
 

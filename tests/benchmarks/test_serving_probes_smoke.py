@@ -119,3 +119,17 @@ def test_plan_cost_times_every_shape() -> None:
     assert all(0 < r["p50_ms"] <= r["max_ms"] and r["rows_per_plan"] > 0 for r in plans)
     assert [r["lookahead"] for r in sms] == [0, 64]
     assert sms[1]["steps"] < sms[0]["steps"] <= 300  # looking past the head fills steps
+
+
+def test_load_contention_times_loads_per_switch_interval_and_restores_it() -> None:
+    import sys
+
+    from benchmarks import load_contention
+
+    before = sys.getswitchinterval()
+    rows = load_contention.main(["--adapters", "3", "--switch-ms", "2,0.2", "--qv"])
+    assert [row["switch_ms"] for row in rows] == [2.0, 0.2]
+    for row in rows:
+        assert row["alone_p50_ms"] > 0 and 0 < row["busy_p50_ms"] <= row["busy_max_ms"]
+        assert row["busy_thread_kept"] > 0
+    assert sys.getswitchinterval() == before

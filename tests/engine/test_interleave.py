@@ -1,6 +1,7 @@
 """Short steps between the layers of a long one: same answers, and the neighbour goes first."""
 
 import asyncio
+import dataclasses
 import os
 import sys
 import time
@@ -134,10 +135,12 @@ def test_contended_budget_defaults_by_device_and_an_explicit_budget_wins() -> No
 
 async def test_switch_interval_is_set_while_the_engine_runs_and_restored_after(registry) -> None:
     before = sys.getswitchinterval()
-    config = EngineConfig(registry_dir=registry.root, switch_interval_ms=0.5)
+    config = EngineConfig(registry_dir=registry.root)  # 0.5 ms by default
     async with Engine(config):
         assert sys.getswitchinterval() == pytest.approx(0.0005)
     assert sys.getswitchinterval() == before
+    async with Engine(dataclasses.replace(config, switch_interval_ms=None)):  # left alone
+        assert sys.getswitchinterval() == before
     with pytest.raises(ValueError, match="switch_interval_ms must be > 0"):
         EngineConfig(switch_interval_ms=0)
 
