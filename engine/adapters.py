@@ -139,8 +139,9 @@ class PackedModules(Mapping[str, LoraModule]):
             item = flat.itemsize
             a = np.lib.stride_tricks.as_strided(flat[a0:], (rank, n_in), (a_stride * item, item))
             b_t = np.lib.stride_tricks.as_strided(flat[b0:], (rank, n_out), (b_stride * item, item))
-            a[...] = module.a.numpy()
-            b_t[...] = module.b.numpy().T
+            with np.errstate(over="ignore"):  # past float16's range: inf, as torch gives
+                a[...] = module.a.numpy()
+                b_t[...] = module.b.numpy().T
 
 
 def _numpy_ready(tensor: torch.Tensor) -> bool:
@@ -149,7 +150,8 @@ def _numpy_ready(tensor: torch.Tensor) -> bool:
     )
 
 
-_NUMPY_DTYPES = frozenset({torch.float32, torch.float16, torch.float64})
+# float64 stays with torch, which rounds it to float16 through float32 as ``half()`` does
+_NUMPY_DTYPES = frozenset({torch.float32, torch.float16})
 
 
 def ranks_and_scales(modules: Mapping[str, LoraModule]) -> Iterator[tuple[str, int, float]]:

@@ -2,6 +2,7 @@
 
 import collections
 import gc
+import warnings
 
 import pytest
 import torch
@@ -432,6 +433,19 @@ def test_a_bfloat16_pool_packs_through_torch(backbone) -> None:
     assert module.a.dtype == torch.bfloat16
     assert torch.equal(module.a, weights.modules[MODULE].a.bfloat16())
     assert torch.equal(module.b, weights.modules[MODULE].b.bfloat16())
+
+
+def test_a_factor_past_float16s_range_packs_as_inf_without_a_warning(backbone) -> None:
+    """numpy's cast warned (or raised, under np.seterr) where torch's copy gives inf."""
+    memory = AdapterMemory(backbone, NUM_PAGES, "cpu", torch.float16)
+    weights = _weights(backbone, seed=5, rank=8)
+    module = weights.modules[MODULE]
+    huge = LoraModule(a=torch.full_like(module.a, 1e5), b=module.b, scale=module.scale)
+    weights = AdapterWeights({MODULE: huge}, weights.head, weights.labels, rank=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = memory.pack(weights)
+    assert torch.isinf(got.modules[MODULE].a).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
