@@ -89,8 +89,8 @@ class EngineConfig:
     # the interpreter's thread switch interval while the engine runs (sys.setswitchinterval),
     # process-wide like gc_freeze: how long a thread that gave the interpreter lock up (for a
     # torch op, a read) may wait to take it back while another runs Python. Loader threads
-    # give it up dozens of times a load: beside a busy event loop, at Python's 5 ms, a load
-    # took 136-155 ms where 0.5 ms gave 10-18 ms (benchmarks/RESULTS.md). None = leave it
+    # give it up dozens of times a load: beside a thread running Python, at Python's 5 ms, a
+    # load took 136-155 ms where 0.5 ms gave 10-18 ms (benchmarks/RESULTS.md). None = leave it
     switch_interval_ms: float | None = 0.5
 
     def __post_init__(self) -> None:
