@@ -6,7 +6,9 @@
 # plan-ahead switch-http old-serve cold-rotation cold-first-pass. Session 28 ran tests cold
 # plan-ahead (7.5 minutes; the tests step's first run on a fresh machine compiles every
 # Triton kernel), then bound (2 minutes). Session 29 ran switch-http headline (5.5 minutes),
-# then cold-rotation old-serve tests (5.5 minutes).
+# then cold-rotation old-serve tests (5.5 minutes). Next: tests headline cold-first-pass
+# (about 8 minutes), then bound: session 29's static-step inputs, 0.5 ms switch interval and
+# numpy-packed loads, untimed on a GPU.
 # Default: tests graphs load, at most about 9 minutes on an H100 or H200 (each step is
 # bounded), plus a minute or two to start the machine: the kernels and the engine on CUDA
 # first, then CUDA graphs (on by default on CUDA) against eager steps, then the load sweep. A
