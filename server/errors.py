@@ -64,6 +64,15 @@ _ENGINE_ERRORS: tuple[tuple[type[EngineError], int, str], ...] = (
 _HTTP_TYPES = {400: INVALID_REQUEST, 404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: TOO_LARGE}
 
 
+def as_text(value: str) -> str:
+    """``value`` with any lone surrogate written as its escape (``\\udcff``): encodable."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 class ApiError(Exception):
     """An error answer, raised anywhere below a handler and rendered by ``error_middleware``."""
 
@@ -77,11 +86,14 @@ class ApiError(Exception):
         headers: Mapping[str, str] | None = None,
         close: bool = False,
     ) -> None:
+        # a header's bytes that are not UTF-8 arrive as lone surrogates, which JSON cannot
+        # carry: an answer echoing one (a part's name) failed to encode into a bare 500
+        message = as_text(message)
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
-        self.field = field
+        self.field = None if field is None else as_text(field)
         self.headers = dict(headers or {})
         self.close = close  # the connection ends after the answer: its stream is not trusted
 

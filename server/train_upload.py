@@ -12,6 +12,7 @@ Nothing here trains or validates rows; that is the job manager's.
 """
 
 import contextlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import PurePath
@@ -22,7 +23,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from registry import shown
-from server.errors import INVALID_REQUEST, TOO_LARGE, ApiError
+from server.errors import INVALID_REQUEST, TOO_LARGE, ApiError, as_text
 from server.schemas import decode_json, unknown_field
 from training import TrainConfig
 
@@ -189,7 +190,22 @@ def _options_line(line: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(parsed["options"], dict):
         raise _invalid("the first line's 'options' must be an object", "options")
+    if (twice := _key_given_twice(line)) is not None:  # JSON keeps only the last value
+        raise _invalid(f"option {shown(twice)} is given twice in the first line", _field(twice))
     return parsed["options"]
+
+
+def _key_given_twice(line: bytes) -> str | None:
+    """A key that one object of ``line`` (a small, valid JSON line) holds twice, if any."""
+    twice: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        twice.extend(key for key in keys if keys.count(key) > 1)
+        return dict(items)
+
+    json.loads(line, object_pairs_hook=pairs)
+    return twice[0] if twice else None
 
 
 async def _read_part(part: BodyPartReader, max_bytes: int, too_large: ApiError) -> bytes:
@@ -205,8 +221,8 @@ async def _read_part(part: BodyPartReader, max_bytes: int, too_large: ApiError) 
 
 def _file_name(part: BodyPartReader) -> str:
     """The part's base name (never a path); from its content type when it has none."""
-    if part.filename:
-        return PurePath(part.filename.replace("\\", "/")).name or "upload"
+    if part.filename:  # into the job's record and every answer about it: text only
+        return as_text(PurePath(part.filename.replace("\\", "/")).name) or "upload"
     content_type = part.headers.get("Content-Type", "")
     if content_type.startswith("text/csv"):
         return "upload.csv"
