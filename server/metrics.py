@@ -255,12 +255,22 @@ def _method(request: web.Request) -> str:
     return request.method if request.method in _METHODS else "other"
 
 
+def _same_key(sent: str, key: str) -> bool:
+    """A header's non-UTF-8 bytes arrive as lone surrogates: compared as those bytes, and a
+    string no bytes make is no key (it failed to encode into a 500)."""
+    try:
+        sent_bytes = sent.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(sent_bytes, key.encode())
+
+
 async def metrics(request: web.Request) -> web.Response:
     """The Prometheus text exposition of this app's registry."""
     state = request.app[METRICS]
     if state.key is not None:
         sent = bearer_key(request)
-        if sent is None or not hmac.compare_digest(sent.encode(), state.key.encode()):
+        if sent is None or not _same_key(sent, state.key):
             raise ApiError(
                 401,
                 AUTHENTICATION,

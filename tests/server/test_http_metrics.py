@@ -178,3 +178,20 @@ async def test_a_request_whose_client_left_is_499_not_500(engine: Engine) -> Non
         families = await scrape(test_client)
     assert request_count(families, "/leave", 499) == 1
     assert request_count(families, "/leave", 500) == 0
+
+
+async def test_a_scrape_key_of_bytes_that_are_not_utf8_is_a_401(engine, tenants) -> None:
+    """aiohttp reads such header bytes as lone surrogates; encoding them for the comparison
+    raised, and the scrape got a 500."""
+    app = create_app(engine, metrics_key="scrape-secret")
+    async with TestClient(TestServer(app)) as guarded:
+        reader, writer = await asyncio.open_connection(guarded.host, guarded.port)
+        writer.write(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b'"authentication"' in answer
