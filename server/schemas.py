@@ -57,6 +57,11 @@ def decode_json(body: bytes) -> Any:
     nesting too deep to decode (msgspec raises the last two as other exceptions)."""
     try:
         return msgspec.json.decode(body)
+    except msgspec.ValidationError:  # msgspec's words: "Number out of range - at `$[...]`"
+        raise msgspec.DecodeError(
+            "a number is out of range: JSON numbers here must fit a 64-bit float, and "
+            "integers 4,300 digits"
+        ) from None
     except msgspec.DecodeError as exc:
         if str(exc) == "Input data was truncated" and _is_complete_json(body):
             # msgspec's words for a string ending in half a surrogate pair ("\ud83d")

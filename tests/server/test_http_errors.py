@@ -175,6 +175,15 @@ async def test_a_timeout_past_any_float_is_capped_like_any_long_one(client, tena
     assert response.status == 200, await response.text()
 
 
+async def test_a_number_past_any_float_says_so(client, tenants) -> None:
+    """msgspec's words were "Number out of range - at `$[...]`", which names nothing."""
+    raw = b'{"model": "spam", "input": "x", "timeout": 1e400}'
+    response = await client.post("/v1/classify", data=raw, headers=bearer(tenants.acme))
+    error = await error_of(response)
+    assert response.status == 400 and error["type"] == "invalid_json"
+    assert "a number is out of range" in error["message"], error
+
+
 @pytest.mark.parametrize("raw", [b'[{"model": "spam", "input": "x"}]', b'"spam"', b"3", b"null"])
 async def test_body_that_is_not_an_object_is_422(client, tenants, raw) -> None:
     response = await client.post("/v1/classify", data=raw, headers=bearer(tenants.acme))
