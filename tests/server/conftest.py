@@ -139,3 +139,11 @@ async def expect_continue(
         return first + await asyncio.wait_for(reader.readuntil(b"}}"), 10)  # its JSON
     finally:
         writer.close()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Until ``condition()`` holds; fails the test past ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
