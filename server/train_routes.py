@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -171,6 +172,7 @@ async def start_job(request: web.Request) -> web.Response:
         raise ApiError(422, INVALID_REQUEST, message, field="max_length")
     # the held-out rows are read as this server will read them (its engine's max_input_tokens)
     config = dataclasses.replace(job.config, eval_max_tokens=request.app[ENGINE].max_input_tokens)
+    gone = threading.Event()
     submit = functools.partial(
         manager.submit,
         tenant,
@@ -180,8 +182,13 @@ async def start_job(request: web.Request) -> web.Response:
         data=upload.data,
         filename=upload.filename,
         tenant_created_at=born,
+        abandoned=gone.is_set,
     )
-    record = await _call(submit, request.app[TRAINING].uploads)
+    try:
+        record = await _call(submit, request.app[TRAINING].uploads)
+    except asyncio.CancelledError:  # the client left: the check goes on, but makes no job
+        gone.set()
+        raise
     body = {"id": record.id, "state": record.state, "report": record.report}
     return json_response(body, status=202, headers={"Location": f"/v1/train/{record.id}"})
 

@@ -21,7 +21,14 @@ from training.datasets import (
     stratified_split,
     write_csv,
 )
-from training.job_config import JobConflict, JobNotFound, JobsConfig, JobsUnavailable, TooManyJobs
+from training.job_config import (
+    JobConflict,
+    JobNotFound,
+    JobsConfig,
+    JobsUnavailable,
+    TooManyJobs,
+    UploadAbandoned,
+)
 from training.job_store import FINAL_EVENTS, JobRecord, is_job_id
 from training.job_uploads import InvalidData
 from training.jobs import JobManager
@@ -70,6 +77,7 @@ __all__ = [
     "JobsUnavailable",
     "TrainConfig",
     "TooManyJobs",
+    "UploadAbandoned",
     "TrainResult",
     "TrainingDiverged",
     "classification_metrics",

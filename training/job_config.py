@@ -40,5 +40,9 @@ class TooManyJobs(RuntimeError):
     """The tenant has `max_jobs_per_tenant` unfinished jobs already."""
 
 
+class UploadAbandoned(RuntimeError):
+    """The caller gave up on an upload while it was checked: no job was made of it."""
+
+
 class JobsUnavailable(RuntimeError):
     """The manager is not running (not started, closed, or another server holds the jobs)."""

@@ -24,14 +24,21 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import get_context
 from typing import Any
 
 from registry import Registry
 from registry.fsio import make_private_dir
 from training.config import TrainConfig
-from training.job_config import JobConflict, JobNotFound, JobsConfig, JobsUnavailable, TooManyJobs
+from training.job_config import (
+    JobConflict,
+    JobNotFound,
+    JobsConfig,
+    JobsUnavailable,
+    TooManyJobs,
+    UploadAbandoned,
+)
 from training.job_process import WorkerProcess, published_outcome
 from training.job_store import (
     CANCELLED,
@@ -122,8 +129,11 @@ class JobManager(ManagerThread):
         data: bytes,
         filename: str,
         tenant_created_at: float | None = None,
+        abandoned: Callable[[], bool] = lambda: False,
     ) -> JobRecord:
-        """Validate the upload and queue a job; raises InvalidData, TooManyJobs.
+        """Validate the upload and queue a job; raises InvalidData, TooManyJobs, and
+        UploadAbandoned when ``abandoned()`` is true once the check is done (the client left
+        meanwhile: a job it never got the id of would train, and with ``promote`` publish).
 
         An upload counts against the tenant's unfinished jobs while it is validated too, so
         one tenant cannot queue unbounded uploads for the validator, which all share.
@@ -153,6 +163,9 @@ class JobManager(ManagerThread):
                     tenant_created_at=tenant_created_at,
                 )
                 with self._lock:
+                    if abandoned():
+                        log.info("dropped an upload for %s/%s: its client left", tenant, name)
+                        raise UploadAbandoned(f"the upload of {tenant}/{name} was abandoned")
                     self._check_room(tenant, uploads_of_caller=1)
                     store.create(
                         staging, record, [event("report", report=report), state_event(QUEUED)]

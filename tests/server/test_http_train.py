@@ -14,11 +14,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine import Engine
 from server.app import create_app
+from server.metrics import METRICS
 from server.train_routes import TRAINING, TrainServiceConfig
 from tests.sms_samples import sms_csv
 from training.job_uploads import InvalidData
 
-from .conftest import expect_continue
+from .conftest import expect_continue, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -598,3 +599,48 @@ async def test_an_option_given_twice_in_the_first_line_is_a_422(client, tenants)
         response = await client.post("/v1/train", data=line + rows, headers=ndjson)
         error = (await response.json())["error"]
         assert response.status == 422 and "given twice" in error["message"], error
+
+
+async def test_an_upload_whose_client_left_during_its_check_makes_no_job(
+    client, tenants, monkeypatch
+) -> None:
+    """The check runs on in its thread when the client goes; it used to queue the job all the
+    same, to train (and with promote=true publish) for a client that never got its id."""
+    checking, release = threading.Event(), threading.Event()
+    manager = client.server.app[TRAINING].manager
+    check = manager._checker.check
+
+    def slow_check(*args):
+        checking.set()
+        release.wait(WAIT_S)
+        return check(*args)
+
+    def gone_count() -> float:
+        value = client.server.app[METRICS].registry.get_sample_value(
+            "graft_http_request_duration_seconds_count",
+            {"method": "POST", "route": "/v1/train", "status": "499"},
+        )
+        return value or 0.0
+
+    monkeypatch.setattr(manager._checker, "check", slow_check)
+    before, jobs_before = gone_count(), len(manager.list_jobs("acme"))
+    upload = asyncio.create_task(
+        client.post(
+            "/v1/train", data=form(sms_csv(), name="left", **TINY), headers=bearer(tenants.acme)
+        )
+    )
+    try:
+        await until(checking.is_set)
+        upload.cancel()  # the client gives up: its connection closes
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+        await until(lambda: gone_count() > before)  # the server saw it go
+    finally:
+        release.set()
+    await until(lambda: not manager._uploading)
+    assert len(manager.list_jobs("acme")) == jobs_before
+    jobs_dir = manager._config.jobs_dir
+    assert not [p for p in jobs_dir.iterdir() if p.name.startswith(".staging-")]
+    monkeypatch.undo()  # and the next upload is a job as before
+    started = await start(client, tenants.acme, name="left")
+    assert (await client.delete(f"/v1/train/{started['id']}", headers=bearer(tenants.acme))).ok

@@ -45,6 +45,7 @@ from training.jobs import (
     JobsConfig,
     JobsUnavailable,
     TooManyJobs,
+    UploadAbandoned,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -176,6 +177,23 @@ def test_uploads_being_checked_count_against_the_tenants_jobs(make_manager, monk
     with pytest.raises(InvalidData):  # the room is back
         submit(manager)
     assert manager.list_jobs("acme") == []
+
+
+def test_an_upload_abandoned_during_its_check_is_no_job(make_manager, tmp_path: Path) -> None:
+    """Asked once the check is done: the upload's client may have left during it."""
+    manager = make_manager()
+    asked = []
+
+    def abandoned() -> bool:
+        asked.append(manager._uploading.get("acme"))
+        return True
+
+    with pytest.raises(UploadAbandoned, match="acme/spam"):
+        submit(manager, abandoned=abandoned)
+    assert asked == [1]  # after the check, while the upload still held its room
+    assert manager.list_jobs("acme") == [] and manager._uploading == {}
+    assert [p.name for p in (tmp_path / "jobs").iterdir() if p.name != ".lock"] == []
+    assert submit(manager, abandoned=lambda: False).state == QUEUED
 
 
 def test_one_running_job_per_tenant_the_rest_queue_and_cancel(
