@@ -36,10 +36,15 @@ class EngineConfig:
     max_inputs_per_request: int = 256  # texts in one classify call
     max_models_per_request: int = 16  # models in one classify_many call
     max_input_tokens: int | None = None  # cap below the backbone's own limit
-    adapter_pages: int = 1024  # rank-rows the device pool holds (a rank-8 adapter takes 8)
+    # rank-rows the device pool holds (a rank-8 adapter takes 8); None: 1024 on the CPU, and on
+    # CUDA what adapter_memory_fraction of the device holds (the engine resolves it at start)
+    adapter_pages: int | None = None
     # the device pool in bytes instead: when set, the engine derives adapter_pages from it (a
     # page is one rank-row of every Linear's A and B^T: 165 KiB for MiniLM in float32)
     adapter_pool_bytes: int | None = None
+    # the default pool's share of a CUDA device's memory (LoRAX reserves the same tenth): 1,024
+    # pages held 128 rank-8 adapters, a fleet of 1,000 then paged on every pass
+    adapter_memory_fraction: float = 0.1
     # parsed adapters kept in host memory (LRU); None = 2 GiB, or more where the device pool
     # is larger (see host_budget_bytes)
     host_cache_bytes: int | None = None
@@ -103,7 +108,6 @@ class EngineConfig:
             "max_batch_rows",
             "max_inputs_per_request",
             "max_models_per_request",
-            "adapter_pages",
             "max_loads_in_flight",
             "max_queued_rows",
             "tenant_max_queued_rows",
@@ -138,6 +142,12 @@ class EngineConfig:
             raise ValueError(f"lookahead_rows must be >= 0, got {self.lookahead_rows}")
         if self.interlude_tokens is not None and self.interlude_tokens < 0:
             raise ValueError(f"interlude_tokens must be >= 0, got {self.interlude_tokens}")
+        if self.adapter_pages is not None and self.adapter_pages < 1:
+            raise ValueError(f"adapter_pages must be >= 1 or None, got {self.adapter_pages}")
+        if not 0 < self.adapter_memory_fraction <= 0.9:
+            raise ValueError(
+                f"adapter_memory_fraction must be in (0, 0.9], got {self.adapter_memory_fraction}"
+            )
         if self.adapter_pool_bytes is not None and self.adapter_pool_bytes < 1:
             raise ValueError(f"adapter_pool_bytes must be >= 1, got {self.adapter_pool_bytes}")
         for name in ("host_cache_bytes", "embedding_cache_bytes", "pack_max_tokens"):

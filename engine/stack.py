@@ -97,6 +97,13 @@ def _build(
     page_bytes = backbone_page_bytes(backbone, config.torch_dtype)
     check_pool_fits(dependents, config.adapter_pages, page_bytes, config.adapter_pool_bytes)
     memory = AdapterMemory(backbone, config.adapter_pages, config.device, config.torch_dtype)
+    log.info(
+        "adapter pool: %d pages of %d bytes (%.1f MiB) on %s",
+        config.adapter_pages,
+        page_bytes,
+        memory.pool_bytes / 2**20,
+        config.device,
+    )
     host = HostCache(_host_budget(config, memory.pool_bytes))
     store = AdapterStore(
         registry,

@@ -99,7 +99,11 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-rows", type=positive_int, default=128)
     pool = p.add_mutually_exclusive_group()
     pool.add_argument(
-        "--adapter-pages", type=positive_int, default=1024, help="device adapter pool, in rank-rows"
+        "--adapter-pages",
+        type=positive_int,
+        default=None,
+        help="device adapter pool, in rank-rows (default 1024 on the CPU; on CUDA, a tenth of "
+        "the device's memory)",
     )
     pool.add_argument(
         "--adapter-pool-bytes",

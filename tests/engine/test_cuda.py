@@ -83,3 +83,12 @@ async def test_cuda_bfloat16_engine_is_close_to_fp32(fleet_registry) -> None:
     async with Engine(config) as gpu:
         got = await answers(gpu, fleet_registry)
     assert_close(got, expected, atol=5e-2)
+
+
+async def test_the_default_pool_takes_a_tenth_of_the_device(fleet_registry) -> None:
+    total = torch.cuda.get_device_properties(torch.device("cuda")).total_memory
+    config = EngineConfig(registry_dir=fleet_registry.root, device="cuda", cuda_graphs=False)
+    async with Engine(config) as gpu:
+        pool_bytes = gpu._loaded.memory.pool_bytes
+        assert gpu.stats()["adapter_pages_free"] == gpu.config.adapter_pages > 1024
+    assert 0.09 * total < pool_bytes <= 0.1 * total + pool_bytes / gpu.config.adapter_pages
