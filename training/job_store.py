@@ -88,8 +88,35 @@ class JobRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "JobRecord":
+        """The record ``data`` holds; ValueError names a field of the wrong type (an edited
+        file: one ``created_at`` of null stopped the server, sorting the jobs at start)."""
         names = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in names})
+        record = cls(**{key: value for key, value in data.items() if key in names})
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(record, name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"{name} is {value!r}")
+        if record.state not in STATES:
+            raise ValueError(f"state is {record.state!r}")
+        return record
+
+
+_NUMBER = (int, float)
+_OPTIONAL_NUMBER = (int, float, type(None))
+# what `from_dict` checks: what the manager sorts, compares and formats
+_FIELD_TYPES: dict[str, tuple[type, ...] | type] = {
+    "id": str,
+    "tenant": str,
+    "name": str,
+    "state": str,
+    "source": str,
+    "data_file": str,
+    "created_at": _NUMBER,
+    "started_at": _OPTIONAL_NUMBER,
+    "finished_at": _OPTIONAL_NUMBER,
+    "tenant_created_at": _OPTIONAL_NUMBER,
+    "version": (int, type(None)),
+}
 
 
 def new_job_id() -> str:
