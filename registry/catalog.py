@@ -253,9 +253,11 @@ def has_tenant(conn: sqlite3.Connection, tenant: str) -> bool:
     return conn.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant,)).fetchone() is not None
 
 
-def require_tenant(conn: sqlite3.Connection, tenant: str) -> None:
-    """Raise NotFound unless `tenant` exists."""
-    if not has_tenant(conn, tenant):
+def require_tenant(conn: sqlite3.Connection, tenant: str, created_at: float | None = None) -> None:
+    """Raise NotFound unless `tenant` exists; with `created_at`, unless it is that tenant and not
+    one deleted and created again under its name since."""
+    row = conn.execute("SELECT created_at FROM tenants WHERE name = ?", (tenant,)).fetchone()
+    if row is None or (created_at is not None and row[0] != created_at):
         raise NotFound(f"tenant {tenant!r} not found")
 
 

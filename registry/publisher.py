@@ -65,13 +65,14 @@ class Publisher:
                 validate_name("tenant", item.tenant)
                 validate_name("adapter", item.name)
                 fields.append(check_manifest(item.manifest))
-        checked_tenants: set[str] = set()
+        checked_tenants: set[tuple[str, float | None]] = set()
         with self._catalog.connect() as conn:
             for index, item in enumerate(items):
-                if item.tenant not in checked_tenants:
+                tenant = (item.tenant, item.tenant_created_at)
+                if tenant not in checked_tenants:
                     with _naming_item(index, item, is_batch):
-                        catalog.require_tenant(conn, item.tenant)
-                    checked_tenants.add(item.tenant)
+                        catalog.require_tenant(conn, *tenant)
+                    checked_tenants.add(tenant)
         return fields
 
     def _stage_all(
@@ -96,8 +97,8 @@ class Publisher:
         staged: Sequence[StagedVersion],
     ) -> list[AdapterRecord]:
         with self._catalog.write() as conn:
-            for tenant in dict.fromkeys(item.tenant for item in items):
-                catalog.require_tenant(conn, tenant)
+            for tenant in dict.fromkeys((item.tenant, item.tenant_created_at) for item in items):
+                catalog.require_tenant(conn, *tenant)
             versions = _assign_versions(conn, items)
             records: list[AdapterRecord] = []
             pending: list[PendingVersion] = []

@@ -24,6 +24,9 @@ class PublishItem:
     source_dir: Path | str  # flat directory with adapter_config.json, adapter_model.safetensors...
     manifest: Mapping[str, Any]  # labels, base_sha256, rank, plus anything to keep (metrics...)
     promote: bool = True  # move the name's latest pointer to the new version
+    # the tenant's stamp (`Registry.tenant_created_at`) as the caller knew it: a tenant deleted
+    # and created again since is refused (NotFound) in the commit's transaction; None: any
+    tenant_created_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,6 +128,7 @@ class Registry(Tenancy):
         manifest: Mapping[str, Any],
         *,
         promote: bool = True,
+        tenant_created_at: float | None = None,
     ) -> AdapterRecord:
         """Store the adapter in `source_dir` as the next version of `tenant/name`.
 
@@ -137,10 +138,12 @@ class Registry(Tenancy):
         given under those names. Either the version appears complete (directory and catalog
         row) or nothing of it remains. With `promote` (the default) the new version becomes
         the name's latest in the same transaction; with False it is only reachable pinned
-        (``name@version``) until `promote`d. Raises NotFound, InvalidName, InvalidAdapter.
+        (``name@version``) until `promote`d. With `tenant_created_at` (the tenant's stamp when
+        the caller learnt of it) a tenant deleted and created again since is NotFound, checked
+        in the commit's transaction. Raises NotFound, InvalidName, InvalidAdapter.
         """
         self._check_open()
-        item = PublishItem(tenant, name, source_dir, manifest, promote)
+        item = PublishItem(tenant, name, source_dir, manifest, promote, tenant_created_at)
         (record,) = self._publisher.publish([item], is_batch=False)
         logger.info("published %s (%d bytes)", record.ref, record.size_bytes)
         return record

@@ -30,6 +30,7 @@ def worker_spec(record: JobRecord, job_dir: Path, config: JobsConfig) -> WorkerS
         source=record.source,
         config=train_config,
         promote=record.promote,
+        tenant_created_at=record.tenant_created_at,
         registry_dir=Path(config.registry_dir),
         backbone_dir=config.backbone_dir,
         backbone_sha256=config.backbone_sha256,

@@ -146,8 +146,10 @@ class ManagerThread:
         outcome = worker.outcome or {}
         if outcome.get("type") == "done":
             self._succeed(record, outcome)
-        elif outcome.get("type") == "failed":  # before a cancel that came too late: its error
-            self._fail(record, str(outcome.get("error")))
+        elif outcome.get("type") == "failed" and not self._is_orphan(record):
+            self._fail(record, str(outcome.get("error")))  # kept over a cancel come too late
+        elif outcome.get("type") == "failed":  # the registry refused: its tenant is gone
+            self._finish(record, CANCELLED, event("cancelled", reason=_ORPHANED))
         elif worker.is_cancel_requested:
             self._finish(record, CANCELLED, event("cancelled"))
         elif worker.is_timed_out:
@@ -184,12 +186,15 @@ class ManagerThread:
                 if record.state == QUEUED:
                     self._fail(record, SHUTDOWN_ERROR)
 
+    def _is_orphan(self, record: JobRecord) -> bool:
+        return not is_owner(record, record.tenant, self._registry.tenant_created_at(record.tenant))
+
     def _cancel_orphans(self) -> None:
         """Cancel the unfinished jobs whose tenant was deleted (or deleted and created again):
         they must not run on, nor publish into a new tenant of the same name."""
         with self._lock:
             for record in [r for r in self._jobs.values() if not r.is_final]:
-                if is_owner(record, record.tenant, self._registry.tenant_created_at(record.tenant)):
+                if not self._is_orphan(record):
                     continue
                 worker = self._workers.get(record.id)
                 if worker is None:

@@ -41,6 +41,8 @@ class WorkerSpec:
     source: str  # the upload's name, as messages name it
     config: Any  # TrainConfig (typed loosely: the spawned side imports training lazily)
     promote: bool  # move the name's latest pointer to the new version
+    # the job's tenant's stamp: a tenant deleted and made again since never gets the version
+    tenant_created_at: float | None
     registry_dir: Path
     backbone_dir: Path | None  # None: the packaged backbone
     backbone_sha256: str | None  # the server's backbone: a job never trains on other weights
@@ -128,7 +130,14 @@ class _GatedRegistry:
         if self._conn.recv() != GO:
             raise PublishRefused("the job was cancelled before publishing")
         tagged = {**manifest, "training_job": self._spec.job_id}
-        return self._registry.publish(tenant, name, source_dir, tagged, promote=self._spec.promote)
+        return self._registry.publish(
+            tenant,
+            name,
+            source_dir,
+            tagged,
+            promote=self._spec.promote,
+            tenant_created_at=self._spec.tenant_created_at,
+        )
 
 
 def _send(conn: Connection, message: dict[str, Any]) -> None:

@@ -208,6 +208,40 @@ def test_publish_to_unknown_tenant_fails(
         registry.publish("initech", "spam", make_adapter(), manifest)
 
 
+@pytest.mark.parametrize("when", ["before", "while staging"])
+def test_a_publish_for_a_tenant_made_again_since_is_refused(
+    registry: Registry,
+    make_adapter: Callable[..., Path],
+    manifest: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    when: str,
+) -> None:
+    """A training job publishes by its tenant's name long after it learnt of the tenant: the
+    stamp it knew must still be the tenant's in the commit, or one made again under the name
+    gets the deleted one's model."""
+    born = registry.tenant_created_at("acme")
+    stage = registry._publisher._stage_all
+
+    def remade_then_stage(*args, **kwargs):
+        registry.delete_tenant("acme")
+        registry.create_tenant("acme")
+        return stage(*args, **kwargs)
+
+    if when == "before":
+        registry.delete_tenant("acme")
+        registry.create_tenant("acme")
+    else:
+        monkeypatch.setattr(registry._publisher, "_stage_all", remade_then_stage)
+    with pytest.raises(NotFound, match="'acme' not found"):
+        registry.publish("acme", "spam", make_adapter(), manifest, tenant_created_at=born)
+    assert registry.list_adapters("acme") == []
+    assert not registry._store.version_dir("acme", "spam", 1).exists()
+    monkeypatch.undo()
+    now = registry.tenant_created_at("acme")
+    record = registry.publish("acme", "spam", make_adapter(), manifest, tenant_created_at=now)
+    assert record.version == 1
+
+
 def test_list_adapters_is_sorted_and_per_tenant(
     registry: Registry, make_adapter: Callable[..., Path], manifest: dict[str, Any]
 ) -> None:

@@ -24,7 +24,7 @@ import pytest
 from engine import Backbone
 from registry import Registry
 from tests.sms_samples import sms_csv
-from training import TrainConfig, job_thread
+from training import TrainConfig, job_process, job_thread
 from training import jobs as jobs_module
 from training.job_store import (
     CANCELLED,
@@ -549,7 +549,49 @@ def test_an_unreadable_job_record_is_left_out_not_fatal(make_manager, tmp_path: 
     other = tmp_path / "jobs" / ("1" * 32)
     other.mkdir()
     (other / "job.json").write_text('{"id": "x"}')  # parses, lacks the fields
+    fields = {
+        "tenant": "acme",
+        "name": "spam",
+        "mode": "lora",
+        "promote": False,
+        "state": CANCELLED,
+        "source": "sms.csv",
+        "data_file": "data.csv",
+        "config": {},
+        "report": {},
+    }
+    # every field there, but null where the manager sorts by it: a TypeError stopped the start
+    for digit, created_at in (("2", time.time()), ("3", None), ("4", "yesterday")):
+        job_id = digit * 32
+        (tmp_path / "jobs" / job_id).mkdir()
+        record = {**fields, "id": job_id, "created_at": created_at}
+        (tmp_path / "jobs" / job_id / "job.json").write_text(json.dumps(record))
     manager = make_manager()
-    assert manager.list_jobs("acme") == []
+    assert [j.id for j in manager.list_jobs("acme")] == ["2" * 32]
     job = submit(manager)
-    assert [j.id for j in manager.list_jobs("acme")] == [job.id]
+    assert [j.id for j in manager.list_jobs("acme")] == ["2" * 32, job.id]
+
+
+@pytest.mark.parametrize("made_again", [True, False], ids=["deleted-and-made-again", "deleted"])
+def test_a_tenant_deleted_after_the_go_to_publish_gets_nothing(
+    make_manager, registry: Registry, monkeypatch: pytest.MonkeyPatch, made_again: bool
+) -> None:
+    """The manager checks the owner, then says "go"; the worker publishes by the tenant's name
+    a while later. A tenant deleted and made again between the two got the old one's model,
+    trained on the old one's texts; deleted alone, the job was "failed", not "cancelled"."""
+    answer = job_process.WorkerProcess.answer_publish
+
+    def remade_then_answer(worker) -> None:
+        registry.delete_tenant("acme")
+        if made_again:
+            registry.create_tenant("acme")
+        answer(worker)
+
+    monkeypatch.setattr(job_process.WorkerProcess, "answer_publish", remade_then_answer)
+    manager = make_manager()
+    job = submit(manager)
+    wait_for(lambda: manager._jobs[job.id].is_final)
+    record = manager._jobs[job.id]
+    assert (record.state, record.version) == (CANCELLED, None), record.error
+    if made_again:
+        assert registry.list_adapters("acme") == []
