@@ -345,6 +345,14 @@ def select_adapter(
     return None if row is None else _record(root, row)
 
 
+def has_adapter(conn: sqlite3.Connection, tenant: str, name: str, version: int) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM adapters WHERE tenant = ? AND name = ? AND version = ?",
+        (tenant, name, version),
+    ).fetchone()
+    return row is not None
+
+
 def highest_version(conn: sqlite3.Connection, tenant: str, name: str) -> int | None:
     row = conn.execute(
         "SELECT MAX(version) FROM adapters WHERE tenant = ? AND name = ?", (tenant, name)

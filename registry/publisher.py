@@ -118,7 +118,10 @@ class Publisher:
                 conn.commit()
             except BaseException:
                 # Still under the write lock, so no other publisher can be using these paths.
-                self._store.remove_versions([record.path for record in records])
+                # A SIGINT during the commit's fsync raises once it has returned: the rows are
+                # in then, and removing their directories left versions with no files
+                if not _committed(conn, records[0]):
+                    self._store.remove_versions([record.path for record in records])
                 raise
         return records
 
@@ -171,6 +174,14 @@ def _naming_item(index: int, item: PublishItem, is_batch: bool) -> Iterator[None
         if is_batch:
             error.add_note(f"while publishing item {index} ({item.tenant}/{item.name})")
         raise
+
+
+def _committed(conn: sqlite3.Connection, record: AdapterRecord) -> bool:
+    """Whether the transaction that inserted `record` committed (one that failed to commit
+    may have been rolled back by SQLite: no longer in a transaction, and no row)."""
+    if conn.in_transaction:
+        return False
+    return catalog.has_adapter(conn, record.tenant, record.name, record.version)
 
 
 def _assign_versions(conn: sqlite3.Connection, items: Sequence[PublishItem]) -> list[int]:

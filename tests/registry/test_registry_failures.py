@@ -1,5 +1,6 @@
 """What the registry refuses, how it detects tampering, and that failures leave nothing behind."""
 
+import contextlib
 import json
 import math
 import os
@@ -386,6 +387,58 @@ def test_failed_insert_leaves_nothing(
     monkeypatch.undo()
     assert_nothing_stored(registry)
     assert registry.publish("acme", "spam", make_adapter(), manifest).version == 1
+
+
+class _Connection:
+    """A catalog connection whose commit is replaced (sqlite3's own methods cannot be)."""
+
+    def __init__(self, conn: sqlite3.Connection, commit: Callable[[sqlite3.Connection], None]):
+        self._conn, self._commit = conn, commit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def commit(self) -> None:
+        self._commit(self._conn)
+
+
+def _interrupted_after(conn: sqlite3.Connection) -> None:
+    conn.commit()
+    raise KeyboardInterrupt  # a SIGINT during the fsync raises once the commit returns
+
+
+def _rolled_back(conn: sqlite3.Connection) -> None:
+    conn.rollback()  # as SQLite does on some failed commits
+    raise sqlite3.OperationalError("disk I/O error")
+
+
+@pytest.mark.parametrize("commit", [_interrupted_after, _rolled_back])
+def test_a_publish_interrupted_at_its_commit_is_whole_or_gone(
+    registry: Registry,
+    make_adapter: Callable[..., Path],
+    manifest: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    commit: Callable[[sqlite3.Connection], None],
+) -> None:
+    """Committed, its directories were removed all the same: a latest version with no files,
+    refused on every read, that a fresh open did not repair."""
+    registry.publish("acme", "spam", make_adapter(), manifest)
+    database = registry._publisher._catalog
+    fresh = database._fresh
+
+    @contextlib.contextmanager
+    def replaced_commit():
+        with fresh() as conn:
+            yield _Connection(conn, commit)
+
+    monkeypatch.setattr(database, "_fresh", replaced_commit)
+    with pytest.raises((KeyboardInterrupt, sqlite3.OperationalError)):
+        registry.publish("acme", "spam", make_adapter(seed=2), manifest)
+    monkeypatch.undo()
+    latest = registry.resolve("acme", "spam")
+    assert latest.version == (2 if commit is _interrupted_after else 1)
+    assert registry.read_verified(latest).files  # whole: every file there, every hash right
+    assert registry._store.version_dir("acme", "spam", 2).exists() == (latest.version == 2)
 
 
 def test_a_manifest_that_understates_the_lora_rank_is_refused(
