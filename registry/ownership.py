@@ -24,12 +24,12 @@ def refuse_another_users(root: Path) -> None:
     if uid == 0:
         return
     try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:  # a uid with no name here (a container's volume)
-        user = f"uid {uid}"
+        user = sudo_user = pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no name here (a container's volume): sudo takes '#uid'
+        user, sudo_user = f"uid {uid}", f"'#{uid}'"
     raise RegistryError(
         f"the registry {root} belongs to {user}, not root: what root wrote there, {user} could "
         f"not change, and root would be working in directories {user} controls. Run graft as "
-        f"that user (sudo -u {user} graft ...), or give the registry to root "
+        f"that user (sudo -u {sudo_user} graft ...), or give the registry to root "
         f"(chown -R root {root})"
     )

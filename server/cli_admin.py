@@ -29,6 +29,9 @@ def require_registry(path: str) -> None:
 
 
 def tenants_create(args: argparse.Namespace) -> int:
+    from registry import validate_name
+
+    validate_name("tenant", args.tenant)  # before a mistyped path becomes an empty registry
     with open_registry(args, create=True) as registry:
         key = registry.create_tenant(args.tenant)
         heading = f"created tenant {args.tenant!r}; its API key (shown once, stored hashed):"

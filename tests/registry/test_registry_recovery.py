@@ -3,6 +3,7 @@ the catalog has no row for is ever removed."""
 
 import fcntl
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -227,6 +228,19 @@ def test_root_is_refused_another_users_registry_and_changes_nothing(
         Registry(root)
     after = sorted((str(p.relative_to(root)), p.lstat().st_uid) for p in root.rglob("*"))
     assert after == before  # the leftover not set aside, no catalog file touched
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to be root in another's registry")
+def test_the_refusal_of_a_registry_of_an_unnamed_uid_gives_a_command_that_works(
+    tmp_path: Path, make_adapter: Callable[..., Path], manifest: dict[str, Any]
+) -> None:
+    """ "sudo -u uid 54321" is no command; sudo takes a bare uid as '#54321'."""
+    root = tmp_path / "registry"
+    _published(root, make_adapter, manifest, 1)
+    uid = next(u for u in range(54321, 60000) if u not in {e.pw_uid for e in pwd.getpwall()})
+    os.chown(root, uid, uid)
+    with pytest.raises(RegistryError, match=rf"belongs to uid {uid}, not root.*sudo -u '#{uid}' "):
+        Registry(root)
 
 
 def test_a_registry_this_user_may_not_write_is_refused_by_name(

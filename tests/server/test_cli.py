@@ -49,6 +49,15 @@ def test_tenants_create_prints_the_key_last(tmp_path: Path, capsys) -> None:
     assert code == 2 and "acme" in err
 
 
+def test_a_refused_tenant_name_makes_no_registry(tmp_path: Path, capsys) -> None:
+    """Made before the name was checked, an empty registry at a mistyped path was then
+    opened by every other command, which refuses a path with no registry."""
+    typo = tmp_path / "regsitry"
+    code, _, err = _run(capsys, "tenants", "create", "ACME", "--registry", str(typo))
+    assert code == 2 and "invalid tenant name 'ACME'" in err, err
+    assert not typo.exists()
+
+
 def test_registry_defaults_to_env(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("GRAFT_REGISTRY", str(tmp_path / "from-env"))
     # the parser reads the environment when it is built, i.e. on each main() call
