@@ -58,6 +58,9 @@ class PublishRefused(Exception):
 def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     """The spawned process's entry point: train, publish, report; never raises."""
     _die_with_parent(spec.parent_pid)
+    # Ctrl-C at the server's terminal reaches its whole process group, workers too: the manager
+    # decides, killing a training worker at shutdown and letting a publishing one finish
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # temporary files (the staged version: held-out texts, weights) go in the job's directory,
     # which the manager empties when the job ends; killed, the worker cleans up nothing
     scratch = spec.data_path.parent / SCRATCH_DIR

@@ -510,6 +510,19 @@ def test_a_killed_workers_scratch_goes_with_its_job(make_manager, tmp_path: Path
     assert not scratch.exists() and not half_written.exists()
 
 
+def test_a_sigint_meant_for_the_server_leaves_its_workers_to_the_manager(make_manager) -> None:
+    """Ctrl-C at the terminal reaches the server's workers too: a KeyboardInterrupt failed the
+    job there, and could cut a publish short."""
+    manager = make_manager()
+    job = submit(manager, config=TrainConfig(epochs=1_000, patience=1_000))
+    wait_for(lambda: manager.worker_pid(job.id) is not None)
+    wait_for(lambda: manager.get("acme", job.id).progress is not None)  # training, signals set
+    os.kill(manager.worker_pid(job.id), signal.SIGINT)
+    time.sleep(1.0)
+    assert manager.get("acme", job.id).state == RUNNING
+    assert manager.cancel("acme", job.id).state == CANCELLED
+
+
 def test_a_worker_that_failed_before_a_cancel_keeps_its_error(make_manager) -> None:
     """A DELETE landing between the worker's failure message and its reaping recorded the job
     cancelled, and the error was lost."""
