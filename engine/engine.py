@@ -25,7 +25,7 @@ from engine.listing import AdapterInfo, summarize
 from engine.memory import pages_for_bytes
 from engine.pending import Pending
 from engine.requests import EngineRequests
-from engine.stack import ServingStack, load_stack
+from engine.stack import ServingStack, check_device, load_stack
 from engine.step_loop import StepLoop
 from engine.tenant_settings import scheduler_config
 from registry import AdapterRecord, InvalidName, NotFound, Registry
@@ -345,6 +345,7 @@ def pool_pages(config: EngineConfig) -> int:
             return config.adapter_pages
         if not config.device.startswith("cuda"):
             return DEFAULT_CPU_POOL_PAGES
+        check_device(config.device)  # a device this process cannot see, refused by name
         total = torch.cuda.get_device_properties(torch.device(config.device)).total_memory
         num_bytes = int(total * config.adapter_memory_fraction)
     model_dir = config.backbone_dir or packaged_backbone_dir()

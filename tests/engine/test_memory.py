@@ -484,6 +484,8 @@ def test_the_default_pool_is_1024_pages_on_the_cpu_and_a_tenth_of_a_cuda_device(
         return types.SimpleNamespace(total_memory=1000 * per_page)
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cuda = {"backbone_dir": backbone.path, "device": "cuda:1"}
     assert pool_pages(EngineConfig()) == 1024 and asked == []
     assert pool_pages(EngineConfig(**cuda)) == 100 and asked == [torch.device("cuda:1")]
