@@ -190,7 +190,7 @@ def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
                 attention_mask=inputs.attention_mask,
                 position_ids=inputs.position_ids,
             )
-    except (TypeError, ValueError, RuntimeError):  # no position_ids, no 4-D masks
+    except Exception:  # noqa: BLE001 - no position_ids, no 4-D masks, Longformer's IndexError
         return False
     hidden = packed.last_hidden_state[0]
     for i, row in enumerate(token_ids):
@@ -206,6 +206,34 @@ def packing_works(backbone: Backbone, device: str, dtype: torch.dtype) -> bool:
     return pooled.shape == expected.shape and torch.allclose(
         pooled.float(), expected.float(), atol=tolerance
     )
+
+
+def check_padding_is_neutral(backbone: Backbone, device: str, dtype: torch.dtype) -> None:
+    """ValueError unless each check text, padded beside a longer one, gets the hidden states
+    (and [CLS] pooler output) it gets alone. A step holds many tenants' texts: a model that
+    mixes padding into real tokens (FNet's Fourier transform, Funnel's pooling) would answer
+    one tenant's text by what another's made its step."""
+    model = backbone.model
+    token_ids, ids, mask, _, tolerance = check_inputs(backbone, device, dtype)
+    worst = 0.0
+    with torch.inference_mode():
+        padded = model(input_ids=ids, attention_mask=mask)
+        for i, row in enumerate(token_ids):
+            alone = model(
+                input_ids=ids[i : i + 1, : len(row)], attention_mask=mask[i : i + 1, : len(row)]
+            )
+            pairs = [(padded.last_hidden_state[i, : len(row)], alone.last_hidden_state[0])]
+            pooled = getattr(padded, "pooler_output", None)
+            if pooled is not None:
+                pairs.append((pooled[i], alone.pooler_output[0]))
+            for got, expected in pairs:
+                worst = max(worst, (got.float() - expected.float()).abs().max().item())
+    if worst > tolerance:
+        raise ValueError(
+            f"{backbone.name} ({backbone.model_type}) answers a text differently when it is "
+            f"padded beside a longer one (hidden states differ by up to {worst:.3g}): graft "
+            "serves many tenants' texts in one step, so it cannot serve this model"
+        )
 
 
 def check_inputs(

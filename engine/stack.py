@@ -18,6 +18,7 @@ from engine.embedding_cache import EmbeddingCache
 from engine.host_cache import HostCache
 from engine.lora_kernels import LoraKernel, kernel_for
 from engine.memory import AdapterMemory, backbone_page_bytes
+from engine.packing import check_padding_is_neutral
 from engine.runner import ModelRunner
 from engine.tenant_settings import TenantSettings
 from registry import Registry
@@ -77,6 +78,7 @@ def load_stack(config: EngineConfig, scheduler: Scheduler) -> ServingStack:
         expected_sha256=config.backbone_sha256,
         quantize=config.quantize,
     )
+    check_padding_is_neutral(backbone, config.device, config.torch_dtype)
     registry = Registry(config.registry_dir)
     try:
         return _build(config, scheduler, backbone, registry, kernel)

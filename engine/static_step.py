@@ -109,7 +109,7 @@ def static_steps_work(backbone: Backbone, device: str, dtype: torch.dtype) -> bo
         with torch.inference_mode():
             usual = backbone.model(input_ids=ids[0, :, :width], attention_mask=ids[1, :, :width])
             static = backbone.model(input_ids=ids[0], attention_mask=attend)
-    except (TypeError, ValueError, RuntimeError):  # no 4-D masks
+    except Exception:  # noqa: BLE001 - no 4-D masks, whatever way a model says so
         return False
     for i, row in enumerate(token_ids):
         expected = usual.last_hidden_state[i, : len(row)].float()

@@ -91,6 +91,11 @@ def select_targets(backbone: Backbone, suffixes: tuple[str, ...]) -> list[str]:
     """Linear names matching any suffix (by default every one), never the pooler's: graft's
     heads read mean-pooled states, so factors there would take pool pages and do nothing."""
     names = [n for n in backbone.linear_names if not n.startswith("pooler")]
+    if not names:  # SqueezeBERT's layers are Conv1d: "lora" would register a bare head
+        raise ValueError(
+            f"{backbone.name} has no Linear layer for LoRA to target (its layers are other "
+            "modules); train its head alone (mode head)"
+        )
     if not suffixes:
         return names
 

@@ -63,6 +63,11 @@ QUIRKS = {
 def _random_encoder(kind: str, out: Path) -> Path:
     torch.manual_seed(0)
     AutoModel.from_config({**CONFIGS, **QUIRKS}[kind]()).save_pretrained(out)
+    return _copy_tokenizer(out)
+
+
+def _copy_tokenizer(out: Path) -> Path:
+    """The packaged tokenizer beside a model saved in ``out``."""
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         source = packaged_backbone_dir() / name
         if source.is_file():
