@@ -24,9 +24,10 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 # the head's last (or only) layer: BERT's classifier, a decoder's score, or the out_proj of
 # RoBERTa's and ELECTRA's two-layer heads; and the first layer of two-layer heads (DistilBERT's
-# pre_classifier, RoBERTa's and ELECTRA's classifier.dense), which PEFT saves beside the LoRA
+# pre_classifier, RoBERTa's and ELECTRA's classifier.dense, DeBERTa's pooler.dense, outside
+# its base model), which PEFT saves beside the LoRA
 _HEAD_NAMES = ("classifier", "score", "classifier.out_proj")
-_PRE_HEAD_NAMES = ("pre_classifier", "classifier.dense")
+_PRE_HEAD_NAMES = ("pre_classifier", "classifier.dense", "pooler.dense")
 _LORA_KEY = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 # the float types LoRA factors and heads are stored in; anything else is refused
 _FLOAT_DTYPES = {

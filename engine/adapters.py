@@ -44,6 +44,9 @@ _TWO_LAYER_HEADS = {
     "data2vec-text": "tanh",
     "mpnet": "tanh",
     "electra": "gelu",
+    # DeBERTa's ContextPooler (pooler.dense, then its config's pooler_hidden_act)
+    "deberta": None,
+    "deberta-v2": None,
 }
 
 
@@ -69,13 +72,20 @@ def two_layer_activation(backbone: Backbone) -> str:
     it."""
     model_type = backbone.model_type
     activation = _TWO_LAYER_HEADS.get(model_type)
+    if model_type in _TWO_LAYER_HEADS and activation is None:  # the config says
+        activation = getattr(backbone.model.config, "pooler_hidden_act", None)
     if activation not in HEAD_ACTIVATIONS:
         raise AdapterFormatError(
             f"the classification head has two layers, and graft does not know the activation "
             f"between them for model_type {model_type!r} (it serves DistilBERT's, the RoBERTa "
-            "family's and ELECTRA's)"
+            f"family's, ELECTRA's and DeBERTa's with {', '.join(HEAD_ACTIVATIONS)})"
         )
     return activation
+
+
+def classifies_in_two_layers(backbone: Backbone) -> bool:
+    """Whether the backbone's model type classifies through two layers (see _TWO_LAYER_HEADS)."""
+    return backbone.model_type in _TWO_LAYER_HEADS
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from engine.adapters import (
     POOLING_FIRST,
     POOLINGS,
     AdapterWeights,
+    classifies_in_two_layers,
     config_alpha,
     has_two_layer_head,
     parse_adapter,
@@ -259,6 +260,12 @@ def stage_peft_import(
         # a two-layer head (DistilBERT's, RoBERTa's, ELECTRA's) reads the first token's
         # hidden state, not BERT's [CLS] pooler
         activation, pooling = two_layer_activation(backbone), POOLING_FIRST
+    elif classifies_in_two_layers(backbone) and not backbone.has_pooler:
+        raise AdapterFormatError(
+            f"{src}: the adapter holds one layer of its head, but a {backbone.model_type} "
+            "classification head runs another before it, which PEFT saves only when "
+            "modules_to_save names it (DeBERTa: modules_to_save=['classifier', 'pooler'])"
+        )
     else:
         activation, pooling = None, POOLING_CLS_POOLER
     weights = parse_adapter(config_bytes, weights_bytes, found, pooling, backbone, activation)

@@ -13,6 +13,7 @@ import torch
 from transformers import (
     AlbertConfig,
     AutoModel,
+    DebertaV2Config,
     DistilBertConfig,
     ElectraConfig,
     MPNetConfig,
@@ -57,6 +58,16 @@ QUIRKS = {
     "electra-relu": lambda: ElectraConfig(**TINY, embedding_size=32, hidden_act="relu"),
     # positions counted from the padding index, as RoBERTa's
     "mpnet": lambda: MPNetConfig(**TINY, max_position_embeddings=130),
+    # v3's relative attention; a two-layer head whose first layer (pooler.dense) sits outside
+    # the base model, its activation the config's pooler_hidden_act
+    "deberta-v2": lambda: DebertaV2Config(
+        **TINY,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        max_relative_positions=-1,
+        position_buckets=16,
+        pooler_hidden_act="tanh",
+    ),
 }
 
 
@@ -118,10 +129,13 @@ TARGETS = {
     "roberta": ["query", "value"],
     "electra": ["query"],
     "albert": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
 }
+# what PEFT saves beside the LoRA where its default (the classifier) leaves a layer out
+MODULES_TO_SAVE = {"deberta-v2": ["classifier", "pooler"]}
 
 
-def _peft_adapter(encoder: Path, out: Path, num_labels: int):
+def _peft_adapter(encoder: Path, out: Path, num_labels: int, *, save_whole_head: bool = True):
     """A PEFT SEQ_CLS adapter on ``encoder`` (random LoRA, its two-layer head trained as
     saved) and PEFT's own probabilities for TEXTS."""
     peft = pytest.importorskip("peft", reason="peft is a dev dependency")
@@ -138,6 +152,7 @@ def _peft_adapter(encoder: Path, out: Path, num_labels: int):
         lora_alpha=8,
         init_lora_weights=False,
         target_modules=TARGETS[kind],
+        modules_to_save=MODULES_TO_SAVE.get(kind) if save_whole_head else None,
     )
     model = peft.get_peft_model(base, config).eval()
     model.save_pretrained(str(out))
@@ -316,11 +331,12 @@ def test_only_backbones_with_two_layer_heads_pool_the_first_token(encoder_dir, b
         parse_adapter(config, weights, ("a", "b"), POOLING_FIRST, backbone)
 
 
-@pytest.mark.parametrize("kind", ["albert", "electra-relu"])
+@pytest.mark.parametrize("kind", ["albert", "electra-relu", "deberta-v2"])
 async def test_layout_quirks_serve_as_peft(kind: str, tmp_path) -> None:
     """ALBERT's packed steps failed every row (its pooler is a bare Linear, its tanh beside
     it); an ELECTRA with a relu hidden_act was served with a relu head, where transformers'
-    head is gelu whatever the config says."""
+    head is gelu whatever the config says. DeBERTa's head was refused: its first layer is
+    the model's pooler.dense, outside the base model."""
     from engine.peft_io import import_peft
 
     encoder = _random_encoder(kind, tmp_path / kind)
@@ -328,12 +344,14 @@ async def test_layout_quirks_serve_as_peft(kind: str, tmp_path) -> None:
     registry = Registry(tmp_path / "registry")
     registry.create_tenant("acme")
     record = import_peft(registry, load_backbone(encoder), "acme", "m", tmp_path / "adapter")
-    assert record.manifest.get("head_activation") in (None, "gelu")
+    activation = "tanh" if kind == "deberta-v2" else "gelu"
+    assert record.manifest.get("head_activation") in (None, activation)
     registry.close()
     config = EngineConfig(registry_dir=tmp_path / "registry", backbone_dir=encoder)
     async with Engine(config) as engine:
         together = await engine.classify("acme", "m", TEXTS)  # rows of several lengths
-        assert engine.stats()["packed_steps"] >= 1
+        # DeBERTa's relative positions fail the packed check: its steps are padded
+        assert engine.stats()["packed_steps"] >= (kind != "deberta-v2")
     got = torch.tensor([[p.scores[f"l{i}"] for i in range(3)] for p in together])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
@@ -376,3 +394,17 @@ def test_adapters_whose_init_rewrote_the_base_weights_are_refused(tmp_path) -> N
     config_file.write_text(json.dumps(config | {"init_lora_weights": "gaussian"}))
     assert import_peft(registry, load_backbone(encoder), "acme", "m", tmp_path / "adapter")
     registry.close()
+
+
+def test_a_deberta_adapter_saved_without_its_pooler_is_refused_saying_so(tmp_path) -> None:
+    """PEFT's default saves the classifier alone; DeBERTa's head needs its pooler.dense too,
+    and the refusal said the backbone lacked a [CLS] pooler, which named nothing to do."""
+    from engine.peft_io import import_peft
+
+    encoder = _random_encoder("deberta-v2", tmp_path / "deberta")
+    _peft_adapter(encoder, tmp_path / "adapter", num_labels=2, save_whole_head=False)
+    with Registry(tmp_path / "registry") as registry:
+        registry.create_tenant("acme")
+        with pytest.raises(AdapterFormatError, match=r"modules_to_save.*'pooler'"):
+            import_peft(registry, load_backbone(encoder), "acme", "m", tmp_path / "adapter")
+        assert registry.list_adapters("acme") == []
