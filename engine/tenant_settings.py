@@ -68,7 +68,8 @@ class TenantSettings:
         self._registry = registry
         self._scheduler = scheduler
         self._defaults = defaults
-        self._stamp: tuple[int, float] | None = None
+        self._stamp: tuple[int, float, int, float] | None = None
+        self._born: dict[str, float] = {}  # each tenant's stamp when last applied
 
     def set(self, tenant: str, policy: TenantPolicy | None) -> None:
         """Store and apply at once; None removes the override. A field ``policy`` leaves at
@@ -85,6 +86,9 @@ class TenantSettings:
             }
             self._registry.set_tenant_settings(tenant, changed)
         self._scheduler.set_policy(tenant, policy)
+        # reload at the next poll: a reset by the CLI before it would bring the stamp back to
+        # the one kept, and the override applied here would stay for good
+        self._stamp = None
 
     def update(self, tenant: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into the tenant's stored overrides (as ``graft tenants set``
@@ -95,10 +99,12 @@ class TenantSettings:
 
         merged = self._registry.update_tenant_settings(tenant, changes, check=policy)
         self._scheduler.set_policy(tenant, policy(merged))
+        self._stamp = None  # as in set
 
     def apply(self) -> None:
         """Load every stored override into the scheduler; bad ones are logged and skipped."""
         self._stamp = self._registry.settings_stamp()
+        self._forget_gone_tenants()
         stored = self._registry.tenant_settings()
         for tenant in self._scheduler.policy_overrides():
             if tenant not in stored:
@@ -119,6 +125,19 @@ class TenantSettings:
                     tenant,
                 )
             self._scheduler.set_policy(tenant, policy)
+
+    def _forget_gone_tenants(self) -> None:
+        """Drop the scheduler's counters and place of tenants deleted, or deleted and made
+        again, since the last look: /metrics listed a deleted tenant for good, and one made
+        again under its name carried on from its counts. One with rows still queued (they
+        fail as its requests end) is tried again at the next poll."""
+        born = self._registry.tenant_stamps()
+        for tenant in self._scheduler.tenants():
+            now = born.get(tenant)
+            gone = now is None or self._born.get(tenant, now) != now
+            if gone and not self._scheduler.forget(tenant):
+                self._stamp = None
+        self._born = born
 
     async def watch(self, poll_s: float) -> None:
         """Re-apply whenever the stored settings change; runs until cancelled."""

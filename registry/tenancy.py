@@ -145,10 +145,17 @@ class Tenancy:
         with self._read() as conn:
             return {t: json.loads(text) for t, text in _select_settings(conn).items()}
 
-    def settings_stamp(self) -> tuple[int, float]:
-        """A cheap value that changes whenever any tenant's settings change."""
+    def settings_stamp(self) -> tuple[int, float, int, float]:
+        """A cheap value that changes whenever any tenant's settings change, and whenever a
+        tenant is created or deleted (what an engine keeps per tenant must then go too)."""
         with self._read() as conn:
             return _settings_stamp(conn)
+
+    def tenant_stamps(self) -> dict[str, float]:
+        """Every tenant's `tenant_created_at`, by name."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT name, created_at FROM tenants").fetchall()
+        return {row[0]: row[1] for row in rows}
 
     def authenticate(self, api_key: str) -> str | None:
         """The tenant owning `api_key`, or None; never raises for any key value."""
@@ -228,7 +235,11 @@ def _select_settings(conn: sqlite3.Connection) -> dict[str, str]:
     return {row[0]: row[1] for row in rows}
 
 
-def _settings_stamp(conn: sqlite3.Connection) -> tuple[int, float]:
-    """(count, newest update): changes whenever any tenant's settings change or vanish."""
-    row = conn.execute("SELECT COUNT(*), MAX(updated_at) FROM tenant_settings").fetchone()
-    return int(row[0]), float(row[1] or 0.0)
+def _settings_stamp(conn: sqlite3.Connection) -> tuple[int, float, int, float]:
+    """(count, newest update) of the settings and of the tenants: changes whenever any
+    tenant's settings change or vanish, and whenever a tenant comes or goes."""
+    row = conn.execute(
+        "SELECT COUNT(*), MAX(updated_at), (SELECT COUNT(*) FROM tenants), "
+        "(SELECT MAX(created_at) FROM tenants) FROM tenant_settings"
+    ).fetchone()
+    return int(row[0]), float(row[1] or 0.0), int(row[2]), float(row[3] or 0.0)

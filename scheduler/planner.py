@@ -201,6 +201,22 @@ class Scheduler:
     def counters(self) -> dict[str, TenantCounters]:
         return {tenant: state.counters for tenant, state in self._tenants.items()}
 
+    def tenants(self) -> list[str]:
+        """Every tenant the scheduler keeps counters for."""
+        return list(self._tenants)
+
+    def forget(self, tenant: str) -> bool:
+        """Drop a tenant's counters and fair-share place (it was deleted); False, keeping
+        them, while it has rows waiting or reserved."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return True
+        if state.queue or state.reserved_rows:
+            return False
+        del self._tenants[tenant]
+        self._bypassed.pop(tenant, None)
+        return True
+
     def add(self, row: Row) -> None:
         """Queue a row (consuming one reserved row of its tenant, if any)."""
         state = self._tenant(row.tenant)

@@ -203,6 +203,52 @@ async def test_a_stored_weight_now_out_of_range_is_bounded_not_dropped_with_the_
             engine.set_tenant_policy("acme", weight=5000.0)  # a new value out of range is not
 
 
+async def test_an_override_the_engine_set_goes_with_a_reset_or_delete_right_after(
+    registry, publish_random
+):
+    """The engine kept the settings stamp of before its own write: a reset (graft tenants set
+    --reset) or a tenant deletion within one poll brought the stamp back to it, so the
+    override stayed for good, and a tenant made again under the name inherited it."""
+    publish_random(registry, "acme", "m")
+    config = EngineConfig(registry_dir=registry.root, settings_poll_s=0.05)
+    async with Engine(config) as engine:
+        await asyncio.sleep(0.2)  # a poll has read the stamp
+        engine.set_tenant_policy("acme", max_queued_rows=1)
+        registry.set_tenant_settings("acme", None)  # another process resets it at once
+        engine.set_tenant_policy("globex", max_queued_rows=1)
+        registry.delete_tenant("globex")
+        registry.create_tenant("globex")
+        await asyncio.sleep(0.3)
+        assert engine._scheduler.policy("acme").max_queued_rows == config.tenant_max_queued_rows
+        assert engine._scheduler.policy("globex") == engine._scheduler.default_policy
+        assert len(await engine.classify("acme", "m", ["x"] * 3)) == 3
+
+
+async def test_a_deleted_tenants_counters_go_and_its_namesake_starts_afresh(
+    registry, publish_random
+):
+    """Kept for the process's life, /metrics listed a deleted tenant's traffic for good (its
+    name a label value that never went), and a tenant made again under the name carried on
+    from its counts and its fair-share place."""
+    publish_random(registry, "globex", "m")
+    config = EngineConfig(registry_dir=registry.root, settings_poll_s=0.05)
+    async with Engine(config) as engine:
+        await engine.classify("globex", "m", ["x"] * 3)
+        assert engine._scheduler.counters()["globex"].admitted_rows == 3
+        registry.delete_tenant("globex")
+        await asyncio.sleep(0.3)
+        assert "globex" not in engine._scheduler.counters()
+        registry.create_tenant("globex")
+        publish_random(registry, "globex", "m")
+        await engine.classify("globex", "m", ["x"])
+        await asyncio.sleep(0.3)  # a poll after the new tenant's first request keeps it
+        assert engine._scheduler.counters()["globex"].admitted_rows == 1
+        registry.delete_tenant("globex")
+        registry.create_tenant("globex")  # within one poll: the stamp differs all the same
+        await asyncio.sleep(0.3)
+        assert "globex" not in engine._scheduler.counters()
+
+
 async def test_tenant_settings_apply_at_run_time_without_restart(registry, publish_random):
     publish_random(registry, "acme", "m")
     config = EngineConfig(
