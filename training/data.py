@@ -12,6 +12,8 @@ import csv
 import io
 import json
 import logging
+import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,14 +65,19 @@ def describe_rows(rows: Sequence[int], limit: int = MAX_NAMED_ROWS) -> str:
 
 
 def normalise_text(text: str) -> str:
-    """The identity of a text for duplicate detection: case and spacing do not make it new."""
+    """The identity of a text for duplicate detection: case, spacing, Unicode form and
+    invisible format characters do not make it new. A text written once composed (NFC) and
+    once decomposed (NFD) tokenizes alike, and sat on both sides of a held-out split."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+        text = "".join(c for c in text if unicodedata.category(c) != "Cf")
     return " ".join(text.split()).casefold()
 
 
 def decode_bytes(raw: bytes, source: str = "input") -> str:
     """UTF-16 when the bytes start with its byte-order mark (Excel's "Unicode text"
     export), else UTF-8 (a BOM is dropped), else cp1252, else latin-1, which accepts any byte
-    sequence.
+    sequence; a UTF-8 file with lines of another encoding, line by line (`_mixed_lines`).
 
     Spreadsheets on Windows still export cp1252, and refusing those files helps nobody. Read
     as latin-1, its quotes, dashes and euro sign (0x80-0x9F) became control characters the
@@ -81,12 +88,45 @@ def decode_bytes(raw: bytes, source: str = "input") -> str:
             return raw.decode("utf-16")
         except UnicodeDecodeError:
             pass  # a latin-1 file that happens to start with those two bytes
+    mixed = _mixed_lines(raw, source)
+    if mixed is not None:
+        return mixed
     for encoding in ("utf-8-sig", "cp1252"):
         try:
             return raw.decode(encoding)
         except UnicodeDecodeError:
             logger.info("%s is not valid %s", source, encoding)
     return raw.decode("latin-1")  # cp1252 leaves five bytes undefined
+
+
+# a character only valid UTF-8 makes: not ASCII, not a byte surrogateescape kept
+_UTF8_CHARACTER = re.compile("[^\\x00-\\x7f\\udc80-\\udcff]")
+
+
+def _mixed_lines(raw: bytes, source: str) -> str | None:
+    """A file of UTF-8 lines and lines UTF-8 cannot hold (a row pasted from a cp1252 file),
+    decoded line by line; None for a file with no UTF-8 character, or valid UTF-8 throughout.
+    Decoded whole as cp1252, its UTF-8 rows' accents became mojibake, labels included
+    (négatif: nÃ©gatif), and trained so silently."""
+    try:
+        raw.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        pass
+    if not _UTF8_CHARACTER.search(raw.decode("utf-8-sig", errors="surrogateescape")):
+        return None
+    lines, other = [], 0
+    for line in raw.removeprefix(codecs.BOM_UTF8).split(b"\n"):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            other += 1
+            try:
+                lines.append(line.decode("cp1252"))
+            except UnicodeDecodeError:
+                lines.append(line.decode("latin-1"))
+    logger.warning("%s: %d line(s) are not UTF-8, read as cp1252 (or latin-1)", source, other)
+    return "\n".join(lines)
 
 
 def deduplicate(examples: Iterable[Example]) -> list[Example]:
@@ -193,7 +233,10 @@ def _delimited_records(text: str, delimiter: str, source: str) -> Iterable[tuple
     # TSV has no quoting: a text's opening quote read as CSV's swallowed the lines up to the
     # next quote, rows and all, and dropped the quote marks of `"Great" product`
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    # strict: an unclosed quote swallowed the rows after it into one text, trained on silently
+    reader = csv.reader(
+        io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True
+    )
     try:
         header = next(reader, None)
         if header is None:
@@ -217,7 +260,9 @@ def _jsonl_records(text: str, source: str) -> Iterable[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_object_once_per_key)
+        except _KeyTwice as error:
+            record = _BadRow(f"{error} is given twice")
         except json.JSONDecodeError as error:
             record = _BadRow(f"malformed JSON ({error.msg} at column {error.colno})")
         except RecursionError:
@@ -225,6 +270,19 @@ def _jsonl_records(text: str, source: str) -> Iterable[tuple[int, Any]]:
         except ValueError as error:  # e.g. an integer past Python's 4,300-digit limit
             record = _BadRow(f"malformed JSON ({error})")
         yield row, record
+
+
+class _KeyTwice(ValueError):
+    """A JSON object naming one key twice: json.loads kept the last value, silently."""
+
+
+def _object_once_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _KeyTwice(repr(twice))
+    return record
 
 
 _READERS: Mapping[str, Callable[[str, str], Iterable[tuple[int, Any]]]] = MappingProxyType(
@@ -235,6 +293,7 @@ _READERS: Mapping[str, Callable[[str, str], Iterable[tuple[int, Any]]]] = Mappin
         ".ndjson": _jsonl_records,
     }
 )
+DATA_SUFFIXES = tuple(_READERS)  # the file types read, by name
 
 
 def load_examples(path: str | Path) -> list[Example]:

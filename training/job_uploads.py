@@ -4,10 +4,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from training.data import DataError, load_examples
+from training.data import DATA_SUFFIXES, DataError, load_examples
 from training.validation import Tokenizer, validate_examples
 
-UPLOAD_SUFFIXES = (".csv", ".tsv", ".jsonl")
+UPLOAD_SUFFIXES = DATA_SUFFIXES  # what graft train reads, .ndjson too
 
 
 class InvalidData(ValueError):

@@ -363,3 +363,47 @@ def test_more_labels_than_a_classifier_takes_is_an_error(tokenizer, monkeypatch)
     assert report.errors[0] == "4 distinct labels; at most 3 classes"
     assert report.num_classes == 4
     assert report.class_counts == {"a": 10, "b": 6, "c": 6}  # the largest, ties as first seen
+
+
+def test_a_row_of_another_encoding_in_a_utf8_file_leaves_the_others_utf8(tmp_path):
+    """One cp1252 row made the whole file decode as cp1252: every UTF-8 accent became
+    mojibake, the labels' too (négatif: nÃ©gatif), and trained so without a word."""
+    lines = ["text,label"] + [f"avis {i},{'négatif' if i % 2 else 'positif'}" for i in range(6)]
+    raw = "\n".join(lines).encode() + "\navis collé,négatif\n".encode("cp1252")
+    path = tmp_path / "mixed.csv"
+    path.write_bytes(raw)
+    examples = load_examples(path)
+    assert {e.label for e in examples} == {"négatif", "positif"}
+    assert examples[-1].text == "avis collé"
+
+
+def test_an_unclosed_quote_is_refused_not_swallowing_the_rows_after_it(tmp_path):
+    """A text's opening quote never closed took the next rows into that text, trained under
+    the last one's label."""
+    content = 'text,label\n"purrfect kitten,cat\na dog barked,dog\nmy cat sleeps,cat\n'
+    with pytest.raises(DataError, match="cannot parse near line"):
+        load_examples(write(tmp_path, "quotes.csv", content))
+
+
+def test_one_text_in_two_unicode_forms_is_one_text(tokenizer):
+    """Composed and decomposed, it tokenizes alike: counted twice, a copy sat on both sides
+    of the held-out split."""
+    composed, decomposed = "café ouvert", "cafe\u0301 ouvert"
+    rows = make((composed, "a"), (decomposed, "a"), ("zero\u200bwidth", "b"), ("zerowidth", "b"))
+    assert clean_examples(rows) == [rows[0], rows[2]]
+    report = validate_examples(make((composed, "a"), (decomposed, "b"), ("x", "a")), tokenizer)
+    assert report.num_duplicates == 1
+
+
+def test_a_jsonl_row_giving_a_key_twice_is_named(tmp_path):
+    content = '{"text": "woof", "label": "dog", "label": "cat"}\n{"text": "meow", "label": "cat"}\n'
+    with pytest.raises(DataError, match=r"row 1: 'label' is given twice"):
+        load_examples(write(tmp_path, "dup.jsonl", content))
+
+
+def test_an_upload_takes_every_file_type_graft_train_reads():
+    """.ndjson trained from the command line but was refused as an upload's name."""
+    from training.job_uploads import check_suffix
+
+    for name in ("rows.csv", "rows.TSV", "rows.jsonl", "rows.ndjson"):
+        assert check_suffix(name) == name[name.index(".") :].lower()
