@@ -279,6 +279,21 @@ def _as_stored(factor: torch.Tensor) -> torch.Tensor:
     return factor if factor.element_size() <= 4 else factor.float()
 
 
+# PEFT's LoRA variants (their config fields, PEFT 0.21) whose forward is not plain LoRA; at
+# their defaults (None, False) an adapter is plain LoRA. Served as plain LoRA, an aLoRA
+# (which PEFT's classifiers apply to no token) answered 0.4 off PEFT's probabilities
+_LORA_VARIANTS = {
+    "alora_invocation_tokens": "Activated LoRA (aLoRA)",
+    "layer_replication": "Layer-replicating",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow",
+    "use_bdlora": "BD-LoRA",
+    "target_parameters": "Parameter-targeting (target_parameters)",
+    "trainable_token_indices": "Trainable-token",
+}
+
+
 def _parse_config(data: bytes | bytearray) -> dict[str, Any]:
     try:
         config = json.loads(data)
@@ -293,6 +308,12 @@ def _parse_config(data: bytes | bytearray) -> dict[str, Any]:
         raise AdapterFormatError("DoRA adapters are not supported (use_dora=true)")
     if config.get("lora_bias"):
         raise AdapterFormatError("LoRA bias terms are not supported (lora_bias=true)")
+    for key, variant in _LORA_VARIANTS.items():
+        if config.get(key) not in (None, False):
+            raise AdapterFormatError(
+                f"{variant} adapters are not supported ({key}={config[key]!r}): graft serves "
+                "plain LoRA, and PEFT computes these otherwise"
+            )
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_INITS_REWRITING_THE_BASE):
         raise AdapterFormatError(

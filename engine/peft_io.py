@@ -153,14 +153,27 @@ def _targeted(config: Mapping[str, Any], key: str) -> bool:
     """Whether PEFT wraps the module named ``key`` for this config (PEFT 0.17-0.21's rules):
     ``exclude_modules`` first, then ``target_modules`` as a regex (a string, matched whole) or
     as names and name suffixes (a list), which ``layers_to_transform`` narrows to some layers.
-    A config without ``target_modules`` takes PEFT's defaults for the model: not checked."""
+    A config without ``target_modules`` takes PEFT's defaults for the model type, which
+    graft does not keep: refused (PEFT itself always saves the list it resolved)."""
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str) and _fullmatch(exclude, key, "exclude_modules"):
         return False
     if isinstance(exclude, list) and _named(exclude, key):
         return False
     target = config.get("target_modules")
-    if target is None or target == "all-linear":  # all-linear: every Linear but the head
+    if target is None:
+        raise AdapterFormatError(
+            f"{CONFIG_FILE}: target_modules is null, so PEFT would pick its defaults for the "
+            "model type; save the adapter with the modules it targets"
+        )
+    layered = config.get("layers_to_transform") not in (None, [])
+    if config.get("layers_pattern") and not layered:  # as PEFT's LoraConfig refuses them
+        raise AdapterFormatError(f"{CONFIG_FILE}: layers_pattern needs layers_to_transform")
+    if isinstance(target, str) and layered:
+        raise AdapterFormatError(
+            f"{CONFIG_FILE}: layers_to_transform cannot narrow a target_modules string"
+        )
+    if target == "all-linear":  # every Linear but the head
         return True
     if isinstance(target, str):
         return _fullmatch(target, key, "target_modules")

@@ -202,6 +202,18 @@ def test_import_refuses_bad_directories(backbone, peft_adapters, tmp_path: Path)
             {"layers_to_transform": [0], "layers_pattern": "("},
             "layers_pattern '\\(' is not a valid",
         ),
+        # found by a fuzzing review: each served the factors as plain LoRA, up to 0.41 off
+        # PEFT's probabilities, or files PEFT refuses to load
+        ({"target_modules": None}, "target_modules is null, so PEFT would pick its defaults"),
+        ({"layers_pattern": "layer"}, "layers_pattern needs layers_to_transform"),
+        (
+            {"target_modules": ".*(query|value)", "layers_to_transform": [0]},
+            "layers_to_transform cannot narrow a target_modules string",
+        ),
+        ({"alora_invocation_tokens": [1996]}, r"Activated LoRA \(aLoRA\) adapters are not"),
+        ({"layer_replication": [[0, 4], [2, 6]]}, "Layer-replicating adapters are not supported"),
+        ({"kasa_config": {}}, "KaSA adapters are not supported"),
+        ({"use_bdlora": True}, "BD-LoRA adapters are not supported"),
     ],
 )
 def test_import_refuses_weights_peft_would_not_apply(
