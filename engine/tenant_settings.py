@@ -57,6 +57,16 @@ def with_server_defaults(policy: TenantPolicy, defaults: TenantPolicy) -> Tenant
     return dataclasses.replace(defaults, **given)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Stored:
+    """The registry's settings, read at once: their stamp, every override, every tenant's
+    creation stamp."""
+
+    stamp: tuple[int, float, int, float]
+    settings: dict[str, dict[str, Any]]
+    born: dict[str, float]
+
+
 class TenantSettings:
     """Keeps the scheduler's per-tenant policies equal to what the registry stores.
 
@@ -69,7 +79,8 @@ class TenantSettings:
         self._scheduler = scheduler
         self._defaults = defaults
         self._stamp: tuple[int, float, int, float] | None = None
-        self._born: dict[str, float] = {}  # each tenant's stamp when last applied
+        self._born: dict[str, float | None] = {}  # each tenant's stamp when last applied
+        self._writes = 0  # this engine's own writes of settings
 
     def set(self, tenant: str, policy: TenantPolicy | None) -> None:
         """Store and apply at once; None removes the override. A field ``policy`` leaves at
@@ -89,6 +100,7 @@ class TenantSettings:
         # reload at the next poll: a reset by the CLI before it would bring the stamp back to
         # the one kept, and the override applied here would stay for good
         self._stamp = None
+        self._writes += 1
 
     def update(self, tenant: str, changes: dict[str, Any]) -> None:
         """Merge ``changes`` into the tenant's stored overrides (as ``graft tenants set``
@@ -100,16 +112,26 @@ class TenantSettings:
         merged = self._registry.update_tenant_settings(tenant, changes, check=policy)
         self._scheduler.set_policy(tenant, policy(merged))
         self._stamp = None  # as in set
+        self._writes += 1
 
     def apply(self) -> None:
         """Load every stored override into the scheduler; bad ones are logged and skipped."""
-        self._stamp = self._registry.settings_stamp()
-        self._forget_gone_tenants()
-        stored = self._registry.tenant_settings()
+        self._apply(self._writes, self._read())
+
+    def _read(self) -> _Stored:
+        """What `_apply` takes, read together: on a thread of its own while serving (with
+        many tenants the reads scan tables, which the event loop must not wait for)."""
+        stamp = self._registry.settings_stamp()
+        return _Stored(stamp, self._registry.tenant_settings(), self._registry.tenant_stamps())
+
+    def _apply(self, writes: int, stored: _Stored) -> None:
+        # a write of this engine's since the read started: its stamp is not the one to keep
+        self._stamp = stored.stamp if writes == self._writes else None
+        self._forget_gone_tenants(stored.born)
         for tenant in self._scheduler.policy_overrides():
-            if tenant not in stored:
+            if tenant not in stored.settings:
                 self._scheduler.set_policy(tenant, None)
-        for tenant, settings in stored.items():
+        for tenant, settings in stored.settings.items():
             try:
                 policy = policy_from_settings(self._defaults, settings)
             except (TypeError, ValueError) as exc:
@@ -126,25 +148,29 @@ class TenantSettings:
                 )
             self._scheduler.set_policy(tenant, policy)
 
-    def _forget_gone_tenants(self) -> None:
+    def _forget_gone_tenants(self, born: dict[str, float]) -> None:
         """Drop the scheduler's counters and place of tenants deleted, or deleted and made
         again, since the last look: /metrics listed a deleted tenant for good, and one made
         again under its name carried on from its counts. One with rows still queued (they
-        fail as its requests end) is tried again at the next poll."""
-        born = self._registry.tenant_stamps()
+        fail as its requests end) keeps its old stamp, to be tried again at the next poll."""
+        kept: dict[str, float | None] = dict(born)
         for tenant in self._scheduler.tenants():
             now = born.get(tenant)
-            gone = now is None or self._born.get(tenant, now) != now
-            if gone and not self._scheduler.forget(tenant):
+            before = self._born.get(tenant, now)
+            if (now is None or before != now) and not self._scheduler.forget(tenant):
+                kept[tenant] = before
                 self._stamp = None
-        self._born = born
+        self._born = kept
 
     async def watch(self, poll_s: float) -> None:
         """Re-apply whenever the stored settings change; runs until cancelled."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(poll_s)
             try:
-                if self._registry.settings_stamp() != self._stamp:
-                    self.apply()
+                writes = self._writes
+                stamp = await loop.run_in_executor(None, self._registry.settings_stamp)
+                if stamp != self._stamp:
+                    self._apply(writes, await loop.run_in_executor(None, self._read))
             except Exception:  # a briefly locked catalog must not stop serving
                 log.exception("reading tenant settings failed; keeping the current ones")

@@ -330,3 +330,26 @@ async def test_a_failed_load_is_never_shared_with_a_later_request(registry, publ
         assert await store.pin(record) == key and store.residency(key) == "host"
         store.unpin(key)
         assert key not in store._loading and failed.exception() is not None
+
+
+def test_a_tenant_made_again_while_its_old_rows_wait_is_forgotten_once_they_go(tmp_path):
+    """Forgetting waits for the old incarnation's rows; the new stamp was kept meanwhile, so
+    the next polls saw nothing gone and the new tenant kept the deleted one's counters."""
+    from engine.tenant_settings import TenantSettings, scheduler_config
+    from registry import Registry
+    from scheduler import Scheduler
+
+    with Registry(tmp_path / "reg") as registry:
+        registry.create_tenant("globex")
+        scheduler = Scheduler(scheduler_config(EngineConfig(adapter_pages=1024)))
+        settings = TenantSettings(registry, scheduler, scheduler.default_policy)
+        settings.apply()
+        assert scheduler.admit("globex", 3).is_admitted  # still tokenizing
+        scheduler.counters()["globex"].rejected_requests = 42
+        registry.delete_tenant("globex")
+        registry.create_tenant("globex")
+        settings.apply()
+        assert "globex" in scheduler.tenants()  # its rows are still reserved
+        scheduler.release("globex", 3)
+        settings.apply()
+        assert "globex" not in scheduler.tenants()
