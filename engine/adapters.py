@@ -279,9 +279,10 @@ def _as_stored(factor: torch.Tensor) -> torch.Tensor:
     return factor if factor.element_size() <= 4 else factor.float()
 
 
-# PEFT's LoRA variants (their config fields, PEFT 0.21) whose forward is not plain LoRA; at
-# their defaults (None, False) an adapter is plain LoRA. Served as plain LoRA, an aLoRA
-# (which PEFT's classifiers apply to no token) answered 0.4 off PEFT's probabilities
+# PEFT's LoRA variants (their config fields, PEFT 0.21) whose forward is not plain LoRA: at
+# their defaults (None, False, an empty list) an adapter is plain LoRA, and KaSA's is any
+# dict. Served as plain LoRA, an aLoRA (which PEFT's classifiers apply to no token) answered
+# 0.4 off PEFT's probabilities
 _LORA_VARIANTS = {
     "alora_invocation_tokens": "Activated LoRA (aLoRA)",
     "layer_replication": "Layer-replicating",
@@ -309,7 +310,7 @@ def _parse_config(data: bytes | bytearray) -> dict[str, Any]:
     if config.get("lora_bias"):
         raise AdapterFormatError("LoRA bias terms are not supported (lora_bias=true)")
     for key, variant in _LORA_VARIANTS.items():
-        if config.get(key) not in (None, False):
+        if config.get(key) not in (None, False, []):  # an empty list selects nothing
             raise AdapterFormatError(
                 f"{variant} adapters are not supported ({key}={config[key]!r}): graft serves "
                 "plain LoRA, and PEFT computes these otherwise"

@@ -65,11 +65,12 @@ def describe_rows(rows: Sequence[int], limit: int = MAX_NAMED_ROWS) -> str:
 
 
 def normalise_text(text: str) -> str:
-    """The identity of a text for duplicate detection: case, spacing, Unicode form and
-    invisible format characters do not make it new. A text written once composed (NFC) and
-    once decomposed (NFD) tokenizes alike, and sat on both sides of a held-out split."""
-    if not text.isascii():
-        text = unicodedata.normalize("NFKC", text)
+    """The identity of a text for duplicate detection: case, spacing, composed or decomposed
+    accents and invisible format characters do not make it new. A text written once composed
+    (NFC) and once decomposed (NFD) tokenizes alike, and sat on both sides of a held-out
+    split."""
+    if not text.isascii():  # NFC, not NFKC: "m²" and "m2" tokenize apart
+        text = unicodedata.normalize("NFC", text)
         text = "".join(c for c in text if unicodedata.category(c) != "Cf")
     return " ".join(text.split()).casefold()
 
@@ -99,34 +100,45 @@ def decode_bytes(raw: bytes, source: str = "input") -> str:
     return raw.decode("latin-1")  # cp1252 leaves five bytes undefined
 
 
-# a character only valid UTF-8 makes: not ASCII, not a byte surrogateescape kept
-_UTF8_CHARACTER = re.compile("[^\\x00-\\x7f\\udc80-\\udcff]")
+# characters a UTF-8 file holds that cp1252 bytes seldom make by chance: Latin-1's accented
+# letters (two bytes led by C2 or C3, "Ã©" read as cp1252) and anything of three bytes or more.
+# Two-byte ones from U+0100 on are what cp1252 pairs such as "ß…" (DF 85: NKo) decode to.
+_UTF8_EVIDENCE = re.compile("[\u0080-\u00ff\u0800-\ud7ff\ue000-\U0010ffff]")
+_LINE_BREAK = re.compile(rb"(\r\n|\r|\n)")
 
 
 def _mixed_lines(raw: bytes, source: str) -> str | None:
-    """A file of UTF-8 lines and lines UTF-8 cannot hold (a row pasted from a cp1252 file),
-    decoded line by line; None for a file with no UTF-8 character, or valid UTF-8 throughout.
-    Decoded whole as cp1252, its UTF-8 rows' accents became mojibake, labels included
-    (négatif: nÃ©gatif), and trained so silently."""
+    """A UTF-8 file with lines UTF-8 cannot hold (a row pasted from a cp1252 file), decoded
+    line by line; None for valid UTF-8 throughout, or where the lines showing UTF-8 are no
+    more than the others (a cp1252 file, whose accented capital before a symbol can make a
+    valid pair by chance). Decoded whole as cp1252, its UTF-8 rows' accents became mojibake,
+    labels included (négatif: nÃ©gatif), and trained so silently."""
     try:
         raw.decode("utf-8")
         return None
     except UnicodeDecodeError:
         pass
-    if not _UTF8_CHARACTER.search(raw.decode("utf-8-sig", errors="surrogateescape")):
-        return None
-    lines, other = [], 0
-    for line in raw.removeprefix(codecs.BOM_UTF8).split(b"\n"):
+    parts = _LINE_BREAK.split(raw.removeprefix(codecs.BOM_UTF8))
+    lines: list[str | None] = []  # None: not UTF-8
+    for part in parts[::2]:  # lines at even places, their breaks between
         try:
-            lines.append(line.decode("utf-8"))
+            lines.append(part.decode("utf-8"))
         except UnicodeDecodeError:
-            other += 1
+            lines.append(None)
+    stray = lines.count(None)
+    if sum(1 for line in lines if line and _UTF8_EVIDENCE.search(line)) <= stray:
+        return None
+    for index, line in enumerate(lines):
+        if line is None:
+            part = parts[2 * index]
             try:
-                lines.append(line.decode("cp1252"))
+                lines[index] = part.decode("cp1252")
             except UnicodeDecodeError:
-                lines.append(line.decode("latin-1"))
-    logger.warning("%s: %d line(s) are not UTF-8, read as cp1252 (or latin-1)", source, other)
-    return "\n".join(lines)
+                lines[index] = part.decode("latin-1")
+    parts[::2] = lines
+    parts[1::2] = [part.decode("ascii") for part in parts[1::2]]
+    logger.warning("%s: %d line(s) are not UTF-8, read as cp1252 (or latin-1)", source, stray)
+    return "".join(parts)
 
 
 def deduplicate(examples: Iterable[Example]) -> list[Example]:
@@ -242,16 +254,25 @@ def _delimited_records(text: str, delimiter: str, source: str) -> Iterable[tuple
         if header is None:
             raise DataError(f"{source}: the file is empty; expected a header row with text,label")
         text_at, label_at = _column_index(header, source)
-        # Blank lines are skipped but keep their number, so later rows still match the file.
-        for row, cells in enumerate(reader, start=1):
-            if not cells:
-                continue
-            if len(cells) != len(header):
-                yield row, _BadRow(f"expected {len(header)} columns, found {len(cells)}")
-            else:
-                yield row, {"text": cells[text_at], "label": cells[label_at]}
     except csv.Error as error:
         raise DataError(f"{source}: cannot parse near line {reader.line_num}: {error}") from error
+    # Blank lines are skipped but keep their number, so later rows still match the file.
+    row = 0
+    while True:
+        row += 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # strict: a stray quote, named by its row; reading goes on
+            yield row, _BadRow(f"{error} (near line {reader.line_num}; quote a text with quotes)")
+            continue
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            yield row, _BadRow(f"expected {len(header)} columns, found {len(cells)}")
+        else:
+            yield row, {"text": cells[text_at], "label": cells[label_at]}
 
 
 def _jsonl_records(text: str, source: str) -> Iterable[tuple[int, Any]]:
@@ -260,29 +281,28 @@ def _jsonl_records(text: str, source: str) -> Iterable[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line, object_pairs_hook=_object_once_per_key)
-        except _KeyTwice as error:
-            record = _BadRow(f"{error} is given twice")
+            record = json.loads(line, object_pairs_hook=_Object)
         except json.JSONDecodeError as error:
             record = _BadRow(f"malformed JSON ({error.msg} at column {error.colno})")
         except RecursionError:
             record = _BadRow("malformed JSON (arrays or objects nested too deeply)")
         except ValueError as error:  # e.g. an integer past Python's 4,300-digit limit
             record = _BadRow(f"malformed JSON ({error})")
+        if isinstance(record, _Object) and record.twice is not None:
+            record = _BadRow(f"{record.twice!r} is given twice")
         yield row, record
 
 
-class _KeyTwice(ValueError):
-    """A JSON object naming one key twice: json.loads kept the last value, silently."""
+class _Object(dict):
+    """A JSON object that remembers a key it was given twice (json.loads keeps the last
+    value, silently): a row's own, not one inside a value its reader ignores."""
 
-
-def _object_once_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    record = dict(pairs)
-    if len(record) != len(pairs):
-        seen: set[str] = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise _KeyTwice(repr(twice))
-    return record
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.twice: str | None = None
+        if len(self) != len(pairs):
+            seen: set[str] = set()
+            self.twice = next(key for key, _ in pairs if key in seen or seen.add(key))
 
 
 _READERS: Mapping[str, Callable[[str, str], Iterable[tuple[int, Any]]]] = MappingProxyType(

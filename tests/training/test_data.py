@@ -381,8 +381,37 @@ def test_an_unclosed_quote_is_refused_not_swallowing_the_rows_after_it(tmp_path)
     """A text's opening quote never closed took the next rows into that text, trained under
     the last one's label."""
     content = 'text,label\n"purrfect kitten,cat\na dog barked,dog\nmy cat sleeps,cat\n'
-    with pytest.raises(DataError, match="cannot parse near line"):
+    with pytest.raises(DataError, match="row 1: unexpected end of data"):
         load_examples(write(tmp_path, "quotes.csv", content))
+    # a stray quote is its row's fault alone: named, with the others read on
+    content = 'text,label\n"Great" product,pos\nawful,neg\n"fine, really",pos\n'
+    with pytest.raises(DataError, match=r"1 unreadable row: row 1: ',' expected after"):
+        load_examples(write(tmp_path, "stray.csv", content))
+
+
+def test_a_cp1252_file_whose_bytes_pair_as_utf8_by_chance_stays_cp1252(tmp_path):
+    """ß then … (DF 85) is valid UTF-8 (an NKo letter): a cp1252 file holding it was read
+    line by line, and such lines came out as NKo."""
+    lines = ["text,label", "Der Kaffee ist heiß…,gut", "Das macht Spaß”,gut", "Schön,gut"]
+    path = tmp_path / "cp1252.csv"
+    path.write_bytes("\n".join(lines).encode("cp1252"))
+    assert [e.text for e in load_examples(path)] == [line[:-4] for line in lines[1:]]
+
+
+def test_a_pasted_row_in_a_utf8_file_with_carriage_returns_reads_line_by_line(tmp_path):
+    """Excel for Mac's CSV ends lines with a bare CR: the file was one line, decoded whole
+    as cp1252."""
+    raw = (
+        "text,label\rtrès bon,positif\rmauvais,négatif\r".encode()
+        + "café froid,négatif\r".encode("cp1252")
+    )
+    path = tmp_path / "mac.csv"
+    path.write_bytes(raw)
+    assert [(e.text, e.label) for e in load_examples(path)] == [
+        ("très bon", "positif"),
+        ("mauvais", "négatif"),
+        ("café froid", "négatif"),
+    ]
 
 
 def test_one_text_in_two_unicode_forms_is_one_text(tokenizer):
@@ -391,6 +420,9 @@ def test_one_text_in_two_unicode_forms_is_one_text(tokenizer):
     composed, decomposed = "café ouvert", "cafe\u0301 ouvert"
     rows = make((composed, "a"), (decomposed, "a"), ("zero\u200bwidth", "b"), ("zerowidth", "b"))
     assert clean_examples(rows) == [rows[0], rows[2]]
+    # compatibility forms tokenize apart ("m²": m², "m2": m2): different texts
+    distinct = make(("area 10 m²", "a"), ("area 10 m2", "a"), ("ＳＡＬＥ", "b"), ("SALE", "b"))
+    assert clean_examples(distinct) == distinct
     report = validate_examples(make((composed, "a"), (decomposed, "b"), ("x", "a")), tokenizer)
     assert report.num_duplicates == 1
 
@@ -399,6 +431,8 @@ def test_a_jsonl_row_giving_a_key_twice_is_named(tmp_path):
     content = '{"text": "woof", "label": "dog", "label": "cat"}\n{"text": "meow", "label": "cat"}\n'
     with pytest.raises(DataError, match=r"row 1: 'label' is given twice"):
         load_examples(write(tmp_path, "dup.jsonl", content))
+    nested = '{"text": "woof", "label": "dog", "meta": {"src": 1, "src": 2}}\n'
+    assert pairs(load_examples(write(tmp_path, "nested.jsonl", nested))) == [("woof", "dog", 1)]
 
 
 def test_an_upload_takes_every_file_type_graft_train_reads():
