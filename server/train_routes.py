@@ -8,12 +8,13 @@ streams their events (NDJSON, or SSE with ``Accept: text/event-stream``), ``DELE
 """
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,23 @@ async def start_job(request: web.Request) -> web.Response:
     manager, tenant = _manager_and_tenant(request)
     # the tenant as authenticated: one deleted and made again during the upload never owns it
     born = request.app[ENGINE].registry.tenant_created_at(tenant)
+    with _api_errors():  # a 429 before a byte of the body is read
+        manager.take_upload_room(tenant)
+    handed_over = [False]  # submit gives the place back, on its thread, once it has run
+    try:
+        return await _start_job(request, manager, tenant, born, handed_over)
+    finally:
+        if not handed_over[0]:
+            manager.give_upload_room(tenant)
+
+
+async def _start_job(
+    request: web.Request,
+    manager: JobManager,
+    tenant: str,
+    born: float | None,
+    handed_over: list[bool],
+) -> web.Response:
     upload = await read_upload(request, request.app[TRAINING].config.max_upload_bytes)
     job = parse_options(upload.options)
     try:
@@ -183,7 +201,9 @@ async def start_job(request: web.Request) -> web.Response:
         filename=upload.filename,
         tenant_created_at=born,
         abandoned=gone.is_set,
+        room_held=True,
     )
+    handed_over[0] = True
     try:
         record = await _call(submit, request.app[TRAINING].uploads)
     except asyncio.CancelledError:  # the client left: the check goes on, but makes no job
@@ -282,8 +302,16 @@ def _job(manager: JobManager, tenant: str, request: web.Request) -> JobRecord:
 
 async def _call(call: Callable[[], T], executor: Executor | None = None) -> T:
     """Run a blocking manager call in a thread; its errors as API errors."""
+    with _api_errors():
+        result = await _in_thread(call, executor)
+    return result
+
+
+@contextlib.contextmanager
+def _api_errors() -> Iterator[None]:
+    """The job manager's errors as API errors."""
     try:
-        return await _in_thread(call, executor)
+        yield
     except InvalidData as exc:
         raise _DataRejected(exc) from None
     except JobNotFound as exc:

@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing import get_context
 from typing import Any
 
@@ -130,6 +130,7 @@ class JobManager(ManagerThread):
         filename: str,
         tenant_created_at: float | None = None,
         abandoned: Callable[[], bool] = lambda: False,
+        room_held: bool = False,
     ) -> JobRecord:
         """Validate the upload and queue a job; raises InvalidData, TooManyJobs, and
         UploadAbandoned when ``abandoned()`` is true once the check is done (the client left
@@ -139,57 +140,79 @@ class JobManager(ManagerThread):
         one tenant cannot queue unbounded uploads for the validator, which all share.
         ``tenant_created_at``: the tenant's stamp when the caller was authenticated (read
         here, before the check, without it). Read after the check, a tenant deleted and made
-        again meanwhile would own the old one's upload."""
-        if tenant_created_at is None:
-            tenant_created_at = self._registry.tenant_created_at(tenant)
-        store = self._require_store()
-        data_file = "data" + check_suffix(filename)
-        with self._counted_upload(tenant):
-            staging = store.stage(data, data_file)
-            try:
-                report = self._checker.check(staging / data_file, filename)
-                record = JobRecord(
-                    id=new_job_id(),
-                    tenant=tenant,
-                    name=name,
-                    mode=config.mode,
-                    promote=promote,
-                    state=QUEUED,
-                    source=filename,
-                    data_file=data_file,
-                    config={field: getattr(config, field) for field in config.__slots__},
-                    report=report,
-                    created_at=time.time(),
-                    tenant_created_at=tenant_created_at,
-                )
-                with self._lock:
-                    if abandoned():
-                        log.info("dropped an upload for %s/%s: its client left", tenant, name)
-                        raise UploadAbandoned(f"the upload of {tenant}/{name} was abandoned")
-                    self._check_room(tenant, uploads_of_caller=1)
-                    store.create(
-                        staging, record, [event("report", report=report), state_event(QUEUED)]
-                    )
-                    self._jobs[record.id] = record
-            except BaseException:
-                store.discard(staging)
-                raise
+        again meanwhile would own the old one's upload. ``room_held``: the caller took the
+        upload's place (`take_upload_room`) before it read the body; given back here."""
+        if not room_held:
+            self.take_upload_room(tenant)
+        try:
+            if tenant_created_at is None:
+                tenant_created_at = self._registry.tenant_created_at(tenant)
+            record = self._check_and_queue(
+                tenant, name, config, promote, data, filename, tenant_created_at, abandoned
+            )
+        finally:
+            self.give_upload_room(tenant)
         log.info("queued training job %s (%s/%s)", record.id, tenant, name)
         self._wake()
         return record
 
-    @contextlib.contextmanager
-    def _counted_upload(self, tenant: str) -> Iterator[None]:
+    def _check_and_queue(
+        self,
+        tenant: str,
+        name: str,
+        config: TrainConfig,
+        promote: bool,
+        data: bytes,
+        filename: str,
+        tenant_created_at: float | None,
+        abandoned: Callable[[], bool],
+    ) -> JobRecord:
+        store = self._require_store()
+        data_file = "data" + check_suffix(filename)
+        staging = store.stage(data, data_file)
+        try:
+            report = self._checker.check(staging / data_file, filename)
+            record = JobRecord(
+                id=new_job_id(),
+                tenant=tenant,
+                name=name,
+                mode=config.mode,
+                promote=promote,
+                state=QUEUED,
+                source=filename,
+                data_file=data_file,
+                config={field: getattr(config, field) for field in config.__slots__},
+                report=report,
+                created_at=time.time(),
+                tenant_created_at=tenant_created_at,
+            )
+            with self._lock:
+                if abandoned():
+                    log.info("dropped an upload for %s/%s: its client left", tenant, name)
+                    raise UploadAbandoned(f"the upload of {tenant}/{name} was abandoned")
+                self._check_room(tenant, uploads_of_caller=1)
+                store.create(staging, record, [event("report", report=report), state_event(QUEUED)])
+                self._jobs[record.id] = record
+        except BaseException:
+            store.discard(staging)
+            raise
+        return record
+
+    def take_upload_room(self, tenant: str) -> None:
+        """Hold one of the tenant's places for unfinished jobs for an upload, from before a
+        byte of its body is read (TooManyJobs, JobsUnavailable at once) until `submit` ends,
+        which gives it back (`room_held`). Counted only once received, a tenant at its limit
+        could hold 20 MiB of the server's memory per connection, sending bodies it would be
+        refused."""
         with self._lock:
             self._check_room(tenant)
             self._uploading[tenant] = self._uploading.get(tenant, 0) + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                left = self._uploading.pop(tenant) - 1
-                if left:
-                    self._uploading[tenant] = left
+
+    def give_upload_room(self, tenant: str) -> None:
+        with self._lock:
+            left = self._uploading.pop(tenant) - 1
+            if left:
+                self._uploading[tenant] = left
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
         with self._lock:
@@ -262,7 +285,8 @@ class JobManager(ManagerThread):
         if num_open >= self._config.max_jobs_per_tenant:
             raise TooManyJobs(
                 f"tenant {tenant!r} has {num_open} unfinished training jobs (uploads still "
-                "being checked included), the limit; wait for one to finish or cancel one"
+                "being received or checked included), the limit; wait for one to finish or "
+                "cancel one"
             )
 
     def _owned(self, tenant: str, job_id: str) -> JobRecord:

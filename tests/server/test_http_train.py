@@ -644,3 +644,43 @@ async def test_an_upload_whose_client_left_during_its_check_makes_no_job(
     monkeypatch.undo()  # and the next upload is a job as before
     started = await start(client, tenants.acme, name="left")
     assert (await client.delete(f"/v1/train/{started['id']}", headers=bearer(tenants.acme))).ok
+
+
+async def test_a_tenant_at_its_limit_is_refused_before_its_upload_is_read(
+    client, tenants, monkeypatch
+) -> None:
+    """Uploads counted only once received: a tenant at its limit could hold 20 MiB of the
+    server's memory per connection, sending bodies it would then be refused."""
+    checking = threading.Event()
+
+    def slow_rejection(*_args) -> None:
+        checking.wait(WAIT_S)
+        raise InvalidData("the check found nothing to train on")
+
+    manager = client.server.app[TRAINING].manager
+    monkeypatch.setattr(manager._checker, "check", slow_rejection)
+    uploads = [
+        asyncio.create_task(
+            client.post(
+                "/v1/train", data=form(sms_csv(), name="zz", **TINY), headers=bearer(tenants.bob)
+            )
+        )
+        for _ in range(3)  # bob's limit of unfinished jobs
+    ]
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        await until(lambda: manager._uploading.get("bob") == 3)
+        head = (
+            f"POST /v1/train?name=zz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tenants.bob}"
+            f"\r\nContent-Type: application/x-ndjson\r\nContent-Length: {UPLOAD_CAP}\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"text": "a few bytes of a body never finished"')
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)  # not waiting for the rest
+        assert b" 429 " in status, status
+    finally:
+        writer.close()
+        checking.set()
+        responses = await asyncio.gather(*uploads)
+    assert [r.status for r in responses] == [422] * 3
+    assert manager._uploading == {}
