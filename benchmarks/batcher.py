@@ -27,6 +27,13 @@ class _Waiting:
     done: asyncio.Future = field(repr=False)  # resolves to np.ndarray [rows, labels]
 
 
+def _use_threads(num_threads: int | None) -> None:
+    if num_threads is not None:
+        import torch
+
+        torch.set_num_threads(num_threads)
+
+
 class MicroBatcher:
     """Batches requests for ``forward``; use as ``async with MicroBatcher(...) as batcher``."""
 
@@ -37,6 +44,7 @@ class MicroBatcher:
         max_batch_rows: int = 128,
         max_batch_tokens: int = 8192,
         max_wait_s: float = 0.0,
+        num_threads: int | None = None,
     ) -> None:
         if max_batch_rows < 1 or max_batch_tokens < 1 or max_wait_s < 0:
             raise ValueError("batch limits must be >= 1 and max_wait_s >= 0")
@@ -46,7 +54,12 @@ class MicroBatcher:
         self._max_wait_s = max_wait_s
         self._queue: deque[_Waiting] = deque()
         self._work = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="bench-model")
+        # its own intra-op threads, as many as graft's model thread takes (``num_threads``:
+        # EngineConfig.intra_op_threads): started from a load generator kept serial, the
+        # baselines ran on one thread where graft ran on every core, up to 1.8x apart
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix="bench-model", initializer=_use_threads, initargs=(num_threads,)
+        )
         self._task: asyncio.Task[None] | None = None
         self.num_steps = 0
         self.num_rows = 0

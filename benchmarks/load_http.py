@@ -117,6 +117,7 @@ def server_coroutine(
         device=options.device,
         dtype=options.dtype,
         backbone_dir=options.backbone_dir,
+        num_threads=engine_config(fleet, options).intra_op_threads,
     )
 
 

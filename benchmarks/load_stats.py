@@ -12,6 +12,7 @@ Definitions (``benchmarks.report`` prints them):
 - saturation: the most throughput any rate of a sweep reached.
 """
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,14 +136,18 @@ def slo_attainment(records: Sequence[dict[str, Any]], slo_s: float) -> float:
     return sum(is_ok(r) and r["latency_s"] <= slo_s for r in records) / len(records)
 
 
-def throughput(records: Sequence[dict[str, Any]]) -> tuple[float, float]:
+def throughput(
+    records: Sequence[dict[str, Any]], schedule_end_s: float | None = None
+) -> tuple[float, float]:
     """(requests/s, sequences/s) answered, over the schedule's start (``t_send`` 0) to the
-    last answer. From the first send instead, the gap before it went uncounted: a sparse
-    rate of N Poisson requests read high by about 1/N, the mean gap before the first."""
+    last answer, or to the schedule's end (``schedule_end_s``) if later. From the first send
+    instead, the gap before it went uncounted: a sparse rate of N Poisson requests read high
+    by about 1/N, the mean gap before the first; ended at the last answer, the gap after the
+    last send went uncounted alike."""
     ok = [r for r in records if is_ok(r)]
     if not ok:
         return 0.0, 0.0
-    last = max(r["t_send"] + r["latency_s"] for r in ok)
+    last = max(max(r["t_send"] + r["latency_s"] for r in ok), schedule_end_s or 0.0)
     span = max(last, 1e-9)
     return len(ok) / span, sum(r["n_inputs"] for r in ok) / span
 
@@ -184,7 +189,10 @@ def _split_ms(records: Sequence[dict[str, Any]], field: str) -> dict[str, float 
 def summarize(run: Run, slo_s: float) -> RunSummary:
     records, header, scenario = run.records, run.header, run.header["scenario"]
     ok = [r for r in records if is_ok(r)]
-    rps, seq_s = throughput(records)
+    traffic = header.get("traffic") or {}
+    # the schedule ran its whole duration unless the request cap ended it first
+    capped = len(records) >= traffic.get("max_requests", math.inf)
+    rps, seq_s = throughput(records, None if capped else traffic.get("duration_s"))
     window = run.footer.get("send_window_s") or max((r["t_send"] for r in records), default=0)
     lags = [r["send_lag_s"] for r in records if r.get("send_lag_s") is not None]
     lag_p99 = percentile(lags, 99)
@@ -293,7 +301,10 @@ def sweeps(summaries: Sequence[RunSummary]) -> list[SweepSummary]:
                 points=points,
                 saturation_rps=saturation.throughput_rps,
                 saturation_seq_s=max(s.throughput_seq_s for s in points),
-                goodput_rps=goodput_rps([(s.offered_rps, s.slo_attainment) for s in points]),
+                # a short run at a low rate may send nothing: no evidence either way
+                goodput_rps=goodput_rps(
+                    [(s.offered_rps, s.slo_attainment) for s in points if s.num_sent]
+                ),
                 low_load_rps=low.offered_rps,
                 low_load_p99_ms=low.latency_ms["p99"],
                 probe_rps=first.probe_rps,
@@ -302,7 +313,9 @@ def sweeps(summaries: Sequence[RunSummary]) -> list[SweepSummary]:
     return out
 
 
-def comparisons(sweep_list: Sequence[SweepSummary]) -> list[dict[str, Any]]:
+def comparisons(
+    sweep_list: Sequence[SweepSummary], slo_s: float | None = None
+) -> list[dict[str, Any]]:
     """The project's targets as ratios of saturation throughput (sequences/s), where both
     sides were measured: HTTP >= 0.85x embedded, embedded >= 0.9x bare backbone; and graft's
     HTTP server against the PEFT one. Both sides of a pair saw the same arrival process: bursts
@@ -311,7 +324,11 @@ def comparisons(sweep_list: Sequence[SweepSummary]) -> list[dict[str, Any]]:
     Beside it, ``probe_ratio``: the same pair's closed-loop probes (requests/s; None where a
     side has none). A sweep's saturation is the best of rates 1.3x apart, each placed from its
     own side's probe, so its ratio moves by up to that step; a long probe
-    (``--probe-seconds``) measures each side's capacity directly."""
+    (``--probe-seconds``) measures each side's capacity directly.
+
+    With ``slo_s``, a side whose sweep never saturated is only a floor under its saturation:
+    ``bound`` says which way the true ratio may lie from ``ratio`` (">=": the numerator is a
+    floor; "<=": the denominator; "?": both), and ``met`` is None where that leaves it open."""
 
     def find(target: str | tuple[str, ...], like: SweepSummary, *, adapters: bool = True):
         kinds = (target,) if isinstance(target, str) else target
@@ -335,18 +352,41 @@ def comparisons(sweep_list: Sequence[SweepSummary]) -> list[dict[str, Any]]:
         for label, other, aim in pairs:
             if other is not None and other.saturation_seq_s > 0:
                 ratio = s.saturation_seq_s / other.saturation_seq_s
+                bound = _bound(s, other, slo_s)
                 rows.append(
                     {
                         "comparison": label,
                         "scenario": s.scenario,
                         "against": other.scenario,
                         "ratio": round(ratio, 3),
+                        "bound": bound,
                         "probe_ratio": _probe_ratio(s, other),
                         "aim": aim,
-                        "met": None if aim is None else ratio >= aim,
+                        "met": None if aim is None else _met(ratio, aim, bound),
                     }
                 )
     return rows
+
+
+def _bound(one: SweepSummary, other: SweepSummary, slo_s: float | None) -> str:
+    """ "" where both sweeps saturated (or no SLO was given to judge it), else which way the
+    true ratio may lie from the measured one."""
+    if slo_s is None:
+        return ""
+    floors = [not any(is_saturated(p, slo_s) for p in s.points) for s in (one, other)]
+    return {(False, False): "", (True, False): ">=", (False, True): "<=", (True, True): "?"}[
+        (floors[0], floors[1])
+    ]
+
+
+def _met(ratio: float, aim: float, bound: str) -> bool | None:
+    if bound == "":
+        return ratio >= aim
+    if bound == ">=" and ratio >= aim:
+        return True  # a floor over the aim
+    if bound == "<=" and ratio < aim:
+        return False  # a ceiling under it
+    return None
 
 
 def _probe_ratio(one: SweepSummary, other: SweepSummary) -> float | None:

@@ -367,6 +367,7 @@ async def _backbone(fleet: Fleet, options: TargetOptions) -> AsyncIterator[Targe
             forward,
             max_batch_rows=options.max_batch_rows,
             max_batch_tokens=options.max_batch_tokens,
+            num_threads=engine_config(fleet, options).intra_op_threads,
         ) as batcher:
             max_tokens = model.config.max_position_embeddings
             yield BackboneTarget(batcher, tokenizer, fleet, max_tokens, pool)

@@ -173,9 +173,11 @@ async def run_peft_server(
     device: str = "cpu",
     dtype: str = "float32",
     backbone_dir: str | Path | None = None,
+    num_threads: int | None = None,
 ) -> None:
     """Load the adapters ((tenant, name) with their directories) onto ``backbone_dir`` (None:
-    the packaged backbone), serve until cancelled."""
+    the packaged backbone), serve until cancelled; ``num_threads``: its model thread's torch
+    threads (None: the process's)."""
     from transformers import AutoTokenizer
 
     from engine import packaged_backbone_dir
@@ -189,7 +191,10 @@ async def run_peft_server(
     )
     tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir), local_files_only=True)
     pad_id = tokenizer.pad_token_id or 0
-    async with MicroBatcher(forward_fn(model, pad_id), max_wait_s=max_wait_s) as batcher:
+    batching = MicroBatcher(
+        forward_fn(model, pad_id), max_wait_s=max_wait_s, num_threads=num_threads
+    )
+    async with batching as batcher:
         runner = web.AppRunner(create_app(batcher, tokenizer, names, labels))
         await runner.setup()
         try:

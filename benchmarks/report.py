@@ -167,7 +167,7 @@ def comparisons_table(rows: Sequence[dict[str, Any]]) -> str:
             r["comparison"],
             r["scenario"],
             r["against"],
-            f"{r['ratio']:.2f}x",
+            f"{r.get('bound') or ''}{r['ratio']:.2f}x",
             "-" if r.get("probe_ratio") is None else f"{r['probe_ratio']:.2f}x",
             "-" if r["aim"] is None else f">= {r['aim']}x",
             {None: "-", True: "yes", False: "no"}[r["met"]],
@@ -198,7 +198,7 @@ def print_report(
 ) -> dict[str, Any]:
     """Print every table; return what was printed as data."""
     sweep_list = sweeps(summaries)
-    compared = comparisons(sweep_list)
+    compared = comparisons(sweep_list, slo_ms / 1000)
     print(runs_table(summaries))
     if tenants:
         for s in summaries:

@@ -40,3 +40,27 @@ def test_a_saturated_rate_that_answers_less_ends_the_sweep() -> None:
     assert progression.next() == 65.0
     progression.record(True, 40.0)
     assert progression.next() is None
+
+
+async def test_the_baselines_model_thread_takes_the_threads_graft_would() -> None:
+    """Started from a load generator kept on one thread, the bare backbone and the PEFT
+    server ran their forward on one thread where graft's model thread took every core."""
+    import numpy as np
+    import torch
+
+    from benchmarks.batcher import MicroBatcher
+
+    seen = []
+
+    def forward(token_ids, adapters):
+        seen.append(torch.get_num_threads())
+        return np.zeros((len(token_ids), 2))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        async with MicroBatcher(forward, num_threads=2) as batcher:
+            await batcher.run([[1, 2, 3]], None)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]

@@ -329,3 +329,55 @@ def test_a_sweep_that_never_saturated_shows_its_best_rate_as_a_floor() -> None:
     assert ">=51.6" in kept_up
     fell_behind = report.headline_table([sweep([point(20, 20), point(80, 51.6)])], 50.0)
     assert ">=" not in fell_behind and "51.6" in fell_behind
+
+
+def _saturated(name: str, target: str, rate: float) -> Run:
+    """Answers that fall behind the offer: half the rate served, latencies growing."""
+    records = [rec(i / rate, 0.01 + i * 0.02) for i in range(100)]
+    return Run(Path(f"{name}-{rate}.jsonl"), header(name, target, rate), records, {})
+
+
+def test_a_ratio_against_a_sweep_that_never_saturated_says_which_way_it_may_lie() -> None:
+    """The headline marks such a sweep's best rate ">=", a floor; its ratios were printed
+    bare, and judged met or not as if both sides had saturated."""
+    emb, bare = _saturated("emb", "embedded", 100), _run("bare", "backbone", 30, 0.01)
+    rows = comparisons(sweeps([summarize(r, SLO_S) for r in (emb, bare)]), SLO_S)
+    (row,) = rows
+    assert row["bound"] == "<=" and row["met"] is (False if row["ratio"] < 0.9 else None)
+    assert "<=" in report.comparisons_table(rows)
+    emb, bare = _run("emb", "embedded", 30, 0.01), _saturated("bare", "backbone", 100)
+    (row,) = comparisons(sweeps([summarize(r, SLO_S) for r in (emb, bare)]), SLO_S)
+    assert row["bound"] == ">=" and row["met"] is (True if row["ratio"] >= 0.9 else None)
+    (row,) = comparisons(
+        sweeps(
+            [
+                summarize(_saturated(*a), SLO_S)
+                for a in (("emb", "embedded", 100), ("bare", "backbone", 100))
+            ]
+        ),
+        SLO_S,
+    )
+    assert row["bound"] == "" and row["met"] is (row["ratio"] >= 0.9)
+
+
+def test_goodput_passes_over_a_rate_that_sent_nothing() -> None:
+    empty = Run(Path("e-0.5.jsonl"), header("e", "embedded", 0.5), [], {})
+    runs = [empty, _run("e", "embedded", 10, 0.01), _run("e", "embedded", 20, 0.01)]
+    (sweep,) = sweeps([summarize(r, SLO_S) for r in runs])
+    assert sweep.goodput_rps == 20
+
+
+def test_throughput_runs_to_the_schedules_end_unless_the_cap_cut_it() -> None:
+    """Ended at the last answer, a schedule of N requests read high by about 1/N: the gap
+    after the last send went uncounted."""
+    records = [rec(i * 0.1, 0.001) for i in range(10)]  # sent over 0.9 s of a 1 s schedule
+    assert throughput(records)[0] == pytest.approx(10 / 0.901)
+    assert throughput(records, 1.0)[0] == pytest.approx(10.0)
+    run = Run(
+        Path("x"), {**header("s", "embedded", 10), "traffic": {"duration_s": 1.0}}, records, {}
+    )
+    assert summarize(run, SLO_S).throughput_rps == pytest.approx(10.0)
+    capped = {**header("s", "embedded", 10), "traffic": {"duration_s": 5.0, "max_requests": 10}}
+    assert summarize(Run(Path("x"), capped, records, {}), SLO_S).throughput_rps == pytest.approx(
+        10 / 0.901
+    )
