@@ -61,7 +61,7 @@ def backbone_poolings(backbone: Backbone) -> tuple[str, ...]:
     poolings = [POOLING_MEAN]
     if backbone.has_pooler:
         poolings.append(POOLING_CLS_POOLER)
-    if backbone.model_type in _TWO_LAYER_HEADS:
+    if classifies_in_two_layers(backbone):
         poolings.append(POOLING_FIRST)
     return tuple(poolings)
 

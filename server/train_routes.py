@@ -163,21 +163,29 @@ async def start_job(request: web.Request) -> web.Response:
     born = request.app[ENGINE].registry.tenant_created_at(tenant)
     with _api_errors():  # a 429 before a byte of the body is read
         manager.take_upload_room(tenant)
-    handed_over = [False]  # submit gives the place back, on its thread, once it has run
+    gone = threading.Event()
     try:
-        return await _start_job(request, manager, tenant, born, handed_over)
-    finally:
-        if not handed_over[0]:
-            manager.give_upload_room(tenant)
+        submit = await _job_to_submit(request, manager, tenant, born, gone)
+    except BaseException:  # refused before submit, which gives the place back once it ran
+        manager.give_upload_room(tenant)
+        raise
+    try:
+        record = await _call(submit, request.app[TRAINING].uploads)
+    except asyncio.CancelledError:  # the client left: the check goes on, but makes no job
+        gone.set()
+        raise
+    body = {"id": record.id, "state": record.state, "report": record.report}
+    return json_response(body, status=202, headers={"Location": f"/v1/train/{record.id}"})
 
 
-async def _start_job(
+async def _job_to_submit(
     request: web.Request,
     manager: JobManager,
     tenant: str,
     born: float | None,
-    handed_over: list[bool],
-) -> web.Response:
+    gone: threading.Event,
+) -> Callable[[], JobRecord]:
+    """The upload read and its options checked: the call that checks and queues it."""
     upload = await read_upload(request, request.app[TRAINING].config.max_upload_bytes)
     job = parse_options(upload.options)
     try:
@@ -190,8 +198,7 @@ async def _start_job(
         raise ApiError(422, INVALID_REQUEST, message, field="max_length")
     # the held-out rows are read as this server will read them (its engine's max_input_tokens)
     config = dataclasses.replace(job.config, eval_max_tokens=request.app[ENGINE].max_input_tokens)
-    gone = threading.Event()
-    submit = functools.partial(
+    return functools.partial(
         manager.submit,
         tenant,
         job.name,
@@ -203,14 +210,6 @@ async def _start_job(
         abandoned=gone.is_set,
         room_held=True,
     )
-    handed_over[0] = True
-    try:
-        record = await _call(submit, request.app[TRAINING].uploads)
-    except asyncio.CancelledError:  # the client left: the check goes on, but makes no job
-        gone.set()
-        raise
-    body = {"id": record.id, "state": record.state, "report": record.report}
-    return json_response(body, status=202, headers={"Location": f"/v1/train/{record.id}"})
 
 
 async def list_jobs(request: web.Request) -> web.Response:

@@ -89,14 +89,17 @@ def decode_bytes(raw: bytes, source: str = "input") -> str:
             return raw.decode("utf-16")
         except UnicodeDecodeError:
             pass  # a latin-1 file that happens to start with those two bytes
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        logger.info("%s is not valid UTF-8", source)
     mixed = _mixed_lines(raw, source)
     if mixed is not None:
         return mixed
-    for encoding in ("utf-8-sig", "cp1252"):
-        try:
-            return raw.decode(encoding)
-        except UnicodeDecodeError:
-            logger.info("%s is not valid %s", source, encoding)
+    try:
+        return raw.decode("cp1252")
+    except UnicodeDecodeError:
+        logger.info("%s is not valid cp1252", source)
     return raw.decode("latin-1")  # cp1252 leaves five bytes undefined
 
 
@@ -108,16 +111,11 @@ _LINE_BREAK = re.compile(rb"(\r\n|\r|\n)")
 
 
 def _mixed_lines(raw: bytes, source: str) -> str | None:
-    """A UTF-8 file with lines UTF-8 cannot hold (a row pasted from a cp1252 file), decoded
-    line by line; None for valid UTF-8 throughout, or where the lines showing UTF-8 are no
-    more than the others (a cp1252 file, whose accented capital before a symbol can make a
-    valid pair by chance). Decoded whole as cp1252, its UTF-8 rows' accents became mojibake,
-    labels included (négatif: nÃ©gatif), and trained so silently."""
-    try:
-        raw.decode("utf-8")
-        return None
-    except UnicodeDecodeError:
-        pass
+    """A file of UTF-8 lines and lines UTF-8 cannot hold (a row pasted from a cp1252 file),
+    decoded line by line; None where the lines showing UTF-8 are no more than the others (a
+    cp1252 file, whose accented capital before a symbol can make a valid pair by chance).
+    Decoded whole as cp1252, its UTF-8 rows' accents became mojibake, labels included
+    (négatif: nÃ©gatif), and trained so silently. Called on bytes that are not UTF-8."""
     parts = _LINE_BREAK.split(raw.removeprefix(codecs.BOM_UTF8))
     lines: list[str | None] = []  # None: not UTF-8
     for part in parts[::2]:  # lines at even places, their breaks between

@@ -58,6 +58,20 @@ async def start(client: TestClient, key: str, **options: str) -> dict:
     return body
 
 
+def refuse_checks_after(release: threading.Event, manager, monkeypatch) -> set[str]:
+    """Every upload check waits for ``release``, then refuses the data; returns the names of
+    the threads the checks ran on, as they come."""
+    threads: set[str] = set()
+
+    def slow_rejection(*_args) -> None:
+        threads.add(threading.current_thread().name)
+        release.wait(WAIT_S)
+        raise InvalidData("the check found nothing to train on")
+
+    monkeypatch.setattr(manager._checker, "check", slow_rejection)
+    return threads
+
+
 async def run_to_done(client: TestClient, key: str, **options: str) -> dict:
     """Start a job, wait for its event stream to end with "done", and return the job."""
     started = await start(client, key, **options)
@@ -500,15 +514,9 @@ async def test_uploads_waiting_for_the_validator_hold_up_no_promote(
     """Uploads are checked one at a time; those waiting their turn must not take the threads
     that another tenant's rollback and promote run on, and past a tenant's limit they are
     refused at once."""
-    checking, threads = threading.Event(), set()
-
-    def slow_rejection(*_args) -> None:
-        threads.add(threading.current_thread().name)
-        checking.wait(WAIT_S)
-        raise InvalidData("the check found nothing to train on")
-
+    checking = threading.Event()
     manager = client.server.app[TRAINING].manager
-    monkeypatch.setattr(manager._checker, "check", slow_rejection)
+    threads = refuse_checks_after(checking, manager, monkeypatch)
     uploads = [
         asyncio.create_task(
             client.post("/v1/train", data=form(sms_csv(), name="zz", **TINY), headers=bearer(key))
@@ -652,13 +660,8 @@ async def test_a_tenant_at_its_limit_is_refused_before_its_upload_is_read(
     """Uploads counted only once received: a tenant at its limit could hold 20 MiB of the
     server's memory per connection, sending bodies it would then be refused."""
     checking = threading.Event()
-
-    def slow_rejection(*_args) -> None:
-        checking.wait(WAIT_S)
-        raise InvalidData("the check found nothing to train on")
-
     manager = client.server.app[TRAINING].manager
-    monkeypatch.setattr(manager._checker, "check", slow_rejection)
+    refuse_checks_after(checking, manager, monkeypatch)
     uploads = [
         asyncio.create_task(
             client.post(
